@@ -1,0 +1,3 @@
+"""MLflow-centric, resumable training pipeline for speech models."""
+
+__version__ = "0.1.0"

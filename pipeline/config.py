@@ -1,0 +1,305 @@
+"""Structured configuration: dataclass schemas, Hydra composition and override handling.
+
+Every stage's config is a dataclass registered with Hydra's ConfigStore, so a typo in a YAML file
+or an override fails at start-up instead of being silently ignored. YAML presets under
+``configs/`` fill the schema through defaults lists (``ssl=tiny``, ``data=demo``, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# Keys that steer *how* a job starts, not *what* it trains: never compared between attempts.
+CONTROL_KEYS = ("resume_run", "resume_step", "checkpoint.resume_from")
+
+
+class ConfigError(ValueError):
+    """A configuration or override the user has to fix; the message says what and how."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderConfig:
+    """A torchaudio Wav2Vec2Model-family encoder (HuBERT, WavLM, wav2vec 2.0)."""
+
+    name: str = "tiny"  # preset name; also the run's `model` tag
+    family: str = "hubert"  # hubert | wavlm | wav2vec2: which torchaudio builder is used
+    extractor_mode: str = "group_norm"  # group_norm (base models) | layer_norm (large models)
+    # convolutional feature extractor: [channels, kernel, stride] per layer (total stride 320 = 50 fps)
+    conv_layers: list[list[int]] = field(
+        default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+    )
+    conv_bias: bool = False
+    embed_dim: int = 768  # transformer width
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    num_layers: int = 12  # layers of the full pretrained model (only the first `layer` are built)
+    num_heads: int = 12
+    ff_interm_features: int = 3072
+    layer_norm_first: bool = False  # False for base models, True for large/xlarge/WavLM+
+    num_buckets: int = 320  # WavLM relative position buckets
+    max_distance: int = 800  # WavLM relative position max distance
+    layer: int = 6  # 1-based index of the transformer layer whose output is the feature
+    weights: Optional[str] = None  # local path: torchaudio state dict file or HF checkpoint dir
+    sample_rate: int = 16000  # the encoder's input rate
+
+
+@dataclass
+class AdapterConfig:
+    """Parallel adapters beside the feed-forward blocks of the first L layers."""
+
+    num_layers: Optional[int] = None  # L; null = every layer up to `ssl.layer`
+    bottleneck: int = 256  # hidden width of LayerNorm -> Linear -> GELU -> Linear
+    init_std: float = 1.0e-3  # std of the output projection at start (near zero)
+
+
+@dataclass
+class DegradationConfig:
+    """On-the-fly degradation; every draw is seeded by (seed, epoch, index)."""
+
+    noise_prob: float = 0.9  # probability of additive noise
+    noise_types: list[str] = field(default_factory=lambda: ["white", "pink", "brown"])
+    snr_db: list[float] = field(default_factory=lambda: [5.0, 30.0])  # [min, max] SNR
+    reverb_prob: float = 0.5  # probability of a synthetic room impulse response
+    rt60_s: list[float] = field(default_factory=lambda: [0.2, 0.8])  # [min, max] RT60 in seconds
+    bandlimit_prob: float = 0.3  # probability of low-pass band limiting
+    cutoff_hz: list[float] = field(default_factory=lambda: [2000.0, 6000.0])  # [min, max] cut-off
+    clip_prob: float = 0.2  # probability of hard clipping
+    clip_ratio: list[float] = field(default_factory=lambda: [0.1, 0.6])  # clip level / peak
+
+
+@dataclass
+class DataConfig:
+    """Where utterances come from and how they are cut into training examples."""
+
+    name: str = "demo"  # dataset name; also the run's `dataset` tag
+    format: str = "ljspeech"  # corpus layout: ljspeech
+    root: Optional[str] = None  # corpus directory; null = the embedded demo corpus
+    segment_seconds: float = 1.0  # training crop length
+    val_size: int = 4  # utterances held out for validation (the last ones of the corpus)
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.0e-3  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up from 0 to `lr`
+    schedule: str = "cosine"  # cosine | constant (after warm-up)
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of `lr`
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000  # total optimizer steps of the job (across all attempts)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "32"  # 32 | bf16 | 16-mixed
+    deterministic: bool = True  # deterministic kernels, needed for bit-identical resume
+    log_interval: int = 10  # steps between console progress lines
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 500  # steps between checkpoints (one is always saved at the end)
+    keep_last_n: int = 3  # newest checkpoints kept
+    keep_best_k: int = 1  # best checkpoints by `monitor` kept in addition
+    monitor: str = "val/loss"  # metric that ranks checkpoints
+    mode: str = "min"  # min | max
+    resume_from: Optional[str] = None  # runs:/<id>/checkpoints/step-N | local path | s3://...
+    staging_dir: str = ".checkpoints"  # local staging area before upload
+
+
+@dataclass
+class ValidationConfig:
+    interval: int = 200  # steps between validations (and one at the end)
+    num_samples: int = 2  # audio examples logged per validation
+
+
+@dataclass
+class TrackingConfig:
+    experiment: Optional[str] = None  # MLflow experiment; null = the stage name
+    run_name: Optional[str] = None  # null = "<model>-<dataset>-<time>"
+    flush_seconds: float = 5.0  # metrics are sent in batches at least this often
+    stop_poll_seconds: float = 3.0  # how often the `stop_requested` tag is checked
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU)
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by every training stage."""
+
+    stage: str = "train"
+    seed: int = 1234
+    batch_size: int = 8
+    resume_run: Optional[str] = None  # run ID to continue (same run)
+    resume_step: Optional[int] = None  # with resume_run: start from this checkpoint step
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class TrainAdapterConfig(TrainConfig):
+    stage: str = "train_adapter"
+    ssl: EncoderConfig = field(default_factory=EncoderConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+
+
+def _register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_adapter_schema", node=TrainAdapterConfig)
+    cs.store(group="ssl", name="schema", node=EncoderConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+
+
+_register()
+
+# --------------------------------------------------------------------------------------------
+# Composition and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def split_overrides(args: list[str] | tuple[str, ...]) -> list[str]:
+    """Split command-line words into single overrides.
+
+    ``mlflow run`` passes the ``overrides`` parameter as one quoted word ("a=1 b=2"), so every
+    word is split again with shell rules.
+    """
+    out: list[str] = []
+    for arg in args:
+        try:
+            out.extend(shlex.split(arg))
+        except ValueError as err:
+            raise ConfigError(f"Malformed override {arg!r}: {err}") from err
+    return out
+
+
+def _parse(overrides: list[str]):
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # hydra raises OverrideParseException with a useful text
+        raise ConfigError(
+            f"Malformed override: {err}. Use key=value, e.g. trainer.max_steps=100"
+        ) from err
+
+
+def compose_config(stage: str, overrides: list[str]) -> DictConfig:
+    """Compose ``configs/<stage>.yaml`` with Hydra overrides; errors become ConfigError."""
+    _parse(overrides)  # clear message for syntax errors before Hydra's own
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name=stage, overrides=overrides)
+    except Exception as err:
+        raise ConfigError(f"Invalid configuration override: {err}") from err
+    finally:
+        GlobalHydra.instance().clear()
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def group_names(stage: str) -> set[str]:
+    """Config groups (sub-directories of configs/) that can be chosen with group=option."""
+    return {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+
+
+def apply_overrides(stage: str, base: DictConfig, overrides: list[str]) -> DictConfig:
+    """Apply Hydra overrides on top of an existing config (the checkpoint's, on resume).
+
+    ``key=value`` sets a value (type-checked by the schema); ``group=option`` replaces that whole
+    node with the option's preset, composed exactly as a fresh start would.
+    """
+    cfg = base.copy()
+    OmegaConf.set_struct(cfg, True)
+    groups = group_names(stage)
+    for override in _parse(overrides):
+        key = override.key_or_group
+        if override.is_delete() or override.is_add():
+            raise ConfigError(f"Override {override.input_line!r}: adding or deleting keys is not "
+                              "supported on resume; set the key's value instead")
+        if key in groups:
+            fresh = compose_config(stage, [override.input_line])
+            cfg[key] = fresh[key]
+            continue
+        try:
+            OmegaConf.update(cfg, key, override.value(), merge=True)
+        except Exception as err:
+            raise ConfigError(f"Invalid override {override.input_line!r}: {err}") from err
+    return cfg
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_container(stage_schema: type, data: dict[str, Any]) -> DictConfig:
+    """Rebuild a typed config from a plain dict (e.g. a checkpoint's stored config)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(stage_schema), data)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_diff(old: DictConfig, new: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """Changed keys (control keys excluded) -> (old value, new value)."""
+    a, b = flatten(to_container(old)), flatten(to_container(new))
+    return {
+        key: (a.get(key), b.get(key))
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key) and key not in CONTROL_KEYS
+    }
+
+
+def config_hash(cfg: DictConfig) -> str:
+    data = {k: v for k, v in flatten(to_container(cfg)).items() if k not in CONTROL_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+SECRET_WORDS = ("password", "secret", "token", "access_key", "api_key", "credential")
+
+
+def mask_secrets(params: dict[str, Any]) -> dict[str, Any]:
+    """Hide values whose key looks like a secret; URLs lose any user:password part."""
+    out = {}
+    for key, value in params.items():
+        if any(word in key.lower() for word in SECRET_WORDS) and value not in (None, ""):
+            value = "***"
+        elif isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1]:
+            scheme, rest = value.split("://", 1)
+            value = f"{scheme}://***@{rest.split('@', 1)[1]}"
+        out[key] = value
+    return out

@@ -1,0 +1,1 @@
+"""Corpora, degradation and datasets."""

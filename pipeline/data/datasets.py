@@ -1,0 +1,79 @@
+"""Datasets addressed by (epoch, index) and a resumable batch order.
+
+A training example is a pure function of (seed, epoch, index): the crop and the degradation are
+drawn from a generator seeded by those three numbers. With the batch order also a pure function of
+(seed, epoch), the data position is just (epoch, batches done in the epoch), which is all a
+checkpoint needs to store for an exact resume, with any number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.config import DegradationConfig
+from pipeline.data.degrade import degrade, sample_rng
+
+TRAIN_STREAM, VAL_STREAM, ORDER_STREAM = 0, 1, 2
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of one epoch."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, ORDER_STREAM]))
+    return rng.permutation(num_items)
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0):
+    """Batches of (epoch, index) keys for one epoch, from ``start_batch`` on (last partial dropped)."""
+    order = epoch_order(num_items, seed, epoch)
+    num_batches = num_items // batch_size
+    return [
+        [(epoch, int(i)) for i in order[b * batch_size : (b + 1) * batch_size]]
+        for b in range(start_batch, num_batches)
+    ]
+
+
+def crop_or_pad(wave: torch.Tensor, length: int, start: int) -> torch.Tensor:
+    if wave.numel() >= length:
+        return wave[start : start + length]
+    return torch.nn.functional.pad(wave, (0, length - wave.numel()))
+
+
+class DegradedPairs(Dataset):
+    """(clean, degraded) crops of in-memory utterances, keyed by (epoch, index).
+
+    Training crops start at a seeded random offset; validation crops start at 0 and use a fixed
+    degradation per utterance, so validation numbers are comparable across steps and attempts.
+    """
+
+    def __init__(
+        self,
+        waves: list[torch.Tensor],
+        sample_rate: int,
+        segment_samples: int,
+        degradation: DegradationConfig,
+        seed: int,
+        train: bool,
+    ):
+        self.waves = waves
+        self.sample_rate = sample_rate
+        self.segment_samples = segment_samples
+        self.degradation = degradation
+        self.seed = seed
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.waves)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if not self.train:
+            epoch = 0
+        rng = sample_rng(self.seed, epoch, index, TRAIN_STREAM if self.train else VAL_STREAM)
+        wave = self.waves[index]
+        spare = max(wave.numel() - self.segment_samples, 0)
+        start = int(rng.integers(spare + 1)) if self.train else 0
+        clean = crop_or_pad(wave, self.segment_samples, start)
+        noisy, _ = degrade(clean, self.sample_rate, self.degradation, rng)
+        return {"clean": clean, "noisy": noisy, "index": torch.tensor(index)}

@@ -1,0 +1,330 @@
+"""Checkpoints as MLflow artifacts (DESIGN §4).
+
+Layout in a run's artifacts::
+
+    checkpoints/step-00001000/state.pt    tensors and plain containers only (weights_only=True)
+    checkpoints/step-00001000/meta.json   format, step, sha256, config, metrics, code version
+    checkpoints/index.csv                 one row per checkpoint still kept
+
+Commit protocol: write into a staging directory under a temporary name, flush, rename; upload in a
+background thread; verify the uploaded sizes; only then move the run's ``checkpoint.latest`` tag.
+A crash at any point leaves the previous committed checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import subprocess
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATE_FILE, META_FILE = "state.pt", "meta.json"
+CHECKPOINT_DIR = "checkpoints"
+INDEX_FILE = f"{CHECKPOINT_DIR}/index.csv"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and says why."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def step_of(name: str) -> int | None:
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def code_version() -> str | None:
+    """The git commit of the code, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state: plain containers only, so the checkpoint loads with weights_only=True
+# --------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+         np_state["has_gauss"], np_state["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Writing, verifying and reading one checkpoint directory
+# --------------------------------------------------------------------------------------------
+
+
+def write_local(staging_root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write state.pt + meta.json atomically into ``staging_root/step-XXXXXXXX``."""
+    staging_root.mkdir(parents=True, exist_ok=True)
+    final = staging_root / checkpoint_name(step)
+    tmp = staging_root / f".tmp-{checkpoint_name(step)}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    state_path = tmp / STATE_FILE
+    with open(state_path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    meta = dict(meta, size=state_path.stat().st_size, sha256=sha256_file(state_path))
+    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def read_meta(ckpt_dir: Path) -> dict[str, Any]:
+    meta_path = ckpt_dir / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no {META_FILE}")
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} is not valid JSON ({err})") from err
+
+
+def verify(ckpt_dir: Path) -> dict[str, Any]:
+    """Check state.pt against the sha256 in meta.json; returns the meta."""
+    meta = read_meta(ckpt_dir)
+    state_path = ckpt_dir / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no {STATE_FILE}")
+    actual = sha256_file(state_path)
+    if actual != meta.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: {STATE_FILE} is corrupted or truncated "
+            f"(sha256 {actual[:12]}… does not match {str(meta.get('sha256'))[:12]}… in {META_FILE})"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} has format version {meta.get('format_version')}, "
+            f"this code reads version {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_state(ckpt_dir: Path) -> dict[str, Any]:
+    """Load state.pt with weights_only=True: tensors and plain containers only, never code."""
+    path = ckpt_dir / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain containers "
+            f"(possibly code). Only checkpoints written by this pipeline can be loaded. ({str(err).splitlines()[0]})"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------
+# A run's checkpoints in the artifact store
+# --------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(client: MlflowClient, run_id: str) -> list[int]:
+    """Steps of the checkpoint directories in a run's artifacts, oldest first."""
+    try:
+        entries = client.list_artifacts(run_id, CHECKPOINT_DIR)
+    except Exception:  # no artifacts at all
+        return []
+    steps = [step_of(Path(e.path).name) for e in entries if e.is_dir]
+    return sorted(s for s in steps if s is not None)
+
+
+def download_checkpoint(client: MlflowClient, run_id: str, step: int, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{checkpoint_name(step)}", str(dst))
+    return Path(path)
+
+
+def read_index(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
+    try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, INDEX_FILE, tmp)
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+    except Exception:
+        return []
+
+
+@dataclass
+class RetentionPolicy:
+    keep_last_n: int
+    keep_best_k: int
+    monitor: str
+    mode: str  # min | max
+
+
+def steps_to_keep(rows: list[dict[str, Any]], policy: RetentionPolicy, latest: int) -> set[int]:
+    """Last N by step, best K by the monitored metric, and always the latest committed one."""
+    steps = sorted(int(r["step"]) for r in rows)
+    keep = set(steps[-policy.keep_last_n :]) if policy.keep_last_n > 0 else set()
+    scored = []
+    for r in rows:
+        value = r.get(policy.monitor)
+        if value not in (None, ""):
+            scored.append((float(value), int(r["step"])))
+    scored.sort(reverse=policy.mode == "max")
+    keep |= {step for _, step in scored[: max(policy.keep_best_k, 0)]}
+    keep.add(latest)
+    return keep
+
+
+class CheckpointStore:
+    """Saves checkpoints for one run: local staging, background upload, commit, retention."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        staging_root: Path,
+        policy: RetentionPolicy,
+        index_rows: list[dict[str, Any]] | None = None,
+        on_commit=None,
+    ):
+        self.client = client
+        self.run_id = run_id
+        self.staging_root = staging_root / run_id
+        self.policy = policy
+        self.index_rows = list(index_rows or [])
+        self.on_commit = on_commit  # callback(step, row) after a checkpoint is committed
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self._pending: Future | None = None
+        self.latest_committed: int | None = None
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any]) -> None:
+        """Stage the checkpoint now (blocking, small) and upload it in the background."""
+        self.wait()  # one upload at a time, in order; surfaces a failed previous upload
+        local = write_local(self.staging_root, step, state, meta)
+        row = dict(row, size=sum(f.stat().st_size for f in local.iterdir()))
+        self._pending = self._pool.submit(self._upload_and_commit, step, local, row)
+
+    def wait(self) -> None:
+        """Block until the pending upload is committed; re-raise its error if it failed."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _upload_and_commit(self, step: int, local: Path, row: dict[str, Any]) -> None:
+        name = checkpoint_name(step)
+        artifact_path = f"{CHECKPOINT_DIR}/{name}"
+        started = time.monotonic()
+        self.client.log_artifacts(self.run_id, str(local), artifact_path)
+        uploaded = {Path(e.path).name: e.file_size for e in self.client.list_artifacts(self.run_id, artifact_path)}
+        for f in local.iterdir():
+            if uploaded.get(f.name) != f.stat().st_size:
+                raise CheckpointError(
+                    f"upload of {artifact_path}/{f.name} could not be verified "
+                    f"(local {f.stat().st_size} bytes, store {uploaded.get(f.name)})"
+                )
+        # Committed: only now does `checkpoint.latest` move.
+        self.client.set_tag(self.run_id, "checkpoint.latest", artifact_path)
+        self.client.set_tag(self.run_id, "checkpoint.latest_step", str(step))
+        self.latest_committed = step
+        self.index_rows = [r for r in self.index_rows if int(r["step"]) != step] + [row]
+        self._apply_retention(step)
+        self._write_index()
+        shutil.rmtree(local, ignore_errors=True)
+        log.info("Committed checkpoint %s (%.1f MB, upload %.1fs)", name, row["size"] / 1e6, time.monotonic() - started)
+        if self.on_commit is not None:
+            self.on_commit(step, row)
+
+    def _apply_retention(self, latest: int) -> None:
+        keep = steps_to_keep(self.index_rows, self.policy, latest)
+        stored = list_checkpoints(self.client, self.run_id)
+        repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
+        for step in stored:
+            if step not in keep and step <= latest:
+                repo.delete_artifacts(f"{CHECKPOINT_DIR}/{checkpoint_name(step)}")
+                log.info("Retention: deleted checkpoint %s", checkpoint_name(step))
+        self.index_rows = sorted((r for r in self.index_rows if int(r["step"]) in keep), key=lambda r: int(r["step"]))
+
+    def _write_index(self) -> None:
+        columns: list[str] = []
+        for row in self.index_rows:
+            columns += [c for c in row if c not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.index_rows)
+        self.client.log_text(self.run_id, buffer.getvalue(), INDEX_FILE)
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

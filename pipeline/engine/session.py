@@ -1,0 +1,371 @@
+"""One job from the command line to a finished run: config, resume, the MLflow run, the loop.
+
+``run_stage(StageClass, argv)`` is what every training entry point calls. It decides which run the
+job logs into (fresh, the resumed run, or a branch), turns the run ``mlflow run`` created into the
+attempt record when resuming, and ends every run it touched with the right status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import (
+    ConfigError,
+    apply_overrides,
+    compose_config,
+    config_diff,
+    flatten,
+    from_container,
+    mask_secrets,
+    split_overrides,
+    to_container,
+)
+from pipeline.engine.checkpointing import (
+    CheckpointError,
+    CheckpointStore,
+    RetentionPolicy,
+    checkpoint_name,
+    read_index,
+    utc_now,
+)
+from pipeline.engine.resume import ResumeError, ResumePoint, resolve
+from pipeline.engine.stage import Precision, Stage
+from pipeline.engine.stopping import AbortTraining, StopController
+from pipeline.engine.tracking import MetricLogger, copy_history, describe_run, last_logged_step, log_params
+from pipeline.engine.trainer import Engine, Position
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_ABORTED = 0, 1, 2, 3, 130
+NOTE_TAG = "mlflow.note.content"
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+    for noisy in ("alembic", "mlflow.store", "urllib3", "botocore", "numexpr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@dataclass
+class RunContext:
+    run_id: str
+    run_name: str
+    attempt: int
+    attempt_run_id: str | None  # the run `mlflow run` created, kept as this attempt's record
+    resumed_from: str | None  # e.g. "step 100"
+    history: list[dict[str, Any]] = field(default_factory=list)
+    index_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration on start and on resume
+# --------------------------------------------------------------------------------------------
+
+
+def build_config(stage_cls: type[Stage], overrides: list[str], resume: ResumePoint | None,
+                 fresh: DictConfig) -> tuple[DictConfig, dict[str, tuple[Any, Any]]]:
+    """Fresh: the composed config. Resume: the checkpoint's config with the overrides on top."""
+    if resume is None:
+        return fresh, {}
+    base = from_container(stage_cls.schema, resume.meta["config"])
+    cfg = apply_overrides(stage_cls.name, base, overrides)
+    changes = config_diff(base, cfg)
+    incompatible = [
+        key for key in changes
+        if key.startswith(stage_cls.architecture_keys) and key not in stage_cls.architecture_exempt
+    ]
+    if incompatible:
+        raise ConfigError(
+            "Refusing to resume: these overrides change the model architecture, so the checkpoint's "
+            "weights cannot be loaded: "
+            + ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in incompatible)
+            + ". Start a fresh run for a different architecture."
+        )
+    if changes:
+        log.warning("Configuration changes detected:\n%s",
+                    "\n".join(f"  - {k}: {old} -> {new}" for k, (old, new) in changes.items()))
+    return cfg, changes
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing and preparing the run
+# --------------------------------------------------------------------------------------------
+
+
+def _experiment_id(client: MlflowClient, cfg: DictConfig, stage: str) -> str:
+    name = cfg.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or stage
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def _base_tags(stage: Stage) -> dict[str, str]:
+    return {"stage": stage.name, **stage.tags()}
+
+
+def _attempt_yaml(entry: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> str:
+    data = dict(entry, changes={k: {"old": old, "new": new} for k, (old, new) in changes.items()})
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _read_history(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
+    import tempfile
+
+    history = []
+    try:
+        entries = client.list_artifacts(run_id, "config")
+    except Exception:
+        return history
+    with tempfile.TemporaryDirectory() as tmp:
+        for e in entries:
+            if Path(e.path).name.startswith("attempt-"):
+                local = client.download_artifacts(run_id, e.path, tmp)
+                history.append(yaml.safe_load(Path(local).read_text()))
+    return sorted(history, key=lambda h: h["attempt"])
+
+
+def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experiment_id: str,
+                   extra_tags: dict[str, str]) -> tuple[str, str]:
+    """The job's own run: the one `mlflow run` created, or a new one. Returns (id, name)."""
+    tags = stage.tags()
+    name = cfg.tracking.run_name or f"{tags['model']}-{tags['dataset']}-{datetime.now():%Y%m%d-%H%M%S}"
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if launcher:
+        run_id = launcher
+        client.set_tag(run_id, "mlflow.runName", name)
+    else:
+        run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    for key, value in {**_base_tags(stage), "resume.count": "0", "stop_requested": "false", **extra_tags}.items():
+        client.set_tag(run_id, key, value)
+    params = mask_secrets(flatten(to_container(cfg)))
+    existing = client.get_run(run_id).data.params  # `mlflow run` logs the entry-point parameters
+    log_params(client, run_id, {k: v for k, v in params.items() if k not in existing})
+    client.log_text(run_id, OmegaConf.to_yaml(cfg), "config/config.yaml")
+    return run_id, name
+
+
+def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: ResumePoint | None,
+             overrides: list[str], changes: dict[str, tuple[Any, Any]], explicit_step: bool) -> RunContext:
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    started = utc_now()
+    if resume is None or resume.run_id is None:
+        extra = {} if resume is None else {"resume.from": resume.source}
+        run_id, name = _start_new_run(client, stage, cfg, _experiment_id(client, cfg, stage.name), extra)
+        entry = {"attempt": 1, "started": started, "from": resume.source if resume else None,
+                 "overrides": overrides, "status": "RUNNING"}
+        client.log_text(run_id, _attempt_yaml(entry, changes), "config/attempt-1.yaml")
+        return RunContext(run_id, name, 1, None, None if resume is None else resume.source, [entry])
+
+    original = client.get_run(resume.run_id)
+    last = last_logged_step(client, resume.run_id, "train/loss")
+    if explicit_step and last is not None and resume.step < last:
+        # Older checkpoint: branch into a nested run so the original history stays untouched.
+        extra = {"mlflow.parentRunId": resume.run_id, "resume.branch_of": resume.run_id,
+                 "resume.from": f"step {resume.step} of run {resume.run_id}"}
+        run_id, name = _start_new_run(client, stage, cfg, original.info.experiment_id, extra)
+        copied = copy_history(client, resume.run_id, run_id, resume.step)
+        log.info("Branching into new run %s nested under %s (copied %d metric values up to step %d)",
+                 run_id, resume.run_id, copied, resume.step)
+        entry = {"attempt": 1, "started": started, "from": resume.source, "overrides": overrides,
+                 "status": "RUNNING"}
+        client.log_text(run_id, _attempt_yaml(entry, changes), "config/attempt-1.yaml")
+        return RunContext(run_id, name, 1, None, f"step {resume.step}", [entry])
+
+    # Continue in the same run.
+    run_id = resume.run_id
+    if original.info.status == "RUNNING":
+        log.warning("Run %s is still marked RUNNING (a crash leaves it so). If another job is still "
+                    "training it, stop that job first.", run_id)
+    count = int(original.data.tags.get("resume.count", "0")) + 1
+    attempt = count + 1
+    resumed_from = f"step {resume.step}"
+    history = _read_history(client, run_id)
+    entry = {"attempt": attempt, "started": started, "from": resumed_from, "overrides": overrides,
+             "status": "RUNNING"}
+    history.append(entry)
+    client.update_run(run_id, status="RUNNING")
+    for key, value in {"resume.count": str(count), "resume.from": resumed_from, "stop_requested": "false"}.items():
+        client.set_tag(run_id, key, value)
+    client.log_text(run_id, _attempt_yaml(entry, changes), f"config/attempt-{attempt}.yaml")
+    attempt_run = None
+    if launcher and launcher != run_id:
+        attempt_run = launcher
+        for key, value in {
+            "mlflow.parentRunId": run_id,
+            "mlflow.runName": f"{original.info.run_name} · attempt {attempt}",
+            "attempt.number": str(attempt),
+            "attempt.of": run_id,
+            "attempt.checkpoint": resume.source,
+            "attempt.overrides": " ".join(overrides) or "(none)",
+            "attempt.changes": "; ".join(f"{k}: {o} -> {n}" for k, (o, n) in changes.items()) or "(none)",
+        }.items():
+            client.set_tag(attempt_run, key, value)
+    return RunContext(run_id, original.info.run_name, attempt, attempt_run, resumed_from, history,
+                      read_index(client, run_id))
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------
+
+
+def _progress(cfg: DictConfig, pos: Position, resumed_from: str | None) -> str:
+    text = f"step {pos.step}/{cfg.trainer.max_steps} · epoch {pos.epoch + 1}"
+    return text + (f" · resumed from {resumed_from}" if resumed_from else "")
+
+
+def _finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictConfig, status: str,
+            pos: Position, latest: str | None, stopped_by: str | None, changes) -> None:
+    ctx.history[-1]["status"] = status if stopped_by is None else f"{status} ({stopped_by})"
+    client.log_text(ctx.run_id, _attempt_yaml(ctx.history[-1], changes), f"config/attempt-{ctx.attempt}.yaml")
+    if stopped_by:
+        client.set_tag(ctx.run_id, "stopped_by", stopped_by)
+    client.set_tag(ctx.run_id, "progress", _progress(cfg, pos, ctx.resumed_from))
+    client.set_tag(ctx.run_id, NOTE_TAG, describe_run(
+        stage=stage_name, run_id=ctx.run_id, progress=_progress(cfg, pos, ctx.resumed_from), status=status,
+        latest_checkpoint=latest, history=ctx.history))
+    client.set_terminated(ctx.run_id, status)
+    if ctx.attempt_run_id:
+        client.set_terminated(ctx.attempt_run_id, status)
+
+
+def run_stage(stage_cls: type[Stage], argv: list[str]) -> int:
+    """Entry point body of every training stage; returns the process exit code."""
+    setup_logging()
+    try:
+        overrides = split_overrides(argv)
+        fresh = compose_config(stage_cls.name, overrides)
+        client = MlflowClient()
+        resume = resolve(client, stage_cls.name, fresh.resume_run or None, fresh.resume_step,
+                         fresh.checkpoint.resume_from)
+        cfg, changes = build_config(stage_cls, overrides, resume, fresh)
+        precision = Precision.from_config(cfg.trainer.device, cfg.trainer.precision)
+    except (ConfigError, ResumeError, CheckpointError, ValueError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+
+    if cfg.trainer.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch_deterministic()
+    seed_everything(int(cfg.seed))
+    stage = stage_cls(cfg, precision)
+    try:
+        stage.build()
+    except (ValueError, OSError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+
+    if resume is None:
+        log.info("Starting fresh training (no checkpoint specified)")
+    else:
+        log.info("Resuming from %s", resume.source)
+        log.info("Resuming from step %d", resume.step)
+
+    ctx = open_run(client, stage, cfg, resume, overrides,
+                   changes, explicit_step=cfg.resume_step is not None or bool(cfg.checkpoint.resume_from))
+    log.info("MLflow run %s (%s) in %s", ctx.run_id, ctx.run_name, mlflow.get_tracking_uri())
+
+    def describe(latest: str | None) -> None:
+        client.set_tag(ctx.run_id, NOTE_TAG, describe_run(
+            stage=stage.name, run_id=ctx.run_id, progress=client.get_run(ctx.run_id).data.tags.get("progress", ""),
+            status="RUNNING", latest_checkpoint=latest, history=ctx.history))
+
+    def on_commit(step: int, row: dict[str, Any]) -> None:
+        describe(f"checkpoints/{checkpoint_name(step)}")
+
+    describe(client.get_run(ctx.run_id).data.tags.get("checkpoint.latest"))
+
+    policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
+                             cfg.checkpoint.mode)
+    store = CheckpointStore(client, ctx.run_id, Path(cfg.checkpoint.staging_dir), policy, ctx.index_rows, on_commit)
+    metrics = MetricLogger(client, ctx.run_id, cfg.tracking.flush_seconds)
+    monitor = _system_metrics(ctx.run_id, cfg, resumed=resume is not None)
+    status, stopped_by, code = "FAILED", None, EXIT_FAILED
+    engine = None
+    try:
+        with StopController(client, ctx.run_id, cfg.tracking.stop_poll_seconds) as stopper:
+            engine = Engine(stage, metrics, store, stopper, ctx.run_id,
+                            on_progress=lambda pos: client.set_tag(ctx.run_id, "progress",
+                                                                   _progress(cfg, pos, ctx.resumed_from)))
+            if resume is not None:
+                engine.load_state_dict(resume.state)
+            result = engine.fit()
+        stopped_by = result.stopped_by
+        status, code = ("KILLED", EXIT_STOPPED) if stopped_by else ("FINISHED", EXIT_OK)
+        if stopped_by:
+            log.warning("Stopped by %s at step %d; checkpoint committed. Resume with: "
+                        "python -m pipeline.%s resume_run=%s", stopped_by, result.position.step, stage.name, ctx.run_id)
+        else:
+            log.info("Training finished at step %d", result.position.step)
+    except AbortTraining:
+        status, stopped_by, code = "KILLED", "signal", EXIT_ABORTED
+        client.set_tag(ctx.run_id, "stop.aborted", "true")
+    except BaseException:
+        log.exception("Training failed")
+        raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
+        pos = engine.pos if engine else Position()
+        latest = client.get_run(ctx.run_id).data.tags.get("checkpoint.latest")
+        if code != EXIT_ABORTED:
+            try:
+                store.close()
+                metrics.flush(wait=True)
+            except Exception:
+                log.exception("Could not finish the checkpoint upload or metric logging")
+                status, code = "FAILED", EXIT_FAILED
+        _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, changes)
+        log.info("Run %s ended %s. Open the dashboard with: mlflow ui --backend-store-uri %s",
+                 ctx.run_id, status, mlflow.get_tracking_uri())
+    if code == EXIT_ABORTED:
+        os._exit(code)  # do not wait for an upload thread: the user asked to stop now
+    return code
+
+
+def _system_metrics(run_id: str, cfg: DictConfig, resumed: bool):
+    if not cfg.tracking.system_metrics:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resumed)
+        monitor.start()
+        return monitor
+    except Exception as err:  # optional: never block training on it
+        log.warning("System metrics disabled: %s", err)
+        return None
+
+
+def torch_deterministic() -> None:
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(stage_cls: type[Stage]) -> None:
+    sys.exit(run_stage(stage_cls, sys.argv[1:]))

@@ -1,0 +1,77 @@
+"""Graceful stop requests: SIGINT/SIGTERM and the run's `stop_requested` tag (DESIGN §6).
+
+The first request lets the current step finish; the engine then saves a checkpoint and ends the
+run as KILLED. A second signal aborts at once. ``mlflow run`` forwards a Ctrl-C to its child as a
+SIGTERM right after the terminal's SIGINT reached it, so a second signal within
+``SECOND_SIGNAL_GRACE_S`` of the first counts as the same request, not as an abort.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+SECOND_SIGNAL_GRACE_S = 1.0
+STOP_TAG = "stop_requested"
+
+
+class AbortTraining(BaseException):
+    """Raised in the main thread by a second signal: stop now, without a checkpoint."""
+
+
+class StopController:
+    def __init__(self, client: MlflowClient, run_id: str, poll_seconds: float):
+        self.client = client
+        self.run_id = run_id
+        self.poll_seconds = poll_seconds
+        self.reason: str | None = None  # "signal" | "tag"
+        self._first_signal_at: float | None = None
+        self._previous = {}
+        self._done = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="stop-tag-poller", daemon=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+    def __enter__(self) -> "StopController":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        self._poller.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self._first_signal_at is None:
+            self._first_signal_at = now
+            self.reason = self.reason or "signal"
+            log.warning("%s received: finishing the current step, then saving a checkpoint "
+                        "(send it again to abort without saving)", name)
+        elif now - self._first_signal_at > SECOND_SIGNAL_GRACE_S:
+            log.error("%s received again: aborting without a checkpoint", name)
+            raise AbortTraining(name)
+
+    def _poll(self) -> None:
+        while not self._done.wait(self.poll_seconds):
+            try:
+                tags = self.client.get_run(self.run_id).data.tags
+            except Exception as err:  # a flaky tracking server must not kill training
+                log.debug("stop-tag poll failed: %s", err)
+                continue
+            if tags.get(STOP_TAG, "").strip().lower() in ("true", "1", "yes"):
+                if self.reason is None:
+                    self.reason = "tag"
+                    log.warning("Tag %s=true set on the run: stopping after the current step", STOP_TAG)
+                return

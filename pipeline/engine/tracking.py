@@ -1,0 +1,109 @@
+"""MLflow helpers: batched asynchronous metrics, tags and the run description (DESIGN §3)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+MAX_PARAM_LENGTH = 6000
+
+
+class MetricLogger:
+    """Buffers metrics and sends them with ``log_batch(synchronous=False)`` every few seconds."""
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float):
+        self.client = client
+        self.run_id = run_id
+        self.flush_seconds = flush_seconds
+        self._buffer: list[Metric] = []
+        self._pending = []
+        self._last_flush = time.monotonic()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now_ms = int(time.time() * 1000)
+        for key, value in metrics.items():
+            value = float(value)
+            if math.isfinite(value):
+                self._buffer.append(Metric(key, value, now_ms, step))
+            else:
+                log.warning("metric %s is %s at step %d (not logged)", key, value, step)
+        if len(self._buffer) >= MAX_BATCH or time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self, wait: bool = False) -> None:
+        while self._buffer:
+            batch, self._buffer = self._buffer[:MAX_BATCH], self._buffer[MAX_BATCH:]
+            self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        self._last_flush = time.monotonic()
+        if wait:
+            for op in self._pending:
+                if op is not None:
+                    op.wait()
+            self._pending.clear()
+        else:
+            self._pending = [op for op in self._pending if op is not None]
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def copy_history(client: MlflowClient, src_run: str, dst_run: str, max_step: int) -> int:
+    """Copy every metric of ``src_run`` up to ``max_step`` into ``dst_run``; returns the count."""
+    keys = client.get_run(src_run).data.metrics.keys()
+    metrics = [
+        m for key in keys for m in client.get_metric_history(src_run, key) if m.step <= max_step
+    ]
+    for i in range(0, len(metrics), MAX_BATCH):
+        client.log_batch(dst_run, metrics=metrics[i : i + MAX_BATCH])
+    return len(metrics)
+
+
+def last_logged_step(client: MlflowClient, run_id: str, key: str) -> int | None:
+    history = client.get_metric_history(run_id, key)
+    return max((m.step for m in history), default=None)
+
+
+def describe_run(
+    *,
+    stage: str,
+    run_id: str,
+    progress: str,
+    status: str,
+    latest_checkpoint: str | None,
+    history: list[dict[str, Any]],
+) -> str:
+    """The run's Markdown description: progress, resume history and the resume command."""
+    lines = [
+        f"**{stage}** · {status} · {progress}",
+        "",
+        f"Latest committed checkpoint: `{latest_checkpoint or 'none yet'}`",
+        "",
+        "Resume this run (continues logging into it):",
+        "",
+        "```",
+        f"mlflow run . -e {stage} --env-manager local -P resume_run={run_id}",
+        f"python -m pipeline.{stage} resume_run={run_id}",
+        "```",
+        "",
+        "Stop it gracefully: set the tag `stop_requested` = `true` on this run.",
+        "",
+        "| attempt | started (UTC) | from | overrides | status |",
+        "|---|---|---|---|---|",
+    ]
+    for h in history:
+        overrides = " ".join(h.get("overrides") or []) or "—"
+        lines.append(
+            f"| {h['attempt']} | {h['started']} | {h.get('from') or 'fresh'} | `{overrides}` | {h.get('status', '')} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,238 @@
+"""The one training loop shared by every stage.
+
+Step semantics: ``step`` counts finished optimizer steps. The k-th step's training metrics are
+logged at step k; a checkpoint named step-k holds the state after k steps, and a resume from it
+logs its first metrics at step k+1, so every chart is one continuous line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.config import config_hash, to_container
+from pipeline.data.datasets import epoch_batches
+from pipeline.engine.checkpointing import (
+    FORMAT_VERSION,
+    CheckpointStore,
+    capture_rng,
+    checkpoint_name,
+    code_version,
+    restore_rng,
+    utc_now,
+)
+from pipeline.engine.stage import Stage
+from pipeline.engine.stopping import StopController
+from pipeline.engine.tracking import MetricLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Position:
+    """Where training is: finished steps and the data position."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+
+
+@dataclass
+class TrainResult:
+    position: Position
+    stopped_by: str | None = None  # None when training reached max_steps
+    val_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, stage: Stage, metrics: MetricLogger, store: CheckpointStore, stopper: StopController,
+                 run_id: str, on_progress=None):
+        self.stage = stage
+        self.cfg = stage.cfg
+        self.metrics = metrics
+        self.store = store
+        self.stopper = stopper
+        self.run_id = run_id
+        self.on_progress = on_progress  # callback(position) when the progress tag should change
+        self.pos = Position()
+        self.val_metrics: dict[str, float] = {}
+        self._code_version = code_version()
+
+    # --- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        s = self.stage
+        return {
+            "step": self.pos.step,
+            "epoch": self.pos.epoch,
+            "batch_in_epoch": self.pos.batch_in_epoch,
+            "seed": int(self.cfg.seed),
+            "modules": {k: m.state_dict() for k, m in s.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in s.optimizers.items()},
+            "schedulers": {k: sch.state_dict() for k, sch in s.schedulers.items()},
+            "scaler": s.precision.scaler.state_dict() if s.precision.scaler is not None else {},
+            "rng": capture_rng(),
+            "val_metrics": dict(self.val_metrics),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, restore_data_position: bool = True) -> None:
+        s = self.stage
+        for key, module in s.modules.items():
+            module.load_state_dict(state["modules"][key])
+        for key, opt in s.optimizers.items():
+            opt.load_state_dict(state["optimizers"][key])
+        for key, sch in s.schedulers.items():
+            sch.load_state_dict(state["schedulers"][key])
+        if s.precision.scaler is not None and state.get("scaler"):
+            s.precision.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        self.pos = Position(int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
+        self.val_metrics = dict(state.get("val_metrics", {}))
+        log.info("Restored model, optimizer, and scheduler states")
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        tags = self.stage.tags()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "stage": self.stage.name,
+            "step": self.pos.step,
+            "epoch": self.pos.epoch,
+            "created": utc_now(),
+            "run_id": self.run_id,
+            "config": to_container(self.cfg),
+            "config_hash": config_hash(self.cfg),
+            "model_args": self.stage.model_args(),
+            "metrics": dict(self.val_metrics),
+            "code_version": self._code_version,
+        }
+        row = {
+            "name": checkpoint_name(self.pos.step),
+            "model": tags.get("model"),
+            "dataset": tags.get("dataset"),
+            "epoch": self.pos.epoch,
+            "step": self.pos.step,
+            "created": meta["created"],
+            **self.val_metrics,
+        }
+        self.store.save(self.pos.step, self.state_dict(), meta, row)
+        self._saved_at = self.pos.step
+
+    # --- data ---------------------------------------------------------------------------------
+    def _loader(self, dataset, batches) -> DataLoader:
+        workers = int(self.cfg.data.num_workers) if "data" in self.cfg else 0
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=self.stage.collate,
+                          pin_memory=self.stage.device.type == "cuda")
+
+    def _batches_per_epoch(self) -> int:
+        n = len(self.stage.train_set) // int(self.cfg.batch_size)
+        if n == 0:
+            raise ValueError(
+                f"batch_size={self.cfg.batch_size} is larger than the training set "
+                f"({len(self.stage.train_set)} examples); lower batch_size"
+            )
+        return n
+
+    # --- validation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        rng = capture_rng()  # validation must not shift the training random streams
+        stage = self.stage
+        for m in stage.modules.values():
+            m.eval()
+        size = int(self.cfg.batch_size)
+        keys = list(range(len(stage.val_set)))
+        loader = self._loader(stage.val_set, [keys[i : i + size] for i in range(0, len(keys), size)])
+        totals: dict[str, float] = {}
+        count = 0
+        for batch in loader:
+            batch = stage.to_device(batch)
+            with stage.precision.autocast():
+                loss, parts = stage.compute_loss(batch)
+            n = len(next(iter(batch.values())))
+            for key, value in {"loss": loss, **parts}.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * n
+            count += n
+        for m in stage.modules.values():
+            m.train()
+        restore_rng(rng)
+        self.val_metrics = {f"val/{k}": v / count for k, v in totals.items()}
+        self.metrics.log(self.val_metrics, self.pos.step)
+        log.info("validation at step %d: %s", self.pos.step,
+                 ", ".join(f"{k}={v:.4f}" for k, v in self.val_metrics.items()))
+        self._write_samples()
+        return self.val_metrics
+
+    def _write_samples(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            self.stage.write_samples(Path(tmp), self.pos.step)
+            if any(Path(tmp).iterdir()):
+                self.store.client.log_artifacts(self.run_id, tmp, f"samples/{checkpoint_name(self.pos.step)}")
+
+    # --- the loop -----------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        stage = self.stage
+        max_steps = int(cfg.trainer.max_steps)
+        val_interval = int(cfg.validation.interval)
+        save_interval = int(cfg.checkpoint.save_interval)
+        per_epoch = self._batches_per_epoch()
+        self._saved_at = self.pos.step
+        for m in stage.modules.values():
+            m.train()
+        bar = tqdm(total=max_steps, initial=self.pos.step, desc=stage.name, unit="step",
+                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        window_start, window_samples = time.perf_counter(), 0
+        stopped_by = None
+        while self.pos.step < max_steps and stopped_by is None:
+            if self.pos.batch_in_epoch >= per_epoch:
+                self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
+            batches = epoch_batches(len(stage.train_set), int(cfg.batch_size), int(cfg.seed), self.pos.epoch,
+                                    self.pos.batch_in_epoch)
+            for batch in self._loader(stage.train_set, batches):
+                batch = stage.to_device(batch)
+                out = stage.training_step(batch)
+                self.pos.step += 1
+                self.pos.batch_in_epoch += 1
+                window_samples += int(cfg.batch_size)
+                metrics = {k: float(v) for k, v in out.items()}
+                metrics["epoch"] = self.pos.epoch
+                for name, sch in stage.schedulers.items():
+                    sch.step()
+                    metrics["lr" if len(stage.schedulers) == 1 else f"lr/{name}"] = sch.get_last_lr()[0]
+                if self.pos.step % int(cfg.trainer.log_interval) == 0 or self.pos.step == max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics["throughput/samples_per_s"] = window_samples / max(elapsed, 1e-9)
+                    window_start, window_samples = time.perf_counter(), 0
+                    log.info("step %d/%d epoch %d %s", self.pos.step, max_steps, self.pos.epoch,
+                             " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if k.startswith("train/")))
+                    if self.on_progress:
+                        self.on_progress(self.pos)
+                self.metrics.log(metrics, self.pos.step)
+                bar.update(1)
+                last = self.pos.step >= max_steps
+                if val_interval > 0 and (self.pos.step % val_interval == 0 or last):
+                    self.validate()
+                if self.pos.step % save_interval == 0 or last:
+                    self.save_checkpoint()
+                if self.stopper.requested:
+                    stopped_by = self.stopper.reason
+                    break
+                if last or self.pos.batch_in_epoch >= per_epoch:
+                    break
+        bar.close()
+        if self._saved_at != self.pos.step:
+            self.save_checkpoint()
+        self.metrics.flush(wait=True)
+        self.store.wait()
+        if self.on_progress:
+            self.on_progress(self.pos)
+        return TrainResult(self.pos, stopped_by, dict(self.val_metrics))

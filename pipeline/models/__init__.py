@@ -1,0 +1,1 @@
+"""Model building blocks: SSL encoders and parallel adapters."""

@@ -1,0 +1,1 @@
+"""One module per training stage: compose config, build parts, hand them to the engine."""
