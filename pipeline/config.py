@@ -186,14 +186,16 @@ def split_overrides(args: list[str] | tuple[str, ...]) -> list[str]:
     """Split command-line words into single overrides.
 
     ``mlflow run`` passes the ``overrides`` parameter as one quoted word ("a=1 b=2"), so every
-    word is split again with shell rules.
+    word is split again with shell rules. A control key with an empty value (``resume_run=``, what
+    an unset MLproject parameter becomes) means "not given" and is dropped.
     """
     out: list[str] = []
     for arg in args:
         try:
-            out.extend(shlex.split(arg))
+            words = shlex.split(arg)
         except ValueError as err:
             raise ConfigError(f"Malformed override {arg!r}: {err}") from err
+        out.extend(w for w in words if w not in {f"{key}=" for key in CONTROL_KEYS})
     return out
 
 

@@ -74,6 +74,7 @@ class Engine:
             "step": self.pos.step,
             "epoch": self.pos.epoch,
             "batch_in_epoch": self.pos.batch_in_epoch,
+            "batch_size": int(self.cfg.batch_size),
             "seed": int(self.cfg.seed),
             "modules": {k: m.state_dict() for k, m in s.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in s.optimizers.items()},
@@ -95,6 +96,9 @@ class Engine:
             s.precision.scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
         self.pos = Position(int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
+        old_size, new_size = int(state.get("batch_size", self.cfg.batch_size)), int(self.cfg.batch_size)
+        if old_size != new_size:  # keep the sample position in the epoch, in whole new batches
+            self.pos.batch_in_epoch = -(-self.pos.batch_in_epoch * old_size // new_size)
         self.val_metrics = dict(state.get("val_metrics", {}))
         log.info("Restored model, optimizer, and scheduler states")
 
