@@ -200,12 +200,15 @@ def split_overrides(args: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def _parse(overrides: list[str]):
+    hint = "Use key=value, e.g. trainer.max_steps=100"
     try:
-        return OverridesParser.create().parse_overrides(overrides)
+        parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:  # hydra raises OverrideParseException with a useful text
-        raise ConfigError(
-            f"Malformed override: {err}. Use key=value, e.g. trainer.max_steps=100"
-        ) from err
+        raise ConfigError(f"Malformed override: {err}. {hint}") from err
+    for override in parsed:
+        if not override.key_or_group:
+            raise ConfigError(f"Malformed override {override.input_line!r}: no key. {hint}")
+    return parsed
 
 
 def compose_config(stage: str, overrides: list[str]) -> DictConfig:

@@ -1,0 +1,88 @@
+"""Shared test helpers: a private SQLite tracking store per test, tiny configs, subprocess runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+VENV_BIN = str(Path(PYTHON).parent)
+
+# A job that runs in seconds on a CPU: tiny random encoder, half-second crops, batch of 4.
+TINY = [
+    "ssl=tiny",
+    "batch_size=4",
+    "data.segment_seconds=0.5",
+    "adapter.bottleneck=16",
+    "trainer.log_interval=1",
+    "tracking.system_metrics=false",
+    "tracking.flush_seconds=0.2",
+    "tracking.stop_poll_seconds=0.5",
+]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Path:
+    """Run in a fresh directory with its own SQLite tracking store; returns the directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return tmp_path
+
+
+def env_for(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env.pop("MLFLOW_RUN_ID", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_module(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m pipeline.train_adapter ARGS`` in ``workdir``."""
+    return subprocess.run(
+        [PYTHON, "-m", "pipeline.train_adapter", *args],
+        cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def mlflow_run(workdir: Path, *params: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``mlflow run <repo> -e train_adapter --env-manager local -P ...`` in ``workdir``."""
+    cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(REPO), "-e", "train_adapter", "--env-manager", "local",
+           "--experiment-name", "train_adapter"]
+    for p in params:
+        cmd += ["-P", p]
+    return subprocess.run(cmd, cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=timeout)
+
+
+def stage_runs(client: MlflowClient, stage: str = "train_adapter"):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.stage = '{stage}'", order_by=["attributes.start_time ASC"])
+
+
+def all_runs(client: MlflowClient):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, "", run_view_type=3)
+
+
+def loss_history(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,88 @@
+"""Checkpoint files: atomic write, sha256 verification, safe loading, retention, RNG state."""
+
+import json
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.engine.checkpointing import (
+    CheckpointError,
+    RetentionPolicy,
+    capture_rng,
+    load_state,
+    restore_rng,
+    steps_to_keep,
+    verify,
+    write_local,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_write_verify_load_roundtrip(tmp_path):
+    state = {"step": 3, "modules": {"a": {"w": torch.arange(4.0)}}, "rng": capture_rng()}
+    path = write_local(tmp_path, 3, state, {"format_version": 1, "stage": "x", "step": 3})
+    assert path.name == "step-00000003" and not list(tmp_path.glob(".tmp-*"))
+    meta = verify(path)
+    assert meta["size"] == (path / "state.pt").stat().st_size
+    loaded = load_state(path)
+    assert torch.equal(loaded["modules"]["a"]["w"], torch.arange(4.0))
+
+
+def test_corruption_is_detected(tmp_path):
+    path = write_local(tmp_path, 1, {"x": torch.zeros(100)}, {"format_version": 1})
+    data = bytearray((path / "state.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "state.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        verify(path)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickled_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "step-00000001"
+    ckpt.mkdir()
+    torch.save({"x": Payload()}, ckpt / "state.pt")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_state(ckpt)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_retention_keeps_last_n_best_k_and_latest():
+    rows = [{"step": s, "val/loss": v} for s, v in [(10, 0.5), (20, 0.1), (30, 0.4), (40, 0.3), (50, 0.9)]]
+    assert steps_to_keep(rows, RetentionPolicy(2, 1, "val/loss", "min"), latest=50) == {40, 50, 20}
+    assert steps_to_keep(rows, RetentionPolicy(1, 0, "val/loss", "min"), latest=50) == {50}
+    assert steps_to_keep(rows, RetentionPolicy(0, 1, "val/loss", "max"), latest=50) == {50}
+    assert steps_to_keep(rows, RetentionPolicy(0, 2, "val/loss", "max"), latest=30) == {50, 10, 30}
+
+
+def test_rng_state_roundtrips_through_a_weights_only_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = write_local(tmp_path, 1, {"rng": capture_rng()}, {"format_version": 1})
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng(load_state(path)["rng"])
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_no_unsafe_torch_load_anywhere():
+    offenders = []
+    for path in list((REPO / "pipeline").rglob("*.py")) + list((REPO / "scripts").rglob("*.py")):
+        text = path.read_text()
+        if re.search(r"weights_only\s*=\s*False", text):
+            offenders.append(str(path))
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            if "weights_only=True" not in call:
+                offenders.append(f"{path}: {call}")
+    assert offenders == []

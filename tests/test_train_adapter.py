@@ -1,0 +1,373 @@
+"""train_adapter end to end: tracking, checkpoints, resume, branching and bad input.
+
+Jobs run in-process where nothing needs a process boundary (fast), and as real subprocesses
+(`mlflow run`, `python -m`) where signals or MLflow's own run handling are under test.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import TINY, all_runs, env_for, loss_history, mlflow_run, run_module, stage_runs, wait_for
+from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, run_stage
+from pipeline.stages.train_adapter import TrainAdapter
+
+
+def train(*args: str) -> int:
+    return run_stage(TrainAdapter, [*TINY, *args])
+
+
+def artifact_dir(client: MlflowClient, run_id: str) -> Path:
+    return Path(urlparse(client.get_run(run_id).info.artifact_uri).path)
+
+
+def checkpoint_dirs(client: MlflowClient, run_id: str) -> list[str]:
+    return sorted(p.name for p in (artifact_dir(client, run_id) / "checkpoints").glob("step-*"))
+
+
+def snapshot(client: MlflowClient):
+    """Everything a failed start must leave untouched: runs, their tags, metrics and status."""
+    out = {}
+    for run in all_runs(client):
+        out[run.info.run_id] = (run.info.status, dict(run.data.tags), dict(run.data.metrics),
+                                tuple(checkpoint_dirs(client, run.info.run_id)))
+    return out
+
+
+@pytest.fixture
+def finished_run(store):
+    """A finished 20-step run with checkpoints at steps 10 and 20."""
+    assert train("trainer.max_steps=20", "checkpoint.save_interval=10", "validation.interval=10") == EXIT_OK
+    (run,) = stage_runs(MlflowClient())
+    return run.info.run_id
+
+
+# --------------------------------------------------------------------------------------------
+# A run as the dashboard shows it
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mlflow_run_produces_one_tracked_run_with_committed_checkpoints(store):
+    overrides = " ".join(TINY + ["trainer.max_steps=12", "checkpoint.save_interval=4", "validation.interval=6",
+                                 "checkpoint.keep_last_n=2", "checkpoint.keep_best_k=0"])
+    proc = mlflow_run(store, f"overrides={overrides}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    runs = all_runs(client)
+    assert len(runs) == 1
+    run = runs[0]
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert (tags["stage"], tags["model"], tags["dataset"]) == ("train_adapter", "tiny", "demo")
+    assert tags["checkpoint.latest"] == "checkpoints/step-00000012" and tags["checkpoint.latest_step"] == "12"
+    assert tags["progress"].startswith("step 12/12")
+    assert tags["resume.count"] == "0" and tags["stop_requested"] == "false"
+    assert f"resume_run={run.info.run_id}" in tags["mlflow.note.content"]
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["ssl.name"] == "tiny"
+    # metrics by step
+    assert [s for s, _ in loss_history(client, run.info.run_id)] == list(range(1, 13))
+    for key in ("train/l1", "train/l2", "train/sc", "lr", "grad_norm", "epoch"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 12, key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [6, 12]
+    assert client.get_metric_history(run.info.run_id, "throughput/samples_per_s")
+    # retention keeps the last 2 of 4, 8, 12; the index lists exactly what is kept
+    assert checkpoint_dirs(client, run.info.run_id) == ["step-00000008", "step-00000012"]
+    art = artifact_dir(client, run.info.run_id)
+    with open(art / "checkpoints" / "index.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["step-00000008", "step-00000012"]
+    assert {"model", "dataset", "epoch", "step", "size", "created", "val/loss"} <= set(rows[0])
+    meta = json.loads((art / "checkpoints/step-00000012/meta.json").read_text())
+    assert meta["sha256"] == hashlib.sha256((art / "checkpoints/step-00000012/state.pt").read_bytes()).hexdigest()
+    assert meta["stage"] == "train_adapter" and meta["step"] == 12 and meta["model_args"]["ssl"]["name"] == "tiny"
+    state = torch.load(art / "checkpoints/step-00000012/state.pt", weights_only=True)
+    assert set(state["modules"]) == {"adapters"}  # only trainable weights, no frozen encoder
+    assert all(".adapter" not in k and k.split(".")[0].isdigit() for k in state["modules"]["adapters"])
+    assert (art / "config" / "config.yaml").is_file() and (art / "config" / "attempt-1.yaml").is_file()
+    samples = art / "samples" / "step-00000012"
+    assert (samples / "index.html").is_file() and list(samples.glob("*_degraded.wav"))
+    assert list(samples.glob("*_features.png"))
+
+
+def test_checkpoint_table_filters_by_model_and_dataset(finished_run, capsys):
+    from pipeline.checkpoints import main as table_main
+
+    assert table_main(["--model", "tiny", "--dataset", "demo", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["run_id"], r["model"], r["dataset"]) for r in rows] == [
+        ("step-00000020", finished_run, "tiny", "demo"), ("step-00000010", finished_run, "tiny", "demo")]
+    assert rows[0]["val/loss"] > 0 and rows[0]["size"] > 0
+    assert table_main(["--model", "hubert_base"]) == 0
+    assert "no checkpoints found" in capsys.readouterr().out
+    assert table_main(["--dataset", "demo", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("name,model,dataset,epoch,step,size,created,run_id")
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+
+def test_existing_checkpoints_do_not_trigger_a_resume(finished_run, capfd):
+    assert train("trainer.max_steps=5", "checkpoint.save_interval=5") == EXIT_OK
+    assert "Starting fresh training (no checkpoint specified)" in capfd.readouterr().err
+    client = MlflowClient()
+    runs = stage_runs(client)
+    assert len(runs) == 2
+    assert [s for s, _ in loss_history(client, runs[1].info.run_id)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_continues_the_same_run_and_records_the_attempt(finished_run, capfd):
+    client = MlflowClient()
+    before = loss_history(client, finished_run)
+    assert train(f"resume_run={finished_run}", "trainer.max_steps=30", "batch_size=8") == EXIT_OK
+    err = capfd.readouterr().err
+    assert f"Resuming from run {finished_run} checkpoint step-00000020" in err
+    assert "Resuming from step 20" in err and "Restored model, optimizer, and scheduler states" in err
+    assert "Configuration changes detected:\n  - batch_size: 4 -> 8\n  - trainer.max_steps: 20 -> 30" in err
+    runs = stage_runs(client)
+    assert len(runs) == 1
+    run = client.get_run(finished_run)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resume.count"] == "1" and run.data.tags["resume.from"] == "step 20"
+    history = loss_history(client, finished_run)
+    assert [s for s, _ in history] == list(range(1, 31)) and history[:20] == before
+    attempt = (artifact_dir(client, finished_run) / "config" / "attempt-2.yaml").read_text()
+    assert "batch_size" in attempt and "old: 4" in attempt and "new: 8" in attempt
+    assert "| 2 |" in run.data.tags["mlflow.note.content"]
+
+
+def test_resume_from_an_older_step_branches_into_a_nested_run(finished_run, capfd):
+    client = MlflowClient()
+    original = loss_history(client, finished_run)
+    assert train(f"resume_run={finished_run}", "resume_step=10") == EXIT_OK
+    runs = stage_runs(client)
+    assert len(runs) == 2
+    branch = runs[1]
+    assert branch.data.tags["mlflow.parentRunId"] == finished_run
+    assert branch.data.tags["resume.branch_of"] == finished_run
+    assert loss_history(client, finished_run) == original  # the original history is untouched
+    history = loss_history(client, branch.info.run_id)
+    assert [s for s, _ in history] == list(range(1, 21))
+    assert history[:10] == original[:10]
+    assert history[10:] == original[10:]  # same data, same state: the branch retraces exactly
+
+
+def test_resume_from_a_local_checkpoint_path(finished_run, capfd):
+    client = MlflowClient()
+    path = artifact_dir(client, finished_run) / "checkpoints" / "step-00000010"
+    assert train(f"checkpoint.resume_from={path}", "trainer.max_steps=12") == EXIT_OK
+    assert "Resuming from step 10" in capfd.readouterr().err
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(finished_run, capfd):
+    client = MlflowClient()
+    state = artifact_dir(client, finished_run) / "checkpoints" / "step-00000020" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-100])  # truncated upload
+    assert train(f"resume_run={finished_run}", "trainer.max_steps=22") == EXIT_OK
+    err = capfd.readouterr().err
+    assert "step-00000020: state.pt is corrupted or truncated" in err
+    assert "Falling back to the previous checkpoint" in err
+    assert "Resuming from step 10" in err
+    assert [s for s, _ in loss_history(client, finished_run)][-1] == 22
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one clear message, non-zero exit, nothing written
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["resume_run=0123456789abcdef0123456789abcdef"], "Run 0123456789abcdef0123456789abcdef not found"),
+        (["checkpoint.resume_from=/no/such/checkpoint"], "Checkpoint specified in resume_from not found: /no/such/checkpoint"),
+        (["trainer.max_steps=[1,"], "Malformed override"),
+        (["trainer.max_stepz=5"], "max_stepz"),
+        (["RESUME:adapter.bottleneck=4"], "Refusing to resume: these overrides change the model architecture"),
+        (["RESUME:ssl.layer=1"], "ssl.layer"),
+        (["RESUME:resume_step=15"], "no checkpoint at step 15; available steps: 10, 20"),
+        (["resume_step=10"], "resume_step needs resume_run"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_written(finished_run, capfd, args, message):
+    args = [a.replace("RESUME:", "") for a in args] + ([f"resume_run={finished_run}"] if args[0].startswith("RESUME:") else [])
+    client = MlflowClient()
+    before = snapshot(client)
+    capfd.readouterr()
+    assert train(*args) == EXIT_BAD_INPUT
+    assert message in capfd.readouterr().err
+    assert snapshot(client) == before
+
+
+def test_runs_that_cannot_be_resumed(store, capfd):
+    client = MlflowClient()
+    experiment = client.create_experiment("other")
+    asr = client.create_run(experiment, tags={"stage": "train_asr"}).info.run_id
+    empty = client.create_run(experiment, tags={"stage": "train_adapter"}).info.run_id
+    deleted = client.create_run(experiment, tags={"stage": "train_adapter"}).info.run_id
+    client.delete_run(deleted)
+    before = snapshot(client)
+    for run_id, message in [
+        (asr, f"Run {asr} is a train_asr run, not a train_adapter run"),
+        (empty, f"Run {empty} has no checkpoints to resume from"),
+        (deleted, f"Run {deleted} is deleted"),
+    ]:
+        capfd.readouterr()
+        assert train(f"resume_run={run_id}") == EXIT_BAD_INPUT
+        assert message in capfd.readouterr().err
+    assert snapshot(client) == before
+
+
+def test_checkpoint_with_pickled_code_is_refused(store, capfd):
+    ckpt = store / "evil" / "step-00000001"
+    ckpt.mkdir(parents=True)
+    payload = (
+        b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93\x8c\x0btouch pwned\x85R."
+    )
+    import zipfile
+
+    with zipfile.ZipFile(ckpt / "state.pt", "w") as z:  # torch's zip layout around a hostile pickle
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/version", "3\n")
+        z.writestr("archive/byteorder", "little")
+    digest = hashlib.sha256((ckpt / "state.pt").read_bytes()).hexdigest()
+    (ckpt / "meta.json").write_text(json.dumps({"format_version": 1, "stage": "train_adapter", "step": 1,
+                                                 "sha256": digest, "config": {}}))
+    assert train(f"checkpoint.resume_from={ckpt}") == EXIT_BAD_INPUT
+    assert "refusing to load" in capfd.readouterr().err
+    assert not (store / "pwned").exists()
+    assert all_runs(MlflowClient()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Stop and exact resume, with real signals and real `mlflow run` subprocesses
+# --------------------------------------------------------------------------------------------
+
+
+def _start(workdir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [os.sys.executable, "-m", "pipeline.train_adapter", *TINY, *args],
+        cwd=workdir, env=env_for(workdir), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+
+
+def _read_until(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} never appeared:\n{''.join(lines[-30:])}")
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(store):
+    steps = ["trainer.max_steps=40", "checkpoint.save_interval=15", "validation.interval=10"]
+    reference = run_module(store, *TINY, *steps)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    client = MlflowClient()
+    (ref_run,) = stage_runs(client)
+    expected = loss_history(client, ref_run.info.run_id)
+    assert [s for s, _ in expected] == list(range(1, 41))
+
+    proc = _start(store, *steps)
+    _read_until(proc, "step 7/40")
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == EXIT_STOPPED, rest[-3000:]
+    assert "SIGTERM received" in rest
+    run = [r for r in stage_runs(client) if r.info.run_id != ref_run.info.run_id][0]
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "signal"
+    stopped_at = int(run.data.tags["checkpoint.latest_step"])
+    assert 7 <= stopped_at < 40
+    assert [s for s, _ in loss_history(client, run.info.run_id)] == list(range(1, stopped_at + 1))
+
+    resumed = mlflow_run(store, f"resume_run={run.info.run_id}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = loss_history(client, run.info.run_id)
+    assert [s for s, _ in got] == list(range(1, 41))  # one continuous series
+    assert got == expected  # bit-identical at every step
+    final = client.get_run(run.info.run_id)
+    assert final.info.status == "FINISHED" and final.data.tags["resume.count"] == "1"
+    # the run `mlflow run` created is the attempt record, nested and finished, not a stray
+    attempts = [r for r in all_runs(client) if r.data.tags.get("attempt.of") == run.info.run_id]
+    assert len(attempts) == 1
+    record = attempts[0]
+    assert record.info.status == "FINISHED"
+    assert record.data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert record.data.tags["attempt.checkpoint"] == f"run {run.info.run_id} checkpoint step-{stopped_at:08d}"
+    assert "stage" not in record.data.tags  # not counted as a training run
+    assert not [r for r in all_runs(client) if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_stop_tag_stops_mlflow_run_within_seconds_and_the_run_resumes(store):
+    cmd = [os.path.join(os.path.dirname(os.sys.executable), "mlflow"), "run", str(Path(__file__).parents[1]),
+           "-e", "train_adapter", "--env-manager", "local", "--experiment-name", "train_adapter",
+           "-P", "overrides=" + " ".join(TINY + ["trainer.max_steps=5000", "checkpoint.save_interval=1000",
+                                                 "validation.interval=1000"])]
+    proc = subprocess.Popen(cmd, cwd=store, env=env_for(store), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    client = MlflowClient()
+    try:
+        run = wait_for(lambda: next(iter(r for r in stage_runs(client) if r.data.metrics.get("train/loss")), None),
+                       timeout=120, what="first metrics")
+        client.set_tag(run.info.run_id, "stop_requested", "true")
+        tagged_at = time.monotonic()
+        proc.wait(timeout=60)
+        stop_seconds = time.monotonic() - tagged_at
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert stop_seconds < 15, err[-2000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED", err[-3000:]
+    assert run.data.tags["stopped_by"] == "tag"
+    stopped_at = int(run.data.tags["checkpoint.latest_step"])
+    assert stopped_at < 5000
+    assert len(stage_runs(client)) == 1
+
+    resumed = run_module(store, *TINY, f"resume_run={run.info.run_id}", f"trainer.max_steps={stopped_at + 3}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["stop_requested"] == "false"
+    assert [s for s, _ in loss_history(client, run.info.run_id)] == list(range(1, stopped_at + 4))
+
+
+@pytest.mark.slow
+def test_sigint_stops_gracefully_and_a_second_signal_aborts(store):
+    proc = _start(store, "trainer.max_steps=5000", "checkpoint.save_interval=1000", "validation.interval=0")
+    _read_until(proc, "step 3/5000")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == EXIT_STOPPED
+    client = MlflowClient()
+    (run,) = stage_runs(client)
+    assert run.info.status == "KILLED" and run.data.tags["checkpoint.latest_step"] == str(
+        max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")))
+
+    proc = _start(store, f"resume_run={run.info.run_id}", "checkpoint.save_interval=1000")
+    _read_until(proc, "Restored model")
+    _read_until(proc, "/5000")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED" and run.data.tags.get("stop.aborted") == "true"
