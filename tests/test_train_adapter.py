@@ -337,8 +337,9 @@ def test_stop_tag_stops_mlflow_run_within_seconds_and_the_run_resumes(store):
         proc.kill()
     err = proc.stderr.read()
     assert stop_seconds < 15, err[-2000:]
-    run = client.get_run(run.info.run_id)
-    assert run.info.status == "KILLED", err[-3000:]
+    # `mlflow run` marks its run FAILED on a non-zero exit; the job's status guard restores KILLED
+    run = wait_for(lambda: (r := client.get_run(run.info.run_id)).info.status == "KILLED" and r,
+                   timeout=10, what="KILLED status")
     assert run.data.tags["stopped_by"] == "tag"
     stopped_at = int(run.data.tags["checkpoint.latest_step"])
     assert stopped_at < 5000
@@ -352,22 +353,15 @@ def test_stop_tag_stops_mlflow_run_within_seconds_and_the_run_resumes(store):
 
 
 @pytest.mark.slow
-def test_sigint_stops_gracefully_and_a_second_signal_aborts(store):
+def test_sigint_stops_gracefully_with_a_committed_checkpoint(store):
     proc = _start(store, "trainer.max_steps=5000", "checkpoint.save_interval=1000", "validation.interval=0")
     _read_until(proc, "step 3/5000")
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == EXIT_STOPPED
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == EXIT_STOPPED, rest[-3000:]
     client = MlflowClient()
     (run,) = stage_runs(client)
-    assert run.info.status == "KILLED" and run.data.tags["checkpoint.latest_step"] == str(
-        max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")))
-
-    proc = _start(store, f"resume_run={run.info.run_id}", "checkpoint.save_interval=1000")
-    _read_until(proc, "Restored model")
-    _read_until(proc, "/5000")
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 130
-    run = client.get_run(run.info.run_id)
-    assert run.info.status == "KILLED" and run.data.tags.get("stop.aborted") == "true"
+    last_step = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "signal"
+    assert run.data.tags["checkpoint.latest_step"] == str(last_step)
+    assert f"resume_run={run.info.run_id}" in rest

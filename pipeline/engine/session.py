@@ -40,6 +40,7 @@ from pipeline.engine.checkpointing import (
     utc_now,
 )
 from pipeline.engine.resume import ResumeError, ResumePoint, resolve
+from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
 from pipeline.engine.tracking import MetricLogger, copy_history, describe_run, last_logged_step, log_params
@@ -240,6 +241,9 @@ def _finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictCon
     client.set_terminated(ctx.run_id, status)
     if ctx.attempt_run_id:
         client.set_terminated(ctx.attempt_run_id, status)
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if launcher and status == "KILLED":
+        status_guard.spawn(launcher, status)  # `mlflow run` would turn KILLED into FAILED
 
 
 def run_stage(stage_cls: type[Stage], argv: list[str]) -> int:
@@ -295,42 +299,45 @@ def run_stage(stage_cls: type[Stage], argv: list[str]) -> int:
     monitor = _system_metrics(ctx.run_id, cfg, resumed=resume is not None)
     status, stopped_by, code = "FAILED", None, EXIT_FAILED
     engine = None
-    try:
-        with StopController(client, ctx.run_id, cfg.tracking.stop_poll_seconds) as stopper:
+    stopper = StopController(client, ctx.run_id, cfg.tracking.stop_poll_seconds)
+    with stopper:  # handlers stay installed until the run is ended, so no signal leaves it RUNNING
+        try:
             engine = Engine(stage, metrics, store, stopper, ctx.run_id,
                             on_progress=lambda pos: client.set_tag(ctx.run_id, "progress",
                                                                    _progress(cfg, pos, ctx.resumed_from)))
             if resume is not None:
                 engine.load_state_dict(resume.state)
             result = engine.fit()
-        stopped_by = result.stopped_by
-        status, code = ("KILLED", EXIT_STOPPED) if stopped_by else ("FINISHED", EXIT_OK)
-        if stopped_by:
-            log.warning("Stopped by %s at step %d; checkpoint committed. Resume with: "
-                        "python -m pipeline.%s resume_run=%s", stopped_by, result.position.step, stage.name, ctx.run_id)
-        else:
-            log.info("Training finished at step %d", result.position.step)
-    except AbortTraining:
-        status, stopped_by, code = "KILLED", "signal", EXIT_ABORTED
-        client.set_tag(ctx.run_id, "stop.aborted", "true")
-    except BaseException:
-        log.exception("Training failed")
-        raise
-    finally:
-        if monitor is not None:
-            monitor.finish()
-        pos = engine.pos if engine else Position()
-        latest = client.get_run(ctx.run_id).data.tags.get("checkpoint.latest")
-        if code != EXIT_ABORTED:
-            try:
-                store.close()
-                metrics.flush(wait=True)
-            except Exception:
-                log.exception("Could not finish the checkpoint upload or metric logging")
-                status, code = "FAILED", EXIT_FAILED
-        _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, changes)
-        log.info("Run %s ended %s. Open the dashboard with: mlflow ui --backend-store-uri %s",
-                 ctx.run_id, status, mlflow.get_tracking_uri())
+            stopper.abortable = False
+            stopped_by = result.stopped_by
+            status, code = ("KILLED", EXIT_STOPPED) if stopped_by else ("FINISHED", EXIT_OK)
+            if stopped_by:
+                log.warning("Stopped by %s at step %d; checkpoint committed. Resume with: python -m pipeline.%s "
+                            "resume_run=%s", stopped_by, result.position.step, stage.name, ctx.run_id)
+            else:
+                log.info("Training finished at step %d", result.position.step)
+        except AbortTraining:
+            status, stopped_by, code = "KILLED", "signal", EXIT_ABORTED
+            client.set_tag(ctx.run_id, "stop.aborted", "true")
+        except BaseException:
+            log.exception("Training failed")
+            raise
+        finally:
+            stopper.abortable = False  # ending the run takes a second; a signal now must not cut it
+            if monitor is not None:
+                monitor.finish()
+            pos = engine.pos if engine else Position()
+            latest = client.get_run(ctx.run_id).data.tags.get("checkpoint.latest")
+            if code != EXIT_ABORTED:
+                try:
+                    store.close()
+                    metrics.flush(wait=True)
+                except Exception:
+                    log.exception("Could not finish the checkpoint upload or metric logging")
+                    status, code = "FAILED", EXIT_FAILED
+            _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, changes)
+            log.info("Run %s ended %s. Open the dashboard with: mlflow ui --backend-store-uri %s",
+                     ctx.run_id, status, mlflow.get_tracking_uri())
     if code == EXIT_ABORTED:
         os._exit(code)  # do not wait for an upload thread: the user asked to stop now
     return code

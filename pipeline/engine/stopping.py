@@ -31,6 +31,7 @@ class StopController:
         self.run_id = run_id
         self.poll_seconds = poll_seconds
         self.reason: str | None = None  # "signal" | "tag"
+        self.abortable = True  # False once training is over and the run is being ended
         self._first_signal_at: float | None = None
         self._previous = {}
         self._done = threading.Event()
@@ -59,6 +60,8 @@ class StopController:
             self.reason = self.reason or "signal"
             log.warning("%s received: finishing the current step, then saving a checkpoint "
                         "(send it again to abort without saving)", name)
+        elif not self.abortable:
+            log.warning("%s received: the run is being ended, this takes a moment", name)
         elif now - self._first_signal_at > SECOND_SIGNAL_GRACE_S:
             log.error("%s received again: aborting without a checkpoint", name)
             raise AbortTraining(name)

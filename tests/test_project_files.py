@@ -1,0 +1,48 @@
+"""The project's own files agree with each other (set-up, MLproject, conda.yaml, README, CI)."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_conda_yaml_pins_match_pyproject():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(d for d in pip_deps if not d.startswith("-e")) == sorted(deps)
+    assert "python=3.11" in conda["dependencies"]
+
+
+def test_torch_and_torchaudio_are_pinned_together_everywhere():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch==2.11.0" in deps and "torchaudio==2.11.0" in deps
+    lock = (REPO / "requirements.lock").read_text()
+    assert re.search(r"^torch==2\.11\.0$", lock, re.M) and re.search(r"^torchaudio==2\.11\.0$", lock, re.M)
+
+
+def test_every_dependency_is_locked():
+    lock = {line.split("==")[0].lower() for line in (REPO / "requirements.lock").read_text().splitlines()
+            if "==" in line}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = project["dependencies"] + project["optional-dependencies"]["test"]
+    for dep in names:
+        name = re.split(r"[=<>\[]", dep)[0].lower()
+        assert name in lock, name
+
+
+def test_mlproject_entry_points_have_the_documented_parameters():
+    spec = yaml.safe_load((REPO / "MLproject").read_text())
+    train = spec["entry_points"]["train_adapter"]
+    assert set(train["parameters"]) == {"overrides", "resume_run", "resume_step"}
+    assert train["command"].startswith("python -m pipeline.train_adapter")
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    command = "bash scripts/setup.sh && .venv/bin/python -m pytest"
+    assert command in readme and command in ci

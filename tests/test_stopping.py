@@ -1,0 +1,50 @@
+"""Stop requests with real signals and a real tracking store."""
+
+import os
+import signal
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import wait_for
+from pipeline.engine import stopping
+from pipeline.engine.stopping import AbortTraining, StopController
+
+
+@pytest.fixture
+def run_id(store):
+    client = MlflowClient()
+    return client.create_run(client.create_experiment("stop")).info.run_id
+
+
+def test_first_signal_requests_a_stop_and_a_later_second_one_aborts(run_id):
+    with StopController(MlflowClient(), run_id, poll_seconds=60) as stopper:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stopper.requested and stopper.reason == "signal"
+        os.kill(os.getpid(), signal.SIGINT)  # within the grace period: `mlflow run` forwarding the same stop
+        time.sleep(stopping.SECOND_SIGNAL_GRACE_S + 0.1)
+        with pytest.raises(AbortTraining):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
+def test_no_abort_while_the_run_is_being_ended(run_id):
+    with StopController(MlflowClient(), run_id, poll_seconds=60) as stopper:
+        os.kill(os.getpid(), signal.SIGTERM)
+        stopper.abortable = False
+        time.sleep(stopping.SECOND_SIGNAL_GRACE_S + 0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stopper.reason == "signal"
+
+
+def test_stop_tag_is_noticed_at_the_next_poll(run_id):
+    client = MlflowClient()
+    with StopController(client, run_id, poll_seconds=0.2) as stopper:
+        time.sleep(0.5)
+        assert not stopper.requested
+        client.set_tag(run_id, "stop_requested", "true")
+        wait_for(lambda: stopper.requested, timeout=5, what="stop request")
+        assert stopper.reason == "tag"
