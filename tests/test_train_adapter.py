@@ -166,6 +166,15 @@ def test_resume_from_an_older_step_branches_into_a_nested_run(finished_run, capf
     assert history[10:] == original[10:]  # same data, same state: the branch retraces exactly
 
 
+def test_losses_do_not_depend_on_the_number_of_data_workers(store):
+    assert train("trainer.max_steps=6", "checkpoint.save_interval=6", "validation.interval=0") == EXIT_OK
+    assert train("trainer.max_steps=6", "checkpoint.save_interval=6", "validation.interval=0",
+                 "data.num_workers=2") == EXIT_OK
+    client = MlflowClient()
+    first, second = stage_runs(client)
+    assert loss_history(client, first.info.run_id) == loss_history(client, second.info.run_id)
+
+
 def test_resume_from_a_local_checkpoint_path(finished_run, capfd):
     client = MlflowClient()
     path = artifact_dir(client, finished_run) / "checkpoints" / "step-00000010"
@@ -201,6 +210,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(finished_run
         (["RESUME:ssl.layer=1"], "ssl.layer"),
         (["RESUME:resume_step=15"], "no checkpoint at step 15; available steps: 10, 20"),
         (["resume_step=10"], "resume_step needs resume_run"),
+        (["RESUME:batch_size=4"], "Nothing to train: the checkpoint is at step 20 and trainer.max_steps=20"),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(finished_run, capfd, args, message):

@@ -126,8 +126,12 @@ def from_uri(client: MlflowClient, stage: str, uri: str, workdir: Path) -> Resum
     if meta.get("stage") != stage:
         raise ResumeError(f"Checkpoint {uri} was written by stage {meta.get('stage')!r}, not {stage!r}")
     step = int(meta["step"])
-    if run_id is None:
-        run_id = meta.get("run_id")
+    if run_id is None and meta.get("run_id"):
+        # the run that wrote it, if it lives in this tracking store (not when copied from elsewhere)
+        try:
+            run_id = get_stage_run(client, meta["run_id"], stage).info.run_id
+        except ResumeError:
+            run_id = None
     return ResumePoint(step, meta, state, f"{uri} (step {step})", run_id)
 
 

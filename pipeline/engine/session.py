@@ -198,6 +198,8 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
              "status": "RUNNING"}
     history.append(entry)
     client.update_run(run_id, status="RUNNING")
+    if "stopped_by" in original.data.tags:
+        client.delete_tag(run_id, "stopped_by")  # this attempt has not been stopped (yet)
     for key, value in {"resume.count": str(count), "resume.from": resumed_from, "stop_requested": "false"}.items():
         client.set_tag(run_id, key, value)
     client.log_text(run_id, _attempt_yaml(entry, changes), f"config/attempt-{attempt}.yaml")
@@ -256,6 +258,11 @@ def run_stage(stage_cls: type[Stage], argv: list[str]) -> int:
         resume = resolve(client, stage_cls.name, fresh.resume_run or None, fresh.resume_step,
                          fresh.checkpoint.resume_from)
         cfg, changes = build_config(stage_cls, overrides, resume, fresh)
+        if resume is not None and resume.step >= cfg.trainer.max_steps:
+            raise ConfigError(
+                f"Nothing to train: the checkpoint is at step {resume.step} and trainer.max_steps="
+                f"{cfg.trainer.max_steps}. Pass a larger trainer.max_steps to train further."
+            )
         precision = Precision.from_config(cfg.trainer.device, cfg.trainer.precision)
     except (ConfigError, ResumeError, CheckpointError, ValueError) as err:
         log.error("%s", err)

@@ -103,13 +103,16 @@ class Engine:
         log.info("Restored model, optimizer, and scheduler states")
 
     # --- checkpoints --------------------------------------------------------------------------
+    def epochs_done(self) -> float:
+        return round(self.pos.epoch + self.pos.batch_in_epoch / self._batches_per_epoch(), 4)
+
     def save_checkpoint(self) -> None:
         tags = self.stage.tags()
         meta = {
             "format_version": FORMAT_VERSION,
             "stage": self.stage.name,
             "step": self.pos.step,
-            "epoch": self.pos.epoch,
+            "epoch": self.epochs_done(),
             "created": utc_now(),
             "run_id": self.run_id,
             "config": to_container(self.cfg),
@@ -122,7 +125,7 @@ class Engine:
             "name": checkpoint_name(self.pos.step),
             "model": tags.get("model"),
             "dataset": tags.get("dataset"),
-            "epoch": self.pos.epoch,
+            "epoch": self.epochs_done(),
             "step": self.pos.step,
             "created": meta["created"],
             **self.val_metrics,
@@ -208,7 +211,7 @@ class Engine:
                 self.pos.batch_in_epoch += 1
                 window_samples += int(cfg.batch_size)
                 metrics = {k: float(v) for k, v in out.items()}
-                metrics["epoch"] = self.pos.epoch
+                metrics["epoch"] = self.pos.epoch + self.pos.batch_in_epoch / per_epoch  # epochs done
                 for name, sch in stage.schedulers.items():
                     sch.step()
                     metrics["lr" if len(stage.schedulers) == 1 else f"lr/{name}"] = sch.get_last_lr()[0]

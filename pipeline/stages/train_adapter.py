@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import TrainAdapterConfig
 from pipeline.data.corpus import load_corpus_audio, read_corpus
-from pipeline.data.datasets import DegradedPairs
+from pipeline.data.datasets import VAL_STREAM, DegradedPairs
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
@@ -87,9 +87,9 @@ class TrainAdapter(Stage):
 
         rate = self.cfg.ssl.sample_rate
         rows = []
-        for utt, clean in self.val_utterances[: self.cfg.validation.num_samples]:
-            index = self.val_utterances.index((utt, clean))
-            noisy, params = degrade(clean, rate, self.cfg.degradation, sample_rng(int(self.cfg.seed), 0, index, 1))
+        for index, (utt, clean) in enumerate(self.val_utterances[: self.cfg.validation.num_samples]):
+            rng = sample_rng(int(self.cfg.seed), 0, index, VAL_STREAM)
+            noisy, params = degrade(clean, rate, self.cfg.degradation, rng)
             sf.write(out_dir / f"{utt.id}_clean.wav", clean.numpy(), rate)
             sf.write(out_dir / f"{utt.id}_degraded.wav", noisy.clamp(-1, 1).numpy(), rate)
             x_clean, x_noisy = clean[None].to(self.device), noisy[None].to(self.device)
