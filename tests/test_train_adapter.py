@@ -175,11 +175,18 @@ def test_losses_do_not_depend_on_the_number_of_data_workers(store):
     assert loss_history(client, first.info.run_id) == loss_history(client, second.info.run_id)
 
 
-def test_resume_from_a_local_checkpoint_path(finished_run, capfd):
+@pytest.mark.parametrize("kind", ["runs_uri", "local_path"])
+def test_resume_from_a_checkpoint_uri_or_path_branches(finished_run, capfd, kind):
     client = MlflowClient()
-    path = artifact_dir(client, finished_run) / "checkpoints" / "step-00000010"
-    assert train(f"checkpoint.resume_from={path}", "trainer.max_steps=12") == EXIT_OK
+    if kind == "runs_uri":
+        source = f"runs:/{finished_run}/checkpoints/step-00000010"
+    else:
+        source = artifact_dir(client, finished_run) / "checkpoints" / "step-00000010"
+    assert train(f"checkpoint.resume_from={source}", "trainer.max_steps=12") == EXIT_OK
     assert "Resuming from step 10" in capfd.readouterr().err
+    branch = [r for r in stage_runs(client) if r.info.run_id != finished_run][0]
+    assert branch.data.tags["mlflow.parentRunId"] == finished_run
+    assert [s for s, _ in loss_history(client, branch.info.run_id)] == list(range(1, 13))
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(finished_run, capfd):

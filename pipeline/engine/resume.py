@@ -109,10 +109,11 @@ def from_uri(client: MlflowClient, stage: str, uri: str, workdir: Path) -> Resum
     if uri.startswith("runs:/"):
         run_id = uri[len("runs:/") :].split("/", 1)[0]
         get_stage_run(client, run_id, stage)
+    is_uri = run_id is not None or "://" in uri
     path = Path(uri).expanduser()
-    if "://" not in uri and not path.exists():
+    if not is_uri and not path.exists():
         raise ResumeError(f"Checkpoint specified in resume_from not found: {uri}")
-    if "://" in uri:
+    if is_uri:
         try:
             path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
         except Exception as err:
