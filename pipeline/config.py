@@ -141,6 +141,8 @@ class TrackingConfig:
     flush_seconds: float = 5.0  # metrics are sent in batches at least this often
     stop_poll_seconds: float = 3.0  # how often the `stop_requested` tag is checked
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU)
+    parent_run: Optional[str] = None  # nest the run under this run (sweeps); never takes over MLFLOW_RUN_ID
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags on a new run
 
 
 @dataclass

@@ -113,6 +113,11 @@ def _experiment_id(client: MlflowClient, cfg: DictConfig, stage: str) -> str:
     return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
+def launcher_run(cfg: DictConfig) -> str | None:
+    """The run `mlflow run` created for this process, unless this job is nested under another run."""
+    return None if cfg.tracking.parent_run else os.environ.get("MLFLOW_RUN_ID")
+
+
 def _base_tags(stage: Stage) -> dict[str, str]:
     return {"stage": stage.name, **stage.tags()}
 
@@ -143,13 +148,16 @@ def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experime
     """The job's own run: the one `mlflow run` created, or a new one. Returns (id, name)."""
     tags = stage.tags()
     name = cfg.tracking.run_name or f"{tags['model']}-{tags['dataset']}-{datetime.now():%Y%m%d-%H%M%S}"
-    launcher = os.environ.get("MLFLOW_RUN_ID")
+    launcher = launcher_run(cfg)
     if launcher:
         run_id = launcher
         client.set_tag(run_id, "mlflow.runName", name)
     else:
         run_id = client.create_run(experiment_id, run_name=name).info.run_id
-    for key, value in {**_base_tags(stage), "resume.count": "0", "stop_requested": "false", **extra_tags}.items():
+    if cfg.tracking.parent_run:
+        extra_tags = {"mlflow.parentRunId": cfg.tracking.parent_run, **extra_tags}
+    all_tags = {**_base_tags(stage), "resume.count": "0", "stop_requested": "false", **cfg.tracking.tags, **extra_tags}
+    for key, value in all_tags.items():
         client.set_tag(run_id, key, value)
     params = mask_secrets(flatten(to_container(cfg)))
     existing = client.get_run(run_id).data.params  # `mlflow run` logs the entry-point parameters
@@ -160,7 +168,7 @@ def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experime
 
 def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: ResumePoint | None,
              overrides: list[str], changes: dict[str, tuple[Any, Any]], explicit_step: bool) -> RunContext:
-    launcher = os.environ.get("MLFLOW_RUN_ID")
+    launcher = launcher_run(cfg)
     started = utc_now()
     if resume is None or resume.run_id is None:
         extra = {} if resume is None else {"resume.from": resume.source}
@@ -243,12 +251,23 @@ def _finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictCon
     client.set_terminated(ctx.run_id, status)
     if ctx.attempt_run_id:
         client.set_terminated(ctx.attempt_run_id, status)
-    launcher = os.environ.get("MLFLOW_RUN_ID")
+    launcher = launcher_run(cfg)
     if launcher and status == "KILLED":
         status_guard.spawn(launcher, status)  # `mlflow run` would turn KILLED into FAILED
 
 
-def run_stage(stage_cls: type[Stage], argv: list[str]) -> int:
+class TrainingHooks:
+    """Callbacks for code that drives training in-process (e.g. a sweep trial)."""
+
+    def on_run_started(self, run_id: str) -> None:
+        """The job's MLflow run is chosen and set up."""
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> str | None:
+        """After each validation; return a reason (e.g. "pruned") to stop like a stop request."""
+        return None
+
+
+def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | None = None) -> int:
     """Entry point body of every training stage; returns the process exit code."""
     setup_logging()
     try:
@@ -288,6 +307,8 @@ def run_stage(stage_cls: type[Stage], argv: list[str]) -> int:
     ctx = open_run(client, stage, cfg, resume, overrides,
                    changes, explicit_step=cfg.resume_step is not None or bool(cfg.checkpoint.resume_from))
     log.info("MLflow run %s (%s) in %s", ctx.run_id, ctx.run_name, mlflow.get_tracking_uri())
+    hooks = hooks or TrainingHooks()
+    hooks.on_run_started(ctx.run_id)
 
     def describe(latest: str | None) -> None:
         client.set_tag(ctx.run_id, NOTE_TAG, describe_run(
@@ -309,7 +330,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str]) -> int:
     stopper = StopController(client, ctx.run_id, cfg.tracking.stop_poll_seconds)
     with stopper:  # handlers stay installed until the run is ended, so no signal leaves it RUNNING
         try:
-            engine = Engine(stage, metrics, store, stopper, ctx.run_id,
+            engine = Engine(stage, metrics, store, stopper, ctx.run_id, hooks=hooks,
                             on_progress=lambda pos: client.set_tag(ctx.run_id, "progress",
                                                                    _progress(cfg, pos, ctx.resumed_from)))
             if resume is not None:

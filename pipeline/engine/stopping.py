@@ -52,6 +52,12 @@ class StopController:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def request(self, reason: str) -> None:
+        """Ask for a graceful stop from code (e.g. a pruned sweep trial)."""
+        if self.reason is None:
+            self.reason = reason
+            log.warning("Stop requested (%s): stopping after the current step", reason)
+
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         now = time.monotonic()

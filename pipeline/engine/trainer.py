@@ -55,7 +55,7 @@ class TrainResult:
 
 class Engine:
     def __init__(self, stage: Stage, metrics: MetricLogger, store: CheckpointStore, stopper: StopController,
-                 run_id: str, on_progress=None):
+                 run_id: str, on_progress=None, hooks=None):
         self.stage = stage
         self.cfg = stage.cfg
         self.metrics = metrics
@@ -63,6 +63,7 @@ class Engine:
         self.stopper = stopper
         self.run_id = run_id
         self.on_progress = on_progress  # callback(position) when the progress tag should change
+        self.hooks = hooks  # TrainingHooks: on_validation may ask to stop (e.g. a pruned sweep trial)
         self.pos = Position()
         self.val_metrics: dict[str, float] = {}
         self._code_version = code_version()
@@ -176,6 +177,9 @@ class Engine:
         log.info("validation at step %d: %s", self.pos.step,
                  ", ".join(f"{k}={v:.4f}" for k, v in self.val_metrics.items()))
         self._write_samples()
+        reason = self.hooks.on_validation(self.pos.step, dict(self.val_metrics)) if self.hooks else None
+        if reason:
+            self.stopper.request(reason)
         return self.val_metrics
 
     def _write_samples(self) -> None:
