@@ -66,6 +66,8 @@ class Stage:
     architecture_keys: tuple[str, ...] = ()
     # Keys under those prefixes that may change anyway (e.g. where weights live on disk).
     architecture_exempt: tuple[str, ...] = ()
+    # Validation metrics the stage logs (what a sweep may optimise).
+    val_metric_names: tuple[str, ...] = ("val/loss",)
 
     def __init__(self, cfg: DictConfig, precision: Precision):
         self.cfg = cfg

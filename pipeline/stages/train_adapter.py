@@ -30,6 +30,7 @@ class TrainAdapter(Stage):
     schema = TrainAdapterConfig
     architecture_keys = ("ssl.", "adapter.")
     architecture_exempt = ("ssl.weights",)
+    val_metric_names = ("val/loss", "val/l1", "val/l2", "val/sc")
 
     def tags(self) -> dict[str, str]:
         return {"model": self.cfg.ssl.name, "dataset": self.cfg.data.name}
