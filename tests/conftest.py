@@ -86,3 +86,48 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL server on loopback, run as a non-root user; yields a URL prefix.
+
+    ``f"{url}/<db>"`` names a database; databases are created with ``createdb``.
+    """
+    import glob
+    import shutil
+    import tempfile
+
+    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    if not bindirs:
+        pytest.skip("PostgreSQL server binaries not installed")
+    bindir = bindirs[-1]
+    root = tempfile.mkdtemp(prefix="pg-", dir="/tmp")
+    os.chmod(root, 0o755)
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(root, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = os.path.join(root, "data"), _free_port()
+
+    def pg(*cmd: str) -> None:
+        subprocess.run(as_user + list(cmd), check=True, capture_output=True, text=True, cwd=root)
+
+    pg(f"{bindir}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    pg(f"{bindir}/pg_ctl", "-D", data, "-l", os.path.join(root, "log"), "-w", "-o",
+       f"-h 127.0.0.1 -p {port} -k {root} -c max_connections=200", "start")
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}", (lambda db: pg(
+            f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db))
+    finally:
+        subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"],
+                       capture_output=True, cwd=root)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,186 @@
+"""Optuna sweeps: nested MLflow runs, pruning, continuation, several workers on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import TINY, all_runs, env_for, loss_history
+from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from pipeline.sweep import parse_distribution, run_sweep
+from pipeline.config import ConfigError
+
+STAGE = TINY + ["trainer.max_steps=9", "validation.interval=3", "checkpoint.save_interval=9"]
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def sweep_args(store: Path, *extra: str, n_trials: int = 4, study: str = "s") -> list[str]:
+    return ["stage=train_adapter", f"n_trials={n_trials}", f"storage=sqlite:///{store}/optuna.db",
+            f"study={study}", *STAGE, *extra]
+
+
+def load(storage: str, study: str = "s") -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=storage)
+
+
+def test_distributions_parse_and_reject_mistakes():
+    assert parse_distribution("k", "loguniform(1e-5, 1e-3)").log
+    assert parse_distribution("k", "int(1, 8)").high == 8
+    assert parse_distribution("k", "choice('a', 'b')").choices == ("a", "b")
+    for bad in ("loguniform(1e-3)", "uniform(2, 1)", "normal(0, 1)", "loguniform(0, 1)", "int(1.5, 3)",
+                "choice()", "lr in [1, 2]", "uniform(1, foo)"):
+        with pytest.raises(ConfigError):
+            parse_distribution("k", bad)
+
+
+def test_four_trial_sweep_with_pruning_mirrors_states_in_nested_runs(store):
+    # lr choices far apart make pruning decisive: lr=0 never improves on the starting loss.
+    code = run_sweep(sweep_args(store, "sweep.space.optim.lr='choice(0.0, 0.03)'", "sweep.space.adapter.bottleneck=none",
+                                "sweep.space.optim.weight_decay=none", "sweep.pruner_startup_trials=1",
+                                "sweep.sampler_seed=0"))
+    assert code == EXIT_OK
+    study = load(f"sqlite:///{store}/optuna.db")
+    trials = study.trials
+    assert len(trials) == 4
+    states = {t.state for t in trials}
+    assert TrialState.COMPLETE in states and TrialState.PRUNED in states, [t.state for t in trials]
+    client = MlflowClient()
+    parent_id = study.user_attrs["mlflow_parent_run"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["stage"] == "sweep"
+    children = [r for r in all_runs(client) if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert len(children) == 4
+    by_number = {int(r.data.tags["trial.number"]): r for r in children}
+    for t in trials:
+        child = by_number[t.number]
+        assert t.user_attrs["mlflow_run_id"] == child.info.run_id
+        assert child.data.tags["trial.state"] == t.state.name
+        assert child.info.status == STATUS[t.state.name]
+        assert child.data.params["optim.lr"] == str(t.params["optim.lr"])
+        assert child.info.experiment_id == parent.info.experiment_id  # nested in the UI
+        assert client.get_metric_history(child.info.run_id, "val/loss")
+        if t.state == TrialState.PRUNED:
+            assert child.data.tags["stopped_by"] == "pruned"
+            assert max(m.step for m in client.get_metric_history(child.info.run_id, "train/loss")) < 9
+    best = study.best_trial
+    assert parent.data.tags["best.trial"] == str(best.number)
+    assert parent.data.tags["best.run_id"] == best.user_attrs["mlflow_run_id"]
+    assert parent.data.metrics["best/val/loss"] == pytest.approx(best.value)
+    art = Path(urlparse(parent.info.artifact_uri).path)
+    assert (art / "best_trial.json").is_file() and (art / "trials.json").is_file()
+    assert (art / "plots" / "optimization_history.png").is_file()
+    assert parent.data.params["sweep.n_trials"] == "4"
+
+    # the same command again continues the study: nothing left to do for 4, two more for 6
+    assert run_sweep(sweep_args(store, "sweep.space.optim.lr=choice(0.0,0.03)")) == EXIT_OK
+    assert len(load(f"sqlite:///{store}/optuna.db").trials) == 4
+    assert run_sweep(sweep_args(store, n_trials=6)) == EXIT_BAD_INPUT  # the space changed: refused
+    assert len(load(f"sqlite:///{store}/optuna.db").trials) == 4
+    assert run_sweep(sweep_args(store, "sweep.space.optim.lr=choice(0.0,0.03)", "sweep.space.adapter.bottleneck=none",
+                                "sweep.space.optim.weight_decay=none", n_trials=6)) == EXIT_OK
+    study = load(f"sqlite:///{store}/optuna.db")
+    assert len(study.trials) == 6 and study.user_attrs["mlflow_parent_run"] == parent_id
+    assert (art / "plots" / "param_importances.png").is_file() or len(
+        [t for t in study.trials if t.state == TrialState.COMPLETE]) < 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["stage=train_nothing"], "Unknown stage 'train_nothing'"),
+        (["sweep.space.optim.lrr=uniform(0,1)"], "'optim.lrr' is not a key of the train_adapter config"),
+        (["sweep.space.optim.lr=loguniform(1e-3)"], "Malformed distribution for optim.lr"),
+        (["sweep.space.batch_size='uniform(1.5, 4.5)'"], "batch_size"),
+        (["sweep.metric=val/cer"], "Objective metric 'val/cer' is never logged by train_adapter"),
+        (["validation.interval=0"], "would never be logged"),
+        (["n_trials=many"], "n_trials must be a number"),
+    ],
+)
+def test_mistakes_are_caught_before_any_trial_runs(store, capfd, extra, message):
+    assert run_sweep(sweep_args(store) + extra) == EXIT_BAD_INPUT
+    assert message in capfd.readouterr().err
+    assert all_runs(MlflowClient()) == []
+    assert not (store / "optuna.db").exists() or not optuna.get_all_study_summaries(f"sqlite:///{store}/optuna.db")
+
+
+def _sweep_cmd(storage: str, n_trials: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.sweep", "stage=train_adapter", f"n_trials={n_trials}",
+            f"storage={storage}", "study=shared", *STAGE, "sweep.pruner=none", *extra]
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_in_postgresql(tmp_path, postgres):
+    url, createdb = postgres
+    createdb("optuna")
+    createdb("mlflow")
+    env = env_for(tmp_path)
+    env["MLFLOW_TRACKING_URI"] = f"{url}/mlflow"
+    subprocess.run([sys.executable, "-c", "from mlflow import MlflowClient; MlflowClient().search_experiments()"],
+                   env=env, check=True, capture_output=True)  # create MLflow's tables once, as an admin would
+    storage = f"{url}/optuna"
+    workers = [subprocess.Popen(_sweep_cmd(storage, 6), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=400)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    study = load(storage, "shared")
+    finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == 6 and len(study.trials) == 6
+    assert sorted(t.number for t in study.trials) == list(range(6))
+    client = MlflowClient(tracking_uri=f"{url}/mlflow")
+    children = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()], "")
+                if "trial.number" in r.data.tags]
+    assert sorted(int(r.data.tags["trial.number"]) for r in children) == list(range(6))  # none twice
+    assert all(r.info.status == "FINISHED" for r in children)
+    # both workers really ran trials
+    ran = [sum("Trial " in line and ": optim.lr=" in line for line in out.splitlines()) for out in outputs]
+    assert all(n >= 1 for n in ran) and sum(ran) == 6, ran
+
+
+@pytest.mark.slow
+def test_killed_sweep_continues_and_the_killed_trial_resumes_in_its_own_run(tmp_path):
+    env = env_for(tmp_path)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    long_stage = ["trainer.max_steps=60", "validation.interval=20", "checkpoint.save_interval=60"]
+    cmd = _sweep_cmd(storage, 3, *long_stage)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "Trial 1:" in "".join(seen[-40:]) and "step 5/60" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == EXIT_STOPPED, (("".join(seen) + rest)[-3000:])
+    study = load(storage, "shared")
+    killed = study.trials[1]
+    assert killed.state == TrialState.FAIL
+    child_id = killed.user_attrs["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    child = client.get_run(child_id)
+    assert child.info.status == "KILLED" and child.data.tags["trial.state"] == "INTERRUPTED"
+    stopped_at = int(child.data.tags["checkpoint.latest_step"])
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumes trial 1 in its child run {child_id}" in again.stderr
+    study = load(storage, "shared")
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 3
+    retry = next(t for t in study.trials if t.user_attrs.get("resume_of") == 1)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["mlflow_run_id"] == child_id
+    assert retry.params == killed.params
+    child = client.get_run(child_id)
+    assert child.info.status == "FINISHED" and child.data.tags["trial.state"] == "COMPLETE"
+    assert child.data.tags["resume.count"] == "1" and child.data.tags["resume.from"] == f"step {stopped_at}"
+    assert [s for s, _ in loss_history(client, child_id)] == list(range(1, 61))
+    parent = client.get_run(study.user_attrs["mlflow_parent_run"])
+    assert parent.info.status == "FINISHED"
