@@ -111,6 +111,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000  # total optimizer steps of the job (across all attempts)
+    epochs: Optional[int] = None  # epoch-based stages: train this many epochs (then max_steps is unused)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "32"  # 32 | bf16 | 16-mixed
     deterministic: bool = True  # deterministic kernels, needed for bit-identical resume
@@ -170,9 +171,43 @@ class TrainAdapterConfig(TrainConfig):
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
 
+@dataclass
+class ConformerConfig:
+    """Conformer CTC model: log-mel front end, convolutional subsampling, torchaudio Conformer and a
+    linear CTC head over characters (DESIGN §8). Every field is architecture: fixed on resume."""
+
+    name: str = "small"  # preset name; also the run's `model.preset` tag
+    sample_rate: int = 16000  # model input rate; audio is resampled to it
+    n_mels: int = 80  # log-mel bins
+    n_fft: int = 400  # STFT window (25 ms at 16 kHz)
+    hop_length: int = 160  # STFT hop (10 ms at 16 kHz: 100 frames/s before subsampling)
+    subsampling_layers: int = 2  # stride-2 conv layers: 2 = 4x fewer frames
+    subsampling_channels: int = 144  # channels of the subsampling convolutions
+    dim: int = 144  # Conformer width
+    num_layers: int = 16  # Conformer blocks
+    num_heads: int = 4  # attention heads
+    ffn_dim: int = 576  # feed-forward hidden width
+    conv_kernel: int = 31  # depthwise convolution kernel (odd)
+    dropout: float = 0.1
+    vocabulary: str = " 'abcdefghijklmnopqrstuvwxyz"  # output characters; the CTC blank is added as index 0
+
+
+@dataclass
+class TrainAsrConfig(TrainConfig):
+    stage: str = "train_asr"
+    asr: ConformerConfig = field(default_factory=ConformerConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # data.segment_seconds is not used: whole utterances
+    light: bool = False  # quick mode: the tiny preset and utterances up to light_max_seconds
+    light_max_seconds: float = 2.5  # longest utterance kept in light mode
+    max_samples: Optional[int] = None  # train on at most this many utterances; null = all
+    max_seconds: Optional[float] = None  # skip utterances longer than this; null = keep all
+
+
 def _register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_adapter_schema", node=TrainAdapterConfig)
+    cs.store(name="train_asr_schema", node=TrainAsrConfig)
+    cs.store(group="asr", name="schema", node=ConformerConfig)
     cs.store(group="ssl", name="schema", node=EncoderConfig)
     cs.store(group="data", name="schema", node=DataConfig)
 

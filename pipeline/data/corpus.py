@@ -69,7 +69,30 @@ def read_ljspeech(root: str | Path) -> list[Utterance]:
     return utterances
 
 
-READERS = {"ljspeech": read_ljspeech}
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+TRANSCRIPT_SUFFIXES = (".txt", ".lab")
+
+
+def read_directory(root: str | Path) -> list[Utterance]:
+    """A plain directory of audio files (recursive), each with an optional transcript beside it
+    (``<name>.txt`` or ``<name>.lab``); without one the text is empty."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory of audio files")
+    utterances = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()):
+        text = ""
+        for suffix in TRANSCRIPT_SUFFIXES:
+            if path.with_suffix(suffix).is_file():
+                text = path.with_suffix(suffix).read_text(encoding="utf-8").strip()
+                break
+        utterances.append(Utterance(str(path.relative_to(root).with_suffix("")), path, text))
+    if not utterances:
+        raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {root}")
+    return utterances
+
+
+READERS = {"ljspeech": read_ljspeech, "directory": read_directory}
 
 
 def read_corpus(fmt: str, root: str | Path | None) -> list[Utterance]:

@@ -77,3 +77,42 @@ class DegradedPairs(Dataset):
         clean = crop_or_pad(wave, self.segment_samples, start)
         noisy, _ = degrade(clean, self.sample_rate, self.degradation, rng)
         return {"clean": clean, "noisy": noisy, "index": torch.tensor(index)}
+
+
+class TranscribedSpeech(Dataset):
+    """Whole utterances with their target token ids, read from disk when asked for.
+
+    Keyed by (epoch, index) like every training set; there is no random augmentation, so an item
+    depends on its index only.
+    """
+
+    def __init__(self, paths: list, targets: list[list[int]], sample_rate: int):
+        self.paths = paths
+        self.targets = targets
+        self.sample_rate = sample_rate
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+        from pipeline.data.corpus import load_audio
+
+        index = key[1] if isinstance(key, tuple) else key
+        return {
+            "audio": load_audio(self.paths[index], self.sample_rate),
+            "targets": torch.tensor(self.targets[index], dtype=torch.long),
+            "index": torch.tensor(index),
+        }
+
+
+def collate_padded(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Variable-length utterances: zero-padded audio and targets plus their true lengths."""
+    def pad(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = [item[key] for item in items]
+        lengths = torch.tensor([len(x) for x in seqs])
+        return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True), lengths
+
+    audio, audio_lengths = pad("audio")
+    targets, target_lengths = pad("targets")
+    return {"audio": audio, "audio_lengths": audio_lengths, "targets": targets, "target_lengths": target_lengths,
+            "index": torch.stack([item["index"] for item in items])}

@@ -83,7 +83,7 @@ def build_config(stage_cls: type[Stage], overrides: list[str], resume: ResumePoi
     if resume is None:
         return fresh, {}
     base = from_container(stage_cls.schema, resume.meta["config"])
-    cfg = apply_overrides(stage_cls.name, base, overrides)
+    cfg = stage_cls.resolve_config(apply_overrides(stage_cls.name, base, overrides))
     changes = config_diff(base, cfg)
     incompatible = [
         key for key in changes
@@ -183,7 +183,7 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
     if explicit_step and last is not None and resume.step < last:
         # Older checkpoint: branch into a nested run so the original history stays untouched.
         extra = {"mlflow.parentRunId": resume.run_id, "resume.branch_of": resume.run_id,
-                 "resume.from": f"step {resume.step} of run {resume.run_id}"}
+                 "resume.from": f"{_resume_label(cfg, resume)} of run {resume.run_id}"}
         run_id, name = _start_new_run(client, stage, cfg, original.info.experiment_id, extra)
         copied = copy_history(client, resume.run_id, run_id, resume.step)
         log.info("Branching into new run %s nested under %s (copied %d metric values up to step %d)",
@@ -191,7 +191,7 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
         entry = {"attempt": 1, "started": started, "from": resume.source, "overrides": overrides,
                  "status": "RUNNING"}
         client.log_text(run_id, _attempt_yaml(entry, changes), "config/attempt-1.yaml")
-        return RunContext(run_id, name, 1, None, f"step {resume.step}", [entry])
+        return RunContext(run_id, name, 1, None, _resume_label(cfg, resume), [entry])
 
     # Continue in the same run.
     run_id = resume.run_id
@@ -200,7 +200,7 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
                     "training it, stop that job first.", run_id)
     count = int(original.data.tags.get("resume.count", "0")) + 1
     attempt = count + 1
-    resumed_from = f"step {resume.step}"
+    resumed_from = _resume_label(cfg, resume)
     history = _read_history(client, run_id)
     entry = {"attempt": attempt, "started": started, "from": resumed_from, "overrides": overrides,
              "status": "RUNNING"}
@@ -233,20 +233,49 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
 # --------------------------------------------------------------------------------------------
 
 
-def _progress(cfg: DictConfig, pos: Position, resumed_from: str | None) -> str:
-    text = f"step {pos.step}/{cfg.trainer.max_steps} · epoch {pos.epoch + 1}"
+def _progress(cfg: DictConfig, pos: Position, resumed_from: str | None, engine: Engine | None = None) -> str:
+    """The `progress` tag. Epoch-based: "Epoch 5/10 · Step 150/200 · resumed from epoch 3" (Step is the
+    batch in the epoch); step-based: "step 150/200 · epoch 3 · resumed from step 100"."""
+    if cfg.trainer.epochs is not None and engine is not None:
+        epochs = int(cfg.trainer.epochs)
+        text = f"Epoch {min(pos.epoch + 1, epochs)}/{epochs} · Step {pos.batch_in_epoch}/{engine.batches_per_epoch()}"
+    else:
+        total = engine.total_steps if engine is not None else cfg.trainer.max_steps
+        text = f"step {pos.step}/{total} · epoch {pos.epoch + 1}"
     return text + (f" · resumed from {resumed_from}" if resumed_from else "")
 
 
+def _resume_label(cfg: DictConfig, resume: ResumePoint) -> str:
+    """Where a resume starts, in the stage's unit: "epoch 3" (epoch-based) or "step 100"."""
+    if cfg.trainer.epochs is not None:
+        return f"epoch {float(resume.meta.get('epoch', 0)):g}"
+    return f"step {resume.step}"
+
+
+def _check_something_to_train(cfg: DictConfig, resume: ResumePoint) -> None:
+    if cfg.trainer.epochs is not None:
+        done = float(resume.meta.get("epoch", 0))
+        if done >= cfg.trainer.epochs:
+            raise ConfigError(
+                f"Nothing to train: the checkpoint is at epoch {done:g} and trainer.epochs={cfg.trainer.epochs}. "
+                "Pass a larger trainer.epochs to train further."
+            )
+    elif resume.step >= cfg.trainer.max_steps:
+        raise ConfigError(
+            f"Nothing to train: the checkpoint is at step {resume.step} and trainer.max_steps="
+            f"{cfg.trainer.max_steps}. Pass a larger trainer.max_steps to train further."
+        )
+
+
 def _finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictConfig, status: str,
-            pos: Position, latest: str | None, stopped_by: str | None, changes) -> None:
+            pos: Position, latest: str | None, stopped_by: str | None, changes, engine: Engine | None = None) -> None:
     ctx.history[-1]["status"] = status if stopped_by is None else f"{status} ({stopped_by})"
     client.log_text(ctx.run_id, _attempt_yaml(ctx.history[-1], changes), f"config/attempt-{ctx.attempt}.yaml")
     if stopped_by:
         client.set_tag(ctx.run_id, "stopped_by", stopped_by)
-    client.set_tag(ctx.run_id, "progress", _progress(cfg, pos, ctx.resumed_from))
+    client.set_tag(ctx.run_id, "progress", _progress(cfg, pos, ctx.resumed_from, engine))
     client.set_tag(ctx.run_id, NOTE_TAG, describe_run(
-        stage=stage_name, run_id=ctx.run_id, progress=_progress(cfg, pos, ctx.resumed_from), status=status,
+        stage=stage_name, run_id=ctx.run_id, progress=_progress(cfg, pos, ctx.resumed_from, engine), status=status,
         latest_checkpoint=latest, history=ctx.history))
     client.set_terminated(ctx.run_id, status)
     if ctx.attempt_run_id:
@@ -272,16 +301,13 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     setup_logging()
     try:
         overrides = split_overrides(argv)
-        fresh = compose_config(stage_cls.name, overrides)
+        fresh = stage_cls.resolve_config(compose_config(stage_cls.name, overrides))
         client = MlflowClient()
         resume = resolve(client, stage_cls.name, fresh.resume_run or None, fresh.resume_step,
                          fresh.checkpoint.resume_from)
         cfg, changes = build_config(stage_cls, overrides, resume, fresh)
-        if resume is not None and resume.step >= cfg.trainer.max_steps:
-            raise ConfigError(
-                f"Nothing to train: the checkpoint is at step {resume.step} and trainer.max_steps="
-                f"{cfg.trainer.max_steps}. Pass a larger trainer.max_steps to train further."
-            )
+        if resume is not None:
+            _check_something_to_train(cfg, resume)
         precision = Precision.from_config(cfg.trainer.device, cfg.trainer.precision)
     except (ConfigError, ResumeError, CheckpointError, ValueError) as err:
         log.error("%s", err)
@@ -332,7 +358,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
         try:
             engine = Engine(stage, metrics, store, stopper, ctx.run_id, hooks=hooks,
                             on_progress=lambda pos: client.set_tag(ctx.run_id, "progress",
-                                                                   _progress(cfg, pos, ctx.resumed_from)))
+                                                                   _progress(cfg, pos, ctx.resumed_from, engine)))
             if resume is not None:
                 engine.load_state_dict(resume.state)
             result = engine.fit()
@@ -363,7 +389,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
                 except Exception:
                     log.exception("Could not finish the checkpoint upload or metric logging")
                     status, code = "FAILED", EXIT_FAILED
-            _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, changes)
+            _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, changes, engine)
             log.info("Run %s ended %s. Open the dashboard with: mlflow ui --backend-store-uri %s",
                      ctx.run_id, status, mlflow.get_tracking_uri())
     if code == EXIT_ABORTED:

@@ -41,16 +41,58 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then cosine decay or constant."""
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float,
+              anchor_step: int = 0, anchor_factor: float = 1.0) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then cosine decay or constant.
+
+    The cosine decays from 1 at the end of warm-up to ``min_ratio`` at ``max_steps``. An anchor past
+    the warm-up, (``anchor_step``, ``anchor_factor``), makes it decay from that point instead: this is
+    how a resume that moves the horizon (more epochs, another batch size) continues from the restored
+    learning rate, with no jump in the LR curve.
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
     if schedule != "cosine":
         raise ValueError(f"optim.schedule={schedule!r}; choose cosine or constant")
-    progress = min(max(step - warmup_steps, 0) / max(max_steps - warmup_steps, 1), 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    start, top = (anchor_step, anchor_factor) if anchor_step >= warmup_steps else (warmup_steps, 1.0)
+    progress = min(max(step - start, 0) / max(max_steps - start, 1), 1.0)
+    return min_ratio + (top - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LRSchedule:
+    """``lr_factor`` as a callable for LambdaLR whose attributes are plain numbers.
+
+    LambdaLR saves the attributes of a callable object in its state dict, so a checkpoint holds the
+    horizon and anchor the job ran with, and a resume continues exactly the same curve.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float):
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.schedule = str(schedule)
+        self.min_ratio = float(min_ratio)
+        self.anchor_step = 0
+        self.anchor_factor = 1.0
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.warmup_steps, self.total_steps, self.schedule, self.min_ratio,
+                         self.anchor_step, self.anchor_factor)
+
+    def retarget(self, step: int, total_steps: int) -> bool:
+        """Plan for ``total_steps`` from ``step`` on; returns True when a started curve was re-anchored.
+
+        At step 0 the horizon is simply set. Later, the curve continues from its value at ``step`` and
+        decays over the new remaining steps.
+        """
+        if total_steps == self.total_steps:
+            return False
+        started = step > 0
+        if started:
+            self.anchor_factor, self.anchor_step = self(step), int(step)
+        self.total_steps = int(total_steps)
+        return started
 
 
 class Stage:
@@ -95,6 +137,22 @@ class Stage:
         """One optimizer step (or one per optimizer); returns metrics named like ``train/loss``."""
         raise NotImplementedError
 
+    def validation_step(
+        self, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, tuple[float, float]]]:
+        """One validation batch: the loss and its parts (``compute_loss``, as in training) plus
+        optional quality metrics as (numerator, denominator) sums, e.g. ``{"cer": (edits, reference
+        characters)}``. The engine logs sum(numerators) / sum(denominators) over the whole validation
+        set as ``val/<name>``, which is the corpus-level rate, not a mean of per-batch rates."""
+        loss, parts = self.compute_loss(batch)
+        return loss, parts, {}
+
+    @classmethod
+    def resolve_config(cls, cfg: DictConfig) -> DictConfig:
+        """Optional: derive dependent values (e.g. a quick mode that picks a preset) after composing
+        or applying resume overrides, before the config is compared with a checkpoint's."""
+        return cfg
+
     def write_samples(self, out_dir: Path, step: int) -> None:
         """Optional: write audio examples and plots for this validation into ``out_dir``."""
 
@@ -110,9 +168,10 @@ class Stage:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        o, max_steps = self.cfg.optim, self.cfg.trainer.max_steps
+        """LambdaLR over ``LRSchedule``; the engine sets its horizon when training starts or resumes."""
+        o = self.cfg.optim
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, o.warmup_steps, max_steps, o.schedule, o.min_lr_ratio)
+            optimizer, LRSchedule(o.warmup_steps, self.cfg.trainer.max_steps, o.schedule, o.min_lr_ratio)
         )
 
     def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> torch.Tensor:

@@ -30,7 +30,7 @@ from pipeline.engine.checkpointing import (
     restore_rng,
     utc_now,
 )
-from pipeline.engine.stage import Stage
+from pipeline.engine.stage import LRSchedule, Stage
 from pipeline.engine.stopping import StopController
 from pipeline.engine.tracking import MetricLogger
 
@@ -66,6 +66,7 @@ class Engine:
         self.hooks = hooks  # TrainingHooks: on_validation may ask to stop (e.g. a pruned sweep trial)
         self.pos = Position()
         self.val_metrics: dict[str, float] = {}
+        self.total_steps = int(self.cfg.trainer.max_steps)  # set from the position when fit() starts
         self._code_version = code_version()
 
     # --- state --------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ class Engine:
 
     # --- checkpoints --------------------------------------------------------------------------
     def epochs_done(self) -> float:
-        return round(self.pos.epoch + self.pos.batch_in_epoch / self._batches_per_epoch(), 4)
+        return round(self.pos.epoch + self.pos.batch_in_epoch / self.batches_per_epoch(), 4)
 
     def save_checkpoint(self) -> None:
         tags = self.stage.tags()
@@ -140,7 +141,26 @@ class Engine:
         return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=self.stage.collate,
                           pin_memory=self.stage.device.type == "cuda")
 
-    def _batches_per_epoch(self) -> int:
+    def planned_total_steps(self) -> int:
+        """Total optimizer steps of the job: ``trainer.max_steps``, or with ``trainer.epochs`` the steps
+        done plus the batches left to finish that many epochs at the current batch size."""
+        epochs = self.cfg.trainer.epochs
+        if epochs is None:
+            return int(self.cfg.trainer.max_steps)
+        per_epoch = self.batches_per_epoch()
+        left_in_epoch = max(per_epoch - self.pos.batch_in_epoch, 0)
+        return self.pos.step + left_in_epoch + max(int(epochs) - self.pos.epoch - 1, 0) * per_epoch
+
+    def _plan_lr_schedules(self) -> None:
+        """Give every LR schedule the job's horizon; a changed horizon on resume continues the curve
+        from the restored learning rate instead of jumping to where the new horizon would put it."""
+        for name, sch in self.stage.schedulers.items():
+            for fn in getattr(sch, "lr_lambdas", []):
+                if isinstance(fn, LRSchedule) and fn.retarget(self.pos.step, self.total_steps):
+                    log.info("LR schedule %s: horizon is now %d steps; continuing from lr=%.4g at step %d",
+                             name, self.total_steps, sch.get_last_lr()[0], self.pos.step)
+
+    def batches_per_epoch(self) -> int:
         n = len(self.stage.train_set) // int(self.cfg.batch_size)
         if n == 0:
             raise ValueError(
@@ -160,19 +180,24 @@ class Engine:
         keys = list(range(len(stage.val_set)))
         loader = self._loader(stage.val_set, [keys[i : i + size] for i in range(0, len(keys), size)])
         totals: dict[str, float] = {}
+        sums: dict[str, list[float]] = {}  # name -> [numerator, denominator] over the whole set
         count = 0
         for batch in loader:
             batch = stage.to_device(batch)
             with stage.precision.autocast():
-                loss, parts = stage.compute_loss(batch)
+                loss, parts, ratios = stage.validation_step(batch)
             n = len(next(iter(batch.values())))
             for key, value in {"loss": loss, **parts}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * n
+            for key, (num, den) in ratios.items():
+                acc = sums.setdefault(key, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + float(num), acc[1] + float(den)
             count += n
         for m in stage.modules.values():
             m.train()
         restore_rng(rng)
         self.val_metrics = {f"val/{k}": v / count for k, v in totals.items()}
+        self.val_metrics.update({f"val/{k}": num / den for k, (num, den) in sums.items() if den > 0})
         self.metrics.log(self.val_metrics, self.pos.step)
         log.info("validation at step %d: %s", self.pos.step,
                  ", ".join(f"{k}={v:.4f}" for k, v in self.val_metrics.items()))
@@ -192,10 +217,11 @@ class Engine:
     def fit(self) -> TrainResult:
         cfg = self.cfg
         stage = self.stage
-        max_steps = int(cfg.trainer.max_steps)
+        max_steps = self.total_steps = self.planned_total_steps()
+        self._plan_lr_schedules()
         val_interval = int(cfg.validation.interval)
         save_interval = int(cfg.checkpoint.save_interval)
-        per_epoch = self._batches_per_epoch()
+        per_epoch = self.batches_per_epoch()
         self._saved_at = self.pos.step
         for m in stage.modules.values():
             m.train()

@@ -1,0 +1,196 @@
+"""Transcribe audio with a trained train_asr checkpoint (greedy CTC decoding).
+
+    python -m pipeline.transcribe run_id=<run id> input=path/to/file_or_dir [checkpoint=latest|best] [output=out.csv]
+    python -m pipeline.transcribe model_uri=models:/asr/1 input=clip.wav
+    mlflow run . -e transcribe --env-manager local -P run_id=<id> -P input=clips/
+
+Transcripts go to stdout as ``<file>\\t<text>`` lines, to ``output`` (CSV) when given, and to the
+training run as a table artifact ``transcriptions/<time>.json`` when the checkpoint belongs to a run in
+this tracking store. Bad input (unknown run, no checkpoint, not audio) gives one error and exit code
+2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+
+from pipeline.config import ConfigError, ConformerConfig, split_overrides
+from pipeline.data.corpus import AUDIO_SUFFIXES, AudioError, load_audio
+from pipeline.engine.checkpointing import (
+    CheckpointError,
+    download_checkpoint,
+    list_checkpoints,
+    load_state,
+    read_index,
+    verify,
+)
+from pipeline.engine.resume import ResumeError, get_stage_run
+from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
+from pipeline.engine.stage import Precision
+from pipeline.models.asr import CharVocabulary, ConformerCTC, greedy_decode
+
+log = logging.getLogger(__name__)
+
+STAGE = "train_asr"
+
+
+@dataclass
+class TranscribeConfig:
+    run_id: Optional[str] = None  # a train_asr run; its latest or best checkpoint is used
+    model_uri: Optional[str] = None  # or: models:/<name>/<version>, runs:/<id>/checkpoints/step-N, a local directory
+    input: Optional[str] = None  # an audio file or a directory of audio files (searched recursively)
+    output: Optional[str] = None  # optional CSV file for the transcripts
+    checkpoint: str = "latest"  # with run_id: latest | best (by the run's checkpoint.monitor)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+def parse_args(argv: list[str]) -> TranscribeConfig:
+    """``key=value`` words (an empty value means "not given"); unknown keys fail."""
+    words = [w for w in split_overrides(argv) if not w.endswith("=")]
+    if any("=" not in w for w in words):
+        raise ConfigError(f"Expected key=value arguments, got: {' '.join(words)}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TranscribeConfig), OmegaConf.from_dotlist(words))
+    except Exception as err:
+        raise ConfigError(f"Invalid argument: {str(err).splitlines()[0]}") from err
+    out = TranscribeConfig(**OmegaConf.to_container(cfg))
+    if bool(out.run_id) == bool(out.model_uri):
+        raise ConfigError("Give exactly one of run_id=<train_asr run> or model_uri=<models:/… | runs:/… | path>")
+    if not out.input:
+        raise ConfigError("Give input=<audio file or directory>")
+    if out.checkpoint not in ("latest", "best"):
+        raise ConfigError(f"checkpoint={out.checkpoint!r}; choose latest or best")
+    return out
+
+
+def input_files(path: str) -> list[Path]:
+    """The audio files to transcribe; a missing path or a directory without audio is an error."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        return [root]
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        if not files:
+            raise AudioError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) in {root}")
+        return files
+    raise AudioError(f"input not found: {root}")
+
+
+def _best_step(client: MlflowClient, run) -> int | None:
+    monitor = run.data.params.get("checkpoint.monitor", "val/loss")
+    mode = run.data.params.get("checkpoint.mode", "min")
+    scored = [(float(r[monitor]), int(r["step"])) for r in read_index(client, run.info.run_id) if r.get(monitor)]
+    if not scored:
+        return None
+    return (max(scored) if mode == "max" else min(scored))[1]
+
+
+def checkpoint_from_run(client: MlflowClient, run_id: str, which: str, workdir: Path) -> Path:
+    run = get_stage_run(client, run_id, STAGE)
+    latest = run.data.tags.get("checkpoint.latest_step")
+    if latest is None or not list_checkpoints(client, run_id):
+        raise ResumeError(f"Run {run_id} has no checkpoints to transcribe with; train it first "
+                          f"(python -m pipeline.{STAGE} resume_run={run_id} or a fresh run).")
+    step = int(latest)
+    if which == "best":
+        best = _best_step(client, run)
+        if best is None:
+            log.warning("Run %s has no checkpoint scored by its monitor metric; using the latest", run_id)
+        step = best if best is not None else step
+    log.info("Using checkpoint step %d of run %s (%s)", step, run_id, which)
+    return download_checkpoint(client, run_id, step, workdir)
+
+
+def checkpoint_from_uri(uri: str, workdir: Path) -> Path:
+    path = Path(uri).expanduser()
+    if "://" not in uri and ":/" not in uri:
+        if not path.exists():
+            raise ResumeError(f"Model not found: {uri}")
+        return path.parent if path.is_file() else path
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
+    except Exception as err:
+        raise ResumeError(f"Model not found: {uri} ({str(err).splitlines()[0]})") from err
+
+
+def load_model(ckpt_dir: Path, device: torch.device) -> tuple[ConformerCTC, CharVocabulary, dict]:
+    """Rebuild the model from the checkpoint's own model arguments and load its weights."""
+    meta = verify(ckpt_dir)
+    if meta.get("stage") != STAGE:
+        raise CheckpointError(f"Checkpoint {ckpt_dir} was written by stage {meta.get('stage')!r}, not {STAGE!r}")
+    asr = OmegaConf.merge(OmegaConf.structured(ConformerConfig), meta["model_args"]["asr"])
+    model = ConformerCTC(asr)
+    model.load_state_dict(load_state(ckpt_dir)["modules"]["model"])
+    return model.to(device).eval(), CharVocabulary(asr.vocabulary), meta
+
+
+@torch.no_grad()
+def transcribe(model: ConformerCTC, vocab: CharVocabulary, waves: list[torch.Tensor], device: torch.device) -> list[str]:
+    texts = []
+    for wave in waves:
+        log_probs, frames = model(wave[None].to(device), torch.tensor([wave.numel()], device=device))
+        texts.extend(greedy_decode(log_probs, frames, vocab))
+    return texts
+
+
+def _log_to_run(client: MlflowClient, run_id: str | None, table: pd.DataFrame) -> None:
+    if not run_id:
+        return
+    try:
+        client.get_run(run_id)
+    except Exception:
+        return  # the checkpoint came from another tracking store
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    client.log_table(run_id, data=table, artifact_file=f"transcriptions/{stamp}.json")
+    log.info("Logged %d transcripts to run %s as transcriptions/%s.json", len(table), run_id, stamp)
+
+
+def run(argv: list[str]) -> int:
+    setup_logging()
+    client = MlflowClient()
+    workdir = Path(tempfile.mkdtemp(prefix="transcribe-"))
+    try:
+        cfg = parse_args(argv)
+        files = input_files(cfg.input)
+        device = Precision.from_config(cfg.device, "32").device
+        if cfg.run_id:
+            ckpt = checkpoint_from_run(client, cfg.run_id, cfg.checkpoint, workdir)
+        else:
+            ckpt = checkpoint_from_uri(cfg.model_uri, workdir)
+        model, vocab, meta = load_model(ckpt, device)
+        rate = int(meta["model_args"]["asr"]["sample_rate"])
+        waves = [load_audio(f, rate) for f in files]  # every file is read before anything is written
+    except (ConfigError, ResumeError, CheckpointError, AudioError, ValueError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+    texts = transcribe(model, vocab, waves, device)
+    table = pd.DataFrame({"file": [str(f) for f in files], "transcript": texts})
+    for f, text in zip(files, texts):
+        sys.stdout.write(f"{f}\t{text}\n")
+    sys.stdout.flush()
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(cfg.output, index=False)
+        log.info("Wrote %s", cfg.output)
+    _log_to_run(client, cfg.run_id or meta.get("run_id"), table)
+    return EXIT_OK
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
