@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 SWEEP_KEYS = ("stage", "n_trials", "storage", "study")
-ACTIVE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+# Trials that count towards n_trials. Re-queued (WAITING) trials do not: they replace failed ones,
+# and Optuna hands them out first.
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
@@ -471,8 +473,8 @@ def run_sweep(argv: list[str]) -> int:
     code = EXIT_OK
     try:
         while not stop["requested"]:
-            active = len(study.get_trials(deepcopy=False, states=ACTIVE_STATES))
-            if active >= n_trials:
+            optuna.storages.fail_stale_trials(study)  # crashed workers' trials: FAIL + re-queued for resume
+            if len(study.get_trials(deepcopy=False, states=COUNTED_STATES)) >= n_trials:
                 break
             try:
                 study.optimize(sweep.objective, n_trials=1, catch=(RuntimeError,))

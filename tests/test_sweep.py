@@ -184,3 +184,46 @@ def test_killed_sweep_continues_and_the_killed_trial_resumes_in_its_own_run(tmp_
     assert [s for s, _ in loss_history(client, child_id)] == list(range(1, 61))
     parent = client.get_run(study.user_attrs["mlflow_parent_run"])
     assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_crashed_worker_trial_is_found_stale_and_resumed_in_its_own_run(tmp_path):
+    """SIGKILL (no chance to clean up): Optuna's heartbeat marks the trial stale, the next worker
+    re-queues it, and it resumes from its last committed checkpoint. The steps logged after that
+    checkpoint are logged again with identical values, so the charts stay one line."""
+    env = env_for(tmp_path)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    cmd = _sweep_cmd(storage, 2, "trainer.max_steps=40", "validation.interval=20", "checkpoint.save_interval=10",
+                     "sweep.heartbeat_seconds=1")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "Trial 1:" in "".join(seen) and "step 14/40" in line:
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    study = load(storage, "shared")
+    crashed = study.trials[1]
+    assert crashed.state == TrialState.RUNNING  # nobody could tell Optuna
+    child_id = crashed.user_attrs["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    before = loss_history(client, child_id)
+    assert client.get_run(child_id).data.tags["checkpoint.latest_step"] == "10" and before[-1][0] >= 11
+    import time
+
+    time.sleep(4.5)  # past the heartbeat grace period (4 x 1 s)
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumes trial 1 in its child run {child_id}" in again.stderr
+    study = load(storage, "shared")
+    assert study.trials[1].state == TrialState.FAIL
+    retry = study.trials[2]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["mlflow_run_id"] == child_id
+    history = loss_history(client, child_id)
+    assert sorted({s for s, _ in history}) == list(range(1, 41))
+    by_step = {}
+    for step, value in history:
+        by_step.setdefault(step, set()).add(value)
+    assert all(len(values) == 1 for values in by_step.values())  # re-logged steps are identical
+    assert client.get_run(child_id).info.status == "FINISHED"
