@@ -56,7 +56,7 @@ def checkpoint_table(client: MlflowClient, model: str | None = None, dataset: st
     metrics = sorted(c for c in table.columns if c not in COLUMNS)
     for col in ["epoch", "step", "size", *metrics]:
         table[col] = pd.to_numeric(table[col], errors="coerce")
-    return table[COLUMNS + metrics].sort_values("created", ascending=False, kind="stable").reset_index(drop=True)
+    return table[COLUMNS + metrics].sort_values(["created", "step"], ascending=False, kind="stable").reset_index(drop=True)
 
 
 def _human_size(n: float) -> str:

@@ -26,7 +26,7 @@ import torch
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline.config import ConfigError, ConformerConfig, split_overrides
+from pipeline.config import ConfigError, ConformerConfig
 from pipeline.data.corpus import AUDIO_SUFFIXES, AudioError, load_audio
 from pipeline.engine.checkpointing import (
     CheckpointError,
@@ -57,8 +57,9 @@ class TranscribeConfig:
 
 
 def parse_args(argv: list[str]) -> TranscribeConfig:
-    """``key=value`` words (an empty value means "not given"); unknown keys fail."""
-    words = [w for w in split_overrides(argv) if not w.endswith("=")]
+    """``key=value`` words (an empty value means "not given"); unknown keys fail. Words are taken as
+    given (not split again), so paths with spaces work through ``mlflow run`` too."""
+    words = [w for w in argv if not w.endswith("=")]
     if any("=" not in w for w in words):
         raise ConfigError(f"Expected key=value arguments, got: {' '.join(words)}")
     try:

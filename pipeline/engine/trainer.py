@@ -138,8 +138,11 @@ class Engine:
     # --- data ---------------------------------------------------------------------------------
     def _loader(self, dataset, batches) -> DataLoader:
         workers = int(self.cfg.data.num_workers) if "data" in self.cfg else 0
+        # A private generator: each new iterator draws its workers' base seed from it, not from the global
+        # torch RNG, which would shift dropout after a resume (a resume opens an extra iterator mid-epoch).
+        generator = torch.Generator().manual_seed(int(self.cfg.seed))
         return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=self.stage.collate,
-                          pin_memory=self.stage.device.type == "cuda")
+                          pin_memory=self.stage.device.type == "cuda", generator=generator)
 
     def planned_total_steps(self) -> int:
         """Total optimizer steps of the job: ``trainer.max_steps``, or with ``trainer.epochs`` the steps
