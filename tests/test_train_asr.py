@@ -462,3 +462,13 @@ def test_sigterm_then_mlflow_run_resume_is_bit_identical_and_transcribe_runs(sto
     assert f"{DEMO_WAV}\t" in done.stdout
     unknown = _mlflow_run(store, "transcribe", "run_id=0123456789abcdef0123456789abcdef", f"input={DEMO_WAV}")
     assert unknown.returncode != 0 and "Run 0123456789abcdef0123456789abcdef not found" in unknown.stderr
+
+
+def test_mlproject_has_the_asr_entry_points():
+    import yaml
+
+    spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
+    assert set(spec["train_asr"]["parameters"]) == {"overrides", "resume_run", "resume_step"}
+    assert spec["train_asr"]["command"].startswith("python -m pipeline.train_asr ")
+    assert {"run_id", "model_uri", "input", "output"} <= set(spec["transcribe"]["parameters"])
+    assert spec["transcribe"]["command"].startswith("python -m pipeline.transcribe ")
