@@ -323,6 +323,16 @@ def test_resume_with_more_epochs_and_another_batch_size_keeps_the_lr_curve(store
     assert values[-1] == pytest.approx(base_lr * min_ratio)
 
 
+def test_light_mode_and_a_sample_limit_may_change_on_resume(finished_run, capfd):
+    capfd.readouterr()
+    assert train(f"resume_run={finished_run}", "light=true", "max_samples=4", "trainer.epochs=5") == EXIT_OK
+    err = capfd.readouterr().err
+    assert "  - light: False -> True\n  - max_samples: 8 -> 4\n  - trainer.epochs: 3 -> 5" in err
+    assert "longer than 2.5 s" in err  # light mode dropped the long utterances
+    tags = MlflowClient().get_run(finished_run).data.tags
+    assert tags["progress"] == "Epoch 5/5 · Step 1/1 · resumed from epoch 3"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
