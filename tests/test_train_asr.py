@@ -392,7 +392,7 @@ def test_transcribe_bad_input_gives_one_clear_error_and_writes_nothing(finished_
     not_audio.write_text("this is text, not audio")
     before = snapshot(client)
     for args, message in [
-        ([f"run_id=0123456789abcdef0123456789abcdef", f"input={DEMO_WAV}"], "Run 0123456789abcdef0123456789abcdef not found"),
+        (["run_id=0123456789abcdef0123456789abcdef", f"input={DEMO_WAV}"], "Run 0123456789abcdef0123456789abcdef not found"),
         ([f"run_id={untrained}", f"input={DEMO_WAV}"], f"Run {untrained} has no checkpoints to transcribe with"),
         ([f"run_id={adapter}", f"input={DEMO_WAV}"], "is a train_adapter run, not a train_asr run"),
         ([f"run_id={finished_run}", f"input={not_audio}"], f"cannot read audio file {not_audio}"),
