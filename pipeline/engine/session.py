@@ -366,7 +366,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
             stopped_by = result.stopped_by
             status, code = ("KILLED", EXIT_STOPPED) if stopped_by else ("FINISHED", EXIT_OK)
             if stopped_by:
-                log.warning("Stopped by %s at step %d; checkpoint committed. Resume with: python -m pipeline.%s "
+                log.warning("Stopped (%s) at step %d; checkpoint committed. Resume with: python -m pipeline.%s "
                             "resume_run=%s", stopped_by, result.position.step, stage.name, ctx.run_id)
             else:
                 log.info("Training finished at step %d", result.position.step)
