@@ -227,3 +227,11 @@ def test_crashed_worker_trial_is_found_stale_and_resumed_in_its_own_run(tmp_path
         by_step.setdefault(step, set()).add(value)
     assert all(len(values) == 1 for values in by_step.values())  # re-logged steps are identical
     assert client.get_run(child_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("stage", ["train_adapter", "train_asr"])
+def test_every_stage_search_space_is_valid(stage):
+    from pipeline.sweep import load_spec, stage_class, validate
+
+    space = validate(stage_class(stage), load_spec(stage, []), [])
+    assert space and all(isinstance(d, optuna.distributions.BaseDistribution) for d in space.values())
