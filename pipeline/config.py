@@ -203,10 +203,77 @@ class TrainAsrConfig(TrainConfig):
     max_seconds: Optional[float] = None  # skip utterances longer than this; null = keep all
 
 
+@dataclass
+class VocoderConfig:
+    """HiFi-GAN generator and discriminators (DESIGN §8). Every field is architecture: fixed on resume.
+
+    The generator turns encoder features (50 frames/s) into a waveform at ``sample_rate``, so the
+    product of ``upsample_rates`` must be sample_rate / 50 (320 for 16 kHz, 441 for 22.05 kHz).
+    """
+
+    name: str = "v1"  # preset name; also the run's `model.preset` tag
+    sample_rate: int = 16000  # output rate: 16000, or 22050 with upsample_rates multiplying to 441
+    upsample_initial_channel: int = 512  # generator width before the first upsampling (halved at each)
+    upsample_rates: list[int] = field(default_factory=lambda: [8, 5, 4, 2])  # product = sample_rate / 50
+    upsample_kernel_sizes: list[int] = field(default_factory=lambda: [16, 11, 8, 4])  # one per rate, >= rate
+    resblock: str = "1"  # multi-receptive-field block type: "1" (V1/V2) | "2" (V3, lighter)
+    resblock_kernel_sizes: list[int] = field(default_factory=lambda: [3, 7, 11])
+    resblock_dilation_sizes: list[list[int]] = field(default_factory=lambda: [[1, 3, 5], [1, 3, 5], [1, 3, 5]])
+    mpd_periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])  # multi-period discriminator
+    mpd_channels: list[int] = field(default_factory=lambda: [32, 128, 512, 1024, 1024])  # per conv layer
+    msd_scales: int = 3  # multi-scale discriminator: raw, /2, /4 average-pooled
+    msd_channels: list[int] = field(default_factory=lambda: [128, 128, 256, 512, 1024, 1024, 1024])  # 7 conv layers
+
+
+@dataclass
+class VocoderLossConfig:
+    """GAN losses of HiFi-GAN: least-squares adversarial, feature matching and log-mel L1."""
+
+    adv_weight: float = 1.0  # generator adversarial loss weight
+    fm_weight: float = 2.0  # feature matching weight
+    mel_weight: float = 45.0  # log-mel L1 weight
+    discriminator_lr: Optional[float] = None  # peak LR of the discriminators; null = optim.lr
+    n_fft: int = 1024  # mel loss STFT size
+    win_length: int = 1024
+    hop_length: int = 256
+    n_mels: int = 80
+    f_min: float = 0.0
+    f_max: Optional[float] = None  # null = half the output rate
+
+
+@dataclass
+class VocoderTrainConfig(TrainConfig):
+    """Fields shared by pretrain_vocoder and finetune_vocoder."""
+
+    ssl: EncoderConfig = field(default_factory=EncoderConfig)  # the frozen encoder whose features are vocoded
+    vocoder: VocoderConfig = field(default_factory=VocoderConfig)
+    loss: VocoderLossConfig = field(default_factory=VocoderLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class PretrainVocoderConfig(VocoderTrainConfig):
+    stage: str = "pretrain_vocoder"
+
+
+@dataclass
+class FinetuneVocoderConfig(VocoderTrainConfig):
+    """ssl and adapter come from `adapter_run`'s checkpoint, vocoder from `vocoder_run`'s."""
+
+    stage: str = "finetune_vocoder"
+    adapter_run: Optional[str] = None  # train_adapter run whose latest checkpoint cleans the features
+    vocoder_run: Optional[str] = None  # pretrain_vocoder (or finetune_vocoder) run: initial weights
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # filled from the adapter run
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+
+
 def _register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_adapter_schema", node=TrainAdapterConfig)
     cs.store(name="train_asr_schema", node=TrainAsrConfig)
+    cs.store(name="pretrain_vocoder_schema", node=PretrainVocoderConfig)
+    cs.store(name="finetune_vocoder_schema", node=FinetuneVocoderConfig)
+    cs.store(group="vocoder", name="schema", node=VocoderConfig)
     cs.store(group="asr", name="schema", node=ConformerConfig)
     cs.store(group="ssl", name="schema", node=EncoderConfig)
     cs.store(group="data", name="schema", node=DataConfig)

@@ -174,8 +174,14 @@ class Stage:
             optimizer, LRSchedule(o.warmup_steps, self.cfg.trainer.max_steps, o.schedule, o.min_lr_ratio)
         )
 
-    def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> torch.Tensor:
-        """Backward, clip, step (through the grad scaler when one is used); returns the grad norm."""
+    def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
+                 update_scaler: bool = True) -> torch.Tensor:
+        """Backward, clip, step (through the grad scaler when one is used); returns the grad norm.
+
+        With several optimizers in one training step (a GAN), all share the one grad scaler and only
+        the last call of the step passes ``update_scaler=True``: the scale is updated once per
+        iteration, after every optimizer has stepped (PyTorch's recipe for multiple optimizers).
+        """
         params = list(params)
         scaler = self.precision.scaler
         optimizer.zero_grad(set_to_none=True)
@@ -188,7 +194,8 @@ class Stage:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         if scaler is not None:
             scaler.step(optimizer)
-            scaler.update()
+            if update_scaler:
+                scaler.update()
         else:
             optimizer.step()
         return grad_norm

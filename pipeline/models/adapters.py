@@ -87,3 +87,11 @@ class AdaptedEncoder(nn.Module):
     def target_features(self, wave: torch.Tensor) -> torch.Tensor:
         with self.adapters_disabled():
             return encoder_features(self.encoder, wave, self.layer)
+
+
+def build_adapted_encoder(ssl, adapter) -> AdaptedEncoder:
+    """The encoder preset ``ssl`` (EncoderConfig) with adapters configured by ``adapter`` (AdapterConfig)."""
+    from pipeline.models.encoder import create_encoder
+
+    num_layers = adapter.num_layers or ssl.layer
+    return AdaptedEncoder(create_encoder(ssl), ssl.layer, num_layers, adapter.bottleneck, adapter.init_std)

@@ -111,9 +111,19 @@ def load_pretrained(model: Wav2Vec2Model, cfg: EncoderConfig) -> None:
     log.info("Loaded encoder weights from %s (%d tensors, layers 1..%d)", path, len(wanted), cfg.layer)
 
 
+RANDOM_INIT_SEED = 0  # every stage that rebuilds a preset without weights gets the same random encoder
+
+
 def create_encoder(cfg: EncoderConfig) -> Wav2Vec2Model:
-    """Build the preset and load its pretrained weights when ``ssl.weights`` is set."""
-    model = build_encoder(cfg)
+    """Build the preset and load its pretrained weights when ``ssl.weights`` is set.
+
+    The random initialisation comes from a fixed seed, not from the run's: an encoder without
+    pretrained weights (``ssl=tiny``) is then the same in the adapter run and in the vocoder runs
+    rebuilt from its preset and layer, whatever seed each run uses.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = build_encoder(cfg)
     if cfg.weights:
         load_pretrained(model, cfg)
     elif cfg.name != "tiny":

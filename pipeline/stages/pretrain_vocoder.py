@@ -1,0 +1,33 @@
+"""pretrain_vocoder: HiFi-GAN on clean features of the frozen encoder (DESIGN §8).
+
+Use the same encoder preset and layer as the adapter the vocoder will serve (finetune_vocoder
+checks it).
+
+    python -m pipeline.pretrain_vocoder ssl=tiny vocoder=tiny trainer.max_steps=200
+    mlflow run . -e pretrain_vocoder --env-manager local -P overrides="ssl=tiny vocoder=tiny"
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import PretrainVocoderConfig
+from pipeline.engine.session import main
+from pipeline.models.encoder import create_encoder, encoder_features
+from pipeline.stages.vocoder_base import VocoderStage
+
+
+class PretrainVocoder(VocoderStage):
+    name = "pretrain_vocoder"
+    schema = PretrainVocoderConfig
+
+    def build_feature_extractor(self) -> None:
+        self.encoder = create_encoder(self.cfg.ssl).to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def features(self, batch):
+        return encoder_features(self.encoder, batch["clean_input"], self.cfg.ssl.layer)
+
+
+if __name__ == "__main__":
+    main(PretrainVocoder)

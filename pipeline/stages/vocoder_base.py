@@ -1,0 +1,280 @@
+"""What pretrain_vocoder and finetune_vocoder share: HiFi-GAN on frozen encoder features (DESIGN §8).
+
+A stage subclass says only where the features come from (the clean waveform through the frozen
+encoder, or the degraded waveform through the encoder with trained adapters). Everything else is
+here: the generator and both discriminators with their two optimizers and schedulers, the GAN
+step, the validation mel loss, the data and the listening page.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+import torch
+import torchaudio
+from omegaconf import OmegaConf
+from torch.utils.data import Dataset
+
+from pipeline.config import DegradationConfig, EncoderConfig, VocoderConfig
+from pipeline.data.corpus import Utterance, load_corpus_audio, read_corpus
+from pipeline.data.datasets import TRAIN_STREAM, VAL_STREAM
+from pipeline.data.degrade import degrade, sample_rng
+from pipeline.engine.stage import Stage
+from pipeline.losses import discriminator_loss, generator_loss, log_mel, mel_l1
+from pipeline.models.hifigan import build_vocoder, validate_preset
+
+log = logging.getLogger(__name__)
+
+MODEL_TAG = "hifigan"
+
+
+def encoder_geometry(ssl: EncoderConfig) -> tuple[int, int]:
+    """(hop, receptive field) in input samples of the encoder's convolutional front end."""
+    hop, receptive = 1, 1
+    for _, kernel, stride in ssl.conv_layers:
+        receptive += (kernel - 1) * hop
+        hop *= stride
+    return hop, receptive
+
+
+def window(wave: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """``wave[start : start + length]`` with zeros where it reaches outside the waveform."""
+    out = wave.new_zeros(length)
+    lo, hi = max(start, 0), min(start + length, wave.numel())
+    if hi > lo:
+        out[lo - start : hi - start] = wave[lo:hi]
+    return out
+
+
+class VocoderExamples(Dataset):
+    """Aligned crops keyed by (epoch, index): ``frames`` feature frames of encoder input (with the
+    front end's context on both sides, so the encoder yields exactly ``frames`` frames centred on
+    the target) and the clean target waveform at the output rate. With a degradation, also a
+    degraded copy of the encoder input, drawn from the same (seed, epoch, index) generator as the
+    crop, so an example is the same after any resume and in any DataLoader worker.
+
+    Training crops start at a seeded random frame; validation crops are the middle of the utterance.
+    """
+
+    def __init__(self, waves_in: list[torch.Tensor], waves_out: list[torch.Tensor], frames: int, hop_in: int,
+                 hop_out: int, context: tuple[int, int], sample_rate_in: int, seed: int, train: bool,
+                 degradation: DegradationConfig | None = None):
+        self.waves_in, self.waves_out = waves_in, waves_out
+        self.frames, self.hop_in, self.hop_out, self.context = frames, hop_in, hop_out, context
+        self.sample_rate_in, self.seed, self.train, self.degradation = sample_rate_in, seed, train, degradation
+
+    def __len__(self) -> int:
+        return len(self.waves_in)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        rng = sample_rng(self.seed, epoch if self.train else 0, index, TRAIN_STREAM if self.train else VAL_STREAM)
+        available = min(self.waves_in[index].numel() // self.hop_in, self.waves_out[index].numel() // self.hop_out)
+        spare = max(available - self.frames, 0)
+        start = int(rng.integers(spare + 1)) if self.train else spare // 2
+        left, right = self.context
+        clean_in = window(self.waves_in[index], start * self.hop_in - left, self.frames * self.hop_in + left + right)
+        item = {
+            "clean_input": clean_in,
+            "target": window(self.waves_out[index], start * self.hop_out, self.frames * self.hop_out),
+            "index": torch.tensor(index),
+        }
+        if self.degradation is not None:
+            item["noisy_input"], _ = degrade(clean_in, self.sample_rate_in, self.degradation, rng)
+        return item
+
+
+class VocoderStage(Stage):
+    """HiFi-GAN training on features of a frozen encoder. Subclasses provide the features."""
+
+    schema: type = object
+    architecture_keys = ("ssl.", "vocoder.")
+    architecture_exempt = ("ssl.weights",)
+    val_metric_names = ("val/loss", "val/mel")
+    uses_degradation = False  # finetune: the encoder input is degraded on the fly
+
+    # --- to implement ---------------------------------------------------------------------------
+    def build_feature_extractor(self) -> None:
+        """Create the frozen feature extractor (never trained, never saved)."""
+        raise NotImplementedError
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch, frames, ssl.embed_dim) features the generator vocodes."""
+        raise NotImplementedError
+
+    def load_initial_weights(self) -> None:
+        """Optional: start from trained weights (finetune)."""
+
+    # --- description ----------------------------------------------------------------------------
+    def tags(self) -> dict[str, str]:
+        c = self.cfg
+        return {"model": MODEL_TAG, "dataset": c.data.name, "model.preset": c.vocoder.name,
+                "encoder": c.ssl.name, "encoder.layer": str(c.ssl.layer)}
+
+    def model_args(self) -> dict[str, Any]:
+        return {"ssl": OmegaConf.to_container(self.cfg.ssl), "vocoder": OmegaConf.to_container(self.cfg.vocoder)}
+
+    # --- parts ----------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.cfg
+        self.hop_in, receptive = encoder_geometry(cfg.ssl)
+        validate_preset(cfg.vocoder, cfg.ssl.sample_rate / self.hop_in)
+        self.hop_out = math.prod(cfg.vocoder.upsample_rates)
+        extra = receptive - self.hop_in
+        self.context = (extra // 2, extra - extra // 2)
+        self.build_feature_extractor()
+        generator, mpd, msd = build_vocoder(cfg.ssl.embed_dim, cfg.vocoder)
+        self.generator, self.mpd, self.msd = generator.to(self.device), mpd.to(self.device), msd.to(self.device)
+        self.modules = {"generator": self.generator, "mpd": self.mpd, "msd": self.msd}
+        self.optimizers = {
+            "generator": self._adamw(self.generator.parameters(), cfg.optim.lr),
+            "discriminator": self._adamw(self.discriminator_parameters(), cfg.loss.discriminator_lr or cfg.optim.lr),
+        }
+        self.schedulers = {name: self.make_scheduler(opt) for name, opt in self.optimizers.items()}
+        self.mel = self._mel_transform().to(self.device)
+        self.load_initial_weights()
+        self._build_data()
+        log.info("%s: generator %.2f M, discriminators %.2f M parameters; %d training and %d validation utterances",
+                 self.name, _millions(self.generator), _millions(self.mpd) + _millions(self.msd),
+                 len(self.train_set), len(self.val_set))
+
+    def discriminator_parameters(self):
+        return chain(self.mpd.parameters(), self.msd.parameters())
+
+    def _adamw(self, params, lr: float) -> torch.optim.AdamW:
+        o = self.cfg.optim
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    def _mel_transform(self) -> torchaudio.transforms.MelSpectrogram:
+        loss = self.cfg.loss
+        return torchaudio.transforms.MelSpectrogram(
+            sample_rate=self.cfg.vocoder.sample_rate, n_fft=loss.n_fft, win_length=loss.win_length,
+            hop_length=loss.hop_length, f_min=loss.f_min, f_max=loss.f_max, n_mels=loss.n_mels, power=1.0,
+            norm="slaney", mel_scale="slaney",
+        )
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        rate_in, rate_out = cfg.ssl.sample_rate, cfg.vocoder.sample_rate
+        utterances, waves_in = load_corpus_audio(read_corpus(cfg.data.format, cfg.data.root), rate_in)
+        waves_out = waves_in if rate_out == rate_in else load_corpus_audio(utterances, rate_out)[1]
+        if len(waves_in) <= cfg.data.val_size:
+            raise ValueError(f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(waves_in)} usable)")
+        frames = max(int(round(cfg.data.segment_seconds * rate_in / self.hop_in)), 1)
+        split = len(waves_in) - cfg.data.val_size
+        common = dict(frames=frames, hop_in=self.hop_in, hop_out=self.hop_out, context=self.context,
+                      sample_rate_in=rate_in, seed=int(cfg.seed),
+                      degradation=cfg.degradation if self.uses_degradation else None)
+        self.train_set = VocoderExamples(waves_in[:split], waves_out[:split], train=True, **common)
+        self.val_set = VocoderExamples(waves_in[split:], waves_out[split:], train=False, **common)
+        self.val_utterances: list[tuple[Utterance, torch.Tensor, torch.Tensor]] = list(
+            zip(utterances[split:], waves_in[split:], waves_out[split:]))
+
+    # --- the step -------------------------------------------------------------------------------
+    def _discriminate(self, wave: torch.Tensor):
+        """Scores and feature maps of both discriminators, concatenated (MPD first)."""
+        scores_p, maps_p = self.mpd(wave)
+        scores_s, maps_s = self.msd(wave)
+        return scores_p + scores_s, maps_p + maps_s
+
+    def compute_loss(self, batch):
+        """Validation: the log-mel L1 of the generated waveform against the clean one."""
+        fake = self.generator(self.features(batch))
+        mel = mel_l1(fake, batch["target"], self.mel)
+        return mel, {"mel": mel}
+
+    def training_step(self, batch):
+        target = batch["target"]
+        with self.precision.autocast():
+            fake = self.generator(self.features(batch))
+            real_scores, _ = self._discriminate(target)
+            fake_scores, _ = self._discriminate(fake.detach())
+            d_loss, d_parts = discriminator_loss(real_scores, fake_scores)
+        d_norm = self.optimize(d_loss, self.optimizers["discriminator"], self.discriminator_parameters(),
+                               update_scaler=False)
+
+        self.mpd.requires_grad_(False)  # the generator's step: gradients flow through, not into, them
+        self.msd.requires_grad_(False)
+        try:
+            with self.precision.autocast():
+                with torch.no_grad():
+                    _, real_maps = self._discriminate(target)
+                fake_scores, fake_maps = self._discriminate(fake)
+                mel = mel_l1(fake, target, self.mel)
+                loss = self.cfg.loss
+                g_loss, g_parts = generator_loss(fake_scores, real_maps, fake_maps, mel, adv_weight=loss.adv_weight,
+                                                 fm_weight=loss.fm_weight, mel_weight=loss.mel_weight)
+            g_norm = self.optimize(g_loss, self.optimizers["generator"], self.generator.parameters())
+        finally:
+            self.mpd.requires_grad_(True)
+            self.msd.requires_grad_(True)
+        return {
+            "train/loss": g_loss.detach(),
+            **{f"train/{k}": v.detach() for k, v in g_parts.items()},
+            "train/d_loss": d_loss.detach(),
+            **{f"train/d_{k}": v.detach() for k, v in d_parts.items()},
+            "grad_norm/generator": g_norm,
+            "grad_norm/discriminator": d_norm,
+        }
+
+    # --- samples --------------------------------------------------------------------------------
+    def sample_inputs(self, index: int, clean_in: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """For the listening page: (batch for ``features``, extra audio at the encoder rate to show)."""
+        return {"clean_input": clean_in[None]}, {}
+
+    @torch.no_grad()
+    def write_samples(self, out_dir: Path, step: int) -> None:
+        """Clean, generated (and degraded) audio of a few validation utterances, log-mel plots and an
+        HTML page that plays them."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rate_in, rate_out = self.cfg.ssl.sample_rate, self.cfg.vocoder.sample_rate
+        rows = []
+        for index, (utt, wave_in, wave_out) in enumerate(self.val_utterances[: self.cfg.validation.num_samples]):
+            frames = min(wave_in.numel() // self.hop_in, wave_out.numel() // self.hop_out)
+            left, right = self.context
+            clean_in = window(wave_in, -left, frames * self.hop_in + left + right)
+            inputs, extra = self.sample_inputs(index, clean_in)
+            fake = self.generator(self.features({k: v.to(self.device) for k, v in inputs.items()}))[0].float().cpu()
+            clean = wave_out[: frames * self.hop_out]
+            name = Path(utt.id).name
+            sf.write(out_dir / f"{name}_clean.wav", clean.numpy(), rate_out)
+            sf.write(out_dir / f"{name}_generated.wav", fake.numpy(), rate_out)
+            for label, audio in extra.items():
+                sf.write(out_dir / f"{name}_{label}.wav", audio[left: audio.numel() - right].clamp(-1, 1).numpy(), rate_in)
+            panels = {label: log_mel(audio[None].to(self.device), self.mel)[0].cpu()
+                      for label, audio in (("clean", clean), ("generated", fake))}
+            distance = float((panels["clean"] - panels["generated"]).abs().mean())
+            fig, axes = plt.subplots(len(panels), 1, figsize=(8, 4), sharex=True)
+            for ax, (title, spec) in zip(axes, panels.items()):
+                ax.imshow(spec.numpy(), aspect="auto", origin="lower", interpolation="nearest")
+                ax.set_title(f"{title} (log-mel)", fontsize=9)
+            fig.suptitle(f"{name} · step {step} · mel L1 {distance:.3f}")
+            fig.tight_layout()
+            fig.savefig(out_dir / f"{name}_mel.png", dpi=80)
+            plt.close(fig)
+            rows.append((name, utt.text, list(extra), distance))
+        self._write_page(out_dir, step, rows)
+
+    def _write_page(self, out_dir: Path, step: int, rows) -> None:
+        page = [f"<html><body><h2>{self.name} · validation samples at step {step}</h2>"]
+        for name, text, extra, distance in rows:
+            players = " ".join(f"{label} <audio controls src='{html.escape(name)}_{label}.wav'></audio>"
+                               for label in [*extra, "clean", "generated"])
+            page.append(f"<h3>{html.escape(name)}: {html.escape(text)}</h3><p>{players}</p>"
+                        f"<p>log-mel L1 of the generated waveform: {distance:.4f}</p>"
+                        f"<img src='{html.escape(name)}_mel.png'>")
+        (out_dir / "index.html").write_text("\n".join(page) + "</body></html>", encoding="utf-8")
+
+
+def _millions(module: torch.nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
