@@ -172,6 +172,23 @@ class TrainAdapterConfig(TrainConfig):
 
 
 @dataclass
+class PrepareDataConfig:
+    """prepare_data: degrade a corpus into WebDataset-style tar shards (local or S3)."""
+
+    stage: str = "prepare_data"
+    seed: int = 1234  # seeds every degradation draw: same seed, byte-identical shards
+    output: str = "data/shards"  # a directory or s3://bucket/prefix
+    variants: int = 2  # degraded versions of each training utterance
+    shard_size: int = 256  # samples per shard
+    sample_rate: int = 16000  # everything is resampled to this rate, mono
+    max_seconds: float = 30.0  # longer utterances are skipped (counted)
+    examples: int = 4  # examples on the listening page
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
 class ConformerConfig:
     """Conformer CTC model: log-mel front end, convolutional subsampling, torchaudio Conformer and a
     linear CTC head over characters (DESIGN §8). Every field is architecture: fixed on resume."""
@@ -270,6 +287,7 @@ class FinetuneVocoderConfig(VocoderTrainConfig):
 def _register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_adapter_schema", node=TrainAdapterConfig)
+    cs.store(name="prepare_data_schema", node=PrepareDataConfig)
     cs.store(name="train_asr_schema", node=TrainAsrConfig)
     cs.store(name="pretrain_vocoder_schema", node=PretrainVocoderConfig)
     cs.store(name="finetune_vocoder_schema", node=FinetuneVocoderConfig)

@@ -131,3 +131,25 @@ def postgres():
         subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"],
                        capture_output=True, cwd=root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server over real HTTP on loopback; yields a boto3 client with bucket `test-bucket`."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                       "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="test-bucket")
+    try:
+        yield client
+    finally:
+        server.stop()

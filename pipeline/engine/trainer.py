@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline.config import config_hash, to_container
 from pipeline.data.datasets import epoch_batches
+from pipeline.data.shards import StreamingPairs
 from pipeline.engine.checkpointing import (
     FORMAT_VERSION,
     CheckpointStore,
@@ -137,7 +138,7 @@ class Engine:
 
     # --- data ---------------------------------------------------------------------------------
     def _loader(self, dataset, batches) -> DataLoader:
-        workers = int(self.cfg.data.num_workers) if "data" in self.cfg else 0
+        workers = self._workers()
         # A private generator: each new iterator draws its workers' base seed from it, not from the global
         # torch RNG, which would shift dropout after a resume (a resume opens an extra iterator mid-epoch).
         generator = torch.Generator().manual_seed(int(self.cfg.seed))
@@ -163,7 +164,22 @@ class Engine:
                     log.info("LR schedule %s: horizon is now %d steps; continuing from lr=%.4g at step %d",
                              name, self.total_steps, sch.get_last_lr()[0], self.pos.step)
 
+    def _workers(self) -> int:
+        return int(self.cfg.data.num_workers) if "data" in self.cfg else 0
+
+    def _epoch_loader(self) -> DataLoader:
+        """The rest of the current epoch, from the data position."""
+        cfg, stage = self.cfg, self.stage
+        if isinstance(stage.train_set, StreamingPairs):
+            return stage.train_set.loader(self.pos.epoch, self.pos.batch_in_epoch, int(cfg.batch_size),
+                                          self._workers(), stage.collate)
+        batches = epoch_batches(len(stage.train_set), int(cfg.batch_size), int(cfg.seed), self.pos.epoch,
+                                self.pos.batch_in_epoch)
+        return self._loader(stage.train_set, batches)
+
     def batches_per_epoch(self) -> int:
+        if isinstance(self.stage.train_set, StreamingPairs):
+            return self.stage.train_set.num_batches(int(self.cfg.batch_size), self._workers())
         n = len(self.stage.train_set) // int(self.cfg.batch_size)
         if n == 0:
             raise ValueError(
@@ -235,9 +251,7 @@ class Engine:
         while self.pos.step < max_steps and stopped_by is None:
             if self.pos.batch_in_epoch >= per_epoch:
                 self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
-            batches = epoch_batches(len(stage.train_set), int(cfg.batch_size), int(cfg.seed), self.pos.epoch,
-                                    self.pos.batch_in_epoch)
-            for batch in self._loader(stage.train_set, batches):
+            for batch in self._epoch_loader():
                 batch = stage.to_device(batch)
                 out = stage.training_step(batch)
                 self.pos.step += 1

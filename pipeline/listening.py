@@ -1,0 +1,65 @@
+"""Listening pages: audio examples with spectrograms and a small HTML page that plays them."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+
+@dataclass
+class Example:
+    id: str
+    text: str = ""
+    audio: dict[str, torch.Tensor | np.ndarray] = field(default_factory=dict)  # label -> mono waveform
+    info: str = ""  # e.g. the degradation parameters
+
+
+def _spectrogram_png(path: Path, waves: dict[str, np.ndarray], sample_rate: int, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(waves), 1, figsize=(8, 2.2 * len(waves)), sharex=True, squeeze=False)
+    for ax, (label, wave) in zip(axes[:, 0], waves.items()):
+        ax.specgram(wave, NFFT=512, Fs=sample_rate, noverlap=384, cmap="magma")
+        ax.set_title(label, fontsize=9)
+        ax.set_ylabel("Hz")
+    axes[-1, 0].set_xlabel("s")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_listening_page(out_dir: Path, title: str, examples: list[Example], sample_rate: int) -> Path:
+    """``<id>_<label>.wav`` and ``<id>_spectrogram.png`` per example, and ``index.html``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
+             f"<h2>{html.escape(title)}</h2>"]
+    for ex in examples:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in ex.id)
+        waves = {label: (w.detach().cpu().float().numpy() if torch.is_tensor(w) else np.asarray(w, dtype=np.float32))
+                 for label, w in ex.audio.items()}
+        players = []
+        for label, wave in waves.items():
+            name = f"{safe}_{label.replace(' ', '_')}.wav"
+            sf.write(out_dir / name, np.clip(wave, -1.0, 1.0), sample_rate)
+            players.append(f"{html.escape(label)} <audio controls src='{name}'></audio>")
+        _spectrogram_png(out_dir / f"{safe}_spectrogram.png", waves, sample_rate, ex.id)
+        parts.append(f"<h3>{html.escape(ex.id)}</h3>")
+        if ex.text:
+            parts.append(f"<p>{html.escape(ex.text)}</p>")
+        if ex.info:
+            parts.append(f"<p><small>{html.escape(ex.info)}</small></p>")
+        parts.append("<p>" + " &nbsp; ".join(players) + "</p>")
+        parts.append(f"<img src='{safe}_spectrogram.png'>")
+    parts.append("</body></html>")
+    page = out_dir / "index.html"
+    page.write_text("\n".join(parts), encoding="utf-8")
+    return page

@@ -1,0 +1,200 @@
+"""prepare_data: read a corpus, degrade it, and write (clean, noisy) pairs as tar shards.
+
+    python -m pipeline.prepare_data output=s3://bucket/demo-shards data=demo variants=4
+    mlflow run . -e prepare_data --env-manager local -P output=data/shards -P overrides="variants=4"
+
+Every utterance is resampled to ``sample_rate`` mono; the last ``data.val_size`` utterances form the
+``val`` split (one degraded version each), the others the ``train`` split with ``variants`` degraded
+versions each. Variant k of utterance i is degraded with the generator seeded by (seed, k, i), so the
+same seed gives byte-identical shards. The job is an MLflow run (experiment ``prepare_data``) that
+logs counts, hours and skipped files, a listening page of a few examples, the manifest, and the
+shard set as an MLflow dataset; training runs that read the shards log the same dataset as input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, compose_config, config_hash, flatten, mask_secrets, split_overrides, to_container
+from pipeline.data.corpus import AudioError, load_audio, read_corpus
+from pipeline.data.degrade import degrade, sample_rng
+from pipeline.data.shards import (
+    FORMAT,
+    MANIFEST,
+    ShardError,
+    ShardStore,
+    ShardWriter,
+    shard_dataset,
+    wav_bytes,
+)
+from pipeline.engine.checkpointing import code_version, utc_now
+from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
+from pipeline.engine.tracking import log_params
+from pipeline.listening import Example, write_listening_page
+
+log = logging.getLogger(__name__)
+
+PREPARE_STREAM = 4  # seeds the degradations of prepare_data, apart from on-the-fly training draws
+
+
+def _key(utt_id: str, variant: int) -> str:
+    """A WebDataset key: no dots (they separate the key from the member kind) and no slashes."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in utt_id)
+    return f"{safe}__v{variant}"
+
+
+def _open_run(client: MlflowClient, cfg: DictConfig) -> str:
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if launcher:
+        run_id = launcher
+    else:
+        name = cfg.tracking.experiment or "prepare_data"
+        exp = client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(name)
+        run_id = client.create_run(exp_id, run_name=cfg.tracking.run_name or
+                                   f"{cfg.data.name}-shards-{datetime.now():%Y%m%d-%H%M%S}").info.run_id
+    for key, value in {"stage": "prepare_data", "dataset": cfg.data.name, "output": cfg.output}.items():
+        client.set_tag(run_id, key, value)
+    existing = client.get_run(run_id).data.params
+    log_params(client, run_id, {k: v for k, v in mask_secrets(flatten(to_container(cfg))).items() if k not in existing})
+    return run_id
+
+
+def prepare(cfg: DictConfig, client: MlflowClient, run_id: str) -> dict[str, Any]:
+    """Write the shards and the manifest; returns the manifest."""
+    store = ShardStore(cfg.output)
+    utterances = read_corpus(cfg.data.format, cfg.data.root)
+    if len(utterances) <= cfg.data.val_size:
+        raise ConfigError(f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(utterances)} found)")
+    split_at = len(utterances) - cfg.data.val_size
+    skipped: Counter[str] = Counter()
+    examples: list[Example] = []
+    started = time.perf_counter()
+    audio_seconds = 0.0
+    with tempfile.TemporaryDirectory(prefix="shards-") as tmp:
+        def upload(path: Path, info) -> None:
+            store.put(path, info.name)
+            path.unlink()
+            log.info("wrote %s/%s (%d samples, %.1f MB)", cfg.output, info.name, info.samples, info.bytes / 1e6)
+
+        writers = {split: ShardWriter(Path(tmp), split, cfg.shard_size, upload) for split in ("train", "val")}
+        for index, utt in enumerate(tqdm(utterances, desc="prepare_data", unit="utt", disable=not sys.stderr.isatty())):
+            try:
+                clean = load_audio(utt.path, cfg.sample_rate)
+            except AudioError as err:
+                skipped[getattr(err, "reason", "unusable")] += 1
+                log.warning("skipping %s", err)
+                continue
+            seconds = clean.numel() / cfg.sample_rate
+            if seconds > cfg.max_seconds:
+                skipped["too long"] += 1
+                continue
+            split = "train" if index < split_at else "val"
+            clean_bytes = wav_bytes(clean, cfg.sample_rate)
+            for variant in range(cfg.variants if split == "train" else 1):
+                rng = sample_rng(int(cfg.seed), variant, index, PREPARE_STREAM)
+                noisy, params = degrade(clean, cfg.sample_rate, cfg.degradation, rng)
+                meta = {"utterance": utt.id, "text": utt.text, "variant": variant, "split": split,
+                        "sample_rate": cfg.sample_rate, "seconds": round(seconds, 4), "degradation": params}
+                writers[split].add(_key(utt.id, variant), clean_bytes, wav_bytes(noisy, cfg.sample_rate), meta, seconds)
+                audio_seconds += seconds
+                if len(examples) < cfg.examples and split == "train":
+                    examples.append(Example(f"{utt.id} v{variant}", utt.text, {"clean": clean, "degraded": noisy},
+                                            json.dumps(params)))
+        shards = {split: writer.close() for split, writer in writers.items()}
+    if not shards["train"]:
+        raise AudioError(f"no usable training audio in the corpus ({dict(skipped)} skipped)")
+    elapsed = time.perf_counter() - started
+    splits = {split: {"shards": [vars(s) for s in infos], "samples": sum(s.samples for s in infos),
+                      "seconds": round(sum(s.seconds for s in infos), 3)} for split, infos in shards.items()}
+    manifest = {
+        "format": FORMAT,
+        "created": utc_now(),
+        "code_version": code_version(),
+        "seed": int(cfg.seed),
+        "sample_rate": int(cfg.sample_rate),
+        "variants": int(cfg.variants),
+        "corpus": {"name": cfg.data.name, "format": cfg.data.format, "root": cfg.data.root,
+                   "utterances": len(utterances)},
+        "degradation": to_container(cfg.degradation),
+        "config_hash": config_hash(cfg),
+        "splits": splits,
+        "samples": sum(s["samples"] for s in splits.values()),
+        "hours": round(sum(s["seconds"] for s in splits.values()) / 3600, 4),
+        "skipped": dict(skipped),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MANIFEST
+        path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        store.put(path, MANIFEST)  # last: a shard set without a manifest is never read
+        client.log_artifact(run_id, str(path))
+        page = Path(tmp) / "samples"
+        write_listening_page(page, f"prepare_data · {cfg.data.name}", examples, cfg.sample_rate)
+        client.log_artifacts(run_id, str(page), "samples")
+    metrics = {
+        "utterances": len(utterances), "skipped": sum(skipped.values()),
+        "samples/train": splits["train"]["samples"], "samples/val": splits["val"]["samples"],
+        "hours": manifest["hours"], "shards": sum(len(s["shards"]) for s in splits.values()),
+        "megabytes": sum(i["bytes"] for s in splits.values() for i in s["shards"]) / 1e6,
+        "realtime_factor": audio_seconds / max(elapsed, 1e-9),
+    }
+    for key, value in {**metrics, **{f"skipped/{k.replace(' ', '_')}": v for k, v in skipped.items()}}.items():
+        client.log_metric(run_id, key, float(value), step=0)
+    dataset, context = shard_dataset(cfg.output, manifest), "output"
+    from mlflow.entities import DatasetInput, InputTag
+
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])])
+    log.info("%d samples (%.3f h) in %d shards at %s; skipped %s; %.1fx real time",
+             manifest["samples"], manifest["hours"], metrics["shards"], cfg.output, dict(skipped) or "none",
+             metrics["realtime_factor"])
+    return manifest
+
+
+def run_prepare(argv: list[str]) -> int:
+    setup_logging()
+    try:
+        cfg = compose_config("prepare_data", split_overrides(argv))
+        ShardStore(cfg.output)  # an unsupported location fails now
+    except (ConfigError, ShardError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+    client = MlflowClient()
+    try:
+        read_corpus(cfg.data.format, cfg.data.root)  # a missing corpus fails before a run exists
+    except (FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+    run_id = _open_run(client, cfg)
+    try:
+        prepare(cfg, client, run_id)
+    except (ConfigError, AudioError, ShardError) as err:
+        log.error("%s", err)
+        client.set_terminated(run_id, "FAILED")
+        return EXIT_BAD_INPUT
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    log.info("Train on it: python -m pipeline.train_adapter data=shards data.root=%s", cfg.output)
+    return EXIT_OK
+
+
+def main() -> None:
+    sys.exit(run_prepare(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
