@@ -335,6 +335,12 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     log.info("MLflow run %s (%s) in %s", ctx.run_id, ctx.run_name, mlflow.get_tracking_uri())
     hooks = hooks or TrainingHooks()
     hooks.on_run_started(ctx.run_id)
+    datasets = stage.dataset_inputs()
+    if datasets:
+        from mlflow.entities import DatasetInput, InputTag
+
+        client.log_inputs(ctx.run_id, [DatasetInput(d._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])
+                                       for d in datasets])
 
     def describe(latest: str | None) -> None:
         client.set_tag(ctx.run_id, NOTE_TAG, describe_run(

@@ -156,6 +156,10 @@ class Stage:
     def write_samples(self, out_dir: Path, step: int) -> None:
         """Optional: write audio examples and plots for this validation into ``out_dir``."""
 
+    def dataset_inputs(self) -> list[Any]:
+        """MLflow datasets (``mlflow.data``) this job trains on, logged as the run's inputs."""
+        return []
+
     def model_args(self) -> dict[str, Any]:
         """What is needed to rebuild the model (stored in every checkpoint's meta.json)."""
         return {}
