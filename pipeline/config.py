@@ -72,17 +72,48 @@ class AdapterConfig:
 
 @dataclass
 class DegradationConfig:
-    """On-the-fly degradation; every draw is seeded by (seed, epoch, index)."""
+    """On-the-fly degradation (DESIGN §7); every draw is seeded by (seed, epoch, index).
 
+    Effects run in this order, each with its own probability: reverberation, additive noise, band
+    limiting, low sample rate, gain, clipping, mu-law, bit depth, packet loss. ``[min, max]`` pairs
+    are sampled uniformly (integers inclusive). The effects added after the first release are off
+    here (probability 0), so configs stored in older checkpoints resume unchanged; the presets in
+    configs/degradation/ (default, none, strong) turn them on.
+    """
+
+    # additive noise at a sampled SNR
     noise_prob: float = 0.9  # probability of additive noise
-    noise_types: list[str] = field(default_factory=lambda: ["white", "pink", "brown"])
+    noise_types: list[str] = field(default_factory=lambda: ["white", "pink", "brown"])  # + babble | hum
     snr_db: list[float] = field(default_factory=lambda: [5.0, 30.0])  # [min, max] SNR
-    reverb_prob: float = 0.5  # probability of a synthetic room impulse response
-    rt60_s: list[float] = field(default_factory=lambda: [0.2, 0.8])  # [min, max] RT60 in seconds
-    bandlimit_prob: float = 0.3  # probability of low-pass band limiting
+    babble_speakers: list[int] = field(default_factory=lambda: [3, 6])  # [min, max] other utterances in babble
+    hum_hz: list[float] = field(default_factory=lambda: [50.0, 60.0])  # mains frequencies to choose from
+    hum_harmonics: list[int] = field(default_factory=lambda: [3, 8])  # [min, max] harmonics (1 = pure tone)
+    noise_dir: Optional[str] = None  # directory of noise recordings (recursive); null = synthetic only
+    noise_dir_prob: float = 1.0  # with noise_dir: chance the noise is a recording rather than noise_types
+    # reverberation
+    reverb_prob: float = 0.5  # probability of a room impulse response
+    rt60_s: list[float] = field(default_factory=lambda: [0.2, 0.8])  # [min, max] RT60 of synthetic RIRs
+    rir_dir: Optional[str] = None  # directory of recorded RIRs (cut to start at their peak); null = synthetic
+    rir_dir_prob: float = 1.0  # with rir_dir: chance the RIR is a recording rather than synthetic
+    # band limiting / low sample rate
+    bandlimit_prob: float = 0.3  # probability of FFT low-pass band limiting
     cutoff_hz: list[float] = field(default_factory=lambda: [2000.0, 6000.0])  # [min, max] cut-off
+    lowrate_prob: float = 0.0  # probability of resampling down to a low rate and back up
+    low_rates_hz: list[int] = field(default_factory=lambda: [8000, 11025, 12000])  # low rates to choose from
+    # level
+    gain_prob: float = 0.0  # probability of a gain change
+    gain_db: list[float] = field(default_factory=lambda: [-15.0, 6.0])  # [min, max] gain in dB
     clip_prob: float = 0.2  # probability of hard clipping
     clip_ratio: list[float] = field(default_factory=lambda: [0.1, 0.6])  # clip level / peak
+    # codec-like quantisation (input beyond [-1, 1] saturates)
+    mulaw_prob: float = 0.0  # probability of mu-law companding
+    mulaw_bits: list[int] = field(default_factory=lambda: [4, 8])  # [min, max] bits (mu = 2^bits - 1)
+    bitdepth_prob: float = 0.0  # probability of uniform bit-depth reduction
+    bit_depth: list[int] = field(default_factory=lambda: [4, 12])  # [min, max] bits
+    # packet loss
+    packet_loss_prob: float = 0.0  # probability of packet loss
+    packet_loss_rate: list[float] = field(default_factory=lambda: [0.02, 0.15])  # [min, max] fraction of packets zeroed
+    packet_ms: float = 20.0  # packet length in milliseconds
 
 
 @dataclass
@@ -90,8 +121,12 @@ class DataConfig:
     """Where utterances come from and how they are cut into training examples."""
 
     name: str = "demo"  # dataset name; also the run's `dataset` tag
-    format: str = "ljspeech"  # corpus layout: ljspeech
+    format: str = "ljspeech"  # corpus layout: ljspeech | libritts | libritts_r | jvs | fleurs_r | directory
     root: Optional[str] = None  # corpus directory; null = the embedded demo corpus
+    subsets: list[str] = field(default_factory=list)  # LibriTTS subsets, JVS subsets or FLEURS splits; [] = all
+    # train_adapter skips files with more than this fraction of samples at full scale (clipped
+    # targets); null keeps them. 0.001 = 48 samples in 3 s at 16 kHz.
+    max_clipped_fraction: Optional[float] = 0.001
     segment_seconds: float = 1.0  # training crop length
     val_size: int = 4  # utterances held out for validation (the last ones of the corpus)
     num_workers: int = 0  # DataLoader worker processes

@@ -105,3 +105,216 @@ def test_dataset_examples_are_reproducible():
     assert torch.equal(a["noisy"], b["noisy"]) and torch.equal(a["clean"], b["clean"])
     assert a["clean"].numel() == 8000
     assert not torch.equal(ds[(3, 1)]["noisy"], a["noisy"])
+
+
+# --- the full degradation set (DESIGN §7) -------------------------------------------------------
+
+from pipeline.config import CONFIG_DIR, compose_config  # noqa: E402
+from pipeline.data.degrade import (  # noqa: E402
+    OtherUtterances,
+    bit_depth,
+    check_degradation,
+    low_rate,
+    mu_law,
+    packet_loss,
+)
+
+RATE = 16000
+OFF = dict(noise_prob=0.0, reverb_prob=0.0, bandlimit_prob=0.0, clip_prob=0.0)
+DEGRADATION_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "degradation").glob("*.yaml"))
+
+
+def speech_like(seconds: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """A few harmonics with a syllable-rate envelope: enough structure for every effect."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    wave = sum(np.sin(2 * np.pi * f * t + seed) / (k + 1) for k, f in enumerate((150, 300, 450, 3000, 6500)))
+    return torch.from_numpy((0.3 * wave * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))).astype(np.float32))
+
+
+def others_pool(count: int = 4) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.random.default_rng(i).standard_normal(8000).astype(np.float32) * 0.1)
+            for i in range(count)]
+
+
+def only(**kwargs) -> DegradationConfig:
+    return DegradationConfig(**{**OFF, **kwargs})
+
+
+def measured_snr(clean: torch.Tensor, noisy: torch.Tensor) -> float:
+    c, n = clean.double().numpy(), noisy.double().numpy()
+    return float(10 * np.log10(np.mean(c**2) / np.mean((n - c) ** 2)))
+
+
+def every_effect(tmp_path=None) -> DegradationConfig:
+    cfg = only(noise_prob=1.0, noise_types=["white", "pink", "brown", "babble", "hum"], reverb_prob=1.0,
+               bandlimit_prob=1.0, lowrate_prob=1.0, gain_prob=1.0, clip_prob=1.0, mulaw_prob=1.0,
+               bitdepth_prob=1.0, packet_loss_prob=1.0)
+    if tmp_path is not None:
+        cfg.noise_dir, cfg.rir_dir = str(tmp_path / "noise"), str(tmp_path / "rirs")
+        cfg.noise_dir_prob = cfg.rir_dir_prob = 0.5
+    return cfg
+
+
+def write_noise_and_rirs(root):
+    (root / "noise").mkdir()
+    (root / "rirs").mkdir()
+    sf.write(root / "noise" / "fan.wav", np.random.default_rng(1).standard_normal(48000) * 0.1, 48000)
+    sf.write(root / "noise" / "street.flac", np.random.default_rng(2).standard_normal(4000) * 0.1, 8000)
+    rir = np.zeros(4000)
+    rir[200], rir[201:] = 1.0, np.random.default_rng(3).standard_normal(3799) * np.exp(-np.arange(3799) / 800) * 0.3
+    sf.write(root / "rirs" / "hall.wav", rir, 16000)
+
+
+@pytest.mark.parametrize("kind", ["babble", "hum", "white"])
+def test_noise_types_are_added_at_the_drawn_snr(kind):
+    clean = speech_like()
+    noisy, params = degrade(clean, RATE, only(noise_prob=1.0, noise_types=[kind]), sample_rng(1, 0, 0),
+                            others=others_pool())
+    assert params["noise"] == kind
+    assert abs(measured_snr(clean, noisy) - params["snr_db"]) < 0.01
+
+
+def test_hum_is_at_the_mains_frequency_and_its_harmonics():
+    clean = speech_like() * 0
+    clean[0] = 1e-3  # hum is scaled to the signal's power
+    for index in range(4):
+        noisy, params = degrade(clean, RATE, only(noise_prob=1.0, noise_types=["hum"]), sample_rng(1, 0, index))
+        assert params["hum_hz"] in (50.0, 60.0) and 3 <= params["hum_harmonics"] <= 8
+        spectrum = np.abs(np.fft.rfft((noisy - clean).double().numpy()))  # 1 Hz bins for 1 s
+        peaks = np.argsort(spectrum)[-params["hum_harmonics"]:]
+        assert set(int(p) for p in peaks) == {int(params["hum_hz"]) * k for k in range(1, params["hum_harmonics"] + 1)}
+
+
+def test_babble_mixes_other_utterances_only():
+    pool = others_pool(3)
+    picks = {id(OtherUtterances(pool, 1)(np.random.default_rng(i))) for i in range(50)}
+    assert picks == {id(pool[0]), id(pool[2])}
+    assert len(OtherUtterances(pool[:1], 0)) == 0
+    cfg = only(noise_prob=1.0, noise_types=["babble"])
+    _, params = degrade(speech_like(), RATE, cfg, sample_rng(1, 0, 0), others=pool)
+    assert 3 <= params["babble_speakers"] <= 6
+    clean, params = degrade(speech_like(), RATE, cfg, sample_rng(1, 0, 0))  # nobody to babble: no noise
+    assert params == {} and torch.equal(clean, speech_like())
+
+
+def test_packet_loss_zeroes_the_drawn_fraction_of_packets():
+    wave = np.ones(RATE)
+    out, lost = packet_loss(wave, RATE, 0.2, 20.0, np.random.default_rng(0))
+    packets = out.reshape(50, 320)
+    zeroed = int(np.sum(np.all(packets == 0, axis=1)))
+    assert zeroed == lost == 10 and np.all((packets == 0).all(axis=1) | (packets == 1).all(axis=1))
+    _, params = degrade(torch.ones(RATE), RATE, only(packet_loss_prob=1.0), sample_rng(1, 0, 0))
+    assert 0.02 <= params["packet_loss_rate"] <= 0.15 and params["packets_lost"] == round(params["packet_loss_rate"] * 50)
+
+
+@pytest.mark.parametrize("bits", [3, 6, 8])
+def test_mu_law_and_bit_depth_reduce_the_number_of_levels(bits):
+    wave = speech_like().double().numpy()
+    assert len(np.unique(wave)) > 2**bits
+    assert len(np.unique(mu_law(wave, bits))) <= 2**bits
+    assert len(np.unique(bit_depth(wave, bits))) <= 2**bits
+    assert np.max(np.abs(mu_law(wave, 8) - wave)) < 0.02  # 8-bit mu-law is close to the input
+    _, params = degrade(speech_like(), RATE, only(mulaw_prob=1.0, bitdepth_prob=1.0), sample_rng(1, 0, 0))
+    assert 4 <= params["mulaw_bits"] <= 8 and 4 <= params["bit_depth"] <= 12
+
+
+def test_gain_changes_the_rms_by_the_drawn_db():
+    clean = speech_like()
+    loud, params = degrade(clean, RATE, only(gain_prob=1.0), sample_rng(1, 0, 0))
+    change = 20 * np.log10(loud.double().pow(2).mean().sqrt().item() / clean.double().pow(2).mean().sqrt().item())
+    assert -15.0 <= params["gain_db"] <= 6.0 and abs(change - params["gain_db"]) < 1e-4
+
+
+def test_low_rate_removes_content_above_its_nyquist():
+    t = np.arange(RATE) / RATE
+    wave = np.sin(2 * np.pi * 1000 * t) + np.sin(2 * np.pi * 5000 * t)
+    out = low_rate(wave, RATE, 8000)
+    spectrum = np.abs(np.fft.rfft(out))
+    assert out.size == wave.size
+    assert spectrum[5000] < 1e-3 * spectrum[1000]  # > 60 dB down above 4 kHz
+    assert abs(spectrum[1000] / np.abs(np.fft.rfft(wave))[1000] - 1) < 0.01
+    _, params = degrade(torch.from_numpy(wave.astype(np.float32)), RATE, only(lowrate_prob=1.0), sample_rng(1, 0, 0))
+    assert params["low_rate_hz"] in (8000, 11025, 12000)
+
+
+def test_recorded_noise_and_rirs(tmp_path):
+    write_noise_and_rirs(tmp_path)
+    cfg = only(noise_prob=1.0, reverb_prob=1.0, noise_dir=str(tmp_path / "noise"), rir_dir=str(tmp_path / "rirs"))
+    clean = speech_like()
+    files = set()
+    for index in range(6):
+        noisy, params = degrade(clean, RATE, cfg, sample_rng(1, 0, index))
+        assert params["noise"] == "file" and params["rir_file"] == "hall.wav" and "rt60_s" not in params
+        files.add(params["noise_file"])
+        assert noisy.shape == clean.shape and torch.isfinite(noisy).all()
+    assert files == {"fan.wav", "street.flac"}
+    # the recorded RIR is cut at its direct path: the reverberant speech stays aligned with the clean one
+    white = torch.from_numpy(np.random.default_rng(0).standard_normal(4000).astype(np.float32))
+    wet, _ = degrade(white, RATE, only(reverb_prob=1.0, rir_dir=str(tmp_path / "rirs")), sample_rng(1, 0, 0))
+    assert np.argmax(np.correlate(wet.numpy(), white.numpy(), "full")) - 3999 == 0
+
+
+def test_whole_set_is_a_pure_function_of_seed_epoch_index(tmp_path):
+    write_noise_and_rirs(tmp_path)
+    cfg, clean, pool = every_effect(tmp_path), speech_like(), others_pool()
+    a, pa = degrade(clean, RATE, cfg, sample_rng(1, 2, 3), others=pool)
+    b, pb = degrade(clean, RATE, cfg, sample_rng(1, 2, 3), others=pool)
+    c, pc = degrade(clean, RATE, cfg, sample_rng(1, 2, 4), others=pool)
+    assert torch.equal(a, b) and pa == pb
+    assert not torch.equal(a, c) and pa != pc
+    assert {"noise", "snr_db", "cutoff_hz", "low_rate_hz", "gain_db", "clip_ratio", "mulaw_bits", "bit_depth",
+            "packet_loss_rate", "packets_lost"} <= set(pa)
+    import json
+
+    assert json.loads(json.dumps(pa)) == pa  # plain values: shard metadata can hold them
+
+
+def test_whole_set_does_not_depend_on_torch_threads(tmp_path):
+    write_noise_and_rirs(tmp_path)
+    cfg, clean, pool = every_effect(tmp_path), speech_like(), others_pool()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = [degrade(clean, RATE, cfg, sample_rng(1, 0, i), others=pool)[0] for i in range(6)]
+        torch.set_num_threads(max(threads, 2))
+        multi = [degrade(clean, RATE, cfg, sample_rng(1, 0, i), others=pool)[0] for i in range(6)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(s, m) for s, m in zip(single, multi))
+
+
+@pytest.mark.parametrize("preset", DEGRADATION_PRESETS)
+def test_every_degradation_preset_composes_and_runs(preset):
+    cfg = compose_config("train_adapter", [f"degradation={preset}"])
+    check_degradation(cfg.degradation)
+    for index in range(8):
+        noisy, params = degrade(speech_like(), RATE, cfg.degradation, sample_rng(1, 0, index), others=others_pool())
+        assert noisy.shape == (RATE,) and torch.isfinite(noisy).all()
+        if preset == "none":
+            assert params == {} and torch.equal(noisy, speech_like())
+
+
+def test_degradation_presets_and_default():
+    assert {"default", "none", "strong"} <= set(DEGRADATION_PRESETS)
+    cfg = compose_config("train_adapter", [])
+    assert "babble" in cfg.degradation.noise_types and cfg.degradation.packet_loss_prob > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"snr_db": [30.0, 5.0]}, r"degradation.snr_db=\[30.0, 5.0\]: expected \[min, max\]"),
+    ({"noise_types": ["pink", "rain"]}, r"unknown \['rain'\]"),
+    ({"gain_prob": 1.5}, r"degradation.gain_prob=1.5: expected a probability"),
+    ({"noise_dir": "/no/such/noise"}, r"degradation directory /no/such/noise does not exist"),
+])
+def test_bad_degradation_config_fails_before_training(override, message):
+    with pytest.raises(ValueError, match=message):
+        DegradedPairs(others_pool(), RATE, 4000, DegradationConfig(**override), seed=1, train=True)
+
+
+def test_dataset_babble_comes_from_the_other_utterances():
+    cfg = DegradationConfig(**{**OFF, "noise_prob": 1.0, "noise_types": ["babble"]})
+    ds = DegradedPairs(others_pool(3), RATE, 4000, cfg, seed=5, train=True)
+    a, b = ds[(1, 2)], ds[(1, 2)]
+    assert torch.equal(a["noisy"], b["noisy"]) and not torch.equal(a["noisy"], a["clean"])
+    assert torch.equal(DegradedPairs(others_pool(1), RATE, 4000, cfg, seed=5, train=True)[(1, 0)]["noisy"],
+                       DegradedPairs(others_pool(1), RATE, 4000, cfg, seed=5, train=True)[(1, 0)]["clean"])

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.config import DegradationConfig
-from pipeline.data.degrade import degrade, sample_rng
+from pipeline.data.degrade import OtherUtterances, check_degradation, degrade, sample_rng
 
 TRAIN_STREAM, VAL_STREAM, ORDER_STREAM = 0, 1, 2
 
@@ -45,6 +45,7 @@ class DegradedPairs(Dataset):
 
     Training crops start at a seeded random offset; validation crops start at 0 and use a fixed
     degradation per utterance, so validation numbers are comparable across steps and attempts.
+    Babble noise mixes the set's other utterances (never the utterance itself).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class DegradedPairs(Dataset):
         self.degradation = degradation
         self.seed = seed
         self.train = train
+        check_degradation(degradation)
 
     def __len__(self) -> int:
         return len(self.waves)
@@ -75,7 +77,7 @@ class DegradedPairs(Dataset):
         spare = max(wave.numel() - self.segment_samples, 0)
         start = int(rng.integers(spare + 1)) if self.train else 0
         clean = crop_or_pad(wave, self.segment_samples, start)
-        noisy, _ = degrade(clean, self.sample_rate, self.degradation, rng)
+        noisy, _ = degrade(clean, self.sample_rate, self.degradation, rng, others=OtherUtterances(self.waves, index))
         return {"clean": clean, "noisy": noisy, "index": torch.tensor(index)}
 
 

@@ -17,7 +17,7 @@ import torch
 from pipeline.config import TrainAdapterConfig
 from pipeline.data.corpus import load_corpus_audio, read_corpus
 from pipeline.data.datasets import VAL_STREAM, DegradedPairs
-from pipeline.data.degrade import degrade, sample_rng
+from pipeline.data.degrade import OtherUtterances, degrade, sample_rng
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
 from pipeline.losses import feature_loss
@@ -55,7 +55,8 @@ class TrainAdapter(Stage):
         self.optimizers = {"adapters": optimizer}
         self.schedulers = {"adapters": self.make_scheduler(optimizer)}
 
-        utterances, waves = load_corpus_audio(read_corpus(cfg.data.format, cfg.data.root), cfg.ssl.sample_rate)
+        utterances, waves = load_corpus_audio(read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets),
+                                              cfg.ssl.sample_rate, max_clipped_fraction=cfg.data.max_clipped_fraction)
         if len(waves) <= cfg.data.val_size:
             raise ValueError(f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(waves)} usable)")
         split = len(waves) - cfg.data.val_size
@@ -87,10 +88,10 @@ class TrainAdapter(Stage):
         import matplotlib.pyplot as plt
 
         rate = self.cfg.ssl.sample_rate
-        rows = []
+        rows, val_waves = [], [wave for _, wave in self.val_utterances]
         for index, (utt, clean) in enumerate(self.val_utterances[: self.cfg.validation.num_samples]):
             rng = sample_rng(int(self.cfg.seed), 0, index, VAL_STREAM)
-            noisy, params = degrade(clean, rate, self.cfg.degradation, rng)
+            noisy, params = degrade(clean, rate, self.cfg.degradation, rng, others=OtherUtterances(val_waves, index))
             sf.write(out_dir / f"{utt.id}_clean.wav", clean.numpy(), rate)
             sf.write(out_dir / f"{utt.id}_degraded.wav", noisy.clamp(-1, 1).numpy(), rate)
             x_clean, x_noisy = clean[None].to(self.device), noisy[None].to(self.device)

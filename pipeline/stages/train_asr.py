@@ -98,8 +98,8 @@ class TrainAsr(Stage):
         self.schedulers = {"model": self.make_scheduler(optimizer)}
 
         rate = cfg.asr.sample_rate
-        usable = select_utterances(read_corpus(cfg.data.format, cfg.data.root), self.vocab, self.model, rate,
-                                   self.max_seconds_limit())
+        corpus = read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets)
+        usable = select_utterances(corpus, self.vocab, self.model, rate, self.max_seconds_limit())
         if len(usable) <= cfg.data.val_size:
             raise ValueError(f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(usable)} usable)")
         if cfg.max_samples is not None and cfg.max_samples < 1:
