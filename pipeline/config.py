@@ -24,6 +24,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # Keys that steer *how* a job starts, not *what* it trains: never compared between attempts.
 CONTROL_KEYS = ("resume_run", "resume_step", "checkpoint.resume_from")
+# Keys that an MLproject parameter passes as `key=` when the user left it out: empty means "not given".
+UNSET_WHEN_EMPTY = CONTROL_KEYS + ("adapter_run", "vocoder_run")
 
 
 class ConfigError(ValueError):
@@ -319,6 +321,18 @@ class FinetuneVocoderConfig(VocoderTrainConfig):
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
 
+@dataclass
+class MainConfig:
+    """main: the restoration chain, one MLflow run per step (configs/main.yaml)."""
+
+    reuse: bool = True  # reuse a FINISHED run of a step with the same entry point, parameters and code version
+    resume: bool = True  # resume a stopped or crashed run of a step (same parameters and code) instead of restarting
+    common: list[str] = field(default_factory=list)  # overrides for every step whose config has the key
+    train_adapter: list[str] = field(default_factory=list)  # overrides for that step only
+    pretrain_vocoder: list[str] = field(default_factory=list)
+    finetune_vocoder: list[str] = field(default_factory=list)
+
+
 def _register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_adapter_schema", node=TrainAdapterConfig)
@@ -343,8 +357,9 @@ def split_overrides(args: list[str] | tuple[str, ...]) -> list[str]:
     """Split command-line words into single overrides.
 
     ``mlflow run`` passes the ``overrides`` parameter as one quoted word ("a=1 b=2"), so every
-    word is split again with shell rules. A control key with an empty value (``resume_run=``, what
-    an unset MLproject parameter becomes) means "not given" and is dropped.
+    word is split again with shell rules. A control key or run link with an empty value
+    (``resume_run=``, ``adapter_run=``: what an unset MLproject parameter becomes) means "not given"
+    and is dropped.
     """
     out: list[str] = []
     for arg in args:
@@ -352,7 +367,7 @@ def split_overrides(args: list[str] | tuple[str, ...]) -> list[str]:
             words = shlex.split(arg)
         except ValueError as err:
             raise ConfigError(f"Malformed override {arg!r}: {err}") from err
-        out.extend(w for w in words if w not in {f"{key}=" for key in CONTROL_KEYS})
+        out.extend(w for w in words if w not in {f"{key}=" for key in UNSET_WHEN_EMPTY})
     return out
 
 

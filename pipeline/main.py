@@ -1,0 +1,276 @@
+"""main: the whole restoration chain, each step its own MLflow Project run, chained by run IDs.
+
+    python -m pipeline.main [key=value ...] [<step>.key=value ...] [main.reuse=false]
+    mlflow run . -e main --env-manager local -P overrides="trainer.max_steps=50"
+
+Steps: train_adapter -> pretrain_vocoder -> finetune_vocoder (adapter_run and vocoder_run are the
+run IDs of the first two). In the spirit of MLflow's multistep workflow example, a step whose
+entry point, parameters and code version match a FINISHED run is not trained again: that run is
+reused. A matching run that was stopped or crashed is resumed in place (``resume_run``). Every
+step run is tagged with the code version and linked to the previous step (``chain.previous_run``);
+main's own run (experiment ``main``) holds the chain's run IDs as params and tags.
+
+Overrides: configs/main.yaml has the demo defaults (tiny presets). A word ``key=value`` goes to
+every step whose config has that key (one that no step has is an error), ``<step>.key=value`` to
+that step only, ``main.<key>=value`` to main's own settings. Everything is checked before any step runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import mlflow.projects
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+
+from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, compose_config, split_overrides
+from pipeline.engine.checkpointing import code_version as git_commit
+from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, NOTE_TAG, setup_logging
+from pipeline.engine.tracking import log_params
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("train_adapter", "pretrain_vocoder", "finetune_vocoder")
+EXPERIMENT = "main"
+SOURCE_DIRS = ("pipeline", "configs")
+
+
+@dataclass
+class StepResult:
+    step: str
+    run_id: str
+    how: str  # trained | reused | resumed
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------------
+
+
+def load_main_config(words: list[str]) -> tuple[MainConfig, list[str]]:
+    """configs/main.yaml with the ``main.*`` words applied; returns it and the remaining words."""
+    cfg = OmegaConf.merge(OmegaConf.structured(MainConfig), OmegaConf.load(CONFIG_DIR / "main.yaml"))
+    own = [w[len("main."):] for w in words if w.startswith("main.")]
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(own))
+    except Exception as err:  # OmegaConf's validation errors name the key
+        raise ConfigError(f"Invalid main override: {err}") from err
+    return cfg, [w for w in words if not w.startswith("main.")]
+
+
+def _accepts(step: str, word: str) -> bool:
+    try:
+        compose_config(step, [word])
+    except ConfigError:
+        return False
+    return True
+
+
+def step_overrides(cfg: MainConfig, words: list[str]) -> dict[str, list[str]]:
+    """Each step's overrides: main.yaml's ``common`` (where the step has the key) and its own list,
+    then the user's words. Each step's config is composed once as a check."""
+    out: dict[str, list[str]] = {step: [w for w in cfg.common if _accepts(step, w)] + list(cfg[step]) for step in STEPS}
+    for word in words:
+        step, _, rest = word.partition(".")
+        if step in STEPS and rest:
+            out[step].append(rest)
+            continue
+        targets = [s for s in STEPS if _accepts(s, word)]
+        if not targets:
+            raise ConfigError(f"Override {word!r} fits no step of the chain ({', '.join(STEPS)}); "
+                              "check the key, or give it to one step as <step>.key=value")
+        for target in targets:
+            out[target].append(word)
+    for step, overrides in out.items():
+        try:
+            compose_config(step, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{step}: {err}") from err
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Code version and reuse
+# --------------------------------------------------------------------------------------------
+
+
+def source_hash() -> str:
+    """sha256 over the package and config files (paths and contents)."""
+    digest = hashlib.sha256()
+    files = [REPO / "MLproject"] + [p for d in SOURCE_DIRS for p in sorted((REPO / d).rglob("*"))]
+    for path in files:
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _sources_modified() -> bool:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", *SOURCE_DIRS, "MLproject"], cwd=REPO,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return out.returncode != 0 or bool(out.stdout.strip())
+
+
+def chain_code_version() -> str:
+    """The git commit; with uncommitted changes to the sources, the commit plus a hash of them;
+    without git, the hash alone."""
+    commit = git_commit()
+    if commit is None:
+        return f"src-{source_hash()[:16]}"
+    return f"{commit}+src-{source_hash()[:12]}" if _sources_modified() else commit
+
+
+def _param(run, key: str) -> str:
+    """A string parameter as given: MLflow Projects log them shell-quoted."""
+    value = run.data.params.get(key, "")
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        return value
+    return words[0] if len(words) == 1 else value if words else ""
+
+
+def find_run(client: MlflowClient, experiment_id: str, step: str, params: dict[str, str], version: str,
+             statuses: tuple[str, ...]):
+    """The newest run of ``step`` with these parameters, this code version and one of ``statuses``."""
+    query = (f"tags.`mlflow.project.entryPoint` = '{step}' and tags.`chain.code_version` = '{version}' "
+             f"and tags.stage = '{step}'")
+    for run in client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"]):
+        if run.info.status in statuses and all(_param(run, k) == v for k, v in params.items()):
+            return run
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Running the steps
+# --------------------------------------------------------------------------------------------
+
+
+def _experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+class StepFailed(RuntimeError):
+    def __init__(self, step: str, run_id: str, code: int):
+        super().__init__(f"step {step} (run {run_id}) ended with exit code {code}")
+        self.step, self.run_id, self.code = step, run_id, code
+
+
+def launch(client: MlflowClient, step: str, params: dict[str, str], version: str, previous: str | None,
+           main_run: str) -> str:
+    """Run one entry point as an MLflow Project run (local environment) and wait for it."""
+    submitted = mlflow.projects.run(str(REPO), entry_point=step, parameters=params, env_manager="local",
+                                    experiment_name=step, synchronous=False)
+    run_id = submitted.run_id
+    try:
+        ok = submitted.wait()
+    except KeyboardInterrupt:  # the step got the signal too: let it commit its checkpoint and end
+        ok = submitted.wait()
+    code = submitted.command_proc.returncode if hasattr(submitted, "command_proc") else (0 if ok else 1)
+    # The job's own run: the launched one, or (on resume) the resumed one it logged into.
+    job_run = params.get("resume_run") or run_id
+    for key, value in {"chain.code_version": version, "chain.main_run": main_run}.items():
+        client.set_tag(job_run, key, value)
+    if previous:
+        client.set_tag(job_run, "chain.previous_run", previous)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    if not ok:
+        raise StepFailed(step, job_run, code or EXIT_FAILED)
+    return job_run
+
+
+def run_step(client: MlflowClient, cfg: MainConfig, step: str, params: dict[str, str], version: str,
+             previous: str | None, main_run: str) -> StepResult:
+    experiment_id = _experiment(client, step)
+    if cfg.reuse:
+        done = find_run(client, experiment_id, step, params, version, ("FINISHED",))
+        if done is not None:
+            log.info("%s: reusing finished run %s (same entry point, parameters and code version)",
+                     step, done.info.run_id)
+            return StepResult(step, done.info.run_id, "reused")
+    if cfg.resume:
+        stopped = find_run(client, experiment_id, step, params, version, ("KILLED", "FAILED"))
+        if stopped is not None and stopped.data.tags.get("checkpoint.latest_step"):
+            log.info("%s: resuming stopped run %s from its checkpoint", step, stopped.info.run_id)
+            run_id = launch(client, step, {**params, "resume_run": stopped.info.run_id}, version, previous, main_run)
+            return StepResult(step, run_id, "resumed")
+    log.info("%s: starting a new run", step)
+    return StepResult(step, launch(client, step, params, version, previous, main_run), "trained")
+
+
+def run_chain(client: MlflowClient, cfg: MainConfig, overrides: dict[str, list[str]], version: str,
+              main_run: str) -> list[StepResult]:
+    results: dict[str, StepResult] = {}
+    previous = None
+    for step in STEPS:
+        params = {"overrides": " ".join(overrides[step])}
+        if step == "finetune_vocoder":
+            params.update(adapter_run=results["train_adapter"].run_id, vocoder_run=results["pretrain_vocoder"].run_id)
+        result = run_step(client, cfg, step, params, version, previous, main_run)
+        results[step] = result
+        client.set_tag(main_run, f"chain.{step}", result.run_id)
+        previous = result.run_id
+    return list(results.values())
+
+
+def _main_run(client: MlflowClient) -> str:
+    """The run `mlflow run -e main` created, or a new one in experiment `main`."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        run_id = client.create_run(_experiment(client, EXPERIMENT), run_name="main-chain").info.run_id
+    client.set_tag(run_id, "stage", "main")
+    return run_id
+
+
+def report(results: list[StepResult], main_run: str) -> str:
+    lines = [f"{r.step:<18} {r.run_id}  ({r.how})" for r in results]
+    return "\n".join([
+        "", "Restoration chain finished:", *lines, f"{'main':<18} {main_run}", "",
+        f"Dashboard: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}   (then open http://127.0.0.1:5000)", "",
+    ])
+
+
+def main(argv: list[str]) -> int:
+    setup_logging()
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")  # `python` = ours
+    try:
+        cfg, words = load_main_config(split_overrides(argv))
+        overrides = step_overrides(cfg, words)
+    except ConfigError as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+    client = MlflowClient()
+    version = chain_code_version()
+    main_run = _main_run(client)
+    log_params(client, main_run, {f"{s}.overrides": " ".join(o) for s, o in overrides.items()} | {"code_version": version})
+    status, code = "FAILED", EXIT_FAILED
+    try:
+        results = run_chain(client, cfg, overrides, version, main_run)
+        status, code = "FINISHED", EXIT_OK
+        client.set_tag(main_run, "chain.reused", ",".join(r.step for r in results if r.how == "reused") or "none")
+        client.set_tag(main_run, NOTE_TAG, "\n".join(
+            ["| step | run | |", "|---|---|---|"] + [f"| {r.step} | {r.run_id} | {r.how} |" for r in results]))
+        sys.stdout.write(report(results, main_run))
+    except StepFailed as err:
+        log.error("%s; run main again to resume it", err)
+        status, code = ("KILLED", EXIT_STOPPED) if err.code == EXIT_STOPPED else ("FAILED", err.code)
+    finally:
+        client.set_terminated(main_run, status)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,176 @@
+"""finetune_vocoder: continue a pretrained HiFi-GAN on adapter-cleaned features of degraded audio,
+against the clean waveform (Miipher-2, DESIGN §8).
+
+    python -m pipeline.finetune_vocoder adapter_run=<train_adapter run> vocoder_run=<pretrain_vocoder run>
+    mlflow run . -e finetune_vocoder --env-manager local -P adapter_run=<id> -P vocoder_run=<id>
+
+The encoder and the adapters are rebuilt from the adapter run's latest committed checkpoint (its
+``model_args``; downloaded, sha256-verified, loaded with ``weights_only=True``) and stay frozen; the
+generator and discriminators start from the vocoder run's latest checkpoint. The architecture comes
+from those runs: ``ssl`` and ``adapter`` from the adapter run, ``vocoder`` from the vocoder run. A
+vocoder trained on another encoder preset or layer than the adapter's is refused before training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import AdapterConfig, ConfigError, EncoderConfig, FinetuneVocoderConfig, VocoderConfig
+from pipeline.data.degrade import degrade, sample_rng
+from pipeline.data.datasets import VAL_STREAM
+from pipeline.engine.checkpointing import CHECKPOINT_DIR, META_FILE, CheckpointError, checkpoint_name
+from pipeline.engine.resume import ResumeError, ResumePoint, from_run
+from pipeline.engine.session import main
+from pipeline.models.adapters import build_adapted_encoder
+from pipeline.stages.vocoder_base import VocoderStage
+
+log = logging.getLogger(__name__)
+
+ADAPTER_STAGES = ("train_adapter",)
+VOCODER_STAGES = ("pretrain_vocoder", "finetune_vocoder")
+
+
+# --------------------------------------------------------------------------------------------
+# The runs this stage builds on
+# --------------------------------------------------------------------------------------------
+
+
+def linked_run(client: MlflowClient, role: str, run_id: str, stages: tuple[str, ...]):
+    """The run ``role=<run_id>`` names, if it exists, is not deleted, is of one of ``stages`` and
+    has a committed checkpoint; otherwise a ConfigError saying which and why."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ConfigError(f"{role}={run_id}: run not found in the tracking store {mlflow.get_tracking_uri()}") from err
+    if run.info.lifecycle_stage == "deleted":
+        raise ConfigError(f"{role}={run_id}: the run is deleted")
+    stage = run.data.tags.get("stage")
+    if stage not in stages:
+        raise ConfigError(f"{role}={run_id} is a {stage or 'non-pipeline'} run, not a {' or '.join(stages)} run")
+    if not run.data.tags.get("checkpoint.latest_step"):
+        raise ConfigError(f"{role}={run_id} ({stage}) has no committed checkpoint; train it first")
+    return run
+
+
+def latest_meta(client: MlflowClient, role: str, run_id: str, stages: tuple[str, ...]) -> dict[str, Any]:
+    """meta.json of the run's latest committed checkpoint (config and model_args, no weights)."""
+    run = linked_run(client, role, run_id, stages)
+    step = int(run.data.tags["checkpoint.latest_step"])
+    path = f"{CHECKPOINT_DIR}/{checkpoint_name(step)}/{META_FILE}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text(encoding="utf-8"))
+        except Exception as err:  # missing artifact, unreadable JSON
+            raise ConfigError(f"{role}={run_id}: cannot read {path} ({err})") from err
+
+
+def load_checkpoint(client: MlflowClient, role: str, run_id: str, stages: tuple[str, ...]) -> ResumePoint:
+    """The run's latest committed checkpoint: downloaded, sha256-verified, weights_only-loaded."""
+    run = linked_run(client, role, run_id, stages)
+    try:
+        return from_run(client, run.data.tags["stage"], run_id, None, Path(tempfile.mkdtemp(prefix=f"{role}-")))
+    except (ResumeError, CheckpointError) as err:
+        raise ConfigError(f"{role}={run_id}: {err}") from err
+
+
+def _encoder_name(ssl: dict[str, Any]) -> str:
+    return f"encoder preset {ssl['name']!r} layer {ssl['layer']}"
+
+
+def check_same_encoder(adapter_run: str, adapter_ssl: dict[str, Any], vocoder_run: str,
+                       vocoder_ssl: dict[str, Any]) -> None:
+    if (adapter_ssl["name"], adapter_ssl["layer"]) != (vocoder_ssl["name"], vocoder_ssl["layer"]):
+        raise ConfigError(
+            f"Refusing to fine-tune: adapter run {adapter_run} uses {_encoder_name(adapter_ssl)}, but vocoder run "
+            f"{vocoder_run} was trained on {_encoder_name(vocoder_ssl)}. Pretrain a vocoder with "
+            f"ssl={adapter_ssl['name']} ssl.layer={adapter_ssl['layer']} (or pick a matching adapter run)."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+class FinetuneVocoder(VocoderStage):
+    name = "finetune_vocoder"
+    schema = FinetuneVocoderConfig
+    # Another adapter or vocoder run on resume would change what the weights were trained for.
+    architecture_keys = ("ssl.", "vocoder.", "adapter.", "adapter_run", "vocoder_run")
+    uses_degradation = True
+
+    @staticmethod
+    def resuming(cfg: DictConfig) -> bool:
+        return bool(cfg.resume_run or cfg.checkpoint.resume_from)
+
+    @classmethod
+    def resolve_config(cls, cfg: DictConfig) -> DictConfig:
+        """Take ``ssl`` and ``adapter`` from the adapter run and ``vocoder`` from the vocoder run
+        (reading only their checkpoints' meta.json), after checking that both use the same encoder.
+        A resume keeps the checkpoint's values (the runs may be gone by then)."""
+        if cls.resuming(cfg):
+            return cfg
+        if not cfg.adapter_run or not cfg.vocoder_run:
+            raise ConfigError("finetune_vocoder needs adapter_run=<train_adapter run id> and "
+                              "vocoder_run=<pretrain_vocoder run id>")
+        client = MlflowClient()
+        adapter = latest_meta(client, "adapter_run", cfg.adapter_run, ADAPTER_STAGES)["model_args"]
+        vocoder = latest_meta(client, "vocoder_run", cfg.vocoder_run, VOCODER_STAGES)["model_args"]
+        check_same_encoder(cfg.adapter_run, adapter["ssl"], cfg.vocoder_run, vocoder["ssl"])
+        weights = cfg.ssl.weights  # an explicit ssl.weights (the encoder moved) wins over the run's path
+        cfg.ssl = OmegaConf.merge(OmegaConf.structured(EncoderConfig), adapter["ssl"])
+        if weights:
+            cfg.ssl.weights = weights
+        cfg.adapter = OmegaConf.merge(OmegaConf.structured(AdapterConfig), adapter["adapter"])
+        cfg.vocoder = OmegaConf.merge(OmegaConf.structured(VocoderConfig), vocoder["vocoder"])
+        return cfg
+
+    def tags(self) -> dict[str, str]:
+        return {**super().tags(), "chain.adapter_run": str(self.cfg.adapter_run),
+                "chain.vocoder_run": str(self.cfg.vocoder_run)}
+
+    def model_args(self) -> dict[str, Any]:
+        return {**super().model_args(), "adapter": OmegaConf.to_container(self.cfg.adapter),
+                "adapter_run": self.cfg.adapter_run}
+
+    def build_feature_extractor(self) -> None:
+        """The adapter run's encoder with its trained adapters, frozen."""
+        point = load_checkpoint(MlflowClient(), "adapter_run", self.cfg.adapter_run, ADAPTER_STAGES)
+        saved_ssl = point.meta["model_args"]["ssl"]
+        check_same_encoder(self.cfg.adapter_run, saved_ssl, "(this run)", OmegaConf.to_container(self.cfg.ssl))
+        self.adapted = build_adapted_encoder(self.cfg.ssl, self.cfg.adapter)
+        self.adapted.adapters.load_state_dict(point.state["modules"]["adapters"])
+        self.adapted.to(self.device).eval().requires_grad_(False)
+        log.info("Adapters rebuilt from %s", point.source)
+
+    def load_initial_weights(self) -> None:
+        """Generator and discriminators from the vocoder run (fresh start only: a resume restores them)."""
+        if self.resuming(self.cfg):
+            return
+        point = load_checkpoint(MlflowClient(), "vocoder_run", self.cfg.vocoder_run, VOCODER_STAGES)
+        for key, module in self.modules.items():
+            module.load_state_dict(point.state["modules"][key])
+        log.info("Generator and discriminators initialised from %s", point.source)
+
+    @torch.no_grad()
+    def features(self, batch):
+        return self.adapted(batch["noisy_input"])
+
+    def sample_inputs(self, index, clean_in):
+        noisy, _ = degrade(clean_in, self.cfg.ssl.sample_rate, self.cfg.degradation,
+                           sample_rng(int(self.cfg.seed), 0, index, VAL_STREAM))
+        return {"noisy_input": noisy[None]}, {"degraded": noisy}
+
+
+if __name__ == "__main__":
+    main(FinetuneVocoder)
