@@ -285,3 +285,17 @@ def peak_normalised() -> np.ndarray:
 
 def torch_is_finite(wave) -> bool:
     return bool(np.isfinite(wave.numpy()).all())
+
+
+def test_asr_corpus_scan_skips_files_that_would_fail_mid_epoch(tmp_path):
+    from pipeline.config import compose_config
+    from pipeline.models.asr import CharVocabulary, ConformerCTC
+    from pipeline.stages.train_asr import select_utterances
+
+    bad, good = make_bad_files(tmp_path)
+    utts = [Utterance(name, path, "a") for name, path in {**bad, **good}.items()]
+    asr = compose_config("train_asr", ["asr=tiny"]).asr
+    kept = select_utterances(utts, CharVocabulary(asr.vocabulary), ConformerCTC(asr), RATE, None)
+    assert {u.id for u in kept} == set(good) | {"clipped"}  # ASR keeps clipped audio
+    for utt in kept:
+        load_audio(utt.path, RATE)  # what the dataset does mid-epoch

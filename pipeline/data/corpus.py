@@ -80,7 +80,20 @@ def read_audio(
     path: str | Path, sample_rate: int, *, max_clipped_fraction: Optional[float] = None
 ) -> tuple[torch.Tensor, AudioInfo]:
     """Like ``load_audio`` and also returns what the file was (rate, channels)."""
-    path = Path(path)
+    wave, rate, channels = _read_mono(Path(path), max_clipped_fraction)
+    if rate != sample_rate:
+        wave = AF.resample(wave, rate, sample_rate)
+    return wave.contiguous(), AudioInfo(rate, channels)
+
+
+def check_audio(path: str | Path, *, max_clipped_fraction: Optional[float] = None) -> tuple[int, int]:
+    """Read and check a file without resampling it; returns (frames, sample rate) or AudioError.
+    For corpus scans that keep only paths (a file that passes loads without error later)."""
+    wave, rate, _ = _read_mono(Path(path), max_clipped_fraction)
+    return wave.numel(), rate
+
+
+def _read_mono(path: Path, max_clipped_fraction: Optional[float]) -> tuple[torch.Tensor, int, int]:
     if not path.exists():
         raise AudioError(f"audio file {path} does not exist", "missing")
     try:
@@ -99,9 +112,7 @@ def read_audio(
     wave = torch.from_numpy(data.mean(axis=1))
     if float(wave.abs().max()) < 1e-5:
         raise AudioError(f"audio file {path} is silent", "silent")
-    if rate != sample_rate:
-        wave = AF.resample(wave, rate, sample_rate)
-    return wave.contiguous(), AudioInfo(int(rate), int(data.shape[1]))
+    return wave, int(rate), int(data.shape[1])
 
 
 def load_audio(

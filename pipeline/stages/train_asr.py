@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONFIG_DIR, ConformerConfig, TrainAsrConfig
-from pipeline.data.corpus import Utterance, load_audio, read_corpus
+from pipeline.data.corpus import AudioError, Utterance, check_audio, load_audio, read_corpus
 from pipeline.data.datasets import TranscribedSpeech, collate_padded
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
@@ -36,20 +36,18 @@ def preset(name: str) -> DictConfig:
 
 def select_utterances(utterances: list[Utterance], vocab: CharVocabulary, model: ConformerCTC, sample_rate: int,
                       max_seconds: float | None) -> list[Utterance]:
-    """Utterances that can train a CTC model: readable, non-empty, transcribed, not longer than
+    """Utterances that can train a CTC model: readable, non-empty, not silent, finite, transcribed, not longer than
     ``max_seconds``, and with enough output frames for their characters. The rest are counted."""
     kept, skipped = [], Counter()
     for utt in utterances:
-        try:
-            info = sf.info(str(utt.path))
-        except Exception:  # soundfile raises several error types for unreadable files
-            skipped["unreadable"] += 1
+        try:  # read once: a silent or NaN file must not fail later, mid-epoch
+            frames, rate = check_audio(utt.path)
+        except AudioError as err:
+            skipped[err.reason] += 1
             continue
-        seconds = info.frames / info.samplerate if info.samplerate else 0.0
+        seconds = frames / rate
         chars = len(vocab.normalize(utt.text))
-        if info.frames == 0:
-            skipped["empty"] += 1
-        elif chars == 0:
+        if chars == 0:
             skipped["no transcript"] += 1
         elif max_seconds is not None and seconds > max_seconds:
             skipped[f"longer than {max_seconds:g} s"] += 1
