@@ -1,0 +1,81 @@
+"""main: the restoration chain as MLflow Project runs, chained by run IDs, finished steps reused."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import PYTHON, REPO, all_runs, env_for, stage_runs
+from pipeline.main import STEPS, load_main_config, main, step_overrides
+
+SHORT = ["trainer.max_steps=3", "validation.interval=3", "checkpoint.save_interval=3", "validation.num_samples=1",
+         "tracking.flush_seconds=0.2"]
+
+
+def test_overrides_go_to_the_steps_that_have_the_key(store):
+    cfg, words = load_main_config(["main.reuse=false", "adapter.bottleneck=8", "pretrain_vocoder.optim.lr=0.01",
+                                   "trainer.max_steps=7"])
+    assert cfg.reuse is False and words == ["adapter.bottleneck=8", "pretrain_vocoder.optim.lr=0.01",
+                                            "trainer.max_steps=7"]
+    out = step_overrides(cfg, words)
+    assert "adapter.bottleneck=8" in out["train_adapter"] and "adapter.bottleneck=8" not in out["pretrain_vocoder"]
+    assert out["pretrain_vocoder"][-2:] == ["optim.lr=0.01", "trainer.max_steps=7"]
+    assert all(o[-1] == "trainer.max_steps=7" for s, o in out.items() if s != "pretrain_vocoder")
+    assert "ssl=tiny" in out["pretrain_vocoder"] and "ssl=tiny" not in out["finetune_vocoder"]  # from the runs
+
+
+def test_an_override_no_step_knows_is_refused_before_anything_runs(store, capfd):
+    assert main(["trainer.max_stepz=3"]) == 2
+    assert "'trainer.max_stepz=3' fits no step of the chain" in capfd.readouterr().err
+    assert all_runs(MlflowClient()) == []
+
+
+def _project_copy(root: Path) -> Path:
+    """The sources as they are now, outside git: immune to edits in the working tree during the test
+    (the code version is then a hash of the package sources)."""
+    project = root / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("pipeline", "configs"):
+        shutil.copytree(REPO / name, project / name, ignore=ignore)
+    for name in ("MLproject", "conda.yaml"):
+        shutil.copy2(REPO / name, project / name)
+    return project
+
+
+def _main(project: Path, workdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "pipeline.main", *SHORT], cwd=project, env=env_for(workdir),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_main_twice_trains_the_chain_once_then_reuses_every_step(store):
+    project = _project_copy(store)
+    first = _main(project, store)
+    assert first.returncode == 0, first.stderr[-4000:]
+    client = MlflowClient()
+    ids = {step: [r.info.run_id for r in stage_runs(client, step)] for step in STEPS}
+    assert all(len(runs) == 1 for runs in ids.values()), ids
+    adapter, vocoder, finetuned = (ids[s][0] for s in STEPS)
+    for step in STEPS:
+        assert f"{step:<18} {ids[step][0]}  (trained)" in first.stdout
+    assert "mlflow ui --backend-store-uri" in first.stdout
+    run = client.get_run(finetuned)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["adapter_run"] == adapter and run.data.params["vocoder_run"] == vocoder
+    assert run.data.tags["chain.adapter_run"] == adapter and run.data.tags["chain.vocoder_run"] == vocoder
+    assert client.get_run(vocoder).data.tags["chain.previous_run"] == adapter
+    assert run.data.tags["chain.code_version"].startswith("src-")  # no git in the copy: a source hash
+
+    second = _main(project, store)
+    assert second.returncode == 0, second.stderr[-4000:]
+    for step in STEPS:
+        assert f"{step:<18} {ids[step][0]}  (reused)" in second.stdout
+        assert [r.info.run_id for r in stage_runs(client, step)] == ids[step]  # nothing trained again
+    mains = stage_runs(client, "main")
+    assert len(mains) == 2 and mains[1].data.tags["chain.reused"] == ",".join(STEPS)
+    assert mains[1].data.tags["chain.finetune_vocoder"] == finetuned and mains[1].info.status == "FINISHED"
+    assert "Starting fresh training" not in second.stderr
