@@ -17,6 +17,12 @@ class Example:
     text: str = ""
     audio: dict[str, torch.Tensor | np.ndarray] = field(default_factory=dict)  # label -> mono waveform
     info: str = ""  # e.g. the degradation parameters
+    images: list[str] = field(default_factory=list)  # extra images already in the page's folder
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of an utterance ID (IDs may contain slashes or dots)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
 def _spectrogram_png(path: Path, waves: dict[str, np.ndarray], sample_rate: int, title: str) -> None:
@@ -43,7 +49,7 @@ def write_listening_page(out_dir: Path, title: str, examples: list[Example], sam
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
              f"<h2>{html.escape(title)}</h2>"]
     for ex in examples:
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in ex.id)
+        safe = safe_name(ex.id)
         waves = {label: (w.detach().cpu().float().numpy() if torch.is_tensor(w) else np.asarray(w, dtype=np.float32))
                  for label, w in ex.audio.items()}
         players = []
@@ -58,7 +64,8 @@ def write_listening_page(out_dir: Path, title: str, examples: list[Example], sam
         if ex.info:
             parts.append(f"<p><small>{html.escape(ex.info)}</small></p>")
         parts.append("<p>" + " &nbsp; ".join(players) + "</p>")
-        parts.append(f"<img src='{safe}_spectrogram.png'>")
+        for image in [f"{safe}_spectrogram.png", *ex.images]:
+            parts.append(f"<img src='{html.escape(image)}'>")
     parts.append("</body></html>")
     page = out_dir / "index.html"
     page.write_text("\n".join(parts), encoding="utf-8")

@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, compose_config, config_hash, flatten, mask_secrets, split_overrides, to_container
 from pipeline.data.corpus import AudioError, load_audio, read_corpus
-from pipeline.data.degrade import degrade, sample_rng
+from pipeline.data.degrade import OtherUtterances, degrade, sample_rng
 from pipeline.data.shards import (
     FORMAT,
     MANIFEST,
@@ -43,17 +43,17 @@ from pipeline.data.shards import (
 from pipeline.engine.checkpointing import code_version, utc_now
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.tracking import log_params
-from pipeline.listening import Example, write_listening_page
+from pipeline.listening import Example, safe_name, write_listening_page
 
 log = logging.getLogger(__name__)
 
 PREPARE_STREAM = 4  # seeds the degradations of prepare_data, apart from on-the-fly training draws
+BABBLE_POOL = 64  # recent utterances that babble noise is drawn from
 
 
 def _key(utt_id: str, variant: int) -> str:
     """A WebDataset key: no dots (they separate the key from the member kind) and no slashes."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in utt_id)
-    return f"{safe}__v{variant}"
+    return f"{safe_name(utt_id)}__v{variant}"
 
 
 def _open_run(client: MlflowClient, cfg: DictConfig) -> str:
@@ -76,11 +76,13 @@ def _open_run(client: MlflowClient, cfg: DictConfig) -> str:
 def prepare(cfg: DictConfig, client: MlflowClient, run_id: str) -> dict[str, Any]:
     """Write the shards and the manifest; returns the manifest."""
     store = ShardStore(cfg.output)
-    utterances = read_corpus(cfg.data.format, cfg.data.root)
+    utterances = read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets)
     if len(utterances) <= cfg.data.val_size:
         raise ConfigError(f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(utterances)} found)")
     split_at = len(utterances) - cfg.data.val_size
     skipped: Counter[str] = Counter()
+    # Babble comes from the utterances read just before (bounded memory, same order every run).
+    babble_pool: deque = deque(maxlen=BABBLE_POOL)
     examples: list[Example] = []
     started = time.perf_counter()
     audio_seconds = 0.0
@@ -93,10 +95,10 @@ def prepare(cfg: DictConfig, client: MlflowClient, run_id: str) -> dict[str, Any
         writers = {split: ShardWriter(Path(tmp), split, cfg.shard_size, upload) for split in ("train", "val")}
         for index, utt in enumerate(tqdm(utterances, desc="prepare_data", unit="utt", disable=not sys.stderr.isatty())):
             try:
-                clean = load_audio(utt.path, cfg.sample_rate)
+                clean = load_audio(utt.path, cfg.sample_rate, max_clipped_fraction=cfg.data.max_clipped_fraction)
             except AudioError as err:
-                skipped[getattr(err, "reason", "unusable")] += 1
-                log.warning("skipping %s", err)
+                skipped[err.reason] += 1
+                log.debug("skipping %s", err)
                 continue
             seconds = clean.numel() / cfg.sample_rate
             if seconds > cfg.max_seconds:
@@ -104,9 +106,10 @@ def prepare(cfg: DictConfig, client: MlflowClient, run_id: str) -> dict[str, Any
                 continue
             split = "train" if index < split_at else "val"
             clean_bytes = wav_bytes(clean, cfg.sample_rate)
+            others = OtherUtterances(list(babble_pool)) if babble_pool else None
             for variant in range(cfg.variants if split == "train" else 1):
                 rng = sample_rng(int(cfg.seed), variant, index, PREPARE_STREAM)
-                noisy, params = degrade(clean, cfg.sample_rate, cfg.degradation, rng)
+                noisy, params = degrade(clean, cfg.sample_rate, cfg.degradation, rng, others=others)
                 meta = {"utterance": utt.id, "text": utt.text, "variant": variant, "split": split,
                         "sample_rate": cfg.sample_rate, "seconds": round(seconds, 4), "degradation": params}
                 writers[split].add(_key(utt.id, variant), clean_bytes, wav_bytes(noisy, cfg.sample_rate), meta, seconds)
@@ -114,6 +117,7 @@ def prepare(cfg: DictConfig, client: MlflowClient, run_id: str) -> dict[str, Any
                 if len(examples) < cfg.examples and split == "train":
                     examples.append(Example(f"{utt.id} v{variant}", utt.text, {"clean": clean, "degraded": noisy},
                                             json.dumps(params)))
+            babble_pool.append(clean)
         shards = {split: writer.close() for split, writer in writers.items()}
     if not shards["train"]:
         raise AudioError(f"no usable training audio in the corpus ({dict(skipped)} skipped)")
@@ -173,7 +177,7 @@ def run_prepare(argv: list[str]) -> int:
         return EXIT_BAD_INPUT
     client = MlflowClient()
     try:
-        read_corpus(cfg.data.format, cfg.data.root)  # a missing corpus fails before a run exists
+        read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets)  # a missing corpus fails before a run exists
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT

@@ -126,3 +126,62 @@ def test_bad_input_is_refused_before_a_run_exists(store, capfd):
     assert run_prepare([f"output={store}/s", "data.root=/no/such/corpus"]) == EXIT_BAD_INPUT
     assert "/no/such/corpus" in capfd.readouterr().err
     assert all_runs(MlflowClient()) == []
+
+
+def _train(*args: str) -> int:
+    from conftest import TINY
+    from pipeline.engine.session import run_stage
+    from pipeline.stages.train_adapter import TrainAdapter
+
+    return run_stage(TrainAdapter, [*TINY, "data=shards", "data.segment_seconds=0.5", *args])
+
+
+def test_train_adapter_trains_from_local_and_s3_shards_and_logs_the_dataset(store, s3, shards):
+    assert run_prepare(["output=s3://test-bucket/demo", *SMALL]) == EXIT_OK
+    for root in (str(shards), "s3://test-bucket/demo"):
+        assert _train(f"data.root={root}", "trainer.max_steps=4", "validation.interval=2",
+                      "checkpoint.save_interval=4") == EXIT_OK
+    client = MlflowClient()
+    prepared = [r for r in all_runs(client) if r.data.tags.get("stage") == "prepare_data"]
+    trained = [r for r in all_runs(client) if r.data.tags.get("stage") == "train_adapter"]
+    assert len(prepared) == 2 and len(trained) == 2
+    digests = {r.inputs.dataset_inputs[0].dataset.digest for r in prepared}
+    assert len(digests) == 1  # local and S3 shards are the same data
+    for run in trained:
+        assert run.info.status == "FINISHED" and run.data.tags["dataset"] == "demo"
+        (dataset_input,) = run.inputs.dataset_inputs
+        assert dataset_input.dataset.digest in digests
+        assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [2, 4]
+
+
+@pytest.mark.slow
+def test_exact_resume_while_reading_shards_with_two_workers(store, shards):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import TINY, env_for, loss_history, run_module, stage_runs
+
+    args = [*TINY, "data=shards", f"data.root={shards}", "data.num_workers=2", "data.segment_seconds=0.5",
+            "trainer.max_steps=40", "validation.interval=10", "checkpoint.save_interval=15"]
+    reference = run_module(store, *args)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    client = MlflowClient()
+    (ref,) = stage_runs(client)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train_adapter", *args], cwd=store, env=env_for(store),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "step 19/40" in line:  # mid-epoch (12 batches per epoch with 2 workers), past a checkpoint
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 3, rest[-3000:]
+    run = next(r for r in stage_runs(client) if r.info.run_id != ref.info.run_id)
+    stopped = int(run.data.tags["checkpoint.latest_step"])
+    assert 19 <= stopped < 40 and stopped % 12 != 0
+    resumed = run_module(store, *args, f"resume_run={run.info.run_id}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got, expected = loss_history(client, run.info.run_id), loss_history(client, ref.info.run_id)
+    assert [s for s, _ in got] == list(range(1, 41))
+    assert got == expected

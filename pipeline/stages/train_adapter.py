@@ -7,19 +7,20 @@ the clean speech, by training parallel adapters only (Miipher-2, DESIGN §8).
 
 from __future__ import annotations
 
-import html
+import json
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
 import torch
 
 from pipeline.config import TrainAdapterConfig
 from pipeline.data.corpus import load_corpus_audio, read_corpus
 from pipeline.data.datasets import VAL_STREAM, DegradedPairs
 from pipeline.data.degrade import OtherUtterances, degrade, sample_rng
+from pipeline.data.shards import ShardPairs, StreamingPairs, read_manifest, shard_dataset
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
+from pipeline.listening import Example, safe_name, write_listening_page
 from pipeline.losses import feature_loss
 from pipeline.models.adapters import AdaptedEncoder
 from pipeline.models.encoder import create_encoder
@@ -33,7 +34,8 @@ class TrainAdapter(Stage):
     val_metric_names = ("val/loss", "val/l1", "val/l2", "val/sc")
 
     def tags(self) -> dict[str, str]:
-        return {"model": self.cfg.ssl.name, "dataset": self.cfg.data.name}
+        # training from shards: the dataset is the corpus they were made from
+        return {"model": self.cfg.ssl.name, "dataset": getattr(self, "dataset_name", self.cfg.data.name)}
 
     def model_args(self) -> dict[str, Any]:
         from omegaconf import OmegaConf
@@ -55,17 +57,51 @@ class TrainAdapter(Stage):
         self.optimizers = {"adapters": optimizer}
         self.schedulers = {"adapters": self.make_scheduler(optimizer)}
 
+        segment = int(cfg.data.segment_seconds * cfg.ssl.sample_rate)
+        if cfg.data.format == "shards":
+            self._build_shard_data(segment)
+        else:
+            self._build_corpus_data(segment)
+
+    def _build_corpus_data(self, segment: int) -> None:
+        """On-the-fly degradation of a corpus held in memory."""
+        cfg = self.cfg
         utterances, waves = load_corpus_audio(read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets),
                                               cfg.ssl.sample_rate, max_clipped_fraction=cfg.data.max_clipped_fraction)
         if len(waves) <= cfg.data.val_size:
             raise ValueError(f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(waves)} usable)")
         split = len(waves) - cfg.data.val_size
-        segment = int(cfg.data.segment_seconds * cfg.ssl.sample_rate)
         common = dict(sample_rate=cfg.ssl.sample_rate, segment_samples=segment, degradation=cfg.degradation,
                       seed=int(cfg.seed))
         self.train_set = DegradedPairs(waves[:split], train=True, **common)
         self.val_set = DegradedPairs(waves[split:], train=False, **common)
-        self.val_utterances = list(zip(utterances[split:], waves[split:]))
+        val_waves = waves[split:]
+        self.val_examples = []
+        for index, utt in enumerate(utterances[split:][: cfg.validation.num_samples]):
+            rng = sample_rng(int(cfg.seed), 0, index, VAL_STREAM)
+            noisy, params = degrade(val_waves[index], cfg.ssl.sample_rate, cfg.degradation, rng,
+                                    others=OtherUtterances(val_waves, index))
+            self.val_examples.append((utt.id, utt.text, val_waves[index], noisy, params))
+
+    def _build_shard_data(self, segment: int) -> None:
+        """Pairs written by prepare_data, streamed from a directory or S3."""
+        cfg = self.cfg
+        if not cfg.data.root:
+            raise ValueError("data=shards needs data.root: the prepare_data output (directory or s3://bucket/prefix)")
+        manifest = read_manifest(cfg.data.root)
+        if manifest["sample_rate"] != cfg.ssl.sample_rate:
+            raise ValueError(f"the shards at {cfg.data.root} are at {manifest['sample_rate']} Hz but the "
+                             f"{cfg.ssl.name} encoder takes {cfg.ssl.sample_rate} Hz; run prepare_data with "
+                             f"sample_rate={cfg.ssl.sample_rate}")
+        self.dataset_name = manifest["corpus"]["name"]
+        self.shard_dataset = shard_dataset(cfg.data.root, manifest)
+        self.train_set = StreamingPairs(cfg.data.root, manifest, segment, int(cfg.seed))
+        self.val_set = ShardPairs(cfg.data.root, manifest, "val", segment)
+        self.val_examples = [(s["key"], s["meta"].get("text", ""), s["clean"], s["noisy"], s["meta"]["degradation"])
+                             for s in self.val_set.samples[: cfg.validation.num_samples]]
+
+    def dataset_inputs(self) -> list[Any]:
+        return [self.shard_dataset] if hasattr(self, "shard_dataset") else []
 
     def compute_loss(self, batch):
         target = self.model.target_features(batch["clean"])
@@ -81,19 +117,14 @@ class TrainAdapter(Stage):
 
     @torch.no_grad()
     def write_samples(self, out_dir: Path, step: int) -> None:
-        """Clean and degraded audio of a few validation utterances with their feature plots."""
+        """Clean and degraded audio of a few validation utterances, spectrograms and feature plots."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rate = self.cfg.ssl.sample_rate
-        rows, val_waves = [], [wave for _, wave in self.val_utterances]
-        for index, (utt, clean) in enumerate(self.val_utterances[: self.cfg.validation.num_samples]):
-            rng = sample_rng(int(self.cfg.seed), 0, index, VAL_STREAM)
-            noisy, params = degrade(clean, rate, self.cfg.degradation, rng, others=OtherUtterances(val_waves, index))
-            sf.write(out_dir / f"{utt.id}_clean.wav", clean.numpy(), rate)
-            sf.write(out_dir / f"{utt.id}_degraded.wav", noisy.clamp(-1, 1).numpy(), rate)
+        examples = []
+        for utt_id, text, clean, noisy, params in self.val_examples:
             x_clean, x_noisy = clean[None].to(self.device), noisy[None].to(self.device)
             panels = {
                 "clean (target)": self.model.target_features(x_clean)[0],
@@ -104,22 +135,14 @@ class TrainAdapter(Stage):
             for ax, (title, feats) in zip(axes, panels.items()):
                 ax.imshow(feats.float().cpu().T.numpy(), aspect="auto", origin="lower", interpolation="nearest")
                 ax.set_title(title, fontsize=9)
-            fig.suptitle(f"{utt.id} · step {step}")
+            fig.suptitle(f"{utt_id} · step {step}")
             fig.tight_layout()
-            fig.savefig(out_dir / f"{utt.id}_features.png", dpi=80)
+            image = f"{safe_name(utt_id)}_features.png"
+            fig.savefig(out_dir / image, dpi=80)
             plt.close(fig)
-            rows.append((utt, params))
-        page = [f"<html><body><h2>{self.name} · validation samples at step {step}</h2>"]
-        for utt, params in rows:
-            page.append(
-                f"<h3>{html.escape(utt.id)}: {html.escape(utt.text)}</h3>"
-                f"<p>degradation: {html.escape(str(params))}</p>"
-                f"<p>clean <audio controls src='{utt.id}_clean.wav'></audio> "
-                f"degraded <audio controls src='{utt.id}_degraded.wav'></audio></p>"
-                f"<img src='{utt.id}_features.png'>"
-            )
-        (out_dir / "index.html").write_text("\n".join(page) + "</body></html>", encoding="utf-8")
-
+            examples.append(Example(utt_id, text, {"clean": clean, "degraded": noisy}, json.dumps(params), [image]))
+        write_listening_page(out_dir, f"{self.name} · validation samples at step {step}", examples,
+                             self.cfg.ssl.sample_rate)
 
 if __name__ == "__main__":
     main(TrainAdapter)
