@@ -1,8 +1,6 @@
 """Checkpoint files: atomic write, sha256 verification, safe loading, retention, RNG state."""
 
-import json
 import os
-import pickle
 import random
 import re
 from pathlib import Path

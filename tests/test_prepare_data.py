@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -12,8 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import all_runs
-from pipeline.data.shards import MANIFEST, ShardError, ShardPairs, ShardStore, StreamingPairs, read_manifest
-from pipeline.data.datasets import collate_padded
+from pipeline.data.shards import MANIFEST, ShardError, ShardPairs, StreamingPairs, read_manifest
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.prepare_data import run_prepare
 from torch.utils.data import default_collate
