@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from pipeline.data.datasets import TRAIN_STREAM, crop_or_pad
 from pipeline.data.degrade import sample_rng
+from pipeline.engine.checkpointing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class ShardWriter:
     def _finish_shard(self) -> None:
         path = Path(self._tar.name)
         self._tar.close()
-        info = ShardInfo(path.name, self._count, round(self._seconds, 3), path.stat().st_size, _sha256(path))
+        info = ShardInfo(path.name, self._count, round(self._seconds, 3), path.stat().st_size, sha256_file(path))
         self.shards.append(info)
         self.on_shard(path, info)
         self._tar, self._count, self._seconds = None, 0, 0.0
@@ -173,14 +174,6 @@ class ShardWriter:
         if self._tar is not None:
             self._finish_shard()
         return self.shards
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
