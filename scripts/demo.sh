@@ -1,26 +1,18 @@
 #!/usr/bin/env bash
-# The main job: a short train_adapter run on the embedded demo corpus through `mlflow run`,
-# tracked in ./mlflow.db (SQLite) with artifacts in ./mlartifacts... then how to look and resume.
+# The main job: the whole restoration chain (train_adapter -> pretrain_vocoder -> finetune_vocoder) on
+# the embedded demo corpus with tiny presets, through `mlflow run -e main`, tracked in ./mlflow.db
+# (SQLite) with artifacts in ./mlruns. Each step is its own MLflow run, linked by run IDs; running
+# the demo again reuses the finished steps (same entry point, parameters and code version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
-OVERRIDES=${OVERRIDES:-"ssl=tiny trainer.max_steps=200 checkpoint.save_interval=50 validation.interval=50 batch_size=4"}
-mlflow run . -e train_adapter --env-manager local --experiment-name train_adapter -P overrides="$OVERRIDES"
-run_id=$(python - <<'PY'
-from mlflow import MlflowClient
-runs = MlflowClient().search_runs(
-    [MlflowClient().get_experiment_by_name("train_adapter").experiment_id],
-    "tags.stage = 'train_adapter'", order_by=["attributes.start_time DESC"], max_results=1)
-print(runs[0].info.run_id)
-PY
-)
+OVERRIDES=${OVERRIDES:-""}   # e.g. OVERRIDES="pretrain_vocoder.trainer.max_steps=600" or "main.reuse=false"
+mlflow run . -e main --env-manager local --experiment-name main -P overrides="$OVERRIDES"
 cat <<MSG
-
-Done. Run ID: $run_id
-  Dashboard:  .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI   (then open http://127.0.0.1:5000)
-  Checkpoints: .venv/bin/python -m pipeline.checkpoints --model tiny --dataset demo
-  Resume (e.g. with more steps), logging into the same run:
-    source .venv/bin/activate && mlflow run . -e train_adapter --env-manager local --experiment-name train_adapter \\
-        -P resume_run=$run_id -P overrides="trainer.max_steps=300"
+  Checkpoints: .venv/bin/python -m pipeline.checkpoints --model hifigan --dataset demo
+  Listening pages: the vocoder runs' artifacts samples/step-*/index.html (clean, degraded, generated)
+  Resume a step with more steps, logging into the same run:
+    source .venv/bin/activate && mlflow run . -e pretrain_vocoder --env-manager local \\
+        -P resume_run=<pretrain_vocoder run ID above> -P overrides="trainer.max_steps=600"
 MSG
