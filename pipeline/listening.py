@@ -18,6 +18,7 @@ class Example:
     audio: dict[str, torch.Tensor | np.ndarray] = field(default_factory=dict)  # label -> mono waveform
     info: str = ""  # e.g. the degradation parameters
     images: list[str] = field(default_factory=list)  # extra images already in the page's folder
+    rates: dict[str, int] = field(default_factory=dict)  # label -> sample rate, where not the page's
 
 
 def safe_name(text: str) -> str:
@@ -25,7 +26,7 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
-def _spectrogram_png(path: Path, waves: dict[str, np.ndarray], sample_rate: int, title: str) -> None:
+def _spectrogram_png(path: Path, waves: dict[str, np.ndarray], rates: dict[str, int], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +34,7 @@ def _spectrogram_png(path: Path, waves: dict[str, np.ndarray], sample_rate: int,
 
     fig, axes = plt.subplots(len(waves), 1, figsize=(8, 2.2 * len(waves)), sharex=True, squeeze=False)
     for ax, (label, wave) in zip(axes[:, 0], waves.items()):
-        ax.specgram(wave, NFFT=512, Fs=sample_rate, noverlap=384, cmap="magma")
+        ax.specgram(wave, NFFT=512, Fs=rates[label], noverlap=384, cmap="magma")
         ax.set_title(label, fontsize=9)
         ax.set_ylabel("Hz")
     axes[-1, 0].set_xlabel("s")
@@ -52,12 +53,13 @@ def write_listening_page(out_dir: Path, title: str, examples: list[Example], sam
         safe = safe_name(ex.id)
         waves = {label: (w.detach().cpu().float().numpy() if torch.is_tensor(w) else np.asarray(w, dtype=np.float32))
                  for label, w in ex.audio.items()}
+        rates = {label: ex.rates.get(label, sample_rate) for label in waves}
         players = []
         for label, wave in waves.items():
             name = f"{safe}_{label.replace(' ', '_')}.wav"
-            sf.write(out_dir / name, np.clip(wave, -1.0, 1.0), sample_rate)
+            sf.write(out_dir / name, np.clip(wave, -1.0, 1.0), rates[label])
             players.append(f"{html.escape(label)} <audio controls src='{name}'></audio>")
-        _spectrogram_png(out_dir / f"{safe}_spectrogram.png", waves, sample_rate, ex.id)
+        _spectrogram_png(out_dir / f"{safe}_spectrogram.png", waves, rates, ex.id)
         parts.append(f"<h3>{html.escape(ex.id)}</h3>")
         if ex.text:
             parts.append(f"<p>{html.escape(ex.text)}</p>")

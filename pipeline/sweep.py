@@ -129,7 +129,9 @@ def override_value(value: Any) -> str:
 
 
 def stage_class(name: str) -> type[Stage]:
-    known = sorted(p.stem for p in (Path(__file__).parent / "stages").glob("*.py") if p.stem != "__init__")
+    """The Stage subclass of ``pipeline/stages/<name>.py`` (every stage module names its stage)."""
+    known = sorted(p.stem for p in (Path(__file__).parent / "stages").glob("*.py")
+                   if (CONFIG_DIR / f"{p.stem}.yaml").is_file())  # helpers like vocoder_base are not stages
     if name not in known:
         raise ConfigError(f"Unknown stage {name!r}; stages that can be swept: {', '.join(known)}")
     module = importlib.import_module(f"pipeline.stages.{name}")

@@ -153,3 +153,38 @@ def s3(monkeypatch):
         yield client
     finally:
         server.stop()
+
+
+def start_stage(workdir: Path, module: str, *args: str) -> subprocess.Popen:
+    """``python -m pipeline.<module> ARGS`` in the background, stderr readable line by line."""
+    return subprocess.Popen([PYTHON, "-m", f"pipeline.{module}", *args], cwd=workdir, env=env_for(workdir),
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+
+
+def read_until(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    """Read the process's stderr until a line contains ``needle``; the lines read so far."""
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} never appeared:\n{''.join(lines[-30:])}")
+
+
+def artifact_dir(client: MlflowClient, run_id: str) -> Path:
+    from urllib.parse import urlparse
+
+    return Path(urlparse(client.get_run(run_id).info.artifact_uri).path)
+
+
+def snapshot(client: MlflowClient):
+    """Runs with their status, tags, metrics and every artifact file: what bad input must not change."""
+    out = {}
+    for run in all_runs(client):
+        art = artifact_dir(client, run.info.run_id)
+        files = tuple(sorted(str(p.relative_to(art)) for p in art.rglob("*"))) if art.exists() else ()
+        out[run.info.run_id] = (run.info.status, dict(run.data.tags), dict(run.data.metrics), files)
+    return out

@@ -193,7 +193,7 @@ def test_crashed_worker_trial_is_found_stale_and_resumed_in_its_own_run(tmp_path
     env = env_for(tmp_path)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     cmd = _sweep_cmd(storage, 2, "trainer.max_steps=40", "validation.interval=20", "checkpoint.save_interval=10",
-                     "sweep.heartbeat_seconds=1")
+                     "sweep.heartbeat_seconds=2")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:
@@ -211,7 +211,7 @@ def test_crashed_worker_trial_is_found_stale_and_resumed_in_its_own_run(tmp_path
     assert client.get_run(child_id).data.tags["checkpoint.latest_step"] == "10" and before[-1][0] >= 11
     import time
 
-    time.sleep(4.5)  # past the heartbeat grace period (4 x 1 s)
+    time.sleep(8.5)  # past the heartbeat grace period (4 x 2 s)
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumes trial 1 in its child run {child_id}" in again.stderr

@@ -14,13 +14,13 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import TINY, all_runs, env_for, loss_history, mlflow_run, run_module, stage_runs, wait_for
+from conftest import (TINY, all_runs, artifact_dir, env_for, loss_history, mlflow_run, read_until, run_module, snapshot,
+                      stage_runs, start_stage, wait_for)
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
@@ -29,21 +29,12 @@ def train(*args: str) -> int:
     return run_stage(TrainAdapter, [*TINY, *args])
 
 
-def artifact_dir(client: MlflowClient, run_id: str) -> Path:
-    return Path(urlparse(client.get_run(run_id).info.artifact_uri).path)
 
 
 def checkpoint_dirs(client: MlflowClient, run_id: str) -> list[str]:
     return sorted(p.name for p in (artifact_dir(client, run_id) / "checkpoints").glob("step-*"))
 
 
-def snapshot(client: MlflowClient):
-    """Everything a failed start must leave untouched: runs, their tags, metrics and status."""
-    out = {}
-    for run in all_runs(client):
-        out[run.info.run_id] = (run.info.status, dict(run.data.tags), dict(run.data.metrics),
-                                tuple(checkpoint_dirs(client, run.info.run_id)))
-    return out
 
 
 @pytest.fixture
@@ -275,23 +266,8 @@ def test_checkpoint_with_pickled_code_is_refused(store, capfd):
 # --------------------------------------------------------------------------------------------
 
 
-def _start(workdir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [os.sys.executable, "-m", "pipeline.train_adapter", *TINY, *args],
-        cwd=workdir, env=env_for(workdir), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-    )
 
 
-def _read_until(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
-    lines, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"{needle!r} never appeared:\n{''.join(lines[-30:])}")
 
 
 @pytest.mark.slow
@@ -304,8 +280,8 @@ def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(store):
     expected = loss_history(client, ref_run.info.run_id)
     assert [s for s, _ in expected] == list(range(1, 41))
 
-    proc = _start(store, *steps)
-    _read_until(proc, "step 7/40")
+    proc = start_stage(store, "train_adapter", *TINY, *steps)
+    read_until(proc, "step 7/40")
     proc.send_signal(signal.SIGTERM)
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == EXIT_STOPPED, rest[-3000:]
@@ -371,8 +347,8 @@ def test_stop_tag_stops_mlflow_run_within_seconds_and_the_run_resumes(store):
 
 @pytest.mark.slow
 def test_sigint_stops_gracefully_with_a_committed_checkpoint(store):
-    proc = _start(store, "trainer.max_steps=5000", "checkpoint.save_interval=1000", "validation.interval=0")
-    _read_until(proc, "step 3/5000")
+    proc = start_stage(store, "train_adapter", *TINY, "trainer.max_steps=5000", "checkpoint.save_interval=1000", "validation.interval=0")
+    read_until(proc, "step 3/5000")
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == EXIT_STOPPED, rest[-3000:]

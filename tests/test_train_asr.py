@@ -11,9 +11,7 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -21,7 +19,8 @@ import soundfile as sf
 import torch
 from mlflow import MlflowClient
 
-from conftest import PYTHON, REPO, VENV_BIN, all_runs, env_for, loss_history, stage_runs
+from conftest import (PYTHON, REPO, VENV_BIN, artifact_dir, env_for, loss_history, read_until, snapshot,
+                      stage_runs, start_stage)
 from pipeline.config import compose_config
 from pipeline.data.corpus import DEMO_DIR, read_directory
 from pipeline.data.datasets import collate_padded
@@ -57,18 +56,8 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
     return loss_history(client, run_id, key)
 
 
-def artifact_dir(client: MlflowClient, run_id: str) -> Path:
-    return Path(urlparse(client.get_run(run_id).info.artifact_uri).path)
 
 
-def snapshot(client: MlflowClient):
-    """Runs with their status, tags, metrics and every artifact file: what bad input must not change."""
-    out = {}
-    for run in all_runs(client):
-        art = artifact_dir(client, run.info.run_id)
-        files = tuple(sorted(str(p.relative_to(art)) for p in art.rglob("*"))) if art.exists() else ()
-        out[run.info.run_id] = (run.info.status, dict(run.data.tags), dict(run.data.metrics), files)
-    return out
 
 
 class StopAt(TrainingHooks):
@@ -415,21 +404,8 @@ def test_transcribe_bad_input_gives_one_clear_error_and_writes_nothing(finished_
 # --------------------------------------------------------------------------------------------
 
 
-def _start(workdir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-m", "pipeline.train_asr", *TINY_ASR, *args], cwd=workdir, env=env_for(workdir),
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
-def _read_until(proc: subprocess.Popen, needle: str, timeout: float = 120) -> None:
-    lines, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return
-    raise AssertionError(f"{needle!r} never appeared:\n{''.join(lines[-30:])}")
 
 
 def _mlflow_run(workdir: Path, entry: str, *params: str) -> subprocess.CompletedProcess:
@@ -451,8 +427,8 @@ def test_sigterm_then_mlflow_run_resume_is_bit_identical_and_transcribe_runs(sto
     expected = history(client, ref_run.info.run_id, "train/loss")
     assert [s for s, _ in expected] == list(range(1, 21))
 
-    proc = _start(store, *steps)
-    _read_until(proc, "step 3/20")
+    proc = start_stage(store, "train_asr", *TINY_ASR, *steps)
+    read_until(proc, "step 3/20")
     proc.send_signal(signal.SIGTERM)
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == EXIT_STOPPED, rest[-3000:]

@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
-from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -15,7 +12,8 @@ import yaml
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import PYTHON, REPO, VENV_BIN, all_runs, env_for, loss_history, stage_runs
+from conftest import (REPO, VENV_BIN, all_runs, artifact_dir, env_for, loss_history, read_until, snapshot,
+                      stage_runs, start_stage)
 from pipeline.config import VocoderConfig, compose_config
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, run_stage, seed_everything
 from pipeline.engine.stage import Precision
@@ -54,17 +52,8 @@ def only_run(client: MlflowClient, stage: str) -> str:
     return run.info.run_id
 
 
-def artifact_dir(client: MlflowClient, run_id: str) -> Path:
-    return Path(urlparse(client.get_run(run_id).info.artifact_uri).path)
 
 
-def snapshot(client: MlflowClient):
-    out = {}
-    for run in all_runs(client):
-        art = artifact_dir(client, run.info.run_id)
-        files = tuple(sorted(str(p.relative_to(art)) for p in art.rglob("*"))) if art.exists() else ()
-        out[run.info.run_id] = (run.info.status, dict(run.data.tags), dict(run.data.metrics), files)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,34 +160,21 @@ def test_bad_vocoder_preset_is_refused_before_anything_is_written(store, capfd):
     assert all_runs(MlflowClient()) == []
 
 
-def _start(workdir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-m", "pipeline.pretrain_vocoder", *TINY_VOCODER, *args], cwd=workdir,
-                            env=env_for(workdir), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
-def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> None:
-    lines, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return
-    raise AssertionError(f"{needle!r} never appeared:\n{''.join(lines[-30:])}")
 
 
 @pytest.mark.slow
 def test_sigterm_then_resume_gives_bit_identical_gan_losses(store):
     steps = ["trainer.max_steps=16", "checkpoint.save_interval=5", "validation.interval=6", "validation.num_samples=1"]
-    reference = _start(store, *steps)
+    reference = start_stage(store, "pretrain_vocoder", *TINY_VOCODER, *steps)
     err = reference.stderr.read()
     assert reference.wait(timeout=300) == EXIT_OK, err[-3000:]
     client = MlflowClient()
     ref_id = only_run(client, "pretrain_vocoder")
 
-    proc = _start(store, *steps)
-    _wait_for_line(proc, "step 3/16")
+    proc = start_stage(store, "pretrain_vocoder", *TINY_VOCODER, *steps)
+    read_until(proc, "step 3/16")
     proc.send_signal(signal.SIGTERM)
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == EXIT_STOPPED, rest[-3000:]

@@ -8,24 +8,23 @@ step, the validation mel loss, the data and the listening page.
 
 from __future__ import annotations
 
-import html
 import logging
 import math
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
 import torch
 import torchaudio
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from pipeline.config import DegradationConfig, EncoderConfig, VocoderConfig
+from pipeline.config import DegradationConfig, EncoderConfig
 from pipeline.data.corpus import Utterance, load_corpus_audio, read_corpus
 from pipeline.data.datasets import TRAIN_STREAM, VAL_STREAM
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine.stage import Stage
+from pipeline.listening import Example, safe_name, write_listening_page
 from pipeline.losses import discriminator_loss, generator_loss, log_mel, mel_l1
 from pipeline.models.hifigan import build_vocoder, validate_preset
 
@@ -162,7 +161,8 @@ class VocoderStage(Stage):
     def _build_data(self) -> None:
         cfg = self.cfg
         rate_in, rate_out = cfg.ssl.sample_rate, cfg.vocoder.sample_rate
-        utterances, waves_in = load_corpus_audio(read_corpus(cfg.data.format, cfg.data.root), rate_in)
+        utterances, waves_in = load_corpus_audio(read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets), rate_in,
+                                                 max_clipped_fraction=cfg.data.max_clipped_fraction)
         waves_out = waves_in if rate_out == rate_in else load_corpus_audio(utterances, rate_out)[1]
         if len(waves_in) <= cfg.data.val_size:
             raise ValueError(f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(waves_in)} usable)")
@@ -238,7 +238,7 @@ class VocoderStage(Stage):
         import matplotlib.pyplot as plt
 
         rate_in, rate_out = self.cfg.ssl.sample_rate, self.cfg.vocoder.sample_rate
-        rows = []
+        examples = []
         for index, (utt, wave_in, wave_out) in enumerate(self.val_utterances[: self.cfg.validation.num_samples]):
             frames = min(wave_in.numel() // self.hop_in, wave_out.numel() // self.hop_out)
             left, right = self.context
@@ -246,11 +246,7 @@ class VocoderStage(Stage):
             inputs, extra = self.sample_inputs(index, clean_in)
             fake = self.generator(self.features({k: v.to(self.device) for k, v in inputs.items()}))[0].float().cpu()
             clean = wave_out[: frames * self.hop_out]
-            name = Path(utt.id).name
-            sf.write(out_dir / f"{name}_clean.wav", clean.numpy(), rate_out)
-            sf.write(out_dir / f"{name}_generated.wav", fake.numpy(), rate_out)
-            for label, audio in extra.items():
-                sf.write(out_dir / f"{name}_{label}.wav", audio[left: audio.numel() - right].clamp(-1, 1).numpy(), rate_in)
+            name = safe_name(Path(utt.id).name)
             panels = {label: log_mel(audio[None].to(self.device), self.mel)[0].cpu()
                       for label, audio in (("clean", clean), ("generated", fake))}
             distance = float((panels["clean"] - panels["generated"]).abs().mean())
@@ -262,18 +258,12 @@ class VocoderStage(Stage):
             fig.tight_layout()
             fig.savefig(out_dir / f"{name}_mel.png", dpi=80)
             plt.close(fig)
-            rows.append((name, utt.text, list(extra), distance))
-        self._write_page(out_dir, step, rows)
-
-    def _write_page(self, out_dir: Path, step: int, rows) -> None:
-        page = [f"<html><body><h2>{self.name} · validation samples at step {step}</h2>"]
-        for name, text, extra, distance in rows:
-            players = " ".join(f"{label} <audio controls src='{html.escape(name)}_{label}.wav'></audio>"
-                               for label in [*extra, "clean", "generated"])
-            page.append(f"<h3>{html.escape(name)}: {html.escape(text)}</h3><p>{players}</p>"
-                        f"<p>log-mel L1 of the generated waveform: {distance:.4f}</p>"
-                        f"<img src='{html.escape(name)}_mel.png'>")
-        (out_dir / "index.html").write_text("\n".join(page) + "</body></html>", encoding="utf-8")
+            audio = {label: wave[left: wave.numel() - right] for label, wave in extra.items()}
+            examples.append(Example(
+                name, utt.text, {**audio, "clean": clean, "generated": fake},
+                f"log-mel L1 of the generated waveform: {distance:.4f}", [f"{name}_mel.png"],
+                rates={**{label: rate_in for label in audio}, "clean": rate_out, "generated": rate_out}))
+        write_listening_page(out_dir, f"{self.name} · validation samples at step {step}", examples, rate_out)
 
 
 def _millions(module: torch.nn.Module) -> float:
