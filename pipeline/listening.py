@@ -34,7 +34,8 @@ def _spectrogram_png(path: Path, waves: dict[str, np.ndarray], rates: dict[str, 
 
     fig, axes = plt.subplots(len(waves), 1, figsize=(8, 2.2 * len(waves)), sharex=True, squeeze=False)
     for ax, (label, wave) in zip(axes[:, 0], waves.items()):
-        ax.specgram(wave, NFFT=512, Fs=rates[label], noverlap=384, cmap="magma")
+        with np.errstate(divide="ignore"):  # digital silence (e.g. a lost packet) is -inf dB
+            ax.specgram(wave, NFFT=512, Fs=rates[label], noverlap=384, cmap="magma")
         ax.set_title(label, fontsize=9)
         ax.set_ylabel("Hz")
     axes[-1, 0].set_xlabel("s")

@@ -38,6 +38,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config import CONFIG_DIR, ConfigError, apply_overrides, compose_config, mask_secrets, split_overrides
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, run_stage, setup_logging
@@ -299,10 +300,19 @@ class Sweep:
 
 def open_study(storage_url: str, name: str, spec: SweepSpec) -> tuple[optuna.Study, bool]:
     """Create the study (True) or load it (False): creation is atomic in the storage."""
-    storage = RDBStorage(
-        storage_url, heartbeat_interval=spec.heartbeat_seconds, grace_period=4 * spec.heartbeat_seconds,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries),
-    )
+    storage = None
+    for attempt in range(5):  # workers started together race to create Optuna's tables; the loser retries
+        try:
+            storage = RDBStorage(
+                storage_url, heartbeat_interval=spec.heartbeat_seconds, grace_period=4 * spec.heartbeat_seconds,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries),
+            )
+            break
+        except SQLAlchemyError as err:
+            if attempt == 4:
+                raise ConfigError(f"Cannot open the Optuna storage {mask_secrets({'s': storage_url})['s']}: {err}") from err
+            log.info("Optuna storage not ready (%s); retrying", type(err).__name__)
+            time.sleep(0.5 + attempt)
     sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed)
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction=spec.direction,

@@ -151,7 +151,8 @@ def test_pretrain_run_tracks_both_optimizers_and_keeps_only_trainable_weights(st
     assert set(state["optimizers"]) == set(state["schedulers"]) == {"generator", "discriminator"}
     samples = artifact_dir(client, run_id) / "samples" / "step-00000004"
     assert (samples / "index.html").is_file()
-    assert {p.name.split("_", 1)[1] for p in samples.glob("DEMO-*")} == {"clean.wav", "generated.wav", "mel.png"}
+    assert {p.name.split("_", 1)[1] for p in samples.glob("DEMO-*")} == {"clean.wav", "generated.wav", "mel.png",
+                                                                             "spectrogram.png"}
 
 
 def test_bad_vocoder_preset_is_refused_before_anything_is_written(store, capfd):
