@@ -144,6 +144,18 @@ class Generator(nn.Module):
 DiscriminatorOutput = tuple[list[torch.Tensor], list[list[torch.Tensor]]]  # scores, feature maps per sub-D
 
 
+def conv_stack(x: torch.Tensor, convs: nn.ModuleList, post: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A discriminator body: leaky-ReLU convolutions, then the output convolution.
+    Returns the flattened score and every layer's feature map (for the feature-matching loss)."""
+    maps = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
+        maps.append(x)
+    x = post(x)
+    maps.append(x)
+    return x.flatten(1), maps
+
+
 class PeriodDiscriminator(nn.Module):
     """Folds the waveform into (samples / period, period) and looks at each phase column with 2-D
     convolutions whose kernels span only the time axis."""
@@ -165,13 +177,7 @@ class PeriodDiscriminator(nn.Module):
         if remainder:
             x = F.pad(x, (0, self.period - remainder), mode="reflect")
         x = x.view(x.shape[0], 1, -1, self.period)
-        maps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            maps.append(x)
-        x = self.post(x)
-        maps.append(x)
-        return x.flatten(1), maps
+        return conv_stack(x, self.convs, self.post)
 
 
 class MultiPeriodDiscriminator(nn.Module):
@@ -202,14 +208,7 @@ class ScaleDiscriminator(nn.Module):
         self.post = norm(nn.Conv1d(channels[-1], 1, 3, 1, padding=1))
 
     def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = wave.unsqueeze(1)
-        maps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            maps.append(x)
-        x = self.post(x)
-        maps.append(x)
-        return x.flatten(1), maps
+        return conv_stack(wave.unsqueeze(1), self.convs, self.post)
 
 
 class MultiScaleDiscriminator(nn.Module):
