@@ -42,7 +42,7 @@ from pipeline.data.shards import (
 )
 from pipeline.engine.checkpointing import code_version, utc_now
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
-from pipeline.engine.tracking import log_params
+from pipeline.engine.tracking import log_dataset_inputs, log_params
 from pipeline.listening import Example, safe_name, write_listening_page
 
 log = logging.getLogger(__name__)
@@ -157,10 +157,7 @@ def prepare(cfg: DictConfig, client: MlflowClient, run_id: str) -> dict[str, Any
     }
     for key, value in {**metrics, **{f"skipped/{k.replace(' ', '_')}": v for k, v in skipped.items()}}.items():
         client.log_metric(run_id, key, float(value), step=0)
-    dataset, context = shard_dataset(cfg.output, manifest), "output"
-    from mlflow.entities import DatasetInput, InputTag
-
-    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])])
+    log_dataset_inputs(client, run_id, [shard_dataset(cfg.output, manifest)], "output")
     log.info("%d samples (%.3f h) in %d shards at %s; skipped %s; %.1fx real time",
              manifest["samples"], manifest["hours"], metrics["shards"], cfg.output, dict(skipped) or "none",
              metrics["realtime_factor"])

@@ -23,6 +23,7 @@ import pickle
 import random
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -207,8 +208,6 @@ def download_checkpoint(client: MlflowClient, run_id: str, step: int, dst: Path)
 
 def read_index(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
     try:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(run_id, INDEX_FILE, tmp)
             with open(path, newline="", encoding="utf-8") as f:

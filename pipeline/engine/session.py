@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +44,8 @@ from pipeline.engine.resume import ResumeError, ResumePoint, resolve
 from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
-from pipeline.engine.tracking import MetricLogger, copy_history, describe_run, last_logged_step, log_params
+from pipeline.engine.tracking import (MetricLogger, copy_history, describe_run, last_logged_step,
+                                      log_dataset_inputs, log_params)
 from pipeline.engine.trainer import Engine, Position
 
 log = logging.getLogger(__name__)
@@ -128,8 +130,6 @@ def _attempt_yaml(entry: dict[str, Any], changes: dict[str, tuple[Any, Any]]) ->
 
 
 def _read_history(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
-    import tempfile
-
     history = []
     try:
         entries = client.list_artifacts(run_id, "config")
@@ -337,10 +337,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     hooks.on_run_started(ctx.run_id)
     datasets = stage.dataset_inputs()
     if datasets:
-        from mlflow.entities import DatasetInput, InputTag
-
-        client.log_inputs(ctx.run_id, [DatasetInput(d._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])
-                                       for d in datasets])
+        log_dataset_inputs(client, ctx.run_id, datasets, "training")
 
     def describe(latest: str | None) -> None:
         client.set_tag(ctx.run_id, NOTE_TAG, describe_run(

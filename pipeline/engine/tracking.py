@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,12 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
     items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_dataset_inputs(client: MlflowClient, run_id: str, datasets: list, context: str) -> None:
+    """Log ``mlflow.data`` datasets as the run's inputs, tagged with their role (training, output)."""
+    client.log_inputs(run_id, [DatasetInput(d._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
+                               for d in datasets])
 
 
 def copy_history(client: MlflowClient, src_run: str, dst_run: str, max_step: int) -> int:
