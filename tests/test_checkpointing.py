@@ -3,6 +3,7 @@
 import os
 import random
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,29 @@ def test_no_unsafe_torch_load_anywhere():
             if "weights_only=True" not in call:
                 offenders.append(f"{path}: {call}")
     assert offenders == []
+
+
+def test_a_checkpoint_is_committed_only_after_the_metrics_of_its_steps_are_stored(store):
+    """A crash right after a commit must not leave the charts with a gap before the checkpoint step."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from pipeline.engine.checkpointing import CheckpointStore
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("commit-order")).info.run_id
+
+    class SlowSend:  # an in-flight metric batch that reaches the store only when waited on
+        def wait(self):
+            time.sleep(0.3)
+            client.log_batch(run_id, metrics=[Metric("train/loss", 1.0 / s, 0, s) for s in range(1, 6)])
+
+    seen_at_commit = []
+    ckpts = CheckpointStore(client, run_id, store / "staging", RetentionPolicy(2, 0, "val/loss", "min"),
+                            on_commit=lambda step, row: seen_at_commit.append(
+                                [m.step for m in client.get_metric_history(run_id, "train/loss")]))
+    ckpts.save(5, {"x": torch.zeros(3)}, {"format_version": 1, "stage": "x", "step": 5},
+               {"name": "step-00000005", "step": 5}, metrics_sent=[SlowSend()])
+    ckpts.close()
+    assert seen_at_commit == [[1, 2, 3, 4, 5]]
+    assert client.get_run(run_id).data.tags["checkpoint.latest_step"] == "5"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -194,22 +195,27 @@ def test_crashed_worker_trial_is_found_stale_and_resumed_in_its_own_run(tmp_path
     storage = f"sqlite:///{tmp_path}/optuna.db"
     cmd = _sweep_cmd(storage, 2, "trainer.max_steps=40", "validation.interval=20", "checkpoint.save_interval=10",
                      "sweep.heartbeat_seconds=2")
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen = []
+    seen, child_id = [], None
     for line in proc.stderr:
         seen.append(line)
-        if "Trial 1:" in "".join(seen) and "step 14/40" in line:
-            proc.kill()
-            break
-    proc.wait(timeout=60)
+        # Kill trial 1 once its run holds a committed checkpoint and metrics logged after it.
+        if "Trial 1:" in "".join(seen) and "step" in line and "/40" in line:
+            child_id = load(storage, "shared").trials[1].user_attrs.get("mlflow_run_id")
+            latest = child_id and client.get_run(child_id).data.tags.get("checkpoint.latest_step")
+            if latest and loss_history(client, child_id)[-1][0] > int(latest):
+                proc.kill()
+                break
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "trial 1 ended before it could be killed: " + "".join(seen)[-2000:]
     study = load(storage, "shared")
     crashed = study.trials[1]
     assert crashed.state == TrialState.RUNNING  # nobody could tell Optuna
-    child_id = crashed.user_attrs["mlflow_run_id"]
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    assert crashed.user_attrs["mlflow_run_id"] == child_id
+    latest = int(client.get_run(child_id).data.tags["checkpoint.latest_step"])
     before = loss_history(client, child_id)
-    assert client.get_run(child_id).data.tags["checkpoint.latest_step"] == "10" and before[-1][0] >= 11
-    import time
+    assert latest < 40 and before[-1][0] > latest
+    assert [s for s, _ in before][:latest] == list(range(1, latest + 1))  # no gap before the checkpoint
 
     time.sleep(8.5)  # past the heartbeat grace period (4 x 2 s)
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)

@@ -261,12 +261,16 @@ class CheckpointStore:
         self._pending: Future | None = None
         self.latest_committed: int | None = None
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any]) -> None:
-        """Stage the checkpoint now (blocking, small) and upload it in the background."""
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any],
+             metrics_sent: list | None = None) -> None:
+        """Stage the checkpoint now (blocking, small) and upload it in the background. ``metrics_sent``
+        are the metric-logging operations of the steps up to this one: the commit waits for them, so a
+        committed checkpoint never points past the metrics in the store (a crash right after the commit
+        would otherwise leave a gap in the charts that a resume from this checkpoint never fills)."""
         self.wait()  # one upload at a time, in order; surfaces a failed previous upload
         local = write_local(self.staging_root, step, state, meta)
         row = dict(row, size=sum(f.stat().st_size for f in local.iterdir()))
-        self._pending = self._pool.submit(self._upload_and_commit, step, local, row)
+        self._pending = self._pool.submit(self._upload_and_commit, step, local, row, metrics_sent or [])
 
     def wait(self) -> None:
         """Block until the pending upload is committed; re-raise its error if it failed."""
@@ -280,7 +284,7 @@ class CheckpointStore:
         finally:
             self._pool.shutdown(wait=True)
 
-    def _upload_and_commit(self, step: int, local: Path, row: dict[str, Any]) -> None:
+    def _upload_and_commit(self, step: int, local: Path, row: dict[str, Any], metrics_sent: list) -> None:
         name = checkpoint_name(step)
         artifact_path = f"{CHECKPOINT_DIR}/{name}"
         started = time.monotonic()
@@ -292,6 +296,8 @@ class CheckpointStore:
                     f"upload of {artifact_path}/{f.name} could not be verified "
                     f"(local {f.stat().st_size} bytes, store {uploaded.get(f.name)})"
                 )
+        for op in metrics_sent:
+            op.wait()
         # Committed: only now does `checkpoint.latest` move.
         self.client.set_tag(self.run_id, "checkpoint.latest", artifact_path)
         self.client.set_tag(self.run_id, "checkpoint.latest_step", str(step))

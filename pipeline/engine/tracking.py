@@ -38,7 +38,9 @@ class MetricLogger:
         if len(self._buffer) >= MAX_BATCH or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
-    def flush(self, wait: bool = False) -> None:
+    def flush(self, wait: bool = False) -> list:
+        """Send what is buffered; with ``wait`` block until everything sent so far is stored. Returns the
+        operations still in flight, which another thread may wait on (see ``CheckpointStore.save``)."""
         while self._buffer:
             batch, self._buffer = self._buffer[:MAX_BATCH], self._buffer[MAX_BATCH:]
             self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
@@ -50,6 +52,7 @@ class MetricLogger:
             self._pending.clear()
         else:
             self._pending = [op for op in self._pending if op is not None]
+        return list(self._pending)
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:

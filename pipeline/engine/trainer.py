@@ -133,7 +133,7 @@ class Engine:
             "created": meta["created"],
             **self.val_metrics,
         }
-        self.store.save(self.pos.step, self.state_dict(), meta, row)
+        self.store.save(self.pos.step, self.state_dict(), meta, row, metrics_sent=self.metrics.flush())
         self._saved_at = self.pos.step
 
     # --- data ---------------------------------------------------------------------------------
