@@ -141,6 +141,33 @@ def test_resume_continues_the_same_run_and_records_the_attempt(finished_run, cap
     assert "| 2 |" in run.data.tags["mlflow.note.content"]
 
 
+def test_optimizer_overrides_on_resume_take_effect(store, capfd):
+    """A restored optimizer carries the settings it was saved with; the resumed config must still win."""
+    from pipeline.engine.checkpointing import load_state
+
+    assert train("optim.schedule=constant", "trainer.max_steps=6", "checkpoint.save_interval=6",
+                 "validation.interval=6") == EXIT_OK
+    client = MlflowClient()
+    (run,) = stage_runs(client)
+    run_id = run.info.run_id
+    assert train(f"resume_run={run_id}", "optim.lr=5e-4", "optim.weight_decay=0.01", "trainer.max_steps=10") == EXIT_OK
+    assert "Optimizer adapters: the resumed config changes initial_lr 0.001 -> 0.0005, weight_decay 0.0 -> 0.01" \
+        in capfd.readouterr().err
+    lrs = [m.value for m in sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)]
+    assert lrs == [1e-3] * 6 + [5e-4] * 4
+    (group,) = load_state(artifact_dir(client, run_id) / "checkpoints" / "step-00000010")["optimizers"]["adapters"][
+        "param_groups"]
+    assert (group["initial_lr"], group["weight_decay"]) == (5e-4, 0.01)
+
+    # A new schedule shape continues from the current LR: cosine from step 10 down to half of it at step 20.
+    assert train(f"resume_run={run_id}", "optim.schedule=cosine", "optim.min_lr_ratio=0.5",
+                 "trainer.max_steps=20") == EXIT_OK
+    lrs = [m.value for m in sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)]
+    assert lrs[:10] == [1e-3] * 6 + [5e-4] * 4
+    assert all(a > b for a, b in zip(lrs[9:], lrs[10:])) and lrs[10] > 0.98 * 5e-4
+    assert lrs[-1] == pytest.approx(2.5e-4)
+
+
 def test_resume_from_an_older_step_branches_into_a_nested_run(finished_run, capfd):
     client = MlflowClient()
     original = loss_history(client, finished_run)

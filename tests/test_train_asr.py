@@ -89,6 +89,7 @@ def test_lr_factor_without_anchor_is_warmup_then_cosine():
     assert lr_factor(52, 4, 100, "cosine", 0.1) == pytest.approx(0.55)
     assert lr_factor(100, 4, 100, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_factor(50, 0, 100, "constant", 0.1) == 1.0
+    assert lr_factor(50, 0, 100, "constant", 0.1, anchor_step=30, anchor_factor=0.4) == 0.4  # holds a resumed LR
 
 
 def test_anchored_lr_factor_continues_from_the_anchor_and_decays_to_the_floor():

@@ -47,13 +47,13 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_r
 
     The cosine decays from 1 at the end of warm-up to ``min_ratio`` at ``max_steps``. An anchor past
     the warm-up, (``anchor_step``, ``anchor_factor``), makes it decay from that point instead: this is
-    how a resume that moves the horizon (more epochs, another batch size) continues from the restored
-    learning rate, with no jump in the LR curve.
+    how a resume that moves the horizon (more epochs, another batch size) or changes the schedule
+    continues from the restored learning rate, with no jump in the LR curve; ``constant`` holds it.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
-        return 1.0
+        return anchor_factor if anchor_step >= warmup_steps and anchor_step > 0 else 1.0
     if schedule != "cosine":
         raise ValueError(f"optim.schedule={schedule!r}; choose cosine or constant")
     start, top = (anchor_step, anchor_factor) if anchor_step >= warmup_steps else (warmup_steps, 1.0)
