@@ -183,3 +183,16 @@ def test_exact_resume_while_reading_shards_with_two_workers(store, shards):
     got, expected = loss_history(client, run.info.run_id), loss_history(client, ref.info.run_id)
     assert [s for s, _ in got] == list(range(1, 41))
     assert got == expected
+
+
+def test_changing_the_number_of_workers_mid_epoch_on_resume_is_warned_about(store, shards, capfd):
+    from conftest import stage_runs
+
+    args = ["data.root=" + str(shards), "data.num_workers=2", "validation.interval=100", "checkpoint.save_interval=3"]
+    assert _train(*args, "trainer.max_steps=3") == EXIT_OK  # stops mid-epoch (12 batches per epoch)
+    (run,) = stage_runs(MlflowClient())
+    capfd.readouterr()
+    assert _train(*args, f"resume_run={run.info.run_id}", "trainer.max_steps=4", "data.num_workers=0") == EXIT_OK
+    assert "data.num_workers changed from 2 to 0 in the middle of epoch 0" in capfd.readouterr().err
+    assert _train(*args, f"resume_run={run.info.run_id}", "trainer.max_steps=5", "data.num_workers=0") == EXIT_OK
+    assert "data.num_workers changed" not in capfd.readouterr().err  # the new number is now the saved one

@@ -132,6 +132,7 @@ class Engine:
             "epoch": self.pos.epoch,
             "batch_in_epoch": self.pos.batch_in_epoch,
             "batch_size": int(self.cfg.batch_size),
+            "data_workers": self._workers(),
             "seed": int(self.cfg.seed),
             "modules": {k: m.state_dict() for k, m in s.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in s.optimizers.items()},
@@ -160,6 +161,13 @@ class Engine:
         if old_size != new_size:  # keep the sample position in the epoch, in whole new batches
             self.pos.batch_in_epoch = -(-self.pos.batch_in_epoch * old_size // new_size)
         self.val_metrics = dict(state.get("val_metrics", {}))
+        old_workers = int(state.get("data_workers", self._workers()))
+        if isinstance(s.train_set, StreamingPairs) and old_workers != self._workers() and self.pos.batch_in_epoch:
+            log.warning("data.num_workers changed from %d to %d in the middle of epoch %d: shards are dealt to "
+                        "workers anew, so the rest of this epoch is not what an uninterrupted run would read "
+                        "(some samples repeat, others sit out); the next epochs read every shard once. Resume "
+                        "with data.num_workers=%d to keep the resume exact.",
+                        old_workers, self._workers(), self.pos.epoch, old_workers)
         log.info("Restored model, optimizer, and scheduler states")
 
     # --- checkpoints --------------------------------------------------------------------------
