@@ -179,6 +179,7 @@ class TrackingConfig:
     flush_seconds: float = 5.0  # metrics are sent in batches at least this often
     stop_poll_seconds: float = 3.0  # how often the `stop_requested` tag is checked
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU)
+    log_model: bool = True  # when training finishes, log `model/` (an MLflow model) for stages that have one
     parent_run: Optional[str] = None  # nest the run under this run (sweeps); never takes over MLFLOW_RUN_ID
     tags: dict[str, str] = field(default_factory=dict)  # extra tags on a new run
 

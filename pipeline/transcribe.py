@@ -17,10 +17,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from mlflow import MlflowClient
@@ -115,15 +117,19 @@ def checkpoint_from_run(client: MlflowClient, run_id: str, which: str, workdir: 
 
 
 def checkpoint_from_uri(uri: str, workdir: Path) -> Path:
+    """A checkpoint directory, or the one inside an MLflow model directory (a run's ``model/``)."""
     path = Path(uri).expanduser()
     if "://" not in uri and ":/" not in uri:
         if not path.exists():
             raise ResumeError(f"Model not found: {uri}")
-        return path.parent if path.is_file() else path
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
-    except Exception as err:
-        raise ResumeError(f"Model not found: {uri} ({str(err).splitlines()[0]})") from err
+        path = path.parent if path.is_file() else path
+    else:
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
+        except Exception as err:
+            raise ResumeError(f"Model not found: {uri} ({str(err).splitlines()[0]})") from err
+    inside = sorted(p.parent for p in path.glob("artifacts/*/meta.json")) if (path / "MLmodel").exists() else []
+    return inside[0] if inside else path
 
 
 def load_model(ckpt_dir: Path, device: torch.device) -> tuple[ConformerCTC, CharVocabulary, dict]:
@@ -144,6 +150,44 @@ def transcribe(model: ConformerCTC, vocab: CharVocabulary, waves: list[torch.Ten
         log_probs, frames = model(wave[None].to(device), torch.tensor([wave.numel()], device=device))
         texts.extend(greedy_decode(log_probs, frames, vocab))
     return texts
+
+
+class Transcriber(mlflow.pyfunc.PythonModel):
+    """The ``model/`` of a finished train_asr run: audio in, transcripts out.
+
+    ``mlflow.pyfunc.load_model("runs:/<id>/model").predict(...)`` or ``mlflow models serve -m
+    runs:/<id>/model --env-manager local`` (from this project's environment: the model imports
+    ``pipeline``). Input: a DataFrame with a ``path`` column (audio files) or an ``audio`` column (mono
+    float arrays at the model's sample rate), or a list of paths. Output: a DataFrame with ``transcript``.
+    The weights are a verified checkpoint, loaded with ``weights_only=True``.
+    """
+
+    def load_context(self, context) -> None:
+        self.device = torch.device("cpu")
+        self.model, self.vocab, meta = load_model(Path(context.artifacts["checkpoint"]), self.device)
+        self.rate = int(meta["model_args"]["asr"]["sample_rate"])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        if isinstance(model_input, (str, Path)):
+            model_input = [model_input]
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame({"path": [str(p) for p in model_input]})
+        if "path" in model_input.columns:
+            waves = [load_audio(Path(p), self.rate) for p in model_input["path"]]
+        elif "audio" in model_input.columns:
+            waves = [torch.as_tensor(np.asarray(a, dtype=np.float32)).flatten() for a in model_input["audio"]]
+        else:
+            raise ValueError(f"expected a 'path' or 'audio' column, got {list(model_input.columns)}")
+        return pd.DataFrame({"transcript": transcribe(self.model, self.vocab, waves, self.device)})
+
+
+def save_transcriber(checkpoint_dir: Path, out_dir: Path) -> None:
+    """Write ``Transcriber`` over a verified train_asr checkpoint as an MLflow model directory."""
+    verify(checkpoint_dir)
+    packages = ("torch", "torchaudio", "mlflow", "pandas", "numpy", "omegaconf", "soundfile", "scipy")
+    mlflow.pyfunc.save_model(str(out_dir), python_model=str(Path(__file__).with_name("asr_model.py")),
+                             artifacts={"checkpoint": str(checkpoint_dir)},
+                             pip_requirements=[f"{p}=={metadata.version(p)}" for p in packages])
 
 
 def _log_to_run(client: MlflowClient, run_id: str | None, table: pd.DataFrame) -> None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import soundfile as sf
@@ -22,7 +23,7 @@ from mlflow import MlflowClient
 from conftest import (PYTHON, REPO, VENV_BIN, artifact_dir, env_for, loss_history, read_until, snapshot,
                       stage_runs, start_stage)
 from pipeline.config import compose_config
-from pipeline.data.corpus import DEMO_DIR, read_directory
+from pipeline.data.corpus import DEMO_DIR, load_audio, read_corpus, read_directory
 from pipeline.data.datasets import collate_padded
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, run_stage
 from pipeline.engine.stage import LRSchedule, lr_factor
@@ -205,6 +206,19 @@ def test_tiny_conformer_overfits_a_handful_of_utterances(store):
     assert start > 0.8
     assert end < 0.3 and end < start - 0.5, (start, end)
 
+    # The finished run's model/ (an MLflow pyfunc) transcribes what it learnt, from files and from arrays.
+    import pandas as pd
+
+    assert not (artifact_dir(client, run.info.run_id) / "model" / "python_model.pkl").exists()  # code, not pickle
+    utterances = read_corpus("ljspeech", None)[:4]  # the training set: max_samples=4 of the corpus
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    texts = model.predict(pd.DataFrame({"path": [str(u.path) for u in utterances]}))["transcript"].tolist()
+    vocab = CharVocabulary(preset("tiny").vocabulary)
+    edits, chars = error_counts(texts, [vocab.normalize(u.text) for u in utterances])["cer"]
+    assert edits / chars < 0.3, texts
+    arrays = [load_audio(u.path, 16000).numpy() for u in utterances]
+    assert model.predict(pd.DataFrame({"audio": arrays}))["transcript"].tolist() == texts
+
 
 def test_run_is_tagged_charted_and_listed_by_model_and_dataset(finished_run, capsys):
     client = MlflowClient()
@@ -371,6 +385,12 @@ def test_transcribe_a_file_and_a_directory_with_latest_best_and_registered(finis
     assert transcribe([f"run_id={finished_run}", f"input={DEMO_WAV}"]) == EXIT_OK
     assert capsys.readouterr().out == registered  # the same checkpoint gives the same transcript
 
+    # The run's final MLflow model (model/), by run URI or registered, holds the same weights.
+    version = mlflow.register_model(f"runs:/{finished_run}/model", "asr-final")
+    for uri in (f"runs:/{finished_run}/model", f"models:/asr-final/{version.version}"):
+        assert transcribe([f"model_uri={uri}", f"input={DEMO_WAV}"]) == EXIT_OK
+        assert capsys.readouterr().out == registered
+
 
 def test_transcribe_bad_input_gives_one_clear_error_and_writes_nothing(finished_run, capfd, tmp_path):
     client = MlflowClient()
@@ -436,6 +456,7 @@ def test_sigterm_then_mlflow_run_resume_is_bit_identical_and_transcribe_runs(sto
     run = [r for r in asr_runs(client) if r.info.run_id != ref_run.info.run_id][0]
     stopped_at = int(run.data.tags["checkpoint.latest_step"])
     assert run.info.status == "KILLED" and 3 <= stopped_at < 18  # at least one epoch boundary is left
+    assert not (artifact_dir(client, run.info.run_id) / "model").exists()  # only a finished run has its model
 
     resumed = _mlflow_run(store, "train_asr", f"resume_run={run.info.run_id}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -443,6 +464,8 @@ def test_sigterm_then_mlflow_run_resume_is_bit_identical_and_transcribe_runs(sto
     final = client.get_run(run.info.run_id)
     assert final.info.status == "FINISHED"
     assert final.data.tags["progress"].startswith("Epoch 10/10 · Step 2/2 · resumed from epoch ")
+    model = artifact_dir(client, run.info.run_id) / "model"
+    assert (model / "MLmodel").exists() and (model / "artifacts" / "step-00000020" / "state.pt").exists()
 
     done = _mlflow_run(store, "transcribe", f"run_id={run.info.run_id}", f"input={DEMO_WAV}")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -37,6 +37,7 @@ from pipeline.engine.checkpointing import (
     CheckpointStore,
     RetentionPolicy,
     checkpoint_name,
+    download_checkpoint,
     read_index,
     utc_now,
 )
@@ -373,6 +374,8 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
                             "resume_run=%s", stopped_by, result.position.step, stage.name, ctx.run_id)
             else:
                 log.info("Training finished at step %d", result.position.step)
+                if cfg.tracking.log_model:
+                    _log_final_model(client, ctx.run_id, stage, result.position.step)
         except AbortTraining:
             status, stopped_by, code = "KILLED", "signal", EXIT_ABORTED
             client.set_tag(ctx.run_id, "stop.aborted", "true")
@@ -398,6 +401,21 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     if code == EXIT_ABORTED:
         os._exit(code)  # do not wait for an upload thread: the user asked to stop now
     return code
+
+
+def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int) -> None:
+    """``model/``: an MLflow model of the final checkpoint, for stages that override ``export_model``."""
+    if type(stage).export_model is Stage.export_model:
+        return
+    try:
+        with tempfile.TemporaryDirectory(prefix="model-") as tmp:
+            checkpoint = download_checkpoint(client, run_id, step, Path(tmp) / "checkpoint")
+            out = Path(tmp) / "model"
+            if stage.export_model(checkpoint, out):
+                client.log_artifacts(run_id, str(out), "model")
+                log.info("Logged the final model: runs:/%s/model", run_id)
+    except Exception:  # the training is done and its checkpoint committed; do not fail the run for this
+        log.exception("Could not log the final model of run %s; its checkpoints are intact", run_id)
 
 
 def _system_metrics(run_id: str, cfg: DictConfig, resumed: bool):

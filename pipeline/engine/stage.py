@@ -156,6 +156,12 @@ class Stage:
     def write_samples(self, out_dir: Path, step: int) -> None:
         """Optional: write audio examples and plots for this validation into ``out_dir``."""
 
+    def export_model(self, checkpoint_dir: Path, out_dir: Path) -> bool:
+        """Optional: save an MLflow model (``mlflow.pyfunc.save_model``) of the final, verified checkpoint
+        ``checkpoint_dir`` into ``out_dir``; the engine logs it as the run's ``model/``. Returns False
+        when the stage has no model of its own to serve."""
+        return False
+
     def dataset_inputs(self) -> list[Any]:
         """MLflow datasets (``mlflow.data``) this job trains on, logged as the run's inputs."""
         return []

@@ -81,6 +81,12 @@ class TrainAsr(Stage):
     def model_args(self) -> dict[str, Any]:
         return {"asr": OmegaConf.to_container(self.cfg.asr)}
 
+    def export_model(self, checkpoint_dir: Path, out_dir: Path) -> bool:
+        from pipeline.transcribe import save_transcriber  # transcribe imports the engine, like this module
+
+        save_transcriber(checkpoint_dir, out_dir)
+        return True
+
     def max_seconds_limit(self) -> float | None:
         limits = [x for x in (self.cfg.max_seconds, self.cfg.light_max_seconds if self.cfg.light else None) if x]
         return min(limits) if limits else None
