@@ -94,7 +94,7 @@ def apply_optimizer_settings(name: str, optimizer: torch.optim.Optimizer, schedu
             for key, value in wanted.items():
                 setattr(fn, key, value)
             changes += [f"{k} {old[k]} -> {wanted[k]}" for k in SCHEDULE_SETTINGS if old[k] != wanted[k]]
-    if changes and scheduler is not None:
+    if changes and hasattr(scheduler, "lr_lambdas"):  # the LR of the next step, from the new settings
         lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
