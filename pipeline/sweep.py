@@ -38,7 +38,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 from pipeline.config import CONFIG_DIR, ConfigError, apply_overrides, compose_config, mask_secrets, split_overrides
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, run_stage, setup_logging
@@ -308,9 +308,10 @@ def open_study(storage_url: str, name: str, spec: SweepSpec) -> tuple[optuna.Stu
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries),
             )
             break
-        except SQLAlchemyError as err:
-            if attempt == 4:
-                raise ConfigError(f"Cannot open the Optuna storage {mask_secrets({'s': storage_url})['s']}: {err}") from err
+        except (SQLAlchemyError, ImportError) as err:
+            if attempt == 4 or not _creation_race(err):
+                raise ConfigError(f"Cannot open the Optuna storage {mask_secrets({'s': storage_url})['s']}: "
+                                  f"{mask_secrets({'s': str(err).splitlines()[0]})['s']}") from err
             log.info("Optuna storage not ready (%s); retrying", type(err).__name__)
             time.sleep(0.5 + attempt)
     sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed)
@@ -324,6 +325,17 @@ def open_study(storage_url: str, name: str, spec: SweepSpec) -> tuple[optuna.Stu
             raise ConfigError(f"Study {name!r} exists with direction {study.direction.name.lower()}, "
                               f"not {spec.direction}; use another study name")
         return study, False
+
+
+def _creation_race(err: Exception) -> bool:
+    """Whether opening the storage failed because another worker was creating Optuna's tables at the
+    same moment (a duplicate in PostgreSQL, a lock in SQLite) rather than because of the URL, the
+    driver, the server or the credentials, which no retry mends."""
+    if isinstance(err, (ImportError, ArgumentError)):
+        return False
+    if isinstance(err, OperationalError):
+        return any(word in str(err).lower() for word in ("locked", "deadlock"))
+    return True
 
 
 def check_space_unchanged(study: optuna.Study, space: dict[str, Any]) -> None:
