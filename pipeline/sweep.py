@@ -495,11 +495,28 @@ def run_sweep(argv: list[str]) -> int:
 
     previous = {sig: signal.signal(sig, between_trials) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = EXIT_OK
+    # Trials already running when this worker starts belong to other workers, alive or crashed. Optuna
+    # can call a crashed one stale only a grace period after its last heartbeat, so before leaving, this
+    # worker waits until that much time has passed since its start: a crashed trial is then resumed
+    # here, also when the same command is run again right after a crash.
+    started, grace = time.monotonic(), 4 * spec.heartbeat_seconds
+    found_running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    waiting_logged = False
     try:
         while not stop["requested"]:
             optuna.storages.fail_stale_trials(study)  # crashed workers' trials: FAIL + re-queued for resume
             if len(study.get_trials(deepcopy=False, states=COUNTED_STATES)) >= n_trials:
-                break
+                unsure = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                          if t.number in found_running]
+                left = grace - (time.monotonic() - started)
+                if not unsure or left <= 0:
+                    break
+                if not waiting_logged:
+                    log.info("Trials %s were running before this worker started; waiting up to %.0f s to learn "
+                             "whether their worker crashed (then they resume here)", unsure, left)
+                    waiting_logged = True
+                time.sleep(min(left, 1.0))
+                continue
             try:
                 study.optimize(sweep.objective, n_trials=1, catch=(RuntimeError,))
             except TrialInterrupted as err:
