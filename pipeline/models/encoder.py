@@ -3,14 +3,17 @@
 Only the first ``layer`` transformer layers are ever built and run. Pretrained weights come from
 local paths only: a torchaudio state dict file (``torch.save(model.state_dict())``) or a Hugging
 Face checkpoint directory (``config.json`` + weights), which is converted with torchaudio's own
-importer and needs the optional ``transformers`` package.
+importer and needs the optional ``transformers`` package. A Hugging Face ``config.json`` is checked
+against the preset field by field before anything loads (docs/encoders.md).
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchaudio.models import Wav2Vec2Model, wav2vec2_model, wavlm_model
@@ -53,23 +56,88 @@ def build_encoder(cfg: EncoderConfig) -> Wav2Vec2Model:
     raise ValueError(f"unknown encoder family {cfg.family!r}; known: hubert, wavlm, wav2vec2")
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise WeightsError(f"{path} is a directory without config.json: not a Hugging Face checkpoint")
-        return _import_huggingface(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return _import_huggingface(path, cfg)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightsError(
+            f"refusing to load {path}: it holds Python objects other than tensors and plain containers, so "
+            "loading it could run code (a fairseq or other training checkpoint?). Use a torchaudio state dict "
+            "(torch.save(model.state_dict())) or a Hugging Face checkpoint directory; a fairseq checkpoint "
+            "converts to one with transformers' HuBERT/wav2vec 2.0 conversion scripts, in an environment where "
+            f"you trust the file. ({str(err).splitlines()[-1][:200]})"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise WeightsError(f"cannot read encoder weights {path}: {err}") from err
     for key in ("state_dict", "model"):  # common wrappers around a state dict
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors")
+    if any(k.startswith(FAIRSEQ_PREFIXES) for k in state):
+        raise WeightsError(
+            f"{path} has fairseq key names (e.g. {next(k for k in state if k.startswith(FAIRSEQ_PREFIXES))!r}); "
+            "fairseq checkpoints are not read directly. Convert it to a Hugging Face directory with "
+            "transformers' conversion script and set ssl.weights to that directory."
+        )
     return state
 
 
-def _import_huggingface(path: Path) -> dict[str, torch.Tensor]:
+# Key prefixes of fairseq's wav2vec 2.0 / HuBERT state dicts (torchaudio's start with "encoder." or "feature_extractor.")
+FAIRSEQ_PREFIXES = ("w2v_model.", "encoder.layers.", "post_extract_proj.", "label_embs_concat", "final_proj.")
+
+# Hugging Face config.json field -> (EncoderConfig field, how the HF value reads in our terms).
+# Shapes alone cannot tell these apart: a pre-norm checkpoint loads into a post-norm preset (or
+# GELU into another activation) without a single shape error and gives wrong features.
+HF_ARCHITECTURE_FIELDS = {
+    "do_stable_layer_norm": ("layer_norm_first", bool),
+    "feat_extract_norm": ("extractor_mode", lambda v: f"{v}_norm"),
+    "conv_bias": ("conv_bias", bool),
+    "num_conv_pos_embeddings": ("pos_conv_kernel", int),
+    "num_conv_pos_embedding_groups": ("pos_conv_groups", int),
+    "hidden_size": ("embed_dim", int),
+    "num_attention_heads": ("num_heads", int),
+    "intermediate_size": ("ff_interm_features", int),
+    "num_hidden_layers": ("num_layers", int),
+}
+HF_WAVLM_FIELDS = {"num_buckets": ("num_buckets", int), "max_bucket_distance": ("max_distance", int)}
+HF_FAMILIES = {"hubert": "hubert", "wavlm": "wavlm", "wav2vec2": "wav2vec2"}  # config.json model_type -> family
+
+
+def check_huggingface_config(hf_config: Any, cfg: EncoderConfig, path: Path) -> None:
+    """Refuse a Hugging Face model whose architecture differs from the ssl preset, naming every field."""
+    problems = []
+    family = HF_FAMILIES.get(getattr(hf_config, "model_type", None))
+    if family != cfg.family:
+        problems.append(f"model_type={getattr(hf_config, 'model_type', None)!r} vs ssl.family={cfg.family!r}")
+    fields = dict(HF_ARCHITECTURE_FIELDS, **(HF_WAVLM_FIELDS if cfg.family == "wavlm" else {}))
+    for hf_key, (key, convert) in fields.items():
+        theirs, ours = convert(getattr(hf_config, hf_key)), getattr(cfg, key)
+        if theirs != ours:
+            problems.append(f"{hf_key}={getattr(hf_config, hf_key)!r} vs ssl.{key}={ours!r}")
+    conv = [list(c) for c in zip(hf_config.conv_dim, hf_config.conv_kernel, hf_config.conv_stride)]
+    if conv != [list(c) for c in cfg.conv_layers]:
+        problems.append(f"conv_dim/conv_kernel/conv_stride={conv} vs ssl.conv_layers={list(map(list, cfg.conv_layers))}")
+    # What torchaudio's Wav2Vec2Model always does; a model that differs cannot be represented at all.
+    for hf_key, wanted in (("hidden_act", "gelu"), ("feat_extract_activation", "gelu"),
+                           ("conv_pos_batch_norm", False), ("feat_proj_layer_norm", True)):
+        value = getattr(hf_config, hf_key, wanted)
+        if value != wanted:
+            problems.append(f"{hf_key}={value!r} (the encoder supports only {wanted!r})")
+    if problems:
+        raise WeightsError(
+            f"the Hugging Face model in {path} does not match the ssl preset {cfg.name!r}: " + "; ".join(problems)
+            + ". Choose the preset of this model (or override the ssl.* fields named) before loading it."
+        )
+
+
+def _import_huggingface(path: Path, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
     try:
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
     except ImportError as err:
         raise WeightsError(
             f"{path} is a Hugging Face checkpoint; importing it needs the optional package "
@@ -77,27 +145,38 @@ def _import_huggingface(path: Path) -> dict[str, torch.Tensor]:
         ) from err
     from torchaudio.models.wav2vec2.utils import import_huggingface_model
 
-    hf_model = AutoModel.from_pretrained(str(path), local_files_only=True)
-    return import_huggingface_model(hf_model).state_dict()
+    try:
+        hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"cannot read the Hugging Face config in {path}: {err}") from err
+    check_huggingface_config(hf_config, cfg, path)
+    hf_model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    # (torchaudio warns that a bare encoder has no CTC head to import: nothing is missing for us)
+    logging.getLogger("torchaudio.models.wav2vec2.utils.import_huggingface").setLevel(logging.ERROR)
+    return import_huggingface_model(hf_model.eval()).state_dict()
 
 
 def load_pretrained(model: Wav2Vec2Model, cfg: EncoderConfig) -> None:
-    """Load ``cfg.weights`` into ``model``, skipping layers past ``cfg.layer`` and any head."""
+    """Load ``cfg.weights`` into ``model``, skipping layers past ``cfg.layer`` and any head.
+
+    ``encoder.transformer.layer_norm`` is always loaded: with ``layer_norm_first: false`` (HuBERT
+    base, mHuBERT-147, WavLM base) torchaudio applies it *before* the first layer, so every
+    intermediate feature depends on it; with ``layer_norm_first: true`` it is the final norm, which
+    intermediate features never pass through.
+    """
     path = Path(cfg.weights).expanduser()
     if not path.exists():
         raise WeightsError(f"encoder weights not found: {path} (set ssl.weights to a local file or directory)")
-    state = _read_state_dict(path)
+    state = _read_state_dict(path, cfg)
     layer_key = re.compile(r"^encoder\.transformer\.layers\.(\d+)\.")
     wanted = {}
     for key, value in state.items():
         match = layer_key.match(key)
         if (match and int(match.group(1)) >= cfg.layer) or key.startswith("aux."):
             continue
-        if key == "encoder.transformer.layer_norm.weight" or key == "encoder.transformer.layer_norm.bias":
-            continue  # final norm after the last layer: not used for intermediate features
         wanted[key] = value
     own = model.state_dict()
-    missing = sorted(set(own) - set(wanted) - {"encoder.transformer.layer_norm.weight", "encoder.transformer.layer_norm.bias"})
+    missing = sorted(set(own) - set(wanted))
     mismatched = [k for k in wanted if k in own and own[k].shape != wanted[k].shape]
     unexpected = sorted(set(wanted) - set(own))
     if missing or mismatched or unexpected:
@@ -107,7 +186,7 @@ def load_pretrained(model: Wav2Vec2Model, cfg: EncoderConfig) -> None:
             if keys
         )
         raise WeightsError(f"weights in {path} do not fit the ssl preset {cfg.name!r} ({detail})")
-    model.load_state_dict(wanted, strict=False)
+    model.load_state_dict(wanted, strict=True)
     log.info("Loaded encoder weights from %s (%d tensors, layers 1..%d)", path, len(wanted), cfg.layer)
 
 
