@@ -24,6 +24,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # Keys that steer *how* a job starts, not *what* it trains: never compared between attempts.
 CONTROL_KEYS = ("resume_run", "resume_step", "checkpoint.resume_from")
+# Config groups whose options set keys all over the config (`# @package _global_`), for a fresh start.
+GLOBAL_GROUPS = ("recipe",)
 # Keys that an MLproject parameter passes as `key=` when the user left it out: empty means "not given".
 UNSET_WHEN_EMPTY = CONTROL_KEYS + ("adapter_run", "vocoder_run")
 
@@ -65,11 +67,26 @@ class EncoderConfig:
 
 @dataclass
 class AdapterConfig:
-    """Parallel adapters beside the feed-forward blocks of the first L layers."""
+    """Parallel adapters beside the feed-forward blocks of the first L layers.
+
+    The defaults are this project's recipe; ``recipe=atotti_miipher2`` sets the open Miipher-2
+    reimplementation's (README, "Adapter recipes").
+    """
 
     num_layers: Optional[int] = None  # L; null = every layer up to `ssl.layer`
     bottleneck: int = 256  # hidden width of LayerNorm -> Linear -> GELU -> Linear
-    init_std: float = 1.0e-3  # std of the output projection at start (near zero)
+    init: str = "normal"  # normal: output projection ~ N(0, init_std), zero bias | xavier: both projections Xavier-uniform (gain init_gain), zero biases
+    init_std: float = 1.0e-3  # with init=normal: std of the output projection at start (near zero)
+    init_gain: float = 0.01  # with init=xavier: gain of both projections
+    residual: bool = False  # the adapter also returns its input, so an adapted layer sees 2h + FF(h) + A(h) (the reimplementation's form)
+    train_layer_norms: bool = False  # also train each adapted layer's final_layer_norm (the frozen original still makes the clean target)
+
+
+@dataclass
+class FeatureLossConfig:
+    """The feature-cleaning loss L1 + L2 + spectral convergence (train_adapter)."""
+
+    sc: str = "per_example"  # per_example: ||t - p||_F / ||t||_F per example, averaged | pooled_power: sum (p - t)^2 / sum t^2 over the batch
 
 
 @dataclass
@@ -205,6 +222,7 @@ class TrainAdapterConfig(TrainConfig):
     stage: str = "train_adapter"
     ssl: EncoderConfig = field(default_factory=EncoderConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    loss: FeatureLossConfig = field(default_factory=FeatureLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
@@ -278,6 +296,15 @@ class VocoderConfig:
     mpd_channels: list[int] = field(default_factory=lambda: [32, 128, 512, 1024, 1024])  # per conv layer
     msd_scales: int = 3  # multi-scale discriminator: raw, /2, /4 average-pooled
     msd_channels: list[int] = field(default_factory=lambda: [128, 128, 256, 512, 1024, 1024, 1024])  # 7 conv layers
+    # Optional Conformer blocks between the features and the HiFi-GAN (the open Miipher-2
+    # reimplementation's vocoder has 2): Linear(in, conformer_dim) -> Conformer blocks -> Linear(conformer_dim,
+    # upsample_initial_channel). 0 = plain HiFi-GAN.
+    conformer_layers: int = 0
+    conformer_dim: int = 768
+    conformer_heads: int = 8
+    conformer_ffn_dim: int = 1024
+    conformer_kernel: int = 31  # depthwise convolution kernel (odd)
+    conformer_dropout: float = 0.1
 
 
 @dataclass
@@ -418,6 +445,10 @@ def apply_overrides(stage: str, base: DictConfig, overrides: list[str]) -> DictC
         if override.is_delete() or override.is_add():
             raise ConfigError(f"Override {override.input_line!r}: adding or deleting keys is not "
                               "supported on resume; set the key's value instead")
+        if key in GLOBAL_GROUPS:
+            raise ConfigError(f"Override {override.input_line!r}: a {key} sets many keys at once and is chosen on a "
+                              "fresh start; on resume the checkpoint's values are the base, so set the keys you "
+                              "want to change one by one (e.g. optim.lr=2e-4)")
         if key in groups:
             fresh = compose_config(stage, [override.input_line])
             cfg[key] = fresh[key]

@@ -5,17 +5,28 @@ from __future__ import annotations
 import torch
 
 
-def feature_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+SC_MODES = ("per_example", "pooled_power")
+
+
+def feature_loss(pred: torch.Tensor, target: torch.Tensor, sc: str = "per_example"
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Miipher feature-cleaning loss: L1 + L2 + spectral convergence, on (batch, frames, dim).
 
-    Spectral convergence is ||target - pred||_F / ||target||_F per example, averaged over the batch.
+    Spectral convergence ``per_example`` is ||target - pred||_F / ||target||_F per example, averaged
+    over the batch; ``pooled_power`` is sum((pred - target)^2) / sum(target^2) over the whole batch
+    (squared, no root: the open Miipher-2 reimplementation's form).
     """
     l1 = (pred - target).abs().mean()
     l2 = (pred - target).pow(2).mean()
-    diff_norm = torch.linalg.vector_norm(target - pred, dim=(1, 2))
-    target_norm = torch.linalg.vector_norm(target, dim=(1, 2)).clamp_min(1e-8)
-    sc = (diff_norm / target_norm).mean()
-    return l1 + l2 + sc, {"l1": l1, "l2": l2, "sc": sc}
+    if sc == "per_example":
+        diff_norm = torch.linalg.vector_norm(target - pred, dim=(1, 2))
+        target_norm = torch.linalg.vector_norm(target, dim=(1, 2)).clamp_min(1e-8)
+        sc_value = (diff_norm / target_norm).mean()
+    elif sc == "pooled_power":
+        sc_value = (pred - target).pow(2).sum() / (target.pow(2).sum() + 1e-9)
+    else:
+        raise ValueError(f"loss.sc={sc!r}; choose one of {', '.join(SC_MODES)}")
+    return l1 + l2 + sc_value, {"l1": l1, "l2": l2, "sc": sc_value}
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,22 +18,12 @@ import transformers
 from torchaudio.models.wav2vec2.utils import import_huggingface_model
 
 from pipeline.config import compose_config
-from pipeline.models.encoder import create_encoder, encoder_features
+from pipeline.models.encoder import create_encoder, encoder_features, huggingface_config
 
 
 def hf_model_for(ssl) -> torch.nn.Module:
-    common = dict(
-        hidden_size=ssl.embed_dim, num_hidden_layers=ssl.num_layers, num_attention_heads=ssl.num_heads,
-        intermediate_size=ssl.ff_interm_features, conv_dim=[c[0] for c in ssl.conv_layers],
-        conv_kernel=[c[1] for c in ssl.conv_layers], conv_stride=[c[2] for c in ssl.conv_layers],
-        conv_bias=ssl.conv_bias, num_conv_pos_embeddings=ssl.pos_conv_kernel,
-        num_conv_pos_embedding_groups=ssl.pos_conv_groups, feat_extract_norm=ssl.extractor_mode.split("_")[0],
-        do_stable_layer_norm=ssl.layer_norm_first,
-    )
-    if ssl.family == "wavlm":
-        config = transformers.WavLMConfig(num_buckets=ssl.num_buckets, max_bucket_distance=ssl.max_distance, **common)
-        return transformers.WavLMModel(config).eval()
-    return transformers.HubertModel(transformers.HubertConfig(**common)).eval()
+    config = huggingface_config(ssl)
+    return (transformers.WavLMModel if ssl.family == "wavlm" else transformers.HubertModel)(config).eval()
 
 
 def perturb(model: torch.nn.Module) -> None:

@@ -452,3 +452,37 @@ def seed_everything(seed: int) -> None:
 
 def main(stage_cls: type[Stage]) -> None:
     sys.exit(run_stage(stage_cls, sys.argv[1:]))
+
+
+# --------------------------------------------------------------------------------------------
+# Runs made from weights trained elsewhere (import_checkpoint)
+# --------------------------------------------------------------------------------------------
+
+
+def record_imported_run(stage: Stage, cfg: DictConfig, tags: dict[str, str], source: str) -> str:
+    """A FINISHED run of ``stage`` whose one committed checkpoint (step 0) holds the stage's weights as
+    they are now, written by the engine itself: the run then trains on (``resume_run`` with a larger
+    ``trainer.max_steps``), feeds other stages and is browsed like any run trained here."""
+    client = MlflowClient()
+    run_id, _ = _start_new_run(client, stage, cfg, _experiment_id(client, cfg, stage.name), tags)
+    policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
+                             cfg.checkpoint.mode)
+    store = CheckpointStore(client, run_id, Path(cfg.checkpoint.staging_dir), policy)
+    metrics = MetricLogger(client, run_id, cfg.tracking.flush_seconds)
+    try:
+        Engine(stage, metrics, store, stopper=None, run_id=run_id).save_checkpoint()
+        store.close()
+        metrics.flush(wait=True)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    entry = {"attempt": 1, "started": utc_now(), "from": f"imported from {source}", "overrides": [],
+             "status": "FINISHED"}
+    client.log_text(run_id, _attempt_yaml(entry, {}), "config/attempt-1.yaml")
+    progress = "step 0 · imported"
+    client.set_tag(run_id, "progress", progress)
+    client.set_tag(run_id, NOTE_TAG, describe_run(
+        stage=stage.name, run_id=run_id, progress=progress, status="FINISHED",
+        latest_checkpoint=f"checkpoints/{checkpoint_name(0)}", history=[entry]))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

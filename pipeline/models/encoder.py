@@ -135,6 +135,25 @@ def check_huggingface_config(hf_config: Any, cfg: EncoderConfig, path: Path) -> 
         )
 
 
+def huggingface_config(cfg: EncoderConfig) -> Any:
+    """The transformers config (HubertConfig, WavLMConfig, Wav2Vec2Config) of the preset's architecture."""
+    import transformers
+
+    common = dict(
+        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.ff_interm_features, conv_dim=[c[0] for c in cfg.conv_layers],
+        conv_kernel=[c[1] for c in cfg.conv_layers], conv_stride=[c[2] for c in cfg.conv_layers],
+        conv_bias=cfg.conv_bias, num_conv_pos_embeddings=cfg.pos_conv_kernel,
+        num_conv_pos_embedding_groups=cfg.pos_conv_groups, feat_extract_norm=cfg.extractor_mode.split("_")[0],
+        do_stable_layer_norm=cfg.layer_norm_first,
+    )
+    if cfg.family == "wavlm":
+        return transformers.WavLMConfig(num_buckets=cfg.num_buckets, max_bucket_distance=cfg.max_distance, **common)
+    if cfg.family == "wav2vec2":
+        return transformers.Wav2Vec2Config(**common)
+    return transformers.HubertConfig(**common)
+
+
 def _import_huggingface(path: Path, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
     try:
         from transformers import AutoConfig, AutoModel

@@ -53,6 +53,13 @@ def validate_preset(cfg: VocoderConfig, feature_rate: float = FEATURE_RATE) -> N
             f"vocoder.upsample_initial_channel={cfg.upsample_initial_channel} is too small to halve "
             f"{len(rates)} times"
         )
+    if cfg.conformer_layers < 0 or (cfg.conformer_layers and (
+            cfg.conformer_dim % cfg.conformer_heads or cfg.conformer_kernel % 2 == 0)):
+        raise VocoderConfigError(
+            f"vocoder preset {cfg.name!r}: vocoder.conformer_layers must be >= 0, and with Conformer blocks "
+            f"vocoder.conformer_dim ({cfg.conformer_dim}) must divide by vocoder.conformer_heads "
+            f"({cfg.conformer_heads}) and vocoder.conformer_kernel ({cfg.conformer_kernel}) must be odd"
+        )
     if len(cfg.mpd_channels) != 5 or len(cfg.msd_channels) != 7 or cfg.msd_scales < 1 or not cfg.mpd_periods:
         raise VocoderConfigError(
             "vocoder.mpd_channels needs 5 widths, vocoder.msd_channels 7, vocoder.msd_scales >= 1 and "
@@ -104,6 +111,27 @@ class ResBlock(nn.Module):
         return x
 
 
+class ConformerPrenet(nn.Module):
+    """Linear -> Conformer blocks -> Linear, on (batch, frames, dim) features, before the upsampling
+    (the open Miipher-2 reimplementation's vocoder front end). Every frame is valid: no padding mask."""
+
+    def __init__(self, in_dim: int, out_dim: int, cfg: VocoderConfig):
+        super().__init__()
+        from torchaudio.models import Conformer
+
+        self.input_projection = nn.Linear(in_dim, cfg.conformer_dim)
+        self.conformer = Conformer(input_dim=cfg.conformer_dim, num_heads=cfg.conformer_heads,
+                                   ffn_dim=cfg.conformer_ffn_dim, num_layers=cfg.conformer_layers,
+                                   depthwise_conv_kernel_size=cfg.conformer_kernel, dropout=cfg.conformer_dropout)
+        self.output_projection = nn.Linear(cfg.conformer_dim, out_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.input_projection(features)
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+        x, _ = self.conformer(x, lengths)
+        return self.output_projection(x)
+
+
 class Generator(nn.Module):
     """Features (batch, frames, in_dim) -> waveform (batch, frames x prod(upsample_rates)) in [-1, 1]."""
 
@@ -111,7 +139,8 @@ class Generator(nn.Module):
         super().__init__()
         validate_preset(cfg)
         channels = cfg.upsample_initial_channel
-        self.pre = weight_norm(nn.Conv1d(in_dim, channels, 7, padding=3))
+        self.prenet = ConformerPrenet(in_dim, channels, cfg) if cfg.conformer_layers else None
+        self.pre = weight_norm(nn.Conv1d(channels if self.prenet is not None else in_dim, channels, 7, padding=3))
         self.ups = nn.ModuleList()
         self.blocks = nn.ModuleList()
         for rate, kernel in zip(cfg.upsample_rates, cfg.upsample_kernel_sizes):
@@ -129,6 +158,8 @@ class Generator(nn.Module):
         self.hop = math.prod(cfg.upsample_rates)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.prenet is not None:
+            features = self.prenet(features)
         x = self.pre(features.transpose(1, 2))
         for up, blocks in zip(self.ups, self.blocks):
             x = up(F.leaky_relu(x, LRELU_SLOPE))

@@ -83,6 +83,17 @@ def load_checkpoint(client: MlflowClient, role: str, run_id: str, stages: tuple[
         raise ConfigError(f"{role}={run_id}: {err}") from err
 
 
+def adopt_adapter_run(cfg: DictConfig, client: MlflowClient) -> None:
+    """Set ``cfg.ssl`` and ``cfg.adapter`` to those of ``cfg.adapter_run`` (its latest checkpoint's
+    meta.json); an explicit ``ssl.weights`` (the encoder moved) wins over the run's path."""
+    adapter = latest_meta(client, "adapter_run", cfg.adapter_run, ADAPTER_STAGES)["model_args"]
+    weights = cfg.ssl.weights
+    cfg.ssl = OmegaConf.merge(OmegaConf.structured(EncoderConfig), adapter["ssl"])
+    if weights:
+        cfg.ssl.weights = weights
+    cfg.adapter = OmegaConf.merge(OmegaConf.structured(AdapterConfig), adapter["adapter"])
+
+
 def _encoder_name(ssl: dict[str, Any]) -> str:
     return f"encoder preset {ssl['name']!r} layer {ssl['layer']}"
 
@@ -124,14 +135,9 @@ class FinetuneVocoder(VocoderStage):
             raise ConfigError("finetune_vocoder needs adapter_run=<train_adapter run id> and "
                               "vocoder_run=<pretrain_vocoder run id>")
         client = MlflowClient()
-        adapter = latest_meta(client, "adapter_run", cfg.adapter_run, ADAPTER_STAGES)["model_args"]
+        adopt_adapter_run(cfg, client)
         vocoder = latest_meta(client, "vocoder_run", cfg.vocoder_run, VOCODER_STAGES)["model_args"]
-        check_same_encoder(cfg.adapter_run, adapter["ssl"], cfg.vocoder_run, vocoder["ssl"])
-        weights = cfg.ssl.weights  # an explicit ssl.weights (the encoder moved) wins over the run's path
-        cfg.ssl = OmegaConf.merge(OmegaConf.structured(EncoderConfig), adapter["ssl"])
-        if weights:
-            cfg.ssl.weights = weights
-        cfg.adapter = OmegaConf.merge(OmegaConf.structured(AdapterConfig), adapter["adapter"])
+        check_same_encoder(cfg.adapter_run, OmegaConf.to_container(cfg.ssl), cfg.vocoder_run, vocoder["ssl"])
         cfg.vocoder = OmegaConf.merge(OmegaConf.structured(VocoderConfig), vocoder["vocoder"])
         return cfg
 
@@ -149,13 +155,15 @@ class FinetuneVocoder(VocoderStage):
         saved_ssl = point.meta["model_args"]["ssl"]
         check_same_encoder(self.cfg.adapter_run, saved_ssl, "(this run)", OmegaConf.to_container(self.cfg.ssl))
         self.adapted = build_adapted_encoder(self.cfg.ssl, self.cfg.adapter)
-        self.adapted.adapters.load_state_dict(point.state["modules"]["adapters"])
+        for key, module in self.adapted.trainable_modules().items():
+            module.load_state_dict(point.state["modules"][key])
         self.adapted.to(self.device).eval().requires_grad_(False)
         log.info("Adapters rebuilt from %s", point.source)
 
     def load_initial_weights(self) -> None:
-        """Generator and discriminators from the vocoder run (fresh start only: a resume restores them)."""
-        if self.resuming(self.cfg):
+        """Generator and discriminators from the vocoder run (fresh start only: a resume restores them;
+        import_checkpoint builds the stage without a vocoder run and loads the imported weights itself)."""
+        if self.resuming(self.cfg) or not self.cfg.vocoder_run:
             return
         point = load_checkpoint(MlflowClient(), "vocoder_run", self.cfg.vocoder_run, VOCODER_STAGES)
         for key, module in self.modules.items():

@@ -21,9 +21,8 @@ from pipeline.data.shards import ShardPairs, StreamingPairs, read_manifest, shar
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
 from pipeline.listening import Example, safe_name, write_listening_page
-from pipeline.losses import feature_loss
-from pipeline.models.adapters import AdaptedEncoder
-from pipeline.models.encoder import create_encoder
+from pipeline.losses import SC_MODES, feature_loss
+from pipeline.models.adapters import build_adapted_encoder
 
 
 class TrainAdapter(Stage):
@@ -44,14 +43,13 @@ class TrainAdapter(Stage):
 
     def build(self) -> None:
         cfg = self.cfg
-        num_adapter_layers = cfg.adapter.num_layers or cfg.ssl.layer
-        self.model = AdaptedEncoder(
-            create_encoder(cfg.ssl), cfg.ssl.layer, num_adapter_layers, cfg.adapter.bottleneck, cfg.adapter.init_std
-        ).to(self.device)
+        if cfg.loss.sc not in SC_MODES:
+            raise ValueError(f"loss.sc={cfg.loss.sc!r}; choose one of {', '.join(SC_MODES)}")
+        self.model = build_adapted_encoder(cfg.ssl, cfg.adapter).to(self.device)
         self.model.eval()  # the frozen encoder never trains; adapters have no dropout
-        self.modules = {"adapters": self.model.adapters}
+        self.modules = self.model.trainable_modules()  # adapters (+ trained layer norms): all a checkpoint holds
         optimizer = torch.optim.AdamW(
-            self.model.adapters.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+            self.model.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
         )
         self.optimizers = {"adapters": optimizer}
@@ -106,12 +104,12 @@ class TrainAdapter(Stage):
     def compute_loss(self, batch):
         target = self.model.target_features(batch["clean"])
         pred = self.model(batch["noisy"])
-        return feature_loss(pred.float(), target.float())
+        return feature_loss(pred.float(), target.float(), sc=self.cfg.loss.sc)
 
     def training_step(self, batch):
         with self.precision.autocast():
             loss, parts = self.compute_loss(batch)
-        grad_norm = self.optimize(loss, self.optimizers["adapters"], self.model.adapters.parameters())
+        grad_norm = self.optimize(loss, self.optimizers["adapters"], self.model.trainable_parameters())
         return {"train/loss": loss.detach(), **{f"train/{k}": v.detach() for k, v in parts.items()},
                 "grad_norm": grad_norm}
 

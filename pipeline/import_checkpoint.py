@@ -1,0 +1,448 @@
+"""import_checkpoint: MLflow runs from the open Miipher-2 reimplementation's checkpoints.
+
+    python -m pipeline.import_checkpoint adapter=checkpoint_199k_fixed.pt vocoder='epoch=77-step=137108.ckpt' \\
+        ssl.weights=/models/mHuBERT-147
+    mlflow run . -e import_checkpoint --env-manager local -P adapter=... -P vocoder=... \\
+        -P overrides="ssl.weights=/models/mHuBERT-147"
+
+The reimplementation (github.com/Atotti/miipher-2) saves its adapter training as ``torch.save`` of
+``{"step", "model_state_dict", "optimizer_state_dict", ..., "config", "random_states"}`` whose model
+state holds the whole mHuBERT-147 (``extractor.model.*``, Hugging Face names) and the adapters
+(``adapters.<i>.ff.{0,1,3}.*``: LayerNorm, Linear, Linear), and its vocoder as a Lightning checkpoint
+(``state_dict`` with ``generator.*``, ``multi_period_discriminator.*``, ``multi_scale_discriminator.*``,
+old-style weight-norm names). This command maps those tensors onto the pipeline's modules, bit for bit,
+and records one ``train_adapter`` run and one ``finetune_vocoder`` run whose committed checkpoint
+(step 0) holds them, tagged ``imported_from``: they resume, chain and serve like runs trained here.
+
+Files are read with ``torch.load(weights_only=True)``. Beyond tensors and plain containers, only
+OmegaConf containers (its configs) and NumPy arrays (its RNG states) are allowed; anything else is
+refused with what to do. The frozen encoder comes from ``ssl.weights`` (the model the adapters were
+trained on: the checkpoint keeps the *trained* final norms of the adapted layers, not the originals
+that make the clean target), and the checkpoint's copy of it is compared with that model first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.config import ConfigError, compose_config, split_overrides
+from pipeline.engine.checkpointing import sha256_file
+from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, record_imported_run, setup_logging
+from pipeline.engine.stage import Precision
+
+log = logging.getLogger(__name__)
+
+LAUNCH_KEYS = ("adapter", "vocoder")  # paths of the reimplementation's files
+STAGES = ("train_adapter", "finetune_vocoder")
+VOCODER_PRESET = "conformer_v1_22k"
+
+
+class ImportRefused(ValueError):
+    """A file that cannot be imported; the message names it, the key and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the files safely
+# --------------------------------------------------------------------------------------------
+
+
+def _safe_globals() -> list[Any]:
+    """What the reimplementation's pickles hold besides tensors: OmegaConf containers (its configs,
+    Lightning's hyper_parameters) and NumPy arrays (its RNG states). Plain data classes whose
+    unpickling runs no code of the file's choosing; every other global is refused."""
+    import typing
+
+    import numpy as np
+    from omegaconf import DictConfig as _DictConfig, ListConfig
+    from omegaconf.base import ContainerMetadata, Metadata
+    from omegaconf.nodes import AnyNode, BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
+
+    from numpy._core import multiarray
+
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.bool_)]
+    numpy_globals = [np.ndarray, np.dtype, *dtypes, multiarray._reconstruct, multiarray.scalar,
+                     # the names NumPy 1.x pickles use for the same functions
+                     (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+                     (multiarray.scalar, "numpy.core.multiarray.scalar")]
+    return [_DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, BooleanNode, BytesNode, FloatNode,
+            IntegerNode, PathNode, StringNode, typing.Any, dict, list, int, float, str, bool, defaultdict,
+            *numpy_globals]
+
+
+def load_foreign(path: Path, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with the small allowlist above; a clear refusal otherwise."""
+    if not path.is_file():
+        raise ImportRefused(f"{what} checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"(Unsupported global: GLOBAL \S+|Can only build [^\n]*)", str(err))
+        raise ImportRefused(
+            f"refusing to load the {what} checkpoint {path}: it holds Python objects that loading would have "
+            f"to construct ({found.group(1) if found else str(err).splitlines()[0]}), which could run code. "
+            "If you trust the file, save only its weights in an environment where unpickling is acceptable, "
+            "e.g. torch.save(torch.load(path, weights_only=False)['state_dict' or 'model_state_dict'], "
+            "'weights.pt'), and import that file."
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ImportRefused(f"cannot read the {what} checkpoint {path}: {err}") from err
+
+
+def tensors_of(obj: Any, path: Path, what: str, wrappers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The state dict inside ``obj`` (under one of ``wrappers``, or ``obj`` itself)."""
+    for key in wrappers:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ImportRefused(f"the {what} checkpoint {path} holds no state dict of tensors "
+                            f"(looked at the top level and under {', '.join(wrappers)})")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Key names: theirs -> ours
+# --------------------------------------------------------------------------------------------
+
+# Old-style torch.nn.utils weight/spectral norm names -> torch.nn.utils.parametrizations names
+WEIGHT_NORM = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
+SPECTRAL_NORM = {"weight_orig": "parametrizations.weight.original", "weight_u": "parametrizations.weight.0._u",
+                 "weight_v": "parametrizations.weight.0._v"}
+
+
+def modern_norm_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename old-style weight-norm and spectral-norm parameters to the parametrization names; a
+    module with ``weight_orig`` is spectral-normed (its ``weight_v`` is the power-iteration vector)."""
+    spectral = {k[: -len("weight_orig")] for k in state if k.endswith("weight_orig")}
+    out = {}
+    for key, value in state.items():
+        module, _, name = key.rpartition(".")
+        prefix = f"{module}." if module else ""
+        table = SPECTRAL_NORM if prefix in spectral else WEIGHT_NORM
+        out[prefix + table.get(name, name)] = value
+    return out
+
+
+def generator_key(key: str, kernels_per_stage: int) -> str:
+    """Their generator's names -> ours (pipeline.models.hifigan.Generator)."""
+    if key.startswith(("input_projection.", "output_projection.")):
+        return f"prenet.{key}"
+    match = re.match(r"conformer(\d+)\.conformer_layers\.0\.(.*)", key)
+    if match:
+        return f"prenet.conformer.conformer_layers.{int(match.group(1)) - 1}.{match.group(2)}"
+    match = re.match(r"resblocks\.(\d+)\.(convs1|convs2|convs)\.(.*)", key)
+    if match:
+        stage, block = divmod(int(match.group(1)), kernels_per_stage)
+        kind = "plain" if match.group(2) == "convs2" else "dilated"
+        return f"blocks.{stage}.{block}.{kind}.{match.group(3)}"
+    return re.sub(r"^conv_pre\.", "pre.", re.sub(r"^conv_post\.", "post.", key))
+
+
+def discriminator_key(key: str) -> str:
+    return re.sub(r"\.conv_post\.", ".post.", key)
+
+
+def fit(module: torch.nn.Module, source: dict[str, torch.Tensor], rename: Callable[[str], str], what: str,
+        path: Path, theirs_for: Callable[[str], str] = lambda key: f"the pipeline's {key}") -> dict[str, str]:
+    """Load ``source`` (their names) into ``module`` through ``rename``; every key of the module must
+    come from the file with the same shape, or the import is refused naming the key. Returns
+    {our key: their key}."""
+    renamed = modern_norm_names(source)
+    theirs = dict(zip(renamed, source))  # modernised name -> original name in the file
+    mapped = {rename(k): v for k, v in renamed.items()}
+    origin = {rename(k): theirs[k] for k in renamed}
+    own = module.state_dict()
+    missing = [k for k in own if k not in mapped]
+    if missing:
+        raise ImportRefused(f"the {what} checkpoint {path} lacks {len(missing)} tensor(s) the {what} needs, e.g. "
+                            f"{theirs_for(missing[0])}; it does not match the {what} preset")
+    for key, value in mapped.items():
+        if key not in own:
+            raise ImportRefused(f"the {what} checkpoint {path} has {origin[key]!r}, which the {what} preset has "
+                                "no place for; it is another architecture")
+        if value.shape != own[key].shape:
+            raise ImportRefused(f"the {what} checkpoint {path}: {origin[key]!r} has shape {tuple(value.shape)}, the "
+                                f"preset needs {tuple(own[key].shape)} ({key})")
+    module.load_state_dict(mapped, strict=True)
+    return origin
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter checkpoint
+# --------------------------------------------------------------------------------------------
+
+ADAPTER_PARTS = {"ff.0": "norm", "ff.1": "down", "ff.3": "up"}  # their nn.Sequential -> ours
+ENCODER_PREFIXES = ("extractor.model.", "extractor.hubert.")  # older checkpoints say extractor.hubert.
+
+
+def read_adapter_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """(adapter tensors by their name, their encoder's tensors by Hugging Face name, their step)."""
+    obj = load_foreign(path, "adapter")
+    state = tensors_of(obj, path, "adapter", ("model_state_dict", "state_dict", "model"))
+    adapters = {k: v for k, v in state.items() if k.startswith("adapters.")}
+    if not adapters:
+        raise ImportRefused(f"the adapter checkpoint {path} has no 'adapters.<i>.ff.*' tensors; it is not a "
+                            "Miipher-2 reimplementation adapter checkpoint")
+    encoder = {}
+    for key, value in state.items():
+        for prefix in ENCODER_PREFIXES:
+            if key.startswith(prefix):
+                encoder[key[len(prefix):]] = value
+    step = int(obj.get("step", 0)) if isinstance(obj, dict) and isinstance(obj.get("step", 0), int) else 0
+    return adapters, encoder, step
+
+
+def adapter_overrides(adapters: dict[str, torch.Tensor], path: Path) -> list[str]:
+    """The adapter settings the file's shapes imply (on top of recipe=atotti_miipher2)."""
+    indices = sorted({int(k.split(".")[1]) for k in adapters})
+    if indices != list(range(len(indices))):
+        raise ImportRefused(f"the adapter checkpoint {path} numbers its adapters {indices}; expected 0..n-1")
+    down = adapters.get("adapters.0.ff.1.weight")
+    if down is None or down.dim() != 2:
+        raise ImportRefused(f"the adapter checkpoint {path} lacks 'adapters.0.ff.1.weight' (the down projection)")
+    # The reimplementation runs n adapted layers and takes the output of layer n (hidden_states[n]).
+    n = len(indices)
+    return [f"ssl.layer={n}", f"adapter.num_layers={n}", f"adapter.bottleneck={down.shape[0]}"]
+
+
+def load_adapters(stage, adapters: dict[str, torch.Tensor], encoder: dict[str, torch.Tensor], path: Path) -> None:
+    """Adapters and the adapted layers' trained final norms into the stage's modules."""
+    model = stage.model
+
+    def rename_adapter(key: str) -> str:
+        _, index, ff, sub, param = key.split(".", 4) if key.count(".") == 4 else ("", "", "", "", key)
+        part = ADAPTER_PARTS.get(f"{ff}.{sub}")
+        if part is None:
+            raise ImportRefused(f"the adapter checkpoint {path} has {key!r}, which is not part of a parallel "
+                                "adapter (LayerNorm ff.0, Linear ff.1, Linear ff.3)")
+        return f"{index}.{part}.{param}"
+
+    parts = {ours: theirs for theirs, ours in ADAPTER_PARTS.items()}
+
+    def their_adapter_key(key: str) -> str:  # "1.up.weight" -> 'adapters.1.ff.3.weight'
+        index, part, param = key.split(".")
+        return repr(f"adapters.{index}.{parts[part]}.{param}")
+
+    fit(model.adapters, adapters, rename_adapter, "adapter", path, their_adapter_key)
+    if model.layer_norms is None:
+        raise ImportRefused("the reimplementation trains each adapted layer's final_layer_norm: keep "
+                            "adapter.train_layer_norms=true (recipe=atotti_miipher2) to import its checkpoints")
+    norms = {}
+    for i in range(len(model.adapters)):
+        for param in ("weight", "bias"):
+            key = f"encoder.layers.{i}.final_layer_norm.{param}"
+            if key not in encoder:
+                raise ImportRefused(f"the adapter checkpoint {path} lacks the trained norm "
+                                    f"'{ENCODER_PREFIXES[0]}{key}' of adapted layer {i}")
+            norms[f"{i}.{param}"] = encoder[key]
+    fit(model.layer_norms, norms, lambda k: k, "adapter", path)
+
+
+def check_same_encoder(stage, encoder: dict[str, torch.Tensor], path: Path) -> None:
+    """The checkpoint's own copy of the frozen encoder must be the model in ``ssl.weights`` (apart
+    from the trained final norms of the adapted layers): adapters only fit the encoder they trained on."""
+    if not encoder:
+        log.warning("The adapter checkpoint holds no copy of its encoder; trusting ssl.weights=%s",
+                    stage.cfg.ssl.weights)
+        return
+    import transformers
+    from torchaudio.models.wav2vec2.utils import import_huggingface_model
+
+    from pipeline.models.encoder import huggingface_config
+
+    hf_class = transformers.WavLMModel if stage.cfg.ssl.family == "wavlm" else transformers.HubertModel
+    theirs = hf_class(huggingface_config(stage.cfg.ssl)).eval()
+    wanted = modern_norm_names(encoder)
+    missing, unexpected = theirs.load_state_dict(wanted, strict=False)
+    missing = [k for k in missing if k != "masked_spec_embed"]
+    if missing or unexpected:
+        raise ImportRefused(f"the encoder inside the adapter checkpoint {path} is not a {stage.cfg.ssl.name} "
+                            f"model ({'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]})")
+    logging.getLogger("torchaudio.models.wav2vec2.utils.import_huggingface").setLevel(logging.ERROR)
+    converted = import_huggingface_model(theirs).state_dict()
+    adapted = len(stage.model.adapters)
+    for key, ours in stage.model.encoder.state_dict().items():
+        layer = re.match(r"encoder\.transformer\.layers\.(\d+)\.", key)
+        if ".adapter." in key or ".trained." in key or (layer and int(layer.group(1)) < adapted and "final_layer_norm" in key):
+            continue
+        reference = converted[key.replace(".feed_forward.feed_forward.", ".feed_forward.").replace(
+            ".final_layer_norm.frozen.", ".final_layer_norm.")]
+        if not torch.equal(ours.cpu(), reference):
+            raise ImportRefused(
+                f"the adapter checkpoint {path} was trained on another encoder than ssl.weights="
+                f"{stage.cfg.ssl.weights}: they differ at {key} (max abs difference "
+                f"{(ours.cpu() - reference).abs().max().item():.3g}). Point ssl.weights at the model its adapters "
+                "were trained on (mHuBERT-147 for the released checkpoints).")
+
+
+# --------------------------------------------------------------------------------------------
+# The vocoder checkpoint
+# --------------------------------------------------------------------------------------------
+
+LIGHTNING_PREFIXES = {"generator": "generator.", "mpd": "multi_period_discriminator.",
+                      "msd": "multi_scale_discriminator."}
+
+
+def read_vocoder_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """({generator, mpd, msd: tensors by their names}, their step) from a Lightning checkpoint, a
+    {"generator": ...} dict or a bare generator state dict."""
+    obj = load_foreign(path, "vocoder")
+    if isinstance(obj, dict) and "prenet" in obj:
+        raise ImportRefused(f"the vocoder checkpoint {path} is the reimplementation's older PreNet + HiFi-GAN "
+                            "(a 'prenet' entry); only its Conformer SSL-vocoder (Lightning checkpoint) is supported")
+    step = obj.get("global_step", obj.get("step", 0)) if isinstance(obj, dict) else 0
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        flat = tensors_of(obj, path, "vocoder", ("state_dict",))
+        parts = {name: {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+                 for name, prefix in LIGHTNING_PREFIXES.items()}
+    elif isinstance(obj, dict) and isinstance(obj.get("generator"), dict):
+        parts = {"generator": tensors_of(obj, path, "vocoder", ("generator",))}
+    else:
+        parts = {"generator": tensors_of(obj, path, "vocoder", ())}
+    if not parts.get("generator"):
+        raise ImportRefused(f"the vocoder checkpoint {path} holds no generator weights ('generator.*')")
+    return {k: v for k, v in parts.items() if v}, int(step) if isinstance(step, int) else 0
+
+
+def load_vocoder(stage, parts: dict[str, dict[str, torch.Tensor]], path: Path) -> list[str]:
+    """Generator (and discriminators when the file has them) into the stage's modules; returns the
+    names of the modules imported."""
+    kernels = len(stage.cfg.vocoder.resblock_kernel_sizes)
+    fit(stage.modules["generator"], parts["generator"], lambda k: generator_key(k, kernels), "vocoder", path)
+    imported = ["generator"]
+    for name in ("mpd", "msd"):
+        if name in parts:
+            fit(stage.modules[name], parts[name], discriminator_key, "vocoder", path)
+            imported.append(name)
+        else:
+            log.warning("The vocoder checkpoint has no %s weights: the %s starts from a fresh initialisation", name,
+                        name.upper())
+    return imported
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Launch arguments (adapter=, vocoder=) and each run's overrides: ``train_adapter.key=v`` and
+    ``finetune_vocoder.key=v`` for one run, a plain ``key=v`` for every run whose config has the key."""
+    launch: dict[str, str] = {}
+    words = []
+    for word in split_overrides(argv):
+        key, sep, value = word.partition("=")
+        if sep and key in LAUNCH_KEYS:
+            if value:
+                launch[key] = value
+        else:
+            words.append(word)
+    if "adapter" not in launch:
+        raise ConfigError("import_checkpoint needs adapter=<the reimplementation's adapter checkpoint> "
+                          "(and vocoder=<its vocoder checkpoint> to import both)")
+    routed: dict[str, list[str]] = {stage: [] for stage in STAGES}
+    for word in words:
+        stage, _, rest = word.partition(".")
+        if stage in STAGES and rest:
+            routed[stage].append(rest)
+            continue
+        targets = [s for s in STAGES if _accepts(s, word)]
+        if not targets:
+            raise ConfigError(f"Override {word!r} fits neither train_adapter nor finetune_vocoder; check the key")
+        for target in targets:
+            routed[target].append(word)
+    return launch, routed
+
+
+def _accepts(stage: str, word: str) -> bool:
+    try:
+        compose_config(stage, [word])
+    except ConfigError:
+        return False
+    return True
+
+
+def _build(stage_cls, cfg: DictConfig):
+    stage = stage_cls(cfg, Precision.from_config("cpu", "32"))  # weights move as they are; no step runs here
+    stage.build()
+    return stage
+
+
+def import_adapter(path: Path, overrides: list[str]) -> str:
+    from pipeline.stages.train_adapter import TrainAdapter
+
+    adapters, encoder, step = read_adapter_checkpoint(path)
+    cfg = compose_config("train_adapter", ["recipe=atotti_miipher2", *adapter_overrides(adapters, path), *overrides])
+    if not cfg.ssl.weights:
+        raise ConfigError("import_checkpoint needs ssl.weights=<the encoder the adapters were trained on>, e.g. "
+                          "a local mHuBERT-147 Hugging Face directory: the checkpoint keeps only the trained final "
+                          "norms of the adapted layers, and the originals make the clean-feature target")
+    stage = _build(TrainAdapter, cfg)
+    load_adapters(stage, adapters, encoder, path)
+    check_same_encoder(stage, encoder, path)
+    run_id = record_imported_run(stage, cfg, _import_tags(path, step), str(path))
+    log.info("Imported the adapters of %s as train_adapter run %s", path, run_id)
+    return run_id
+
+
+def import_vocoder(path: Path, adapter_run: str, overrides: list[str]) -> str:
+    from mlflow import MlflowClient
+
+    from pipeline.stages.finetune_vocoder import FinetuneVocoder, adopt_adapter_run
+
+    parts, step = read_vocoder_checkpoint(path)
+    # finetune_vocoder takes its vocoder preset from a vocoder run; here it is the reimplementation's
+    preset_words = [w for w in overrides if w.startswith("vocoder.")]
+    cfg = compose_config("finetune_vocoder", [f"adapter_run={adapter_run}", *overrides])
+    cfg.vocoder = compose_config("pretrain_vocoder", [f"vocoder={VOCODER_PRESET}", *preset_words]).vocoder
+    adopt_adapter_run(cfg, MlflowClient())
+    stage = _build(FinetuneVocoder, cfg)
+    imported = load_vocoder(stage, parts, path)
+    tags = {**_import_tags(path, step), "imported.modules": ",".join(imported)}
+    run_id = record_imported_run(stage, cfg, tags, str(path))
+    log.info("Imported the vocoder of %s as finetune_vocoder run %s", path, run_id)
+    return run_id
+
+
+def _import_tags(path: Path, step: int) -> dict[str, str]:
+    return {"imported_from": str(path.resolve()), "imported.step": str(step), "imported.sha256": sha256_file(path),
+            "imported.format": "atotti/miipher-2"}
+
+
+def run(argv: list[str]) -> int:
+    setup_logging()
+    try:
+        launch, overrides = parse_args(argv)
+        adapter_run = import_adapter(Path(launch["adapter"]).expanduser(), overrides["train_adapter"])
+        # Under `mlflow run`, its run became the adapter run; the vocoder gets a run of its own.
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        vocoder_run = None
+        if "vocoder" in launch:
+            vocoder_run = import_vocoder(Path(launch["vocoder"]).expanduser(), adapter_run,
+                                         overrides["finetune_vocoder"])
+    except (ConfigError, ImportRefused, ValueError, OSError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+    log.info("Imported runs: train_adapter %s%s. Continue training with: python -m pipeline.train_adapter "
+             "resume_run=%s trainer.max_steps=<N>", adapter_run,
+             f", finetune_vocoder {vocoder_run}" if vocoder_run else "", adapter_run)
+    return EXIT_OK
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
