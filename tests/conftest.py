@@ -188,3 +188,15 @@ def snapshot(client: MlflowClient):
         files = tuple(sorted(str(p.relative_to(art)) for p in art.rglob("*"))) if art.exists() else ()
         out[run.info.run_id] = (run.info.status, dict(run.data.tags), dict(run.data.metrics), files)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests run where CUDA is present and are skipped (with the reason) elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

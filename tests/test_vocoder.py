@@ -61,9 +61,11 @@ def only_run(client: MlflowClient, stage: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, rate, hop", [("tiny", 16000, 320), ("v2", 16000, 320), ("v1_22k", 22050, 441)])
+@pytest.mark.parametrize("name, rate, hop", [("tiny", 16000, 320), ("v2", 16000, 320), ("v1_22k", 22050, 441),
+                                             ("conformer_v1_22k", 22050, 441)])
 def test_generator_turns_50_frames_per_second_into_the_output_rate(name, rate, hop):
-    cfg = preset(name, upsample_initial_channel=16, resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1]])
+    cfg = preset(name, upsample_initial_channel=16, resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1]],
+                 conformer_dim=16, conformer_heads=2, conformer_ffn_dim=16)
     generator, mpd, msd = build_vocoder(8, cfg)
     wave = generator(torch.randn(2, 7, 8))
     assert cfg.sample_rate == rate and wave.shape == (2, 7 * hop) and wave.abs().max() <= 1
@@ -74,8 +76,10 @@ def test_generator_turns_50_frames_per_second_into_the_output_rate(name, rate, h
 
 
 def test_v1_and_v2_presets_are_valid_and_a_wrong_upsampling_is_refused_by_name():
-    for name in ("v1", "v2", "tiny", "v1_22k"):
+    for name in ("v1", "v2", "tiny", "v1_22k", "conformer_v1_22k"):
         validate_preset(preset(name))
+    with pytest.raises(VocoderConfigError, match=r"conformer_kernel \(30\) must be odd"):
+        validate_preset(preset("conformer_v1_22k", conformer_kernel=30))
     with pytest.raises(VocoderConfigError, match=r"upsample_rates \[8, 8, 2, 2\] is 256.*need 320.*sample_rate=16000"):
         validate_preset(preset("v1", upsample_rates=[8, 8, 2, 2]))
     with pytest.raises(VocoderConfigError, match="need 441"):
