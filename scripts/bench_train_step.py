@@ -72,6 +72,7 @@ def bench(name: str, device: str, precision: str, steps: int, warmup: int) -> di
     return {"case": name, "device": torch.cuda.get_device_name() if cuda else "cpu", "precision": precision,
             "batch_size": int(cfg.batch_size), "seconds_per_step": per_step, "min": min(times), "max": max(times),
             "samples_per_s": int(cfg.batch_size) / per_step, "steps_timed": len(times),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
@@ -82,8 +83,14 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="the kernels a job uses with trainer.deterministic=true (the default for training)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.deterministic:
+        from pipeline.engine.session import torch_deterministic
+
+        torch_deterministic()
     for name in args.cases:
         for precision in args.precisions:
             print(json.dumps(bench(name, args.device, precision, args.steps, args.warmup)), flush=True)

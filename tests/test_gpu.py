@@ -79,3 +79,29 @@ def test_conformer_vocoder_generates_finite_audio_under_autocast_on_cuda():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         wave = generator(torch.randn(2, 50, 768, device="cuda"))
     assert wave.shape == (2, 50 * 441) and torch.isfinite(wave).all()
+
+
+def test_resume_of_a_base_size_encoder_on_cuda_is_bit_identical(store):
+    """Attention backward passes through a real-width encoder (hubert_base shape, 3 layers, 2 s crops)."""
+    client = MlflowClient()
+    big = ["ssl=hubert_base", "ssl.layer=3", "data.segment_seconds=2.0", "adapter.bottleneck=64"]
+    assert train_adapter(*big, "trainer.max_steps=6", "tracking.run_name=whole") == EXIT_OK
+    assert train_adapter(*big, "trainer.max_steps=3", "tracking.run_name=parts") == EXIT_OK
+    runs = {r.info.run_name: r.info.run_id for r in stage_runs(client)}
+    assert train_adapter(*big, f"resume_run={runs['parts']}", "trainer.max_steps=6") == EXIT_OK
+    assert loss_history(client, runs["parts"]) == loss_history(client, runs["whole"])
+
+
+def test_vocoder_resume_on_cuda_is_bit_identical(store):
+    from pipeline.stages.pretrain_vocoder import PretrainVocoder
+
+    args = ["ssl=tiny", "vocoder=tiny", "batch_size=4", "data.segment_seconds=0.5", "trainer.device=cuda",
+            "optim.schedule=constant", "validation.interval=3", "tracking.system_metrics=false",
+            "tracking.flush_seconds=0.2"]
+    client = MlflowClient()
+    assert run_stage(PretrainVocoder, [*args, "trainer.max_steps=6", "tracking.run_name=whole"]) == EXIT_OK
+    assert run_stage(PretrainVocoder, [*args, "trainer.max_steps=3", "tracking.run_name=parts"]) == EXIT_OK
+    runs = {r.info.run_name: r.info.run_id for r in stage_runs(client, "pretrain_vocoder")}
+    assert run_stage(PretrainVocoder, [f"resume_run={runs['parts']}", "trainer.max_steps=6"]) == EXIT_OK
+    for key in ("train/loss", "train/d_loss"):
+        assert loss_history(client, runs["parts"], key) == loss_history(client, runs["whole"], key)

@@ -260,3 +260,28 @@ def test_finetune_refuses_incompatible_or_unusable_runs_before_training(chain_ru
         assert finetune(*args) == EXIT_BAD_INPUT, args
         assert message in capfd.readouterr().err, message
     assert snapshot(client) == before
+
+
+@pytest.mark.parametrize("left, right", [(0, 5), (7, 3), (0, 0), (512, 512)])
+def test_deterministic_reflect_pad_equals_torch_reflect_padding_in_values_and_gradients(left, right):
+    import torch.nn.functional as F
+
+    from pipeline.models.hifigan import reflect_pad
+
+    x = torch.randn(3, 1, 1001, requires_grad=True)
+    ours, torchs = reflect_pad(x, left, right), F.pad(x, (left, right), mode="reflect")
+    assert torch.equal(ours, torchs)
+    g = torch.randn_like(torchs)
+    assert torch.allclose(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(torchs, x, g)[0], atol=1e-6)
+
+
+def test_the_mel_of_the_losses_is_torchaudios_centred_mel_bit_for_bit():
+    import torchaudio
+
+    from pipeline.models.hifigan import CenteredMelSpectrogram
+
+    kwargs = dict(sample_rate=22050, win_length=1024, hop_length=256, n_mels=80, power=1.0, norm="slaney",
+                  mel_scale="slaney")
+    wave = torch.randn(2, 11025)
+    assert torch.equal(CenteredMelSpectrogram(n_fft=1024, **kwargs)(wave),
+                       torchaudio.transforms.MelSpectrogram(n_fft=1024, **kwargs)(wave))

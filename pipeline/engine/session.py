@@ -437,6 +437,11 @@ def torch_deterministic() -> None:
 
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+    # The fused attention kernels (cuDNN, memory-efficient, flash) have non-deterministic backward
+    # passes on CUDA; the math kernel is exact. trainer.deterministic=false gives the fused ones back.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_flash_sdp(False)
 
 
 def seed_everything(seed: int) -> None:

@@ -67,6 +67,32 @@ def validate_preset(cfg: VocoderConfig, feature_rate: float = FEATURE_RATE) -> N
         )
 
 
+def reflect_pad(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """``F.pad(x, (left, right), mode="reflect")`` on the last dimension, built from slices and flips:
+    the same values, but a backward pass that is deterministic on CUDA (reflection_pad1d's backward
+    accumulates with atomic adds, which breaks bit-identical resume on a GPU)."""
+    parts = [x[..., 1 : left + 1].flip(-1)] if left else []
+    parts.append(x)
+    if right:
+        parts.append(x[..., -right - 1 : -1].flip(-1))
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else x
+
+
+class CenteredMelSpectrogram(nn.Module):
+    """torchaudio's MelSpectrogram with ``center=True`` (reflect padding of n_fft // 2 on both sides),
+    with the padding done by ``reflect_pad`` so that gradients through it are deterministic on CUDA."""
+
+    def __init__(self, n_fft: int, **kwargs):
+        super().__init__()
+        import torchaudio
+
+        self.pad = n_fft // 2
+        self.mel = torchaudio.transforms.MelSpectrogram(n_fft=n_fft, center=False, **kwargs)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.mel(reflect_pad(wave, self.pad, self.pad))
+
+
 def same_padding(kernel: int, dilation: int = 1) -> int:
     return (kernel * dilation - dilation) // 2
 
@@ -206,7 +232,7 @@ class PeriodDiscriminator(nn.Module):
         x = wave.unsqueeze(1)  # (batch, 1, samples)
         remainder = x.shape[-1] % self.period
         if remainder:
-            x = F.pad(x, (0, self.period - remainder), mode="reflect")
+            x = reflect_pad(x, 0, self.period - remainder)
         x = x.view(x.shape[0], 1, -1, self.period)
         return conv_stack(x, self.convs, self.post)
 

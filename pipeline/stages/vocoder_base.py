@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchaudio
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
@@ -26,7 +25,7 @@ from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine.stage import Stage
 from pipeline.listening import Example, safe_name, write_listening_page
 from pipeline.losses import discriminator_loss, generator_loss, log_mel, mel_l1
-from pipeline.models.hifigan import build_vocoder, validate_preset
+from pipeline.models.hifigan import CenteredMelSpectrogram, build_vocoder, validate_preset
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +149,9 @@ class VocoderStage(Stage):
         o = self.cfg.optim
         return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
-    def _mel_transform(self) -> torchaudio.transforms.MelSpectrogram:
+    def _mel_transform(self) -> CenteredMelSpectrogram:
         loss = self.cfg.loss
-        return torchaudio.transforms.MelSpectrogram(
+        return CenteredMelSpectrogram(
             sample_rate=self.cfg.vocoder.sample_rate, n_fft=loss.n_fft, win_length=loss.win_length,
             hop_length=loss.hop_length, f_min=loss.f_min, f_max=loss.f_max, n_mels=loss.n_mels, power=1.0,
             norm="slaney", mel_scale="slaney",
