@@ -426,6 +426,34 @@ def compose_config(stage: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def accepts(stage: str, word: str) -> bool:
+    """Whether ``stage``'s config takes the override ``word``."""
+    try:
+        compose_config(stage, [word])
+    except ConfigError:
+        return False
+    return True
+
+
+def route_overrides(words: list[str], stages: tuple[str, ...], what: str) -> dict[str, list[str]]:
+    """Overrides for jobs of several stages at once (``main``, ``import_checkpoint``): ``<stage>.key=v``
+    goes to that stage only, a plain ``key=v`` to every stage whose config has the key; a word that
+    fits none is refused (``what`` names the jobs in the message)."""
+    out: dict[str, list[str]] = {stage: [] for stage in stages}
+    for word in words:
+        stage, _, rest = word.partition(".")
+        if stage in stages and rest:
+            out[stage].append(rest)
+            continue
+        targets = [s for s in stages if accepts(s, word)]
+        if not targets:
+            raise ConfigError(f"Override {word!r} fits no {what} ({', '.join(stages)}); "
+                              "check the key, or give it to one of them as <stage>.key=value")
+        for target in targets:
+            out[target].append(word)
+    return out
+
+
 def group_names(stage: str) -> set[str]:
     """Config groups (sub-directories of configs/) that can be chosen with group=option."""
     return {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError, compose_config, split_overrides
+from pipeline.config import ConfigError, compose_config, route_overrides, split_overrides
 from pipeline.engine.checkpointing import sha256_file
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, record_imported_run, setup_logging
 from pipeline.engine.stage import Precision
@@ -351,26 +351,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
     if "adapter" not in launch:
         raise ConfigError("import_checkpoint needs adapter=<the reimplementation's adapter checkpoint> "
                           "(and vocoder=<its vocoder checkpoint> to import both)")
-    routed: dict[str, list[str]] = {stage: [] for stage in STAGES}
-    for word in words:
-        stage, _, rest = word.partition(".")
-        if stage in STAGES and rest:
-            routed[stage].append(rest)
-            continue
-        targets = [s for s in STAGES if _accepts(s, word)]
-        if not targets:
-            raise ConfigError(f"Override {word!r} fits neither train_adapter nor finetune_vocoder; check the key")
-        for target in targets:
-            routed[target].append(word)
-    return launch, routed
-
-
-def _accepts(stage: str, word: str) -> bool:
-    try:
-        compose_config(stage, [word])
-    except ConfigError:
-        return False
-    return True
+    return launch, route_overrides(words, STAGES, "imported run")
 
 
 def _build(stage_cls, cfg: DictConfig):

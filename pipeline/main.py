@@ -31,7 +31,7 @@ import mlflow.projects
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, compose_config, split_overrides
+from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, accepts, compose_config, route_overrides, split_overrides
 from pipeline.engine.checkpointing import code_version as git_commit
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, NOTE_TAG, setup_logging
 from pipeline.engine.tracking import log_params
@@ -67,29 +67,11 @@ def load_main_config(words: list[str]) -> tuple[MainConfig, list[str]]:
     return cfg, [w for w in words if not w.startswith("main.")]
 
 
-def _accepts(step: str, word: str) -> bool:
-    try:
-        compose_config(step, [word])
-    except ConfigError:
-        return False
-    return True
-
-
 def step_overrides(cfg: MainConfig, words: list[str]) -> dict[str, list[str]]:
     """Each step's overrides: main.yaml's ``common`` (where the step has the key) and its own list,
     then the user's words. Each step's config is composed once as a check."""
-    out: dict[str, list[str]] = {step: [w for w in cfg.common if _accepts(step, w)] + list(cfg[step]) for step in STEPS}
-    for word in words:
-        step, _, rest = word.partition(".")
-        if step in STEPS and rest:
-            out[step].append(rest)
-            continue
-        targets = [s for s in STEPS if _accepts(s, word)]
-        if not targets:
-            raise ConfigError(f"Override {word!r} fits no step of the chain ({', '.join(STEPS)}); "
-                              "check the key, or give it to one step as <step>.key=value")
-        for target in targets:
-            out[target].append(word)
+    routed = route_overrides(words, STEPS, "step of the chain")
+    out = {step: [w for w in cfg.common if accepts(step, w)] + list(cfg[step]) + routed[step] for step in STEPS}
     for step, overrides in out.items():
         try:
             compose_config(step, overrides)

@@ -11,7 +11,8 @@ import torch
 from torchaudio.models.wav2vec2.utils import import_huggingface_model
 
 from pipeline.config import compose_config
-from pipeline.models.encoder import WeightsError, build_encoder, create_encoder, encoder_features
+from pipeline.models.encoder import (WeightsError, build_encoder, create_encoder, encoder_features,
+                                    huggingface_config)
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,19 +32,11 @@ def small_preset(preset: str, **extra):
 
 
 def hf_config_for(ssl, **changes):
-    """The transformers config of the same architecture as the ssl preset."""
-    common = dict(
-        hidden_size=ssl.embed_dim, num_hidden_layers=ssl.num_layers, num_attention_heads=ssl.num_heads,
-        intermediate_size=ssl.ff_interm_features, conv_dim=[c[0] for c in ssl.conv_layers],
-        conv_kernel=[c[1] for c in ssl.conv_layers], conv_stride=[c[2] for c in ssl.conv_layers],
-        conv_bias=ssl.conv_bias, num_conv_pos_embeddings=ssl.pos_conv_kernel,
-        num_conv_pos_embedding_groups=ssl.pos_conv_groups, feat_extract_norm=ssl.extractor_mode.split("_")[0],
-        do_stable_layer_norm=ssl.layer_norm_first,
-    )
-    if ssl.family == "wavlm":
-        return transformers.WavLMConfig(num_buckets=ssl.num_buckets, max_bucket_distance=ssl.max_distance,
-                                        **{**common, **changes})
-    return transformers.HubertConfig(**{**common, **changes})
+    """The transformers config of the preset's architecture, with ``changes`` on top."""
+    config = huggingface_config(ssl)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
