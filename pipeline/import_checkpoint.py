@@ -91,9 +91,9 @@ def load_foreign(path: Path, what: str) -> Any:
         raise ImportRefused(
             f"refusing to load the {what} checkpoint {path}: it holds Python objects that loading would have "
             f"to construct ({found.group(1) if found else str(err).splitlines()[0]}), which could run code. "
-            "If you trust the file, save only its weights in an environment where unpickling is acceptable, "
-            "e.g. torch.save(torch.load(path, weights_only=False)['state_dict' or 'model_state_dict'], "
-            "'weights.pt'), and import that file."
+            "If you trust the file, keep only its tensors: in an isolated environment, load it once with "
+            "unpickling allowed (torch.load with weights_only set to false), save the state dict alone "
+            "(torch.save(checkpoint['model_state_dict'] or checkpoint['state_dict'], 'weights.pt')) and import that."
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
         raise ImportRefused(f"cannot read the {what} checkpoint {path}: {err}") from err
