@@ -17,7 +17,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from pipeline.engine.checkpointing import read_index
+from pipeline.engine.checkpointing import CheckpointError, read_index
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,11 @@ def checkpoint_table(client: MlflowClient, model: str | None = None, dataset: st
     while experiments:
         runs = client.search_runs(experiments, " and ".join(filters), max_results=1000, page_token=page_token)
         for run in runs:
-            rows = read_index(client, run.info.run_id)
+            try:
+                rows = read_index(client, run.info.run_id)
+            except CheckpointError as err:  # one unreachable run does not hide the others
+                log.warning("%s", err)
+                continue
             if rows:
                 frame = pd.DataFrame(rows)
                 frame["run_id"] = run.info.run_id

@@ -111,3 +111,101 @@ def test_a_checkpoint_is_committed_only_after_the_metrics_of_its_steps_are_store
     ckpts.close()
     assert seen_at_commit == [[1, 2, 3, 4, 5]]
     assert client.get_run(run_id).data.tags["checkpoint.latest_step"] == "5"
+
+
+# --------------------------------------------------------------------------------------------
+# The index a run's retention reads back (a real tracking store)
+# --------------------------------------------------------------------------------------------
+
+
+def committed_run(steps_and_losses, policy):
+    """A run whose CheckpointStore committed a checkpoint at each step with that val/loss."""
+    from mlflow import MlflowClient
+
+    from pipeline.engine.checkpointing import CheckpointStore
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("retention")).info.run_id
+    store = CheckpointStore(client, run_id, Path(".checkpoints"), policy)
+    for step, loss in steps_and_losses:
+        meta = {"format_version": 1, "stage": "x", "step": step, "epoch": 0, "created": "2026-01-01T00:00:00",
+                "metrics": {"val/loss": loss}}
+        store.save(step, {"w": torch.full((4,), float(step))}, meta, {"name": f"step-{step:08d}", "step": step,
+                                                                        "val/loss": loss})
+    store.close()
+    return client, run_id
+
+
+def resume_and_commit(client, run_id, policy, step):
+    """What a resumed job does: read the index back, then commit one more checkpoint."""
+    from pipeline.engine.checkpointing import CheckpointStore, list_checkpoints, read_index
+
+    store = CheckpointStore(client, run_id, Path(".checkpoints"), policy, read_index(client, run_id))
+    store.save(step, {"w": torch.zeros(4)}, {"format_version": 1, "step": step, "metrics": {"val/loss": 0.9}},
+               {"name": f"step-{step:08d}", "step": step, "val/loss": 0.9})
+    store.close()
+    return list_checkpoints(client, run_id)
+
+
+POLICY = RetentionPolicy(keep_last_n=1, keep_best_k=2, monitor="val/loss", mode="min")
+HISTORY = [(10, 0.5), (20, 0.1), (25, 0.2)]  # best: 20, then 25
+
+
+def test_a_transient_failure_reading_the_index_on_resume_keeps_the_best_checkpoints(store, monkeypatch):
+    from mlflow import MlflowClient
+
+    client, run_id = committed_run(HISTORY, POLICY)
+    real = MlflowClient.download_artifacts
+    failures = []
+
+    def flaky(self, run, path, dst=None):
+        if path.endswith("index.csv") and not failures:
+            failures.append(path)
+            raise OSError("connection reset by peer")
+        return real(self, run, path, dst)
+
+    monkeypatch.setattr(MlflowClient, "download_artifacts", flaky)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    assert resume_and_commit(client, run_id, POLICY, 30) == [20, 25, 30]  # last 1 + best 2, not just [30]
+    assert failures
+
+
+def test_an_index_that_cannot_be_read_at_all_stops_the_resume_instead_of_reading_as_empty(store, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipeline.engine.checkpointing import list_checkpoints, read_index
+
+    client, run_id = committed_run(HISTORY, POLICY)
+
+    def down(self, run, path, dst=None):
+        raise OSError("tracking server unavailable")
+
+    monkeypatch.setattr(MlflowClient, "download_artifacts", down)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    with pytest.raises(CheckpointError, match="cannot read checkpoints/index.csv .*nothing was changed"):
+        read_index(client, run_id)
+    monkeypatch.undo()
+    assert list_checkpoints(client, run_id) == [20, 25]
+
+
+def test_junk_in_the_index_is_rebuilt_from_meta_and_retention_keeps_the_best(store):
+    from pipeline.engine.checkpointing import read_index
+
+    client, run_id = committed_run(HISTORY, POLICY)
+    junk = Path("index.csv")
+    junk.write_bytes(bytes(range(256)) * 4)
+    client.log_artifact(run_id, str(junk), "checkpoints")
+    rows = read_index(client, run_id)
+    assert [(int(r["step"]), r["val/loss"]) for r in rows] == [(20, 0.1), (25, 0.2)]
+    assert resume_and_commit(client, run_id, POLICY, 30) == [20, 25, 30]
+
+
+def test_retention_never_deletes_a_checkpoint_missing_from_the_index(store):
+    from pipeline.engine.checkpointing import CheckpointStore, list_checkpoints
+
+    client, run_id = committed_run(HISTORY, POLICY)
+    # an index that lost its rows (as after an outage): only the new checkpoint is known
+    store_ = CheckpointStore(client, run_id, Path(".checkpoints"), POLICY, index_rows=[])
+    store_.save(30, {"w": torch.zeros(4)}, {"format_version": 1, "step": 30}, {"name": "step-00000030", "step": 30})
+    store_.close()
+    assert list_checkpoints(client, run_id) == [20, 25, 30]

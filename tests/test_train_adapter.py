@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from conftest import (TINY, all_runs, artifact_dir, env_for, loss_history, mlflow_run, read_until, run_module, snapshot,
                       stage_runs, start_stage, wait_for)
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, run_stage
+from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 
@@ -245,6 +245,29 @@ def test_bad_input_is_refused_before_anything_is_written(finished_run, capfd, ar
     capfd.readouterr()
     assert train(*args) == EXIT_BAD_INPUT
     assert message in capfd.readouterr().err
+    assert snapshot(client) == before
+
+
+def test_a_store_that_cannot_read_the_index_stops_the_resume_and_changes_nothing(finished_run, capfd, monkeypatch):
+    """An outage while reading checkpoints/index.csv must not read as "no checkpoints" (retention would
+    then delete the best ones): the resume stops before writing anything."""
+    import pipeline.engine.checkpointing as checkpointing
+
+    client = MlflowClient()
+    before = snapshot(client)
+    real = MlflowClient.download_artifacts
+
+    def index_unavailable(self, run_id, path, dst_path=None):
+        if path.endswith("index.csv"):
+            raise OSError("tracking server unavailable")
+        return real(self, run_id, path, dst_path)
+
+    monkeypatch.setattr(MlflowClient, "download_artifacts", index_unavailable)
+    monkeypatch.setattr(checkpointing.time, "sleep", lambda seconds: None)
+    capfd.readouterr()
+    assert train(f"resume_run={finished_run}", "trainer.max_steps=30") == EXIT_FAILED
+    assert "cannot read checkpoints/index.csv" in capfd.readouterr().err
+    monkeypatch.undo()
     assert snapshot(client) == before
 
 

@@ -191,11 +191,9 @@ def load_state(ckpt_dir: Path) -> dict[str, Any]:
 
 
 def list_checkpoints(client: MlflowClient, run_id: str) -> list[int]:
-    """Steps of the checkpoint directories in a run's artifacts, oldest first."""
-    try:
-        entries = client.list_artifacts(run_id, CHECKPOINT_DIR)
-    except Exception:  # no artifacts at all
-        return []
+    """Steps of the checkpoint directories in a run's artifacts, oldest first. A run without any lists
+    as empty; a store that cannot be reached raises (it must never read as "no checkpoints")."""
+    entries = client.list_artifacts(run_id, CHECKPOINT_DIR)
     steps = [step_of(Path(e.path).name) for e in entries if e.is_dir]
     return sorted(s for s in steps if s is not None)
 
@@ -206,14 +204,58 @@ def download_checkpoint(client: MlflowClient, run_id: str, step: int, dst: Path)
     return Path(path)
 
 
+INDEX_READ_TRIES = 3  # a transient store error while reading index.csv is retried (1 s, 2 s)
+
+
 def read_index(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
+    """The rows of the run's ``checkpoints/index.csv``; [] only when the run has none.
+
+    A store that cannot be read raises CheckpointError after a few tries: an outage must not look
+    like an empty index, from which retention would conclude that nothing is worth keeping. An index
+    that downloads but does not parse (junk, a row without a step) is rebuilt from the checkpoints'
+    own meta.json files, with a warning.
+    """
+    for attempt in range(INDEX_READ_TRIES):
+        try:
+            names = {Path(e.path).name for e in client.list_artifacts(run_id, CHECKPOINT_DIR)}
+            if Path(INDEX_FILE).name not in names:
+                return []
+            with tempfile.TemporaryDirectory() as tmp:
+                data = Path(client.download_artifacts(run_id, INDEX_FILE, tmp)).read_bytes()
+            break
+        except Exception as err:  # the store's own exception types vary (MLflow, boto, OS)
+            if attempt == INDEX_READ_TRIES - 1:
+                raise CheckpointError(f"cannot read {INDEX_FILE} of run {run_id} ({err}); nothing was changed, "
+                                      "try again when the tracking store answers") from err
+            time.sleep(2**attempt)
     try:
+        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
+        for row in rows:
+            int(row["step"])
+        return rows
+    except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as err:
+        log.warning("%s of run %s is unreadable (%s); rebuilding it from the checkpoints' meta.json",
+                    INDEX_FILE, run_id, err)
+        return rows_from_meta(client, run_id)
+
+
+def rows_from_meta(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
+    """Index rows rebuilt from each stored checkpoint's meta.json (one without a readable meta.json is
+    left out, so retention never deletes it)."""
+    tags = client.get_run(run_id).data.tags
+    rows = []
+    for step in list_checkpoints(client, run_id):
         with tempfile.TemporaryDirectory() as tmp:
-            path = client.download_artifacts(run_id, INDEX_FILE, tmp)
-            with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-    except Exception:
-        return []
+            try:
+                path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{checkpoint_name(step)}/{META_FILE}", tmp)
+                meta = json.loads(Path(path).read_text(encoding="utf-8"))
+                rows.append({"name": checkpoint_name(step), "model": tags.get("model"), "dataset": tags.get("dataset"),
+                             "epoch": meta.get("epoch"), "step": int(meta["step"]), "created": meta.get("created"),
+                             **dict(meta.get("metrics") or {})})
+            except Exception as err:
+                log.warning("Checkpoint %s of run %s has no readable %s (%s); it stays out of the index",
+                            checkpoint_name(step), run_id, META_FILE, err)
+    return rows
 
 
 @dataclass
@@ -303,19 +345,26 @@ class CheckpointStore:
         self.client.set_tag(self.run_id, "checkpoint.latest_step", str(step))
         self.latest_committed = step
         self.index_rows = [r for r in self.index_rows if int(r["step"]) != step] + [row]
-        self._apply_retention(step)
-        self._write_index()
+        try:
+            self._apply_retention(step)
+            self._write_index()
+        except Exception as err:  # the checkpoint is committed; the next commit catches up
+            log.warning("Checkpoint %s is committed, but retention and %s could not be updated now (%s); the next "
+                        "commit tries again", name, INDEX_FILE, err)
         shutil.rmtree(local, ignore_errors=True)
         log.info("Committed checkpoint %s (%.1f MB, upload %.1fs)", name, row["size"] / 1e6, time.monotonic() - started)
         if self.on_commit is not None:
             self.on_commit(step, row)
 
     def _apply_retention(self, latest: int) -> None:
+        """Delete what the policy does not keep, among the checkpoints the index knows: a checkpoint
+        missing from the index (an index that could not be read, an upload cut short) is never deleted."""
         keep = steps_to_keep(self.index_rows, self.policy, latest)
+        indexed = {int(r["step"]) for r in self.index_rows}
         stored = list_checkpoints(self.client, self.run_id)
         repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
         for step in stored:
-            if step not in keep and step <= latest:
+            if step in indexed and step not in keep and step <= latest:
                 repo.delete_artifacts(f"{CHECKPOINT_DIR}/{checkpoint_name(step)}")
                 log.info("Retention: deleted checkpoint %s", checkpoint_name(step))
         self.index_rows = sorted((r for r in self.index_rows if int(r["step"]) in keep), key=lambda r: int(r["step"]))

@@ -196,6 +196,7 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
 
     # Continue in the same run.
     run_id = resume.run_id
+    index_rows = read_index(client, run_id)  # before any write: a store that cannot be read changes nothing
     if original.info.status == "RUNNING":
         log.warning("Run %s is still marked RUNNING (a crash leaves it so). If another job is still "
                     "training it, stop that job first.", run_id)
@@ -225,8 +226,7 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
             "attempt.changes": "; ".join(f"{k}: {o} -> {n}" for k, (o, n) in changes.items()) or "(none)",
         }.items():
             client.set_tag(attempt_run, key, value)
-    return RunContext(run_id, original.info.run_name, attempt, attempt_run, resumed_from, history,
-                      read_index(client, run_id))
+    return RunContext(run_id, original.info.run_name, attempt, attempt_run, resumed_from, history, index_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,8 +331,12 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
         log.info("Resuming from %s", resume.source)
         log.info("Resuming from step %d", resume.step)
 
-    ctx = open_run(client, stage, cfg, resume, overrides,
-                   changes, explicit_step=cfg.resume_step is not None or bool(cfg.checkpoint.resume_from))
+    try:
+        ctx = open_run(client, stage, cfg, resume, overrides,
+                       changes, explicit_step=cfg.resume_step is not None or bool(cfg.checkpoint.resume_from))
+    except CheckpointError as err:
+        log.error("%s", err)
+        return EXIT_FAILED
     log.info("MLflow run %s (%s) in %s", ctx.run_id, ctx.run_name, mlflow.get_tracking_uri())
     hooks = hooks or TrainingHooks()
     hooks.on_run_started(ctx.run_id)
