@@ -408,3 +408,17 @@ def test_sigint_stops_gracefully_with_a_committed_checkpoint(store):
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "signal"
     assert run.data.tags["checkpoint.latest_step"] == str(last_step)
     assert f"resume_run={run.info.run_id}" in rest
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.mode=maximize", "checkpoint.mode='maximize'; choose one of min, max"),
+    ("checkpoint.monitor=val/accuracy", "checkpoint.monitor='val/accuracy' is never logged by train_adapter"),
+    ("optim.schedule=linear", "optim.schedule='linear'; choose one of cosine, constant"),
+    ("batch_size=0", "batch_size=0 must be positive"),
+    ("checkpoint.keep_last_n=-1", "checkpoint.keep_last_n=-1 must be zero or more"),
+])
+def test_settings_that_would_act_silently_are_refused_at_start_up(store, capfd, override, message):
+    client = MlflowClient()
+    assert train(override) == EXIT_BAD_INPUT
+    assert message in capfd.readouterr().err
+    assert not all_runs(client)

@@ -253,6 +253,27 @@ def _resume_label(cfg: DictConfig, resume: ResumePoint) -> str:
     return f"step {resume.step}"
 
 
+def check_settings(stage_cls: type[Stage], cfg: DictConfig) -> None:
+    """Settings whose wrong value would otherwise act silently (a misspelt mode ranking checkpoints the
+    wrong way, a monitored metric the stage never logs) or fail only hours in; refused at start-up."""
+    choices = {"checkpoint.mode": ("min", "max"), "optim.schedule": ("cosine", "constant")}
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}; choose one of {', '.join(allowed)}")
+    monitor = cfg.checkpoint.monitor
+    if monitor not in stage_cls.val_metric_names:
+        raise ConfigError(f"checkpoint.monitor={monitor!r} is never logged by {stage_cls.name}, so no checkpoint could "
+                          f"be ranked by it; choose one of {', '.join(stage_cls.val_metric_names)}")
+    positive = ("batch_size", "checkpoint.save_interval", "trainer.log_interval")
+    at_least_zero = ("checkpoint.keep_last_n", "checkpoint.keep_best_k", "validation.interval", "optim.warmup_steps",
+                     "optim.grad_clip", "optim.lr")
+    for key in positive + at_least_zero:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (value <= 0 if key in positive else value < 0):
+            raise ConfigError(f"{key}={value} must be {'positive' if key in positive else 'zero or more'}")
+
+
 def _check_something_to_train(cfg: DictConfig, resume: ResumePoint) -> None:
     if cfg.trainer.epochs is not None:
         done = float(resume.meta.get("epoch", 0))
@@ -307,6 +328,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
         resume = resolve(client, stage_cls.name, fresh.resume_run or None, fresh.resume_step,
                          fresh.checkpoint.resume_from)
         cfg, changes = build_config(stage_cls, overrides, resume, fresh)
+        check_settings(stage_cls, cfg)
         if resume is not None:
             _check_something_to_train(cfg, resume)
         precision = Precision.from_config(cfg.trainer.device, cfg.trainer.precision)
