@@ -55,10 +55,11 @@ def run_module(workdir: Path, *args: str, timeout: float = 300) -> subprocess.Co
     )
 
 
-def mlflow_run(workdir: Path, *params: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``mlflow run <repo> -e train_adapter --env-manager local -P ...`` in ``workdir``."""
-    cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(REPO), "-e", "train_adapter", "--env-manager", "local",
-           "--experiment-name", "train_adapter"]
+def mlflow_run(workdir: Path, *params: str, timeout: float = 300, entry: str = "train_adapter"
+               ) -> subprocess.CompletedProcess:
+    """``mlflow run <repo> -e <entry> --env-manager local -P ...`` in ``workdir`` (experiment = entry point)."""
+    cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local",
+           "--experiment-name", entry]
     for p in params:
         cmd += ["-P", p]
     return subprocess.run(cmd, cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=timeout)
