@@ -30,15 +30,8 @@ from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, ConformerConfig
 from pipeline.data.corpus import AUDIO_SUFFIXES, AudioError, load_audio
-from pipeline.engine.checkpointing import (
-    CheckpointError,
-    download_checkpoint,
-    list_checkpoints,
-    load_state,
-    read_index,
-    verify,
-)
-from pipeline.engine.resume import ResumeError, get_stage_run
+from pipeline.engine.checkpointing import CheckpointError, load_state, verify
+from pipeline.engine.resume import ResumeError, RunCheckpoints
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.stage import Precision
 from pipeline.models.asr import CharVocabulary, ConformerCTC, greedy_decode
@@ -91,29 +84,16 @@ def input_files(path: str) -> list[Path]:
     raise AudioError(f"input not found: {root}")
 
 
-def _best_step(client: MlflowClient, run) -> int | None:
-    monitor = run.data.params.get("checkpoint.monitor", "val/loss")
-    mode = run.data.params.get("checkpoint.mode", "min")
-    scored = [(float(r[monitor]), int(r["step"])) for r in read_index(client, run.info.run_id) if r.get(monitor)]
-    if not scored:
-        return None
-    return (max(scored) if mode == "max" else min(scored))[1]
-
-
 def checkpoint_from_run(client: MlflowClient, run_id: str, which: str, workdir: Path) -> Path:
-    run = get_stage_run(client, run_id, STAGE)
-    latest = run.data.tags.get("checkpoint.latest_step")
-    if latest is None or not list_checkpoints(client, run_id):
-        raise ResumeError(f"Run {run_id} has no checkpoints to transcribe with; train it first "
-                          f"(python -m pipeline.{STAGE} resume_run={run_id} or a fresh run).")
-    step = int(latest)
+    checkpoints = RunCheckpoints(client, run_id, (STAGE,))
+    step = checkpoints.require_committed("transcribe with")
     if which == "best":
-        best = _best_step(client, run)
+        best = checkpoints.best_step()
         if best is None:
             log.warning("Run %s has no checkpoint scored by its monitor metric; using the latest", run_id)
         step = best if best is not None else step
     log.info("Using checkpoint step %d of run %s (%s)", step, run_id, which)
-    return download_checkpoint(client, run_id, step, workdir)
+    return checkpoints.download(step, workdir)
 
 
 def checkpoint_from_uri(uri: str, workdir: Path) -> Path:

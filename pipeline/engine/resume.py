@@ -7,6 +7,7 @@ checkpoint makes ``resume_run`` fall back to the newest older one that verifies,
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -18,12 +19,17 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.engine.checkpointing import (
+    CHECKPOINT_DIR,
+    META_FILE,
     CheckpointError,
+    RetentionPolicy,
     checkpoint_name,
     download_checkpoint,
     list_checkpoints,
     load_state,
+    read_index,
     step_of,
+    steps_to_keep,
     verify,
 )
 
@@ -43,23 +49,119 @@ class ResumePoint:
     run_id: str | None  # the run the checkpoint belongs to (None for a plain path)
 
 
+class RunCheckpoints:
+    """One run's committed checkpoints, read the same way by every part that needs them (resume, the
+    runs finetune_vocoder builds on, transcribe): the run is checked first (it exists, is not deleted,
+    is of one of ``stages``), then checkpoints are listed, ranked, downloaded, sha256-verified and
+    loaded with ``weights_only=True``. Every refusal is a ResumeError that names the run and says what
+    to do; ``role`` (e.g. "adapter_run") names the argument the run came from, when there is one.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, stages: tuple[str, ...], role: str | None = None):
+        self.client, self.run_id, self.stages, self.role = client, run_id, stages, role
+        self.run = self._checked_run()
+
+    def _checked_run(self):
+        run_id, role, stages = self.run_id, self.role, self.stages
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as err:
+            raise ResumeError(
+                f"{role}={run_id}: run not found in the tracking store {mlflow.get_tracking_uri()}" if role else
+                f"Run {run_id} not found in the tracking store {mlflow.get_tracking_uri()}. "
+                "Check the run ID (MLflow UI: run page header) and MLFLOW_TRACKING_URI."
+            ) from err
+        if run.info.lifecycle_stage == "deleted":
+            raise ResumeError(f"{role}={run_id}: the run is deleted" if role else
+                              f"Run {run_id} is deleted. Restore it in the MLflow UI (or `mlflow gc` removed it).")
+        stage = run.data.tags.get("stage")
+        if stage not in stages:
+            raise ResumeError(
+                f"{role}={run_id} is a {stage or 'non-pipeline'} run, not a {' or '.join(stages)} run" if role else
+                f"Run {run_id} is a {stage or 'non-pipeline'} run, not a {stages[0]} run; "
+                f"resume it with its own entry point or pick a {stages[0]} run."
+            )
+        return run
+
+    @property
+    def stage(self) -> str:
+        return self.run.data.tags["stage"]
+
+    @property
+    def latest_step(self) -> int | None:
+        """The step of the latest committed checkpoint (the `checkpoint.latest_step` tag)."""
+        latest = self.run.data.tags.get("checkpoint.latest_step")
+        return int(latest) if latest is not None else None
+
+    def require_committed(self, purpose: str) -> int:
+        """The latest committed step, or a refusal: nothing to ``purpose`` (e.g. "transcribe with")."""
+        if self.latest_step is None or not list_checkpoints(self.client, self.run_id):
+            if self.role:
+                raise ResumeError(f"{self.role}={self.run_id} ({self.stage}) has no committed checkpoint; train it first")
+            raise ResumeError(f"Run {self.run_id} has no checkpoints to {purpose}; train it first "
+                              f"(python -m pipeline.{self.stage} resume_run={self.run_id} or a fresh run).")
+        return self.latest_step
+
+    def best_step(self) -> int | None:
+        """The kept checkpoint with the best value of the run's ``checkpoint.monitor`` (None if none is scored)."""
+        params = self.run.data.params
+        policy = RetentionPolicy(0, 1, params.get("checkpoint.monitor", "val/loss"), params.get("checkpoint.mode", "min"))
+        rows = read_index(self.client, self.run_id)
+        best = steps_to_keep(rows, policy, latest=-1) - {-1}
+        return best.pop() if best else None
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """meta.json of the checkpoint at ``step`` (config and model arguments; no weights)."""
+        path = f"{CHECKPOINT_DIR}/{checkpoint_name(step)}/{META_FILE}"
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                return json.loads(Path(self.client.download_artifacts(self.run_id, path, tmp)).read_text(encoding="utf-8"))
+            except Exception as err:  # missing artifact, unreadable JSON
+                who = f"{self.role}={self.run_id}" if self.role else f"Run {self.run_id}"
+                raise ResumeError(f"{who}: cannot read {path} ({err})") from err
+
+    def download(self, step: int, workdir: Path) -> Path:
+        return download_checkpoint(self.client, self.run_id, step, workdir / checkpoint_name(step))
+
+    def load(self, step: int | None, workdir: Path) -> ResumePoint:
+        """The verified checkpoint at ``step``, or the latest committed one, falling back to the newest
+        older one that verifies when it is corrupted (and saying so)."""
+        run_id = self.run_id
+        stored = list_checkpoints(self.client, run_id)
+        if not stored:
+            raise ResumeError(f"Run {run_id} has no checkpoints to resume from; start a fresh run instead.")
+        if step is not None:
+            if step not in stored:
+                raise ResumeError(
+                    f"Run {run_id} has no checkpoint at step {step}; available steps: {', '.join(map(str, stored))}"
+                )
+            candidates = [step]
+        else:
+            latest = self.latest_step
+            committed = [s for s in stored if latest is not None and s <= latest]
+            if not committed:
+                raise ResumeError(f"Run {run_id} has no committed checkpoint (no upload finished); start a fresh run.")
+            candidates = sorted(committed, reverse=True)
+        errors = []
+        for candidate in candidates:
+            local = self.download(candidate, workdir)
+            try:
+                meta, state = _load_verified(local)
+            except CheckpointError as err:
+                log.error("%s", err)
+                errors.append(str(err))
+                if step is None and candidate != candidates[-1]:
+                    log.warning("Falling back to the previous checkpoint of run %s", run_id)
+                continue
+            if errors:
+                log.warning("Resuming from older checkpoint %s because newer ones failed verification",
+                            checkpoint_name(candidate))
+            return ResumePoint(candidate, meta, state, f"run {run_id} checkpoint {checkpoint_name(candidate)}", run_id)
+        raise ResumeError(f"No usable checkpoint in run {run_id}: " + " | ".join(errors))
+
+
 def get_stage_run(client: MlflowClient, run_id: str, stage: str):
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        raise ResumeError(
-            f"Run {run_id} not found in the tracking store {mlflow.get_tracking_uri()}. "
-            "Check the run ID (MLflow UI: run page header) and MLFLOW_TRACKING_URI."
-        ) from err
-    if run.info.lifecycle_stage == "deleted":
-        raise ResumeError(f"Run {run_id} is deleted. Restore it in the MLflow UI (or `mlflow gc` removed it).")
-    run_stage = run.data.tags.get("stage")
-    if run_stage != stage:
-        raise ResumeError(
-            f"Run {run_id} is a {run_stage or 'non-pipeline'} run, not a {stage} run; "
-            f"resume it with its own entry point or pick a {stage} run."
-        )
-    return run
+    return RunCheckpoints(client, run_id, (stage,)).run
 
 
 def _load_verified(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -69,38 +171,7 @@ def _load_verified(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def from_run(client: MlflowClient, stage: str, run_id: str, step: int | None, workdir: Path) -> ResumePoint:
     """The run's checkpoint at ``step``, or its latest committed one (falling back if corrupted)."""
-    run = get_stage_run(client, run_id, stage)
-    stored = list_checkpoints(client, run_id)
-    if not stored:
-        raise ResumeError(f"Run {run_id} has no checkpoints to resume from; start a fresh run instead.")
-    if step is not None:
-        if step not in stored:
-            raise ResumeError(
-                f"Run {run_id} has no checkpoint at step {step}; available steps: {', '.join(map(str, stored))}"
-            )
-        candidates = [step]
-    else:
-        latest = run.data.tags.get("checkpoint.latest_step")
-        committed = [s for s in stored if latest is not None and s <= int(latest)]
-        if not committed:
-            raise ResumeError(f"Run {run_id} has no committed checkpoint (no upload finished); start a fresh run.")
-        candidates = sorted(committed, reverse=True)
-    errors = []
-    for candidate in candidates:
-        local = download_checkpoint(client, run_id, candidate, workdir / checkpoint_name(candidate))
-        try:
-            meta, state = _load_verified(local)
-        except CheckpointError as err:
-            log.error("%s", err)
-            errors.append(str(err))
-            if step is None and candidate != candidates[-1]:
-                log.warning("Falling back to the previous checkpoint of run %s", run_id)
-            continue
-        if errors:
-            log.warning("Resuming from older checkpoint %s because newer ones failed verification",
-                        checkpoint_name(candidate))
-        return ResumePoint(candidate, meta, state, f"run {run_id} checkpoint {checkpoint_name(candidate)}", run_id)
-    raise ResumeError(f"No usable checkpoint in run {run_id}: " + " | ".join(errors))
+    return RunCheckpoints(client, run_id, (stage,)).load(step, workdir)
 
 
 def from_uri(client: MlflowClient, stage: str, uri: str, workdir: Path) -> ResumePoint:
@@ -152,4 +223,4 @@ def resolve(
     return from_uri(client, stage, resume_from, workdir)
 
 
-__all__ = ["ResumeError", "ResumePoint", "resolve", "step_of"]
+__all__ = ["ResumeError", "ResumePoint", "RunCheckpoints", "resolve", "step_of"]

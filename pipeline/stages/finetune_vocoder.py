@@ -13,23 +13,20 @@ vocoder trained on another encoder preset or layer than the adapter's is refused
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import AdapterConfig, ConfigError, EncoderConfig, FinetuneVocoderConfig, VocoderConfig
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.data.datasets import VAL_STREAM
-from pipeline.engine.checkpointing import CHECKPOINT_DIR, META_FILE, CheckpointError, checkpoint_name
-from pipeline.engine.resume import ResumeError, ResumePoint, from_run
+from pipeline.engine.checkpointing import CheckpointError
+from pipeline.engine.resume import ResumeError, ResumePoint, RunCheckpoints
 from pipeline.engine.session import main
 from pipeline.models.adapters import build_adapted_encoder
 from pipeline.stages.vocoder_base import VocoderStage
@@ -45,40 +42,31 @@ VOCODER_STAGES = ("pretrain_vocoder", "finetune_vocoder")
 # --------------------------------------------------------------------------------------------
 
 
-def linked_run(client: MlflowClient, role: str, run_id: str, stages: tuple[str, ...]):
-    """The run ``role=<run_id>`` names, if it exists, is not deleted, is of one of ``stages`` and
-    has a committed checkpoint; otherwise a ConfigError saying which and why."""
+def linked_run(client: MlflowClient, role: str, run_id: str, stages: tuple[str, ...]) -> RunCheckpoints:
+    """The checkpoints of the run ``role=<run_id>`` names, if it exists, is not deleted, is of one of
+    ``stages`` and has a committed checkpoint; otherwise a ConfigError saying which and why."""
     try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        raise ConfigError(f"{role}={run_id}: run not found in the tracking store {mlflow.get_tracking_uri()}") from err
-    if run.info.lifecycle_stage == "deleted":
-        raise ConfigError(f"{role}={run_id}: the run is deleted")
-    stage = run.data.tags.get("stage")
-    if stage not in stages:
-        raise ConfigError(f"{role}={run_id} is a {stage or 'non-pipeline'} run, not a {' or '.join(stages)} run")
-    if not run.data.tags.get("checkpoint.latest_step"):
-        raise ConfigError(f"{role}={run_id} ({stage}) has no committed checkpoint; train it first")
-    return run
+        checkpoints = RunCheckpoints(client, run_id, stages, role)
+        checkpoints.require_committed("build on")
+    except ResumeError as err:
+        raise ConfigError(str(err)) from err
+    return checkpoints
 
 
 def latest_meta(client: MlflowClient, role: str, run_id: str, stages: tuple[str, ...]) -> dict[str, Any]:
     """meta.json of the run's latest committed checkpoint (config and model_args, no weights)."""
-    run = linked_run(client, role, run_id, stages)
-    step = int(run.data.tags["checkpoint.latest_step"])
-    path = f"{CHECKPOINT_DIR}/{checkpoint_name(step)}/{META_FILE}"
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text(encoding="utf-8"))
-        except Exception as err:  # missing artifact, unreadable JSON
-            raise ConfigError(f"{role}={run_id}: cannot read {path} ({err})") from err
+    checkpoints = linked_run(client, role, run_id, stages)
+    try:
+        return checkpoints.meta(checkpoints.latest_step)
+    except ResumeError as err:
+        raise ConfigError(str(err)) from err
 
 
 def load_checkpoint(client: MlflowClient, role: str, run_id: str, stages: tuple[str, ...]) -> ResumePoint:
     """The run's latest committed checkpoint: downloaded, sha256-verified, weights_only-loaded."""
-    run = linked_run(client, role, run_id, stages)
+    checkpoints = linked_run(client, role, run_id, stages)
     try:
-        return from_run(client, run.data.tags["stage"], run_id, None, Path(tempfile.mkdtemp(prefix=f"{role}-")))
+        return checkpoints.load(None, Path(tempfile.mkdtemp(prefix=f"{role}-")))
     except (ResumeError, CheckpointError) as err:
         raise ConfigError(f"{role}={run_id}: {err}") from err
 
