@@ -91,7 +91,7 @@ class FeatureLossConfig:
 
 @dataclass
 class DegradationConfig:
-    """On-the-fly degradation (DESIGN §7); every draw is seeded by (seed, epoch, index).
+    """On-the-fly degradation (docs/architecture.md, Data); every draw is seeded by (seed, epoch, index).
 
     Effects run in this order, each with its own probability: reverberation, additive noise, band
     limiting, low sample rate, gain, clipping, mu-law, bit depth, packet loss. ``[min, max]`` pairs
@@ -247,7 +247,7 @@ class PrepareDataConfig:
 @dataclass
 class ConformerConfig:
     """Conformer CTC model: log-mel front end, convolutional subsampling, torchaudio Conformer and a
-    linear CTC head over characters (DESIGN §8). Every field is architecture: fixed on resume."""
+    linear CTC head over characters (docs/architecture.md, Models). Every field is architecture: fixed on resume."""
 
     name: str = "small"  # preset name; also the run's `model.preset` tag
     sample_rate: int = 16000  # model input rate; audio is resampled to it
@@ -278,7 +278,7 @@ class TrainAsrConfig(TrainConfig):
 
 @dataclass
 class VocoderConfig:
-    """HiFi-GAN generator and discriminators (DESIGN §8). Every field is architecture: fixed on resume.
+    """HiFi-GAN generator and discriminators (docs/architecture.md, Models). Every field is architecture: fixed on resume.
 
     The generator turns encoder features (50 frames/s) into a waveform at ``sample_rate``, so the
     product of ``upsample_rates`` must be sample_rate / 50 (320 for 16 kHz, 441 for 22.05 kHz).

@@ -30,7 +30,7 @@ def feature_loss(pred: torch.Tensor, target: torch.Tensor, sc: str = "per_exampl
 
 
 # --------------------------------------------------------------------------------------------
-# HiFi-GAN: least-squares GAN losses, feature matching, log-mel L1 (DESIGN §8)
+# HiFi-GAN: least-squares GAN losses, feature matching, log-mel L1 (docs/architecture.md, Models)
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Optuna sweeps over any training stage, tracked in MLflow (DESIGN §10).
+"""Optuna sweeps over any training stage, tracked in MLflow (docs/architecture.md, Scale and sweeps).
 
     python -m pipeline.sweep stage=train_adapter n_trials=20 storage=sqlite:///optuna.db study=lr-search \
         ssl=tiny trainer.max_steps=200

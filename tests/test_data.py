@@ -107,7 +107,7 @@ def test_dataset_examples_are_reproducible():
     assert not torch.equal(ds[(3, 1)]["noisy"], a["noisy"])
 
 
-# --- the full degradation set (DESIGN §7) -------------------------------------------------------
+# --- the full degradation set (docs/architecture.md, Data) -------------------------------------------------------
 
 from pipeline.config import CONFIG_DIR, compose_config  # noqa: E402
 from pipeline.data.degrade import (  # noqa: E402

@@ -1,4 +1,4 @@
-"""On-the-fly degradation of clean speech (DESIGN §7).
+"""On-the-fly degradation of clean speech (docs/architecture.md, Data).
 
 Every random choice comes from one NumPy generator seeded by (seed, epoch, index), so a sample is
 degraded the same way in every run and after every resume, whatever process or DataLoader worker

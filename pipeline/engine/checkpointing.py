@@ -1,4 +1,4 @@
-"""Checkpoints as MLflow artifacts (DESIGN §4).
+"""Checkpoints as MLflow artifacts (docs/architecture.md, Checkpoints).
 
 Layout in a run's artifacts::
 

@@ -1,4 +1,4 @@
-"""Find, download and verify the checkpoint a job resumes from (DESIGN §5).
+"""Find, download and verify the checkpoint a job resumes from (docs/architecture.md, Resume).
 
 Every mistake is caught here, before anything is written to any run: an unknown or deleted run,
 a run of another stage, a run without checkpoints, a missing step or path. A corrupted latest

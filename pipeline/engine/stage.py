@@ -18,7 +18,7 @@ PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}
 
 @dataclass
 class Precision:
-    """Device and numeric precision, chosen once per job (DESIGN §8)."""
+    """Device and numeric precision, chosen once per job (docs/architecture.md, Models)."""
 
     device: torch.device
     dtype: torch.dtype | None

@@ -1,4 +1,4 @@
-"""Graceful stop requests: SIGINT/SIGTERM and the run's `stop_requested` tag (DESIGN §6).
+"""Graceful stop requests: SIGINT/SIGTERM and the run's `stop_requested` tag (docs/architecture.md, Stopping).
 
 The first request lets the current step finish; the engine then saves a checkpoint and ends the
 run as KILLED. A second signal aborts at once. ``mlflow run`` forwards a Ctrl-C to its child as a

@@ -1,4 +1,4 @@
-"""MLflow helpers: batched asynchronous metrics, tags and the run description (DESIGN §3)."""
+"""MLflow helpers: batched asynchronous metrics, tags and the run description (docs/architecture.md, Tracking)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Conformer CTC speech recogniser (DESIGN §8): log-mel front end, convolutional subsampling,
+"""Conformer CTC speech recogniser (docs/architecture.md, Models): log-mel front end, convolutional subsampling,
 ``torchaudio.models.Conformer`` and a linear CTC head over characters; greedy decoding; CER/WER.
 """
 

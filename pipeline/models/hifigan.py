@@ -1,5 +1,5 @@
 """HiFi-GAN (Kong et al. 2020): a generator from encoder features to a waveform, and the
-multi-period (MPD) and multi-scale (MSD) discriminators (DESIGN §8).
+multi-period (MPD) and multi-scale (MSD) discriminators (docs/architecture.md, Models).
 
 The generator takes (batch, frames, dim) features at the encoder's frame rate (50 frames/s) and
 upsamples by the product of ``upsample_rates`` to the output rate. Each discriminator returns its

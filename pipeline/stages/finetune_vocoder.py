@@ -1,5 +1,5 @@
 """finetune_vocoder: continue a pretrained HiFi-GAN on adapter-cleaned features of degraded audio,
-against the clean waveform (Miipher-2, DESIGN §8).
+against the clean waveform (Miipher-2, docs/architecture.md, Models).
 
     python -m pipeline.finetune_vocoder adapter_run=<train_adapter run> vocoder_run=<pretrain_vocoder run>
     mlflow run . -e finetune_vocoder --env-manager local -P adapter_run=<id> -P vocoder_run=<id>

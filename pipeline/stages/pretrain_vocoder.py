@@ -1,4 +1,4 @@
-"""pretrain_vocoder: HiFi-GAN on clean features of the frozen encoder (DESIGN §8).
+"""pretrain_vocoder: HiFi-GAN on clean features of the frozen encoder (docs/architecture.md, Models).
 
 Use the same encoder preset and layer as the adapter the vocoder will serve (finetune_vocoder
 checks it).

@@ -1,5 +1,5 @@
 """train_adapter: make a frozen SSL encoder's features of degraded speech match its features of
-the clean speech, by training parallel adapters only (Miipher-2, DESIGN §8).
+the clean speech, by training parallel adapters only (Miipher-2, docs/architecture.md, Models).
 
     python -m pipeline.train_adapter ssl=tiny trainer.max_steps=200
     mlflow run . -e train_adapter --env-manager local -P overrides="ssl=tiny"

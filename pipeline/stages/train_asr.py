@@ -1,4 +1,4 @@
-"""train_asr: a Conformer CTC recogniser over characters, trained by epochs (DESIGN §8).
+"""train_asr: a Conformer CTC recogniser over characters, trained by epochs (docs/architecture.md, Models).
 
     python -m pipeline.train_asr asr=tiny trainer.epochs=20 batch_size=4
     python -m pipeline.train_asr resume_run=<run id> trainer.epochs=40 batch_size=8   # more epochs, bigger batch

@@ -1,4 +1,4 @@
-"""What pretrain_vocoder and finetune_vocoder share: HiFi-GAN on frozen encoder features (DESIGN §8).
+"""What pretrain_vocoder and finetune_vocoder share: HiFi-GAN on frozen encoder features (docs/architecture.md, Models).
 
 A stage subclass says only where the features come from (the clean waveform through the frozen
 encoder, or the degraded waveform through the encoder with trained adapters). Everything else is
