@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -422,3 +423,12 @@ def test_settings_that_would_act_silently_are_refused_at_start_up(store, capfd, 
     assert train(override) == EXIT_BAD_INPUT
     assert message in capfd.readouterr().err
     assert not all_runs(client)
+
+
+def test_bf16_autocast_trains_on_the_cpu(store):
+    assert train("trainer.precision=bf16", "trainer.device=cpu", "trainer.max_steps=3", "validation.interval=3") == EXIT_OK
+    client = MlflowClient()
+    (run,) = stage_runs(client)
+    losses = [v for _, v in loss_history(client, run.info.run_id)]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert math.isfinite(client.get_run(run.info.run_id).data.metrics["val/loss"])
