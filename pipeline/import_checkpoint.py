@@ -264,7 +264,11 @@ def check_same_encoder(stage, encoder: dict[str, torch.Tensor], path: Path) -> N
     hf_class = transformers.WavLMModel if stage.cfg.ssl.family == "wavlm" else transformers.HubertModel
     theirs = hf_class(huggingface_config(stage.cfg.ssl)).eval()
     wanted = modern_norm_names(encoder)
-    missing, unexpected = theirs.load_state_dict(wanted, strict=False)
+    try:
+        missing, unexpected = theirs.load_state_dict(wanted, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        raise ImportRefused(f"the encoder inside the adapter checkpoint {path} is not a {stage.cfg.ssl.name} model "
+                            f"({str(err).splitlines()[-1].strip()})") from err
     missing = [k for k in missing if k != "masked_spec_embed"]
     if missing or unexpected:
         raise ImportRefused(f"the encoder inside the adapter checkpoint {path} is not a {stage.cfg.ssl.name} "
