@@ -17,6 +17,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import CheckpointError, read_index
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def checkpoint_table(client: MlflowClient, model: str | None = None, dataset: st
             if rows:
                 frame = pd.DataFrame(rows)
                 frame["run_id"] = run.info.run_id
-                frame["stage"] = run.data.tags.get("stage")
+                frame["stage"] = run.data.tags.get(tag.STAGE)
                 frames.append(frame)
         page_token = runs.token
         if not page_token:

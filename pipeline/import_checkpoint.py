@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, compose_config, route_overrides, split_overrides
+from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import sha256_file
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, record_imported_run, setup_logging
 from pipeline.engine.stage import Precision
@@ -394,15 +395,15 @@ def import_vocoder(path: Path, adapter_run: str, overrides: list[str]) -> str:
     adopt_adapter_run(cfg, MlflowClient())
     stage = _build(FinetuneVocoder, cfg)
     imported = load_vocoder(stage, parts, path)
-    tags = {**_import_tags(path, step), "imported.modules": ",".join(imported)}
+    tags = {**_import_tags(path, step), tag.IMPORTED_MODULES: ",".join(imported)}
     run_id = record_imported_run(stage, cfg, tags, str(path))
     log.info("Imported the vocoder of %s as finetune_vocoder run %s", path, run_id)
     return run_id
 
 
 def _import_tags(path: Path, step: int) -> dict[str, str]:
-    return {"imported_from": str(path.resolve()), "imported.step": str(step), "imported.sha256": sha256_file(path),
-            "imported.format": "atotti/miipher-2"}
+    return {tag.IMPORTED_FROM: str(path.resolve()), tag.IMPORTED_STEP: str(step), tag.IMPORTED_SHA256: sha256_file(path),
+            tag.IMPORTED_FORMAT: "atotti/miipher-2"}
 
 
 def run(argv: list[str]) -> int:

@@ -32,6 +32,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, accepts, compose_config, route_overrides, split_overrides
+from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import code_version as git_commit
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, NOTE_TAG, setup_logging
 from pipeline.engine.tracking import log_params
@@ -163,10 +164,10 @@ def launch(client: MlflowClient, step: str, params: dict[str, str], version: str
     code = submitted.command_proc.returncode if hasattr(submitted, "command_proc") else (0 if ok else 1)
     # The job's own run: the launched one, or (on resume) the resumed one it logged into.
     job_run = params.get("resume_run") or run_id
-    for key, value in {"chain.code_version": version, "chain.main_run": main_run}.items():
+    for key, value in {tag.CHAIN_CODE_VERSION: version, tag.CHAIN_MAIN_RUN: main_run}.items():
         client.set_tag(job_run, key, value)
     if previous:
-        client.set_tag(job_run, "chain.previous_run", previous)
+        client.set_tag(job_run, tag.CHAIN_PREVIOUS_RUN, previous)
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
     if not ok:
@@ -185,7 +186,7 @@ def run_step(client: MlflowClient, cfg: MainConfig, step: str, params: dict[str,
             return StepResult(step, done.info.run_id, "reused")
     if cfg.resume:
         stopped = find_run(client, experiment_id, step, params, version, ("KILLED", "FAILED"))
-        if stopped is not None and stopped.data.tags.get("checkpoint.latest_step"):
+        if stopped is not None and stopped.data.tags.get(tag.CHECKPOINT_LATEST_STEP):
             log.info("%s: resuming stopped run %s from its checkpoint", step, stopped.info.run_id)
             run_id = launch(client, step, {**params, "resume_run": stopped.info.run_id}, version, previous, main_run)
             return StepResult(step, run_id, "resumed")
@@ -203,7 +204,7 @@ def run_chain(client: MlflowClient, cfg: MainConfig, overrides: dict[str, list[s
             params.update(adapter_run=results["train_adapter"].run_id, vocoder_run=results["pretrain_vocoder"].run_id)
         result = run_step(client, cfg, step, params, version, previous, main_run)
         results[step] = result
-        client.set_tag(main_run, f"chain.{step}", result.run_id)
+        client.set_tag(main_run, tag.chain_step(step), result.run_id)
         previous = result.run_id
     return list(results.values())
 
@@ -213,7 +214,7 @@ def _main_run(client: MlflowClient) -> str:
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         run_id = client.create_run(_experiment(client, EXPERIMENT), run_name="main-chain").info.run_id
-    client.set_tag(run_id, "stage", "main")
+    client.set_tag(run_id, tag.STAGE, "main")
     return run_id
 
 
@@ -242,7 +243,7 @@ def main(argv: list[str]) -> int:
     try:
         results = run_chain(client, cfg, overrides, version, main_run)
         status, code = "FINISHED", EXIT_OK
-        client.set_tag(main_run, "chain.reused", ",".join(r.step for r in results if r.how == "reused") or "none")
+        client.set_tag(main_run, tag.CHAIN_REUSED, ",".join(r.step for r in results if r.how == "reused") or "none")
         client.set_tag(main_run, NOTE_TAG, "\n".join(
             ["| step | run | |", "|---|---|---|"] + [f"| {r.step} | {r.run_id} | {r.how} |" for r in results]))
         sys.stdout.write(report(results, main_run))

@@ -40,6 +40,7 @@ from pipeline.data.shards import (
     shard_dataset,
     wav_bytes,
 )
+from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import code_version, utc_now
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.tracking import log_dataset_inputs, log_params
@@ -66,7 +67,7 @@ def _open_run(client: MlflowClient, cfg: DictConfig) -> str:
         exp_id = exp.experiment_id if exp else client.create_experiment(name)
         run_id = client.create_run(exp_id, run_name=cfg.tracking.run_name or
                                    f"{cfg.data.name}-shards-{datetime.now():%Y%m%d-%H%M%S}").info.run_id
-    for key, value in {"stage": "prepare_data", "dataset": cfg.data.name, "output": cfg.output}.items():
+    for key, value in {tag.STAGE: "prepare_data", tag.DATASET: cfg.data.name, "output": cfg.output}.items():
         client.set_tag(run_id, key, value)
     existing = client.get_run(run_id).data.params
     log_params(client, run_id, {k: v for k, v in mask_secrets(flatten(to_container(cfg))).items() if k not in existing})

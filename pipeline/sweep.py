@@ -41,6 +41,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 from pipeline.config import CONFIG_DIR, ConfigError, apply_overrides, compose_config, mask_secrets, split_overrides
+from pipeline.engine import tags as tag
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, run_stage, setup_logging
 from pipeline.engine.stage import Stage
 from pipeline.engine.tracking import log_params
@@ -218,10 +219,10 @@ class TrialHooks(TrainingHooks):
     def on_run_started(self, run_id: str) -> None:
         self.run_id = run_id
         self.trial.set_user_attr("mlflow_run_id", run_id)
-        tags = {"trial.number": str(self.trial.number), "trial.state": "RUNNING",
-                "sweep.study": self.trial.study.study_name}
+        tags = {tag.TRIAL_NUMBER: str(self.trial.number), tag.TRIAL_STATE: "RUNNING",
+                tag.SWEEP_STUDY: self.trial.study.study_name}
         if self.resumed_from is not None:
-            tags["trial.resumed_from"] = str(self.resumed_from)
+            tags[tag.TRIAL_RESUMED_FROM] = str(self.resumed_from)
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
 
@@ -278,17 +279,17 @@ class Sweep:
 
     def _has_checkpoint(self, run_id: str) -> bool:
         try:
-            return bool(self.client.get_run(run_id).data.tags.get("checkpoint.latest"))
+            return bool(self.client.get_run(run_id).data.tags.get(tag.CHECKPOINT_LATEST))
         except Exception:
             return False
 
     def _stopped_by(self, hooks: TrialHooks) -> str | None:
-        return self.client.get_run(hooks.run_id).data.tags.get("stopped_by") if hooks.run_id else None
+        return self.client.get_run(hooks.run_id).data.tags.get(tag.STOPPED_BY) if hooks.run_id else None
 
     def _finish_child(self, hooks: TrialHooks, state: str, interrupted: bool = False) -> None:
         if hooks.run_id is None:
             return
-        self.client.set_tag(hooks.run_id, "trial.state", "INTERRUPTED" if interrupted else state)
+        self.client.set_tag(hooks.run_id, tag.TRIAL_STATE, "INTERRUPTED" if interrupted else state)
         if not interrupted:
             self.client.set_terminated(hooks.run_id, RUN_STATUS[state])
 
@@ -370,8 +371,8 @@ def parent_run_for(client: MlflowClient, study: optuna.Study, created: bool, sta
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     parent = launcher or client.create_run(exp_id, run_name=f"sweep-{study.study_name}").info.run_id
     if launcher:
-        client.set_tag(parent, "mlflow.runName", f"sweep-{study.study_name}")
-    for key, value in {"stage": "sweep", "sweep.stage": stage, "sweep.study": study.study_name}.items():
+        client.set_tag(parent, tag.RUN_NAME, f"sweep-{study.study_name}")
+    for key, value in {tag.STAGE: "sweep", tag.SWEEP_STAGE: stage, tag.SWEEP_STUDY: study.study_name}.items():
         client.set_tag(parent, key, value)
     existing = client.get_run(parent).data.params
     log_params(client, parent, {k: v for k, v in mask_secrets(params).items() if k not in existing})
@@ -397,8 +398,8 @@ def summarise(client: MlflowClient, study: optuna.Study, parent: str, metric: st
              "", f"Trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed", ""]
     if completed:
         best = study.best_trial
-        client.set_tag(parent, "best.trial", str(best.number))
-        client.set_tag(parent, "best.run_id", best.user_attrs.get("mlflow_run_id", ""))
+        client.set_tag(parent, tag.BEST_TRIAL, str(best.number))
+        client.set_tag(parent, tag.BEST_RUN_ID, best.user_attrs.get("mlflow_run_id", ""))
         client.log_metric(parent, f"best/{metric}", best.value, step=len(trials))
         client.log_text(parent, json.dumps({"number": best.number, "value": best.value, "params": best.params,
                                             "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}, indent=2),
@@ -407,7 +408,7 @@ def summarise(client: MlflowClient, study: optuna.Study, parent: str, metric: st
                   f"`{best.user_attrs.get('mlflow_run_id')}`", "", "| parameter | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in best.params.items()]
     _log_plots(client, study, parent, len(completed))
-    client.set_tag(parent, "mlflow.note.content", "\n".join(lines))
+    client.set_tag(parent, tag.NOTE, "\n".join(lines))
 
 
 def _log_plots(client: MlflowClient, study: optuna.Study, parent: str, completed: int) -> None:
@@ -535,8 +536,8 @@ def run_sweep(argv: list[str]) -> int:
             client.set_terminated(parent, status)
         launcher = os.environ.get("MLFLOW_RUN_ID")
         if launcher and launcher != parent:  # this worker's own `mlflow run` record, nested under the study
-            client.set_tag(launcher, "mlflow.parentRunId", parent)
-            client.set_tag(launcher, "sweep.worker", "true")
+            client.set_tag(launcher, tag.PARENT_RUN, parent)
+            client.set_tag(launcher, tag.SWEEP_WORKER, "true")
             client.set_terminated(launcher, "KILLED" if code == EXIT_STOPPED else "FINISHED")
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     log.info("Study %r: %d trials finished; parent run %s", study_name, len(done), parent)

@@ -37,6 +37,8 @@ import torch
 from mlflow import MlflowClient
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+from pipeline.engine import tags as tag
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -249,7 +251,7 @@ def rows_from_meta(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
             try:
                 path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{checkpoint_name(step)}/{META_FILE}", tmp)
                 meta = json.loads(Path(path).read_text(encoding="utf-8"))
-                rows.append({"name": checkpoint_name(step), "model": tags.get("model"), "dataset": tags.get("dataset"),
+                rows.append({"name": checkpoint_name(step), "model": tags.get(tag.MODEL), "dataset": tags.get(tag.DATASET),
                              "epoch": meta.get("epoch"), "step": int(meta["step"]), "created": meta.get("created"),
                              **dict(meta.get("metrics") or {})})
             except Exception as err:
@@ -341,8 +343,8 @@ class CheckpointStore:
         for op in metrics_sent:
             op.wait()
         # Committed: only now does `checkpoint.latest` move.
-        self.client.set_tag(self.run_id, "checkpoint.latest", artifact_path)
-        self.client.set_tag(self.run_id, "checkpoint.latest_step", str(step))
+        self.client.set_tag(self.run_id, tag.CHECKPOINT_LATEST, artifact_path)
+        self.client.set_tag(self.run_id, tag.CHECKPOINT_LATEST_STEP, str(step))
         self.latest_committed = step
         self.index_rows = [r for r in self.index_rows if int(r["step"]) != step] + [row]
         try:

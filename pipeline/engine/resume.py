@@ -18,6 +18,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CHECKPOINT_DIR,
     META_FILE,
@@ -74,7 +75,7 @@ class RunCheckpoints:
         if run.info.lifecycle_stage == "deleted":
             raise ResumeError(f"{role}={run_id}: the run is deleted" if role else
                               f"Run {run_id} is deleted. Restore it in the MLflow UI (or `mlflow gc` removed it).")
-        stage = run.data.tags.get("stage")
+        stage = run.data.tags.get(tag.STAGE)
         if stage not in stages:
             raise ResumeError(
                 f"{role}={run_id} is a {stage or 'non-pipeline'} run, not a {' or '.join(stages)} run" if role else
@@ -85,12 +86,12 @@ class RunCheckpoints:
 
     @property
     def stage(self) -> str:
-        return self.run.data.tags["stage"]
+        return self.run.data.tags[tag.STAGE]
 
     @property
     def latest_step(self) -> int | None:
         """The step of the latest committed checkpoint (the `checkpoint.latest_step` tag)."""
-        latest = self.run.data.tags.get("checkpoint.latest_step")
+        latest = self.run.data.tags.get(tag.CHECKPOINT_LATEST_STEP)
         return int(latest) if latest is not None else None
 
     def require_committed(self, purpose: str) -> int:

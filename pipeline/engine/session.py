@@ -32,6 +32,7 @@ from pipeline.config import (
     split_overrides,
     to_container,
 )
+from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CheckpointError,
     CheckpointStore,
@@ -52,7 +53,7 @@ from pipeline.engine.trainer import Engine, Position
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_ABORTED = 0, 1, 2, 3, 130
-NOTE_TAG = "mlflow.note.content"
+NOTE_TAG = tag.NOTE
 
 
 def setup_logging() -> None:
@@ -122,7 +123,7 @@ def launcher_run(cfg: DictConfig) -> str | None:
 
 
 def _base_tags(stage: Stage) -> dict[str, str]:
-    return {"stage": stage.name, **stage.tags()}
+    return {tag.STAGE: stage.name, **stage.tags()}
 
 
 def _attempt_yaml(entry: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> str:
@@ -152,12 +153,12 @@ def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experime
     launcher = launcher_run(cfg)
     if launcher:
         run_id = launcher
-        client.set_tag(run_id, "mlflow.runName", name)
+        client.set_tag(run_id, tag.RUN_NAME, name)
     else:
         run_id = client.create_run(experiment_id, run_name=name).info.run_id
     if cfg.tracking.parent_run:
-        extra_tags = {"mlflow.parentRunId": cfg.tracking.parent_run, **extra_tags}
-    all_tags = {**_base_tags(stage), "resume.count": "0", "stop_requested": "false", **cfg.tracking.tags, **extra_tags}
+        extra_tags = {tag.PARENT_RUN: cfg.tracking.parent_run, **extra_tags}
+    all_tags = {**_base_tags(stage), tag.RESUME_COUNT: "0", tag.STOP_REQUESTED: "false", **cfg.tracking.tags, **extra_tags}
     for key, value in all_tags.items():
         client.set_tag(run_id, key, value)
     params = mask_secrets(flatten(to_container(cfg)))
@@ -172,7 +173,7 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
     launcher = launcher_run(cfg)
     started = utc_now()
     if resume is None or resume.run_id is None:
-        extra = {} if resume is None else {"resume.from": resume.source}
+        extra = {} if resume is None else {tag.RESUME_FROM: resume.source}
         run_id, name = _start_new_run(client, stage, cfg, _experiment_id(client, cfg, stage.name), extra)
         entry = {"attempt": 1, "started": started, "from": resume.source if resume else None,
                  "overrides": overrides, "status": "RUNNING"}
@@ -183,8 +184,8 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
     last = last_logged_step(client, resume.run_id, "train/loss")
     if explicit_step and last is not None and resume.step < last:
         # Older checkpoint: branch into a nested run so the original history stays untouched.
-        extra = {"mlflow.parentRunId": resume.run_id, "resume.branch_of": resume.run_id,
-                 "resume.from": f"{_resume_label(cfg, resume)} of run {resume.run_id}"}
+        extra = {tag.PARENT_RUN: resume.run_id, tag.RESUME_BRANCH_OF: resume.run_id,
+                 tag.RESUME_FROM: f"{_resume_label(cfg, resume)} of run {resume.run_id}"}
         run_id, name = _start_new_run(client, stage, cfg, original.info.experiment_id, extra)
         copied = copy_history(client, resume.run_id, run_id, resume.step)
         log.info("Branching into new run %s nested under %s (copied %d metric values up to step %d)",
@@ -200,7 +201,7 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
     if original.info.status == "RUNNING":
         log.warning("Run %s is still marked RUNNING (a crash leaves it so). If another job is still "
                     "training it, stop that job first.", run_id)
-    count = int(original.data.tags.get("resume.count", "0")) + 1
+    count = int(original.data.tags.get(tag.RESUME_COUNT, "0")) + 1
     attempt = count + 1
     resumed_from = _resume_label(cfg, resume)
     history = _read_history(client, run_id)
@@ -208,22 +209,22 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
              "status": "RUNNING"}
     history.append(entry)
     client.update_run(run_id, status="RUNNING")
-    if "stopped_by" in original.data.tags:
-        client.delete_tag(run_id, "stopped_by")  # this attempt has not been stopped (yet)
-    for key, value in {"resume.count": str(count), "resume.from": resumed_from, "stop_requested": "false"}.items():
+    if tag.STOPPED_BY in original.data.tags:
+        client.delete_tag(run_id, tag.STOPPED_BY)  # this attempt has not been stopped (yet)
+    for key, value in {tag.RESUME_COUNT: str(count), tag.RESUME_FROM: resumed_from, tag.STOP_REQUESTED: "false"}.items():
         client.set_tag(run_id, key, value)
     client.log_text(run_id, _attempt_yaml(entry, changes), f"config/attempt-{attempt}.yaml")
     attempt_run = None
     if launcher and launcher != run_id:
         attempt_run = launcher
         for key, value in {
-            "mlflow.parentRunId": run_id,
-            "mlflow.runName": f"{original.info.run_name} · attempt {attempt}",
-            "attempt.number": str(attempt),
-            "attempt.of": run_id,
-            "attempt.checkpoint": resume.source,
-            "attempt.overrides": " ".join(overrides) or "(none)",
-            "attempt.changes": "; ".join(f"{k}: {o} -> {n}" for k, (o, n) in changes.items()) or "(none)",
+            tag.PARENT_RUN: run_id,
+            tag.RUN_NAME: f"{original.info.run_name} · attempt {attempt}",
+            tag.ATTEMPT_NUMBER: str(attempt),
+            tag.ATTEMPT_OF: run_id,
+            tag.ATTEMPT_CHECKPOINT: resume.source,
+            tag.ATTEMPT_OVERRIDES: " ".join(overrides) or "(none)",
+            tag.ATTEMPT_CHANGES: "; ".join(f"{k}: {o} -> {n}" for k, (o, n) in changes.items()) or "(none)",
         }.items():
             client.set_tag(attempt_run, key, value)
     return RunContext(run_id, original.info.run_name, attempt, attempt_run, resumed_from, history, index_rows)
@@ -294,8 +295,8 @@ def _finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictCon
     ctx.history[-1]["status"] = status if stopped_by is None else f"{status} ({stopped_by})"
     client.log_text(ctx.run_id, _attempt_yaml(ctx.history[-1], changes), f"config/attempt-{ctx.attempt}.yaml")
     if stopped_by:
-        client.set_tag(ctx.run_id, "stopped_by", stopped_by)
-    client.set_tag(ctx.run_id, "progress", _progress(cfg, pos, ctx.resumed_from, engine))
+        client.set_tag(ctx.run_id, tag.STOPPED_BY, stopped_by)
+    client.set_tag(ctx.run_id, tag.PROGRESS, _progress(cfg, pos, ctx.resumed_from, engine))
     client.set_tag(ctx.run_id, NOTE_TAG, describe_run(
         stage=stage_name, run_id=ctx.run_id, progress=_progress(cfg, pos, ctx.resumed_from, engine), status=status,
         latest_checkpoint=latest, history=ctx.history))
@@ -368,13 +369,13 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
 
     def describe(latest: str | None) -> None:
         client.set_tag(ctx.run_id, NOTE_TAG, describe_run(
-            stage=stage.name, run_id=ctx.run_id, progress=client.get_run(ctx.run_id).data.tags.get("progress", ""),
+            stage=stage.name, run_id=ctx.run_id, progress=client.get_run(ctx.run_id).data.tags.get(tag.PROGRESS, ""),
             status="RUNNING", latest_checkpoint=latest, history=ctx.history))
 
     def on_commit(step: int, row: dict[str, Any]) -> None:
         describe(f"checkpoints/{checkpoint_name(step)}")
 
-    describe(client.get_run(ctx.run_id).data.tags.get("checkpoint.latest"))
+    describe(client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST))
 
     policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
                              cfg.checkpoint.mode)
@@ -387,7 +388,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     with stopper:  # handlers stay installed until the run is ended, so no signal leaves it RUNNING
         try:
             engine = Engine(stage, metrics, store, stopper, ctx.run_id, hooks=hooks,
-                            on_progress=lambda pos: client.set_tag(ctx.run_id, "progress",
+                            on_progress=lambda pos: client.set_tag(ctx.run_id, tag.PROGRESS,
                                                                    _progress(cfg, pos, ctx.resumed_from, engine)))
             if resume is not None:
                 engine.load_state_dict(resume.state)
@@ -404,7 +405,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
                     _log_final_model(client, ctx.run_id, stage, result.position.step)
         except AbortTraining:
             status, stopped_by, code = "KILLED", "signal", EXIT_ABORTED
-            client.set_tag(ctx.run_id, "stop.aborted", "true")
+            client.set_tag(ctx.run_id, tag.STOP_ABORTED, "true")
         except BaseException:
             log.exception("Training failed")
             raise
@@ -413,7 +414,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
             if monitor is not None:
                 monitor.finish()
             pos = engine.pos if engine else Position()
-            latest = client.get_run(ctx.run_id).data.tags.get("checkpoint.latest")
+            latest = client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST)
             if code != EXIT_ABORTED:
                 try:
                     store.close()
@@ -511,7 +512,7 @@ def record_imported_run(stage: Stage, cfg: DictConfig, tags: dict[str, str], sou
              "status": "FINISHED"}
     client.log_text(run_id, _attempt_yaml(entry, {}), "config/attempt-1.yaml")
     progress = "step 0 · imported"
-    client.set_tag(run_id, "progress", progress)
+    client.set_tag(run_id, tag.PROGRESS, progress)
     client.set_tag(run_id, NOTE_TAG, describe_run(
         stage=stage.name, run_id=run_id, progress=progress, status="FINISHED",
         latest_checkpoint=f"checkpoints/{checkpoint_name(0)}", history=[entry]))

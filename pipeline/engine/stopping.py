@@ -15,10 +15,12 @@ import time
 
 from mlflow import MlflowClient
 
+from pipeline.engine import tags as tag
+
 log = logging.getLogger(__name__)
 
 SECOND_SIGNAL_GRACE_S = 1.0
-STOP_TAG = "stop_requested"
+STOP_TAG = tag.STOP_REQUESTED
 
 
 class AbortTraining(BaseException):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline.config import config_hash, to_container
 from pipeline.data.datasets import epoch_batches
 from pipeline.data.shards import StreamingPairs
+from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     FORMAT_VERSION,
     CheckpointStore,
@@ -191,8 +192,8 @@ class Engine:
         }
         row = {
             "name": checkpoint_name(self.pos.step),
-            "model": tags.get("model"),
-            "dataset": tags.get("dataset"),
+            "model": tags.get(tag.MODEL),
+            "dataset": tags.get(tag.DATASET),
             "epoch": self.epochs_done(),
             "step": self.pos.step,
             "created": meta["created"],

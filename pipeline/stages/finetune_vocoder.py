@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import AdapterConfig, ConfigError, EncoderConfig, FinetuneVocoderConfig, VocoderConfig
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.data.datasets import VAL_STREAM
+from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import CheckpointError
 from pipeline.engine.resume import ResumeError, ResumePoint, RunCheckpoints
 from pipeline.engine.session import main
@@ -130,8 +131,8 @@ class FinetuneVocoder(VocoderStage):
         return cfg
 
     def tags(self) -> dict[str, str]:
-        return {**super().tags(), "chain.adapter_run": str(self.cfg.adapter_run),
-                "chain.vocoder_run": str(self.cfg.vocoder_run)}
+        return {**super().tags(), tag.CHAIN_ADAPTER_RUN: str(self.cfg.adapter_run),
+                tag.CHAIN_VOCODER_RUN: str(self.cfg.vocoder_run)}
 
     def model_args(self) -> dict[str, Any]:
         return {**super().model_args(), "adapter": OmegaConf.to_container(self.cfg.adapter),

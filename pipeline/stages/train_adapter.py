@@ -18,6 +18,7 @@ from pipeline.data.corpus import load_corpus_audio, read_corpus
 from pipeline.data.datasets import VAL_STREAM, DegradedPairs
 from pipeline.data.degrade import OtherUtterances, degrade, sample_rng
 from pipeline.data.shards import ShardPairs, StreamingPairs, read_manifest, shard_dataset
+from pipeline.engine import tags as tag
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
 from pipeline.listening import Example, safe_name, write_listening_page
@@ -34,7 +35,7 @@ class TrainAdapter(Stage):
 
     def tags(self) -> dict[str, str]:
         # training from shards: the dataset is the corpus they were made from
-        return {"model": self.cfg.ssl.name, "dataset": getattr(self, "dataset_name", self.cfg.data.name)}
+        return {tag.MODEL: self.cfg.ssl.name, tag.DATASET: getattr(self, "dataset_name", self.cfg.data.name)}
 
     def model_args(self) -> dict[str, Any]:
         from omegaconf import OmegaConf

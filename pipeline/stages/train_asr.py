@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import CONFIG_DIR, ConformerConfig, TrainAsrConfig
 from pipeline.data.corpus import AudioError, Utterance, check_audio, load_audio, read_corpus
 from pipeline.data.datasets import TranscribedSpeech, collate_padded
+from pipeline.engine import tags as tag
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
 from pipeline.models.asr import CharVocabulary, ConformerCTC, ctc_loss, error_counts, greedy_decode
@@ -76,7 +77,7 @@ class TrainAsr(Stage):
         return cfg
 
     def tags(self) -> dict[str, str]:
-        return {"model": MODEL_TAG, "dataset": self.cfg.data.name, "model.preset": self.cfg.asr.name}
+        return {tag.MODEL: MODEL_TAG, tag.DATASET: self.cfg.data.name, tag.MODEL_PRESET: self.cfg.asr.name}
 
     def model_args(self) -> dict[str, Any]:
         return {"asr": OmegaConf.to_container(self.cfg.asr)}

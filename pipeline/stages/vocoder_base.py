@@ -22,6 +22,7 @@ from pipeline.config import DegradationConfig, EncoderConfig
 from pipeline.data.corpus import Utterance, load_corpus_audio, read_corpus
 from pipeline.data.datasets import TRAIN_STREAM, VAL_STREAM
 from pipeline.data.degrade import degrade, sample_rng
+from pipeline.engine import tags as tag
 from pipeline.engine.stage import Stage
 from pipeline.listening import Example, safe_name, write_listening_page
 from pipeline.losses import discriminator_loss, generator_loss, log_mel, mel_l1
@@ -112,8 +113,8 @@ class VocoderStage(Stage):
     # --- description ----------------------------------------------------------------------------
     def tags(self) -> dict[str, str]:
         c = self.cfg
-        return {"model": MODEL_TAG, "dataset": c.data.name, "model.preset": c.vocoder.name,
-                "encoder": c.ssl.name, "encoder.layer": str(c.ssl.layer)}
+        return {tag.MODEL: MODEL_TAG, tag.DATASET: c.data.name, tag.MODEL_PRESET: c.vocoder.name,
+                tag.ENCODER: c.ssl.name, tag.ENCODER_LAYER: str(c.ssl.layer)}
 
     def model_args(self) -> dict[str, Any]:
         return {"ssl": OmegaConf.to_container(self.cfg.ssl), "vocoder": OmegaConf.to_container(self.cfg.vocoder)}
