@@ -35,7 +35,7 @@ from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, accepts, compos
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import code_version as git_commit
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, NOTE_TAG, setup_logging
-from pipeline.engine.tracking import log_params
+from pipeline.engine.tracking import experiment_id, log_params, start_or_adopt_run
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +140,6 @@ def find_run(client: MlflowClient, experiment_id: str, step: str, params: dict[s
 # --------------------------------------------------------------------------------------------
 
 
-def _experiment(client: MlflowClient, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
-
-
 class StepFailed(RuntimeError):
     def __init__(self, step: str, run_id: str, code: int):
         super().__init__(f"step {step} (run {run_id}) ended with exit code {code}")
@@ -177,15 +172,15 @@ def launch(client: MlflowClient, step: str, params: dict[str, str], version: str
 
 def run_step(client: MlflowClient, cfg: MainConfig, step: str, params: dict[str, str], version: str,
              previous: str | None, main_run: str) -> StepResult:
-    experiment_id = _experiment(client, step)
+    experiment = experiment_id(client, step)
     if cfg.reuse:
-        done = find_run(client, experiment_id, step, params, version, ("FINISHED",))
+        done = find_run(client, experiment, step, params, version, ("FINISHED",))
         if done is not None:
             log.info("%s: reusing finished run %s (same entry point, parameters and code version)",
                      step, done.info.run_id)
             return StepResult(step, done.info.run_id, "reused")
     if cfg.resume:
-        stopped = find_run(client, experiment_id, step, params, version, ("KILLED", "FAILED"))
+        stopped = find_run(client, experiment, step, params, version, ("KILLED", "FAILED"))
         if stopped is not None and stopped.data.tags.get(tag.CHECKPOINT_LATEST_STEP):
             log.info("%s: resuming stopped run %s from its checkpoint", step, stopped.info.run_id)
             run_id = launch(client, step, {**params, "resume_run": stopped.info.run_id}, version, previous, main_run)
@@ -211,11 +206,8 @@ def run_chain(client: MlflowClient, cfg: MainConfig, overrides: dict[str, list[s
 
 def _main_run(client: MlflowClient) -> str:
     """The run `mlflow run -e main` created, or a new one in experiment `main`."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        run_id = client.create_run(_experiment(client, EXPERIMENT), run_name="main-chain").info.run_id
-    client.set_tag(run_id, tag.STAGE, "main")
-    return run_id
+    return start_or_adopt_run(client, experiment=EXPERIMENT, run_name="main-chain", tags={tag.STAGE: "main"},
+                              launcher=os.environ.get("MLFLOW_RUN_ID"))
 
 
 def report(results: list[StepResult], main_run: str) -> str:

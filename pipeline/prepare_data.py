@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, compose_config, config_hash, flatten, mask_secrets, split_overrides, to_container
+from pipeline.config import ConfigError, compose_config, config_hash, flatten, split_overrides, to_container
 from pipeline.data.corpus import AudioError, load_audio, read_corpus
 from pipeline.data.degrade import OtherUtterances, degrade, sample_rng
 from pipeline.data.shards import (
@@ -43,7 +43,7 @@ from pipeline.data.shards import (
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import code_version, utc_now
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
-from pipeline.engine.tracking import log_dataset_inputs, log_params
+from pipeline.engine.tracking import log_dataset_inputs, start_or_adopt_run
 from pipeline.listening import Example, safe_name, write_listening_page
 
 log = logging.getLogger(__name__)
@@ -58,20 +58,11 @@ def _key(utt_id: str, variant: int) -> str:
 
 
 def _open_run(client: MlflowClient, cfg: DictConfig) -> str:
-    launcher = os.environ.get("MLFLOW_RUN_ID")
-    if launcher:
-        run_id = launcher
-    else:
-        name = cfg.tracking.experiment or "prepare_data"
-        exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(name)
-        run_id = client.create_run(exp_id, run_name=cfg.tracking.run_name or
-                                   f"{cfg.data.name}-shards-{datetime.now():%Y%m%d-%H%M%S}").info.run_id
-    for key, value in {tag.STAGE: "prepare_data", tag.DATASET: cfg.data.name, "output": cfg.output}.items():
-        client.set_tag(run_id, key, value)
-    existing = client.get_run(run_id).data.params
-    log_params(client, run_id, {k: v for k, v in mask_secrets(flatten(to_container(cfg))).items() if k not in existing})
-    return run_id
+    return start_or_adopt_run(
+        client, experiment=cfg.tracking.experiment or "prepare_data",
+        run_name=cfg.tracking.run_name or f"{cfg.data.name}-shards-{datetime.now():%Y%m%d-%H%M%S}",
+        tags={tag.STAGE: "prepare_data", tag.DATASET: cfg.data.name, "output": cfg.output},
+        params=flatten(to_container(cfg)), launcher=os.environ.get("MLFLOW_RUN_ID"))
 
 
 def prepare(cfg: DictConfig, client: MlflowClient, run_id: str) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from pipeline.config import CONFIG_DIR, ConfigError, apply_overrides, compose_co
 from pipeline.engine import tags as tag
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, run_stage, setup_logging
 from pipeline.engine.stage import Stage
-from pipeline.engine.tracking import log_params
+from pipeline.engine.tracking import start_or_adopt_run
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -366,16 +366,10 @@ def parent_run_for(client: MlflowClient, study: optuna.Study, created: bool, sta
                 return parent
             time.sleep(0.1)
         raise ConfigError(f"Study {study.study_name!r} has no MLflow parent run; was it created by this pipeline?")
-    launcher = os.environ.get("MLFLOW_RUN_ID")
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    parent = launcher or client.create_run(exp_id, run_name=f"sweep-{study.study_name}").info.run_id
-    if launcher:
-        client.set_tag(parent, tag.RUN_NAME, f"sweep-{study.study_name}")
-    for key, value in {tag.STAGE: "sweep", tag.SWEEP_STAGE: stage, tag.SWEEP_STUDY: study.study_name}.items():
-        client.set_tag(parent, key, value)
-    existing = client.get_run(parent).data.params
-    log_params(client, parent, {k: v for k, v in mask_secrets(params).items() if k not in existing})
+    parent = start_or_adopt_run(
+        client, experiment=experiment, run_name=f"sweep-{study.study_name}",
+        tags={tag.STAGE: "sweep", tag.SWEEP_STAGE: stage, tag.SWEEP_STUDY: study.study_name}, params=params,
+        launcher=os.environ.get("MLFLOW_RUN_ID"))
     study.set_user_attr("mlflow_parent_run", parent)
     return parent
 

@@ -28,7 +28,6 @@ from pipeline.config import (
     config_diff,
     flatten,
     from_container,
-    mask_secrets,
     split_overrides,
     to_container,
 )
@@ -47,7 +46,7 @@ from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
 from pipeline.engine.tracking import (MetricLogger, copy_history, describe_run, last_logged_step,
-                                      log_dataset_inputs, log_params)
+                                      log_dataset_inputs, start_or_adopt_run)
 from pipeline.engine.trainer import Engine, Position
 
 log = logging.getLogger(__name__)
@@ -111,10 +110,8 @@ def build_config(stage_cls: type[Stage], overrides: list[str], resume: ResumePoi
 # --------------------------------------------------------------------------------------------
 
 
-def _experiment_id(client: MlflowClient, cfg: DictConfig, stage: str) -> str:
-    name = cfg.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or stage
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+def _experiment_name(cfg: DictConfig, stage: str) -> str:
+    return cfg.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or stage
 
 
 def launcher_run(cfg: DictConfig) -> str | None:
@@ -145,25 +142,17 @@ def _read_history(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
     return sorted(history, key=lambda h: h["attempt"])
 
 
-def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experiment_id: str,
+def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experiment: str,
                    extra_tags: dict[str, str]) -> tuple[str, str]:
     """The job's own run: the one `mlflow run` created, or a new one. Returns (id, name)."""
     tags = stage.tags()
-    name = cfg.tracking.run_name or f"{tags['model']}-{tags['dataset']}-{datetime.now():%Y%m%d-%H%M%S}"
-    launcher = launcher_run(cfg)
-    if launcher:
-        run_id = launcher
-        client.set_tag(run_id, tag.RUN_NAME, name)
-    else:
-        run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    name = cfg.tracking.run_name or f"{tags[tag.MODEL]}-{tags[tag.DATASET]}-{datetime.now():%Y%m%d-%H%M%S}"
     if cfg.tracking.parent_run:
         extra_tags = {tag.PARENT_RUN: cfg.tracking.parent_run, **extra_tags}
-    all_tags = {**_base_tags(stage), tag.RESUME_COUNT: "0", tag.STOP_REQUESTED: "false", **cfg.tracking.tags, **extra_tags}
-    for key, value in all_tags.items():
-        client.set_tag(run_id, key, value)
-    params = mask_secrets(flatten(to_container(cfg)))
-    existing = client.get_run(run_id).data.params  # `mlflow run` logs the entry-point parameters
-    log_params(client, run_id, {k: v for k, v in params.items() if k not in existing})
+    all_tags = {**_base_tags(stage), tag.RESUME_COUNT: "0", tag.STOP_REQUESTED: "false", **cfg.tracking.tags,
+                **extra_tags}
+    run_id = start_or_adopt_run(client, experiment=experiment, run_name=name, tags=all_tags,
+                                params=flatten(to_container(cfg)), launcher=launcher_run(cfg))
     client.log_text(run_id, OmegaConf.to_yaml(cfg), "config/config.yaml")
     return run_id, name
 
@@ -174,7 +163,7 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
     started = utc_now()
     if resume is None or resume.run_id is None:
         extra = {} if resume is None else {tag.RESUME_FROM: resume.source}
-        run_id, name = _start_new_run(client, stage, cfg, _experiment_id(client, cfg, stage.name), extra)
+        run_id, name = _start_new_run(client, stage, cfg, _experiment_name(cfg, stage.name), extra)
         entry = {"attempt": 1, "started": started, "from": resume.source if resume else None,
                  "overrides": overrides, "status": "RUNNING"}
         client.log_text(run_id, _attempt_yaml(entry, changes), "config/attempt-1.yaml")
@@ -186,7 +175,7 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
         # Older checkpoint: branch into a nested run so the original history stays untouched.
         extra = {tag.PARENT_RUN: resume.run_id, tag.RESUME_BRANCH_OF: resume.run_id,
                  tag.RESUME_FROM: f"{_resume_label(cfg, resume)} of run {resume.run_id}"}
-        run_id, name = _start_new_run(client, stage, cfg, original.info.experiment_id, extra)
+        run_id, name = _start_new_run(client, stage, cfg, client.get_experiment(original.info.experiment_id).name, extra)
         copied = copy_history(client, resume.run_id, run_id, resume.step)
         log.info("Branching into new run %s nested under %s (copied %d metric values up to step %d)",
                  run_id, resume.run_id, copied, resume.step)
@@ -496,7 +485,7 @@ def record_imported_run(stage: Stage, cfg: DictConfig, tags: dict[str, str], sou
     they are now, written by the engine itself: the run then trains on (``resume_run`` with a larger
     ``trainer.max_steps``), feeds other stages and is browsed like any run trained here."""
     client = MlflowClient()
-    run_id, _ = _start_new_run(client, stage, cfg, _experiment_id(client, cfg, stage.name), tags)
+    run_id, _ = _start_new_run(client, stage, cfg, _experiment_name(cfg, stage.name), tags)
     policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
                              cfg.checkpoint.mode)
     store = CheckpointStore(client, run_id, Path(cfg.checkpoint.staging_dir), policy)

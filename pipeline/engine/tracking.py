@@ -10,6 +10,9 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
+from pipeline.config import mask_secrets
+from pipeline.engine import tags as tag
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -59,6 +62,30 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
     items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment called ``name``, created when missing."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def start_or_adopt_run(client: MlflowClient, *, experiment: str, run_name: str, tags: dict[str, str],
+                       params: dict[str, Any] | None = None, launcher: str | None = None) -> str:
+    """A job's own run: ``launcher`` (the run `mlflow run` created, MLFLOW_RUN_ID), renamed, or a new run in
+    ``experiment``; then tagged, and given the params it does not have yet (secrets masked; `mlflow run`
+    logs its entry-point parameters first, and MLflow params cannot change)."""
+    if launcher:
+        run_id = launcher
+        client.set_tag(run_id, tag.RUN_NAME, run_name)
+    else:
+        run_id = client.create_run(experiment_id(client, experiment), run_name=run_name).info.run_id
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    if params:
+        existing = client.get_run(run_id).data.params
+        log_params(client, run_id, {k: v for k, v in mask_secrets(params).items() if k not in existing})
+    return run_id
 
 
 def log_dataset_inputs(client: MlflowClient, run_id: str, datasets: list, context: str) -> None:
