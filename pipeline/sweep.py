@@ -42,7 +42,8 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 from pipeline.config import CONFIG_DIR, ConfigError, apply_overrides, compose_config, mask_secrets, split_overrides
 from pipeline.engine import tags as tag
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, run_stage, setup_logging
+from pipeline.engine.session import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, exit_now,
+                                     run_stage, setup_logging)
 from pipeline.engine.stage import Stage
 from pipeline.engine.tracking import start_or_adopt_run
 
@@ -209,6 +210,10 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
 class TrialInterrupted(Exception):
     """The trial was stopped by a signal or the stop tag; its checkpoint is committed."""
 
+    def __init__(self, message: str, code: int = EXIT_STOPPED):
+        super().__init__(message)
+        self.code = code  # EXIT_STOPPED, or EXIT_ABORTED after a second signal
+
 
 class TrialHooks(TrainingHooks):
     def __init__(self, trial: optuna.Trial, metric: str, client: MlflowClient, resumed_from: int | None):
@@ -270,10 +275,11 @@ class Sweep:
         if code == EXIT_STOPPED and self._stopped_by(hooks) == "pruned":
             self._finish_child(hooks, "PRUNED")
             raise optuna.TrialPruned()
-        if code == EXIT_STOPPED:
+        if code in (EXIT_STOPPED, EXIT_ABORTED):
             self._finish_child(hooks, "FAIL", interrupted=True)
             self.study.enqueue_trial(trial.params, user_attrs={"resume_of": trial.number, "mlflow_run_id": hooks.run_id})
-            raise TrialInterrupted(f"trial {trial.number} stopped; it resumes when the study continues")
+            raise TrialInterrupted(f"trial {trial.number} {'aborted' if code == EXIT_ABORTED else 'stopped'}; it "
+                                   "resumes from its last committed checkpoint when the study continues", code)
         self._finish_child(hooks, "FAIL")
         raise RuntimeError(f"trial {trial.number} failed (exit code {code})")
 
@@ -516,14 +522,15 @@ def run_sweep(argv: list[str]) -> int:
                 study.optimize(sweep.objective, n_trials=1, catch=(RuntimeError,))
             except TrialInterrupted as err:
                 log.warning("%s. Run the same command again to continue the study.", err)
-                code = EXIT_STOPPED
+                code = err.code
                 break
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         summarise(client, study, parent, spec.metric)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-        status = "KILLED" if code == EXIT_STOPPED else "RUNNING" if running else "FINISHED"
+        stopped = code in (EXIT_STOPPED, EXIT_ABORTED)
+        status = "KILLED" if stopped else "RUNNING" if running else "FINISHED"
         if status == "RUNNING":
             log.info("Other workers still run trials of this study; the parent run stays RUNNING")
         else:
@@ -532,14 +539,14 @@ def run_sweep(argv: list[str]) -> int:
         if launcher and launcher != parent:  # this worker's own `mlflow run` record, nested under the study
             client.set_tag(launcher, tag.PARENT_RUN, parent)
             client.set_tag(launcher, tag.SWEEP_WORKER, "true")
-            client.set_terminated(launcher, "KILLED" if code == EXIT_STOPPED else "FINISHED")
+            client.set_terminated(launcher, "KILLED" if stopped else "FINISHED")
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     log.info("Study %r: %d trials finished; parent run %s", study_name, len(done), parent)
     return code
 
 
 def main() -> None:
-    sys.exit(run_sweep(sys.argv[1:]))
+    exit_now(run_sweep(sys.argv[1:]))
 
 
 if __name__ == "__main__":

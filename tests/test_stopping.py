@@ -48,3 +48,22 @@ def test_stop_tag_is_noticed_at_the_next_poll(run_id):
         client.set_tag(run_id, "stop_requested", "true")
         wait_for(lambda: stopper.requested, timeout=5, what="stop request")
         assert stopper.reason == "tag"
+
+
+def test_an_abort_in_process_returns_its_exit_code_and_ends_the_run_killed(store, monkeypatch):
+    """A second signal aborts the job; run_stage reports it instead of ending the process, so a caller that
+    runs trials in its own process (a sweep) stays alive; only the command-line entry exits at once."""
+    from conftest import TINY, stage_runs
+    from pipeline.engine.session import EXIT_ABORTED, run_stage
+    from pipeline.engine.trainer import Engine
+    from pipeline.stages.train_adapter import TrainAdapter
+
+    def abort(self):
+        raise AbortTraining()
+
+    monkeypatch.setattr(Engine, "fit", abort)
+    assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=4"]) == EXIT_ABORTED
+    client = MlflowClient()
+    (run,) = stage_runs(client)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["stopped_by"] == "signal" and run.data.tags["stop.aborted"] == "true"

@@ -414,9 +414,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
             _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, changes, engine)
             log.info("Run %s ended %s. Open the dashboard with: mlflow ui --backend-store-uri %s",
                      ctx.run_id, status, mlflow.get_tracking_uri())
-    if code == EXIT_ABORTED:
-        os._exit(code)  # do not wait for an upload thread: the user asked to stop now
-    return code
+    return code  # EXIT_ABORTED: the command-line entry exits at once (exit_now), an in-process caller decides
 
 
 def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int) -> None:
@@ -471,8 +469,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def exit_now(code: int) -> None:
+    """End the process with ``code``; after an abort (a second signal), without waiting for the checkpoint
+    upload thread: the user asked to stop now. Only command-line entry points call this."""
+    if code == EXIT_ABORTED:
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(stage_cls: type[Stage]) -> None:
-    sys.exit(run_stage(stage_cls, sys.argv[1:]))
+    exit_now(run_stage(stage_cls, sys.argv[1:]))
 
 
 # --------------------------------------------------------------------------------------------
