@@ -19,7 +19,6 @@ child run when the study continues.
 from __future__ import annotations
 
 import ast
-import importlib
 import json
 import logging
 import os
@@ -46,6 +45,8 @@ from pipeline.engine.session import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_OK, EXIT
                                      run_stage, setup_logging)
 from pipeline.engine.stage import Stage
 from pipeline.engine.tracking import start_or_adopt_run
+from pipeline.stages import TRAINING_STAGES
+from pipeline.stages import stage_class as registered_stage
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -132,16 +133,10 @@ def override_value(value: Any) -> str:
 
 
 def stage_class(name: str) -> type[Stage]:
-    """The Stage subclass of ``pipeline/stages/<name>.py`` (every stage module names its stage)."""
-    known = sorted(p.stem for p in (Path(__file__).parent / "stages").glob("*.py")
-                   if (CONFIG_DIR / f"{p.stem}.yaml").is_file())  # helpers like vocoder_base are not stages
-    if name not in known:
-        raise ConfigError(f"Unknown stage {name!r}; stages that can be swept: {', '.join(known)}")
-    module = importlib.import_module(f"pipeline.stages.{name}")
-    for value in vars(module).values():
-        if isinstance(value, type) and issubclass(value, Stage) and value.name == name:
-            return value
-    raise ConfigError(f"pipeline.stages.{name} defines no Stage named {name!r}")
+    """The registered training stage ``name`` (pipeline.stages.TRAINING_STAGES)."""
+    if name not in TRAINING_STAGES:
+        raise ConfigError(f"Unknown stage {name!r}; stages that can be swept: {', '.join(sorted(TRAINING_STAGES))}")
+    return registered_stage(name)
 
 
 def load_spec(stage: str, overrides: list[str]) -> SweepSpec:
