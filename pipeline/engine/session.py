@@ -308,29 +308,47 @@ class TrainingHooks:
         return None
 
 
+@dataclass
+class JobPlan:
+    """What a job will do, decided before anything is written anywhere."""
+
+    overrides: list[str]  # what the user gave now
+    cfg: DictConfig  # the resolved config (the checkpoint's, with the overrides on top, when resuming)
+    changes: dict[str, tuple[Any, Any]]  # keys this attempt changes (resume)
+    resume: ResumePoint | None  # where training continues from; None for a fresh start
+    precision: Precision
+
+
+def plan_job(stage_cls: type[Stage], argv: list[str], client: MlflowClient) -> JobPlan:
+    """Parse, compose, find the checkpoint to resume from and check every setting; it only reads. Every
+    mistake the user can make surfaces here (ConfigError, ResumeError, CheckpointError, ValueError)."""
+    overrides = split_overrides(argv)
+    fresh = stage_cls.resolve_config(compose_config(stage_cls.name, overrides))
+    resume = resolve(client, stage_cls.name, fresh.resume_run or None, fresh.resume_step,
+                     fresh.checkpoint.resume_from)
+    cfg, changes = build_config(stage_cls, overrides, resume, fresh)
+    check_settings(stage_cls, cfg)
+    if resume is not None:
+        _check_something_to_train(cfg, resume)
+    return JobPlan(overrides, cfg, changes, resume, Precision.from_config(cfg.trainer.device, cfg.trainer.precision))
+
+
 def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | None = None) -> int:
-    """Entry point body of every training stage; returns the process exit code."""
+    """Entry point body of every training stage: plan, build, open the run, train in it; returns the exit
+    code (EXIT_ABORTED after a second signal: the command-line entry then exits at once, see exit_now)."""
     setup_logging()
     try:
-        overrides = split_overrides(argv)
-        fresh = stage_cls.resolve_config(compose_config(stage_cls.name, overrides))
         client = MlflowClient()
-        resume = resolve(client, stage_cls.name, fresh.resume_run or None, fresh.resume_step,
-                         fresh.checkpoint.resume_from)
-        cfg, changes = build_config(stage_cls, overrides, resume, fresh)
-        check_settings(stage_cls, cfg)
-        if resume is not None:
-            _check_something_to_train(cfg, resume)
-        precision = Precision.from_config(cfg.trainer.device, cfg.trainer.precision)
+        plan = plan_job(stage_cls, argv, client)
     except (ConfigError, ResumeError, CheckpointError, ValueError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
-
+    cfg, resume = plan.cfg, plan.resume
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch_deterministic()
     seed_everything(int(cfg.seed))
-    stage = stage_cls(cfg, precision)
+    stage = stage_cls(cfg, plan.precision)
     try:
         stage.build()
     except (ValueError, OSError) as err:
@@ -342,15 +360,20 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     else:
         log.info("Resuming from %s", resume.source)
         log.info("Resuming from step %d", resume.step)
-
     try:
-        ctx = open_run(client, stage, cfg, resume, overrides,
-                       changes, explicit_step=cfg.resume_step is not None or bool(cfg.checkpoint.resume_from))
+        ctx = open_run(client, stage, cfg, resume, plan.overrides, plan.changes,
+                       explicit_step=cfg.resume_step is not None or bool(cfg.checkpoint.resume_from))
     except CheckpointError as err:
         log.error("%s", err)
         return EXIT_FAILED
     log.info("MLflow run %s (%s) in %s", ctx.run_id, ctx.run_name, mlflow.get_tracking_uri())
-    hooks = hooks or TrainingHooks()
+    return train_in_run(client, stage, plan, ctx, hooks or TrainingHooks())
+
+
+def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunContext, hooks: TrainingHooks) -> int:
+    """Train ``stage`` in the opened run and always end the run, whatever happens (status, stopped_by,
+    progress, description, the attempt record); returns the exit code."""
+    cfg, resume = plan.cfg, plan.resume
     hooks.on_run_started(ctx.run_id)
     datasets = stage.dataset_inputs()
     if datasets:
@@ -376,9 +399,9 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     stopper = StopController(client, ctx.run_id, cfg.tracking.stop_poll_seconds)
     with stopper:  # handlers stay installed until the run is ended, so no signal leaves it RUNNING
         try:
-            engine = Engine(stage, metrics, store, stopper, ctx.run_id, hooks=hooks,
-                            on_progress=lambda pos: client.set_tag(ctx.run_id, tag.PROGRESS,
-                                                                   _progress(cfg, pos, ctx.resumed_from, engine)))
+            engine = Engine(stage, metrics, store, stopper, ctx.run_id, hooks=hooks)
+            engine.on_progress = lambda pos: client.set_tag(ctx.run_id, tag.PROGRESS,
+                                                            _progress(cfg, pos, ctx.resumed_from, engine))
             if resume is not None:
                 engine.load_state_dict(resume.state)
             result = engine.fit()
@@ -404,17 +427,17 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
                 monitor.finish()
             pos = engine.pos if engine else Position()
             latest = client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST)
-            if code != EXIT_ABORTED:
+            if code != EXIT_ABORTED:  # after an abort, do not wait for the upload: the user asked to stop now
                 try:
                     store.close()
                     metrics.flush(wait=True)
                 except Exception:
                     log.exception("Could not finish the checkpoint upload or metric logging")
                     status, code = "FAILED", EXIT_FAILED
-            _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, changes, engine)
+            _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, plan.changes, engine)
             log.info("Run %s ended %s. Open the dashboard with: mlflow ui --backend-store-uri %s",
                      ctx.run_id, status, mlflow.get_tracking_uri())
-    return code  # EXIT_ABORTED: the command-line entry exits at once (exit_now), an in-process caller decides
+    return code
 
 
 def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int) -> None:
