@@ -37,9 +37,9 @@ from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, compose_config, route_overrides, split_overrides
 from pipeline.engine import tags as tag
-from pipeline.engine.checkpointing import sha256_file
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, record_imported_run, setup_logging
 from pipeline.engine.stage import Precision
+from pipeline.files import sha256_file
 
 log = logging.getLogger(__name__)
 

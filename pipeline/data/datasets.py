@@ -8,9 +8,11 @@ checkpoint needs to store for an exact resume, with any number of DataLoader wor
 
 from __future__ import annotations
 
+from typing import Any, Callable, Iterable, Protocol
+
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DegradationConfig
 from pipeline.data.degrade import OtherUtterances, check_degradation, degrade, sample_rng
@@ -32,6 +34,47 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, start_
         [(epoch, int(i)) for i in order[b * batch_size : (b + 1) * batch_size]]
         for b in range(start_batch, num_batches)
     ]
+
+
+class TrainSource(Protocol):
+    """What the engine asks of a training set: how many batches an epoch has, and the batches of an
+    epoch from a position on. The position (epoch, batches done) is all a checkpoint stores."""
+
+    order_depends_on_workers: bool  # True when the number of DataLoader workers changes how an epoch is dealt
+
+    def num_batches(self, batch_size: int, workers: int) -> int: ...
+
+    def loader(self, epoch: int, start_batch: int, batch_size: int, workers: int,
+               collate: Callable[[list[Any]], Any]) -> Iterable[Any]: ...
+
+
+class ShuffledBatches:
+    """A map-style training set addressed by (epoch, index), dealt each epoch in the order seeded by
+    (seed, epoch) (``epoch_batches``); the last partial batch is dropped."""
+
+    order_depends_on_workers = False
+
+    def __init__(self, dataset: Dataset, seed: int, pin_memory: bool = False):
+        self.dataset, self.seed, self.pin_memory = dataset, int(seed), pin_memory
+
+    def num_batches(self, batch_size: int, workers: int) -> int:
+        n = len(self.dataset) // batch_size
+        if n == 0:
+            raise ValueError(f"batch_size={batch_size} is larger than the training set ({len(self.dataset)} "
+                             "examples); lower batch_size")
+        return n
+
+    def loader(self, epoch: int, start_batch: int, batch_size: int, workers: int, collate) -> DataLoader:
+        batches = epoch_batches(len(self.dataset), batch_size, self.seed, epoch, start_batch)
+        return seeded_loader(self.dataset, batches, workers, collate, self.seed, self.pin_memory)
+
+
+def seeded_loader(dataset: Dataset, batches: list, workers: int, collate, seed: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over fixed batches whose workers draw their base seed from a private generator, not
+    from the global torch RNG (which a resume, opening an extra iterator mid-epoch, would shift)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, generator=generator)
 
 
 def crop_or_pad(wave: torch.Tensor, length: int, start: int) -> torch.Tensor:

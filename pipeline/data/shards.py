@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from pipeline.data.datasets import TRAIN_STREAM, crop_or_pad
 from pipeline.data.degrade import sample_rng
-from pipeline.engine.checkpointing import sha256_file
+from pipeline.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,8 @@ def _crop_pair(sample: dict[str, Any], length: int, rng: np.random.Generator | N
 
 class StreamingPairs:
     """The train split of a shard set, streamed per epoch with a resumable batch position."""
+
+    order_depends_on_workers = True  # shards are dealt to logical workers
 
     def __init__(self, uri: str, manifest: dict[str, Any], segment_samples: int, seed: int):
         self.store = ShardStore(uri)

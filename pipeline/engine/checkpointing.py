@@ -14,7 +14,6 @@ A crash at any point leaves the previous committed checkpoint as the latest.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -38,6 +37,7 @@ from mlflow import MlflowClient
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from pipeline.engine import tags as tag
+from pipeline.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,6 @@ def step_of(name: str) -> int | None:
     if name.startswith("step-") and name[5:].isdigit():
         return int(name[5:])
     return None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def code_version() -> str | None:

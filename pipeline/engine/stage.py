@@ -119,7 +119,10 @@ class Stage:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
         self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
+        self.val_set: Dataset | None = None  # map-style, read in order by validation
+        # how the engine reads the training set (pipeline.data.datasets.TrainSource): set by build(), e.g.
+        # ShuffledBatches(self.train_set, seed) for a map-style set, or a shard stream
+        self.train_source: Any = None
 
     # --- to implement -------------------------------------------------------------------
     def tags(self) -> dict[str, str]:
@@ -127,7 +130,7 @@ class Stage:
         raise NotImplementedError
 
     def build(self) -> None:
-        """Create models, optimizers, schedulers and datasets."""
+        """Create models, optimizers, schedulers, datasets and ``train_source``."""
         raise NotImplementedError
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

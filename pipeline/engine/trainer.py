@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from pipeline.config import config_hash, to_container
-from pipeline.data.datasets import epoch_batches
-from pipeline.data.shards import StreamingPairs
+from pipeline.data.datasets import seeded_loader
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     FORMAT_VERSION,
@@ -163,10 +162,10 @@ class Engine:
             self.pos.batch_in_epoch = -(-self.pos.batch_in_epoch * old_size // new_size)
         self.val_metrics = dict(state.get("val_metrics", {}))
         old_workers = int(state.get("data_workers", self._workers()))
-        if isinstance(s.train_set, StreamingPairs) and old_workers != self._workers() and self.pos.batch_in_epoch:
-            log.warning("data.num_workers changed from %d to %d in the middle of epoch %d: shards are dealt to "
+        if s.train_source.order_depends_on_workers and old_workers != self._workers() and self.pos.batch_in_epoch:
+            log.warning("data.num_workers changed from %d to %d in the middle of epoch %d: the data are dealt to "
                         "workers anew, so the rest of this epoch is not what an uninterrupted run would read "
-                        "(some samples repeat, others sit out); the next epochs read every shard once. Resume "
+                        "(some samples repeat, others sit out); the next epochs read every sample once. Resume "
                         "with data.num_workers=%d to keep the resume exact.",
                         old_workers, self._workers(), self.pos.epoch, old_workers)
         log.info("Restored model, optimizer, and scheduler states")
@@ -203,14 +202,6 @@ class Engine:
         self._saved_at = self.pos.step
 
     # --- data ---------------------------------------------------------------------------------
-    def _loader(self, dataset, batches) -> DataLoader:
-        workers = self._workers()
-        # A private generator: each new iterator draws its workers' base seed from it, not from the global
-        # torch RNG, which would shift dropout after a resume (a resume opens an extra iterator mid-epoch).
-        generator = torch.Generator().manual_seed(int(self.cfg.seed))
-        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=self.stage.collate,
-                          pin_memory=self.stage.device.type == "cuda", generator=generator)
-
     def planned_total_steps(self) -> int:
         """Total optimizer steps of the job: ``trainer.max_steps``, or with ``trainer.epochs`` the steps
         done plus the batches left to finish that many epochs at the current batch size."""
@@ -231,28 +222,15 @@ class Engine:
                              name, self.total_steps, sch.get_last_lr()[0], self.pos.step)
 
     def _workers(self) -> int:
-        return int(self.cfg.data.num_workers) if "data" in self.cfg else 0
+        return int(OmegaConf.select(self.cfg, "data.num_workers", default=0))
 
-    def _epoch_loader(self) -> DataLoader:
+    def _epoch_loader(self):
         """The rest of the current epoch, from the data position."""
-        cfg, stage = self.cfg, self.stage
-        if isinstance(stage.train_set, StreamingPairs):
-            return stage.train_set.loader(self.pos.epoch, self.pos.batch_in_epoch, int(cfg.batch_size),
-                                          self._workers(), stage.collate)
-        batches = epoch_batches(len(stage.train_set), int(cfg.batch_size), int(cfg.seed), self.pos.epoch,
-                                self.pos.batch_in_epoch)
-        return self._loader(stage.train_set, batches)
+        return self.stage.train_source.loader(self.pos.epoch, self.pos.batch_in_epoch, int(self.cfg.batch_size),
+                                              self._workers(), self.stage.collate)
 
     def batches_per_epoch(self) -> int:
-        if isinstance(self.stage.train_set, StreamingPairs):
-            return self.stage.train_set.num_batches(int(self.cfg.batch_size), self._workers())
-        n = len(self.stage.train_set) // int(self.cfg.batch_size)
-        if n == 0:
-            raise ValueError(
-                f"batch_size={self.cfg.batch_size} is larger than the training set "
-                f"({len(self.stage.train_set)} examples); lower batch_size"
-            )
-        return n
+        return self.stage.train_source.num_batches(int(self.cfg.batch_size), self._workers())
 
     # --- validation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -263,7 +241,8 @@ class Engine:
             m.eval()
         size = int(self.cfg.batch_size)
         keys = list(range(len(stage.val_set)))
-        loader = self._loader(stage.val_set, [keys[i : i + size] for i in range(0, len(keys), size)])
+        loader = seeded_loader(stage.val_set, [keys[i : i + size] for i in range(0, len(keys), size)],
+                               self._workers(), stage.collate, int(self.cfg.seed), stage.device.type == "cuda")
         totals: dict[str, float] = {}
         sums: dict[str, list[float]] = {}  # name -> [numerator, denominator] over the whole set
         count = 0

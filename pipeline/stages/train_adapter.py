@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import TrainAdapterConfig
 from pipeline.data.corpus import load_corpus_audio, read_corpus
-from pipeline.data.datasets import VAL_STREAM, DegradedPairs
+from pipeline.data.datasets import VAL_STREAM, DegradedPairs, ShuffledBatches
 from pipeline.data.degrade import OtherUtterances, degrade, sample_rng
 from pipeline.data.shards import ShardPairs, StreamingPairs, read_manifest, shard_dataset
 from pipeline.engine import tags as tag
@@ -73,6 +73,7 @@ class TrainAdapter(Stage):
         common = dict(sample_rate=cfg.ssl.sample_rate, segment_samples=segment, degradation=cfg.degradation,
                       seed=int(cfg.seed))
         self.train_set = DegradedPairs(waves[:split], train=True, **common)
+        self.train_source = ShuffledBatches(self.train_set, int(cfg.seed), pin_memory=self.device.type == "cuda")
         self.val_set = DegradedPairs(waves[split:], train=False, **common)
         val_waves = waves[split:]
         self.val_examples = []
@@ -94,7 +95,7 @@ class TrainAdapter(Stage):
                              f"sample_rate={cfg.ssl.sample_rate}")
         self.dataset_name = manifest["corpus"]["name"]
         self.shard_dataset = shard_dataset(cfg.data.root, manifest)
-        self.train_set = StreamingPairs(cfg.data.root, manifest, segment, int(cfg.seed))
+        self.train_set = self.train_source = StreamingPairs(cfg.data.root, manifest, segment, int(cfg.seed))
         self.val_set = ShardPairs(cfg.data.root, manifest, "val", segment)
         self.val_examples = [(s["key"], s["meta"].get("text", ""), s["clean"], s["noisy"], s["meta"]["degradation"])
                              for s in self.val_set.samples[: cfg.validation.num_samples]]

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONFIG_DIR, ConformerConfig, TrainAsrConfig
 from pipeline.data.corpus import AudioError, Utterance, check_audio, load_audio, read_corpus
-from pipeline.data.datasets import TranscribedSpeech, collate_padded
+from pipeline.data.datasets import ShuffledBatches, TranscribedSpeech, collate_padded
 from pipeline.engine import tags as tag
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
@@ -113,6 +113,7 @@ class TrainAsr(Stage):
         train = usable[:split][: cfg.max_samples]
         self.val_utterances = usable[split:]
         self.train_set = self._dataset(train)
+        self.train_source = ShuffledBatches(self.train_set, int(cfg.seed), pin_memory=self.device.type == "cuda")
         self.val_set = self._dataset(self.val_utterances)
         log.info("train_asr: %d training and %d validation utterances, %d parameters", len(train),
                  len(self.val_utterances), sum(p.numel() for p in self.model.parameters()))

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from pipeline.config import DegradationConfig, EncoderConfig
 from pipeline.data.corpus import Utterance, load_corpus_audio, read_corpus
-from pipeline.data.datasets import TRAIN_STREAM, VAL_STREAM
+from pipeline.data.datasets import TRAIN_STREAM, VAL_STREAM, ShuffledBatches
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine import tags as tag
 from pipeline.engine.stage import Stage
@@ -172,6 +172,7 @@ class VocoderStage(Stage):
                       sample_rate_in=rate_in, seed=int(cfg.seed),
                       degradation=cfg.degradation if self.uses_degradation else None)
         self.train_set = VocoderExamples(waves_in[:split], waves_out[:split], train=True, **common)
+        self.train_source = ShuffledBatches(self.train_set, int(cfg.seed), pin_memory=self.device.type == "cuda")
         self.val_set = VocoderExamples(waves_in[split:], waves_out[split:], train=False, **common)
         self.val_utterances: list[tuple[Utterance, torch.Tensor, torch.Tensor]] = list(
             zip(utterances[split:], waves_in[split:], waves_out[split:]))
