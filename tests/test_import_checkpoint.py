@@ -311,6 +311,13 @@ def test_imported_runs_train_on_with_resume_run(store, mhubert):
         resumed = client.get_run(run_id)
         assert resumed.info.status == "FINISHED" and resumed.data.tags["checkpoint.latest_step"] == "2"
         assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
+    # and a new finetune_vocoder run builds on both imported runs like on runs trained here
+    adapter_id, vocoder_id = runs["train_adapter"].info.run_id, runs["finetune_vocoder"].info.run_id
+    assert run_stage(FinetuneVocoder, [f"adapter_run={adapter_id}", f"vocoder_run={vocoder_id}", "trainer.max_steps=1",
+                                       *QUICK]) == EXIT_OK
+    (fresh,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if r.data.tags.get("chain.vocoder_run") == vocoder_id]
+    assert fresh.info.status == "FINISHED" and fresh.data.tags["chain.adapter_run"] == adapter_id
 
 
 def test_missing_or_misshapen_tensors_are_refused_naming_the_key(store, mhubert, capfd):
