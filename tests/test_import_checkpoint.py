@@ -225,6 +225,7 @@ def test_imported_pair_holds_every_tensor_bit_for_bit_and_computes_what_the_reim
         assert run.data.tags["checkpoint.latest_step"] == "0"
     assert adapter_run.data.tags["imported.step"] == "199000" and vocoder_run.data.tags["imported.step"] == "137108"
     assert vocoder_run.data.tags["chain.adapter_run"] == adapter_run.info.run_id
+    assert "chain.vocoder_run" not in vocoder_run.data.tags  # imported: it starts from no vocoder run
 
     # Adapters and trained norms: each tensor equals its source, bit for bit.
     state = committed_state(client, adapter_run)["modules"]

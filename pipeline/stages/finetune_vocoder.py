@@ -131,8 +131,8 @@ class FinetuneVocoder(VocoderStage):
         return cfg
 
     def tags(self) -> dict[str, str]:
-        return {**super().tags(), tag.CHAIN_ADAPTER_RUN: str(self.cfg.adapter_run),
-                tag.CHAIN_VOCODER_RUN: str(self.cfg.vocoder_run)}
+        links = {tag.CHAIN_ADAPTER_RUN: self.cfg.adapter_run, tag.CHAIN_VOCODER_RUN: self.cfg.vocoder_run}
+        return {**super().tags(), **{key: str(run) for key, run in links.items() if run}}  # (imported: no vocoder run)
 
     def model_args(self) -> dict[str, Any]:
         return {**super().model_args(), "adapter": OmegaConf.to_container(self.cfg.adapter),
