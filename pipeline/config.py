@@ -419,7 +419,8 @@ def compose_config(stage: str, overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name=stage, overrides=overrides)
     except Exception as err:
-        raise ConfigError(f"Invalid configuration override: {err}") from err
+        cause = str(err.__cause__).splitlines()[0] if err.__cause__ is not None else ""  # e.g. not an Integer
+        raise ConfigError(f"Invalid configuration override: {err}" + (f" ({cause})" if cause else "")) from err
     finally:
         GlobalHydra.instance().clear()
     OmegaConf.set_struct(cfg, True)
@@ -447,11 +448,20 @@ def route_overrides(words: list[str], stages: tuple[str, ...], what: str) -> dic
             continue
         targets = [s for s in stages if accepts(s, word)]
         if not targets:
+            for stage in stages:  # a key some stage has, with a value it refuses: say what is wrong with it
+                if _has_key(stage, word):
+                    compose_config(stage, [word])  # raises the schema's message, naming the key and value
             raise ConfigError(f"Override {word!r} fits no {what} ({', '.join(stages)}); "
                               "check the key, or give it to one of them as <stage>.key=value")
         for target in targets:
             out[target].append(word)
     return out
+
+
+def _has_key(stage: str, word: str) -> bool:
+    """Whether ``stage``'s default config has the key (or group) that the override ``word`` sets."""
+    key = _parse([word])[0].key_or_group
+    return key in group_names(stage) or OmegaConf.select(compose_config(stage, []), key, default=None) is not None
 
 
 def group_names(stage: str) -> set[str]:

@@ -79,3 +79,10 @@ def test_main_twice_trains_the_chain_once_then_reuses_every_step(store):
     assert len(mains) == 2 and mains[1].data.tags["chain.reused"] == ",".join(STEPS)
     assert mains[1].data.tags["chain.finetune_vocoder"] == finetuned and mains[1].info.status == "FINISHED"
     assert "Starting fresh training" not in second.stderr
+
+
+def test_a_known_key_with_a_wrong_value_is_refused_with_the_schemas_reason(store, capfd):
+    assert main(["trainer.max_steps=abc"]) == 2
+    err = capfd.readouterr().err
+    assert "trainer.max_steps=abc" in err and "could not be converted to Integer" in err and "fits no step" not in err
+    assert all_runs(MlflowClient()) == []
