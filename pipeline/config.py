@@ -22,12 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-# Keys that steer *how* a job starts, not *what* it trains: never compared between attempts.
-CONTROL_KEYS = ("resume_run", "resume_step", "checkpoint.resume_from")
+# Launch arguments (pipeline/engine/launch.py) that configs stored by earlier releases hold as keys;
+# dropped when such a config is read back (a resume of an old checkpoint).
+LEGACY_LAUNCH_KEYS = ("resume_run", "resume_step", "adapter_run", "vocoder_run", "checkpoint.resume_from")
 # Config groups whose options set keys all over the config (`# @package _global_`), for a fresh start.
 GLOBAL_GROUPS = ("recipe",)
-# Keys that an MLproject parameter passes as `key=` when the user left it out: empty means "not given".
-UNSET_WHEN_EMPTY = CONTROL_KEYS + ("adapter_run", "vocoder_run")
 
 
 class ConfigError(ValueError):
@@ -179,7 +178,6 @@ class CheckpointConfig:
     keep_best_k: int = 1  # best checkpoints by `monitor` kept in addition
     monitor: str = "val/loss"  # metric that ranks checkpoints
     mode: str = "min"  # min | max
-    resume_from: Optional[str] = None  # runs:/<id>/checkpoints/step-N | local path | s3://...
     staging_dir: str = ".checkpoints"  # local staging area before upload
 
 
@@ -208,8 +206,6 @@ class TrainConfig:
     stage: str = "train"
     seed: int = 1234
     batch_size: int = 8
-    resume_run: Optional[str] = None  # run ID to continue (same run)
-    resume_step: Optional[int] = None  # with resume_run: start from this checkpoint step
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -340,11 +336,10 @@ class PretrainVocoderConfig(VocoderTrainConfig):
 
 @dataclass
 class FinetuneVocoderConfig(VocoderTrainConfig):
-    """ssl and adapter come from `adapter_run`'s checkpoint, vocoder from `vocoder_run`'s."""
+    """ssl and adapter come from the `adapter_run=` run's checkpoint, vocoder from the `vocoder_run=` run's
+    (launch arguments, pipeline/engine/launch.py)."""
 
     stage: str = "finetune_vocoder"
-    adapter_run: Optional[str] = None  # train_adapter run whose latest checkpoint cleans the features
-    vocoder_run: Optional[str] = None  # pretrain_vocoder (or finetune_vocoder) run: initial weights
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # filled from the adapter run
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
@@ -385,9 +380,7 @@ def split_overrides(args: list[str] | tuple[str, ...]) -> list[str]:
     """Split command-line words into single overrides.
 
     ``mlflow run`` passes the ``overrides`` parameter as one quoted word ("a=1 b=2"), so every
-    word is split again with shell rules. A control key or run link with an empty value
-    (``resume_run=``, ``adapter_run=``: what an unset MLproject parameter becomes) means "not given"
-    and is dropped.
+    word is split again with shell rules.
     """
     out: list[str] = []
     for arg in args:
@@ -395,7 +388,7 @@ def split_overrides(args: list[str] | tuple[str, ...]) -> list[str]:
             words = shlex.split(arg)
         except ValueError as err:
             raise ConfigError(f"Malformed override {arg!r}: {err}") from err
-        out.extend(w for w in words if w not in {f"{key}=" for key in UNSET_WHEN_EMPTY})
+        out.extend(words)
     return out
 
 
@@ -503,10 +496,21 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
 
 
 def from_container(stage_schema: type, data: dict[str, Any]) -> DictConfig:
-    """Rebuild a typed config from a plain dict (e.g. a checkpoint's stored config)."""
+    """Rebuild a typed config from a plain dict (e.g. a checkpoint's stored config). Launch arguments
+    that earlier releases stored as keys are dropped (``legacy_launch_values`` reads them)."""
+    data = {key: value for key, value in data.items() if key not in LEGACY_LAUNCH_KEYS}
+    if isinstance(data.get("checkpoint"), dict):
+        data["checkpoint"] = {k: v for k, v in data["checkpoint"].items() if k != "resume_from"}
     cfg = OmegaConf.merge(OmegaConf.structured(stage_schema), data)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def legacy_launch_values(data: dict[str, Any]) -> dict[str, Any]:
+    """The launch arguments a config stored by an earlier release holds (e.g. finetune_vocoder's
+    ``adapter_run``), by name; values that were not set are left out."""
+    flat = flatten(data)
+    return {key: flat[key] for key in LEGACY_LAUNCH_KEYS if flat.get(key) not in (None, "")}
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -522,17 +526,17 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(old: DictConfig, new: DictConfig) -> dict[str, tuple[Any, Any]]:
-    """Changed keys (control keys excluded) -> (old value, new value)."""
+    """Changed keys -> (old value, new value)."""
     a, b = flatten(to_container(old)), flatten(to_container(new))
     return {
         key: (a.get(key), b.get(key))
         for key in sorted(set(a) | set(b))
-        if a.get(key) != b.get(key) and key not in CONTROL_KEYS
+        if a.get(key) != b.get(key)
     }
 
 
 def config_hash(cfg: DictConfig) -> str:
-    data = {k: v for k, v in flatten(to_container(cfg)).items() if k not in CONTROL_KEYS}
+    data = flatten(to_container(cfg))
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -359,8 +359,8 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
     return launch, route_overrides(words, STAGES, "imported run")
 
 
-def _build(stage_cls, cfg: DictConfig):
-    stage = stage_cls(cfg, Precision.from_config("cpu", "32"))  # weights move as they are; no step runs here
+def _build(stage_cls, cfg: DictConfig, inputs: dict[str, str] | None = None):
+    stage = stage_cls(cfg, Precision.from_config("cpu", "32"), inputs)  # weights move as they are; no step runs here
     stage.build()
     return stage
 
@@ -390,10 +390,10 @@ def import_vocoder(path: Path, adapter_run: str, overrides: list[str]) -> str:
     parts, step = read_vocoder_checkpoint(path)
     # finetune_vocoder takes its vocoder preset from a vocoder run; here it is the reimplementation's
     preset_words = [w for w in overrides if w.startswith("vocoder.")]
-    cfg = compose_config("finetune_vocoder", [f"adapter_run={adapter_run}", *overrides])
+    cfg = compose_config("finetune_vocoder", overrides)
     cfg.vocoder = compose_config("pretrain_vocoder", [f"vocoder={VOCODER_PRESET}", *preset_words]).vocoder
-    adopt_adapter_run(cfg, MlflowClient())
-    stage = _build(FinetuneVocoder, cfg)
+    adopt_adapter_run(cfg, adapter_run, MlflowClient())
+    stage = _build(FinetuneVocoder, cfg, {"adapter_run": adapter_run})
     imported = load_vocoder(stage, parts, path)
     tags = {**_import_tags(path, step), tag.IMPORTED_MODULES: ",".join(imported)}
     run_id = record_imported_run(stage, cfg, tags, str(path))

@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 from pipeline.config import (
     CONFIG_DIR,
     ConfigError,
+    FinetuneVocoderConfig,
     TrainAdapterConfig,
     apply_overrides,
     compose_config,
@@ -15,6 +16,8 @@ from pipeline.config import (
     split_overrides,
     to_container,
 )
+from pipeline.engine.launch import LaunchArgs, parse_launch
+from pipeline.engine.resume import stored_inputs
 
 SSL_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "ssl").glob("*.yaml"))
 DATA_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
@@ -41,7 +44,7 @@ def test_default_config_values():
     cfg = compose_config("train_adapter", [])
     assert cfg.stage == "train_adapter"
     assert cfg.ssl.name == "mhubert_147" and cfg.ssl.layer == 6
-    assert cfg.resume_run is None and cfg.resume_step is None
+    assert "resume_run" not in cfg and "resume_step" not in cfg  # launch arguments, not config
 
 
 @pytest.mark.parametrize(
@@ -61,7 +64,9 @@ def test_bad_overrides_fail_with_a_clear_message(override, message):
 
 def test_mlflow_quoted_overrides_are_split_and_empty_control_keys_dropped():
     words = ["resume_run=", "resume_step=", "ssl=tiny trainer.max_steps=5 tracking.run_name='my run'"]
-    assert split_overrides(words) == ["ssl=tiny", "trainer.max_steps=5", "tracking.run_name=my run"]
+    launch = parse_launch(words)
+    assert launch.overrides == ["ssl=tiny", "trainer.max_steps=5", "tracking.run_name=my run"]
+    assert launch == LaunchArgs(overrides=launch.overrides)  # the empty launch words mean "not given"
     with pytest.raises(ConfigError, match="Malformed"):
         split_overrides(["a='unterminated"])
 
@@ -81,8 +86,32 @@ def test_overrides_apply_on_top_of_a_stored_config():
 
 def test_control_keys_are_not_config_changes():
     base = compose_config("train_adapter", [])
-    cfg = apply_overrides("train_adapter", base, ["resume_run=abc", "resume_step=5"])
+    launch = parse_launch(["resume_run=abc", "resume_step=5"])
+    assert (launch.resume_run, launch.resume_step, launch.explicit_step) == ("abc", 5, True)
+    cfg = apply_overrides("train_adapter", base, launch.overrides)
     assert config_diff(base, cfg) == {}
+
+
+def test_launch_arguments_are_parsed_apart_from_the_config():
+    launch = parse_launch(["checkpoint.resume_from=runs:/x/checkpoints/step-00000010", "optim.lr=2e-4",
+                           "adapter_run=a1", "vocoder_run="], run_inputs=("adapter_run", "vocoder_run"))
+    assert launch.resume_from == "runs:/x/checkpoints/step-00000010" and launch.resuming and launch.explicit_step
+    assert launch.inputs == {"adapter_run": "a1"} and launch.overrides == ["optim.lr=2e-4"]
+    assert not parse_launch(["resume_run=r"]).explicit_step  # "the latest checkpoint"
+    with pytest.raises(ConfigError, match="resume_step='ten' is not a step number"):
+        parse_launch(["resume_run=r", "resume_step=ten"])
+    with pytest.raises(ConfigError, match="does not build on another run's adapter_run"):
+        parse_launch(["adapter_run=a1"])  # train_adapter takes no run inputs
+
+
+def test_a_config_stored_by_an_earlier_release_drops_its_launch_keys():
+    stored = to_container(compose_config("finetune_vocoder", []))
+    stored.update(resume_run=None, resume_step=None, adapter_run="a1", vocoder_run="v1")
+    stored["checkpoint"]["resume_from"] = None
+    cfg = from_container(FinetuneVocoderConfig, stored)
+    assert "adapter_run" not in cfg and "resume_from" not in cfg.checkpoint
+    assert stored_inputs({"config": stored}) == {"adapter_run": "a1", "vocoder_run": "v1"}
+    assert stored_inputs({"config": stored, "inputs": {"adapter_run": "a2"}}) == {"adapter_run": "a2"}
 
 
 def test_secrets_are_masked():

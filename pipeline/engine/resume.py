@@ -18,6 +18,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipeline.config import legacy_launch_values
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CHECKPOINT_DIR,
@@ -33,6 +34,7 @@ from pipeline.engine.checkpointing import (
     steps_to_keep,
     verify,
 )
+from pipeline.engine.launch import ALL_RUN_INPUTS, LaunchArgs
 
 log = logging.getLogger(__name__)
 
@@ -208,20 +210,26 @@ def from_uri(client: MlflowClient, stage: str, uri: str, workdir: Path) -> Resum
     return ResumePoint(step, meta, state, f"{uri} (step {step})", run_id)
 
 
-def resolve(
-    client: MlflowClient, stage: str, resume_run: str | None, resume_step: int | None, resume_from: str | None
-) -> ResumePoint | None:
-    """The checkpoint to start from, or None for a fresh start."""
-    if resume_step is not None and not resume_run:
-        raise ResumeError("resume_step needs resume_run=<run id> (or use checkpoint.resume_from=<uri>)")
-    if resume_run and resume_from:
-        raise ResumeError("Give either resume_run or checkpoint.resume_from, not both")
-    if not resume_run and not resume_from:
+def resolve(client: MlflowClient, stage: str, launch: LaunchArgs) -> ResumePoint | None:
+    """The checkpoint the launch arguments start from, or None for a fresh start."""
+    if launch.resume_step is not None and not launch.resume_run:
+        raise ResumeError("resume_step needs resume_run=<run id> (or use resume_from=<uri>)")
+    if launch.resume_run and launch.resume_from:
+        raise ResumeError("Give either resume_run or resume_from, not both")
+    if not launch.resuming:
         return None
     workdir = Path(tempfile.mkdtemp(prefix="resume-"))
-    if resume_run:
-        return from_run(client, stage, resume_run, resume_step, workdir)
-    return from_uri(client, stage, resume_from, workdir)
+    if launch.resume_run:
+        return from_run(client, stage, launch.resume_run, launch.resume_step, workdir)
+    return from_uri(client, stage, launch.resume_from, workdir)
 
 
-__all__ = ["ResumeError", "ResumePoint", "RunCheckpoints", "resolve", "step_of"]
+def stored_inputs(meta: dict[str, Any]) -> dict[str, str]:
+    """The runs a checkpoint's job built on (``inputs`` in meta.json; in the config for earlier releases)."""
+    if "inputs" in meta:
+        return dict(meta["inputs"])
+    legacy = legacy_launch_values(meta.get("config") or {})
+    return {key: str(legacy[key]) for key in ALL_RUN_INPUTS if key in legacy}
+
+
+__all__ = ["ResumeError", "ResumePoint", "RunCheckpoints", "resolve", "step_of", "stored_inputs"]

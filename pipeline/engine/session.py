@@ -28,7 +28,6 @@ from pipeline.config import (
     config_diff,
     flatten,
     from_container,
-    split_overrides,
     to_container,
 )
 from pipeline.engine import tags as tag
@@ -41,7 +40,8 @@ from pipeline.engine.checkpointing import (
     read_index,
     utc_now,
 )
-from pipeline.engine.resume import ResumeError, ResumePoint, resolve
+from pipeline.engine.launch import LaunchArgs, parse_launch
+from pipeline.engine.resume import ResumeError, ResumePoint, resolve, stored_inputs
 from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
@@ -80,11 +80,10 @@ class RunContext:
 # --------------------------------------------------------------------------------------------
 
 
-def build_config(stage_cls: type[Stage], overrides: list[str], resume: ResumePoint | None,
-                 fresh: DictConfig) -> tuple[DictConfig, dict[str, tuple[Any, Any]]]:
-    """Fresh: the composed config. Resume: the checkpoint's config with the overrides on top."""
-    if resume is None:
-        return fresh, {}
+def build_config(stage_cls: type[Stage], overrides: list[str],
+                 resume: ResumePoint) -> tuple[DictConfig, dict[str, tuple[Any, Any]]]:
+    """The checkpoint's config with the overrides on top, and what they change; an architecture change
+    is refused."""
     base = from_container(stage_cls.schema, resume.meta["config"])
     cfg = stage_cls.resolve_config(apply_overrides(stage_cls.name, base, overrides))
     changes = config_diff(base, cfg)
@@ -152,7 +151,7 @@ def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experime
     all_tags = {**_base_tags(stage), tag.RESUME_COUNT: "0", tag.STOP_REQUESTED: "false", **cfg.tracking.tags,
                 **extra_tags}
     run_id = start_or_adopt_run(client, experiment=experiment, run_name=name, tags=all_tags,
-                                params=flatten(to_container(cfg)), launcher=launcher_run(cfg))
+                                params={**flatten(to_container(cfg)), **stage.inputs}, launcher=launcher_run(cfg))
     client.log_text(run_id, OmegaConf.to_yaml(cfg), "config/config.yaml")
     return run_id, name
 
@@ -312,25 +311,45 @@ class TrainingHooks:
 class JobPlan:
     """What a job will do, decided before anything is written anywhere."""
 
-    overrides: list[str]  # what the user gave now
+    launch: LaunchArgs  # how the user started it: resume point, runs it builds on, config overrides
     cfg: DictConfig  # the resolved config (the checkpoint's, with the overrides on top, when resuming)
     changes: dict[str, tuple[Any, Any]]  # keys this attempt changes (resume)
     resume: ResumePoint | None  # where training continues from; None for a fresh start
+    inputs: dict[str, str]  # the runs the stage builds on (the checkpoint's when resuming)
     precision: Precision
+
+    @property
+    def overrides(self) -> list[str]:
+        return self.launch.overrides
 
 
 def plan_job(stage_cls: type[Stage], argv: list[str], client: MlflowClient) -> JobPlan:
     """Parse, compose, find the checkpoint to resume from and check every setting; it only reads. Every
     mistake the user can make surfaces here (ConfigError, ResumeError, CheckpointError, ValueError)."""
-    overrides = split_overrides(argv)
-    fresh = stage_cls.resolve_config(compose_config(stage_cls.name, overrides))
-    resume = resolve(client, stage_cls.name, fresh.resume_run or None, fresh.resume_step,
-                     fresh.checkpoint.resume_from)
-    cfg, changes = build_config(stage_cls, overrides, resume, fresh)
+    launch = parse_launch(argv, stage_cls.run_inputs)
+    resume = resolve(client, stage_cls.name, launch)
+    if resume is None:
+        cfg = stage_cls.resolve_config(compose_config(stage_cls.name, launch.overrides))
+        cfg, changes, inputs = stage_cls.adopt_inputs(cfg, launch.inputs), {}, dict(launch.inputs)
+    else:
+        cfg, changes = build_config(stage_cls, launch.overrides, resume)
+        inputs = _resumed_inputs(launch, resume)
     check_settings(stage_cls, cfg)
     if resume is not None:
         _check_something_to_train(cfg, resume)
-    return JobPlan(overrides, cfg, changes, resume, Precision.from_config(cfg.trainer.device, cfg.trainer.precision))
+    return JobPlan(launch, cfg, changes, resume, inputs, Precision.from_config(cfg.trainer.device, cfg.trainer.precision))
+
+
+def _resumed_inputs(launch: LaunchArgs, resume: ResumePoint) -> dict[str, str]:
+    """The checkpoint's run inputs; naming other runs on resume is refused (the weights were trained for these)."""
+    inputs = stored_inputs(resume.meta)
+    changed = {key: value for key, value in launch.inputs.items() if inputs.get(key) != value}
+    if changed:
+        raise ConfigError(
+            "Refusing to resume: the checkpoint was trained on other runs than "
+            + ", ".join(f"{key}={value} (the checkpoint's: {inputs.get(key)})" for key, value in changed.items())
+            + ". Leave them out to resume, or start a fresh run to build on other runs.")
+    return inputs
 
 
 def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | None = None) -> int:
@@ -348,7 +367,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch_deterministic()
     seed_everything(int(cfg.seed))
-    stage = stage_cls(cfg, plan.precision)
+    stage = stage_cls(cfg, plan.precision, inputs=plan.inputs, resuming=resume is not None)
     try:
         stage.build()
     except (ValueError, OSError) as err:
@@ -361,8 +380,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
         log.info("Resuming from %s", resume.source)
         log.info("Resuming from step %d", resume.step)
     try:
-        ctx = open_run(client, stage, cfg, resume, plan.overrides, plan.changes,
-                       explicit_step=cfg.resume_step is not None or bool(cfg.checkpoint.resume_from))
+        ctx = open_run(client, stage, cfg, resume, plan.overrides, plan.changes, explicit_step=plan.launch.explicit_step)
     except CheckpointError as err:
         log.error("%s", err)
         return EXIT_FAILED

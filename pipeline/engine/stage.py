@@ -110,11 +110,17 @@ class Stage:
     architecture_exempt: tuple[str, ...] = ()
     # Validation metrics the stage logs (what a sweep may optimise).
     val_metric_names: tuple[str, ...] = ("val/loss",)
+    # Runs the stage builds on, given as launch arguments (``adapter_run=<id>``); required on a fresh start,
+    # taken from the checkpoint on resume.
+    run_inputs: tuple[str, ...] = ()
 
-    def __init__(self, cfg: DictConfig, precision: Precision):
+    def __init__(self, cfg: DictConfig, precision: Precision, inputs: dict[str, str] | None = None,
+                 resuming: bool = False):
         self.cfg = cfg
         self.precision = precision
         self.device = precision.device
+        self.inputs: dict[str, str] = dict(inputs or {})  # run_inputs by name (stored in every checkpoint)
+        self.resuming = resuming  # the engine restores a checkpoint after build(): skip initial weights
         self.modules: dict[str, nn.Module] = {}  # trainable modules: saved in checkpoints
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
@@ -154,6 +160,12 @@ class Stage:
     def resolve_config(cls, cfg: DictConfig) -> DictConfig:
         """Optional: derive dependent values (e.g. a quick mode that picks a preset) after composing
         or applying resume overrides, before the config is compared with a checkpoint's."""
+        return cfg
+
+    @classmethod
+    def adopt_inputs(cls, cfg: DictConfig, inputs: dict[str, str]) -> DictConfig:
+        """Optional, fresh start only: check the ``run_inputs`` runs and take from them what the
+        config must match (e.g. the architecture a run was trained with); a resume keeps the checkpoint's."""
         return cfg
 
     def write_samples(self, out_dir: Path, step: int) -> None:

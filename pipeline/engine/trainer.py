@@ -186,6 +186,7 @@ class Engine:
             "config": to_container(self.cfg),
             "config_hash": config_hash(self.cfg),
             "model_args": self.stage.model_args(),
+            "inputs": dict(self.stage.inputs),
             "metrics": dict(self.val_metrics),
             "code_version": self._code_version,
         }

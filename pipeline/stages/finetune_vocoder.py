@@ -72,10 +72,10 @@ def load_checkpoint(client: MlflowClient, role: str, run_id: str, stages: tuple[
         raise ConfigError(f"{role}={run_id}: {err}") from err
 
 
-def adopt_adapter_run(cfg: DictConfig, client: MlflowClient) -> None:
-    """Set ``cfg.ssl`` and ``cfg.adapter`` to those of ``cfg.adapter_run`` (its latest checkpoint's
+def adopt_adapter_run(cfg: DictConfig, adapter_run: str, client: MlflowClient) -> None:
+    """Set ``cfg.ssl`` and ``cfg.adapter`` to those of ``adapter_run`` (its latest checkpoint's
     meta.json); an explicit ``ssl.weights`` (the encoder moved) wins over the run's path."""
-    adapter = latest_meta(client, "adapter_run", cfg.adapter_run, ADAPTER_STAGES)["model_args"]
+    adapter = latest_meta(client, "adapter_run", adapter_run, ADAPTER_STAGES)["model_args"]
     weights = cfg.ssl.weights
     cfg.ssl = OmegaConf.merge(OmegaConf.structured(EncoderConfig), adapter["ssl"])
     if weights:
@@ -105,44 +105,42 @@ def check_same_encoder(adapter_run: str, adapter_ssl: dict[str, Any], vocoder_ru
 class FinetuneVocoder(VocoderStage):
     name = "finetune_vocoder"
     schema = FinetuneVocoderConfig
-    # Another adapter or vocoder run on resume would change what the weights were trained for.
-    architecture_keys = ("ssl.", "vocoder.", "adapter.", "adapter_run", "vocoder_run")
+    architecture_keys = ("ssl.", "vocoder.", "adapter.")
+    run_inputs = ("adapter_run", "vocoder_run")
     uses_degradation = True
 
-    @staticmethod
-    def resuming(cfg: DictConfig) -> bool:
-        return bool(cfg.resume_run or cfg.checkpoint.resume_from)
-
     @classmethod
-    def resolve_config(cls, cfg: DictConfig) -> DictConfig:
+    def adopt_inputs(cls, cfg: DictConfig, inputs: dict[str, str]) -> DictConfig:
         """Take ``ssl`` and ``adapter`` from the adapter run and ``vocoder`` from the vocoder run
-        (reading only their checkpoints' meta.json), after checking that both use the same encoder.
-        A resume keeps the checkpoint's values (the runs may be gone by then)."""
-        if cls.resuming(cfg):
-            return cfg
-        if not cfg.adapter_run or not cfg.vocoder_run:
+        (reading only their checkpoints' meta.json), after checking that both use the same encoder."""
+        adapter_run, vocoder_run = inputs.get("adapter_run"), inputs.get("vocoder_run")
+        if not adapter_run or not vocoder_run:
             raise ConfigError("finetune_vocoder needs adapter_run=<train_adapter run id> and "
                               "vocoder_run=<pretrain_vocoder run id>")
         client = MlflowClient()
-        adopt_adapter_run(cfg, client)
-        vocoder = latest_meta(client, "vocoder_run", cfg.vocoder_run, VOCODER_STAGES)["model_args"]
-        check_same_encoder(cfg.adapter_run, OmegaConf.to_container(cfg.ssl), cfg.vocoder_run, vocoder["ssl"])
+        adopt_adapter_run(cfg, adapter_run, client)
+        vocoder = latest_meta(client, "vocoder_run", vocoder_run, VOCODER_STAGES)["model_args"]
+        check_same_encoder(adapter_run, OmegaConf.to_container(cfg.ssl), vocoder_run, vocoder["ssl"])
         cfg.vocoder = OmegaConf.merge(OmegaConf.structured(VocoderConfig), vocoder["vocoder"])
         return cfg
 
+    @property
+    def adapter_run(self) -> str:
+        return self.inputs["adapter_run"]
+
     def tags(self) -> dict[str, str]:
-        links = {tag.CHAIN_ADAPTER_RUN: self.cfg.adapter_run, tag.CHAIN_VOCODER_RUN: self.cfg.vocoder_run}
+        links = {tag.CHAIN_ADAPTER_RUN: self.inputs.get("adapter_run"), tag.CHAIN_VOCODER_RUN: self.inputs.get("vocoder_run")}
         return {**super().tags(), **{key: str(run) for key, run in links.items() if run}}  # (imported: no vocoder run)
 
     def model_args(self) -> dict[str, Any]:
         return {**super().model_args(), "adapter": OmegaConf.to_container(self.cfg.adapter),
-                "adapter_run": self.cfg.adapter_run}
+                "adapter_run": self.adapter_run}
 
     def build_feature_extractor(self) -> None:
         """The adapter run's encoder with its trained adapters, frozen."""
-        point = load_checkpoint(MlflowClient(), "adapter_run", self.cfg.adapter_run, ADAPTER_STAGES)
+        point = load_checkpoint(MlflowClient(), "adapter_run", self.adapter_run, ADAPTER_STAGES)
         saved_ssl = point.meta["model_args"]["ssl"]
-        check_same_encoder(self.cfg.adapter_run, saved_ssl, "(this run)", OmegaConf.to_container(self.cfg.ssl))
+        check_same_encoder(self.adapter_run, saved_ssl, "(this run)", OmegaConf.to_container(self.cfg.ssl))
         self.adapted = build_adapted_encoder(self.cfg.ssl, self.cfg.adapter)
         for key, module in self.adapted.trainable_modules().items():
             module.load_state_dict(point.state["modules"][key])
@@ -152,9 +150,9 @@ class FinetuneVocoder(VocoderStage):
     def load_initial_weights(self) -> None:
         """Generator and discriminators from the vocoder run (fresh start only: a resume restores them;
         import_checkpoint builds the stage without a vocoder run and loads the imported weights itself)."""
-        if self.resuming(self.cfg) or not self.cfg.vocoder_run:
+        if self.resuming or not self.inputs.get("vocoder_run"):
             return
-        point = load_checkpoint(MlflowClient(), "vocoder_run", self.cfg.vocoder_run, VOCODER_STAGES)
+        point = load_checkpoint(MlflowClient(), "vocoder_run", self.inputs["vocoder_run"], VOCODER_STAGES)
         for key, module in self.modules.items():
             module.load_state_dict(point.state["modules"][key])
         log.info("Generator and discriminators initialised from %s", point.source)

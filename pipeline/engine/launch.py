@@ -1,0 +1,78 @@
+"""How a job starts, apart from what it trains: the launch arguments of a training entry point.
+
+The command line of a stage mixes two kinds of words. Launch arguments say where the job starts and
+which runs it builds on; they are read here, never stored in the training config, and never compared
+between attempts:
+
+- ``resume_run=<run id>``: continue that run, in the same run (its latest committed checkpoint);
+- ``resume_step=<step>``: with ``resume_run``, start from that checkpoint (an older one branches);
+- ``resume_from=<uri or path>`` (also spelt ``checkpoint.resume_from=``): start from a checkpoint
+  anywhere (``runs:/<id>/checkpoints/step-N``, ``s3://...``, a local directory), in a new run;
+- the runs a stage builds on (``Stage.run_inputs``, e.g. finetune_vocoder's ``adapter_run=`` and
+  ``vocoder_run=``).
+
+Everything else is a config override (``key=value``). An empty value (``resume_run=``: what an MLproject
+parameter the user left out becomes) means "not given".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config import ConfigError, split_overrides
+
+RESUME_KEYS = ("resume_run", "resume_step", "resume_from")
+ALIASES = {"checkpoint.resume_from": "resume_from"}  # the spelling of earlier releases
+# Every run input some stage takes: given to another stage, it is refused by name, not as an unknown key.
+ALL_RUN_INPUTS = ("adapter_run", "vocoder_run")
+
+
+@dataclass(frozen=True)
+class LaunchArgs:
+    overrides: list[str] = field(default_factory=list)  # config overrides, in the order given
+    resume_run: str | None = None  # continue this run (same run)
+    resume_step: int | None = None  # with resume_run: the checkpoint step to start from
+    resume_from: str | None = None  # a checkpoint URI or path to start a new run from
+    inputs: dict[str, str] = field(default_factory=dict)  # runs the stage builds on, by name
+
+    @property
+    def resuming(self) -> bool:
+        return bool(self.resume_run or self.resume_from)
+
+    @property
+    def explicit_step(self) -> bool:
+        """The user chose the checkpoint (a step or a URI), rather than "the latest one"."""
+        return self.resume_step is not None or bool(self.resume_from)
+
+
+def parse_launch(argv: list[str] | tuple[str, ...], run_inputs: tuple[str, ...] = ()) -> LaunchArgs:
+    """Split a stage's command-line words into launch arguments and config overrides.
+
+    ``run_inputs`` are the run inputs this stage takes. Raises ConfigError for a malformed word, a
+    ``resume_step`` that is not a whole number, or another stage's run input.
+    """
+    overrides: list[str] = []
+    launch: dict[str, str] = {}
+    for word in split_overrides(argv):
+        key, sep, value = word.partition("=")
+        key = ALIASES.get(key, key)
+        if not sep or key not in RESUME_KEYS + ALL_RUN_INPUTS:
+            overrides.append(word)
+            continue
+        if key in ALL_RUN_INPUTS and key not in run_inputs and value:
+            takes = f"it takes {', '.join(run_inputs)}" if run_inputs else "it builds on no other run"
+            raise ConfigError(f"{word!r}: this stage does not build on another run's {key} ({takes})")
+        if value:
+            launch[key] = value
+    step = launch.get("resume_step")
+    if step is not None:
+        try:
+            step = int(step)
+        except ValueError:
+            raise ConfigError(f"resume_step={step!r} is not a step number; give a checkpoint step such as "
+                              "resume_step=100 (see the run's checkpoints/index.csv)") from None
+        if step < 0:
+            raise ConfigError(f"resume_step={step} must be zero or more")
+    return LaunchArgs(overrides=overrides, resume_run=launch.get("resume_run"), resume_step=step,
+                      resume_from=launch.get("resume_from"),
+                      inputs={key: launch[key] for key in run_inputs if key in launch})
