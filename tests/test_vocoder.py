@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -233,7 +234,15 @@ def test_finetune_builds_on_the_adapter_and_vocoder_runs_and_resumes(chain_runs,
     state = torch.load(artifact_dir(client, run.info.run_id) / "checkpoints/step-00000003/state.pt", weights_only=True)
     assert set(state["modules"]) == {"generator", "mpd", "msd"}  # the adapters stay in their own run
 
-    # resume needs only the run ID: adapter and vocoder runs come from the checkpoint's config
+    meta = json.loads((artifact_dir(client, run.info.run_id) / "checkpoints/step-00000003/meta.json").read_text())
+    assert meta["inputs"] == {"adapter_run": ids["adapter"], "vocoder_run": ids["vocoder"]}
+    assert "adapter_run" not in meta["config"]  # a launch argument, not a config key
+    # naming another adapter run on resume is refused: the vocoder was fine-tuned on this one's features
+    capfd.readouterr()
+    assert finetune(f"resume_run={run.info.run_id}", f"adapter_run={ids['adapter_layer1']}",
+                    "trainer.max_steps=5") == EXIT_BAD_INPUT
+    assert f"trained on other runs than adapter_run={ids['adapter_layer1']}" in capfd.readouterr().err
+    # resume needs only the run ID: adapter and vocoder runs come from the checkpoint
     assert finetune(f"resume_run={run.info.run_id}", "trainer.max_steps=5") == EXIT_OK
     assert [s for s, _ in loss_history(client, run.info.run_id)] == [1, 2, 3, 4, 5]
 

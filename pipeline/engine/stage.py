@@ -38,7 +38,12 @@ class Precision:
         return cls(dev, dtype, scaler)
 
     def autocast(self):
+        """The forward passes' context: the engine enters it around every training and validation step."""
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+
+    def full_precision(self):
+        """Leaves the autocast region: backward passes and optimizer steps run outside it (PyTorch's AMP recipe)."""
+        return torch.autocast(self.device.type, enabled=False) if self.dtype is not None else nullcontext()
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float,
@@ -99,7 +104,10 @@ class Stage:
     """Base class of a training stage. A stage builds its parts and defines one step.
 
     The engine owns everything else: the loop, data order, validation schedule, metrics,
-    checkpoints, resume and stop. ``compute_loss`` is shared by training and validation.
+    checkpoints, resume and stop; it runs ``training_step`` and ``validation_step`` under the job's
+    autocast (``optimize`` leaves it for the backward pass), and ``validation_step`` and
+    ``write_samples`` with the trained modules in eval mode, without gradients, leaving the training
+    random streams untouched. ``compute_loss`` is shared by training and validation.
     """
 
     name: str = ""
@@ -143,7 +151,8 @@ class Stage:
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One optimizer step (or one per optimizer); returns metrics named like ``train/loss``."""
+        """One optimizer step (or one per optimizer) through ``optimize``; returns metrics named like
+        ``train/loss``. Runs under the job's autocast."""
         raise NotImplementedError
 
     def validation_step(
@@ -169,7 +178,8 @@ class Stage:
         return cfg
 
     def write_samples(self, out_dir: Path, step: int) -> None:
-        """Optional: write audio examples and plots for this validation into ``out_dir``."""
+        """Optional: write audio examples and plots for this validation into ``out_dir``. Runs after the
+        validation steps, in eval mode and in full precision (no autocast)."""
 
     def export_model(self, checkpoint_dir: Path, out_dir: Path) -> bool:
         """Optional: save an MLflow model (``mlflow.pyfunc.save_model``) of the final, verified checkpoint
@@ -192,6 +202,13 @@ class Stage:
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def make_optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.AdamW:
+        """The default optimizer: AdamW with ``optim.betas`` and ``optim.weight_decay``, at ``optim.lr``
+        unless another peak ``lr`` is given (e.g. the discriminators')."""
+        o = self.cfg.optim
+        return torch.optim.AdamW(params, lr=o.lr if lr is None else lr, betas=tuple(o.betas),
+                                 weight_decay=o.weight_decay)
+
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """LambdaLR over ``LRSchedule``; the engine sets its horizon when training starts or resumes."""
         o = self.cfg.optim
@@ -209,18 +226,19 @@ class Stage:
         """
         params = list(params)
         scaler = self.precision.scaler
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if scaler is not None:
-            scaler.step(optimizer)
-            if update_scaler:
-                scaler.update()
-        else:
-            optimizer.step()
+        with self.precision.full_precision():
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            clip = self.cfg.optim.grad_clip
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+            if scaler is not None:
+                scaler.step(optimizer)
+                if update_scaler:
+                    scaler.update()
+            else:
+                optimizer.step()
         return grad_norm

@@ -11,7 +11,8 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,6 @@ class Position:
 class TrainResult:
     position: Position
     stopped_by: str | None = None  # None when training reached max_steps
-    val_metrics: dict[str, float] = field(default_factory=dict)
 
 
 GROUP_SETTINGS = ("initial_lr", "betas", "weight_decay")  # per param group; initial_lr is the peak LR
@@ -234,12 +234,40 @@ class Engine:
         return self.stage.train_source.num_batches(int(self.cfg.batch_size), self._workers())
 
     # --- validation ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        rng = capture_rng()  # validation must not shift the training random streams
-        stage = self.stage
-        for m in stage.modules.values():
+    @contextmanager
+    def _evaluating(self):
+        """Trained modules in eval mode, no gradients, and the training random streams left untouched;
+        each module gets its own mode back afterwards."""
+        rng = capture_rng()
+        modes = {key: m.training for key, m in self.stage.modules.items()}
+        for m in self.stage.modules.values():
             m.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for key, m in self.stage.modules.items():
+                m.train(modes[key])
+            restore_rng(rng)
+
+    def validate(self) -> dict[str, float]:
+        """The stage's validation step over the whole validation set (under the job's autocast), then
+        its samples (in full precision), both in eval mode; logs ``val/*`` and returns them."""
+        with self._evaluating():
+            totals, sums, count = self._validation_sums()
+            self.val_metrics = {f"val/{k}": v / count for k, v in totals.items()}
+            self.val_metrics.update({f"val/{k}": num / den for k, (num, den) in sums.items() if den > 0})
+            self.metrics.log(self.val_metrics, self.pos.step)
+            log.info("validation at step %d: %s", self.pos.step,
+                     ", ".join(f"{k}={v:.4f}" for k, v in self.val_metrics.items()))
+            self._write_samples()
+        reason = self.hooks.on_validation(self.pos.step, dict(self.val_metrics)) if self.hooks else None
+        if reason:
+            self.stopper.request(reason)
+        return self.val_metrics
+
+    def _validation_sums(self) -> tuple[dict[str, float], dict[str, list[float]], int]:
+        stage = self.stage
         size = int(self.cfg.batch_size)
         keys = list(range(len(stage.val_set)))
         loader = seeded_loader(stage.val_set, [keys[i : i + size] for i in range(0, len(keys), size)],
@@ -258,19 +286,7 @@ class Engine:
                 acc = sums.setdefault(key, [0.0, 0.0])
                 acc[0], acc[1] = acc[0] + float(num), acc[1] + float(den)
             count += n
-        for m in stage.modules.values():
-            m.train()
-        restore_rng(rng)
-        self.val_metrics = {f"val/{k}": v / count for k, v in totals.items()}
-        self.val_metrics.update({f"val/{k}": num / den for k, (num, den) in sums.items() if den > 0})
-        self.metrics.log(self.val_metrics, self.pos.step)
-        log.info("validation at step %d: %s", self.pos.step,
-                 ", ".join(f"{k}={v:.4f}" for k, v in self.val_metrics.items()))
-        self._write_samples()
-        reason = self.hooks.on_validation(self.pos.step, dict(self.val_metrics)) if self.hooks else None
-        if reason:
-            self.stopper.request(reason)
-        return self.val_metrics
+        return totals, sums, count
 
     def _write_samples(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -299,7 +315,8 @@ class Engine:
                 self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
             for batch in self._epoch_loader():
                 batch = stage.to_device(batch)
-                out = stage.training_step(batch)
+                with stage.precision.autocast():  # Stage.optimize leaves it for the backward pass
+                    out = stage.training_step(batch)
                 self.pos.step += 1
                 self.pos.batch_in_epoch += 1
                 window_samples += int(cfg.batch_size)
@@ -335,4 +352,4 @@ class Engine:
         self.store.wait()
         if self.on_progress:
             self.on_progress(self.pos)
-        return TrainResult(self.pos, stopped_by, dict(self.val_metrics))
+        return TrainResult(self.pos, stopped_by)

@@ -49,10 +49,7 @@ class TrainAdapter(Stage):
         self.model = build_adapted_encoder(cfg.ssl, cfg.adapter).to(self.device)
         self.model.eval()  # the frozen encoder never trains; adapters have no dropout
         self.modules = self.model.trainable_modules()  # adapters (+ trained layer norms): all a checkpoint holds
-        optimizer = torch.optim.AdamW(
-            self.model.trainable_parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-            weight_decay=cfg.optim.weight_decay,
-        )
+        optimizer = self.make_optimizer(self.model.trainable_parameters())
         self.optimizers = {"adapters": optimizer}
         self.schedulers = {"adapters": self.make_scheduler(optimizer)}
 
@@ -109,13 +106,11 @@ class TrainAdapter(Stage):
         return feature_loss(pred.float(), target.float(), sc=self.cfg.loss.sc)
 
     def training_step(self, batch):
-        with self.precision.autocast():
-            loss, parts = self.compute_loss(batch)
+        loss, parts = self.compute_loss(batch)
         grad_norm = self.optimize(loss, self.optimizers["adapters"], self.model.trainable_parameters())
         return {"train/loss": loss.detach(), **{f"train/{k}": v.detach() for k, v in parts.items()},
                 "grad_norm": grad_norm}
 
-    @torch.no_grad()
     def write_samples(self, out_dir: Path, step: int) -> None:
         """Clean and degraded audio of a few validation utterances, spectrograms and feature plots."""
         import matplotlib

@@ -97,8 +97,7 @@ class TrainAsr(Stage):
         self.vocab = CharVocabulary(cfg.asr.vocabulary)
         self.model = ConformerCTC(cfg.asr).to(self.device)
         self.modules = {"model": self.model}
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                      weight_decay=cfg.optim.weight_decay)
+        optimizer = self.make_optimizer(self.model.parameters())
         self.optimizers = {"model": optimizer}
         self.schedulers = {"model": self.make_scheduler(optimizer)}
 
@@ -143,19 +142,15 @@ class TrainAsr(Stage):
         return loss, {}, self._error_counts(batch, log_probs, frames)
 
     def training_step(self, batch):
-        with self.precision.autocast():
-            loss, log_probs, frames = self._forward_and_loss(batch)
+        loss, log_probs, frames = self._forward_and_loss(batch)
         grad_norm = self.optimize(loss, self.optimizers["model"], self.model.parameters())
         edits, chars = self._error_counts(batch, log_probs, frames)["cer"]
         return {"train/loss": loss.detach(), "train/cer": edits / max(chars, 1), "grad_norm": grad_norm}
 
     # --- samples ------------------------------------------------------------------------------
-    @torch.no_grad()
     def write_samples(self, out_dir: Path, step: int) -> None:
         """A few validation utterances: audio, reference and the current greedy transcript."""
         rate = self.cfg.asr.sample_rate
-        was_training = self.model.training
-        self.model.eval()
         rows = []
         for utt in self.val_utterances[: self.cfg.validation.num_samples]:
             wave = load_audio(utt.path, rate)
@@ -164,7 +159,6 @@ class TrainAsr(Stage):
             name = Path(utt.id).name
             sf.write(out_dir / f"{name}.wav", wave.numpy(), rate)
             rows.append((name, self.vocab.normalize(utt.text), hypothesis))
-        self.model.train(was_training)
         page = [f"<html><body><h2>{self.name} · validation transcripts at step {step}</h2><table border=1>",
                 "<tr><th>audio</th><th>reference</th><th>greedy CTC transcript</th></tr>"]
         for name, reference, hypothesis in rows:

@@ -132,8 +132,8 @@ class VocoderStage(Stage):
         self.generator, self.mpd, self.msd = generator.to(self.device), mpd.to(self.device), msd.to(self.device)
         self.modules = {"generator": self.generator, "mpd": self.mpd, "msd": self.msd}
         self.optimizers = {
-            "generator": self._adamw(self.generator.parameters(), cfg.optim.lr),
-            "discriminator": self._adamw(self.discriminator_parameters(), cfg.loss.discriminator_lr or cfg.optim.lr),
+            "generator": self.make_optimizer(self.generator.parameters()),
+            "discriminator": self.make_optimizer(self.discriminator_parameters(), cfg.loss.discriminator_lr or cfg.optim.lr),
         }
         self.schedulers = {name: self.make_scheduler(opt) for name, opt in self.optimizers.items()}
         self.mel = self._mel_transform().to(self.device)
@@ -145,10 +145,6 @@ class VocoderStage(Stage):
 
     def discriminator_parameters(self):
         return chain(self.mpd.parameters(), self.msd.parameters())
-
-    def _adamw(self, params, lr: float) -> torch.optim.AdamW:
-        o = self.cfg.optim
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
     def _mel_transform(self) -> CenteredMelSpectrogram:
         loss = self.cfg.loss
@@ -192,25 +188,23 @@ class VocoderStage(Stage):
 
     def training_step(self, batch):
         target = batch["target"]
-        with self.precision.autocast():
-            fake = self.generator(self.features(batch))
-            real_scores, _ = self._discriminate(target)
-            fake_scores, _ = self._discriminate(fake.detach())
-            d_loss, d_parts = discriminator_loss(real_scores, fake_scores)
+        fake = self.generator(self.features(batch))
+        real_scores, _ = self._discriminate(target)
+        fake_scores, _ = self._discriminate(fake.detach())
+        d_loss, d_parts = discriminator_loss(real_scores, fake_scores)
         d_norm = self.optimize(d_loss, self.optimizers["discriminator"], self.discriminator_parameters(),
                                update_scaler=False)
 
         self.mpd.requires_grad_(False)  # the generator's step: gradients flow through, not into, them
         self.msd.requires_grad_(False)
         try:
-            with self.precision.autocast():
-                with torch.no_grad():
-                    _, real_maps = self._discriminate(target)
-                fake_scores, fake_maps = self._discriminate(fake)
-                mel = mel_l1(fake, target, self.mel)
-                loss = self.cfg.loss
-                g_loss, g_parts = generator_loss(fake_scores, real_maps, fake_maps, mel, adv_weight=loss.adv_weight,
-                                                 fm_weight=loss.fm_weight, mel_weight=loss.mel_weight)
+            with torch.no_grad():
+                _, real_maps = self._discriminate(target)
+            fake_scores, fake_maps = self._discriminate(fake)
+            mel = mel_l1(fake, target, self.mel)
+            loss = self.cfg.loss
+            g_loss, g_parts = generator_loss(fake_scores, real_maps, fake_maps, mel, adv_weight=loss.adv_weight,
+                                             fm_weight=loss.fm_weight, mel_weight=loss.mel_weight)
             g_norm = self.optimize(g_loss, self.optimizers["generator"], self.generator.parameters())
         finally:
             self.mpd.requires_grad_(True)
@@ -229,7 +223,6 @@ class VocoderStage(Stage):
         """For the listening page: (batch for ``features``, extra audio at the encoder rate to show)."""
         return {"clean_input": clean_in[None]}, {}
 
-    @torch.no_grad()
     def write_samples(self, out_dir: Path, step: int) -> None:
         """Clean, generated (and degraded) audio of a few validation utterances, log-mel plots and an
         HTML page that plays them."""
