@@ -454,10 +454,10 @@ def route_overrides(words: list[str], stages: tuple[str, ...], what: str) -> dic
 def _has_key(stage: str, word: str) -> bool:
     """Whether ``stage``'s default config has the key (or group) that the override ``word`` sets."""
     key = _parse([word])[0].key_or_group
-    return key in group_names(stage) or OmegaConf.select(compose_config(stage, []), key, default=None) is not None
+    return key in group_names() or OmegaConf.select(compose_config(stage, []), key, default=None) is not None
 
 
-def group_names(stage: str) -> set[str]:
+def group_names() -> set[str]:
     """Config groups (sub-directories of configs/) that can be chosen with group=option."""
     return {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
 
@@ -470,7 +470,7 @@ def apply_overrides(stage: str, base: DictConfig, overrides: list[str]) -> DictC
     """
     cfg = base.copy()
     OmegaConf.set_struct(cfg, True)
-    groups = group_names(stage)
+    groups = group_names()
     for override in _parse(overrides):
         key = override.key_or_group
         if override.is_delete() or override.is_add():

@@ -29,7 +29,8 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, ConformerConfig
-from pipeline.data.corpus import AUDIO_SUFFIXES, AudioError, load_audio
+from pipeline.data.corpus import AudioError, load_audio
+from pipeline.files import AUDIO_SUFFIXES
 from pipeline.engine.checkpointing import CheckpointError, load_state, verify
 from pipeline.engine.resume import ResumeError, RunCheckpoints
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging

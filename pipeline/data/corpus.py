@@ -30,6 +30,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from pipeline.files import AUDIO_SUFFIXES
+
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -378,7 +380,6 @@ def _fleurs_split(lang: Path, split: str) -> list[Utterance]:
     return out
 
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 TRANSCRIPT_SUFFIXES = (".txt", ".lab")
 
 

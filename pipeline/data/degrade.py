@@ -27,12 +27,12 @@ import torch
 from scipy.signal import resample_poly
 
 from pipeline.config import DegradationConfig
+from pipeline.files import AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 NOISE_EXPONENTS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f^exponent
 NOISE_TYPES = (*NOISE_EXPONENTS, "babble", "hum")
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 Wave = Union[np.ndarray, torch.Tensor]
 # Other utterances for babble: a sequence of waveforms, or a callable that picks one with the rng.

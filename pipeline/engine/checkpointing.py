@@ -295,7 +295,6 @@ class CheckpointStore:
         self.on_commit = on_commit  # callback(step, row) after a checkpoint is committed
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self._pending: Future | None = None
-        self.latest_committed: int | None = None
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any],
              metrics_sent: list | None = None) -> None:
@@ -337,7 +336,6 @@ class CheckpointStore:
         # Committed: only now does `checkpoint.latest` move.
         self.client.set_tag(self.run_id, tag.CHECKPOINT_LATEST, artifact_path)
         self.client.set_tag(self.run_id, tag.CHECKPOINT_LATEST_STEP, str(step))
-        self.latest_committed = step
         self.index_rows = [r for r in self.index_rows if int(r["step"]) != step] + [row]
         try:
             self._apply_retention(step)

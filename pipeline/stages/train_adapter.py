@@ -11,8 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.config import TrainAdapterConfig
 from pipeline.data.corpus import load_corpus_audio, read_corpus
 from pipeline.data.datasets import VAL_STREAM, DegradedPairs, ShuffledBatches
