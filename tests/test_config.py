@@ -6,7 +6,6 @@ from omegaconf import OmegaConf
 from pipeline.config import (
     CONFIG_DIR,
     ConfigError,
-    FinetuneVocoderConfig,
     TrainAdapterConfig,
     apply_overrides,
     compose_config,
@@ -17,7 +16,6 @@ from pipeline.config import (
     to_container,
 )
 from pipeline.engine.launch import LaunchArgs, parse_launch
-from pipeline.engine.resume import stored_inputs
 
 SSL_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "ssl").glob("*.yaml"))
 DATA_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
@@ -90,28 +88,6 @@ def test_control_keys_are_not_config_changes():
     assert (launch.resume_run, launch.resume_step, launch.explicit_step) == ("abc", 5, True)
     cfg = apply_overrides("train_adapter", base, launch.overrides)
     assert config_diff(base, cfg) == {}
-
-
-def test_launch_arguments_are_parsed_apart_from_the_config():
-    launch = parse_launch(["checkpoint.resume_from=runs:/x/checkpoints/step-00000010", "optim.lr=2e-4",
-                           "adapter_run=a1", "vocoder_run="], run_inputs=("adapter_run", "vocoder_run"))
-    assert launch.resume_from == "runs:/x/checkpoints/step-00000010" and launch.resuming and launch.explicit_step
-    assert launch.inputs == {"adapter_run": "a1"} and launch.overrides == ["optim.lr=2e-4"]
-    assert not parse_launch(["resume_run=r"]).explicit_step  # "the latest checkpoint"
-    with pytest.raises(ConfigError, match="resume_step='ten' is not a step number"):
-        parse_launch(["resume_run=r", "resume_step=ten"])
-    with pytest.raises(ConfigError, match="does not build on another run's adapter_run"):
-        parse_launch(["adapter_run=a1"])  # train_adapter takes no run inputs
-
-
-def test_a_config_stored_by_an_earlier_release_drops_its_launch_keys():
-    stored = to_container(compose_config("finetune_vocoder", []))
-    stored.update(resume_run=None, resume_step=None, adapter_run="a1", vocoder_run="v1")
-    stored["checkpoint"]["resume_from"] = None
-    cfg = from_container(FinetuneVocoderConfig, stored)
-    assert "adapter_run" not in cfg and "resume_from" not in cfg.checkpoint
-    assert stored_inputs({"config": stored}) == {"adapter_run": "a1", "vocoder_run": "v1"}
-    assert stored_inputs({"config": stored, "inputs": {"adapter_run": "a2"}}) == {"adapter_run": "a2"}
 
 
 def test_secrets_are_masked():

@@ -21,7 +21,7 @@ from pipeline.engine.checkpointing import (
     write_local,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_write_verify_load_roundtrip(tmp_path):

@@ -14,14 +14,13 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import (TINY, all_runs, artifact_dir, env_for, loss_history, mlflow_run, read_until, run_module, snapshot,
-                      stage_runs, start_stage, wait_for)
+from conftest import (REPO, TINY, all_runs, artifact_dir, env_for, loss_history, mlflow_run, read_until, run_module,
+                      snapshot, stage_runs, start_stage, wait_for)
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
@@ -363,7 +362,7 @@ def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(store):
 
 @pytest.mark.slow
 def test_stop_tag_stops_mlflow_run_within_seconds_and_the_run_resumes(store):
-    cmd = [os.path.join(os.path.dirname(os.sys.executable), "mlflow"), "run", str(Path(__file__).parents[1]),
+    cmd = [os.path.join(os.path.dirname(os.sys.executable), "mlflow"), "run", str(REPO),
            "-e", "train_adapter", "--env-manager", "local", "--experiment-name", "train_adapter",
            "-P", "overrides=" + " ".join(TINY + ["trainer.max_steps=5000", "checkpoint.save_interval=1000",
                                                  "validation.interval=1000"])]
