@@ -491,6 +491,20 @@ def apply_overrides(stage: str, base: DictConfig, overrides: list[str]) -> DictC
     return cfg
 
 
+def parse_key_values(schema: type, argv: list[str]):
+    """``key=value`` words of a non-training entry point (transcribe, restore, evaluate) into an instance of
+    the dataclass ``schema``: an empty value means "not given", an unknown key or a wrong type fails with
+    ConfigError. Words are taken as given (not split again), so paths with spaces work through ``mlflow run``."""
+    words = [w for w in argv if not w.endswith("=")]
+    if any("=" not in w for w in words):
+        raise ConfigError(f"Expected key=value arguments, got: {' '.join(words)}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(words))
+    except Exception as err:
+        raise ConfigError(f"Invalid argument: {str(err).splitlines()[0]}") from err
+    return schema(**OmegaConf.to_container(cfg))
+
+
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 

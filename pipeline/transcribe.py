@@ -28,9 +28,8 @@ import torch
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline.config import ConfigError, ConformerConfig
-from pipeline.data.corpus import AudioError, load_audio
-from pipeline.files import AUDIO_SUFFIXES
+from pipeline.config import ConfigError, ConformerConfig, parse_key_values
+from pipeline.data.corpus import AudioError, audio_files, load_audio
 from pipeline.engine.checkpointing import CheckpointError, load_state, verify
 from pipeline.engine.resume import ResumeError, RunCheckpoints
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
@@ -53,16 +52,8 @@ class TranscribeConfig:
 
 
 def parse_args(argv: list[str]) -> TranscribeConfig:
-    """``key=value`` words (an empty value means "not given"); unknown keys fail. Words are taken as
-    given (not split again), so paths with spaces work through ``mlflow run`` too."""
-    words = [w for w in argv if not w.endswith("=")]
-    if any("=" not in w for w in words):
-        raise ConfigError(f"Expected key=value arguments, got: {' '.join(words)}")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TranscribeConfig), OmegaConf.from_dotlist(words))
-    except Exception as err:
-        raise ConfigError(f"Invalid argument: {str(err).splitlines()[0]}") from err
-    out = TranscribeConfig(**OmegaConf.to_container(cfg))
+    """``key=value`` words (``config.parse_key_values``), checked."""
+    out = parse_key_values(TranscribeConfig, argv)
     if bool(out.run_id) == bool(out.model_uri):
         raise ConfigError("Give exactly one of run_id=<train_asr run> or model_uri=<models:/… | runs:/… | path>")
     if not out.input:
@@ -70,19 +61,6 @@ def parse_args(argv: list[str]) -> TranscribeConfig:
     if out.checkpoint not in ("latest", "best"):
         raise ConfigError(f"checkpoint={out.checkpoint!r}; choose latest or best")
     return out
-
-
-def input_files(path: str) -> list[Path]:
-    """The audio files to transcribe; a missing path or a directory without audio is an error."""
-    root = Path(path).expanduser()
-    if root.is_file():
-        return [root]
-    if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-        if not files:
-            raise AudioError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) in {root}")
-        return files
-    raise AudioError(f"input not found: {root}")
 
 
 def checkpoint_from_run(client: MlflowClient, run_id: str, which: str, workdir: Path) -> Path:
@@ -189,7 +167,7 @@ def run(argv: list[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="transcribe-"))
     try:
         cfg = parse_args(argv)
-        files = input_files(cfg.input)
+        files = audio_files(cfg.input)
         device = Precision.from_config(cfg.device, "32").device
         if cfg.run_id:
             ckpt = checkpoint_from_run(client, cfg.run_id, cfg.checkpoint, workdir)

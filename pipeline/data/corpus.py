@@ -95,7 +95,25 @@ def check_audio(path: str | Path, *, max_clipped_fraction: Optional[float] = Non
     return wave.numel(), rate
 
 
+def read_channels(path: str | Path) -> tuple[torch.Tensor, int]:
+    """Every channel of a file as a (channels, samples) float32 tensor at its own rate, with the same
+    checks as ``load_audio`` (AudioError: missing, unreadable, empty, non-finite, silent)."""
+    data, rate = _read_checked(Path(path), None)
+    if float(np.abs(data).max()) < 1e-5:
+        raise AudioError(f"audio file {path} is silent", "silent")
+    return torch.from_numpy(np.ascontiguousarray(data.T)), rate
+
+
 def _read_mono(path: Path, max_clipped_fraction: Optional[float]) -> tuple[torch.Tensor, int, int]:
+    data, rate = _read_checked(path, max_clipped_fraction)
+    wave = torch.from_numpy(data.mean(axis=1))
+    if float(wave.abs().max()) < 1e-5:
+        raise AudioError(f"audio file {path} is silent", "silent")
+    return wave, rate, int(data.shape[1])
+
+
+def _read_checked(path: Path, max_clipped_fraction: Optional[float]) -> tuple[np.ndarray, int]:
+    """(samples, channels) float32 data and the rate of a readable, non-empty, finite file."""
     if not path.exists():
         raise AudioError(f"audio file {path} does not exist", "missing")
     try:
@@ -111,10 +129,21 @@ def _read_mono(path: Path, max_clipped_fraction: Optional[float]) -> tuple[torch
         if fraction > max_clipped_fraction:
             raise AudioError(f"audio file {path} is clipped ({fraction:.2%} of samples at full scale, "
                              f"more than {max_clipped_fraction:.2%})", "clipped")
-    wave = torch.from_numpy(data.mean(axis=1))
-    if float(wave.abs().max()) < 1e-5:
-        raise AudioError(f"audio file {path} is silent", "silent")
-    return wave, int(rate), int(data.shape[1])
+    return data, int(rate)
+
+
+def audio_files(path: str | Path) -> list[Path]:
+    """``path`` itself if it is a file, else every audio file under it (recursively, sorted); AudioError
+    when the path is missing or a directory holds no audio."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        return [root]
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        if not files:
+            raise AudioError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) in {root}", "missing")
+        return files
+    raise AudioError(f"input not found: {root}", "missing")
 
 
 def load_audio(

@@ -63,11 +63,13 @@ def latest_meta(client: MlflowClient, role: str, run_id: str, stages: tuple[str,
         raise ConfigError(str(err)) from err
 
 
-def load_checkpoint(client: MlflowClient, role: str, run_id: str, stages: tuple[str, ...]) -> ResumePoint:
-    """The run's latest committed checkpoint: downloaded, sha256-verified, weights_only-loaded."""
+def load_checkpoint(client: MlflowClient, role: str, run_id: str, stages: tuple[str, ...],
+                    step: int | None = None) -> ResumePoint:
+    """The run's checkpoint at ``step`` (None: its latest committed one): downloaded, sha256-verified,
+    weights_only-loaded."""
     checkpoints = linked_run(client, role, run_id, stages)
     try:
-        return checkpoints.load(None, Path(tempfile.mkdtemp(prefix=f"{role}-")))
+        return checkpoints.load(step, Path(tempfile.mkdtemp(prefix=f"{role}-")))
     except (ResumeError, CheckpointError) as err:
         raise ConfigError(f"{role}={run_id}: {err}") from err
 
@@ -106,7 +108,7 @@ class FinetuneVocoder(VocoderStage):
     name = "finetune_vocoder"
     schema = FinetuneVocoderConfig
     architecture_keys = ("ssl.", "vocoder.", "adapter.")
-    run_inputs = ("adapter_run", "vocoder_run")
+    run_inputs = ("adapter_run", "vocoder_run")  # (+ adapter_step, pinned when the adapters are loaded)
     uses_degradation = True
 
     @classmethod
@@ -137,8 +139,13 @@ class FinetuneVocoder(VocoderStage):
                 "adapter_run": self.adapter_run}
 
     def build_feature_extractor(self) -> None:
-        """The adapter run's encoder with its trained adapters, frozen."""
-        point = load_checkpoint(MlflowClient(), "adapter_run", self.adapter_run, ADAPTER_STAGES)
+        """The adapter run's encoder with its trained adapters, frozen. The adapter checkpoint is pinned:
+        its step is kept in ``inputs`` (so in every checkpoint), and a resume or the chain model loads
+        that one even after the adapter run has trained on."""
+        pinned = self.inputs.get("adapter_step")
+        point = load_checkpoint(MlflowClient(), "adapter_run", self.adapter_run, ADAPTER_STAGES,
+                                int(pinned) if pinned else None)
+        self.inputs["adapter_step"] = str(point.step)
         saved_ssl = point.meta["model_args"]["ssl"]
         check_same_encoder(self.adapter_run, saved_ssl, "(this run)", OmegaConf.to_container(self.cfg.ssl))
         self.adapted = build_adapted_encoder(self.cfg.ssl, self.cfg.adapter)

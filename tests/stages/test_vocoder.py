@@ -235,7 +235,7 @@ def test_finetune_builds_on_the_adapter_and_vocoder_runs_and_resumes(chain_runs,
     assert set(state["modules"]) == {"generator", "mpd", "msd"}  # the adapters stay in their own run
 
     meta = json.loads((artifact_dir(client, run.info.run_id) / "checkpoints/step-00000003/meta.json").read_text())
-    assert meta["inputs"] == {"adapter_run": ids["adapter"], "vocoder_run": ids["vocoder"]}
+    assert meta["inputs"] == {"adapter_run": ids["adapter"], "vocoder_run": ids["vocoder"], "adapter_step": "2"}
     assert "adapter_run" not in meta["config"]  # a launch argument, not a config key
     # naming another adapter run on resume is refused: the vocoder was fine-tuned on this one's features
     capfd.readouterr()

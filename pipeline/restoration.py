@@ -1,0 +1,221 @@
+"""The trained restoration chain: degraded audio -> encoder with trained adapters -> HiFi-GAN -> clean audio.
+
+A chain is two verified checkpoints: a finetune_vocoder checkpoint (the generator, and in its
+``model_args`` the encoder preset, adapter and vocoder settings) and the train_adapter checkpoint it
+was fine-tuned on (pinned in its ``inputs`` as ``adapter_run`` and ``adapter_step``). ``restore``,
+``evaluate`` and the ``speech-restoration`` MLflow model all load a chain this way.
+
+Long audio is restored in chunks so memory stays bounded: each chunk of ``chunk_seconds`` is run with
+``context_seconds`` of audio on both sides (the encoder attends over its whole input, so a chunk sees
+what surrounds it) and neighbouring chunks are cross-faded over ``fade_seconds``. Only one chunk's
+features exist at a time; the input and the output waveforms are held whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from pipeline.config import AdapterConfig, EncoderConfig, VocoderConfig
+from pipeline.engine.checkpointing import CheckpointError, load_state, verify
+from pipeline.engine.resume import ResumeError, RunCheckpoints, stored_inputs
+from pipeline.engine.stage import Precision
+from pipeline.models.adapters import build_adapted_encoder
+from pipeline.models.hifigan import Generator
+from pipeline.stages.vocoder_base import encoder_geometry, window
+
+log = logging.getLogger(__name__)
+
+CHAIN_STAGE = "finetune_vocoder"
+ADAPTER_STAGE = "train_adapter"
+
+
+@dataclass
+class ChainCheckpoints:
+    """Where a chain's weights are: two verified checkpoint directories and what they came from."""
+
+    adapter_dir: Path
+    vocoder_dir: Path
+    metadata: dict[str, str]  # run IDs, steps, encoder preset and weights reference
+
+
+def chain_from_run(client: MlflowClient, run_id: str, workdir: Path, which: str = "latest") -> ChainCheckpoints:
+    """The chain of a finetune_vocoder run: its latest (or best) committed checkpoint and the adapter
+    checkpoint it was fine-tuned on; ResumeError/CheckpointError say what is wrong."""
+    vocoder = RunCheckpoints(client, run_id, (CHAIN_STAGE,))
+    step = vocoder.require_committed("restore with")
+    if which == "best":
+        best = vocoder.best_step()
+        step = best if best is not None else step
+    vocoder_dir = vocoder.download(step, workdir / "vocoder")
+    meta = verify(vocoder_dir)
+    inputs = stored_inputs(meta)
+    adapter_run = inputs.get("adapter_run") or meta["model_args"].get("adapter_run")
+    if not adapter_run:
+        raise ResumeError(f"Run {run_id} checkpoint step {step} does not name the adapter run it was fine-tuned on")
+    adapter = RunCheckpoints(client, adapter_run, (ADAPTER_STAGE,), "adapter_run")
+    adapter_step = int(inputs["adapter_step"]) if "adapter_step" in inputs else adapter.require_committed("restore with")
+    if "adapter_step" not in inputs:  # written before adapter checkpoints were pinned
+        log.warning("Run %s does not pin its adapter checkpoint; using adapter run %s's latest (step %d)",
+                    run_id, adapter_run, adapter_step)
+    adapter_dir = adapter.download(adapter_step, workdir / "adapter")
+    verify(adapter_dir)
+    return ChainCheckpoints(adapter_dir, vocoder_dir, chain_metadata(meta, run_id, step, adapter_run, adapter_step))
+
+
+def chain_metadata(meta: dict[str, Any], run_id: str, step: int, adapter_run: str, adapter_step: int) -> dict[str, str]:
+    ssl = meta["model_args"]["ssl"]
+    return {"vocoder_run": run_id, "vocoder_step": str(step), "adapter_run": adapter_run,
+            "adapter_step": str(adapter_step), "encoder": ssl["name"], "encoder_layer": str(ssl["layer"]),
+            "encoder_weights": str(ssl.get("weights") or "(seeded random initialisation)"),
+            "vocoder": meta["model_args"]["vocoder"]["name"]}
+
+
+def _checked(directory: Path, stage: str) -> dict[str, Any]:
+    meta = verify(directory)
+    if meta.get("stage") != stage:
+        raise CheckpointError(f"Checkpoint {directory} was written by stage {meta.get('stage')!r}, not {stage!r}")
+    return meta
+
+
+class RestorationChain:
+    """The chain, rebuilt from its checkpoints on one device, ready to restore waveforms."""
+
+    def __init__(self, adapter_dir: Path, vocoder_dir: Path, precision: Precision | None = None,
+                 chunk_seconds: float = 10.0, context_seconds: float = 1.0, fade_seconds: float = 0.5,
+                 ssl_weights: str | None = None):
+        self.precision = precision or Precision.from_config("cpu", "32")
+        self.device = self.precision.device
+        vocoder_meta, adapter_meta = _checked(vocoder_dir, CHAIN_STAGE), _checked(adapter_dir, ADAPTER_STAGE)
+        args = vocoder_meta["model_args"]
+        ssl = OmegaConf.merge(OmegaConf.structured(EncoderConfig), args["ssl"])
+        if ssl_weights:
+            ssl.weights = ssl_weights
+        if ssl.weights and not Path(ssl.weights).expanduser().exists():
+            raise CheckpointError(f"The chain's encoder weights {ssl.weights} are not on this machine; give "
+                                  "ssl_weights=<the same encoder's Hugging Face directory or state dict>")
+        trained = adapter_meta["model_args"]["ssl"]
+        if (trained["name"], trained["layer"]) != (ssl.name, ssl.layer):
+            raise CheckpointError(f"The adapter checkpoint {adapter_dir} was trained on encoder {trained['name']} layer "
+                                  f"{trained['layer']}, the vocoder on {ssl.name} layer {ssl.layer}")
+        self.adapted = build_adapted_encoder(ssl, OmegaConf.merge(OmegaConf.structured(AdapterConfig), args["adapter"]))
+        adapter_state = load_state(adapter_dir)["modules"]
+        for key, module in self.adapted.trainable_modules().items():
+            module.load_state_dict(adapter_state[key])
+        vocoder = OmegaConf.merge(OmegaConf.structured(VocoderConfig), args["vocoder"])
+        self.generator = Generator(ssl.embed_dim, vocoder)
+        self.generator.load_state_dict(load_state(vocoder_dir)["modules"]["generator"])
+        self.adapted.to(self.device).eval().requires_grad_(False)
+        self.generator.to(self.device).eval().requires_grad_(False)
+
+        self.rate_in, self.rate_out = int(ssl.sample_rate), int(vocoder.sample_rate)
+        self.hop_in, receptive = encoder_geometry(ssl)
+        self.hop_out = math.prod(vocoder.upsample_rates)
+        extra = receptive - self.hop_in
+        self.context = (extra // 2, extra - extra // 2)
+        frame_rate = self.rate_in / self.hop_in
+        self.chunk_frames = max(int(round(chunk_seconds * frame_rate)), 0)  # 0: the whole file at once
+        self.fade_frames = max(int(round(fade_seconds * frame_rate)), 1)
+        self.context_frames = max(int(round(context_seconds * frame_rate)), self.fade_frames)
+        if self.chunk_frames and self.chunk_frames < self.fade_frames:
+            raise ValueError(f"chunk_seconds={chunk_seconds} must be at least fade_seconds={fade_seconds}")
+
+    @torch.no_grad()
+    def _frames(self, wave: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Output samples of feature frames [start, stop) of ``wave`` (mono, at the encoder rate)."""
+        left, right = self.context
+        x = window(wave, start * self.hop_in - left, (stop - start) * self.hop_in + left + right)
+        with self.precision.autocast():
+            out = self.generator(self.adapted(x[None].to(self.device)))
+        return out[0].float().cpu()
+
+    def restore_mono(self, wave: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """A mono waveform at the encoder rate -> the restored waveform at the vocoder rate (same duration)."""
+        frames = max(math.ceil(wave.numel() / self.hop_in), 1)
+        length = int(round(wave.numel() * self.rate_out / self.rate_in))
+        chunk = self.chunk_frames or frames
+        if chunk >= frames:
+            return self._frames(wave, 0, frames)[:length]
+        out = torch.zeros(frames * self.hop_out)
+        fade, context, hop = self.fade_frames, self.context_frames, self.hop_out
+        starts = list(range(0, frames, chunk))
+        if frames - starts[-1] < fade:  # a last chunk shorter than the fade joins the one before it
+            starts.pop()
+        ends = starts[1:] + [frames]
+        for a, b in tqdm(list(zip(starts, ends)), desc="chunks", unit="chunk", leave=False, disable=not progress):
+            lo, hi = max(a - context, 0), min(b + context, frames)  # what the chain sees
+            keep_lo = a - fade // 2 if a > 0 else 0  # what this chunk contributes, ramps included
+            keep_hi = b + fade - fade // 2 if b < frames else frames
+            piece = self._frames(wave, lo, hi)[(keep_lo - lo) * hop:(keep_hi - lo) * hop]
+            weight = torch.ones(piece.numel())
+            ramp = (torch.arange(fade * hop, dtype=torch.float32) + 0.5) / (fade * hop)
+            if a > 0:
+                weight[: ramp.numel()] = ramp
+            if b < frames:
+                weight[-ramp.numel():] = 1.0 - ramp
+            out[keep_lo * hop:keep_hi * hop] += piece * weight
+        return out[:length]
+
+    def restore(self, audio: torch.Tensor, rate: int, progress: bool = False) -> torch.Tensor:
+        """(samples,) or (channels, samples) at ``rate`` -> the same shape's restoration at ``rate_out``;
+        each channel is restored on its own."""
+        channels = audio[None] if audio.dim() == 1 else audio
+        restored = []
+        for channel in channels:
+            channel = channel.float()
+            if rate != self.rate_in:
+                channel = AF.resample(channel, rate, self.rate_in)
+            restored.append(self.restore_mono(channel, progress))
+        out = torch.stack(restored)
+        return out[0] if audio.dim() == 1 else out
+
+
+def load_chain(source: ChainCheckpoints, precision: Precision | None = None, **options) -> RestorationChain:
+    return RestorationChain(source.adapter_dir, source.vocoder_dir, precision, **options)
+
+
+def chain_from_model(uri: str, workdir: Path) -> ChainCheckpoints:
+    """The checkpoints inside a ``speech-restoration`` model (``models:/<name>/<v>``, ``runs:/<id>/model``
+    or a local model directory)."""
+    import mlflow
+
+    path = Path(uri).expanduser()
+    if "://" not in uri and ":/" not in uri:
+        if not path.exists():
+            raise ResumeError(f"Model not found: {uri}")
+    else:
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
+        except Exception as err:
+            raise ResumeError(f"Model not found: {uri} ({str(err).splitlines()[0]})") from err
+    adapter, vocoder = path / "artifacts" / "adapter", path / "artifacts" / "vocoder"
+    if not (path / "MLmodel").exists() or not adapter.is_dir() or not vocoder.is_dir():
+        raise ResumeError(f"{uri} is not a speech-restoration model (no MLmodel with adapter and vocoder checkpoints)")
+    from mlflow.models import Model
+
+    return ChainCheckpoints(adapter, vocoder, dict(Model.load(str(path / "MLmodel")).metadata or {}))
+
+
+def resolve_chain(client: MlflowClient, run_id: str | None, model_uri: str | None, which: str = "latest",
+                  workdir: Path | None = None) -> ChainCheckpoints:
+    """A chain from a finetune_vocoder run or from a model URI (exactly one of them)."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="chain-"))
+    if run_id:
+        return chain_from_run(client, run_id, workdir, which)
+    return chain_from_model(model_uri, workdir)
+
+
+def as_numpy(wave: torch.Tensor) -> np.ndarray:
+    """(channels, samples) or (samples,) -> what soundfile writes: (samples,) or (samples, channels)."""
+    return wave.numpy() if wave.dim() == 1 else wave.T.contiguous().numpy()
