@@ -204,16 +204,34 @@ def run_chain(client: MlflowClient, cfg: MainConfig, overrides: dict[str, list[s
     return list(results.values())
 
 
+def register_chain(client: MlflowClient, finetune_run: str) -> str | None:
+    """The chain's registered model URI: a new ``speech-restoration`` version for a chain not registered
+    yet, the existing one for a reused chain; None (with a warning) when the run has no ``model/``."""
+    from pipeline.restoration import MODEL_NAME
+
+    existing = client.search_model_versions(f"name='{MODEL_NAME}' and run_id='{finetune_run}'")
+    if existing:
+        return f"models:/{MODEL_NAME}/{max(int(v.version) for v in existing)}"
+    if not any(a.path == "model" for a in client.list_artifacts(finetune_run)):
+        log.warning("finetune_vocoder run %s has no model/ (tracking.log_model=false?); the chain is not registered",
+                    finetune_run)
+        return None
+    version = mlflow.register_model(f"runs:/{finetune_run}/model", MODEL_NAME).version
+    log.info("Registered the chain as models:/%s/%s", MODEL_NAME, version)
+    return f"models:/{MODEL_NAME}/{version}"
+
+
 def _main_run(client: MlflowClient) -> str:
     """The run `mlflow run -e main` created, or a new one in experiment `main`."""
     return start_or_adopt_run(client, experiment=EXPERIMENT, run_name="main-chain", tags={tag.STAGE: "main"},
                               launcher=os.environ.get("MLFLOW_RUN_ID"))
 
 
-def report(results: list[StepResult], main_run: str) -> str:
+def report(results: list[StepResult], main_run: str, model: str | None = None) -> str:
     lines = [f"{r.step:<18} {r.run_id}  ({r.how})" for r in results]
     return "\n".join([
-        "", "Restoration chain finished:", *lines, f"{'main':<18} {main_run}", "",
+        "", "Restoration chain finished:", *lines, f"{'main':<18} {main_run}",
+        *([f"{'model':<18} {model}"] if model else []), "",
         f"Dashboard: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}   (then open http://127.0.0.1:5000)", "",
     ])
 
@@ -234,11 +252,14 @@ def main(argv: list[str]) -> int:
     status, code = "FAILED", EXIT_FAILED
     try:
         results = run_chain(client, cfg, overrides, version, main_run)
+        model = register_chain(client, results[-1].run_id)
+        if model:
+            client.set_tag(main_run, tag.CHAIN_MODEL, model)
         status, code = "FINISHED", EXIT_OK
         client.set_tag(main_run, tag.CHAIN_REUSED, ",".join(r.step for r in results if r.how == "reused") or "none")
         client.set_tag(main_run, NOTE_TAG, "\n".join(
             ["| step | run | |", "|---|---|---|"] + [f"| {r.step} | {r.run_id} | {r.how} |" for r in results]))
-        sys.stdout.write(report(results, main_run))
+        sys.stdout.write(report(results, main_run, model))
     except StepFailed as err:
         log.error("%s; run main again to resume it", err)
         status, code = ("KILLED", EXIT_STOPPED) if err.code == EXIT_STOPPED else ("FAILED", err.code)

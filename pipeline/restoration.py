@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 import torchaudio.functional as AF
@@ -199,12 +200,16 @@ def chain_from_model(uri: str, workdir: Path) -> ChainCheckpoints:
             path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
         except Exception as err:
             raise ResumeError(f"Model not found: {uri} ({str(err).splitlines()[0]})") from err
-    adapter, vocoder = path / "artifacts" / "adapter", path / "artifacts" / "vocoder"
-    if not (path / "MLmodel").exists() or not adapter.is_dir() or not vocoder.is_dir():
-        raise ResumeError(f"{uri} is not a speech-restoration model (no MLmodel with adapter and vocoder checkpoints)")
     from mlflow.models import Model
 
-    return ChainCheckpoints(adapter, vocoder, dict(Model.load(str(path / "MLmodel")).metadata or {}))
+    try:
+        model = Model.load(str(path / "MLmodel"))
+        artifacts = model.flavors["python_function"]["artifacts"]
+        adapter, vocoder = path / artifacts["adapter"]["path"], path / artifacts["vocoder"]["path"]
+    except Exception:  # no MLmodel, another kind of model
+        raise ResumeError(f"{uri} is not a speech-restoration model (an MLmodel with adapter and vocoder "
+                          "checkpoints, as finetune_vocoder logs it)") from None
+    return ChainCheckpoints(adapter, vocoder, dict(model.metadata or {}))
 
 
 def resolve_chain(client: MlflowClient, run_id: str | None, model_uri: str | None, which: str = "latest",
@@ -219,3 +224,125 @@ def resolve_chain(client: MlflowClient, run_id: str | None, model_uri: str | Non
 def as_numpy(wave: torch.Tensor) -> np.ndarray:
     """(channels, samples) or (samples,) -> what soundfile writes: (samples,) or (samples, channels)."""
     return wave.numpy() if wave.dim() == 1 else wave.T.contiguous().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# The chain as an MLflow model (models from code: pipeline/restoration_model.py)
+# --------------------------------------------------------------------------------------------
+
+MODEL_NAME = "speech-restoration"  # the Model Registry name main registers chains under
+MAX_SECONDS = 600.0  # longest audio one request may carry (model config max_seconds)
+
+
+class RequestError(ValueError):
+    """A request the served model refuses (HTTP 400): the message says what is wrong with it."""
+
+
+def _request_error(message: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def request_audio(model_input, max_seconds: float) -> list[tuple[torch.Tensor, int]]:
+    """(waveform, rate) per row of a request: ``audio`` (float samples) with ``sample_rate``, or ``path``."""
+    import pandas as pd
+
+    from pipeline.data.corpus import AudioError, read_channels
+
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame(model_input if all(isinstance(v, list) for v in model_input.values()) else [model_input])
+    if not isinstance(model_input, pd.DataFrame) or model_input.empty:
+        raise RequestError("expected a DataFrame with rows of audio (float samples) and sample_rate, or path")
+    out = []
+    for i, row in enumerate(model_input.to_dict("records")):
+        path, audio = row.get("path"), row.get("audio")
+        if isinstance(path, str) and path:
+            try:
+                wave, rate = read_channels(path)
+            except AudioError as err:
+                raise RequestError(f"row {i}: {err}") from None
+        elif audio is not None:
+            rate = row.get("sample_rate")
+            whole = isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool) \
+                and float(rate).is_integer() and rate > 0
+            if not whole:  # 16000.5 or "16k" must not be truncated into some rate silently
+                raise RequestError(f"row {i}: sample_rate must be a positive whole number of Hz, got {rate!r}")
+            try:
+                samples = np.asarray(audio, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise RequestError(f"row {i}: audio must be a list of float samples") from None
+            if samples.ndim != 1:
+                raise RequestError(f"row {i}: audio must be one channel of samples (a flat list)")
+            if samples.size == 0:
+                raise RequestError(f"row {i}: audio is empty")
+            if not np.isfinite(samples).all():
+                raise RequestError(f"row {i}: audio contains NaN or infinite samples")
+            wave, rate = torch.from_numpy(samples.copy()), int(rate)
+        else:
+            raise RequestError(f"row {i}: give audio (float samples) with sample_rate, or path")
+        seconds = wave.shape[-1] / rate
+        if seconds > max_seconds:
+            raise RequestError(f"row {i}: {seconds:.1f} s of audio is longer than this model's limit of {max_seconds:g} s")
+        out.append((wave, rate))
+    return out
+
+
+class ChainModel(mlflow.pyfunc.PythonModel):
+    """The ``model/`` of a finetune_vocoder run and the ``speech-restoration`` registered model.
+
+    Input: a DataFrame with ``audio`` (a list of float samples, one channel) and ``sample_rate`` (Hz), or
+    ``path`` (an audio file on the serving machine). Output: a DataFrame with ``audio`` (the restored
+    samples) and ``sample_rate`` (the vocoder's rate). A bad request (not audio, empty, NaN, too long,
+    a sample_rate that is not a whole number) raises an error that the scoring server answers with 400.
+    The weights are two verified checkpoints loaded with ``weights_only=True``; device ``cpu`` unless
+    the model config says otherwise.
+    """
+
+    def load_context(self, context) -> None:
+        config = dict(context.model_config or {})
+        self.max_seconds = float(config.get("max_seconds", MAX_SECONDS))
+        precision = Precision.from_config(str(config.get("device", "cpu")), str(config.get("precision", "32")))
+        self.chain = RestorationChain(Path(context.artifacts["adapter"]), Path(context.artifacts["vocoder"]), precision,
+                                      chunk_seconds=float(config.get("chunk_seconds", 10.0)),
+                                      ssl_weights=config.get("ssl_weights") or None)
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        try:
+            requests = request_audio(model_input, self.max_seconds)
+        except RequestError as err:
+            raise _request_error(str(err)) from None
+        restored = [self.chain.restore(wave, rate).numpy().astype(np.float64).tolist() for wave, rate in requests]
+        return pd.DataFrame({"audio": restored, "sample_rate": [self.chain.rate_out] * len(restored)})
+
+
+def save_chain_model(source: ChainCheckpoints, out_dir: Path, max_seconds: float = MAX_SECONDS) -> None:
+    """Write ``ChainModel`` over a chain's two verified checkpoints as an MLflow model directory, with its
+    signature, an input example and the chain's provenance in the model metadata."""
+    from importlib import metadata
+
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+
+    verify(source.adapter_dir)
+    verify(source.vocoder_dir)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(Array(DataType.double), "audio", required=False),
+                       # any, not long or double: a long column would truncate 16000.5 before predict sees it, a
+                       # double one refuses plain integers; predict checks it is a positive whole number
+                       ColSpec(AnyType(), "sample_rate", required=False),
+                       ColSpec(DataType.string, "path", required=False)]),
+        outputs=Schema([ColSpec(Array(DataType.double), "audio"), ColSpec(DataType.long, "sample_rate")]))
+    rate = int(verify(source.vocoder_dir)["model_args"]["ssl"]["sample_rate"])
+    example = pd.DataFrame({"audio": [[0.0] * (rate // 10)], "sample_rate": [rate]})
+    packages = ("torch", "torchaudio", "mlflow", "pandas", "numpy", "omegaconf", "soundfile", "scipy")
+    mlflow.pyfunc.save_model(
+        str(out_dir), python_model=str(Path(__file__).with_name("restoration_model.py")),
+        artifacts={"adapter": str(source.adapter_dir), "vocoder": str(source.vocoder_dir)},
+        signature=signature, input_example=example, metadata=dict(source.metadata),
+        model_config={"max_seconds": max_seconds, "device": "cpu", "precision": "32", "chunk_seconds": 10.0},
+        pip_requirements=[f"{p}=={metadata.version(p)}" for p in packages])

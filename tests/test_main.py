@@ -79,6 +79,11 @@ def test_main_twice_trains_the_chain_once_then_reuses_every_step(store):
     assert len(mains) == 2 and mains[1].data.tags["chain.reused"] == ",".join(STEPS)
     assert mains[1].data.tags["chain.finetune_vocoder"] == finetuned and mains[1].info.status == "FINISHED"
     assert "Starting fresh training" not in second.stderr
+    # the chain is registered once: the reused chain keeps its version
+    versions = client.search_model_versions("name='speech-restoration'")
+    assert [(v.version, v.run_id) for v in versions] == [("1", finetuned)]
+    assert [m.data.tags["chain.model"] for m in mains] == ["models:/speech-restoration/1"] * 2
+    assert "models:/speech-restoration/1" in first.stdout
 
 
 def test_a_known_key_with_a_wrong_value_is_refused_with_the_schemas_reason(store, capfd):

@@ -37,6 +37,7 @@ CHAIN_PREVIOUS_RUN = "chain.previous_run"
 CHAIN_CODE_VERSION = "chain.code_version"
 CHAIN_REUSED = "chain.reused"
 CHAIN_STEP = "chain.{step}"  # on main's own run: the run of each step
+CHAIN_MODEL = "chain.model"  # on main's own run: the registered chain, models:/speech-restoration/<version>
 
 
 def chain_step(step: str) -> str:

@@ -26,7 +26,7 @@ from pipeline.config import AdapterConfig, ConfigError, EncoderConfig, FinetuneV
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.data.datasets import VAL_STREAM
 from pipeline.engine import tags as tag
-from pipeline.engine.checkpointing import CheckpointError
+from pipeline.engine.checkpointing import CheckpointError, verify
 from pipeline.engine.resume import ResumeError, ResumePoint, RunCheckpoints
 from pipeline.engine.session import main
 from pipeline.models.adapters import build_adapted_encoder
@@ -137,6 +137,19 @@ class FinetuneVocoder(VocoderStage):
     def model_args(self) -> dict[str, Any]:
         return {**super().model_args(), "adapter": OmegaConf.to_container(self.cfg.adapter),
                 "adapter_run": self.adapter_run}
+
+    def export_model(self, checkpoint_dir: Path, out_dir: Path) -> bool:
+        """The restoration chain (pipeline/restoration.py): this checkpoint's generator with the pinned
+        adapter checkpoint, as one MLflow model."""
+        from pipeline.restoration import ADAPTER_STAGE, ChainCheckpoints, chain_metadata, save_chain_model
+
+        meta = verify(checkpoint_dir)
+        step = int(self.inputs["adapter_step"])
+        adapter = RunCheckpoints(MlflowClient(), self.adapter_run, (ADAPTER_STAGE,), "adapter_run")
+        adapter_dir = adapter.download(step, out_dir.parent / "adapter")
+        save_chain_model(ChainCheckpoints(adapter_dir, checkpoint_dir, chain_metadata(
+            meta, meta["run_id"], int(meta["step"]), self.adapter_run, step)), out_dir)
+        return True
 
     def build_feature_extractor(self) -> None:
         """The adapter run's encoder with its trained adapters, frozen. The adapter checkpoint is pinned:
