@@ -350,6 +350,8 @@ class MainConfig:
 
     reuse: bool = True  # reuse a FINISHED run of a step with the same entry point, parameters and code version
     resume: bool = True  # resume a stopped or crashed run of a step (same parameters and code) instead of restarting
+    evaluate: list[str] = field(default_factory=lambda: ["test_size=4"])  # arguments of the closing evaluate (pipeline/evaluate.py)
+    restore_output: str = "restored"  # where the closing restore writes the demo file it restores ("" skips it)
     common: list[str] = field(default_factory=list)  # overrides for every step whose config has the key
     train_adapter: list[str] = field(default_factory=list)  # overrides for that step only
     pretrain_vocoder: list[str] = field(default_factory=list)

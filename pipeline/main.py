@@ -221,17 +221,46 @@ def register_chain(client: MlflowClient, finetune_run: str) -> str | None:
     return f"models:/{MODEL_NAME}/{version}"
 
 
+def evaluate_chain(cfg: MainConfig, finetune_run: str) -> int:
+    """The closing evaluation (pipeline/evaluate.py) of the chain, in an evaluate run of its own."""
+    from pipeline import evaluate
+
+    return evaluate.run([f"run_id={finetune_run}", *cfg.evaluate], adopt_launcher=False)
+
+
+def restore_demo(finetune_run: str, output: str) -> Path | None:
+    """One held-out demo utterance, degraded as evaluate degrades it, restored into ``output``."""
+    import soundfile as sf
+
+    from pipeline import restore
+    from pipeline.data.corpus import load_audio, read_corpus
+    from pipeline.data.datasets import VAL_STREAM
+    from pipeline.data.degrade import degrade, sample_rng
+
+    utterance = read_corpus("ljspeech", None)[-1]
+    noisy, _ = degrade(load_audio(utterance.path, 16000), 16000, compose_config("finetune_vocoder", []).degradation,
+                       sample_rng(1234, 0, 0, VAL_STREAM))
+    out = Path(output).expanduser().resolve()
+    source = out / "input" / f"{Path(utterance.id).name}_degraded.wav"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(source, noisy.numpy(), 16000)
+    if restore.run([f"run_id={finetune_run}", f"input={source}", f"output={out}", "overwrite=true"]) != EXIT_OK:
+        return None
+    return out / source.name
+
+
 def _main_run(client: MlflowClient) -> str:
     """The run `mlflow run -e main` created, or a new one in experiment `main`."""
     return start_or_adopt_run(client, experiment=EXPERIMENT, run_name="main-chain", tags={tag.STAGE: "main"},
                               launcher=os.environ.get("MLFLOW_RUN_ID"))
 
 
-def report(results: list[StepResult], main_run: str, model: str | None = None) -> str:
+def report(results: list[StepResult], main_run: str, model: str | None = None, restored: Path | None = None) -> str:
     lines = [f"{r.step:<18} {r.run_id}  ({r.how})" for r in results]
     return "\n".join([
         "", "Restoration chain finished:", *lines, f"{'main':<18} {main_run}",
-        *([f"{'model':<18} {model}"] if model else []), "",
+        *([f"{'model':<18} {model}"] if model else []),
+        *([f"{'restored demo':<18} {restored} (its degraded input beside it in input/)"] if restored else []), "",
         f"Dashboard: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}   (then open http://127.0.0.1:5000)", "",
     ])
 
@@ -242,6 +271,10 @@ def main(argv: list[str]) -> int:
     try:
         cfg, words = load_main_config(split_overrides(argv))
         overrides = step_overrides(cfg, words)
+        if cfg.evaluate:
+            from pipeline.evaluate import parse_args as evaluate_args
+
+            evaluate_args(["run_id=(the finetune_vocoder run)", *cfg.evaluate])  # a typo fails before any step
     except ConfigError as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
@@ -255,11 +288,14 @@ def main(argv: list[str]) -> int:
         model = register_chain(client, results[-1].run_id)
         if model:
             client.set_tag(main_run, tag.CHAIN_MODEL, model)
+        if cfg.evaluate and evaluate_chain(cfg, results[-1].run_id) != EXIT_OK:
+            log.warning("The chain is trained but its evaluation failed (see above)")
+        restored = restore_demo(results[-1].run_id, cfg.restore_output) if cfg.restore_output else None
         status, code = "FINISHED", EXIT_OK
         client.set_tag(main_run, tag.CHAIN_REUSED, ",".join(r.step for r in results if r.how == "reused") or "none")
         client.set_tag(main_run, NOTE_TAG, "\n".join(
             ["| step | run | |", "|---|---|---|"] + [f"| {r.step} | {r.run_id} | {r.how} |" for r in results]))
-        sys.stdout.write(report(results, main_run, model))
+        sys.stdout.write(report(results, main_run, model, restored))
     except StepFailed as err:
         log.error("%s; run main again to resume it", err)
         status, code = ("KILLED", EXIT_STOPPED) if err.code == EXIT_STOPPED else ("FAILED", err.code)

@@ -120,6 +120,7 @@ class RestorationChain:
         self.adapted.to(self.device).eval().requires_grad_(False)
         self.generator.to(self.device).eval().requires_grad_(False)
 
+        self.adapters_on = True
         self.rate_in, self.rate_out = int(ssl.sample_rate), int(vocoder.sample_rate)
         self.hop_in, receptive = encoder_geometry(ssl)
         self.hop_out = math.prod(vocoder.upsample_rates)
@@ -138,8 +139,19 @@ class RestorationChain:
         left, right = self.context
         x = window(wave, start * self.hop_in - left, (stop - start) * self.hop_in + left + right)
         with self.precision.autocast():
-            out = self.generator(self.adapted(x[None].to(self.device)))
+            features = self.adapted(x[None].to(self.device)) if self.adapters_on else \
+                self.adapted.target_features(x[None].to(self.device))
+            out = self.generator(features)
         return out[0].float().cpu()
+
+    def copy_synthesis(self, wave: torch.Tensor, rate: int) -> torch.Tensor:
+        """The vocoder on the frozen encoder's features of ``wave`` (adapters off): for clean speech, the
+        ceiling of the chain, what the vocoder alone loses."""
+        self.adapters_on = False
+        try:
+            return self.restore(wave, rate)
+        finally:
+            self.adapters_on = True
 
     def restore_mono(self, wave: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """A mono waveform at the encoder rate -> the restored waveform at the vocoder rate (same duration)."""

@@ -156,6 +156,35 @@ def s3(monkeypatch):
         server.stop()
 
 
+CHAIN_STEPS = ["batch_size=4", "data.segment_seconds=0.5", "tracking.system_metrics=false", "tracking.flush_seconds=0.2",
+               "trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A finished tiny chain (train_adapter -> pretrain_vocoder -> finetune_vocoder) in a tracking store shared by
+    the tests of one module: {"dir": its directory, "adapter", "vocoder", "finetune": run IDs}. Tests that use it
+    work in that store (do not combine it with ``store``) and put their own files under ``tmp_path``."""
+    from pipeline.engine.session import EXIT_OK, run_stage
+    from pipeline.stages.finetune_vocoder import FinetuneVocoder
+    from pipeline.stages.pretrain_vocoder import PretrainVocoder
+    from pipeline.stages.train_adapter import TrainAdapter
+
+    root = tmp_path_factory.mktemp("chain")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        assert run_stage(TrainAdapter, ["ssl=tiny", "adapter.bottleneck=16", *CHAIN_STEPS]) == EXIT_OK
+        assert run_stage(PretrainVocoder, ["ssl=tiny", "vocoder=tiny", *CHAIN_STEPS]) == EXIT_OK
+        client = MlflowClient()
+        adapter, vocoder = (stage_runs(client, s)[0].info.run_id for s in ("train_adapter", "pretrain_vocoder"))
+        assert run_stage(FinetuneVocoder, [f"adapter_run={adapter}", f"vocoder_run={vocoder}", *CHAIN_STEPS]) == EXIT_OK
+        yield {"dir": root, "adapter": adapter, "vocoder": vocoder,
+               "finetune": stage_runs(client, "finetune_vocoder")[0].info.run_id}
+
+
 def start_stage(workdir: Path, module: str, *args: str) -> subprocess.Popen:
     """``python -m pipeline.<module> ARGS`` in the background, stderr readable line by line."""
     return subprocess.Popen([PYTHON, "-m", f"pipeline.{module}", *args], cwd=workdir, env=env_for(workdir),

@@ -81,9 +81,17 @@ def test_main_twice_trains_the_chain_once_then_reuses_every_step(store):
     assert "Starting fresh training" not in second.stderr
     # the chain is registered once: the reused chain keeps its version
     versions = client.search_model_versions("name='speech-restoration'")
-    assert [(v.version, v.run_id) for v in versions] == [("1", finetuned)]
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", finetuned)]
     assert [m.data.tags["chain.model"] for m in mains] == ["models:/speech-restoration/1"] * 2
     assert "models:/speech-restoration/1" in first.stdout
+    # main ends with the chain scored (reused the second time) and a demo file restored
+    evaluations = stage_runs(client, "evaluate")
+    assert len(evaluations) == 1 and evaluations[0].data.tags["eval.vocoder_run"] == finetuned
+    assert "eval/restored/pesq_wb" in evaluations[0].data.metrics and "eval/delta/stoi" in evaluations[0].data.metrics
+    assert "Reusing finished evaluation run" in second.stderr
+    assert client.get_run(finetuned).data.tags["evaluation.run"] == evaluations[0].info.run_id
+    restored = project / "restored" / "DEMO-0036_degraded.wav"
+    assert f"restored demo      {restored}" in second.stdout and restored.exists()
 
 
 def test_a_known_key_with_a_wrong_value_is_refused_with_the_schemas_reason(store, capfd):

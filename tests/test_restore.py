@@ -15,38 +15,19 @@ import torch
 from mlflow import MlflowClient
 from scipy.signal import resample_poly
 
-from conftest import REPO, VENV_BIN, _free_port, env_for, snapshot, stage_runs, wait_for
+from conftest import REPO, VENV_BIN, _free_port, env_for, snapshot, wait_for
 from pipeline.data.corpus import read_corpus
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, run_stage
+from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.restoration import RestorationChain, chain_from_run
 from pipeline.restore import run as restore
-from pipeline.stages.finetune_vocoder import FinetuneVocoder
-from pipeline.stages.pretrain_vocoder import PretrainVocoder
-from pipeline.stages.train_adapter import TrainAdapter
-
-COMMON = ["batch_size=4", "data.segment_seconds=0.5", "tracking.system_metrics=false", "tracking.flush_seconds=0.2",
-          "trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]
-
-
-@pytest.fixture
-def chain(store):
-    """Run IDs of a finished tiny chain: train_adapter -> pretrain_vocoder -> finetune_vocoder."""
-    assert run_stage(TrainAdapter, ["ssl=tiny", "adapter.bottleneck=16", *COMMON]) == EXIT_OK
-    assert run_stage(PretrainVocoder, ["ssl=tiny", "vocoder=tiny", *COMMON]) == EXIT_OK
-    client = MlflowClient()
-    adapter, vocoder = (stage_runs(client, s)[0].info.run_id for s in ("train_adapter", "pretrain_vocoder"))
-    assert run_stage(FinetuneVocoder, [f"adapter_run={adapter}", f"vocoder_run={vocoder}", *COMMON]) == EXIT_OK
-    return {"adapter": adapter, "vocoder": vocoder, "finetune": stage_runs(client, "finetune_vocoder")[0].info.run_id}
-
 
 def demo_wave(index: int = 0) -> tuple[np.ndarray, int]:
-    data, rate = sf.read(str(read_corpus("ljspeech", None)[index].path), dtype="float32")
-    return data, rate
+    return sf.read(str(read_corpus("ljspeech", None)[index].path), dtype="float32")
 
 
-def test_restore_a_file_tree_of_mixed_rates_and_channels_skipping_bad_files(chain, store, capfd):
+def test_restore_a_file_tree_of_mixed_rates_and_channels_skipping_bad_files(chain, tmp_path, capfd):
     clean, rate = demo_wave()
-    source = store / "noisy"
+    source = tmp_path / "noisy"
     (source / "sub" / "deeper").mkdir(parents=True)
     sf.write(source / "a.wav", clean, rate)
     stereo = np.stack([resample_poly(clean, 441, 160), 0.5 * resample_poly(clean, 441, 160)], axis=1)
@@ -55,7 +36,7 @@ def test_restore_a_file_tree_of_mixed_rates_and_channels_skipping_bad_files(chai
     sf.write(source / "sub" / "silent.wav", np.zeros(8000, dtype=np.float32), 16000)
     (source / "sub" / "broken.wav").write_bytes(b"RIFF not really audio")
     before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
-    out = store / "restored"
+    out = tmp_path / "restored"
 
     assert restore([f"run_id={chain['finetune']}", f"input={source}", f"output={out}"]) == EXIT_OK
     for name, channels, seconds in [("a.wav", 1, len(clean) / rate), ("sub/stereo_44k.wav", 2, len(clean) / rate),
@@ -87,10 +68,10 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_chunked_restoration_equals_whole_file_restoration_away_from_chunk_borders(chain, store):
+def test_chunked_restoration_equals_whole_file_restoration_away_from_chunk_borders(chain, tmp_path):
     """Chunks of 2 s with 1 s of context and a 0.5 s cross-fade against the whole 17 s file at once: within
     1e-4 (the restored signal's RMS is about 0.05) everywhere, borders included, for the tiny chain."""
-    source = chain_from_run(MlflowClient(), chain["finetune"], store / "w")
+    source = chain_from_run(MlflowClient(), chain["finetune"], tmp_path / "w")
     waves = [torch.from_numpy(demo_wave(i)[0]) for i in range(6)]
     wave = torch.cat(waves)
     whole = RestorationChain(source.adapter_dir, source.vocoder_dir, chunk_seconds=0).restore(wave, 16000)
@@ -103,38 +84,38 @@ def test_chunked_restoration_equals_whole_file_restoration_away_from_chunk_borde
     assert float(whole.pow(2).mean().sqrt()) > 1e-3  # not a silent comparison
 
 
-def test_bad_input_is_refused_with_one_message_and_nothing_written(chain, store, capfd):
+def test_bad_input_is_refused_with_one_message_and_nothing_written(chain, tmp_path, capfd):
     client = MlflowClient()
     empty = client.create_run(client.create_experiment("other"), tags={"stage": "finetune_vocoder"}).info.run_id
     clean, rate = demo_wave()
-    source = store / "in"
+    source = tmp_path / "in"
     source.mkdir()
     sf.write(source / "a.wav", clean, rate)
-    (store / "notes.wav").write_text("not audio")
-    ok = [f"input={source}", f"output={store / 'out'}"]
+    (tmp_path / "notes.wav").write_text("not audio")
+    ok = [f"input={source}", f"output={tmp_path / 'out'}"]
     cases = [
         ([f"run_id={'0' * 32}", *ok], "not found in the tracking store"),
         ([f"run_id={chain['adapter']}", *ok], "is a train_adapter run, not a finetune_vocoder run"),
         ([f"run_id={empty}", *ok], "has no checkpoints to restore with"),
-        ([f"run_id={chain['finetune']}", f"input={store / 'missing'}", f"output={store / 'out'}"], "input not found"),
+        ([f"run_id={chain['finetune']}", f"input={tmp_path / 'missing'}", f"output={tmp_path / 'out'}"], "input not found"),
         ([f"run_id={chain['finetune']}", f"input={source}", f"output={source / 'restored'}"], "is inside input"),
-        ([f"run_id={chain['finetune']}", f"input={store / 'notes.wav'}", f"output={store / 'out'}"], "cannot read audio file"),
+        ([f"run_id={chain['finetune']}", f"input={tmp_path / 'notes.wav'}", f"output={tmp_path / 'out'}"], "cannot read audio file"),
         ([f"run_id={chain['finetune']}", f"input={source / 'a.wav'}", f"output={source}"], "would overwrite it"),
         ([*ok], "Give exactly one of run_id"),
         ([f"run_id={chain['finetune']}", *ok, "chunk_secs=3"], "chunk_secs"),
-        ([f"model_uri={store / 'nothing'}", *ok], "Model not found"),
+        ([f"model_uri={tmp_path / 'nothing'}", *ok], "Model not found"),
     ]
     before = snapshot(client)
     for args, message in cases:
         capfd.readouterr()
         assert restore(args) == EXIT_BAD_INPUT, args
         assert message in capfd.readouterr().err, message
-        assert not (store / "out").exists() and not (source / "restored").exists(), args
+        assert not (tmp_path / "out").exists() and not (source / "restored").exists(), args
     assert snapshot(client) == before
 
 
 @pytest.mark.slow
-def test_served_chain_restores_requests_and_answers_bad_ones_with_400(chain, store):
+def test_served_chain_restores_requests_and_answers_bad_ones_with_400(chain, tmp_path):
     """The run's model/ registered as speech-restoration, served by a real `mlflow models serve`; and the
     restore entry point through `mlflow run`."""
     import mlflow
@@ -143,7 +124,7 @@ def test_served_chain_restores_requests_and_answers_bad_ones_with_400(chain, sto
     port = _free_port()
     server = subprocess.Popen([str(Path(VENV_BIN) / "mlflow"), "models", "serve", "-m",
                                f"models:/speech-restoration/{version}", "--env-manager", "local", "-p", str(port)],
-                              cwd=REPO, env=env_for(store), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              cwd=REPO, env=env_for(chain['dir']), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: _get(f"http://127.0.0.1:{port}/ping") == 200, timeout=120, what="the model server")
         url = f"http://127.0.0.1:{port}/invocations"
@@ -173,13 +154,13 @@ def test_served_chain_restores_requests_and_answers_bad_ones_with_400(chain, sto
         server.wait(timeout=30)
 
     clean, rate = demo_wave()
-    sf.write(store / "clip.wav", clean, rate)
+    sf.write(tmp_path / "clip.wav", clean, rate)
     done = subprocess.run([str(Path(VENV_BIN) / "mlflow"), "run", str(REPO), "-e", "restore", "--env-manager", "local",
-                           "-P", f"model_uri=models:/speech-restoration/{version}", "-P", f"input={store / 'clip.wav'}",
-                           "-P", f"output={store / 'restored'}"], cwd=store, env=env_for(store),
+                           "-P", f"model_uri=models:/speech-restoration/{version}", "-P", f"input={tmp_path / 'clip.wav'}",
+                           "-P", f"output={tmp_path / 'restored'}"], cwd=tmp_path, env=env_for(chain['dir']),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sf.info(str(store / "restored" / "clip.wav")).duration == pytest.approx(len(clean) / rate, abs=0.01)
+    assert sf.info(str(tmp_path / "restored" / "clip.wav")).duration == pytest.approx(len(clean) / rate, abs=0.01)
 
 
 def _get(url: str) -> int:

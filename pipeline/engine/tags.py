@@ -54,6 +54,15 @@ TRIAL_RESUMED_FROM = "trial.resumed_from"
 BEST_TRIAL = "best.trial"
 BEST_RUN_ID = "best.run_id"
 
+# evaluate: on the evaluation run, what it evaluated; on an evaluated run, its latest evaluation
+EVAL_KEY = "eval.key"  # hash of what makes two evaluations the same (runs, steps, test set, seed)
+EVAL_MODE = "eval.mode"  # chain | noisy | asr
+EVAL_VOCODER_RUN = "eval.vocoder_run"
+EVAL_ADAPTER_RUN = "eval.adapter_run"
+EVAL_ASR_RUN = "eval.asr_run"
+EVAL_MODEL = "eval.model_uri"
+EVALUATION_RUN = "evaluation.run"
+
 # import_checkpoint
 IMPORTED_FROM = "imported_from"
 IMPORTED_STEP = "imported.step"

@@ -1,0 +1,363 @@
+"""Score a trained chain (or an ASR model) on a test set, in an MLflow run of its own.
+
+    python -m pipeline.evaluate run_id=<finetune_vocoder run> [asr_run=<train_asr run>] [data=demo] [seed=1234]
+    python -m pipeline.evaluate model_uri=models:/speech-restoration/3 noisy_dir=recordings/
+    python -m pipeline.evaluate run_id=<train_asr run>
+    mlflow run . -e evaluate --env-manager local -P run_id=<id>
+
+Chain mode: the last ``test_size`` utterances of a corpus (by default the demo corpus's held-out split,
+the one training validates on) are degraded with a fixed seed and scored in three conditions against
+the clean reference: ``degraded`` (the input), ``restored`` (the chain) and ``copy_synthesis`` (the
+vocoder on the clean features: the ceiling). Metrics (pipeline/metrics.py): PESQ wide band, STOI,
+ESTOI, SI-SDR, log-spectral distance, DNSMOS SIG/BAK/OVRL, and with ``asr_run`` the CER/WER of that
+train_asr run's model. With ``noisy_dir`` (real recordings, no references): the non-intrusive metrics
+and transcripts of ``input`` and ``restored``. For a train_asr ``run_id``: CER/WER on ``clean`` and
+``degraded`` audio.
+
+The ``evaluate`` run holds a per-file table (``eval/files.json``), summary metrics
+``eval/<condition>/<metric>`` and ``eval/delta/<metric>`` (restored minus degraded), a plot per metric
+and a listening page; it is tagged with the runs it evaluated, and they with it (``evaluation.run``).
+The same evaluation again (same runs and checkpoint steps, test set, seed) reuses the finished run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+import torchaudio.functional as AF
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from pipeline import metrics as M
+from pipeline.config import CONFIG_DIR, ConfigError, DataConfig, DegradationConfig, parse_key_values, split_overrides
+from pipeline.data.corpus import AudioError, CorpusError, audio_files, load_audio, read_channels, read_corpus
+from pipeline.data.datasets import VAL_STREAM
+from pipeline.data.degrade import degrade, sample_rng
+from pipeline.engine import tags as tag
+from pipeline.engine.checkpointing import CheckpointError
+from pipeline.engine.resume import ResumeError
+from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, setup_logging
+from pipeline.engine.stage import Precision
+from pipeline.engine.tracking import experiment_id, start_or_adopt_run
+from pipeline.listening import Example, write_listening_page
+from pipeline.models.asr import error_counts
+from pipeline.restoration import load_chain, resolve_chain
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "evaluate"
+LISTEN = 4  # files on the listening page
+
+
+@dataclass
+class EvaluateConfig:
+    run_id: Optional[str] = None  # a finetune_vocoder run (chain) or a train_asr run (ASR only)
+    model_uri: Optional[str] = None  # or a speech-restoration model: models:/speech-restoration/<v>, runs:/<id>/model
+    checkpoint: str = "latest"  # with run_id: latest | best
+    data: str = "demo"  # data preset (configs/data/<name>.yaml) of the clean test utterances
+    data_root: Optional[str] = None  # its corpus directory (the demo corpus needs none)
+    test_size: int = 4  # the last N utterances of the corpus: the held-out split (data.val_size in training)
+    degradation: str = "default"  # degradation preset (configs/degradation/<name>.yaml)
+    seed: int = 1234  # the degradation of file i is drawn from (seed, i): the same test set every time
+    noisy_dir: Optional[str] = None  # real noisy recordings (no references): non-intrusive metrics only
+    asr_run: Optional[str] = None  # a train_asr run whose model transcribes every condition (CER/WER)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    reuse: bool = True  # reuse a finished run of the same evaluation
+
+
+@dataclass
+class Item:
+    """One test file: its name, reference text and each condition's audio at 16 kHz."""
+
+    name: str
+    text: str
+    audio: dict[str, np.ndarray]
+
+
+def parse_args(argv: list[str]) -> EvaluateConfig:
+    # `mlflow run` passes the overrides parameter as one word: split words that hold several key=value
+    words = [w for arg in argv for w in (split_overrides([arg]) if " " in arg and arg.count("=") > 1 else [arg])]
+    cfg = parse_key_values(EvaluateConfig, words)
+    if bool(cfg.run_id) == bool(cfg.model_uri):
+        raise ConfigError("Give exactly one of run_id=<finetune_vocoder or train_asr run> or model_uri=<models:/…>")
+    if cfg.checkpoint not in ("latest", "best"):
+        raise ConfigError(f"checkpoint={cfg.checkpoint!r}; choose latest or best")
+    if cfg.test_size < 1:
+        raise ConfigError(f"test_size={cfg.test_size} must be at least 1")
+    return cfg
+
+
+def _preset(group: str, name: str, schema: type):
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.exists():
+        choices = ", ".join(sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")))
+        raise ConfigError(f"{group}={name!r}: no such preset; choose one of {choices}")
+    return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
+
+
+def test_utterances(cfg: EvaluateConfig):
+    data = _preset("data", cfg.data, DataConfig)
+    utterances = read_corpus(data.format, cfg.data_root or data.root, data.subsets)
+    if len(utterances) < cfg.test_size:
+        raise ConfigError(f"test_size={cfg.test_size} but the corpus has {len(utterances)} utterances")
+    return utterances[-cfg.test_size:]
+
+
+# --------------------------------------------------------------------------------------------
+# What is evaluated
+# --------------------------------------------------------------------------------------------
+
+
+class Transcriber:
+    """A train_asr run's model (its latest checkpoint): greedy transcripts of 16 kHz audio."""
+
+    def __init__(self, client: MlflowClient, run_id: str, device: torch.device, workdir: Path):
+        from pipeline.transcribe import checkpoint_from_run, load_model
+
+        self.model, self.vocab, meta = load_model(checkpoint_from_run(client, run_id, "latest", workdir / "asr"), device)
+        self.rate, self.step, self.device = int(meta["model_args"]["asr"]["sample_rate"]), int(meta["step"]), device
+
+    def __call__(self, wave: np.ndarray) -> str:
+        from pipeline.transcribe import transcribe
+
+        x = torch.from_numpy(np.asarray(wave, dtype=np.float32))
+        if self.rate != M.RATE:
+            x = AF.resample(x, M.RATE, self.rate)
+        return transcribe(self.model, self.vocab, [x], self.device)[0]
+
+
+def _stage_of(client: MlflowClient, run_id: str) -> str:
+    try:
+        return client.get_run(run_id).data.tags.get(tag.STAGE, "")
+    except Exception:
+        return ""  # RunCheckpoints says what is wrong
+
+
+def _to_16k(wave: torch.Tensor, rate: int) -> np.ndarray:
+    return (AF.resample(wave, rate, M.RATE) if rate != M.RATE else wave).numpy()
+
+
+def chain_items(chain, cfg: EvaluateConfig) -> list[Item]:
+    degradation = _preset("degradation", cfg.degradation, DegradationConfig)
+    items = []
+    for index, utt in enumerate(tqdm(test_utterances(cfg), desc="restore", unit="file", disable=not sys.stderr.isatty())):
+        clean = load_audio(utt.path, chain.rate_in)
+        noisy, _ = degrade(clean, chain.rate_in, degradation, sample_rng(cfg.seed, 0, index, VAL_STREAM))
+        noisy = noisy.float()
+        items.append(Item(Path(utt.id).name, utt.text, {
+            "clean": _to_16k(clean, chain.rate_in), "degraded": _to_16k(noisy, chain.rate_in),
+            "restored": _to_16k(chain.restore(noisy, chain.rate_in), chain.rate_out),
+            "copy_synthesis": _to_16k(chain.copy_synthesis(clean, chain.rate_in), chain.rate_out)}))
+    return items
+
+
+def noisy_items(chain, cfg: EvaluateConfig) -> list[Item]:
+    items = []
+    for path in tqdm(audio_files(cfg.noisy_dir), desc="restore", unit="file", disable=not sys.stderr.isatty()):
+        try:
+            audio, rate = read_channels(path)
+        except AudioError as err:
+            log.warning("Skipped %s", err)
+            continue
+        mono = audio.mean(dim=0)
+        items.append(Item(path.name, "", {"input": _to_16k(mono, rate),
+                                          "restored": _to_16k(chain.restore(mono, rate), chain.rate_out)}))
+    if not items:
+        raise AudioError(f"no usable audio in {cfg.noisy_dir}", "missing")
+    return items
+
+
+def asr_items(cfg: EvaluateConfig) -> list[Item]:
+    degradation = _preset("degradation", cfg.degradation, DegradationConfig)
+    items = []
+    for index, utt in enumerate(test_utterances(cfg)):
+        clean = load_audio(utt.path, M.RATE)
+        noisy, _ = degrade(clean, M.RATE, degradation, sample_rng(cfg.seed, 0, index, VAL_STREAM))
+        items.append(Item(Path(utt.id).name, utt.text, {"clean": clean.numpy(), "degraded": noisy.float().numpy()}))
+    return items
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+def score(items: list[Item], transcriber: Transcriber | None, quality: bool) -> pd.DataFrame:
+    """One row per file and condition: every metric that applies (NaN where undefined)."""
+    rows = []
+    for item in tqdm(items, desc="score", unit="file", disable=not sys.stderr.isatty()):
+        reference = item.audio.get("clean")
+        for condition, wave in item.audio.items():
+            if condition == "clean" and quality:
+                continue  # the reference itself
+            row = {"file": item.name, "condition": condition, "text": item.text}
+            if quality:
+                if reference is not None:
+                    row.update(M.intrusive(reference, wave))
+                row.update(M.dnsmos(wave))
+            if transcriber is not None:
+                hypothesis = transcriber(wave)
+                row["transcript"] = hypothesis
+                if item.text:
+                    counts = error_counts([hypothesis], [transcriber.vocab.normalize(item.text)])
+                    row.update({name: edits / max(total, 1) for name, (edits, total) in counts.items()})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary(table: pd.DataFrame) -> dict[str, float]:
+    """``eval/<condition>/<metric>`` means over files (NaN ignored) and ``eval/delta/<metric>`` restored - degraded."""
+    columns = [c for c in table.columns if c in M.HIGHER_IS_BETTER]
+    means = table.groupby("condition")[columns].mean(numeric_only=True)
+    out = {f"eval/{cond}/{metric}": float(value) for cond, row in means.iterrows() for metric, value in row.items()
+           if not math.isnan(value)}
+    before = "degraded" if "degraded" in means.index else "input"
+    if "restored" in means.index and before in means.index:
+        for metric in columns:
+            delta = means.loc["restored", metric] - means.loc[before, metric]
+            if not math.isnan(delta):
+                out[f"eval/delta/{metric}"] = float(delta)
+    return out
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in M.HIGHER_IS_BETTER if c in table.columns and table[c].notna().any()]
+    means = table.groupby("condition", sort=False)[columns].mean(numeric_only=True)
+    fig, axes = plt.subplots(1, len(columns), figsize=(2.6 * len(columns), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], columns):
+        ax.bar(range(len(means)), means[metric].to_numpy(), color=[f"C{i}" for i in range(len(means))])
+        ax.set_xticks(range(len(means)), means.index, rotation=40, ha="right", fontsize=8)
+        ax.set_title(f"{metric} ({'higher' if M.HIGHER_IS_BETTER[metric] else 'lower'} is better)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def evaluation_key(what: dict[str, str], cfg: EvaluateConfig) -> str:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("run_id", "model_uri", "checkpoint", "device", "reuse")}
+    return hashlib.sha256(json.dumps({**what, **settings}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_evaluation(client: MlflowClient, key: str):
+    found = client.search_runs([experiment_id(client, EXPERIMENT)], f"tags.`{tag.EVAL_KEY}` = '{key}' and "
+                               "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
+def print_summary(metrics: dict[str, float], run_id: str, page: str) -> None:
+    order = ("clean", "input", "degraded", "restored", "copy_synthesis", "delta")
+    conditions = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2}, key=order.index)
+    names = [m for m in M.HIGHER_IS_BETTER if any(k.endswith(f"/{m}") for k in metrics)]
+    lines = ["", f"{'metric':<12}" + "".join(f"{c:>16}" for c in conditions)]
+    for name in names:
+        lines.append(f"{name:<12}" + "".join(f"{metrics.get(f'eval/{c}/{name}', math.nan):>16.3f}" for c in conditions))
+    lines += ["", f"Evaluation run {run_id}; listening page: {page}", ""]
+    sys.stdout.write("\n".join(lines))
+
+
+def run(argv: list[str], adopt_launcher: bool = True) -> int:
+    """The command; ``adopt_launcher=False`` when called in-process by another entry point (main), whose
+    ``mlflow run`` run must not become the evaluation run."""
+    setup_logging()
+    client = MlflowClient()
+    workdir = Path(tempfile.mkdtemp(prefix="evaluate-"))
+    try:
+        cfg = parse_args(argv)
+        precision = Precision.from_config(cfg.device, "32")
+        mode = "asr" if cfg.run_id and _stage_of(client, cfg.run_id) == "train_asr" else \
+            "noisy" if cfg.noisy_dir else "chain"
+        asr_run = cfg.run_id if mode == "asr" else cfg.asr_run
+        transcriber = Transcriber(client, asr_run, precision.device, workdir) if asr_run else None
+        what = {"mode": mode}
+        chain = source = None
+        if mode != "asr":
+            source = resolve_chain(client, cfg.run_id, cfg.model_uri, cfg.checkpoint, workdir)
+            chain = load_chain(source, precision)
+            what.update({k: source.metadata.get(k, "") for k in ("vocoder_run", "vocoder_step", "adapter_run",
+                                                                 "adapter_step")})
+        if transcriber is not None:
+            what.update(asr_run=asr_run, asr_step=str(transcriber.step))
+        if mode == "noisy":
+            what["noisy_files"] = ",".join(f"{p}:{p.stat().st_size}" for p in audio_files(cfg.noisy_dir))
+        else:
+            test_utterances(cfg)  # a missing corpus or a too small one is bad input, found before any run
+        key = evaluation_key(what, cfg)
+    except (ConfigError, ResumeError, CheckpointError, AudioError, CorpusError, ValueError, OSError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+
+    done = finished_evaluation(client, key) if cfg.reuse else None
+    if done is not None:
+        log.info("Reusing finished evaluation run %s (same runs, checkpoint steps, test set and seed)", done.info.run_id)
+        print_summary(done.data.metrics, done.info.run_id, f"runs:/{done.info.run_id}/listening/index.html")
+        return EXIT_OK
+
+    evaluated = [r for r in (what.get("vocoder_run"), asr_run) if r]
+    tags = {tag.STAGE: EXPERIMENT, tag.EVAL_KEY: key, tag.EVAL_MODE: mode, tag.MODEL: "hifigan" if chain else "conformer-ctc",
+            tag.DATASET: "noisy_dir" if mode == "noisy" else cfg.data}
+    links = {tag.EVAL_VOCODER_RUN: what.get("vocoder_run"), tag.EVAL_ADAPTER_RUN: what.get("adapter_run"),
+             tag.EVAL_ASR_RUN: asr_run, tag.EVAL_MODEL: cfg.model_uri}
+    tags.update({k: v for k, v in links.items() if v})
+    run_id = start_or_adopt_run(client, experiment=EXPERIMENT, run_name=f"evaluate-{mode}-{key[:6]}", tags=tags,
+                                params={**asdict(cfg), **what},
+                                launcher=os.environ.get("MLFLOW_RUN_ID") if adopt_launcher else None)
+    status = "FAILED"
+    try:
+        if mode == "asr":
+            items = asr_items(cfg)
+        elif mode == "noisy":
+            items = noisy_items(chain, cfg)
+        else:
+            items = chain_items(chain, cfg)
+        table = score(items, transcriber, quality=mode != "asr")
+        metrics = summary(table)
+        client.log_table(run_id, table, "eval/files.json")
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
+        with tempfile.TemporaryDirectory() as tmp:
+            plot(table, Path(tmp) / "conditions.png")
+            client.log_artifact(run_id, str(Path(tmp) / "conditions.png"), "eval")
+            examples = [Example(item.name, item.text, dict(item.audio)) for item in items[:LISTEN]]
+            write_listening_page(Path(tmp) / "listening", f"evaluate · {mode} · {key}", examples, M.RATE)
+            client.log_artifacts(run_id, str(Path(tmp) / "listening"), "listening")
+        for evaluated_run in evaluated:
+            client.set_tag(evaluated_run, tag.EVALUATION_RUN, run_id)
+        status = "FINISHED"
+    except Exception:
+        log.exception("Evaluation failed")
+        return EXIT_FAILED
+    finally:
+        client.set_terminated(run_id, status)
+    print_summary(metrics, run_id, f"runs:/{run_id}/listening/index.html")
+    return EXIT_OK
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

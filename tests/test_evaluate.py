@@ -1,0 +1,118 @@
+"""evaluate: a tiny chain scored on the demo test split in three conditions, an ASR run's CER/WER, reuse."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from mlflow import MlflowClient
+
+from conftest import artifact_dir, snapshot, stage_runs
+from pipeline import metrics as M
+from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, run_stage
+from pipeline.evaluate import run as evaluate
+
+TINY_ASR = ["asr=tiny", "batch_size=4", "max_samples=8", "tracking.system_metrics=false", "tracking.flush_seconds=0.2",
+            "trainer.epochs=1",
+            "trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]
+QUALITY = ["pesq_wb", "stoi", "estoi", "si_sdr", "lsd", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl"]
+
+
+def test_metrics_against_known_cases():
+    rng = np.random.default_rng(0)
+    clean = np.sin(2 * np.pi * 220 * np.arange(32000) / 16000) * (1 + 0.5 * rng.standard_normal(32000))
+    noise = rng.standard_normal(32000)
+    noise *= np.linalg.norm(clean) / np.linalg.norm(noise) / 10 ** (10 / 20)  # 10 dB SNR
+    assert M.si_sdr(clean, 0.3 * clean) > 100  # scale does not matter
+    assert M.si_sdr(clean, clean + noise) == pytest.approx(10.0, abs=0.2)
+    assert M.log_spectral_distance(clean, clean) == 0.0 and M.log_spectral_distance(clean, clean + noise) > 0.1
+    assert np.isnan(M.pesq_wb(np.zeros(16000), np.zeros(16000)))  # no speech: undefined, not an exception
+
+
+@pytest.fixture(scope="module")
+def asr_run(chain):
+    """A tiny train_asr run in the chain's tracking store."""
+    from pipeline.stages.train_asr import TrainAsr
+
+    assert run_stage(TrainAsr, TINY_ASR) == EXIT_OK
+    return stage_runs(MlflowClient(), "train_asr")[0].info.run_id
+
+
+def evaluations(client: MlflowClient, mode: str):
+    return [r for r in stage_runs(client, "evaluate") if r.data.tags["eval.mode"] == mode]
+
+
+def test_evaluate_a_chain_with_asr_then_reuse_the_run(chain, asr_run, capsys):
+    client = MlflowClient()
+    assert evaluate([f"run_id={chain['finetune']}", f"asr_run={asr_run}", "test_size=2"]) == EXIT_OK
+    out = capsys.readouterr().out
+    [run] = evaluations(client, "chain")
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert (tags["eval.vocoder_run"], tags["eval.adapter_run"], tags["eval.asr_run"]) == \
+        (chain["finetune"], chain["adapter"], asr_run)
+    assert client.get_run(chain["finetune"]).data.tags["evaluation.run"] == run.info.run_id
+    assert client.get_run(asr_run).data.tags["evaluation.run"] == run.info.run_id
+
+    table = json.loads((artifact_dir(client, run.info.run_id) / "eval" / "files.json").read_text())
+    assert set(table["columns"]) >= {"file", "condition", "text", "transcript", "cer", "wer", *QUALITY}
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert sorted({r["condition"] for r in rows}) == ["copy_synthesis", "degraded", "restored"]
+    assert len(rows) == 2 * 3
+    for r in rows:
+        assert all(np.isfinite(r[m]) for m in ("stoi", "si_sdr", "lsd", "dnsmos_ovrl", "cer", "wer")), r
+        assert 1.0 <= r["dnsmos_ovrl"] <= 5.0 and 0 <= r["cer"]
+
+    metrics = run.data.metrics
+    for condition in ("degraded", "restored", "copy_synthesis"):
+        for metric in ("stoi", "estoi", "si_sdr", "lsd", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "cer", "wer"):
+            assert f"eval/{condition}/{metric}" in metrics, (condition, metric)
+    assert metrics["eval/delta/stoi"] == pytest.approx(metrics["eval/restored/stoi"] - metrics["eval/degraded/stoi"])
+    files = {p.name for p in (artifact_dir(client, run.info.run_id) / "listening").iterdir()}
+    assert "index.html" in files and {"DEMO-0035_restored.wav", "DEMO-0035_copy_synthesis.wav"} <= files
+    assert (artifact_dir(client, run.info.run_id) / "eval" / "conditions.png").stat().st_size > 1000
+    assert "restored" in out and "pesq_wb" in out
+
+    assert evaluate([f"run_id={chain['finetune']}", f"asr_run={asr_run}", "test_size=2"]) == EXIT_OK
+    assert len(evaluations(client, "chain")) == 1  # the same evaluation: reused
+    assert evaluate([f"run_id={chain['finetune']}", f"asr_run={asr_run}", "test_size=2", "seed=7"]) == EXIT_OK
+    assert len(evaluations(client, "chain")) == 2  # another test set: a new run
+
+
+def test_evaluate_an_asr_run_and_real_noisy_recordings(chain, asr_run, tmp_path):
+    client = MlflowClient()
+    assert evaluate([f"run_id={asr_run}", "test_size=2"]) == EXIT_OK
+    [asr] = evaluations(client, "asr")
+    assert asr.data.tags["eval.mode"] == "asr"
+    assert {"eval/clean/cer", "eval/degraded/wer"} <= set(asr.data.metrics)
+
+    noisy = tmp_path / "recordings"
+    noisy.mkdir()
+    tone = np.sin(np.arange(24000) / 9.0) * 0.3
+    sf.write(noisy / "a.wav", tone + 0.05 * np.random.default_rng(1).standard_normal(len(tone)), 16000)
+    (noisy / "broken.wav").write_bytes(b"RIFF nope")
+    assert evaluate([f"run_id={chain['finetune']}", f"noisy_dir={noisy}"]) == EXIT_OK
+    [run] = evaluations(client, "noisy")
+    assert {"eval/input/dnsmos_ovrl", "eval/restored/dnsmos_ovrl", "eval/delta/dnsmos_ovrl"} <= set(run.data.metrics)
+    assert not any("pesq" in k for k in run.data.metrics)  # no reference: no intrusive metric
+
+
+def test_bad_input_gives_one_message_exit_2_and_no_run(chain, tmp_path, capfd):
+    client = MlflowClient()
+    cases = [
+        ([f"run_id={'0' * 32}"], "not found in the tracking store"),
+        ([f"run_id={chain['adapter']}"], "is a train_adapter run, not a finetune_vocoder run"),
+        ([f"run_id={chain['finetune']}", "data=nope"], "data='nope': no such preset"),
+        ([f"run_id={chain['finetune']}", "test_size=400"], "test_size=400 but the corpus has 36"),
+        ([f"run_id={chain['finetune']}", f"noisy_dir={tmp_path / 'missing'}"], "input not found"),
+        ([f"run_id={chain['finetune']}", f"asr_run={chain['adapter']}"], "not a train_asr run"),
+        (["test_size=2"], "Give exactly one of"),
+    ]
+    before = snapshot(client)
+    for args, message in cases:
+        capfd.readouterr()
+        assert evaluate(args) == EXIT_BAD_INPUT, args
+        assert message in capfd.readouterr().err, message
+    assert snapshot(client) == before
