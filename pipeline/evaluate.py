@@ -279,72 +279,85 @@ def print_summary(metrics: dict[str, float], run_id: str, page: str) -> None:
     sys.stdout.write("\n".join(lines))
 
 
+@dataclass
+class Plan:
+    """What one evaluation scores, decided before any run is written."""
+
+    cfg: EvaluateConfig
+    mode: str  # chain | noisy | asr
+    what: dict[str, str]  # the runs and steps evaluated (with the settings, the evaluation key)
+    key: str
+    chain: object | None  # RestorationChain (chain and noisy modes)
+    transcriber: Transcriber | None
+    asr_run: str | None
+
+
+def plan(cfg: EvaluateConfig, client: MlflowClient, workdir: Path) -> Plan:
+    """Load what is evaluated and check the test set; every bad input surfaces here (nothing is written)."""
+    precision = Precision.from_config(cfg.device, "32")
+    mode = "asr" if cfg.run_id and _stage_of(client, cfg.run_id) == "train_asr" else "noisy" if cfg.noisy_dir else "chain"
+    asr_run = cfg.run_id if mode == "asr" else cfg.asr_run
+    transcriber = Transcriber(client, asr_run, precision.device, workdir) if asr_run else None
+    what, chain = {"mode": mode}, None
+    if mode != "asr":
+        source = resolve_chain(client, cfg.run_id, cfg.model_uri, cfg.checkpoint, workdir)
+        chain = load_chain(source, precision)
+        what.update({k: source.metadata.get(k, "") for k in ("vocoder_run", "vocoder_step", "adapter_run", "adapter_step")})
+    if transcriber is not None:
+        what.update(asr_run=asr_run, asr_step=str(transcriber.step))
+    if mode == "noisy":
+        what["noisy_files"] = ",".join(f"{p}:{p.stat().st_size}" for p in audio_files(cfg.noisy_dir))
+    else:
+        test_utterances(cfg)  # a missing corpus or a too small one
+    return Plan(cfg, mode, what, evaluation_key(what, cfg), chain, transcriber, asr_run)
+
+
+def evaluate_in_run(client: MlflowClient, p: Plan, run_id: str) -> dict[str, float]:
+    """Restore and score the test set, and log the table, metrics, plot and listening page into ``run_id``."""
+    items = asr_items(p.cfg) if p.mode == "asr" else noisy_items(p.chain, p.cfg) if p.mode == "noisy" else \
+        chain_items(p.chain, p.cfg)
+    table = score(items, p.transcriber, quality=p.mode != "asr")
+    metrics = summary(table)
+    client.log_table(run_id, table, "eval/files.json")
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        plot(table, Path(tmp) / "conditions.png")
+        client.log_artifact(run_id, str(Path(tmp) / "conditions.png"), "eval")
+        examples = [Example(item.name, item.text, dict(item.audio)) for item in items[:LISTEN]]
+        write_listening_page(Path(tmp) / "listening", f"evaluate · {p.mode} · {p.key}", examples, M.RATE)
+        client.log_artifacts(run_id, str(Path(tmp) / "listening"), "listening")
+    return metrics
+
+
 def run(argv: list[str], adopt_launcher: bool = True) -> int:
     """The command; ``adopt_launcher=False`` when called in-process by another entry point (main), whose
     ``mlflow run`` run must not become the evaluation run."""
     setup_logging()
     client = MlflowClient()
-    workdir = Path(tempfile.mkdtemp(prefix="evaluate-"))
     try:
-        cfg = parse_args(argv)
-        precision = Precision.from_config(cfg.device, "32")
-        mode = "asr" if cfg.run_id and _stage_of(client, cfg.run_id) == "train_asr" else \
-            "noisy" if cfg.noisy_dir else "chain"
-        asr_run = cfg.run_id if mode == "asr" else cfg.asr_run
-        transcriber = Transcriber(client, asr_run, precision.device, workdir) if asr_run else None
-        what = {"mode": mode}
-        chain = source = None
-        if mode != "asr":
-            source = resolve_chain(client, cfg.run_id, cfg.model_uri, cfg.checkpoint, workdir)
-            chain = load_chain(source, precision)
-            what.update({k: source.metadata.get(k, "") for k in ("vocoder_run", "vocoder_step", "adapter_run",
-                                                                 "adapter_step")})
-        if transcriber is not None:
-            what.update(asr_run=asr_run, asr_step=str(transcriber.step))
-        if mode == "noisy":
-            what["noisy_files"] = ",".join(f"{p}:{p.stat().st_size}" for p in audio_files(cfg.noisy_dir))
-        else:
-            test_utterances(cfg)  # a missing corpus or a too small one is bad input, found before any run
-        key = evaluation_key(what, cfg)
+        p = plan(parse_args(argv), client, Path(tempfile.mkdtemp(prefix="evaluate-")))
     except (ConfigError, ResumeError, CheckpointError, AudioError, CorpusError, ValueError, OSError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
-
-    done = finished_evaluation(client, key) if cfg.reuse else None
+    done = finished_evaluation(client, p.key) if p.cfg.reuse else None
     if done is not None:
         log.info("Reusing finished evaluation run %s (same runs, checkpoint steps, test set and seed)", done.info.run_id)
         print_summary(done.data.metrics, done.info.run_id, f"runs:/{done.info.run_id}/listening/index.html")
         return EXIT_OK
 
-    evaluated = [r for r in (what.get("vocoder_run"), asr_run) if r]
-    tags = {tag.STAGE: EXPERIMENT, tag.EVAL_KEY: key, tag.EVAL_MODE: mode, tag.MODEL: "hifigan" if chain else "conformer-ctc",
-            tag.DATASET: "noisy_dir" if mode == "noisy" else cfg.data}
-    links = {tag.EVAL_VOCODER_RUN: what.get("vocoder_run"), tag.EVAL_ADAPTER_RUN: what.get("adapter_run"),
-             tag.EVAL_ASR_RUN: asr_run, tag.EVAL_MODEL: cfg.model_uri}
-    tags.update({k: v for k, v in links.items() if v})
-    run_id = start_or_adopt_run(client, experiment=EXPERIMENT, run_name=f"evaluate-{mode}-{key[:6]}", tags=tags,
-                                params={**asdict(cfg), **what},
+    tags = {tag.STAGE: EXPERIMENT, tag.EVAL_KEY: p.key, tag.EVAL_MODE: p.mode,
+            tag.MODEL: "hifigan" if p.chain else "conformer-ctc", tag.DATASET: "noisy_dir" if p.mode == "noisy" else p.cfg.data}
+    links = {tag.EVAL_VOCODER_RUN: p.what.get("vocoder_run"), tag.EVAL_ADAPTER_RUN: p.what.get("adapter_run"),
+             tag.EVAL_ASR_RUN: p.asr_run, tag.EVAL_MODEL: p.cfg.model_uri}
+    run_id = start_or_adopt_run(client, experiment=EXPERIMENT, run_name=f"evaluate-{p.mode}-{p.key[:6]}",
+                                tags={**tags, **{k: v for k, v in links.items() if v}}, params={**asdict(p.cfg), **p.what},
                                 launcher=os.environ.get("MLFLOW_RUN_ID") if adopt_launcher else None)
     status = "FAILED"
     try:
-        if mode == "asr":
-            items = asr_items(cfg)
-        elif mode == "noisy":
-            items = noisy_items(chain, cfg)
-        else:
-            items = chain_items(chain, cfg)
-        table = score(items, transcriber, quality=mode != "asr")
-        metrics = summary(table)
-        client.log_table(run_id, table, "eval/files.json")
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
-        with tempfile.TemporaryDirectory() as tmp:
-            plot(table, Path(tmp) / "conditions.png")
-            client.log_artifact(run_id, str(Path(tmp) / "conditions.png"), "eval")
-            examples = [Example(item.name, item.text, dict(item.audio)) for item in items[:LISTEN]]
-            write_listening_page(Path(tmp) / "listening", f"evaluate · {mode} · {key}", examples, M.RATE)
-            client.log_artifacts(run_id, str(Path(tmp) / "listening"), "listening")
-        for evaluated_run in evaluated:
-            client.set_tag(evaluated_run, tag.EVALUATION_RUN, run_id)
+        metrics = evaluate_in_run(client, p, run_id)
+        for evaluated in (p.what.get("vocoder_run"), p.asr_run):
+            if evaluated:
+                client.set_tag(evaluated, tag.EVALUATION_RUN, run_id)
         status = "FINISHED"
     except Exception:
         log.exception("Evaluation failed")

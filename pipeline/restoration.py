@@ -93,33 +93,16 @@ def _checked(directory: Path, stage: str) -> dict[str, Any]:
 class RestorationChain:
     """The chain, rebuilt from its checkpoints on one device, ready to restore waveforms."""
 
-    def __init__(self, adapter_dir: Path, vocoder_dir: Path, precision: Precision | None = None,
-                 chunk_seconds: float = 10.0, context_seconds: float = 1.0, fade_seconds: float = 0.5,
-                 ssl_weights: str | None = None):
+    def __init__(self, ssl, adapter, vocoder, precision: Precision | None = None, chunk_seconds: float = 10.0,
+                 context_seconds: float = 1.0, fade_seconds: float = 0.5):
+        """A chain of ``ssl`` (EncoderConfig), ``adapter`` (AdapterConfig) and ``vocoder`` (VocoderConfig) with
+        freshly initialised adapters and generator: ``from_checkpoints`` loads trained ones."""
         self.precision = precision or Precision.from_config("cpu", "32")
         self.device = self.precision.device
-        vocoder_meta, adapter_meta = _checked(vocoder_dir, CHAIN_STAGE), _checked(adapter_dir, ADAPTER_STAGE)
-        args = vocoder_meta["model_args"]
-        ssl = OmegaConf.merge(OmegaConf.structured(EncoderConfig), args["ssl"])
-        if ssl_weights:
-            ssl.weights = ssl_weights
-        if ssl.weights and not Path(ssl.weights).expanduser().exists():
-            raise CheckpointError(f"The chain's encoder weights {ssl.weights} are not on this machine; give "
-                                  "ssl_weights=<the same encoder's Hugging Face directory or state dict>")
-        trained = adapter_meta["model_args"]["ssl"]
-        if (trained["name"], trained["layer"]) != (ssl.name, ssl.layer):
-            raise CheckpointError(f"The adapter checkpoint {adapter_dir} was trained on encoder {trained['name']} layer "
-                                  f"{trained['layer']}, the vocoder on {ssl.name} layer {ssl.layer}")
-        self.adapted = build_adapted_encoder(ssl, OmegaConf.merge(OmegaConf.structured(AdapterConfig), args["adapter"]))
-        adapter_state = load_state(adapter_dir)["modules"]
-        for key, module in self.adapted.trainable_modules().items():
-            module.load_state_dict(adapter_state[key])
-        vocoder = OmegaConf.merge(OmegaConf.structured(VocoderConfig), args["vocoder"])
+        self.adapted = build_adapted_encoder(ssl, adapter)
         self.generator = Generator(ssl.embed_dim, vocoder)
-        self.generator.load_state_dict(load_state(vocoder_dir)["modules"]["generator"])
         self.adapted.to(self.device).eval().requires_grad_(False)
         self.generator.to(self.device).eval().requires_grad_(False)
-
         self.adapters_on = True
         self.rate_in, self.rate_out = int(ssl.sample_rate), int(vocoder.sample_rate)
         self.hop_in, receptive = encoder_geometry(ssl)
@@ -132,6 +115,31 @@ class RestorationChain:
         self.context_frames = max(int(round(context_seconds * frame_rate)), self.fade_frames)
         if self.chunk_frames and self.chunk_frames < self.fade_frames:
             raise ValueError(f"chunk_seconds={chunk_seconds} must be at least fade_seconds={fade_seconds}")
+
+    @classmethod
+    def from_checkpoints(cls, adapter_dir: Path, vocoder_dir: Path, precision: Precision | None = None,
+                         ssl_weights: str | None = None, **options) -> "RestorationChain":
+        """The chain of a verified finetune_vocoder checkpoint and the train_adapter checkpoint it was
+        fine-tuned on (weights loaded with ``weights_only=True``); ``options`` are the chunking settings."""
+        vocoder_meta, adapter_meta = _checked(vocoder_dir, CHAIN_STAGE), _checked(adapter_dir, ADAPTER_STAGE)
+        args = vocoder_meta["model_args"]
+        ssl = OmegaConf.merge(OmegaConf.structured(EncoderConfig), args["ssl"])
+        if ssl_weights:
+            ssl.weights = ssl_weights
+        if ssl.weights and not Path(ssl.weights).expanduser().exists():
+            raise CheckpointError(f"The chain's encoder weights {ssl.weights} are not on this machine; give "
+                                  "ssl_weights=<the same encoder's Hugging Face directory or state dict>")
+        trained = adapter_meta["model_args"]["ssl"]
+        if (trained["name"], trained["layer"]) != (ssl.name, ssl.layer):
+            raise CheckpointError(f"The adapter checkpoint {adapter_dir} was trained on encoder {trained['name']} layer "
+                                  f"{trained['layer']}, the vocoder on {ssl.name} layer {ssl.layer}")
+        chain = cls(ssl, OmegaConf.merge(OmegaConf.structured(AdapterConfig), args["adapter"]),
+                    OmegaConf.merge(OmegaConf.structured(VocoderConfig), args["vocoder"]), precision, **options)
+        adapter_state = load_state(adapter_dir)["modules"]
+        for key, module in chain.adapted.trainable_modules().items():
+            module.load_state_dict(adapter_state[key])
+        chain.generator.load_state_dict(load_state(vocoder_dir)["modules"]["generator"])
+        return chain
 
     @torch.no_grad()
     def _frames(self, wave: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -195,7 +203,7 @@ class RestorationChain:
 
 
 def load_chain(source: ChainCheckpoints, precision: Precision | None = None, **options) -> RestorationChain:
-    return RestorationChain(source.adapter_dir, source.vocoder_dir, precision, **options)
+    return RestorationChain.from_checkpoints(source.adapter_dir, source.vocoder_dir, precision, **options)
 
 
 def chain_from_model(uri: str, workdir: Path) -> ChainCheckpoints:
@@ -316,9 +324,9 @@ class ChainModel(mlflow.pyfunc.PythonModel):
         config = dict(context.model_config or {})
         self.max_seconds = float(config.get("max_seconds", MAX_SECONDS))
         precision = Precision.from_config(str(config.get("device", "cpu")), str(config.get("precision", "32")))
-        self.chain = RestorationChain(Path(context.artifacts["adapter"]), Path(context.artifacts["vocoder"]), precision,
-                                      chunk_seconds=float(config.get("chunk_seconds", 10.0)),
-                                      ssl_weights=config.get("ssl_weights") or None)
+        self.chain = RestorationChain.from_checkpoints(
+            Path(context.artifacts["adapter"]), Path(context.artifacts["vocoder"]), precision,
+            ssl_weights=config.get("ssl_weights") or None, chunk_seconds=float(config.get("chunk_seconds", 10.0)))
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

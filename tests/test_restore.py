@@ -74,8 +74,8 @@ def test_chunked_restoration_equals_whole_file_restoration_away_from_chunk_borde
     source = chain_from_run(MlflowClient(), chain["finetune"], tmp_path / "w")
     waves = [torch.from_numpy(demo_wave(i)[0]) for i in range(6)]
     wave = torch.cat(waves)
-    whole = RestorationChain(source.adapter_dir, source.vocoder_dir, chunk_seconds=0).restore(wave, 16000)
-    chunked_chain = RestorationChain(source.adapter_dir, source.vocoder_dir, chunk_seconds=2.0, context_seconds=1.0,
+    whole = RestorationChain.from_checkpoints(source.adapter_dir, source.vocoder_dir, chunk_seconds=0).restore(wave, 16000)
+    chunked_chain = RestorationChain.from_checkpoints(source.adapter_dir, source.vocoder_dir, chunk_seconds=2.0, context_seconds=1.0,
                                      fade_seconds=0.5)
     chunked = chunked_chain.restore(wave, 16000)
     assert chunked.shape == whole.shape == wave.shape  # 16 kHz in, 16 kHz out
