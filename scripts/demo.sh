@@ -11,7 +11,10 @@ OVERRIDES=${OVERRIDES:-""}   # e.g. OVERRIDES="pretrain_vocoder.trainer.max_step
 mlflow run . -e main --env-manager local --experiment-name main -P overrides="$OVERRIDES"
 cat <<MSG
   Checkpoints: .venv/bin/python -m pipeline.checkpoints --model hifigan --dataset demo
-  Listening pages: the vocoder runs' artifacts samples/step-*/index.html (clean, degraded, generated)
+  Listening pages: the vocoder runs' artifacts samples/step-*/index.html (clean, degraded, generated),
+    and the evaluate run's listening/index.html (clean, degraded, restored, copy synthesis)
+  Restore your own audio: .venv/bin/python -m pipeline.restore model_uri=models:/speech-restoration/1 \
+        input=<file or directory> output=<directory>
   Resume a step with more steps, logging into the same run:
     source .venv/bin/activate && mlflow run . -e pretrain_vocoder --env-manager local \\
         -P resume_run=<pretrain_vocoder run ID above> -P overrides="trainer.max_steps=600"
