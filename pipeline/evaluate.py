@@ -342,6 +342,10 @@ def run(argv: list[str], adopt_launcher: bool = True) -> int:
     done = finished_evaluation(client, p.key) if p.cfg.reuse else None
     if done is not None:
         log.info("Reusing finished evaluation run %s (same runs, checkpoint steps, test set and seed)", done.info.run_id)
+        launcher = os.environ.get("MLFLOW_RUN_ID") if adopt_launcher else None
+        if launcher:  # the run `mlflow run` made for this command points at the evaluation it reused
+            client.set_tag(launcher, tag.EVALUATION_RUN, done.info.run_id)
+            client.set_tag(launcher, tag.NOTE, f"Reused the finished evaluation run {done.info.run_id}.")
         print_summary(done.data.metrics, done.info.run_id, f"runs:/{done.info.run_id}/listening/index.html")
         return EXIT_OK
 

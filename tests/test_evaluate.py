@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from mlflow import MlflowClient
 
-from conftest import artifact_dir, snapshot, stage_runs
+from conftest import REPO, VENV_BIN, artifact_dir, env_for, snapshot, stage_runs
 from pipeline import metrics as M
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, run_stage
 from pipeline.evaluate import run as evaluate
@@ -44,7 +46,7 @@ def evaluations(client: MlflowClient, mode: str):
     return [r for r in stage_runs(client, "evaluate") if r.data.tags["eval.mode"] == mode]
 
 
-def test_evaluate_a_chain_with_asr_then_reuse_the_run(chain, asr_run, capsys):
+def test_evaluate_a_chain_with_asr_then_reuse_the_run(chain, asr_run, tmp_path, capsys):
     client = MlflowClient()
     assert evaluate([f"run_id={chain['finetune']}", f"asr_run={asr_run}", "test_size=2"]) == EXIT_OK
     out = capsys.readouterr().out
@@ -75,8 +77,14 @@ def test_evaluate_a_chain_with_asr_then_reuse_the_run(chain, asr_run, capsys):
     assert (artifact_dir(client, run.info.run_id) / "eval" / "conditions.png").stat().st_size > 1000
     assert "restored" in out and "pesq_wb" in out
 
-    assert evaluate([f"run_id={chain['finetune']}", f"asr_run={asr_run}", "test_size=2"]) == EXIT_OK
-    assert len(evaluations(client, "chain")) == 1  # the same evaluation: reused
+    # the same evaluation again, through `mlflow run` (overrides as one word): reused
+    done = subprocess.run([str(Path(VENV_BIN) / "mlflow"), "run", str(REPO), "-e", "evaluate", "--env-manager", "local",
+                           "-P", f"run_id={chain['finetune']}", "-P", f"asr_run={asr_run}", "-P",
+                           "overrides=test_size=2 seed=1234"], cwd=tmp_path, env=env_for(chain["dir"]),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Reusing finished evaluation run {run.info.run_id}" in done.stderr
+    assert len(evaluations(client, "chain")) == 1
     assert evaluate([f"run_id={chain['finetune']}", f"asr_run={asr_run}", "test_size=2", "seed=7"]) == EXIT_OK
     assert len(evaluations(client, "chain")) == 2  # another test set: a new run
 
