@@ -40,6 +40,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 from pipeline.config import CONFIG_DIR, ConfigError, apply_overrides, compose_config, mask_secrets, split_overrides
+from pipeline.engine.launch import parse_launch
 from pipeline.engine import tags as tag
 from pipeline.engine.session import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, exit_now,
                                      run_stage, setup_logging)
@@ -163,7 +164,7 @@ def load_spec(stage: str, overrides: list[str]) -> SweepSpec:
 
 def validate(stage_cls: type[Stage], spec: SweepSpec, stage_overrides: list[str]) -> dict[str, Any]:
     """Every mistake that would waste a trial, caught now: returns the parsed search space."""
-    base = compose_config(stage_cls.name, stage_overrides)
+    base = compose_config(stage_cls.name, parse_launch(stage_overrides, stage_cls.run_inputs).overrides)
     if not spec.space:
         raise ConfigError(f"The search space in configs/sweep/{stage_cls.name}.yaml is empty")
     space = {}
@@ -470,7 +471,8 @@ def run_sweep(argv: list[str]) -> int:
         return EXIT_BAD_INPUT
 
     client = MlflowClient()
-    experiment = compose_config(stage, stage_overrides).tracking.experiment or stage
+    launch = parse_launch(stage_overrides, stage_cls.run_inputs)  # e.g. finetune_vocoder's adapter_run=, vocoder_run=
+    experiment = compose_config(stage, launch.overrides).tracking.experiment or stage
     if os.environ.get("MLFLOW_RUN_ID") and created:
         experiment = client.get_experiment(client.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id).name
     params = {"sweep.stage": stage, "sweep.n_trials": n_trials, "sweep.storage": storage, "sweep.study": study_name,

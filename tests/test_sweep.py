@@ -247,3 +247,13 @@ def test_every_stage_search_space_is_valid(stage):
 
     space = validate(stage_class(stage), load_spec(stage, []), [])
     assert space and all(isinstance(d, optuna.distributions.BaseDistribution) for d in space.values())
+
+
+def test_a_sweep_over_a_stage_that_builds_on_runs_takes_them_as_launch_arguments():
+    """finetune_vocoder's adapter_run= and vocoder_run= are launch arguments, not config keys: the sweep's
+    checks compose the config without them (each trial gets them back on its command line)."""
+    from pipeline.sweep import SweepSpec, stage_class, validate
+
+    spec = SweepSpec(metric="val/mel", space={"optim.lr": "loguniform(1e-5, 1e-3)"})
+    space = validate(stage_class("finetune_vocoder"), spec, ["adapter_run=a1", "vocoder_run=v1", "batch_size=4"])
+    assert set(space) == {"optim.lr"}
