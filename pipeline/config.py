@@ -164,6 +164,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000  # total optimizer steps of the job (across all attempts)
+    max_nonfinite_steps: int = 20  # steps in a row with a non-finite loss or gradient (updates skipped) before the job stops
     epochs: Optional[int] = None  # epoch-based stages: train this many epochs (then max_steps is unused)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "32"  # 32 | bf16 | 16-mixed

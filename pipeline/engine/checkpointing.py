@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -42,6 +43,7 @@ from pipeline.files import sha256_file
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+RESUME_META = ("stage", "step", "config")  # what a resume reads from meta.json besides the verified sha256
 STATE_FILE, META_FILE = "state.pt", "meta.json"
 CHECKPOINT_DIR = "checkpoints"
 INDEX_FILE = f"{CHECKPOINT_DIR}/index.csv"
@@ -140,9 +142,22 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise CheckpointError(f"checkpoint {ckpt_dir} has no {META_FILE}")
     try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} holds a {type(meta).__name__}, not an object")
+    return meta
+
+
+def check_resumable(meta: dict[str, Any], ckpt_dir: Path) -> None:
+    """What a resume reads from a verified checkpoint's meta.json is there and well-formed."""
+    missing = [key for key in RESUME_META if key not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} lacks {', '.join(missing)}; it was not written "
+                              "by this pipeline or was edited")
+    if not isinstance(meta["config"], dict) or not isinstance(meta["step"], int) or meta["step"] < 0:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} has a malformed config or step")
 
 
 def verify(ckpt_dir: Path) -> dict[str, Any]:
@@ -265,10 +280,13 @@ def steps_to_keep(rows: list[dict[str, Any]], policy: RetentionPolicy, latest: i
     steps = sorted(int(r["step"]) for r in rows)
     keep = set(steps[-policy.keep_last_n :]) if policy.keep_last_n > 0 else set()
     scored = []
-    for r in rows:
-        value = r.get(policy.monitor)
-        if value not in (None, ""):
-            scored.append((float(value), int(r["step"])))
+    for r in rows:  # a missing, unparsable or non-finite value ranks below every real one (never "best")
+        try:
+            value = float(r.get(policy.monitor))
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            scored.append((value, int(r["step"])))
     scored.sort(reverse=policy.mode == "max")
     keep |= {step for _, step in scored[: max(policy.keep_best_k, 0)]}
     keep.add(latest)

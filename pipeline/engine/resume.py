@@ -25,6 +25,7 @@ from pipeline.engine.checkpointing import (
     META_FILE,
     CheckpointError,
     RetentionPolicy,
+    check_resumable,
     checkpoint_name,
     download_checkpoint,
     list_checkpoints,
@@ -169,6 +170,7 @@ def get_stage_run(client: MlflowClient, run_id: str, stage: str):
 
 def _load_verified(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = verify(ckpt_dir)
+    check_resumable(meta, ckpt_dir)
     return meta, load_state(ckpt_dir)
 
 

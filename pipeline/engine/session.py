@@ -47,7 +47,7 @@ from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
 from pipeline.engine.tracking import (MetricLogger, copy_history, describe_run, last_logged_step,
                                       log_dataset_inputs, start_or_adopt_run)
-from pipeline.engine.trainer import Engine, Position
+from pipeline.engine.trainer import Engine, NonFiniteTraining, Position
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,8 @@ def check_settings(stage_cls: type[Stage], cfg: DictConfig) -> None:
     if monitor not in stage_cls.val_metric_names:
         raise ConfigError(f"checkpoint.monitor={monitor!r} is never logged by {stage_cls.name}, so no checkpoint could "
                           f"be ranked by it; choose one of {', '.join(stage_cls.val_metric_names)}")
-    positive = ("batch_size", "checkpoint.save_interval", "trainer.log_interval")
+    positive = ("batch_size", "checkpoint.save_interval", "trainer.log_interval", "trainer.max_steps", "trainer.epochs",
+                "trainer.max_nonfinite_steps")
     at_least_zero = ("checkpoint.keep_last_n", "checkpoint.keep_best_k", "validation.interval", "optim.warmup_steps",
                      "optim.grad_clip", "optim.lr")
     for key in positive + at_least_zero:
@@ -436,6 +437,8 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
         except AbortTraining:
             status, stopped_by, code = "KILLED", "signal", EXIT_ABORTED
             client.set_tag(ctx.run_id, tag.STOP_ABORTED, "true")
+        except NonFiniteTraining as err:
+            log.error("%s", err)  # status FAILED, code EXIT_FAILED: the run ends with what it committed
         except BaseException:
             log.exception("Training failed")
             raise

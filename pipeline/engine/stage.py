@@ -129,6 +129,7 @@ class Stage:
         self.device = precision.device
         self.inputs: dict[str, str] = dict(inputs or {})  # run_inputs by name (stored in every checkpoint)
         self.resuming = resuming  # the engine restores a checkpoint after build(): skip initial weights
+        self.nonfinite_updates = 0  # optimizer updates skipped because the loss or gradient was not finite
         self.modules: dict[str, nn.Module] = {}  # trainable modules: saved in checkpoints
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
@@ -220,6 +221,9 @@ class Stage:
                  update_scaler: bool = True) -> torch.Tensor:
         """Backward, clip, step (through the grad scaler when one is used); returns the grad norm.
 
+        A non-finite loss or gradient norm skips the update (the grad scaler skips it by itself) and is
+        counted in ``nonfinite_updates``: the engine stops the job when that happens too many steps in a row.
+
         With several optimizers in one training step (a GAN), all share the one grad scaler and only
         the last call of the step passes ``update_scaler=True``: the scale is updated once per
         iteration, after every optimizer has stepped (PyTorch's recipe for multiple optimizers).
@@ -235,10 +239,15 @@ class Stage:
                 loss.backward()
             clip = self.cfg.optim.grad_clip
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+            finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss.detach()).all())
+            if not finite:
+                self.nonfinite_updates += 1
             if scaler is not None:
                 scaler.step(optimizer)
                 if update_scaler:
                     scaler.update()
-            else:
+            elif finite:
                 optimizer.step()
+            else:
+                optimizer.zero_grad(set_to_none=True)
         return grad_norm

@@ -48,6 +48,10 @@ class Position:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
 
 
+class NonFiniteTraining(RuntimeError):
+    """Too many steps in a row with a non-finite loss or gradient: the job stops, its checkpoints intact."""
+
+
 @dataclass
 class TrainResult:
     position: Position
@@ -121,6 +125,8 @@ class Engine:
         self.hooks = hooks  # TrainingHooks: on_validation may ask to stop (e.g. a pruned sweep trial)
         self.pos = Position()
         self.val_metrics: dict[str, float] = {}
+        self.nonfinite_steps = 0  # steps whose update was skipped (loss or gradient not finite), all attempts
+        self.nonfinite_streak = 0  # of them, the ones in a row up to now
         self.total_steps = int(self.cfg.trainer.max_steps)  # set from the position when fit() starts
         self._code_version = code_version()
 
@@ -140,6 +146,8 @@ class Engine:
             "scaler": s.precision.scaler.state_dict() if s.precision.scaler is not None else {},
             "rng": capture_rng(),
             "val_metrics": dict(self.val_metrics),
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_streak": self.nonfinite_streak,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, restore_data_position: bool = True) -> None:
@@ -161,6 +169,8 @@ class Engine:
         if old_size != new_size:  # keep the sample position in the epoch, in whole new batches
             self.pos.batch_in_epoch = -(-self.pos.batch_in_epoch * old_size // new_size)
         self.val_metrics = dict(state.get("val_metrics", {}))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         old_workers = int(state.get("data_workers", self._workers()))
         if s.train_source.order_depends_on_workers and old_workers != self._workers() and self.pos.batch_in_epoch:
             log.warning("data.num_workers changed from %d to %d in the middle of epoch %d: the data are dealt to "
@@ -294,6 +304,23 @@ class Engine:
             if any(Path(tmp).iterdir()):
                 self.store.client.log_artifacts(self.run_id, tmp, f"samples/{checkpoint_name(self.pos.step)}")
 
+    # --- non-finite steps ----------------------------------------------------------------------
+    def _count_nonfinite(self) -> int:
+        self.nonfinite_steps += 1
+        self.nonfinite_streak += 1
+        log.warning("Step %d: the loss or a gradient is not finite; its update was skipped (%d in a row, %d in all)",
+                    self.pos.step, self.nonfinite_streak, self.nonfinite_steps)
+        return self.nonfinite_steps
+
+    def _stop_if_diverged(self) -> None:
+        limit = int(self.cfg.trainer.max_nonfinite_steps)
+        if self.nonfinite_streak >= limit:
+            raise NonFiniteTraining(
+                f"{self.nonfinite_streak} steps in a row (up to step {self.pos.step}) had a non-finite loss or gradient, "
+                f"trainer.max_nonfinite_steps={limit}: stopping. No update of those steps was applied and the committed "
+                "checkpoints are intact; resume from one with a lower optim.lr (or a larger optim.warmup_steps), "
+                "e.g. resume_run=<this run> resume_step=<an earlier step> optim.lr=<lower>")
+
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg = self.cfg
@@ -315,6 +342,7 @@ class Engine:
                 self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
             for batch in self._epoch_loader():
                 batch = stage.to_device(batch)
+                skipped_before = stage.nonfinite_updates
                 with stage.precision.autocast():  # Stage.optimize leaves it for the backward pass
                     out = stage.training_step(batch)
                 self.pos.step += 1
@@ -333,7 +361,12 @@ class Engine:
                              " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if k.startswith("train/")))
                     if self.on_progress:
                         self.on_progress(self.pos)
+                if stage.nonfinite_updates != skipped_before:
+                    metrics["train/nonfinite_steps"] = self._count_nonfinite()
+                else:
+                    self.nonfinite_streak = 0
                 self.metrics.log(metrics, self.pos.step)
+                self._stop_if_diverged()
                 bar.update(1)
                 last = self.pos.step >= max_steps
                 if val_interval > 0 and (self.pos.step % val_interval == 0 or last):

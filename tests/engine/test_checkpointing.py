@@ -209,3 +209,24 @@ def test_retention_never_deletes_a_checkpoint_missing_from_the_index(store):
     store_.save(30, {"w": torch.zeros(4)}, {"format_version": 1, "step": 30}, {"name": "step-00000030", "step": 30})
     store_.close()
     assert list_checkpoints(client, run_id) == [20, 25, 30]
+
+
+def test_malformed_meta_json_is_a_checkpoint_error_naming_the_file(tmp_path):
+    from pipeline.engine.checkpointing import CheckpointError, check_resumable, read_meta
+
+    for text, message in {"[1, 2]": "holds a list, not an object", "\\xff": "not valid JSON"}.items():
+        (tmp_path / "meta.json").write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            read_meta(tmp_path)
+    for meta, message in [({"step": 3}, "lacks stage, config"), ({"stage": "s", "step": "ten", "config": {}}, "malformed")]:
+        with pytest.raises(CheckpointError, match=message):
+            check_resumable(meta, tmp_path)
+
+
+def test_a_nan_or_unreadable_monitored_value_never_ranks_best():
+    from pipeline.engine.checkpointing import RetentionPolicy, steps_to_keep
+
+    rows = [{"step": "10", "val/loss": "nan"}, {"step": "20", "val/loss": "0.5"}, {"step": "30", "val/loss": "ten"},
+            {"step": "40", "val/loss": "0.7"}, {"step": "50", "val/loss": ""}]
+    assert steps_to_keep(rows, RetentionPolicy(1, 2, "val/loss", "min"), latest=50) == {20, 40, 50}
+    assert steps_to_keep(rows, RetentionPolicy(0, 1, "val/loss", "max"), latest=50) == {40, 50}

@@ -31,3 +31,46 @@ def test_a_plan_resolves_launch_arguments_and_config_and_writes_nothing(store):
     with pytest.raises(ConfigError, match="Nothing to train"):
         plan_job(TrainAdapter, [f"resume_run={run_id}"], client)
     assert snapshot(client) == before and len(client.search_experiments()) == experiments
+
+
+def test_a_latest_checkpoint_with_malformed_meta_falls_back_to_the_previous_one(store, capfd):
+    import json
+
+    from conftest import artifact_dir
+
+    assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2"]) == EXIT_OK
+    client = MlflowClient()
+    run_id = stage_runs(client)[0].info.run_id
+    meta_path = artifact_dir(client, run_id) / "checkpoints" / "step-00000004" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]  # state.pt still matches its sha256: only the meta is broken
+    meta_path.write_text(json.dumps(meta))
+    capfd.readouterr()
+    plan = plan_job(TrainAdapter, [f"resume_run={run_id}", "trainer.max_steps=6"], client)
+    assert plan.resume.step == 2
+    assert "meta.json lacks config" in capfd.readouterr().err
+
+
+def test_a_diverging_job_stops_failed_with_its_checkpoints_finite(store, capfd, monkeypatch):
+    import torch
+
+    from conftest import artifact_dir
+    from pipeline.engine.session import EXIT_FAILED
+
+    original = TrainAdapter.compute_loss
+
+    def nan_loss(self, batch):
+        loss, parts = original(self, batch)
+        return loss * float("nan"), parts
+
+    monkeypatch.setattr(TrainAdapter, "compute_loss", nan_loss)
+    code = run_stage(TrainAdapter, [*TINY, "trainer.max_steps=10", "checkpoint.save_interval=2",
+                                    "validation.interval=0", "trainer.max_nonfinite_steps=3"])
+    assert code == EXIT_FAILED
+    assert "3 steps in a row (up to step 3) had a non-finite loss or gradient" in capfd.readouterr().err
+    client = MlflowClient()
+    run = stage_runs(client)[0]
+    assert run.info.status == "FAILED" and run.data.tags["checkpoint.latest_step"] == "2"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train/nonfinite_steps")] == [1, 2, 3]
+    state = torch.load(artifact_dir(client, run.info.run_id) / "checkpoints/step-00000002/state.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for module in state["modules"].values() for t in module.values())

@@ -160,3 +160,64 @@ def test_a_job_is_reproducible_from_its_seed(precision):
     _, first, _ = fit(precision=precision)
     _, second, _ = fit(precision=precision)
     assert losses(first) == losses(second)
+
+
+class Diverging(Toy):
+    """Its loss is NaN from step ``from_step`` on (counted in training steps)."""
+
+    from_step = 3
+
+    def training_step(self, batch):
+        self.steps = getattr(self, "steps", 0) + 1
+        loss, _ = self.compute_loss(batch)
+        if self.steps >= self.from_step:
+            loss = loss * float("nan")
+        return {"train/loss": loss.detach(), "grad_norm": self.optimize(loss, self.optimizers["net"], self.net.parameters())}
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_job_when_they_persist():
+    from pipeline.engine.trainer import NonFiniteTraining
+
+    cfg = compose_config("train_adapter", ["batch_size=4", "trainer.max_steps=10", "validation.interval=0",
+                                           "checkpoint.save_interval=100", "trainer.max_nonfinite_steps=3"])
+    stage = Diverging(cfg, Precision.from_config("cpu", "32"))
+    stage.build()
+    metrics, store = Metrics(), Store()
+    engine = Engine(stage, metrics, store, NoStop(), run_id="r")
+    weights = {}
+    original_step = stage.optimizers["net"].step
+
+    def record(*args, **kwargs):
+        out = original_step(*args, **kwargs)
+        weights[engine.pos.step + 1] = [p.detach().clone() for p in stage.net.parameters()]
+        return out
+
+    stage.optimizers["net"].step = record
+    with pytest.raises(NonFiniteTraining, match="3 steps in a row .* trainer.max_nonfinite_steps=3"):
+        engine.fit()
+    assert sorted(weights) == [1, 2]  # steps 3, 4, 5 applied no update
+    assert all(torch.equal(a, b) for a, b in zip(weights[2], stage.net.parameters()))
+    assert all(torch.isfinite(p).all() for p in stage.net.parameters())
+    counted = [(s, m["train/nonfinite_steps"]) for s, m in metrics.logged if "train/nonfinite_steps" in m]
+    assert counted == [(3, 1), (4, 2), (5, 3)] and engine.pos.step == 5
+    assert engine.state_dict()["nonfinite_streak"] == 3
+    assert store.saved == []  # nothing is saved on the way out of a diverged job
+
+
+def test_a_finite_step_resets_the_streak():
+    cfg = compose_config("train_adapter", ["batch_size=4", "trainer.max_steps=6", "validation.interval=0",
+                                           "checkpoint.save_interval=100", "trainer.max_nonfinite_steps=2"])
+
+    class Once(Toy):
+        def training_step(self, batch):
+            self.steps = getattr(self, "steps", 0) + 1
+            loss, _ = self.compute_loss(batch)
+            loss = loss * float("nan") if self.steps in (2, 4) else loss
+            return {"train/loss": loss.detach(), "grad_norm": self.optimize(loss, self.optimizers["net"],
+                                                                            self.net.parameters())}
+
+    stage = Once(cfg, Precision.from_config("cpu", "32"))
+    stage.build()
+    engine = Engine(stage, Metrics(), Store(), NoStop(), run_id="r")
+    engine.fit()  # two isolated non-finite steps never make 2 in a row
+    assert (engine.pos.step, engine.nonfinite_steps, engine.nonfinite_streak) == (6, 2, 0)
