@@ -1,7 +1,15 @@
-"""Listening pages: audio examples with spectrograms and a small HTML page that plays them."""
+"""Listening pages: audio examples with spectrograms and a small HTML page that plays them.
+
+MLflow's artifact viewer shows an HTML artifact from a ``blob:`` URL in a sandboxed frame, where links
+to the page's neighbours (``src='clip.wav'``) cannot resolve. So a page embeds its audio and images as
+``data:`` URIs, up to ``EMBED_BUDGET`` bytes of media per page; media beyond the budget are linked by
+name (they play when the page is downloaded with its folder). The files are written beside the page
+either way.
+"""
 
 from __future__ import annotations
 
+import base64
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +17,34 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+
+
+EMBED_BUDGET = 4 * 2**20  # media bytes a page embeds (base64 adds a third); about 20 s of 16 kHz 16-bit audio per MiB
+MEDIA_TYPES = {".wav": "audio/wav", ".png": "image/png"}
+
+
+class MediaEmbedder:
+    """``src`` values for a page's media files: data URIs while the page's budget lasts, then file names."""
+
+    def __init__(self, folder: Path, budget: int = EMBED_BUDGET):
+        self.folder, self.left = folder, budget
+        self.linked: list[str] = []  # files beyond the budget
+
+    def src(self, name: str) -> str:
+        data = (self.folder / name).read_bytes()
+        if len(data) > self.left:
+            self.linked.append(name)
+            return html.escape(name)
+        self.left -= len(data)
+        kind = MEDIA_TYPES[Path(name).suffix.lower()]
+        return f"data:{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+    def note(self) -> str:
+        """A line for the page when something is linked rather than embedded."""
+        if not self.linked:
+            return ""
+        return (f"<p><small>{len(self.linked)} media files are beyond this page's embedding budget and are linked by "
+                "name: download the folder to play them.</small></p>")
 
 
 @dataclass
@@ -48,6 +84,7 @@ def _spectrogram_png(path: Path, waves: dict[str, np.ndarray], rates: dict[str, 
 def write_listening_page(out_dir: Path, title: str, examples: list[Example], sample_rate: int) -> Path:
     """``<id>_<label>.wav`` and ``<id>_spectrogram.png`` per example, and ``index.html``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    media = MediaEmbedder(out_dir)
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
              f"<h2>{html.escape(title)}</h2>"]
     for ex in examples:
@@ -58,8 +95,8 @@ def write_listening_page(out_dir: Path, title: str, examples: list[Example], sam
         players = []
         for label, wave in waves.items():
             name = f"{safe}_{label.replace(' ', '_')}.wav"
-            sf.write(out_dir / name, np.clip(wave, -1.0, 1.0), rates[label])
-            players.append(f"{html.escape(label)} <audio controls src='{name}'></audio>")
+            sf.write(out_dir / name, np.clip(wave, -1.0, 1.0), rates[label], subtype="PCM_16")
+            players.append(f"{html.escape(label)} <audio controls preload='metadata' src='{media.src(name)}'></audio>")
         _spectrogram_png(out_dir / f"{safe}_spectrogram.png", waves, rates, ex.id)
         parts.append(f"<h3>{html.escape(ex.id)}</h3>")
         if ex.text:
@@ -68,8 +105,8 @@ def write_listening_page(out_dir: Path, title: str, examples: list[Example], sam
             parts.append(f"<p><small>{html.escape(ex.info)}</small></p>")
         parts.append("<p>" + " &nbsp; ".join(players) + "</p>")
         for image in [f"{safe}_spectrogram.png", *ex.images]:
-            parts.append(f"<img src='{html.escape(image)}'>")
-    parts.append("</body></html>")
+            parts.append(f"<img src='{media.src(image)}'>")
+    parts.append(media.note() + "</body></html>")
     page = out_dir / "index.html"
     page.write_text("\n".join(parts), encoding="utf-8")
     return page

@@ -43,6 +43,7 @@ from pipeline.files import sha256_file
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+INDEX_COLUMNS = ("name", "step", "epoch", "created", "size", "model", "dataset")  # then the metrics, sorted
 RESUME_META = ("stage", "step", "config")  # what a resume reads from meta.json besides the verified sha256
 STATE_FILE, META_FILE = "state.pt", "meta.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -380,15 +381,24 @@ class CheckpointStore:
         self.index_rows = sorted((r for r in self.index_rows if int(r["step"]) in keep), key=lambda r: int(r["step"]))
 
     def _write_index(self) -> None:
-        columns: list[str] = []
-        for row in self.index_rows:
-            columns += [c for c in row if c not in columns]
+        """index.csv in a fixed column order (INDEX_COLUMNS, then the metrics sorted), with times written
+        as "2026-11-27 12:08:19 UTC": MLflow's table view turns ISO times into dates it leaves blank."""
+        present = {c for row in self.index_rows for c in row}
+        columns = [c for c in INDEX_COLUMNS if c in present] + sorted(present - set(INDEX_COLUMNS))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(self.index_rows)
+        writer.writerows({**row, "created": display_time(row.get("created"))} if "created" in row else row
+                         for row in self.index_rows)
         self.client.log_text(self.run_id, buffer.getvalue(), INDEX_FILE)
 
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def display_time(value: Any) -> Any:
+    """An ISO time of utc_now as "2026-11-27 12:08:19 UTC"; anything else unchanged."""
+    if isinstance(value, str) and value.endswith("+00:00") and "T" in value:
+        return value[: -len("+00:00")].replace("T", " ") + " UTC"
+    return value

@@ -23,6 +23,7 @@ from pipeline.data.datasets import ShuffledBatches, TranscribedSpeech, collate_p
 from pipeline.engine import tags as tag
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
+from pipeline.listening import MediaEmbedder
 from pipeline.models.asr import CharVocabulary, ConformerCTC, ctc_loss, error_counts, greedy_decode
 
 log = logging.getLogger(__name__)
@@ -159,12 +160,17 @@ class TrainAsr(Stage):
             name = Path(utt.id).name
             sf.write(out_dir / f"{name}.wav", wave.numpy(), rate)
             rows.append((name, self.vocab.normalize(utt.text), hypothesis))
-        page = [f"<html><body><h2>{self.name} · validation transcripts at step {step}</h2><table border=1>",
+        media = MediaEmbedder(out_dir)
+        title = f"{self.name} · validation transcripts at step {step}"
+        page = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
+                f"<h2>{html.escape(title)}</h2><table border=1>",
                 "<tr><th>audio</th><th>reference</th><th>greedy CTC transcript</th></tr>"]
         for name, reference, hypothesis in rows:
-            page.append(f"<tr><td><audio controls src='{html.escape(name)}.wav'></audio></td>"
-                        f"<td>{html.escape(reference)}</td><td>{html.escape(hypothesis)}</td></tr>")
-        (out_dir / "index.html").write_text("\n".join(page) + "</table></body></html>", encoding="utf-8")
+            shown = html.escape(hypothesis) if hypothesis else "<i>(empty transcript)</i>"
+            page.append(f"<tr><td><audio controls preload='metadata' src='{media.src(name + '.wav')}'></audio></td>"
+                        f"<td>{html.escape(reference)}</td><td>{shown}</td></tr>")
+        page.append("</table>" + media.note() + "</body></html>")
+        (out_dir / "index.html").write_text("\n".join(page), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -230,3 +230,24 @@ def test_a_nan_or_unreadable_monitored_value_never_ranks_best():
             {"step": "40", "val/loss": "0.7"}, {"step": "50", "val/loss": ""}]
     assert steps_to_keep(rows, RetentionPolicy(1, 2, "val/loss", "min"), latest=50) == {20, 40, 50}
     assert steps_to_keep(rows, RetentionPolicy(0, 1, "val/loss", "max"), latest=50) == {40, 50}
+
+
+def test_index_csv_has_a_fixed_column_order_and_times_the_table_view_shows(store):
+    from mlflow import MlflowClient
+
+    from conftest import artifact_dir
+    from pipeline.engine.checkpointing import CheckpointStore
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("index")).info.run_id
+    checkpoints = CheckpointStore(client, run_id, Path(".checkpoints"), RetentionPolicy(3, 1, "val/loss", "min"))
+    rows = [{"val/mel": 0.4, "name": "step-00000001", "created": "2026-11-27T12:08:19+00:00", "step": 1,
+             "dataset": "demo", "model": "m", "epoch": 0.5, "val/loss": 0.3},
+            {"step": 2, "name": "step-00000002", "val/loss": 0.2, "model": "m", "epoch": 1.0, "dataset": "demo",
+             "created": "2026-11-27T12:09:00+00:00", "val/mel": 0.3}]
+    for row in rows:
+        checkpoints.save(row["step"], {"w": torch.zeros(2)}, {"format_version": 1, "step": row["step"]}, row)
+    checkpoints.close()
+    text = (artifact_dir(client, run_id) / "checkpoints" / "index.csv").read_text().splitlines()
+    assert text[0] == "name,step,epoch,created,size,model,dataset,val/loss,val/mel"
+    assert text[1].split(",")[3] == "2026-11-27 12:08:19 UTC" and text[2].split(",")[3] == "2026-11-27 12:09:00 UTC"

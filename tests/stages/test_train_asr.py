@@ -247,7 +247,9 @@ def test_run_is_tagged_charted_and_listed_by_model_and_dataset(finished_run, cap
     assert table_main(["--model", "conformer", "--dataset", "ljspeech"]) == 0
     assert "no checkpoints found" in capsys.readouterr().out
     samples = artifact_dir(client, finished_run) / "samples" / "step-00000006"
-    assert "greedy CTC transcript" in (samples / "index.html").read_text() and list(samples.glob("*.wav"))
+    page = (samples / "index.html").read_text(encoding="utf-8")
+    assert "greedy CTC transcript" in page and list(samples.glob("*.wav"))
+    assert "<meta charset='utf-8'>" in page and "src='data:audio/wav;base64," in page  # plays inside MLflow's viewer
 
 
 def test_validation_rates_are_computed_over_the_whole_set(store):
