@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from pipeline.config import AdapterConfig, EncoderConfig, VocoderConfig
 from pipeline.engine.checkpointing import CheckpointError, load_state, verify
-from pipeline.engine.resume import ResumeError, RunCheckpoints, stored_inputs
+from pipeline.engine.resume import ResumeError, RunCheckpoints, fetch_model, stored_inputs
 from pipeline.engine.stage import Precision
 from pipeline.models.adapters import build_adapted_encoder
 from pipeline.models.hifigan import Generator
@@ -209,18 +209,9 @@ def load_chain(source: ChainCheckpoints, precision: Precision | None = None, **o
 def chain_from_model(uri: str, workdir: Path) -> ChainCheckpoints:
     """The checkpoints inside a ``speech-restoration`` model (``models:/<name>/<v>``, ``runs:/<id>/model``
     or a local model directory)."""
-    import mlflow
-
-    path = Path(uri).expanduser()
-    if "://" not in uri and ":/" not in uri:
-        if not path.exists():
-            raise ResumeError(f"Model not found: {uri}")
-    else:
-        try:
-            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
-        except Exception as err:
-            raise ResumeError(f"Model not found: {uri} ({str(err).splitlines()[0]})") from err
     from mlflow.models import Model
+
+    path = fetch_model(uri, workdir)
 
     try:
         model = Model.load(str(path / "MLmodel"))

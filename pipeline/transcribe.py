@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from pipeline.config import ConfigError, ConformerConfig, parse_key_values
 from pipeline.data.corpus import AudioError, audio_files, load_audio
 from pipeline.engine.checkpointing import CheckpointError, load_state, verify
-from pipeline.engine.resume import ResumeError, RunCheckpoints
+from pipeline.engine.resume import ResumeError, RunCheckpoints, fetch_model
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.stage import Precision
 from pipeline.models.asr import CharVocabulary, ConformerCTC, greedy_decode
@@ -77,16 +77,8 @@ def checkpoint_from_run(client: MlflowClient, run_id: str, which: str, workdir: 
 
 def checkpoint_from_uri(uri: str, workdir: Path) -> Path:
     """A checkpoint directory, or the one inside an MLflow model directory (a run's ``model/``)."""
-    path = Path(uri).expanduser()
-    if "://" not in uri and ":/" not in uri:
-        if not path.exists():
-            raise ResumeError(f"Model not found: {uri}")
-        path = path.parent if path.is_file() else path
-    else:
-        try:
-            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
-        except Exception as err:
-            raise ResumeError(f"Model not found: {uri} ({str(err).splitlines()[0]})") from err
+    path = fetch_model(uri, workdir)
+    path = path.parent if path.is_file() else path
     inside = sorted(p.parent for p in path.glob("artifacts/*/meta.json")) if (path / "MLmodel").exists() else []
     return inside[0] if inside else path
 

@@ -226,6 +226,20 @@ def resolve(client: MlflowClient, stage: str, launch: LaunchArgs) -> ResumePoint
     return from_uri(client, stage, launch.resume_from, workdir)
 
 
+def fetch_model(uri: str, workdir: Path) -> Path:
+    """A model or checkpoint directory given as a local path or an MLflow URI (``models:/``, ``runs:/``,
+    ``s3://``), downloaded into ``workdir`` when remote; ResumeError "Model not found" otherwise."""
+    if "://" not in uri and ":/" not in uri:
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise ResumeError(f"Model not found: {uri}")
+        return path
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
+    except Exception as err:
+        raise ResumeError(f"Model not found: {uri} ({str(err).splitlines()[0]})") from err
+
+
 def stored_inputs(meta: dict[str, Any]) -> dict[str, str]:
     """The runs a checkpoint's job built on (``inputs`` in meta.json; in the config for earlier releases)."""
     if "inputs" in meta:
@@ -234,4 +248,4 @@ def stored_inputs(meta: dict[str, Any]) -> dict[str, str]:
     return {key: str(legacy[key]) for key in ALL_RUN_INPUTS if key in legacy}
 
 
-__all__ = ["ResumeError", "ResumePoint", "RunCheckpoints", "resolve", "step_of", "stored_inputs"]
+__all__ = ["ResumeError", "ResumePoint", "RunCheckpoints", "fetch_model", "resolve", "step_of", "stored_inputs"]
