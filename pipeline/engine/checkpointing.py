@@ -6,9 +6,11 @@ Layout in a run's artifacts::
     checkpoints/step-00001000/meta.json   format, step, sha256, config, metrics, code version
     checkpoints/index.csv                 one row per checkpoint still kept
 
-Commit protocol: write into a staging directory under a temporary name, flush, rename; upload in a
-background thread; verify the uploaded sizes; only then move the run's ``checkpoint.latest`` tag.
-A crash at any point leaves the previous committed checkpoint as the latest.
+Commit protocol: the training thread only copies the state's tensors to host memory (a snapshot);
+a background thread writes the copy into a staging directory under a temporary name, flushes it,
+hashes it and renames it, uploads it, verifies the uploaded sizes, and only then moves the run's
+``checkpoint.latest`` tag. At most one checkpoint is in flight: the next one waits for it. A crash at
+any point leaves the previous committed checkpoint as the latest.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+from pipeline.engine import faults
 from pipeline.engine import tags as tag
 from pipeline.files import sha256_file
 
@@ -48,6 +52,7 @@ RESUME_META = ("stage", "step", "config")  # what a resume reads from meta.json 
 STATE_FILE, META_FILE = "state.pt", "meta.json"
 CHECKPOINT_DIR = "checkpoints"
 INDEX_FILE = f"{CHECKPOINT_DIR}/index.csv"
+SLOW_PREVIOUS_S = 1.0  # a checkpoint that waits longer than this for the previous one says so
 
 
 class CheckpointError(RuntimeError):
@@ -124,9 +129,12 @@ def write_local(staging_root: Path, step: int, state: dict[str, Any], meta: dict
     tmp.mkdir()
     state_path = tmp / STATE_FILE
     with open(state_path, "wb") as f:
+        faults.point("checkpoint.serialize")
         torch.save(state, f)
         f.flush()
+        faults.point("checkpoint.fsync")
         os.fsync(f.fileno())
+    faults.point("checkpoint.sha256")
     meta = dict(meta, size=state_path.stat().st_size, sha256=sha256_file(state_path))
     with open(tmp / META_FILE, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, sort_keys=True, default=str)
@@ -136,6 +144,50 @@ def write_local(staging_root: Path, step: int, state: dict[str, Any], meta: dict
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def remove_unfinished(staging_root: Path) -> None:
+    """Delete the temporary directories of writes a crash cut short (never listed, loaded or uploaded)."""
+    for leftover in staging_root.glob(".tmp-step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+        log.info("Removed %s, a checkpoint write cut short by an earlier crash", leftover)
+
+
+class Snapshotter:
+    """The checkpoint's own copy of the training state, taken on the training thread: every tensor is
+    copied to host memory (from a GPU into pinned buffers that are reused from one checkpoint to the
+    next), containers are rebuilt, plain values are shared (they are immutable). Training can go on
+    changing its tensors while a background thread serializes the copy."""
+
+    def __init__(self):
+        self._pinned: dict[tuple, torch.Tensor] = {}
+
+    def take(self, state: Any) -> Any:
+        from_gpu = []
+        snapshot = self._copy(state, (), from_gpu)
+        if from_gpu:
+            torch.cuda.synchronize()
+        return snapshot
+
+    def _copy(self, obj: Any, path: tuple, from_gpu: list) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensor = obj.detach()
+            if tensor.device.type == "cpu":
+                return tensor.clone()
+            buffer = self._pinned.get(path)
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                buffer = self._pinned[path] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            buffer.copy_(tensor, non_blocking=True)
+            from_gpu.append(path)
+            return buffer
+        if isinstance(obj, dict):
+            return {key: self._copy(value, (*path, key), from_gpu) for key, value in obj.items()}
+        if isinstance(obj, tuple) and not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
+            return obj  # immutable all the way down (e.g. Python's RNG state, 625 ints)
+        if isinstance(obj, (list, tuple)):
+            items = [self._copy(value, (*path, i), from_gpu) for i, value in enumerate(obj)]
+            return items if isinstance(obj, list) else tuple(items)
+        return obj
 
 
 def read_meta(ckpt_dir: Path) -> dict[str, Any]:
@@ -203,7 +255,11 @@ def load_state(ckpt_dir: Path) -> dict[str, Any]:
 def list_checkpoints(client: MlflowClient, run_id: str) -> list[int]:
     """Steps of the checkpoint directories in a run's artifacts, oldest first. A run without any lists
     as empty; a store that cannot be reached raises (it must never read as "no checkpoints")."""
-    entries = client.list_artifacts(run_id, CHECKPOINT_DIR)
+    return checkpoint_steps(client.list_artifacts(run_id, CHECKPOINT_DIR))
+
+
+def checkpoint_steps(entries) -> list[int]:
+    """Steps of the checkpoint directories among a listing of ``checkpoints/``, oldest first."""
     steps = [step_of(Path(e.path).name) for e in entries if e.is_dir]
     return sorted(s for s in steps if s is not None)
 
@@ -312,19 +368,44 @@ class CheckpointStore:
         self.policy = policy
         self.index_rows = list(index_rows or [])
         self.on_commit = on_commit  # callback(step, row) after a checkpoint is committed
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future | None = None
+        self._snapshots = Snapshotter()
+        self._repo = None  # the run's artifact repository, resolved once (each lookup is a get_run)
+        remove_unfinished(self.staging_root)
+
+    @property
+    def repo(self):
+        if self._repo is None:
+            self._repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
+        return self._repo
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any],
-             metrics_sent: list | None = None) -> None:
-        """Stage the checkpoint now (blocking, small) and upload it in the background. ``metrics_sent``
-        are the metric-logging operations of the steps up to this one: the commit waits for them, so a
-        committed checkpoint never points past the metrics in the store (a crash right after the commit
-        would otherwise leave a gap in the charts that a resume from this checkpoint never fills)."""
-        self.wait()  # one upload at a time, in order; surfaces a failed previous upload
+             flush_metrics: Callable[[], list] | None = None) -> None:
+        """Snapshot ``state`` (the only work on the caller's thread), then write, hash, upload and commit
+        the snapshot in the background. At most one checkpoint is in flight: when this one comes before
+        the previous one is stored, it first waits for it (and says so), which keeps commits in step
+        order and the host memory to one snapshot. ``flush_metrics`` sends the metrics of the steps up
+        to this one and returns the operations in flight: the commit waits for them, so a committed
+        checkpoint never points past the metrics in the store (a crash right after the commit would
+        otherwise leave a gap in the charts that a resume from this checkpoint never fills)."""
+        started = time.monotonic()
+        self.wait()  # surfaces a failed previous checkpoint
+        waited = time.monotonic() - started
+        if waited > SLOW_PREVIOUS_S:
+            log.warning("Checkpoint %s waited %.1f s for the previous one to be stored; a larger "
+                        "checkpoint.save_interval keeps training from waiting", checkpoint_name(step), waited)
+        faults.point("checkpoint.snapshot")
+        snapshot = self._snapshots.take(state)
+        metrics_sent = flush_metrics() if flush_metrics else []  # after the snapshot: no thread competes with it
+        self._pending = self._pool.submit(self._write_and_commit, step, snapshot, meta, row, metrics_sent)
+
+    def _write_and_commit(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any],
+                          metrics_sent: list) -> None:
         local = write_local(self.staging_root, step, state, meta)
+        del state  # the snapshot's host memory is free once it is on disk
         row = dict(row, size=sum(f.stat().st_size for f in local.iterdir()))
-        self._pending = self._pool.submit(self._upload_and_commit, step, local, row, metrics_sent or [])
+        self._upload_and_commit(step, local, row, metrics_sent)
 
     def wait(self) -> None:
         """Block until the pending upload is committed; re-raise its error if it failed."""
@@ -342,8 +423,9 @@ class CheckpointStore:
         name = checkpoint_name(step)
         artifact_path = f"{CHECKPOINT_DIR}/{name}"
         started = time.monotonic()
-        self.client.log_artifacts(self.run_id, str(local), artifact_path)
-        uploaded = {Path(e.path).name: e.file_size for e in self.client.list_artifacts(self.run_id, artifact_path)}
+        faults.point("checkpoint.upload")
+        self.repo.log_artifacts(str(local), artifact_path)
+        uploaded = {Path(e.path).name: e.file_size for e in self.repo.list_artifacts(artifact_path)}
         for f in local.iterdir():
             if uploaded.get(f.name) != f.stat().st_size:
                 raise CheckpointError(
@@ -352,9 +434,10 @@ class CheckpointStore:
                 )
         for op in metrics_sent:
             op.wait()
-        # Committed: only now does `checkpoint.latest` move.
-        self.client.set_tag(self.run_id, tag.CHECKPOINT_LATEST, artifact_path)
-        self.client.set_tag(self.run_id, tag.CHECKPOINT_LATEST_STEP, str(step))
+        # Committed: only now does `checkpoint.latest` move (both tags in one call).
+        faults.point("checkpoint.commit")
+        self.client.log_batch(self.run_id, tags=[RunTag(tag.CHECKPOINT_LATEST, artifact_path),
+                                                 RunTag(tag.CHECKPOINT_LATEST_STEP, str(step))])
         self.index_rows = [r for r in self.index_rows if int(r["step"]) != step] + [row]
         try:
             self._apply_retention(step)
@@ -372,12 +455,12 @@ class CheckpointStore:
         missing from the index (an index that could not be read, an upload cut short) is never deleted."""
         keep = steps_to_keep(self.index_rows, self.policy, latest)
         indexed = {int(r["step"]) for r in self.index_rows}
-        stored = list_checkpoints(self.client, self.run_id)
-        repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
-        for step in stored:
-            if step in indexed and step not in keep and step <= latest:
-                repo.delete_artifacts(f"{CHECKPOINT_DIR}/{checkpoint_name(step)}")
-                log.info("Retention: deleted checkpoint %s", checkpoint_name(step))
+        if indexed - keep:
+            for step in checkpoint_steps(self.repo.list_artifacts(CHECKPOINT_DIR)):
+                if step in indexed and step not in keep and step <= latest:
+                    faults.point("checkpoint.retention")
+                    self.repo.delete_artifacts(f"{CHECKPOINT_DIR}/{checkpoint_name(step)}")
+                    log.info("Retention: deleted checkpoint %s", checkpoint_name(step))
         self.index_rows = sorted((r for r in self.index_rows if int(r["step"]) in keep), key=lambda r: int(r["step"]))
 
     def _write_index(self) -> None:
@@ -390,7 +473,11 @@ class CheckpointStore:
         writer.writeheader()
         writer.writerows({**row, "created": display_time(row.get("created"))} if "created" in row else row
                          for row in self.index_rows)
-        self.client.log_text(self.run_id, buffer.getvalue(), INDEX_FILE)
+        faults.point("checkpoint.index")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(INDEX_FILE).name
+            path.write_text(buffer.getvalue(), encoding="utf-8")
+            self.repo.log_artifact(str(path), CHECKPOINT_DIR)
 
 
 def utc_now() -> str:

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import legacy_launch_values
+from pipeline.engine import startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CHECKPOINT_DIR,
@@ -149,6 +150,7 @@ class RunCheckpoints:
         errors = []
         for candidate in candidates:
             local = self.download(candidate, workdir)
+            startup.mark("download")
             try:
                 meta, state = _load_verified(local)
             except CheckpointError as err:
@@ -171,7 +173,10 @@ def get_stage_run(client: MlflowClient, run_id: str, stage: str):
 def _load_verified(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = verify(ckpt_dir)
     check_resumable(meta, ckpt_dir)
-    return meta, load_state(ckpt_dir)
+    startup.mark("verify")
+    state = load_state(ckpt_dir)
+    startup.mark("load")
+    return meta, state
 
 
 def from_run(client: MlflowClient, stage: str, run_id: str, step: int | None, workdir: Path) -> ResumePoint:

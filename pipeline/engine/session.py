@@ -30,6 +30,7 @@ from pipeline.config import (
     from_container,
     to_container,
 )
+from pipeline.engine import startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CheckpointError,
@@ -45,7 +46,7 @@ from pipeline.engine.resume import ResumeError, ResumePoint, resolve, stored_inp
 from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
-from pipeline.engine.tracking import (MetricLogger, copy_history, describe_run, last_logged_step,
+from pipeline.engine.tracking import (MetricLogger, TagWriter, copy_history, describe_run, last_logged_step,
                                       log_dataset_inputs, start_or_adopt_run)
 from pipeline.engine.trainer import Engine, NonFiniteTraining, Position
 
@@ -356,6 +357,7 @@ def _resumed_inputs(launch: LaunchArgs, resume: ResumePoint) -> dict[str, str]:
 def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | None = None) -> int:
     """Entry point body of every training stage: plan, build, open the run, train in it; returns the exit
     code (EXIT_ABORTED after a second signal: the command-line entry then exits at once, see exit_now)."""
+    startup.begin()
     setup_logging()
     try:
         client = MlflowClient()
@@ -363,6 +365,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     except (ConfigError, ResumeError, CheckpointError, ValueError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
+    startup.mark("config")
     cfg, resume = plan.cfg, plan.resume
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -374,6 +377,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     except (ValueError, OSError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
+    startup.mark("build")
 
     if resume is None:
         log.info("Starting fresh training (no checkpoint specified)")
@@ -416,13 +420,15 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
     status, stopped_by, code = "FAILED", None, EXIT_FAILED
     engine = None
     stopper = StopController(client, ctx.run_id, cfg.tracking.stop_poll_seconds)
+    tags = TagWriter(client, ctx.run_id)  # the progress tag, off the training thread
     with stopper:  # handlers stay installed until the run is ended, so no signal leaves it RUNNING
         try:
             engine = Engine(stage, metrics, store, stopper, ctx.run_id, hooks=hooks)
-            engine.on_progress = lambda pos: client.set_tag(ctx.run_id, tag.PROGRESS,
-                                                            _progress(cfg, pos, ctx.resumed_from, engine))
+            engine.on_progress = lambda pos: tags.set({tag.PROGRESS: _progress(cfg, pos, ctx.resumed_from, engine)})
+            startup.mark("run setup")
             if resume is not None:
                 engine.load_state_dict(resume.state)
+                startup.mark("restore")
             result = engine.fit()
             stopper.abortable = False
             stopped_by = result.stopped_by
@@ -446,6 +452,7 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
             stopper.abortable = False  # ending the run takes a second; a signal now must not cut it
             if monitor is not None:
                 monitor.finish()
+            tags.close(timeout=5.0)  # before _finish sets the final progress itself
             pos = engine.pos if engine else Position()
             latest = client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST)
             if code != EXIT_ABORTED:  # after an abort, do not wait for the upload: the user asked to stop now

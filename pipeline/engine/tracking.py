@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
 from pipeline.config import mask_secrets
 from pipeline.engine import tags as tag
@@ -56,6 +57,60 @@ class MetricLogger:
         else:
             self._pending = [op for op in self._pending if op is not None]
         return list(self._pending)
+
+
+class TagWriter:
+    """Sets a run's tags from a background thread, so the training loop never waits on the tracking
+    store for its progress. Only the newest value of each tag is sent; a failed send is retried with
+    the next change or after ``retry_seconds``, and never stops training."""
+
+    def __init__(self, client: MlflowClient, run_id: str, retry_seconds: float = 5.0):
+        self.client, self.run_id, self.retry_seconds = client, run_id, retry_seconds
+        self._pending: dict[str, str] = {}
+        self._sending = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._send_loop, name="tag-writer", daemon=True)
+        self._thread.start()
+
+    def set(self, tags: dict[str, str]) -> None:
+        with self._cond:
+            self._pending.update(tags)
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every tag set so far is stored; False when ``timeout`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._sending, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        if not self.flush(timeout):
+            log.warning("Tags %s could not be stored within %.0f s", ", ".join(sorted(self._pending)), timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=1.0)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._closed)
+                if self._closed:
+                    return
+                batch, self._pending, self._sending = self._pending, {}, True
+            failed = False
+            try:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in batch.items()])
+            except Exception as err:  # a flaky tracking server must not stop training
+                log.warning("Could not set tags %s (%s); retrying", ", ".join(sorted(batch)), err)
+                failed = True
+            with self._cond:
+                if failed:  # newer values set meanwhile win
+                    self._pending = {**batch, **self._pending}
+                self._sending = False
+                self._cond.notify_all()
+                if failed:
+                    self._cond.wait(self.retry_seconds)
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:

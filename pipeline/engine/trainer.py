@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.config import config_hash, to_container
 from pipeline.data.datasets import seeded_loader
+from pipeline.engine import startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     FORMAT_VERSION,
@@ -129,6 +130,7 @@ class Engine:
         self.nonfinite_streak = 0  # of them, the ones in a row up to now
         self.total_steps = int(self.cfg.trainer.max_steps)  # set from the position when fit() starts
         self._code_version = code_version()
+        self._config_cache: dict[str, Any] | None = None
 
     # --- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -185,7 +187,7 @@ class Engine:
         return round(self.pos.epoch + self.pos.batch_in_epoch / self.batches_per_epoch(), 4)
 
     def save_checkpoint(self) -> None:
-        tags = self.stage.tags()
+        tags = self._config_meta()["tags"]
         meta = {
             "format_version": FORMAT_VERSION,
             "stage": self.stage.name,
@@ -193,8 +195,8 @@ class Engine:
             "epoch": self.epochs_done(),
             "created": utc_now(),
             "run_id": self.run_id,
-            "config": to_container(self.cfg),
-            "config_hash": config_hash(self.cfg),
+            "config": self._config_meta()["config"],
+            "config_hash": self._config_meta()["config_hash"],
             "model_args": self.stage.model_args(),
             "inputs": dict(self.stage.inputs),
             "metrics": dict(self.val_metrics),
@@ -209,8 +211,16 @@ class Engine:
             "created": meta["created"],
             **self.val_metrics,
         }
-        self.store.save(self.pos.step, self.state_dict(), meta, row, metrics_sent=self.metrics.flush())
+        self.store.save(self.pos.step, self.state_dict(), meta, row, flush_metrics=self.metrics.flush)
         self._saved_at = self.pos.step
+
+    def _config_meta(self) -> dict[str, Any]:
+        """The config, its hash and the stage's tags for every checkpoint; computed once, the config does not
+        change in a job."""
+        if self._config_cache is None:
+            self._config_cache = {"config": to_container(self.cfg), "config_hash": config_hash(self.cfg),
+                                  "tags": self.stage.tags()}
+        return self._config_cache
 
     # --- data ---------------------------------------------------------------------------------
     def planned_total_steps(self) -> int:
@@ -336,7 +346,7 @@ class Engine:
         bar = tqdm(total=max_steps, initial=self.pos.step, desc=stage.name, unit="step",
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
         window_start, window_samples = time.perf_counter(), 0
-        stopped_by = None
+        stopped_by, first_step = None, True
         while self.pos.step < max_steps and stopped_by is None:
             if self.pos.batch_in_epoch >= per_epoch:
                 self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
@@ -366,6 +376,9 @@ class Engine:
                 else:
                     self.nonfinite_streak = 0
                 self.metrics.log(metrics, self.pos.step)
+                if first_step:
+                    startup.first_step(self.pos.step)
+                    first_step = False
                 self._stop_if_diverged()
                 bar.update(1)
                 last = self.pos.step >= max_steps

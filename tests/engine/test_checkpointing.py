@@ -107,10 +107,63 @@ def test_a_checkpoint_is_committed_only_after_the_metrics_of_its_steps_are_store
                             on_commit=lambda step, row: seen_at_commit.append(
                                 [m.step for m in client.get_metric_history(run_id, "train/loss")]))
     ckpts.save(5, {"x": torch.zeros(3)}, {"format_version": 1, "stage": "x", "step": 5},
-               {"name": "step-00000005", "step": 5}, metrics_sent=[SlowSend()])
+               {"name": "step-00000005", "step": 5}, flush_metrics=lambda: [SlowSend()])
     ckpts.close()
     assert seen_at_commit == [[1, 2, 3, 4, 5]]
     assert client.get_run(run_id).data.tags["checkpoint.latest_step"] == "5"
+
+
+def test_the_training_thread_does_not_wait_for_serialization_and_the_checkpoint_holds_the_saved_state(
+        store, monkeypatch):
+    """save() returns while the writer is still held inside serialization; training then changes its
+    tensors, and the committed checkpoint still holds them as they were when save() was called."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from pipeline.engine import checkpointing
+    from pipeline.engine.checkpointing import CheckpointStore, download_checkpoint
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("snapshot")).info.run_id
+    entered, release = threading.Event(), threading.Event()
+    real_write = checkpointing.write_local
+
+    def held_write(*args, **kwargs):  # a writer as slow as we like: it waits until released
+        entered.set()
+        assert release.wait(30), "the test never released the writer"
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "write_local", held_write)
+    weights = torch.arange(6.0)
+    optimizer_state = {"exp_avg": torch.ones(6), "step": torch.tensor(3.0), "lr": 1e-3}
+    ckpts = CheckpointStore(client, run_id, store / "staging", RetentionPolicy(2, 0, "val/loss", "min"))
+    ckpts.save(7, {"w": weights, "opt": optimizer_state}, {"format_version": 1, "stage": "x", "step": 7},
+               {"name": "step-00000007", "step": 7})
+    assert entered.wait(30)  # the write runs in the background ...
+    assert not ckpts._pending.done()  # ... and save() returned before it finished
+    weights.add_(100.0)  # training goes on changing the live tensors in place
+    optimizer_state["exp_avg"].mul_(0.0)
+    optimizer_state["lr"] = 5.0
+    release.set()
+    ckpts.close()
+    assert client.get_run(run_id).data.tags["checkpoint.latest_step"] == "7"
+    saved = load_state(download_checkpoint(client, run_id, 7, store / "check"))
+    assert torch.equal(saved["w"], torch.arange(6.0))
+    assert torch.equal(saved["opt"]["exp_avg"], torch.ones(6)) and saved["opt"]["lr"] == 1e-3
+
+
+def test_a_snapshot_copies_every_tensor_and_rebuilds_every_container():
+    from pipeline.engine.checkpointing import Snapshotter
+
+    state = {"m": {"w": torch.randn(3, 4)}, "groups": [{"params": [0, 1], "betas": (0.9, 0.98)}],
+             "rng": {"python": (3, tuple(range(625)), None), "torch": torch.get_rng_state()}, "step": 5}
+    snap = Snapshotter().take(state)
+    assert snap == {**snap} and snap["step"] == 5 and snap["rng"]["python"] == state["rng"]["python"]
+    assert torch.equal(snap["m"]["w"], state["m"]["w"]) and snap["m"]["w"].data_ptr() != state["m"]["w"].data_ptr()
+    assert snap["groups"] is not state["groups"] and snap["groups"][0] is not state["groups"][0]
+    state["groups"][0]["params"].append(2)
+    assert snap["groups"][0]["params"] == [0, 1]
 
 
 # --------------------------------------------------------------------------------------------

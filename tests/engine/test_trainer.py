@@ -98,7 +98,7 @@ class Store:
     def __init__(self):
         self.saved: list[int] = []
 
-    def save(self, step, state, meta, row, metrics_sent=None):
+    def save(self, step, state, meta, row, flush_metrics=None):
         self.saved.append(step)
 
     def wait(self):
