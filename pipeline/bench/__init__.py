@@ -23,7 +23,7 @@ def figure(name: str, value: float, unit: str, how: str, *, target: str | None =
            **extra: Any) -> dict[str, Any]:
     """One benchmark figure; ``target``/``met`` say what it must reach and whether it did."""
     out: dict[str, Any] = {"name": name, "value": round(value, 4), "unit": unit, "how": how}
-    if target is not None:
+    if target is not None:  # a figure without a target has neither key
         out["target"], out["met"] = target, met
     out.update(extra)
     return out

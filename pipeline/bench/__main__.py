@@ -32,7 +32,8 @@ def cpu_plan() -> list[tuple[str, callable]]:
         ("tracking_overhead/small", partial(training.tracking_overhead, "train_adapter", SMALL, steps=32,
                                             save_every=16, pairs=3, warmup=4, label="small")),
         *[(f"checkpoint_stall/{label}", partial(training.checkpoint_stall, [*TINY, f"adapter.bottleneck={width}"],
-                                                pairs=5 if label != "300MB" else 3, label=label))
+                                                pairs=5 if label != "300MB" else 3, label=label,
+                                                target=None if label == "1MB" else 0.2))  # targets: 10 and 300 MB
           for label, width in STATE_SIZES.items()],
         ("resume_latency", partial(training.resume_latency, TINY, pairs=3)),
         ("metric_throughput", partial(training.metric_throughput, steps=5000, per_step=10)),

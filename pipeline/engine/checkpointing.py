@@ -52,11 +52,17 @@ RESUME_META = ("stage", "step", "config")  # what a resume reads from meta.json 
 STATE_FILE, META_FILE = "state.pt", "meta.json"
 CHECKPOINT_DIR = "checkpoints"
 INDEX_FILE = f"{CHECKPOINT_DIR}/index.csv"
+UPLOAD_TRIES = 3  # a failed checkpoint upload is tried again after 1 s and 2 s
 SLOW_PREVIOUS_S = 1.0  # a checkpoint that waits longer than this for the previous one says so
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names it and says why."""
+
+
+class StorageError(RuntimeError):
+    """A checkpoint could not be written or stored (full or read-only disk, an artifact store that kept
+    failing); the previous committed checkpoint is untouched and still the latest."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -127,30 +133,40 @@ def write_local(staging_root: Path, step: int, state: dict[str, Any], meta: dict
     final = staging_root / checkpoint_name(step)
     tmp = staging_root / f".tmp-{checkpoint_name(step)}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    state_path = tmp / STATE_FILE
-    with open(state_path, "wb") as f:
-        faults.point("checkpoint.serialize")
-        torch.save(state, f)
-        f.flush()
-        faults.point("checkpoint.fsync")
-        os.fsync(f.fileno())
-    faults.point("checkpoint.sha256")
-    meta = dict(meta, size=state_path.stat().st_size, sha256=sha256_file(state_path))
-    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        state_path = tmp / STATE_FILE
+        with open(state_path, "wb") as f:
+            faults.point("checkpoint.serialize")
+            torch.save(state, f)
+            f.flush()
+            faults.point("checkpoint.fsync")
+            os.fsync(f.fileno())
+        faults.point("checkpoint.sha256")
+        meta = dict(meta, size=state_path.stat().st_size, sha256=sha256_file(state_path))
+        with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
     return final
 
 
 def remove_unfinished(staging_root: Path) -> None:
-    """Delete the temporary directories of writes a crash cut short (never listed, loaded or uploaded)."""
-    for leftover in staging_root.glob(".tmp-step-*"):
+    """Empty a run's staging directory when a job of the run starts: what an earlier job left there was
+    cut short by a crash (a write under a temporary name, a checkpoint not yet uploaded or committed, or
+    a committed one not yet removed). None of it is ever listed, loaded or used; the store holds what
+    was committed."""
+    if not staging_root.is_dir():
+        return
+    for leftover in staging_root.iterdir():
         shutil.rmtree(leftover, ignore_errors=True)
-        log.info("Removed %s, a checkpoint write cut short by an earlier crash", leftover)
+        log.info("Removed %s from staging, left by an earlier job of this run that stopped before storing it",
+                 leftover.name)
 
 
 class Snapshotter:
@@ -314,14 +330,18 @@ def rows_from_meta(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{checkpoint_name(step)}/{META_FILE}", tmp)
-                meta = json.loads(Path(path).read_text(encoding="utf-8"))
-                rows.append({"name": checkpoint_name(step), "model": tags.get(tag.MODEL), "dataset": tags.get(tag.DATASET),
-                             "epoch": meta.get("epoch"), "step": int(meta["step"]), "created": meta.get("created"),
-                             **dict(meta.get("metrics") or {})})
+                rows.append(index_row(json.loads(Path(path).read_text(encoding="utf-8")), tags))
             except Exception as err:
                 log.warning("Checkpoint %s of run %s has no readable %s (%s); it stays out of the index",
                             checkpoint_name(step), run_id, META_FILE, err)
     return rows
+
+
+def index_row(meta: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
+    """The index.csv row of a checkpoint, from its meta.json and the run's tags."""
+    return {"name": checkpoint_name(int(meta["step"])), "model": tags.get(tag.MODEL), "dataset": tags.get(tag.DATASET),
+            "epoch": meta.get("epoch"), "step": int(meta["step"]), "created": meta.get("created"),
+            "size": meta.get("size"), **dict(meta.get("metrics") or {})}
 
 
 @dataclass
@@ -402,7 +422,11 @@ class CheckpointStore:
 
     def _write_and_commit(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any],
                           metrics_sent: list) -> None:
-        local = write_local(self.staging_root, step, state, meta)
+        try:
+            local = write_local(self.staging_root, step, state, meta)
+        except OSError as err:  # ENOSPC, EROFS, EACCES, EIO: the disk will not heal by itself
+            raise StorageError(f"writing checkpoint {checkpoint_name(step)} into {self.staging_root} failed: "
+                               f"{err.strerror or err} (checkpoint.staging_dir)") from err
         del state  # the snapshot's host memory is free once it is on disk
         row = dict(row, size=sum(f.stat().st_size for f in local.iterdir()))
         self._upload_and_commit(step, local, row, metrics_sent)
@@ -423,15 +447,16 @@ class CheckpointStore:
         name = checkpoint_name(step)
         artifact_path = f"{CHECKPOINT_DIR}/{name}"
         started = time.monotonic()
-        faults.point("checkpoint.upload")
-        self.repo.log_artifacts(str(local), artifact_path)
-        uploaded = {Path(e.path).name: e.file_size for e in self.repo.list_artifacts(artifact_path)}
-        for f in local.iterdir():
-            if uploaded.get(f.name) != f.stat().st_size:
-                raise CheckpointError(
-                    f"upload of {artifact_path}/{f.name} could not be verified "
-                    f"(local {f.stat().st_size} bytes, store {uploaded.get(f.name)})"
-                )
+        for attempt in range(UPLOAD_TRIES):
+            try:
+                self._upload(local, artifact_path)
+                break
+            except Exception as err:  # the store's own exception types vary (MLflow, boto, OS)
+                if attempt == UPLOAD_TRIES - 1:
+                    raise StorageError(f"uploading checkpoint {name} to {self.repo.artifact_uri} failed "
+                                       f"{UPLOAD_TRIES} times ({err})") from err
+                log.warning("Uploading checkpoint %s failed (%s); trying again in %d s", name, err, 2**attempt)
+                time.sleep(2**attempt)
         for op in metrics_sent:
             op.wait()
         # Committed: only now does `checkpoint.latest` move (both tags in one call).
@@ -449,6 +474,15 @@ class CheckpointStore:
         log.info("Committed checkpoint %s (%.1f MB, upload %.1fs)", name, row["size"] / 1e6, time.monotonic() - started)
         if self.on_commit is not None:
             self.on_commit(step, row)
+
+    def _upload(self, local: Path, artifact_path: str) -> None:
+        faults.point("checkpoint.upload")
+        self.repo.log_artifacts(str(local), artifact_path)
+        uploaded = {Path(e.path).name: e.file_size for e in self.repo.list_artifacts(artifact_path)}
+        for f in local.iterdir():
+            if uploaded.get(f.name) != f.stat().st_size:
+                raise CheckpointError(f"upload of {artifact_path}/{f.name} could not be verified "
+                                      f"(local {f.stat().st_size} bytes, store {uploaded.get(f.name)})")
 
     def _apply_retention(self, latest: int) -> None:
         """Delete what the policy does not keep, among the checkpoints the index knows: a checkpoint

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import legacy_launch_values
-from pipeline.engine import startup
+from pipeline.engine import faults, startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CHECKPOINT_DIR,
@@ -149,6 +149,7 @@ class RunCheckpoints:
             candidates = sorted(committed, reverse=True)
         errors = []
         for candidate in candidates:
+            faults.point("resume.download")
             local = self.download(candidate, workdir)
             startup.mark("download")
             try:
@@ -171,6 +172,7 @@ def get_stage_run(client: MlflowClient, run_id: str, stage: str):
 
 
 def _load_verified(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    faults.point("resume.verify")
     meta = verify(ckpt_dir)
     check_resumable(meta, ckpt_dir)
     startup.mark("verify")

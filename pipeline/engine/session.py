@@ -30,14 +30,16 @@ from pipeline.config import (
     from_container,
     to_container,
 )
-from pipeline.engine import startup
+from pipeline.engine import faults, startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CheckpointError,
     CheckpointStore,
     RetentionPolicy,
+    StorageError,
     checkpoint_name,
     download_checkpoint,
+    index_row,
     read_index,
     utc_now,
 )
@@ -46,13 +48,13 @@ from pipeline.engine.resume import ResumeError, ResumePoint, resolve, stored_inp
 from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
-from pipeline.engine.tracking import (MetricLogger, TagWriter, copy_history, describe_run, last_logged_step,
+from pipeline.engine.tracking import (MetricLogger, TagWriter, copy_history, describe_run, latest_steps,
                                       log_dataset_inputs, start_or_adopt_run)
 from pipeline.engine.trainer import Engine, NonFiniteTraining, Position
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_ABORTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_STORAGE, EXIT_ABORTED = 0, 1, 2, 3, 4, 130
 NOTE_TAG = tag.NOTE
 
 
@@ -74,6 +76,7 @@ class RunContext:
     resumed_from: str | None  # e.g. "step 100"
     history: list[dict[str, Any]] = field(default_factory=list)
     index_rows: list[dict[str, Any]] = field(default_factory=list)
+    logged_steps: dict[str, int] = field(default_factory=dict)  # metric -> last step an earlier attempt logged
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +132,7 @@ def _attempt_yaml(entry: dict[str, Any], changes: dict[str, tuple[Any, Any]]) ->
 
 
 def _read_history(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
+    """The run's attempt records (config/attempt-<n>.yaml); an unreadable one is skipped with a warning."""
     history = []
     try:
         entries = client.list_artifacts(run_id, "config")
@@ -137,9 +141,25 @@ def _read_history(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         for e in entries:
             if Path(e.path).name.startswith("attempt-"):
-                local = client.download_artifacts(run_id, e.path, tmp)
-                history.append(yaml.safe_load(Path(local).read_text()))
-    return sorted(history, key=lambda h: h["attempt"])
+                try:
+                    entry = yaml.safe_load(Path(client.download_artifacts(run_id, e.path, tmp)).read_text())
+                    int(entry["attempt"])
+                except Exception as err:  # truncated, not YAML, not a record
+                    log.warning("Run %s: %s is unreadable (%s); the description lists the other attempts",
+                                run_id, e.path, err)
+                    continue
+                history.append(entry)
+    return sorted(history, key=lambda h: int(h["attempt"]))
+
+
+def _count_tag(tags: dict[str, str]) -> int:
+    """The run's resume.count tag; 0 when missing or not a number (then the attempt records count)."""
+    try:
+        return max(int(tags.get(tag.RESUME_COUNT, "0")), 0)
+    except ValueError:
+        log.warning("Tag %s=%r is not a number; attempts are counted from their records", tag.RESUME_COUNT,
+                    tags.get(tag.RESUME_COUNT))
+        return 0
 
 
 def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experiment: str,
@@ -170,7 +190,8 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
         return RunContext(run_id, name, 1, None, None if resume is None else resume.source, [entry])
 
     original = client.get_run(resume.run_id)
-    last = last_logged_step(client, resume.run_id, "train/loss")
+    logged = latest_steps(original)
+    last = logged.get("train/loss")
     if explicit_step and last is not None and resume.step < last:
         # Older checkpoint: branch into a nested run so the original history stays untouched.
         extra = {tag.PARENT_RUN: resume.run_id, tag.RESUME_BRANCH_OF: resume.run_id,
@@ -186,23 +207,33 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
 
     # Continue in the same run.
     run_id = resume.run_id
-    index_rows = read_index(client, run_id)  # before any write: a store that cannot be read changes nothing
+    # Before any write: a store that cannot be read changes nothing. The rows are those of the checkpoints
+    # up to the one resumed from: a newer one is corrupted (the resume fell back) or was never committed,
+    # and this job writes its step again; the one resumed from is committed, but a crash between the
+    # commit and the index write kept it out of index.csv.
+    index_rows = [row for row in read_index(client, run_id) if int(row["step"]) <= resume.step]
+    if resume.step not in {int(row["step"]) for row in index_rows}:
+        index_rows.append(index_row(resume.meta, original.data.tags))
     if original.info.status == "RUNNING":
         log.warning("Run %s is still marked RUNNING (a crash leaves it so). If another job is still "
                     "training it, stop that job first.", run_id)
-    count = int(original.data.tags.get(tag.RESUME_COUNT, "0")) + 1
-    attempt = count + 1
-    resumed_from = _resume_label(cfg, resume)
+    # The attempt's record first, numbered after every record there is (a crash between the record and
+    # the tags leaves the count behind, never two attempts under one number), then the tags.
     history = _read_history(client, run_id)
+    recorded = max([h["attempt"] for h in history], default=1)
+    attempt = max(recorded, _count_tag(original.data.tags) + 1) + 1
+    resumed_from = _resume_label(cfg, resume)
     entry = {"attempt": attempt, "started": started, "from": resumed_from, "overrides": overrides,
              "status": "RUNNING"}
     history.append(entry)
+    client.log_text(run_id, _attempt_yaml(entry, changes), f"config/attempt-{attempt}.yaml")
+    faults.point("startup.attempt")
     client.update_run(run_id, status="RUNNING")
     if tag.STOPPED_BY in original.data.tags:
         client.delete_tag(run_id, tag.STOPPED_BY)  # this attempt has not been stopped (yet)
-    for key, value in {tag.RESUME_COUNT: str(count), tag.RESUME_FROM: resumed_from, tag.STOP_REQUESTED: "false"}.items():
+    for key, value in {tag.RESUME_COUNT: str(attempt - 1), tag.RESUME_FROM: resumed_from,
+                       tag.STOP_REQUESTED: "false"}.items():
         client.set_tag(run_id, key, value)
-    client.log_text(run_id, _attempt_yaml(entry, changes), f"config/attempt-{attempt}.yaml")
     attempt_run = None
     if launcher and launcher != run_id:
         attempt_run = launcher
@@ -216,7 +247,17 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
             tag.ATTEMPT_CHANGES: "; ".join(f"{k}: {o} -> {n}" for k, (o, n) in changes.items()) or "(none)",
         }.items():
             client.set_tag(attempt_run, key, value)
-    return RunContext(run_id, original.info.run_name, attempt, attempt_run, resumed_from, history, index_rows)
+    if last is not None and last > resume.step:
+        if changes:
+            log.warning("Steps %d-%d were logged by the interrupted attempt; they are trained again with changed "
+                        "settings and logged again, so the charts show two values at those steps",
+                        resume.step + 1, last)
+            logged = {}
+        else:
+            log.info("Steps %d-%d were logged by the interrupted attempt; training them again gives the same values, "
+                     "which are not logged twice", resume.step + 1, last)
+    return RunContext(run_id, original.info.run_name, attempt, attempt_run, resumed_from, history, index_rows,
+                      logged)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,7 +456,7 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
     policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
                              cfg.checkpoint.mode)
     store = CheckpointStore(client, ctx.run_id, Path(cfg.checkpoint.staging_dir), policy, ctx.index_rows, on_commit)
-    metrics = MetricLogger(client, ctx.run_id, cfg.tracking.flush_seconds)
+    metrics = MetricLogger(client, ctx.run_id, cfg.tracking.flush_seconds, already_logged=ctx.logged_steps)
     monitor = _system_metrics(ctx.run_id, cfg, resumed=resume is not None)
     status, stopped_by, code = "FAILED", None, EXIT_FAILED
     engine = None
@@ -445,6 +486,13 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
             client.set_tag(ctx.run_id, tag.STOP_ABORTED, "true")
         except NonFiniteTraining as err:
             log.error("%s", err)  # status FAILED, code EXIT_FAILED: the run ends with what it committed
+        except StorageError as err:
+            code = EXIT_STORAGE
+            kept = client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST_STEP)
+            log.error("%s. Stopped at step %d. Kept: %s. When the storage is fixed, resume with: python -m "
+                      "pipeline.%s resume_run=%s", err, engine.pos.step if engine else 0,
+                      f"the committed checkpoint at step {kept} (still the latest)" if kept else
+                      "no checkpoint was committed yet", stage.name, ctx.run_id)
         except BaseException:
             log.exception("Training failed")
             raise
@@ -459,6 +507,9 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                 try:
                     store.close()
                     metrics.flush(wait=True)
+                except StorageError as err:
+                    log.error("%s. Resume with: python -m pipeline.%s resume_run=%s", err, stage.name, ctx.run_id)
+                    status, code = "FAILED", EXIT_STORAGE
                 except Exception:
                     log.exception("Could not finish the checkpoint upload or metric logging")
                     status, code = "FAILED", EXIT_FAILED

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
 from pipeline.config import mask_secrets
+from pipeline.engine import faults
 from pipeline.engine import tags as tag
 
 log = logging.getLogger(__name__)
@@ -21,12 +22,19 @@ MAX_PARAM_LENGTH = 6000
 
 
 class MetricLogger:
-    """Buffers metrics and sends them with ``log_batch(synchronous=False)`` every few seconds."""
+    """Buffers metrics and sends them with ``log_batch(synchronous=False)`` every few seconds.
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float):
+    ``already_logged`` (metric -> last step in the store) holds back what an interrupted attempt of
+    the run logged already: steps re-trained after an exact resume give the same values, and logging
+    them again would give the charts two points per step.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float,
+                 already_logged: dict[str, int] | None = None):
         self.client = client
         self.run_id = run_id
         self.flush_seconds = flush_seconds
+        self.already_logged = dict(already_logged or {})
         self._buffer: list[Metric] = []
         self._pending = []
         self._last_flush = time.monotonic()
@@ -34,6 +42,8 @@ class MetricLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         now_ms = int(time.time() * 1000)
         for key, value in metrics.items():
+            if step <= self.already_logged.get(key, -1):
+                continue
             value = float(value)
             if math.isfinite(value):
                 self._buffer.append(Metric(key, value, now_ms, step))
@@ -45,6 +55,8 @@ class MetricLogger:
     def flush(self, wait: bool = False) -> list:
         """Send what is buffered; with ``wait`` block until everything sent so far is stored. Returns the
         operations still in flight, which another thread may wait on (see ``CheckpointStore.save``)."""
+        if self._buffer:
+            faults.point("metrics.flush")
         while self._buffer:
             batch, self._buffer = self._buffer[:MAX_BATCH], self._buffer[MAX_BATCH:]
             self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
@@ -160,9 +172,10 @@ def copy_history(client: MlflowClient, src_run: str, dst_run: str, max_step: int
     return len(metrics)
 
 
-def last_logged_step(client: MlflowClient, run_id: str, key: str) -> int | None:
-    history = client.get_metric_history(run_id, key)
-    return max((m.step for m in history), default=None)
+def latest_steps(run) -> dict[str, int]:
+    """The last step logged of each metric of ``run``. MLflow keeps every metric's latest point (highest
+    step) with the run, so this costs no history query, however long the run has trained."""
+    return {m.key: m.step for m in run.data._metric_objs}
 
 
 def describe_run(

@@ -76,6 +76,7 @@ def test_a_diverging_job_stops_failed_with_its_checkpoints_finite(store, capfd, 
     assert all(torch.isfinite(t).all() for module in state["modules"].values() for t in module.values())
 
 
+@pytest.mark.slow
 def test_a_crash_while_a_snapshot_is_written_leaves_the_previous_checkpoint_latest_and_resumes_exactly(store):
     """SIGKILL inside the second checkpoint's serialization (a fault point armed from the environment):
     the first checkpoint stays the latest, nothing half-written is listed or left in staging, and the
@@ -110,3 +111,15 @@ def test_a_crash_while_a_snapshot_is_written_leaves_the_previous_checkpoint_late
     reference = stage_runs(client)[-1].info.run_id
     resumed_losses, reference_losses = dict(loss_history(client, run_id)), dict(loss_history(client, reference))
     assert sorted(resumed_losses) == list(range(1, 7)) and resumed_losses == reference_losses
+
+
+def test_attempts_are_numbered_from_their_records_when_the_count_tag_is_garbage(store, capfd):
+    assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=2", "checkpoint.save_interval=2"]) == EXIT_OK
+    client = MlflowClient()
+    run_id = stage_runs(client)[0].info.run_id
+    client.set_tag(run_id, "resume.count", "two")
+    assert run_stage(TrainAdapter, [f"resume_run={run_id}", "trainer.max_steps=4"]) == EXIT_OK
+    assert "Tag resume.count='two' is not a number; attempts are counted from their records" in capfd.readouterr().err
+    assert client.get_run(run_id).data.tags["resume.count"] == "1"
+    assert sorted(a.path for a in client.list_artifacts(run_id, "config") if "attempt-" in a.path) == [
+        "config/attempt-1.yaml", "config/attempt-2.yaml"]

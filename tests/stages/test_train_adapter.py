@@ -415,6 +415,10 @@ def test_sigint_stops_gracefully_with_a_committed_checkpoint(store):
     ("checkpoint.monitor=val/accuracy", "checkpoint.monitor='val/accuracy' is never logged by train_adapter"),
     ("optim.schedule=linear", "optim.schedule='linear'; choose one of cosine, constant"),
     ("batch_size=0", "batch_size=0 must be positive"),
+    ("batch_size=-2", "batch_size=-2 must be positive"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 must be positive"),
+    ("checkpoint.save_interval=-1", "checkpoint.save_interval=-1 must be positive"),
+    ("trainer.log_interval=0", "trainer.log_interval=0 must be positive"),
     ("checkpoint.keep_last_n=-1", "checkpoint.keep_last_n=-1 must be zero or more"),
 ])
 def test_settings_that_would_act_silently_are_refused_at_start_up(store, capfd, override, message):

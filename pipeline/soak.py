@@ -1,0 +1,227 @@
+"""Kill soak: a training job SIGKILLed again and again, resumed each time, compared with one that never stopped.
+
+    python -m pipeline.soak --kills 200 --seed 1 [--workdir DIR]
+
+``train_adapter`` on the tiny preset, with a checkpoint every 2 steps, validation every 4 and metrics
+flushed every 0.2 s, is killed ``--kills`` times: once or more inside each fault window (a named
+fault-injection point of ``pipeline/engine/faults.py`` armed for that attempt: the tensor snapshot,
+serialization, fsync, sha256, upload, ``index.csv``, the ``checkpoint.latest`` tags, retention's
+deletes, the metric flush, the attempt bookkeeping at start-up, the resume's download and
+verification), the rest at wall-clock moments drawn from the seed. After each kill the job is resumed
+with ``resume_run``; after the last one it runs to the end. Then the run is checked against an
+uninterrupted run of the same job: every ``train/loss`` value equal bit for bit, exactly one value per
+step, every attempt recorded, ``checkpoint.latest`` naming a verified checkpoint, retention having kept
+exactly what its policy says, nothing left in staging, no stray runs. It prints a JSON report
+(docs/reliability.md); the exit code is 1 when a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+WINDOWS = ("checkpoint.snapshot", "checkpoint.serialize", "checkpoint.fsync", "checkpoint.sha256",
+           "checkpoint.upload", "checkpoint.index", "checkpoint.commit", "checkpoint.retention", "metrics.flush",
+           "startup.attempt", "resume.download", "resume.verify")
+VISITS = {"metrics.flush": 6, "startup.attempt": 1, "resume.download": 1, "resume.verify": 1}  # else 2: n drawn in 1..max
+JOB = ["ssl=tiny", "batch_size=4", "data.segment_seconds=0.5", "adapter.bottleneck=16", "trainer.log_interval=1",
+       "tracking.system_metrics=false", "tracking.flush_seconds=0.2", "tracking.stop_poll_seconds=0.5",
+       "tracking.log_model=false", "checkpoint.save_interval=2", "checkpoint.keep_last_n=2", "checkpoint.keep_best_k=1",
+       "validation.interval=4", "validation.num_samples=1"]
+KILL_AFTER_S = (2.0, 12.0)  # wall-clock kills: drawn in this range after the launch (start-up included)
+FALLBACK_S = 40.0  # a window not reached by then is killed anyway, and tried again later
+FIRED = re.compile(r"Fault injection at (\S+) \(visit \d+\): kill")
+
+
+def plan_kills(kills: int, rng: random.Random) -> list[str]:
+    """Each window once, the rest wall-clock kills ("time"), shuffled; the first kill comes after the
+    first committed checkpoint (a resume needs one) and never in a window only a resume reaches."""
+    plan = list(WINDOWS) + ["time"] * max(kills - len(WINDOWS), 0)
+    rng.shuffle(plan)
+    return ["first"] + plan
+
+
+def _launch(workdir: Path, args: list[str], faults_spec: str | None, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db"}
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("PIPELINE_FAULTS", None)
+    if faults_spec:
+        env["PIPELINE_FAULTS"] = faults_spec
+    with open(log_path, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.train_adapter", *args], cwd=workdir, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def _attempt(workdir: Path, args: list[str], kind: str, rng: random.Random, log_path: Path) -> tuple[int, str | None]:
+    """One launch; returns (exit code, the window a fault killed it in or None)."""
+    if kind == "time":
+        spec, deadline = None, rng.uniform(*KILL_AFTER_S)
+    elif kind == "first":
+        spec, deadline = "checkpoint.snapshot@2=kill", FALLBACK_S
+    elif kind == "final":
+        spec, deadline = None, None
+    else:
+        spec, deadline = f"{kind}@{rng.randint(1, VISITS.get(kind, 2))}=kill", FALLBACK_S
+    proc = _launch(workdir, args, spec, log_path)
+    try:
+        code = proc.wait(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        code = proc.wait()
+    fired = FIRED.search(log_path.read_text(errors="replace"))
+    return code, fired.group(1) if fired else None
+
+
+def run_soak(workdir: Path, kills: int, seed: int, max_steps: int) -> dict[str, Any]:
+    """Kill, resume, finish, compare; returns the report (``problems`` empty when every check passed)."""
+    from pipeline.engine.checkpointing import RetentionPolicy, list_checkpoints, read_index, steps_to_keep
+
+    rng = random.Random(seed)
+    job = [*JOB, f"trainer.max_steps={max_steps}"]
+    client = _client(workdir)
+    pending = plan_kills(kills, rng)
+    hits: dict[str, int] = {w: 0 for w in WINDOWS}
+    random_kills, launches, opened, run_id = 0, 0, 0, None
+    started = time.monotonic()
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    while True:
+        kind = pending.pop(0) if pending else "final"
+        if run_id is None and kind not in ("first", "final"):
+            kind = "first"
+        if kind in ("resume.download", "resume.verify", "startup.attempt") and run_id is None:
+            pending.append(kind)
+            continue
+        args = job if run_id is None else [f"resume_run={run_id}"]
+        launches += 1
+        log_path = logs / f"attempt-{launches:04d}.log"
+        code, window = _attempt(workdir, args, kind, rng, log_path)
+        text = log_path.read_text(errors="replace")
+        opened += "MLflow run " in text
+        if code == 0:
+            if kind == "final":
+                break
+            raise RuntimeError(f"attempt {launches} ({kind}) finished the job before the soak was done; raise "
+                               f"max_steps (now {max_steps}). Log: {log_path}")
+        if code != -signal.SIGKILL:
+            raise RuntimeError(f"attempt {launches} ({kind}) failed with exit code {code}:\n{text[-3000:]}")
+        if window:
+            hits[window] += 1
+        else:
+            random_kills += 1
+            if kind not in ("time", "first"):
+                pending.insert(rng.randint(0, len(pending)), kind)  # not reached this time: try again later
+        if run_id is None:
+            runs = _runs(client)
+            run_id = runs[0].info.run_id if runs else None
+        log.info("attempt %d: %s, killed %s", launches, kind, f"in {window}" if window else "at a random moment")
+    soak_s = time.monotonic() - started
+
+    # The reference: the same job, never interrupted.
+    before = {r.info.run_id for r in _runs(client)}
+    final_log = workdir / "logs" / "reference.log"
+    proc = _launch(workdir, job, None, final_log)
+    if proc.wait() != 0:
+        raise RuntimeError(f"the reference run failed:\n{final_log.read_text()[-3000:]}")
+    reference = next(r.info.run_id for r in _runs(client) if r.info.run_id not in before)
+
+    problems = []
+    history = client.get_metric_history(run_id, "train/loss")
+    steps = sorted(m.step for m in history)
+    if steps != list(range(1, max_steps + 1)):
+        dupes = len(steps) - len(set(steps))
+        gaps = sorted(set(range(1, max_steps + 1)) - set(steps))
+        problems.append(f"train/loss history: {len(steps)} values for {max_steps} steps ({dupes} duplicates, "
+                        f"missing steps {gaps[:10]})")
+    ours = {m.step: m.value for m in history}
+    theirs = {m.step: m.value for m in client.get_metric_history(reference, "train/loss")}
+    differing = [s for s in theirs if ours.get(s) != theirs[s]]
+    if differing or len(theirs) != max_steps:
+        problems.append(f"train/loss differs from the uninterrupted run at steps {differing[:10]} "
+                        f"({len(differing)} of {len(theirs)})")
+    run = client.get_run(run_id)
+    attempts = sorted(int(re.search(r"attempt-(\d+)", a.path).group(1))
+                      for a in client.list_artifacts(run_id, "config") if "attempt-" in a.path)
+    if attempts != list(range(1, len(attempts) + 1)) or len(attempts) != int(run.data.tags.get("resume.count", 0)) + 1:
+        problems.append(f"attempts recorded {attempts}, resume.count {run.data.tags.get('resume.count')}")
+    if len(attempts) < opened:
+        problems.append(f"{opened} launches opened the run but only {len(attempts)} attempts are recorded")
+    problems += _check_checkpoints(client, run, workdir, max_steps)
+    policy = RetentionPolicy(2, 1, "val/loss", "min")
+    stored = list_checkpoints(client, run_id)
+    keep = sorted(steps_to_keep(read_index(client, run_id), policy, max_steps))
+    if stored != keep:
+        problems.append(f"retention: stored checkpoints {stored}, the policy keeps {keep}")
+    staging = workdir / ".checkpoints" / run_id
+    leftovers = sorted(p.name for p in staging.iterdir()) if staging.exists() else []
+    if leftovers:
+        problems.append(f"staging leftovers in {staging}: {leftovers}")
+    if len(_runs(client)) != 2:
+        problems.append(f"{len(_runs(client))} runs in the store; expected the soaked run and the reference")
+    if run.info.status != "FINISHED":
+        problems.append(f"the soaked run ended {run.info.status}")
+    return {"kills": sum(hits.values()) + random_kills, "windows_hit": hits, "random_kills": random_kills,
+            "launches": launches, "attempts_recorded": len(attempts), "steps_compared": len(theirs),
+            "soak_seconds": round(soak_s, 1), "seed": seed, "run_id": run_id, "problems": problems}
+
+
+def _check_checkpoints(client: MlflowClient, run, workdir: Path, max_steps: int) -> list[str]:
+    from pipeline.engine.checkpointing import CheckpointError, checkpoint_name, download_checkpoint, verify
+
+    tags = run.data.tags
+    if tags.get("checkpoint.latest") != f"checkpoints/{checkpoint_name(max_steps)}" or \
+            tags.get("checkpoint.latest_step") != str(max_steps):
+        return [f"checkpoint.latest is {tags.get('checkpoint.latest')} (step {tags.get('checkpoint.latest_step')})"]
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        try:
+            verify(download_checkpoint(client, run.info.run_id, max_steps, Path(tmp)))
+        except CheckpointError as err:
+            return [f"the latest checkpoint does not verify: {err}"]
+    return []
+
+
+def _client(workdir: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+
+
+def _runs(client: MlflowClient):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, "", order_by=["attributes.start_time ASC"]) if experiments else []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=0, help="default: enough for the kills (10 per kill, ≥ 100)")
+    parser.add_argument("--workdir", type=Path, help="kept afterwards (default: a temporary directory)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    max_steps = args.max_steps or max(100, 10 * args.kills)
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        report = run_soak(args.workdir.resolve(), args.kills, args.seed, max_steps)
+    else:
+        with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+            report = run_soak(Path(tmp), args.kills, args.seed, max_steps)
+    print(json.dumps(report, indent=2))
+    sys.exit(1 if report["problems"] else 0)
+
+
+if __name__ == "__main__":
+    main()
