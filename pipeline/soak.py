@@ -89,24 +89,33 @@ def _attempt(workdir: Path, args: list[str], kind: str, rng: random.Random, log_
 
 def run_soak(workdir: Path, kills: int, seed: int, max_steps: int) -> dict[str, Any]:
     """Kill, resume, finish, compare; returns the report (``problems`` empty when every check passed)."""
-    from pipeline.engine.checkpointing import RetentionPolicy, list_checkpoints, read_index, steps_to_keep
-
     rng = random.Random(seed)
     job = [*JOB, f"trainer.max_steps={max_steps}"]
     client = _client(workdir)
-    pending = plan_kills(kills, rng)
+    started = time.monotonic()
+    soaked = _kill_and_resume(workdir, job, plan_kills(kills, rng), rng, client, max_steps)
+    soak_s = time.monotonic() - started
+    reference = _reference_run(workdir, job, client)
+    problems, attempts, compared = _check_history(client, soaked["run_id"], reference, max_steps, soaked["opened"])
+    problems += _check_store(client, soaked["run_id"], workdir, max_steps)
+    return {"kills": sum(soaked["hits"].values()) + soaked["random_kills"], "windows_hit": soaked["hits"],
+            "random_kills": soaked["random_kills"], "launches": soaked["launches"], "attempts_recorded": attempts,
+            "steps_compared": compared, "soak_seconds": round(soak_s, 1), "seed": seed, "run_id": soaked["run_id"],
+            "problems": problems}
+
+
+def _kill_and_resume(workdir: Path, job: list[str], pending: list[str], rng: random.Random, client: MlflowClient,
+                     max_steps: int) -> dict[str, Any]:
+    """Launch, kill as planned, resume with resume_run, until the plan is done and a last attempt finishes."""
     hits: dict[str, int] = {w: 0 for w in WINDOWS}
     random_kills, launches, opened, run_id = 0, 0, 0, None
-    started = time.monotonic()
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     while True:
         kind = pending.pop(0) if pending else "final"
-        if run_id is None and kind not in ("first", "final"):
+        if run_id is None and kind not in ("first", "final"):  # no run yet: start one first
+            pending.insert(0, kind)
             kind = "first"
-        if kind in ("resume.download", "resume.verify", "startup.attempt") and run_id is None:
-            pending.append(kind)
-            continue
         args = job if run_id is None else [f"resume_run={run_id}"]
         launches += 1
         log_path = logs / f"attempt-{launches:04d}.log"
@@ -130,16 +139,22 @@ def run_soak(workdir: Path, kills: int, seed: int, max_steps: int) -> dict[str, 
             runs = _runs(client)
             run_id = runs[0].info.run_id if runs else None
         log.info("attempt %d: %s, killed %s", launches, kind, f"in {window}" if window else "at a random moment")
-    soak_s = time.monotonic() - started
+    return {"run_id": run_id, "hits": hits, "random_kills": random_kills, "launches": launches, "opened": opened}
 
-    # The reference: the same job, never interrupted.
+
+def _reference_run(workdir: Path, job: list[str], client: MlflowClient) -> str:
+    """The same job, never interrupted; returns its run ID."""
     before = {r.info.run_id for r in _runs(client)}
-    final_log = workdir / "logs" / "reference.log"
-    proc = _launch(workdir, job, None, final_log)
-    if proc.wait() != 0:
-        raise RuntimeError(f"the reference run failed:\n{final_log.read_text()[-3000:]}")
-    reference = next(r.info.run_id for r in _runs(client) if r.info.run_id not in before)
+    log_path = workdir / "logs" / "reference.log"
+    if _launch(workdir, job, None, log_path).wait() != 0:
+        raise RuntimeError(f"the reference run failed:\n{log_path.read_text()[-3000:]}")
+    return next(r.info.run_id for r in _runs(client) if r.info.run_id not in before)
 
+
+def _check_history(client: MlflowClient, run_id: str, reference: str, max_steps: int,
+                   opened: int) -> tuple[list[str], int, int]:
+    """One train/loss value per step, equal to the reference's; every attempt recorded. Returns the
+    problems, the attempts recorded and the steps compared."""
     problems = []
     history = client.get_metric_history(run_id, "train/loss")
     steps = sorted(m.step for m in history)
@@ -154,17 +169,24 @@ def run_soak(workdir: Path, kills: int, seed: int, max_steps: int) -> dict[str, 
     if differing or len(theirs) != max_steps:
         problems.append(f"train/loss differs from the uninterrupted run at steps {differing[:10]} "
                         f"({len(differing)} of {len(theirs)})")
-    run = client.get_run(run_id)
+    count = client.get_run(run_id).data.tags.get("resume.count")
     attempts = sorted(int(re.search(r"attempt-(\d+)", a.path).group(1))
                       for a in client.list_artifacts(run_id, "config") if "attempt-" in a.path)
-    if attempts != list(range(1, len(attempts) + 1)) or len(attempts) != int(run.data.tags.get("resume.count", 0)) + 1:
-        problems.append(f"attempts recorded {attempts}, resume.count {run.data.tags.get('resume.count')}")
+    if attempts != list(range(1, len(attempts) + 1)) or str(len(attempts) - 1) != count:
+        problems.append(f"attempts recorded {attempts}, resume.count {count}")
     if len(attempts) < opened:
         problems.append(f"{opened} launches opened the run but only {len(attempts)} attempts are recorded")
-    problems += _check_checkpoints(client, run, workdir, max_steps)
-    policy = RetentionPolicy(2, 1, "val/loss", "min")
+    return problems, len(attempts), len(theirs)
+
+
+def _check_store(client: MlflowClient, run_id: str, workdir: Path, max_steps: int) -> list[str]:
+    """The latest checkpoint verifies, retention kept what its policy says, staging is empty, no stray runs."""
+    from pipeline.engine.checkpointing import RetentionPolicy, list_checkpoints, read_index, steps_to_keep
+
+    run = client.get_run(run_id)
+    problems = _check_checkpoints(client, run, workdir, max_steps)
     stored = list_checkpoints(client, run_id)
-    keep = sorted(steps_to_keep(read_index(client, run_id), policy, max_steps))
+    keep = sorted(steps_to_keep(read_index(client, run_id), RetentionPolicy(2, 1, "val/loss", "min"), max_steps))
     if stored != keep:
         problems.append(f"retention: stored checkpoints {stored}, the policy keeps {keep}")
     staging = workdir / ".checkpoints" / run_id
@@ -175,9 +197,7 @@ def run_soak(workdir: Path, kills: int, seed: int, max_steps: int) -> dict[str, 
         problems.append(f"{len(_runs(client))} runs in the store; expected the soaked run and the reference")
     if run.info.status != "FINISHED":
         problems.append(f"the soaked run ended {run.info.status}")
-    return {"kills": sum(hits.values()) + random_kills, "windows_hit": hits, "random_kills": random_kills,
-            "launches": launches, "attempts_recorded": len(attempts), "steps_compared": len(theirs),
-            "soak_seconds": round(soak_s, 1), "seed": seed, "run_id": run_id, "problems": problems}
+    return problems
 
 
 def _check_checkpoints(client: MlflowClient, run, workdir: Path, max_steps: int) -> list[str]:

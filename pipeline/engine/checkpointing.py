@@ -381,6 +381,7 @@ class CheckpointStore:
         policy: RetentionPolicy,
         index_rows: list[dict[str, Any]] | None = None,
         on_commit=None,
+        before_commit: Callable[[], None] | None = None,
     ):
         self.client = client
         self.run_id = run_id
@@ -388,6 +389,7 @@ class CheckpointStore:
         self.policy = policy
         self.index_rows = list(index_rows or [])
         self.on_commit = on_commit  # callback(step, row) after a checkpoint is committed
+        self.before_commit = before_commit  # raises when this job may no longer commit (its lease was lost)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future | None = None
         self._snapshots = Snapshotter()
@@ -461,6 +463,8 @@ class CheckpointStore:
             op.wait()
         # Committed: only now does `checkpoint.latest` move (both tags in one call).
         faults.point("checkpoint.commit")
+        if self.before_commit is not None:
+            self.before_commit()
         self.client.log_batch(self.run_id, tags=[RunTag(tag.CHECKPOINT_LATEST, artifact_path),
                                                  RunTag(tag.CHECKPOINT_LATEST_STEP, str(step))])
         self.index_rows = [r for r in self.index_rows if int(r["step"]) != step] + [row]

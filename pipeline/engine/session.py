@@ -44,6 +44,7 @@ from pipeline.engine.checkpointing import (
     utc_now,
 )
 from pipeline.engine.launch import LaunchArgs, parse_launch
+from pipeline.engine.lease import Lease, LeaseHeld, LeaseLost
 from pipeline.engine.resume import ResumeError, ResumePoint, resolve, stored_inputs
 from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
@@ -77,6 +78,7 @@ class RunContext:
     history: list[dict[str, Any]] = field(default_factory=list)
     index_rows: list[dict[str, Any]] = field(default_factory=list)
     logged_steps: dict[str, int] = field(default_factory=dict)  # metric -> last step an earlier attempt logged
+    lease: Lease | None = None  # this job's lease on the run (one job per run)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,29 +186,37 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
     if resume is None or resume.run_id is None:
         extra = {} if resume is None else {tag.RESUME_FROM: resume.source}
         run_id, name = _start_new_run(client, stage, cfg, _experiment_name(cfg, stage.name), extra)
+        lease = _lease(client, run_id, cfg).acquire({}, contended=False)
         entry = {"attempt": 1, "started": started, "from": resume.source if resume else None,
                  "overrides": overrides, "status": "RUNNING"}
         client.log_text(run_id, _attempt_yaml(entry, changes), "config/attempt-1.yaml")
-        return RunContext(run_id, name, 1, None, None if resume is None else resume.source, [entry])
+        return RunContext(run_id, name, 1, None, None if resume is None else resume.source, [entry], lease=lease)
 
     original = client.get_run(resume.run_id)
-    logged = latest_steps(original)
-    last = logged.get("train/loss")
+    last = latest_steps(original).get("train/loss")
     if explicit_step and last is not None and resume.step < last:
         # Older checkpoint: branch into a nested run so the original history stays untouched.
         extra = {tag.PARENT_RUN: resume.run_id, tag.RESUME_BRANCH_OF: resume.run_id,
                  tag.RESUME_FROM: f"{_resume_label(cfg, resume)} of run {resume.run_id}"}
         run_id, name = _start_new_run(client, stage, cfg, client.get_experiment(original.info.experiment_id).name, extra)
+        lease = _lease(client, run_id, cfg).acquire({}, contended=False)
         copied = copy_history(client, resume.run_id, run_id, resume.step)
         log.info("Branching into new run %s nested under %s (copied %d metric values up to step %d)",
                  run_id, resume.run_id, copied, resume.step)
         entry = {"attempt": 1, "started": started, "from": resume.source, "overrides": overrides,
                  "status": "RUNNING"}
         client.log_text(run_id, _attempt_yaml(entry, changes), "config/attempt-1.yaml")
-        return RunContext(run_id, name, 1, None, _resume_label(cfg, resume), [entry])
+        return RunContext(run_id, name, 1, None, _resume_label(cfg, resume), [entry], lease=lease)
+    return _continue_run(client, cfg, resume, original, overrides, changes, launcher, started)
 
-    # Continue in the same run.
+
+def _continue_run(client: MlflowClient, cfg: DictConfig, resume: ResumePoint, original, overrides: list[str],
+                  changes: dict[str, tuple[Any, Any]], launcher: str | None, started: str) -> RunContext:
+    """The resumed run itself: its lease, index rows, the attempt's record and tags, and what was logged already."""
     run_id = resume.run_id
+    lease = _lease(client, run_id, cfg).acquire(original.data.tags)  # LeaseHeld while another job trains it
+    logged = latest_steps(original)
+    last = logged.get("train/loss")
     # Before any write: a store that cannot be read changes nothing. The rows are those of the checkpoints
     # up to the one resumed from: a newer one is corrupted (the resume fell back) or was never committed,
     # and this job writes its step again; the one resumed from is committed, but a crash between the
@@ -214,17 +224,16 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
     index_rows = [row for row in read_index(client, run_id) if int(row["step"]) <= resume.step]
     if resume.step not in {int(row["step"]) for row in index_rows}:
         index_rows.append(index_row(resume.meta, original.data.tags))
-    if original.info.status == "RUNNING":
-        log.warning("Run %s is still marked RUNNING (a crash leaves it so). If another job is still "
-                    "training it, stop that job first.", run_id)
     # The attempt's record first, numbered after every record there is (a crash between the record and
     # the tags leaves the count behind, never two attempts under one number), then the tags.
     history = _read_history(client, run_id)
-    recorded = max([h["attempt"] for h in history], default=1)
+    recorded = max([int(h["attempt"]) for h in history], default=1)
     attempt = max(recorded, _count_tag(original.data.tags) + 1) + 1
     resumed_from = _resume_label(cfg, resume)
     entry = {"attempt": attempt, "started": started, "from": resumed_from, "overrides": overrides,
              "status": "RUNNING"}
+    if lease.took_over:
+        entry["from"] = f"{resumed_from}; took over the run from {lease.took_over}"
     history.append(entry)
     client.log_text(run_id, _attempt_yaml(entry, changes), f"config/attempt-{attempt}.yaml")
     faults.point("startup.attempt")
@@ -257,7 +266,11 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
             log.info("Steps %d-%d were logged by the interrupted attempt; training them again gives the same values, "
                      "which are not logged twice", resume.step + 1, last)
     return RunContext(run_id, original.info.run_name, attempt, attempt_run, resumed_from, history, index_rows,
-                      logged)
+                      logged, lease)
+
+
+def _lease(client: MlflowClient, run_id: str, cfg: DictConfig) -> Lease:
+    return Lease(client, run_id, float(cfg.tracking.lease_timeout_seconds), float(cfg.tracking.lease_heartbeat_seconds))
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,11 +440,18 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
         log.info("Resuming from step %d", resume.step)
     try:
         ctx = open_run(client, stage, cfg, resume, plan.overrides, plan.changes, explicit_step=plan.launch.explicit_step)
+    except LeaseHeld as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
     except CheckpointError as err:
         log.error("%s", err)
         return EXIT_FAILED
     log.info("MLflow run %s (%s) in %s", ctx.run_id, ctx.run_name, mlflow.get_tracking_uri())
-    return train_in_run(client, stage, plan, ctx, hooks or TrainingHooks())
+    try:
+        return train_in_run(client, stage, plan, ctx, hooks or TrainingHooks())
+    finally:
+        if ctx.lease is not None:
+            ctx.lease.release()
 
 
 def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunContext, hooks: TrainingHooks) -> int:
@@ -455,13 +475,16 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
 
     policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
                              cfg.checkpoint.mode)
-    store = CheckpointStore(client, ctx.run_id, Path(cfg.checkpoint.staging_dir), policy, ctx.index_rows, on_commit)
+    store = CheckpointStore(client, ctx.run_id, Path(cfg.checkpoint.staging_dir), policy, ctx.index_rows, on_commit,
+                            before_commit=ctx.lease.check if ctx.lease else None)
     metrics = MetricLogger(client, ctx.run_id, cfg.tracking.flush_seconds, already_logged=ctx.logged_steps)
     monitor = _system_metrics(ctx.run_id, cfg, resumed=resume is not None)
     status, stopped_by, code = "FAILED", None, EXIT_FAILED
     engine = None
     stopper = StopController(client, ctx.run_id, cfg.tracking.stop_poll_seconds)
     tags = TagWriter(client, ctx.run_id)  # the progress tag, off the training thread
+    if ctx.lease:
+        ctx.lease.on_lost = lambda: stopper.request("lease lost")
     with stopper:  # handlers stay installed until the run is ended, so no signal leaves it RUNNING
         try:
             engine = Engine(stage, metrics, store, stopper, ctx.run_id, hooks=hooks)
@@ -488,11 +511,9 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
             log.error("%s", err)  # status FAILED, code EXIT_FAILED: the run ends with what it committed
         except StorageError as err:
             code = EXIT_STORAGE
-            kept = client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST_STEP)
-            log.error("%s. Stopped at step %d. Kept: %s. When the storage is fixed, resume with: python -m "
-                      "pipeline.%s resume_run=%s", err, engine.pos.step if engine else 0,
-                      f"the committed checkpoint at step {kept} (still the latest)" if kept else
-                      "no checkpoint was committed yet", stage.name, ctx.run_id)
+            _log_storage_failure(client, err, stage.name, ctx.run_id, engine.pos.step if engine else 0)
+        except LeaseLost as err:
+            log.error("%s", err)  # code EXIT_FAILED; the run is the other job's now
         except BaseException:
             log.exception("Training failed")
             raise
@@ -508,15 +529,29 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                     store.close()
                     metrics.flush(wait=True)
                 except StorageError as err:
-                    log.error("%s. Resume with: python -m pipeline.%s resume_run=%s", err, stage.name, ctx.run_id)
+                    _log_storage_failure(client, err, stage.name, ctx.run_id, pos.step)
                     status, code = "FAILED", EXIT_STORAGE
+                except LeaseLost:
+                    code = EXIT_FAILED
                 except Exception:
                     log.exception("Could not finish the checkpoint upload or metric logging")
                     status, code = "FAILED", EXIT_FAILED
-            _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, plan.changes, engine)
-            log.info("Run %s ended %s. Open the dashboard with: mlflow ui --backend-store-uri %s",
-                     ctx.run_id, status, mlflow.get_tracking_uri())
+            if ctx.lease is not None and not ctx.lease.held:
+                log.error("Run %s is trained by another job now; this job leaves its status and description to it",
+                          ctx.run_id)
+                code = EXIT_FAILED
+            else:
+                _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, plan.changes, engine)
+                log.info("Run %s ended %s. Open the dashboard with: mlflow ui --backend-store-uri %s",
+                         ctx.run_id, status, mlflow.get_tracking_uri())
     return code
+
+
+def _log_storage_failure(client: MlflowClient, err: Exception, stage: str, run_id: str, step: int) -> None:
+    kept = client.get_run(run_id).data.tags.get(tag.CHECKPOINT_LATEST_STEP)
+    log.error("%s. Stopped at step %d. Kept: %s. When the storage is fixed, resume with: python -m pipeline.%s "
+              "resume_run=%s", err, step, f"the committed checkpoint at step {kept} (still the latest)" if kept else
+              "no checkpoint was committed yet", stage, run_id)
 
 
 def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int) -> None:
