@@ -2,7 +2,7 @@
 
     python -m pipeline.soak --kills 200 --seed 1 [--workdir DIR]
 
-``train_adapter`` on the tiny preset, with a checkpoint every 2 steps, validation every 4 and metrics
+``train_adapter`` on the tiny preset, with a checkpoint every 2 steps, validation every 10 and metrics
 flushed every 0.2 s, is killed ``--kills`` times: once or more inside each fault window (a named
 fault-injection point of ``pipeline/engine/faults.py`` armed for that attempt: the tensor snapshot,
 serialization, fsync, sha256, upload, ``index.csv``, the ``checkpoint.latest`` tags, retention's
@@ -42,8 +42,8 @@ VISITS = {"metrics.flush": 6, "startup.attempt": 1, "resume.download": 1, "resum
 JOB = ["ssl=tiny", "batch_size=4", "data.segment_seconds=0.5", "adapter.bottleneck=16", "trainer.log_interval=1",
        "tracking.system_metrics=false", "tracking.flush_seconds=0.2", "tracking.stop_poll_seconds=0.5",
        "tracking.log_model=false", "checkpoint.save_interval=2", "checkpoint.keep_last_n=2", "checkpoint.keep_best_k=1",
-       "validation.interval=4", "validation.num_samples=1"]
-KILL_AFTER_S = (2.0, 12.0)  # wall-clock kills: drawn in this range after the launch (start-up included)
+       "validation.interval=10", "validation.num_samples=0"]
+KILL_AFTER_S = (2.0, 10.0)  # wall-clock kills: drawn in this range after the launch (start-up included)
 FALLBACK_S = 40.0  # a window not reached by then is killed anyway, and tried again later
 FIRED = re.compile(r"Fault injection at (\S+) \(visit \d+\): kill")
 
@@ -228,11 +228,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=0, help="default: enough for the kills (10 per kill, ≥ 100)")
+    parser.add_argument("--max-steps", type=int, default=0, help="default: enough for the kills (6 per kill, ≥ 120)")
     parser.add_argument("--workdir", type=Path, help="kept afterwards (default: a temporary directory)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    max_steps = args.max_steps or max(100, 10 * args.kills)
+    max_steps = args.max_steps or max(120, 6 * args.kills)
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
         report = run_soak(args.workdir.resolve(), args.kills, args.seed, max_steps)
