@@ -429,7 +429,6 @@ class CheckpointStore:
         except OSError as err:  # ENOSPC, EROFS, EACCES, EIO: the disk will not heal by itself
             raise StorageError(f"writing checkpoint {checkpoint_name(step)} into {self.staging_root} failed: "
                                f"{err.strerror or err} (checkpoint.staging_dir)") from err
-        del state  # the snapshot's host memory is free once it is on disk
         row = dict(row, size=sum(f.stat().st_size for f in local.iterdir()))
         self._upload_and_commit(step, local, row, metrics_sent)
 
@@ -455,8 +454,8 @@ class CheckpointStore:
                 break
             except Exception as err:  # the store's own exception types vary (MLflow, boto, OS)
                 if attempt == UPLOAD_TRIES - 1:
-                    raise StorageError(f"uploading checkpoint {name} to {self.repo.artifact_uri} failed "
-                                       f"{UPLOAD_TRIES} times ({err})") from err
+                    raise StorageError(f"uploading checkpoint {name} to the artifact store of run {self.run_id} "
+                                       f"failed {UPLOAD_TRIES} times ({err})") from err
                 log.warning("Uploading checkpoint %s failed (%s); trying again in %d s", name, err, 2**attempt)
                 time.sleep(2**attempt)
         for op in metrics_sent:
