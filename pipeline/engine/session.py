@@ -212,21 +212,45 @@ def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: Resume
 
 def _continue_run(client: MlflowClient, cfg: DictConfig, resume: ResumePoint, original, overrides: list[str],
                   changes: dict[str, tuple[Any, Any]], launcher: str | None, started: str) -> RunContext:
-    """The resumed run itself: its lease, index rows, the attempt's record and tags, and what was logged already."""
+    """The resumed run itself: what it holds (read first: a store that cannot be read changes nothing),
+    then its lease, the attempt's record and tags."""
     run_id = resume.run_id
-    lease = _lease(client, run_id, cfg).acquire(original.data.tags)  # LeaseHeld while another job trains it
     logged = latest_steps(original)
     last = logged.get("train/loss")
-    # Before any write: a store that cannot be read changes nothing. The rows are those of the checkpoints
-    # up to the one resumed from: a newer one is corrupted (the resume fell back) or was never committed,
-    # and this job writes its step again; the one resumed from is committed, but a crash between the
-    # commit and the index write kept it out of index.csv.
+    # The rows of the checkpoints up to the one resumed from: a newer one is corrupted (the resume fell
+    # back) or was never committed, and this job writes its step again; the one resumed from is
+    # committed, but a crash between the commit and the index write may have kept it out of index.csv.
     index_rows = [row for row in read_index(client, run_id) if int(row["step"]) <= resume.step]
     if resume.step not in {int(row["step"]) for row in index_rows}:
         index_rows.append(index_row(resume.meta, original.data.tags))
-    # The attempt's record first, numbered after every record there is (a crash between the record and
-    # the tags leaves the count behind, never two attempts under one number), then the tags.
     history = _read_history(client, run_id)
+    lease = _lease(client, run_id, cfg).acquire(original.data.tags)  # LeaseHeld while another job trains it
+    try:
+        attempt, resumed_from, attempt_run = _record_attempt(client, cfg, resume, original, history, lease, overrides,
+                                                             changes, launcher, started)
+    except BaseException:
+        lease.release()
+        raise
+    if last is not None and last > resume.step:
+        if changes:
+            log.warning("Steps %d-%d were logged by the interrupted attempt; they are trained again with changed "
+                        "settings and logged again, so the charts show two values at those steps",
+                        resume.step + 1, last)
+            logged = {}
+        else:
+            log.info("Steps %d-%d were logged by the interrupted attempt; training them again gives the same values, "
+                     "which are not logged twice", resume.step + 1, last)
+    return RunContext(run_id, original.info.run_name, attempt, attempt_run, resumed_from, history, index_rows,
+                      logged, lease)
+
+
+def _record_attempt(client: MlflowClient, cfg: DictConfig, resume: ResumePoint, original, history: list[dict[str, Any]],
+                    lease: Lease, overrides: list[str], changes: dict[str, tuple[Any, Any]], launcher: str | None,
+                    started: str) -> tuple[int, str, str | None]:
+    """The attempt's record first, numbered after every record there is (a crash between the record and
+    the tags leaves the count behind, never two attempts under one number), then the run's tags and the
+    attempt run `mlflow run` made. Returns the attempt number, where it resumed from and the attempt run."""
+    run_id = resume.run_id
     recorded = max([int(h["attempt"]) for h in history], default=1)
     attempt = max(recorded, _count_tag(original.data.tags) + 1) + 1
     resumed_from = _resume_label(cfg, resume)
@@ -256,17 +280,7 @@ def _continue_run(client: MlflowClient, cfg: DictConfig, resume: ResumePoint, or
             tag.ATTEMPT_CHANGES: "; ".join(f"{k}: {o} -> {n}" for k, (o, n) in changes.items()) or "(none)",
         }.items():
             client.set_tag(attempt_run, key, value)
-    if last is not None and last > resume.step:
-        if changes:
-            log.warning("Steps %d-%d were logged by the interrupted attempt; they are trained again with changed "
-                        "settings and logged again, so the charts show two values at those steps",
-                        resume.step + 1, last)
-            logged = {}
-        else:
-            log.info("Steps %d-%d were logged by the interrupted attempt; training them again gives the same values, "
-                     "which are not logged twice", resume.step + 1, last)
-    return RunContext(run_id, original.info.run_name, attempt, attempt_run, resumed_from, history, index_rows,
-                      logged, lease)
+    return attempt, resumed_from, attempt_run
 
 
 def _lease(client: MlflowClient, run_id: str, cfg: DictConfig) -> Lease:
