@@ -239,7 +239,7 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
             report = run_soak(Path(tmp), args.kills, args.seed, max_steps)
-    print(json.dumps(report, indent=2))
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
     sys.exit(1 if report["problems"] else 0)
 
 

@@ -30,4 +30,5 @@ def figure(name: str, value: float, unit: str, how: str, *, target: str | None =
 
 
 def emit(fig: dict[str, Any]) -> None:
-    print(json.dumps(fig), file=sys.stdout, flush=True)
+    sys.stdout.write(json.dumps(fig) + "\n")  # the command's output, as the other entry points write theirs
+    sys.stdout.flush()
