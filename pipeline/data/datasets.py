@@ -8,6 +8,7 @@ checkpoint needs to store for an exact resume, with any number of DataLoader wor
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DegradationConfig
 from pipeline.data.degrade import OtherUtterances, check_degradation, degrade, sample_rng
+from pipeline.engine import faults
 
 TRAIN_STREAM, VAL_STREAM, ORDER_STREAM = 0, 1, 2
 
@@ -73,8 +75,19 @@ def seeded_loader(dataset: Dataset, batches: list, workers: int, collate, seed: 
     """A DataLoader over fixed batches whose workers draw their base seed from a private generator, not
     from the global torch RNG (which a resume, opening an extra iterator mid-epoch, would shift)."""
     generator = torch.Generator().manual_seed(int(seed))
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=with_fault_point(collate),
                       pin_memory=pin_memory, generator=generator)
+
+
+def with_fault_point(collate: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
+    """``collate`` behind the ``data.batch`` fault point, which runs where the batch is made (in a
+    DataLoader worker when there are workers: tests kill one there)."""
+    return partial(_collate_at_fault_point, collate)
+
+
+def _collate_at_fault_point(collate: Callable[[list[Any]], Any], items: list[Any]) -> Any:
+    faults.point("data.batch")
+    return collate(items)
 
 
 def crop_or_pad(wave: torch.Tensor, length: int, start: int) -> torch.Tensor:

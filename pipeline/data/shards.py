@@ -36,7 +36,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from pipeline.data.datasets import TRAIN_STREAM, crop_or_pad
+from pipeline.data.datasets import TRAIN_STREAM, crop_or_pad, with_fault_point
 from pipeline.data.degrade import sample_rng
 from pipeline.files import sha256_file
 
@@ -319,7 +319,7 @@ class StreamingPairs:
         return self._per_worker(batch_size, workers) * workers
 
     def loader(self, epoch: int, start_batch: int, batch_size: int, workers: int, collate) -> DataLoader:
-        stream = _EpochStream(self, epoch, start_batch, batch_size, max(workers, 1), collate)
+        stream = _EpochStream(self, epoch, start_batch, batch_size, max(workers, 1), with_fault_point(collate))
         return DataLoader(stream, batch_size=None, num_workers=workers)
 
     def worker_batches(self, epoch: int, logical: int, skip: int, count: int, batch_size: int,

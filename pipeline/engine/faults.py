@@ -7,7 +7,8 @@ hit a checkpoint. Unarmed (the normal case) a point is one dictionary lookup. Te
 
 - ``kill``: SIGKILL this process (a crash at exactly that moment);
 - ``sleep:<seconds>``: a slow disk or network;
-- ``raise:<ERRNO>``: an ``OSError`` with that errno (``ENOSPC``, ``EIO``, ``EACCES``, ``EROFS``, ...).
+- ``raise:<ERRNO>``: an ``OSError`` with that errno (``ENOSPC``, ``EIO``, ``EACCES``, ``EROFS``, ...);
+- ``signal:<NAME>``: send this process a real signal (``TERM``, ``INT``, ``HUP``) at exactly that moment.
 
 ``@n`` fires only the n-th time the point is reached in this process (1-based); without it, every
 time. Example: ``PIPELINE_FAULTS="checkpoint.fsync@2=kill"`` kills the job inside its second
@@ -31,7 +32,7 @@ ENV = "PIPELINE_FAULTS"
 
 @dataclass(frozen=True)
 class Fault:
-    action: str  # kill | sleep | raise
+    action: str  # kill | sleep | raise | signal
     arg: str | None
     nth: int | None  # fire only on this visit (1-based); None = every visit
 
@@ -47,7 +48,7 @@ def parse(spec: str) -> dict[str, Fault]:
         where, sep, what = item.partition("=")
         name, _, nth = where.partition("@")
         action, _, arg = what.partition(":")
-        ok = sep and name and action in ("kill", "sleep", "raise") and (not nth or nth.isdigit())
+        ok = sep and name and action in ("kill", "sleep", "raise", "signal") and (not nth or nth.isdigit())
         if ok and action == "sleep":
             try:
                 float(arg)
@@ -55,8 +56,10 @@ def parse(spec: str) -> dict[str, Fault]:
                 ok = False
         if ok and action == "raise" and not isinstance(getattr(errno, arg, None), int):
             ok = False
+        if ok and action == "signal" and not isinstance(getattr(signal, f"SIG{arg}", None), int):
+            ok = False
         if not ok:
-            raise ValueError(f"{ENV}: cannot read {item!r}; write <point>[@<n>]=kill|sleep:<s>|raise:<ERRNO>")
+            raise ValueError(f"{ENV}: cannot read {item!r}; write <point>[@<n>]=kill|sleep:<s>|raise:<ERRNO>|signal:<NAME>")
         faults[name] = Fault(action, arg or None, int(nth) if nth else None)
     return faults
 
@@ -86,6 +89,8 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault.action == "sleep":
         time.sleep(float(fault.arg))
+    elif fault.action == "signal":
+        os.kill(os.getpid(), getattr(signal, f"SIG{fault.arg}"))
     else:
         code = getattr(errno, fault.arg)
         raise OSError(code, f"{os.strerror(code)} (injected at {name})")

@@ -7,6 +7,7 @@ checkpoint makes ``resume_run`` fall back to the newest older one that verifies,
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -92,11 +93,31 @@ class RunCheckpoints:
     def stage(self) -> str:
         return self.run.data.tags[tag.STAGE]
 
-    @property
+    @functools.cached_property
     def latest_step(self) -> int | None:
-        """The step of the latest committed checkpoint (the `checkpoint.latest_step` tag)."""
-        latest = self.run.data.tags.get(tag.CHECKPOINT_LATEST_STEP)
-        return int(latest) if latest is not None else None
+        """The step of the latest committed checkpoint: the `checkpoint.latest_step` tag; when that tag
+        is missing or unreadable (edited by hand, a store restored from a backup), the `checkpoint.latest`
+        tag, then the newest row of `checkpoints/index.csv` (rows are written only after a commit)."""
+        tags = self.run.data.tags
+        value = tags.get(tag.CHECKPOINT_LATEST_STEP)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+        path_step = step_of(tags.get(tag.CHECKPOINT_LATEST, "").rstrip("/").rsplit("/", 1)[-1])
+        source, step = f"its {tag.CHECKPOINT_LATEST} tag", path_step
+        if step is None:
+            try:
+                steps = [int(row["step"]) for row in read_index(self.client, self.run_id)]
+            except CheckpointError as err:
+                log.warning("%s", err)
+                steps = []
+            source, step = "checkpoints/index.csv", max(steps, default=None)
+        if value is None and step is None:
+            return None
+        what = f"is {value!r}, not a step" if value is not None else "is missing"
+        log.warning("The %s tag of run %s %s; %s", tag.CHECKPOINT_LATEST_STEP, self.run_id, what,
+                    f"the latest committed checkpoint per {source} is step {step}" if step is not None
+                    else f"neither its {tag.CHECKPOINT_LATEST} tag nor checkpoints/index.csv names a committed one")
+        return step
 
     def require_committed(self, purpose: str) -> int:
         """The latest committed step, or a refusal: nothing to ``purpose`` (e.g. "transcribe with")."""
@@ -144,8 +165,17 @@ class RunCheckpoints:
         else:
             latest = self.latest_step
             committed = [s for s in stored if latest is not None and s <= latest]
+            if not committed and latest is None and tag.CHECKPOINT_LATEST_STEP in self.run.data.tags:
+                raise ResumeError(
+                    f"Run {run_id} stores checkpoints at steps {', '.join(map(str, stored))}, but its "
+                    f"{tag.CHECKPOINT_LATEST_STEP} tag is {self.run.data.tags[tag.CHECKPOINT_LATEST_STEP]!r}, not a "
+                    "step, and nothing else says which is committed. Set the tag to the step of the last checkpoint "
+                    "that finished (MLflow UI: run page, Tags), or pick one: resume_step=<step> (it is verified "
+                    "before use).")
             if not committed:
-                raise ResumeError(f"Run {run_id} has no committed checkpoint (no upload finished); start a fresh run.")
+                raise ResumeError(f"Run {run_id} has no committed checkpoint (no upload finished); start a fresh run, "
+                                  f"or pick a stored one: resume_step=<step> (stored: {', '.join(map(str, stored))}; "
+                                  "it is verified before use).")
             candidates = sorted(committed, reverse=True)
         errors = []
         for candidate in candidates:

@@ -51,7 +51,7 @@ from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
 from pipeline.engine.tracking import (MetricLogger, TagWriter, copy_history, describe_run, latest_steps,
                                       log_dataset_inputs, start_or_adopt_run)
-from pipeline.engine.trainer import Engine, NonFiniteTraining, Position
+from pipeline.engine.trainer import DataWorkerDied, Engine, NonFiniteTraining, Position
 
 log = logging.getLogger(__name__)
 
@@ -333,19 +333,24 @@ def check_settings(stage_cls: type[Stage], cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be {'positive' if key in positive else 'zero or more'}")
 
 
-def _check_something_to_train(cfg: DictConfig, resume: ResumePoint) -> None:
+def _check_something_to_train(client: MlflowClient, cfg: DictConfig, launch: LaunchArgs, resume: ResumePoint) -> None:
+    """Refuse a resume whose checkpoint already reached the end, unless the run was never ended (a job
+    killed after its last checkpoint was committed): the job then only ends the run, as FINISHED."""
     if cfg.trainer.epochs is not None:
         done = float(resume.meta.get("epoch", 0))
-        if done >= cfg.trainer.epochs:
-            raise ConfigError(
-                f"Nothing to train: the checkpoint is at epoch {done:g} and trainer.epochs={cfg.trainer.epochs}. "
-                "Pass a larger trainer.epochs to train further."
-            )
-    elif resume.step >= cfg.trainer.max_steps:
-        raise ConfigError(
-            f"Nothing to train: the checkpoint is at step {resume.step} and trainer.max_steps="
-            f"{cfg.trainer.max_steps}. Pass a larger trainer.max_steps to train further."
-        )
+        if done < cfg.trainer.epochs:
+            return
+        where, advice = f"epoch {done:g} and trainer.epochs={cfg.trainer.epochs}", "a larger trainer.epochs"
+    else:
+        if resume.step < cfg.trainer.max_steps:
+            return
+        where, advice = f"step {resume.step} and trainer.max_steps={cfg.trainer.max_steps}", "a larger trainer.max_steps"
+    status = client.get_run(resume.run_id).info.status if launch.resume_run and not launch.explicit_step else None
+    if status is not None and status != "FINISHED":
+        log.warning("The run's latest checkpoint is at %s, but the run was left %s (its job ended before it "
+                    "could end the run): this job only ends it", where, status)
+        return
+    raise ConfigError(f"Nothing to train: the checkpoint is at {where}. Pass {advice} to train further.")
 
 
 def _finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictConfig, status: str,
@@ -406,7 +411,7 @@ def plan_job(stage_cls: type[Stage], argv: list[str], client: MlflowClient) -> J
         inputs = _resumed_inputs(launch, resume)
     check_settings(stage_cls, cfg)
     if resume is not None:
-        _check_something_to_train(cfg, resume)
+        _check_something_to_train(client, cfg, launch, resume)
     return JobPlan(launch, cfg, changes, resume, inputs, Precision.from_config(cfg.trainer.device, cfg.trainer.precision))
 
 
@@ -523,6 +528,9 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
             client.set_tag(ctx.run_id, tag.STOP_ABORTED, "true")
         except NonFiniteTraining as err:
             log.error("%s", err)  # status FAILED, code EXIT_FAILED: the run ends with what it committed
+        except DataWorkerDied as err:
+            log.error("%s. Stopped at step %d; resume with: python -m pipeline.%s resume_run=%s", err,
+                      engine.pos.step if engine else 0, stage.name, ctx.run_id)
         except StorageError as err:
             code = EXIT_STORAGE
             _log_storage_failure(client, err, stage.name, ctx.run_id, engine.pos.step if engine else 0)

@@ -1,8 +1,9 @@
-"""Graceful stop requests: SIGINT/SIGTERM and the run's `stop_requested` tag (docs/architecture.md, Stopping).
+"""Graceful stop requests: SIGINT/SIGTERM/SIGHUP and the run's `stop_requested` tag (docs/architecture.md, Stopping).
 
 The first request lets the current step finish; the engine then saves a checkpoint and ends the
-run as KILLED. A second signal aborts at once. ``mlflow run`` forwards a Ctrl-C to its child as a
-SIGTERM right after the terminal's SIGINT reached it, so a second signal within
+run as KILLED. A second signal aborts at once. SIGHUP (the terminal or SSH session closed) is a
+stop request too, unless the job was started under ``nohup``. ``mlflow run`` forwards a Ctrl-C to
+its child as a SIGTERM right after the terminal's SIGINT reached it, so a second signal within
 ``SECOND_SIGNAL_GRACE_S`` of the first counts as the same request, not as an abort.
 """
 
@@ -44,7 +45,9 @@ class StopController:
         return self.reason is not None
 
     def __enter__(self) -> "StopController":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # started under nohup: the user asked to outlive the terminal
             self._previous[sig] = signal.signal(sig, self._on_signal)
         self._poller.start()
         return self

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.config import config_hash, to_container
 from pipeline.data.datasets import seeded_loader
-from pipeline.engine import startup
+from pipeline.engine import faults, startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     FORMAT_VERSION,
@@ -51,6 +51,10 @@ class Position:
 
 class NonFiniteTraining(RuntimeError):
     """Too many steps in a row with a non-finite loss or gradient: the job stops, its checkpoints intact."""
+
+
+class DataWorkerDied(RuntimeError):
+    """A DataLoader worker process died (killed, out of memory): the job stops, its checkpoints intact."""
 
 
 @dataclass
@@ -273,6 +277,7 @@ class Engine:
     def validate(self) -> dict[str, float]:
         """The stage's validation step over the whole validation set (under the job's autocast), then
         its samples (in full precision), both in eval mode; logs ``val/*`` and returns them."""
+        faults.point("validation")
         with self._evaluating():
             totals, sums, count = self._validation_sums()
             self.val_metrics = {f"val/{k}": v / count for k, v in totals.items()}
@@ -309,6 +314,7 @@ class Engine:
         return totals, sums, count
 
     def _write_samples(self) -> None:
+        faults.point("samples")
         with tempfile.TemporaryDirectory() as tmp:
             self.stage.write_samples(Path(tmp), self.pos.step)
             if any(Path(tmp).iterdir()):
@@ -333,6 +339,20 @@ class Engine:
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to the planned end or a stop request; a DataLoader worker's death becomes DataWorkerDied."""
+        try:
+            return self._fit()
+        except RuntimeError as err:
+            # torch raises this from its SIGCHLD handler, wherever the main thread happens to be
+            if not str(err).startswith("DataLoader worker"):
+                raise
+            raise DataWorkerDied(
+                f"A data loader worker died ({str(err).strip()}). Most often the machine ran out of memory "
+                "(`dmesg` shows the kernel's OOM killer) or the worker was killed. The committed checkpoints are "
+                "intact; resume the run, with fewer data.num_workers or a smaller batch_size if memory is short"
+            ) from err
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
         stage = self.stage
         max_steps = self.total_steps = self.planned_total_steps()
@@ -386,7 +406,7 @@ class Engine:
                     self.validate()
                 if self.pos.step % save_interval == 0 or last:
                     self.save_checkpoint()
-                if self.stopper.requested:
+                if self.stopper.requested and not last:  # after the last step, the run is simply finished
                     stopped_by = self.stopper.reason
                     break
                 if last or self.pos.batch_in_epoch >= per_epoch:
