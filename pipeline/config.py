@@ -7,8 +7,10 @@ or an override fails at start-up instead of being silently ignored. YAML presets
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,7 +404,9 @@ def _parse(overrides: list[str]):
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:  # hydra raises OverrideParseException with a useful text
-        raise ConfigError(f"Malformed override: {err}. {hint}") from err
+        word = getattr(err, "override", None)
+        raise ConfigError(f"Malformed override {word!r}: {err}. {hint}" if word else
+                          f"Malformed override in {' '.join(map(repr, overrides))}: {err}. {hint}") from err
     for override in parsed:
         if not override.key_or_group:
             raise ConfigError(f"Malformed override {override.input_line!r}: no key. {hint}")
@@ -410,8 +414,14 @@ def _parse(overrides: list[str]):
 
 
 def compose_config(stage: str, overrides: list[str]) -> DictConfig:
-    """Compose ``configs/<stage>.yaml`` with Hydra overrides; errors become ConfigError."""
-    _parse(overrides)  # clear message for syntax errors before Hydra's own
+    """Compose ``configs/<stage>.yaml`` with Hydra overrides; errors become ConfigError. Adding keys
+    (``+key=v``, ``++key=v``) works only under free-form dict fields (``+tracking.tags.team=asr``):
+    the schema's own sections keep exactly their fields, and no key is ever deleted (``~key``)."""
+    parsed = _parse(overrides)  # clear message for syntax errors before Hydra's own
+    for override in parsed:
+        if override.is_delete():
+            raise ConfigError(f"Override {override.input_line!r}: deleting keys is not supported; set the key's "
+                              "value instead")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -421,6 +431,14 @@ def compose_config(stage: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"Invalid configuration override: {err}" + (f" ({cause})" if cause else "")) from err
     finally:
         GlobalHydra.instance().clear()
+    for override in parsed:
+        if override.is_add() or override.is_force_add():
+            parent_key = override.key_or_group.rpartition(".")[0]
+            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+            if isinstance(parent, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(parent)):
+                raise ConfigError(f"Override {override.input_line!r}: {parent_key or 'the config'} has a fixed set of "
+                                  "keys; set an existing key (without '+'), or add under a dict field such as "
+                                  "+tracking.tags.<name>=<value>")
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -478,7 +496,7 @@ def apply_overrides(stage: str, base: DictConfig, overrides: list[str]) -> DictC
     groups = group_names()
     for override in _parse(overrides):
         key = override.key_or_group
-        if override.is_delete() or override.is_add():
+        if override.is_delete() or override.is_add() or override.is_force_add():
             raise ConfigError(f"Override {override.input_line!r}: adding or deleting keys is not "
                               "supported on resume; set the key's value instead")
         if key in GLOBAL_GROUPS:
@@ -520,9 +538,21 @@ def from_container(stage_schema: type, data: dict[str, Any]) -> DictConfig:
     data = {key: value for key, value in data.items() if key not in LEGACY_LAUNCH_KEYS}
     if isinstance(data.get("checkpoint"), dict):
         data["checkpoint"] = {k: v for k, v in data["checkpoint"].items() if k != "resume_from"}
-    cfg = OmegaConf.merge(OmegaConf.structured(stage_schema), data)
+    cfg = OmegaConf.merge(OmegaConf.structured(stage_schema), _literal_strings(data))
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def _literal_strings(data: Any) -> Any:
+    """A stored (resolved) config as OmegaConf input: a ``${`` in a string is literal text there, so it
+    is escaped (with the backslashes before it doubled) instead of read as an interpolation."""
+    if isinstance(data, dict):
+        return {key: _literal_strings(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_literal_strings(value) for value in data]
+    if isinstance(data, str) and "${" in data:
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", data)
+    return data
 
 
 def legacy_launch_values(data: dict[str, Any]) -> dict[str, Any]:

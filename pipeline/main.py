@@ -194,7 +194,7 @@ def run_chain(client: MlflowClient, cfg: MainConfig, overrides: dict[str, list[s
     results: dict[str, StepResult] = {}
     previous = None
     for step in STEPS:
-        params = {"overrides": " ".join(overrides[step])}
+        params = {"overrides": shlex.join(overrides[step])}  # the step splits it again with shell rules
         if step == "finetune_vocoder":
             params.update(adapter_run=results["train_adapter"].run_id, vocoder_run=results["pretrain_vocoder"].run_id)
         result = run_step(client, cfg, step, params, version, previous, main_run)
