@@ -182,10 +182,18 @@ def read_manifest(uri: str) -> dict[str, Any]:
         manifest = json.loads(store.read_bytes(MANIFEST))
     except ShardError as err:
         raise ShardError(f"no usable {MANIFEST} at {uri} (was prepare_data run and did it finish?): {err}") from err
-    except json.JSONDecodeError as err:
-        raise ShardError(f"{uri}/{MANIFEST} is not valid JSON: {err}") from err
-    if manifest.get("format") != FORMAT:
-        raise ShardError(f"{uri}/{MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{uri}/{MANIFEST} is not valid JSON: {err}; run prepare_data again") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+        raise ShardError(f"{uri}/{MANIFEST} has format {found!r}, expected {FORMAT!r}")
+    try:
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                str(shard["name"]), str(shard["sha256"])
+    except (AttributeError, KeyError, TypeError) as err:
+        raise ShardError(f"{uri}/{MANIFEST} is malformed (splits with their shards' name and sha256 expected: "
+                         f"{err!r}); run prepare_data again") from err
     return manifest
 
 
@@ -239,13 +247,26 @@ def read_shard(store: ShardStore, info: dict[str, Any]) -> list[dict[str, Any]]:
     for key in order:
         parts = samples[key]
         try:
-            clean, _ = sf.read(io.BytesIO(parts["clean.wav"]), dtype="float32")
-            noisy, _ = sf.read(io.BytesIO(parts["noisy.wav"]), dtype="float32")
+            clean, clean_rate = sf.read(io.BytesIO(parts["clean.wav"]), dtype="float32")
+            noisy, noisy_rate = sf.read(io.BytesIO(parts["noisy.wav"]), dtype="float32")
             meta = json.loads(parts["json"])
-        except (KeyError, RuntimeError, ValueError) as err:
+            _check_sample(meta, clean, noisy, clean_rate, noisy_rate)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise ShardError(f"shard {store.uri}/{name}: sample {key} is incomplete or unreadable ({err})") from err
         out.append({"key": key, "clean": torch.from_numpy(clean), "noisy": torch.from_numpy(noisy), "meta": meta})
     return out
+
+
+def _check_sample(meta: Any, clean, noisy, clean_rate: int, noisy_rate: int) -> None:
+    """A sample's parts agree: the pair has one rate and one length, the length its json states
+    (``seconds`` is rounded to 0.1 ms): a member cut short is refused, not padded into training."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"its json holds a {type(meta).__name__}, not an object")
+    rate, seconds = int(meta["sample_rate"]), float(meta["seconds"])
+    if clean_rate != rate or noisy_rate != rate:
+        raise ValueError(f"audio at {clean_rate}/{noisy_rate} Hz, json says {rate} Hz")
+    if len(clean) != len(noisy) or abs(len(clean) - seconds * rate) > rate * 1e-4 + 1:
+        raise ValueError(f"clean has {len(clean)} samples, noisy {len(noisy)}, json says {seconds} s")
 
 
 class _HashingReader(io.RawIOBase):
@@ -262,8 +283,8 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
     def drain(self) -> None:  # tar's end-of-archive padding also counts for the hash
-        while self.raw.read(1 << 16):
-            pass
+        while data := self.raw.read(1 << 16):
+            self.digest.update(data)
 
     def read(self, size=-1):
         data = self.raw.read() if size is None or size < 0 else self.raw.read(size)

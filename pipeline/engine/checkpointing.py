@@ -229,6 +229,23 @@ def check_resumable(meta: dict[str, Any], ckpt_dir: Path) -> None:
         raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} has a malformed config or step")
 
 
+STATE_PARTS = {"step": int, "epoch": int, "batch_in_epoch": int, "modules": dict, "optimizers": dict,
+               "schedulers": dict, "rng": dict}  # what the engine restores from state.pt
+
+
+def check_state(state: Any, meta: dict[str, Any], ckpt_dir: Path) -> None:
+    """A loaded state.pt has the parts the engine restores, at the step meta.json names (a file that
+    matches its sha256 but was written by something else is refused here, not halfway through a restore)."""
+    parts = state if isinstance(state, dict) else {}
+    wrong = [key for key, kind in STATE_PARTS.items() if not isinstance(parts.get(key), kind)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {STATE_FILE} lacks or has malformed {', '.join(wrong)}; it was "
+                              "not written by this pipeline")
+    if state["step"] != meta["step"]:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {STATE_FILE} is at step {state['step']} but {META_FILE} says "
+                              f"{meta['step']}")
+
+
 def verify(ckpt_dir: Path) -> dict[str, Any]:
     """Check state.pt against the sha256 in meta.json; returns the meta."""
     meta = read_meta(ckpt_dir)
@@ -294,8 +311,8 @@ def read_index(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
 
     A store that cannot be read raises CheckpointError after a few tries: an outage must not look
     like an empty index, from which retention would conclude that nothing is worth keeping. An index
-    that downloads but does not parse (junk, a row without a step) is rebuilt from the checkpoints'
-    own meta.json files, with a warning.
+    that downloads but is damaged (junk, cut short, empty, a row without a step or with the wrong
+    number of fields) is rebuilt from the checkpoints' own meta.json files, with a warning.
     """
     for attempt in range(INDEX_READ_TRIES):
         try:
@@ -312,7 +329,11 @@ def read_index(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
             time.sleep(2**attempt)
     try:
         rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
+        if not rows or not data.endswith(b"\n"):  # the pipeline writes at least one row, then a line end
+            raise ValueError("no rows" if not rows else "cut short")
         for row in rows:
+            if None in row or None in row.values():  # a row with more or fewer fields than the header
+                raise ValueError(f"row {row.get('name')!r} does not match the header")
             int(row["step"])
         return rows
     except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as err:

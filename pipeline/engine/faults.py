@@ -59,7 +59,8 @@ def parse(spec: str) -> dict[str, Fault]:
         if ok and action == "signal" and not isinstance(getattr(signal, f"SIG{arg}", None), int):
             ok = False
         if not ok:
-            raise ValueError(f"{ENV}: cannot read {item!r}; write <point>[@<n>]=kill|sleep:<s>|raise:<ERRNO>|signal:<NAME>")
+            raise ValueError(f"{ENV}: cannot read {item!r}; "
+                             "write <point>[@<n>]=kill|sleep:<s>|raise:<ERRNO>|signal:<NAME>")
         faults[name] = Fault(action, arg or None, int(nth) if nth else None)
     return faults
 

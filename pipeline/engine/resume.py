@@ -28,6 +28,7 @@ from pipeline.engine.checkpointing import (
     CheckpointError,
     RetentionPolicy,
     check_resumable,
+    check_state,
     checkpoint_name,
     download_checkpoint,
     list_checkpoints,
@@ -183,7 +184,7 @@ class RunCheckpoints:
             local = self.download(candidate, workdir)
             startup.mark("download")
             try:
-                meta, state = _load_verified(local)
+                meta, state = _load_verified(local, self.stage)
             except CheckpointError as err:
                 log.error("%s", err)
                 errors.append(str(err))
@@ -201,12 +202,16 @@ def get_stage_run(client: MlflowClient, run_id: str, stage: str):
     return RunCheckpoints(client, run_id, (stage,)).run
 
 
-def _load_verified(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _load_verified(ckpt_dir: Path, stage: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     faults.point("resume.verify")
     meta = verify(ckpt_dir)
     check_resumable(meta, ckpt_dir)
+    if stage is not None and meta["stage"] != stage:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} says stage {meta['stage']!r}, but the run is a "
+                              f"{stage} run")
     startup.mark("verify")
     state = load_state(ckpt_dir)
+    check_state(state, meta, ckpt_dir)
     startup.mark("load")
     return meta, state
 

@@ -344,7 +344,8 @@ def _check_something_to_train(client: MlflowClient, cfg: DictConfig, launch: Lau
     else:
         if resume.step < cfg.trainer.max_steps:
             return
-        where, advice = f"step {resume.step} and trainer.max_steps={cfg.trainer.max_steps}", "a larger trainer.max_steps"
+        where = f"step {resume.step} and trainer.max_steps={cfg.trainer.max_steps}"
+        advice = "a larger trainer.max_steps"
     status = client.get_run(resume.run_id).info.status if launch.resume_run and not launch.explicit_step else None
     if status is not None and status != "FINISHED":
         log.warning("The run's latest checkpoint is at %s, but the run was left %s (its job ended before it "
