@@ -342,19 +342,27 @@ def read_index(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
         return rows_from_meta(client, run_id)
 
 
-def rows_from_meta(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
-    """Index rows rebuilt from each stored checkpoint's meta.json (one without a readable meta.json is
-    left out, so retention never deletes it)."""
+def rows_from_meta(client: MlflowClient, run_id: str, steps: list[int] | None = None) -> list[dict[str, Any]]:
+    """Index rows rebuilt from stored checkpoints' meta.json (all of them, or those at ``steps``). One
+    without a readable meta.json is left out, so retention never deletes it; one whose state.pt is not
+    the size its meta.json names (an upload cut short) gets no metric values, so it is never ranked best."""
     tags = client.get_run(run_id).data.tags
     rows = []
-    for step in list_checkpoints(client, run_id):
+    for step in list_checkpoints(client, run_id) if steps is None else steps:
+        folder = f"{CHECKPOINT_DIR}/{checkpoint_name(step)}"
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{checkpoint_name(step)}/{META_FILE}", tmp)
-                rows.append(index_row(json.loads(Path(path).read_text(encoding="utf-8")), tags))
+                meta = json.loads(Path(client.download_artifacts(run_id, f"{folder}/{META_FILE}", tmp))
+                                  .read_text(encoding="utf-8"))
+                row = index_row(meta, tags)
+                sizes = {Path(e.path).name: e.file_size for e in client.list_artifacts(run_id, folder)}
             except Exception as err:
                 log.warning("Checkpoint %s of run %s has no readable %s (%s); it stays out of the index",
                             checkpoint_name(step), run_id, META_FILE, err)
+                continue
+        if sizes.get(STATE_FILE) != meta.get("size"):
+            row = {key: value for key, value in row.items() if key in INDEX_COLUMNS}
+        rows.append(row)
     return rows
 
 

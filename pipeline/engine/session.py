@@ -40,7 +40,9 @@ from pipeline.engine.checkpointing import (
     checkpoint_name,
     download_checkpoint,
     index_row,
+    list_checkpoints,
     read_index,
+    rows_from_meta,
     utc_now,
 )
 from pipeline.engine.launch import LaunchArgs, parse_launch
@@ -223,6 +225,14 @@ def _continue_run(client: MlflowClient, cfg: DictConfig, resume: ResumePoint, or
     index_rows = [row for row in read_index(client, run_id) if int(row["step"]) <= resume.step]
     if resume.step not in {int(row["step"]) for row in index_rows}:
         index_rows.append(index_row(resume.meta, original.data.tags))
+    # Older stored checkpoints missing from the index (the same crash, hit by a job whose successor
+    # then committed a newer one) get their rows back, or retention would never delete them.
+    indexed = {int(row["step"]) for row in index_rows}
+    orphans = [step for step in list_checkpoints(client, run_id) if step < resume.step and step not in indexed]
+    if orphans:
+        log.info("Checkpoints at steps %s are stored but missing from checkpoints/index.csv; their rows are "
+                 "rebuilt from their meta.json", ", ".join(map(str, orphans)))
+        index_rows += rows_from_meta(client, run_id, orphans)
     history = _read_history(client, run_id)
     lease = _lease(client, run_id, cfg).acquire(original.data.tags)  # LeaseHeld while another job trains it
     try:

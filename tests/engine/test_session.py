@@ -123,3 +123,30 @@ def test_attempts_are_numbered_from_their_records_when_the_count_tag_is_garbage(
     assert client.get_run(run_id).data.tags["resume.count"] == "1"
     assert sorted(a.path for a in client.list_artifacts(run_id, "config") if "attempt-" in a.path) == [
         "config/attempt-1.yaml", "config/attempt-2.yaml"]
+
+
+def test_a_stored_checkpoint_missing_from_the_index_is_indexed_again_on_resume_and_retention_deletes_it(store, capfd):
+    """The 200-kill soak's finding: a job killed between a commit and the index write, whose successor
+    committed a newer checkpoint before it too was killed there, left a checkpoint no index names, which
+    retention then kept for ever."""
+    import csv
+    import io
+
+    from conftest import artifact_dir
+    from pipeline.engine.checkpointing import list_checkpoints
+
+    assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=6", "checkpoint.save_interval=2", "validation.interval=0",
+                                    "checkpoint.keep_last_n=5"]) == EXIT_OK
+    client = MlflowClient()
+    run_id = stage_runs(client)[0].info.run_id
+    index = artifact_dir(client, run_id) / "checkpoints" / "index.csv"
+    rows = list(csv.DictReader(io.StringIO(index.read_text())))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(row for row in rows if row["step"] != "4")
+    index.write_text(out.getvalue())
+
+    assert run_stage(TrainAdapter, [f"resume_run={run_id}", "trainer.max_steps=8", "checkpoint.keep_last_n=1"]) == EXIT_OK
+    assert "Checkpoints at steps 4 are stored but missing from checkpoints/index.csv" in capfd.readouterr().err
+    assert list_checkpoints(client, run_id) == [8]
