@@ -198,6 +198,9 @@ class TrackingConfig:
     stop_poll_seconds: float = 3.0  # how often the `stop_requested` tag is checked
     lease_heartbeat_seconds: float = 10.0  # how often a job renews its lease on the run (one job per run)
     lease_timeout_seconds: float = 60.0  # a lease not renewed for this long (a dead job) is taken over
+    # how long metrics and checkpoints are retried while the tracking or artifact store is unreachable;
+    # then the job stops cleanly (exit code 4), its checkpoint staged locally (docs/reliability.md, Outages)
+    outage_limit_seconds: float = 900.0
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU)
     log_model: bool = True  # when training finishes, log `model/` (an MLflow model) for stages that have one
     parent_run: Optional[str] = None  # nest the run under this run (sweeps); never takes over MLFLOW_RUN_ID

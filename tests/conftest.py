@@ -230,3 +230,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A real ``mlflow server`` on loopback that the test may stop and start again (pipeline/localserver.py)."""
+    from pipeline.localserver import TrackingServer
+
+    server = TrackingServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from pipeline.bench import data, emit, figure, restore, training
+from pipeline.bench import data, emit, figure, outage, restore, training
 
 TINY = ["ssl=tiny"]
 SMALL = ["ssl=hubert_base", "ssl.layer=2"]  # random weights: the architecture is what costs
@@ -37,6 +37,7 @@ def cpu_plan() -> list[tuple[str, callable]]:
           for label, width in STATE_SIZES.items()],
         ("resume_latency", partial(training.resume_latency, TINY, pairs=3)),
         ("metric_throughput", partial(training.metric_throughput, steps=5000, per_step=10)),
+        ("outage_recovery", partial(outage.outage_recovery, TINY, outage_s=15, repeats=2)),
         ("data/degradation_speed", partial(data.degradation_speed, repeats=2)),
         ("data/loader_samples_per_s/workers_0", partial(data.loader_throughput, workers=0, epochs=3)),
         ("data/loader_samples_per_s/workers_2", partial(data.loader_throughput, workers=2, epochs=3)),

@@ -291,12 +291,13 @@ def metric_throughput(*, steps: int, per_step: int) -> dict[str, Any]:
         accepted = time.perf_counter() - started
         metrics.flush(wait=True)
         stored = time.perf_counter() - started
+        metrics.close()
         count = len(client.get_metric_history(run_id, names[0]))
     points = steps * per_step
     return figure(
         "metric_throughput", points / accepted, "points/s",
         f"{steps} steps × {per_step} metrics through MetricLogger.log on the caller's thread (batched, sent "
-        "asynchronously every flush_seconds or 1000 points); stored_points_per_s includes waiting until the SQLite "
+        "in order by a background thread every flush_seconds or 1000 points); stored_points_per_s includes waiting until the SQLite "
         "store holds them all",
         per_point_us=round(accepted / points * 1e6, 2), stored_points_per_s=round(points / stored, 1),
         stored_check=count == steps)

@@ -42,6 +42,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 from pipeline.engine import faults
 from pipeline.engine import tags as tag
+from pipeline.engine.outage import OUTAGE_LIMIT_S, StorageError, retry_until
 from pipeline.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,12 @@ RESUME_META = ("stage", "step", "config")  # what a resume reads from meta.json 
 STATE_FILE, META_FILE = "state.pt", "meta.json"
 CHECKPOINT_DIR = "checkpoints"
 INDEX_FILE = f"{CHECKPOINT_DIR}/index.csv"
-UPLOAD_TRIES = 3  # a failed checkpoint upload is tried again after 1 s and 2 s
 SLOW_PREVIOUS_S = 1.0  # a checkpoint that waits longer than this for the previous one says so
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names it and says why."""
 
-
-class StorageError(RuntimeError):
-    """A checkpoint could not be written or stored (full or read-only disk, an artifact store that kept
-    failing); the previous committed checkpoint is untouched and still the latest."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -411,6 +407,7 @@ class CheckpointStore:
         index_rows: list[dict[str, Any]] | None = None,
         on_commit=None,
         before_commit: Callable[[], None] | None = None,
+        outage_limit_s: float = OUTAGE_LIMIT_S,
     ):
         self.client = client
         self.run_id = run_id
@@ -419,6 +416,7 @@ class CheckpointStore:
         self.index_rows = list(index_rows or [])
         self.on_commit = on_commit  # callback(step, row) after a checkpoint is committed
         self.before_commit = before_commit  # raises when this job may no longer commit (its lease was lost)
+        self.outage_limit_s = outage_limit_s  # how long a failing upload or commit is tried again
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future | None = None
         self._snapshots = Snapshotter()
@@ -477,24 +475,17 @@ class CheckpointStore:
         name = checkpoint_name(step)
         artifact_path = f"{CHECKPOINT_DIR}/{name}"
         started = time.monotonic()
-        for attempt in range(UPLOAD_TRIES):
-            try:
-                self._upload(local, artifact_path)
-                break
-            except Exception as err:  # the store's own exception types vary (MLflow, boto, OS)
-                if attempt == UPLOAD_TRIES - 1:
-                    raise StorageError(f"uploading checkpoint {name} to the artifact store of run {self.run_id} "
-                                       f"failed {UPLOAD_TRIES} times ({err})") from err
-                log.warning("Uploading checkpoint %s failed (%s); trying again in %d s", name, err, 2**attempt)
-                time.sleep(2**attempt)
+        retry_until(lambda: self._upload(local, artifact_path),
+                    f"Uploading checkpoint {name} to the artifact store of run {self.run_id}", self.outage_limit_s)
         for op in metrics_sent:
             op.wait()
         # Committed: only now does `checkpoint.latest` move (both tags in one call).
         faults.point("checkpoint.commit")
         if self.before_commit is not None:
             self.before_commit()
-        self.client.log_batch(self.run_id, tags=[RunTag(tag.CHECKPOINT_LATEST, artifact_path),
-                                                 RunTag(tag.CHECKPOINT_LATEST_STEP, str(step))])
+        retry_until(lambda: self.client.log_batch(self.run_id, tags=[
+            RunTag(tag.CHECKPOINT_LATEST, artifact_path), RunTag(tag.CHECKPOINT_LATEST_STEP, str(step))]),
+            f"Committing checkpoint {name} (the run's checkpoint.latest tags)", self.outage_limit_s)
         self.index_rows = [r for r in self.index_rows if int(r["step"]) != step] + [row]
         try:
             self._apply_retention(step)

@@ -47,6 +47,7 @@ from pipeline.engine.checkpointing import (
 )
 from pipeline.engine.launch import LaunchArgs, parse_launch
 from pipeline.engine.lease import Lease, LeaseHeld, LeaseLost
+from pipeline.engine.outage import configure_http
 from pipeline.engine.resume import ResumeError, ResumePoint, resolve, stored_inputs
 from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
@@ -334,7 +335,7 @@ def check_settings(stage_cls: type[Stage], cfg: DictConfig) -> None:
         raise ConfigError(f"checkpoint.monitor={monitor!r} is never logged by {stage_cls.name}, so no checkpoint could "
                           f"be ranked by it; choose one of {', '.join(stage_cls.val_metric_names)}")
     positive = ("batch_size", "checkpoint.save_interval", "trainer.log_interval", "trainer.max_steps", "trainer.epochs",
-                "trainer.max_nonfinite_steps")
+                "trainer.max_nonfinite_steps", "tracking.outage_limit_seconds")
     at_least_zero = ("checkpoint.keep_last_n", "checkpoint.keep_best_k", "validation.interval", "optim.warmup_steps",
                      "optim.grad_clip", "optim.lr")
     for key in positive + at_least_zero:
@@ -443,6 +444,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     code (EXIT_ABORTED after a second signal: the command-line entry then exits at once, see exit_now)."""
     startup.begin()
     setup_logging()
+    configure_http()  # short HTTP retries: the engine retries what it must store (engine/outage.py)
     try:
         client = MlflowClient()
         plan = plan_job(stage_cls, argv, client)
@@ -499,15 +501,20 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
             status="RUNNING", latest_checkpoint=latest, history=ctx.history))
 
     def on_commit(step: int, row: dict[str, Any]) -> None:
-        describe(f"checkpoints/{checkpoint_name(step)}")
+        try:
+            describe(f"checkpoints/{checkpoint_name(step)}")
+        except Exception as err:  # the tracking store went away right after the commit: the next one updates it
+            log.warning("Could not update the run description after committing step %d (%s)", step, err)
 
     describe(client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST))
 
     policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
                              cfg.checkpoint.mode)
+    outage_limit = float(cfg.tracking.outage_limit_seconds)
     store = CheckpointStore(client, ctx.run_id, Path(cfg.checkpoint.staging_dir), policy, ctx.index_rows, on_commit,
-                            before_commit=ctx.lease.check if ctx.lease else None)
-    metrics = MetricLogger(client, ctx.run_id, cfg.tracking.flush_seconds, already_logged=ctx.logged_steps)
+                            before_commit=ctx.lease.check if ctx.lease else None, outage_limit_s=outage_limit)
+    metrics = MetricLogger(client, ctx.run_id, cfg.tracking.flush_seconds, already_logged=ctx.logged_steps,
+                           outage_limit_s=outage_limit)
     monitor = _system_metrics(ctx.run_id, cfg, resumed=resume is not None)
     status, stopped_by, code = "FAILED", None, EXIT_FAILED
     engine = None
@@ -556,7 +563,6 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                 monitor.finish()
             tags.close(timeout=5.0)  # before _finish sets the final progress itself
             pos = engine.pos if engine else Position()
-            latest = client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST)
             if code != EXIT_ABORTED:  # after an abort, do not wait for the upload: the user asked to stop now
                 try:
                     store.close()
@@ -569,22 +575,35 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                 except Exception:
                     log.exception("Could not finish the checkpoint upload or metric logging")
                     status, code = "FAILED", EXIT_FAILED
+            metrics.close()
             if ctx.lease is not None and not ctx.lease.held:
                 log.error("Run %s is trained by another job now; this job leaves its status and description to it",
                           ctx.run_id)
                 code = EXIT_FAILED
             else:
-                _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, plan.changes, engine)
-                log.info("Run %s ended %s. Open the dashboard with: mlflow ui --backend-store-uri %s",
-                         ctx.run_id, status, mlflow.get_tracking_uri())
+                try:
+                    latest = client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST)
+                    _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, plan.changes, engine)
+                    log.info("Run %s ended %s. Open the dashboard with: mlflow ui --backend-store-uri %s",
+                             ctx.run_id, status, mlflow.get_tracking_uri())
+                except Exception as err:  # the tracking store is down: the run stays RUNNING, a resume ends it
+                    log.error("Could not end run %s as %s in the tracking store (%s); it shows RUNNING until a resume "
+                              "ends it: python -m pipeline.%s resume_run=%s", ctx.run_id, status,
+                              str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+                              stage.name, ctx.run_id)
+                    code = EXIT_STORAGE if code == EXIT_OK else code
     return code
 
 
 def _log_storage_failure(client: MlflowClient, err: Exception, stage: str, run_id: str, step: int) -> None:
-    kept = client.get_run(run_id).data.tags.get(tag.CHECKPOINT_LATEST_STEP)
+    try:
+        kept = client.get_run(run_id).data.tags.get(tag.CHECKPOINT_LATEST_STEP)
+        kept = (f"the committed checkpoint at step {kept} (still the latest)" if kept
+                else "no checkpoint was committed yet")
+    except Exception:  # the tracking store does not answer either
+        kept = "the checkpoints committed before (the tracking store does not answer: the latest cannot be named now)"
     log.error("%s. Stopped at step %d. Kept: %s. When the storage is fixed, resume with: python -m pipeline.%s "
-              "resume_run=%s", err, step, f"the committed checkpoint at step {kept} (still the latest)" if kept else
-              "no checkpoint was committed yet", stage, run_id)
+              "resume_run=%s", err, step, kept, stage, run_id)
 
 
 def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int) -> None:
@@ -674,6 +693,8 @@ def record_imported_run(stage: Stage, cfg: DictConfig, tags: dict[str, str], sou
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    finally:
+        metrics.close()
     entry = {"attempt": 1, "started": utc_now(), "from": f"imported from {source}", "overrides": [],
              "status": "FINISHED"}
     client.log_text(run_id, _attempt_yaml(entry, {}), "config/attempt-1.yaml")

@@ -6,6 +6,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from mlflow import MlflowClient
@@ -14,6 +15,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from pipeline.config import mask_secrets
 from pipeline.engine import faults
 from pipeline.engine import tags as tag
+from pipeline.engine.outage import OUTAGE_LIMIT_S, StorageError, retry_until
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,10 @@ MAX_PARAM_LENGTH = 6000
 
 
 class MetricLogger:
-    """Buffers metrics and sends them with ``log_batch(synchronous=False)`` every few seconds.
+    """Buffers metrics and hands them every ``flush_seconds`` to a background thread (``metric-sender``)
+    that stores them in order, one batch at a time. A batch the store refuses (an outage) is tried again
+    (engine/outage.py) until it is stored, so the charts keep no gap, or until the outage outlasts
+    ``outage_limit_s``: then the next ``log`` or ``flush(wait=True)`` raises StorageError.
 
     ``already_logged`` (metric -> last step in the store) holds back what an interrupted attempt of
     the run logged already: steps re-trained after an exact resume give the same values, and logging
@@ -30,16 +35,25 @@ class MetricLogger:
     """
 
     def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float,
-                 already_logged: dict[str, int] | None = None):
+                 already_logged: dict[str, int] | None = None, outage_limit_s: float = OUTAGE_LIMIT_S):
         self.client = client
         self.run_id = run_id
         self.flush_seconds = flush_seconds
+        self.outage_limit_s = outage_limit_s
         self.already_logged = dict(already_logged or {})
         self._buffer: list[Metric] = []
-        self._pending = []
         self._last_flush = time.monotonic()
+        self._queue: deque[list[Metric]] = deque()  # batches not stored yet, oldest first
+        self._queued = self._stored = 0  # batches handed to the sender, and stored, so far
+        self._error: StorageError | None = None
+        self._closed = threading.Event()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._send_loop, name="metric-sender", daemon=True)
+        self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._error is not None:
+            raise self._error
         now_ms = int(time.time() * 1000)
         for key, value in metrics.items():
             if step <= self.already_logged.get(key, -1):
@@ -53,22 +67,66 @@ class MetricLogger:
             self.flush()
 
     def flush(self, wait: bool = False) -> list:
-        """Send what is buffered; with ``wait`` block until everything sent so far is stored. Returns the
-        operations still in flight, which another thread may wait on (see ``CheckpointStore.save``)."""
+        """Hand what is buffered to the sender; with ``wait`` block until everything so far is stored.
+        Returns what another thread may wait on for the same (see ``CheckpointStore.save``)."""
         if self._buffer:
             faults.point("metrics.flush")
-        while self._buffer:
-            batch, self._buffer = self._buffer[:MAX_BATCH], self._buffer[MAX_BATCH:]
-            self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        with self._cond:
+            while self._buffer:
+                batch, self._buffer = self._buffer[:MAX_BATCH], self._buffer[MAX_BATCH:]
+                self._queue.append(batch)
+                self._queued += 1
+            self._cond.notify_all()
+            sent = _Stored(self, self._queued)
         self._last_flush = time.monotonic()
         if wait:
-            for op in self._pending:
-                if op is not None:
-                    op.wait()
-            self._pending.clear()
-        else:
-            self._pending = [op for op in self._pending if op is not None]
-        return list(self._pending)
+            sent.wait()
+        return [sent]
+
+    def close(self) -> None:
+        """Stop the sender once what is queued is stored (or has failed)."""
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)
+
+    def _wait_stored(self, count: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._stored >= count or self._error is not None)
+            if self._stored < count:
+                raise self._error
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed.is_set())
+                if not self._queue:
+                    return
+                batch, pending = self._queue[0], sum(len(b) for b in self._queue)
+            first, last = batch[0].step, batch[-1].step
+            steps = f"steps {first}-{last}" if first != last else f"step {first}"
+            try:
+                retry_until(lambda: self.client.log_batch(self.run_id, metrics=batch),
+                            f"Storing the metrics of {steps} ({pending} values waiting)", self.outage_limit_s)
+            except StorageError as err:
+                with self._cond:
+                    self._error = err
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._queue.popleft()
+                self._stored += 1
+                self._cond.notify_all()
+
+
+class _Stored:
+    """Waits until the metric batches handed over so far are stored (raises StorageError if they cannot be)."""
+
+    def __init__(self, logger: MetricLogger, count: int):
+        self.logger, self.count = logger, count
+
+    def wait(self) -> None:
+        self.logger._wait_stored(self.count)
 
 
 class TagWriter:

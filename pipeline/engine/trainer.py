@@ -318,7 +318,11 @@ class Engine:
         with tempfile.TemporaryDirectory() as tmp:
             self.stage.write_samples(Path(tmp), self.pos.step)
             if any(Path(tmp).iterdir()):
-                self.store.client.log_artifacts(self.run_id, tmp, f"samples/{checkpoint_name(self.pos.step)}")
+                try:
+                    self.store.client.log_artifacts(self.run_id, tmp, f"samples/{checkpoint_name(self.pos.step)}")
+                except Exception as err:  # an artifact store outage: the samples of this step only are lost
+                    log.warning("The samples of step %d could not be stored (%s); training goes on",
+                                self.pos.step, str(err).strip().splitlines()[0] if str(err).strip() else err)
 
     # --- non-finite steps ----------------------------------------------------------------------
     def _count_nonfinite(self) -> int:
