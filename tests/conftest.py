@@ -90,11 +90,9 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
 
 
 def _free_port() -> int:
-    import socket
+    from pipeline.localserver import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture
