@@ -21,6 +21,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,17 +36,20 @@ ADMIN = "admin"
 class Postgres:
     """A throwaway PostgreSQL cluster on loopback with password authentication."""
 
-    def __init__(self, root: Path, password: str):
+    def __init__(self, password: str):
         bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
         if not bindirs:
             raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
-        self.bindir, self.root, self.password = bindirs[-1], Path(root), password
+        # its own folder under /tmp: the server's user must reach it (a pytest or home folder may be private)
+        self.bindir, self.root, self.password = bindirs[-1], Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp")), password
         self.data, self.port = self.root / "data", free_port()
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # it refuses root
 
     def _pg(self, *cmd: str) -> None:
-        subprocess.run(self.as_user + list(cmd), check=True, capture_output=True, text=True, cwd=self.root,
-                       env={**os.environ, "PGPASSWORD": self.password})
+        done = subprocess.run(self.as_user + list(cmd), capture_output=True, text=True, cwd=self.root,
+                              env={**os.environ, "PGPASSWORD": self.password})
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed: {done.stderr.strip() or done.stdout.strip()}")
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -69,6 +73,7 @@ class Postgres:
     def stop(self) -> None:
         subprocess.run(self.as_user + [f"{self.bindir}/pg_ctl", "-D", str(self.data), "-m", "immediate", "stop"],
                        capture_output=True, cwd=self.root)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class MotoS3:
@@ -99,7 +104,7 @@ class TeamServer(TrackingServer):
         self.users, self.bucket = dict(users), bucket
         self.admin_password = secrets.token_urlsafe(12)
         self.flask_secret = secrets.token_urlsafe(24)  # CSRF protection of the auth app; the same across restarts
-        self.postgres = Postgres(Path(workdir) / "postgres", secrets.token_urlsafe(12))
+        self.postgres = Postgres(secrets.token_urlsafe(12))
         self.s3 = None if s3_endpoint else MotoS3()
         self.s3_endpoint = s3_endpoint or self.s3.endpoint
         self.aws = {"AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", f"AKIA{secrets.token_hex(8).upper()}"),
@@ -121,7 +126,9 @@ class TeamServer(TrackingServer):
         (Path(self.workdir) / "auth.ini").write_text(
             "[mlflow]\ndefault_permission = READ\n"
             f"database_uri = {self.auth_uri}\nadmin_username = {ADMIN}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # a password is checked (PBKDF2, costly on purpose) once a minute per user, not at every request
+            "auth_cache_ttl_seconds = 60\n")
         self.start()
         with self.as_admin() as auth:
             for user, password in self.users.items():

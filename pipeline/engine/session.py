@@ -19,6 +19,7 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import (
@@ -52,8 +53,8 @@ from pipeline.engine.resume import ResumeError, ResumePoint, resolve, stored_inp
 from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
-from pipeline.engine.tracking import (MetricLogger, TagWriter, copy_history, describe_run, latest_steps,
-                                      log_dataset_inputs, start_or_adopt_run)
+from pipeline.engine.tracking import (AccessError, MetricLogger, TagWriter, access_error, check_access, copy_history,
+                                      describe_run, latest_steps, log_dataset_inputs, start_or_adopt_run)
 from pipeline.engine.trainer import DataWorkerDied, Engine, NonFiniteTraining, Position
 
 log = logging.getLogger(__name__)
@@ -447,8 +448,9 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     configure_http()  # short HTTP retries: the engine retries what it must store (engine/outage.py)
     try:
         client = MlflowClient()
+        check_access(client)
         plan = plan_job(stage_cls, argv, client)
-    except (ConfigError, ResumeError, CheckpointError, ValueError) as err:
+    except (ConfigError, ResumeError, CheckpointError, ValueError, AccessError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
     startup.mark("config")
@@ -474,6 +476,13 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
         ctx = open_run(client, stage, cfg, resume, plan.overrides, plan.changes, explicit_step=plan.launch.explicit_step)
     except LeaseHeld as err:
         log.error("%s", err)
+        return EXIT_BAD_INPUT
+    except MlflowException as err:
+        refused = access_error(err, f"write runs in experiment {_experiment_name(cfg, stage.name)!r}" if resume is None
+                               else f"write to run {resume.run_id}")
+        if refused is None:
+            raise
+        log.error("%s", refused)
         return EXIT_BAD_INPUT
     except CheckpointError as err:
         log.error("%s", err)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
 from typing import Any
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
@@ -181,6 +183,39 @@ class TagWriter:
                 self._cond.notify_all()
                 if failed:
                     self._cond.wait(self.retry_seconds)
+
+
+class AccessError(RuntimeError):
+    """The tracking store cannot be used by this job (unreachable, wrong credentials, no permission)."""
+
+
+def access_error(err: Exception, what: str) -> AccessError | None:
+    """A clear AccessError for a refusal by the server's auth (401/403), else None."""
+    code = getattr(err, "error_code", "")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = repr(user) if user else "nobody (MLFLOW_TRACKING_USERNAME is not set)"
+    uri = mlflow.get_tracking_uri()
+    if code == "UNAUTHENTICATED":
+        return AccessError(f"The tracking server {uri} refused the credentials of {who}: check "
+                           "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; the server's admin creates users "
+                           "(docs/team-server.md)")
+    if code == "PERMISSION_DENIED":
+        return AccessError(f"User {who} may not {what} on the tracking server {uri}. Ask the experiment's owner or the "
+                           "server's admin for EDIT permission on it (docs/team-server.md), or use another "
+                           "experiment: tracking.experiment=<name>")
+    return None
+
+
+def check_access(client: MlflowClient) -> None:
+    """One cheap read before anything else, so that an unreachable store or wrong credentials fail at
+    once with one message (AccessError), not after the model is built."""
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as err:  # MLflow's own exceptions, or requests' when the server is unreachable
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise access_error(err, "read experiments") or AccessError(
+            f"Cannot use the tracking store {mlflow.get_tracking_uri()}: {first}. Check MLFLOW_TRACKING_URI and "
+            "that the server is up") from err
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
