@@ -595,14 +595,23 @@ def config_hash(cfg: DictConfig) -> str:
 SECRET_WORDS = ("password", "secret", "token", "access_key", "api_key", "credential")
 
 
+_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+_SECRET_ASSIGNMENT = re.compile(r"([^\s=]*(?:" + "|".join(SECRET_WORDS) + r")[^\s=]*=)\S+", re.IGNORECASE)
+
+
+def redact(value: Any) -> Any:
+    """``value`` (a config, a list of overrides, a string) as it may be logged: the user:password of a
+    URL, the value of a key that names a secret and ``key=value`` words of such keys become ``***``."""
+    if isinstance(value, dict):
+        return {key: "***" if isinstance(key, str) and any(w in key.lower() for w in SECRET_WORDS)
+                and value[key] not in (None, "") else redact(value[key]) for key in value}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(item) for item in value)
+    if isinstance(value, str):
+        return _SECRET_ASSIGNMENT.sub(r"\1***", _URL_CREDENTIALS.sub(r"\1***@", value))
+    return value
+
+
 def mask_secrets(params: dict[str, Any]) -> dict[str, Any]:
-    """Hide values whose key looks like a secret; URLs lose any user:password part."""
-    out = {}
-    for key, value in params.items():
-        if any(word in key.lower() for word in SECRET_WORDS) and value not in (None, ""):
-            value = "***"
-        elif isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1]:
-            scheme, rest = value.split("://", 1)
-            value = f"{scheme}://***@{rest.split('@', 1)[1]}"
-        out[key] = value
-    return out
+    """Params as they may be logged (``redact``)."""
+    return redact(dict(params))

@@ -29,6 +29,7 @@ from pipeline.config import (
     config_diff,
     flatten,
     from_container,
+    redact,
     to_container,
 )
 from pipeline.engine import faults, startup
@@ -134,7 +135,7 @@ def _base_tags(stage: Stage) -> dict[str, str]:
 
 def _attempt_yaml(entry: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> str:
     data = dict(entry, changes={k: {"old": old, "new": new} for k, (old, new) in changes.items()})
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(redact(data), sort_keys=False)
 
 
 def _read_history(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
@@ -175,11 +176,11 @@ def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experime
     name = cfg.tracking.run_name or f"{tags[tag.MODEL]}-{tags[tag.DATASET]}-{datetime.now():%Y%m%d-%H%M%S}"
     if cfg.tracking.parent_run:
         extra_tags = {tag.PARENT_RUN: cfg.tracking.parent_run, **extra_tags}
-    all_tags = {**_base_tags(stage), tag.RESUME_COUNT: "0", tag.STOP_REQUESTED: "false", **cfg.tracking.tags,
-                **extra_tags}
+    all_tags = {**_base_tags(stage), tag.RESUME_COUNT: "0", tag.STOP_REQUESTED: "false",
+                **redact(dict(cfg.tracking.tags)), **extra_tags}
     run_id = start_or_adopt_run(client, experiment=experiment, run_name=name, tags=all_tags,
                                 params={**flatten(to_container(cfg)), **stage.inputs}, launcher=launcher_run(cfg))
-    client.log_text(run_id, OmegaConf.to_yaml(cfg), "config/config.yaml")
+    client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(redact(to_container(cfg)))), "config/config.yaml")
     return run_id, name
 
 

@@ -14,7 +14,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-from pipeline.config import mask_secrets
+from pipeline.config import mask_secrets, redact
 from pipeline.engine import faults
 from pipeline.engine import tags as tag
 from pipeline.engine.outage import OUTAGE_LIMIT_S, StorageError, retry_until
@@ -299,7 +299,7 @@ def describe_run(
         "|---|---|---|---|---|",
     ]
     for h in history:
-        overrides = " ".join(h.get("overrides") or []) or "—"
+        overrides = " ".join(redact(h.get("overrides") or [])) or "—"
         lines.append(
             f"| {h['attempt']} | {h['started']} | {h.get('from') or 'fresh'} | `{overrides}` | {h.get('status', '')} |"
         )

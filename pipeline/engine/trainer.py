@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from pipeline.config import config_hash, to_container
+from pipeline.config import config_hash, redact, to_container
 from pipeline.data.datasets import seeded_loader
 from pipeline.engine import faults, startup
 from pipeline.engine import tags as tag
@@ -222,7 +222,8 @@ class Engine:
         """The config, its hash and the stage's tags for every checkpoint; computed once, the config does not
         change in a job."""
         if self._config_cache is None:
-            self._config_cache = {"config": to_container(self.cfg), "config_hash": config_hash(self.cfg),
+            # credentials in a setting are stored masked (a resume needs them passed again)
+            self._config_cache = {"config": redact(to_container(self.cfg)), "config_hash": config_hash(self.cfg),
                                   "tags": self.stage.tags()}
         return self._config_cache
 

@@ -3,7 +3,7 @@
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY, snapshot, stage_runs
+from conftest import TINY, artifact_dir, snapshot, stage_runs
 from pipeline.config import ConfigError
 from pipeline.engine.session import EXIT_OK, plan_job, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
@@ -150,3 +150,17 @@ def test_a_stored_checkpoint_missing_from_the_index_is_indexed_again_on_resume_a
     assert run_stage(TrainAdapter, [f"resume_run={run_id}", "trainer.max_steps=8", "checkpoint.keep_last_n=1"]) == EXIT_OK
     assert "Checkpoints at steps 4 are stored but missing from checkpoints/index.csv" in capfd.readouterr().err
     assert list_checkpoints(client, run_id) == [8]
+
+
+def test_credentials_given_as_overrides_appear_in_no_param_tag_description_or_artifact(store):
+    """A password in a URL, in a tag or under a key named like a secret is logged as ***, everywhere."""
+    secret = "hunter2-secret-pw"
+    assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=2", "validation.interval=0",
+                                    f"+tracking.tags.source=postgresql://bob:{secret}@db/x",
+                                    f"+tracking.tags.api_token={secret}"]) == EXIT_OK
+    client = MlflowClient()
+    run = stage_runs(client)[0]
+    assert run.data.tags["source"] == "postgresql://***@db/x" and run.data.tags["api_token"] == "***"
+    texts = [str(run.data.params), str(run.data.tags)]
+    texts += [p.read_bytes().decode("latin-1") for p in artifact_dir(client, run.info.run_id).rglob("*") if p.is_file()]
+    assert all(secret not in text for text in texts)
