@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,18 @@ CHAIN_STEPS = ["batch_size=4", "data.segment_seconds=0.5", "tracking.system_metr
                "trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]
 
 
+@contextmanager
+def private_store(root: Path):
+    """Work in ``root`` with its own SQLite tracking store while the block runs (module-scoped fixtures;
+    ``store`` is the same for one test)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        yield root
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """A finished tiny chain (train_adapter -> pretrain_vocoder -> finetune_vocoder) in a tracking store shared by
@@ -169,11 +182,7 @@ def chain(tmp_path_factory):
     from pipeline.stages.train_adapter import TrainAdapter
 
     root = tmp_path_factory.mktemp("chain")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    with private_store(root):
         assert run_stage(TrainAdapter, ["ssl=tiny", "adapter.bottleneck=16", *CHAIN_STEPS]) == EXIT_OK
         assert run_stage(PretrainVocoder, ["ssl=tiny", "vocoder=tiny", *CHAIN_STEPS]) == EXIT_OK
         client = MlflowClient()

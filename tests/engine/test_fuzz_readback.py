@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from mlflow import MlflowClient
 
-from conftest import TINY, artifact_dir, stage_runs
+from conftest import TINY, artifact_dir, private_store, stage_runs
 from pipeline.engine.checkpointing import read_index
 from pipeline.engine.resume import ResumeError
 from pipeline.engine.session import EXIT_OK, plan_job, run_stage
@@ -50,11 +50,7 @@ def damaged_wav(data: bytes, how: str) -> bytes:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One train_adapter run with checkpoints at steps 2 and 4; tests damage a file and put it back."""
-    root = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
+    with private_store(tmp_path_factory.mktemp("trained")):
         assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2",
                                         "validation.interval=2"]) == EXIT_OK
         client = MlflowClient()
@@ -64,6 +60,18 @@ def trained(tmp_path_factory):
 
 def plan_resume(client, run_id):
     return plan_job(TrainAdapter, [f"resume_run={run_id}", "trainer.max_steps=6"], client)
+
+
+def plan_with(trained, caplog, path: Path, data: bytes):
+    """The resume's plan while ``path`` holds ``data`` (put back afterwards), and the errors it logged."""
+    client, run_id, _ = trained
+    original = rewrite(path, data)
+    try:
+        with caplog.at_level(logging.WARNING):
+            plan = plan_resume(client, run_id)
+    finally:
+        path.write_bytes(original)
+    return plan, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def rewrite(path: Path, data: bytes):
@@ -77,16 +85,9 @@ def rewrite(path: Path, data: bytes):
 @pytest.mark.parametrize("name", ["state.pt", "meta.json"])
 @pytest.mark.parametrize("how", DAMAGE)
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_verified_one(trained, caplog, name, how):
-    client, run_id, checkpoints = trained
-    path = checkpoints / "step-00000004" / name
-    original = rewrite(path, damaged(path.read_bytes(), how))
-    try:
-        with caplog.at_level(logging.WARNING):
-            plan = plan_resume(client, run_id)
-    finally:
-        path.write_bytes(original)
+    path = trained[2] / "step-00000004" / name
+    plan, errors = plan_with(trained, caplog, path, damaged(path.read_bytes(), how))
     assert plan.resume.step == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("step-00000004" in m and name in m for m in errors), errors
     assert "Resuming from older checkpoint step-00000002" in caplog.text
 
@@ -105,16 +106,10 @@ WRONG_META = {
 
 @pytest.mark.parametrize("how", WRONG_META)
 def test_a_wrong_typed_meta_json_falls_back_to_the_previous_verified_one(trained, caplog, how):
-    client, run_id, checkpoints = trained
-    path = checkpoints / "step-00000004" / "meta.json"
-    original = rewrite(path, json.dumps(WRONG_META[how](json.loads(path.read_text()))).encode())
-    try:
-        with caplog.at_level(logging.WARNING):
-            plan = plan_resume(client, run_id)
-    finally:
-        path.write_bytes(original)
+    path = trained[2] / "step-00000004" / "meta.json"
+    plan, errors = plan_with(trained, caplog, path, json.dumps(WRONG_META[how](json.loads(path.read_text()))).encode())
     assert plan.resume.step == 2
-    assert any("step-00000004" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert any("step-00000004" in m for m in errors), errors
 
 
 def test_a_state_pt_that_matches_its_sha256_but_not_the_engine_is_refused_before_anything_is_written(trained):
@@ -214,10 +209,7 @@ def test_damaged_attempt_records_and_tags_are_skipped_with_a_warning_and_the_res
 def shard_set(tmp_path_factory):
     from pipeline.prepare_data import run_prepare
 
-    root = tmp_path_factory.mktemp("shards")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    with private_store(tmp_path_factory.mktemp("shards")) as root:
         assert run_prepare([f"output={root}/shards", "variants=1", "shard_size=10", "data.val_size=4",
                             "examples=0"]) == EXIT_OK
     return root / "shards"
@@ -256,7 +248,7 @@ def test_a_damaged_shard_member_is_refused_naming_the_sample(shard_set, tmp_path
         for info in tar.getmembers():
             data = tar.extractfile(info).read()
             if info.name.endswith(f".{member}") and info.name.startswith("DEMO-0001__v0"):
-                data = damaged(data, how)
+                data = (damaged_wav if member.endswith(".wav") else damaged)(data, how)
             info.size = len(data)
             new.addfile(info, io.BytesIO(data))
     (tmp_path / "train-000000.tar").write_bytes(out.getvalue())
