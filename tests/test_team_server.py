@@ -81,8 +81,12 @@ def test_a_job_killed_on_the_team_server_resumes_from_another_machine_bit_identi
     run = client.search_runs([client.get_experiment_by_name("train_adapter").experiment_id])[0]
     run_id = run.info.run_id
 
-    code, err = finished(job(team, "alice", tmp_path / "machine-b", f"resume_run={run_id}"))  # fresh staging
+    # two resumes started together, each on a fresh machine: one trains, the other is refused naming it
+    both = [job(team, "alice", tmp_path / name, f"resume_run={run_id}") for name in ("machine-b", "machine-c")]
+    results = sorted(finished(process) for process in both)
+    (code, err), (refused, why) = results
     assert code == EXIT_OK, err
+    assert refused == EXIT_BAD_INPUT and f"Run {run_id} is being trained by another job" in why, why
     reference = client.search_runs([client.get_experiment_by_name("reference").experiment_id])[0]
     assert loss_history(client, run_id) == loss_history(client, reference.info.run_id)
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -121,3 +125,27 @@ def test_wrong_credentials_get_one_message_before_anything_is_written(team, tmp_
     assert f"The tracking server {team.uri} refused the credentials of 'alice'" in err
     client = client_as(team, "alice")
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+
+
+def test_the_bucket_and_then_the_server_down_during_training_lose_nothing(team, tmp_path):
+    """S3 stops answering (the server is up), then the tracking server itself: uploads and metrics are
+    retried, training finishes, the run has one value per step and its last checkpoint committed."""
+    import time
+
+    process = job(team, "alice", tmp_path, *JOB, "trainer.max_steps=60", "tracking.experiment=outages")
+    lines = read_until(process, "step 20/60")
+    team.s3.stop()
+    time.sleep(8)
+    team.s3.start()
+    lines += read_until(process, "step 40/60")
+    team.stop()
+    time.sleep(8)
+    team.start()
+    code, err = finished(process)
+    log = "".join(lines) + err
+    assert code == EXIT_OK, log
+    assert "trying again every" in log and "succeeded after" in log and "Traceback" not in log
+    client = client_as(team, "alice")
+    run = client.search_runs([client.get_experiment_by_name("outages").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["checkpoint.latest_step"] == "60"
+    assert [step for step, _ in loss_history(client, run.info.run_id)] == list(range(1, 61))
