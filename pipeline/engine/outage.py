@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from typing import Callable, TypeVar
 
@@ -41,10 +40,10 @@ def configure_http() -> None:
         os.environ.setdefault(key, value)
 
 
-def retry_until(call: Callable[[], T], what: str, limit_s: float, stop: threading.Event | None = None) -> T:
+def retry_until(call: Callable[[], T], what: str, limit_s: float) -> T:
     """``call()``, tried again every RETRY_S seconds while it fails, for up to ``limit_s`` seconds after the
     first failure; then StorageError naming ``what`` and the last error. The first failure and the
-    recovery are logged. ``stop`` set (the job is ending) ends the waiting with StorageError at once."""
+    recovery are logged."""
     first_failure = None
     while True:
         try:
@@ -54,20 +53,18 @@ def retry_until(call: Callable[[], T], what: str, limit_s: float, stop: threadin
             if first_failure is None:
                 first_failure = now
                 log.warning("%s failed (%s); trying again every %.0f s for up to %.0f s, training goes on",
-                            what, _first_line(err), RETRY_S, limit_s)
-            if now - first_failure >= limit_s or (stop is not None and stop.is_set()):
+                            what, first_line(err), RETRY_S, limit_s)
+            if now - first_failure >= limit_s:
                 raise StorageError(f"{what} failed for {now - first_failure:.0f} s "
-                                   f"(tracking.outage_limit_seconds={limit_s:g}): {_first_line(err)}") from err
-            if stop is not None:
-                stop.wait(RETRY_S)
-            else:
-                time.sleep(RETRY_S)
+                                   f"(tracking.outage_limit_seconds={limit_s:g}): {first_line(err)}") from err
+            time.sleep(RETRY_S)
             continue
         if first_failure is not None:
             log.warning("%s succeeded after %.1f s of failures", what, time.monotonic() - first_failure)
         return result
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (store errors carry whole response bodies), or its type."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -49,7 +49,7 @@ from pipeline.engine.checkpointing import (
 )
 from pipeline.engine.launch import LaunchArgs, parse_launch
 from pipeline.engine.lease import Lease, LeaseHeld, LeaseLost
-from pipeline.engine.outage import configure_http
+from pipeline.engine.outage import configure_http, first_line
 from pipeline.engine.resume import ResumeError, ResumePoint, resolve, stored_inputs
 from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
@@ -598,8 +598,7 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                              ctx.run_id, status, mlflow.get_tracking_uri())
                 except Exception as err:  # the tracking store is down: the run stays RUNNING, a resume ends it
                     log.error("Could not end run %s as %s in the tracking store (%s); it shows RUNNING until a resume "
-                              "ends it: python -m pipeline.%s resume_run=%s", ctx.run_id, status,
-                              str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+                              "ends it: python -m pipeline.%s resume_run=%s", ctx.run_id, status, first_line(err),
                               stage.name, ctx.run_id)
                     code = EXIT_STORAGE if code == EXIT_OK else code
     return code

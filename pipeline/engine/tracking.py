@@ -17,7 +17,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from pipeline.config import mask_secrets, redact
 from pipeline.engine import faults
 from pipeline.engine import tags as tag
-from pipeline.engine.outage import OUTAGE_LIMIT_S, StorageError, retry_until
+from pipeline.engine.outage import OUTAGE_LIMIT_S, StorageError, first_line, retry_until
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +212,9 @@ def check_access(client: MlflowClient) -> None:
     try:
         client.search_experiments(max_results=1)
     except Exception as err:  # MLflow's own exceptions, or requests' when the server is unreachable
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise access_error(err, "read experiments") or AccessError(
-            f"Cannot use the tracking store {mlflow.get_tracking_uri()}: {first}. Check MLFLOW_TRACKING_URI and "
-            "that the server is up") from err
+            f"Cannot use the tracking store {mlflow.get_tracking_uri()}: {first_line(err)}. "
+            "Check MLFLOW_TRACKING_URI and that the server is up") from err
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:

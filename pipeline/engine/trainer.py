@@ -35,6 +35,7 @@ from pipeline.engine.checkpointing import (
 )
 from pipeline.engine.stage import LRSchedule, Stage
 from pipeline.engine.stopping import StopController
+from pipeline.engine.outage import first_line
 from pipeline.engine.tracking import MetricLogger
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ class Engine:
                     self.store.client.log_artifacts(self.run_id, tmp, f"samples/{checkpoint_name(self.pos.step)}")
                 except Exception as err:  # an artifact store outage: the samples of this step only are lost
                     log.warning("The samples of step %d could not be stored (%s); training goes on",
-                                self.pos.step, str(err).strip().splitlines()[0] if str(err).strip() else err)
+                                self.pos.step, first_line(err))
 
     # --- non-finite steps ----------------------------------------------------------------------
     def _count_nonfinite(self) -> int:
