@@ -4,11 +4,13 @@ server binaries) as the backend store and the auth database, an S3 endpoint (a m
 MinIO or AWS for real work), and `mlflow server` with MLflow's basic-auth app and artifacts proxied
 to ``s3://<bucket>``, with one user per person.
 
-    python -m pipeline.teamserver --dir /tmp/team --user alice:alice-pw --user bob:bob-pw
+    python -m pipeline.teamserver --dir /tmp/team --user alice:alice-pw --user bob:bob-pw [--direct]
 
 prints what a trainer exports (``MLFLOW_TRACKING_URI``, ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``)
-and serves until Ctrl-C. With proxied artifacts, trainers need no AWS credentials: only the server
-talks to S3.
+and serves until Ctrl-C. With proxied artifacts (the default), trainers need no AWS credentials: only
+the server talks to S3. With ``--direct`` the server only records where artifacts are
+(``--default-artifact-root s3://<bucket> --no-serve-artifacts``) and each trainer reads and writes the
+bucket itself, with its own AWS variables.
 """
 
 from __future__ import annotations
@@ -63,17 +65,24 @@ class Postgres:
         self._pg(f"{self.bindir}/initdb", "-D", str(self.data), "-U", "postgres", f"--pwfile={pwfile}",
                  "--auth=scram-sha-256", "-E", "UTF8")
         pwfile.unlink()
-        self._pg(f"{self.bindir}/pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-o",
-                 f"-h 127.0.0.1 -p {self.port} -k {self.root}", "start")
+        self.resume()
 
     def create_database(self, name: str) -> str:
         self._pg(f"{self.bindir}/createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
         return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
+        self.pause()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def pause(self) -> None:
+        """Stop the server at once (an outage); ``resume`` starts it again with the same data."""
         subprocess.run(self.as_user + [f"{self.bindir}/pg_ctl", "-D", str(self.data), "-m", "immediate", "stop"],
                        capture_output=True, cwd=self.root)
-        shutil.rmtree(self.root, ignore_errors=True)
+
+    def resume(self) -> None:
+        self._pg(f"{self.bindir}/pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-o",
+                 f"-h 127.0.0.1 -p {self.port} -k {self.root}", "start")
 
 
 class MotoS3:
@@ -97,11 +106,13 @@ class MotoS3:
 
 
 class TeamServer(TrackingServer):
-    """PostgreSQL + S3 + ``mlflow server --app-name basic-auth`` with proxied artifacts in s3://<bucket>."""
+    """PostgreSQL + S3 + ``mlflow server --app-name basic-auth`` with artifacts in s3://<bucket>, proxied by
+    the server, or with ``direct=True`` read and written by the trainers themselves."""
 
-    def __init__(self, workdir: Path, users: dict[str, str], bucket: str = "mlflow", s3_endpoint: str | None = None):
+    def __init__(self, workdir: Path, users: dict[str, str], bucket: str = "mlflow", s3_endpoint: str | None = None,
+                 direct: bool = False):
         super().__init__(workdir)
-        self.users, self.bucket = dict(users), bucket
+        self.users, self.bucket, self.direct = dict(users), bucket, direct
         self.admin_password = secrets.token_urlsafe(12)
         self.flask_secret = secrets.token_urlsafe(24)  # CSRF protection of the auth app; the same across restarts
         self.postgres = Postgres(secrets.token_urlsafe(12))
@@ -135,9 +146,10 @@ class TeamServer(TrackingServer):
                 auth.create_user(user, password)
 
     def server_command(self) -> list[str]:
-        return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
-                "--artifacts-destination", f"s3://{self.bucket}", "--app-name", "basic-auth",
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        artifacts = (["--default-artifact-root", f"s3://{self.bucket}", "--no-serve-artifacts"] if self.direct
+                     else ["--artifacts-destination", f"s3://{self.bucket}"])
+        return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri, *artifacts,
+                "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
 
     def server_env(self) -> dict[str, str]:
         return {**super().server_env(), **self.aws, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
@@ -163,9 +175,13 @@ class TeamServer(TrackingServer):
                     os.environ[key] = value
 
     def trainer_env(self, user: str) -> dict[str, str]:
-        """What a trainer exports to work as ``user``."""
-        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": user,
-                "MLFLOW_TRACKING_PASSWORD": self.users[user]}
+        """What a trainer exports to work as ``user`` (with direct access, the bucket's keys and endpoint too;
+        in real use each person has their own keys)."""
+        env = {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": user,
+               "MLFLOW_TRACKING_PASSWORD": self.users[user]}
+        if self.direct:
+            env.update(self.aws, MLFLOW_S3_ENDPOINT_URL=self.s3_endpoint)
+        return env
 
     def secrets(self) -> list[str]:
         """Every secret of the deployment (for scans: none may end up in a run)."""
@@ -190,14 +206,17 @@ def main() -> None:
     parser.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD", help="one per person")
     parser.add_argument("--bucket", default="mlflow")
     parser.add_argument("--s3-endpoint", help="MinIO or another S3 endpoint (default: a moto server)")
+    parser.add_argument("--direct", action="store_true",
+                        help="trainers read and write the bucket themselves (the server does not proxy artifacts)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     users = dict(item.split(":", 1) for item in args.user)
-    server = TeamServer(Path(args.dir), users, args.bucket, args.s3_endpoint)
+    server = TeamServer(Path(args.dir), users, args.bucket, args.s3_endpoint, args.direct)
     server.start_all()
     try:
+        access = "read and written by each trainer" if args.direct else "proxied by the server"
         lines = [f"Team server at {server.uri} (backend: PostgreSQL, artifacts: s3://{args.bucket} via "
-                 f"{server.s3_endpoint}). A trainer exports:"]
+                 f"{server.s3_endpoint}, {access}). A trainer exports:"]
         for user in users:
             lines += [f"  # {user}"] + [f"  export {key}={value}" for key, value in server.trainer_env(user).items()]
         lines.append(f"Admin: {ADMIN} / {server.admin_password} (MLflow UI: {server.uri}). Ctrl-C stops everything.")
