@@ -193,7 +193,7 @@ class ValidationConfig:
 @dataclass
 class TrackingConfig:
     experiment: Optional[str] = None  # MLflow experiment; null = the stage name
-    run_name: Optional[str] = None  # null = "<model>-<dataset>-<time>"
+    run_name: Optional[str] = None  # null = "<first 6 characters of the run ID>-<model>-<dataset>"
     flush_seconds: float = 5.0  # metrics are sent in batches at least this often
     stop_poll_seconds: float = 3.0  # how often the `stop_requested` tag is checked
     lease_heartbeat_seconds: float = 10.0  # how often a job renews its lease on the run (one job per run)

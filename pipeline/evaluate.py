@@ -353,7 +353,7 @@ def run(argv: list[str], adopt_launcher: bool = True) -> int:
             tag.MODEL: "hifigan" if p.chain else "conformer-ctc", tag.DATASET: "noisy_dir" if p.mode == "noisy" else p.cfg.data}
     links = {tag.EVAL_VOCODER_RUN: p.what.get("vocoder_run"), tag.EVAL_ADAPTER_RUN: p.what.get("adapter_run"),
              tag.EVAL_ASR_RUN: p.asr_run, tag.EVAL_MODEL: p.cfg.model_uri}
-    run_id = start_or_adopt_run(client, experiment=EXPERIMENT, run_name=f"evaluate-{p.mode}-{p.key[:6]}",
+    run_id = start_or_adopt_run(client, experiment=EXPERIMENT, run_name=f"{p.key[:6]}-evaluate-{p.mode}",
                                 tags={**tags, **{k: v for k, v in links.items() if v}}, params={**asdict(p.cfg), **p.what},
                                 launcher=os.environ.get("MLFLOW_RUN_ID") if adopt_launcher else None)
     status = "FAILED"

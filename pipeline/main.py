@@ -35,7 +35,8 @@ from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, accepts, compos
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import code_version as git_commit
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, NOTE_TAG, setup_logging
-from pipeline.engine.tracking import experiment_id, log_params, start_or_adopt_run
+from pipeline.engine.tracking import (dashboard_hint, default_run_name, experiment_id, log_params, start_or_adopt_run,
+                                      ui_url)
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ def launch(client: MlflowClient, step: str, params: dict[str, str], version: str
     code = submitted.command_proc.returncode if hasattr(submitted, "command_proc") else (0 if ok else 1)
     # The job's own run: the launched one, or (on resume) the resumed one it logged into.
     job_run = params.get("resume_run") or run_id
-    for key, value in {tag.CHAIN_CODE_VERSION: version, tag.CHAIN_MAIN_RUN: main_run}.items():
+    # nested under main's run: its page names main as parent (the step runs stay in their stages' experiments)
+    for key, value in {tag.CHAIN_CODE_VERSION: version, tag.CHAIN_MAIN_RUN: main_run, tag.PARENT_RUN: main_run}.items():
         client.set_tag(job_run, key, value)
     if previous:
         client.set_tag(job_run, tag.CHAIN_PREVIOUS_RUN, previous)
@@ -249,20 +251,48 @@ def restore_demo(finetune_run: str, output: str) -> Path | None:
     return out / source.name
 
 
-def _main_run(client: MlflowClient) -> str:
-    """The run `mlflow run -e main` created, or a new one in experiment `main`."""
-    return start_or_adopt_run(client, experiment=EXPERIMENT, run_name="main-chain", tags={tag.STAGE: "main"},
-                              launcher=os.environ.get("MLFLOW_RUN_ID"))
+def _main_run(client: MlflowClient, overrides: dict[str, list[str]]) -> str:
+    """The run `mlflow run -e main` created, or a new one in experiment `main`, named after what the chain
+    trains: ``<id>-restoration-chain-<encoder>-<dataset>``."""
+    adapter = compose_config("train_adapter", overrides["train_adapter"])
+    return start_or_adopt_run(
+        client, experiment=EXPERIMENT, tags={tag.STAGE: "main", tag.MODEL: adapter.ssl.name, tag.DATASET: adapter.data.name},
+        run_name=lambda run_id: default_run_name(run_id, "restoration-chain", adapter.ssl.name, adapter.data.name),
+        launcher=os.environ.get("MLFLOW_RUN_ID"))
 
 
-def report(results: list[StepResult], main_run: str, model: str | None = None, restored: Path | None = None) -> str:
+def _step_link(client: MlflowClient, run_id: str) -> str:
+    """A Markdown link to a step's run page, named as the run is."""
+    run = client.get_run(run_id)
+    return f"[{run.info.run_name}]({ui_url(run.info.experiment_id, run_id)})"
+
+
+def describe_chain(client: MlflowClient, results: list[StepResult], model: str | None) -> str:
+    """main's run description: the steps as links to their runs, the registered model."""
+    lines = ["**Restoration chain** · " + " → ".join(f"{r.step} ({r.how})" for r in results), "",
+             "| step | run | how |", "|---|---|---|"]
+    lines += [f"| {r.step} | {_step_link(client, r.run_id)} | {r.how} |" for r in results]
+    if model:
+        lines += ["", f"Registered model: `{model}`"]
+    return "\n".join(lines)
+
+
+def report(client: MlflowClient, results: list[StepResult], main_run: str, model: str | None = None,
+           restored: Path | None = None) -> str:
     lines = [f"{r.step:<18} {r.run_id}  ({r.how})" for r in results]
     return "\n".join([
         "", "Restoration chain finished:", *lines, f"{'main':<18} {main_run}",
         *([f"{'model':<18} {model}"] if model else []),
         *([f"{'restored demo':<18} {restored} (its degraded input beside it in input/)"] if restored else []), "",
-        f"Dashboard: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}   (then open http://127.0.0.1:5000)", "",
+        f"Dashboard: {dashboard_hint(client.get_run(main_run).info.experiment_id, main_run)}",
+        *[f"  {r.step:<16} {ui_url(client.get_run(r.run_id).info.experiment_id, base=_ui_base())}" for r in results],
+        "",
     ])
+
+
+def _ui_base() -> str | None:
+    """The links' base in printed output: the server, or where `mlflow ui` serves a local store."""
+    return None if ui_url("0").startswith("http") else "http://127.0.0.1:5000"
 
 
 def main(argv: list[str]) -> int:
@@ -280,7 +310,7 @@ def main(argv: list[str]) -> int:
         return EXIT_BAD_INPUT
     client = MlflowClient()
     version = chain_code_version()
-    main_run = _main_run(client)
+    main_run = _main_run(client, overrides)
     log_params(client, main_run, {f"{s}.overrides": " ".join(o) for s, o in overrides.items()} | {"code_version": version})
     status, code = "FAILED", EXIT_FAILED
     try:
@@ -293,9 +323,8 @@ def main(argv: list[str]) -> int:
         restored = restore_demo(results[-1].run_id, cfg.restore_output) if cfg.restore_output else None
         status, code = "FINISHED", EXIT_OK
         client.set_tag(main_run, tag.CHAIN_REUSED, ",".join(r.step for r in results if r.how == "reused") or "none")
-        client.set_tag(main_run, NOTE_TAG, "\n".join(
-            ["| step | run | |", "|---|---|---|"] + [f"| {r.step} | {r.run_id} | {r.how} |" for r in results]))
-        sys.stdout.write(report(results, main_run, model, restored))
+        client.set_tag(main_run, NOTE_TAG, describe_chain(client, results, model))
+        sys.stdout.write(report(client, results, main_run, model, restored))
     except StepFailed as err:
         log.error("%s; run main again to resume it", err)
         status, code = ("KILLED", EXIT_STOPPED) if err.code == EXIT_STOPPED else ("FAILED", err.code)

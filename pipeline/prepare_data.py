@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from pipeline.data.shards import (
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import code_version, utc_now
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
-from pipeline.engine.tracking import log_dataset_inputs, start_or_adopt_run
+from pipeline.engine.tracking import default_run_name, log_dataset_inputs, start_or_adopt_run
 from pipeline.listening import Example, safe_name, write_listening_page
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def _key(utt_id: str, variant: int) -> str:
 def _open_run(client: MlflowClient, cfg: DictConfig) -> str:
     return start_or_adopt_run(
         client, experiment=cfg.tracking.experiment or "prepare_data",
-        run_name=cfg.tracking.run_name or f"{cfg.data.name}-shards-{datetime.now():%Y%m%d-%H%M%S}",
+        run_name=cfg.tracking.run_name or (lambda run_id: default_run_name(run_id, cfg.data.name, "shards")),
         tags={tag.STAGE: "prepare_data", tag.DATASET: cfg.data.name, "output": cfg.output},
         params=flatten(to_container(cfg)), launcher=os.environ.get("MLFLOW_RUN_ID"))
 

@@ -253,7 +253,7 @@ class Sweep:
         child = trial.user_attrs.get("mlflow_run_id")
         args = list(self.stage_overrides) + [f"{k}={override_value(v)}" for k, v in params.items()] + [
             f"tracking.parent_run={self.parent_run}", f"tracking.experiment={self.experiment}",
-            f"tracking.run_name={self.study.study_name}-trial-{trial.number:04d}",
+            f"tracking.run_name=trial-{trial.number:04d}-{self.study.study_name}",
         ]
         if child and self._has_checkpoint(child):
             args.append(f"resume_run={child}")

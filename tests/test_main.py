@@ -63,6 +63,16 @@ def test_main_twice_trains_the_chain_once_then_reuses_every_step(store):
     for step in STEPS:
         assert f"{step:<18} {ids[step][0]}  (trained)" in first.stdout
     assert "mlflow ui --backend-store-uri" in first.stdout
+    # main's run: named after what it trains, its steps nested under it and linked from its description
+    (main_run,) = stage_runs(client, "main")
+    main_id = main_run.info.run_id
+    assert main_run.info.run_name == f"{main_id[:6]}-restoration-chain-tiny-demo"
+    for step in STEPS:
+        step_run = client.get_run(ids[step][0])
+        assert step_run.data.tags["mlflow.parentRunId"] == main_id
+        link = f"[{step_run.info.run_name}](/#/experiments/{step_run.info.experiment_id}/runs/{ids[step][0]})"
+        assert link in main_run.data.tags["mlflow.note.content"]
+        assert f"/#/experiments/{step_run.info.experiment_id}/runs?workflowType=machine_learning" in first.stdout
     run = client.get_run(finetuned)
     assert run.info.status == "FINISHED"
     assert run.data.params["adapter_run"] == adapter and run.data.params["vocoder_run"] == vocoder

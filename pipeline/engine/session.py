@@ -12,7 +12,6 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,8 @@ from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
 from pipeline.engine.tracking import (AccessError, MetricLogger, TagWriter, access_error, check_access, copy_history,
-                                      describe_run, latest_steps, log_dataset_inputs, start_or_adopt_run)
+                                      dashboard_hint, default_run_name, describe_run, latest_steps, log_dataset_inputs,
+                                      start_or_adopt_run)
 from pipeline.engine.trainer import DataWorkerDied, Engine, NonFiniteTraining, Position
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class RunContext:
     index_rows: list[dict[str, Any]] = field(default_factory=list)
     logged_steps: dict[str, int] = field(default_factory=dict)  # metric -> last step an earlier attempt logged
     lease: Lease | None = None  # this job's lease on the run (one job per run)
+    experiment_id: str = ""  # for the links in the run description
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experime
                    extra_tags: dict[str, str]) -> tuple[str, str]:
     """The job's own run: the one `mlflow run` created, or a new one. Returns (id, name)."""
     tags = stage.tags()
-    name = cfg.tracking.run_name or f"{tags[tag.MODEL]}-{tags[tag.DATASET]}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = cfg.tracking.run_name or (lambda run_id: default_run_name(run_id, tags[tag.MODEL], tags[tag.DATASET]))
     if cfg.tracking.parent_run:
         extra_tags = {tag.PARENT_RUN: cfg.tracking.parent_run, **extra_tags}
     all_tags = {**_base_tags(stage), tag.RESUME_COUNT: "0", tag.STOP_REQUESTED: "false",
@@ -181,7 +182,7 @@ def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experime
     run_id = start_or_adopt_run(client, experiment=experiment, run_name=name, tags=all_tags,
                                 params={**flatten(to_container(cfg)), **stage.inputs}, launcher=launcher_run(cfg))
     client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(redact(to_container(cfg)))), "config/config.yaml")
-    return run_id, name
+    return run_id, name(run_id) if callable(name) else name
 
 
 def open_run(client: MlflowClient, stage: Stage, cfg: DictConfig, resume: ResumePoint | None,
@@ -376,7 +377,7 @@ def _finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictCon
     client.set_tag(ctx.run_id, tag.PROGRESS, _progress(cfg, pos, ctx.resumed_from, engine))
     client.set_tag(ctx.run_id, NOTE_TAG, describe_run(
         stage=stage_name, run_id=ctx.run_id, progress=_progress(cfg, pos, ctx.resumed_from, engine), status=status,
-        latest_checkpoint=latest, history=ctx.history))
+        latest_checkpoint=latest, history=ctx.history, experiment_id=ctx.experiment_id))
     client.set_terminated(ctx.run_id, status)
     if ctx.attempt_run_id:
         client.set_terminated(ctx.attempt_run_id, status)
@@ -505,18 +506,23 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
     if datasets:
         log_dataset_inputs(client, ctx.run_id, datasets, "training")
 
-    def describe(latest: str | None) -> None:
-        client.set_tag(ctx.run_id, NOTE_TAG, describe_run(
-            stage=stage.name, run_id=ctx.run_id, progress=client.get_run(ctx.run_id).data.tags.get(tag.PROGRESS, ""),
-            status="RUNNING", latest_checkpoint=latest, history=ctx.history))
+    run = client.get_run(ctx.run_id)
+    ctx.experiment_id = run.info.experiment_id
+    shown = {"progress": run.data.tags.get(tag.PROGRESS, ""), "latest": run.data.tags.get(tag.CHECKPOINT_LATEST)}
+
+    def description() -> str:
+        return describe_run(stage=stage.name, run_id=ctx.run_id, progress=shown["progress"], status="RUNNING",
+                            latest_checkpoint=shown["latest"], history=ctx.history, experiment_id=ctx.experiment_id)
+
+    def on_progress(pos: Position) -> None:  # the description follows the progress tag, in the same batch
+        shown["progress"] = _progress(cfg, pos, ctx.resumed_from, engine)
+        tags.set({tag.PROGRESS: shown["progress"], NOTE_TAG: description()})
 
     def on_commit(step: int, row: dict[str, Any]) -> None:
-        try:
-            describe(f"checkpoints/{checkpoint_name(step)}")
-        except Exception as err:  # the tracking store went away right after the commit: the next one updates it
-            log.warning("Could not update the run description after committing step %d (%s)", step, err)
+        shown["latest"] = f"checkpoints/{checkpoint_name(step)}"
+        tags.set({NOTE_TAG: description()})
 
-    describe(client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST))
+    client.set_tag(ctx.run_id, NOTE_TAG, description())
 
     policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
                              cfg.checkpoint.mode)
@@ -529,13 +535,13 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
     status, stopped_by, code = "FAILED", None, EXIT_FAILED
     engine = None
     stopper = StopController(client, ctx.run_id, cfg.tracking.stop_poll_seconds)
-    tags = TagWriter(client, ctx.run_id)  # the progress tag, off the training thread
+    tags = TagWriter(client, ctx.run_id)  # the progress tag and the description, off the training thread
     if ctx.lease:
         ctx.lease.on_lost = lambda: stopper.request("lease lost")
     with stopper:  # handlers stay installed until the run is ended, so no signal leaves it RUNNING
         try:
             engine = Engine(stage, metrics, store, stopper, ctx.run_id, hooks=hooks)
-            engine.on_progress = lambda pos: tags.set({tag.PROGRESS: _progress(cfg, pos, ctx.resumed_from, engine)})
+            engine.on_progress = on_progress
             startup.mark("run setup")
             if resume is not None:
                 engine.load_state_dict(resume.state)
@@ -594,8 +600,8 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                 try:
                     latest = client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST)
                     _finish(client, ctx, stage.name, cfg, status, pos, latest, stopped_by, plan.changes, engine)
-                    log.info("Run %s ended %s. Open the dashboard with: mlflow ui --backend-store-uri %s",
-                             ctx.run_id, status, mlflow.get_tracking_uri())
+                    log.info("Run %s ended %s. Dashboard: %s", ctx.run_id, status,
+                             dashboard_hint(ctx.experiment_id, ctx.run_id))
                 except Exception as err:  # the tracking store is down: the run stays RUNNING, a resume ends it
                     log.error("Could not end run %s as %s in the tracking store (%s); it shows RUNNING until a resume "
                               "ends it: python -m pipeline.%s resume_run=%s", ctx.run_id, status, first_line(err),
@@ -711,6 +717,7 @@ def record_imported_run(stage: Stage, cfg: DictConfig, tags: dict[str, str], sou
     client.set_tag(run_id, tag.PROGRESS, progress)
     client.set_tag(run_id, NOTE_TAG, describe_run(
         stage=stage.name, run_id=run_id, progress=progress, status="FINISHED",
-        latest_checkpoint=f"checkpoints/{checkpoint_name(0)}", history=[entry]))
+        latest_checkpoint=f"checkpoints/{checkpoint_name(0)}", history=[entry],
+        experiment_id=client.get_run(run_id).info.experiment_id))
     client.set_terminated(run_id, "FINISHED")
     return run_id

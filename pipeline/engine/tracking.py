@@ -8,7 +8,8 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow import MlflowClient
@@ -229,17 +230,21 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
-def start_or_adopt_run(client: MlflowClient, *, experiment: str, run_name: str, tags: dict[str, str],
-                       params: dict[str, Any] | None = None, launcher: str | None = None) -> str:
+def default_run_name(run_id: str, *parts: str) -> str:
+    """A default run name: the run ID's first six characters, then what the run is (``3fa9c1-tiny-demo``).
+    The runs table cuts long names off at the end, so names that differ must differ at the front."""
+    return "-".join([run_id[:6], *parts])
+
+
+def start_or_adopt_run(client: MlflowClient, *, experiment: str, run_name: str | Callable[[str], str],
+                       tags: dict[str, str], params: dict[str, Any] | None = None, launcher: str | None = None) -> str:
     """A job's own run: ``launcher`` (the run `mlflow run` created, MLFLOW_RUN_ID), renamed, or a new run in
-    ``experiment``; then tagged, and given the params it does not have yet (secrets masked; `mlflow run`
-    logs its entry-point parameters first, and MLflow params cannot change)."""
-    if launcher:
-        run_id = launcher
-        client.set_tag(run_id, tag.RUN_NAME, run_name)
-    else:
-        run_id = client.create_run(experiment_id(client, experiment), run_name=run_name).info.run_id
-    for key, value in tags.items():
+    ``experiment``; then named (``run_name``, or ``run_name(run_id)``), tagged, and given the params it
+    does not have yet (secrets masked; `mlflow run` logs its entry-point parameters first, and MLflow
+    params cannot change)."""
+    run_id = launcher or client.create_run(experiment_id(client, experiment)).info.run_id
+    name = run_name(run_id) if callable(run_name) else run_name
+    for key, value in {tag.RUN_NAME: name, **tags}.items():
         client.set_tag(run_id, key, value)
     if params:
         existing = client.get_run(run_id).data.params
@@ -270,6 +275,27 @@ def latest_steps(run) -> dict[str, int]:
     return {m.key: m.step for m in run.data._metric_objs}
 
 
+def ui_url(experiment_id: str, run_id: str | None = None, base: str | None = None) -> str:
+    """A link into the MLflow UI: the experiment's runs table (``workflowType=machine_learning``, so a fresh
+    browser does not land in the GenAI overview) or a run's page. ``base`` defaults to the tracking
+    server's address (without credentials), or to nothing (a link within whatever serves the UI)."""
+    if base is None:
+        uri = urlsplit(mlflow.get_tracking_uri())
+        base = urlunsplit((uri.scheme, uri.hostname + (f":{uri.port}" if uri.port else ""), uri.path.rstrip("/"), "", "")) \
+            if uri.scheme in ("http", "https") and uri.hostname else ""
+    view = f"runs/{run_id}" if run_id else "runs?workflowType=machine_learning"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/{view}"
+
+
+def dashboard_hint(experiment_id: str, run_id: str | None = None) -> str:
+    """Where to look at a run (or an experiment) in the MLflow UI, for the closing log line."""
+    link = ui_url(experiment_id, run_id)
+    if link.startswith("/"):  # a local store: the UI must be started first
+        return (f"mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}, then open "
+                f"{ui_url(experiment_id, run_id, base='http://127.0.0.1:5000')}")
+    return link
+
+
 def describe_run(
     *,
     stage: str,
@@ -278,25 +304,23 @@ def describe_run(
     status: str,
     latest_checkpoint: str | None,
     history: list[dict[str, Any]],
+    experiment_id: str = "",
 ) -> str:
-    """The run's Markdown description: progress, resume history and the resume command."""
+    """The run's Markdown description. The UI shows its first lines until "Show more": status, progress,
+    the latest checkpoint and the resume command come first; then how to stop, links, the attempts."""
     lines = [
-        f"**{stage}** · {status} · {progress}",
+        f"**{status}** · {progress or 'starting'} · latest checkpoint `{latest_checkpoint or 'none yet'}`",
         "",
-        f"Latest committed checkpoint: `{latest_checkpoint or 'none yet'}`",
+        f"Resume: `mlflow run . -e {stage} --env-manager local -P resume_run={run_id}`",
         "",
-        "Resume this run (continues logging into it):",
+        f"Or: `python -m pipeline.{stage} resume_run={run_id}`. Stop it gracefully: set the tag "
+        "`stop_requested` = `true` on this run.",
         "",
-        "```",
-        f"mlflow run . -e {stage} --env-manager local -P resume_run={run_id}",
-        f"python -m pipeline.{stage} resume_run={run_id}",
-        "```",
-        "",
-        "Stop it gracefully: set the tag `stop_requested` = `true` on this run.",
-        "",
-        "| attempt | started (UTC) | from | overrides | status |",
-        "|---|---|---|---|---|",
     ]
+    if experiment_id:
+        lines += [f"[All runs of this experiment]({ui_url(experiment_id)}) · "
+                  f"[checkpoints]({ui_url(experiment_id, run_id)}/artifactPath/checkpoints/index.csv)", ""]
+    lines += ["| attempt | started (UTC) | from | overrides | status |", "|---|---|---|---|---|"]
     for h in history:
         overrides = " ".join(redact(h.get("overrides") or [])) or "—"
         lines.append(

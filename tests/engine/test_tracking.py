@@ -2,7 +2,7 @@
 
 from mlflow import MlflowClient
 
-from pipeline.engine.tracking import TagWriter
+from pipeline.engine.tracking import TagWriter, dashboard_hint, default_run_name, describe_run, ui_url
 
 
 def test_tags_are_stored_in_the_background_newest_value_wins_and_a_failed_send_is_retried(store):
@@ -27,3 +27,29 @@ def test_tags_are_stored_in_the_background_newest_value_wins_and_a_failed_send_i
     assert tags["progress"] == "Step 3/10" and tags["other"] == "x"
     assert calls[0]["progress"] in ("Step 1/10", "Step 2/10") and len(calls) >= 2
     assert calls[-1] == {"progress": "Step 3/10"}
+
+
+def test_links_open_the_classic_runs_table_and_never_carry_credentials(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret-pw@mlflow.example.org:8443/")
+    assert ui_url("7") == "https://mlflow.example.org:8443/#/experiments/7/runs?workflowType=machine_learning"
+    assert ui_url("7", "abc") == "https://mlflow.example.org:8443/#/experiments/7/runs/abc"
+    assert dashboard_hint("7", "abc") == "https://mlflow.example.org:8443/#/experiments/7/runs/abc"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x/mlflow.db")
+    assert ui_url("7") == "/#/experiments/7/runs?workflowType=machine_learning"  # within whatever serves the UI
+    assert dashboard_hint("7") == ("mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db, then open "
+                                   "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
+
+
+def test_the_description_starts_with_status_progress_checkpoint_and_the_resume_command():
+    text = describe_run(stage="train_adapter", run_id="r1", progress="step 40/100 · epoch 2", status="RUNNING",
+                        latest_checkpoint="checkpoints/step-00000040", experiment_id="3",
+                        history=[{"attempt": 1, "started": "2026-11-27T10:00:00Z", "overrides": ["token=abc"]}])
+    paragraphs = text.split("\n\n")
+    assert paragraphs[0] == "**RUNNING** · step 40/100 · epoch 2 · latest checkpoint `checkpoints/step-00000040`"
+    assert paragraphs[1] == "Resume: `mlflow run . -e train_adapter --env-manager local -P resume_run=r1`"
+    assert "(/#/experiments/3/runs?workflowType=machine_learning)" in text
+    assert "| 1 | 2026-11-27T10:00:00Z | fresh | `token=***` |" in text
+
+
+def test_default_run_names_differ_at_the_front():
+    assert default_run_name("3fa9c1d2e4", "tiny", "demo") == "3fa9c1-tiny-demo"

@@ -21,12 +21,12 @@ from mlflow import MlflowClient
 
 from conftest import (REPO, TINY, all_runs, artifact_dir, env_for, loss_history, mlflow_run, read_until, run_module,
                       snapshot, stage_runs, start_stage, wait_for)
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, run_stage
+from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, TrainingHooks, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 
-def train(*args: str) -> int:
-    return run_stage(TrainAdapter, [*TINY, *args])
+def train(*args: str, hooks: TrainingHooks | None = None) -> int:
+    return run_stage(TrainAdapter, [*TINY, *args], hooks=hooks)
 
 
 
@@ -48,6 +48,32 @@ def finished_run(store):
 # --------------------------------------------------------------------------------------------
 # A run as the dashboard shows it
 # --------------------------------------------------------------------------------------------
+
+
+def test_while_it_trains_the_description_shows_the_progress_tag_in_its_first_line(store):
+    """The description is sent with the progress tag (one batch), so its first lines (what the UI shows
+    before "Show more") never lag behind; the run's default name starts with its ID."""
+    seen: dict = {}
+    client = MlflowClient()
+
+    class Look(TrainingHooks):
+        def on_run_started(self, run_id):
+            seen["run"] = run_id
+
+        def on_validation(self, step, metrics):  # the loop waits here: progress stays at step 6
+            if step == 6:
+                seen["tags"] = wait_for(lambda: (lambda t: t.get("progress", "").startswith("step 6/12") and t)(
+                    client.get_run(seen["run"]).data.tags), 15, what="the progress tag at step 6")
+            return None
+
+    assert train("trainer.max_steps=12", "checkpoint.save_interval=4", "validation.interval=6", hooks=Look()) == EXIT_OK
+    first_line = seen["tags"]["mlflow.note.content"].splitlines()[0]
+    assert first_line.startswith(f"**RUNNING** · {seen['tags']['progress']} · latest checkpoint "), first_line
+    run = client.get_run(seen["run"])
+    assert run.info.run_name == f"{seen['run'][:6]}-tiny-demo"
+    assert run.data.tags["mlflow.note.content"].startswith("**FINISHED** · step 12/12")
+    assert f"/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning" in \
+        run.data.tags["mlflow.note.content"]
 
 
 @pytest.mark.slow
