@@ -203,6 +203,7 @@ class TrackingConfig:
     outage_limit_seconds: float = 900.0
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU)
     log_model: bool = True  # when training finishes, log `model/` (an MLflow model) for stages that have one
+    checkpoint_models: bool = True  # each committed checkpoint (and `model/`) is a logged model in the Models tab
     parent_run: Optional[str] = None  # nest the run under this run (sweeps); never takes over MLFLOW_RUN_ID
     tags: dict[str, str] = field(default_factory=dict)  # extra tags on a new run
 

@@ -408,13 +408,15 @@ class CheckpointStore:
         on_commit=None,
         before_commit: Callable[[], None] | None = None,
         outage_limit_s: float = OUTAGE_LIMIT_S,
+        on_delete: Callable[[list[int]], None] | None = None,
     ):
         self.client = client
         self.run_id = run_id
         self.staging_root = staging_root / run_id
         self.policy = policy
         self.index_rows = list(index_rows or [])
-        self.on_commit = on_commit  # callback(step, row) after a checkpoint is committed
+        self.on_commit = on_commit  # callback(step, row, metrics) after a checkpoint is committed
+        self.on_delete = on_delete  # callback(steps) after retention deleted those checkpoints
         self.before_commit = before_commit  # raises when this job may no longer commit (its lease was lost)
         self.outage_limit_s = outage_limit_s  # how long a failing upload or commit is tried again
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
@@ -430,14 +432,15 @@ class CheckpointStore:
         return self._repo
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any],
-             flush_metrics: Callable[[], list] | None = None) -> None:
+             flush_metrics: Callable[[], list] | None = None, metrics: list | None = None) -> None:
         """Snapshot ``state`` (the only work on the caller's thread), then write, hash, upload and commit
         the snapshot in the background. At most one checkpoint is in flight: when this one comes before
         the previous one is stored, it first waits for it (and says so), which keeps commits in step
         order and the host memory to one snapshot. ``flush_metrics`` sends the metrics of the steps up
         to this one and returns the operations in flight: the commit waits for them, so a committed
         checkpoint never points past the metrics in the store (a crash right after the commit would
-        otherwise leave a gap in the charts that a resume from this checkpoint never fills)."""
+        otherwise leave a gap in the charts that a resume from this checkpoint never fills). ``metrics``
+        (the points logged at this step) are handed to ``on_commit``."""
         started = time.monotonic()
         self.wait()  # surfaces a failed previous checkpoint
         waited = time.monotonic() - started
@@ -447,10 +450,11 @@ class CheckpointStore:
         faults.point("checkpoint.snapshot")
         snapshot = self._snapshots.take(state)
         metrics_sent = flush_metrics() if flush_metrics else []  # after the snapshot: no thread competes with it
-        self._pending = self._pool.submit(self._write_and_commit, step, snapshot, meta, row, metrics_sent)
+        self._pending = self._pool.submit(self._write_and_commit, step, snapshot, meta, row, metrics_sent,
+                                          list(metrics or []))
 
     def _write_and_commit(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any],
-                          metrics_sent: list) -> None:
+                          metrics_sent: list, metrics: list) -> None:
         try:
             local = write_local(self.staging_root, step, state, meta)
         except OSError as err:  # ENOSPC, EROFS, EACCES, EIO: the disk will not heal by itself
@@ -458,6 +462,8 @@ class CheckpointStore:
                                f"{err.strerror or err} (checkpoint.staging_dir)") from err
         row = dict(row, size=sum(f.stat().st_size for f in local.iterdir()))
         self._upload_and_commit(step, local, row, metrics_sent)
+        if self.on_commit is not None:
+            self.on_commit(step, row, metrics)
 
     def wait(self) -> None:
         """Block until the pending upload is committed; re-raise its error if it failed."""
@@ -495,8 +501,6 @@ class CheckpointStore:
                         "commit tries again", name, INDEX_FILE, err)
         shutil.rmtree(local, ignore_errors=True)
         log.info("Committed checkpoint %s (%.1f MB, upload %.1fs)", name, row["size"] / 1e6, time.monotonic() - started)
-        if self.on_commit is not None:
-            self.on_commit(step, row)
 
     def _upload(self, local: Path, artifact_path: str) -> None:
         faults.point("checkpoint.upload")
@@ -512,12 +516,16 @@ class CheckpointStore:
         missing from the index (an index that could not be read, an upload cut short) is never deleted."""
         keep = steps_to_keep(self.index_rows, self.policy, latest)
         indexed = {int(r["step"]) for r in self.index_rows}
+        deleted = []
         if indexed - keep:
             for step in checkpoint_steps(self.repo.list_artifacts(CHECKPOINT_DIR)):
                 if step in indexed and step not in keep and step <= latest:
                     faults.point("checkpoint.retention")
                     self.repo.delete_artifacts(f"{CHECKPOINT_DIR}/{checkpoint_name(step)}")
                     log.info("Retention: deleted checkpoint %s", checkpoint_name(step))
+                    deleted.append(step)
+        if deleted and self.on_delete is not None:
+            self.on_delete(deleted)
         self.index_rows = sorted((r for r in self.index_rows if int(r["step"]) in keep), key=lambda r: int(r["step"]))
 
     def _write_index(self) -> None:

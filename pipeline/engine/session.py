@@ -48,6 +48,7 @@ from pipeline.engine.checkpointing import (
 )
 from pipeline.engine.launch import LaunchArgs, parse_launch
 from pipeline.engine.lease import Lease, LeaseHeld, LeaseLost
+from pipeline.engine.logged_models import CheckpointModels
 from pipeline.engine.outage import configure_http, first_line
 from pipeline.engine.resume import ResumeError, ResumePoint, resolve, stored_inputs
 from pipeline.engine import status_guard
@@ -518,9 +519,14 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
         shown["progress"] = _progress(cfg, pos, ctx.resumed_from, engine)
         tags.set({tag.PROGRESS: shown["progress"], NOTE_TAG: description()})
 
-    def on_commit(step: int, row: dict[str, Any]) -> None:
+    models = (CheckpointModels(client, ctx.run_id, ctx.experiment_id, ctx.run_name, flatten(to_container(cfg)),
+                               run.data.tags) if cfg.tracking.checkpoint_models else None)
+
+    def on_commit(step: int, row: dict[str, Any], linked: list) -> None:
         shown["latest"] = f"checkpoints/{checkpoint_name(step)}"
         tags.set({NOTE_TAG: description()})
+        if models is not None:
+            models.committed(step, row, linked)
 
     client.set_tag(ctx.run_id, NOTE_TAG, description())
 
@@ -528,7 +534,8 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                              cfg.checkpoint.mode)
     outage_limit = float(cfg.tracking.outage_limit_seconds)
     store = CheckpointStore(client, ctx.run_id, Path(cfg.checkpoint.staging_dir), policy, ctx.index_rows, on_commit,
-                            before_commit=ctx.lease.check if ctx.lease else None, outage_limit_s=outage_limit)
+                            before_commit=ctx.lease.check if ctx.lease else None, outage_limit_s=outage_limit,
+                            on_delete=models.deleted if models is not None else None)
     metrics = MetricLogger(client, ctx.run_id, cfg.tracking.flush_seconds, already_logged=ctx.logged_steps,
                            outage_limit_s=outage_limit)
     monitor = _system_metrics(ctx.run_id, cfg, resumed=resume is not None)
@@ -555,8 +562,9 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                             "resume_run=%s", stopped_by, result.position.step, stage.name, ctx.run_id)
             else:
                 log.info("Training finished at step %d", result.position.step)
-                if cfg.tracking.log_model:
-                    _log_final_model(client, ctx.run_id, stage, result.position.step)
+                if cfg.tracking.log_model and _log_final_model(client, ctx.run_id, stage, result.position.step) \
+                        and models is not None:
+                    models.final(result.position.step, metrics.at_step(result.position.step))
         except AbortTraining:
             status, stopped_by, code = "KILLED", "signal", EXIT_ABORTED
             client.set_tag(ctx.run_id, tag.STOP_ABORTED, "true")
@@ -621,10 +629,11 @@ def _log_storage_failure(client: MlflowClient, err: Exception, stage: str, run_i
               "resume_run=%s", err, step, kept, stage, run_id)
 
 
-def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int) -> None:
-    """``model/``: an MLflow model of the final checkpoint, for stages that override ``export_model``."""
+def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int) -> bool:
+    """``model/``: an MLflow model of the final checkpoint, for stages that override ``export_model``;
+    True when it was logged."""
     if type(stage).export_model is Stage.export_model:
-        return
+        return False
     try:
         with tempfile.TemporaryDirectory(prefix="model-") as tmp:
             checkpoint = download_checkpoint(client, run_id, step, Path(tmp) / "checkpoint")
@@ -632,8 +641,10 @@ def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int)
             if stage.export_model(checkpoint, out):
                 client.log_artifacts(run_id, str(out), "model")
                 log.info("Logged the final model: runs:/%s/model", run_id)
+                return True
     except Exception:  # the training is done and its checkpoint committed; do not fail the run for this
         log.exception("Could not log the final model of run %s; its checkpoints are intact", run_id)
+    return False
 
 
 def _system_metrics(run_id: str, cfg: DictConfig, resumed: bool):

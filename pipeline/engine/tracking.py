@@ -45,6 +45,7 @@ class MetricLogger:
         self.outage_limit_s = outage_limit_s
         self.already_logged = dict(already_logged or {})
         self._buffer: list[Metric] = []
+        self._latest: dict[str, Metric] = {}  # the newest point of each metric, as logged
         self._last_flush = time.monotonic()
         self._queue: deque[list[Metric]] = deque()  # batches not stored yet, oldest first
         self._queued = self._stored = 0  # batches handed to the sender, and stored, so far
@@ -63,11 +64,16 @@ class MetricLogger:
                 continue
             value = float(value)
             if math.isfinite(value):
-                self._buffer.append(Metric(key, value, now_ms, step))
+                self._latest[key] = Metric(key, value, now_ms, step)
+                self._buffer.append(self._latest[key])
             else:
                 log.warning("metric %s is %s at step %d (not logged)", key, value, step)
         if len(self._buffer) >= MAX_BATCH or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
+
+    def at_step(self, step: int) -> list[Metric]:
+        """The points logged at ``step`` (timestamps included), among each metric's newest."""
+        return [m for m in self._latest.values() if m.step == step]
 
     def flush(self, wait: bool = False) -> list:
         """Hand what is buffered to the sender; with ``wait`` block until everything so far is stored.

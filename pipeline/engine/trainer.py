@@ -216,7 +216,8 @@ class Engine:
             "created": meta["created"],
             **self.val_metrics,
         }
-        self.store.save(self.pos.step, self.state_dict(), meta, row, flush_metrics=self.metrics.flush)
+        self.store.save(self.pos.step, self.state_dict(), meta, row, flush_metrics=self.metrics.flush,
+                        metrics=self.metrics.at_step(self.pos.step))
         self._saved_at = self.pos.step
 
     def _config_meta(self) -> dict[str, Any]:

@@ -88,6 +88,9 @@ class Metrics:
     def flush(self, wait=False):
         return []
 
+    def at_step(self, step):
+        return []
+
 
 class Store:
     class client:  # noqa: N801 - stands in for MlflowClient
@@ -98,7 +101,7 @@ class Store:
     def __init__(self):
         self.saved: list[int] = []
 
-    def save(self, step, state, meta, row, flush_metrics=None):
+    def save(self, step, state, meta, row, flush_metrics=None, metrics=None):
         self.saved.append(step)
 
     def wait(self):

@@ -76,6 +76,33 @@ def test_while_it_trains_the_description_shows_the_progress_tag_in_its_first_lin
         run.data.tags["mlflow.note.content"]
 
 
+def test_each_kept_checkpoint_is_a_logged_model_with_the_metrics_of_its_step(store):
+    """The experiment's Models tab lists the run's checkpoints (MLflow 3 logged models pointing at the
+    run's checkpoint folders, no second copy), with their step's metrics linked by model_id; retention
+    deletes the models of the checkpoints it deletes; the run's charts keep one value per step."""
+    assert train("trainer.max_steps=12", "checkpoint.save_interval=4", "validation.interval=4",
+                 "checkpoint.keep_last_n=2", "checkpoint.keep_best_k=0") == EXIT_OK
+    client = MlflowClient()
+    (run,) = stage_runs(client)
+    run_id = run.info.run_id
+    models = client.search_logged_models([run.info.experiment_id], order_by=[
+        {"field_name": "metrics.val/loss", "ascending": True}])
+    assert sorted(m.name for m in models) == [f"{run.info.run_name}-step-00000008", f"{run.info.run_name}-step-00000012"]
+    val = dict(loss_history(client, run_id, "val/loss"))
+    assert [float(m.params["step"]) for m in models] == sorted((8.0, 12.0), key=lambda s: val[int(s)])  # sorted
+    for model in models:
+        step = int(model.tags["checkpoint.step"])
+        assert model.source_run_id == run_id and model.status.name == "READY" and model.model_type == "checkpoint"
+        assert model.tags["checkpoint.uri"] == f"runs:/{run_id}/checkpoints/step-{step:08d}"
+        assert {k: model.params[k] for k in ("model", "dataset", "stage")} == {
+            "model": "tiny", "dataset": "demo", "stage": "train_adapter"}
+        linked = {m.key: m.value for m in model.metrics}
+        assert linked["train/loss"] == dict(loss_history(client, run_id))[step] and linked["val/loss"] == val[step]
+        assert client.list_logged_model_artifacts(model.model_id) == []  # the bytes stay in the run's checkpoints/
+    assert [s for s, _ in loss_history(client, run_id)] == list(range(1, 13))  # linking logged no second point
+    assert [s for s, _ in loss_history(client, run_id, "val/loss")] == [4, 8, 12]
+
+
 @pytest.mark.slow
 def test_mlflow_run_produces_one_tracked_run_with_committed_checkpoints(store):
     overrides = " ".join(TINY + ["trainer.max_steps=12", "checkpoint.save_interval=4", "validation.interval=6",

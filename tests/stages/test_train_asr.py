@@ -246,6 +246,17 @@ def test_run_is_tagged_charted_and_listed_by_model_and_dataset(finished_run, cap
     assert all(r["size"] > 0 and r["created"] and "val/cer" in r for r in rows)
     assert table_main(["--model", "conformer", "--dataset", "ljspeech"]) == 0
     assert "no checkpoints found" in capsys.readouterr().out
+    # the Models tab: the kept checkpoints and the final model/ as logged models of the run, by val/cer
+    models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{finished_run}'",
+                                         order_by=[{"field_name": "metrics.val/cer", "ascending": True}])
+    steps = {m.model_type: [] for m in models}
+    for m in models:
+        steps[m.model_type].append(m.tags["checkpoint.step"])
+    assert sorted(steps["checkpoint"]) == sorted(str(int(r["name"].split("-")[1])) for r in rows)
+    (final,) = [m for m in models if m.model_type == "final-model"]
+    assert final.tags["checkpoint.uri"] == f"runs:/{finished_run}/model" and final.status.name == "READY"
+    assert final.name == f"{run.info.run_name}-final" and final.params["dataset"] == "demo"
+    assert {m.key: m.value for m in final.metrics}["val/cer"] == history(client, finished_run, "val/cer")[-1][1]
     samples = artifact_dir(client, finished_run) / "samples" / "step-00000006"
     page = (samples / "index.html").read_text(encoding="utf-8")
     assert "greedy CTC transcript" in page and list(samples.glob("*.wav"))
