@@ -10,4 +10,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # (the filter only hides pip's notes about local index folders some machines configure)
 .venv/bin/python -m pip install --quiet -c requirements.lock -e ".[test]" 2> >(grep -v "is ignored" >&2)
+# The browser tests (tests/test_browser.py) drive Debian's chromium through Playwright; Playwright's own
+# browser download is not used. Installed here when missing and this runs as root; else they are skipped.
+if ! command -v chromium > /dev/null; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get > /dev/null; then
+    echo "installing Debian's chromium for the browser tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null) \
+      || echo "chromium could not be installed: the browser tests will be skipped" >&2
+  else
+    echo "chromium is not installed (as root: apt-get install chromium): the browser tests will be skipped" >&2
+  fi
+fi
 .venv/bin/python -c "import torch, torchaudio, mlflow; print(f'environment ready: torch {torch.__version__}, torchaudio {torchaudio.__version__}, mlflow {mlflow.__version__}')"

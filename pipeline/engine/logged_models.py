@@ -23,7 +23,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelOutput, Metric
 
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import CHECKPOINT_DIR, checkpoint_name
@@ -62,14 +62,14 @@ class CheckpointModels:
     def committed(self, step: int, row: dict[str, Any], metrics: list[Metric]) -> None:
         """List the checkpoint committed at ``step`` in the Models tab."""
         name = checkpoint_name(step)
-        self._create(model_name(self.run_name, name), MODEL_TYPE, metrics,
+        self._create(model_name(self.run_name, name), MODEL_TYPE, step, metrics,
                      params={"step": str(step), "epoch": f"{float(row.get('epoch', 0)):.4g}"},
                      tags={STEP_TAG: str(step), URI_TAG: f"runs:/{self.run_id}/{CHECKPOINT_DIR}/{name}"},
                      what=f"checkpoint {name}")
 
     def final(self, step: int, metrics: list[Metric]) -> None:
         """The stage's final ``model/`` (logged in the run's artifacts) as a logged model."""
-        self._create(model_name(self.run_name, "final"), FINAL_MODEL_TYPE, metrics, params={"step": str(step)},
+        self._create(model_name(self.run_name, "final"), FINAL_MODEL_TYPE, step, metrics, params={"step": str(step)},
                      tags={STEP_TAG: str(step), URI_TAG: f"runs:/{self.run_id}/model"}, what="the final model")
 
     def deleted(self, steps: list[int]) -> None:
@@ -95,11 +95,12 @@ class CheckpointModels:
             if not token:
                 return
 
-    def _create(self, name: str, model_type: str, metrics: list[Metric], params: dict[str, str],
+    def _create(self, name: str, model_type: str, step: int, metrics: list[Metric], params: dict[str, str],
                 tags: dict[str, str], what: str) -> None:
         try:
             model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
                                                     params={**self.params, **params}, tags=tags, model_type=model_type)
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])  # the run page lists it
             if self.link and metrics:
                 self.client.log_batch(self.run_id, metrics=[
                     Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id) for m in metrics])

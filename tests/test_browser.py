@@ -1,0 +1,193 @@
+"""The MLflow UI as the dashboard, in a real browser: Playwright for Python driving Debian's chromium
+against ``mlflow server`` on loopback (the same app ``mlflow ui`` serves), after a tiny run that was
+stopped with SIGTERM and resumed. Each test saves a screenshot of its page in SCREENSHOTS, for a person
+to look at. Skipped, saying why, where chromium or Playwright is missing (scripts/setup.sh installs
+chromium with apt-get when it runs as root)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import PYTHON, REPO, TINY, env_for, read_until
+from pipeline.engine.session import EXIT_OK, EXIT_STOPPED
+
+pytestmark = pytest.mark.slow
+
+SCREENSHOTS = Path(os.environ.get("BROWSER_SCREENSHOTS", REPO / "test-screenshots" / "browser"))
+JOB = [*TINY, "trainer.max_steps=12", "checkpoint.save_interval=4", "validation.interval=4"]
+PAGE_TIMEOUT_MS = 30_000
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it when run as root: "
+                    "apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("Playwright for Python is not installed (pip install -e '.[test]')")
+    return path
+
+
+def _job(server, workdir: Path, *args: str) -> subprocess.Popen:
+    env = env_for(workdir)
+    env["MLFLOW_TRACKING_URI"] = server.uri
+    return subprocess.Popen([PYTHON, "-m", "pipeline.train_adapter", *args], cwd=workdir, env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    """A server holding one run stopped by SIGTERM at step 6 and resumed to step 12, and a browser page."""
+    chromium = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    from pipeline.localserver import TrackingServer
+
+    root = tmp_path_factory.mktemp("dashboard")
+    server = TrackingServer(root)
+    server.start()
+    try:
+        first = _job(server, root, *JOB)
+        read_until(first, "step 6/12")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == EXIT_STOPPED
+        client = MlflowClient(server.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("train_adapter").experiment_id])
+        resumed = _job(server, root, f"resume_run={run.info.run_id}")
+        _, err = resumed.communicate(timeout=300)
+        assert resumed.returncode == EXIT_OK, err
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            yield {"server": server, "root": root, "client": client, "run": client.get_run(run.info.run_id),
+                   "page": page}
+            browser.close()
+    finally:
+        server.stop()
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def _run_url(d, suffix: str = "") -> str:
+    run = d["run"]
+    return f"{d['server'].uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{suffix}"
+
+
+def test_the_run_page_shows_status_progress_checkpoint_and_resume_command_before_show_more(dashboard):
+    page, run = dashboard["page"], dashboard["run"]
+    page.goto(_run_url(dashboard))
+    page.get_by_text("Resume:", exact=False).first.wait_for()
+    page.wait_for_timeout(500)
+    _shot(page, "run-page")
+    first_line = page.get_by_text("FINISHED · step 12/12", exact=False).first
+    assert first_line.is_visible()
+    assert "resumed from step 6" in first_line.inner_text()
+    assert "latest checkpoint checkpoints/step-00000012" in first_line.inner_text()
+    resume = page.get_by_text(f"mlflow run . -e train_adapter --env-manager local -P resume_run={run.info.run_id}")
+    assert resume.first.is_visible()  # among the lines shown before "Show more"
+    assert page.get_by_text("Show more").first.is_visible()
+    link = page.get_by_role("link", name="All runs of this experiment")
+    assert link.get_attribute("href").endswith(
+        f"/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning")
+    # the run's logged models (its checkpoints) are listed on its page
+    assert page.get_by_text(f"{run.info.run_name}-step-00000012").first.is_visible()
+
+
+def test_the_train_loss_chart_has_one_point_per_step_across_the_resume(dashboard):
+    """What the UI fetched to draw the train/loss chart: one point for each of steps 1-12."""
+    page = dashboard["page"]
+    fetched = []
+
+    def on_response(response):
+        if "get-history-bulk-interval" in response.url and "metric_key=train%2Floss" in response.url:
+            fetched.append(response.json())
+
+    page.on("response", on_response)
+    page.goto(_run_url(dashboard, "/model-metrics"))
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot, canvas, svg.main-svg').length > 0")
+    for _ in range(100):
+        if fetched:
+            break
+        page.wait_for_timeout(100)
+    page.wait_for_timeout(1000)
+    _shot(page, "charts")
+    page.remove_listener("response", on_response)
+    assert fetched, "the page did not fetch train/loss"
+    points = fetched[-1]["metrics"]
+    assert sorted(p["step"] for p in points) == list(range(1, 13))
+
+
+def test_a_listening_page_plays_and_shows_its_spectrograms_in_the_artifact_viewer(dashboard):
+    page = dashboard["page"]
+    page.goto(_run_url(dashboard, "/artifactPath/samples/step-00000012/index.html"))
+    frame = None
+    for _ in range(200):
+        frame = next((f for f in page.frames if f.url.startswith("blob:")), None)
+        if frame is not None and frame.query_selector("audio"):
+            break
+        page.wait_for_timeout(100)
+    assert frame is not None, "the artifact viewer showed no HTML frame"
+    frame.wait_for_function("() => [...document.querySelectorAll('audio')].every(a => a.readyState >= 2)"
+                            " && document.querySelectorAll('audio').length > 0")
+    audio = frame.evaluate("() => [...document.querySelectorAll('audio')].map(a => [a.readyState, a.duration])")
+    images = frame.evaluate("() => [...document.querySelectorAll('img')].map(i => i.complete && i.naturalWidth)")
+    _shot(page, "listening-page")
+    assert audio and all(state >= 2 and duration > 0 for state, duration in audio), audio
+    assert images and all(width and width > 0 for width in images), images
+
+
+def test_the_checkpoints_appear_in_the_experiments_models_tab(dashboard):
+    page, run, client = dashboard["page"], dashboard["run"], dashboard["client"]
+    kept = sorted(m.name for m in client.search_logged_models([run.info.experiment_id]))
+    assert f"{run.info.run_name}-step-00000012" in kept
+    page.goto(f"{dashboard['server'].uri}/#/experiments/{run.info.experiment_id}/models")
+    page.get_by_text(kept[0]).first.wait_for()
+    _shot(page, "models-tab")
+    for name in kept:
+        assert page.get_by_text(name).first.is_visible(), name
+
+
+def test_the_experiment_link_opens_the_runs_table(dashboard):
+    page, run = dashboard["page"], dashboard["run"]
+    page.goto(f"{dashboard['server'].uri}/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning")
+    page.get_by_text(run.info.run_name).first.wait_for()
+    _shot(page, "runs-table")
+    assert page.get_by_text(run.info.run_name).first.is_visible()
+
+
+def test_setting_stop_requested_in_the_tag_editor_stops_a_running_run(dashboard):
+    server, root, page, client = dashboard["server"], dashboard["root"], dashboard["page"], dashboard["client"]
+    job = _job(server, root, *TINY, "trainer.max_steps=100000", "checkpoint.save_interval=100000",
+               "validation.interval=0", "tracking.experiment=stop-from-browser")
+    try:
+        read_until(job, "step 3/100000")
+        (run,) = client.search_runs([client.get_experiment_by_name("stop-from-browser").experiment_id])
+        page.goto(f"{server.uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+        page.get_by_role("button", name="Edit tags").click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_role("combobox").fill("stop_requested")
+        page.keyboard.press("Enter")
+        dialog.get_by_label("Value").fill("true")
+        dialog.get_by_role("button", name="Add tag").click()
+        _shot(page, "tag-editor")
+        dialog.get_by_role("button", name="Save tags").click()
+        assert job.wait(timeout=60) == EXIT_STOPPED
+    finally:
+        if job.poll() is None:
+            job.kill()
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "KILLED" and ended.data.tags["stopped_by"] == "tag"
+    assert ended.data.tags["checkpoint.latest_step"] == ended.data.tags["progress"].split()[1].split("/")[0]
