@@ -6,6 +6,7 @@ chromium with apt-get when it runs as root)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -30,9 +31,7 @@ def _chromium() -> str:
     if path is None:
         pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it when run as root: "
                     "apt-get install chromium)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         pytest.skip("Playwright for Python is not installed (pip install -e '.[test]')")
     return path
 
