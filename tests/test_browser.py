@@ -24,6 +24,9 @@ pytestmark = pytest.mark.slow
 SCREENSHOTS = Path(os.environ.get("BROWSER_SCREENSHOTS", REPO / "test-screenshots" / "browser"))
 JOB = [*TINY, "trainer.max_steps=12", "checkpoint.save_interval=4", "validation.interval=4"]
 PAGE_TIMEOUT_MS = 30_000
+# As root chromium needs --no-sandbox; the rest keep it from calling home on a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
 
 
 def _chromium() -> str:
@@ -66,7 +69,7 @@ def dashboard(tmp_path_factory):
         assert resumed.returncode == EXIT_OK, err
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(PAGE_TIMEOUT_MS)
             yield {"server": server, "root": root, "client": client, "run": client.get_run(run.info.run_id),
