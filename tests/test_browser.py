@@ -48,7 +48,7 @@ def _job(server, workdir: Path, *args: str) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory):
-    """A server holding one run stopped by SIGTERM at step 6 and resumed to step 12, and a browser page."""
+    """A server holding one run stopped by SIGTERM after step 6 and resumed to step 12, and a browser page."""
     chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
@@ -96,7 +96,7 @@ def test_the_run_page_shows_status_progress_checkpoint_and_resume_command_before
     _shot(page, "run-page")
     first_line = page.get_by_text("FINISHED · step 12/12", exact=False).first
     assert first_line.is_visible()
-    assert "resumed from step 6" in first_line.inner_text()
+    assert f"resumed from {run.data.tags['resume.from']}" in first_line.inner_text()  # the step SIGTERM stopped at
     assert "latest checkpoint checkpoints/step-00000012" in first_line.inner_text()
     resume = page.get_by_text(f"mlflow run . -e train_adapter --env-manager local -P resume_run={run.info.run_id}")
     assert resume.first.is_visible()  # among the lines shown before "Show more"
