@@ -75,6 +75,16 @@ def client_as(team, user: str) -> MlflowClient:
     return MlflowClient(team.uri)
 
 
+def killed_after_step_6(team, workdir: Path, *args: str, experiment: str = "train_adapter"):
+    """A job as alice, SIGKILLed once it committed step 6; returns alice's client and the job's run."""
+    first = job(team, "alice", workdir, *JOB, *args)
+    read_until(first, "Committed checkpoint step-00000006")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    client = client_as(team, "alice")
+    return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])[0]
+
+
 def bucket(team):
     return boto3.client("s3", endpoint_url=team.s3_endpoint, region_name="us-east-1",
                         aws_access_key_id=team.aws["AWS_ACCESS_KEY_ID"],
@@ -117,12 +127,7 @@ def test_a_job_killed_on_the_team_server_resumes_from_another_machine_bit_identi
     code, err = finished(job(team, "alice", tmp_path / "reference", *JOB, "tracking.experiment=reference"))
     assert code == EXIT_OK, err
 
-    first = job(team, "alice", tmp_path / "machine-a", *JOB)
-    read_until(first, "Committed checkpoint step-00000006")
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    client = client_as(team, "alice")
-    run = client.search_runs([client.get_experiment_by_name("train_adapter").experiment_id])[0]
+    client, run = killed_after_step_6(team, tmp_path / "machine-a")
     run_id = run.info.run_id
 
     # two resumes started together, each on a fresh machine: one trains, the other is refused naming it
@@ -209,13 +214,10 @@ def test_a_crashed_job_on_another_machine_is_taken_over_once_its_lease_expires(t
     """The killed job's lease names another host (as if it had run there; this test has one machine), so
     its death cannot be seen: a resume is refused naming it until the heartbeat is older than the
     timeout, then takes the run over and says so in the run's description."""
-    first = job(team, "alice", tmp_path / "a", *JOB, "tracking.lease_timeout_seconds=15",
-                "tracking.lease_heartbeat_seconds=2", "tracking.experiment=expiry")
-    read_until(first, "Committed checkpoint step-00000006")
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    client = client_as(team, "alice")
-    run_id = client.search_runs([client.get_experiment_by_name("expiry").experiment_id])[0].info.run_id
+    client, run = killed_after_step_6(team, tmp_path / "a", "tracking.lease_timeout_seconds=15",
+                                      "tracking.lease_heartbeat_seconds=2", "tracking.experiment=expiry",
+                                      experiment="expiry")
+    run_id = run.info.run_id
     client.set_tag(run_id, "lease.host", "gpu-node-7")
     client.set_tag(run_id, "lease.holder", "gpu-node-7 pid 4242 since 2026-11-27T09:00:00Z")
 
@@ -235,12 +237,7 @@ def test_trainers_with_direct_access_to_the_bucket_resume_and_retention_deletes_
     """``--no-serve-artifacts``: each trainer reads and writes the bucket with its own keys; MLflow's S3
     repository uploads a large file with boto3's transfer manager, in 8 MB parts."""
     team = direct_team
-    first = job(team, "alice", tmp_path / "a", *JOB, LARGE)
-    read_until(first, "Committed checkpoint step-00000006")
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    client = client_as(team, "alice")
-    run = client.search_runs([client.get_experiment_by_name("train_adapter").experiment_id])[0]
+    client, run = killed_after_step_6(team, tmp_path / "a", LARGE)
     run_id = run.info.run_id
     assert run.info.artifact_uri.startswith(f"s3://{team.bucket}/")
 
