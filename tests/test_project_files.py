@@ -44,7 +44,7 @@ def test_mlproject_entry_points_have_the_documented_parameters():
 def test_ci_runs_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    command = "bash scripts/setup.sh && .venv/bin/python -m pytest"
+    command = "bash scripts/setup.sh && .venv/bin/python -m pytest -n 2 --dist loadscope"
     assert command in readme and command in ci
 
 
