@@ -35,8 +35,8 @@ from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, accepts, compos
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import code_version as git_commit
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, NOTE_TAG, setup_logging
-from pipeline.engine.tracking import (dashboard_hint, default_run_name, experiment_id, log_params, start_or_adopt_run,
-                                      ui_url)
+from pipeline.engine.tracking import (LOCAL_UI, dashboard_hint, default_run_name, experiment_id, log_params,
+                                      start_or_adopt_run, ui_base, ui_url)
 
 log = logging.getLogger(__name__)
 
@@ -285,14 +285,10 @@ def report(client: MlflowClient, results: list[StepResult], main_run: str, model
         *([f"{'model':<18} {model}"] if model else []),
         *([f"{'restored demo':<18} {restored} (its degraded input beside it in input/)"] if restored else []), "",
         f"Dashboard: {dashboard_hint(client.get_run(main_run).info.experiment_id, main_run)}",
-        *[f"  {r.step:<16} {ui_url(client.get_run(r.run_id).info.experiment_id, base=_ui_base())}" for r in results],
+        *[f"  {r.step:<16} {ui_url(client.get_run(r.run_id).info.experiment_id, base=ui_base() or LOCAL_UI)}"
+          for r in results],
         "",
     ])
-
-
-def _ui_base() -> str | None:
-    """The links' base in printed output: the server, or where `mlflow ui` serves a local store."""
-    return None if ui_url("0").startswith("http") else "http://127.0.0.1:5000"
 
 
 def main(argv: list[str]) -> int:

@@ -281,25 +281,31 @@ def latest_steps(run) -> dict[str, int]:
     return {m.key: m.step for m in run.data._metric_objs}
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
+
+
+def ui_base() -> str:
+    """The tracking server's address without credentials, or "" for a local store (no UI runs yet)."""
+    uri = urlsplit(mlflow.get_tracking_uri())
+    if uri.scheme not in ("http", "https") or not uri.hostname:
+        return ""
+    return urlunsplit((uri.scheme, uri.hostname + (f":{uri.port}" if uri.port else ""), uri.path.rstrip("/"), "", ""))
+
+
 def ui_url(experiment_id: str, run_id: str | None = None, base: str | None = None) -> str:
     """A link into the MLflow UI: the experiment's runs table (``workflowType=machine_learning``, so a fresh
-    browser does not land in the GenAI overview) or a run's page. ``base`` defaults to the tracking
-    server's address (without credentials), or to nothing (a link within whatever serves the UI)."""
-    if base is None:
-        uri = urlsplit(mlflow.get_tracking_uri())
-        base = urlunsplit((uri.scheme, uri.hostname + (f":{uri.port}" if uri.port else ""), uri.path.rstrip("/"), "", "")) \
-            if uri.scheme in ("http", "https") and uri.hostname else ""
+    browser does not land in the GenAI overview) or a run's page. ``base`` defaults to ``ui_base()``: with
+    a local store the link stays relative to whatever serves the UI."""
     view = f"runs/{run_id}" if run_id else "runs?workflowType=machine_learning"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/{view}"
+    return f"{(ui_base() if base is None else base).rstrip('/')}/#/experiments/{experiment_id}/{view}"
 
 
 def dashboard_hint(experiment_id: str, run_id: str | None = None) -> str:
     """Where to look at a run (or an experiment) in the MLflow UI, for the closing log line."""
-    link = ui_url(experiment_id, run_id)
-    if link.startswith("/"):  # a local store: the UI must be started first
-        return (f"mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}, then open "
-                f"{ui_url(experiment_id, run_id, base='http://127.0.0.1:5000')}")
-    return link
+    if ui_base():
+        return ui_url(experiment_id, run_id)
+    return (f"mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}, then open "
+            f"{ui_url(experiment_id, run_id, base=LOCAL_UI)}")
 
 
 def describe_run(
