@@ -353,11 +353,19 @@ class Engine:
             # torch raises this from its SIGCHLD handler, wherever the main thread happens to be
             if not str(err).startswith("DataLoader worker"):
                 raise
-            raise DataWorkerDied(
-                f"A data loader worker died ({str(err).strip()}). Most often the machine ran out of memory "
-                "(`dmesg` shows the kernel's OOM killer) or the worker was killed. The committed checkpoints are "
-                "intact; resume the run, with fewer data.num_workers or a smaller batch_size if memory is short"
-            ) from err
+            raise DataWorkerDied(self._worker_died(err)) from err
+        except (ConnectionResetError, EOFError, BrokenPipeError) as err:
+            # or, when the worker dies while handing a batch over, the batch's shared memory cannot be fetched
+            if not self._workers():
+                raise
+            raise DataWorkerDied(self._worker_died(err)) from err
+
+    @staticmethod
+    def _worker_died(err: Exception) -> str:
+        return (f"A data loader worker died ({str(err).strip() or type(err).__name__}). Most often the machine ran "
+                "out of memory (`dmesg` shows the kernel's OOM killer) or the worker was killed. The committed "
+                "checkpoints are intact; resume the run, with fewer data.num_workers or a smaller batch_size if "
+                "memory is short")
 
     def _fit(self) -> TrainResult:
         cfg = self.cfg
