@@ -80,14 +80,23 @@ def loss_history(client: MlflowClient, run_id: str, key: str = "train/loss") -> 
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition",
+             proc: subprocess.Popen | None = None, log: Path | None = None):
+    """Poll ``predicate`` until it returns something truthy. With ``proc``, fail as soon as that process
+    has ended; with ``log`` (the file its stderr goes to), a failure shows the log's tail."""
+    def fail(why: str):
+        tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+        raise AssertionError(f"{why} waiting for {what}" + (f"; its log ends:\n{tail}" if tail else ""))
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
+        if proc is not None and proc.poll() is not None:
+            fail(f"the process exited with code {proc.returncode}")
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    fail(f"timed out after {timeout}s")
 
 
 def _free_port() -> int:
