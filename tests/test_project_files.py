@@ -37,8 +37,9 @@ def test_every_dependency_is_locked():
 def test_mlproject_entry_points_have_the_documented_parameters():
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     train = spec["entry_points"]["train_adapter"]
-    assert set(train["parameters"]) == {"overrides", "resume_run", "resume_step"}
-    assert train["command"].startswith("python -m pipeline.train_adapter")
+    assert set(train["parameters"]) == {"overrides", "resume_run", "resume_step", "nproc", "torchrun"}
+    assert train["parameters"]["nproc"]["default"] == "1"  # one process unless asked: today's plain job
+    assert train["command"].startswith("python -m pipeline.launcher --nproc={nproc} --torchrun={torchrun} train_adapter ")
 
 
 def test_ci_runs_the_readme_test_command():
@@ -56,5 +57,6 @@ def test_every_registered_stage_has_its_config_shim_and_entry_point():
         assert stage_class(name).name == name
         assert (REPO / "configs" / f"{name}.yaml").is_file(), name
         assert f"main({stage_class(name).__name__})" in (REPO / "pipeline" / f"{name}.py").read_text(), name
-        assert spec[name]["command"].startswith(f"python -m pipeline.{name} "), name
-        assert {"overrides", "resume_run", "resume_step"} <= set(spec[name]["parameters"]), name
+        assert spec[name]["command"].startswith(
+            f"python -m pipeline.launcher --nproc={{nproc}} --torchrun={{torchrun}} {name} "), name
+        assert {"overrides", "resume_run", "resume_step", "nproc", "torchrun"} <= set(spec[name]["parameters"]), name

@@ -40,14 +40,18 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, start_
 
 class TrainSource(Protocol):
     """What the engine asks of a training set: how many batches an epoch has, and the batches of an
-    epoch from a position on. The position (epoch, batches done) is all a checkpoint stores."""
+    epoch from a position on. The position (epoch, batches done) is all a checkpoint stores.
+
+    Under torchrun, a step trains one global batch of ``batch_size`` x ``world`` examples: rank ``rank``
+    reads its own ``batch_size`` of them, so the ranks together read what one process would, and the
+    position (epoch, global batches done) is the same on every rank."""
 
     order_depends_on_workers: bool  # True when the number of DataLoader workers changes how an epoch is dealt
 
-    def num_batches(self, batch_size: int, workers: int) -> int: ...
+    def num_batches(self, batch_size: int, workers: int, world: int = 1) -> int: ...
 
     def loader(self, epoch: int, start_batch: int, batch_size: int, workers: int,
-               collate: Callable[[list[Any]], Any]) -> Iterable[Any]: ...
+               collate: Callable[[list[Any]], Any], rank: int = 0, world: int = 1) -> Iterable[Any]: ...
 
 
 class ShuffledBatches:
@@ -59,16 +63,21 @@ class ShuffledBatches:
     def __init__(self, dataset: Dataset, seed: int, pin_memory: bool = False):
         self.dataset, self.seed, self.pin_memory = dataset, int(seed), pin_memory
 
-    def num_batches(self, batch_size: int, workers: int) -> int:
-        n = len(self.dataset) // batch_size
+    def num_batches(self, batch_size: int, workers: int, world: int = 1) -> int:
+        n = len(self.dataset) // (batch_size * world)
         if n == 0:
-            raise ValueError(f"batch_size={batch_size} is larger than the training set ({len(self.dataset)} "
+            per_rank = f" x {world} ranks" if world > 1 else ""
+            raise ValueError(f"batch_size={batch_size}{per_rank} is larger than the training set ({len(self.dataset)} "
                              "examples); lower batch_size")
         return n
 
-    def loader(self, epoch: int, start_batch: int, batch_size: int, workers: int, collate) -> DataLoader:
-        batches = epoch_batches(len(self.dataset), batch_size, self.seed, epoch, start_batch)
-        return seeded_loader(self.dataset, batches, workers, collate, self.seed, self.pin_memory)
+    def loader(self, epoch: int, start_batch: int, batch_size: int, workers: int, collate, rank: int = 0,
+               world: int = 1) -> DataLoader:
+        """The global batches of the epoch from ``start_batch`` on (``batch_size`` x ``world`` examples, in the
+        order one process with that batch size reads), this rank's slice of each."""
+        batches = epoch_batches(len(self.dataset), batch_size * world, self.seed, epoch, start_batch)
+        mine = [batch[rank * batch_size : (rank + 1) * batch_size] for batch in batches]
+        return seeded_loader(self.dataset, mine, workers, collate, self.seed + rank, self.pin_memory)
 
 
 def seeded_loader(dataset: Dataset, batches: list, workers: int, collate, seed: int, pin_memory: bool) -> DataLoader:

@@ -335,12 +335,16 @@ class StreamingPairs:
                              "lower batch_size or data.num_workers")
         return per_worker
 
-    def num_batches(self, batch_size: int, workers: int) -> int:
+    def num_batches(self, batch_size: int, workers: int, world: int = 1) -> int:
+        """Global batches (steps) per epoch. Under torchrun the epoch is dealt to ``workers`` x ``world``
+        logical workers, and rank r plays those numbered r, r + world, r + 2 world, ..."""
         workers = max(workers, 1)
-        return self._per_worker(batch_size, workers) * workers
+        return self._per_worker(batch_size, workers * world) * workers
 
-    def loader(self, epoch: int, start_batch: int, batch_size: int, workers: int, collate) -> DataLoader:
-        stream = _EpochStream(self, epoch, start_batch, batch_size, max(workers, 1), with_fault_point(collate))
+    def loader(self, epoch: int, start_batch: int, batch_size: int, workers: int, collate, rank: int = 0,
+               world: int = 1) -> DataLoader:
+        stream = _EpochStream(self, epoch, start_batch, batch_size, max(workers, 1), with_fault_point(collate),
+                              rank, world)
         return DataLoader(stream, batch_size=None, num_workers=workers)
 
     def worker_batches(self, epoch: int, logical: int, skip: int, count: int, batch_size: int,
@@ -370,22 +374,28 @@ class StreamingPairs:
 
 
 class _EpochStream(IterableDataset):
-    """One epoch of batches from position ``start``: physical worker p plays logical worker (p+start) mod W."""
+    """One epoch of one rank's batches from position ``start``: physical worker p plays the rank's slot
+    s = (p+start) mod W, which is logical worker rank + s x world of the W x world the epoch is dealt to.
+    One process with W x world workers reads batch k from logical worker k mod (W x world); rank r reads
+    batches k x world + r, so the ranks of a step together read what that process reads in ``world`` steps."""
 
-    def __init__(self, data: StreamingPairs, epoch: int, start: int, batch_size: int, workers: int, collate):
+    def __init__(self, data: StreamingPairs, epoch: int, start: int, batch_size: int, workers: int, collate,
+                 rank: int = 0, world: int = 1):
         self.data, self.epoch, self.start, self.batch_size, self.workers = data, epoch, start, batch_size, workers
-        self.collate = collate
+        self.collate, self.rank, self.world = collate, rank, world
 
     def __iter__(self):
         info = get_worker_info()
         physical = info.id if info is not None else 0
         w = self.workers
-        count = self.data._per_worker(self.batch_size, w)
+        logical_workers = w * self.world
+        count = self.data._per_worker(self.batch_size, logical_workers)
         if info is None and w > 1:
             raise RuntimeError("StreamingPairs with several logical workers needs DataLoader workers")
-        logical = (physical + self.start) % w
-        skip = max(0, -(-(self.start - logical) // w))  # batches of this logical worker before `start`
-        yield from self.data.worker_batches(self.epoch, logical, skip, count, self.batch_size, w, self.collate)
+        slot = (physical + self.start) % w
+        skip = max(0, -(-(self.start - slot) // w))  # batches of this slot before `start`
+        yield from self.data.worker_batches(self.epoch, self.rank + slot * self.world, skip, count, self.batch_size,
+                                            logical_workers, self.collate)
 
 
 class ShardPairs(Dataset):

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ from pipeline.engine.checkpointing import (
     rows_from_meta,
     utc_now,
 )
-from pipeline.engine.launch import LaunchArgs, parse_launch
+from pipeline.engine.distributed import Dist, handed_over_run, max_restarts, remember_run, restart_count
+from pipeline.engine.launch import RESUME_KEYS, LaunchArgs, parse_launch
 from pipeline.engine.lease import Lease, LeaseHeld, LeaseLost
 from pipeline.engine.logged_models import CheckpointModels
 from pipeline.engine.outage import configure_http, first_line
@@ -56,7 +57,7 @@ from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
 from pipeline.engine.tracking import (AccessError, MetricLogger, TagWriter, access_error, check_access, copy_history,
                                       dashboard_hint, default_run_name, describe_run, latest_steps, log_dataset_inputs,
-                                      start_or_adopt_run)
+                                      resume_command, start_or_adopt_run)
 from pipeline.engine.trainer import DataWorkerDied, Engine, NonFiniteTraining, Position
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,13 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_STORAGE, EXIT_ABORTED =
 NOTE_TAG = tag.NOTE
 
 
-def setup_logging() -> None:
+def setup_logging(rank: int = 0) -> None:
+    """INFO on stderr; under torchrun, ranks other than 0 say only warnings and errors, marked with their rank."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    marker = f"[rank {rank}] " if rank else ""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s {marker}%(name)s: %(message)s", stream=sys.stderr, force=True
     )
     for noisy in ("alembic", "mlflow.store", "urllib3", "botocore", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -86,6 +90,7 @@ class RunContext:
     logged_steps: dict[str, int] = field(default_factory=dict)  # metric -> last step an earlier attempt logged
     lease: Lease | None = None  # this job's lease on the run (one job per run)
     experiment_id: str = ""  # for the links in the run description
+    nproc: int = 1  # processes (torchrun ranks) this attempt trains with
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,8 +185,11 @@ def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experime
         extra_tags = {tag.PARENT_RUN: cfg.tracking.parent_run, **extra_tags}
     all_tags = {**_base_tags(stage), tag.RESUME_COUNT: "0", tag.STOP_REQUESTED: "false",
                 **redact(dict(cfg.tracking.tags)), **extra_tags}
-    run_id = start_or_adopt_run(client, experiment=experiment, run_name=name, tags=all_tags,
-                                params={**flatten(to_container(cfg)), **stage.inputs}, launcher=launcher_run(cfg))
+    world = stage.dist.world_size  # the first attempt's; the tags follow later attempts
+    params = {**flatten(to_container(cfg)), **stage.inputs, tag.WORLD_SIZE: world,
+              tag.EFFECTIVE_BATCH: int(cfg.batch_size) * world}
+    run_id = start_or_adopt_run(client, experiment=experiment, run_name=name, tags=all_tags, params=params,
+                                launcher=launcher_run(cfg))
     client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(redact(to_container(cfg)))), "config/config.yaml")
     return run_id, name(run_id) if callable(name) else name
 
@@ -378,13 +386,20 @@ def _finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictCon
     client.set_tag(ctx.run_id, tag.PROGRESS, _progress(cfg, pos, ctx.resumed_from, engine))
     client.set_tag(ctx.run_id, NOTE_TAG, describe_run(
         stage=stage_name, run_id=ctx.run_id, progress=_progress(cfg, pos, ctx.resumed_from, engine), status=status,
-        latest_checkpoint=latest, history=ctx.history, experiment_id=ctx.experiment_id))
+        latest_checkpoint=latest, history=ctx.history, experiment_id=ctx.experiment_id, nproc=ctx.nproc,
+        batch=effective_batch(cfg, ctx.nproc)))
     client.set_terminated(ctx.run_id, status)
     if ctx.attempt_run_id:
         client.set_terminated(ctx.attempt_run_id, status)
     launcher = launcher_run(cfg)
     if launcher and status == "KILLED":
         status_guard.spawn(launcher, status)  # `mlflow run` would turn KILLED into FAILED
+
+
+def effective_batch(cfg: DictConfig, nproc: int) -> str:
+    """"8 (4 per rank x 2 ranks)" under torchrun; "" on one process (the batch_size param says it)."""
+    size = int(cfg.batch_size)
+    return f"{size * nproc} ({size} per rank × {nproc} ranks)" if nproc > 1 else ""
 
 
 class TrainingHooks:
@@ -445,57 +460,126 @@ def _resumed_inputs(launch: LaunchArgs, resume: ResumePoint) -> dict[str, str]:
 
 def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | None = None) -> int:
     """Entry point body of every training stage: plan, build, open the run, train in it; returns the exit
-    code (EXIT_ABORTED after a second signal: the command-line entry then exits at once, see exit_now)."""
+    code (EXIT_ABORTED after a second signal: the command-line entry then exits at once, see exit_now).
+
+    Under torchrun every rank runs this: rank 0 plans, opens the run and talks to MLflow, the other ranks
+    get the plan from it and train their share (docs/distributed.md)."""
     startup.begin()
-    setup_logging()
+    dist = Dist.from_env()
+    setup_logging(dist.rank)
     configure_http()  # short HTTP retries: the engine retries what it must store (engine/outage.py)
+    dist.init()
     try:
-        client = MlflowClient()
-        check_access(client)
-        plan = plan_job(stage_cls, argv, client)
-    except (ConfigError, ResumeError, CheckpointError, ValueError, AccessError) as err:
-        log.error("%s", err)
-        return EXIT_BAD_INPUT
+        return _run_rank(stage_cls, argv, hooks, dist)
+    finally:
+        dist.shutdown()
+
+
+def _run_rank(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | None, dist: Dist) -> int:
+    client, plan, code = None, None, EXIT_OK
+    if dist.is_main:
+        try:
+            client = MlflowClient()
+            check_access(client)
+            plan = plan_job(stage_cls, elastic_argv(argv), client)
+        except (ConfigError, ResumeError, CheckpointError, ValueError, AccessError) as err:
+            log.error("%s", err)
+            code = EXIT_BAD_INPUT
+    plan, code = dist.broadcast((plan, code))  # the other ranks train what rank 0 planned
+    if code != EXIT_OK:
+        return code
     startup.mark("config")
     cfg, resume = plan.cfg, plan.resume
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch_deterministic()
-    seed_everything(int(cfg.seed))
-    stage = stage_cls(cfg, plan.precision, inputs=plan.inputs, resuming=resume is not None)
+    seed_everything(int(cfg.seed) + dist.rank)  # rank 0 draws what one process would; the others their own streams
+    precision = replace(plan.precision, device=dist.device(plan.precision.device))
+    stage = stage_cls(cfg, precision, inputs=plan.inputs, resuming=resume is not None, dist=dist)
     try:
         stage.build()
     except (ValueError, OSError) as err:
         log.error("%s", err)
-        return EXIT_BAD_INPUT
+        code = EXIT_BAD_INPUT
+    code = max(dist.all_gather(code))  # a rank that cannot build stops them all
+    if code != EXIT_OK:
+        return code
     startup.mark("build")
 
+    ctx = None
+    if dist.is_main:
+        ctx, code = _open(client, stage, plan)
+    run_id, code = dist.broadcast((ctx.run_id if ctx else None, code))
+    if code != EXIT_OK:
+        return code
+    if not dist.is_main:
+        return train_other_rank(stage, plan, run_id)
+    log.info("MLflow run %s (%s) in %s", ctx.run_id, ctx.run_name, mlflow.get_tracking_uri())
+    ctx.nproc = dist.world_size
+    remember_run(ctx.run_id)  # where an elastic restart of this torchrun job finds the run
+    try:
+        return train_in_run(client, stage, plan, ctx, hooks or TrainingHooks())
+    finally:
+        if ctx.lease is not None:
+            ctx.lease.release()
+
+
+def _open(client: MlflowClient, stage: Stage, plan: JobPlan) -> tuple[RunContext | None, int]:
+    """The job's run (fresh, resumed or a branch), or the exit code of why it cannot be opened."""
+    cfg, resume = plan.cfg, plan.resume
     if resume is None:
         log.info("Starting fresh training (no checkpoint specified)")
     else:
         log.info("Resuming from %s", resume.source)
         log.info("Resuming from step %d", resume.step)
     try:
-        ctx = open_run(client, stage, cfg, resume, plan.overrides, plan.changes, explicit_step=plan.launch.explicit_step)
+        return open_run(client, stage, cfg, resume, plan.overrides, plan.changes,
+                        explicit_step=plan.launch.explicit_step), EXIT_OK
     except LeaseHeld as err:
         log.error("%s", err)
-        return EXIT_BAD_INPUT
+        return None, EXIT_BAD_INPUT
     except MlflowException as err:
         refused = access_error(err, f"write runs in experiment {_experiment_name(cfg, stage.name)!r}" if resume is None
                                else f"write to run {resume.run_id}")
         if refused is None:
             raise
         log.error("%s", refused)
-        return EXIT_BAD_INPUT
+        return None, EXIT_BAD_INPUT
     except CheckpointError as err:
         log.error("%s", err)
-        return EXIT_FAILED
-    log.info("MLflow run %s (%s) in %s", ctx.run_id, ctx.run_name, mlflow.get_tracking_uri())
-    try:
-        return train_in_run(client, stage, plan, ctx, hooks or TrainingHooks())
-    finally:
-        if ctx.lease is not None:
-            ctx.lease.release()
+        return None, EXIT_FAILED
+
+
+def elastic_argv(argv: list[str]) -> list[str]:
+    """In a group torchrun restarted (``--max-restarts``): the job's words, continuing the run the failed
+    group trained from its latest committed checkpoint (its ID is in torchrun's rendezvous store). This is
+    the one automatic resume; a job's first group starts as asked."""
+    run_id = handed_over_run()
+    if run_id is None:
+        return argv
+    log.warning("Elastic restart %d of at most %d: continuing run %s from its latest committed checkpoint",
+                restart_count(), max_restarts(), run_id)
+    kept = [word for word in argv if word.partition("=")[0] not in RESUME_KEYS + ("checkpoint.resume_from",)]
+    return [*kept, f"resume_run={run_id}"]
+
+
+def train_other_rank(stage: Stage, plan: JobPlan, run_id: str) -> int:
+    """A rank other than 0 under torchrun: the same loop on its share of the data, with no MLflow (rank 0
+    logs, checkpoints and polls the stop tag; a signal here stops every rank at the same step)."""
+    code = EXIT_FAILED
+    with StopController(None, run_id, 0) as stopper:
+        try:
+            engine = Engine(stage, None, None, stopper, run_id)
+            if plan.resume is not None:
+                engine.load_state_dict(plan.resume.state)
+            result = engine.fit()
+            stopper.abortable = False
+            code = EXIT_STOPPED if result.stopped_by else EXIT_OK
+        except AbortTraining:
+            code = EXIT_ABORTED
+        except (NonFiniteTraining, DataWorkerDied) as err:
+            log.error("%s", err)
+    return code
 
 
 def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunContext, hooks: TrainingHooks) -> int:
@@ -513,7 +597,8 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
 
     def description() -> str:
         return describe_run(stage=stage.name, run_id=ctx.run_id, progress=shown["progress"], status="RUNNING",
-                            latest_checkpoint=shown["latest"], history=ctx.history, experiment_id=ctx.experiment_id)
+                            latest_checkpoint=shown["latest"], history=ctx.history, experiment_id=ctx.experiment_id,
+                            nproc=ctx.nproc, batch=effective_batch(cfg, ctx.nproc))
 
     def on_progress(pos: Position) -> None:  # the description follows the progress tag, in the same batch
         shown["progress"] = _progress(cfg, pos, ctx.resumed_from, engine)
@@ -528,6 +613,8 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
         if models is not None:
             models.committed(step, row, linked)
 
+    client.set_tag(ctx.run_id, tag.WORLD_SIZE, str(ctx.nproc))
+    client.set_tag(ctx.run_id, tag.EFFECTIVE_BATCH, str(int(cfg.batch_size) * ctx.nproc))
     client.set_tag(ctx.run_id, NOTE_TAG, description())
 
     policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
@@ -558,8 +645,8 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
             stopped_by = result.stopped_by
             status, code = ("KILLED", EXIT_STOPPED) if stopped_by else ("FINISHED", EXIT_OK)
             if stopped_by:
-                log.warning("Stopped (%s) at step %d; checkpoint committed. Resume with: python -m pipeline.%s "
-                            "resume_run=%s", stopped_by, result.position.step, stage.name, ctx.run_id)
+                log.warning("Stopped (%s) at step %d; checkpoint committed. Resume with: %s", stopped_by,
+                            result.position.step, resume_command(stage.name, ctx.run_id, ctx.nproc))
             else:
                 log.info("Training finished at step %d", result.position.step)
                 if cfg.tracking.log_model and _log_final_model(client, ctx.run_id, stage, result.position.step) \
@@ -571,11 +658,12 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
         except NonFiniteTraining as err:
             log.error("%s", err)  # status FAILED, code EXIT_FAILED: the run ends with what it committed
         except DataWorkerDied as err:
-            log.error("%s. Stopped at step %d; resume with: python -m pipeline.%s resume_run=%s", err,
-                      engine.pos.step if engine else 0, stage.name, ctx.run_id)
+            log.error("%s. Stopped at step %d; resume with: %s", err, engine.pos.step if engine else 0,
+                      resume_command(stage.name, ctx.run_id, ctx.nproc))
         except StorageError as err:
             code = EXIT_STORAGE
-            _log_storage_failure(client, err, stage.name, ctx.run_id, engine.pos.step if engine else 0)
+            _log_storage_failure(client, err, ctx.run_id, resume_command(stage.name, ctx.run_id, ctx.nproc),
+                                 engine.pos.step if engine else 0)
         except LeaseLost as err:
             log.error("%s", err)  # code EXIT_FAILED; the run is the other job's now
         except BaseException:
@@ -592,7 +680,7 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                     store.close()
                     metrics.flush(wait=True)
                 except StorageError as err:
-                    _log_storage_failure(client, err, stage.name, ctx.run_id, pos.step)
+                    _log_storage_failure(client, err, ctx.run_id, resume_command(stage.name, ctx.run_id, ctx.nproc), pos.step)
                     status, code = "FAILED", EXIT_STORAGE
                 except LeaseLost:
                     code = EXIT_FAILED
@@ -612,21 +700,20 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                              dashboard_hint(ctx.experiment_id, ctx.run_id))
                 except Exception as err:  # the tracking store is down: the run stays RUNNING, a resume ends it
                     log.error("Could not end run %s as %s in the tracking store (%s); it shows RUNNING until a resume "
-                              "ends it: python -m pipeline.%s resume_run=%s", ctx.run_id, status, first_line(err),
-                              stage.name, ctx.run_id)
+                              "ends it: %s", ctx.run_id, status, first_line(err),
+                              resume_command(stage.name, ctx.run_id, ctx.nproc))
                     code = EXIT_STORAGE if code == EXIT_OK else code
     return code
 
 
-def _log_storage_failure(client: MlflowClient, err: Exception, stage: str, run_id: str, step: int) -> None:
+def _log_storage_failure(client: MlflowClient, err: Exception, run_id: str, resume: str, step: int) -> None:
     try:
         kept = client.get_run(run_id).data.tags.get(tag.CHECKPOINT_LATEST_STEP)
         kept = (f"the committed checkpoint at step {kept} (still the latest)" if kept
                 else "no checkpoint was committed yet")
     except Exception:  # the tracking store does not answer either
         kept = "the checkpoints committed before (the tracking store does not answer: the latest cannot be named now)"
-    log.error("%s. Stopped at step %d. Kept: %s. When the storage is fixed, resume with: python -m pipeline.%s "
-              "resume_run=%s", err, step, kept, stage, run_id)
+    log.error("%s. Stopped at step %d. Kept: %s. When the storage is fixed, resume with: %s", err, step, kept, resume)
 
 
 def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int) -> bool:
@@ -694,7 +781,12 @@ def exit_now(code: int) -> None:
 
 
 def main(stage_cls: type[Stage]) -> None:
-    exit_now(run_stage(stage_cls, sys.argv[1:]))
+    code = run_stage(stage_cls, sys.argv[1:])
+    if code == EXIT_STOPPED and max_restarts() > 0:
+        # torchrun's agent restarts a group whose worker exits non-zero: a run stopped on purpose (the stop tag, a
+        # pruned trial) would be resumed at once. The run's status (KILLED) and stopped_by tag say it was stopped.
+        code = EXIT_OK
+    exit_now(code)
 
 
 # --------------------------------------------------------------------------------------------

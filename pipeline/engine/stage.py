@@ -13,6 +13,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from pipeline.engine.distributed import SINGLE, Dist
+
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -121,12 +123,17 @@ class Stage:
     # Runs the stage builds on, given as launch arguments (``adapter_run=<id>``); required on a fresh start,
     # taken from the checkpoint on resume.
     run_inputs: tuple[str, ...] = ()
+    # Attributes holding the modules that train: under torchrun each is wrapped in DistributedDataParallel
+    # (``distribute``), and ``training_step`` runs its forward passes through ``self.ddp(module)``.
+    parallel_modules: tuple[str, ...] = ()
 
     def __init__(self, cfg: DictConfig, precision: Precision, inputs: dict[str, str] | None = None,
-                 resuming: bool = False):
+                 resuming: bool = False, dist: Dist = SINGLE):
         self.cfg = cfg
         self.precision = precision
         self.device = precision.device
+        self.dist = dist  # this process's place under torchrun (one rank without it)
+        self._ddp: dict[nn.Module, nn.Module] = {}  # module -> its DistributedDataParallel wrapper
         self.inputs: dict[str, str] = dict(inputs or {})  # run_inputs by name (stored in every checkpoint)
         self.resuming = resuming  # the engine restores a checkpoint after build(): skip initial weights
         self.nonfinite_updates = 0  # optimizer updates skipped because the loss or gradient was not finite
@@ -196,6 +203,24 @@ class Stage:
         """What is needed to rebuild the model (stored in every checkpoint's meta.json)."""
         return {}
 
+    # --- several processes ------------------------------------------------------------------
+    def distribute(self) -> None:
+        """Under torchrun, wrap each of ``parallel_modules`` in DistributedDataParallel (once; the engine
+        calls this after a restore). Parameters that do not train (a frozen encoder) are left out of it:
+        DDP neither broadcasts nor reduces them."""
+        if not self.dist.enabled or self._ddp:
+            return
+        for name in self.parallel_modules:
+            module = getattr(self, name)
+            frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+            self._ddp[module] = self.dist.wrap(module, ignore=frozen)
+
+    def ddp(self, module: nn.Module) -> nn.Module:
+        """What a training forward pass calls: ``module``'s DistributedDataParallel wrapper under torchrun
+        (its gradients are then averaged over the ranks in the backward pass), else ``module`` itself.
+        Validation and samples call the modules directly, one rank at a time, with no collective."""
+        return self._ddp.get(module, module)
+
     # --- helpers for stages -----------------------------------------------------------------
     def collate(self, items: list[Any]) -> Any:
         return default_collate(items)
@@ -240,6 +265,7 @@ class Stage:
             clip = self.cfg.optim.grad_clip
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
             finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss.detach()).all())
+            finite = not self.dist.any(not finite)  # every rank skips the update, or none does
             if not finite:
                 self.nonfinite_updates += 1
             if scaler is not None:

@@ -29,7 +29,10 @@ class AbortTraining(BaseException):
 
 
 class StopController:
-    def __init__(self, client: MlflowClient, run_id: str, poll_seconds: float):
+    """Signals, and the run's stop tag polled every ``poll_seconds`` (not without a ``client``: torchrun's ranks
+    other than 0 leave the tag to rank 0)."""
+
+    def __init__(self, client: MlflowClient | None, run_id: str, poll_seconds: float):
         self.client = client
         self.run_id = run_id
         self.poll_seconds = poll_seconds
@@ -49,7 +52,8 @@ class StopController:
             if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                 continue  # started under nohup: the user asked to outlive the terminal
             self._previous[sig] = signal.signal(sig, self._on_signal)
-        self._poller.start()
+        if self.client is not None:
+            self._poller.start()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,6 +21,8 @@ RESUME_BRANCH_OF = "resume.branch_of"
 STOP_REQUESTED = "stop_requested"  # the dashboard's stop button: set to "true"
 STOPPED_BY = "stopped_by"  # signal | tag | a hook's reason (e.g. pruned)
 STOP_ABORTED = "stop.aborted"
+WORLD_SIZE = "world_size"  # processes (torchrun ranks) the latest attempt trains with; also a param of the first
+EFFECTIVE_BATCH = "effective_batch_size"  # batch_size per rank x world_size, of the latest attempt
 
 # the run `mlflow run` created for a resume: this attempt's record
 ATTEMPT_NUMBER = "attempt.number"

@@ -308,6 +308,12 @@ def dashboard_hint(experiment_id: str, run_id: str | None = None) -> str:
             f"{ui_url(experiment_id, run_id, base=LOCAL_UI)}")
 
 
+def resume_command(stage: str, run_id: str, nproc: int = 1) -> str:
+    """The command that resumes ``run_id``, with as many processes (torchrun) as it trained with."""
+    launcher = f"torchrun --nproc_per_node={nproc}" if nproc > 1 else "python"
+    return f"{launcher} -m pipeline.{stage} resume_run={run_id}"
+
+
 def describe_run(
     *,
     stage: str,
@@ -317,18 +323,24 @@ def describe_run(
     latest_checkpoint: str | None,
     history: list[dict[str, Any]],
     experiment_id: str = "",
+    nproc: int = 1,
+    batch: str = "",
 ) -> str:
     """The run's Markdown description. The UI shows its first lines until "Show more": status, progress,
-    the latest checkpoint and the resume command come first; then how to stop, links, the attempts."""
+    the latest checkpoint and the resume command come first; then how to stop, links, the attempts.
+    ``nproc``: the processes the latest attempt trained with (torchrun); ``batch``: its effective batch."""
+    ranks = f" -P nproc={nproc}" if nproc > 1 else ""
     lines = [
         f"**{status}** · {progress or 'starting'} · latest checkpoint `{latest_checkpoint or 'none yet'}`",
         "",
-        f"Resume: `mlflow run . -e {stage} --env-manager local -P resume_run={run_id}`",
+        f"Resume: `mlflow run . -e {stage} --env-manager local{ranks} -P resume_run={run_id}`",
         "",
-        f"Or: `python -m pipeline.{stage} resume_run={run_id}`. Stop it gracefully: set the tag "
+        f"Or: `{resume_command(stage, run_id, nproc)}`. Stop it gracefully: set the tag "
         "`stop_requested` = `true` on this run.",
         "",
     ]
+    if batch:
+        lines += [f"Effective batch: {batch}", ""]
     if experiment_id:
         lines += [f"[All runs of this experiment]({ui_url(experiment_id)}) · "
                   f"[checkpoints]({ui_url(experiment_id, run_id)}/artifactPath/checkpoints/index.csv)", ""]

@@ -129,6 +129,9 @@ class Engine:
         self.run_id = run_id
         self.on_progress = on_progress  # callback(position) when the progress tag should change
         self.hooks = hooks  # TrainingHooks: on_validation may ask to stop (e.g. a pruned sweep trial)
+        # Under torchrun: rank 0 logs, validates' totals and writes checkpoints; every rank trains and validates
+        # its share (the other ranks get metrics=None, store=None).
+        self.dist = stage.dist
         self.pos = Position()
         self.val_metrics: dict[str, float] = {}
         self.nonfinite_steps = 0  # steps whose update was skipped (loss or gradient not finite), all attempts
@@ -139,19 +142,23 @@ class Engine:
 
     # --- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The training state; under torchrun, with every rank's random state (a collective: every rank calls it)."""
         s = self.stage
+        rngs = self.dist.all_gather(capture_rng())
         return {
             "step": self.pos.step,
             "epoch": self.pos.epoch,
-            "batch_in_epoch": self.pos.batch_in_epoch,
-            "batch_size": int(self.cfg.batch_size),
+            "batch_in_epoch": self.pos.batch_in_epoch,  # global batches (all ranks' shares) done in the epoch
+            "batch_size": int(self.cfg.batch_size),  # per rank
+            "world_size": self.dist.world_size,
             "data_workers": self._workers(),
             "seed": int(self.cfg.seed),
             "modules": {k: m.state_dict() for k, m in s.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in s.optimizers.items()},
             "schedulers": {k: sch.state_dict() for k, sch in s.schedulers.items()},
             "scaler": s.precision.scaler.state_dict() if s.precision.scaler is not None else {},
-            "rng": capture_rng(),
+            "rng": rngs[0],
+            "rank_rng": rngs,  # rank r's random state at rank_rng[r]; the data position is the same on every rank
             "val_metrics": dict(self.val_metrics),
             "nonfinite_steps": self.nonfinite_steps,
             "nonfinite_streak": self.nonfinite_streak,
@@ -170,22 +177,41 @@ class Engine:
             apply_optimizer_settings(key, opt, s.schedulers.get(key), configured[key])
         if s.precision.scaler is not None and state.get("scaler"):
             s.precision.scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
+        self._restore_rank_rng(state)
         self.pos = Position(int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
-        old_size, new_size = int(state.get("batch_size", self.cfg.batch_size)), int(self.cfg.batch_size)
+        old_world, world = int(state.get("world_size", 1)), self.dist.world_size
+        old_size = int(state.get("batch_size", self.cfg.batch_size)) * old_world
+        new_size = int(self.cfg.batch_size) * world  # the global batch: per-rank batch x ranks
         if old_size != new_size:  # keep the sample position in the epoch, in whole new batches
             self.pos.batch_in_epoch = -(-self.pos.batch_in_epoch * old_size // new_size)
+        if old_world != world:
+            log.warning("The checkpoint was trained on %d rank(s), this job has %d: the effective batch is now %d (%d "
+                        "per rank x %d) instead of %d, and the LR schedule goes on by steps. The epoch goes on from the "
+                        "same sample position (batch %d of epoch %d at the new size), but the examples are grouped "
+                        "into batches differently%s; ranks beyond the checkpoint's use their own fresh random "
+                        "streams. Resume with %d rank(s) for an exact continuation.",
+                        old_world, world, new_size, int(self.cfg.batch_size), world, old_size, self.pos.batch_in_epoch,
+                        self.pos.epoch, " and shards are dealt to the ranks' workers anew, from this epoch on"
+                        if s.train_source.order_depends_on_workers else "", old_world)
         self.val_metrics = dict(state.get("val_metrics", {}))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         old_workers = int(state.get("data_workers", self._workers()))
-        if s.train_source.order_depends_on_workers and old_workers != self._workers() and self.pos.batch_in_epoch:
+        if s.train_source.order_depends_on_workers and old_workers != self._workers() and self.pos.batch_in_epoch \
+                and old_world == world:
             log.warning("data.num_workers changed from %d to %d in the middle of epoch %d: the data are dealt to "
                         "workers anew, so the rest of this epoch is not what an uninterrupted run would read "
                         "(some samples repeat, others sit out); the next epochs read every sample once. Resume "
                         "with data.num_workers=%d to keep the resume exact.",
                         old_workers, self._workers(), self.pos.epoch, old_workers)
         log.info("Restored model, optimizer, and scheduler states")
+
+    def _restore_rank_rng(self, state: dict[str, Any]) -> None:
+        """This rank's random state: its own from the checkpoint, or rank 0's on one rank; a rank the checkpoint
+        did not have keeps the stream it was seeded with (seed + rank)."""
+        states = state.get("rank_rng") or [state["rng"]]
+        if self.dist.rank < len(states):
+            restore_rng(states[self.dist.rank])
 
     # --- checkpoints --------------------------------------------------------------------------
     def epochs_done(self) -> float:
@@ -216,8 +242,10 @@ class Engine:
             "created": meta["created"],
             **self.val_metrics,
         }
-        self.store.save(self.pos.step, self.state_dict(), meta, row, flush_metrics=self.metrics.flush,
-                        metrics=self.metrics.at_step(self.pos.step))
+        state = self.state_dict()  # on every rank: it gathers their random states
+        if self.dist.is_main:
+            self.store.save(self.pos.step, state, meta, row, flush_metrics=self.metrics.flush,
+                            metrics=self.metrics.at_step(self.pos.step))
         self._saved_at = self.pos.step
 
     def _config_meta(self) -> dict[str, Any]:
@@ -253,12 +281,15 @@ class Engine:
         return int(OmegaConf.select(self.cfg, "data.num_workers", default=0))
 
     def _epoch_loader(self):
-        """The rest of the current epoch, from the data position."""
+        """The rest of the current epoch, from the data position (this rank's share of each global batch)."""
         return self.stage.train_source.loader(self.pos.epoch, self.pos.batch_in_epoch, int(self.cfg.batch_size),
-                                              self._workers(), self.stage.collate)
+                                              self._workers(), self.stage.collate, rank=self.dist.rank,
+                                              world=self.dist.world_size)
 
     def batches_per_epoch(self) -> int:
-        return self.stage.train_source.num_batches(int(self.cfg.batch_size), self._workers())
+        """Steps per epoch (global batches: every rank's share of the epoch)."""
+        return self.stage.train_source.num_batches(int(self.cfg.batch_size), self._workers(),
+                                                   world=self.dist.world_size)
 
     # --- validation ---------------------------------------------------------------------------
     @contextmanager
@@ -279,27 +310,46 @@ class Engine:
 
     def validate(self) -> dict[str, float]:
         """The stage's validation step over the whole validation set (under the job's autocast), then
-        its samples (in full precision), both in eval mode; logs ``val/*`` and returns them."""
+        its samples (in full precision), both in eval mode; logs ``val/*`` and returns them. Under torchrun
+        each rank validates every world-th batch and the totals are summed; rank 0 logs and writes samples."""
         faults.point("validation")
         with self._evaluating():
-            totals, sums, count = self._validation_sums()
+            totals, sums, count = self._merge_ranks(*self._validation_sums())
             self.val_metrics = {f"val/{k}": v / count for k, v in totals.items()}
             self.val_metrics.update({f"val/{k}": num / den for k, (num, den) in sums.items() if den > 0})
-            self.metrics.log(self.val_metrics, self.pos.step)
-            log.info("validation at step %d: %s", self.pos.step,
-                     ", ".join(f"{k}={v:.4f}" for k, v in self.val_metrics.items()))
-            self._write_samples()
+            if self.dist.is_main:
+                self.metrics.log(self.val_metrics, self.pos.step)
+                log.info("validation at step %d: %s", self.pos.step,
+                         ", ".join(f"{k}={v:.4f}" for k, v in self.val_metrics.items()))
+                self._write_samples()
         reason = self.hooks.on_validation(self.pos.step, dict(self.val_metrics)) if self.hooks else None
         if reason:
             self.stopper.request(reason)
         return self.val_metrics
 
+    def _merge_ranks(self, totals: dict[str, float], sums: dict[str, list[float]], count: int):
+        """Every rank's validation totals added up (the ranks' shares of the validation set)."""
+        if not self.dist.enabled:
+            return totals, sums, count
+        merged_totals: dict[str, float] = {}
+        merged_sums: dict[str, list[float]] = {}
+        merged_count = 0
+        for rank_totals, rank_sums, rank_count in self.dist.all_gather((totals, sums, count)):
+            for key, value in rank_totals.items():
+                merged_totals[key] = merged_totals.get(key, 0.0) + value
+            for key, (num, den) in rank_sums.items():
+                acc = merged_sums.setdefault(key, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + num, acc[1] + den
+            merged_count += rank_count
+        return merged_totals, merged_sums, merged_count
+
     def _validation_sums(self) -> tuple[dict[str, float], dict[str, list[float]], int]:
         stage = self.stage
         size = int(self.cfg.batch_size)
         keys = list(range(len(stage.val_set)))
-        loader = seeded_loader(stage.val_set, [keys[i : i + size] for i in range(0, len(keys), size)],
-                               self._workers(), stage.collate, int(self.cfg.seed), stage.device.type == "cuda")
+        batches = [keys[i : i + size] for i in range(0, len(keys), size)][self.dist.rank :: self.dist.world_size]
+        loader = seeded_loader(stage.val_set, batches, self._workers(), stage.collate, int(self.cfg.seed),
+                               stage.device.type == "cuda")
         totals: dict[str, float] = {}
         sums: dict[str, list[float]] = {}  # name -> [numerator, denominator] over the whole set
         count = 0
@@ -378,8 +428,10 @@ class Engine:
         self._saved_at = self.pos.step
         for m in stage.modules.values():
             m.train()
+        stage.distribute()  # under torchrun: DDP wrappers, after the restore (they start from rank 0's weights)
+        main = self.dist.is_main
         bar = tqdm(total=max_steps, initial=self.pos.step, desc=stage.name, unit="step",
-                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
+                   disable=not (main and sys.stderr.isatty()), dynamic_ncols=True)
         window_start, window_samples = time.perf_counter(), 0
         stopped_by, first_step = None, True
         while self.pos.step < max_steps and stopped_by is None:
@@ -392,8 +444,8 @@ class Engine:
                     out = stage.training_step(batch)
                 self.pos.step += 1
                 self.pos.batch_in_epoch += 1
-                window_samples += int(cfg.batch_size)
-                metrics = {k: float(v) for k, v in out.items()}
+                window_samples += int(cfg.batch_size) * self.dist.world_size  # every rank's share of the batch
+                metrics = self.dist.mean({k: float(v) for k, v in out.items()})  # over the ranks' batches
                 metrics["epoch"] = self.pos.epoch + self.pos.batch_in_epoch / per_epoch  # epochs done
                 for name, sch in stage.schedulers.items():
                     sch.step()
@@ -402,15 +454,17 @@ class Engine:
                     elapsed = time.perf_counter() - window_start
                     metrics["throughput/samples_per_s"] = window_samples / max(elapsed, 1e-9)
                     window_start, window_samples = time.perf_counter(), 0
-                    log.info("step %d/%d epoch %d %s", self.pos.step, max_steps, self.pos.epoch,
-                             " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if k.startswith("train/")))
+                    if main:
+                        log.info("step %d/%d epoch %d %s", self.pos.step, max_steps, self.pos.epoch,
+                                 " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if k.startswith("train/")))
                     if self.on_progress:
                         self.on_progress(self.pos)
                 if stage.nonfinite_updates != skipped_before:
                     metrics["train/nonfinite_steps"] = self._count_nonfinite()
                 else:
                     self.nonfinite_streak = 0
-                self.metrics.log(metrics, self.pos.step)
+                if main:
+                    self.metrics.log(metrics, self.pos.step)
                 if first_step:
                     startup.first_step(self.pos.step)
                     first_step = False
@@ -421,16 +475,19 @@ class Engine:
                     self.validate()
                 if self.pos.step % save_interval == 0 or last:
                     self.save_checkpoint()
-                if self.stopper.requested and not last:  # after the last step, the run is simply finished
-                    stopped_by = self.stopper.reason
+                # after the last step, the run is simply finished; under torchrun, a request on any rank (a
+                # signal; the stop tag and a pruned trial are seen by rank 0) stops every rank at this step
+                if self.dist.any(self.stopper.requested) and not last:
+                    stopped_by = self.stopper.reason or "signal"
                     break
                 if last or self.pos.batch_in_epoch >= per_epoch:
                     break
         bar.close()
         if self._saved_at != self.pos.step:
             self.save_checkpoint()
-        self.metrics.flush(wait=True)
-        self.store.wait()
+        if main:
+            self.metrics.flush(wait=True)
+            self.store.wait()
         if self.on_progress:
             self.on_progress(self.pos)
         return TrainResult(self.pos, stopped_by)

@@ -30,6 +30,7 @@ class TrainAdapter(Stage):
     architecture_keys = ("ssl.", "adapter.")
     architecture_exempt = ("ssl.weights",)
     val_metric_names = ("val/loss", "val/l1", "val/l2", "val/sc")
+    parallel_modules = ("model",)  # under torchrun: the adapters in DDP; the frozen encoder is left out of it
 
     def tags(self) -> dict[str, str]:
         # training from shards: the dataset is the corpus they were made from
@@ -98,13 +99,14 @@ class TrainAdapter(Stage):
     def dataset_inputs(self) -> list[Any]:
         return [self.shard_dataset] if hasattr(self, "shard_dataset") else []
 
-    def compute_loss(self, batch):
+    def compute_loss(self, batch, model=None):
+        """The feature loss; ``model`` runs the adapted forward pass (training passes its DDP wrapper)."""
         target = self.model.target_features(batch["clean"])
-        pred = self.model(batch["noisy"])
+        pred = (model or self.model)(batch["noisy"])
         return feature_loss(pred.float(), target.float(), sc=self.cfg.loss.sc)
 
     def training_step(self, batch):
-        loss, parts = self.compute_loss(batch)
+        loss, parts = self.compute_loss(batch, self.ddp(self.model))
         grad_norm = self.optimize(loss, self.optimizers["adapters"], self.model.trainable_parameters())
         return {"train/loss": loss.detach(), **{f"train/{k}": v.detach() for k, v in parts.items()},
                 "grad_norm": grad_norm}

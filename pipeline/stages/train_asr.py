@@ -126,8 +126,10 @@ class TrainAsr(Stage):
         return collate_padded(items)
 
     # --- the step, shared by training and validation ------------------------------------------
-    def _forward_and_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        log_probs, frames = self.model(batch["audio"], batch["audio_lengths"])
+    def _forward_and_loss(self, batch, model=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CTC loss, log-probabilities and frame counts; ``model`` runs the forward pass (training passes its
+        DDP wrapper)."""
+        log_probs, frames = (model or self.model)(batch["audio"], batch["audio_lengths"])
         return ctc_loss(log_probs, frames, batch["targets"], batch["target_lengths"]), log_probs, frames
 
     def _error_counts(self, batch, log_probs, frames) -> dict[str, tuple[int, int]]:
@@ -143,7 +145,7 @@ class TrainAsr(Stage):
         return loss, {}, self._error_counts(batch, log_probs, frames)
 
     def training_step(self, batch):
-        loss, log_probs, frames = self._forward_and_loss(batch)
+        loss, log_probs, frames = self._forward_and_loss(batch, self.ddp(self.model))
         grad_norm = self.optimize(loss, self.optimizers["model"], self.model.parameters())
         edits, chars = self._error_counts(batch, log_probs, frames)["cer"]
         return {"train/loss": loss.detach(), "train/cer": edits / max(chars, 1), "grad_norm": grad_norm}

@@ -96,6 +96,7 @@ class VocoderStage(Stage):
     architecture_keys = ("ssl.", "vocoder.")
     architecture_exempt = ("ssl.weights",)
     val_metric_names = ("val/loss", "val/mel")
+    parallel_modules = ("generator", "mpd", "msd")  # under torchrun, each in DDP
     uses_degradation = False  # finetune: the encoder input is degraded on the fly
 
     # --- to implement ---------------------------------------------------------------------------
@@ -174,10 +175,12 @@ class VocoderStage(Stage):
             zip(utterances[split:], waves_in[split:], waves_out[split:]))
 
     # --- the step -------------------------------------------------------------------------------
-    def _discriminate(self, wave: torch.Tensor):
-        """Scores and feature maps of both discriminators, concatenated (MPD first)."""
-        scores_p, maps_p = self.mpd(wave)
-        scores_s, maps_s = self.msd(wave)
+    def _discriminate(self, wave: torch.Tensor, training: bool = False):
+        """Scores and feature maps of both discriminators, concatenated (MPD first). ``training``: the
+        discriminators' own step, whose gradients DDP averages over the ranks."""
+        mpd, msd = (self.ddp(self.mpd), self.ddp(self.msd)) if training else (self.mpd, self.msd)
+        scores_p, maps_p = mpd(wave)
+        scores_s, maps_s = msd(wave)
         return scores_p + scores_s, maps_p + maps_s
 
     def compute_loss(self, batch):
@@ -188,14 +191,15 @@ class VocoderStage(Stage):
 
     def training_step(self, batch):
         target = batch["target"]
-        fake = self.generator(self.features(batch))
-        real_scores, _ = self._discriminate(target)
-        fake_scores, _ = self._discriminate(fake.detach())
+        fake = self.ddp(self.generator)(self.features(batch))
+        real_scores, _ = self._discriminate(target, training=True)
+        fake_scores, _ = self._discriminate(fake.detach(), training=True)
         d_loss, d_parts = discriminator_loss(real_scores, fake_scores)
         d_norm = self.optimize(d_loss, self.optimizers["discriminator"], self.discriminator_parameters(),
                                update_scaler=False)
 
-        self.mpd.requires_grad_(False)  # the generator's step: gradients flow through, not into, them
+        # the generator's step: gradients flow through, not into, them (so not through their DDP wrappers)
+        self.mpd.requires_grad_(False)
         self.msd.requires_grad_(False)
         try:
             with torch.no_grad():

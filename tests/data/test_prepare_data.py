@@ -100,6 +100,20 @@ def test_streaming_epochs_resume_exactly_mid_epoch(shards, workers):
     assert torch.equal(again["noisy"], first["noisy"])
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_two_ranks_read_together_what_one_process_with_all_their_workers_reads(shards, workers):
+    """Under torchrun each rank plays every world-th of the workers x world logical workers: step k of the
+    two ranks is batches 2k and 2k+1 of one process streaming with two workers, from any position."""
+    data = StreamingPairs(str(shards), read_manifest(str(shards)), segment_samples=8000, seed=5)
+    single = [t.tolist() for t in _batches(data, epoch=1, start=0, workers=2)]
+    assert data.num_batches(4, workers, world=2) == len(single) // 2
+    for start in (0, 1, 3):
+        ranks = [[b["index"].tolist() for b in data.loader(1, start, 4, workers, default_collate, rank=r, world=2)]
+                 for r in (0, 1)]
+        assert [a + b for a, b in zip(*ranks)] == [single[2 * k] + single[2 * k + 1]
+                                                   for k in range(start, len(single) // 2)]
+
+
 def test_corrupted_or_missing_shards_are_named(shards):
     manifest = read_manifest(str(shards))
     path = shards / "train-000002.tar"

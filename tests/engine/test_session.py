@@ -59,8 +59,8 @@ def test_a_diverging_job_stops_failed_with_its_checkpoints_finite(store, capfd, 
 
     original = TrainAdapter.compute_loss
 
-    def nan_loss(self, batch):
-        loss, parts = original(self, batch)
+    def nan_loss(self, batch, model=None):
+        loss, parts = original(self, batch, model)
         return loss * float("nan"), parts
 
     monkeypatch.setattr(TrainAdapter, "compute_loss", nan_loss)

@@ -491,7 +491,7 @@ def test_mlproject_has_the_asr_entry_points():
     import yaml
 
     spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
-    assert set(spec["train_asr"]["parameters"]) == {"overrides", "resume_run", "resume_step"}
-    assert spec["train_asr"]["command"].startswith("python -m pipeline.train_asr ")
+    assert set(spec["train_asr"]["parameters"]) == {"overrides", "resume_run", "resume_step", "nproc", "torchrun"}
+    assert " train_asr resume_run={resume_run} " in spec["train_asr"]["command"]
     assert {"run_id", "model_uri", "input", "output"} <= set(spec["transcribe"]["parameters"])
     assert spec["transcribe"]["command"].startswith("python -m pipeline.transcribe ")

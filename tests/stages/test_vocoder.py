@@ -104,9 +104,10 @@ def test_gan_losses_are_pure_functions_returning_their_parts():
 
 def test_vocoder_entry_points_in_mlproject():
     spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
-    assert set(spec["pretrain_vocoder"]["parameters"]) == {"overrides", "resume_run", "resume_step"}
+    assert set(spec["pretrain_vocoder"]["parameters"]) == {"overrides", "resume_run", "resume_step", "nproc",
+                                                           "torchrun"}
     assert set(spec["finetune_vocoder"]["parameters"]) == {"overrides", "resume_run", "resume_step",
-                                                           "adapter_run", "vocoder_run"}
+                                                           "adapter_run", "vocoder_run", "nproc", "torchrun"}
     assert set(spec["main"]["parameters"]) == {"overrides"}
 
 

@@ -1,0 +1,239 @@
+"""Training under torchrun (docs/distributed.md): 2 ranks on the CPU with gloo, real torchrun and real signals.
+
+The reference is an uninterrupted 2-rank run started the way a user does, ``mlflow run -P nproc=2``; the
+interrupted ones get SIGTERM at the torchrun launcher, or lose a rank to SIGKILL under --max-restarts.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import PYTHON, TINY, all_runs, env_for, loss_history, mlflow_run, read_until, stage_runs
+from pipeline.data.datasets import ShuffledBatches
+from pipeline.engine.checkpointing import download_checkpoint
+from pipeline.engine.session import EXIT_OK, run_stage
+from pipeline.launcher import command
+from pipeline.stages.train_adapter import TrainAdapter
+
+STEPS = ["trainer.max_steps=20", "validation.interval=5", "checkpoint.save_interval=5"]
+VOCODER = ["ssl=tiny", "vocoder=tiny", "batch_size=2", "data.segment_seconds=0.5", "optim.lr=1e-3",
+           "trainer.log_interval=1", "tracking.system_metrics=false", "tracking.flush_seconds=0.2",
+           "tracking.stop_poll_seconds=0.5", "trainer.max_steps=8", "validation.interval=4",
+           "checkpoint.save_interval=2"]
+
+
+def torchrun(workdir: Path, stage: str, *args: str, options: str = "") -> subprocess.Popen:
+    """``torchrun --nproc_per_node=2 --standalone [options] -m pipeline.<stage> ARGS``, stderr readable."""
+    return subprocess.Popen(command(stage, 2, options, list(args)), cwd=workdir, env=env_for(workdir),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def worker(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    """The worker process torchrun started for ``rank``."""
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "pipeline." in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker of rank {rank} under torchrun (pid {launcher.pid})")
+
+
+def stop_and_resume(store: Path, stage: str, args: list[str], stop_after: str, total: int):
+    """A 2-rank job sent SIGTERM at the launcher after ``stop_after``, then resumed with torchrun; returns the run."""
+    proc = torchrun(store, stage, *args)
+    read_until(proc, stop_after)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "SIGTERM received" in rest, rest[-3000:]
+    client = MlflowClient()
+    runs = stage_runs(client, stage)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "signal", rest[-3000:]
+    stopped_at = int(run.data.tags["checkpoint.latest_step"])
+    assert 1 <= stopped_at < total
+    assert [s for s, _ in loss_history(client, run.info.run_id)] == list(range(1, stopped_at + 1))
+    resumed = torchrun(store, stage, *args, f"resume_run={run.info.run_id}")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"Resuming from step {stopped_at}" in err
+    return client.get_run(run.info.run_id), stopped_at
+
+
+def logged_twice_differently(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
+    values: dict[int, set[float]] = {}
+    for m in client.get_metric_history(run_id, key):
+        values.setdefault(m.step, set()).add(m.value)
+    return [step for step, seen in values.items() if len(seen) > 1]
+
+
+# --------------------------------------------------------------------------------------------
+# Data shares (no processes)
+# --------------------------------------------------------------------------------------------
+
+
+def test_each_rank_reads_its_slice_of_the_global_batch_one_process_would_read():
+    source = ShuffledBatches(list(range(50)), seed=3)
+    keys = lambda batches: [[index for _, index in batch] for batch in batches]  # noqa: E731
+    single = keys(source.loader(2, 0, 8, 0, collate=lambda items: items).batch_sampler)
+    assert source.num_batches(4, 0, world=2) == source.num_batches(8, 0) == 6
+    for start in (0, 4):
+        ranks = [keys(source.loader(2, start, 4, 0, collate=list, rank=r, world=2).batch_sampler) for r in (0, 1)]
+        assert [a + b for a, b in zip(*ranks)] == single[start:]
+        assert not set(sum(ranks[0], [])) & set(sum(ranks[1], []))  # disjoint shares
+    with pytest.raises(ValueError, match=r"batch_size=30 x 2 ranks is larger than the training set"):
+        source.num_batches(30, 0, world=2)
+
+
+def test_the_launcher_keeps_one_process_plain_and_adds_standalone_only_without_a_rendezvous():
+    assert command("train_adapter", 1, "", ["a=1"])[1:] == ["-m", "pipeline.train_adapter", "a=1"]
+    two = command("train_asr", 2, "--max-restarts=1", ["a=1"])
+    assert two[1:] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--max-restarts=1", "-m",
+                       "pipeline.train_asr", "a=1"]
+    nodes = command("train_asr", 4, "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=h:29400", [])
+    assert "--standalone" not in nodes and "--rdzv-endpoint=h:29400" in nodes
+    bad = subprocess.run([PYTHON, "-m", "pipeline.launcher", "--nproc=0", "train_adapter"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "nproc='0' must be a whole number of processes, 1 or more" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# train_adapter on two ranks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 2-rank run, started with `mlflow run -P nproc=2`: its directory, run and losses."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    done = mlflow_run(root, "nproc=2", "overrides=" + " ".join(TINY + STEPS))
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    (run,) = stage_runs(client)
+    return {"root": root, "client": client, "run": run, "losses": loss_history(client, run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_two_processes_logs_one_run_with_the_effective_batch_and_every_ranks_random_state(reference):
+    run, client = reference["run"], reference["client"]
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in reference["losses"]] == list(range(1, 21))
+    assert run.data.params["world_size"] == "2" and run.data.params["effective_batch_size"] == "8"
+    assert run.data.tags["world_size"] == "2" and run.data.tags["effective_batch_size"] == "8"
+    note = run.data.tags["mlflow.note.content"]
+    assert "Effective batch: 8 (4 per rank × 2 ranks)" in note and f"-P nproc=2 -P resume_run={run.info.run_id}" in note
+    assert len(all_runs(client)) == 1  # rank 1 made no run of its own
+    state = torch.load(download_checkpoint(client, run.info.run_id, 20, reference["root"] / "ckpt") / "state.pt",
+                       weights_only=True)
+    assert state["world_size"] == 2 and len(state["rank_rng"]) == 2
+    assert not torch.equal(state["rank_rng"][0]["torch"], state["rank_rng"][1]["torch"])  # seeded per rank
+
+
+@pytest.mark.slow
+def test_two_ranks_stopped_by_sigterm_at_torchrun_resume_bit_identical_in_the_same_run(store, reference):
+    run, stopped_at = stop_and_resume(store, "train_adapter", TINY + STEPS, "step 7/20", 20)
+    client = MlflowClient()
+    assert run.info.status == "FINISHED" and run.data.tags["resume.count"] == "1"
+    assert loss_history(client, run.info.run_id) == reference["losses"]  # every value, bit for bit
+    assert loss_history(client, run.info.run_id, "val/loss") == loss_history(
+        reference["client"], reference["run"].info.run_id, "val/loss")
+    assert not logged_twice_differently(client, run.info.run_id)
+    assert len(all_runs(client)) == 1 and stopped_at >= 7
+
+
+@pytest.mark.slow
+def test_an_elastic_restart_after_a_rank_is_killed_resumes_the_same_run_by_itself(store, reference):
+    proc = torchrun(store, "train_adapter", *TINY, *STEPS, options="--max-restarts=1")
+    read_until(proc, "step 12/20")  # past the checkpoint at step 10
+    worker(proc, 1).send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert "Elastic restart 1 of at most 1: continuing run" in err
+    client = MlflowClient()
+    (run,) = stage_runs(client)
+    assert f"continuing run {run.info.run_id}" in err
+    assert run.info.status == "FINISHED" and run.data.tags["resume.count"] == "1"
+    assert run.data.tags["resume.from"] in {f"step {s}" for s in (10, 15)}
+    assert loss_history(client, run.info.run_id) == reference["losses"]
+    assert not logged_twice_differently(client, run.info.run_id)
+    assert len(all_runs(client)) == 1
+
+
+@pytest.mark.slow
+def test_one_rank_with_the_same_effective_batch_trains_the_same_to_within_float_rounding(store, reference):
+    """batch_size=8 on one process vs 4 on each of two: the same examples per step, and DDP averages the two
+    halves' gradients. Only the order of float additions differs: every loss agrees to 1e-4 relative."""
+    args = [a for a in TINY if not a.startswith("batch_size=")]
+    assert run_stage(TrainAdapter, [*args, "batch_size=8", *STEPS]) == EXIT_OK
+    client = MlflowClient()
+    (run,) = stage_runs(client)
+    one = loss_history(client, run.info.run_id)
+    two = reference["losses"]
+    assert [s for s, _ in one] == [s for s, _ in two]
+    assert max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(one, two)) < 1e-4
+
+
+@pytest.mark.slow
+def test_resuming_two_ranks_on_one_says_what_changes_and_goes_on_from_the_same_step(reference, capfd, monkeypatch):
+    monkeypatch.chdir(reference["root"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{reference['root']}/mlflow.db")
+    run_id = reference["run"].info.run_id
+    assert run_stage(TrainAdapter, [f"resume_run={run_id}", "trainer.max_steps=24"]) == EXIT_OK
+    assert ("The checkpoint was trained on 2 rank(s), this job has 1: the effective batch is now 4 (4 per rank x 1) "
+            "instead of 8") in capfd.readouterr().err
+    client = reference["client"]
+    assert [s for s, _ in loss_history(client, run_id)] == list(range(1, 25))
+    run = client.get_run(run_id)
+    assert run.data.tags["world_size"] == "1" and run.data.params["world_size"] == "2"  # the param is the first's
+
+
+# --------------------------------------------------------------------------------------------
+# A vocoder stage (two optimizers, three DDP modules) on two ranks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pretrain_vocoder_on_two_ranks_resumes_bit_identical_after_sigterm(tmp_path, store):
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    ref = torchrun(reference_dir, "pretrain_vocoder", *VOCODER)
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-3000:]
+    ref_client = MlflowClient(f"sqlite:///{reference_dir}/mlflow.db")
+    (ref_run,) = stage_runs(ref_client, "pretrain_vocoder")
+    run, _ = stop_and_resume(store, "pretrain_vocoder", VOCODER, "step 3/8", 8)
+    client = MlflowClient()
+    for key in ("train/loss", "train/d_loss", "train/mel"):
+        assert loss_history(client, run.info.run_id, key) == loss_history(ref_client, ref_run.info.run_id, key), key
+    assert [s for s, _ in loss_history(client, run.info.run_id)] == list(range(1, 9))
+    assert not logged_twice_differently(client, run.info.run_id)
+    assert run.info.status == "FINISHED" and len(all_runs(client)) == 1
+
+
+@pytest.mark.slow
+def test_a_stop_under_an_elastic_agent_exits_zero_so_the_agent_does_not_restart_it(store):
+    """The stop tag on a run trained with --max-restarts=1: the workers end it KILLED and exit 0 (an exit code 3
+    would make torchrun restart the group, which would resume the run the user just stopped)."""
+    proc = torchrun(store, "train_adapter", *TINY, "trainer.max_steps=5000", "validation.interval=0",
+                    "checkpoint.save_interval=1000", options="--max-restarts=1")
+    read_until(proc, "step 3/5000")
+    client = MlflowClient()
+    (run,) = stage_runs(client)
+    client.set_tag(run.info.run_id, "stop_requested", "true")
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert time.monotonic() - started < 60
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "tag"
+    assert "Elastic restart" not in err
