@@ -40,6 +40,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 from pipeline.config import CONFIG_DIR, ConfigError, apply_overrides, compose_config, mask_secrets, split_overrides
+from pipeline.engine.distributed import Dist
 from pipeline.engine.launch import parse_launch
 from pipeline.engine import tags as tag
 from pipeline.engine.session import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, exit_now,
@@ -261,6 +262,7 @@ class Sweep:
         hooks = TrialHooks(trial, self.spec.metric, self.client, resumed_from)
         log.info("Trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in params.items()))
         try:
+            Dist.from_env().broadcast((self.stage_cls.name, args))  # under torchrun: every rank trains the trial
             code = run_stage(self.stage_cls, args, hooks=hooks)
         except Exception as err:
             self._finish_child(hooks, "FAIL")
@@ -450,7 +452,34 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
 
 
 def run_sweep(argv: list[str]) -> int:
-    setup_logging()
+    """The sweep. Under torchrun (``-P nproc=N``) every trial trains on all the ranks: rank 0 runs the study
+    and hands each trial's words to the others, which train it with it (``follow_trials``)."""
+    dist = Dist.from_env()
+    setup_logging(dist.rank)
+    dist.init()
+    if not dist.is_main:
+        return follow_trials(dist)
+    try:
+        return _run_study(argv)
+    finally:
+        dist.broadcast(None)  # no more trials: the other ranks leave
+
+
+def follow_trials(dist: Dist) -> int:
+    """A rank other than 0 of a sweep under torchrun: train each trial rank 0 hands out, until it says done.
+    Between trials a signal is rank 0's to handle (it stops the sweep and tells the others)."""
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while (trial := dist.broadcast(None)) is not None:
+            stage, args = trial
+            run_stage(stage_class(stage), args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_OK
+
+
+def _run_study(argv: list[str]) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         args, spec_overrides, stage_overrides = parse_args(argv)
@@ -543,7 +572,11 @@ def run_sweep(argv: list[str]) -> int:
 
 
 def main() -> None:
-    exit_now(run_sweep(sys.argv[1:]))
+    try:
+        code = run_sweep(sys.argv[1:])
+    finally:
+        Dist.from_env().shutdown()
+    exit_now(code)
 
 
 if __name__ == "__main__":

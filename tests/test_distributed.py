@@ -237,3 +237,34 @@ def test_a_stop_under_an_elastic_agent_exits_zero_so_the_agent_does_not_restart_
     run = client.get_run(run.info.run_id)
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "tag"
     assert "Elastic restart" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# A sweep whose trials each train on two ranks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mlflow_run_sweep_with_nproc_trains_every_trial_on_two_ranks_and_prunes_on_all(store):
+    import optuna
+
+    space = ["sweep.space.optim.lr='choice(0.0, 0.03)'", "sweep.space.adapter.bottleneck=none",
+             "sweep.space.optim.weight_decay=none", "sweep.pruner_startup_trials=1", "sweep.sampler_seed=0"]
+    stage = TINY + ["trainer.max_steps=9", "validation.interval=3", "checkpoint.save_interval=9"]
+    done = mlflow_run(store, "nproc=2", "n_trials=3", f"storage=sqlite:///{store}/optuna.db", "study=two-ranks",
+                      "overrides=" + " ".join(stage + space), entry="sweep", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="two-ranks", storage=f"sqlite:///{store}/optuna.db")
+    assert {t.state.name for t in study.trials} == {"COMPLETE", "PRUNED"}, [t.state for t in study.trials]
+    client = MlflowClient()
+    children = stage_runs(client)
+    assert len(children) == 3  # one run per trial: rank 1 made none
+    for trial in study.trials:
+        child = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert child.data.tags["world_size"] == "2" and child.data.tags["trial.state"] == trial.state.name
+        if trial.state.name == "PRUNED":  # rank 0's pruning decision stopped both ranks at the same step
+            assert child.data.tags["stopped_by"] == "pruned"
+            last = max(m.step for m in client.get_metric_history(child.info.run_id, "train/loss"))
+            assert int(child.data.tags["checkpoint.latest_step"]) == last < 9
+        else:
+            assert trial.state.name == "COMPLETE" and child.info.status == "FINISHED"

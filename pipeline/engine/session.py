@@ -468,11 +468,8 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     dist = Dist.from_env()
     setup_logging(dist.rank)
     configure_http()  # short HTTP retries: the engine retries what it must store (engine/outage.py)
-    dist.init()
-    try:
-        return _run_rank(stage_cls, argv, hooks, dist)
-    finally:
-        dist.shutdown()
+    dist.init()  # once per process: a sweep's trials share the process group
+    return _run_rank(stage_cls, argv, hooks, dist)
 
 
 def _run_rank(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | None, dist: Dist) -> int:
@@ -481,7 +478,7 @@ def _run_rank(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
         try:
             client = MlflowClient()
             check_access(client)
-            plan = plan_job(stage_cls, elastic_argv(argv), client)
+            plan = plan_job(stage_cls, argv, client)
         except (ConfigError, ResumeError, CheckpointError, ValueError, AccessError) as err:
             log.error("%s", err)
             code = EXIT_BAD_INPUT
@@ -781,7 +778,12 @@ def exit_now(code: int) -> None:
 
 
 def main(stage_cls: type[Stage]) -> None:
-    code = run_stage(stage_cls, sys.argv[1:])
+    dist = Dist.from_env()
+    setup_logging(dist.rank)
+    try:
+        code = run_stage(stage_cls, elastic_argv(sys.argv[1:]))
+    finally:
+        dist.shutdown()
     if code == EXIT_STOPPED and max_restarts() > 0:
         # torchrun's agent restarts a group whose worker exits non-zero: a run stopped on purpose (the stop tag, a
         # pruned trial) would be resumed at once. The run's status (KILLED) and stopped_by tag say it was stopped.
