@@ -221,6 +221,22 @@ def test_pretrain_vocoder_on_two_ranks_resumes_bit_identical_after_sigterm(tmp_p
 
 
 @pytest.mark.slow
+def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_committed_checkpoint(store):
+    proc = torchrun(store, "train_adapter", *TINY, "trainer.max_steps=5000", "validation.interval=0",
+                    "checkpoint.save_interval=1000")
+    read_until(proc, "step 3/5000")
+    worker(proc, 1).send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "[rank 1] pipeline.engine.stopping: SIGTERM received" in err, err[-3000:]
+    client = MlflowClient()
+    (run,) = stage_runs(client)
+    last = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "signal"
+    assert run.data.tags["checkpoint.latest_step"] == str(last)  # rank 0 stopped at rank 1's step and saved it
+    assert f"Resume with: torchrun --nproc_per_node=2 -m pipeline.train_adapter resume_run={run.info.run_id}" in err
+
+
+@pytest.mark.slow
 def test_a_stop_under_an_elastic_agent_exits_zero_so_the_agent_does_not_restart_it(store):
     """The stop tag on a run trained with --max-restarts=1: the workers end it KILLED and exit 0 (an exit code 3
     would make torchrun restart the group, which would resume the run the user just stopped)."""

@@ -105,3 +105,27 @@ def test_vocoder_resume_on_cuda_is_bit_identical(store):
     assert run_stage(PretrainVocoder, [f"resume_run={runs['parts']}", "trainer.max_steps=6"]) == EXIT_OK
     for key in ("train/loss", "train/d_loss"):
         assert loss_history(client, runs["parts"], key) == loss_history(client, runs["whole"], key)
+
+
+def test_torchrun_with_one_rank_trains_through_nccl_and_resumes_bit_identical(store):
+    """One GPU cannot hold two nccl ranks: torchrun with one rank still runs the process group (nccl for
+    CUDA tensors), DDP and the rank-aware checkpoint; 4 + 4 steps equal 8 uninterrupted ones."""
+    import subprocess
+
+    from conftest import env_for
+    from pipeline.launcher import command
+
+    def torchrun(*args):
+        done = subprocess.run(command("train_adapter", 1, "--max-restarts=0", [*CUDA, *args]), cwd=store,
+                              env=env_for(store), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    err = torchrun("trainer.max_steps=8", "tracking.run_name=whole")
+    assert "joined the process group (cpu:gloo,cuda:nccl)" in err
+    torchrun("trainer.max_steps=4", "tracking.run_name=parts")
+    client = MlflowClient()
+    runs = {r.info.run_name: r.info.run_id for r in stage_runs(client)}
+    torchrun(f"resume_run={runs['parts']}", "trainer.max_steps=8")
+    assert loss_history(client, runs["parts"]) == loss_history(client, runs["whole"])
+    assert client.get_run(runs["whole"]).data.tags["world_size"] == "1"

@@ -44,6 +44,9 @@ def cpu_plan() -> list[tuple[str, callable]]:
         ("data/shard_read_mb_per_s", partial(data.shard_reading, repeats=3)),
         ("restore", partial(restore.restore_figures, ssl="hubert_base", layer=6, vocoder="v1", seconds=20,
                             repeats=2, long_seconds=120)),
+        ("distributed_step_time/tiny_2_ranks", partial(training.distributed_step_time, "train_adapter", TINY, nproc=2,
+                                                       batch_size=4, steps=60, pairs=3, warmup=10,
+                                                       label="tiny_2_ranks")),
     ]
 
 
@@ -63,6 +66,10 @@ def gpu_plan() -> list[tuple[str, callable]]:
         ("checkpoint_stall/300MB", partial(training.checkpoint_stall, [*TINY, "adapter.bottleneck=96000",
                                                                        "trainer.device=cuda"], pairs=3, label="300MB")),
         ("resume_latency", partial(training.resume_latency, [*TINY, "trainer.device=cuda"], pairs=3)),
+        # one GPU: nccl with one rank (1 GPU x 2 processes is not possible with nccl) against a plain process
+        ("distributed_step_time/hubert_base_l6_1_rank", partial(
+            training.distributed_step_time, "train_adapter", ["ssl=hubert_base", "ssl.layer=6", "trainer.device=cuda"],
+            nproc=1, batch_size=8, steps=100, pairs=3, warmup=20, label="hubert_base_l6_1_rank")),
         ("restore", partial(restore.restore_figures, ssl="hubert_base", layer=6, vocoder="v1", device="cuda",
                             seconds=60, repeats=3, long_seconds=600)),
     ]

@@ -301,3 +301,38 @@ def metric_throughput(*, steps: int, per_step: int) -> dict[str, Any]:
         "store holds them all",
         per_point_us=round(accepted / points * 1e6, 2), stored_points_per_s=round(points / stored, 1),
         stored_check=count == steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes (torchrun)
+# --------------------------------------------------------------------------------------------
+
+
+def distributed_step_time(stage_name: str, overrides: list[str], *, nproc: int, batch_size: int, steps: int,
+                          pairs: int, warmup: int, label: str) -> dict[str, Any]:
+    """Step time under torchrun (``nproc`` ranks, ``batch_size`` each) ÷ step time of one plain process with
+    the same effective batch, interleaved subprocesses started through ``pipeline.launcher``. ``nproc=1``
+    compares torchrun's one-rank job (process group, DDP) with a plain process at the same batch."""
+    job = [*overrides, f"trainer.max_steps={steps}", "validation.interval=0", f"checkpoint.save_interval={steps}",
+           "tracking.log_model=false", "tracking.system_metrics=false"]
+    plain_s, ranks_s = [], []
+    with tracking_store() as client:
+        for pair in range(pairs):
+            for side in ("plain", "ranks") if pair % 2 == 0 else ("ranks", "plain"):
+                before = _run_ids(client)
+                size = batch_size * nproc if side == "plain" else batch_size
+                launch = ["--nproc=1"] if side == "plain" else [f"--nproc={nproc}", "--torchrun=--max-restarts=0"]
+                out = subprocess.run([sys.executable, "-m", "pipeline.launcher", *launch, stage_name, *job,
+                                      f"batch_size={size}"], capture_output=True, text=True, timeout=1800)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{stage_name} ({side}) failed:\n{out.stderr[-3000:]}")
+                seconds = step_time(engine_stamps(client, _new_run(client, before)), warmup)
+                (plain_s if side == "plain" else ranks_s).append(seconds)
+    ratios = [r / p for r, p in zip(ranks_s, plain_s)]
+    value = statistics.median(ratios)
+    return figure(
+        f"distributed_step_time/{label}", value, "torchrun step / one-process step",
+        f"{stage_name} {' '.join(overrides)}: {nproc} rank(s) x batch {batch_size} under torchrun against one plain "
+        f"process with batch {batch_size * nproc}, {steps} steps each, step time from the logged train/loss times "
+        f"after {warmup} warm-up steps, median over {pairs} interleaved pairs", ratio=spread(ratios),
+        torchrun_step_s=spread(ranks_s), plain_step_s=spread(plain_s))

@@ -41,21 +41,24 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (also with one process: then DDP and the group run on one rank)
 
     @classmethod
     def from_env(cls) -> "Dist":
         """The place torchrun gave this process; ``Dist()`` when it was not started by torchrun."""
+        if not all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+            return cls()
         try:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+            world = int(os.environ["WORLD_SIZE"])
+            rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         except ValueError as err:
             raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK are not numbers ({err}); start the job with torchrun "
                              "or unset them") from None
-        return cls(rank, world, local) if world > 1 else cls()
+        return cls(rank, world, local, launched=True)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.launched
 
     @property
     def is_main(self) -> bool:
