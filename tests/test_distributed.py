@@ -284,3 +284,45 @@ def test_mlflow_run_sweep_with_nproc_trains_every_trial_on_two_ranks_and_prunes_
             assert int(child.data.tags["checkpoint.latest_step"]) == last < 9
         else:
             assert trial.state.name == "COMPLETE" and child.info.status == "FINISHED"
+
+
+# --------------------------------------------------------------------------------------------
+# The other stages start and finish on two ranks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_asr_by_epochs_on_two_ranks_logs_its_final_model_once(store):
+    proc = torchrun(store, "train_asr", "asr=tiny", "batch_size=2", "max_samples=8", "optim.warmup_steps=2",
+                    "trainer.log_interval=1", "tracking.system_metrics=false", "trainer.epochs=2")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    client = MlflowClient()
+    (run,) = stage_runs(client, "train_asr")
+    # 8 utterances, 2 per rank: 2 global batches per epoch
+    assert [s for s, _ in loss_history(client, run.info.run_id)] == [1, 2, 3, 4]
+    assert run.info.status == "FINISHED" and run.data.tags["effective_batch_size"] == "4"
+    assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert len(all_runs(client)) == 1
+
+
+@pytest.mark.slow
+def test_finetune_vocoder_on_two_ranks_trains_and_exports_the_chain_from_rank_0(store):
+    from pipeline.stages.pretrain_vocoder import PretrainVocoder
+
+    common = ["batch_size=2", "data.segment_seconds=0.5", "trainer.log_interval=1", "tracking.system_metrics=false",
+              "trainer.max_steps=4", "validation.interval=2", "checkpoint.save_interval=2"]
+    assert run_stage(TrainAdapter, ["ssl=tiny", "adapter.bottleneck=16", *common]) == EXIT_OK
+    assert run_stage(PretrainVocoder, ["ssl=tiny", "vocoder=tiny", *common]) == EXIT_OK
+    client = MlflowClient()
+    adapter, vocoder = stage_runs(client)[0].info.run_id, stage_runs(client, "pretrain_vocoder")[0].info.run_id
+    proc = torchrun(store, "finetune_vocoder", f"adapter_run={adapter}", f"vocoder_run={vocoder}", *common)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    (run,) = stage_runs(client, "finetune_vocoder")
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert [s for s, _ in loss_history(client, run.info.run_id)] == [1, 2, 3, 4]
+    state = torch.load(download_checkpoint(client, run.info.run_id, 4, store / "ckpt") / "state.pt",
+                       weights_only=True)
+    assert len(state["rank_rng"]) == 2
+    assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}  # the chain, exported by rank 0

@@ -486,18 +486,20 @@ def _run_rank(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     if code != EXIT_OK:
         return code
     startup.mark("config")
-    cfg, resume = plan.cfg, plan.resume
+    cfg = plan.cfg
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch_deterministic()
     seed_everything(int(cfg.seed) + dist.rank)  # rank 0 draws what one process would; the others their own streams
     precision = replace(plan.precision, device=dist.device(plan.precision.device))
-    stage = stage_cls(cfg, precision, inputs=plan.inputs, resuming=resume is not None, dist=dist)
-    try:
-        stage.build()
-    except (ValueError, OSError) as err:
-        log.error("%s", err)
-        code = EXIT_BAD_INPUT
+    # Rank 0 builds first: what it pins while building (finetune_vocoder's adapter checkpoint step) is what the
+    # other ranks then build with, even if an input run commits a newer checkpoint in between.
+    stage, inputs = None, plan.inputs
+    if dist.is_main:
+        stage, code = _build(stage_cls, plan, precision, dist, inputs)
+    code, inputs = dist.broadcast((code, stage.inputs if stage else inputs))
+    if code == EXIT_OK and not dist.is_main:
+        stage, code = _build(stage_cls, plan, precision, dist, inputs)
     code = max(dist.all_gather(code))  # a rank that cannot build stops them all
     if code != EXIT_OK:
         return code
@@ -519,6 +521,18 @@ def _run_rank(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     finally:
         if ctx.lease is not None:
             ctx.lease.release()
+
+
+def _build(stage_cls: type[Stage], plan: JobPlan, precision: Precision, dist: Dist,
+           inputs: dict[str, str]) -> tuple[Stage | None, int]:
+    """The stage with its parts built, or the exit code of why it cannot be."""
+    stage = stage_cls(plan.cfg, precision, inputs=inputs, resuming=plan.resume is not None, dist=dist)
+    try:
+        stage.build()
+    except (ValueError, OSError) as err:
+        log.error("%s", err)
+        return None, EXIT_BAD_INPUT
+    return stage, EXIT_OK
 
 
 def _open(client: MlflowClient, stage: Stage, plan: JobPlan) -> tuple[RunContext | None, int]:
