@@ -795,7 +795,8 @@ def main(stage_cls: type[Stage]) -> None:
     dist = Dist.from_env()
     setup_logging(dist.rank)
     try:
-        code = run_stage(stage_cls, elastic_argv(sys.argv[1:]))
+        argv = sys.argv[1:]
+        code = run_stage(stage_cls, elastic_argv(argv) if dist.is_main else argv)  # rank 0 plans the job
     finally:
         dist.shutdown()
     if code == EXIT_STOPPED and max_restarts() > 0:
