@@ -44,9 +44,10 @@ def command(stage: str, nproc: int, torchrun: str, args: list[str]) -> list[str]
 
 def parse(argv: list[str]) -> tuple[str, int, str, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m pipeline.launcher", description=__doc__.splitlines()[0])
-    parser.add_argument("--nproc", default="1", help="processes per machine (torchrun --nproc_per_node); 1: no torchrun")
-    parser.add_argument("--torchrun", default="", help="more torchrun options, e.g. '--nnodes=2 --rdzv-endpoint=host:29400 "
-                        "--max-restarts=3'")
+    parser.add_argument("--nproc", default="1",
+                        help="processes per machine (torchrun --nproc_per_node); 1: no torchrun")
+    parser.add_argument("--torchrun", default="",
+                        help="more torchrun options, e.g. '--nnodes=2 --rdzv-endpoint=host:29400 --max-restarts=3'")
     parser.add_argument("stage", choices=[*sorted(TRAINING_STAGES), "sweep"], help="the training stage, or sweep "
                         "(every trial on all the processes)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the stage's words: overrides, resume_run=...")

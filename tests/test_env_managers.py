@@ -28,7 +28,8 @@ def test_mlflow_run_with_uv_builds_the_environment_from_the_project_files_and_tr
                           cwd=store, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     command = next(line for line in proc.stderr.splitlines() if "=== Running command" in line)
-    assert "/.mlflow/envs/" in command and "bin/activate && python -m pipeline.train_adapter" in command, command
+    assert "/.mlflow/envs/" in command, command
+    assert "bin/activate && python -m pipeline.launcher --nproc=1 --torchrun='' train_adapter" in command, command
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("train_adapter").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.project.env"] == "uv"

@@ -60,6 +60,7 @@ from pipeline.engine.launch import parse_launch
 from pipeline.engine.resume import ResumeError, RunCheckpoints
 from pipeline.engine.stage import Precision
 from pipeline.engine.trainer import Engine
+from pipeline.launcher import parse
 from pipeline.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,10 @@ def as_mlflow_passes(words: list[str]) -> list[str]:
     param = " ".join(shlex.quote(word) for word in words)
     command = _entry_point().compute_command({"overrides": param}, tempfile.gettempdir())
     argv = shlex.split(command)
-    assert argv[:3] == ["python", "-m", f"pipeline.{STAGE}"], command
-    return argv[3:]
+    assert argv[:3] == ["python", "-m", "pipeline.launcher"], command
+    stage, nproc, torchrun, args = parse(argv[3:])  # the launcher then runs python -m pipeline.<stage> <args>
+    assert (stage, nproc, torchrun) == (STAGE, 1, ""), command
+    return args
 
 
 def hydra_quote(text: str) -> str:

@@ -691,7 +691,8 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                     store.close()
                     metrics.flush(wait=True)
                 except StorageError as err:
-                    _log_storage_failure(client, err, ctx.run_id, resume_command(stage.name, ctx.run_id, ctx.nproc), pos.step)
+                    _log_storage_failure(client, err, ctx.run_id, resume_command(stage.name, ctx.run_id, ctx.nproc),
+                                         pos.step)
                     status, code = "FAILED", EXIT_STORAGE
                 except LeaseLost:
                     code = EXIT_FAILED
