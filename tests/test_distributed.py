@@ -30,9 +30,17 @@ VOCODER = ["ssl=tiny", "vocoder=tiny", "batch_size=2", "data.segment_seconds=0.5
            "checkpoint.save_interval=2"]
 
 
-def torchrun(workdir: Path, stage: str, *args: str, options: str = "") -> subprocess.Popen:
-    """``torchrun --nproc_per_node=2 --standalone [options] -m pipeline.<stage> ARGS``, stderr readable."""
-    return subprocess.Popen(command(stage, 2, options, list(args)), cwd=workdir, env=env_for(workdir),
+# Every batch 0.2 s slower (no change to what it computes): a signal sent after step k lands well before the end.
+SLOW_STEPS = "data.batch=sleep:0.2"
+
+
+def torchrun(workdir: Path, stage: str, *args: str, options: str = "", faults: str = "") -> subprocess.Popen:
+    """``torchrun --nproc_per_node=2 --standalone [options] -m pipeline.<stage> ARGS``, stderr readable;
+    ``faults`` arms fault points (PIPELINE_FAULTS) in every rank."""
+    env = env_for(workdir)
+    if faults:
+        env["PIPELINE_FAULTS"] = faults
+    return subprocess.Popen(command(stage, 2, options, list(args)), cwd=workdir, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -49,7 +57,7 @@ def worker(launcher: subprocess.Popen, rank: int) -> psutil.Process:
 
 def stop_and_resume(store: Path, stage: str, args: list[str], stop_after: str, total: int):
     """A 2-rank job sent SIGTERM at the launcher after ``stop_after``, then resumed with torchrun; returns the run."""
-    proc = torchrun(store, stage, *args)
+    proc = torchrun(store, stage, *args, faults=SLOW_STEPS)
     read_until(proc, stop_after)
     proc.send_signal(signal.SIGTERM)
     rest = proc.stderr.read()
@@ -153,7 +161,7 @@ def test_two_ranks_stopped_by_sigterm_at_torchrun_resume_bit_identical_in_the_sa
 
 @pytest.mark.slow
 def test_an_elastic_restart_after_a_rank_is_killed_resumes_the_same_run_by_itself(store, reference):
-    proc = torchrun(store, "train_adapter", *TINY, *STEPS, options="--max-restarts=1")
+    proc = torchrun(store, "train_adapter", *TINY, *STEPS, options="--max-restarts=1", faults=SLOW_STEPS)
     read_until(proc, "step 12/20")  # past the checkpoint at step 10
     worker(proc, 1).send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
