@@ -572,11 +572,7 @@ def _run_study(argv: list[str]) -> int:
 
 
 def main() -> None:
-    try:
-        code = run_sweep(sys.argv[1:])
-    finally:
-        Dist.from_env().shutdown()
-    exit_now(code)
+    exit_now(run_sweep(sys.argv[1:]), Dist.from_env())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ What the engine does with it, in one place each:
 from __future__ import annotations
 
 import datetime
+import functools
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -92,7 +94,9 @@ class Dist:
         log.info("Rank %d of %d joined the process group (%s)", self.rank, self.world_size, backend)
 
     def shutdown(self) -> None:
+        """Leave the process group, once the DDP wrappers of the job's stages are freed."""
         if self.enabled and tdist.is_initialized():
+            gc.collect()  # a stage's DDP wrappers hold the group; free them while it still exists
             tdist.destroy_process_group()
 
     def wrap(self, module: nn.Module, ignore: list[str] | None = None) -> nn.Module:
@@ -161,9 +165,10 @@ def under_elastic_agent() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+@functools.lru_cache(maxsize=1)
 def _rendezvous_store():
-    """A client of the store torchrun's agent keeps for the whole job (it outlives every restarted group),
-    or None where the workers do not share the agent's store."""
+    """This process's one client of the store torchrun's agent keeps for the whole job (it outlives every
+    restarted group), or None where the workers do not share the agent's store."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         return None
     return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,

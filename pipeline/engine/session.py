@@ -783,11 +783,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int, dist: Dist | None = None) -> None:
     """End the process with ``code``; after an abort (a second signal), without waiting for the checkpoint
-    upload thread: the user asked to stop now. Only command-line entry points call this."""
-    if code == EXIT_ABORTED:
+    upload thread: the user asked to stop now. Only command-line entry points call this.
+
+    A torchrun worker leaves the process group first and then exits without the interpreter's clean-up:
+    everything of the run is stored and ended by then, and a gloo or DDP object freed during that clean-up can
+    abort the process ("terminate called without an active exception"), which torchrun reports as a failure."""
+    if dist is not None and dist.enabled:
+        dist.shutdown()
+    if code == EXIT_ABORTED or (dist is not None and dist.enabled):
         logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
 
@@ -795,16 +803,13 @@ def exit_now(code: int) -> None:
 def main(stage_cls: type[Stage]) -> None:
     dist = Dist.from_env()
     setup_logging(dist.rank)
-    try:
-        argv = sys.argv[1:]
-        code = run_stage(stage_cls, elastic_argv(argv) if dist.is_main else argv)  # rank 0 plans the job
-    finally:
-        dist.shutdown()
+    argv = sys.argv[1:]
+    code = run_stage(stage_cls, elastic_argv(argv) if dist.is_main else argv)  # rank 0 plans the job
     if code == EXIT_STOPPED and max_restarts() > 0:
         # torchrun's agent restarts a group whose worker exits non-zero: a run stopped on purpose (the stop tag, a
         # pruned trial) would be resumed at once. The run's status (KILLED) and stopped_by tag say it was stopped.
         code = EXIT_OK
-    exit_now(code)
+    exit_now(code, dist)
 
 
 # --------------------------------------------------------------------------------------------
