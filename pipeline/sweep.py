@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 import optuna
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -378,6 +379,20 @@ def parent_run_for(client: MlflowClient, study: optuna.Study, created: bool, sta
     return parent
 
 
+def set_shared_tag(client: MlflowClient, run_id: str, key: str, value: str, tries: int = 3) -> None:
+    """``set_tag`` on a run that other workers write too (the study's parent run). MLflow's SQL store inserts a
+    tag it did not find a moment before, so two workers setting the same new tag at once collide on the tag's
+    primary key (seen with PostgreSQL); the loser writes again, which is then an update."""
+    for attempt in range(1, tries + 1):
+        try:
+            client.set_tag(run_id, key, value)
+            return
+        except MlflowException as err:
+            if attempt == tries or "unique" not in str(err).lower():
+                raise
+            log.info("Tag %s of run %s was written by another worker at the same moment; writing it again", key, run_id)
+
+
 def summarise(client: MlflowClient, study: optuna.Study, parent: str, metric: str) -> None:
     """Best trial, a table of all trials and Optuna's plots, on the parent run."""
     trials = study.get_trials(deepcopy=False)
@@ -396,8 +411,8 @@ def summarise(client: MlflowClient, study: optuna.Study, parent: str, metric: st
              "", f"Trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed", ""]
     if completed:
         best = study.best_trial
-        client.set_tag(parent, tag.BEST_TRIAL, str(best.number))
-        client.set_tag(parent, tag.BEST_RUN_ID, best.user_attrs.get("mlflow_run_id", ""))
+        set_shared_tag(client, parent, tag.BEST_TRIAL, str(best.number))
+        set_shared_tag(client, parent, tag.BEST_RUN_ID, best.user_attrs.get("mlflow_run_id", ""))
         client.log_metric(parent, f"best/{metric}", best.value, step=len(trials))
         client.log_text(parent, json.dumps({"number": best.number, "value": best.value, "params": best.params,
                                             "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}, indent=2),
@@ -406,7 +421,7 @@ def summarise(client: MlflowClient, study: optuna.Study, parent: str, metric: st
                   f"`{best.user_attrs.get('mlflow_run_id')}`", "", "| parameter | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in best.params.items()]
     _log_plots(client, study, parent, len(completed))
-    client.set_tag(parent, tag.NOTE, "\n".join(lines))
+    set_shared_tag(client, parent, tag.NOTE, "\n".join(lines))
 
 
 def _log_plots(client: MlflowClient, study: optuna.Study, parent: str, completed: int) -> None:

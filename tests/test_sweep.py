@@ -257,3 +257,34 @@ def test_a_sweep_over_a_stage_that_builds_on_runs_takes_them_as_launch_arguments
     spec = SweepSpec(metric="val/mel", space={"optim.lr": "loguniform(1e-5, 1e-3)"})
     space = validate(stage_class("finetune_vocoder"), spec, ["adapter_run=a1", "vocoder_run=v1", "batch_size=4"])
     assert set(space) == {"optim.lr"}
+
+
+def test_a_tag_two_workers_write_at_once_is_written_again_after_the_primary_key_collision(store):
+    """Seen with PostgreSQL: two workers finishing together both insert `best.trial` on the parent run; the loser's
+    insert fails on the tag's primary key. The loser writes again (an update now); other errors still raise."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.sweep import set_shared_tag
+
+    real = MlflowClient()
+    run_id = real.create_run(real.create_experiment("e")).info.run_id
+    collision = MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint '
+                                '"tag_pk"')
+
+    class RacingClient:
+        def __init__(self, failures):
+            self.failures, self.calls = list(failures), 0
+
+        def set_tag(self, run, key, value):
+            self.calls += 1
+            if self.failures:
+                raise self.failures.pop(0)
+            real.set_tag(run, key, value)
+
+    racing = RacingClient([collision])
+    set_shared_tag(racing, run_id, "best.trial", "2")
+    assert racing.calls == 2 and real.get_run(run_id).data.tags["best.trial"] == "2"
+    with pytest.raises(MlflowException, match="other failure"):
+        set_shared_tag(RacingClient([MlflowException("other failure")]), run_id, "best.trial", "3")
+    with pytest.raises(MlflowException, match="unique constraint"):
+        set_shared_tag(RacingClient([collision] * 3), run_id, "best.trial", "3")
