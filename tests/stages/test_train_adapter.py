@@ -421,9 +421,10 @@ def test_stop_tag_stops_mlflow_run_within_seconds_and_the_run_resumes(store):
                                                  "validation.interval=1000"])]
     # stderr goes to a file, not a pipe nobody reads: one log line per step would fill a pipe and block the job
     log = store / "job.log"
+    client = MlflowClient()
+    client.search_experiments()  # the store's tables first: two processes creating them at once collide
     with open(log, "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=store, env=env_for(store), stdout=subprocess.DEVNULL, stderr=stderr)
-    client = MlflowClient()
     try:
         run = wait_for(lambda: next(iter(r for r in stage_runs(client) if r.data.metrics.get("train/loss")), None),
                        timeout=300, what="first metrics", proc=proc, log=log)
