@@ -70,7 +70,8 @@ def test_main_twice_trains_the_chain_once_then_reuses_every_step(store):
     for step in STEPS:
         step_run = client.get_run(ids[step][0])
         assert step_run.data.tags["mlflow.parentRunId"] == main_id
-        link = f"[{step_run.info.run_name}](/#/experiments/{step_run.info.experiment_id}/runs/{ids[step][0]})"
+        page = f"/#/experiments/{step_run.info.experiment_id}/runs/{ids[step][0]}?workflowType=machine_learning"
+        link = f"[{step_run.info.run_name}]({page})"
         assert link in main_run.data.tags["mlflow.note.content"]
         assert f"/#/experiments/{step_run.info.experiment_id}/runs?workflowType=machine_learning" in first.stdout
     run = client.get_run(finetuned)

@@ -56,8 +56,8 @@ from pipeline.engine import status_guard
 from pipeline.engine.stage import Precision, Stage
 from pipeline.engine.stopping import AbortTraining, StopController
 from pipeline.engine.tracking import (AccessError, MetricLogger, TagWriter, access_error, check_access, copy_history,
-                                      dashboard_hint, default_run_name, describe_run, latest_steps, log_dataset_inputs,
-                                      resume_command, start_or_adopt_run)
+                                      dashboard_hint, default_run_name, describe_run, ensure_runs_view, latest_steps,
+                                      log_dataset_inputs, resume_command, start_or_adopt_run)
 from pipeline.engine.trainer import DataWorkerDied, Engine, NonFiniteTraining, Position
 
 log = logging.getLogger(__name__)
@@ -604,6 +604,7 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
 
     run = client.get_run(ctx.run_id)
     ctx.experiment_id = run.info.experiment_id
+    ensure_runs_view(client, ctx.experiment_id)  # the columns the experiment's links open
     shown = {"progress": run.data.tags.get(tag.PROGRESS, ""), "latest": run.data.tags.get(tag.CHECKPOINT_LATEST)}
 
     def description() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -292,11 +293,43 @@ def ui_base() -> str:
     return urlunsplit((uri.scheme, uri.hostname + (f":{uri.port}" if uri.port else ""), uri.path.rstrip("/"), "", ""))
 
 
-def ui_url(experiment_id: str, run_id: str | None = None, base: str | None = None) -> str:
-    """A link into the MLflow UI: the experiment's runs table (``workflowType=machine_learning``, so a fresh
-    browser does not land in the GenAI overview) or a run's page. ``base`` defaults to ``ui_base()``: with
-    a local store the link stays relative to whatever serves the UI."""
-    view = f"runs/{run_id}" if run_id else "runs?workflowType=machine_learning"
+# The runs table as the pipeline's links open it: an MLflow "shared view" stored as an experiment tag
+# (``mlflow.sharedViewState.<key>``, what the UI's Share button writes), named by ``viewStateShareKey``.
+RUNS_VIEW_KEY = "speech-pipeline-runs"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+RUNS_VIEW_COLUMNS = [f"tags.`{tag.PROGRESS}`", "metrics.`val/loss`", "metrics.`val/mel`", "metrics.`val/cer`",
+                     "metrics.`val/wer`", "metrics.`train/loss`", f"tags.`{tag.MODEL}`", f"tags.`{tag.DATASET}`",
+                     f"tags.`{tag.CHECKPOINT_LATEST}`"]  # a metric no run of the experiment logs shows no column
+RUNS_VIEW = json.dumps({"selectedColumns": RUNS_VIEW_COLUMNS, "columnOrder": RUNS_VIEW_COLUMNS,
+                        "columnWidths": {f"tags.`{tag.PROGRESS}`": 300},
+                        "orderByKey": "attributes.start_time", "orderByAsc": False}, sort_keys=True)
+# ``workflowType``: a fresh browser would otherwise open the UI's GenAI pages (traces, no runs, "Agent versions").
+ML_VIEW = "workflowType=machine_learning"
+
+
+def ensure_runs_view(client: MlflowClient, experiment_id: str) -> None:
+    """Store the runs table view the experiment links open (progress, validation and training loss, model,
+    dataset, latest checkpoint as columns) in the experiment, once. Never fails a job: a link without its
+    view still opens the runs table, with the UI's default columns after a notice."""
+    try:
+        if client.get_experiment(experiment_id).tags.get(RUNS_VIEW_TAG) != RUNS_VIEW:
+            client.set_experiment_tag(experiment_id, RUNS_VIEW_TAG, RUNS_VIEW)
+    except Exception as err:
+        log.warning("Could not store the runs table view in experiment %s (%s); its links show MLflow's "
+                    "default columns", experiment_id, first_line(err))
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, base: str | None = None, page: str = "") -> str:
+    """A link into the MLflow UI, in its model-training pages: the experiment's runs table in the pipeline's
+    view (``ensure_runs_view``) or another of its pages (``page="models"``, the Models tab), or a run's
+    page (``page``: one of its tabs, such as ``artifactPath/checkpoints/index.csv``). ``base`` defaults to
+    ``ui_base()``: with a local store the link stays relative to whatever serves the UI."""
+    if run_id:
+        view = f"runs/{run_id}{'/' + page if page else ''}?{ML_VIEW}"
+    elif page:
+        view = f"{page}?{ML_VIEW}"
+    else:
+        view = f"runs?{ML_VIEW}&viewStateShareKey={RUNS_VIEW_KEY}"
     return f"{(ui_base() if base is None else base).rstrip('/')}/#/experiments/{experiment_id}/{view}"
 
 
@@ -343,7 +376,8 @@ def describe_run(
         lines += [f"Effective batch: {batch}", ""]
     if experiment_id:
         lines += [f"[All runs of this experiment]({ui_url(experiment_id)}) · "
-                  f"[checkpoints]({ui_url(experiment_id, run_id)}/artifactPath/checkpoints/index.csv)", ""]
+                  f"[checkpoints]({ui_url(experiment_id, run_id, page='artifactPath/checkpoints/index.csv')}) · "
+                  f"[checkpoints of every run, by metric]({ui_url(experiment_id, page='models')})", ""]
     lines += ["| attempt | started (UTC) | from | overrides | status |", "|---|---|---|---|---|"]
     for h in history:
         overrides = " ".join(redact(h.get("overrides") or [])) or "—"

@@ -1,8 +1,12 @@
 """The run's tags from a background thread (engine/tracking.py TagWriter), against a real tracking store."""
 
+import json
+import re
+
 from mlflow import MlflowClient
 
-from pipeline.engine.tracking import TagWriter, dashboard_hint, default_run_name, describe_run, ui_url
+from pipeline.engine.tracking import (RUNS_VIEW_TAG, TagWriter, dashboard_hint, default_run_name, describe_run,
+                                      ensure_runs_view, ui_url)
 
 
 def test_tags_are_stored_in_the_background_newest_value_wins_and_a_failed_send_is_retried(store):
@@ -29,15 +33,35 @@ def test_tags_are_stored_in_the_background_newest_value_wins_and_a_failed_send_i
     assert calls[-1] == {"progress": "Step 3/10"}
 
 
-def test_links_open_the_classic_runs_table_and_never_carry_credentials(monkeypatch):
+def test_links_open_the_model_training_pages_in_the_pipelines_view_and_never_carry_credentials(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret-pw@mlflow.example.org:8443/")
-    assert ui_url("7") == "https://mlflow.example.org:8443/#/experiments/7/runs?workflowType=machine_learning"
-    assert ui_url("7", "abc") == "https://mlflow.example.org:8443/#/experiments/7/runs/abc"
-    assert dashboard_hint("7", "abc") == "https://mlflow.example.org:8443/#/experiments/7/runs/abc"
+    base = "https://mlflow.example.org:8443/#/experiments/7"
+    assert ui_url("7") == f"{base}/runs?workflowType=machine_learning&viewStateShareKey=speech-pipeline-runs"
+    assert ui_url("7", "abc") == f"{base}/runs/abc?workflowType=machine_learning"
+    assert ui_url("7", "abc", page="artifactPath/x.csv") == \
+        f"{base}/runs/abc/artifactPath/x.csv?workflowType=machine_learning"
+    assert ui_url("7", page="models") == f"{base}/models?workflowType=machine_learning"
+    assert dashboard_hint("7", "abc") == f"{base}/runs/abc?workflowType=machine_learning"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x/mlflow.db")
-    assert ui_url("7") == "/#/experiments/7/runs?workflowType=machine_learning"  # within whatever serves the UI
-    assert dashboard_hint("7") == ("mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db, then open "
-                                   "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
+    # within whatever serves the UI
+    assert ui_url("7", "abc") == "/#/experiments/7/runs/abc?workflowType=machine_learning"
+    assert dashboard_hint("7") == (
+        "mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db, then open http://127.0.0.1:5000"
+        "/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=speech-pipeline-runs")
+
+
+def test_the_runs_view_is_stored_once_in_the_experiment_and_names_columns_the_ui_knows(store):
+    client = MlflowClient()
+    experiment = client.create_experiment("view")
+    ensure_runs_view(client, experiment)
+    stored = client.get_experiment(experiment).tags[RUNS_VIEW_TAG]
+    view = json.loads(stored)
+    assert view["selectedColumns"][0] == "tags.`progress`" and "metrics.`val/loss`" in view["selectedColumns"]
+    assert all(re.fullmatch(r"(tags|metrics|params|attributes)\.`[^`]+`", c) for c in view["selectedColumns"])
+    client.set_experiment_tag(experiment, RUNS_VIEW_TAG, "{}")  # an older view is replaced
+    ensure_runs_view(client, experiment)
+    assert client.get_experiment(experiment).tags[RUNS_VIEW_TAG] == stored
+    ensure_runs_view(client, "999")  # an experiment that is not there: a warning, never an error
 
 
 def test_the_description_starts_with_status_progress_checkpoint_and_the_resume_command():
@@ -47,7 +71,9 @@ def test_the_description_starts_with_status_progress_checkpoint_and_the_resume_c
     paragraphs = text.split("\n\n")
     assert paragraphs[0] == "**RUNNING** · step 40/100 · epoch 2 · latest checkpoint `checkpoints/step-00000040`"
     assert paragraphs[1] == "Resume: `mlflow run . -e train_adapter --env-manager local -P resume_run=r1`"
-    assert "(/#/experiments/3/runs?workflowType=machine_learning)" in text
+    assert "(/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=speech-pipeline-runs)" \
+        in text
+    assert "(/#/experiments/3/models?workflowType=machine_learning)" in text
     assert "| 1 | 2026-11-27T10:00:00Z | fresh | `token=***` |" in text
 
 

@@ -72,7 +72,7 @@ def test_while_it_trains_the_description_shows_the_progress_tag_in_its_first_lin
     run = client.get_run(seen["run"])
     assert run.info.run_name == f"{seen['run'][:6]}-tiny-demo"
     assert run.data.tags["mlflow.note.content"].startswith("**FINISHED** · step 12/12")
-    assert f"/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning" in \
+    assert f"/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=" in \
         run.data.tags["mlflow.note.content"]
 
 
@@ -87,7 +87,7 @@ def test_each_kept_checkpoint_is_a_logged_model_with_the_metrics_of_its_step(sto
     run_id = run.info.run_id
     models = client.search_logged_models([run.info.experiment_id], order_by=[
         {"field_name": "metrics.val/loss", "ascending": True}])
-    assert sorted(m.name for m in models) == [f"{run.info.run_name}-step-00000008", f"{run.info.run_name}-step-00000012"]
+    assert sorted(m.name for m in models) == [f"step-00000008-{run.info.run_name}", f"step-00000012-{run.info.run_name}"]
     val = dict(loss_history(client, run_id, "val/loss"))
     assert [float(m.params["step"]) for m in models] == sorted((8.0, 12.0), key=lambda s: val[int(s)])  # sorted
     for model in models:
