@@ -182,3 +182,16 @@ def _post(url: str, request) -> tuple[int, object]:
             return err.code, json.loads(text)
         except ValueError:
             return err.code, text
+
+
+def test_the_chain_is_a_logged_model_of_its_run_in_the_models_tab(chain):
+    """finetune_vocoder's model/ (the whole restoration chain) is listed in its experiment's Models tab,
+    pointing at the run's model/ with the metrics of its last step."""
+    client = MlflowClient()
+    run = client.get_run(chain["finetune"])
+    (final,) = [m for m in client.search_logged_models([run.info.experiment_id],
+                                                       f"source_run_id = '{chain['finetune']}'")
+                if m.model_type == "final-model"]
+    assert final.name == f"final-{run.info.run_name}" and final.status.name == "READY"
+    assert final.tags["checkpoint.uri"] == f"runs:/{chain['finetune']}/model"
+    assert {m.key: m.value for m in final.metrics}["train/mel"] == run.data.metrics["train/mel"]

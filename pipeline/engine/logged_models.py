@@ -1,13 +1,14 @@
 """Checkpoints in the experiment's Models tab (docs/architecture.md, Checkpoints as logged models).
 
-Each committed checkpoint becomes an MLflow 3 *logged model* of its run: named ``<run name>-step-<8 digits>``,
+Each committed checkpoint becomes an MLflow 3 *logged model* of its run: named ``step-<8 digits>-<run name>``
+(the Models tab cuts names off at the end, so the step comes first),
 with the key params (stage, model, dataset, step, epoch, learning rate, batch size, seed), the metrics of
 its step linked to it by ``model_id`` (so the Models tab can show and sort them), and the tag
 ``checkpoint.uri`` = ``runs:/<run>/checkpoints/step-<8 digits>``. The checkpoint's bytes stay where they
 are, in the run's artifacts: the logged model points at them instead of holding a second copy (MLflow
 would otherwise store each checkpoint twice, once per artifact location). Retention deletes the logged
 model of every checkpoint it deletes. A stage's final ``model/`` becomes one more logged model,
-``<run name>-final``, pointing at ``runs:/<run>/model``.
+``final-<run name>``, pointing at ``runs:/<run>/model``.
 
 The linked metrics are the very points the run logged (same key, value, step and timestamp): MLflow's
 SQL store keeps one copy of a point logged twice, so the run's charts do not get a second value per
@@ -38,9 +39,10 @@ URI_TAG = "checkpoint.uri"
 KEY_PARAMS = ("optim.lr", "batch_size", "seed")
 
 
-def model_name(run_name: str, suffix: str) -> str:
-    """A logged model name: MLflow refuses / : . % and quotes in it."""
-    return re.sub(r"[/:.%\"']", "_", f"{run_name}-{suffix}")
+def model_name(what: str, run_name: str) -> str:
+    """A logged model name, what it is first (``step-00000012-3fa9c1-tiny-demo``): MLflow refuses / : . % and
+    quotes in it."""
+    return re.sub(r"[/:.%\"']", "_", f"{what}-{run_name}")
 
 
 def links_metrics(tracking_uri: str) -> bool:
@@ -62,14 +64,14 @@ class CheckpointModels:
     def committed(self, step: int, row: dict[str, Any], metrics: list[Metric]) -> None:
         """List the checkpoint committed at ``step`` in the Models tab."""
         name = checkpoint_name(step)
-        self._create(model_name(self.run_name, name), MODEL_TYPE, step, metrics,
+        self._create(model_name(name, self.run_name), MODEL_TYPE, step, metrics,
                      params={"step": str(step), "epoch": f"{float(row.get('epoch', 0)):.4g}"},
                      tags={STEP_TAG: str(step), URI_TAG: f"runs:/{self.run_id}/{CHECKPOINT_DIR}/{name}"},
                      what=f"checkpoint {name}")
 
     def final(self, step: int, metrics: list[Metric]) -> None:
         """The stage's final ``model/`` (logged in the run's artifacts) as a logged model."""
-        self._create(model_name(self.run_name, "final"), FINAL_MODEL_TYPE, step, metrics, params={"step": str(step)},
+        self._create(model_name("final", self.run_name), FINAL_MODEL_TYPE, step, metrics, params={"step": str(step)},
                      tags={STEP_TAG: str(step), URI_TAG: f"runs:/{self.run_id}/model"}, what="the final model")
 
     def deleted(self, steps: list[int]) -> None:

@@ -255,7 +255,8 @@ def test_run_is_tagged_charted_and_listed_by_model_and_dataset(finished_run, cap
     assert sorted(steps["checkpoint"]) == sorted(str(int(r["name"].split("-")[1])) for r in rows)
     (final,) = [m for m in models if m.model_type == "final-model"]
     assert final.tags["checkpoint.uri"] == f"runs:/{finished_run}/model" and final.status.name == "READY"
-    assert final.name == f"{run.info.run_name}-final" and final.params["dataset"] == "demo"
+    assert final.name == f"final-{run.info.run_name}" and final.params["dataset"] == "demo"
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["demo"]  # the runs table's Dataset column
     assert {m.key: m.value for m in final.metrics}["val/cer"] == history(client, finished_run, "val/cer")[-1][1]
     samples = artifact_dir(client, finished_run) / "samples" / "step-00000006"
     page = (samples / "index.html").read_text(encoding="utf-8")
