@@ -18,6 +18,7 @@ log, so training never crashes mid-epoch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections import Counter, defaultdict
@@ -440,6 +441,30 @@ READERS: dict[str, Callable[..., list[Utterance]]] = {
     "fleurs_r": read_fleurs,  # FLEURS-R keeps FLEURS's layout
     "directory": read_directory,
 }
+
+
+def mlflow_dataset(location: str | Path, name: str, digest: str):
+    """An MLflow dataset (``mlflow.data``) for a run's inputs: ``location`` (a directory or an ``s3://`` URI)
+    says where the data lives, ``digest`` what it holds."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    location = str(location)
+    with warnings.catch_warnings():  # a local path matches two equivalent source kinds
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(location if "://" in location else str(Path(location).resolve()))
+    return MetaDataset(source=source, name=name, digest=digest)
+
+
+def corpus_dataset(name: str, root: str | Path | None, utterances: list[Utterance]):
+    """The utterances a job reads from a corpus, as an MLflow dataset named ``name`` (``data.name``). The
+    digest covers each utterance's ID and file size, not the audio bytes (a big corpus is not read twice
+    to name it): another subset, a file added, removed or re-encoded gives another digest."""
+    lines = sorted(f"{u.id}\t{Path(u.path).stat().st_size}" for u in utterances)
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    return mlflow_dataset(DEMO_DIR if root is None else root, name, digest)
 
 
 def read_corpus(fmt: str, root: str | Path | None, subsets: Optional[Iterable[str]] = None) -> list[Utterance]:

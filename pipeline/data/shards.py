@@ -36,6 +36,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from pipeline.data.corpus import mlflow_dataset
 from pipeline.data.datasets import TRAIN_STREAM, crop_or_pad, with_fault_point
 from pipeline.data.degrade import sample_rng
 from pipeline.files import sha256_file
@@ -205,15 +206,7 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 def shard_dataset(uri: str, manifest: dict[str, Any]):
     """The shard set as an MLflow dataset (source: where it lives; digest: what it holds)."""
-    import warnings
-
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    with warnings.catch_warnings():  # a local path matches two equivalent source kinds
-        warnings.simplefilter("ignore")
-        source = resolve_dataset_source(uri if "://" in uri else str(Path(uri).resolve()))
-    return MetaDataset(source=source, name=f"{manifest['corpus']['name']}-shards", digest=manifest_digest(manifest))
+    return mlflow_dataset(uri, f"{manifest['corpus']['name']}-shards", manifest_digest(manifest))
 
 
 # --------------------------------------------------------------------------------------------

@@ -145,6 +145,8 @@ class Stage:
         # how the engine reads the training set (pipeline.data.datasets.TrainSource): set by build(), e.g.
         # ShuffledBatches(self.train_set, seed) for a map-style set, or a shard stream
         self.train_source: Any = None
+        # what build() read, as an MLflow dataset (``mlflow.data``; the runs table's Dataset column and filter)
+        self.training_data: Any = None
 
     # --- to implement -------------------------------------------------------------------
     def tags(self) -> dict[str, str]:
@@ -197,7 +199,7 @@ class Stage:
 
     def dataset_inputs(self) -> list[Any]:
         """MLflow datasets (``mlflow.data``) this job trains on, logged as the run's inputs."""
-        return []
+        return [self.training_data] if self.training_data is not None else []
 
     def model_args(self) -> dict[str, Any]:
         """What is needed to rebuild the model (stored in every checkpoint's meta.json)."""

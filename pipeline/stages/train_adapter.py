@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import TrainAdapterConfig
-from pipeline.data.corpus import load_corpus_audio, read_corpus
+from pipeline.data.corpus import corpus_dataset, load_corpus_audio, read_corpus
 from pipeline.data.datasets import VAL_STREAM, DegradedPairs, ShuffledBatches
 from pipeline.data.degrade import OtherUtterances, degrade, sample_rng
 from pipeline.data.shards import ShardPairs, StreamingPairs, read_manifest, shard_dataset
@@ -63,6 +63,7 @@ class TrainAdapter(Stage):
         cfg = self.cfg
         utterances, waves = load_corpus_audio(read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets),
                                               cfg.ssl.sample_rate, max_clipped_fraction=cfg.data.max_clipped_fraction)
+        self.training_data = corpus_dataset(cfg.data.name, cfg.data.root, utterances)
         if len(waves) <= cfg.data.val_size:
             raise ValueError(f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(waves)} usable)")
         split = len(waves) - cfg.data.val_size
@@ -90,14 +91,11 @@ class TrainAdapter(Stage):
                              f"{cfg.ssl.name} encoder takes {cfg.ssl.sample_rate} Hz; run prepare_data with "
                              f"sample_rate={cfg.ssl.sample_rate}")
         self.dataset_name = manifest["corpus"]["name"]
-        self.shard_dataset = shard_dataset(cfg.data.root, manifest)
+        self.training_data = shard_dataset(cfg.data.root, manifest)
         self.train_set = self.train_source = StreamingPairs(cfg.data.root, manifest, segment, int(cfg.seed))
         self.val_set = ShardPairs(cfg.data.root, manifest, "val", segment)
         self.val_examples = [(s["key"], s["meta"].get("text", ""), s["clean"], s["noisy"], s["meta"]["degradation"])
                              for s in self.val_set.samples[: cfg.validation.num_samples]]
-
-    def dataset_inputs(self) -> list[Any]:
-        return [self.shard_dataset] if hasattr(self, "shard_dataset") else []
 
     def compute_loss(self, batch, model=None):
         """The feature loss; ``model`` runs the adapted forward pass (training passes its DDP wrapper)."""

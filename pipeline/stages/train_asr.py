@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONFIG_DIR, ConformerConfig, TrainAsrConfig
-from pipeline.data.corpus import AudioError, Utterance, check_audio, load_audio, read_corpus
+from pipeline.data.corpus import AudioError, Utterance, check_audio, corpus_dataset, load_audio, read_corpus
 from pipeline.data.datasets import ShuffledBatches, TranscribedSpeech, collate_padded
 from pipeline.engine import tags as tag
 from pipeline.engine.session import main
@@ -112,6 +112,7 @@ class TrainAsr(Stage):
         split = len(usable) - cfg.data.val_size
         train = usable[:split][: cfg.max_samples]
         self.val_utterances = usable[split:]
+        self.training_data = corpus_dataset(cfg.data.name, cfg.data.root, train + self.val_utterances)
         self.train_set = self._dataset(train)
         self.train_source = ShuffledBatches(self.train_set, int(cfg.seed), pin_memory=self.device.type == "cuda")
         self.val_set = self._dataset(self.val_utterances)

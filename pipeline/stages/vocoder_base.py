@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from pipeline.config import DegradationConfig, EncoderConfig
-from pipeline.data.corpus import Utterance, load_corpus_audio, read_corpus
+from pipeline.data.corpus import Utterance, corpus_dataset, load_corpus_audio, read_corpus
 from pipeline.data.datasets import TRAIN_STREAM, VAL_STREAM, ShuffledBatches
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine import tags as tag
@@ -160,6 +160,7 @@ class VocoderStage(Stage):
         rate_in, rate_out = cfg.ssl.sample_rate, cfg.vocoder.sample_rate
         utterances, waves_in = load_corpus_audio(read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets), rate_in,
                                                  max_clipped_fraction=cfg.data.max_clipped_fraction)
+        self.training_data = corpus_dataset(cfg.data.name, cfg.data.root, utterances)
         waves_out = waves_in if rate_out == rate_in else load_corpus_audio(utterances, rate_out)[1]
         if len(waves_in) <= cfg.data.val_size:
             raise ValueError(f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(waves_in)} usable)")

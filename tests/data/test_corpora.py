@@ -11,6 +11,7 @@ from pipeline.data.corpus import (
     AudioError,
     CorpusError,
     Utterance,
+    corpus_dataset,
     load_audio,
     load_corpus_audio,
     read_corpus,
@@ -299,3 +300,17 @@ def test_asr_corpus_scan_skips_files_that_would_fail_mid_epoch(tmp_path):
     assert {u.id for u in kept} == set(good) | {"clipped"}  # ASR keeps clipped audio
     for utt in kept:
         load_audio(utt.path, RATE)  # what the dataset does mid-epoch
+
+
+def test_a_corpus_as_an_mlflow_dataset_is_named_by_its_files_and_the_digest_follows_them(tmp_path):
+    for name in ("a", "b", "c"):
+        write_wav(tmp_path / "wavs" / f"{name}.wav")
+    utterances = read_corpus("directory", tmp_path)
+    dataset = corpus_dataset("mine", tmp_path, utterances)
+    assert dataset.name == "mine" and dataset.source.to_dict()["uri"] == str(tmp_path.resolve())
+    assert corpus_dataset("mine", tmp_path, list(reversed(utterances))).digest == dataset.digest  # order-free
+    assert corpus_dataset("mine", tmp_path, utterances[:2]).digest != dataset.digest  # another selection
+    write_wav(tmp_path / "wavs" / "c.wav", tone(seconds=0.3))  # a file re-encoded or replaced
+    assert corpus_dataset("mine", tmp_path, read_corpus("directory", tmp_path)).digest != dataset.digest
+    demo = corpus_dataset("demo", None, read_corpus("ljspeech", None))
+    assert demo.source.to_dict()["uri"].endswith("pipeline/data/demo")  # the embedded demo corpus

@@ -149,6 +149,8 @@ def test_pretrain_run_tracks_both_optimizers_and_keeps_only_trainable_weights(st
     tags, run_id = run.data.tags, run.info.run_id
     assert (tags["model"], tags["model.preset"], tags["dataset"], tags["encoder"], tags["encoder.layer"]) == (
         "hifigan", "tiny", "demo", "tiny", "2")
+    (trained_on,) = run.inputs.dataset_inputs  # the runs table's Dataset column
+    assert trained_on.dataset.name == "demo" and trained_on.tags[0].value == "training"
     for key in (*TRAIN_KEYS, "grad_norm/generator", "grad_norm/discriminator", "lr/generator", "lr/discriminator"):
         assert [s for s, _ in loss_history(client, run_id, key)] == [1, 2, 3, 4], key
     assert [s for s, _ in loss_history(client, run_id, "val/mel")] == [4]
