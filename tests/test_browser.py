@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from mlflow import MlflowClient
 
 from conftest import PYTHON, REPO, TINY, env_for, read_until
 from pipeline.engine.session import EXIT_OK, EXIT_STOPPED
+from pipeline.engine.tracking import ui_url
 
 pytestmark = pytest.mark.slow
 
@@ -83,9 +85,15 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
-def _run_url(d, suffix: str = "") -> str:
+def _run_url(d, page: str = "") -> str:
+    """The link the pipeline gives to the run's page (or one of its tabs)."""
     run = d["run"]
-    return f"{d['server'].uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{suffix}"
+    return ui_url(run.info.experiment_id, run.info.run_id, base=d["server"].uri, page=page)
+
+
+def _description_link(d, name: str) -> str:
+    """Where a link of the run's description goes."""
+    return re.search(rf"\[{re.escape(name)}\]\(([^)]+)\)", d["run"].data.tags["mlflow.note.content"]).group(1)
 
 
 def test_the_run_page_shows_status_progress_checkpoint_and_resume_command_before_show_more(dashboard):
@@ -102,10 +110,14 @@ def test_the_run_page_shows_status_progress_checkpoint_and_resume_command_before
     assert resume.first.is_visible()  # among the lines shown before "Show more"
     assert page.get_by_text("Show more").first.is_visible()
     link = page.get_by_role("link", name="All runs of this experiment")
-    assert link.get_attribute("href").endswith(
-        f"/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning")
-    # the run's logged models (its checkpoints) are listed on its page
-    assert page.get_by_text(f"{run.info.run_name}-step-00000012").first.is_visible()
+    assert link.get_attribute("href") == ui_url(run.info.experiment_id, base=dashboard["server"].uri)
+    # the run's logged models (its checkpoints) are listed on its page, and what it trained on
+    assert page.get_by_text(f"step-00000012-{run.info.run_name}").first.is_visible()
+    # the model-training pages (the GenAI ones list "Agent versions" where these list "Models")
+    assert page.get_by_role("link", name="Models", exact=True).first.is_visible()
+    assert page.get_by_text("Agent versions").count() == 0
+    (dataset,) = run.inputs.dataset_inputs
+    assert page.get_by_text(f"demo ({dataset.dataset.digest})").first.is_visible()
 
 
 def test_the_train_loss_chart_has_one_point_per_step_across_the_resume(dashboard):
@@ -118,7 +130,7 @@ def test_the_train_loss_chart_has_one_point_per_step_across_the_resume(dashboard
             fetched.append(response.json())
 
     page.on("response", on_response)
-    page.goto(_run_url(dashboard, "/model-metrics"))
+    page.goto(_run_url(dashboard, "model-metrics"))
     page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot, canvas, svg.main-svg').length > 0")
     for _ in range(100):
         if fetched:
@@ -134,7 +146,7 @@ def test_the_train_loss_chart_has_one_point_per_step_across_the_resume(dashboard
 
 def test_a_listening_page_plays_and_shows_its_spectrograms_in_the_artifact_viewer(dashboard):
     page = dashboard["page"]
-    page.goto(_run_url(dashboard, "/artifactPath/samples/step-00000012/index.html"))
+    page.goto(_run_url(dashboard, "artifactPath/samples/step-00000012/index.html"))
     frame = None
     for _ in range(200):
         frame = next((f for f in page.frames if f.url.startswith("blob:")), None)
@@ -154,20 +166,40 @@ def test_a_listening_page_plays_and_shows_its_spectrograms_in_the_artifact_viewe
 def test_the_checkpoints_appear_in_the_experiments_models_tab(dashboard):
     page, run, client = dashboard["page"], dashboard["run"], dashboard["client"]
     kept = sorted(m.name for m in client.search_logged_models([run.info.experiment_id]))
-    assert f"{run.info.run_name}-step-00000012" in kept
-    page.goto(f"{dashboard['server'].uri}/#/experiments/{run.info.experiment_id}/models")
+    assert f"step-00000012-{run.info.run_name}" in kept
+    page.goto(_description_link(dashboard, "checkpoints of every run, by metric"))
     page.get_by_text(kept[0]).first.wait_for()
     _shot(page, "models-tab")
+    assert page.get_by_role("heading", name="Models").first.is_visible()  # the model-training page
     for name in kept:
         assert page.get_by_text(name).first.is_visible(), name
 
 
-def test_the_experiment_link_opens_the_runs_table(dashboard):
+def test_the_checkpoint_index_shows_every_column_in_the_artifact_viewer(dashboard):
+    """Every kept checkpoint a row, with its created time shown (MLflow's table left ISO times blank)."""
+    page = dashboard["page"]
+    page.goto(_description_link(dashboard, "checkpoints"))
+    page.get_by_text("Previewing the first").wait_for()
+    _shot(page, "checkpoint-index")
+    header = page.evaluate("() => [...document.querySelectorAll('[role=columnheader], th')].map(h => h.innerText)")
+    assert header[:7] == ["name", "step", "epoch", "created", "size", "model", "dataset"], header
+    rows = page.evaluate("() => [...document.querySelectorAll('[role=row], tr')].map(r => r.innerText.split('\\t'))")
+    rows = [r for r in rows if r[0].startswith("step-")]
+    stored = dashboard["client"].list_artifacts(dashboard["run"].info.run_id, "checkpoints")
+    assert [r[0] for r in rows] == sorted(Path(f.path).name for f in stored if f.is_dir), rows
+    for row in rows:  # the created time is shown, not left blank
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", row[3]), row
+
+
+def test_the_experiment_link_opens_the_runs_table_with_progress_and_losses(dashboard):
     page, run = dashboard["page"], dashboard["run"]
-    page.goto(f"{dashboard['server'].uri}/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning")
+    page.goto(_description_link(dashboard, "All runs of this experiment"))
     page.get_by_text(run.info.run_name).first.wait_for()
+    page.get_by_role("columnheader", name="progress").first.wait_for()
     _shot(page, "runs-table")
-    assert page.get_by_text(run.info.run_name).first.is_visible()
+    for column in ("progress", "val/loss", "train/loss"):  # the pipeline's view, no column to add by hand
+        assert page.get_by_role("columnheader", name=column).first.is_visible(), column
+    assert page.get_by_text(run.data.tags["progress"]).first.is_visible()
 
 
 def test_setting_stop_requested_in_the_tag_editor_stops_a_running_run(dashboard):
@@ -177,7 +209,7 @@ def test_setting_stop_requested_in_the_tag_editor_stops_a_running_run(dashboard)
     try:
         read_until(job, "step 3/100000")
         (run,) = client.search_runs([client.get_experiment_by_name("stop-from-browser").experiment_id])
-        page.goto(f"{server.uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+        page.goto(ui_url(run.info.experiment_id, run.info.run_id, base=server.uri))
         page.get_by_role("button", name="Edit tags").click()
         dialog = page.get_by_role("dialog")
         dialog.get_by_role("combobox").fill("stop_requested")
