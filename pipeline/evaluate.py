@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 from pipeline import metrics as M
 from pipeline.config import CONFIG_DIR, ConfigError, DataConfig, DegradationConfig, parse_key_values, split_overrides
-from pipeline.data.corpus import AudioError, CorpusError, audio_files, load_audio, read_channels, read_corpus
+from pipeline.data.corpus import (AudioError, CorpusError, LoadReport, audio_files, load_audio, read_channels,
+                                  read_corpus)
 from pipeline.data.datasets import VAL_STREAM
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine import tags as tag
@@ -117,6 +118,22 @@ def test_utterances(cfg: EvaluateConfig):
     return utterances[-cfg.test_size:]
 
 
+def check_usable(paths: list[Path], what: str, advice: str) -> None:
+    """Read every file of the test set once: files that are not usable audio are counted by reason and
+    skipped later; AudioError (one message: the counts, an example, ``advice``) when none is usable."""
+    report = LoadReport(len(paths))
+    for path in paths:
+        try:
+            read_channels(path)
+        except AudioError as err:
+            report.skip(err)
+    if sum(report.skipped.values()) == len(paths):
+        example = next(iter(report.examples.values()))[0]
+        raise AudioError(f"Nothing to evaluate: none of the {len(paths)} audio files of {what} is usable "
+                         f"({report.summary()}; e.g. {example}). {advice}", "missing")
+    report.log()
+
+
 # --------------------------------------------------------------------------------------------
 # What is evaluated
 # --------------------------------------------------------------------------------------------
@@ -155,7 +172,10 @@ def chain_items(chain, cfg: EvaluateConfig) -> list[Item]:
     degradation = _preset("degradation", cfg.degradation, DegradationConfig)
     items = []
     for index, utt in enumerate(tqdm(test_utterances(cfg), desc="restore", unit="file", disable=not sys.stderr.isatty())):
-        clean = load_audio(utt.path, chain.rate_in)
+        try:
+            clean = load_audio(utt.path, chain.rate_in)
+        except AudioError:
+            continue  # counted and logged by check_usable
         noisy, _ = degrade(clean, chain.rate_in, degradation, sample_rng(cfg.seed, 0, index, VAL_STREAM))
         noisy = noisy.float()
         items.append(Item(Path(utt.id).name, utt.text, {
@@ -170,14 +190,11 @@ def noisy_items(chain, cfg: EvaluateConfig) -> list[Item]:
     for path in tqdm(audio_files(cfg.noisy_dir), desc="restore", unit="file", disable=not sys.stderr.isatty()):
         try:
             audio, rate = read_channels(path)
-        except AudioError as err:
-            log.warning("Skipped %s", err)
-            continue
+        except AudioError:
+            continue  # counted and logged by check_usable
         mono = audio.mean(dim=0)
         items.append(Item(path.name, "", {"input": _to_16k(mono, rate),
                                           "restored": _to_16k(chain.restore(mono, rate), chain.rate_out)}))
-    if not items:
-        raise AudioError(f"no usable audio in {cfg.noisy_dir}", "missing")
     return items
 
 
@@ -185,7 +202,10 @@ def asr_items(cfg: EvaluateConfig) -> list[Item]:
     degradation = _preset("degradation", cfg.degradation, DegradationConfig)
     items = []
     for index, utt in enumerate(test_utterances(cfg)):
-        clean = load_audio(utt.path, M.RATE)
+        try:
+            clean = load_audio(utt.path, M.RATE)
+        except AudioError:
+            continue  # counted and logged by check_usable
         noisy, _ = degrade(clean, M.RATE, degradation, sample_rng(cfg.seed, 0, index, VAL_STREAM))
         items.append(Item(Path(utt.id).name, utt.text, {"clean": clean.numpy(), "degraded": noisy.float().numpy()}))
     return items
@@ -306,9 +326,13 @@ def plan(cfg: EvaluateConfig, client: MlflowClient, workdir: Path) -> Plan:
     if transcriber is not None:
         what.update(asr_run=asr_run, asr_step=str(transcriber.step))
     if mode == "noisy":
-        what["noisy_files"] = ",".join(f"{p}:{p.stat().st_size}" for p in audio_files(cfg.noisy_dir))
-    else:
-        test_utterances(cfg)  # a missing corpus or a too small one
+        files = audio_files(cfg.noisy_dir)
+        what["noisy_files"] = ",".join(f"{p}:{p.stat().st_size}" for p in files)
+        check_usable(files, f"noisy_dir={cfg.noisy_dir}", "Give a directory of recordings that soundfile reads "
+                     "(WAV, FLAC, OGG, MP3), not empty, silent or NaN.")
+    else:  # a missing corpus, a too small one, or one whose test files cannot be read
+        check_usable([utt.path for utt in test_utterances(cfg)], f"the last test_size={cfg.test_size} utterances of "
+                     f"data={cfg.data}", "Check the corpus (data_root=) or choose another data= or test_size=.")
     return Plan(cfg, mode, what, evaluation_key(what, cfg), chain, transcriber, asr_run)
 
 

@@ -13,19 +13,26 @@ features exist at a time; the input and the output waveforms are held whole.
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import logging
 import math
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import soundfile as sf
 import torch
-import torchaudio.functional as AF
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from omegaconf import OmegaConf
+from scipy.signal import resample_poly
 from tqdm import tqdm
 
 from pipeline.config import AdapterConfig, EncoderConfig, VocoderConfig
@@ -194,9 +201,7 @@ class RestorationChain:
         channels = audio[None] if audio.dim() == 1 else audio
         restored = []
         for channel in channels:
-            channel = channel.float()
-            if rate != self.rate_in:
-                channel = AF.resample(channel, rate, self.rate_in)
+            channel = resample(channel.float(), rate, self.rate_in)
             restored.append(self.restore_mono(channel, progress))
         out = torch.stack(restored)
         return out[0] if audio.dim() == 1 else out
@@ -242,78 +247,175 @@ def as_numpy(wave: torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 MODEL_NAME = "speech-restoration"  # the Model Registry name main registers chains under
-MAX_SECONDS = 600.0  # longest audio one request may carry (model config max_seconds)
+MAX_SECONDS = 60.0  # longest audio one request may carry (model config max_seconds)
+MIN_RATE, MAX_RATE = 8000, 192000  # the sample rates (Hz) a request may have
+MAX_CHANNELS = 2  # channels of a file sent as audio_base64 (mixed down to one)
+FILE_MAGIC = (b"RIFF", b"RF64", b"fLaC")  # how the WAV, RF64 and FLAC files audio_base64 takes begin
+LONG_FILES = "restore long files with pipeline.restore"  # what a too-long request is told to do instead
+SEND_AUDIO = "send the audio itself: audio_base64 (a WAV or FLAC file, base64-encoded) or audio (float samples) " \
+             "with sample_rate"
 
 
-class RequestError(ValueError):
-    """A request the served model refuses (HTTP 400): the message says what is wrong with it."""
+class RequestError(MlflowException):
+    """A request the model refuses: HTTP 400 (500 with ``internal=True``) whose body is this message alone.
+
+    The scoring server of ``mlflow models serve`` puts the whole request in front of an MlflowException's
+    message ("Failed to predict data '<request>'") and a stack trace into the answer to any other
+    exception; this one serializes as its own message only, so an answer never repeats the request, a
+    path on the server or a traceback."""
+
+    def __init__(self, message: str, internal: bool = False):
+        super().__init__(message, error_code=INTERNAL_ERROR if internal else INVALID_PARAMETER_VALUE)
+        self.reason = message
+
+    def serialize_as_json(self) -> str:
+        return json.dumps({"error_code": self.error_code, "message": self.reason})
 
 
-def _request_error(message: str):
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+def resample(wave: torch.Tensor, rate: int, target: int) -> torch.Tensor:
+    """A mono waveform from ``rate`` to ``target`` Hz with a polyphase filter (scipy's ``resample_poly``).
+    Its memory is the waveforms and a filter of 20 x max(rate, target) / gcd taps (3.8 M taps, 161 MB at its
+    peak while it is designed, for 191999 Hz), where torchaudio's sinc kernel grows with the product of the
+    reduced rates (4.1 GiB and 20 s for one second at 16001 Hz; the polyphase filter: 15 MB and 0.1 s)."""
+    if rate == target:
+        return wave
+    g = math.gcd(rate, target)
+    return torch.from_numpy(resample_poly(wave.numpy(), target // g, rate // g).astype(np.float32))
 
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+def _given(value) -> bool:
+    """A request field that is there: not absent, None or NaN (what pandas fills in for a missing one)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
-def request_audio(model_input, max_seconds: float) -> list[tuple[torch.Tensor, int]]:
-    """(waveform, rate) per row of a request: ``audio`` (float samples) with ``sample_rate``, or ``path``."""
-    import pandas as pd
+def _rate(value, row: int) -> int:
+    """A sample rate that is a whole number of Hz in [MIN_RATE, MAX_RATE]; 16000.5 or "16k" is refused,
+    not truncated into some rate silently."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not (number and math.isfinite(value) and float(value).is_integer() and MIN_RATE <= value <= MAX_RATE):
+        raise RequestError(f"row {row}: sample_rate must be a whole number of Hz from {MIN_RATE} to {MAX_RATE}")
+    return int(value)
 
+
+def _check_length(row: int, samples: int, rate: int, max_seconds: float, long_files: str = LONG_FILES) -> None:
+    if samples > max_seconds * rate:
+        raise RequestError(f"row {row}: {samples / rate:.1f} s of audio is longer than this model's limit of "
+                           f"{max_seconds:g} s; send shorter pieces, or {long_files}")
+
+
+def _samples(row: int, audio, rate, max_seconds: float, long_files: str = LONG_FILES) -> tuple[np.ndarray, int]:
+    """``audio``: one channel of float samples (a list; an array locally) at ``sample_rate``."""
+    rate = _rate(rate, row)
+    if isinstance(audio, (str, bytes)) or not hasattr(audio, "__len__"):
+        raise RequestError(f"row {row}: audio must be a list of float samples (one channel)")
+    _check_length(row, len(audio), rate, max_seconds, long_files)  # before anything is converted
+    try:
+        samples = np.asarray(audio, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise RequestError(f"row {row}: audio must be a list of float samples (one channel)") from None
+    if samples.ndim != 1:
+        raise RequestError(f"row {row}: audio must be one channel of samples (a flat list)")
+    return samples, rate
+
+
+def _file_bytes(row: int, value, max_seconds: float, long_files: str = LONG_FILES) -> tuple[np.ndarray, int]:
+    """``audio_base64``: a WAV or FLAC file's bytes, base64-encoded (raw bytes locally), mixed down to one
+    channel. The length is checked on the header and at most ``max_seconds`` (+1 frame) is decoded."""
+    if isinstance(value, str):
+        try:
+            data = base64.b64decode(value, validate=True)
+        except ValueError:  # binascii.Error
+            raise RequestError(f"row {row}: audio_base64 is not valid base64") from None
+    elif isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    else:
+        raise RequestError(f"row {row}: audio_base64 must be a WAV or FLAC file's bytes, base64-encoded")
+    if data[:4] not in FILE_MAGIC:
+        raise RequestError(f"row {row}: audio_base64 is not a WAV or FLAC file")
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate = _rate(f.samplerate, row)
+            if f.channels > MAX_CHANNELS:
+                raise RequestError(f"row {row}: the file has {f.channels} channels; send at most {MAX_CHANNELS}")
+            _check_length(row, f.frames, rate, max_seconds, long_files)
+            frames = f.read(int(max_seconds * rate) + 1, dtype="float32", always_2d=True)
+    except RequestError:
+        raise
+    except Exception:  # soundfile raises LibsndfileError, RuntimeError, TypeError
+        raise RequestError(f"row {row}: audio_base64 is not a readable WAV or FLAC file") from None
+    _check_length(row, len(frames), rate, max_seconds, long_files)  # a header that understates the length
+    return frames.mean(axis=1), rate
+
+
+def _file(row: int, value, allow_paths: bool) -> tuple[np.ndarray, int]:
+    """``path``: an audio file on this machine, mixed down to one channel; only where the model config says
+    ``allow_paths`` (local ``mlflow.pyfunc.load_model``), refused before the path is looked at otherwise."""
     from pipeline.data.corpus import AudioError, read_channels
+
+    if not allow_paths:
+        raise RequestError(f"row {row}: this model does not read files on its machine; {SEND_AUDIO}")
+    if not isinstance(value, (str, Path)) or not Path(value).is_file():  # a FIFO or a device would block
+        raise RequestError(f"row {row}: path must name a regular audio file, got {value!r}")
+    try:
+        audio, rate = read_channels(value)
+    except AudioError as err:
+        raise RequestError(f"row {row}: {err}") from None
+    return audio.mean(dim=0).numpy(), rate
+
+
+def request_audio(model_input, max_seconds: float, allow_paths: bool = False,
+                  long_files: str = LONG_FILES) -> list[tuple[torch.Tensor, int]]:
+    """One channel of audio and its rate per row of a request: ``audio`` (float samples) with
+    ``sample_rate``, ``audio_base64`` (a WAV or FLAC file), or ``path`` (only with ``allow_paths``).
+    Every row is checked before any is used: RequestError says what is wrong with which row (``long_files``:
+    what a too-long request is told to do instead)."""
+    import pandas as pd
 
     if isinstance(model_input, dict):
         model_input = pd.DataFrame(model_input if all(isinstance(v, list) for v in model_input.values()) else [model_input])
     if not isinstance(model_input, pd.DataFrame) or model_input.empty:
-        raise RequestError("expected a DataFrame with rows of audio (float samples) and sample_rate, or path")
+        raise RequestError(f"expected a DataFrame with one row per recording; {SEND_AUDIO}")
     out = []
     for i, row in enumerate(model_input.to_dict("records")):
-        path, audio = row.get("path"), row.get("audio")
-        if isinstance(path, str) and path:
-            try:
-                wave, rate = read_channels(path)
-            except AudioError as err:
-                raise RequestError(f"row {i}: {err}") from None
-        elif audio is not None:
-            rate = row.get("sample_rate")
-            whole = isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool) \
-                and float(rate).is_integer() and rate > 0
-            if not whole:  # 16000.5 or "16k" must not be truncated into some rate silently
-                raise RequestError(f"row {i}: sample_rate must be a positive whole number of Hz, got {rate!r}")
-            try:
-                samples = np.asarray(audio, dtype=np.float32)
-            except (TypeError, ValueError):
-                raise RequestError(f"row {i}: audio must be a list of float samples") from None
-            if samples.ndim != 1:
-                raise RequestError(f"row {i}: audio must be one channel of samples (a flat list)")
-            if samples.size == 0:
-                raise RequestError(f"row {i}: audio is empty")
-            if not np.isfinite(samples).all():
-                raise RequestError(f"row {i}: audio contains NaN or infinite samples")
-            wave, rate = torch.from_numpy(samples.copy()), int(rate)
+        given = [key for key in ("audio", "audio_base64", "path") if _given(row.get(key))]
+        if len(given) != 1:
+            raise RequestError(f"row {i}: give exactly one of audio_base64 (a WAV or FLAC file, base64-encoded) or "
+                               "audio (float samples) with sample_rate")
+        if given == ["audio"]:
+            samples, rate = _samples(i, row["audio"], row.get("sample_rate"), max_seconds, long_files)
+        elif given == ["audio_base64"]:
+            samples, rate = _file_bytes(i, row["audio_base64"], max_seconds, long_files)
         else:
-            raise RequestError(f"row {i}: give audio (float samples) with sample_rate, or path")
-        seconds = wave.shape[-1] / rate
-        if seconds > max_seconds:
-            raise RequestError(f"row {i}: {seconds:.1f} s of audio is longer than this model's limit of {max_seconds:g} s")
-        out.append((wave, rate))
+            samples, rate = _file(i, row["path"], allow_paths)
+            _rate(rate, i)
+            _check_length(i, len(samples), rate, max_seconds, long_files)
+        if samples.size == 0:
+            raise RequestError(f"row {i}: audio is empty")
+        if not np.isfinite(samples).all():
+            raise RequestError(f"row {i}: audio contains NaN or infinite samples")
+        out.append((torch.from_numpy(np.array(samples, dtype=np.float32)), rate))
     return out
 
 
 class ChainModel(mlflow.pyfunc.PythonModel):
     """The ``model/`` of a finetune_vocoder run and the ``speech-restoration`` registered model.
 
-    Input: a DataFrame with ``audio`` (a list of float samples, one channel) and ``sample_rate`` (Hz), or
-    ``path`` (an audio file on the serving machine). Output: a DataFrame with ``audio`` (the restored
-    samples) and ``sample_rate`` (the vocoder's rate). A bad request (not audio, empty, NaN, too long,
-    a sample_rate that is not a whole number) raises an error that the scoring server answers with 400.
-    The weights are two verified checkpoints loaded with ``weights_only=True``; device ``cpu`` unless
+    Input: a DataFrame with, per row, ``audio_base64`` (a WAV or FLAC file's bytes, base64-encoded; mono or
+    stereo, mixed down) or ``audio`` (a list of float samples, one channel) with ``sample_rate`` (Hz). Output:
+    a DataFrame with ``audio`` (the restored samples, one channel) and ``sample_rate`` (the vocoder's rate).
+    ``path`` (an audio file on this machine) is read only where the model config says ``allow_paths``:
+    ``mlflow.pyfunc.load_model(uri, model_config={"allow_paths": True})``; a served model refuses it.
+    A bad request (not audio, empty, NaN, longer than ``max_seconds``, a sample rate that is not a whole
+    number from 8 to 192 kHz) is answered with 400 and one short message; requests are restored one at a
+    time. The weights are two verified checkpoints loaded with ``weights_only=True``; device ``cpu`` unless
     the model config says otherwise.
     """
 
     def load_context(self, context) -> None:
         config = dict(context.model_config or {})
         self.max_seconds = float(config.get("max_seconds", MAX_SECONDS))
+        self.allow_paths = config.get("allow_paths") is True  # only a real true: "false" is not
+        self.lock = threading.Lock()  # one request's audio in the chain at a time: memory of one request
         precision = Precision.from_config(str(config.get("device", "cpu")), str(config.get("precision", "32")))
         self.chain = RestorationChain.from_checkpoints(
             Path(context.artifacts["adapter"]), Path(context.artifacts["vocoder"]), precision,
@@ -323,10 +425,16 @@ class ChainModel(mlflow.pyfunc.PythonModel):
         import pandas as pd
 
         try:
-            requests = request_audio(model_input, self.max_seconds)
+            requests = request_audio(model_input, self.max_seconds, self.allow_paths)
+            with self.lock:
+                restored = [self.chain.restore(wave, rate).numpy().astype(np.float64).tolist() for wave, rate in requests]
         except RequestError as err:
-            raise _request_error(str(err)) from None
-        restored = [self.chain.restore(wave, rate).numpy().astype(np.float64).tolist() for wave, rate in requests]
+            log.warning("Refused a request: %s", err.reason)
+            raise
+        except Exception:
+            log.exception("Restoring a request failed")
+            raise RequestError("the model failed to restore this request; the server's log says why",
+                               internal=True) from None
         return pd.DataFrame({"audio": restored, "sample_rate": [self.chain.rate_out] * len(restored)})
 
 
@@ -342,11 +450,10 @@ def save_chain_model(source: ChainCheckpoints, out_dir: Path, max_seconds: float
     verify(source.adapter_dir)
     verify(source.vocoder_dir)
     signature = ModelSignature(
-        inputs=Schema([ColSpec(Array(DataType.double), "audio", required=False),
-                       # any, not long or double: a long column would truncate 16000.5 before predict sees it, a
-                       # double one refuses plain integers; predict checks it is a positive whole number
-                       ColSpec(AnyType(), "sample_rate", required=False),
-                       ColSpec(DataType.string, "path", required=False)]),
+        # any type: predict checks every field itself and answers with one short message, where MLflow's own
+        # conversion would answer with the request in its message (and would truncate 16000.5 in a long column)
+        inputs=Schema([ColSpec(AnyType(), name, required=False)
+                       for name in ("audio_base64", "audio", "sample_rate", "path")]),
         outputs=Schema([ColSpec(Array(DataType.double), "audio"), ColSpec(DataType.long, "sample_rate")]))
     rate = int(verify(source.vocoder_dir)["model_args"]["ssl"]["sample_rate"])
     example = pd.DataFrame({"audio": [[0.0] * (rate // 10)], "sample_rate": [rate]})
@@ -355,5 +462,6 @@ def save_chain_model(source: ChainCheckpoints, out_dir: Path, max_seconds: float
         str(out_dir), python_model=str(Path(__file__).with_name("restoration_model.py")),
         artifacts={"adapter": str(source.adapter_dir), "vocoder": str(source.vocoder_dir)},
         signature=signature, input_example=example, metadata=dict(source.metadata),
-        model_config={"max_seconds": max_seconds, "device": "cpu", "precision": "32", "chunk_seconds": 10.0},
+        model_config={"max_seconds": max_seconds, "device": "cpu", "precision": "32", "chunk_seconds": 10.0,
+                      "allow_paths": False},
         pip_requirements=[f"{p}=={metadata.version(p)}" for p in packages])

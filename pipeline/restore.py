@@ -8,7 +8,8 @@ Every audio file soundfile reads (any rate, mono or multichannel; each channel i
 becomes a WAV file at the vocoder's rate under the same relative path in ``output``. Long files are
 restored in chunks (``chunk_seconds``, cross-faded; see pipeline/restoration.py). Unreadable, empty,
 silent or NaN files are skipped and listed with the reason, existing outputs are kept unless
-``overwrite=true``, and input files are never written. ``output/restore-summary.csv`` lists every file.
+``overwrite=true``, and input files are never written. ``output/restore-summary.csv`` lists every file;
+when no input is usable the command exits with code 2 and one message counting the reasons.
 Bad arguments (unknown run, a run of another stage or without a checkpoint, a missing input, an output
 inside the input) give one message and exit code 2 before anything is written.
 """
@@ -20,6 +21,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -165,15 +167,20 @@ def restore_files(chain, planned: dict, cfg: RestoreConfig) -> list[dict]:
 
 
 def report(rows: list[dict], output: Path) -> int:
+    """Log what was restored and skipped; EXIT_BAD_INPUT, with one message, when no input was usable."""
     restored = [r for r in rows if r["status"] == "restored"]
     skipped = [r for r in rows if r["status"] != "restored"]
+    unusable = [r for r in skipped if not r["reason"].startswith("output exists")]
+    if rows and len(unusable) == len(rows):
+        reasons = Counter(r["reason"].split(":")[0] for r in unusable)
+        log.error("Nothing restored: none of the %d audio files is usable (%s; e.g. %s). The reason for each file is "
+                  "in %s. Give audio files that soundfile reads (WAV, FLAC, OGG, MP3), not empty, silent or NaN.",
+                  len(rows), ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items())),
+                  unusable[0]["reason"].split(": ", 1)[-1], output / SUMMARY)
+        return EXIT_BAD_INPUT
     log.info("Restored %d of %d files into %s (list: %s)", len(restored), len(rows), output, output / SUMMARY)
     for r in skipped:
         log.warning("Skipped %s: %s", r["input"], r["reason"])
-    unusable = [r for r in skipped if not r["reason"].startswith("output exists")]
-    if rows and len(unusable) == len(rows):
-        log.error("No file could be restored: every input was unusable")
-        return EXIT_BAD_INPUT
     return EXIT_OK
 
 

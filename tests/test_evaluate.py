@@ -109,7 +109,22 @@ def test_evaluate_an_asr_run_and_real_noisy_recordings(chain, asr_run, tmp_path)
 
 def test_bad_input_gives_one_message_exit_2_and_no_run(chain, tmp_path, capfd):
     client = MlflowClient()
+    unusable = tmp_path / "unusable"  # recordings of which none can be scored
+    unusable.mkdir()
+    (unusable / "broken.wav").write_bytes(b"RIFF nope")
+    (unusable / "notes.flac").write_text("not audio")
+    sf.write(unusable / "silent.wav", np.zeros(8000), 16000)
+    corpus = tmp_path / "corpus"  # an LJSpeech layout whose test files are broken or missing
+    (corpus / "wavs").mkdir(parents=True)
+    (corpus / "metadata.csv").write_text("a|one\nb|two\nc|three\n")
+    (corpus / "wavs" / "b.wav").write_bytes(b"RIFF nope")
     cases = [
+        ([f"run_id={chain['finetune']}", f"noisy_dir={unusable}"],
+         f"Nothing to evaluate: none of the 3 audio files of noisy_dir={unusable} is usable "
+         "(silent: 1, unreadable: 2; e.g. "),
+        ([f"run_id={chain['finetune']}", "data=ljspeech", f"data_root={corpus}", "test_size=2"],
+         "none of the 2 audio files of the last test_size=2 utterances of data=ljspeech is usable "
+         "(missing: 1, unreadable: 1"),
         ([f"run_id={'0' * 32}"], "not found in the tracking store"),
         ([f"run_id={chain['adapter']}"], "is a train_adapter run, not a finetune_vocoder run"),
         ([f"run_id={chain['finetune']}", "data=nope"], "data='nope': no such preset"),
@@ -122,5 +137,6 @@ def test_bad_input_gives_one_message_exit_2_and_no_run(chain, tmp_path, capfd):
     for args, message in cases:
         capfd.readouterr()
         assert evaluate(args) == EXIT_BAD_INPUT, args
-        assert message in capfd.readouterr().err, message
+        err = capfd.readouterr().err
+        assert message in err and "Traceback" not in err, (message, err[-2000:])
     assert snapshot(client) == before
