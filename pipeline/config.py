@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, InterpolationValidationError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -532,24 +535,36 @@ def parse_key_values(schema: type, argv: list[str]):
     return schema(**OmegaConf.to_container(cfg))
 
 
+# meta.json key: true when the checkpoint's config is stored as written (``to_container``); earlier releases stored
+# it resolved, so a checkpoint without the key is read back with ``from_container(..., as_written=False)``.
+STORED_AS_WRITTEN = "config_as_written"
+
+
 def to_container(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)
+    """The config as it is logged (params, ``config/config.yaml``), stored (every checkpoint's meta.json),
+    hashed and compared on resume: every value as written, so an interpolation (``${oc.env:VAR}``,
+    ``${oc.decode:...}``, any resolver, ``${other.key}``) is kept unresolved, since what it resolves to may be
+    a secret (the job itself uses the resolved value; a resume resolves it again), and secrets masked
+    (``redact``). ``from_container`` reads it back."""
+    return redact(OmegaConf.to_container(cfg, resolve=False))
 
 
-def from_container(stage_schema: type, data: dict[str, Any]) -> DictConfig:
-    """Rebuild a typed config from a plain dict (e.g. a checkpoint's stored config). Launch arguments
-    that earlier releases stored as keys are dropped (``legacy_launch_values`` reads them)."""
+def from_container(stage_schema: type, data: dict[str, Any], as_written: bool = True) -> DictConfig:
+    """Rebuild a typed config from a plain dict (e.g. a checkpoint's stored config): by default one stored as
+    written (``to_container``); ``as_written=False`` for a config an earlier release stored resolved, in which a
+    ``${`` is literal text. Launch arguments that earlier releases stored as keys are dropped
+    (``legacy_launch_values`` reads them)."""
     data = {key: value for key, value in data.items() if key not in LEGACY_LAUNCH_KEYS}
     if isinstance(data.get("checkpoint"), dict):
         data["checkpoint"] = {k: v for k, v in data["checkpoint"].items() if k != "resume_from"}
-    cfg = OmegaConf.merge(OmegaConf.structured(stage_schema), _literal_strings(data))
+    cfg = OmegaConf.merge(OmegaConf.structured(stage_schema), data if as_written else _literal_strings(data))
     OmegaConf.set_struct(cfg, True)
     return cfg
 
 
 def _literal_strings(data: Any) -> Any:
-    """A stored (resolved) config as OmegaConf input: a ``${`` in a string is literal text there, so it
-    is escaped (with the backslashes before it doubled) instead of read as an interpolation."""
+    """A config stored resolved (by an earlier release) as OmegaConf input: a ``${`` in a string is literal
+    text there, so it is escaped (with the backslashes before it doubled) instead of read as an interpolation."""
     if isinstance(data, dict):
         return {key: _literal_strings(value) for key, value in data.items()}
     if isinstance(data, list):
@@ -593,22 +608,109 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# --------------------------------------------------------------------------------------------
+# Values checked at start-up (session.check_settings, on a fresh start and on resume)
+# --------------------------------------------------------------------------------------------
+
+# Numbers whose wrong value fails only later (a crop of no samples, a poll loop that never waits, a lease taken
+# over while its job lives) or acts silently. A key the stage's config lacks is skipped; so is an unset value.
+POSITIVE_KEYS = ("batch_size", "checkpoint.save_interval", "trainer.log_interval", "trainer.max_steps",
+                 "trainer.epochs", "trainer.max_nonfinite_steps", "data.segment_seconds", "degradation.packet_ms",
+                 "light_max_seconds", "max_seconds", "tracking.outage_limit_seconds",
+                 "tracking.stop_poll_seconds", "tracking.lease_heartbeat_seconds", "tracking.lease_timeout_seconds")
+AT_LEAST_ZERO_KEYS = ("checkpoint.keep_last_n", "checkpoint.keep_best_k", "validation.interval",
+                      "validation.num_samples", "optim.warmup_steps", "optim.grad_clip", "optim.lr",
+                      "optim.weight_decay", "optim.min_lr_ratio", "loss.discriminator_lr", "data.val_size",
+                      "data.num_workers", "data.max_clipped_fraction", "tracking.flush_seconds")
+
+
+def check_values(schema: type, cfg: DictConfig) -> None:
+    """Refuse, naming the key and what to do, a setting whose interpolation does not resolve and a number out
+    of its range (``POSITIVE_KEYS``, ``AT_LEAST_ZERO_KEYS``); ``schema`` gives the defaults the message cites."""
+    _check_resolves(cfg)
+    defaults = OmegaConf.structured(schema)
+    for key in POSITIVE_KEYS + AT_LEAST_ZERO_KEYS:
+        value = OmegaConf.select(cfg, key)
+        positive = key in POSITIVE_KEYS
+        if value is not None and (value <= 0 if positive else value < 0):
+            default = OmegaConf.select(defaults, key)
+            raise ConfigError(f"{key}={value} must be {'positive' if positive else 'zero or more'}; pass "
+                              f"{key}=<a value {'above 0' if positive else 'of 0 or more'}>"
+                              + (f" (the default is {default})" if default is not None else " or leave it unset"))
+    heartbeat = OmegaConf.select(cfg, "tracking.lease_heartbeat_seconds")
+    timeout = OmegaConf.select(cfg, "tracking.lease_timeout_seconds")
+    if heartbeat is not None and timeout is not None and timeout <= heartbeat:
+        raise ConfigError(f"tracking.lease_timeout_seconds={timeout} must be longer than "
+                          f"tracking.lease_heartbeat_seconds={heartbeat}: a lease not renewed within the timeout is "
+                          "taken over, so another job could take the run from this live one between two heartbeats; "
+                          "raise the timeout or lower the heartbeat")
+
+
+def _check_resolves(cfg: DictConfig) -> None:
+    """Every interpolation resolves now, not when the job first reads the setting (maybe hours in, or never
+    for a setting that is only logged). The message never shows what a setting resolves to: it may be a secret."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as err:
+        key = err.full_key or "a setting"
+        written = flatten(to_container(cfg)).get(key)
+        setting = key if written is None else f"{key}={written}"
+        reason = ("what it resolves to does not fit the setting's type (not shown: it may be a secret)"
+                  if isinstance(err, InterpolationValidationError) else redact(str(err).splitlines()[0]))
+        raise ConfigError(f"{setting} cannot be resolved: {reason}. Set what it refers to (e.g. the environment "
+                          "variable), or give the value itself") from err
+
+
 SECRET_WORDS = ("password", "secret", "token", "access_key", "api_key", "credential")
+# Environment variables whose value is masked wherever it appears: names with a secret word, "passwd", or ending
+# in "key" (AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, HF_TOKEN, WANDB_API_KEY, ...), except those that name
+# a file or socket holding one (AWS_SHARED_CREDENTIALS_FILE, SSH_AUTH_SOCK): their value is a path.
+ENV_SECRET_WORDS = (*SECRET_WORDS, "passwd")
+ENV_PATH_SUFFIXES = ("_file", "_path", "_dir", "_sock")
+# Shorter values are not looked for: a variable such as HF_HUB_DISABLE_TOKEN=1 would mask every "1".
+MIN_SECRET_LENGTH = 8
 
 
-_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/\s@]+)@")  # scheme, user:password
 _SECRET_ASSIGNMENT = re.compile(r"([^\s=]*(?:" + "|".join(SECRET_WORDS) + r")[^\s=]*=)\S+", re.IGNORECASE)
+
+
+def secret_env_name(name: str) -> bool:
+    """Whether the environment variable ``name`` holds a secret (``ENV_SECRET_WORDS``)."""
+    lower = name.lower()
+    return ((any(word in lower for word in ENV_SECRET_WORDS) or lower.endswith("key"))
+            and not lower.endswith(ENV_PATH_SUFFIXES))
+
+
+def environment_secrets() -> list[str]:
+    """The secrets this process's environment holds, longest first: the values of variables named like a secret
+    and the passwords of URLs (``scheme://user:password@host``; a token given as the user), each at least
+    ``MIN_SECRET_LENGTH`` characters long."""
+    found = set()
+    for name, value in os.environ.items():
+        if secret_env_name(name):
+            found.add(value)
+        for match in _URL_CREDENTIALS.finditer(value):
+            found.add(match.group(2).partition(":")[2] or match.group(2))
+    return sorted((s for s in found if len(s) >= MIN_SECRET_LENGTH), key=len, reverse=True)
 
 
 def redact(value: Any) -> Any:
     """``value`` (a config, a list of overrides, a string) as it may be logged: the user:password of a
-    URL, the value of a key that names a secret and ``key=value`` words of such keys become ``***``."""
+    URL, the value of a key that names a secret, ``key=value`` words of such keys and any text equal to a
+    secret of the environment (``environment_secrets``) become ``***``."""
+    return _redact(value, environment_secrets())
+
+
+def _redact(value: Any, secrets: list[str]) -> Any:
     if isinstance(value, dict):
         return {key: "***" if isinstance(key, str) and any(w in key.lower() for w in SECRET_WORDS)
-                and value[key] not in (None, "") else redact(value[key]) for key in value}
+                and value[key] not in (None, "") else _redact(value[key], secrets) for key in value}
     if isinstance(value, (list, tuple)):
-        return type(value)(redact(item) for item in value)
+        return type(value)(_redact(item, secrets) for item in value)
     if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
         return _SECRET_ASSIGNMENT.sub(r"\1***", _URL_CREDENTIALS.sub(r"\1***@", value))
     return value
 
@@ -616,3 +718,21 @@ def redact(value: Any) -> Any:
 def mask_secrets(params: dict[str, Any]) -> dict[str, Any]:
     """Params as they may be logged (``redact``)."""
     return redact(dict(params))
+
+
+class RedactingFilter(logging.Filter):
+    """A log handler's filter: every record's text, traceback included, as it may be logged (``redact``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: the handler reports it as logging does
+            return True
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True

@@ -21,19 +21,25 @@ import hashlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import mlflow.projects
+import psutil
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, accepts, compose_config, route_overrides, split_overrides
+from pipeline.engine import launcher_watch
 from pipeline.engine import tags as tag
+from pipeline.engine.launcher_watch import note_stop_requested
 from pipeline.engine.checkpointing import code_version as git_commit
+from pipeline.engine.stopping import SECOND_SIGNAL_GRACE_S
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, NOTE_TAG, setup_logging
 from pipeline.engine.tracking import (LOCAL_UI, dashboard_hint, default_run_name, experiment_id, log_params,
                                       start_or_adopt_run, ui_base, ui_url)
@@ -143,21 +149,109 @@ def find_run(client: MlflowClient, experiment_id: str, step: str, params: dict[s
 
 class StepFailed(RuntimeError):
     def __init__(self, step: str, run_id: str, code: int):
-        super().__init__(f"step {step} (run {run_id}) ended with exit code {code}")
+        what = "was stopped" if code == EXIT_STOPPED else f"ended with exit code {code}"
+        super().__init__(f"step {step} (run {run_id}) {what}")
         self.step, self.run_id, self.code = step, run_id, code
+
+
+class ChainStopped(Exception):
+    """A stop signal reached main while no step was running."""
+
+
+class StopForwarder:
+    """main's handler of SIGINT, SIGTERM and SIGHUP. A step runs as an ``mlflow run`` process in a session of
+    its own, which no signal to main reaches: the signal is passed to the step's job (the ``mlflow run``
+    process's children; the ``mlflow run`` process itself before it has started one, whose end then stops
+    the job: engine/launcher_watch.py). The job stops as a job does (its checkpoint committed, its run
+    KILLED); main then ends its own run KILLED. A second signal within SECOND_SIGNAL_GRACE_S counts as the
+    same request (Ctrl-C reaches main from the terminal and again from `mlflow run`); a later one is passed
+    on too (it aborts the step). With no step running, main stops at once (ChainStopped)."""
+
+    def __init__(self):
+        self.step: subprocess.Popen | None = None  # the running step's `mlflow run` process
+        self.launching = False  # a step is being started: a signal now is passed on once it has started
+        self.requested = False
+        self._first_at: float | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopForwarder":
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # nohup
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        note_stop_requested()
+        now = time.monotonic()
+        if self._first_at is not None and now - self._first_at <= SECOND_SIGNAL_GRACE_S:
+            return
+        self._first_at = self._first_at or now
+        self.requested = True
+        if self.launching:
+            return  # launch() passes it on as soon as the step's process exists
+        if self.step is None or self.step.poll() is not None:
+            raise ChainStopped(name)
+        self.forward(signum)
+
+    def forward(self, signum: int) -> None:
+        try:
+            targets = psutil.Process(self.step.pid).children() or [psutil.Process(self.step.pid)]
+        except psutil.Error:
+            return  # the step has ended
+        log.warning("%s: passing it to the running step (pid %s); main stops when the step has committed its "
+                    "checkpoint", signal.Signals(signum).name, ", ".join(str(p.pid) for p in targets))
+        for proc in targets:
+            try:
+                proc.send_signal(signum)
+            except psutil.Error:
+                pass
+
+
+def wait_for_session(sid: int) -> None:
+    """Wait until no process of session ``sid`` is left (the step's job, after its `mlflow run` ended)."""
+    def alive() -> bool:
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == sid:
+                    return True
+            except OSError:
+                continue
+        return False
+
+    if alive():
+        log.info("Waiting for the step's job to end (session %d)", sid)
+        while alive():
+            time.sleep(0.5)
+
+
+STOPPER = StopForwarder()
 
 
 def launch(client: MlflowClient, step: str, params: dict[str, str], version: str, previous: str | None,
            main_run: str) -> str:
     """Run one entry point as an MLflow Project run (local environment) and wait for it."""
-    submitted = mlflow.projects.run(str(REPO), entry_point=step, parameters=params, env_manager="local",
-                                    experiment_name=step, synchronous=False)
+    STOPPER.launching = True
+    try:
+        submitted = mlflow.projects.run(str(REPO), entry_point=step, parameters=params, env_manager="local",
+                                        experiment_name=step, synchronous=False)
+        STOPPER.step = submitted.command_proc
+    finally:
+        STOPPER.launching = False
     run_id = submitted.run_id
     try:
-        ok = submitted.wait()
-    except KeyboardInterrupt:  # the step got the signal too: let it commit its checkpoint and end
-        ok = submitted.wait()
-    code = submitted.command_proc.returncode if hasattr(submitted, "command_proc") else (0 if ok else 1)
+        if STOPPER.requested:  # a signal came while the step was being started
+            STOPPER.forward(signal.SIGTERM)
+        ok = submitted.wait()  # a stop signal meanwhile is passed to the step (StopForwarder)
+    finally:
+        STOPPER.step = None
+    wait_for_session(submitted.command_proc.pid)  # `mlflow run` is a session leader (setsid)
+    code = submitted.command_proc.returncode
     # The job's own run: the launched one, or (on resume) the resumed one it logged into.
     job_run = params.get("resume_run") or run_id
     # nested under main's run: its page names main as parent (the step runs stay in their stages' experiments)
@@ -168,7 +262,10 @@ def launch(client: MlflowClient, step: str, params: dict[str, str], version: str
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
     if not ok:
-        raise StepFailed(step, job_run, code or EXIT_FAILED)
+        # `mlflow run` exits 1 for any failure, and sets the run FAILED until the job's status guard puts its
+        # KILLED back: a stopped job is told by the tag it sets before ending its run
+        stopped = tag.STOPPED_BY in client.get_run(job_run).data.tags
+        raise StepFailed(step, job_run, EXIT_STOPPED if stopped else code or EXIT_FAILED)
     return job_run
 
 
@@ -293,6 +390,12 @@ def report(client: MlflowClient, results: list[StepResult], main_run: str, model
 
 def main(argv: list[str]) -> int:
     setup_logging()
+    launcher_watch.watch()  # main stops, and stops its step, when `mlflow run -e main` is gone
+    with STOPPER:
+        return run_main(argv)
+
+
+def run_main(argv: list[str]) -> int:
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")  # `python` = ours
     try:
         cfg, words = load_main_config(split_overrides(argv))
@@ -311,6 +414,8 @@ def main(argv: list[str]) -> int:
     status, code = "FAILED", EXIT_FAILED
     try:
         results = run_chain(client, cfg, overrides, version, main_run)
+        if STOPPER.requested:  # the signal came as the last step ended
+            raise ChainStopped("a stop signal")
         model = register_chain(client, results[-1].run_id)
         if model:
             client.set_tag(main_run, tag.CHAIN_MODEL, model)
@@ -324,6 +429,9 @@ def main(argv: list[str]) -> int:
     except StepFailed as err:
         log.error("%s; run main again to resume it", err)
         status, code = ("KILLED", EXIT_STOPPED) if err.code == EXIT_STOPPED else ("FAILED", err.code)
+    except ChainStopped as err:
+        log.warning("Stopped by %s; run main again to go on", err)
+        status, code = "KILLED", EXIT_STOPPED
     finally:
         client.set_terminated(main_run, status)
     return code

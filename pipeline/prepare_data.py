@@ -57,11 +57,12 @@ def _key(utt_id: str, variant: int) -> str:
 
 
 def _open_run(client: MlflowClient, cfg: DictConfig) -> str:
+    written = to_container(cfg)  # as written: what an interpolation resolves to may be a secret
     return start_or_adopt_run(
         client, experiment=cfg.tracking.experiment or "prepare_data",
-        run_name=cfg.tracking.run_name or (lambda run_id: default_run_name(run_id, cfg.data.name, "shards")),
-        tags={tag.STAGE: "prepare_data", tag.DATASET: cfg.data.name, "output": cfg.output},
-        params=flatten(to_container(cfg)), launcher=os.environ.get("MLFLOW_RUN_ID"))
+        run_name=written["tracking"]["run_name"] or (lambda run_id: default_run_name(run_id, cfg.data.name, "shards")),
+        tags={tag.STAGE: "prepare_data", tag.DATASET: cfg.data.name, "output": written["output"]},
+        params=flatten(written), launcher=os.environ.get("MLFLOW_RUN_ID"))
 
 
 def prepare(cfg: DictConfig, client: MlflowClient, run_id: str) -> dict[str, Any]:

@@ -43,7 +43,9 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from pipeline.config import CONFIG_DIR, ConfigError, apply_overrides, compose_config, mask_secrets, split_overrides
 from pipeline.engine.distributed import Dist
 from pipeline.engine.launch import parse_launch
+from pipeline.engine import launcher_watch
 from pipeline.engine import tags as tag
+from pipeline.engine.launcher_watch import note_stop_requested
 from pipeline.engine.session import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, exit_now,
                                      run_stage, setup_logging)
 from pipeline.engine.stage import Stage
@@ -532,6 +534,7 @@ def _run_study(argv: list[str]) -> int:
     stop = {"requested": False}
 
     def between_trials(signum, frame):  # a trial installs its own handlers while it runs
+        note_stop_requested()
         stop["requested"] = True
         log.warning("%s received between trials: stopping the sweep", signal.Signals(signum).name)
 
@@ -587,6 +590,7 @@ def _run_study(argv: list[str]) -> int:
 
 
 def main() -> None:
+    launcher_watch.watch()  # the sweep stops (its trial with a checkpoint) when its launcher is gone
     exit_now(run_sweep(sys.argv[1:]), Dist.from_env())
 
 

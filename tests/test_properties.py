@@ -445,8 +445,8 @@ def unreachable(*args, **kwargs):
 @IN_STORE
 @given(stored_history(), policies, st.sampled_from([None, None, None, None, "listing", "index"]))
 def test_retention_in_a_real_store_deletes_only_indexed_unkept_checkpoints(store, history, policy, failure):
-    """CheckpointStore._apply_retention deletes exactly the indexed checkpoints up to the latest that the policy
-    does not keep: never one without an index row, never the latest; when the store cannot be read (listing the
+    """CheckpointStore._apply_retention deletes exactly the indexed checkpoints up to the latest that the policy,
+    ranking only the stored ones, does not keep: never one without an index row, never the latest; when the store cannot be read (listing the
     checkpoints, reading index.csv) nothing is deleted and the failure is raised, not read as an empty index."""
     stored, rows, latest = history
     client = MlflowClient()
@@ -479,8 +479,10 @@ def test_retention_in_a_real_store_deletes_only_indexed_unkept_checkpoints(store
         checkpoints._apply_retention(latest)
     finally:
         checkpoints.close()
-    keep = steps_to_keep(rows, policy, latest)
-    indexed = {int(r["step"]) for r in rows}
+    # only what the store holds is ranked: a row of a step not stored never pushes a stored one out of the best K
+    ranked = [r for r in rows if int(r["step"]) in set(stored)]
+    keep = steps_to_keep(ranked, policy, latest)
+    indexed = {int(r["step"]) for r in ranked}
     remaining = set(list_checkpoints(client, run_id))
     deleted = set(stored) - remaining
     event(f"deleted {min(len(deleted), 2)}{'+' if len(deleted) >= 2 else ''}, kept unindexed {len(set(stored) - indexed)}")

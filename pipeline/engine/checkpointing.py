@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,7 +43,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 from pipeline.engine import faults
 from pipeline.engine import tags as tag
-from pipeline.engine.outage import OUTAGE_LIMIT_S, StorageError, retry_until
+from pipeline.engine.outage import OUTAGE_LIMIT_S, NotRetried, StorageError, first_line, retry_until
 from pipeline.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ RESUME_META = ("stage", "step", "config")  # what a resume reads from meta.json 
 STATE_FILE, META_FILE = "state.pt", "meta.json"
 CHECKPOINT_DIR = "checkpoints"
 INDEX_FILE = f"{CHECKPOINT_DIR}/index.csv"
-SLOW_PREVIOUS_S = 1.0  # a checkpoint that waits longer than this for the previous one says so
+SLOW_PREVIOUS_S = 1.0
+REPORT_FAILED_DELETES = 3  # a retention delete failing this many commits in a row is logged as an error  # a checkpoint that waits longer than this for the previous one says so
 
 
 class CheckpointError(RuntimeError):
@@ -406,7 +408,7 @@ class CheckpointStore:
         policy: RetentionPolicy,
         index_rows: list[dict[str, Any]] | None = None,
         on_commit=None,
-        before_commit: Callable[[], None] | None = None,
+        fence: Callable[[], None] | None = None,
         outage_limit_s: float = OUTAGE_LIMIT_S,
         on_delete: Callable[[list[int]], None] | None = None,
     ):
@@ -417,12 +419,13 @@ class CheckpointStore:
         self.index_rows = list(index_rows or [])
         self.on_commit = on_commit  # callback(step, row, metrics) after a checkpoint is committed
         self.on_delete = on_delete  # callback(steps) after retention deleted those checkpoints
-        self.before_commit = before_commit  # raises when this job may no longer commit (its lease was lost)
+        self.fence = fence or (lambda: None)  # raises before a write when this job may no longer write (lease lost)
         self.outage_limit_s = outage_limit_s  # how long a failing upload or commit is tried again
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future | None = None
         self._snapshots = Snapshotter()
         self._repo = None  # the run's artifact repository, resolved once (each lookup is a get_run)
+        self._failed_deletes: Counter[int] = Counter()  # step -> deletes that failed in a row
         remove_unfinished(self.staging_root)
 
     @property
@@ -481,29 +484,39 @@ class CheckpointStore:
         name = checkpoint_name(step)
         artifact_path = f"{CHECKPOINT_DIR}/{name}"
         started = time.monotonic()
+        self.fence()  # a job paused past its lease must not upload into the new holder's checkpoint
         retry_until(lambda: self._upload(local, artifact_path),
                     f"Uploading checkpoint {name} to the artifact store of run {self.run_id}", self.outage_limit_s)
         for op in metrics_sent:
             op.wait()
         # Committed: only now does `checkpoint.latest` move (both tags in one call).
         faults.point("checkpoint.commit")
-        if self.before_commit is not None:
-            self.before_commit()
+        self.fence()
         retry_until(lambda: self.client.log_batch(self.run_id, tags=[
             RunTag(tag.CHECKPOINT_LATEST, artifact_path), RunTag(tag.CHECKPOINT_LATEST_STEP, str(step))]),
             f"Committing checkpoint {name} (the run's checkpoint.latest tags)", self.outage_limit_s)
         self.index_rows = [r for r in self.index_rows if int(r["step"]) != step] + [row]
         try:
             self._apply_retention(step)
-            self._write_index()
+        except NotRetried:
+            raise
         except Exception as err:  # the checkpoint is committed; the next commit catches up
-            log.warning("Checkpoint %s is committed, but retention and %s could not be updated now (%s); the next "
-                        "commit tries again", name, INDEX_FILE, err)
+            log.warning("Checkpoint %s is committed, but retention could not run now (%s); the next commit tries "
+                        "again", name, first_line(err))
+        try:  # written whatever retention did: it lists what is stored and ranks the best
+            self.fence()
+            self._write_index()
+        except NotRetried:
+            raise
+        except Exception as err:
+            log.warning("Checkpoint %s is committed, but %s could not be written now (%s); the next commit writes "
+                        "it", name, INDEX_FILE, first_line(err))
         shutil.rmtree(local, ignore_errors=True)
         log.info("Committed checkpoint %s (%.1f MB, upload %.1fs)", name, row["size"] / 1e6, time.monotonic() - started)
 
     def _upload(self, local: Path, artifact_path: str) -> None:
         faults.point("checkpoint.upload")
+        self.fence()
         self.repo.log_artifacts(str(local), artifact_path)
         uploaded = {Path(e.path).name: e.file_size for e in self.repo.list_artifacts(artifact_path)}
         for f in local.iterdir():
@@ -512,21 +525,44 @@ class CheckpointStore:
                                       f"(local {f.stat().st_size} bytes, store {uploaded.get(f.name)})")
 
     def _apply_retention(self, latest: int) -> None:
-        """Delete what the policy does not keep, among the checkpoints the index knows: a checkpoint
-        missing from the index (an index that could not be read, an upload cut short) is never deleted."""
+        """Delete what the policy does not keep, among the checkpoints the index knows and the store holds.
+        A row for a step the store no longer holds (an index written before a delete, edited, or restored
+        from a backup) is dropped, never ranked: it could push a real checkpoint out of the best K. A
+        checkpoint missing from the index (an index that could not be read, an upload cut short) is never
+        deleted. A delete that fails keeps its row, so the next commit tries again; one that keeps failing
+        is reported as an error at every commit."""
+        stored = set(checkpoint_steps(self.repo.list_artifacts(CHECKPOINT_DIR)))
+        stale = sorted(int(r["step"]) for r in self.index_rows if int(r["step"]) not in stored)
+        if stale:
+            log.warning("%s lists checkpoints at steps %s that are not stored; their rows are dropped", INDEX_FILE,
+                        ", ".join(map(str, stale)))
+        self.index_rows = [r for r in self.index_rows if int(r["step"]) in stored]
         keep = steps_to_keep(self.index_rows, self.policy, latest)
-        indexed = {int(r["step"]) for r in self.index_rows}
-        deleted = []
-        if indexed - keep:
-            for step in checkpoint_steps(self.repo.list_artifacts(CHECKPOINT_DIR)):
-                if step in indexed and step not in keep and step <= latest:
-                    faults.point("checkpoint.retention")
-                    self.repo.delete_artifacts(f"{CHECKPOINT_DIR}/{checkpoint_name(step)}")
-                    log.info("Retention: deleted checkpoint %s", checkpoint_name(step))
-                    deleted.append(step)
+        deleted, failed = [], set()
+        for step in sorted(int(r["step"]) for r in self.index_rows):
+            if step in keep or step > latest:
+                continue
+            self.fence()
+            try:
+                faults.point("checkpoint.retention")
+                self.repo.delete_artifacts(f"{CHECKPOINT_DIR}/{checkpoint_name(step)}")
+            except Exception as err:  # the store's own exception types vary
+                failed.add(step)
+                self._failed_deletes[step] += 1
+                persistent = self._failed_deletes[step] >= REPORT_FAILED_DELETES
+                log.log(logging.ERROR if persistent else logging.WARNING,
+                        "Retention could not delete checkpoint %s (%s; %d time(s) in a row); it stays in %s and is "
+                        "tried again at the next commit%s", checkpoint_name(step), first_line(err),
+                        self._failed_deletes[step], INDEX_FILE,
+                        "; check the artifact store's permissions, or delete it by hand" if persistent else "")
+                continue
+            self._failed_deletes.pop(step, None)
+            log.info("Retention: deleted checkpoint %s", checkpoint_name(step))
+            deleted.append(step)
         if deleted and self.on_delete is not None:
             self.on_delete(deleted)
-        self.index_rows = sorted((r for r in self.index_rows if int(r["step"]) in keep), key=lambda r: int(r["step"]))
+        self.index_rows = sorted((r for r in self.index_rows if int(r["step"]) in keep | failed),
+                                 key=lambda r: int(r["step"]))
 
     def _write_index(self) -> None:
         """index.csv in a fixed column order (INDEX_COLUMNS, then the metrics sorted), with times written

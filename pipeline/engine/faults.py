@@ -8,7 +8,8 @@ hit a checkpoint. Unarmed (the normal case) a point is one dictionary lookup. Te
 - ``kill``: SIGKILL this process (a crash at exactly that moment);
 - ``sleep:<seconds>``: a slow disk or network;
 - ``raise:<ERRNO>``: an ``OSError`` with that errno (``ENOSPC``, ``EIO``, ``EACCES``, ``EROFS``, ...);
-- ``signal:<NAME>``: send this process a real signal (``TERM``, ``INT``, ``HUP``) at exactly that moment.
+- ``signal:<NAME>``: send this process a real signal (``TERM``, ``INT``, ``HUP``) at exactly that moment;
+- ``stop``: SIGSTOP this process (a job paused there, every thread with it, until someone sends SIGCONT).
 
 ``@n`` fires only the n-th time the point is reached in this process (1-based); without it, every
 time. Example: ``PIPELINE_FAULTS="checkpoint.fsync@2=kill"`` kills the job inside its second
@@ -21,6 +22,7 @@ import errno
 import logging
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ ENV = "PIPELINE_FAULTS"
 
 @dataclass(frozen=True)
 class Fault:
-    action: str  # kill | sleep | raise | signal
+    action: str  # kill | sleep | raise | signal | stop
     arg: str | None
     nth: int | None  # fire only on this visit (1-based); None = every visit
 
@@ -48,7 +50,7 @@ def parse(spec: str) -> dict[str, Fault]:
         where, sep, what = item.partition("=")
         name, _, nth = where.partition("@")
         action, _, arg = what.partition(":")
-        ok = sep and name and action in ("kill", "sleep", "raise", "signal") and (not nth or nth.isdigit())
+        ok = sep and name and action in ("kill", "sleep", "raise", "signal", "stop") and (not nth or nth.isdigit())
         if ok and action == "sleep":
             try:
                 float(arg)
@@ -60,7 +62,7 @@ def parse(spec: str) -> dict[str, Fault]:
             ok = False
         if not ok:
             raise ValueError(f"{ENV}: cannot read {item!r}; "
-                             "write <point>[@<n>]=kill|sleep:<s>|raise:<ERRNO>|signal:<NAME>")
+                             "write <point>[@<n>]=kill|sleep:<s>|raise:<ERRNO>|signal:<NAME>|stop")
         faults[name] = Fault(action, arg or None, int(nth) if nth else None)
     return faults
 
@@ -88,6 +90,8 @@ def point(name: str) -> None:
                 f":{fault.arg}" if fault.arg else "")
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault.action == "stop":  # sent to this thread, so that it stops here and not a few lines on
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
     elif fault.action == "sleep":
         time.sleep(float(fault.arg))
     elif fault.action == "signal":

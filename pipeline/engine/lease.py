@@ -11,6 +11,14 @@ MLflow tags have no compare-and-set, so taking a lease writes it, waits ``SETTLE
 back: of two jobs that started together only the last writer finds its own token and trains. The
 heartbeat reads the token too: a job that finds another's token (its lease was taken over while it
 was cut off) stops without committing anything more to the run.
+
+Fencing: every write of a job to its run goes through ``Lease.fence`` (``FencedClient`` for the tracking
+client, ``CheckpointStore`` for the artifact store). No other job can take the lease over before the
+holder's heartbeat is ``timeout_s`` old, so a holder is sure of its lease for ``timeout_s / 2`` after it
+last read its own token there; past that (a job paused by SIGSTOP or a suspended machine, a long
+outage) the next write reads the token again first, and a job that finds another's token writes
+nothing more. What a paused job can still write after a takeover is the one call each of its threads
+had already started when it was paused (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 
 from pipeline.engine.checkpointing import utc_now
+from pipeline.engine.outage import NotRetried
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +50,7 @@ class LeaseHeld(RuntimeError):
     """Another live job holds the run's lease; the message names it and says what to do."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(NotRetried):
     """Another job took this job's lease over: this job must not write to the run any more."""
 
 
@@ -80,6 +89,8 @@ class Lease:
         self.took_over: str | None = None  # whose lease this job took over, for the run description
         self.on_lost: Callable[[], None] | None = None
         self._lost = False
+        self._confirmed_at = -float("inf")  # time.monotonic() when this job last knew it held the lease
+        self._confirm_lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
 
@@ -88,9 +99,35 @@ class Lease:
         return not self._lost
 
     def check(self) -> None:
-        """Raise LeaseLost when another job has taken the lease over (called before every commit)."""
+        """Raise LeaseLost when this job is known to have lost the lease."""
         if self._lost:
-            raise LeaseLost(f"another job took over run {self.run_id}; this job's checkpoint was not committed")
+            raise LeaseLost(f"another job took over run {self.run_id}; this job writes nothing more to it")
+
+    def fence(self) -> None:
+        """Called before every write to the run: LeaseLost unless this job still holds the lease. Within
+        ``timeout_s / 2`` of the last time the job read its own token nothing is read; later (the job was
+        paused or cut off) the token is read again first."""
+        self.check()
+        if time.monotonic() - self._confirmed_at <= self.timeout_s / 2:
+            return
+        with self._confirm_lock:  # one read for all the threads that write
+            if time.monotonic() - self._confirmed_at > self.timeout_s / 2:
+                self._confirm()
+        self.check()
+
+    def _confirm(self) -> None:
+        """Read the token: note the time when it is ours, mark the lease lost when it is another job's.
+        A store that cannot be read raises its own error (an outage: the caller's write is retried)."""
+        asked = time.monotonic()
+        if self.client.get_run(self.run_id).data.tags.get(TOKEN) == self.token:
+            self._confirmed_at = asked
+            return
+        if not self._lost:
+            self._lost = True
+            log.error("Another job took over the lease of run %s: this job stops and writes nothing more to the run",
+                      self.run_id)
+            if self.on_lost:
+                self.on_lost()
 
     def acquire(self, tags: dict[str, str], contended: bool = True) -> "Lease":
         """Take the lease, given the run's tags as read now; LeaseHeld when a live job holds it.
@@ -102,6 +139,7 @@ class Lease:
                                  f"heartbeat stopped {heartbeat_age(tags):.0f} s ago"))
             log.warning("Taking over the lease of run %s from %s", self.run_id, self.took_over)
         pid, host = os.getpid(), socket.gethostname()
+        written = time.monotonic()  # no other job can take the lease before its heartbeat, written now, expires
         self.client.log_batch(self.run_id, tags=[
             RunTag(TOKEN, self.token), RunTag(HOLDER, f"{host} pid {pid} since {utc_now()}"), RunTag(HOST, host),
             RunTag(PID, str(pid)), RunTag(PROCESS_START, repr(_process_start())), RunTag(HEARTBEAT, repr(time.time()))])
@@ -110,6 +148,7 @@ class Lease:
             now = self.client.get_run(self.run_id).data.tags
             if now.get(TOKEN) != self.token:  # a job that started at the same moment wrote after us
                 raise LeaseHeld(self._held_message(now))
+        self._confirmed_at = written
         self._thread.start()
         return self
 
@@ -142,13 +181,32 @@ class Lease:
     def _beat(self) -> None:
         while not self._done.wait(self.heartbeat_s):
             try:
-                if self.client.get_run(self.run_id).data.tags.get(TOKEN) != self.token:
-                    self._lost = True
-                    log.error("Another job took over the lease of run %s: this job stops and writes nothing more "
-                              "to the run", self.run_id)
-                    if self.on_lost:
-                        self.on_lost()
+                with self._confirm_lock:
+                    self._confirm()
+                if self._lost:
                     return
                 self.client.set_tag(self.run_id, HEARTBEAT, repr(time.time()))
             except Exception as err:  # a flaky tracking server: the next beat tries again
                 log.debug("lease heartbeat failed: %s", err)
+
+
+class FencedClient:
+    """The tracking client a job writes its run with: each of the write calls below first checks the
+    job's lease (``Lease.fence``); reads go straight through. Everything else is the MlflowClient's."""
+
+    WRITES = frozenset({"log_batch", "log_metric", "log_param", "set_tag", "delete_tag", "log_text", "log_dict",
+                        "log_artifact", "log_artifacts", "log_inputs", "set_terminated", "update_run"})
+
+    def __init__(self, client: MlflowClient, lease: Lease):
+        self.client, self.lease = client, lease
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.client, name)
+        if name not in self.WRITES:
+            return attr
+
+        def fenced(*args, **kwargs):
+            self.lease.fence()
+            return attr(*args, **kwargs)
+
+        return fenced

@@ -34,6 +34,11 @@ class StorageError(RuntimeError):
     """A checkpoint or the metrics could not be stored; the job stops cleanly (docs/reliability.md)."""
 
 
+class NotRetried(RuntimeError):
+    """An error that trying again cannot cure (e.g. this job lost its lease on the run): ``retry_until``
+    raises it at once instead of retrying until the outage limit."""
+
+
 def configure_http() -> None:
     """Short HTTP retries for this process, unless the user set MLflow's variables themselves."""
     for key, value in HTTP_DEFAULTS.items():
@@ -48,6 +53,8 @@ def retry_until(call: Callable[[], T], what: str, limit_s: float) -> T:
     while True:
         try:
             result = call()
+        except NotRetried:
+            raise
         except Exception as err:  # the store's own exception types vary (MLflow, boto, requests, OS)
             now = time.monotonic()
             if first_failure is None:

@@ -19,8 +19,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.config import legacy_launch_values
-from pipeline.engine import faults, startup
+from pipeline.config import TrackingConfig, legacy_launch_values
+from pipeline.engine import faults, lease, startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CHECKPOINT_DIR,
@@ -36,11 +36,14 @@ from pipeline.engine.checkpointing import (
     read_index,
     step_of,
     steps_to_keep,
+    utc_now,
     verify,
 )
 from pipeline.engine.launch import ALL_RUN_INPUTS, LaunchArgs
 
 log = logging.getLogger(__name__)
+
+LEASE_TIMEOUT_S = TrackingConfig.lease_timeout_seconds  # for a run that did not log the param
 
 
 class ResumeError(RuntimeError):
@@ -129,11 +132,35 @@ class RunCheckpoints:
                               f"(python -m pipeline.{self.stage} resume_run={self.run_id} or a fresh run).")
         return self.latest_step
 
+    def end_if_abandoned(self) -> str:
+        """A run left RUNNING by a job that stopped before its first commit cannot be resumed, and nothing
+        else would ever end it: end it FAILED (saying so on the run), unless a live job holds its lease
+        (it may still commit). Returns the sentence the refusal adds."""
+        run, run_id = self.run, self.run_id
+        if run.info.status != "RUNNING":
+            return ""
+        tags = run.data.tags
+        try:
+            timeout = float(run.data.params.get("tracking.lease_timeout_seconds", LEASE_TIMEOUT_S))
+        except ValueError:
+            timeout = LEASE_TIMEOUT_S
+        if tags.get(lease.TOKEN) and lease.heartbeat_age(tags) < timeout and not lease.holder_is_gone(tags):
+            return (f" A job is still training it ({tags.get(lease.HOLDER, 'unknown holder')}): wait for its first "
+                    "checkpoint, or stop it.")
+        note = (f"**Ended FAILED on {utc_now()} by a resume: the job that trained this run stopped before it "
+                "committed a checkpoint, so there is nothing to resume. Start a fresh run.**")
+        self.client.set_tag(run_id, tag.NOTE, f"{note}\n\n{tags.get(tag.NOTE, '')}".strip())
+        self.client.set_terminated(run_id, "FAILED")
+        log.warning("Run %s was left RUNNING by a job that stopped before committing a checkpoint; it is now ended "
+                    "FAILED", run_id)
+        return " The run was left RUNNING by a job that stopped before committing one; it is now ended FAILED."
+
     def best_step(self) -> int | None:
         """The kept checkpoint with the best value of the run's ``checkpoint.monitor`` (None if none is scored)."""
         params = self.run.data.params
         policy = RetentionPolicy(0, 1, params.get("checkpoint.monitor", "val/loss"), params.get("checkpoint.mode", "min"))
-        rows = read_index(self.client, self.run_id)
+        stored = set(list_checkpoints(self.client, self.run_id))  # a row of a step no longer stored never ranks
+        rows = [row for row in read_index(self.client, self.run_id) if int(row["step"]) in stored]
         best = steps_to_keep(rows, policy, latest=-1) - {-1}
         return best.pop() if best else None
 
@@ -156,7 +183,8 @@ class RunCheckpoints:
         run_id = self.run_id
         stored = list_checkpoints(self.client, run_id)
         if not stored:
-            raise ResumeError(f"Run {run_id} has no checkpoints to resume from; start a fresh run instead.")
+            raise ResumeError(f"Run {run_id} has no checkpoints to resume from; start a fresh run instead."
+                              + self.end_if_abandoned())
         if step is not None:
             if step not in stored:
                 raise ResumeError(
@@ -176,7 +204,7 @@ class RunCheckpoints:
             if not committed:
                 raise ResumeError(f"Run {run_id} has no committed checkpoint (no upload finished); start a fresh run, "
                                   f"or pick a stored one: resume_step=<step> (stored: {', '.join(map(str, stored))}; "
-                                  "it is verified before use).")
+                                  "it is verified before use)." + self.end_if_abandoned())
             candidates = sorted(committed, reverse=True)
         errors = []
         for candidate in candidates:

@@ -22,8 +22,11 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import (
+    STORED_AS_WRITTEN,
     ConfigError,
+    RedactingFilter,
     apply_overrides,
+    check_values,
     compose_config,
     config_diff,
     flatten,
@@ -31,7 +34,7 @@ from pipeline.config import (
     redact,
     to_container,
 )
-from pipeline.engine import faults, startup
+from pipeline.engine import faults, launcher_watch, startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CheckpointError,
@@ -48,7 +51,7 @@ from pipeline.engine.checkpointing import (
 )
 from pipeline.engine.distributed import Dist, handed_over_run, max_restarts, remember_run, restart_count
 from pipeline.engine.launch import RESUME_KEYS, LaunchArgs, parse_launch
-from pipeline.engine.lease import Lease, LeaseHeld, LeaseLost
+from pipeline.engine.lease import FencedClient, Lease, LeaseHeld, LeaseLost
 from pipeline.engine.logged_models import CheckpointModels
 from pipeline.engine.outage import configure_http, first_line
 from pipeline.engine.resume import ResumeError, ResumePoint, resolve, stored_inputs
@@ -74,6 +77,8 @@ def setup_logging(rank: int = 0) -> None:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s %(levelname)s {marker}%(name)s: %(message)s", stream=sys.stderr, force=True
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())  # no secret reaches the log, whichever logger writes it
     for noisy in ("alembic", "mlflow.store", "urllib3", "botocore", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -102,7 +107,7 @@ def build_config(stage_cls: type[Stage], overrides: list[str],
                  resume: ResumePoint) -> tuple[DictConfig, dict[str, tuple[Any, Any]]]:
     """The checkpoint's config with the overrides on top, and what they change; an architecture change
     is refused."""
-    base = from_container(stage_cls.schema, resume.meta["config"])
+    base = from_container(stage_cls.schema, resume.meta["config"], as_written=resume.meta.get(STORED_AS_WRITTEN, False))
     cfg = stage_cls.resolve_config(apply_overrides(stage_cls.name, base, overrides))
     changes = config_diff(base, cfg)
     incompatible = [
@@ -180,17 +185,22 @@ def _start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experime
                    extra_tags: dict[str, str]) -> tuple[str, str]:
     """The job's own run: the one `mlflow run` created, or a new one. Returns (id, name)."""
     tags = stage.tags()
-    name = cfg.tracking.run_name or (lambda run_id: default_run_name(run_id, tags[tag.MODEL], tags[tag.DATASET]))
+    written = to_container(cfg)["tracking"]  # the name and tags as written: what they resolve to may be a secret
+    name = written["run_name"] or (lambda run_id: default_run_name(run_id, tags[tag.MODEL], tags[tag.DATASET]))
     if cfg.tracking.parent_run:
         extra_tags = {tag.PARENT_RUN: cfg.tracking.parent_run, **extra_tags}
     all_tags = {**_base_tags(stage), tag.RESUME_COUNT: "0", tag.STOP_REQUESTED: "false",
-                **redact(dict(cfg.tracking.tags)), **extra_tags}
+                **written["tags"], **extra_tags}
     world = stage.dist.world_size  # the first attempt's; the tags follow later attempts
     params = {**flatten(to_container(cfg)), **stage.inputs, tag.WORLD_SIZE: world,
               tag.EFFECTIVE_BATCH: int(cfg.batch_size) * world}
     run_id = start_or_adopt_run(client, experiment=experiment, run_name=name, tags=all_tags, params=params,
                                 launcher=launcher_run(cfg))
-    client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(redact(to_container(cfg)))), "config/config.yaml")
+    try:
+        client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(redact(to_container(cfg)))), "config/config.yaml")
+    except BaseException:  # e.g. a full artifact disk: the run must not stay RUNNING with nothing to resume
+        client.set_terminated(run_id, "FAILED")
+        raise
     return run_id, name(run_id) if callable(name) else name
 
 
@@ -299,7 +309,7 @@ def _record_attempt(client: MlflowClient, cfg: DictConfig, resume: ResumePoint, 
             tag.ATTEMPT_NUMBER: str(attempt),
             tag.ATTEMPT_OF: run_id,
             tag.ATTEMPT_CHECKPOINT: resume.source,
-            tag.ATTEMPT_OVERRIDES: " ".join(overrides) or "(none)",
+            tag.ATTEMPT_OVERRIDES: " ".join(redact(overrides)) or "(none)",
             tag.ATTEMPT_CHANGES: "; ".join(f"{k}: {o} -> {n}" for k, (o, n) in changes.items()) or "(none)",
         }.items():
             client.set_tag(attempt_run, key, value)
@@ -337,6 +347,7 @@ def _resume_label(cfg: DictConfig, resume: ResumePoint) -> str:
 def check_settings(stage_cls: type[Stage], cfg: DictConfig) -> None:
     """Settings whose wrong value would otherwise act silently (a misspelt mode ranking checkpoints the
     wrong way, a monitored metric the stage never logs) or fail only hours in; refused at start-up."""
+    check_values(stage_cls.schema, cfg)  # interpolations resolve, numbers in range (config.py)
     choices = {"checkpoint.mode": ("min", "max"), "optim.schedule": ("cosine", "constant")}
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
@@ -346,14 +357,6 @@ def check_settings(stage_cls: type[Stage], cfg: DictConfig) -> None:
     if monitor not in stage_cls.val_metric_names:
         raise ConfigError(f"checkpoint.monitor={monitor!r} is never logged by {stage_cls.name}, so no checkpoint could "
                           f"be ranked by it; choose one of {', '.join(stage_cls.val_metric_names)}")
-    positive = ("batch_size", "checkpoint.save_interval", "trainer.log_interval", "trainer.max_steps", "trainer.epochs",
-                "trainer.max_nonfinite_steps", "tracking.outage_limit_seconds")
-    at_least_zero = ("checkpoint.keep_last_n", "checkpoint.keep_best_k", "validation.interval", "optim.warmup_steps",
-                     "optim.grad_clip", "optim.lr")
-    for key in positive + at_least_zero:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and (value <= 0 if key in positive else value < 0):
-            raise ConfigError(f"{key}={value} must be {'positive' if key in positive else 'zero or more'}")
 
 
 def _check_something_to_train(client: MlflowClient, cfg: DictConfig, launch: LaunchArgs, resume: ResumePoint) -> None:
@@ -379,8 +382,9 @@ def _check_something_to_train(client: MlflowClient, cfg: DictConfig, launch: Lau
 
 def _finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictConfig, status: str,
             pos: Position, latest: str | None, stopped_by: str | None, changes, engine: Engine | None = None) -> None:
+    """End the run in the tracking store first (tags, description, status), then update the attempt's record,
+    an artifact: an artifact store that cannot be written (a full disk) must not leave the run RUNNING."""
     ctx.history[-1]["status"] = status if stopped_by is None else f"{status} ({stopped_by})"
-    client.log_text(ctx.run_id, _attempt_yaml(ctx.history[-1], changes), f"config/attempt-{ctx.attempt}.yaml")
     if stopped_by:
         client.set_tag(ctx.run_id, tag.STOPPED_BY, stopped_by)
     client.set_tag(ctx.run_id, tag.PROGRESS, _progress(cfg, pos, ctx.resumed_from, engine))
@@ -394,6 +398,13 @@ def _finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictCon
     launcher = launcher_run(cfg)
     if launcher and status == "KILLED":
         status_guard.spawn(launcher, status)  # `mlflow run` would turn KILLED into FAILED
+    record = f"config/attempt-{ctx.attempt}.yaml"
+    try:
+        faults.point("finish.record")
+        client.log_text(ctx.run_id, _attempt_yaml(ctx.history[-1], changes), record)
+    except Exception as err:  # the artifact store's own exception types vary
+        log.error("Run %s is ended %s, but its attempt record %s could not be updated (%s); it still says RUNNING",
+                  ctx.run_id, status, record, first_line(err))
 
 
 def effective_batch(cfg: DictConfig, nproc: int) -> str:
@@ -529,6 +540,7 @@ def _build(stage_cls: type[Stage], plan: JobPlan, precision: Precision, dist: Di
     stage = stage_cls(plan.cfg, precision, inputs=inputs, resuming=plan.resume is not None, dist=dist)
     try:
         stage.build()
+        stage.check_data()  # e.g. a batch larger than the training set: refused before the run is opened
     except (ValueError, OSError) as err:
         log.error("%s", err)
         return None, EXIT_BAD_INPUT
@@ -559,6 +571,9 @@ def _open(client: MlflowClient, stage: Stage, plan: JobPlan) -> tuple[RunContext
     except CheckpointError as err:
         log.error("%s", err)
         return None, EXIT_FAILED
+    except OSError as err:  # the artifact store cannot be written (a full or read-only disk)
+        log.error("Cannot write the run's files to the artifact store: %s; nothing was trained", err)
+        return None, EXIT_STORAGE
 
 
 def elastic_argv(argv: list[str]) -> list[str]:
@@ -598,6 +613,8 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
     progress, description, the attempt record); returns the exit code."""
     cfg, resume = plan.cfg, plan.resume
     hooks.on_run_started(ctx.run_id)
+    if ctx.lease is not None:
+        client = FencedClient(client, ctx.lease)  # after a takeover this job writes nothing more to the run
     datasets = stage.dataset_inputs()
     if datasets:
         log_dataset_inputs(client, ctx.run_id, datasets, "training")
@@ -633,7 +650,7 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
                              cfg.checkpoint.mode)
     outage_limit = float(cfg.tracking.outage_limit_seconds)
     store = CheckpointStore(client, ctx.run_id, Path(cfg.checkpoint.staging_dir), policy, ctx.index_rows, on_commit,
-                            before_commit=ctx.lease.check if ctx.lease else None, outage_limit_s=outage_limit,
+                            fence=ctx.lease.fence if ctx.lease else None, outage_limit_s=outage_limit,
                             on_delete=models.deleted if models is not None else None)
     metrics = MetricLogger(client, ctx.run_id, cfg.tracking.flush_seconds, already_logged=ctx.logged_steps,
                            outage_limit_s=outage_limit)
@@ -643,7 +660,12 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
     stopper = StopController(client, ctx.run_id, cfg.tracking.stop_poll_seconds)
     tags = TagWriter(client, ctx.run_id)  # the progress tag and the description, off the training thread
     if ctx.lease:
-        ctx.lease.on_lost = lambda: stopper.request("lease lost")
+        def on_lost() -> None:
+            stopper.request("lease lost")
+            if monitor is not None:
+                monitor.finish()  # MLflow's system metrics are written with a client of their own
+
+        ctx.lease.on_lost = on_lost
     with stopper:  # handlers stay installed until the run is ended, so no signal leaves it RUNNING
         try:
             engine = Engine(stage, metrics, store, stopper, ctx.run_id, hooks=hooks)
@@ -804,6 +826,7 @@ def exit_now(code: int, dist: Dist | None = None) -> None:
 def main(stage_cls: type[Stage]) -> None:
     dist = Dist.from_env()
     setup_logging(dist.rank)
+    launcher_watch.watch()  # a job whose launcher is gone stops as if it had been sent SIGTERM
     argv = sys.argv[1:]
     code = run_stage(stage_cls, elastic_argv(argv) if dist.is_main else argv)  # rank 0 plans the job
     if code == EXIT_STOPPED and max_restarts() > 0:

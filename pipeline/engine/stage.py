@@ -9,13 +9,18 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from pipeline.engine.distributed import SINGLE, Dist
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def data_workers(cfg: DictConfig) -> int:
+    """DataLoader worker processes of a job (``data.num_workers``; 0 for a stage without the key)."""
+    return int(OmegaConf.select(cfg, "data.num_workers", default=0))
 
 
 @dataclass
@@ -186,6 +191,13 @@ class Stage:
         """Optional, fresh start only: check the ``run_inputs`` runs and take from them what the
         config must match (e.g. the architecture a run was trained with); a resume keeps the checkpoint's."""
         return cfg
+
+    def check_data(self) -> None:
+        """After ``build``, before the job writes anything: refuse (ValueError naming the setting) data settings
+        the training set cannot serve, such as a batch larger than the set (the last partial batch is dropped,
+        so an epoch would have no batch) or more workers than shards, instead of failing when training starts."""
+        if self.train_source is not None:
+            self.train_source.num_batches(int(self.cfg.batch_size), data_workers(self.cfg), world=self.dist.world_size)
 
     def write_samples(self, out_dir: Path, step: int) -> None:
         """Optional: write audio examples and plots for this validation into ``out_dir``. Runs after the

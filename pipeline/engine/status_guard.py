@@ -19,6 +19,8 @@ import sys
 import psutil
 from mlflow import MlflowClient
 
+from pipeline.engine.launcher_watch import mlflow_run_ancestor
+
 log = logging.getLogger(__name__)
 
 WAIT_SECONDS = 120
@@ -26,14 +28,8 @@ WAIT_SECONDS = 120
 
 def find_launcher_pid() -> int | None:
     """The nearest ancestor process that is ``mlflow run``."""
-    for proc in psutil.Process().parents():
-        try:
-            cmdline = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if "mlflow" in cmdline and " run " in f" {cmdline} ":
-            return proc.pid
-    return None
+    proc = mlflow_run_ancestor()
+    return proc.pid if proc is not None else None
 
 
 def spawn(run_id: str, status: str) -> None:

@@ -2,7 +2,8 @@
 
 The first request lets the current step finish; the engine then saves a checkpoint and ends the
 run as KILLED. A second signal aborts at once. SIGHUP (the terminal or SSH session closed) is a
-stop request too, unless the job was started under ``nohup``. ``mlflow run`` forwards a Ctrl-C to
+stop request too, unless the job was started under ``nohup``. A job whose launcher is gone sends
+itself SIGTERM (engine/launcher_watch.py). ``mlflow run`` forwards a Ctrl-C to
 its child as a SIGTERM right after the terminal's SIGINT reached it, so a second signal within
 ``SECOND_SIGNAL_GRACE_S`` of the first counts as the same request, not as an abort.
 """
@@ -17,6 +18,7 @@ import time
 from mlflow import MlflowClient
 
 from pipeline.engine import tags as tag
+from pipeline.engine.launcher_watch import note_stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class StopController:
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        note_stop_requested()
         now = time.monotonic()
         if self._first_signal_at is None:
             self._first_signal_at = now

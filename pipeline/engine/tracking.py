@@ -14,12 +14,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from pipeline.config import mask_secrets, redact
 from pipeline.engine import faults
 from pipeline.engine import tags as tag
-from pipeline.engine.outage import OUTAGE_LIMIT_S, StorageError, first_line, retry_until
+from pipeline.engine.outage import OUTAGE_LIMIT_S, NotRetried, StorageError, first_line, retry_until
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class MetricLogger:
         self._last_flush = time.monotonic()
         self._queue: deque[list[Metric]] = deque()  # batches not stored yet, oldest first
         self._queued = self._stored = 0  # batches handed to the sender, and stored, so far
-        self._error: StorageError | None = None
+        self._error: StorageError | NotRetried | None = None
         self._closed = threading.Event()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._send_loop, name="metric-sender", daemon=True)
@@ -118,7 +118,7 @@ class MetricLogger:
             try:
                 retry_until(lambda: self.client.log_batch(self.run_id, metrics=batch),
                             f"Storing the metrics of {steps} ({pending} values waiting)", self.outage_limit_s)
-            except StorageError as err:
+            except (StorageError, NotRetried) as err:  # NotRetried: this job may not write to the run any more
                 with self._cond:
                     self._error = err
                     self._cond.notify_all()
@@ -155,6 +155,8 @@ class TagWriter:
 
     def set(self, tags: dict[str, str]) -> None:
         with self._cond:
+            if self._closed:
+                return
             self._pending.update(tags)
             self._cond.notify_all()
 
@@ -181,6 +183,12 @@ class TagWriter:
             failed = False
             try:
                 self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in batch.items()])
+            except NotRetried as err:  # this job may not write to the run any more: drop what is left
+                log.debug("Tags %s not set: %s", ", ".join(sorted(batch)), err)
+                with self._cond:
+                    self._pending, self._sending, self._closed = {}, False, True
+                    self._cond.notify_all()
+                return
             except Exception as err:  # a flaky tracking server must not stop training
                 log.warning("Could not set tags %s (%s); retrying", ", ".join(sorted(batch)), err)
                 failed = True
@@ -247,11 +255,11 @@ def start_or_adopt_run(client: MlflowClient, *, experiment: str, run_name: str |
                        tags: dict[str, str], params: dict[str, Any] | None = None, launcher: str | None = None) -> str:
     """A job's own run: ``launcher`` (the run `mlflow run` created, MLFLOW_RUN_ID), renamed, or a new run in
     ``experiment``; then named (``run_name``, or ``run_name(run_id)``), tagged, and given the params it
-    does not have yet (secrets masked; `mlflow run` logs its entry-point parameters first, and MLflow
-    params cannot change)."""
+    does not have yet (secrets masked in all three, ``redact``; `mlflow run` logs its entry-point parameters
+    first, and MLflow params cannot change)."""
     run_id = launcher or client.create_run(experiment_id(client, experiment)).info.run_id
     name = run_name(run_id) if callable(run_name) else run_name
-    for key, value in {tag.RUN_NAME: name, **tags}.items():
+    for key, value in redact({tag.RUN_NAME: name, **tags}).items():
         client.set_tag(run_id, key, value)
     if params:
         existing = client.get_run(run_id).data.params
@@ -260,9 +268,12 @@ def start_or_adopt_run(client: MlflowClient, *, experiment: str, run_name: str |
 
 
 def log_dataset_inputs(client: MlflowClient, run_id: str, datasets: list, context: str) -> None:
-    """Log ``mlflow.data`` datasets as the run's inputs, tagged with their role (training, output)."""
-    client.log_inputs(run_id, [DatasetInput(d._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
-                               for d in datasets])
+    """Log ``mlflow.data`` datasets as the run's inputs, tagged with their role (training, output); their names
+    and sources with secrets masked (``redact``: e.g. the credentials of an ``s3://`` or ``https://`` address)."""
+    entities = [d._to_mlflow_entity() for d in datasets]
+    client.log_inputs(run_id, [DatasetInput(Dataset(redact(e.name), e.digest, e.source_type, redact(e.source), e.schema,
+                                                    e.profile), [InputTag("mlflow.data.context", context)])
+                               for e in entities])
 
 
 def copy_history(client: MlflowClient, src_run: str, dst_run: str, max_step: int) -> int:

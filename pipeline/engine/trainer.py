@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from pipeline.config import config_hash, redact, to_container
+from pipeline.config import STORED_AS_WRITTEN, config_hash, redact, to_container
 from pipeline.data.datasets import seeded_loader
 from pipeline.engine import faults, startup
 from pipeline.engine import tags as tag
@@ -33,7 +32,7 @@ from pipeline.engine.checkpointing import (
     restore_rng,
     utc_now,
 )
-from pipeline.engine.stage import LRSchedule, Stage
+from pipeline.engine.stage import LRSchedule, Stage, data_workers
 from pipeline.engine.stopping import StopController
 from pipeline.engine.outage import first_line
 from pipeline.engine.tracking import MetricLogger
@@ -227,6 +226,7 @@ class Engine:
             "created": utc_now(),
             "run_id": self.run_id,
             "config": self._config_meta()["config"],
+            STORED_AS_WRITTEN: True,
             "config_hash": self._config_meta()["config_hash"],
             "model_args": self.stage.model_args(),
             "inputs": dict(self.stage.inputs),
@@ -252,9 +252,9 @@ class Engine:
         """The config, its hash and the stage's tags for every checkpoint; computed once, the config does not
         change in a job."""
         if self._config_cache is None:
-            # credentials in a setting are stored masked (a resume needs them passed again)
-            self._config_cache = {"config": redact(to_container(self.cfg)), "config_hash": config_hash(self.cfg),
-                                  "tags": self.stage.tags()}
+            # as written: interpolations unresolved, secrets masked (a resume needs masked ones passed again)
+            self._config_cache = {"config": to_container(self.cfg), "config_hash": config_hash(self.cfg),
+                                  "tags": redact(self.stage.tags())}
         return self._config_cache
 
     # --- data ---------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ class Engine:
                              name, self.total_steps, sch.get_last_lr()[0], self.pos.step)
 
     def _workers(self) -> int:
-        return int(OmegaConf.select(self.cfg, "data.num_workers", default=0))
+        return data_workers(self.cfg)
 
     def _epoch_loader(self):
         """The rest of the current epoch, from the data position (this rank's share of each global batch)."""

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.engine import faults
 from pipeline.engine.checkpointing import (
     CheckpointError,
     RetentionPolicy,
@@ -262,6 +263,52 @@ def test_retention_never_deletes_a_checkpoint_missing_from_the_index(store):
     store_.save(30, {"w": torch.zeros(4)}, {"format_version": 1, "step": 30}, {"name": "step-00000030", "step": 30})
     store_.close()
     assert list_checkpoints(client, run_id) == [20, 25, 30]
+
+
+def test_an_index_row_of_a_step_no_longer_stored_never_ranks_and_is_dropped(store):
+    from pipeline.engine.checkpointing import read_index
+    from pipeline.engine.resume import RunCheckpoints
+
+    client, run_id = committed_run(HISTORY, POLICY)  # stored 20 (0.1) and 25 (0.2)
+    stale = Path("index.csv")  # a row for step 15, deleted long ago, with the best value of all
+    stale.write_text("name,step,val/loss\nstep-00000015,15,0.05\nstep-00000020,20,0.1\nstep-00000025,25,0.2\n")
+    client.log_artifact(run_id, str(stale), "checkpoints")
+    client.set_tag(run_id, "stage", "x")
+    assert RunCheckpoints(client, run_id, ("x",)).best_step() == 20  # not 15: it is not stored
+    assert resume_and_commit(client, run_id, POLICY, 30) == [20, 25, 30]  # the stale row pushed 25 out before
+    assert [int(r["step"]) for r in read_index(client, run_id)] == [20, 25, 30]  # and it is gone for good
+
+
+def test_a_failed_retention_delete_still_writes_the_index_and_the_next_commit_deletes_it(store, caplog):
+    from pipeline.engine.checkpointing import list_checkpoints, read_index
+
+    policy = RetentionPolicy(keep_last_n=1, keep_best_k=1, monitor="val/loss", mode="min")
+    faults.arm("checkpoint.retention@1=raise:EIO")  # deleting step 10 at the commit of 30
+    try:
+        client, run_id = committed_run([(10, 0.1), (20, 0.5), (30, 0.05)], policy)  # 30 drops 10 and 20
+    finally:
+        faults.disarm()
+    assert list_checkpoints(client, run_id) == [10, 30]
+    # 30 is indexed (the best now) although a delete failed; 10 keeps its row, so it is deleted later
+    assert [(int(r["step"]), r["val/loss"]) for r in read_index(client, run_id)] == [(10, "0.1"), (30, "0.05")]
+    assert "Retention could not delete checkpoint step-00000010" in caplog.text
+    assert resume_and_commit(client, run_id, policy, 40) == [30, 40]
+    assert [int(r["step"]) for r in read_index(client, run_id)] == [30, 40]
+
+
+def test_a_delete_that_keeps_failing_is_reported_as_an_error_and_indexing_goes_on(store, caplog):
+    from pipeline.engine.checkpointing import list_checkpoints, read_index
+
+    policy = RetentionPolicy(keep_last_n=1, keep_best_k=0, monitor="val/loss", mode="min")
+    faults.arm("checkpoint.retention=raise:EACCES")
+    try:
+        client, run_id = committed_run([(step, 1.0) for step in (10, 20, 30, 40)], policy)
+    finally:
+        faults.disarm()
+    assert list_checkpoints(client, run_id) == [10, 20, 30, 40]
+    assert [int(r["step"]) for r in read_index(client, run_id)] == [10, 20, 30, 40]  # the latest indexed every time
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("step-00000010" in m and "3 time(s) in a row" in m and "permissions" in m for m in errors), errors
 
 
 def test_malformed_meta_json_is_a_checkpoint_error_naming_the_file(tmp_path):

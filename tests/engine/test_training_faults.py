@@ -107,6 +107,46 @@ def test_a_run_left_running_after_its_last_checkpoint_is_ended_by_a_resume(store
     assert loss_history(client, run_id) == losses  # nothing trained or logged again
 
 
+def _abandoned_run(client, holder_pid: int, holder_start: float) -> str:
+    """A run as a job killed before its first commit leaves it: RUNNING, its lease naming that job, no checkpoint."""
+    import socket
+    import time
+
+    from pipeline.engine.tracking import experiment_id
+
+    return client.create_run(experiment_id(client, "train_adapter"), tags={
+        "stage": "train_adapter", "lease.token": "the-killed-job", "lease.host": socket.gethostname(),
+        "lease.pid": str(holder_pid), "lease.process_start": repr(holder_start), "lease.heartbeat": repr(time.time()),
+        "lease.holder": f"pid {holder_pid}"}).info.run_id
+
+
+def test_a_resume_of_a_run_whose_job_died_before_its_first_checkpoint_ends_it(store, capfd):
+    import psutil
+
+    client = MlflowClient()
+    parent = psutil.Process().parent()  # alive: its run is still being trained, and must be left alone
+    live = _abandoned_run(client, parent.pid, parent.create_time())
+    assert run_stage(TrainAdapter, [f"resume_run={live}"]) == EXIT_BAD_INPUT
+    assert "A job is still training it" in capfd.readouterr().err
+    assert client.get_run(live).info.status == "RUNNING"
+
+    dead = _abandoned_run(client, 2**22 + 17, 1.0)  # no such process on this machine
+    assert run_stage(TrainAdapter, [f"resume_run={dead}"]) == EXIT_BAD_INPUT
+    assert "it is now ended FAILED" in capfd.readouterr().err
+    run = client.get_run(dead)
+    assert run.info.status == "FAILED" and "nothing to resume" in run.data.tags["mlflow.note.content"]
+    assert run_stage(TrainAdapter, [f"resume_run={dead}"]) == EXIT_BAD_INPUT  # said once; the run stays FAILED
+    assert "ended FAILED" not in capfd.readouterr().err and client.get_run(dead).info.status == "FAILED"
+
+
+def test_an_artifact_store_that_fails_at_the_end_still_ends_the_run(store, armed, capfd):
+    armed("finish.record=raise:ENOSPC")  # the attempt's record (an artifact) cannot be written: a full disk
+    assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=2", "validation.interval=0"]) == EXIT_OK
+    assert "could not be updated ([Errno 28] No space left on device" in capfd.readouterr().err
+    run = _run(MlflowClient())
+    assert run.info.status == "FINISHED" and run.data.tags["checkpoint.latest_step"] == "2"
+
+
 def test_a_missing_or_unreadable_latest_step_tag_falls_back_to_what_else_names_the_commit(store, capfd):
     from conftest import artifact_dir
 

@@ -1,0 +1,101 @@
+"""A job stops when the process that launched it is gone (docs/reliability.md, Signals to the launcher).
+
+What ``timeout``, ``docker stop``, Kubernetes and systemd send goes to the launcher only: ``mlflow run``
+(which dies of a SIGTERM without passing it on), ``main`` (whose steps are ``mlflow run`` processes in
+sessions of their own) or a test's subprocess. The job would train on, re-parented to init. So every
+job watches its launcher, and when that process is gone it sends itself SIGTERM: it stops exactly as if
+the signal had reached it (the step finishes, a checkpoint is committed, the run ends KILLED with the
+resume command), within ``POLL_S`` of the launcher's end.
+
+The launcher is:
+
+- under ``mlflow run`` (``MLFLOW_RUN_ID`` is set): the nearest ``mlflow run`` process among the job's
+  ancestors (past the shell an environment manager runs the command in, and past torchrun's agent);
+- otherwise the job's parent (a shell, torchrun's agent, a test), unless the job was detached on
+  purpose: started under ``nohup`` (SIGHUP ignored) or as the leader of a session of its own (``setsid``).
+
+Only the standard library and psutil are imported: ``pipeline.launcher`` stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0  # how often the launcher is looked at
+_stop_requested = threading.Event()  # set by the stop handlers: a stop is on its way already
+
+
+def note_stop_requested() -> None:
+    """Called by the signal handlers: the watch then adds no signal of its own (a second one would abort)."""
+    _stop_requested.set()
+
+
+def _is_mlflow_run(proc: psutil.Process) -> bool:
+    """``mlflow run ...`` (the CLI script, or ``python -m mlflow run``)."""
+    words = proc.cmdline()
+    return any(Path(word).name == "mlflow" and words[i + 1 : i + 2] == ["run"] for i, word in enumerate(words))
+
+
+def mlflow_run_ancestor() -> psutil.Process | None:
+    """The nearest ``mlflow run`` process among this process's ancestors, if any."""
+    for ancestor in psutil.Process().parents():
+        try:
+            if ancestor.pid > 1 and _is_mlflow_run(ancestor):
+                return ancestor
+        except psutil.Error:  # gone, or not ours to read
+            continue
+    return None
+
+
+def launcher() -> psutil.Process | None:
+    """The process whose end stops this job, or None when there is none to watch (see the module doc)."""
+    try:
+        me = psutil.Process()
+        if os.environ.get("MLFLOW_RUN_ID") and (found := mlflow_run_ancestor()) is not None:
+            return found
+        if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN or os.getsid(0) == os.getpid():
+            return None  # nohup or setsid: detached on purpose
+        parent = me.parent()
+    except (psutil.Error, OSError) as err:  # a process that vanished while we looked, no /proc
+        log.debug("No launcher to watch: %s", err)
+        return None
+    return parent if parent is not None and parent.pid > 1 else None
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def watch() -> psutil.Process | None:
+    """Start watching this job's launcher (a daemon thread); returns it, or None when there is none."""
+    proc = launcher()
+    if proc is None:
+        return None
+    try:
+        name = " ".join(proc.cmdline()[:3]) or proc.name()
+    except psutil.Error:
+        name = "?"
+
+    def run() -> None:
+        while not _gone(proc):
+            time.sleep(POLL_S)
+        if _stop_requested.is_set():
+            return
+        log.warning("The process that launched this job (pid %d, %s) is gone: stopping as if it had sent SIGTERM",
+                    proc.pid, name)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=run, name="launcher-watch", daemon=True).start()
+    return proc
