@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Optional
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 from mlflow import MlflowClient
@@ -35,10 +35,13 @@ from pipeline.engine.resume import ResumeError, RunCheckpoints, fetch_model
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.stage import Precision
 from pipeline.models.asr import CharVocabulary, ConformerCTC, greedy_decode
+from pipeline.restoration import MAX_SECONDS, RequestError, request_audio, resample
 
 log = logging.getLogger(__name__)
 
 STAGE = "train_asr"
+LONG_FILES = "transcribe long files with pipeline.transcribe"  # what a too-long request is told
+MIN_SECONDS = 0.1  # shortest audio a request may carry (the log-mel front end needs more than n_fft / 2 samples)
 
 
 @dataclass
@@ -106,38 +109,68 @@ def transcribe(model: ConformerCTC, vocab: CharVocabulary, waves: list[torch.Ten
 class Transcriber(mlflow.pyfunc.PythonModel):
     """The ``model/`` of a finished train_asr run: audio in, transcripts out.
 
-    ``mlflow.pyfunc.load_model("runs:/<id>/model").predict(...)`` or ``mlflow models serve -m
-    runs:/<id>/model --env-manager local`` (from this project's environment: the model imports
-    ``pipeline``). Input: a DataFrame with a ``path`` column (audio files) or an ``audio`` column (mono
-    float arrays at the model's sample rate), or a list of paths. Output: a DataFrame with ``transcript``.
-    The weights are a verified checkpoint, loaded with ``weights_only=True``.
+    ``mlflow.pyfunc.load_model("runs:/<id>/model").predict(...)``, ``python -m pipeline.serve -m
+    runs:/<id>/model`` or ``mlflow models serve -m runs:/<id>/model --env-manager local`` (from this
+    project's environment: the model imports ``pipeline``). Input: a DataFrame with, per row,
+    ``audio_base64`` (a WAV or FLAC file's bytes, base64-encoded; mono or stereo, mixed down) or ``audio``
+    (float samples, one channel) with ``sample_rate`` (Hz; without a ``sample_rate`` column, the model's
+    own rate). Output: a DataFrame with ``transcript``. The request checks, limits and error answers are
+    the ``speech-restoration`` model's (``pipeline.restoration.request_audio``): ``path`` (a file on this
+    machine, or a list of paths) is read only where the model config says ``allow_paths``
+    (``mlflow.pyfunc.load_model(uri, model_config={"allow_paths": True})``); a served model refuses it.
+    A bad request gets 400 and one short message; requests are transcribed one at a time. The weights are
+    a verified checkpoint, loaded with ``weights_only=True``.
     """
 
     def load_context(self, context) -> None:
+        config = dict(context.model_config or {})
+        self.max_seconds = float(config.get("max_seconds", MAX_SECONDS))
+        self.allow_paths = config.get("allow_paths") is True  # only a real true: "false" is not
+        self.lock = threading.Lock()  # one request's audio in the model at a time
         self.device = torch.device("cpu")
         self.model, self.vocab, meta = load_model(Path(context.artifacts["checkpoint"]), self.device)
         self.rate = int(meta["model_args"]["asr"]["sample_rate"])
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def _as_frame(self, model_input):
+        """A list of paths (or one) as a ``path`` column; ``audio`` without ``sample_rate`` at the model's rate."""
         if isinstance(model_input, (str, Path)):
             model_input = [model_input]
-        if not isinstance(model_input, pd.DataFrame):
-            model_input = pd.DataFrame({"path": [str(p) for p in model_input]})
-        if "path" in model_input.columns:
-            waves = [load_audio(Path(p), self.rate) for p in model_input["path"]]
-        elif "audio" in model_input.columns:
-            waves = [torch.as_tensor(np.asarray(a, dtype=np.float32)).flatten() for a in model_input["audio"]]
-        else:
-            raise ValueError(f"expected a 'path' or 'audio' column, got {list(model_input.columns)}")
-        return pd.DataFrame({"transcript": transcribe(self.model, self.vocab, waves, self.device)})
+        if isinstance(model_input, (list, tuple)) and all(isinstance(p, (str, Path)) for p in model_input):
+            return pd.DataFrame({"path": [str(p) for p in model_input]})
+        if isinstance(model_input, pd.DataFrame) and "audio" in model_input and "sample_rate" not in model_input:
+            return model_input.assign(sample_rate=self.rate)
+        return model_input
+
+    def _resampled(self, row: int, wave: torch.Tensor, rate: int) -> torch.Tensor:
+        wave = resample(wave, rate, self.rate)
+        if wave.numel() < MIN_SECONDS * self.rate:
+            raise RequestError(f"row {row}: audio shorter than {MIN_SECONDS:g} s cannot be transcribed; send at least "
+                               f"{MIN_SECONDS:g} s")
+        return wave
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        try:
+            requests = request_audio(self._as_frame(model_input), self.max_seconds, self.allow_paths, LONG_FILES)
+            with self.lock:
+                waves = [self._resampled(i, wave, rate) for i, (wave, rate) in enumerate(requests)]
+                texts = transcribe(self.model, self.vocab, waves, self.device)
+        except RequestError as err:
+            log.warning("Refused a request: %s", err.reason)
+            raise
+        except Exception:
+            log.exception("Transcribing a request failed")
+            raise RequestError("the model failed to transcribe this request; the server's log says why",
+                               internal=True) from None
+        return pd.DataFrame({"transcript": texts})
 
 
-def save_transcriber(checkpoint_dir: Path, out_dir: Path) -> None:
+def save_transcriber(checkpoint_dir: Path, out_dir: Path, max_seconds: float = MAX_SECONDS) -> None:
     """Write ``Transcriber`` over a verified train_asr checkpoint as an MLflow model directory."""
     verify(checkpoint_dir)
     packages = ("torch", "torchaudio", "mlflow", "pandas", "numpy", "omegaconf", "soundfile", "scipy")
     mlflow.pyfunc.save_model(str(out_dir), python_model=str(Path(__file__).with_name("asr_model.py")),
                              artifacts={"checkpoint": str(checkpoint_dir)},
+                             model_config={"max_seconds": max_seconds, "allow_paths": False},
                              pip_requirements=[f"{p}=={metadata.version(p)}" for p in packages])
 
 

@@ -211,7 +211,7 @@ def test_tiny_conformer_overfits_a_handful_of_utterances(store):
 
     assert not (artifact_dir(client, run.info.run_id) / "model" / "python_model.pkl").exists()  # code, not pickle
     utterances = read_corpus("ljspeech", None)[:4]  # the training set: max_samples=4 of the corpus
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model", model_config={"allow_paths": True})
     texts = model.predict(pd.DataFrame({"path": [str(u.path) for u in utterances]}))["transcript"].tolist()
     vocab = CharVocabulary(preset("tiny").vocabulary)
     edits, chars = error_counts(texts, [vocab.normalize(u.text) for u in utterances])["cer"]
@@ -432,6 +432,71 @@ def test_transcribe_bad_input_gives_one_clear_error_and_writes_nothing(finished_
         assert len(errors) == 1 and message in errors[0], captured.err[-2000:]
         assert captured.out == ""
     assert snapshot(client) == before
+
+
+def test_the_asr_model_reads_only_the_request_unless_its_config_allows_paths(finished_run, monkeypatch):
+    """The run's model/ as `mlflow models serve` loads it (the saved config): a path on the server is refused
+    before it is looked at; audio comes as float samples with their rate or as WAV/FLAC bytes (base64) and is
+    resampled to the model's rate; a bad rate or length gets one 400 message, a failure inside one 500 line,
+    neither with a traceback or the request. `path` is for local use with model_config allow_paths."""
+    import base64
+    import io
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    uri = f"runs:/{finished_run}/model"
+    served = mlflow.pyfunc.load_model(uri)
+    for request in (pd.DataFrame({"path": [str(DEMO_WAV)]}), str(DEMO_WAV), [str(DEMO_WAV)]):
+        with pytest.raises(MlflowException) as refused:
+            served.predict(request)
+        assert refused.value.get_http_status_code() == 400
+        assert "does not read files on its machine" in refused.value.message
+        assert str(DEMO_WAV) not in refused.value.serialize_as_json()
+
+    wave, rate = sf.read(str(DEMO_WAV), dtype="float32")
+    local = mlflow.pyfunc.load_model(uri, model_config={"allow_paths": True})
+    expected = local.predict(pd.DataFrame({"path": [str(DEMO_WAV)]}))["transcript"].tolist()
+    by_samples = served.predict(pd.DataFrame({"audio": [wave.tolist()], "sample_rate": [rate]}))
+    assert by_samples["transcript"].tolist() == expected
+
+    def encoded(file_format: str, subtype: str) -> str:
+        buffer = io.BytesIO()
+        sf.write(buffer, np.stack([wave, wave], axis=1), rate, format=file_format, subtype=subtype)
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    seen = []  # what reaches the recogniser: one channel at the model's rate
+    monkeypatch.setattr("pipeline.transcribe.transcribe", lambda model, vocab, waves, device: [
+        seen.append(w.numpy()) or "" for w in waves])
+    for request in ({"audio": [wave.tolist()], "sample_rate": [rate]}, {"audio": [wave]},  # no sample_rate: 16 kHz
+                    {"audio_base64": [encoded("WAV", "FLOAT")]}, {"audio_base64": [encoded("FLAC", "PCM_24")]}):
+        assert served.predict(pd.DataFrame(request))["transcript"].tolist() == [""], request.keys()
+        np.testing.assert_allclose(seen.pop(), wave, atol=1e-6)
+    served.predict(pd.DataFrame({"audio": [[0.1] * 44100, [0.1] * 8000], "sample_rate": [44100, 8000]}))
+    assert [len(w) for w in seen] == [16000, 16000]
+    monkeypatch.undo()
+
+    for request, message in [
+        ({"audio": [[0.1] * 100], "sample_rate": [1e308]}, "from 8000 to 192000"),
+        ({"audio": [[0.1] * 100], "sample_rate": [16000.5]}, "whole number"),
+        ({"audio": [[0.1] * 100], "sample_rate": [4000]}, "from 8000 to 192000"),
+        ({"audio": [[0.1] * (8000 * 61)], "sample_rate": [8000]}, "transcribe long files with pipeline.transcribe"),
+        ({"audio_base64": ["%%%"]}, "not valid base64"),
+        ({"something": [1]}, "give exactly one of audio_base64"),
+        ({"audio": [[0.1] * 100], "sample_rate": [16000]}, "send at least 0.1 s"),
+    ]:
+        with pytest.raises(MlflowException) as refused:
+            served.predict(pd.DataFrame(request))
+        answer = json.loads(refused.value.serialize_as_json())
+        assert refused.value.get_http_status_code() == 400 and message in answer["message"], answer
+        assert set(answer) == {"error_code", "message"} and "Traceback" not in answer["message"]
+
+    local.unwrap_python_model().model = None  # a failure inside the model: a 500 with one line
+    with pytest.raises(MlflowException) as failed:
+        local.predict(pd.DataFrame({"audio": [wave.tolist()], "sample_rate": [rate]}))
+    assert failed.value.get_http_status_code() == 500
+    assert json.loads(failed.value.serialize_as_json()) == {
+        "error_code": "INTERNAL_ERROR", "message": "the model failed to transcribe this request; the server's log says why"}
 
 
 # --------------------------------------------------------------------------------------------
