@@ -391,6 +391,7 @@ def report(client: MlflowClient, results: list[StepResult], main_run: str, model
 def main(argv: list[str]) -> int:
     setup_logging()
     launcher_watch.watch()  # main stops, and stops its step, when `mlflow run -e main` is gone
+    os.environ[launcher_watch.ALSO_WATCH_ENV] = str(os.getpid())  # and a step stops if main itself is killed
     with STOPPER:
         return run_main(argv)
 

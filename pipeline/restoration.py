@@ -20,6 +20,7 @@ import logging
 import math
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -363,6 +364,22 @@ def _file(row: int, value, allow_paths: bool) -> tuple[np.ndarray, int]:
     return audio.mean(dim=0).numpy(), rate
 
 
+@contextmanager
+def answering(work: str):
+    """Around a served model's work on one request: a RequestError is logged and answered as it is (4xx, its
+    short message); any other failure is logged with its traceback here and answered 500 with one line, so
+    that no trace, path or request data reaches the client."""
+    try:
+        yield
+    except RequestError as err:
+        log.warning("Refused a request: %s", err.reason)
+        raise
+    except Exception:
+        log.exception("Failed to %s a request", work)
+        raise RequestError(f"the model failed to {work} this request; the server's log says why",
+                           internal=True) from None
+
+
 def request_audio(model_input, max_seconds: float, allow_paths: bool = False,
                   long_files: str = LONG_FILES) -> list[tuple[torch.Tensor, int]]:
     """One channel of audio and its rate per row of a request: ``audio`` (float samples) with
@@ -424,17 +441,10 @@ class ChainModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        try:
+        with answering("restore"):
             requests = request_audio(model_input, self.max_seconds, self.allow_paths)
             with self.lock:
                 restored = [self.chain.restore(wave, rate).numpy().astype(np.float64).tolist() for wave, rate in requests]
-        except RequestError as err:
-            log.warning("Refused a request: %s", err.reason)
-            raise
-        except Exception:
-            log.exception("Restoring a request failed")
-            raise RequestError("the model failed to restore this request; the server's log says why",
-                               internal=True) from None
         return pd.DataFrame({"audio": restored, "sample_rate": [self.chain.rate_out] * len(restored)})
 
 

@@ -35,7 +35,7 @@ from pipeline.engine.resume import ResumeError, RunCheckpoints, fetch_model
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.stage import Precision
 from pipeline.models.asr import CharVocabulary, ConformerCTC, greedy_decode
-from pipeline.restoration import MAX_SECONDS, RequestError, request_audio, resample
+from pipeline.restoration import MAX_SECONDS, RequestError, answering, request_audio, resample
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +149,11 @@ class Transcriber(mlflow.pyfunc.PythonModel):
         return wave
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        try:
+        with answering("transcribe"):
             requests = request_audio(self._as_frame(model_input), self.max_seconds, self.allow_paths, LONG_FILES)
             with self.lock:
                 waves = [self._resampled(i, wave, rate) for i, (wave, rate) in enumerate(requests)]
                 texts = transcribe(self.model, self.vocab, waves, self.device)
-        except RequestError as err:
-            log.warning("Refused a request: %s", err.reason)
-            raise
-        except Exception:
-            log.exception("Transcribing a request failed")
-            raise RequestError("the model failed to transcribe this request; the server's log says why",
-                               internal=True) from None
         return pd.DataFrame({"transcript": texts})
 
 

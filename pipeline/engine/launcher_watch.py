@@ -14,7 +14,10 @@ The launcher is:
 - otherwise the job's parent (a shell, torchrun's agent, a test), unless the job was detached on
   purpose: started under ``nohup`` (SIGHUP ignored) or as the leader of a session of its own (``setsid``).
 
-Only the standard library and psutil are imported: ``pipeline.launcher`` stays light.
+A process named in ``PIPELINE_WATCH_PID`` is watched as well: ``main`` names itself there for its steps,
+whose ``mlflow run`` processes live in sessions of their own and would outlive a ``main`` that was killed.
+
+It imports only the standard library and psutil (``status_guard`` uses its ``mlflow_run_ancestor``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import psutil
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often the launcher is looked at
+ALSO_WATCH_ENV = "PIPELINE_WATCH_PID"  # a process whose end stops this job too (main sets it for its steps)
 _stop_requested = threading.Event()  # set by the stop handlers: a stop is on its way already
 
 
@@ -78,24 +82,38 @@ def _gone(proc: psutil.Process) -> bool:
         return True
 
 
-def watch() -> psutil.Process | None:
-    """Start watching this job's launcher (a daemon thread); returns it, or None when there is none."""
-    proc = launcher()
-    if proc is None:
-        return None
+def also_watched() -> psutil.Process | None:
+    """The process ``PIPELINE_WATCH_PID`` names, if it is alive."""
     try:
-        name = " ".join(proc.cmdline()[:3]) or proc.name()
+        pid = int(os.environ.get(ALSO_WATCH_ENV, ""))
+        return psutil.Process(pid) if pid > 1 and pid != os.getpid() else None
+    except (ValueError, psutil.Error):
+        return None
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid}, {' '.join(proc.cmdline()[:3]) or proc.name()}"
     except psutil.Error:
-        name = "?"
+        return f"pid {proc.pid}"
+
+
+def watch() -> list[psutil.Process]:
+    """Start watching this job's launcher (and ``PIPELINE_WATCH_PID``) in a daemon thread; returns what is
+    watched (empty when there is nothing to watch)."""
+    procs = [p for p in (launcher(), also_watched()) if p is not None]
+    if not procs:
+        return []
+    names = {proc.pid: _describe(proc) for proc in procs}
 
     def run() -> None:
-        while not _gone(proc):
+        while not (gone := [proc for proc in procs if _gone(proc)]):
             time.sleep(POLL_S)
         if _stop_requested.is_set():
             return
-        log.warning("The process that launched this job (pid %d, %s) is gone: stopping as if it had sent SIGTERM",
-                    proc.pid, name)
+        log.warning("The process that launched this job (%s) is gone: stopping as if it had sent SIGTERM",
+                    names[gone[0].pid])
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=run, name="launcher-watch", daemon=True).start()
-    return proc
+    return procs
