@@ -391,9 +391,16 @@ def report(client: MlflowClient, results: list[StepResult], main_run: str, model
 def main(argv: list[str]) -> int:
     setup_logging()
     launcher_watch.watch()  # main stops, and stops its step, when `mlflow run -e main` is gone
+    before = os.environ.get(launcher_watch.ALSO_WATCH_ENV)
     os.environ[launcher_watch.ALSO_WATCH_ENV] = str(os.getpid())  # and a step stops if main itself is killed
-    with STOPPER:
-        return run_main(argv)
+    try:
+        with STOPPER:
+            return run_main(argv)
+    finally:  # main may run inside another program (a test): leave its environment as it was
+        if before is None:
+            os.environ.pop(launcher_watch.ALSO_WATCH_ENV, None)
+        else:
+            os.environ[launcher_watch.ALSO_WATCH_ENV] = before
 
 
 def run_main(argv: list[str]) -> int:
