@@ -8,7 +8,7 @@
 Chain mode: the last ``test_size`` utterances of a corpus (by default the demo corpus's held-out split,
 the one training validates on) are degraded with a fixed seed and scored in three conditions against
 the clean reference: ``degraded`` (the input), ``restored`` (the chain) and ``copy_synthesis`` (the
-vocoder on the clean features: the ceiling). Metrics (pipeline/metrics.py): PESQ wide band, STOI,
+vocoder on the clean features: the ceiling). Metrics (pipeline/inference/metrics.py): PESQ wide band, STOI,
 ESTOI, SI-SDR, log-spectral distance, DNSMOS SIG/BAK/OVRL, and with ``asr_run`` the CER/WER of that
 train_asr run's model. With ``noisy_dir`` (real recordings, no references): the non-intrusive metrics
 and transcripts of ``input`` and ``restored``. For a train_asr ``run_id``: CER/WER on ``clean`` and
@@ -42,7 +42,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from pipeline import metrics as M
+from pipeline.inference import metrics as M
 from pipeline.config import CONFIG_DIR, ConfigError, DataConfig, DegradationConfig, parse_key_values, split_overrides
 from pipeline.data.corpus import (AudioError, CorpusError, LoadReport, audio_files, load_audio, read_channels,
                                   read_corpus)
@@ -54,9 +54,9 @@ from pipeline.engine.resume import ResumeError
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, setup_logging
 from pipeline.engine.stage import Precision
 from pipeline.engine.tracking import experiment_id, start_or_adopt_run
-from pipeline.listening import Example, write_listening_page
+from pipeline.inference.listening import Example, write_listening_page
 from pipeline.models.asr import error_counts
-from pipeline.restoration import load_chain, resolve_chain
+from pipeline.inference.chain import load_chain, resolve_chain
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,13 @@ class Transcriber:
     """A train_asr run's model (its latest checkpoint): greedy transcripts of 16 kHz audio."""
 
     def __init__(self, client: MlflowClient, run_id: str, device: torch.device, workdir: Path):
-        from pipeline.transcribe import checkpoint_from_run, load_model
+        from pipeline.inference.asr import checkpoint_from_run, load_model
 
         self.model, self.vocab, meta = load_model(checkpoint_from_run(client, run_id, "latest", workdir / "asr"), device)
         self.rate, self.step, self.device = int(meta["model_args"]["asr"]["sample_rate"]), int(meta["step"]), device
 
     def __call__(self, wave: np.ndarray) -> str:
-        from pipeline.transcribe import transcribe
+        from pipeline.inference.asr import transcribe
 
         x = torch.from_numpy(np.asarray(wave, dtype=np.float32))
         if self.rate != M.RATE:

@@ -39,7 +39,7 @@ from pipeline.config import ConfigError, compose_config, route_overrides, split_
 from pipeline.engine import tags as tag
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, record_imported_run, setup_logging
 from pipeline.engine.stage import Precision
-from pipeline.files import sha256_file
+from pipeline.common.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ def run(argv: list[str]) -> int:
     except (ConfigError, ImportRefused, ValueError, OSError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
-    log.info("Imported runs: train_adapter %s%s. Continue training with: python -m pipeline.train_adapter "
+    log.info("Imported runs: train_adapter %s%s. Continue training with: python -m pipeline.stages.train_adapter "
              "resume_run=%s trainer.max_steps=<N>", adapter_run,
              f", finetune_vocoder {vocoder_run}" if vocoder_run else "", adapter_run)
     return EXIT_OK

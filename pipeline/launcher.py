@@ -32,14 +32,19 @@ RENDEZVOUS_OPTIONS = ("--nnodes", "--rdzv", "--rdzv-", "--rdzv_", "--master-addr
                       "--master_port", "--standalone", "--node-rank", "--node_rank")
 
 
+def module(stage: str) -> str:
+    """The module ``python -m`` runs for ``stage``: the stage's own module, or the sweep."""
+    return "pipeline.sweep" if stage == "sweep" else TRAINING_STAGES[stage].partition(":")[0]
+
+
 def command(stage: str, nproc: int, torchrun: str, args: list[str]) -> list[str]:
     """The command line that runs ``stage`` with ``args`` on ``nproc`` processes per machine."""
     extra = shlex.split(torchrun)
     if nproc == 1 and not extra:
-        return [sys.executable, "-m", f"pipeline.{stage}", *args]
+        return [sys.executable, "-m", module(stage), *args]
     rendezvous = [] if any(word.startswith(RENDEZVOUS_OPTIONS) for word in extra) else ["--standalone"]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *rendezvous, *extra,
-            "-m", f"pipeline.{stage}", *args]
+            "-m", module(stage), *args]
 
 
 def parse(argv: list[str]) -> tuple[str, int, str, list[str]]:
@@ -70,7 +75,7 @@ def main() -> None:
     except ValueError as err:
         log.error("%s", err)
         sys.exit(EXIT_BAD_INPUT)
-    if cmd[1:3] != ["-m", f"pipeline.{stage}"]:
+    if cmd[1:3] != ["-m", module(stage)]:
         log.info("Starting %s", shlex.join(cmd[1:]))
     os.execv(cmd[0], cmd)
 

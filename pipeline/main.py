@@ -306,7 +306,7 @@ def run_chain(client: MlflowClient, cfg: MainConfig, overrides: dict[str, list[s
 def register_chain(client: MlflowClient, finetune_run: str) -> str | None:
     """The chain's registered model URI: a new ``speech-restoration`` version for a chain not registered
     yet, the existing one for a reused chain; None (with a warning) when the run has no ``model/``."""
-    from pipeline.restoration import MODEL_NAME
+    from pipeline.inference.chain import MODEL_NAME
 
     existing = client.search_model_versions(f"name='{MODEL_NAME}' and run_id='{finetune_run}'")
     if existing:

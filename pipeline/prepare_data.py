@@ -43,7 +43,7 @@ from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import code_version, utc_now
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.tracking import default_run_name, log_dataset_inputs, start_or_adopt_run
-from pipeline.listening import Example, safe_name, write_listening_page
+from pipeline.inference.listening import Example, safe_name, write_listening_page
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def run_prepare(argv: list[str]) -> int:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    log.info("Train on it: python -m pipeline.train_adapter data=shards data.root=%s", cfg.output)
+    log.info("Train on it: python -m pipeline.stages.train_adapter data=shards data.root=%s", cfg.output)
     return EXIT_OK
 
 

@@ -6,7 +6,7 @@
 
 Every audio file soundfile reads (any rate, mono or multichannel; each channel is restored on its own)
 becomes a WAV file at the vocoder's rate under the same relative path in ``output``. Long files are
-restored in chunks (``chunk_seconds``, cross-faded; see pipeline/restoration.py). Unreadable, empty,
+restored in chunks (``chunk_seconds``, cross-faded; see pipeline/inference/chain.py). Unreadable, empty,
 silent or NaN files are skipped and listed with the reason, existing outputs are kept unless
 ``overwrite=true``, and input files are never written. ``output/restore-summary.csv`` lists every file;
 when no input is usable the command exits with code 2 and one message counting the reasons.
@@ -36,7 +36,7 @@ from pipeline.engine.checkpointing import CheckpointError
 from pipeline.engine.resume import ResumeError
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.stage import PRECISIONS, Precision
-from pipeline.restoration import as_numpy, load_chain, resolve_chain
+from pipeline.inference.chain import as_numpy, load_chain, resolve_chain
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 OVERRIDES=${OVERRIDES:-""}   # e.g. OVERRIDES="pretrain_vocoder.trainer.max_steps=600" or "main.reuse=false"
 mlflow run . -e main --env-manager local --experiment-name main -P overrides="$OVERRIDES"
 cat <<MSG
-  Checkpoints: .venv/bin/python -m pipeline.checkpoints --model hifigan --dataset demo
+  Checkpoints: .venv/bin/python -m pipeline.checkpoint_table --model hifigan --dataset demo
   Listening pages: the vocoder runs' artifacts samples/step-*/index.html (clean, degraded, generated),
     and the evaluate run's listening/index.html (clean, degraded, restored, copy synthesis)
   Restore your own audio: .venv/bin/python -m pipeline.restore model_uri=models:/speech-restoration/1 \

@@ -4,4 +4,4 @@
 #   bash scripts/team_server.sh --dir /tmp/team --user alice:alice-password-1 --user bob:bob-password-22
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m pipeline.teamserver "$@"
+exec .venv/bin/python -m pipeline.ops.teamserver "$@"

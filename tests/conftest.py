@@ -49,9 +49,9 @@ def env_for(workdir: Path) -> dict[str, str]:
 
 
 def run_module(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m pipeline.train_adapter ARGS`` in ``workdir``."""
+    """``python -m pipeline.stages.train_adapter ARGS`` in ``workdir``."""
     return subprocess.run(
-        [PYTHON, "-m", "pipeline.train_adapter", *args],
+        [PYTHON, "-m", "pipeline.stages.train_adapter", *args],
         cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=timeout,
     )
 
@@ -100,7 +100,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
 
 
 def _free_port() -> int:
-    from pipeline.localserver import free_port
+    from pipeline.ops.localserver import free_port
 
     return free_port()
 
@@ -201,9 +201,9 @@ def chain(tmp_path_factory):
                "finetune": stage_runs(client, "finetune_vocoder")[0].info.run_id}
 
 
-def start_stage(workdir: Path, module: str, *args: str) -> subprocess.Popen:
-    """``python -m pipeline.<module> ARGS`` in the background, stderr readable line by line."""
-    return subprocess.Popen([PYTHON, "-m", f"pipeline.{module}", *args], cwd=workdir, env=env_for(workdir),
+def start_stage(workdir: Path, stage: str, *args: str) -> subprocess.Popen:
+    """``python -m pipeline.stages.<stage> ARGS`` in the background, stderr readable line by line."""
+    return subprocess.Popen([PYTHON, "-m", f"pipeline.stages.{stage}", *args], cwd=workdir, env=env_for(workdir),
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
@@ -250,8 +250,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def tracking_server(tmp_path):
-    """A real ``mlflow server`` on loopback that the test may stop and start again (pipeline/localserver.py)."""
-    from pipeline.localserver import TrackingServer
+    """A real ``mlflow server`` on loopback that the test may stop and start again (pipeline/ops/localserver.py)."""
+    from pipeline.ops.localserver import TrackingServer
 
     server = TrackingServer(tmp_path)
     server.start()

@@ -44,7 +44,7 @@ def _chromium() -> str:
 def _job(server, workdir: Path, *args: str) -> subprocess.Popen:
     env = env_for(workdir)
     env["MLFLOW_TRACKING_URI"] = server.uri
-    return subprocess.Popen([PYTHON, "-m", "pipeline.train_adapter", *args], cwd=workdir, env=env,
+    return subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_adapter", *args], cwd=workdir, env=env,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
@@ -54,7 +54,7 @@ def dashboard(tmp_path_factory):
     chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
-    from pipeline.localserver import TrackingServer
+    from pipeline.ops.localserver import TrackingServer
 
     root = tmp_path_factory.mktemp("dashboard")
     server = TrackingServer(root)

@@ -104,10 +104,10 @@ def test_each_rank_reads_its_slice_of_the_global_batch_one_process_would_read():
 
 
 def test_the_launcher_keeps_one_process_plain_and_adds_standalone_only_without_a_rendezvous():
-    assert command("train_adapter", 1, "", ["a=1"])[1:] == ["-m", "pipeline.train_adapter", "a=1"]
+    assert command("train_adapter", 1, "", ["a=1"])[1:] == ["-m", "pipeline.stages.train_adapter", "a=1"]
     two = command("train_asr", 2, "--max-restarts=1", ["a=1"])
     assert two[1:] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--max-restarts=1", "-m",
-                       "pipeline.train_asr", "a=1"]
+                       "pipeline.stages.train_asr", "a=1"]
     nodes = command("train_asr", 4, "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=h:29400", [])
     assert "--standalone" not in nodes and "--rdzv-endpoint=h:29400" in nodes
     bad = subprocess.run([PYTHON, "-m", "pipeline.launcher", "--nproc=0", "train_adapter"], capture_output=True,
@@ -241,7 +241,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_committed_check
     last = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "signal"
     assert run.data.tags["checkpoint.latest_step"] == str(last)  # rank 0 stopped at rank 1's step and saved it
-    assert f"Resume with: torchrun --nproc_per_node=2 -m pipeline.train_adapter resume_run={run.info.run_id}" in err
+    assert f"Resume with: torchrun --nproc_per_node=2 -m pipeline.stages.train_adapter resume_run={run.info.run_id}" in err
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import soundfile as sf
 from mlflow import MlflowClient
 
 from conftest import REPO, VENV_BIN, artifact_dir, env_for, snapshot, stage_runs
-from pipeline import metrics as M
+from pipeline.inference import metrics as M
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, run_stage
 from pipeline.evaluate import run as evaluate
 

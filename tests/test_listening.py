@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 
-from pipeline.listening import Example, MediaEmbedder, write_listening_page
+from pipeline.inference.listening import Example, MediaEmbedder, write_listening_page
 
 
 def _page(tmp_path, seconds: float = 1.0):

@@ -61,7 +61,7 @@ from pipeline.engine.resume import ResumeError, RunCheckpoints
 from pipeline.engine.stage import Precision
 from pipeline.engine.trainer import Engine
 from pipeline.launcher import parse
-from pipeline.files import sha256_file
+from pipeline.common.files import sha256_file
 
 log = logging.getLogger(__name__)
 

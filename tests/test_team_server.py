@@ -1,4 +1,4 @@
-"""A team's tracking server (pipeline/teamserver.py, docs/team-server.md): real PostgreSQL, a moto S3
+"""A team's tracking server (pipeline/ops/teamserver.py, docs/team-server.md): real PostgreSQL, a moto S3
 server over HTTP and ``mlflow server`` with basic auth on loopback, with artifacts proxied by the server
 or read and written by the trainers themselves. A job killed with SIGKILL resumes from another working
 directory into the same run, bit-identical to an uninterrupted one; retention really deletes the
@@ -30,7 +30,7 @@ PART = str(5 * 1024**2)  # S3's smallest part
 
 
 def serve(tmp_path_factory, direct: bool):
-    from pipeline.teamserver import TeamServer
+    from pipeline.ops.teamserver import TeamServer
 
     server = TeamServer(tmp_path_factory.mktemp("team"), USERS, direct=direct)
     try:
@@ -54,14 +54,14 @@ def direct_team(tmp_path_factory):
 
 def job(team, user: str, workdir: Path, *args: str, password: str | None = None,
         env_extra: dict[str, str] | None = None) -> subprocess.Popen:
-    """``python -m pipeline.train_adapter`` as ``user``, with only the tracking variables a trainer exports."""
+    """``python -m pipeline.stages.train_adapter`` as ``user``, with only the tracking variables a trainer exports."""
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("MLFLOW_", "AWS_"))}
     env.update(team.trainer_env(user), PYTHONUNBUFFERED="1", **(env_extra or {}))
     if password is not None:
         env["MLFLOW_TRACKING_PASSWORD"] = password
     workdir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([PYTHON, "-m", "pipeline.train_adapter", *args], cwd=workdir, env=env,
+    return subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_adapter", *args], cwd=workdir, env=env,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 

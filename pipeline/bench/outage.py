@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.bench import figure
 from pipeline.engine.outage import HTTP_DEFAULTS
-from pipeline.localserver import TrackingServer
+from pipeline.ops.localserver import TrackingServer
 
 MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
                    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0"}  # MLflow 3.17's own defaults
@@ -30,7 +30,7 @@ def _recovery_lag(overrides: list[str], outage_s: float, http: dict[str, str]) -
         server.start()
         env = {**os.environ, **http, "MLFLOW_TRACKING_URI": server.uri, "PYTHONUNBUFFERED": "1"}
         job = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.train_adapter", *overrides, "trainer.max_steps=150",
+            [sys.executable, "-m", "pipeline.stages.train_adapter", *overrides, "trainer.max_steps=150",
              "checkpoint.save_interval=10", "validation.interval=0", "trainer.log_interval=1",
              "tracking.flush_seconds=0.2", "tracking.system_metrics=false"],
             cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

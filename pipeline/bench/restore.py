@@ -20,7 +20,7 @@ from pipeline.bench import figure, spread
 from pipeline.config import compose_config
 from pipeline.data.corpus import load_audio, read_corpus
 from pipeline.engine.stage import Precision
-from pipeline.restoration import RestorationChain
+from pipeline.inference.chain import RestorationChain
 
 
 def peak_rss_mb() -> float:

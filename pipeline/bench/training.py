@@ -225,7 +225,7 @@ def _endless_batches(stage) -> Iterator[dict]:
 
 def _job(args: list[str], env: dict[str, str]) -> tuple[float, dict[str, float]]:
     """Run one stage process; the first step's time after process start and the phases it logged."""
-    out = subprocess.run([sys.executable, "-m", "pipeline.train_adapter", *args], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "pipeline.stages.train_adapter", *args], env=env, capture_output=True,
                          text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"train_adapter {' '.join(args)} failed:\n{out.stderr[-3000:]}")

@@ -31,7 +31,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from pipeline.files import AUDIO_SUFFIXES
+from pipeline.common.files import AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
 

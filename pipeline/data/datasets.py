@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DegradationConfig
 from pipeline.data.degrade import OtherUtterances, check_degradation, degrade, sample_rng
-from pipeline.engine import faults
+from pipeline.common import faults
 
 TRAIN_STREAM, VAL_STREAM, ORDER_STREAM = 0, 1, 2
 

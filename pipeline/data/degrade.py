@@ -26,7 +26,7 @@ import soundfile as sf
 import torch
 
 from pipeline.config import DegradationConfig
-from pipeline.files import AUDIO_SUFFIXES
+from pipeline.common.files import AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from pipeline.data.corpus import mlflow_dataset
 from pipeline.data.datasets import TRAIN_STREAM, crop_or_pad, with_fault_point
 from pipeline.data.degrade import sample_rng
-from pipeline.files import sha256_file
+from pipeline.common.files import sha256_file
 
 log = logging.getLogger(__name__)
 

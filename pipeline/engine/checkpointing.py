@@ -41,10 +41,10 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from pipeline.engine import faults
+from pipeline.common import faults
 from pipeline.engine import tags as tag
 from pipeline.engine.outage import OUTAGE_LIMIT_S, NotRetried, StorageError, first_line, retry_until
-from pipeline.files import sha256_file
+from pipeline.common.files import sha256_file
 
 log = logging.getLogger(__name__)
 

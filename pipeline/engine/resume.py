@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import TrackingConfig, legacy_launch_values
-from pipeline.engine import faults, lease, startup
+from pipeline.common import faults
+from pipeline.engine import lease, startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CHECKPOINT_DIR,
@@ -129,7 +130,7 @@ class RunCheckpoints:
             if self.role:
                 raise ResumeError(f"{self.role}={self.run_id} ({self.stage}) has no committed checkpoint; train it first")
             raise ResumeError(f"Run {self.run_id} has no checkpoints to {purpose}; train it first "
-                              f"(python -m pipeline.{self.stage} resume_run={self.run_id} or a fresh run).")
+                              f"(python -m pipeline.stages.{self.stage} resume_run={self.run_id} or a fresh run).")
         return self.latest_step
 
     def end_if_abandoned(self) -> str:

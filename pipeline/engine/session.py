@@ -34,7 +34,8 @@ from pipeline.config import (
     redact,
     to_container,
 )
-from pipeline.engine import faults, launcher_watch, startup
+from pipeline.common import faults
+from pipeline.engine import launcher_watch, startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CheckpointError,

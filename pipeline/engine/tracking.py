@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from pipeline.config import mask_secrets, redact
-from pipeline.engine import faults
+from pipeline.common import faults
 from pipeline.engine import tags as tag
 from pipeline.engine.outage import OUTAGE_LIMIT_S, NotRetried, StorageError, first_line, retry_until
 
@@ -355,7 +355,7 @@ def dashboard_hint(experiment_id: str, run_id: str | None = None) -> str:
 def resume_command(stage: str, run_id: str, nproc: int = 1) -> str:
     """The command that resumes ``run_id``, with as many processes (torchrun) as it trained with."""
     launcher = f"torchrun --nproc_per_node={nproc}" if nproc > 1 else "python"
-    return f"{launcher} -m pipeline.{stage} resume_run={run_id}"
+    return f"{launcher} -m pipeline.stages.{stage} resume_run={run_id}"
 
 
 def describe_run(

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from pipeline.config import STORED_AS_WRITTEN, config_hash, redact, to_container
 from pipeline.data.datasets import seeded_loader
-from pipeline.engine import faults, startup
+from pipeline.common import faults
+from pipeline.engine import startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     FORMAT_VERSION,

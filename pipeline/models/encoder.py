@@ -233,3 +233,21 @@ def encoder_features(model: Wav2Vec2Model, wave: torch.Tensor, layer: int) -> to
     """Output of transformer layer ``layer`` (1-based) for a (batch, samples) waveform."""
     features, _ = model.extract_features(wave, num_layers=layer)
     return features[-1]
+
+
+def encoder_geometry(ssl: EncoderConfig) -> tuple[int, int]:
+    """(hop, receptive field) in input samples of the encoder's convolutional front end."""
+    hop, receptive = 1, 1
+    for _, kernel, stride in ssl.conv_layers:
+        receptive += (kernel - 1) * hop
+        hop *= stride
+    return hop, receptive
+
+
+def window(wave: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """``wave[start : start + length]`` with zeros where it reaches outside the waveform."""
+    out = wave.new_zeros(length)
+    lo, hi = max(start, 0), min(start + length, wave.numel())
+    if hi > lo:
+        out[lo - start : hi - start] = wave[lo:hi]
+    return out

@@ -4,7 +4,7 @@ multi-period (MPD) and multi-scale (MSD) discriminators (docs/architecture.md, M
 The generator takes (batch, frames, dim) features at the encoder's frame rate (50 frames/s) and
 upsamples by the product of ``upsample_rates`` to the output rate. Each discriminator returns its
 scores and the feature maps of every layer (for the feature-matching loss); the losses are pure
-functions in ``pipeline.losses``.
+functions in ``pipeline.models.losses``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """finetune_vocoder: continue a pretrained HiFi-GAN on adapter-cleaned features of degraded audio,
 against the clean waveform (Miipher-2, docs/architecture.md, Models).
 
-    python -m pipeline.finetune_vocoder adapter_run=<train_adapter run> vocoder_run=<pretrain_vocoder run>
+    python -m pipeline.stages.finetune_vocoder adapter_run=<train_adapter run> vocoder_run=<pretrain_vocoder run>
     mlflow run . -e finetune_vocoder --env-manager local -P adapter_run=<id> -P vocoder_run=<id>
 
 The encoder and the adapters are rebuilt from the adapter run's latest committed checkpoint (its
@@ -139,9 +139,9 @@ class FinetuneVocoder(VocoderStage):
                 "adapter_run": self.adapter_run}
 
     def export_model(self, checkpoint_dir: Path, out_dir: Path) -> bool:
-        """The restoration chain (pipeline/restoration.py): this checkpoint's generator with the pinned
+        """The restoration chain (pipeline/inference/chain.py): this checkpoint's generator with the pinned
         adapter checkpoint, as one MLflow model."""
-        from pipeline.restoration import ADAPTER_STAGE, ChainCheckpoints, chain_metadata, save_chain_model
+        from pipeline.inference.chain import ADAPTER_STAGE, ChainCheckpoints, chain_metadata, save_chain_model
 
         meta = verify(checkpoint_dir)
         step = int(self.inputs["adapter_step"])

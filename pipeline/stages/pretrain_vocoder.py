@@ -3,7 +3,7 @@
 Use the same encoder preset and layer as the adapter the vocoder will serve (finetune_vocoder
 checks it).
 
-    python -m pipeline.pretrain_vocoder ssl=tiny vocoder=tiny trainer.max_steps=200
+    python -m pipeline.stages.pretrain_vocoder ssl=tiny vocoder=tiny trainer.max_steps=200
     mlflow run . -e pretrain_vocoder --env-manager local -P overrides="ssl=tiny vocoder=tiny"
 """
 

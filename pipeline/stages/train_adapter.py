@@ -1,7 +1,7 @@
 """train_adapter: make a frozen SSL encoder's features of degraded speech match its features of
 the clean speech, by training parallel adapters only (Miipher-2, docs/architecture.md, Models).
 
-    python -m pipeline.train_adapter ssl=tiny trainer.max_steps=200
+    python -m pipeline.stages.train_adapter ssl=tiny trainer.max_steps=200
     mlflow run . -e train_adapter --env-manager local -P overrides="ssl=tiny"
 """
 
@@ -19,8 +19,8 @@ from pipeline.data.shards import ShardPairs, StreamingPairs, read_manifest, shar
 from pipeline.engine import tags as tag
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
-from pipeline.listening import Example, safe_name, write_listening_page
-from pipeline.losses import SC_MODES, feature_loss
+from pipeline.inference.listening import Example, safe_name, write_listening_page
+from pipeline.models.losses import SC_MODES, feature_loss
 from pipeline.models.adapters import build_adapted_encoder
 
 

@@ -1,7 +1,7 @@
 """train_asr: a Conformer CTC recogniser over characters, trained by epochs (docs/architecture.md, Models).
 
-    python -m pipeline.train_asr asr=tiny trainer.epochs=20 batch_size=4
-    python -m pipeline.train_asr resume_run=<run id> trainer.epochs=40 batch_size=8   # more epochs, bigger batch
+    python -m pipeline.stages.train_asr asr=tiny trainer.epochs=20 batch_size=4
+    python -m pipeline.stages.train_asr resume_run=<run id> trainer.epochs=40 batch_size=8   # more epochs, bigger batch
     mlflow run . -e train_asr --env-manager local -P overrides="light=true trainer.epochs=5"
 """
 
@@ -23,7 +23,7 @@ from pipeline.data.datasets import ShuffledBatches, TranscribedSpeech, collate_p
 from pipeline.engine import tags as tag
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
-from pipeline.listening import MediaEmbedder
+from pipeline.inference.listening import MediaEmbedder
 from pipeline.models.asr import CharVocabulary, ConformerCTC, ctc_loss, error_counts, greedy_decode
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class TrainAsr(Stage):
         return {"asr": OmegaConf.to_container(self.cfg.asr)}
 
     def export_model(self, checkpoint_dir: Path, out_dir: Path) -> bool:
-        from pipeline.transcribe import save_transcriber  # transcribe imports the engine, like this module
+        from pipeline.inference.asr import save_transcriber
 
         save_transcriber(checkpoint_dir, out_dir)
         return True

@@ -18,37 +18,20 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from pipeline.config import DegradationConfig, EncoderConfig
+from pipeline.config import DegradationConfig
 from pipeline.data.corpus import Utterance, corpus_dataset, load_corpus_audio, read_corpus
 from pipeline.data.datasets import TRAIN_STREAM, VAL_STREAM, ShuffledBatches
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine import tags as tag
 from pipeline.engine.stage import Stage
-from pipeline.listening import Example, safe_name, write_listening_page
-from pipeline.losses import discriminator_loss, generator_loss, log_mel, mel_l1
+from pipeline.inference.listening import Example, safe_name, write_listening_page
+from pipeline.models.losses import discriminator_loss, generator_loss, log_mel, mel_l1
+from pipeline.models.encoder import encoder_geometry, window
 from pipeline.models.hifigan import CenteredMelSpectrogram, build_vocoder, validate_preset
 
 log = logging.getLogger(__name__)
 
 MODEL_TAG = "hifigan"
-
-
-def encoder_geometry(ssl: EncoderConfig) -> tuple[int, int]:
-    """(hop, receptive field) in input samples of the encoder's convolutional front end."""
-    hop, receptive = 1, 1
-    for _, kernel, stride in ssl.conv_layers:
-        receptive += (kernel - 1) * hop
-        hop *= stride
-    return hop, receptive
-
-
-def window(wave: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    """``wave[start : start + length]`` with zeros where it reaches outside the waveform."""
-    out = wave.new_zeros(length)
-    lo, hi = max(start, 0), min(start + length, wave.numel())
-    if hi > lo:
-        out[lo - start : hi - start] = wave[lo:hi]
-    return out
 
 
 class VocoderExamples(Dataset):

@@ -181,7 +181,7 @@ def test_exact_resume_while_reading_shards_with_two_workers(store, shards):
     assert reference.returncode == 0, reference.stderr[-3000:]
     client = MlflowClient()
     (ref,) = stage_runs(client)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train_adapter", *args], cwd=store, env=env_for(store),
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.train_adapter", *args], cwd=store, env=env_for(store),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if "step 19/40" in line:  # mid-epoch (12 batches per epoch with 2 workers), past a checkpoint

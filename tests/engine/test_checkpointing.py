@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engine import faults
+from pipeline.common import faults
 from pipeline.engine.checkpointing import (
     CheckpointError,
     RetentionPolicy,

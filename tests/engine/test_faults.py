@@ -4,7 +4,7 @@ import errno
 
 import pytest
 
-from pipeline.engine import faults
+from pipeline.common import faults
 
 
 @pytest.fixture(autouse=True)

@@ -96,7 +96,7 @@ def test_a_job_whose_lease_is_taken_over_stops_and_leaves_the_run_to_the_new_hol
 def test_two_resumes_started_together_one_trains_the_other_is_refused(store):
     client = MlflowClient()
     run_id = first_run(client)
-    procs = [subprocess.Popen([PYTHON, "-m", "pipeline.train_adapter", f"resume_run={run_id}", "trainer.max_steps=6"],
+    procs = [subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_adapter", f"resume_run={run_id}", "trainer.max_steps=6"],
                               cwd=store, env=env_for(store), stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
@@ -149,7 +149,7 @@ def test_a_paused_holder_taken_over_writes_nothing_when_it_continues(tracking_se
                 "tracking.lease_heartbeat_seconds=0.5"]
     server = dict(env_for(store), MLFLOW_TRACKING_URI=tracking_server.uri)
     env = dict(server, PIPELINE_FAULTS="checkpoint.commit@2=stop")  # step 10 uploaded, not committed
-    paused = subprocess.Popen([PYTHON, "-m", "pipeline.train_adapter", *settings], cwd=store, env=env,
+    paused = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_adapter", *settings], cwd=store, env=env,
                               stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: psutil.Process(paused.pid).status() == psutil.STATUS_STOPPED, "the job to pause itself")
@@ -157,7 +157,7 @@ def test_a_paused_holder_taken_over_writes_nothing_when_it_continues(tracking_se
         assert client.get_run(run_id).data.tags["checkpoint.latest_step"] == "5"
         # the lease runs out (4 s without a heartbeat), then another job takes the run over with another LR
         _wait_for(lambda: time.time() - float(client.get_run(run_id).data.tags["lease.heartbeat"]) > 5, "the lease")
-        taker = subprocess.run([PYTHON, "-m", "pipeline.train_adapter", f"resume_run={run_id}", "optim.lr=0.003"],
+        taker = subprocess.run([PYTHON, "-m", "pipeline.stages.train_adapter", f"resume_run={run_id}", "optim.lr=0.003"],
                                cwd=store, env=server, stderr=subprocess.PIPE, text=True, timeout=300)
         assert taker.returncode == EXIT_OK, taker.stderr[-3000:]
         assert "Taking over the lease of run" in taker.stderr

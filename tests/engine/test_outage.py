@@ -19,12 +19,12 @@ JOB = [*TINY, "checkpoint.save_interval=10", "validation.interval=50"]
 
 
 class Job:
-    """``python -m pipeline.train_adapter`` against the server, its log collected line by line."""
+    """``python -m pipeline.stages.train_adapter`` against the server, its log collected line by line."""
 
     def __init__(self, workdir, uri, *args):
         env = env_for(workdir)
         env["MLFLOW_TRACKING_URI"] = uri
-        self.process = subprocess.Popen([PYTHON, "-m", "pipeline.train_adapter", *args], cwd=workdir, env=env,
+        self.process = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_adapter", *args], cwd=workdir, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
@@ -78,7 +78,7 @@ def test_an_outage_longer_than_the_limit_stops_the_job_cleanly_and_a_resume_comp
     log = job.log
     assert "failed for" in log and "(tracking.outage_limit_seconds=4)" in log and "Traceback" not in log
     assert "it shows RUNNING until a resume ends it" in log
-    run_id = re.search(r"resume with: python -m pipeline.train_adapter resume_run=(\w+)", log).group(1)
+    run_id = re.search(r"resume with: python -m pipeline.stages.train_adapter resume_run=(\w+)", log).group(1)
 
     tracking_server.start()
     resumed = Job(tmp_path, tracking_server.uri, f"resume_run={run_id}")

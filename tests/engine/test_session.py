@@ -88,7 +88,7 @@ def test_a_crash_while_a_snapshot_is_written_leaves_the_previous_checkpoint_late
 
     args = [*TINY, "trainer.max_steps=6", "checkpoint.save_interval=2", "validation.interval=0"]
     env = {**env_for(store), "PIPELINE_FAULTS": "checkpoint.serialize@2=kill"}
-    crashed = subprocess.run([PYTHON, "-m", "pipeline.train_adapter", *args], cwd=store, env=env,
+    crashed = subprocess.run([PYTHON, "-m", "pipeline.stages.train_adapter", *args], cwd=store, env=env,
                              capture_output=True, text=True, timeout=300)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     assert "Fault injection at checkpoint.serialize (visit 2): kill" in crashed.stderr
@@ -100,7 +100,7 @@ def test_a_crash_while_a_snapshot_is_written_leaves_the_previous_checkpoint_late
     staging = store / ".checkpoints" / run_id
     assert list(staging.glob(".tmp-step-00000004-*"))  # the write the crash cut short
 
-    resumed = subprocess.run([PYTHON, "-m", "pipeline.train_adapter", f"resume_run={run_id}"], cwd=store,
+    resumed = subprocess.run([PYTHON, "-m", "pipeline.stages.train_adapter", f"resume_run={run_id}"], cwd=store,
                              env=env_for(store), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Startup: first step 3 at" in resumed.stderr

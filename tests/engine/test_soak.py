@@ -1,9 +1,9 @@
-"""The kill soak (pipeline/soak.py): 20+ SIGKILLs, each window of the checkpoint and start-up path hit at
+"""The kill soak (pipeline/ops/soak.py): 20+ SIGKILLs, each window of the checkpoint and start-up path hit at
 least once, every resume with resume_run, and the run compared with one that never stopped."""
 
 import pytest
 
-from pipeline.soak import WINDOWS, run_soak
+from pipeline.ops.soak import WINDOWS, run_soak
 
 
 @pytest.mark.soak

@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import TINY, artifact_dir, stage_runs
-from pipeline.engine import faults
+from pipeline.common import faults
 from pipeline.engine.checkpointing import list_checkpoints, verify
 from pipeline.engine.session import EXIT_OK, EXIT_STORAGE, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
@@ -36,7 +36,7 @@ def test_a_write_that_fails_stops_the_job_cleanly_and_keeps_the_previous_checkpo
     err = capfd.readouterr().err
     assert f"writing checkpoint step-00000004 into .checkpoints/{run_id} failed: {says}" in err
     assert "Kept: the committed checkpoint at step 2 (still the latest)" in err
-    assert f"resume with: python -m pipeline.train_adapter resume_run={run_id}" in err
+    assert f"resume with: python -m pipeline.stages.train_adapter resume_run={run_id}" in err
     assert run.info.status == "FAILED" and run.data.tags["checkpoint.latest_step"] == "2"
     assert list_checkpoints(client, run_id) == [2]
     verify(artifact_dir(client, run_id) / "checkpoints" / "step-00000002")

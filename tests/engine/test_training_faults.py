@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import TINY, loss_history, stage_runs
-from pipeline.engine import faults
+from pipeline.common import faults
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 

@@ -147,7 +147,7 @@ def test_mlflow_run_produces_one_tracked_run_with_committed_checkpoints(store):
 
 
 def test_checkpoint_table_filters_by_model_and_dataset(finished_run, capsys):
-    from pipeline.checkpoints import main as table_main
+    from pipeline.checkpoint_table import main as table_main
 
     assert table_main(["--model", "tiny", "--dataset", "demo", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)

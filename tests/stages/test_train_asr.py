@@ -237,7 +237,7 @@ def test_run_is_tagged_charted_and_listed_by_model_and_dataset(finished_run, cap
     assert [r.info.run_id for r in found] == [finished_run]
     assert not client.search_runs([run.info.experiment_id], "tags.model = 'conformer' and tags.dataset = 'ljspeech'")
     # the checkpoint table, filtered the same way
-    from pipeline.checkpoints import main as table_main
+    from pipeline.checkpoint_table import main as table_main
 
     assert table_main(["--model", "conformer", "--dataset", "demo", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -271,7 +271,7 @@ def test_validation_rates_are_computed_over_the_whole_set(store):
     client = MlflowClient()
     (run,) = asr_runs(client)
     from pipeline.engine.checkpointing import download_checkpoint, load_state
-    from pipeline.transcribe import load_model
+    from pipeline.inference.asr import load_model
 
     ckpt = download_checkpoint(client, run.info.run_id, 2, store / "ckpt")
     model, vocab, _ = load_model(ckpt, torch.device("cpu"))
@@ -519,7 +519,7 @@ def _mlflow_run(workdir: Path, entry: str, *params: str) -> subprocess.Completed
 @pytest.mark.slow
 def test_sigterm_then_mlflow_run_resume_is_bit_identical_and_transcribe_runs(store):
     steps = ["trainer.epochs=10", "validation.interval=5", "checkpoint.save_interval=3"]
-    reference = subprocess.run([PYTHON, "-m", "pipeline.train_asr", *TINY_ASR, *steps], cwd=store, env=env_for(store),
+    reference = subprocess.run([PYTHON, "-m", "pipeline.stages.train_asr", *TINY_ASR, *steps], cwd=store, env=env_for(store),
                                capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
     client = MlflowClient()

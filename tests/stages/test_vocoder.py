@@ -18,7 +18,7 @@ from conftest import (REPO, VENV_BIN, all_runs, artifact_dir, env_for, loss_hist
 from pipeline.config import VocoderConfig, compose_config
 from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, run_stage, seed_everything
 from pipeline.engine.stage import Precision
-from pipeline.losses import discriminator_loss, generator_loss
+from pipeline.models.losses import discriminator_loss, generator_loss
 from pipeline.models.hifigan import VocoderConfigError, build_vocoder, validate_preset
 from pipeline.stages.finetune_vocoder import FinetuneVocoder
 from pipeline.stages.pretrain_vocoder import PretrainVocoder

@@ -6,6 +6,6 @@ it into the model directory and executes it on ``mlflow.pyfunc.load_model``.
 
 import mlflow
 
-from pipeline.transcribe import Transcriber
+from pipeline.inference.asr import Transcriber
 
 mlflow.models.set_model(Transcriber())

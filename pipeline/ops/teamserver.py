@@ -4,7 +4,7 @@ server binaries) as the backend store and the auth database, an S3 endpoint (a m
 MinIO or AWS for real work), and `mlflow server` with MLflow's basic-auth app and artifacts proxied
 to ``s3://<bucket>``, with one user per person.
 
-    python -m pipeline.teamserver --dir /tmp/team --user alice:alice-pw --user bob:bob-pw [--direct]
+    python -m pipeline.ops.teamserver --dir /tmp/team --user alice:alice-pw --user bob:bob-pw [--direct]
 
 prints what a trainer exports (``MLFLOW_TRACKING_URI``, ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``)
 and serves until Ctrl-C. With proxied artifacts (the default), trainers need no AWS credentials: only
@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.localserver import TrackingServer, free_port
+from pipeline.ops.localserver import TrackingServer, free_port
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from pipeline.engine.resume import ResumeError, RunCheckpoints, fetch_model, sto
 from pipeline.engine.stage import Precision
 from pipeline.models.adapters import build_adapted_encoder
 from pipeline.models.hifigan import Generator
-from pipeline.stages.vocoder_base import encoder_geometry, window
+from pipeline.models.encoder import encoder_geometry, window
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def as_numpy(wave: torch.Tensor) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# The chain as an MLflow model (models from code: pipeline/restoration_model.py)
+# The chain as an MLflow model (models from code: pipeline/inference/chain_pyfunc.py)
 # --------------------------------------------------------------------------------------------
 
 MODEL_NAME = "speech-restoration"  # the Model Registry name main registers chains under
@@ -469,7 +469,7 @@ def save_chain_model(source: ChainCheckpoints, out_dir: Path, max_seconds: float
     example = pd.DataFrame({"audio": [[0.0] * (rate // 10)], "sample_rate": [rate]})
     packages = ("torch", "torchaudio", "mlflow", "pandas", "numpy", "omegaconf", "soundfile", "scipy")
     mlflow.pyfunc.save_model(
-        str(out_dir), python_model=str(Path(__file__).with_name("restoration_model.py")),
+        str(out_dir), python_model=str(Path(__file__).with_name("chain_pyfunc.py")),
         artifacts={"adapter": str(source.adapter_dir), "vocoder": str(source.vocoder_dir)},
         signature=signature, input_example=example, metadata=dict(source.metadata),
         model_config={"max_seconds": max_seconds, "device": "cpu", "precision": "32", "chunk_seconds": 10.0,

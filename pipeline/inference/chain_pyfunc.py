@@ -1,11 +1,11 @@
 """The code MLflow runs to load a speech-restoration model (models from code: no pickled object).
 
-``pipeline.restoration.save_chain_model`` names this file as the model's ``python_model``; MLflow copies
+``pipeline.inference.chain.save_chain_model`` names this file as the model's ``python_model``; MLflow copies
 it into the model directory and executes it on ``mlflow.pyfunc.load_model``.
 """
 
 import mlflow
 
-from pipeline.restoration import ChainModel
+from pipeline.inference.chain import ChainModel
 
 mlflow.models.set_model(ChainModel())

@@ -1,4 +1,4 @@
-"""The checkpoint table across runs: ``python -m pipeline.checkpoints [--model M] [--dataset D]``.
+"""The checkpoint table across runs: ``python -m pipeline.checkpoint_table [--model M] [--dataset D]``.
 
 Reads every run's ``checkpoints/index.csv`` (one row per kept checkpoint) from the tracking store
 given by MLFLOW_TRACKING_URI, and prints name, model, dataset, epoch, step, size, created, run ID,

@@ -1,10 +1,10 @@
 """Kill soak: a training job SIGKILLed again and again, resumed each time, compared with one that never stopped.
 
-    python -m pipeline.soak --kills 200 --seed 1 [--workdir DIR]
+    python -m pipeline.ops.soak --kills 200 --seed 1 [--workdir DIR]
 
 ``train_adapter`` on the tiny preset, with a checkpoint every 2 steps, validation every 10 and metrics
 flushed every 0.2 s, is killed ``--kills`` times: once or more inside each fault window (a named
-fault-injection point of ``pipeline/engine/faults.py`` armed for that attempt: the tensor snapshot,
+fault-injection point of ``pipeline/common/faults.py`` armed for that attempt: the tensor snapshot,
 serialization, fsync, sha256, upload, ``index.csv``, the ``checkpoint.latest`` tags, retention's
 deletes, the metric flush, the attempt bookkeeping at start-up, the resume's download and
 verification), the rest at wall-clock moments drawn from the seed. After each kill the job is resumed
@@ -63,7 +63,7 @@ def _launch(workdir: Path, args: list[str], faults_spec: str | None, log_path: P
     if faults_spec:
         env["PIPELINE_FAULTS"] = faults_spec
     with open(log_path, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.train_adapter", *args], cwd=workdir, env=env,
+        return subprocess.Popen([sys.executable, "-m", "pipeline.stages.train_adapter", *args], cwd=workdir, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
 
 

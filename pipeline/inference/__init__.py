@@ -1,0 +1,1 @@
+"""Using trained models: the restoration chain, speech recognition, MLflow model loaders, scores, listening pages."""
