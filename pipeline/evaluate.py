@@ -51,7 +51,7 @@ from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import CheckpointError
 from pipeline.engine.resume import ResumeError
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, setup_logging
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, setup_logging
 from pipeline.engine.stage import Precision
 from pipeline.engine.tracking import experiment_id, start_or_adopt_run
 from pipeline.inference.listening import Example, write_listening_page

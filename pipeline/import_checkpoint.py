@@ -37,7 +37,8 @@ from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, compose_config, route_overrides, split_overrides
 from pipeline.engine import tags as tag
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, record_imported_run, setup_logging
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, setup_logging
+from pipeline.engine.session import record_imported_run
 from pipeline.engine.stage import Precision
 from pipeline.common.files import sha256_file
 

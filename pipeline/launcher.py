@@ -24,7 +24,7 @@ from pipeline.stages import TRAINING_STAGES
 
 log = logging.getLogger(__name__)
 
-# pipeline.engine.session.EXIT_BAD_INPUT (not imported: it would load MLflow and torch before the exec)
+# pipeline.engine.cli.EXIT_BAD_INPUT (not imported: pipeline.config would load Hydra before the exec)
 EXIT_BAD_INPUT = 2
 
 # torchrun options that say where the rendezvous is (then --standalone must not be added)

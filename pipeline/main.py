@@ -40,7 +40,7 @@ from pipeline.engine import tags as tag
 from pipeline.engine.launcher_watch import note_stop_requested
 from pipeline.engine.checkpointing import code_version as git_commit
 from pipeline.engine.stopping import SECOND_SIGNAL_GRACE_S
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, NOTE_TAG, setup_logging
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, setup_logging
 from pipeline.engine.tracking import (LOCAL_UI, dashboard_hint, default_run_name, experiment_id, log_params,
                                       start_or_adopt_run, ui_base, ui_url)
 
@@ -432,7 +432,7 @@ def run_main(argv: list[str]) -> int:
         restored = restore_demo(results[-1].run_id, cfg.restore_output) if cfg.restore_output else None
         status, code = "FINISHED", EXIT_OK
         client.set_tag(main_run, tag.CHAIN_REUSED, ",".join(r.step for r in results if r.how == "reused") or "none")
-        client.set_tag(main_run, NOTE_TAG, describe_chain(client, results, model))
+        client.set_tag(main_run, tag.NOTE, describe_chain(client, results, model))
         sys.stdout.write(report(client, results, main_run, model, restored))
     except StepFailed as err:
         log.error("%s; run main again to resume it", err)

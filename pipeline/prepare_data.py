@@ -41,7 +41,7 @@ from pipeline.data.shards import (
 )
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import code_version, utc_now
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.tracking import default_run_name, log_dataset_inputs, start_or_adopt_run
 from pipeline.inference.listening import Example, safe_name, write_listening_page
 

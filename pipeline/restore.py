@@ -34,7 +34,7 @@ from pipeline.config import ConfigError, parse_key_values
 from pipeline.data.corpus import AudioError, audio_files, read_channels
 from pipeline.engine.checkpointing import CheckpointError
 from pipeline.engine.resume import ResumeError
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.stage import PRECISIONS, Precision
 from pipeline.inference.chain import as_numpy, load_chain, resolve_chain
 

@@ -117,7 +117,7 @@ def create_app(model_path: str | None = None, max_bytes: int | None = None):
     the arguments default to what ``main`` put in the environment)."""
     from mlflow.pyfunc import scoring_server
 
-    from pipeline.engine.session import setup_logging
+    from pipeline.engine.cli import setup_logging
 
     if not logging.getLogger().handlers:  # a worker process that uvicorn started
         setup_logging()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from pipeline.engine.resume import ResumeError, fetch_model
-    from pipeline.engine.session import EXIT_BAD_INPUT, setup_logging
+    from pipeline.engine.cli import EXIT_BAD_INPUT, setup_logging
 
     setup_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)

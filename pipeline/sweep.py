@@ -46,8 +46,8 @@ from pipeline.engine.launch import parse_launch
 from pipeline.engine import launcher_watch
 from pipeline.engine import tags as tag
 from pipeline.engine.launcher_watch import note_stop_requested
-from pipeline.engine.session import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, exit_now,
-                                     run_stage, setup_logging)
+from pipeline.engine.cli import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, exit_now, setup_logging
+from pipeline.engine.session import TrainingHooks, run_stage
 from pipeline.engine.stage import Stage
 from pipeline.engine.tracking import start_or_adopt_run
 from pipeline.stages import TRAINING_STAGES

@@ -27,7 +27,7 @@ from pipeline.config import ConfigError, parse_key_values
 from pipeline.data.corpus import AudioError, audio_files, load_audio
 from pipeline.engine.checkpointing import CheckpointError
 from pipeline.engine.resume import ResumeError
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, setup_logging
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.stage import Precision
 from pipeline.inference.asr import checkpoint_from_run, checkpoint_from_uri, load_model, transcribe
 

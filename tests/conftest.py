@@ -185,7 +185,8 @@ def chain(tmp_path_factory):
     """A finished tiny chain (train_adapter -> pretrain_vocoder -> finetune_vocoder) in a tracking store shared by
     the tests of one module: {"dir": its directory, "adapter", "vocoder", "finetune": run IDs}. Tests that use it
     work in that store (do not combine it with ``store``) and put their own files under ``tmp_path``."""
-    from pipeline.engine.session import EXIT_OK, run_stage
+    from pipeline.engine.cli import EXIT_OK
+    from pipeline.engine.session import run_stage
     from pipeline.stages.finetune_vocoder import FinetuneVocoder
     from pipeline.stages.pretrain_vocoder import PretrainVocoder
     from pipeline.stages.train_adapter import TrainAdapter

@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import PYTHON, REPO, TINY, env_for, read_until
-from pipeline.engine.session import EXIT_OK, EXIT_STOPPED
+from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
 from pipeline.engine.tracking import ui_url
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,8 @@ from mlflow import MlflowClient
 from conftest import PYTHON, TINY, all_runs, env_for, loss_history, mlflow_run, read_until, stage_runs
 from pipeline.data.datasets import ShuffledBatches
 from pipeline.engine.checkpointing import download_checkpoint
-from pipeline.engine.session import EXIT_OK, run_stage
+from pipeline.engine.cli import EXIT_OK
+from pipeline.engine.session import run_stage
 from pipeline.launcher import command
 from pipeline.stages.train_adapter import TrainAdapter
 

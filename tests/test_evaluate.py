@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 
 from conftest import REPO, VENV_BIN, artifact_dir, env_for, snapshot, stage_runs
 from pipeline.inference import metrics as M
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, run_stage
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
+from pipeline.engine.session import run_stage
 from pipeline.evaluate import run as evaluate
 
 TINY_ASR = ["asr=tiny", "batch_size=4", "max_samples=8", "tracking.system_metrics=false", "tracking.flush_seconds=0.2",

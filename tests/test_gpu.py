@@ -5,7 +5,8 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import TINY, loss_history, stage_runs
-from pipeline.engine.session import EXIT_OK, run_stage
+from pipeline.engine.cli import EXIT_OK
+from pipeline.engine.session import run_stage
 
 pytestmark = pytest.mark.gpu
 

@@ -22,7 +22,8 @@ from torchaudio.models import Conformer
 
 from pipeline.config import compose_config
 from pipeline.engine.checkpointing import load_state
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, run_stage
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
+from pipeline.engine.session import run_stage
 from pipeline.import_checkpoint import run as import_checkpoint
 from pipeline.models.adapters import build_adapted_encoder
 from pipeline.models.hifigan import build_vocoder

@@ -11,7 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO, TINY, VENV_BIN, env_for, loss_history, read_until, stage_runs, wait_for
-from pipeline.engine.session import EXIT_OK, EXIT_STOPPED, run_stage
+from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
+from pipeline.engine.session import run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 SLOW_STEPS = "data.batch=sleep:0.3"  # fault point: each batch a little slower, so the signal lands mid-run

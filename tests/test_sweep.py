@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import REPO, TINY, all_runs, env_for, loss_history
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
 from pipeline.sweep import parse_distribution, run_sweep
 from pipeline.config import ConfigError
 

@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import PYTHON, TINY, loss_history, read_until
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 
 pytestmark = pytest.mark.slow
 

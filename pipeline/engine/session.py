@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import (
     STORED_AS_WRITTEN,
     ConfigError,
-    RedactingFilter,
     apply_overrides,
     check_values,
     compose_config,
@@ -36,6 +35,8 @@ from pipeline.config import (
 )
 from pipeline.common import faults
 from pipeline.engine import launcher_watch, startup
+from pipeline.engine.cli import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_STORAGE,
+                                 exit_now, setup_logging)
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CheckpointError,
@@ -66,22 +67,6 @@ from pipeline.engine.trainer import DataWorkerDied, Engine, NonFiniteTraining, P
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_STORAGE, EXIT_ABORTED = 0, 1, 2, 3, 4, 130
-NOTE_TAG = tag.NOTE
-
-
-def setup_logging(rank: int = 0) -> None:
-    """INFO on stderr; under torchrun, ranks other than 0 say only warnings and errors, marked with their rank."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    marker = f"[rank {rank}] " if rank else ""
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s %(levelname)s {marker}%(name)s: %(message)s", stream=sys.stderr, force=True
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())  # no secret reaches the log, whichever logger writes it
-    for noisy in ("alembic", "mlflow.store", "urllib3", "botocore", "numexpr"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @dataclass
@@ -389,7 +374,7 @@ def _finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictCon
     if stopped_by:
         client.set_tag(ctx.run_id, tag.STOPPED_BY, stopped_by)
     client.set_tag(ctx.run_id, tag.PROGRESS, _progress(cfg, pos, ctx.resumed_from, engine))
-    client.set_tag(ctx.run_id, NOTE_TAG, describe_run(
+    client.set_tag(ctx.run_id, tag.NOTE, describe_run(
         stage=stage_name, run_id=ctx.run_id, progress=_progress(cfg, pos, ctx.resumed_from, engine), status=status,
         latest_checkpoint=latest, history=ctx.history, experiment_id=ctx.experiment_id, nproc=ctx.nproc,
         batch=effective_batch(cfg, ctx.nproc)))
@@ -632,20 +617,20 @@ def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunCont
 
     def on_progress(pos: Position) -> None:  # the description follows the progress tag, in the same batch
         shown["progress"] = _progress(cfg, pos, ctx.resumed_from, engine)
-        tags.set({tag.PROGRESS: shown["progress"], NOTE_TAG: description()})
+        tags.set({tag.PROGRESS: shown["progress"], tag.NOTE: description()})
 
     models = (CheckpointModels(client, ctx.run_id, ctx.experiment_id, ctx.run_name, flatten(to_container(cfg)),
                                run.data.tags) if cfg.tracking.checkpoint_models else None)
 
     def on_commit(step: int, row: dict[str, Any], linked: list) -> None:
         shown["latest"] = f"checkpoints/{checkpoint_name(step)}"
-        tags.set({NOTE_TAG: description()})
+        tags.set({tag.NOTE: description()})
         if models is not None:
             models.committed(step, row, linked)
 
     client.set_tag(ctx.run_id, tag.WORLD_SIZE, str(ctx.nproc))
     client.set_tag(ctx.run_id, tag.EFFECTIVE_BATCH, str(int(cfg.batch_size) * ctx.nproc))
-    client.set_tag(ctx.run_id, NOTE_TAG, description())
+    client.set_tag(ctx.run_id, tag.NOTE, description())
 
     policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
                              cfg.checkpoint.mode)
@@ -807,23 +792,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def exit_now(code: int, dist: Dist | None = None) -> None:
-    """End the process with ``code``; after an abort (a second signal), without waiting for the checkpoint
-    upload thread: the user asked to stop now. Only command-line entry points call this.
-
-    A torchrun worker leaves the process group first and then exits without the interpreter's clean-up:
-    everything of the run is stored and ended by then, and a gloo or DDP object freed during that clean-up can
-    abort the process ("terminate called without an active exception"), which torchrun reports as a failure."""
-    if dist is not None and dist.enabled:
-        dist.shutdown()
-    if code == EXIT_ABORTED or (dist is not None and dist.enabled):
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
 def main(stage_cls: type[Stage]) -> None:
     dist = Dist.from_env()
     setup_logging(dist.rank)
@@ -866,7 +834,7 @@ def record_imported_run(stage: Stage, cfg: DictConfig, tags: dict[str, str], sou
     client.log_text(run_id, _attempt_yaml(entry, {}), "config/attempt-1.yaml")
     progress = "step 0 · imported"
     client.set_tag(run_id, tag.PROGRESS, progress)
-    client.set_tag(run_id, NOTE_TAG, describe_run(
+    client.set_tag(run_id, tag.NOTE, describe_run(
         stage=stage.name, run_id=run_id, progress=progress, status="FINISHED",
         latest_checkpoint=f"checkpoints/{checkpoint_name(0)}", history=[entry],
         experiment_id=client.get_run(run_id).info.experiment_id))

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from conftest import all_runs
 from pipeline.data.shards import MANIFEST, ShardError, ShardPairs, StreamingPairs, read_manifest
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.prepare_data import run_prepare
 from torch.utils.data import default_collate
 

@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from conftest import TINY, artifact_dir, private_store, stage_runs
 from pipeline.engine.checkpointing import read_index
 from pipeline.engine.resume import ResumeError
-from pipeline.engine.session import EXIT_OK, plan_job, run_stage
+from pipeline.engine.cli import EXIT_OK
+from pipeline.engine.session import plan_job, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 from test_checkpointing import HISTORY, POLICY, committed_run, resume_and_commit
 

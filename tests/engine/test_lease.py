@@ -10,7 +10,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import PYTHON, TINY, env_for, stage_runs
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, TrainingHooks, run_stage
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from pipeline.engine.session import TrainingHooks, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 JOB = [*TINY, "trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import PYTHON, TINY, env_for, loss_history, stage_runs
-from pipeline.engine.session import EXIT_OK, EXIT_STORAGE
+from pipeline.engine.cli import EXIT_OK, EXIT_STORAGE
 
 JOB = [*TINY, "checkpoint.save_interval=10", "validation.interval=50"]
 

@@ -21,7 +21,8 @@ from pipeline.config import (
     redact,
     to_container,
 )
-from pipeline.engine.session import EXIT_OK, plan_job, run_stage
+from pipeline.engine.cli import EXIT_OK
+from pipeline.engine.session import plan_job, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 SECRET = "s3cr3t-Value-0f-the-env"  # in a variable named like a secret

@@ -5,7 +5,8 @@ from mlflow import MlflowClient
 
 from conftest import TINY, artifact_dir, snapshot, stage_runs
 from pipeline.config import ConfigError
-from pipeline.engine.session import EXIT_OK, plan_job, run_stage
+from pipeline.engine.cli import EXIT_OK
+from pipeline.engine.session import plan_job, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 
@@ -55,7 +56,7 @@ def test_a_diverging_job_stops_failed_with_its_checkpoints_finite(store, capfd, 
     import torch
 
     from conftest import artifact_dir
-    from pipeline.engine.session import EXIT_FAILED
+    from pipeline.engine.cli import EXIT_FAILED
 
     original = TrainAdapter.compute_loss
 

@@ -54,7 +54,8 @@ def test_an_abort_in_process_returns_its_exit_code_and_ends_the_run_killed(store
     """A second signal aborts the job; run_stage reports it instead of ending the process, so a caller that
     runs trials in its own process (a sweep) stays alive; only the command-line entry exits at once."""
     from conftest import TINY, stage_runs
-    from pipeline.engine.session import EXIT_ABORTED, run_stage
+    from pipeline.engine.cli import EXIT_ABORTED
+    from pipeline.engine.session import run_stage
     from pipeline.engine.trainer import Engine
     from pipeline.stages.train_adapter import TrainAdapter
 

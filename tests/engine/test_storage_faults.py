@@ -9,7 +9,8 @@ from mlflow import MlflowClient
 from conftest import TINY, artifact_dir, stage_runs
 from pipeline.common import faults
 from pipeline.engine.checkpointing import list_checkpoints, verify
-from pipeline.engine.session import EXIT_OK, EXIT_STORAGE, run_stage
+from pipeline.engine.cli import EXIT_OK, EXIT_STORAGE
+from pipeline.engine.session import run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 JOB = [*TINY, "trainer.max_steps=8", "checkpoint.save_interval=2", "validation.interval=0"]

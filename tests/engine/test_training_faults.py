@@ -9,7 +9,8 @@ from mlflow import MlflowClient
 
 from conftest import TINY, loss_history, stage_runs
 from pipeline.common import faults
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, run_stage
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED
+from pipeline.engine.session import run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 JOB = [*TINY, "trainer.max_steps=8", "checkpoint.save_interval=100", "validation.interval=4"]

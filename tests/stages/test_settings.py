@@ -7,7 +7,8 @@ from mlflow import MlflowClient
 
 from conftest import TINY, all_runs, snapshot, stage_runs
 from pipeline.config import ConfigError, TrainAdapterConfig, TrainAsrConfig, check_values, compose_config
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, run_stage
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
+from pipeline.engine.session import run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 BAD = [

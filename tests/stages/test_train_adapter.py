@@ -21,7 +21,8 @@ from mlflow import MlflowClient
 
 from conftest import (REPO, TINY, all_runs, artifact_dir, env_for, loss_history, mlflow_run, read_until, run_module,
                       snapshot, stage_runs, start_stage, wait_for)
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, TrainingHooks, run_stage
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED
+from pipeline.engine.session import TrainingHooks, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 

@@ -25,7 +25,8 @@ from conftest import (PYTHON, REPO, VENV_BIN, artifact_dir, env_for, loss_histor
 from pipeline.config import compose_config
 from pipeline.data.corpus import DEMO_DIR, load_audio, read_corpus, read_directory
 from pipeline.data.datasets import collate_padded
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, TrainingHooks, run_stage
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from pipeline.engine.session import TrainingHooks, run_stage
 from pipeline.engine.stage import LRSchedule, lr_factor
 from pipeline.models.asr import BLANK, CharVocabulary, ConformerCTC, error_counts, greedy_decode
 from pipeline.stages.train_asr import TrainAsr, preset

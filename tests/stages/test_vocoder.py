@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from conftest import (REPO, VENV_BIN, all_runs, artifact_dir, env_for, loss_history, read_until, snapshot,
                       stage_runs, start_stage)
 from pipeline.config import VocoderConfig, compose_config
-from pipeline.engine.session import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, run_stage, seed_everything
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from pipeline.engine.session import run_stage, seed_everything
 from pipeline.engine.stage import Precision
 from pipeline.models.losses import discriminator_loss, generator_loss
 from pipeline.models.hifigan import VocoderConfigError, build_vocoder, validate_preset
