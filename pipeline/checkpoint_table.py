@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline.engine import tags as tag
-from pipeline.engine.checkpointing import CheckpointError, read_index
+from pipeline.engine.checkpointing import read_index
+from pipeline.engine.checkpoint_files import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -43,13 +43,13 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from pipeline.inference import metrics as M
-from pipeline.config import CONFIG_DIR, ConfigError, DataConfig, DegradationConfig, parse_key_values, split_overrides
-from pipeline.data.corpus import (AudioError, CorpusError, LoadReport, audio_files, load_audio, read_channels,
-                                  read_corpus)
+from pipeline.config import CONFIG_DIR, ConfigError, DataConfig, DegradationConfig, parse_key_values
+from pipeline.data.audio import AudioError, audio_files, load_audio, read_channels
+from pipeline.data.corpus import CorpusError, LoadReport, read_corpus
 from pipeline.data.datasets import VAL_STREAM
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine import tags as tag
-from pipeline.engine.checkpointing import CheckpointError
+from pipeline.engine.checkpoint_files import CheckpointError
 from pipeline.engine.resume import ResumeError
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, setup_logging
 from pipeline.engine.stage import Precision
@@ -90,9 +90,8 @@ class Item:
 
 
 def parse_args(argv: list[str]) -> EvaluateConfig:
-    # `mlflow run` passes the overrides parameter as one word: split words that hold several key=value
-    words = [w for arg in argv for w in (split_overrides([arg]) if " " in arg and arg.count("=") > 1 else [arg])]
-    cfg = parse_key_values(EvaluateConfig, words)
+    """``key=value`` words (the one grammar: ``config.parse_key_values``), checked."""
+    cfg = parse_key_values(EvaluateConfig, argv)
     if bool(cfg.run_id) == bool(cfg.model_uri):
         raise ConfigError("Give exactly one of run_id=<finetune_vocoder or train_asr run> or model_uri=<models:/…>")
     if cfg.checkpoint not in ("latest", "best"):
@@ -359,7 +358,8 @@ def run(argv: list[str], adopt_launcher: bool = True) -> int:
     setup_logging()
     client = MlflowClient()
     try:
-        p = plan(parse_args(argv), client, Path(tempfile.mkdtemp(prefix="evaluate-")))
+        with tempfile.TemporaryDirectory(prefix="evaluate-") as workdir:  # plan() loads the checkpoints whole
+            p = plan(parse_args(argv), client, Path(workdir))
     except (ConfigError, ResumeError, CheckpointError, AudioError, CorpusError, ValueError, OSError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT

@@ -35,10 +35,10 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError, compose_config, route_overrides, split_overrides
+from pipeline.config import ConfigError, compose_config, parse_command_line, route_overrides
 from pipeline.engine import tags as tag
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, setup_logging
-from pipeline.engine.session import record_imported_run
+from pipeline.engine.job import record_imported_run
 from pipeline.engine.stage import Precision
 from pipeline.common.files import sha256_file
 
@@ -345,19 +345,11 @@ def load_vocoder(stage, parts: dict[str, dict[str, torch.Tensor]], path: Path) -
 def parse_args(argv: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Launch arguments (adapter=, vocoder=) and each run's overrides: ``train_adapter.key=v`` and
     ``finetune_vocoder.key=v`` for one run, a plain ``key=v`` for every run whose config has the key."""
-    launch: dict[str, str] = {}
-    words = []
-    for word in split_overrides(argv):
-        key, sep, value = word.partition("=")
-        if sep and key in LAUNCH_KEYS:
-            if value:
-                launch[key] = value
-        else:
-            words.append(word)
-    if "adapter" not in launch:
+    line = parse_command_line(argv, LAUNCH_KEYS)
+    if "adapter" not in line.launch:
         raise ConfigError("import_checkpoint needs adapter=<the reimplementation's adapter checkpoint> "
                           "(and vocoder=<its vocoder checkpoint> to import both)")
-    return launch, route_overrides(words, STAGES, "imported run")
+    return line.launch, route_overrides(line.overrides, STAGES, "imported run")
 
 
 def _build(stage_cls, cfg: DictConfig, inputs: dict[str, str] | None = None):

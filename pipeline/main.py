@@ -38,7 +38,7 @@ from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, accepts, compos
 from pipeline.engine import launcher_watch
 from pipeline.engine import tags as tag
 from pipeline.engine.launcher_watch import note_stop_requested
-from pipeline.engine.checkpointing import code_version as git_commit
+from pipeline.common.provenance import code_version as git_commit
 from pipeline.engine.stopping import SECOND_SIGNAL_GRACE_S
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, setup_logging
 from pipeline.engine.tracking import (LOCAL_UI, dashboard_hint, default_run_name, experiment_id, log_params,
@@ -332,7 +332,8 @@ def restore_demo(finetune_run: str, output: str) -> Path | None:
     import soundfile as sf
 
     from pipeline import restore
-    from pipeline.data.corpus import load_audio, read_corpus
+    from pipeline.data.audio import load_audio
+    from pipeline.data.corpus import read_corpus
     from pipeline.data.datasets import VAL_STREAM
     from pipeline.data.degrade import degrade, sample_rng
 

@@ -31,8 +31,8 @@ from mlflow import MlflowClient
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, parse_key_values
-from pipeline.data.corpus import AudioError, audio_files, read_channels
-from pipeline.engine.checkpointing import CheckpointError
+from pipeline.data.audio import AudioError, audio_files, read_channels
+from pipeline.engine.checkpoint_files import CheckpointError
 from pipeline.engine.resume import ResumeError
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.stage import PRECISIONS, Precision
@@ -113,10 +113,11 @@ def run(argv: list[str]) -> int:
         files = audio_files(input_path)
         planned = plan_outputs(input_path, output, files)
         precision = Precision.from_config(cfg.device, cfg.precision)
-        source = resolve_chain(MlflowClient(), cfg.run_id, cfg.model_uri, cfg.checkpoint,
-                               Path(tempfile.mkdtemp(prefix="restore-")))
-        chain = load_chain(source, precision, chunk_seconds=cfg.chunk_seconds, context_seconds=cfg.context_seconds,
-                           fade_seconds=cfg.fade_seconds, ssl_weights=cfg.ssl_weights)
+        with tempfile.TemporaryDirectory(prefix="restore-") as workdir:  # load_chain reads the checkpoints whole
+            source = resolve_chain(MlflowClient(), cfg.run_id, cfg.model_uri, cfg.checkpoint, Path(workdir))
+            chain = load_chain(source, precision, chunk_seconds=cfg.chunk_seconds,
+                               context_seconds=cfg.context_seconds, fade_seconds=cfg.fade_seconds,
+                               ssl_weights=cfg.ssl_weights)
     except (ConfigError, ResumeError, CheckpointError, AudioError, ValueError, OSError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT

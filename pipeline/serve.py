@@ -147,15 +147,17 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:  # downloaded once, not by every worker
-        path = str(fetch_model(args.model_uri, Path(tempfile.mkdtemp(prefix="serve-"))))
-    except ResumeError as err:
-        log.error("%s", err)
-        return EXIT_BAD_INPUT
-    os.environ[MODEL_ENV], os.environ[LIMIT_ENV] = path, str(int(args.max_body_mb * MB))
-    log.info("Serving %s on http://%s:%d (request bodies up to %g MB, JSON only)", args.model_uri, args.host,
-             args.port, args.max_body_mb)
-    uvicorn.run("pipeline.serve:create_app", factory=True, host=args.host, port=args.port, workers=args.workers)
+    with tempfile.TemporaryDirectory(prefix="serve-") as workdir:  # the workers load the model from it
+        try:  # downloaded once, not by every worker
+            path = str(fetch_model(args.model_uri, Path(workdir)))
+        except ResumeError as err:
+            log.error("%s", err)
+            return EXIT_BAD_INPUT
+        os.environ[MODEL_ENV], os.environ[LIMIT_ENV] = path, str(int(args.max_body_mb * MB))
+        log.info("Serving %s on http://%s:%d (request bodies up to %g MB, JSON only)", args.model_uri, args.host,
+                 args.port, args.max_body_mb)
+        uvicorn.run("pipeline.serve:create_app", factory=True, host=args.host, port=args.port,
+                    workers=args.workers)
     return 0
 
 

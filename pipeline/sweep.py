@@ -18,29 +18,23 @@ child run when the study continues.
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import optuna
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from omegaconf import OmegaConf
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
-from pipeline.config import CONFIG_DIR, ConfigError, apply_overrides, compose_config, mask_secrets, split_overrides
+from pipeline.config import ConfigError, compose_config, mask_secrets, parse_command_line
 from pipeline.engine.distributed import Dist
 from pipeline.engine.launch import parse_launch
 from pipeline.engine import launcher_watch
@@ -50,156 +44,16 @@ from pipeline.engine.cli import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_OK, EXIT_STOP
 from pipeline.engine.session import TrainingHooks, run_stage
 from pipeline.engine.stage import Stage
 from pipeline.engine.tracking import start_or_adopt_run
-from pipeline.stages import TRAINING_STAGES
-from pipeline.stages import stage_class as registered_stage
+from pipeline.sweep_space import (SweepSpec, check_space_unchanged, load_spec, open_study, override_value, stage_class,
+                                  suggest, validate)
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 SWEEP_KEYS = ("stage", "n_trials", "storage", "study")
 # Trials that count towards n_trials. Re-queued (WAITING) trials do not: they replace failed ones,
 # and Optuna hands them out first.
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-
-
-@dataclass
-class SweepSpec:
-    """configs/sweep/<stage>.yaml"""
-
-    metric: str = "val/loss"  # the stage's validation metric to optimise
-    direction: str = "minimize"  # minimize | maximize
-    space: dict[str, str] = field(default_factory=dict)  # config key -> distribution, e.g. loguniform(1e-5, 1e-3)
-    pruner: str = "median"  # median | successive_halving | none
-    pruner_startup_trials: int = 2  # median: trials to finish before pruning starts
-    pruner_warmup_steps: int = 0  # median: steps before a trial can be pruned
-    min_resource: int = 1  # successive_halving: steps before the first rung
-    reduction_factor: int = 3  # successive_halving
-    sampler_seed: Optional[int] = None  # TPE seed (leave null with several workers)
-    heartbeat_seconds: int = 30  # a trial whose worker is silent for 4x this is a crash, and is retried
-    max_retries: int = 3  # how often one interrupted trial is resumed
-
-
-# --------------------------------------------------------------------------------------------
-# Search space
-# --------------------------------------------------------------------------------------------
-
-DISTRIBUTIONS = {
-    "uniform": lambda lo, hi: optuna.distributions.FloatDistribution(lo, hi),
-    "loguniform": lambda lo, hi: optuna.distributions.FloatDistribution(lo, hi, log=True),
-    "int": lambda lo, hi: optuna.distributions.IntDistribution(lo, hi),
-    "logint": lambda lo, hi: optuna.distributions.IntDistribution(lo, hi, log=True),
-}
-
-
-def parse_distribution(key: str, text: str) -> optuna.distributions.BaseDistribution:
-    """``loguniform(1e-5, 1e-3)``, ``uniform(a, b)``, ``int(a, b)``, ``logint(a, b)``, ``choice(x, y, ...)``."""
-    match = re.fullmatch(r"\s*(\w+)\s*\((.*)\)\s*", str(text))
-    hint = f"use one of {', '.join(sorted([*DISTRIBUTIONS, 'choice']))}, e.g. loguniform(1e-5, 1e-3)"
-    if not match:
-        raise ConfigError(f"Malformed distribution for {key}: {text!r}; {hint}")
-    name, args_text = match.groups()
-    try:
-        args = ast.literal_eval(f"[{args_text}]")
-    except (ValueError, SyntaxError) as err:
-        raise ConfigError(f"Malformed distribution for {key}: {text!r} ({err}); {hint}") from err
-    if name == "choice":
-        if not args:
-            raise ConfigError(f"Malformed distribution for {key}: choice() needs at least one value")
-        return optuna.distributions.CategoricalDistribution(args)
-    if name not in DISTRIBUTIONS:
-        raise ConfigError(f"Unknown distribution {name!r} for {key}; {hint}")
-    if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or not args[0] < args[1]:
-        raise ConfigError(f"Malformed distribution for {key}: {text!r} needs two numbers low < high")
-    if name in ("int", "logint") and not all(isinstance(a, int) for a in args):
-        raise ConfigError(f"Malformed distribution for {key}: {text!r} needs integer bounds")
-    try:
-        return DISTRIBUTIONS[name](*args)
-    except ValueError as err:  # e.g. log scale with low <= 0
-        raise ConfigError(f"Malformed distribution for {key}: {text!r} ({err})") from err
-
-
-def suggest(trial: optuna.Trial, key: str, dist: optuna.distributions.BaseDistribution) -> Any:
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-        return trial.suggest_categorical(key, dist.choices)
-    if isinstance(dist, optuna.distributions.IntDistribution):
-        return trial.suggest_int(key, dist.low, dist.high, log=dist.log)
-    return trial.suggest_float(key, dist.low, dist.high, log=dist.log)
-
-
-def override_value(value: Any) -> str:
-    """A sampled value as a Hydra override value."""
-    return json.dumps(value) if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
-
-
-# --------------------------------------------------------------------------------------------
-# Validation before any trial runs
-# --------------------------------------------------------------------------------------------
-
-
-def stage_class(name: str) -> type[Stage]:
-    """The registered training stage ``name`` (pipeline.stages.TRAINING_STAGES)."""
-    if name not in TRAINING_STAGES:
-        raise ConfigError(f"Unknown stage {name!r}; stages that can be swept: {', '.join(sorted(TRAINING_STAGES))}")
-    return registered_stage(name)
-
-
-def load_spec(stage: str, overrides: list[str]) -> SweepSpec:
-    """The stage's sweep file with ``key=value`` overrides; ``space.<config key>=<distribution>``
-    adds or replaces one parameter and ``space.<config key>=none`` removes it."""
-    path = CONFIG_DIR / "sweep" / f"{stage}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"No search space for stage {stage!r}: create {path.relative_to(CONFIG_DIR.parent)}")
-    spec = OmegaConf.merge(OmegaConf.structured(SweepSpec), OmegaConf.load(path))
-    space_changes = [o for o in overrides if o.startswith("space.")]
-    try:
-        spec = OmegaConf.merge(spec, OmegaConf.from_dotlist([o for o in overrides if o not in space_changes]))
-    except Exception as err:
-        raise ConfigError(f"Invalid sweep override: {err}") from err
-    spec = OmegaConf.to_object(spec)
-    for change in space_changes:
-        key, _, value = change[len("space."):].partition("=")
-        if value.strip().lower() in ("none", "null", ""):
-            spec.space.pop(key, None)
-        else:
-            spec.space[key] = value
-    return spec
-
-
-def validate(stage_cls: type[Stage], spec: SweepSpec, stage_overrides: list[str]) -> dict[str, Any]:
-    """Every mistake that would waste a trial, caught now: returns the parsed search space."""
-    base = compose_config(stage_cls.name, parse_launch(stage_overrides, stage_cls.run_inputs).overrides)
-    if not spec.space:
-        raise ConfigError(f"The search space in configs/sweep/{stage_cls.name}.yaml is empty")
-    space = {}
-    for key, text in spec.space.items():
-        if OmegaConf.select(base, key, default="__missing__") == "__missing__":
-            raise ConfigError(f"Sweep parameter {key!r} is not a key of the {stage_cls.name} config")
-        space[key] = dist = parse_distribution(key, text)
-        probes = dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution) else (dist.low, dist.high)
-        for probe in probes:  # the schema type-checks every value the sampler may propose
-            apply_overrides(stage_cls.name, base, [f"{key}={override_value(probe)}"])
-    if spec.metric not in stage_cls.val_metric_names:
-        raise ConfigError(f"Objective metric {spec.metric!r} is never logged by {stage_cls.name}; "
-                          f"it logs {', '.join(stage_cls.val_metric_names)}")
-    if base.validation.interval <= 0:
-        raise ConfigError(f"validation.interval={base.validation.interval}: the objective {spec.metric} would never "
-                          "be logged; set validation.interval > 0")
-    if spec.direction not in ("minimize", "maximize"):
-        raise ConfigError(f"sweep.direction must be minimize or maximize, not {spec.direction!r}")
-    if spec.pruner not in ("median", "successive_halving", "none"):
-        raise ConfigError(f"sweep.pruner must be median, successive_halving or none, not {spec.pruner!r}")
-    return space
-
-
-def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
-    if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner_startup_trials,
-                                           n_warmup_steps=spec.pruner_warmup_steps)
-    if spec.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.min_resource,
-                                                      reduction_factor=spec.reduction_factor)
-    return optuna.pruners.NopPruner()
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,65 +156,8 @@ class Sweep:
 
 
 # --------------------------------------------------------------------------------------------
-# Study, parent run, summary
+# Parent run, summary
 # --------------------------------------------------------------------------------------------
-
-
-def open_study(storage_url: str, name: str, spec: SweepSpec) -> tuple[optuna.Study, bool]:
-    """Create the study (True) or load it (False): creation is atomic in the storage."""
-    storage = None
-    for attempt in range(5):  # workers started together race to create Optuna's tables; the loser retries
-        try:
-            storage = RDBStorage(
-                storage_url, heartbeat_interval=spec.heartbeat_seconds, grace_period=4 * spec.heartbeat_seconds,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries),
-            )
-            break
-        except (SQLAlchemyError, ImportError) as err:
-            if attempt == 4 or not _creation_race(err):
-                raise ConfigError(f"Cannot open the Optuna storage {mask_secrets({'s': storage_url})['s']}: "
-                                  f"{mask_secrets({'s': str(err).splitlines()[0]})['s']}") from err
-            log.info("Optuna storage not ready (%s); retrying", type(err).__name__)
-            time.sleep(0.5 + attempt)
-    sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed)
-    try:
-        study = optuna.create_study(storage=storage, study_name=name, direction=spec.direction,
-                                    sampler=sampler, pruner=make_pruner(spec))
-        return study, True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=make_pruner(spec))
-        if study.direction.name.lower() != spec.direction:
-            raise ConfigError(f"Study {name!r} exists with direction {study.direction.name.lower()}, "
-                              f"not {spec.direction}; use another study name")
-        return study, False
-
-
-def _creation_race(err: Exception) -> bool:
-    """Whether opening the storage failed because another worker was creating Optuna's tables at the
-    same moment (a duplicate in PostgreSQL, a lock in SQLite) rather than because of the URL, the
-    driver, the server or the credentials, which no retry mends."""
-    if isinstance(err, (ImportError, ArgumentError)):
-        return False
-    if isinstance(err, OperationalError):
-        return any(word in str(err).lower() for word in ("locked", "deadlock"))
-    return True
-
-
-def check_space_unchanged(study: optuna.Study, space: dict[str, Any]) -> None:
-    """A continued study must keep its search space: Optuna cannot mix distribution kinds."""
-    used: dict[str, optuna.distributions.BaseDistribution] = {}
-    for trial in study.get_trials(deepcopy=False):
-        used.update(trial.distributions)
-    for key, dist in used.items():
-        new = space.get(key)
-        if new is None:
-            continue
-        changed_kind = type(new) is not type(dist)
-        lost_choices = isinstance(dist, optuna.distributions.CategoricalDistribution) and not changed_kind and (
-            set(dist.choices) - set(new.choices))
-        if changed_kind or lost_choices:
-            raise ConfigError(f"Study {study.study_name!r} was searched with {key}: {dist}; the search space now "
-                              f"says {new}. Keep the original space or use a new study name.")
 
 
 def parent_run_for(client: MlflowClient, study: optuna.Study, created: bool, stage: str, experiment: str,
@@ -454,18 +251,30 @@ def _log_plots(client: MlflowClient, study: optuna.Study, parent: str, completed
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
+@dataclass
+class SweepArgs:
+    """The sweep's command line (the one grammar: launch arguments ``SWEEP_KEYS``, then overrides)."""
+
+    stage: str  # the training stage swept
+    n_trials: int  # trials in the study, all workers together
+    storage: str  # Optuna RDB storage URL
+    study: str  # study name
+    spec_overrides: list[str]  # ``sweep.<key>=...`` words, without the prefix: overrides of the sweep spec
+    stage_overrides: list[str]  # the other words: the stage's own, given to every trial
+
+
+def parse_args(argv: list[str]) -> SweepArgs:
     """Split words into sweep arguments, ``sweep.*`` spec overrides and stage overrides."""
-    sweep_args, spec_overrides, stage_overrides = {}, [], []
-    for word in split_overrides(argv):
-        key, _, value = word.partition("=")
-        if key in SWEEP_KEYS:
-            sweep_args[key] = value
-        elif key.startswith("sweep."):
-            spec_overrides.append(word[len("sweep."):])
-        else:
-            stage_overrides.append(word)
-    return sweep_args, spec_overrides, stage_overrides
+    line = parse_command_line(argv, SWEEP_KEYS)
+    stage = line.launch.get("stage") or "train_adapter"
+    try:
+        n_trials = int(float(line.launch.get("n_trials") or 20))
+    except ValueError as err:
+        raise ConfigError(f"n_trials must be a number, not {line.launch.get('n_trials')!r}") from err
+    return SweepArgs(stage=stage, n_trials=n_trials, storage=line.launch.get("storage") or "sqlite:///optuna.db",
+                     study=line.launch.get("study") or f"{stage}-sweep",
+                     spec_overrides=[w[len("sweep."):] for w in line.overrides if w.startswith("sweep.")],
+                     stage_overrides=[w for w in line.overrides if not w.startswith("sweep.")])
 
 
 def run_sweep(argv: list[str]) -> int:
@@ -497,40 +306,52 @@ def follow_trials(dist: Dist) -> int:
 
 
 def _run_study(argv: list[str]) -> int:
+    """Check everything, open the study and its parent run, run trials, summarise."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        args, spec_overrides, stage_overrides = parse_args(argv)
-        stage = args.get("stage") or "train_adapter"
-        try:
-            n_trials = int(float(args.get("n_trials") or 20))
-        except ValueError as err:
-            raise ConfigError(f"n_trials must be a number, not {args.get('n_trials')!r}") from err
-        storage = args.get("storage") or "sqlite:///optuna.db"
-        study_name = args.get("study") or f"{stage}-sweep"
-        stage_cls = stage_class(stage)
-        spec = load_spec(stage, spec_overrides)
-        space = validate(stage_cls, spec, stage_overrides)
-        study, created = open_study(storage, study_name, spec)
+        args = parse_args(argv)
+        stage_cls = stage_class(args.stage)
+        spec = load_spec(args.stage, args.spec_overrides)
+        space = validate(stage_cls, spec, args.stage_overrides)
+        study, created = open_study(args.storage, args.study, spec)
         check_space_unchanged(study, space)
     except (ConfigError, ValueError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
 
     client = MlflowClient()
-    launch = parse_launch(stage_overrides, stage_cls.run_inputs)  # e.g. finetune_vocoder's adapter_run=, vocoder_run=
-    experiment = compose_config(stage, launch.overrides).tracking.experiment or stage
+    parent = _parent_run(client, stage_cls, args, spec, study, created)
+    experiment = client.get_experiment(client.get_run(parent).info.experiment_id).name
+    sweep = Sweep(stage_cls, spec, space, args.stage_overrides, study, parent, experiment, client)
+    log.info("Study %r in %s: %d trials wanted; MLflow parent run %s", args.study,
+             mask_secrets({"s": args.storage})["s"], args.n_trials, parent)
+    code = EXIT_OK
+    try:
+        code = _optimize(sweep, args.n_trials)
+    finally:
+        _close(client, study, parent, spec.metric, code)
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    log.info("Study %r: %d trials finished; parent run %s", args.study, len(done), parent)
+    return code
+
+
+def _parent_run(client: MlflowClient, stage_cls: type[Stage], args: SweepArgs, spec: SweepSpec,
+                study: optuna.Study, created: bool) -> str:
+    """The study's MLflow parent run, in the stage's experiment (the launcher's, under ``mlflow run``)."""
+    launch = parse_launch(args.stage_overrides, stage_cls.run_inputs)  # e.g. finetune_vocoder's adapter_run=
+    experiment = compose_config(args.stage, launch.overrides).tracking.experiment or args.stage
     if os.environ.get("MLFLOW_RUN_ID") and created:
         experiment = client.get_experiment(client.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id).name
-    params = {"sweep.stage": stage, "sweep.n_trials": n_trials, "sweep.storage": storage, "sweep.study": study_name,
-              "sweep.metric": spec.metric, "sweep.direction": spec.direction, "sweep.pruner": spec.pruner,
-              "sweep.overrides": " ".join(stage_overrides),
+    params = {"sweep.stage": args.stage, "sweep.n_trials": args.n_trials, "sweep.storage": args.storage,
+              "sweep.study": args.study, "sweep.metric": spec.metric, "sweep.direction": spec.direction,
+              "sweep.pruner": spec.pruner, "sweep.overrides": " ".join(args.stage_overrides),
               **{f"space.{k}": v for k, v in spec.space.items()}}
-    parent = parent_run_for(client, study, created, stage, experiment, params)
-    experiment = client.get_experiment(client.get_run(parent).info.experiment_id).name
-    sweep = Sweep(stage_cls, spec, space, stage_overrides, study, parent, experiment, client)
-    log.info("Study %r in %s: %d trials wanted; MLflow parent run %s", study_name, mask_secrets({"s": storage})["s"],
-             n_trials, parent)
+    return parent_run_for(client, study, created, args.stage, experiment, params)
 
+
+def _optimize(sweep: Sweep, n_trials: int) -> int:
+    """Run trials until the study holds ``n_trials`` or a signal stops the sweep; the exit code."""
+    study = sweep.study
     stop = {"requested": False}
 
     def between_trials(signum, frame):  # a trial installs its own handlers while it runs
@@ -539,12 +360,11 @@ def _run_study(argv: list[str]) -> int:
         log.warning("%s received between trials: stopping the sweep", signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, between_trials) for sig in (signal.SIGINT, signal.SIGTERM)}
-    code = EXIT_OK
     # Trials already running when this worker starts belong to other workers, alive or crashed. Optuna
     # can call a crashed one stale only a grace period after its last heartbeat, so before leaving, this
     # worker waits until that much time has passed since its start: a crashed trial is then resumed
     # here, also when the same command is run again right after a crash.
-    started, grace = time.monotonic(), 4 * spec.heartbeat_seconds
+    started, grace = time.monotonic(), 4 * sweep.spec.heartbeat_seconds
     found_running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     waiting_logged = False
     try:
@@ -566,27 +386,29 @@ def _run_study(argv: list[str]) -> int:
                 study.optimize(sweep.objective, n_trials=1, catch=(RuntimeError,))
             except TrialInterrupted as err:
                 log.warning("%s. Run the same command again to continue the study.", err)
-                code = err.code
-                break
+                return err.code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        summarise(client, study, parent, spec.metric)
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-        stopped = code in (EXIT_STOPPED, EXIT_ABORTED)
-        status = "KILLED" if stopped else "RUNNING" if running else "FINISHED"
-        if status == "RUNNING":
-            log.info("Other workers still run trials of this study; the parent run stays RUNNING")
-        else:
-            client.set_terminated(parent, status)
-        launcher = os.environ.get("MLFLOW_RUN_ID")
-        if launcher and launcher != parent:  # this worker's own `mlflow run` record, nested under the study
-            client.set_tag(launcher, tag.PARENT_RUN, parent)
-            client.set_tag(launcher, tag.SWEEP_WORKER, "true")
-            client.set_terminated(launcher, "KILLED" if stopped else "FINISHED")
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    log.info("Study %r: %d trials finished; parent run %s", study_name, len(done), parent)
-    return code
+    return EXIT_OK
+
+
+def _close(client: MlflowClient, study: optuna.Study, parent: str, metric: str, code: int) -> None:
+    """The summary on the parent run and its status (RUNNING while other workers still run trials); this
+    worker's own ``mlflow run`` record nested under it."""
+    summarise(client, study, parent, metric)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+    stopped = code in (EXIT_STOPPED, EXIT_ABORTED)
+    status = "KILLED" if stopped else "RUNNING" if running else "FINISHED"
+    if status == "RUNNING":
+        log.info("Other workers still run trials of this study; the parent run stays RUNNING")
+    else:
+        client.set_terminated(parent, status)
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if launcher and launcher != parent:  # this worker's own `mlflow run` record, nested under the study
+        client.set_tag(launcher, tag.PARENT_RUN, parent)
+        client.set_tag(launcher, tag.SWEEP_WORKER, "true")
+        client.set_terminated(launcher, "KILLED" if stopped else "FINISHED")
 
 
 def main() -> None:

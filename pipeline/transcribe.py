@@ -24,8 +24,8 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, parse_key_values
-from pipeline.data.corpus import AudioError, audio_files, load_audio
-from pipeline.engine.checkpointing import CheckpointError
+from pipeline.data.audio import AudioError, audio_files, load_audio
+from pipeline.engine.checkpoint_files import CheckpointError
 from pipeline.engine.resume import ResumeError
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.stage import Precision
@@ -70,16 +70,17 @@ def _log_to_run(client: MlflowClient, run_id: str | None, table: pd.DataFrame) -
 def run(argv: list[str]) -> int:
     setup_logging()
     client = MlflowClient()
-    workdir = Path(tempfile.mkdtemp(prefix="transcribe-"))
     try:
         cfg = parse_args(argv)
         files = audio_files(cfg.input)
         device = Precision.from_config(cfg.device, "32").device
-        if cfg.run_id:
-            ckpt = checkpoint_from_run(client, cfg.run_id, cfg.checkpoint, workdir)
-        else:
-            ckpt = checkpoint_from_uri(cfg.model_uri, workdir)
-        model, vocab, meta = load_model(ckpt, device)
+        with tempfile.TemporaryDirectory(prefix="transcribe-") as tmp:  # load_model reads the checkpoint whole
+            workdir = Path(tmp)
+            if cfg.run_id:
+                ckpt = checkpoint_from_run(client, cfg.run_id, cfg.checkpoint, workdir)
+            else:
+                ckpt = checkpoint_from_uri(cfg.model_uri, workdir)
+            model, vocab, meta = load_model(ckpt, device)
         rate = int(meta["model_args"]["asr"]["sample_rate"])
         waves = [load_audio(f, rate) for f in files]  # every file is read before anything is written
     except (ConfigError, ResumeError, CheckpointError, AudioError, ValueError) as err:

@@ -6,7 +6,6 @@ from omegaconf import OmegaConf
 from pipeline.config import (
     CONFIG_DIR,
     ConfigError,
-    TrainAdapterConfig,
     apply_overrides,
     compose_config,
     config_diff,
@@ -15,6 +14,7 @@ from pipeline.config import (
     split_overrides,
     to_container,
 )
+from pipeline.stages.train_adapter import TrainAdapterConfig
 from pipeline.engine.launch import LaunchArgs, parse_launch
 
 SSL_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "ssl").glob("*.yaml"))

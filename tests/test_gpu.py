@@ -23,7 +23,7 @@ def latest_state(client, run_id):
     import mlflow
     from pathlib import Path
 
-    from pipeline.engine.checkpointing import load_state
+    from pipeline.engine.checkpoint_files import load_state
 
     step = client.get_run(run_id).data.tags["checkpoint.latest_step"]
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/step-{int(step):08d}")

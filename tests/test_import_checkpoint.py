@@ -21,7 +21,7 @@ from torch import nn
 from torchaudio.models import Conformer
 
 from pipeline.config import compose_config
-from pipeline.engine.checkpointing import load_state
+from pipeline.engine.checkpoint_files import load_state
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.engine.session import run_stage
 from pipeline.import_checkpoint import run as import_checkpoint

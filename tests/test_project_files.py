@@ -47,16 +47,3 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     command = "bash scripts/setup.sh && .venv/bin/python -m pytest -n 2 --dist loadscope"
     assert command in readme and command in ci
-
-
-def test_every_registered_stage_has_its_config_shim_and_entry_point():
-    from pipeline.stages import TRAINING_STAGES, stage_class
-
-    spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
-    for name in TRAINING_STAGES:
-        assert stage_class(name).name == name
-        assert (REPO / "configs" / f"{name}.yaml").is_file(), name
-        assert f"main({stage_class(name).__name__})" in (REPO / "pipeline" / f"{name}.py").read_text(), name
-        assert spec[name]["command"].startswith(
-            f"python -m pipeline.launcher --nproc={{nproc}} --torchrun={{torchrun}} {name} "), name
-        assert {"overrides", "resume_run", "resume_step", "nproc", "torchrun"} <= set(spec[name]["parameters"]), name

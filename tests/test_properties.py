@@ -33,27 +33,29 @@ from conftest import REPO, artifact_dir
 from pipeline.config import (
     CONFIG_DIR,
     ConfigError,
-    TrainAdapterConfig,
     apply_overrides,
     compose_config,
     config_diff,
     from_container,
     to_container,
 )
+from pipeline.stages.train_adapter import TrainAdapterConfig
 from pipeline.data.datasets import epoch_batches
 from pipeline.engine import checkpointing
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CHECKPOINT_DIR,
-    META_FILE,
-    STATE_FILE,
-    CheckpointError,
     CheckpointStore,
     RetentionPolicy,
-    checkpoint_name,
     list_checkpoints,
     read_index,
     steps_to_keep,
+)
+from pipeline.engine.checkpoint_files import (
+    META_FILE,
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_name,
     write_local,
 )
 from pipeline.engine.launch import parse_launch

@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 
 from conftest import REPO, TINY, all_runs, env_for, loss_history
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
-from pipeline.sweep import parse_distribution, run_sweep
+from pipeline.sweep import run_sweep
+from pipeline.sweep_space import parse_distribution
 from pipeline.config import ConfigError
 
 STAGE = TINY + ["trainer.max_steps=9", "validation.interval=3", "checkpoint.save_interval=9"]
@@ -255,7 +256,7 @@ def test_crashed_worker_trial_is_found_stale_and_resumed_in_its_own_run(tmp_path
 
 @pytest.mark.parametrize("stage", ["train_adapter", "train_asr"])
 def test_every_stage_search_space_is_valid(stage):
-    from pipeline.sweep import load_spec, stage_class, validate
+    from pipeline.sweep_space import load_spec, stage_class, validate
 
     space = validate(stage_class(stage), load_spec(stage, []), [])
     assert space and all(isinstance(d, optuna.distributions.BaseDistribution) for d in space.values())
@@ -264,7 +265,7 @@ def test_every_stage_search_space_is_valid(stage):
 def test_a_sweep_over_a_stage_that_builds_on_runs_takes_them_as_launch_arguments():
     """finetune_vocoder's adapter_run= and vocoder_run= are launch arguments, not config keys: the sweep's
     checks compose the config without them (each trial gets them back on its command line)."""
-    from pipeline.sweep import SweepSpec, stage_class, validate
+    from pipeline.sweep_space import SweepSpec, stage_class, validate
 
     spec = SweepSpec(metric="val/mel", space={"optim.lr": "loguniform(1e-5, 1e-3)"})
     space = validate(stage_class("finetune_vocoder"), spec, ["adapter_run=a1", "vocoder_run=v1", "batch_size=4"])

@@ -18,7 +18,8 @@ import torch
 
 from pipeline.bench import figure, spread
 from pipeline.config import compose_config
-from pipeline.data.corpus import load_audio, read_corpus
+from pipeline.data.corpus import read_corpus
+from pipeline.data.audio import load_audio
 from pipeline.engine.stage import Precision
 from pipeline.inference.chain import RestorationChain
 

@@ -31,7 +31,8 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.bench import figure, spread
-from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy, checkpoint_name, write_local
+from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy
+from pipeline.engine.checkpoint_files import checkpoint_name, write_local
 from pipeline.engine.session import plan_job, run_stage, seed_everything, torch_deterministic
 from pipeline.engine.tracking import MetricLogger, start_or_adopt_run
 from pipeline.engine.trainer import Engine

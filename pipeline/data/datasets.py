@@ -162,7 +162,7 @@ class TranscribedSpeech(Dataset):
         return len(self.paths)
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
-        from pipeline.data.corpus import load_audio
+        from pipeline.data.audio import load_audio
 
         index = key[1] if isinstance(key, tuple) else key
         return {

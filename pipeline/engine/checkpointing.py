@@ -10,7 +10,8 @@ Commit protocol: the training thread only copies the state's tensors to host mem
 a background thread writes the copy into a staging directory under a temporary name, flushes it,
 hashes it and renames it, uploads it, verifies the uploaded sizes, and only then moves the run's
 ``checkpoint.latest`` tag. At most one checkpoint is in flight: the next one waits for it. A crash at
-any point leaves the previous committed checkpoint as the latest.
+any point leaves the previous committed checkpoint as the latest. One checkpoint directory (writing,
+verifying, loading) is checkpoint_files.py.
 """
 
 from __future__ import annotations
@@ -20,262 +21,40 @@ import io
 import json
 import logging
 import math
-import os
-import pickle
-import random
 import shutil
-import subprocess
 import tempfile
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from pipeline.common import faults
 from pipeline.engine import tags as tag
+from pipeline.engine.checkpoint_files import (
+    META_FILE,
+    STATE_FILE,
+    CheckpointError,
+    Snapshotter,
+    checkpoint_name,
+    remove_unfinished,
+    step_of,
+    write_local,
+)
 from pipeline.engine.outage import OUTAGE_LIMIT_S, NotRetried, StorageError, first_line, retry_until
-from pipeline.common.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 INDEX_COLUMNS = ("name", "step", "epoch", "created", "size", "model", "dataset")  # then the metrics, sorted
-RESUME_META = ("stage", "step", "config")  # what a resume reads from meta.json besides the verified sha256
-STATE_FILE, META_FILE = "state.pt", "meta.json"
 CHECKPOINT_DIR = "checkpoints"
 INDEX_FILE = f"{CHECKPOINT_DIR}/index.csv"
-SLOW_PREVIOUS_S = 1.0
-REPORT_FAILED_DELETES = 3  # a retention delete failing this many commits in a row is logged as an error  # a checkpoint that waits longer than this for the previous one says so
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names it and says why."""
-
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def step_of(name: str) -> int | None:
-    if name.startswith("step-") and name[5:].isdigit():
-        return int(name[5:])
-    return None
-
-
-def code_version() -> str | None:
-    """The git commit of the code, when it runs from a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-# --------------------------------------------------------------------------------------------
-# RNG state: plain containers only, so the checkpoint loads with weights_only=True
-# --------------------------------------------------------------------------------------------
-
-
-def capture_rng() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {
-            "name": np_state[0],
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-         np_state["has_gauss"], np_state["cached_gaussian"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------------------------
-# Writing, verifying and reading one checkpoint directory
-# --------------------------------------------------------------------------------------------
-
-
-def write_local(staging_root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write state.pt + meta.json atomically into ``staging_root/step-XXXXXXXX``."""
-    staging_root.mkdir(parents=True, exist_ok=True)
-    final = staging_root / checkpoint_name(step)
-    tmp = staging_root / f".tmp-{checkpoint_name(step)}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        state_path = tmp / STATE_FILE
-        with open(state_path, "wb") as f:
-            faults.point("checkpoint.serialize")
-            torch.save(state, f)
-            f.flush()
-            faults.point("checkpoint.fsync")
-            os.fsync(f.fileno())
-        faults.point("checkpoint.sha256")
-        meta = dict(meta, size=state_path.stat().st_size, sha256=sha256_file(state_path))
-        with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
-        raise
-    return final
-
-
-def remove_unfinished(staging_root: Path) -> None:
-    """Empty a run's staging directory when a job of the run starts: what an earlier job left there was
-    cut short by a crash (a write under a temporary name, a checkpoint not yet uploaded or committed, or
-    a committed one not yet removed). None of it is ever listed, loaded or used; the store holds what
-    was committed."""
-    if not staging_root.is_dir():
-        return
-    for leftover in staging_root.iterdir():
-        shutil.rmtree(leftover, ignore_errors=True)
-        log.info("Removed %s from staging, left by an earlier job of this run that stopped before storing it",
-                 leftover.name)
-
-
-class Snapshotter:
-    """The checkpoint's own copy of the training state, taken on the training thread: every tensor is
-    copied to host memory (from a GPU into pinned buffers that are reused from one checkpoint to the
-    next), containers are rebuilt, plain values are shared (they are immutable). Training can go on
-    changing its tensors while a background thread serializes the copy."""
-
-    def __init__(self):
-        self._pinned: dict[tuple, torch.Tensor] = {}
-
-    def take(self, state: Any) -> Any:
-        from_gpu = []
-        snapshot = self._copy(state, (), from_gpu)
-        if from_gpu:
-            torch.cuda.synchronize()
-        return snapshot
-
-    def _copy(self, obj: Any, path: tuple, from_gpu: list) -> Any:
-        if isinstance(obj, torch.Tensor):
-            tensor = obj.detach()
-            if tensor.device.type == "cpu":
-                return tensor.clone()
-            buffer = self._pinned.get(path)
-            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-                buffer = self._pinned[path] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            buffer.copy_(tensor, non_blocking=True)
-            from_gpu.append(path)
-            return buffer
-        if isinstance(obj, dict):
-            return {key: self._copy(value, (*path, key), from_gpu) for key, value in obj.items()}
-        if isinstance(obj, tuple) and not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
-            return obj  # immutable all the way down (e.g. Python's RNG state, 625 ints)
-        if isinstance(obj, (list, tuple)):
-            items = [self._copy(value, (*path, i), from_gpu) for i, value in enumerate(obj)]
-            return items if isinstance(obj, list) else tuple(items)
-        return obj
-
-
-def read_meta(ckpt_dir: Path) -> dict[str, Any]:
-    meta_path = ckpt_dir / META_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(f"checkpoint {ckpt_dir} has no {META_FILE}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} is not valid JSON ({err})") from err
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} holds a {type(meta).__name__}, not an object")
-    return meta
-
-
-def check_resumable(meta: dict[str, Any], ckpt_dir: Path) -> None:
-    """What a resume reads from a verified checkpoint's meta.json is there and well-formed."""
-    missing = [key for key in RESUME_META if key not in meta]
-    if missing:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} lacks {', '.join(missing)}; it was not written "
-                              "by this pipeline or was edited")
-    if not isinstance(meta["config"], dict) or not isinstance(meta["step"], int) or meta["step"] < 0:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} has a malformed config or step")
-
-
-STATE_PARTS = {"step": int, "epoch": int, "batch_in_epoch": int, "modules": dict, "optimizers": dict,
-               "schedulers": dict, "rng": dict}  # what the engine restores from state.pt
-
-
-def check_state(state: Any, meta: dict[str, Any], ckpt_dir: Path) -> None:
-    """A loaded state.pt has the parts the engine restores, at the step meta.json names (a file that
-    matches its sha256 but was written by something else is refused here, not halfway through a restore)."""
-    parts = state if isinstance(state, dict) else {}
-    wrong = [key for key, kind in STATE_PARTS.items() if not isinstance(parts.get(key), kind)]
-    if wrong:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {STATE_FILE} lacks or has malformed {', '.join(wrong)}; it was "
-                              "not written by this pipeline")
-    if state["step"] != meta["step"]:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {STATE_FILE} is at step {state['step']} but {META_FILE} says "
-                              f"{meta['step']}")
-
-
-def verify(ckpt_dir: Path) -> dict[str, Any]:
-    """Check state.pt against the sha256 in meta.json; returns the meta."""
-    meta = read_meta(ckpt_dir)
-    state_path = ckpt_dir / STATE_FILE
-    if not state_path.is_file():
-        raise CheckpointError(f"checkpoint {ckpt_dir} has no {STATE_FILE}")
-    actual = sha256_file(state_path)
-    if actual != meta.get("sha256"):
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir}: {STATE_FILE} is corrupted or truncated "
-            f"(sha256 {actual[:12]}… does not match {str(meta.get('sha256'))[:12]}… in {META_FILE})"
-        )
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} has format version {meta.get('format_version')}, "
-            f"this code reads version {FORMAT_VERSION}"
-        )
-    return meta
-
-
-def load_state(ckpt_dir: Path) -> dict[str, Any]:
-    """Load state.pt with weights_only=True: tensors and plain containers only, never code."""
-    path = ckpt_dir / STATE_FILE
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain containers "
-            f"(possibly code). Only checkpoints written by this pipeline can be loaded. ({str(err).splitlines()[0]})"
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from err
+SLOW_PREVIOUS_S = 1.0  # a checkpoint that waits longer than this for the previous one says so
+REPORT_FAILED_DELETES = 3  # a retention delete failing this many commits in a row is logged as an error
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,6 +247,11 @@ class CheckpointStore:
         if self.on_commit is not None:
             self.on_commit(step, row, metrics)
 
+    def log_files(self, local_dir: str | Path, artifact_path: str) -> None:
+        """Store other files of the run (e.g. validation samples) under ``artifact_path``, now, through the
+        same client as the checkpoints (so fenced the same way when the run is leased)."""
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
     def wait(self) -> None:
         """Block until the pending upload is committed; re-raise its error if it failed."""
         if self._pending is not None:
@@ -579,10 +363,6 @@ class CheckpointStore:
             path = Path(tmp) / Path(INDEX_FILE).name
             path.write_text(buffer.getvalue(), encoding="utf-8")
             self.repo.log_artifact(str(path), CHECKPOINT_DIR)
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def display_time(value: Any) -> Any:

@@ -35,7 +35,7 @@ import psutil
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 
-from pipeline.engine.checkpointing import utc_now
+from pipeline.common.provenance import utc_now
 from pipeline.engine.outage import NotRetried
 
 log = logging.getLogger(__name__)

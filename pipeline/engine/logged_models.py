@@ -27,7 +27,8 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric
 
 from pipeline.engine import tags as tag
-from pipeline.engine.checkpointing import CHECKPOINT_DIR, checkpoint_name
+from pipeline.engine.checkpointing import CHECKPOINT_DIR
+from pipeline.engine.checkpoint_files import checkpoint_name
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +26,25 @@ from pipeline.engine import lease, startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpointing import (
     CHECKPOINT_DIR,
+    RetentionPolicy,
+    download_checkpoint,
+    list_checkpoints,
+    read_index,
+    steps_to_keep,
+)
+from pipeline.common.provenance import utc_now
+from pipeline.engine.checkpoint_files import (
     META_FILE,
     CheckpointError,
-    RetentionPolicy,
     check_resumable,
     check_state,
     checkpoint_name,
-    download_checkpoint,
-    list_checkpoints,
     load_state,
-    read_index,
     step_of,
-    steps_to_keep,
-    utc_now,
     verify,
 )
 from pipeline.engine.launch import ALL_RUN_INPUTS, LaunchArgs
+from pipeline.engine.distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +57,54 @@ class ResumeError(RuntimeError):
 
 @dataclass
 class ResumePoint:
+    """A verified checkpoint a job starts from: its meta.json, its training state (until the engine takes it,
+    ``take_state``), the local directory it was verified in and the run it belongs to, as fetched once."""
+
     step: int
     meta: dict[str, Any]
-    state: dict[str, Any]
+    state: dict[str, Any] | None  # None once taken (``take_state``), and on the ranks other than 0
     source: str  # human-readable origin, e.g. "run 1a2b… checkpoint step-00000100"
     run_id: str | None  # the run the checkpoint belongs to (None for a plain path)
+    run: Any = None  # that run (mlflow Run) as fetched when the checkpoint was found; None on other ranks
+    latest: bool = False  # the run's latest committed checkpoint, chosen by the job rather than by the user
+    path: Path | None = None  # the verified checkpoint directory on rank 0's machine
+    workdir: Path | None = None  # the temporary directory it was downloaded into (removed when the job ends)
+
+    def take_state(self) -> dict[str, Any] | None:
+        """The training state, handed over once: the ResumePoint no longer holds it (nor keeps it in memory
+        for the whole run)."""
+        state, self.state = self.state, None
+        return state
+
+    def for_other_ranks(self) -> "ResumePoint":
+        """What rank 0 hands the other ranks: no state (they read the verified files themselves) and no run."""
+        return replace(self, state=None, run=None)
+
+    def remove_download(self) -> None:
+        """Remove the temporary directory the checkpoint was downloaded into, if any."""
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def rank_state(resume: ResumePoint, dist: Dist) -> dict[str, Any]:
+    """The checkpoint's training state on this rank. Rank 0 takes what it verified and loaded; the other ranks
+    load the same verified files from rank 0's download (one machine: the usual torchrun job) and, on another
+    machine where those files are not, receive rank 0's copy over the process group. Every rank returns only
+    once all have read the files, so rank 0 may then remove them."""
+    if dist.is_main:
+        state = resume.take_state()
+    else:
+        state = _read_verified_copy(resume) if resume.path is not None and resume.path.is_dir() else None
+    if any(dist.all_gather(state is None)):
+        sent = dist.broadcast(state if dist.is_main else None)
+        state = state if state is not None else sent
+    return state
+
+
+def _read_verified_copy(resume: ResumePoint) -> dict[str, Any]:
+    state = load_state(resume.path)
+    check_state(state, resume.meta, resume.path)
+    return state
 
 
 class RunCheckpoints:
@@ -223,7 +270,8 @@ class RunCheckpoints:
             if errors:
                 log.warning("Resuming from older checkpoint %s because newer ones failed verification",
                             checkpoint_name(candidate))
-            return ResumePoint(candidate, meta, state, f"run {run_id} checkpoint {checkpoint_name(candidate)}", run_id)
+            return ResumePoint(candidate, meta, state, f"run {run_id} checkpoint {checkpoint_name(candidate)}", run_id,
+                               run=self.run, latest=step is None, path=local, workdir=workdir)
         raise ResumeError(f"No usable checkpoint in run {run_id}: " + " | ".join(errors))
 
 
@@ -245,17 +293,12 @@ def _load_verified(ckpt_dir: Path, stage: str | None = None) -> tuple[dict[str, 
     return meta, state
 
 
-def from_run(client: MlflowClient, stage: str, run_id: str, step: int | None, workdir: Path) -> ResumePoint:
-    """The run's checkpoint at ``step``, or its latest committed one (falling back if corrupted)."""
-    return RunCheckpoints(client, run_id, (stage,)).load(step, workdir)
-
-
 def from_uri(client: MlflowClient, stage: str, uri: str, workdir: Path) -> ResumePoint:
     """``runs:/<id>/checkpoints/step-N``, an ``s3://`` prefix or a local directory."""
-    run_id = None
+    run_id, run = None, None
     if uri.startswith("runs:/"):
         run_id = uri[len("runs:/") :].split("/", 1)[0]
-        get_stage_run(client, run_id, stage)
+        run = get_stage_run(client, run_id, stage)
     is_uri = run_id is not None or "://" in uri
     path = Path(uri).expanduser()
     if not is_uri and not path.exists():
@@ -277,10 +320,11 @@ def from_uri(client: MlflowClient, stage: str, uri: str, workdir: Path) -> Resum
     if run_id is None and meta.get("run_id"):
         # the run that wrote it, if it lives in this tracking store (not when copied from elsewhere)
         try:
-            run_id = get_stage_run(client, meta["run_id"], stage).info.run_id
+            run = get_stage_run(client, meta["run_id"], stage)
+            run_id = run.info.run_id
         except ResumeError:
             run_id = None
-    return ResumePoint(step, meta, state, f"{uri} (step {step})", run_id)
+    return ResumePoint(step, meta, state, f"{uri} (step {step})", run_id, run=run, path=path, workdir=workdir)
 
 
 def resolve(client: MlflowClient, stage: str, launch: LaunchArgs) -> ResumePoint | None:
@@ -291,10 +335,14 @@ def resolve(client: MlflowClient, stage: str, launch: LaunchArgs) -> ResumePoint
         raise ResumeError("Give either resume_run or resume_from, not both")
     if not launch.resuming:
         return None
-    workdir = Path(tempfile.mkdtemp(prefix="resume-"))
-    if launch.resume_run:
-        return from_run(client, stage, launch.resume_run, launch.resume_step, workdir)
-    return from_uri(client, stage, launch.resume_from, workdir)
+    workdir = Path(tempfile.mkdtemp(prefix="resume-"))  # removed when the job ends (ResumePoint.remove_download)
+    try:
+        if launch.resume_run:
+            return RunCheckpoints(client, launch.resume_run, (stage,)).load(launch.resume_step, workdir)
+        return from_uri(client, stage, launch.resume_from, workdir)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
 
 def fetch_model(uri: str, workdir: Path) -> Path:
@@ -311,12 +359,14 @@ def fetch_model(uri: str, workdir: Path) -> Path:
         raise ResumeError(f"Model not found: {uri} ({str(err).splitlines()[0]})") from err
 
 
-def stored_inputs(meta: dict[str, Any]) -> dict[str, str]:
-    """The runs a checkpoint's job built on (``inputs`` in meta.json; in the config for earlier releases)."""
+def stored_inputs(meta: dict[str, Any], run_inputs: tuple[str, ...] = ALL_RUN_INPUTS) -> dict[str, str]:
+    """The runs a checkpoint's job built on (``inputs`` in meta.json; for earlier releases, the stage's
+    ``run_inputs`` found in the stored config)."""
     if "inputs" in meta:
         return dict(meta["inputs"])
     legacy = legacy_launch_values(meta.get("config") or {})
-    return {key: str(legacy[key]) for key in ALL_RUN_INPUTS if key in legacy}
+    return {key: str(legacy[key]) for key in run_inputs if key in legacy}
 
 
-__all__ = ["ResumeError", "ResumePoint", "RunCheckpoints", "fetch_model", "resolve", "step_of", "stored_inputs"]
+__all__ = ["ResumeError", "ResumePoint", "RunCheckpoints", "fetch_model", "rank_state", "resolve", "step_of",
+           "stored_inputs"]

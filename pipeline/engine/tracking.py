@@ -20,6 +20,7 @@ from pipeline.config import mask_secrets, redact
 from pipeline.common import faults
 from pipeline.engine import tags as tag
 from pipeline.engine.outage import OUTAGE_LIMIT_S, NotRetried, StorageError, first_line, retry_until
+from pipeline.engine.private_apis import dataset_entity, metric_steps
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ def start_or_adopt_run(client: MlflowClient, *, experiment: str, run_name: str |
 def log_dataset_inputs(client: MlflowClient, run_id: str, datasets: list, context: str) -> None:
     """Log ``mlflow.data`` datasets as the run's inputs, tagged with their role (training, output); their names
     and sources with secrets masked (``redact``: e.g. the credentials of an ``s3://`` or ``https://`` address)."""
-    entities = [d._to_mlflow_entity() for d in datasets]
+    entities = [dataset_entity(d) for d in datasets]
     client.log_inputs(run_id, [DatasetInput(Dataset(redact(e.name), e.digest, e.source_type, redact(e.source), e.schema,
                                                     e.profile), [InputTag("mlflow.data.context", context)])
                                for e in entities])
@@ -290,7 +291,7 @@ def copy_history(client: MlflowClient, src_run: str, dst_run: str, max_step: int
 def latest_steps(run) -> dict[str, int]:
     """The last step logged of each metric of ``run``. MLflow keeps every metric's latest point (highest
     step) with the run, so this costs no history query, however long the run has trained."""
-    return {m.key: m.step for m in run.data._metric_objs}
+    return metric_steps(run)
 
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default

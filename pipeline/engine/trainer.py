@@ -24,18 +24,14 @@ from pipeline.data.datasets import seeded_loader
 from pipeline.common import faults
 from pipeline.engine import startup
 from pipeline.engine import tags as tag
-from pipeline.engine.checkpointing import (
-    FORMAT_VERSION,
-    CheckpointStore,
-    capture_rng,
-    checkpoint_name,
-    code_version,
-    restore_rng,
-    utc_now,
-)
+from pipeline.engine.checkpointing import CheckpointStore
+from pipeline.common.provenance import code_version, utc_now
+from pipeline.engine.checkpoint_files import FORMAT_VERSION, checkpoint_name
+from pipeline.engine.rng import capture_rng, restore_rng
 from pipeline.engine.stage import LRSchedule, Stage, data_workers
 from pipeline.engine.stopping import StopController
 from pipeline.engine.outage import first_line
+from pipeline.engine.optimizer_settings import apply_optimizer_settings, optimizer_settings
 from pipeline.engine.tracking import MetricLogger
 
 log = logging.getLogger(__name__)
@@ -64,60 +60,6 @@ class TrainResult:
     stopped_by: str | None = None  # None when training reached max_steps
 
 
-GROUP_SETTINGS = ("initial_lr", "betas", "weight_decay")  # per param group; initial_lr is the peak LR
-SCHEDULE_SETTINGS = ("warmup_steps", "schedule", "min_ratio")  # LRSchedule fields taken from `optim`
-
-
-def optimizer_settings(optimizer: torch.optim.Optimizer, scheduler) -> dict[str, list]:
-    """The hyperparameters a freshly built optimizer and its schedule got from the config."""
-    schedules = [fn for fn in getattr(scheduler, "lr_lambdas", []) if isinstance(fn, LRSchedule)]
-    return {
-        "groups": [{k: _plain(g[k]) for k in GROUP_SETTINGS if k in g} for g in optimizer.param_groups],
-        "schedules": [{k: getattr(fn, k) for k in SCHEDULE_SETTINGS} for fn in schedules],
-    }
-
-
-def apply_optimizer_settings(name: str, optimizer: torch.optim.Optimizer, scheduler, configured: dict) -> None:
-    """After a restore, let the resumed job's config win over the checkpoint's optimizer settings.
-
-    A restored optimizer and schedule carry the hyperparameters they were saved with; an override such
-    as ``optim.lr=3e-4`` or ``optim.weight_decay=0.01`` on resume must still take effect. The peak LR
-    scales the rest of the curve (the LR chart steps by the ratio asked for); a changed schedule
-    shape continues from the current LR. Nothing is touched when nothing changed, so an unchanged
-    resume stays bit-identical.
-    """
-    changes = []
-    for i, (group, wanted) in enumerate(zip(optimizer.param_groups, configured["groups"])):
-        for key, value in wanted.items():
-            if _plain(group.get(key)) != value:
-                changes.append(f"{key} {_plain(group.get(key))} -> {value}")
-                group[key] = tuple(value) if key == "betas" else value
-                if key == "initial_lr" and scheduler is not None:
-                    scheduler.base_lrs[i] = value
-    schedules = [fn for fn in getattr(scheduler, "lr_lambdas", []) if isinstance(fn, LRSchedule)]
-    for fn, wanted in zip(schedules, configured["schedules"]):
-        old = {k: getattr(fn, k) for k in SCHEDULE_SETTINGS}
-        if old != wanted:
-            step = scheduler.last_epoch
-            if step > 0:  # continue from where the old curve is now
-                fn.anchor_factor, fn.anchor_step = fn(step), step
-            for key, value in wanted.items():
-                setattr(fn, key, value)
-            changes += [f"{k} {old[k]} -> {wanted[k]}" for k in SCHEDULE_SETTINGS if old[k] != wanted[k]]
-    if changes and hasattr(scheduler, "lr_lambdas"):  # the LR of the next step, from the new settings
-        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
-        scheduler._last_lr = lrs
-    if changes:
-        log.warning("Optimizer %s: the resumed config changes %s; the LR is now %.4g",
-                    name, ", ".join(dict.fromkeys(changes)), optimizer.param_groups[0]["lr"])
-
-
-def _plain(value):
-    return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
 class Engine:
     def __init__(self, stage: Stage, metrics: MetricLogger, store: CheckpointStore, stopper: StopController,
                  run_id: str, on_progress=None, hooks=None):
@@ -139,6 +81,7 @@ class Engine:
         self.total_steps = int(self.cfg.trainer.max_steps)  # set from the position when fit() starts
         self._code_version = code_version()
         self._config_cache: dict[str, Any] | None = None
+        self._window_start, self._window_samples, self._first_step = 0.0, 0, True  # _fit's throughput window
 
     # --- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -373,7 +316,7 @@ class Engine:
             self.stage.write_samples(Path(tmp), self.pos.step)
             if any(Path(tmp).iterdir()):
                 try:
-                    self.store.client.log_artifacts(self.run_id, tmp, f"samples/{checkpoint_name(self.pos.step)}")
+                    self.store.log_files(tmp, f"samples/{checkpoint_name(self.pos.step)}")
                 except Exception as err:  # an artifact store outage: the samples of this step only are lost
                     log.warning("The samples of step %d could not be stored (%s); training goes on",
                                 self.pos.step, first_line(err))
@@ -419,57 +362,24 @@ class Engine:
                 "memory is short")
 
     def _fit(self) -> TrainResult:
-        cfg = self.cfg
-        stage = self.stage
         max_steps = self.total_steps = self.planned_total_steps()
         self._plan_lr_schedules()
-        val_interval = int(cfg.validation.interval)
-        save_interval = int(cfg.checkpoint.save_interval)
+        val_interval, save_interval = int(self.cfg.validation.interval), int(self.cfg.checkpoint.save_interval)
         per_epoch = self.batches_per_epoch()
         self._saved_at = self.pos.step
-        for m in stage.modules.values():
+        for m in self.stage.modules.values():
             m.train()
-        stage.distribute()  # under torchrun: DDP wrappers, after the restore (they start from rank 0's weights)
-        main = self.dist.is_main
-        bar = tqdm(total=max_steps, initial=self.pos.step, desc=stage.name, unit="step",
-                   disable=not (main and sys.stderr.isatty()), dynamic_ncols=True)
-        window_start, window_samples = time.perf_counter(), 0
-        stopped_by, first_step = None, True
+        self.stage.distribute()  # under torchrun: DDP wrappers, after the restore (they start from rank 0's weights)
+        bar = tqdm(total=max_steps, initial=self.pos.step, desc=self.stage.name, unit="step",
+                   disable=not (self.dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+        self._window_start, self._window_samples = time.perf_counter(), 0
+        self._first_step = True
+        stopped_by = None
         while self.pos.step < max_steps and stopped_by is None:
             if self.pos.batch_in_epoch >= per_epoch:
                 self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
             for batch in self._epoch_loader():
-                batch = stage.to_device(batch)
-                skipped_before = stage.nonfinite_updates
-                with stage.precision.autocast():  # Stage.optimize leaves it for the backward pass
-                    out = stage.training_step(batch)
-                self.pos.step += 1
-                self.pos.batch_in_epoch += 1
-                window_samples += int(cfg.batch_size) * self.dist.world_size  # every rank's share of the batch
-                metrics = self.dist.mean({k: float(v) for k, v in out.items()})  # over the ranks' batches
-                metrics["epoch"] = self.pos.epoch + self.pos.batch_in_epoch / per_epoch  # epochs done
-                for name, sch in stage.schedulers.items():
-                    sch.step()
-                    metrics["lr" if len(stage.schedulers) == 1 else f"lr/{name}"] = sch.get_last_lr()[0]
-                if self.pos.step % int(cfg.trainer.log_interval) == 0 or self.pos.step == max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    metrics["throughput/samples_per_s"] = window_samples / max(elapsed, 1e-9)
-                    window_start, window_samples = time.perf_counter(), 0
-                    if main:
-                        log.info("step %d/%d epoch %d %s", self.pos.step, max_steps, self.pos.epoch,
-                                 " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if k.startswith("train/")))
-                    if self.on_progress:
-                        self.on_progress(self.pos)
-                if stage.nonfinite_updates != skipped_before:
-                    metrics["train/nonfinite_steps"] = self._count_nonfinite()
-                else:
-                    self.nonfinite_streak = 0
-                if main:
-                    self.metrics.log(metrics, self.pos.step)
-                if first_step:
-                    startup.first_step(self.pos.step)
-                    first_step = False
-                self._stop_if_diverged()
+                self._train_step(batch, per_epoch, max_steps)
                 bar.update(1)
                 last = self.pos.step >= max_steps
                 if val_interval > 0 and (self.pos.step % val_interval == 0 or last):
@@ -484,11 +394,56 @@ class Engine:
                 if last or self.pos.batch_in_epoch >= per_epoch:
                     break
         bar.close()
+        self._finish()
+        return TrainResult(self.pos, stopped_by)
+
+    def _train_step(self, batch, per_epoch: int, max_steps: int) -> None:
+        """One optimizer step on ``batch`` and its metrics (loss parts, epoch, LR; throughput at each log
+        interval; non-finite steps) logged at the new step; stops when too many in a row were not finite."""
+        stage = self.stage
+        batch = stage.to_device(batch)
+        skipped_before = stage.nonfinite_updates
+        with stage.precision.autocast():  # Stage.optimize leaves it for the backward pass
+            out = stage.training_step(batch)
+        self.pos.step += 1
+        self.pos.batch_in_epoch += 1
+        self._window_samples += int(self.cfg.batch_size) * self.dist.world_size  # every rank's share of the batch
+        metrics = self.dist.mean({k: float(v) for k, v in out.items()})  # over the ranks' batches
+        metrics["epoch"] = self.pos.epoch + self.pos.batch_in_epoch / per_epoch  # epochs done
+        for name, sch in stage.schedulers.items():
+            sch.step()
+            metrics["lr" if len(stage.schedulers) == 1 else f"lr/{name}"] = sch.get_last_lr()[0]
+        if self.pos.step % int(self.cfg.trainer.log_interval) == 0 or self.pos.step == max_steps:
+            self._report_progress(metrics, max_steps)
+        if stage.nonfinite_updates != skipped_before:
+            metrics["train/nonfinite_steps"] = self._count_nonfinite()
+        else:
+            self.nonfinite_streak = 0
+        if self.dist.is_main:
+            self.metrics.log(metrics, self.pos.step)
+        if self._first_step:
+            startup.first_step(self.pos.step)
+            self._first_step = False
+        self._stop_if_diverged()
+
+    def _report_progress(self, metrics: dict[str, float], max_steps: int) -> None:
+        """At a log interval: the throughput since the previous one into ``metrics``, a log line (rank 0) and
+        the progress callback."""
+        elapsed = time.perf_counter() - self._window_start
+        metrics["throughput/samples_per_s"] = self._window_samples / max(elapsed, 1e-9)
+        self._window_start, self._window_samples = time.perf_counter(), 0
+        if self.dist.is_main:
+            log.info("step %d/%d epoch %d %s", self.pos.step, max_steps, self.pos.epoch,
+                     " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if k.startswith("train/")))
+        if self.on_progress:
+            self.on_progress(self.pos)
+
+    def _finish(self) -> None:
+        """After the loop: a checkpoint of the last step if it has none, every metric and checkpoint stored."""
         if self._saved_at != self.pos.step:
             self.save_checkpoint()
-        if main:
+        if self.dist.is_main:
             self.metrics.flush(wait=True)
             self.store.wait()
         if self.on_progress:
             self.on_progress(self.pos)
-        return TrainResult(self.pos, stopped_by)

@@ -16,10 +16,10 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from pipeline.config import ConformerConfig
-from pipeline.engine.checkpointing import CheckpointError, load_state, verify
+from pipeline.engine.checkpoint_files import CheckpointError, load_state, verify
 from pipeline.engine.resume import RunCheckpoints, fetch_model
 from pipeline.models.asr import CharVocabulary, ConformerCTC, greedy_decode
-from pipeline.inference.chain import MAX_SECONDS, RequestError, answering, request_audio, resample
+from pipeline.inference.requests import MAX_SECONDS, RequestError, answering, request_audio, resample
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Transcriber(mlflow.pyfunc.PythonModel):
     ``audio_base64`` (a WAV or FLAC file's bytes, base64-encoded; mono or stereo, mixed down) or ``audio``
     (float samples, one channel) with ``sample_rate`` (Hz; without a ``sample_rate`` column, the model's
     own rate). Output: a DataFrame with ``transcript``. The request checks, limits and error answers are
-    the ``speech-restoration`` model's (``pipeline.inference.chain.request_audio``): ``path`` (a file on this
+    the ``speech-restoration`` model's (``pipeline.inference.requests.request_audio``): ``path`` (a file on this
     machine, or a list of paths) is read only where the model config says ``allow_paths``
     (``mlflow.pyfunc.load_model(uri, model_config={"allow_paths": True})``); a served model refuses it.
     A bad request gets 400 and one short message; requests are transcribed one at a time. The weights are

@@ -201,7 +201,8 @@ def _check_store(client: MlflowClient, run_id: str, workdir: Path, max_steps: in
 
 
 def _check_checkpoints(client: MlflowClient, run, workdir: Path, max_steps: int) -> list[str]:
-    from pipeline.engine.checkpointing import CheckpointError, checkpoint_name, download_checkpoint, verify
+    from pipeline.engine.checkpointing import download_checkpoint
+    from pipeline.engine.checkpoint_files import CheckpointError, checkpoint_name, verify
 
     tags = run.data.tags
     if tags.get("checkpoint.latest") != f"checkpoints/{checkpoint_name(max_steps)}" or \

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,28 @@ import torch
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import AdapterConfig, ConfigError, EncoderConfig, FinetuneVocoderConfig, VocoderConfig
+from pipeline.config import AdapterConfig, ConfigError, DegradationConfig, EncoderConfig, VocoderConfig, stage_config
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.data.datasets import VAL_STREAM
 from pipeline.engine import tags as tag
-from pipeline.engine.checkpointing import CheckpointError, verify
+from pipeline.engine.checkpoint_files import CheckpointError, verify
 from pipeline.engine.resume import ResumeError, ResumePoint, RunCheckpoints
 from pipeline.engine.session import main
 from pipeline.models.adapters import build_adapted_encoder
-from pipeline.stages.vocoder_base import VocoderStage
+from pipeline.stages.vocoder_base import VocoderStage, VocoderTrainConfig
 
 log = logging.getLogger(__name__)
+
+
+@stage_config("finetune_vocoder")
+@dataclass
+class FinetuneVocoderConfig(VocoderTrainConfig):
+    """finetune_vocoder's config (configs/finetune_vocoder.yaml). ssl and adapter come from the `adapter_run=`
+    run's checkpoint, vocoder from the `vocoder_run=` run's (launch arguments, pipeline/engine/launch.py)."""
+
+    stage: str = "finetune_vocoder"
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # filled from the adapter run
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
 ADAPTER_STAGES = ("train_adapter",)
 VOCODER_STAGES = ("pretrain_vocoder", "finetune_vocoder")
@@ -69,7 +81,8 @@ def load_checkpoint(client: MlflowClient, role: str, run_id: str, stages: tuple[
     weights_only-loaded."""
     checkpoints = linked_run(client, role, run_id, stages)
     try:
-        return checkpoints.load(step, Path(tempfile.mkdtemp(prefix=f"{role}-")))
+        with tempfile.TemporaryDirectory(prefix=f"{role}-") as workdir:  # the state is loaded whole into memory
+            return checkpoints.load(step, Path(workdir))
     except (ResumeError, CheckpointError) as err:
         raise ConfigError(f"{role}={run_id}: {err}") from err
 

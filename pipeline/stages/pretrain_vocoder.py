@@ -9,12 +9,22 @@ checks it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from pipeline.config import PretrainVocoderConfig
+from pipeline.config import stage_config
 from pipeline.engine.session import main
 from pipeline.models.encoder import create_encoder, encoder_features
-from pipeline.stages.vocoder_base import VocoderStage
+from pipeline.stages.vocoder_base import VocoderStage, VocoderTrainConfig
+
+
+@stage_config("pretrain_vocoder")
+@dataclass
+class PretrainVocoderConfig(VocoderTrainConfig):
+    """pretrain_vocoder's config (configs/pretrain_vocoder.yaml)."""
+
+    stage: str = "pretrain_vocoder"
 
 
 class PretrainVocoder(VocoderStage):

@@ -8,10 +8,12 @@ the clean speech, by training parallel adapters only (Miipher-2, docs/architectu
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TrainAdapterConfig
+from pipeline.config import (AdapterConfig, DataConfig, DegradationConfig, EncoderConfig, FeatureLossConfig, TrainConfig,
+                             stage_config)
 from pipeline.data.corpus import corpus_dataset, load_corpus_audio, read_corpus
 from pipeline.data.datasets import VAL_STREAM, DegradedPairs, ShuffledBatches
 from pipeline.data.degrade import OtherUtterances, degrade, sample_rng
@@ -22,6 +24,19 @@ from pipeline.engine.stage import Stage
 from pipeline.inference.listening import Example, safe_name, write_listening_page
 from pipeline.models.losses import SC_MODES, feature_loss
 from pipeline.models.adapters import build_adapted_encoder
+
+
+@stage_config("train_adapter")
+@dataclass
+class TrainAdapterConfig(TrainConfig):
+    """train_adapter's config (configs/train_adapter.yaml)."""
+
+    stage: str = "train_adapter"
+    ssl: EncoderConfig = field(default_factory=EncoderConfig)  # the frozen encoder
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # the adapters that train
+    loss: FeatureLossConfig = field(default_factory=FeatureLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)  # what the clean speech goes through
 
 
 class TrainAdapter(Stage):

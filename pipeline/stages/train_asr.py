@@ -10,15 +10,17 @@ from __future__ import annotations
 import html
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import soundfile as sf
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import CONFIG_DIR, ConformerConfig, TrainAsrConfig
-from pipeline.data.corpus import AudioError, Utterance, check_audio, corpus_dataset, load_audio, read_corpus
+from pipeline.config import CONFIG_DIR, ConformerConfig, DataConfig, TrainConfig, stage_config
+from pipeline.data.corpus import Utterance, corpus_dataset, read_corpus
+from pipeline.data.audio import AudioError, check_audio, load_audio
 from pipeline.data.datasets import ShuffledBatches, TranscribedSpeech, collate_padded
 from pipeline.engine import tags as tag
 from pipeline.engine.session import main
@@ -29,6 +31,20 @@ from pipeline.models.asr import CharVocabulary, ConformerCTC, ctc_loss, error_co
 log = logging.getLogger(__name__)
 
 MODEL_TAG = "conformer"
+
+
+@stage_config("train_asr")
+@dataclass
+class TrainAsrConfig(TrainConfig):
+    """train_asr's config (configs/train_asr.yaml)."""
+
+    stage: str = "train_asr"
+    asr: ConformerConfig = field(default_factory=ConformerConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # data.segment_seconds is not used: whole utterances
+    light: bool = False  # quick mode: the tiny preset and utterances up to light_max_seconds
+    light_max_seconds: float = 2.5  # longest utterance kept in light mode
+    max_samples: Optional[int] = None  # train on at most this many utterances; null = all
+    max_seconds: Optional[float] = None  # skip utterances longer than this; null = keep all
 
 
 def preset(name: str) -> DictConfig:

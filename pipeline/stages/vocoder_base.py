@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from pipeline.config import DegradationConfig
+from pipeline.config import DataConfig, DegradationConfig, EncoderConfig, TrainConfig, VocoderConfig, VocoderLossConfig
 from pipeline.data.corpus import Utterance, corpus_dataset, load_corpus_audio, read_corpus
 from pipeline.data.datasets import TRAIN_STREAM, VAL_STREAM, ShuffledBatches
 from pipeline.data.degrade import degrade, sample_rng
@@ -32,6 +33,16 @@ from pipeline.models.hifigan import CenteredMelSpectrogram, build_vocoder, valid
 log = logging.getLogger(__name__)
 
 MODEL_TAG = "hifigan"
+
+
+@dataclass
+class VocoderTrainConfig(TrainConfig):
+    """Fields shared by pretrain_vocoder and finetune_vocoder."""
+
+    ssl: EncoderConfig = field(default_factory=EncoderConfig)  # the frozen encoder whose features are vocoded
+    vocoder: VocoderConfig = field(default_factory=VocoderConfig)
+    loss: VocoderLossConfig = field(default_factory=VocoderLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 class VocoderExamples(Dataset):

@@ -8,14 +8,13 @@ import soundfile as sf
 
 from pipeline.data.corpus import (
     READERS,
-    AudioError,
     CorpusError,
     Utterance,
     corpus_dataset,
-    load_audio,
     load_corpus_audio,
     read_corpus,
 )
+from pipeline.data.audio import AudioError, load_audio
 
 RATE = 16000
 

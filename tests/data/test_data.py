@@ -5,7 +5,8 @@ import soundfile as sf
 import torch
 
 from pipeline.config import DegradationConfig
-from pipeline.data.corpus import DEMO_DIR, AudioError, load_audio, load_corpus_audio, read_corpus
+from pipeline.data.corpus import DEMO_DIR, load_corpus_audio, read_corpus
+from pipeline.data.audio import AudioError, load_audio
 from pipeline.data.datasets import DegradedPairs, epoch_batches
 from pipeline.data.degrade import add_noise, band_limit, clip, coloured_noise, degrade, sample_rng
 

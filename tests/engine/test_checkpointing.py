@@ -11,16 +11,14 @@ import pytest
 import torch
 
 from pipeline.common import faults
-from pipeline.engine.checkpointing import (
+from pipeline.engine.checkpointing import RetentionPolicy, steps_to_keep
+from pipeline.engine.checkpoint_files import (
     CheckpointError,
-    RetentionPolicy,
-    capture_rng,
     load_state,
-    restore_rng,
-    steps_to_keep,
     verify,
     write_local,
 )
+from pipeline.engine.rng import capture_rng, restore_rng
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -155,7 +153,7 @@ def test_the_training_thread_does_not_wait_for_serialization_and_the_checkpoint_
 
 
 def test_a_snapshot_copies_every_tensor_and_rebuilds_every_container():
-    from pipeline.engine.checkpointing import Snapshotter
+    from pipeline.engine.checkpoint_files import Snapshotter
 
     state = {"m": {"w": torch.randn(3, 4)}, "groups": [{"params": [0, 1], "betas": (0.9, 0.98)}],
              "rng": {"python": (3, tuple(range(625)), None), "torch": torch.get_rng_state()}, "step": 5}
@@ -312,7 +310,7 @@ def test_a_delete_that_keeps_failing_is_reported_as_an_error_and_indexing_goes_o
 
 
 def test_malformed_meta_json_is_a_checkpoint_error_naming_the_file(tmp_path):
-    from pipeline.engine.checkpointing import CheckpointError, check_resumable, read_meta
+    from pipeline.engine.checkpoint_files import CheckpointError, check_resumable, read_meta
 
     for text, message in {"[1, 2]": "holds a list, not an object", "\\xff": "not valid JSON"}.items():
         (tmp_path / "meta.json").write_text(text)

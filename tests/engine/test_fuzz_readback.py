@@ -261,7 +261,7 @@ def test_a_damaged_shard_member_is_refused_naming_the_sample(shard_set, tmp_path
 
 @pytest.mark.parametrize("how", DAMAGE)
 def test_a_damaged_audio_file_is_refused_naming_it(tmp_path, how):
-    from pipeline.data.corpus import AudioError, load_audio
+    from pipeline.data.audio import AudioError, load_audio
 
     path = tmp_path / "speech.wav"
     sf.write(path, 0.5 * np.sin(np.arange(3200) / 8.0), 16000)

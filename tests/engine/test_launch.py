@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipeline.config import ConfigError, FinetuneVocoderConfig, compose_config, from_container, to_container
+from pipeline.config import ConfigError, compose_config, from_container, to_container
+from pipeline.stages.finetune_vocoder import FinetuneVocoderConfig
 from pipeline.engine.launch import parse_launch
 from pipeline.engine.resume import stored_inputs
 

@@ -12,7 +12,6 @@ from conftest import TINY, loss_history, stage_runs
 from pipeline.config import (
     ConfigError,
     RedactingFilter,
-    TrainAdapterConfig,
     check_values,
     compose_config,
     config_diff,
@@ -21,6 +20,7 @@ from pipeline.config import (
     redact,
     to_container,
 )
+from pipeline.stages.train_adapter import TrainAdapterConfig
 from pipeline.engine.cli import EXIT_OK
 from pipeline.engine.session import plan_job, run_stage
 from pipeline.stages.train_adapter import TrainAdapter

@@ -8,7 +8,8 @@ from mlflow import MlflowClient
 
 from conftest import TINY, artifact_dir, stage_runs
 from pipeline.common import faults
-from pipeline.engine.checkpointing import list_checkpoints, verify
+from pipeline.engine.checkpointing import list_checkpoints
+from pipeline.engine.checkpoint_files import verify
 from pipeline.engine.cli import EXIT_OK, EXIT_STORAGE
 from pipeline.engine.session import run_stage
 from pipeline.stages.train_adapter import TrainAdapter

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from conftest import TINY
 from pipeline.config import ConfigError, apply_overrides, compose_config
-from pipeline.engine.checkpointing import load_state
+from pipeline.engine.checkpoint_files import load_state
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.engine.session import run_stage
 from pipeline.models.losses import feature_loss

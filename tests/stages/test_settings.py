@@ -6,7 +6,9 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import TINY, all_runs, snapshot, stage_runs
-from pipeline.config import ConfigError, TrainAdapterConfig, TrainAsrConfig, check_values, compose_config
+from pipeline.config import ConfigError, check_values, compose_config
+from pipeline.stages.train_adapter import TrainAdapterConfig
+from pipeline.stages.train_asr import TrainAsrConfig
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.engine.session import run_stage
 from pipeline.stages.train_adapter import TrainAdapter

@@ -197,7 +197,7 @@ def test_resume_continues_the_same_run_and_records_the_attempt(finished_run, cap
 
 def test_optimizer_overrides_on_resume_take_effect(store, capfd):
     """A restored optimizer carries the settings it was saved with; the resumed config must still win."""
-    from pipeline.engine.checkpointing import load_state
+    from pipeline.engine.checkpoint_files import load_state
 
     assert train("optim.schedule=constant", "trainer.max_steps=6", "checkpoint.save_interval=6",
                  "validation.interval=6") == EXIT_OK

@@ -23,7 +23,8 @@ from mlflow import MlflowClient
 from conftest import (PYTHON, REPO, VENV_BIN, artifact_dir, env_for, loss_history, read_until, snapshot,
                       stage_runs, start_stage)
 from pipeline.config import compose_config
-from pipeline.data.corpus import DEMO_DIR, load_audio, read_corpus, read_directory
+from pipeline.data.corpus import DEMO_DIR, read_corpus, read_directory
+from pipeline.data.audio import load_audio
 from pipeline.data.datasets import collate_padded
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
 from pipeline.engine.session import TrainingHooks, run_stage
@@ -271,13 +272,15 @@ def test_validation_rates_are_computed_over_the_whole_set(store):
                  "max_samples=6") == EXIT_OK
     client = MlflowClient()
     (run,) = asr_runs(client)
-    from pipeline.engine.checkpointing import download_checkpoint, load_state
+    from pipeline.engine.checkpointing import download_checkpoint
+    from pipeline.engine.checkpoint_files import load_state
     from pipeline.inference.asr import load_model
 
     ckpt = download_checkpoint(client, run.info.run_id, 2, store / "ckpt")
     model, vocab, _ = load_model(ckpt, torch.device("cpu"))
     assert load_state(ckpt)["step"] == 2
-    from pipeline.data.corpus import load_audio, read_corpus
+    from pipeline.data.corpus import read_corpus
+    from pipeline.data.audio import load_audio
 
     val = read_corpus("ljspeech", None)[-4:]
     hyps = []

@@ -1,0 +1,358 @@
+"""One training job's collaborators, created in a defined order and closed in the reverse one.
+
+A ``Job`` owns what a job opens around the engine: the lease and the downloaded checkpoint, the stop
+controller, the metric logger and checkpoint store, the system-metrics monitor, the tag writer and the
+engine. Each closer is pushed on one ``ExitStack`` as its collaborator is created, so the close order is
+the creation order reversed, whatever happens. It is used by rank 0 (``train_in_run``: the run is always
+ended, with its status, progress, description and attempt record), by the other ranks under torchrun
+(``train_other_rank``) and by ``import_checkpoint`` (``record_imported_run``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+
+from pipeline.common.provenance import utc_now
+from pipeline.config import flatten, to_container
+from pipeline.engine import startup
+from pipeline.engine import tags as tag
+from pipeline.engine.attempts import (RunContext, attempt_record, experiment_name, finish, progress_text,
+                                      start_new_run, write_attempt)
+from pipeline.engine.checkpoint_files import checkpoint_name
+from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy, StorageError, download_checkpoint
+from pipeline.engine.cli import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_STORAGE
+from pipeline.engine.distributed import Dist
+from pipeline.engine.lease import FencedClient, LeaseLost
+from pipeline.engine.logged_models import CheckpointModels
+from pipeline.engine.outage import first_line
+from pipeline.engine.plan import JobPlan, effective_batch
+from pipeline.engine.resume import ResumePoint, rank_state
+from pipeline.engine.stage import Stage
+from pipeline.engine.stopping import AbortTraining, StopController
+from pipeline.engine.tracking import (MetricLogger, TagWriter, dashboard_hint, describe_run, ensure_runs_view,
+                                      log_dataset_inputs, resume_command)
+from pipeline.engine.trainer import DataWorkerDied, Engine, NonFiniteTraining, Position
+
+log = logging.getLogger(__name__)
+
+
+class TrainingHooks:
+    """Callbacks for code that drives training in-process (e.g. a sweep trial)."""
+
+    def on_run_started(self, run_id: str) -> None:
+        """The job's MLflow run is chosen and set up."""
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> str | None:
+        """After each validation; return a reason (e.g. "pruned") to stop like a stop request."""
+        return None
+
+
+class Job:
+    """One job's collaborators around the engine, closed in the reverse order of their creation.
+
+    ``with Job(...) as job``: each ``open_*`` method creates a collaborator and pushes its closer on the
+    job's ExitStack; leaving the block closes them, last opened first. ``code`` is the job's exit code.
+    """
+
+    def __init__(self, stage: Stage, run_id: str, client: MlflowClient | None = None):
+        self.stage, self.cfg, self.run_id, self.client = stage, stage.cfg, run_id, client
+        self.stack = ExitStack()
+        self.stopper: StopController | None = None
+        self.metrics: MetricLogger | None = None
+        self.store: CheckpointStore | None = None
+        self.engine: Engine | None = None
+        self.code = EXIT_FAILED
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self.stack.__exit__(*exc)
+
+    @property
+    def pos(self) -> Position:
+        return self.engine.pos if self.engine is not None else Position()
+
+    def open_stopper(self, poll_seconds: float) -> StopController:
+        """Signals (and, with a client, the stop tag): the handlers stay installed until everything opened
+        after them is closed, so no signal leaves the run RUNNING."""
+        self.stopper = self.stack.enter_context(StopController(self.client, self.run_id, poll_seconds))
+        return self.stopper
+
+    def open_logging(self, **options) -> None:
+        """The metric logger and the checkpoint store (``options``: CheckpointStore's); the metric logger is
+        closed after the store is drained."""
+        cfg = self.cfg
+        policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
+                                 cfg.checkpoint.mode)
+        logged = options.pop("already_logged", None)
+        limit = {"outage_limit_s": options["outage_limit_s"]} if "outage_limit_s" in options else {}
+        self.metrics = MetricLogger(self.client, self.run_id, cfg.tracking.flush_seconds, already_logged=logged,
+                                    **limit)
+        self.stack.callback(self.metrics.close)
+        self.store = CheckpointStore(self.client, self.run_id, Path(cfg.checkpoint.staging_dir), policy, **options)
+
+    def drain(self) -> None:
+        """Wait for the checkpoint uploads and the metrics still queued."""
+        self.store.close()
+        self.metrics.flush(wait=True)
+
+    def restore(self, resume: ResumePoint | None, dist: Dist) -> None:
+        """Load the checkpoint's state into the engine, then let it go: nothing holds it for the whole run."""
+        if resume is not None:
+            self.engine.load_state_dict(rank_state(resume, dist))
+            startup.mark("restore")
+
+
+def train_other_rank(stage: Stage, plan: JobPlan, run_id: str) -> int:
+    """A rank other than 0 under torchrun: the same loop on its share of the data, with no MLflow (rank 0
+    logs, checkpoints and polls the stop tag; a signal here stops every rank at the same step)."""
+    with Job(stage, run_id) as job:
+        stopper = job.open_stopper(0)
+        try:
+            job.engine = Engine(stage, None, None, stopper, run_id)
+            job.restore(plan.resume, stage.dist)
+            result = job.engine.fit()
+            stopper.abortable = False
+            job.code = EXIT_STOPPED if result.stopped_by else EXIT_OK
+        except AbortTraining:
+            job.code = EXIT_ABORTED
+        except (NonFiniteTraining, DataWorkerDied) as err:
+            log.error("%s", err)
+    return job.code
+
+
+def record_imported_run(stage: Stage, cfg, tags: dict[str, str], source: str) -> str:
+    """A FINISHED run of ``stage`` whose one committed checkpoint (step 0) holds the stage's weights as
+    they are now, written by the engine itself: the run then trains on (``resume_run`` with a larger
+    ``trainer.max_steps``), feeds other stages and is browsed like any run trained here."""
+    client = MlflowClient()
+    run_id, _ = start_new_run(client, stage, cfg, experiment_name(cfg, stage.name), tags)
+    try:
+        with Job(stage, run_id, client) as job:
+            job.open_logging()
+            Engine(stage, job.metrics, job.store, stopper=None, run_id=run_id).save_checkpoint()
+            job.drain()
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    entry = attempt_record(1, utc_now(), f"imported from {source}", [], status="FINISHED")
+    write_attempt(client, run_id, entry, {})
+    progress = "step 0 · imported"
+    client.set_tag(run_id, tag.PROGRESS, progress)
+    client.set_tag(run_id, tag.NOTE, describe_run(
+        stage=stage.name, run_id=run_id, progress=progress, status="FINISHED",
+        latest_checkpoint=f"checkpoints/{checkpoint_name(0)}", history=[entry],
+        experiment_id=client.get_run(run_id).info.experiment_id))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+class RunJob(Job):
+    """Rank 0's job: trains in the opened run and always ends it (status, stopped_by, progress, description,
+    the attempt record), whatever happens; the lease is released last."""
+
+    def __init__(self, client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunContext, hooks: TrainingHooks):
+        super().__init__(stage, ctx.run_id, client)
+        self.plan, self.ctx, self.hooks = plan, ctx, hooks
+        self.status, self.stopped_by = "FAILED", None
+        self.resume_command = resume_command(stage.name, ctx.run_id, ctx.nproc)
+        self.shown = {"progress": ctx.tags.get(tag.PROGRESS, ""), "latest": ctx.tags.get(tag.CHECKPOINT_LATEST)}
+        self.models: CheckpointModels | None = None
+        self.monitor = None
+        self.tag_writer: TagWriter | None = None
+        if ctx.lease is not None:
+            self.stack.callback(ctx.lease.release)
+            self.client = FencedClient(client, ctx.lease)  # after a takeover this job writes nothing more to the run
+
+    def train(self) -> int:
+        """Set the run up, open the collaborators, train; the exit code."""
+        self._set_up_run()
+        self.open_stopper(self.cfg.tracking.stop_poll_seconds)
+        self.stack.callback(self._end_run)
+        outage_limit = float(self.cfg.tracking.outage_limit_seconds)
+        self.open_logging(index_rows=self.ctx.index_rows, on_commit=self._on_commit, outage_limit_s=outage_limit,
+                          fence=self.ctx.lease.fence if self.ctx.lease else None, already_logged=self.ctx.logged_steps,
+                          on_delete=self.models.deleted if self.models is not None else None)
+        self.stack.callback(self._drain)
+        self.monitor = _system_metrics(self.run_id, self.cfg, resumed=self.plan.resume is not None)
+        self.stack.callback(self._stop_monitor)
+        self.tag_writer = TagWriter(self.client, self.run_id)  # the progress tag and the description, off the loop
+        self.stack.callback(self.tag_writer.close, timeout=5.0)  # before _end_run sets the final progress itself
+        if self.ctx.lease is not None:
+            self.ctx.lease.on_lost = self._on_lease_lost
+        self.stack.callback(self._end_training)
+        self._fit()
+        return self.code
+
+    def _set_up_run(self) -> None:
+        client, ctx, cfg = self.client, self.ctx, self.cfg
+        self.hooks.on_run_started(ctx.run_id)
+        datasets = self.stage.dataset_inputs()
+        if datasets:
+            log_dataset_inputs(client, ctx.run_id, datasets, "training")
+        ensure_runs_view(client, ctx.experiment_id)  # the columns the experiment's links open
+        if cfg.tracking.checkpoint_models:
+            self.models = CheckpointModels(client, ctx.run_id, ctx.experiment_id, ctx.run_name,
+                                           flatten(to_container(cfg)), ctx.tags)
+        client.set_tag(ctx.run_id, tag.WORLD_SIZE, str(ctx.nproc))
+        client.set_tag(ctx.run_id, tag.EFFECTIVE_BATCH, str(int(cfg.batch_size) * ctx.nproc))
+        client.set_tag(ctx.run_id, tag.NOTE, self._description())
+
+    def _fit(self) -> None:
+        """The training loop, and what each way it can end means for the run's status and the exit code."""
+        try:
+            self.engine = Engine(self.stage, self.metrics, self.store, self.stopper, self.run_id, hooks=self.hooks)
+            self.engine.on_progress = self._on_progress
+            startup.mark("run setup")
+            self.restore(self.plan.resume, self.stage.dist)
+            result = self.engine.fit()
+            self.stopper.abortable = False
+            self._trained(result)
+        except AbortTraining:
+            self.status, self.stopped_by, self.code = "KILLED", "signal", EXIT_ABORTED
+            self.client.set_tag(self.run_id, tag.STOP_ABORTED, "true")
+        except NonFiniteTraining as err:
+            log.error("%s", err)  # status FAILED, code EXIT_FAILED: the run ends with what it committed
+        except DataWorkerDied as err:
+            log.error("%s. Stopped at step %d; resume with: %s", err, self.pos.step, self.resume_command)
+        except StorageError as err:
+            self.code = EXIT_STORAGE
+            self._log_storage_failure(err)
+        except LeaseLost as err:
+            log.error("%s", err)  # code EXIT_FAILED; the run is the other job's now
+        except BaseException:
+            log.exception("Training failed")
+            raise
+
+    def _trained(self, result) -> None:
+        self.stopped_by = result.stopped_by
+        step = result.position.step
+        self.status, self.code = ("KILLED", EXIT_STOPPED) if self.stopped_by else ("FINISHED", EXIT_OK)
+        if self.stopped_by:
+            log.warning("Stopped (%s) at step %d; checkpoint committed. Resume with: %s", self.stopped_by, step,
+                        self.resume_command)
+            return
+        log.info("Training finished at step %d", step)
+        if self.cfg.tracking.log_model and _log_final_model(self.client, self.run_id, self.stage, step) \
+                and self.models is not None:
+            self.models.final(step, self.metrics.at_step(step))
+
+    # --- callbacks while training ------------------------------------------------------------------
+    def _description(self) -> str:
+        ctx = self.ctx
+        return describe_run(stage=self.stage.name, run_id=ctx.run_id, progress=self.shown["progress"],
+                            status="RUNNING", latest_checkpoint=self.shown["latest"], history=ctx.history,
+                            experiment_id=ctx.experiment_id, nproc=ctx.nproc, batch=effective_batch(self.cfg, ctx.nproc))
+
+    def _on_progress(self, pos: Position) -> None:  # the description follows the progress tag, in the same batch
+        self.shown["progress"] = progress_text(self.cfg, pos, self.ctx.resumed_from, self.engine)
+        self.tag_writer.set({tag.PROGRESS: self.shown["progress"], tag.NOTE: self._description()})
+
+    def _on_commit(self, step: int, row: dict[str, Any], linked: list) -> None:
+        self.shown["latest"] = f"checkpoints/{checkpoint_name(step)}"
+        self.tag_writer.set({tag.NOTE: self._description()})
+        if self.models is not None:
+            self.models.committed(step, row, linked)
+
+    def _on_lease_lost(self) -> None:
+        self.stopper.request("lease lost")
+        self._stop_monitor()  # MLflow's system metrics are written with a client of their own
+
+    # --- closers, in the order they run ------------------------------------------------------------
+    def _end_training(self) -> None:
+        self.stopper.abortable = False  # ending the run takes a second; a signal now must not cut it
+
+    def _stop_monitor(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+
+    def _drain(self) -> None:
+        """The uploads and metrics still queued, unless the user aborted: then do not wait for them."""
+        if self.code == EXIT_ABORTED:
+            return
+        try:
+            self.drain()
+        except StorageError as err:
+            self._log_storage_failure(err)
+            self.status, self.code = "FAILED", EXIT_STORAGE
+        except LeaseLost:
+            self.code = EXIT_FAILED
+        except Exception:
+            log.exception("Could not finish the checkpoint upload or metric logging")
+            self.status, self.code = "FAILED", EXIT_FAILED
+
+    def _end_run(self) -> None:
+        """End the run as the job ended, unless another job took it over."""
+        self.stopper.abortable = False
+        ctx, status = self.ctx, self.status
+        if ctx.lease is not None and not ctx.lease.held:
+            log.error("Run %s is trained by another job now; this job leaves its status and description to it",
+                      ctx.run_id)
+            self.code = EXIT_FAILED
+            return
+        try:
+            latest = self.client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST)
+            finish(self.client, ctx, self.stage.name, self.cfg, status, self.pos, latest, self.stopped_by,
+                   self.plan.changes, self.engine)
+            log.info("Run %s ended %s. Dashboard: %s", ctx.run_id, status, dashboard_hint(ctx.experiment_id, ctx.run_id))
+        except Exception as err:  # the tracking store is down: the run stays RUNNING, a resume ends it
+            log.error("Could not end run %s as %s in the tracking store (%s); it shows RUNNING until a resume "
+                      "ends it: %s", ctx.run_id, status, first_line(err), self.resume_command)
+            self.code = EXIT_STORAGE if self.code == EXIT_OK else self.code
+
+    def _log_storage_failure(self, err: Exception) -> None:
+        try:
+            kept = self.client.get_run(self.run_id).data.tags.get(tag.CHECKPOINT_LATEST_STEP)
+            kept = (f"the committed checkpoint at step {kept} (still the latest)" if kept
+                    else "no checkpoint was committed yet")
+        except Exception:  # the tracking store does not answer either
+            kept = ("the checkpoints committed before (the tracking store does not answer: the latest cannot be "
+                    "named now)")
+        log.error("%s. Stopped at step %d. Kept: %s. When the storage is fixed, resume with: %s", err, self.pos.step,
+                  kept, self.resume_command)
+
+
+def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunContext, hooks: TrainingHooks) -> int:
+    """Train ``stage`` in the opened run and always end the run, whatever happens; returns the exit code."""
+    with RunJob(client, stage, plan, ctx, hooks) as job:
+        job.train()
+    return job.code
+
+
+def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int) -> bool:
+    """``model/``: an MLflow model of the final checkpoint, for stages that override ``export_model``;
+    True when it was logged."""
+    if type(stage).export_model is Stage.export_model:
+        return False
+    try:
+        with tempfile.TemporaryDirectory(prefix="model-") as tmp:
+            checkpoint = download_checkpoint(client, run_id, step, Path(tmp) / "checkpoint")
+            out = Path(tmp) / "model"
+            if stage.export_model(checkpoint, out):
+                client.log_artifacts(run_id, str(out), "model")
+                log.info("Logged the final model: runs:/%s/model", run_id)
+                return True
+    except Exception:  # the training is done and its checkpoint committed; do not fail the run for this
+        log.exception("Could not log the final model of run %s; its checkpoints are intact", run_id)
+    return False
+
+
+def _system_metrics(run_id: str, cfg, resumed: bool):
+    if not cfg.tracking.system_metrics:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resumed)
+        monitor.start()
+        return monitor
+    except Exception as err:  # optional: never block training on it
+        log.warning("System metrics disabled: %s", err)
+        return None
