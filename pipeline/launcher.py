@@ -4,9 +4,9 @@ What the MLproject's training entry points run, so that ``mlflow run . -e train_
 
     python -m pipeline.launcher --nproc=2 --torchrun="--max-restarts=1" train_adapter ssl=tiny ...
 
-With one process and no torchrun options it becomes ``python -m pipeline.<stage> ...`` (today's single
+With one process and no torchrun options it becomes ``python -m pipeline.stages.<stage> ...`` (today's single
 process, the same PID, so ``mlflow run``'s signals reach the job); otherwise PyTorch's own launcher,
-``python -m torch.distributed.run --nproc_per_node=N [options] -m pipeline.<stage> ...``. Without
+``python -m torch.distributed.run --nproc_per_node=N [options] -m pipeline.stages.<stage> ...``. Without
 rendezvous options (``--nnodes``, ``--rdzv-endpoint``, ``--master-addr``...) it adds ``--standalone``: one
 machine, a free port, so two jobs on one machine do not collide. The process is replaced (exec), never
 supervised from here.

@@ -36,7 +36,7 @@ SLOW_STEPS = "data.batch=sleep:0.2"
 
 
 def torchrun(workdir: Path, stage: str, *args: str, options: str = "", faults: str = "") -> subprocess.Popen:
-    """``torchrun --nproc_per_node=2 --standalone [options] -m pipeline.<stage> ARGS``, stderr readable;
+    """``torchrun --nproc_per_node=2 --standalone [options] -m pipeline.stages.<stage> ARGS``, stderr readable;
     ``faults`` arms fault points (PIPELINE_FAULTS) in every rank."""
     env = env_for(workdir)
     if faults:

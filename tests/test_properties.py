@@ -123,7 +123,7 @@ def as_mlflow_passes(words: list[str]) -> list[str]:
     command = _entry_point().compute_command({"overrides": param}, tempfile.gettempdir())
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "pipeline.launcher"], command
-    stage, nproc, torchrun, args = parse(argv[3:])  # the launcher then runs python -m pipeline.<stage> <args>
+    stage, nproc, torchrun, args = parse(argv[3:])  # the launcher then runs python -m pipeline.stages.<stage> <args>
     assert (stage, nproc, torchrun) == (STAGE, 1, ""), command
     return args
 

@@ -470,7 +470,7 @@ def test_the_asr_model_reads_only_the_request_unless_its_config_allows_paths(fin
         return base64.b64encode(buffer.getvalue()).decode()
 
     seen = []  # what reaches the recogniser: one channel at the model's rate
-    monkeypatch.setattr("pipeline.transcribe.transcribe", lambda model, vocab, waves, device: [
+    monkeypatch.setattr("pipeline.inference.asr.transcribe", lambda model, vocab, waves, device: [
         seen.append(w.numpy()) or "" for w in waves])
     for request in ({"audio": [wave.tolist()], "sample_rate": [rate]}, {"audio": [wave]},  # no sample_rate: 16 kHz
                     {"audio_base64": [encoded("WAV", "FLOAT")]}, {"audio_base64": [encoded("FLAC", "PCM_24")]}):
