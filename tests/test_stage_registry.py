@@ -45,7 +45,7 @@ class ToyStageConfig(TrainConfig):
 class ToyStage(Stage):
     name = "toy_stage"
     schema = ToyStageConfig
-    run_inputs = ("adapter_run",)  # builds on a train_adapter run
+    run_inputs = ("asr_run",)  # builds on a train_asr run: a run input no other stage takes
 
 
 if __name__ == "__main__":
@@ -127,8 +127,8 @@ def test_a_throwaway_stage_in_two_files_is_registered_composes_and_takes_its_run
     assert cls.__name__ == "ToyStage" and cls.schema.__name__ == "ToyStageConfig"
     cfg = compose_config("toy_stage", ["batch_size=2"])
     assert (cfg.stage, cfg.width, cfg.batch_size) == ("toy_stage", 8, 2)
-    launch = parse_launch(["adapter_run=abc", "width=3"], cls.run_inputs)
-    assert launch.inputs == {"adapter_run": "abc"} and launch.overrides == ["width=3"]
+    launch = parse_launch(["asr_run=abc", "width=3"], cls.run_inputs)
+    assert launch.inputs == {"asr_run": "abc"} and launch.overrides == ["width=3"]
     # the one file left: without its MLproject entry point the registry check fails
     assert entry_point_problems(["toy_stage"], mlproject_entry_points()) == ["toy_stage: no entry point"]
 

@@ -23,7 +23,8 @@ from pipeline.config import ConfigError, split_overrides
 
 RESUME_KEYS = ("resume_run", "resume_step", "resume_from")
 ALIASES = {"checkpoint.resume_from": "resume_from"}  # the spelling of earlier releases
-# Every run input some stage takes: given to another stage, it is refused by name, not as an unknown key.
+# The run inputs of the project's stages, known without loading them: given to a stage that does not take it,
+# one is refused by name rather than as an unknown config key. A new stage's own run inputs need no entry here.
 ALL_RUN_INPUTS = ("adapter_run", "vocoder_run")
 
 
@@ -56,7 +57,7 @@ def parse_launch(argv: list[str] | tuple[str, ...], run_inputs: tuple[str, ...] 
     for word in split_overrides(argv):
         key, sep, value = word.partition("=")
         key = ALIASES.get(key, key)
-        if not sep or key not in RESUME_KEYS + ALL_RUN_INPUTS:
+        if not sep or key not in RESUME_KEYS + ALL_RUN_INPUTS + tuple(run_inputs):
             overrides.append(word)
             continue
         if key in ALL_RUN_INPUTS and key not in run_inputs and value:
