@@ -9,7 +9,8 @@ from pipeline.config import CommandLine, ConfigError, parse_command_line, parse_
 def test_a_word_of_several_overrides_is_split_with_shell_rules_and_one_value_with_spaces_is_kept():
     assert split_overrides(["ssl=tiny trainer.max_steps=5 tracking.run_name='my run'", "batch_size=2"]) == [
         "ssl=tiny", "trainer.max_steps=5", "tracking.run_name=my run", "batch_size=2"]
-    assert split_overrides(["input=/data/my recordings"]) == ["input=/data/my recordings"]
+    assert split_overrides(["input=/data/my recordings"], ("input",)) == ["input=/data/my recordings"]
+    assert split_overrides(["batch_size=3 0"], ("input",)) == ["batch_size=3", "0"]  # an override: always split
     assert split_overrides(["", "  "]) == []  # an MLproject parameter left empty
     with pytest.raises(ConfigError, match="Malformed override"):
         split_overrides(["a='unterminated"])

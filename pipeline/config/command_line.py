@@ -5,8 +5,9 @@ A command line is a list of ``key=value`` words. The keys an entry point declare
 a config override in Hydra's syntax (``trainer.max_steps=200``, ``ssl=tiny``, ``+tracking.tags.team=asr``).
 
 - ``mlflow run`` hands its ``overrides`` parameter over as one word (``"a=1 b=2"``): a word is split with
-  shell rules, so ``'...'`` quotes a value with spaces inside it. A word that is one ``key=value`` whose value
-  holds spaces (``input=/my recordings``, what ``-P input=...`` hands over) is taken as given.
+  shell rules, so ``'...'`` quotes a value with spaces inside it. A word that is one launch argument whose
+  value holds spaces (``input=/my recordings``, what ``-P input=...`` hands over) is taken as given; an
+  override is always split (``"batch_size=3 0"`` is two words, as the shell would make them).
 - An empty launch argument (``resume_run=``: an MLproject parameter left out) means "not given".
 - A word with unbalanced quotes is refused (``Malformed override``); so is, by the entry point, a key it
   does not know (restore's ``inptu=x``) or a malformed override (``trainer.max_steps=[1,``).
@@ -31,16 +32,19 @@ class CommandLine:
     overrides: list[str] = field(default_factory=list)  # every other word, in the order given
 
 
-def split_overrides(args: list[str] | tuple[str, ...]) -> list[str]:
+def split_overrides(args: list[str] | tuple[str, ...], launch_keys: tuple[str, ...] = ()) -> list[str]:
     """Command-line words as single ``key=value`` words: each word is split with shell rules (``mlflow run``
-    passes the ``overrides`` parameter as one word), except one ``key=value`` whose value holds spaces."""
+    passes the ``overrides`` parameter as one word), except one ``<launch key>=value`` whose value holds
+    spaces and no other ``key=value`` (a path given as its own MLproject parameter)."""
     out: list[str] = []
     for arg in args:
         try:
             words = shlex.split(arg)
         except ValueError as err:
             raise ConfigError(f"Malformed override {arg!r}: {err}") from err
-        one_value_with_spaces = len(words) > 1 and "=" in words[0] and not any("=" in w for w in words[1:])
+        key = arg.partition("=")[0].strip()
+        one_value_with_spaces = (len(words) > 1 and key in launch_keys and "=" in words[0]
+                                 and not any("=" in w for w in words[1:]))
         out.extend([arg] if one_value_with_spaces else words)
     return out
 
@@ -51,7 +55,7 @@ def parse_command_line(argv: list[str] | tuple[str, ...], launch_keys: tuple[str
     are launch arguments, the others overrides. Raises ConfigError for unbalanced quotes."""
     launch: dict[str, str] = {}
     overrides: list[str] = []
-    for word in split_overrides(argv):
+    for word in split_overrides(argv, launch_keys):
         key, sep, value = word.partition("=")
         key = (aliases or {}).get(key, key)
         if not sep or key not in launch_keys:
