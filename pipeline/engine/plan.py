@@ -138,7 +138,7 @@ def _resumed_inputs(stage_cls: type[Stage], launch: LaunchArgs, resume: ResumePo
 def check_settings(stage_cls: type[Stage], cfg: DictConfig) -> None:
     """Settings whose wrong value would otherwise act silently (a misspelt mode ranking checkpoints the
     wrong way, a monitored metric the stage never logs) or fail only hours in; refused at start-up."""
-    check_values(stage_cls.schema, cfg)  # interpolations resolve, numbers in range (config.py)
+    check_values(stage_cls.schema, cfg)  # interpolations resolve, numbers in range (config/stored.py)
     choices = {"checkpoint.mode": ("min", "max"), "optim.schedule": ("cosine", "constant")}
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
