@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config import ConfigError, split_overrides
+from pipeline.config import ConfigError, parse_command_line
 
 RESUME_KEYS = ("resume_run", "resume_step", "resume_from")
 ALIASES = {"checkpoint.resume_from": "resume_from"}  # the spelling of earlier releases
@@ -52,19 +52,12 @@ def parse_launch(argv: list[str] | tuple[str, ...], run_inputs: tuple[str, ...] 
     ``run_inputs`` are the run inputs this stage takes. Raises ConfigError for a malformed word, a
     ``resume_step`` that is not a whole number, or another stage's run input.
     """
-    overrides: list[str] = []
-    launch: dict[str, str] = {}
-    for word in split_overrides(argv):
-        key, sep, value = word.partition("=")
-        key = ALIASES.get(key, key)
-        if not sep or key not in RESUME_KEYS + ALL_RUN_INPUTS + tuple(run_inputs):
-            overrides.append(word)
-            continue
-        if key in ALL_RUN_INPUTS and key not in run_inputs and value:
+    line = parse_command_line(argv, RESUME_KEYS + ALL_RUN_INPUTS + tuple(run_inputs), ALIASES)
+    launch, overrides = line.launch, line.overrides
+    for key, value in launch.items():
+        if key in ALL_RUN_INPUTS and key not in run_inputs:
             takes = f"it takes {', '.join(run_inputs)}" if run_inputs else "it builds on no other run"
-            raise ConfigError(f"{word!r}: this stage does not build on another run's {key} ({takes})")
-        if value:
-            launch[key] = value
+            raise ConfigError(f"{key + '=' + value!r}: this stage does not build on another run's {key} ({takes})")
     step = launch.get("resume_step")
     if step is not None:
         try:
