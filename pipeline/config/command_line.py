@@ -78,4 +78,4 @@ def parse_key_values(schema: type, argv: list[str]):
         cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(words))
     except Exception as err:
         raise ConfigError(f"Invalid argument: {str(err).splitlines()[0]}") from err
-    return schema(**OmegaConf.to_container(cfg))
+    return OmegaConf.to_object(cfg)  # the dataclass, with its nested ones (clean_corpus's keep.*)

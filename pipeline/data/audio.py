@@ -7,6 +7,7 @@ resampled with torchaudio. Loading a whole corpus, with the skipped files counte
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -65,8 +66,17 @@ def read_channels(path: str | Path) -> tuple[torch.Tensor, int]:
     """Every channel of a file as a (channels, samples) float32 tensor at its own rate, with the same
     checks as ``load_audio`` (AudioError: missing, unreadable, empty, non-finite, silent)."""
     data, rate = _read_checked(Path(path), None)
+    return _channels(data, rate, path)
+
+
+def decode_channels(data: bytes, name: str) -> tuple[torch.Tensor, int]:
+    """``read_channels`` of a file's bytes (an S3 object, a shard member); ``name`` names it in messages."""
+    return _channels(*_checked(io.BytesIO(data), name, None), name)
+
+
+def _channels(data: np.ndarray, rate: int, name) -> tuple[torch.Tensor, int]:
     if float(np.abs(data).max()) < 1e-5:
-        raise AudioError(f"audio file {path} is silent", "silent")
+        raise AudioError(f"audio file {name} is silent", "silent")
     return torch.from_numpy(np.ascontiguousarray(data.T)), rate
 
 
@@ -82,10 +92,16 @@ def _read_checked(path: Path, max_clipped_fraction: Optional[float]) -> tuple[np
     """(samples, channels) float32 data and the rate of a readable, non-empty, finite file."""
     if not path.exists():
         raise AudioError(f"audio file {path} does not exist", "missing")
+    return _checked(str(path), path, max_clipped_fraction)
+
+
+def _checked(source, path, max_clipped_fraction: Optional[float]) -> tuple[np.ndarray, int]:
+    """``_read_checked`` of what soundfile reads (a path or a file object); ``path`` names it in messages."""
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-        raise AudioError(f"cannot read audio file {path}: {err}", "unreadable") from err
+        detail = str(err) if isinstance(source, str) else str(err).replace(f"{source!r}", "it")
+        raise AudioError(f"cannot read audio file {path}: {detail}", "unreadable") from err
     if data.size == 0:
         raise AudioError(f"audio file {path} is empty", "empty")
     if not np.isfinite(data).all():

@@ -18,7 +18,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import mlflow
 import numpy as np
@@ -90,6 +90,42 @@ def _checked(directory: Path, stage: str) -> dict[str, Any]:
     return meta
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One run of the chain in a restoration (``RestorationChain.plan_chunks``): the input window it sees and
+    the part of its output that goes into the restored wave, with the cross-fade ramps at that part's ends."""
+
+    start: int  # the window's first input sample (negative, or past the wave's end: zeros there)
+    length: int  # input samples in the window, at the encoder rate
+    frames: int  # encoder frames of the window: its output is frames x hop_out samples
+    keep: tuple[int, int]  # [from, to) of the window's output samples that this chunk contributes
+    offset: int  # where the kept samples go in the restored wave
+    fade_in: int  # samples of the rising ramp at the start of the kept part (0: none)
+    fade_out: int  # samples of the falling ramp at its end (0: none)
+
+    def weights(self) -> torch.Tensor:
+        """The weight of each kept sample in the overlap-add: 1, with linear ramps over the fades."""
+        weight = torch.ones(self.keep[1] - self.keep[0])
+        if self.fade_in:
+            weight[: self.fade_in] = _ramp(self.fade_in)
+        if self.fade_out:
+            weight[-self.fade_out:] = 1.0 - _ramp(self.fade_out)
+        return weight
+
+
+def _ramp(samples: int) -> torch.Tensor:
+    return (torch.arange(samples, dtype=torch.float32) + 0.5) / samples
+
+
+def assemble(pieces: Iterable[torch.Tensor], plan: list[Chunk], length: int) -> torch.Tensor:
+    """Overlap-add the chain's outputs of ``plan``'s chunks (in plan order) into a wave of ``length`` samples."""
+    out = torch.zeros(max(c.offset + c.keep[1] - c.keep[0] for c in plan))
+    for chunk, piece in zip(plan, pieces, strict=True):
+        kept = piece[chunk.keep[0]:chunk.keep[1]]
+        out[chunk.offset:chunk.offset + kept.numel()] += kept * chunk.weights()
+    return out[:length]
+
+
 class RestorationChain:
     """The chain, rebuilt from its checkpoints on one device, ready to restore waveforms."""
 
@@ -141,15 +177,43 @@ class RestorationChain:
         chain.generator.load_state_dict(load_state(vocoder_dir)["modules"]["generator"])
         return chain
 
+    def plan_chunks(self, num_samples: int) -> list[Chunk]:
+        """How ``restore_mono`` cuts a wave of ``num_samples`` (at the encoder rate): the chunks it runs, in
+        order. One chunk (no fades) when the wave fits in ``chunk_seconds`` or ``chunk_seconds`` is 0."""
+        frames = max(math.ceil(num_samples / self.hop_in), 1)
+        chunk = self.chunk_frames or frames
+        fade, context = self.fade_frames, self.context_frames
+        starts = list(range(0, frames, chunk))
+        if len(starts) > 1 and frames - starts[-1] < fade:  # a last chunk under the fade joins the one before
+            starts.pop()
+        plan = []
+        for a, b in zip(starts, starts[1:] + [frames]):
+            lo, hi = max(a - context, 0), min(b + context, frames)  # what the chain sees
+            keep_lo = a - fade // 2 if a > 0 else 0  # what this chunk contributes, ramps included
+            keep_hi = b + fade - fade // 2 if b < frames else frames
+            plan.append(Chunk(start=lo * self.hop_in - self.context[0],
+                              length=(hi - lo) * self.hop_in + sum(self.context), frames=hi - lo,
+                              keep=((keep_lo - lo) * self.hop_out, (keep_hi - lo) * self.hop_out),
+                              offset=keep_lo * self.hop_out, fade_in=fade * self.hop_out if a > 0 else 0,
+                              fade_out=fade * self.hop_out if b < frames else 0))
+        return plan
+
+    def output_length(self, num_samples: int) -> int:
+        """Samples at ``rate_out`` of the restoration of ``num_samples`` at ``rate_in`` (the same duration)."""
+        return int(round(num_samples * self.rate_out / self.rate_in))
+
+    def features(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The generator's input for (batch, samples) ``waves`` on the chain's device: adapted features, or the
+        frozen encoder's with the adapters off; ``lengths``: valid samples per item of a zero-padded batch."""
+        if self.adapters_on:
+            return self.adapted(waves, lengths)
+        return self.adapted.target_features(waves, lengths)
+
     @torch.no_grad()
-    def _frames(self, wave: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Output samples of feature frames [start, stop) of ``wave`` (mono, at the encoder rate)."""
-        left, right = self.context
-        x = window(wave, start * self.hop_in - left, (stop - start) * self.hop_in + left + right)
+    def _piece(self, x: torch.Tensor) -> torch.Tensor:
+        """The chain's output samples for one chunk's input window ``x`` (mono, at the encoder rate)."""
         with self.precision.autocast():
-            features = self.adapted(x[None].to(self.device)) if self.adapters_on else \
-                self.adapted.target_features(x[None].to(self.device))
-            out = self.generator(features)
+            out = self.generator(self.features(x[None].to(self.device)))
         return out[0].float().cpu()
 
     def copy_synthesis(self, wave: torch.Tensor, rate: int) -> torch.Tensor:
@@ -162,31 +226,12 @@ class RestorationChain:
             self.adapters_on = True
 
     def restore_mono(self, wave: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """A mono waveform at the encoder rate -> the restored waveform at the vocoder rate (same duration)."""
-        frames = max(math.ceil(wave.numel() / self.hop_in), 1)
-        length = int(round(wave.numel() * self.rate_out / self.rate_in))
-        chunk = self.chunk_frames or frames
-        if chunk >= frames:
-            return self._frames(wave, 0, frames)[:length]
-        out = torch.zeros(frames * self.hop_out)
-        fade, context, hop = self.fade_frames, self.context_frames, self.hop_out
-        starts = list(range(0, frames, chunk))
-        if frames - starts[-1] < fade:  # a last chunk shorter than the fade joins the one before it
-            starts.pop()
-        ends = starts[1:] + [frames]
-        for a, b in tqdm(list(zip(starts, ends)), desc="chunks", unit="chunk", leave=False, disable=not progress):
-            lo, hi = max(a - context, 0), min(b + context, frames)  # what the chain sees
-            keep_lo = a - fade // 2 if a > 0 else 0  # what this chunk contributes, ramps included
-            keep_hi = b + fade - fade // 2 if b < frames else frames
-            piece = self._frames(wave, lo, hi)[(keep_lo - lo) * hop:(keep_hi - lo) * hop]
-            weight = torch.ones(piece.numel())
-            ramp = (torch.arange(fade * hop, dtype=torch.float32) + 0.5) / (fade * hop)
-            if a > 0:
-                weight[: ramp.numel()] = ramp
-            if b < frames:
-                weight[-ramp.numel():] = 1.0 - ramp
-            out[keep_lo * hop:keep_hi * hop] += piece * weight
-        return out[:length]
+        """A mono waveform at the encoder rate -> the restored waveform at the vocoder rate (same duration);
+        ``pipeline.inference.batched.restore_many`` restores many waves together, with the same result."""
+        plan = self.plan_chunks(wave.numel())
+        chunks = tqdm(plan, desc="chunks", unit="chunk", leave=False, disable=not progress or len(plan) == 1)
+        pieces = (self._piece(window(wave, c.start, c.length)) for c in chunks)  # one chunk's output at a time
+        return assemble(pieces, plan, self.output_length(wave.numel()))
 
     def restore(self, audio: torch.Tensor, rate: int, progress: bool = False) -> torch.Tensor:
         """(samples,) or (channels, samples) at ``rate`` -> the same shape's restoration at ``rate_out``;

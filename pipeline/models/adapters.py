@@ -130,14 +130,16 @@ class AdaptedEncoder(nn.Module):
             for w in switches:
                 w.adapter_enabled = True
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        """Adapted features of ``wave`` (batch, samples) -> (batch, frames, dim)."""
-        return encoder_features(self.encoder, wave, self.layer)
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Adapted features of ``wave`` (batch, samples) -> (batch, frames, dim); ``lengths``: valid samples per
+        item of a zero-padded batch (``encoder_features``)."""
+        return encoder_features(self.encoder, wave, self.layer, lengths)
 
     @torch.no_grad()
-    def target_features(self, wave: torch.Tensor) -> torch.Tensor:
+    def target_features(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen encoder's features (adapters off), as ``forward``."""
         with self.adapters_disabled():
-            return encoder_features(self.encoder, wave, self.layer)
+            return encoder_features(self.encoder, wave, self.layer, lengths)
 
 
 def build_adapted_encoder(ssl, adapter) -> AdaptedEncoder:

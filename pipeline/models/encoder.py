@@ -13,10 +13,13 @@ import logging
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from torchaudio.models import Wav2Vec2Model, wav2vec2_model, wavlm_model
+from torchaudio.models.wav2vec2.wavlm_attention import WavLMSelfAttention
 
 from pipeline.config import EncoderConfig
 
@@ -229,10 +232,40 @@ def create_encoder(cfg: EncoderConfig) -> Wav2Vec2Model:
     return model
 
 
-def encoder_features(model: Wav2Vec2Model, wave: torch.Tensor, layer: int) -> torch.Tensor:
-    """Output of transformer layer ``layer`` (1-based) for a (batch, samples) waveform."""
-    features, _ = model.extract_features(wave, num_layers=layer)
-    return features[-1]
+def encoder_features(model: Wav2Vec2Model, wave: torch.Tensor, layer: int,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Output of transformer layer ``layer`` (1-based) for a (batch, samples) waveform.
+
+    ``lengths`` (valid samples per item of a zero-padded batch, on ``wave``'s device): each item's valid frames
+    are those of its own unpadded run (the frames past them are padding). torchaudio masks the padding in the
+    transformer (zeroed before the positional convolution, masked in attention) and a ``layer_norm`` front
+    end never mixes frames; what would see the padding runs on equal-length items only, unpadded: a
+    ``group_norm`` front end (its GroupNorm normalises over time) and WavLM's layers (torchaudio's WavLM
+    attention takes no attention mask).
+    """
+    if lengths is None:
+        features, _ = model.extract_features(wave, num_layers=layer)
+        return features[-1]
+    if any(isinstance(block.attention, WavLMSelfAttention) for block in model.encoder.transformer.layers):
+        return by_length(lambda x: encoder_features(model, x, layer), wave, lengths)[0]
+    if any(isinstance(block.layer_norm, nn.GroupNorm) for block in model.feature_extractor.conv_layers):
+        x, frames = by_length(lambda w: model.feature_extractor(w, None)[0], wave, lengths)
+    else:
+        x, frames = model.feature_extractor(wave, lengths)
+    return model.encoder.extract_features(x, frames, layer)[-1]
+
+
+def by_length(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
+              lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` on the items of a zero-padded ``batch`` (time on dimension 1) that have the same ``lengths``,
+    together and unpadded; its outputs (time on dimension 1) zero-padded back into one batch in ``batch``'s
+    order, with their lengths. For modules whose outputs would depend on the padding."""
+    outputs: list[torch.Tensor | None] = [None] * batch.shape[0]
+    for length in lengths.unique().tolist():
+        items = (lengths == length).nonzero().flatten()
+        for item, out in zip(items.tolist(), fn(batch[items, :length])):
+            outputs[item] = out
+    return pad_sequence(outputs, batch_first=True), torch.tensor([o.shape[0] for o in outputs], device=lengths.device)
 
 
 def encoder_geometry(ssl: EncoderConfig) -> tuple[int, int]:

@@ -103,6 +103,15 @@ def upsample_padding(kernel: int, rate: int) -> tuple[int, int]:
     return (excess + 1) // 2, excess % 2
 
 
+def zero_past(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (batch, channels, time) with every time step at or past its item's ``lengths`` set to zero: what a
+    convolution of an unpadded item sees there (its own zero padding). ``lengths`` None: ``x`` itself."""
+    if lengths is None:
+        return x
+    padded = torch.arange(x.shape[-1], device=x.device) >= lengths.to(x.device)[:, None]
+    return x.masked_fill(padded[:, None, :], 0.0)
+
+
 def _init_weights(module: nn.Module, std: float = 0.01) -> None:
     if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
         nn.init.normal_(module.weight, 0.0, std)
@@ -128,11 +137,13 @@ class ResBlock(nn.Module):
         ) if kind == "1" else None
         self.apply(_init_weights)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, channels, time) -> the same shape. ``lengths``: valid time steps per item of a padded batch
+        whose ``x`` is zero past them; every convolution's output is zeroed there too, so it stays zero."""
         for i, conv in enumerate(self.dilated):
-            y = conv(F.leaky_relu(x, LRELU_SLOPE))
+            y = zero_past(conv(F.leaky_relu(x, LRELU_SLOPE)), lengths)
             if self.plain is not None:
-                y = self.plain[i](F.leaky_relu(y, LRELU_SLOPE))
+                y = zero_past(self.plain[i](F.leaky_relu(y, LRELU_SLOPE)), lengths)
             x = x + y
         return x
 
@@ -181,17 +192,27 @@ class Generator(nn.Module):
                 for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
             ))
         self.post = weight_norm(nn.Conv1d(channels, 1, 7, padding=3))
+        self.rates = list(cfg.upsample_rates)
         self.hop = math.prod(cfg.upsample_rates)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``lengths``: valid frames per item of a padded batch. Every convolution's output (at each resolution)
+        is then zeroed past its item's end, so every convolution sees there the zeros of an unpadded run, and
+        each item's valid samples (``lengths`` x ``hop``) are those of its own run; the rest are zero. The
+        Conformer prenet is not masked (torchaudio's convolution module mixes padded frames in): with one,
+        every item must fill the batch. None (training): every frame is valid."""
         if self.prenet is not None:
+            if lengths is not None and bool((lengths < features.shape[1]).any()):
+                raise ValueError("a generator with a Conformer prenet runs padded batches inexactly; give it "
+                                 "items of equal length (pipeline.models.encoder.by_length)")
             features = self.prenet(features)
-        x = self.pre(features.transpose(1, 2))
-        for up, blocks in zip(self.ups, self.blocks):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
-            x = sum(block(x) for block in blocks) / len(blocks)  # multi-receptive-field fusion
+        x = zero_past(self.pre(zero_past(features.transpose(1, 2), lengths)), lengths)
+        for up, blocks, rate in zip(self.ups, self.blocks, self.rates):
+            lengths = lengths * rate if lengths is not None else None
+            x = zero_past(up(F.leaky_relu(x, LRELU_SLOPE)), lengths)
+            x = sum(block(x, lengths) for block in blocks) / len(blocks)  # multi-receptive-field fusion
         x = self.post(F.leaky_relu(x))  # default slope here, as in the reference implementation
-        return torch.tanh(x).squeeze(1)
+        return zero_past(torch.tanh(x), lengths).squeeze(1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,349 @@
+"""Clean a corpus with a trained restoration chain: a distributed, resumable, tracked job on Ray Data.
+
+    python -m pipeline.clean_corpus model_uri=models:/speech-restoration/3 input=crawl/ output=clean/
+    python -m pipeline.clean_corpus run_id=<finetune_vocoder run> input=s3://bucket/crawl/ output=s3://bucket/clean/ \
+        keep.min_ovrl=3.0 keep.min_speaker_similarity=0.75
+    python -m pipeline.clean_corpus resume_run=<this job's run>          # after a kill: finishes the job
+    mlflow run . -e clean_corpus --env-manager local -P model_uri=... -P input=... -P output=...
+
+Every input (a directory tree, a glob, a CSV/Parquet manifest with a ``path`` column, or prepare_data's
+shards; local or ``s3://``) ends as one row of ``<output>/manifest.parquet``: ``restored`` with its output
+file (same relative path, WAV or FLAC) and quality scores, ``skipped: <reason>`` or ``failed: <error>``;
+``keep`` says whether it meets the ``keep.*`` thresholds. By default a local Ray is started inside the job
+with this machine's cores; ``ray_address=auto`` or ``ray://host:10001`` joins a running cluster
+(docs/cleaning.md). The job is one MLflow run (experiment ``clean_corpus``): progress by step, the rows
+committed every ``commit_seconds``, the manifest, a summary, score histograms and a listening page.
+Bad input (an unknown model, a missing input, an output inside the input, an unreachable Ray address,
+thresholds out of range) gives one message and exit code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from pipeline.config import ConfigError, parse_key_values
+from pipeline.config.command_line import split_overrides
+from pipeline.data.audio import AudioError
+from pipeline.engine import tags as tag
+from pipeline.engine.checkpoint_files import CheckpointError
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, setup_logging
+from pipeline.engine.lease import Lease, LeaseHeld
+from pipeline.engine.resume import ResumeError
+from pipeline.engine.stage import PRECISIONS, Precision
+from pipeline.engine.tracking import start_or_adopt_run
+from pipeline.inference.chain import RestorationChain, resolve_chain
+from pipeline.inference.cleaning import report, sources
+from pipeline.inference.cleaning.job import Settings, Stop, Tracker, checkpoint_files, run_pipeline, start_ray
+from pipeline.inference.cleaning.manifest import KeepConfig, as_table, check_keep, committed_rows, keep_column
+
+log = logging.getLogger(__name__)
+
+STAGE = EXPERIMENT = "clean_corpus"
+FORMATS = {"wav": (".wav", ("PCM_16", "PCM_24", "FLOAT")), "flac": (".flac", ("PCM_16", "PCM_24"))}
+LEASE_TIMEOUT_S, LEASE_HEARTBEAT_S = 60.0, 10.0
+# what a resumed job must keep: the rows it already has were made with these
+SAME_ON_RESUME = ("run_id", "model_uri", "checkpoint", "input", "output", "format", "subtype", "precision",
+                  "chunk_seconds", "context_seconds", "fade_seconds", "scores")
+
+
+@dataclass
+class CleanCorpusConfig:
+    run_id: Optional[str] = None  # a finetune_vocoder run (its latest or best committed checkpoint)
+    model_uri: Optional[str] = None  # or: models:/speech-restoration/<v>, runs:/<id>/model, a model directory
+    input: Optional[str] = None  # directory, glob, .csv/.parquet manifest (path column) or shards; local or s3://
+    output: Optional[str] = None  # directory or s3:// prefix for the restored files and manifest.parquet
+    resume_run: Optional[str] = None  # this job's run, to finish a killed or stopped job
+    checkpoint: str = "latest"  # with run_id: latest | best
+    format: str = "wav"  # wav | flac
+    subtype: str = "PCM_16"  # PCM_16 | PCM_24 | FLOAT (wav only)
+    overwrite: bool = False  # replace output files that exist before the job (a resumed job always replaces its own)
+    device: str = "auto"  # auto (cuda when the worker has a GPU) | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, 32 on CPU) | 32 | bf16 | 16-mixed
+    chunk_seconds: float = 10.0  # audio restored per window (+ context_seconds each side), as restore
+    context_seconds: float = 1.0
+    fade_seconds: float = 0.5
+    batch_size: int = 8  # windows per forward pass (chunks of many files, length-bucketed)
+    files_per_batch: int = 16  # files a worker takes at a time
+    workers: int = 0  # restore actors; 0 = one per GPU of the cluster, else 1
+    threads: int = 0  # torch threads per CPU actor; 0 = the cluster's CPUs / workers
+    score_workers: int = 1  # scoring actors (DNSMOS, speaker similarity; CPU)
+    scores: bool = True  # compute the quality columns (off: restore only)
+    keep: KeepConfig = field(default_factory=KeepConfig)  # thresholds of the keep column
+    ray_address: str = ""  # "" = a local Ray started here | auto | ray://host:10001 | host:6379
+    ray_object_store_mb: int = 0  # local Ray's object store (0: Ray's default)
+    commit_seconds: float = 10.0  # how often finished rows are committed to the run
+    listen_random: int = 8  # items of the listening page chosen at random
+    listen_lowest: int = 8  # and the lowest by restored DNSMOS OVRL
+    ssl_weights: Optional[str] = None  # where the encoder weights are on the workers, if not where training found them
+
+
+def parse_args(argv: list[str]) -> CleanCorpusConfig:
+    cfg = parse_key_values(CleanCorpusConfig, argv)
+    if not cfg.resume_run:
+        if bool(cfg.run_id) == bool(cfg.model_uri):
+            raise ConfigError("Give exactly one of run_id=<finetune_vocoder run> or model_uri=<models:/… | runs:/… | path>")
+        if not cfg.input or not cfg.output:
+            raise ConfigError("Give input=<directory, glob, manifest or shards> and output=<directory or s3:// prefix>")
+    return cfg
+
+
+def check(cfg: CleanCorpusConfig) -> None:
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format={cfg.format!r}; choose one of {', '.join(FORMATS)}")
+    if cfg.subtype not in FORMATS[cfg.format][1]:
+        raise ConfigError(f"subtype={cfg.subtype!r} with format={cfg.format}; choose one of {', '.join(FORMATS[cfg.format][1])}")
+    if cfg.checkpoint not in ("latest", "best"):
+        raise ConfigError(f"checkpoint={cfg.checkpoint!r}; choose latest or best")
+    if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r}; choose auto or one of {', '.join(PRECISIONS)}")
+    for name in ("batch_size", "files_per_batch", "score_workers"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be at least 1")
+    if cfg.workers < 0 or cfg.threads < 0 or cfg.commit_seconds <= 0:
+        raise ConfigError("workers and threads must be 0 (automatic) or more, commit_seconds more than 0")
+    if cfg.chunk_seconds < 0 or cfg.context_seconds < 0 or cfg.fade_seconds <= 0:
+        raise ConfigError("chunk_seconds and context_seconds must be zero or more, fade_seconds more than zero")
+    check_keep(cfg.keep)
+    sources.check_output(cfg.input, cfg.output)
+
+
+def flat_params(cfg: CleanCorpusConfig) -> dict[str, str]:
+    out = {}
+    for key, value in asdict(cfg).items():
+        for k, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            if v is not None and key != "resume_run":
+                out[f"{key}.{k}" if k else key] = str(v)
+    return out
+
+
+def resumed_config(client: MlflowClient, argv: list[str], cfg: CleanCorpusConfig) -> CleanCorpusConfig:
+    """The stored config of ``resume_run`` with the keys given now; ConfigError for a key that must not change."""
+    try:
+        run = client.get_run(cfg.resume_run)
+    except Exception:
+        raise ConfigError(f"resume_run={cfg.resume_run}: no such run in {client.tracking_uri}") from None
+    if run.data.tags.get(tag.STAGE) != STAGE:
+        raise ConfigError(f"resume_run={cfg.resume_run} is a run of stage {run.data.tags.get(tag.STAGE)!r}, not a "
+                          f"{STAGE} job; give the run ID its own log printed")
+    stored = {k: v for k, v in run.data.params.items() if k.split(".")[0] in {f.name for f in dataclasses.fields(cfg)}}
+    given = {w.partition("=")[0]: w.partition("=")[2] for w in split_overrides(argv) if "=" in w}
+    fresh = parse_key_values(CleanCorpusConfig, [f"{k}={v}" for k, v in stored.items()])
+    changed = [k for k in SAME_ON_RESUME if k in given and given[k] and str(getattr(cfg, k)) != str(getattr(fresh, k))]
+    if changed:
+        raise ConfigError(f"resume_run={cfg.resume_run} was started with " + ", ".join(
+            f"{k}={getattr(fresh, k)}" for k in changed) + "; a resumed job keeps them (given: "
+            + ", ".join(f"{k}={given[k]}" for k in changed) + "). Start a new job for other settings.")
+    merged = parse_key_values(CleanCorpusConfig, [f"{k}={v}" for k, v in stored.items()]
+                              + [w for w in split_overrides(argv) if "=" in w and w.partition("=")[2]])
+    return dataclasses.replace(merged, resume_run=cfg.resume_run)
+
+
+def describe(cfg: CleanCorpusConfig, run_id: str, status: str, progress: str, source: dict, results: str = "") -> str:
+    lines = [f"**{status}** · {progress}", "",
+             f"Resume: `mlflow run . -e {STAGE} --env-manager local --experiment-name {EXPERIMENT} -P resume_run={run_id}`",
+             "", f"Or: `python -m pipeline.{STAGE} resume_run={run_id}`. Stop it gracefully: set the tag "
+             "`stop_requested` = `true` on this run, or send SIGTERM.", "",
+             f"Input `{cfg.input}` → output `{cfg.output}` ({cfg.format}); manifest: `{sources.join(cfg.output, 'manifest.parquet')}`",
+             "", f"Chain: vocoder run `{source.get('vocoder_run', '?')}` step {source.get('vocoder_step', '?')}, adapter run "
+             f"`{source.get('adapter_run', '?')}` step {source.get('adapter_step', '?')}"]
+    return "\n".join(lines + (["", results] if results else []))
+
+
+@dataclass
+class Prepared:
+    cfg: CleanCorpusConfig
+    units: list[sources.Unit]
+    files: dict[str, bytes]  # the chain's checkpoints
+    metadata: dict[str, str]
+    rate_in: int
+    rate_out: int
+
+
+def prepare(client: MlflowClient, argv: list[str]) -> Prepared:
+    """Everything checked before a run is written: config, input, output, the chain (loaded once here)."""
+    cfg = parse_args(argv)
+    if cfg.resume_run:
+        cfg = resumed_config(client, argv, cfg)
+    check(cfg)
+    units = sources.list_units(cfg.input, FORMATS[cfg.format][0])
+    with tempfile.TemporaryDirectory(prefix="clean-corpus-") as workdir:
+        source = resolve_chain(client, cfg.run_id, cfg.model_uri, cfg.checkpoint, Path(workdir))
+        chain = RestorationChain.from_checkpoints(source.adapter_dir, source.vocoder_dir,
+                                                  Precision.from_config("cpu", "32"), ssl_weights=cfg.ssl_weights)
+        files = checkpoint_files(source.adapter_dir, source.vocoder_dir)
+    return Prepared(cfg, units, files, dict(source.metadata), chain.rate_in, chain.rate_out)
+
+
+def settings(p: Prepared, resumed: bool) -> Settings:
+    import ray
+
+    cfg, cluster = p.cfg, ray.cluster_resources()
+    gpus = int(cluster.get("GPU", 0)) if cfg.device != "cpu" else 0
+    workers = cfg.workers or max(gpus, 1)
+    threads = cfg.threads or max(int(cluster.get("CPU", 1) // workers), 1)
+    restore = {"device": cfg.device, "precision": cfg.precision, "chunk_seconds": cfg.chunk_seconds,
+               "context_seconds": cfg.context_seconds, "fade_seconds": cfg.fade_seconds, "batch_size": cfg.batch_size,
+               "threads": 0 if gpus else threads, "ssl_weights": cfg.ssl_weights}
+    return Settings(p.rate_in, FORMATS[cfg.format][0], cfg.output, cfg.format, cfg.subtype, cfg.overwrite or resumed,
+                    restore, workers, 1.0 if gpus else 0.0, cfg.score_workers, cfg.scores, cfg.files_per_batch,
+                    cfg.commit_seconds)
+
+
+def open_run(client: MlflowClient, p: Prepared) -> tuple[str, Lease, int, pd.DataFrame]:
+    """(run ID, its lease, attempt number, rows committed before) of a new job or of the job resumed."""
+    cfg = p.cfg
+    if cfg.resume_run:
+        run = client.get_run(cfg.resume_run)
+        lease = Lease(client, cfg.resume_run, LEASE_TIMEOUT_S, LEASE_HEARTBEAT_S).acquire(run.data.tags)
+        attempt = int(run.data.tags.get(tag.RESUME_COUNT, "0")) + 1
+        client.set_tag(cfg.resume_run, tag.RESUME_COUNT, str(attempt))
+        client.update_run(cfg.resume_run, "RUNNING")
+        launcher = os.environ.get("MLFLOW_RUN_ID")
+        if launcher and launcher != cfg.resume_run:  # the run `mlflow run` made for this attempt points at the job
+            client.set_tag(launcher, tag.ATTEMPT_OF, cfg.resume_run)
+            client.set_tag(launcher, tag.NOTE, f"Attempt {attempt + 1} of the {STAGE} job {cfg.resume_run}; its rows, "
+                           "metrics and manifest are in that run.")
+        return cfg.resume_run, lease, attempt, committed_rows(client, cfg.resume_run)
+    params = {**flat_params(cfg), **{f"chain.{k}": v for k, v in p.metadata.items()}, "inputs": str(len(p.units))}
+    tags = {tag.STAGE: STAGE, tag.MODEL: "hifigan", tag.DATASET: cfg.input, tag.CHAIN_VOCODER_RUN: p.metadata.get("vocoder_run", ""),
+            tag.CHAIN_ADAPTER_RUN: p.metadata.get("adapter_run", "")}
+    run_id = start_or_adopt_run(client, experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT,
+                                run_name=lambda rid: f"{rid[:6]}-clean-corpus", tags={k: v for k, v in tags.items() if v},
+                                params=params, launcher=os.environ.get("MLFLOW_RUN_ID"))
+    lease = Lease(client, run_id, LEASE_TIMEOUT_S, LEASE_HEARTBEAT_S).acquire({}, contended=False)
+    return run_id, lease, 0, as_table([])
+
+
+def pending_units(units: list[sources.Unit], done: pd.DataFrame) -> list[dict]:
+    """The units still to read: files without a committed row; shards with the ids already done to skip."""
+    ids = set(done["id"])
+    out = []
+    for unit in units:
+        if unit.kind == "file" and unit.id not in ids:
+            out.append(asdict(unit))
+        elif unit.kind == "shard":
+            stem = unit.id.removesuffix(".tar") + "/"
+            skip = [i for i in ids if i.startswith(stem)]
+            if len(skip) < unit.samples or not unit.samples:
+                out.append({**asdict(unit), "skip": skip})
+    return out
+
+
+def finish(client: MlflowClient, run_id: str, p: Prepared, tracker: Tracker) -> dict[str, float]:
+    """Write the manifest (output and run), the summary, histograms and listening page; the results in Markdown."""
+    cfg = p.cfg
+    table = tracker.rows().reset_index(drop=True)
+    table["keep"] = keep_column(table, cfg.keep)
+    data = io.BytesIO()
+    table.to_parquet(data, index=False)
+    sources.write_atomic(sources.join(cfg.output, "manifest.parquet"), data.getvalue())
+    figures = report.summary(table)
+    tracker.fence()
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_parquet(Path(tmp) / "manifest.parquet", index=False)
+        client.log_artifact(run_id, str(Path(tmp) / "manifest.parquet"), "manifest")
+        client.log_table(run_id, report.summary_table(table), "summary/summary.json")
+        report.histogram(table, Path(tmp) / "scores.png")
+        client.log_artifact(run_id, str(Path(tmp) / "scores.png"), "plots")
+        report.write_page(table, Path(tmp) / "listening", f"clean_corpus · {cfg.input}", cfg.listen_random,
+                          cfg.listen_lowest)
+        client.log_artifacts(run_id, str(Path(tmp) / "listening"), "listening")
+    now = int(pd.Timestamp.now().timestamp() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"summary/{k}", v, now, len(table)) for k, v in figures.items()])
+    return figures
+
+
+def results_markdown(figures: dict[str, float]) -> str:
+    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in figures.items())
+    return (f"| result | value |\n|---|---|\n{rows}\n\nListening page: `listening/index.html` in this run's "
+            "artifacts; the manifest: `manifest/manifest.parquet`; histograms: `plots/scores.png`.")
+
+
+def run(argv: list[str]) -> int:
+    setup_logging()
+    client = MlflowClient()
+    try:
+        p = prepare(client, argv)
+    except (ConfigError, ResumeError, CheckpointError, AudioError, ValueError, OSError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+    if p.cfg.resume_run and client.get_run(p.cfg.resume_run).info.status == "FINISHED":
+        log.info("Run %s is finished: nothing to resume (manifest: %s)", p.cfg.resume_run,
+                 sources.join(p.cfg.output, "manifest.parquet"))
+        return EXIT_OK
+    try:
+        start_ray(p.cfg.ray_address, p.cfg.ray_object_store_mb)
+    except Exception as err:  # ConnectionError, or Ray's own errors for a bad address
+        log.error("Cannot reach the Ray cluster at ray_address=%s: %s. Start it with `ray start --head` (docs/cleaning.md) "
+                  "or leave ray_address empty for a local Ray.", p.cfg.ray_address, str(err).splitlines()[0][:300])
+        return EXIT_BAD_INPUT
+    import ray
+
+    try:
+        run_id, lease, attempt, done = open_run(client, p)
+    except LeaseHeld as err:
+        log.error("%s", err)
+        ray.shutdown()
+        return EXIT_BAD_INPUT
+    return run_job(client, p, run_id, lease, attempt, done)
+
+
+def run_job(client: MlflowClient, p: Prepared, run_id: str, lease: Lease, attempt: int, done: pd.DataFrame) -> int:
+    import ray
+
+    cfg = p.cfg
+    total = sum(u.samples if u.kind == "shard" else 1 for u in p.units)
+    tracker = Tracker(client, run_id, attempt, total, done, lease.fence)
+    stop = Stop(client, run_id)
+    status, code, results, figures = "FAILED", EXIT_FAILED, "", {}
+    try:
+        client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, "RUNNING", f"{len(done)}/{total} inputs", p.metadata))
+        units = pending_units(p.units, done)
+        log.info("Cleaning %d inputs (%d done before) into %s; run %s", total, len(done), cfg.output, run_id)
+        finished = run_pipeline(units, settings(p, bool(cfg.resume_run)), ray.put(p.files), tracker, stop)
+        if finished:
+            figures = finish(client, run_id, p, tracker)
+            results = results_markdown(figures)
+            status, code = "FINISHED", EXIT_OK
+        else:
+            status, code = "KILLED", EXIT_STOPPED
+            log.warning("Stopped (%s) with %d of %d inputs done; resume with: python -m pipeline.%s resume_run=%s",
+                        stop.by, len(tracker.rows()), total, STAGE, run_id)
+    except KeyboardInterrupt:
+        status, code = "KILLED", EXIT_STOPPED
+    except Exception:
+        log.exception("The cleaning job failed; resume with: python -m pipeline.%s resume_run=%s", STAGE, run_id)
+    finally:
+        stop.restore()
+        ray.shutdown()
+        if lease.held:
+            progress = f"{len(tracker.rows())}/{total} inputs"
+            client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, "STOPPED" if status == "KILLED" else status,
+                                                      progress, p.metadata, results))
+            client.set_terminated(run_id, status)
+        lease.release()
+    if code == EXIT_OK:
+        log.info("Done: %d of %d inputs restored (%d skipped, %d failed), %d kept, %.3f h of audio. Manifest: %s; run %s",
+                 *(figures[k] for k in ("restored", "files", "skipped", "failed", "kept", "audio_hours")),
+                 sources.join(cfg.output, "manifest.parquet"), run_id)
+    return code
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

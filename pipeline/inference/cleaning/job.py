@@ -1,0 +1,206 @@
+"""A cleaning job in its MLflow run: the Ray Data pipeline run to the end (or to a stop), its rows committed
+to the run every few seconds, its progress logged by step (docs/cleaning.md).
+
+The step of every metric is the number of inputs in the manifest so far, so the charts of a resumed job go
+on where the killed one stopped. Throughput and real-time factors are those of the current attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from tqdm import tqdm
+
+from pipeline.engine import tags as tag
+from pipeline.inference.cleaning import dataflow
+from pipeline.inference.cleaning.manifest import as_table, commit_part
+
+log = logging.getLogger(__name__)
+
+CPU_PER_TASK = 0.25  # decode and write tasks: light, they wait on storage most of the time
+CPU_PER_SCORER = 0.5
+
+
+@dataclass
+class Settings:
+    """What the pipeline needs, decided once by the entry point."""
+
+    rate_in: int
+    suffix: str  # .wav | .flac
+    output: str
+    file_format: str
+    subtype: str
+    overwrite: bool
+    restore: dict  # Restorer's options (device, precision, chunking, batch_size, threads, ssl_weights)
+    workers: int  # restore actors
+    gpus_per_worker: float
+    score_workers: int
+    scores: bool
+    files_per_batch: int
+    commit_seconds: float
+
+
+def start_ray(address: str, object_store_mb: int) -> None:
+    """Join the cluster at ``address`` (``auto``, ``ray://host:10001``, ``host:6379``) or start a local Ray with
+    this machine's cores; ConnectionError when the cluster cannot be reached."""
+    import ray
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    if address and address != "auto":
+        check_reachable(address)
+    options = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                   configure_logging=False)
+    if address:
+        ray.init(address=address, **options)
+    else:
+        ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_mb * 2**20 if object_store_mb else None,
+                 **options)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's execution-plan lines
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """ConnectionError unless ``host:port`` of a Ray address answers (Ray itself retries for minutes)."""
+    import socket as sockets
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with sockets.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as err:
+        raise ConnectionError(f"nothing answers at {address} ({err})") from None
+
+
+def checkpoint_files(adapter_dir: Path, vocoder_dir: Path) -> dict[str, bytes]:
+    """The chain's two verified checkpoint directories as bytes, for restore actors on any machine."""
+    return {f"{name}/{p.relative_to(root).as_posix()}": p.read_bytes()
+            for name, root in (("adapter", adapter_dir), ("vocoder", vocoder_dir)) for p in root.rglob("*") if p.is_file()}
+
+
+def build_dataset(units: list[dict], s: Settings, checkpoints):
+    import ray
+
+    ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 256)))
+    ds = ds.flat_map(dataflow.decode, fn_kwargs={"rate_in": s.rate_in, "suffix": s.suffix}, num_cpus=CPU_PER_TASK)
+    ds = ds.map_batches(dataflow.Restorer, fn_constructor_kwargs={"checkpoints": [checkpoints], "options": s.restore},
+                        compute=ray.data.ActorPoolStrategy(size=s.workers), batch_size=s.files_per_batch,
+                        batch_format="pandas", num_cpus=1 if not s.gpus_per_worker else None,
+                        num_gpus=s.gpus_per_worker or None)
+    ds = ds.map_batches(dataflow.Scorer, fn_constructor_kwargs={"enabled": s.scores, "rate_in": s.rate_in},
+                        compute=ray.data.ActorPoolStrategy(size=s.score_workers), batch_size=s.files_per_batch,
+                        batch_format="pandas", num_cpus=CPU_PER_SCORER)
+    return ds.map_batches(dataflow.write, fn_kwargs={"output": s.output, "file_format": s.file_format,
+                                                     "subtype": s.subtype, "overwrite": s.overwrite},
+                          batch_format="pandas", batch_size=s.files_per_batch, num_cpus=CPU_PER_TASK)
+
+
+@dataclass
+class Tracker:
+    """Commits rows to the run and logs progress; ``fence`` is the lease's check before every write."""
+
+    client: MlflowClient
+    run_id: str
+    attempt: int
+    total: int  # inputs of the whole job (shards counted by their manifest)
+    done: pd.DataFrame  # rows committed before this attempt
+    fence: object
+    new: list[pd.DataFrame] = field(default_factory=list)  # rows of this attempt, committed
+    pending: list[pd.DataFrame] = field(default_factory=list)
+    parts: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, rows: pd.DataFrame) -> None:
+        self.pending.append(rows)
+
+    def rows(self) -> pd.DataFrame:
+        return as_table([self.done, *self.new, *self.pending]).drop_duplicates("id", keep="last")
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        batch = as_table(self.pending)
+        self.fence()
+        commit_part(self.client, self.run_id, batch, self.attempt, self.parts)
+        self.parts += 1
+        self.new.append(batch)
+        self.pending = []
+        self.log_progress()
+
+    def log_progress(self) -> None:
+        table = self.rows()
+        step = len(table)
+        ours = as_table(self.new)
+        restored = ours[ours["status"] == "restored"]
+        hours = pd.to_numeric(restored["seconds"]).sum() / 3600
+        wall_hours = (time.monotonic() - self.started) / 3600
+        all_restored = table[table["status"] == "restored"]
+        metrics = {"progress/files_done": step, "progress/fraction": step / max(self.total, 1),
+                   "progress/audio_hours_done": pd.to_numeric(all_restored["seconds"]).sum() / 3600,
+                   "progress/failed": int(table["status"].astype(str).str.startswith("failed").sum()),
+                   "progress/skipped": int(table["status"].astype(str).str.startswith("skipped").sum()),
+                   "throughput/audio_hours_per_hour": hours / wall_hours if wall_hours > 0 else 0.0}
+        for i, (_, rows) in enumerate(sorted(restored.groupby("worker"), key=lambda kv: str(kv[0]))):
+            metrics[f"rtf/worker_{i}"] = (pd.to_numeric(rows["restore_seconds"]).sum()
+                                          / max(pd.to_numeric(rows["seconds"]).sum(), 1e-9))
+        now = int(time.time() * 1000)
+        self.fence()
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        progress = f"{step}/{self.total} inputs ({100 * step / max(self.total, 1):.1f} %), {metrics['progress/audio_hours_done']:.2f} h restored"
+        self.client.set_tag(self.run_id, tag.PROGRESS, progress)
+        log.info("%s; %.2f audio hours per hour", progress, metrics["throughput/audio_hours_per_hour"])
+
+
+class Stop:
+    """SIGTERM/SIGINT, or the run's ``stop_requested`` tag: finish the rows in hand, commit, and stop."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id, self.by = client, run_id, ""
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        if self.by:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.by = signal.Signals(signum).name
+        log.warning("%s: committing the finished rows and stopping (a second signal stops at once)", self.by)
+
+    def requested(self) -> bool:
+        if not self.by and self.client.get_run(self.run_id).data.tags.get(tag.STOP_REQUESTED, "").lower() == "true":
+            self.by = "tag"
+        return bool(self.by)
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def run_pipeline(units: list[dict], s: Settings, checkpoints, tracker: Tracker, stop: Stop) -> bool:
+    """Run the pipeline over ``units``, committing rows every ``commit_seconds``; True when it ran to the end,
+    False when it stopped on request."""
+    if not units:
+        return True
+    ds = build_dataset(units, s, checkpoints)
+    last = time.monotonic()
+    remaining = max(tracker.total - len(tracker.done), 0)
+    with tqdm(total=remaining, desc="clean_corpus", unit="file", disable=not sys.stderr.isatty()) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            tracker.add(batch)
+            bar.update(len(batch))
+            if time.monotonic() - last >= s.commit_seconds:
+                tracker.commit()
+                last = time.monotonic()
+                if stop.requested():
+                    return False
+            elif stop.by:
+                tracker.commit()
+                return False
+    tracker.commit()
+    return True

@@ -1,0 +1,205 @@
+"""clean_corpus: a corpus cleaned by the tiny chain on a local Ray, tracked, resumable (docs/cleaning.md)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import soundfile as sf
+from mlflow import MlflowClient
+from scipy.signal import resample_poly
+
+from conftest import PYTHON, _free_port, env_for, mlflow_run, snapshot, wait_for
+from pipeline.clean_corpus import run as clean_corpus
+from pipeline.data.corpus import read_corpus
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
+from pipeline.inference.batched import BATCH_TOLERANCE
+from pipeline.inference.cleaning.manifest import KeepConfig, keep_column
+from pipeline.restore import run as restore
+
+pytestmark = pytest.mark.slow
+PCM16_STEP = 1 / 32768
+# a padded batch equals one-by-one restoration within BATCH_TOLERANCE; both are then rounded to 16 bits
+SAME_SAMPLES = BATCH_TOLERANCE + 2 * PCM16_STEP
+FAST = ["files_per_batch=2", "commit_seconds=0.2", "listen_random=1", "listen_lowest=1"]
+
+
+def demo(index: int) -> tuple[np.ndarray, int]:
+    return sf.read(str(read_corpus("ljspeech", None)[index].path), dtype="float32")
+
+
+def mixed_corpus(root: Path) -> Path:
+    """A nested tree: 16 kHz mono, 44.1 kHz stereo FLAC, 8 kHz OGG, a silent and a broken file."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    clean, rate = demo(0)
+    other, _ = demo(1)
+    sf.write(root / "a.wav", clean, rate)
+    sf.write(root / "short.wav", other[: rate * 2], rate)
+    stereo = np.stack([resample_poly(other, 441, 160), 0.5 * resample_poly(other, 441, 160)], axis=1)
+    sf.write(root / "sub" / "stereo_44k.flac", stereo, 44100)
+    sf.write(root / "sub" / "deeper" / "low_8k.ogg", resample_poly(clean, 1, 2), 8000)
+    sf.write(root / "sub" / "silent.wav", np.zeros(8000, dtype=np.float32), 16000)
+    (root / "sub" / "broken.wav").write_bytes(b"RIFF not really audio")
+    return root
+
+
+def outputs_equal_restore(chain, source: Path, manifest: pd.DataFrame, tmp: Path) -> None:
+    """Every restored file equals what `restore` (one file, one chunk at a time) makes of its input."""
+    reference = tmp / "reference"
+    assert restore([f"run_id={chain['finetune']}", f"input={source}", f"output={reference}"]) == EXIT_OK
+    restored = manifest[manifest.status == "restored"]
+    assert len(restored)
+    for row in restored.itertuples():
+        ours, rate = sf.read(row.output)
+        theirs, _ = sf.read(str(reference / Path(row.id).with_suffix(".wav")))
+        assert rate == row.output_rate and ours.shape == theirs.shape, row.id
+        assert np.abs(ours - theirs).max() <= SAME_SAMPLES, row.id
+
+
+def the_run(client: MlflowClient):
+    runs = client.search_runs([client.get_experiment_by_name("clean_corpus").experiment_id],
+                              order_by=["attributes.start_time DESC"])
+    return runs[0]
+
+
+def test_a_mixed_tree_is_cleaned_into_a_complete_manifest_equal_to_restore(chain, tmp_path, capfd):
+    source, out = mixed_corpus(tmp_path / "crawl"), tmp_path / "clean"
+    before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "keep.min_seconds=2.5",
+            "keep.min_speaker_similarity=-1", *FAST]
+    assert clean_corpus(argv) == EXIT_OK
+
+    manifest = pd.read_parquet(out / "manifest.parquet").set_index("id", drop=False)
+    assert sorted(manifest.index) == ["a.wav", "short.wav", "sub/broken.wav", "sub/deeper/low_8k.ogg",
+                                      "sub/silent.wav", "sub/stereo_44k.flac"]
+    assert manifest.loc["sub/broken.wav", "status"].startswith("skipped: unreadable")
+    assert "BytesIO" not in manifest.loc["sub/broken.wav", "status"]
+    assert manifest.loc["sub/silent.wav", "status"].startswith("skipped: silent")
+    assert (manifest.loc["sub/stereo_44k.flac", ["input_rate", "input_channels"]] == [44100, 2]).all()
+    assert manifest.loc["sub/deeper/low_8k.ogg", "input_rate"] == 8000
+    assert sf.info(out / "sub" / "stereo_44k.wav").channels == 2
+    restored = manifest[manifest.status == "restored"]
+    assert len(restored) == 4 and restored[["dnsmos_ovrl", "input_dnsmos_ovrl", "speaker_similarity"]].notna().all().all()
+    assert restored.dnsmos_ovrl.between(1, 5).all() and restored.speaker_similarity.between(-1, 1).all()
+    # keep: restored, at least 2.5 s (a.wav is 3.1 s, short.wav 2.0 s)
+    assert manifest["keep"].to_dict() == {"a.wav": True, "short.wav": False, "sub/stereo_44k.flac": True,
+                                          "sub/deeper/low_8k.ogg": True, "sub/broken.wav": False, "sub/silent.wav": False}
+    assert {p: p.read_bytes() for p in source.rglob("*") if p.is_file()} == before  # inputs untouched
+    outputs_equal_restore(chain, source, manifest, tmp_path)
+
+    client = MlflowClient()
+    run = the_run(client)
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "clean_corpus"
+    assert run.data.tags["progress"].startswith("6/6 inputs")
+    assert f"-P resume_run={run.info.run_id}" in run.data.tags["mlflow.note.content"]
+    assert run.data.params["keep.min_seconds"] == "2.5" and run.data.params["chain.vocoder_run"] == chain["finetune"]
+    done = client.get_metric_history(run.info.run_id, "progress/files_done")
+    assert [m.step for m in done] == sorted({m.step for m in done}) and done[-1].step == 6
+    assert client.get_metric_history(run.info.run_id, "summary/kept")[-1].value == 3
+    artifacts = {f.path for d in ("manifest", "plots", "listening", "summary")
+                 for f in client.list_artifacts(run.info.run_id, d)}
+    assert {"manifest/manifest.parquet", "plots/scores.png", "listening/index.html", "summary/summary.json"} <= artifacts
+
+    capfd.readouterr()  # a finished job resumed: nothing to do
+    assert clean_corpus([f"resume_run={run.info.run_id}"]) == EXIT_OK
+    assert "is finished: nothing to resume" in capfd.readouterr().err
+
+
+def test_keep_is_exactly_the_rows_meeting_every_threshold():
+    table = pd.DataFrame({"status": ["restored", "restored", "restored", "skipped: silent", "restored"],
+                          "dnsmos_ovrl": [3.5, 2.9, np.nan, np.nan, 3.0], "speaker_similarity": [0.8, 0.9, 0.9, np.nan, 0.74],
+                          "seconds": [3.0, 3.0, 3.0, 0.0, 3.0], "dnsmos_sig": 3.0, "dnsmos_bak": 3.0})
+    keep = keep_column(table, KeepConfig(min_ovrl=3.0, min_speaker_similarity=0.75))
+    assert keep.tolist() == [True, False, False, False, False]
+    assert keep_column(table, KeepConfig()).tolist() == [True, True, True, False, True]
+
+
+def test_a_job_killed_with_its_workers_is_finished_by_resume_run_each_input_once(chain, tmp_path):
+    source, out = tmp_path / "many", tmp_path / "clean"
+    source.mkdir()
+    clean, rate = demo(2)
+    for i in range(24):  # short files in many batches, so the kill lands between two commits
+        sf.write(source / f"utt{i:02d}.wav", clean[i * 100: i * 100 + int(1.3 * rate)], rate)
+    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST]
+    job = subprocess.Popen([PYTHON, "-m", "pipeline.clean_corpus", *argv], cwd=chain["dir"], env=env_for(chain["dir"]),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = MlflowClient()
+
+    def committed():
+        experiment = client.get_experiment_by_name("clean_corpus")
+        runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
+        return runs and len(client.list_artifacts(runs[0].info.run_id, "manifest/parts")) >= 1 and runs[0]
+
+    run = wait_for(committed, timeout=600, what="a first committed part", proc=job)
+    family = [job.pid, *(p.pid for p in psutil.Process(job.pid).children(recursive=True))]
+    for pid in family:  # the node is lost: the driver, Ray and its workers
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    job.wait()
+    before = client.get_run(run.info.run_id)
+    assert before.info.status == "RUNNING" and not before.data.tags["progress"].startswith("24/24")
+
+    assert clean_corpus([f"resume_run={run.info.run_id}"]) == EXIT_OK
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert sorted(manifest.id) == [f"utt{i:02d}.wav" for i in range(24)]  # every input exactly once
+    assert (manifest.status == "restored").all()
+    assert not [p for p in out.rglob("*") if "partial" in p.name]  # nothing half written
+    outputs_equal_restore(chain, source, manifest, tmp_path)
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED" and after.data.tags["resume.count"] == "1"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "progress/files_done")]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # one line, one value per step
+
+
+def test_s3_input_and_output_through_a_moto_server_with_mlflow_run(chain, s3, tmp_path):
+    clean, rate = demo(3)
+    for name in ("in/a.wav", "in/sub/b.wav"):
+        buffer = tmp_path / "x.wav"
+        sf.write(buffer, clean, rate)
+        s3.upload_file(str(buffer), "test-bucket", name)
+    done = mlflow_run(chain["dir"], f"run_id={chain['finetune']}", "input=s3://test-bucket/in/",
+                      "output=s3://test-bucket/out", f"options=format=flac scores=false {' '.join(FAST)}",
+                      entry="clean_corpus", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="test-bucket", Prefix="out/")["Contents"]}
+    assert keys == {"out/a.flac", "out/sub/b.flac", "out/manifest.parquet"}
+    s3.download_file("test-bucket", "out/manifest.parquet", str(tmp_path / "m.parquet"))
+    manifest = pd.read_parquet(tmp_path / "m.parquet")
+    assert (manifest.status == "restored").all() and set(manifest.source) == {"s3://test-bucket/in/a.wav",
+                                                                               "s3://test-bucket/in/sub/b.wav"}
+    s3.download_file("test-bucket", "out/a.flac", str(tmp_path / "a.flac"))
+    assert sf.info(tmp_path / "a.flac").format == "FLAC" and manifest.speaker_similarity.isna().all()
+
+
+def test_bad_input_gives_one_message_exit_2_and_writes_nothing(chain, tmp_path, capfd):
+    source = mixed_corpus(tmp_path / "crawl")
+    out = tmp_path / "clean"
+    client = MlflowClient()
+    before = snapshot(client)
+    model = f"run_id={chain['finetune']}"
+    cases = {
+        "unknown model": (["run_id=0123456789abcdef0123456789abcdef", f"input={source}", f"output={out}"], "0123456789abcdef"),
+        "missing input": ([model, f"input={tmp_path / 'nowhere'}", f"output={out}"], "not found"),
+        "output inside input": ([model, f"input={source}", f"output={source / 'clean'}"], "is inside input"),
+        "threshold out of range": ([model, f"input={source}", f"output={out}", "keep.min_ovrl=7"], "out of range"),
+        "unreachable Ray": ([model, f"input={source}", f"output={out}", f"ray_address=127.0.0.1:{_free_port()}"],
+                            "Cannot reach the Ray cluster"),
+        "a training run resumed": ([f"resume_run={chain['adapter']}"], "not a clean_corpus job"),
+        "unknown key": ([model, f"input={source}", f"output={out}", "keep.min_ovr=3"], "min_ovr"),
+    }
+    for name, (argv, message) in cases.items():
+        capfd.readouterr()
+        assert clean_corpus(argv) == EXIT_BAD_INPUT, name
+        err = capfd.readouterr().err
+        assert message in err and "Traceback" not in err, (name, err[-2000:])
+        assert not out.exists() and not (source / "clean").exists(), name
+    assert snapshot(client) == before
