@@ -193,12 +193,24 @@ def settings(p: Prepared, resumed: bool) -> Settings:
     gpus = int(cluster.get("GPU", 0)) if cfg.device != "cpu" else 0
     workers = cfg.workers or max(gpus, 1)
     threads = cfg.threads or max(int(cluster.get("CPU", 1) // workers), 1)
-    restore = {"device": cfg.device, "precision": cfg.precision, "chunk_seconds": cfg.chunk_seconds,
+    device = cfg.device if cfg.device != "auto" else "cuda" if gpus else "cpu"
+    precision = cfg.precision if cfg.precision != "auto" else "bf16" if device.startswith("cuda") else "32"
+    restore = {"device": device, "precision": precision, "chunk_seconds": cfg.chunk_seconds,
                "context_seconds": cfg.context_seconds, "fade_seconds": cfg.fade_seconds, "batch_size": cfg.batch_size,
                "threads": 0 if gpus else threads, "ssl_weights": cfg.ssl_weights}
     return Settings(p.rate_in, FORMATS[cfg.format][0], cfg.output, cfg.format, cfg.subtype, cfg.overwrite or resumed,
                     restore, workers, 1.0 if gpus else 0.0, cfg.score_workers, cfg.scores, cfg.files_per_batch,
                     cfg.commit_seconds)
+
+
+def cluster_text(s: Settings) -> str:
+    import ray
+
+    cluster = ray.cluster_resources()
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    threads = f" x {s.restore['threads']} threads" if s.restore["threads"] else " (1 GPU each)"
+    return (f"{nodes} node{'s' * (nodes != 1)}, {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
+            f"{s.workers} restore worker{'s' * (s.workers != 1)}{threads}, {s.score_workers} scoring")
 
 
 def open_run(client: MlflowClient, p: Prepared) -> tuple[str, Lease, int, pd.DataFrame]:
@@ -312,7 +324,11 @@ def run_job(client: MlflowClient, p: Prepared, run_id: str, lease: Lease, attemp
         client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, "RUNNING", f"{len(done)}/{total} inputs", p.metadata))
         units = pending_units(p.units, done)
         log.info("Cleaning %d inputs (%d done before) into %s; run %s", total, len(done), cfg.output, run_id)
-        finished = run_pipeline(units, settings(p, bool(cfg.resume_run)), ray.put(p.files), tracker, stop)
+        s = settings(p, bool(cfg.resume_run))
+        lease.fence()
+        client.set_tag(run_id, tag.CLEAN_CLUSTER, cluster_text(s))
+        client.set_tag(run_id, tag.CLEAN_PRECISION, f"{s.restore['device']} / {s.restore['precision']}")
+        finished = run_pipeline(units, s, ray.put(p.files), tracker, stop)
         if finished:
             figures = finish(client, run_id, p, tracker)
             results = results_markdown(figures)

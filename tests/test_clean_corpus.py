@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from scipy.signal import resample_poly
 from conftest import PYTHON, _free_port, env_for, mlflow_run, snapshot, wait_for
 from pipeline.clean_corpus import run as clean_corpus
 from pipeline.data.corpus import read_corpus
-from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
 from pipeline.inference.batched import BATCH_TOLERANCE
 from pipeline.inference.cleaning.manifest import KeepConfig, keep_column
 from pipeline.restore import run as restore
@@ -148,6 +148,23 @@ def test_a_job_killed_with_its_workers_is_finished_by_resume_run_each_input_once
     before = client.get_run(run.info.run_id)
     assert before.info.status == "RUNNING" and not before.data.tags["progress"].startswith("24/24")
 
+    # resumed, then stopped from the dashboard (the run's stop_requested tag) once it has committed more
+    parts = len(client.list_artifacts(run.info.run_id, "manifest/parts"))
+
+    def stop_after_a_commit():
+        wait_for(lambda: len(client.list_artifacts(run.info.run_id, "manifest/parts")) > parts, timeout=600,
+                 what="a commit of the resumed job")
+        client.set_tag(run.info.run_id, "stop_requested", "true")
+
+    stopper = threading.Thread(target=stop_after_a_commit)
+    stopper.start()
+    assert clean_corpus([f"resume_run={run.info.run_id}"]) == EXIT_STOPPED
+    stopper.join()
+    stopped = client.get_run(run.info.run_id)
+    assert stopped.info.status == "KILLED" and stopped.data.tags["mlflow.note.content"].startswith("**STOPPED**")
+    assert not stopped.data.tags["progress"].startswith("24/24") and not (out / "manifest.parquet").exists()
+    client.delete_tag(run.info.run_id, "stop_requested")
+
     assert clean_corpus([f"resume_run={run.info.run_id}"]) == EXIT_OK
     manifest = pd.read_parquet(out / "manifest.parquet")
     assert sorted(manifest.id) == [f"utt{i:02d}.wav" for i in range(24)]  # every input exactly once
@@ -155,7 +172,7 @@ def test_a_job_killed_with_its_workers_is_finished_by_resume_run_each_input_once
     assert not [p for p in out.rglob("*") if "partial" in p.name]  # nothing half written
     outputs_equal_restore(chain, source, manifest, tmp_path)
     after = client.get_run(run.info.run_id)
-    assert after.info.status == "FINISHED" and after.data.tags["resume.count"] == "1"
+    assert after.info.status == "FINISHED" and after.data.tags["resume.count"] == "2"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "progress/files_done")]
     assert steps == sorted(set(steps)) and steps[-1] == 24  # one line, one value per step
 

@@ -65,6 +65,10 @@ EVAL_ASR_RUN = "eval.asr_run"
 EVAL_MODEL = "eval.model_uri"
 EVALUATION_RUN = "evaluation.run"
 
+# clean_corpus: what the latest attempt ran on
+CLEAN_CLUSTER = "clean.cluster"  # e.g. "1 node, 2 CPUs, 0 GPUs; 1 restore worker x 2 threads"
+CLEAN_PRECISION = "clean.precision"  # the restore actors' device and precision, decided once
+
 # import_checkpoint
 IMPORTED_FROM = "imported_from"
 IMPORTED_STEP = "imported.step"

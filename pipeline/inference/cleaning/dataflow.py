@@ -91,7 +91,8 @@ def _audio(row, column: str = "audio") -> np.ndarray:
 
 
 class Restorer:
-    """One restoration chain, loaded once; restores a batch of rows at a time."""
+    """One restoration chain, loaded once; restores a batch of rows at a time. ``options``: device and precision
+    (decided once by the entry point), chunking, ``batch_size`` windows per forward pass, torch ``threads``."""
 
     def __init__(self, checkpoints: list, options: dict):
         import ray
@@ -103,18 +104,12 @@ class Restorer:
         threads = int(options.get("threads") or 0)
         if threads:
             torch.set_num_threads(threads)
-        device = options["device"]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        precision = options["precision"]
-        if precision == "auto":
-            precision = "bf16" if device.startswith("cuda") else "32"
         with tempfile.TemporaryDirectory(prefix="clean-corpus-chain-") as tmp:  # read whole by from_checkpoints
             for name, data in files.items():
                 (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / name).write_bytes(data)
             self.chain = RestorationChain.from_checkpoints(
-                Path(tmp) / "adapter", Path(tmp) / "vocoder", Precision.from_config(device, precision),
+                Path(tmp) / "adapter", Path(tmp) / "vocoder", Precision.from_config(options["device"], options["precision"]),
                 ssl_weights=options.get("ssl_weights") or None, chunk_seconds=options["chunk_seconds"],
                 context_seconds=options["context_seconds"], fade_seconds=options["fade_seconds"])
         self.max_batch = int(options["batch_size"])
