@@ -1,5 +1,7 @@
 """The benchmark command's figures are produced and well-formed (tiny sizes; no speed is asserted)."""
 
+import pytest
+
 from pipeline.bench import training
 
 
@@ -16,3 +18,19 @@ def test_engine_figures_measure_both_sides(store):
 
     metrics = training.metric_throughput(steps=50, per_step=3)
     assert metrics["stored_check"] is True and metrics["value"] > 0
+
+
+@pytest.mark.slow  # starts a local Ray for the cleaning job
+def test_cleaning_figures_measure_the_job_and_the_bare_forward_pass(store):
+    from pipeline.bench import cleaning
+
+    throughput, bare = cleaning.cleaning_figures("test", ["ssl=tiny"], "tiny", files=4, files_per_batch=2,
+                                                 scaling=False)
+    assert throughput["name"] == "clean_corpus/audio_s_per_s/test"
+    assert bare["name"] == "clean_corpus/vs_bare_forward/test"
+    job = throughput["job"]
+    assert abs(job["audio_s"] - throughput["audio_s"]) < 0.1 and job["commits"] >= 2  # every file restored
+    assert abs(sum(job["phases_s"].values()) - job["wall_s"]) < 0.1
+    assert throughput["end_to_end"] > 0 and throughput["restore"] > 0 and throughput["restore_loop"] > 0
+    assert bare["target"] == "≥ 0.85" and bare["met"] == (bare["value"] >= 0.85)
+    assert abs(bare["value"] * bare["bare_audio_s_per_s"] / bare["job_steady_audio_s_per_s"] - 1) < 0.01

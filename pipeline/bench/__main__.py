@@ -18,10 +18,11 @@ from functools import partial
 
 import torch
 
-from pipeline.bench import data, emit, figure, outage, restore, training
+from pipeline.bench import cleaning, data, emit, figure, outage, restore, training
 
 TINY = ["ssl=tiny"]
 SMALL = ["ssl=hubert_base", "ssl.layer=2"]  # random weights: the architecture is what costs
+HUBERT_L6 = ["ssl=hubert_base", "ssl.layer=6"]
 STATE_SIZES = {"1MB": 320, "10MB": 3200, "300MB": 96000}  # adapter.bottleneck of ssl=tiny for each state.pt size
 
 
@@ -47,6 +48,12 @@ def cpu_plan() -> list[tuple[str, callable]]:
         ("distributed_step_time/tiny_2_ranks", partial(training.distributed_step_time, "train_adapter", TINY, nproc=2,
                                                        batch_size=4, steps=60, pairs=3, warmup=10,
                                                        label="tiny_2_ranks")),
+        # corpus cleaning: ~8.5 min of speech in 120 files (tiny; scores on 8 files: DNSMOS is slow on short files),
+        # ~50 s in 12 files (hubert_base + v1); about 10 minutes together
+        ("clean_corpus/tiny", partial(cleaning.cleaning_figures, "tiny", TINY, "tiny", files=120, files_per_batch=8,
+                                      bare_repeats=2, score_files=8, score_files_per_batch=2)),
+        ("clean_corpus/hubert_base_l6_v1", partial(cleaning.cleaning_figures, "hubert_base_l6_v1", HUBERT_L6, "v1",
+                                                   files=12, files_per_batch=2, score_files=0, per_1000h=True)),
     ]
 
 
@@ -72,6 +79,9 @@ def gpu_plan() -> list[tuple[str, callable]]:
             nproc=1, batch_size=8, steps=100, pairs=3, warmup=20, label="hubert_base_l6_1_rank")),
         ("restore", partial(restore.restore_figures, ssl="hubert_base", layer=6, vocoder="v1", device="cuda",
                             seconds=60, repeats=3, long_seconds=600)),
+        ("clean_corpus/hubert_base_l6_v1_bf16", partial(
+            cleaning.cleaning_figures, "hubert_base_l6_v1_bf16", HUBERT_L6, "v1", files=600, files_per_batch=16,
+            batch_size=16, device="cuda", precision="bf16", bare_repeats=3, scaling=False, per_1000h=True)),
     ]
     return plan
 

@@ -8,12 +8,13 @@ SQLite store and cuts the demo speech into WAV files of 2-6 s. The job runs in t
   steady state and end to end, next to ``restore`` (one file, one chunk at a time) on the same corpus;
 - ``clean_corpus/vs_bare_forward/<label>``: the job's steady state ÷ ``restore_many`` over the same audio
   already in memory, in the same groups of files, with all threads (target ≥ 0.85);
-- ``clean_corpus/scaling/<label>``: two restore actors with one thread each ÷ one actor with two threads;
+- ``clean_corpus/scaling/<label>``: two restore actors with one thread each ÷ one actor with all threads;
 - ``clean_corpus/score_cost/<label>``: wall seconds that the quality columns (DNSMOS, speaker similarity) add
-  per audio second;
+  per audio second, on the first few files (DNSMOS is slow on short files: it tiles them to 9 s windows);
 - ``clean_corpus/hours_per_1000h``: wall hours this machine needs for 1,000 h of audio, beside Miipher-2's
   published figure;
-- GPU: ``clean_corpus/rtf_per_gpu/<label>``: wall seconds per audio second of one GPU worker.
+- GPU (``--preset gpu``): ``clean_corpus/rtf_per_gpu/<label>``: wall seconds per audio second of one GPU worker
+  against Miipher-2's RTF, beside the same throughput, bare-forward and 1,000 h figures.
 
 Steady state: the job logs ``progress/audio_hours_done`` at every commit, and a commit happens at the first
 batch of rows that reaches the driver ``commit_seconds`` after the one before. The audio committed after the
@@ -79,7 +80,9 @@ class Job:
     steady_s: float  # first commit -> last commit
     steady_audio_s: float  # audio committed after the first commit
     commits: int
-    restore_s: float  # inside the Restorers' restore_many (manifest's restore_seconds), all workers
+    workers: int
+    restore_s: float  # in the Restorers' restore_many over the rows committed after the first commit, all workers
+    phases_s: dict[str, float]  # where the wall time went
 
     @property
     def steady(self) -> float:
@@ -89,13 +92,18 @@ class Job:
     def end_to_end(self) -> float:
         return self.audio_s / self.wall_s
 
+    @property
+    def restorer_busy(self) -> float:
+        """The fraction of the steady state each Restorer spent in restore_many."""
+        return self.restore_s / (self.steady_s * self.workers) if self.steady_s > 0 else float("nan")
+
     def summary(self) -> dict[str, Any]:
         return {"wall_s": round(self.wall_s, 2), "audio_s": round(self.audio_s, 1),
                 "steady_s": round(self.steady_s, 2), "steady_audio_s": round(self.steady_audio_s, 1),
                 "commits": self.commits, "steady_audio_s_per_s": round(self.steady, 3),
-                "end_to_end_audio_s_per_s": round(self.end_to_end, 3),
-                "restorer_busy_s": round(self.restore_s, 2),
-                "restorer_audio_s_per_busy_s": round(self.audio_s / max(self.restore_s, 1e-9), 3)}
+                "end_to_end_audio_s_per_s": round(self.end_to_end, 3), "phases_s": self.phases_s,
+                "restorer_busy_fraction": round(self.restorer_busy, 3),
+                "restorer_audio_s_per_busy_s": round(self.steady_audio_s / max(self.restore_s, 1e-9), 3)}
 
 
 def train_chain(client: MlflowClient, ssl: list[str], vocoder: str, device: str = "cpu") -> str:
@@ -156,20 +164,30 @@ def clean(client: MlflowClient, run_id: str, corpus: Corpus, output: Path, **key
     wall = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"clean_corpus {' '.join(argv)} failed with exit code {code}")
-    job = latest_run(client, "tags.stage = 'clean_corpus'").info.run_id
-    done = sorted(client.get_metric_history(job, "progress/audio_hours_done"), key=lambda m: m.step)
-    manifest = pd.read_parquet(output / "manifest.parquet")
-    restored = manifest[manifest.status == "restored"]
-    if len(restored) != len(corpus.paths):
-        raise RuntimeError(f"clean_corpus restored {len(restored)} of {len(corpus.paths)} files: "
+    run = latest_run(client, "tags.stage = 'clean_corpus'")
+    done = sorted(client.get_metric_history(run.info.run_id, "progress/audio_hours_done"), key=lambda m: m.step)
+    manifest = pd.read_parquet(output / "manifest.parquet")  # in commit order
+    restored = manifest.status == "restored"
+    if restored.sum() != len(corpus.paths):
+        raise RuntimeError(f"clean_corpus restored {restored.sum()} of {len(corpus.paths)} files: "
                            f"{manifest.status.value_counts().to_dict()}")
+    if len(done) < 2:
+        raise RuntimeError(f"clean_corpus committed {len(done)} time(s): no steady state; give more files or a "
+                           "smaller files_per_batch")
     first, last = done[0], done[-1]
-    return Job(wall, float(restored.seconds.sum()), (last.timestamp - first.timestamp) / 1000,
-               (last.value - first.value) * 3600, len(done), float(restored.restore_seconds.sum()))
+    steady_rows = manifest.iloc[first.step:][restored.iloc[first.step:]]
+    run_s = (run.info.end_time - run.info.start_time) / 1000
+    phases = {"before_run": wall - run_s,  # arguments, input listing, chain loaded once, Ray start-up
+              "run_start_to_first_commit": (first.timestamp - run.info.start_time) / 1000,  # actors, first batch
+              "steady": (last.timestamp - first.timestamp) / 1000,
+              "last_commit_to_end": (run.info.end_time - last.timestamp) / 1000}  # manifest, report, Ray shutdown
+    return Job(wall, float(manifest.seconds[restored].sum()), phases["steady"], (last.value - first.value) * 3600,
+               len(done), int(keys.get("workers", 1)), float(steady_rows.restore_seconds.sum()),
+               {k: round(v, 2) for k, v in phases.items()})
 
 
-def restore_one_by_one(run_id: str, corpus: Corpus, output: Path, device: str) -> tuple[float, float]:
-    """(wall seconds of ``pipeline.restore.run``, seconds inside its file loop) over ``corpus``."""
+def restore_one_by_one(run_id: str, corpus: Corpus, output: Path, device: str, precision: str) -> tuple[float, float]:
+    """(wall seconds of ``pipeline.restore.run``, seconds inside its loop over the files) over ``corpus``."""
     from pipeline import restore
 
     inner, loop = restore.restore_files, []
@@ -184,7 +202,8 @@ def restore_one_by_one(run_id: str, corpus: Corpus, output: Path, device: str) -
     restore.restore_files = timed  # run() looks it up when it is called
     try:
         started = time.perf_counter()
-        code = restore.run([f"run_id={run_id}", f"input={corpus.root}", f"output={output}", f"device={device}"])
+        code = restore.run([f"run_id={run_id}", f"input={corpus.root}", f"output={output}", f"device={device}",
+                            f"precision={precision}"])
         wall = time.perf_counter() - started
     finally:
         restore.restore_files = inner
@@ -220,92 +239,123 @@ def bare_forward(client: MlflowClient, run_id: str, corpus: Corpus, *, batch_siz
     return times
 
 
-def cleaning_figures(label: str, ssl: list[str], vocoder: str, *, files: int, batch_size: int = 8,
-                     files_per_batch: int = 8, score_files: int | None = None, bare_repeats: int = 1,
-                     scaling: bool = True, scores: bool = True, paper: bool = False) -> list[dict[str, Any]]:
-    """The CPU figures of one chain (``ssl`` overrides, ``vocoder`` preset) on ``files`` files of speech."""
+@dataclass
+class Measured:
+    """Everything one chain's figures are made of."""
+
+    label: str
+    corpus: Corpus
+    setup: dict[str, Any]
+    jobs: dict[str, Job]  # workers_1 (scores=false), workers_2, scored
+    restore_wall_s: float
+    restore_loop_s: float
+    bare_s: list[float]
+    scored_audio_s: float = 0.0
+    scored_files: int = 0
+
+
+def measure(label: str, ssl: list[str], vocoder: str, *, files: int, batch_size: int, files_per_batch: int,
+            device: str, precision: str, bare_repeats: int, scaling: bool, score_files: int | None,
+            score_files_per_batch: int) -> Measured:
+    """Train the chain, write the corpus, and time the jobs, restore and the bare forward pass."""
     setup = {"ssl": " ".join(ssl), "vocoder": vocoder, "files": files, "batch_size": batch_size,
-             "files_per_batch": files_per_batch, "cpus": os.cpu_count()}
-    keys = {"batch_size": batch_size, "files_per_batch": files_per_batch, "device": "cpu", "precision": "32"}
+             "files_per_batch": files_per_batch, "device": device, "precision": precision, "cpus": os.cpu_count()}
+    keys = {"batch_size": batch_size, "device": device, "precision": precision, "scores": "false"}
+    threads = {"threads": os.cpu_count()} if device == "cpu" else {}
     with tracking_store() as client:
         work = Path.cwd()
         started = time.perf_counter()
-        run_id = train_chain(client, ssl, vocoder)
+        run_id = train_chain(client, ssl, vocoder, device)
         log.warning("Chain %s trained in %.1f s", label, time.perf_counter() - started)
         corpus = write_corpus(work / "corpus", files)
         setup["audio_s"] = round(corpus.audio_s, 1)
-        single = clean(client, run_id, corpus, work / "job-w1", scores="false", workers=1, threads=os.cpu_count(),
-                       **keys)
-        log.warning("Job, 1 worker: %s", single.summary())
-        restore_wall, restore_loop = restore_one_by_one(run_id, corpus, work / "restore", "cpu")
+        jobs = {"workers_1": clean(client, run_id, corpus, work / "job-w1", workers=1,
+                                   files_per_batch=files_per_batch, **threads, **keys)}
+        log.warning("Job, 1 worker: %s", jobs["workers_1"].summary())
+        restore_wall, restore_loop = restore_one_by_one(run_id, corpus, work / "restore", device, precision)
         bare = bare_forward(client, run_id, corpus, batch_size=batch_size, files_per_batch=files_per_batch,
-                            device="cpu", precision="32", repeats=bare_repeats)
-        log.warning("restore: %.1f s (loop %.1f s); bare forward: %s s", restore_wall, restore_loop, bare)
-        jobs = {"workers_1": single}
+                            device=device, precision=precision, repeats=bare_repeats)
+        log.warning("restore: %.1f s (its loop %.1f s); bare forward: %s s", restore_wall, restore_loop, bare)
         if scaling:
-            jobs["workers_2"] = clean(client, run_id, corpus, work / "job-w2", scores="false", workers=2, threads=1,
-                                      **keys)
+            jobs["workers_2"] = clean(client, run_id, corpus, work / "job-w2", workers=2, threads=1,
+                                      files_per_batch=files_per_batch, **keys)
             log.warning("Job, 2 workers: %s", jobs["workers_2"].summary())
-        scored = None
-        if scores:
-            scored_corpus = subset(corpus, work / "subset", score_files) if score_files else corpus
-            plain = single if not score_files else clean(client, run_id, scored_corpus, work / "job-plain",
-                                                         scores="false", workers=1, threads=os.cpu_count(), **keys)
-            scored = (plain, clean(client, run_id, scored_corpus, work / "job-scored", scores="true", workers=1,
-                                   threads=os.cpu_count(), **keys), scored_corpus)
-            log.warning("Job with scores: %s", scored[1].summary())
+        scored = None if score_files is None else subset(corpus, work / "subset", score_files) if score_files \
+            else corpus
+        if scored:
+            jobs["scored"] = clean(client, run_id, scored, work / "job-scored", workers=1,
+                                   files_per_batch=score_files_per_batch, **threads, **{**keys, "scores": "true"})
+            log.warning("Job with scores: %s", jobs["scored"].summary())
+    return Measured(label, corpus, setup, jobs, restore_wall, restore_loop, bare,
+                    scored.audio_s if scored else 0.0, len(scored.paths) if scored else 0)
 
-    bare_s = statistics.median(bare)
-    bare_rate = corpus.audio_s / bare_s
-    out = [
-        figure(f"clean_corpus/audio_s_per_s/{label}", single.steady, "audio s / wall s",
-               f"clean_corpus scores=false workers=1 threads={os.cpu_count()} over {files} files "
-               f"({corpus.audio_s:.0f} s of speech): steady state = audio committed after the first commit ÷ time "
-               f"from the first commit to the last (progress/audio_hours_done metric timestamps, commit_seconds="
-               f"{COMMIT_S}); end to end = all audio ÷ the whole in-process run() (chain, Ray start-up, manifest, "
-               "shutdown); restore = pipeline.restore.run in-process, one file and one chunk at a time",
-               end_to_end=round(single.end_to_end, 3), restore=round(corpus.audio_s / restore_wall, 3),
-               restore_loop=round(corpus.audio_s / restore_loop, 3),
-               ratio_job_to_restore={"steady_vs_restore_loop": round(single.steady * restore_loop / corpus.audio_s, 3),
-                                     "end_to_end": round(restore_wall / single.wall_s, 3)},
-               job=single.summary(), restore_wall_s=round(restore_wall, 2), restore_loop_s=round(restore_loop, 2),
-               **setup),
-        vs_bare(label, single, bare, bare_rate, corpus, setup),
-    ]
-    if scaling:
-        two = jobs["workers_2"]
-        ratio = two.steady / single.steady
-        out.append(figure(f"clean_corpus/scaling/{label}", ratio, "2 workers / 1 worker",
-                          "steady-state audio s per s of clean_corpus scores=false with workers=2 threads=1 ÷ "
-                          f"workers=1 threads={os.cpu_count()} (one run each, same corpus)",
-                          efficiency=round(ratio / 2, 3), end_to_end_ratio=round(two.end_to_end / single.end_to_end, 3),
-                          workers_1=single.summary(), workers_2=two.summary(), **setup))
-    if scored:
-        plain, with_scores, scored_corpus = scored
-        audio = scored_corpus.audio_s
-        per_s = 1 / with_scores.steady - 1 / plain.steady
-        out.append(figure(f"clean_corpus/score_cost/{label}", per_s, "wall s / audio s",
-                          f"steady-state wall s per audio s of clean_corpus scores=true minus scores=false over "
-                          f"{len(scored_corpus.paths)} files ({audio:.0f} s), one run each (one scoring actor, "
-                          "DNSMOS of input and output + speaker similarity)",
-                          end_to_end_per_s=round((with_scores.wall_s - plain.wall_s) / audio, 4),
-                          scores_true=with_scores.summary(), scores_false=plain.summary(), **setup))
-    if paper:
-        best = max(job.steady for job in jobs.values())
-        out.append(figure("clean_corpus/hours_per_1000h", 1000 / best,
-                          "wall h per 1000 h of audio", "1000 h ÷ the best steady-state throughput of clean_corpus "
-                          f"({label}, scores=false, over {', '.join(jobs)}) on this machine", label=label,
-                          best_audio_s_per_s=round(best, 3), rtf=round(1 / best, 4), paper=PAPER, **setup))
+
+def cleaning_figures(label: str, ssl: list[str], vocoder: str, *, files: int, batch_size: int = 8,
+                     files_per_batch: int = 8, device: str = "cpu", precision: str = "32", bare_repeats: int = 1,
+                     scaling: bool = True, score_files: int | None = None, score_files_per_batch: int = 2,
+                     per_1000h: bool = False) -> list[dict[str, Any]]:
+    """The figures of one chain (``ssl`` overrides, ``vocoder`` preset) on ``files`` files of speech.
+    ``score_files``: the scores=true job's first files (0: all of them; None: no such job), taken
+    ``score_files_per_batch`` at a time."""
+    m = measure(label, ssl, vocoder, files=files, batch_size=batch_size, files_per_batch=files_per_batch,
+                device=device, precision=precision, bare_repeats=bare_repeats, scaling=scaling,
+                score_files=score_files, score_files_per_batch=score_files_per_batch)
+    single, audio, setup = m.jobs["workers_1"], m.corpus.audio_s, m.setup
+    out = [figure(f"clean_corpus/audio_s_per_s/{label}", single.steady, "audio s / wall s",
+                  f"clean_corpus scores=false workers=1 over {files} files ({audio:.0f} s of speech) in this "
+                  f"process. Steady state: audio committed after the first commit ÷ time from the first commit to the "
+                  f"last (progress/audio_hours_done metric timestamps, commit_seconds={COMMIT_S}): no Ray start-up, "
+                  "no chain loading, no first batch. End to end: all audio ÷ the whole run() call. restore: "
+                  "pipeline.restore.run in this process (one file, one chunk at a time); restore_loop leaves out "
+                  "its start (arguments, chain loading)",
+                  end_to_end=round(single.end_to_end, 3), restore=round(audio / m.restore_wall_s, 3),
+                  restore_loop=round(audio / m.restore_loop_s, 3),
+                  ratio_job_to_restore={"steady_to_restore_loop": round(single.steady * m.restore_loop_s / audio, 3),
+                                        "end_to_end": round(m.restore_wall_s / single.wall_s, 3)},
+                  job=single.summary(), restore_wall_s=round(m.restore_wall_s, 2),
+                  restore_loop_s=round(m.restore_loop_s, 2), **setup)]
+    bare_rate = audio / statistics.median(m.bare_s)
+    ratio = single.steady / bare_rate
+    out.append(figure(f"clean_corpus/vs_bare_forward/{label}", ratio, "job / bare forward",
+                      "steady-state audio s per s of the clean_corpus job above ÷ restore_many over the same audio "
+                      "already in memory, the same files per call and batch_size, all threads, after a warm-up call; "
+                      "restorer_busy_fraction: the Restorer's time in restore_many (manifest restore_seconds of the "
+                      "rows committed after the first commit) ÷ the steady-state time, about 1 when it never waits "
+                      "(above 1 by up to a batch: the batch after the first is restored before the first commit); "
+                      "restorer_vs_bare: its speed inside restore_many ÷ the bare pass's (same bias)",
+                      target="≥ 0.85", met=ratio >= 0.85, bare_audio_s_per_s=round(bare_rate, 3),
+                      bare_s=spread(m.bare_s, 3), job_steady_audio_s_per_s=round(single.steady, 3),
+                      restorer_busy_fraction=round(single.restorer_busy, 3),
+                      restorer_vs_bare=round(single.steady_audio_s / max(single.restore_s, 1e-9) / bare_rate, 3),
+                      **setup))
+    if "workers_2" in m.jobs:
+        two = m.jobs["workers_2"]
+        scale = two.steady / single.steady
+        out.append(figure(f"clean_corpus/scaling/{label}", scale, "2 workers / 1 worker",
+                          "steady-state audio s per s of clean_corpus scores=false workers=2 threads=1 ÷ workers=1 "
+                          f"threads={os.cpu_count()} (one run each, same corpus)", efficiency=round(scale / 2, 3),
+                          end_to_end_ratio=round(two.end_to_end / single.end_to_end, 3), workers_1=single.summary(),
+                          workers_2=two.summary(), **setup))
+    if "scored" in m.jobs:
+        scored = m.jobs["scored"]
+        out.append(figure(f"clean_corpus/score_cost/{label}", 1 / scored.steady - 1 / single.steady,
+                          "wall s / audio s", "steady-state wall s per audio s of clean_corpus scores=true over the "
+                          f"first {m.scored_files} files ({m.scored_audio_s:.0f} s; files_per_batch="
+                          f"{score_files_per_batch}, one scoring actor: DNSMOS of input and output, speaker "
+                          "similarity) minus that of the scores=false job above",
+                          scored_wall_s_per_audio_s=round(1 / scored.steady, 4),
+                          unscored_wall_s_per_audio_s=round(1 / single.steady, 4), scores_true=scored.summary(),
+                          **setup))
+    if per_1000h:
+        name, best = max(((k, j.steady) for k, j in m.jobs.items() if k != "scored"), key=lambda kv: kv[1])
+        out.append(figure("clean_corpus/hours_per_1000h", 1000 / best, "wall h per 1000 h of audio",
+                          f"1000 h ÷ the best steady-state audio s per s of clean_corpus ({label}, scores=false, "
+                          f"{name}) measured above, on this machine", label=label, best_audio_s_per_s=round(best, 3),
+                          rtf=round(1 / best, 4), paper=PAPER, **setup))
+    if device != "cpu":
+        rtf = 1 / single.steady
+        out.append(figure(f"clean_corpus/rtf_per_gpu/{label}", rtf, "wall s / audio s",
+                          "steady-state wall s per audio s of one clean_corpus worker (one GPU, scores=false) against "
+                          f"Miipher-2's published RTF per accelerator ({PAPER_RTF})", target=f"≤ {PAPER_RTF}",
+                          met=rtf <= PAPER_RTF, paper=PAPER, **setup))
     return out
-
-
-def vs_bare(label: str, job: Job, bare: list[float], bare_rate: float, corpus: Corpus,
-            setup: dict[str, Any]) -> dict[str, Any]:
-    ratio = job.steady / bare_rate
-    return figure(f"clean_corpus/vs_bare_forward/{label}", ratio, "job / bare forward",
-                  "steady-state audio s per s of the clean_corpus job ÷ restore_many over the same audio in memory "
-                  "(same files per call, same batch_size, all threads, after a warm-up call)",
-                  target="≥ 0.85", met=ratio >= 0.85, bare_audio_s_per_s=round(bare_rate, 3),
-                  bare_s=spread(bare, 3), job_steady_audio_s_per_s=round(job.steady, 3),
-                  restorer_busy_fraction=round(job.steady * job.restore_s / job.audio_s, 3),
-                  restorer_vs_bare=round(job.audio_s / max(job.restore_s, 1e-9) / bare_rate, 3), **setup)

@@ -62,8 +62,9 @@ def start_ray(address: str, object_store_mb: int) -> None:
     if address:
         ray.init(address=address, **options)
     else:
+        # idle task workers kept 60 s (Ray's default: 1 s past num_cpus workers; a new one imports torch again)
         ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_mb * 2**20 if object_store_mb else None,
-                 **options)
+                 _system_config={"idle_worker_killing_time_threshold_ms": 60_000}, **options)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's execution-plan lines
 
@@ -93,7 +94,7 @@ def build_dataset(units: list[dict], s: Settings, checkpoints):
     ds = ds.flat_map(dataflow.decode, fn_kwargs={"rate_in": s.rate_in, "suffix": s.suffix}, num_cpus=CPU_PER_TASK)
     ds = ds.map_batches(dataflow.Restorer, fn_constructor_kwargs={"checkpoints": [checkpoints], "options": s.restore},
                         compute=ray.data.ActorPoolStrategy(size=s.workers), batch_size=s.files_per_batch,
-                        batch_format="pandas", num_cpus=1 if not s.gpus_per_worker else None,
+                        batch_format="pandas", num_cpus=min(1.0, s.restore["threads"] / 2) if not s.gpus_per_worker else None,
                         num_gpus=s.gpus_per_worker or None)
     ds = ds.map_batches(dataflow.Scorer, fn_constructor_kwargs={"enabled": s.scores, "rate_in": s.rate_in},
                         compute=ray.data.ActorPoolStrategy(size=s.score_workers), batch_size=s.files_per_batch,
