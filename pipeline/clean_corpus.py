@@ -45,7 +45,8 @@ from pipeline.engine.stage import PRECISIONS, Precision
 from pipeline.engine.tracking import start_or_adopt_run
 from pipeline.inference.chain import RestorationChain, resolve_chain
 from pipeline.inference.cleaning import report, sources
-from pipeline.inference.cleaning.job import Settings, Stop, Tracker, checkpoint_files, run_pipeline, start_ray
+from pipeline.inference.cleaning.job import (CPU_PER_SCORER, CPU_PER_TASK, Settings, Stop, Tracker, checkpoint_files,
+                                              restorer_cpus, run_pipeline, start_ray)
 from pipeline.inference.cleaning.manifest import KeepConfig, as_table, check_keep, committed_rows, keep_column
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class CleanCorpusConfig:
     chunk_seconds: float = 10.0  # audio restored per window (+ context_seconds each side), as restore
     context_seconds: float = 1.0
     fade_seconds: float = 0.5
-    batch_size: int = 8  # windows per forward pass (chunks of many files, length-bucketed)
+    batch_size: int = 0  # windows per forward pass (chunks of many files, length-bucketed); 0 = 8 on GPU, 2 on CPU
     files_per_batch: int = 16  # files a worker takes at a time
     workers: int = 0  # restore actors; 0 = one per GPU of the cluster, else 1
     threads: int = 0  # torch threads per CPU actor; 0 = the cluster's CPUs / workers
@@ -108,7 +109,9 @@ def check(cfg: CleanCorpusConfig) -> None:
         raise ConfigError(f"checkpoint={cfg.checkpoint!r}; choose latest or best")
     if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r}; choose auto or one of {', '.join(PRECISIONS)}")
-    for name in ("batch_size", "files_per_batch", "score_workers"):
+    if cfg.batch_size < 0:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be 0 (automatic) or more")
+    for name in ("files_per_batch", "score_workers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be at least 1")
     if cfg.workers < 0 or cfg.threads < 0 or cfg.commit_seconds <= 0:
@@ -196,11 +199,25 @@ def settings(p: Prepared, resumed: bool) -> Settings:
     device = cfg.device if cfg.device != "auto" else "cuda" if gpus else "cpu"
     precision = cfg.precision if cfg.precision != "auto" else "bf16" if device.startswith("cuda") else "32"
     restore = {"device": device, "precision": precision, "chunk_seconds": cfg.chunk_seconds,
-               "context_seconds": cfg.context_seconds, "fade_seconds": cfg.fade_seconds, "batch_size": cfg.batch_size,
+               "context_seconds": cfg.context_seconds, "fade_seconds": cfg.fade_seconds,
+               # on CPU a batch of many windows is slower than a few (docs/benchmarks.md, Corpus cleaning)
+               "batch_size": cfg.batch_size or (8 if device.startswith("cuda") else 2),
                "threads": 0 if gpus else threads, "ssl_weights": cfg.ssl_weights}
     return Settings(p.rate_in, FORMATS[cfg.format][0], cfg.output, cfg.format, cfg.subtype, cfg.overwrite or resumed,
                     restore, workers, 1.0 if gpus else 0.0, cfg.score_workers, cfg.scores, cfg.files_per_batch,
                     cfg.commit_seconds)
+
+
+def check_resources(s: Settings) -> None:
+    """ConfigError when the actors would reserve every CPU of the cluster: Ray would never schedule the
+    decode and write tasks and the job would wait for ever."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    reserved = s.workers * (0 if s.gpus_per_worker else restorer_cpus(s)) + s.score_workers * CPU_PER_SCORER
+    if reserved + CPU_PER_TASK > cpus:
+        raise ConfigError(f"workers={s.workers} and score_workers={s.score_workers} reserve {reserved:g} of the cluster's "
+                          f"{cpus:g} CPUs, leaving none for reading and writing files; give fewer workers")
 
 
 def cluster_text(s: Settings) -> str:
@@ -304,15 +321,18 @@ def run(argv: list[str]) -> int:
     import ray
 
     try:
+        s = settings(p, bool(p.cfg.resume_run))
+        check_resources(s)
         run_id, lease, attempt, done = open_run(client, p)
-    except LeaseHeld as err:
+    except (ConfigError, LeaseHeld) as err:
         log.error("%s", err)
         ray.shutdown()
         return EXIT_BAD_INPUT
-    return run_job(client, p, run_id, lease, attempt, done)
+    return run_job(client, p, s, run_id, lease, attempt, done)
 
 
-def run_job(client: MlflowClient, p: Prepared, run_id: str, lease: Lease, attempt: int, done: pd.DataFrame) -> int:
+def run_job(client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: Lease, attempt: int,
+            done: pd.DataFrame) -> int:
     import ray
 
     cfg = p.cfg
@@ -324,7 +344,6 @@ def run_job(client: MlflowClient, p: Prepared, run_id: str, lease: Lease, attemp
         client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, "RUNNING", f"{len(done)}/{total} inputs", p.metadata))
         units = pending_units(p.units, done)
         log.info("Cleaning %d inputs (%d done before) into %s; run %s", total, len(done), cfg.output, run_id)
-        s = settings(p, bool(cfg.resume_run))
         lease.fence()
         client.set_tag(run_id, tag.CLEAN_CLUSTER, cluster_text(s))
         client.set_tag(run_id, tag.CLEAN_PRECISION, f"{s.restore['device']} / {s.restore['precision']}")

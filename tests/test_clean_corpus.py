@@ -211,6 +211,8 @@ def test_bad_input_gives_one_message_exit_2_and_writes_nothing(chain, tmp_path, 
         "unreachable Ray": ([model, f"input={source}", f"output={out}", f"ray_address=127.0.0.1:{_free_port()}"],
                             "Cannot reach the Ray cluster"),
         "a training run resumed": ([f"resume_run={chain['adapter']}"], "not a clean_corpus job"),
+        "more workers than the cores hold": ([model, f"input={source}", f"output={out}", "workers=4"],
+                                             "leaving none for reading and writing files"),
         "unknown key": ([model, f"input={source}", f"output={out}", "keep.min_ovr=3"], "min_ovr"),
     }
     for name, (argv, message) in cases.items():

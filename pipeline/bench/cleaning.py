@@ -83,6 +83,7 @@ class Job:
     workers: int
     restore_s: float  # in the Restorers' restore_many over the rows committed after the first commit, all workers
     phases_s: dict[str, float]  # where the wall time went
+    load_1min: tuple[float, float]  # the machine's load average before and after (a shared machine shows here)
 
     @property
     def steady(self) -> float:
@@ -103,7 +104,13 @@ class Job:
                 "commits": self.commits, "steady_audio_s_per_s": round(self.steady, 3),
                 "end_to_end_audio_s_per_s": round(self.end_to_end, 3), "phases_s": self.phases_s,
                 "restorer_busy_fraction": round(self.restorer_busy, 3),
-                "restorer_audio_s_per_busy_s": round(self.steady_audio_s / max(self.restore_s, 1e-9), 3)}
+                "restorer_audio_s_per_busy_s": round(self.steady_audio_s / max(self.restore_s, 1e-9), 3),
+                "load_1min": self.load_1min}
+
+
+def load() -> float:
+    """The 1-minute load average: with 2 cores, well above what the measured side runs means another job ran."""
+    return round(os.getloadavg()[0], 2)
 
 
 def train_chain(client: MlflowClient, ssl: list[str], vocoder: str, device: str = "cpu") -> str:
@@ -155,12 +162,12 @@ def subset(corpus: Corpus, root: Path, files: int) -> Corpus:
 
 def clean(client: MlflowClient, run_id: str, corpus: Corpus, output: Path, **keys: Any) -> Job:
     """``clean_corpus`` over ``corpus`` into ``output`` with these keys, in this process, timed."""
-    from pipeline.clean_corpus import run
+    from pipeline.clean_corpus import run as clean_corpus
 
     argv = [f"run_id={run_id}", f"input={corpus.root}", f"output={output}", f"commit_seconds={COMMIT_S}",
             "listen_random=1", "listen_lowest=1", *(f"{k}={v}" for k, v in keys.items())]
-    started = time.perf_counter()
-    code = run(argv)
+    load_before, started = load(), time.perf_counter()
+    code = clean_corpus(argv)
     wall = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"clean_corpus {' '.join(argv)} failed with exit code {code}")
@@ -183,7 +190,7 @@ def clean(client: MlflowClient, run_id: str, corpus: Corpus, output: Path, **key
               "last_commit_to_end": (run.info.end_time - last.timestamp) / 1000}  # manifest, report, Ray shutdown
     return Job(wall, float(manifest.seconds[restored].sum()), phases["steady"], (last.value - first.value) * 3600,
                len(done), int(keys.get("workers", 1)), float(steady_rows.restore_seconds.sum()),
-               {k: round(v, 2) for k, v in phases.items()})
+               {k: round(v, 2) for k, v in phases.items()}, (load_before, load()))
 
 
 def restore_one_by_one(run_id: str, corpus: Corpus, output: Path, device: str, precision: str) -> tuple[float, float]:
@@ -250,6 +257,7 @@ class Measured:
     restore_wall_s: float
     restore_loop_s: float
     bare_s: list[float]
+    loads: dict[str, tuple[float, float]]  # load average before and after restore and the bare pass
     scored_audio_s: float = 0.0
     scored_files: int = 0
 
@@ -272,9 +280,13 @@ def measure(label: str, ssl: list[str], vocoder: str, *, files: int, batch_size:
         jobs = {"workers_1": clean(client, run_id, corpus, work / "job-w1", workers=1,
                                    files_per_batch=files_per_batch, **threads, **keys)}
         log.warning("Job, 1 worker: %s", jobs["workers_1"].summary())
+        loads = {"restore": (load(),)}
         restore_wall, restore_loop = restore_one_by_one(run_id, corpus, work / "restore", device, precision)
+        loads["restore"] += (load(),)
+        loads["bare"] = (load(),)
         bare = bare_forward(client, run_id, corpus, batch_size=batch_size, files_per_batch=files_per_batch,
                             device=device, precision=precision, repeats=bare_repeats)
+        loads["bare"] += (load(),)
         log.warning("restore: %.1f s (its loop %.1f s); bare forward: %s s", restore_wall, restore_loop, bare)
         if scaling:
             jobs["workers_2"] = clean(client, run_id, corpus, work / "job-w2", workers=2, threads=1,
@@ -286,7 +298,7 @@ def measure(label: str, ssl: list[str], vocoder: str, *, files: int, batch_size:
             jobs["scored"] = clean(client, run_id, scored, work / "job-scored", workers=1,
                                    files_per_batch=score_files_per_batch, **threads, **{**keys, "scores": "true"})
             log.warning("Job with scores: %s", jobs["scored"].summary())
-    return Measured(label, corpus, setup, jobs, restore_wall, restore_loop, bare,
+    return Measured(label, corpus, setup, jobs, restore_wall, restore_loop, bare, loads,
                     scored.audio_s if scored else 0.0, len(scored.paths) if scored else 0)
 
 
@@ -313,7 +325,7 @@ def cleaning_figures(label: str, ssl: list[str], vocoder: str, *, files: int, ba
                   ratio_job_to_restore={"steady_to_restore_loop": round(single.steady * m.restore_loop_s / audio, 3),
                                         "end_to_end": round(m.restore_wall_s / single.wall_s, 3)},
                   job=single.summary(), restore_wall_s=round(m.restore_wall_s, 2),
-                  restore_loop_s=round(m.restore_loop_s, 2), **setup)]
+                  restore_loop_s=round(m.restore_loop_s, 2), restore_load_1min=m.loads["restore"], **setup)]
     bare_rate = audio / statistics.median(m.bare_s)
     ratio = single.steady / bare_rate
     out.append(figure(f"clean_corpus/vs_bare_forward/{label}", ratio, "job / bare forward",
@@ -324,7 +336,8 @@ def cleaning_figures(label: str, ssl: list[str], vocoder: str, *, files: int, ba
                       "(above 1 by up to a batch: the batch after the first is restored before the first commit); "
                       "restorer_vs_bare: its speed inside restore_many ÷ the bare pass's (same bias)",
                       target="≥ 0.85", met=ratio >= 0.85, bare_audio_s_per_s=round(bare_rate, 3),
-                      bare_s=spread(m.bare_s, 3), job_steady_audio_s_per_s=round(single.steady, 3),
+                      bare_s=spread(m.bare_s, 3), bare_load_1min=m.loads["bare"], job_load_1min=single.load_1min,
+                      job_steady_audio_s_per_s=round(single.steady, 3),
                       restorer_busy_fraction=round(single.restorer_busy, 3),
                       restorer_vs_bare=round(single.steady_audio_s / max(single.restore_s, 1e-9) / bare_rate, 3),
                       **setup))

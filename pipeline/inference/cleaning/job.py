@@ -87,6 +87,11 @@ def checkpoint_files(adapter_dir: Path, vocoder_dir: Path) -> dict[str, bytes]:
             for name, root in (("adapter", adapter_dir), ("vocoder", vocoder_dir)) for p in root.rglob("*") if p.is_file()}
 
 
+def restorer_cpus(s: Settings) -> float:
+    """CPUs a CPU restore actor reserves: half its threads, at most one (the rest is left to the tasks)."""
+    return min(1.0, s.restore["threads"] / 2)
+
+
 def build_dataset(units: list[dict], s: Settings, checkpoints):
     import ray
 
@@ -94,7 +99,7 @@ def build_dataset(units: list[dict], s: Settings, checkpoints):
     ds = ds.flat_map(dataflow.decode, fn_kwargs={"rate_in": s.rate_in, "suffix": s.suffix}, num_cpus=CPU_PER_TASK)
     ds = ds.map_batches(dataflow.Restorer, fn_constructor_kwargs={"checkpoints": [checkpoints], "options": s.restore},
                         compute=ray.data.ActorPoolStrategy(size=s.workers), batch_size=s.files_per_batch,
-                        batch_format="pandas", num_cpus=min(1.0, s.restore["threads"] / 2) if not s.gpus_per_worker else None,
+                        batch_format="pandas", num_cpus=restorer_cpus(s) if not s.gpus_per_worker else None,
                         num_gpus=s.gpus_per_worker or None)
     ds = ds.map_batches(dataflow.Scorer, fn_constructor_kwargs={"enabled": s.scores, "rate_in": s.rate_in},
                         compute=ray.data.ActorPoolStrategy(size=s.score_workers), batch_size=s.files_per_batch,
