@@ -56,7 +56,9 @@ from pipeline.engine.stage import Precision
 from pipeline.engine.tracking import experiment_id, start_or_adopt_run
 from pipeline.inference.listening import Example, write_listening_page
 from pipeline.models.asr import error_counts
-from pipeline.inference.chain import load_chain, resolve_chain
+from pipeline.engine.checkpointing import list_checkpoints
+from pipeline.engine.resume import RunCheckpoints
+from pipeline.inference.chain import CHAIN_STAGE, VOCODER_STAGE, load_chain, resolve_chain
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,8 @@ LISTEN = 4  # files on the listening page
 class EvaluateConfig:
     run_id: Optional[str] = None  # a finetune_vocoder run (chain) or a train_asr run (ASR only)
     model_uri: Optional[str] = None  # or a speech-restoration model: models:/speech-restoration/<v>, runs:/<id>/model
-    checkpoint: str = "latest"  # with run_id: latest | best
+    checkpoint: str = "latest"  # with run_id: latest | best | a step number
+    steps: str = ""  # with run_id: several checkpoints, scored by step (learning curves): all | 500,1000,2000
     data: str = "demo"  # data preset (configs/data/<name>.yaml) of the clean test utterances
     data_root: Optional[str] = None  # its corpus directory (the demo corpus needs none)
     test_size: int = 4  # the last N utterances of the corpus: the held-out split (data.val_size in training)
@@ -94,8 +97,14 @@ def parse_args(argv: list[str]) -> EvaluateConfig:
     cfg = parse_key_values(EvaluateConfig, argv)
     if bool(cfg.run_id) == bool(cfg.model_uri):
         raise ConfigError("Give exactly one of run_id=<finetune_vocoder or train_asr run> or model_uri=<models:/…>")
-    if cfg.checkpoint not in ("latest", "best"):
-        raise ConfigError(f"checkpoint={cfg.checkpoint!r}; choose latest or best")
+    if cfg.checkpoint not in ("latest", "best") and not cfg.checkpoint.isdigit():
+        raise ConfigError(f"checkpoint={cfg.checkpoint!r}; choose latest, best or a step number")
+    if cfg.steps:
+        if not cfg.run_id:
+            raise ConfigError("steps= scores several checkpoints of one run: give run_id=<finetune_vocoder or "
+                              "pretrain_vocoder run>, not model_uri")
+        if cfg.steps != "all" and not all(w.strip().isdigit() for w in cfg.steps.split(",")):
+            raise ConfigError(f"steps={cfg.steps!r}; give all or step numbers separated by commas (steps=500,1000)")
     if cfg.test_size < 1:
         raise ConfigError(f"test_size={cfg.test_size} must be at least 1")
     return cfg
@@ -177,10 +186,11 @@ def chain_items(chain, cfg: EvaluateConfig) -> list[Item]:
             continue  # counted and logged by check_usable
         noisy, _ = degrade(clean, chain.rate_in, degradation, sample_rng(cfg.seed, 0, index, VAL_STREAM))
         noisy = noisy.float()
-        items.append(Item(Path(utt.id).name, utt.text, {
-            "clean": _to_16k(clean, chain.rate_in), "degraded": _to_16k(noisy, chain.rate_in),
-            "restored": _to_16k(chain.restore(noisy, chain.rate_in), chain.rate_out),
-            "copy_synthesis": _to_16k(chain.copy_synthesis(clean, chain.rate_in), chain.rate_out)}))
+        audio = {"clean": _to_16k(clean, chain.rate_in), "degraded": _to_16k(noisy, chain.rate_in)}
+        if chain.has_adapters:  # a pretrain_vocoder checkpoint has none: copy synthesis only
+            audio["restored"] = _to_16k(chain.restore(noisy, chain.rate_in), chain.rate_out)
+        audio["copy_synthesis"] = _to_16k(chain.copy_synthesis(clean, chain.rate_in), chain.rate_out)
+        items.append(Item(Path(utt.id).name, utt.text, audio))
     return items
 
 
@@ -215,14 +225,15 @@ def asr_items(cfg: EvaluateConfig) -> list[Item]:
 # --------------------------------------------------------------------------------------------
 
 
-def score(items: list[Item], transcriber: Transcriber | None, quality: bool) -> pd.DataFrame:
-    """One row per file and condition: every metric that applies (NaN where undefined)."""
+def score(items: list[Item], transcriber: Transcriber | None, quality: bool,
+          skip: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per file and condition (but those in ``skip``): every metric that applies (NaN where undefined)."""
     rows = []
     for item in tqdm(items, desc="score", unit="file", disable=not sys.stderr.isatty()):
         reference = item.audio.get("clean")
         for condition, wave in item.audio.items():
-            if condition == "clean" and quality:
-                continue  # the reference itself
+            if (condition == "clean" and quality) or condition in skip:
+                continue  # the reference itself, or scored already
             row = {"file": item.name, "condition": condition, "text": item.text}
             if quality:
                 if reference is not None:
@@ -251,6 +262,28 @@ def summary(table: pd.DataFrame) -> dict[str, float]:
             if not math.isnan(delta):
                 out[f"eval/delta/{metric}"] = float(delta)
     return out
+
+
+def plot_curves(table: pd.DataFrame, path: Path) -> None:
+    """Each metric's mean over files against the checkpoint step, a line per condition (``steps=``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in M.HIGHER_IS_BETTER if c in table.columns and table[c].notna().any()]
+    means = table.groupby(["condition", "step"], sort=False)[columns].mean(numeric_only=True)
+    fig, axes = plt.subplots(1, len(columns), figsize=(2.8 * len(columns), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], columns):
+        for index, condition in enumerate(table["condition"].unique()):
+            curve = means.loc[condition, metric].sort_index()
+            ax.plot(curve.index, curve.to_numpy(), marker="o", markersize=3, color=f"C{index}", label=condition)
+        ax.set_xlabel("checkpoint step", fontsize=8)
+        ax.set_title(f"{metric} ({'higher' if M.HIGHER_IS_BETTER[metric] else 'lower'} is better)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
@@ -303,25 +336,54 @@ class Plan:
     """What one evaluation scores, decided before any run is written."""
 
     cfg: EvaluateConfig
-    mode: str  # chain | noisy | asr
+    mode: str  # chain | noisy | asr | vocoder (a pretrain_vocoder run: copy synthesis only)
+    steps: list  # the vocoder checkpoints scored, in order (latest/best or step numbers); [None] in asr mode
     what: dict[str, str]  # the runs and steps evaluated (with the settings, the evaluation key)
     key: str
-    chain: object | None  # RestorationChain (chain and noisy modes)
+    chain: object | None  # RestorationChain of the first of ``steps`` (chain, noisy and vocoder modes)
     transcriber: Transcriber | None
     asr_run: str | None
+
+
+def evaluated_steps(client: MlflowClient, cfg: EvaluateConfig) -> list:
+    """The checkpoints to score: the one ``checkpoint`` names, or ``steps`` (each still stored)."""
+    if not cfg.steps:
+        return [int(cfg.checkpoint) if cfg.checkpoint.isdigit() else cfg.checkpoint]
+    run = RunCheckpoints(client, cfg.run_id, (CHAIN_STAGE, VOCODER_STAGE))
+    run.require_committed("evaluate")
+    stored = list_checkpoints(client, cfg.run_id)
+    if cfg.steps == "all":
+        return stored
+    wanted = sorted({int(w) for w in cfg.steps.split(",")})
+    missing = [step for step in wanted if step not in stored]
+    if missing:
+        raise ResumeError(f"Run {cfg.run_id} has no stored checkpoint at step {', '.join(map(str, missing))}; stored "
+                          f"steps: {', '.join(map(str, stored))} (retention keeps checkpoint.keep_last_n and "
+                          "keep_best_k: raise them in training to keep a learning curve's checkpoints)")
+    return wanted
 
 
 def plan(cfg: EvaluateConfig, client: MlflowClient, workdir: Path) -> Plan:
     """Load what is evaluated and check the test set; every bad input surfaces here (nothing is written)."""
     precision = Precision.from_config(cfg.device, "32")
-    mode = "asr" if cfg.run_id and _stage_of(client, cfg.run_id) == "train_asr" else "noisy" if cfg.noisy_dir else "chain"
+    stage = _stage_of(client, cfg.run_id) if cfg.run_id else ""
+    mode = "asr" if stage == "train_asr" else "noisy" if cfg.noisy_dir else \
+        "vocoder" if stage == VOCODER_STAGE else "chain"
+    if stage == VOCODER_STAGE and cfg.noisy_dir:
+        raise ConfigError(f"Run {cfg.run_id} is a pretrain_vocoder run: it has no adapters to restore noisy_dir "
+                          "with; give its finetune_vocoder run")
+    if mode == "asr" and cfg.steps:
+        raise ConfigError("steps= scores restoration checkpoints; a train_asr run is evaluated at its latest")
     asr_run = cfg.run_id if mode == "asr" else cfg.asr_run
     transcriber = Transcriber(client, asr_run, precision.device, workdir) if asr_run else None
-    what, chain = {"mode": mode}, None
+    what, chain, steps = {"mode": mode}, None, [None]
     if mode != "asr":
-        source = resolve_chain(client, cfg.run_id, cfg.model_uri, cfg.checkpoint, workdir)
+        steps = evaluated_steps(client, cfg)
+        source = resolve_chain(client, cfg.run_id, cfg.model_uri, steps[0], workdir)
         chain = load_chain(source, precision)
         what.update({k: source.metadata.get(k, "") for k in ("vocoder_run", "vocoder_step", "adapter_run", "adapter_step")})
+        if cfg.steps:
+            what["vocoder_step"] = ",".join(map(str, steps))
     if transcriber is not None:
         what.update(asr_run=asr_run, asr_step=str(transcriber.step))
     if mode == "noisy":
@@ -332,22 +394,52 @@ def plan(cfg: EvaluateConfig, client: MlflowClient, workdir: Path) -> Plan:
     else:  # a missing corpus, a too small one, or one whose test files cannot be read
         check_usable([utt.path for utt in test_utterances(cfg)], f"the last test_size={cfg.test_size} utterances of "
                      f"data={cfg.data}", "Check the corpus (data_root=) or choose another data= or test_size=.")
-    return Plan(cfg, mode, what, evaluation_key(what, cfg), chain, transcriber, asr_run)
+    return Plan(cfg, mode, steps, what, evaluation_key(what, cfg), chain, transcriber, asr_run)
+
+
+MODEL_FREE = ("clean", "degraded", "input")  # conditions that do not depend on the checkpoint: scored once
+
+
+def _chain_at(client: MlflowClient, p: Plan, index: int):
+    """The chain of ``p.steps[index]`` (the first is loaded by ``plan``)."""
+    if index == 0:
+        return p.chain
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as workdir:  # load_chain reads the checkpoints whole
+        return load_chain(resolve_chain(client, p.cfg.run_id, None, p.steps[index], Path(workdir)), p.chain.precision)
 
 
 def evaluate_in_run(client: MlflowClient, p: Plan, run_id: str) -> dict[str, float]:
-    """Restore and score the test set, and log the table, metrics, plot and listening page into ``run_id``."""
-    items = asr_items(p.cfg) if p.mode == "asr" else noisy_items(p.chain, p.cfg) if p.mode == "noisy" else \
-        chain_items(p.chain, p.cfg)
-    table = score(items, p.transcriber, quality=p.mode != "asr")
-    metrics = summary(table)
-    client.log_table(run_id, table, "eval/files.json")
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
+    """Restore and score the test set at each of ``p.steps`` (metrics logged at that step with ``steps=``, at 0
+    otherwise), and log the table, plots and listening page (of the last step) into ``run_id``."""
+    by_step = bool(p.cfg.steps)
+    tables, fixed = [], None
+    for index, step in enumerate(p.steps):
+        chain = _chain_at(client, p, index)
+        items = asr_items(p.cfg) if p.mode == "asr" else noisy_items(chain, p.cfg) if p.mode == "noisy" else \
+            chain_items(chain, p.cfg)
+        table = score(items, p.transcriber, quality=p.mode != "asr", skip=() if fixed is None else MODEL_FREE)
+        if fixed is None:
+            fixed = table[table["condition"].isin(MODEL_FREE)]
+        else:
+            table = pd.concat([fixed, table], ignore_index=True)
+        metrics = summary(table)
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, int(step) if by_step else 0)
+                                          for k, v in metrics.items()])
+        if by_step:
+            log.info("Step %s: %s", step, ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items()
+                                                    if k.endswith(("/stoi", "/pesq_wb", "/dnsmos_ovrl"))))
+            table.insert(0, "step", int(step))
+        tables.append(table)
+    client.log_table(run_id, pd.concat(tables, ignore_index=True), "eval/files.json")
     with tempfile.TemporaryDirectory() as tmp:
-        plot(table, Path(tmp) / "conditions.png")
+        plot(table.drop(columns="step", errors="ignore"), Path(tmp) / "conditions.png")
         client.log_artifact(run_id, str(Path(tmp) / "conditions.png"), "eval")
+        if by_step:
+            plot_curves(pd.concat(tables, ignore_index=True), Path(tmp) / "curves.png")
+            client.log_artifact(run_id, str(Path(tmp) / "curves.png"), "eval")
         examples = [Example(item.name, item.text, dict(item.audio)) for item in items[:LISTEN]]
-        write_listening_page(Path(tmp) / "listening", f"evaluate · {p.mode} · {p.key}", examples, M.RATE)
+        step_note = f" · step {p.steps[-1]}" if by_step else ""
+        write_listening_page(Path(tmp) / "listening", f"evaluate · {p.mode}{step_note} · {p.key}", examples, M.RATE)
         client.log_artifacts(run_id, str(Path(tmp) / "listening"), "listening")
     return metrics
 

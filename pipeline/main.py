@@ -10,7 +10,8 @@ reused. A matching run that was stopped or crashed is resumed in place (``resume
 step run is tagged with the code version and linked to the previous step (``chain.previous_run``);
 main's own run (experiment ``main``) holds the chain's run IDs as params and tags.
 
-Overrides: configs/main.yaml has the demo defaults (tiny presets). A word ``key=value`` goes to
+Overrides: configs/main.yaml and its preset (``main.preset=tiny``, the default, or ``quality``:
+configs/main/<preset>.yaml) give each step's settings. A word ``key=value`` goes to
 every step whose config has that key (one that no step has is an error), ``<step>.key=value`` to
 that step only, ``main.<key>=value`` to main's own settings. Everything is checked before any step runs.
 """
@@ -65,11 +66,19 @@ class StepResult:
 
 
 def load_main_config(words: list[str]) -> tuple[MainConfig, list[str]]:
-    """configs/main.yaml with the ``main.*`` words applied; returns it and the remaining words."""
-    cfg = OmegaConf.merge(OmegaConf.structured(MainConfig), OmegaConf.load(CONFIG_DIR / "main.yaml"))
+    """configs/main.yaml, its preset (configs/main/<preset>.yaml) and the ``main.*`` words on top; returns it
+    and the remaining words."""
     own = [w[len("main."):] for w in words if w.startswith("main.")]
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(own))
+        user = OmegaConf.from_dotlist(own)
+        base = OmegaConf.merge(OmegaConf.structured(MainConfig), OmegaConf.load(CONFIG_DIR / "main.yaml"), user)
+        preset = CONFIG_DIR / "main" / f"{base.preset}.yaml"
+        if not preset.is_file():
+            choices = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "main").glob("*.yaml")))
+            raise ConfigError(f"main.preset={base.preset!r}: no such preset; choose one of {choices}")
+        cfg = OmegaConf.merge(base, OmegaConf.load(preset), user)
+    except ConfigError:
+        raise
     except Exception as err:  # OmegaConf's validation errors name the key
         raise ConfigError(f"Invalid main override: {err}") from err
     return cfg, [w for w in words if not w.startswith("main.")]

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 from mlflow import MlflowClient
 
-from conftest import REPO, VENV_BIN, artifact_dir, env_for, snapshot, stage_runs
+from conftest import CHAIN_STEPS, REPO, VENV_BIN, artifact_dir, env_for, snapshot, stage_runs
 from pipeline.inference import metrics as M
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.engine.session import run_stage
@@ -106,6 +106,62 @@ def test_evaluate_an_asr_run_and_real_noisy_recordings(chain, asr_run, tmp_path)
     [run] = evaluations(client, "noisy")
     assert {"eval/input/dnsmos_ovrl", "eval/restored/dnsmos_ovrl", "eval/delta/dnsmos_ovrl"} <= set(run.data.metrics)
     assert not any("pesq" in k for k in run.data.metrics)  # no reference: no intrusive metric
+
+
+@pytest.fixture(scope="module")
+def warm_vocoder(chain):
+    """A pretrain_vocoder run with two checkpoints whose first steps are the mel-only warm-up."""
+    from pipeline.stages.pretrain_vocoder import PretrainVocoder
+
+    steps = [w for w in CHAIN_STEPS if not w.startswith("trainer.max_steps")]
+    assert run_stage(PretrainVocoder, ["ssl=tiny", "vocoder=tiny", *steps, "trainer.max_steps=4",
+                                       "loss.gan_start_step=2", "trainer.log_interval=1"]) == EXIT_OK
+    return stage_runs(MlflowClient(), "pretrain_vocoder")[-1].info.run_id
+
+
+def test_mel_warm_up_runs_the_generator_alone_then_the_gan(warm_vocoder):
+    client = MlflowClient()
+    history = {key: [m.step for m in client.get_metric_history(warm_vocoder, key)]
+               for key in ("train/mel", "train/adv", "train/d_loss", "grad_norm/discriminator")}
+    assert history["train/mel"] == [1, 2, 3, 4]
+    assert history["train/adv"] == history["train/d_loss"] == history["grad_norm/discriminator"] == [3, 4]
+
+
+def test_learning_curves_by_checkpoint_step(chain, warm_vocoder, tmp_path, capfd):
+    client = MlflowClient()
+    assert evaluate([f"run_id={warm_vocoder}", "steps=all", "test_size=2"]) == EXIT_OK
+    [run] = evaluations(client, "vocoder")  # a pretrain_vocoder run: copy synthesis, no restoration
+    assert run.data.params["vocoder_step"] == "2,4" and run.data.tags["eval.vocoder_run"] == warm_vocoder
+    for key in ("eval/copy_synthesis/stoi", "eval/copy_synthesis/pesq_wb", "eval/degraded/dnsmos_ovrl"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2, 4], key
+    assert not any("restored" in k or "delta" in k for k in run.data.metrics)
+    degraded = client.get_metric_history(run.info.run_id, "eval/degraded/stoi")
+    assert degraded[0].value == degraded[1].value  # scored once: it does not depend on the checkpoint
+    table = json.loads((artifact_dir(client, run.info.run_id) / "eval" / "files.json").read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert sorted((r["step"], r["condition"]) for r in rows) == sorted(
+        (step, cond) for step in (2, 4) for cond in ("degraded", "copy_synthesis") for _ in range(2))
+    assert (artifact_dir(client, run.info.run_id) / "eval" / "curves.png").stat().st_size > 1000
+
+    # one chosen step of a finetune_vocoder run: the whole chain, logged at that step
+    assert evaluate([f"run_id={chain['finetune']}", "steps=2", "test_size=2"]) == EXIT_OK
+    [curve] = [r for r in evaluations(client, "chain") if r.data.params["steps"] == "2"]
+    assert [m.step for m in client.get_metric_history(curve.info.run_id, "eval/delta/stoi")] == [2]
+
+    before = snapshot(client)
+    for args, message in [
+        ([f"run_id={warm_vocoder}", "steps=2,3"], f"Run {warm_vocoder} has no stored checkpoint at step 3; "
+                                                  "stored steps: 2, 4"),
+        ([f"run_id={warm_vocoder}", "checkpoint=3"], "no stored checkpoint at step 3"),
+        ([f"run_id={warm_vocoder}", "steps=last"], "steps='last'; give all or step numbers"),
+        ([f"run_id={warm_vocoder}", f"noisy_dir={tmp_path}"], "has no adapters to restore noisy_dir"),
+        (["model_uri=models:/speech-restoration/1", "steps=all"], "give run_id="),
+    ]:
+        capfd.readouterr()
+        assert evaluate(args) == EXIT_BAD_INPUT, args
+        err = capfd.readouterr().err
+        assert message in err and "Traceback" not in err, (message, err[-2000:])
+    assert snapshot(client) == before
 
 
 def test_bad_input_gives_one_message_exit_2_and_no_run(chain, tmp_path, capfd):

@@ -270,6 +270,8 @@ class VocoderLossConfig:
     fm_weight: float = 2.0  # feature matching weight
     mel_weight: float = 45.0  # log-mel L1 weight
     discriminator_lr: Optional[float] = None  # peak LR of the discriminators; null = optim.lr
+    gan_start_step: int = 0  # steps before this one train the generator on the mel loss alone (a warm-up; the
+    #                          discriminators neither run nor learn, so those steps cost about a third)
     n_fft: int = 1024  # mel loss STFT size
     win_length: int = 1024
     hop_length: int = 256
@@ -282,6 +284,7 @@ class VocoderLossConfig:
 class MainConfig:
     """main: the restoration chain, one MLflow run per step (configs/main.yaml)."""
 
+    preset: str = "tiny"  # configs/main/<preset>.yaml: the steps' settings (tiny: minutes on a CPU; quality: ~30 min)
     reuse: bool = True  # reuse a FINISHED run of a step with the same entry point, parameters and code version
     resume: bool = True  # resume a stopped or crashed run of a step (same parameters and code) instead of restarting
     evaluate: list[str] = field(default_factory=lambda: ["test_size=4"])  # arguments of the closing evaluate (pipeline/evaluate.py)

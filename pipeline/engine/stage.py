@@ -141,6 +141,7 @@ class Stage:
         self._ddp: dict[nn.Module, nn.Module] = {}  # module -> its DistributedDataParallel wrapper
         self.inputs: dict[str, str] = dict(inputs or {})  # run_inputs by name (stored in every checkpoint)
         self.resuming = resuming  # the engine restores a checkpoint after build(): skip initial weights
+        self.step = 0  # optimizer steps done before the current training_step (the engine keeps it, resume included)
         self.nonfinite_updates = 0  # optimizer updates skipped because the loss or gradient was not finite
         self.modules: dict[str, nn.Module] = {}  # trainable modules: saved in checkpoints
         self.optimizers: dict[str, torch.optim.Optimizer] = {}

@@ -58,7 +58,7 @@ BEST_RUN_ID = "best.run_id"
 
 # evaluate: on the evaluation run, what it evaluated; on an evaluated run, its latest evaluation
 EVAL_KEY = "eval.key"  # hash of what makes two evaluations the same (runs, steps, test set, seed)
-EVAL_MODE = "eval.mode"  # chain | noisy | asr
+EVAL_MODE = "eval.mode"  # chain | noisy | asr | vocoder (a pretrain_vocoder run: copy synthesis only)
 EVAL_VOCODER_RUN = "eval.vocoder_run"
 EVAL_ADAPTER_RUN = "eval.adapter_run"
 EVAL_ASR_RUN = "eval.asr_run"

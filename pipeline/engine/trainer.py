@@ -403,6 +403,7 @@ class Engine:
         stage = self.stage
         batch = stage.to_device(batch)
         skipped_before = stage.nonfinite_updates
+        stage.step = self.pos.step
         with stage.precision.autocast():  # Stage.optimize leaves it for the backward pass
             out = stage.training_step(batch)
         self.pos.step += 1

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pipeline.config import AdapterConfig, EncoderConfig, VocoderConfig
 from pipeline.engine.checkpoint_files import CheckpointError, load_state, verify
+from pipeline.engine.checkpointing import list_checkpoints
 from pipeline.engine.resume import ResumeError, RunCheckpoints, fetch_model, stored_inputs
 from pipeline.engine.stage import Precision
 from pipeline.inference.requests import MAX_SECONDS, answering, request_audio, resample
@@ -39,6 +40,7 @@ from pipeline.models.encoder import encoder_geometry, window
 log = logging.getLogger(__name__)
 
 CHAIN_STAGE = "finetune_vocoder"
+VOCODER_STAGE = "pretrain_vocoder"  # its checkpoints make a vocoder-only chain (copy synthesis)
 ADAPTER_STAGE = "train_adapter"
 
 
@@ -46,21 +48,21 @@ ADAPTER_STAGE = "train_adapter"
 class ChainCheckpoints:
     """Where a chain's weights are: two verified checkpoint directories and what they came from."""
 
-    adapter_dir: Path
+    adapter_dir: Path | None  # None: a pretrain_vocoder checkpoint, a vocoder-only chain
     vocoder_dir: Path
     metadata: dict[str, str]  # run IDs, steps, encoder preset and weights reference
 
 
-def chain_from_run(client: MlflowClient, run_id: str, workdir: Path, which: str = "latest") -> ChainCheckpoints:
-    """The chain of a finetune_vocoder run: its latest (or best) committed checkpoint and the adapter
-    checkpoint it was fine-tuned on; ResumeError/CheckpointError say what is wrong."""
-    vocoder = RunCheckpoints(client, run_id, (CHAIN_STAGE,))
-    step = vocoder.require_committed("restore with")
-    if which == "best":
-        best = vocoder.best_step()
-        step = best if best is not None else step
+def chain_from_run(client: MlflowClient, run_id: str, workdir: Path, which: str | int = "latest") -> ChainCheckpoints:
+    """The chain of a finetune_vocoder run: its latest or best committed checkpoint, or the one at step ``which``
+    (an int), and the adapter checkpoint it was fine-tuned on. A pretrain_vocoder run gives a vocoder-only chain
+    (no adapter checkpoint: copy synthesis only). ResumeError/CheckpointError say what is wrong."""
+    vocoder = RunCheckpoints(client, run_id, (CHAIN_STAGE, VOCODER_STAGE))
+    step = checkpoint_step(vocoder, which)
     vocoder_dir = vocoder.download(step, workdir / "vocoder")
     meta = verify(vocoder_dir)
+    if meta.get("stage") == VOCODER_STAGE:
+        return ChainCheckpoints(None, vocoder_dir, chain_metadata(meta, run_id, step, "", None))
     inputs = stored_inputs(meta)
     adapter_run = inputs.get("adapter_run") or meta["model_args"].get("adapter_run")
     if not adapter_run:
@@ -75,10 +77,27 @@ def chain_from_run(client: MlflowClient, run_id: str, workdir: Path, which: str 
     return ChainCheckpoints(adapter_dir, vocoder_dir, chain_metadata(meta, run_id, step, adapter_run, adapter_step))
 
 
-def chain_metadata(meta: dict[str, Any], run_id: str, step: int, adapter_run: str, adapter_step: int) -> dict[str, str]:
+def checkpoint_step(run: RunCheckpoints, which: str | int) -> int:
+    """The step ``which`` names in ``run``: ``latest``, ``best`` (the latest when nothing is scored) or a
+    step number that must still be stored (the refusal lists the stored ones)."""
+    latest = run.require_committed("restore with")
+    if which == "latest":
+        return latest
+    if which == "best":
+        best = run.best_step()
+        return best if best is not None else latest
+    stored = list_checkpoints(run.client, run.run_id)
+    if int(which) not in stored:
+        raise ResumeError(f"Run {run.run_id} has no stored checkpoint at step {which}; stored steps: "
+                          f"{', '.join(map(str, stored))} (retention keeps checkpoint.keep_last_n and keep_best_k)")
+    return int(which)
+
+
+def chain_metadata(meta: dict[str, Any], run_id: str, step: int, adapter_run: str,
+                   adapter_step: int | None) -> dict[str, str]:
     ssl = meta["model_args"]["ssl"]
     return {"vocoder_run": run_id, "vocoder_step": str(step), "adapter_run": adapter_run,
-            "adapter_step": str(adapter_step), "encoder": ssl["name"], "encoder_layer": str(ssl["layer"]),
+            "adapter_step": "" if adapter_step is None else str(adapter_step), "encoder": ssl["name"], "encoder_layer": str(ssl["layer"]),
             "encoder_weights": str(ssl.get("weights") or "(seeded random initialisation)"),
             "vocoder": meta["model_args"]["vocoder"]["name"]}
 
@@ -139,6 +158,7 @@ class RestorationChain:
         self.generator = Generator(ssl.embed_dim, vocoder)
         self.adapted.to(self.device).eval().requires_grad_(False)
         self.generator.to(self.device).eval().requires_grad_(False)
+        self.has_adapters = True  # False: a vocoder-only chain (copy synthesis only)
         self.adapters_on = True
         self.rate_in, self.rate_out = int(ssl.sample_rate), int(vocoder.sample_rate)
         self.hop_in, receptive = encoder_geometry(ssl)
@@ -153,11 +173,13 @@ class RestorationChain:
             raise ValueError(f"chunk_seconds={chunk_seconds} must be at least fade_seconds={fade_seconds}")
 
     @classmethod
-    def from_checkpoints(cls, adapter_dir: Path, vocoder_dir: Path, precision: Precision | None = None,
+    def from_checkpoints(cls, adapter_dir: Path | None, vocoder_dir: Path, precision: Precision | None = None,
                          ssl_weights: str | None = None, **options) -> "RestorationChain":
         """The chain of a verified finetune_vocoder checkpoint and the train_adapter checkpoint it was
-        fine-tuned on (weights loaded with ``weights_only=True``); ``options`` are the chunking settings."""
-        vocoder_meta, adapter_meta = _checked(vocoder_dir, CHAIN_STAGE), _checked(adapter_dir, ADAPTER_STAGE)
+        fine-tuned on (weights loaded with ``weights_only=True``); ``options`` are the chunking settings.
+        ``adapter_dir=None`` with a pretrain_vocoder checkpoint: a vocoder-only chain, for copy synthesis."""
+        vocoder_meta = _checked(vocoder_dir, CHAIN_STAGE if adapter_dir is not None else VOCODER_STAGE)
+        adapter_meta = _checked(adapter_dir, ADAPTER_STAGE) if adapter_dir is not None else None
         args = vocoder_meta["model_args"]
         ssl = OmegaConf.merge(OmegaConf.structured(EncoderConfig), args["ssl"])
         if ssl_weights:
@@ -165,15 +187,19 @@ class RestorationChain:
         if ssl.weights and not Path(ssl.weights).expanduser().exists():
             raise CheckpointError(f"The chain's encoder weights {ssl.weights} are not on this machine; give "
                                   "ssl_weights=<the same encoder's Hugging Face directory or state dict>")
-        trained = adapter_meta["model_args"]["ssl"]
-        if (trained["name"], trained["layer"]) != (ssl.name, ssl.layer):
-            raise CheckpointError(f"The adapter checkpoint {adapter_dir} was trained on encoder {trained['name']} layer "
-                                  f"{trained['layer']}, the vocoder on {ssl.name} layer {ssl.layer}")
-        chain = cls(ssl, OmegaConf.merge(OmegaConf.structured(AdapterConfig), args["adapter"]),
+        if adapter_meta is not None:
+            trained = adapter_meta["model_args"]["ssl"]
+            if (trained["name"], trained["layer"]) != (ssl.name, ssl.layer):
+                raise CheckpointError(f"The adapter checkpoint {adapter_dir} was trained on encoder {trained['name']} "
+                                      f"layer {trained['layer']}, the vocoder on {ssl.name} layer {ssl.layer}")
+        chain = cls(ssl, OmegaConf.merge(OmegaConf.structured(AdapterConfig), args.get("adapter", {})),
                     OmegaConf.merge(OmegaConf.structured(VocoderConfig), args["vocoder"]), precision, **options)
-        adapter_state = load_state(adapter_dir)["modules"]
-        for key, module in chain.adapted.trainable_modules().items():
-            module.load_state_dict(adapter_state[key])
+        if adapter_dir is not None:
+            adapter_state = load_state(adapter_dir)["modules"]
+            for key, module in chain.adapted.trainable_modules().items():
+                module.load_state_dict(adapter_state[key])
+        else:
+            chain.has_adapters = False
         chain.generator.load_state_dict(load_state(vocoder_dir)["modules"]["generator"])
         return chain
 
@@ -206,6 +232,9 @@ class RestorationChain:
         """The generator's input for (batch, samples) ``waves`` on the chain's device: adapted features, or the
         frozen encoder's with the adapters off; ``lengths``: valid samples per item of a zero-padded batch."""
         if self.adapters_on:
+            if not self.has_adapters:
+                raise ValueError("This chain has no adapters (a pretrain_vocoder checkpoint): it can only copy-synthesise "
+                                 "clean speech; restore with a finetune_vocoder run or its model")
             return self.adapted(waves, lengths)
         return self.adapted.target_features(waves, lengths)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -131,6 +132,8 @@ class VocoderStage(Stage):
             "discriminator": self.make_optimizer(self.discriminator_parameters(), cfg.loss.discriminator_lr or cfg.optim.lr),
         }
         self.schedulers = {name: self.make_scheduler(opt) for name, opt in self.optimizers.items()}
+        if cfg.loss.gan_start_step > 0:  # the discriminators' schedule follows the global step while they wait
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning)
         self.mel = self._mel_transform().to(self.device)
         self.load_initial_weights()
         self._build_data()
@@ -187,6 +190,8 @@ class VocoderStage(Stage):
     def training_step(self, batch):
         target = batch["target"]
         fake = self.ddp(self.generator)(self.features(batch))
+        if self.step < self.cfg.loss.gan_start_step:
+            return self._warm_up_step(fake, target)
         real_scores, _ = self._discriminate(target, training=True)
         fake_scores, _ = self._discriminate(fake.detach(), training=True)
         d_loss, d_parts = discriminator_loss(real_scores, fake_scores)
@@ -216,6 +221,14 @@ class VocoderStage(Stage):
             "grad_norm/generator": g_norm,
             "grad_norm/discriminator": d_norm,
         }
+
+    def _warm_up_step(self, fake: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Before ``loss.gan_start_step``: the generator on the weighted mel loss alone (HiFi-GAN's mel term, so
+        ``train/loss`` continues at the same scale); the discriminators do not run."""
+        mel = mel_l1(fake, target, self.mel)
+        loss = self.cfg.loss.mel_weight * mel
+        g_norm = self.optimize(loss, self.optimizers["generator"], self.generator.parameters())
+        return {"train/loss": loss.detach(), "train/mel": mel.detach(), "grad_norm/generator": g_norm}
 
     # --- samples --------------------------------------------------------------------------------
     def sample_inputs(self, index: int, clean_in: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
