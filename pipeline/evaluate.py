@@ -379,7 +379,7 @@ def plan(cfg: EvaluateConfig, client: MlflowClient, workdir: Path) -> Plan:
     what, chain, steps = {"mode": mode}, None, [None]
     if mode != "asr":
         steps = evaluated_steps(client, cfg)
-        source = resolve_chain(client, cfg.run_id, cfg.model_uri, steps[0], workdir)
+        source = resolve_chain(client, cfg.run_id, cfg.model_uri, steps[0], workdir, vocoder_only=True)
         chain = load_chain(source, precision)
         what.update({k: source.metadata.get(k, "") for k in ("vocoder_run", "vocoder_step", "adapter_run", "adapter_step")})
         if cfg.steps:
@@ -405,7 +405,8 @@ def _chain_at(client: MlflowClient, p: Plan, index: int):
     if index == 0:
         return p.chain
     with tempfile.TemporaryDirectory(prefix="evaluate-") as workdir:  # load_chain reads the checkpoints whole
-        return load_chain(resolve_chain(client, p.cfg.run_id, None, p.steps[index], Path(workdir)), p.chain.precision)
+        source = resolve_chain(client, p.cfg.run_id, None, p.steps[index], Path(workdir), vocoder_only=True)
+        return load_chain(source, p.chain.precision)
 
 
 def evaluate_in_run(client: MlflowClient, p: Plan, run_id: str) -> dict[str, float]:

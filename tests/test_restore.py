@@ -120,6 +120,7 @@ def test_bad_input_is_refused_with_one_message_and_nothing_written(chain, tmp_pa
     cases = [
         ([f"run_id={'0' * 32}", *ok], "not found in the tracking store"),
         ([f"run_id={chain['adapter']}", *ok], "is a train_adapter run, not a finetune_vocoder run"),
+        ([f"run_id={chain['vocoder']}", *ok], "is a pretrain_vocoder run, not a finetune_vocoder run"),  # only evaluate takes one
         ([f"run_id={empty}", *ok], "has no checkpoints to restore with"),
         ([f"run_id={chain['finetune']}", f"input={tmp_path / 'missing'}", f"output={tmp_path / 'out'}"], "input not found"),
         ([f"run_id={chain['finetune']}", f"input={source}", f"output={source / 'restored'}"], "is inside input"),

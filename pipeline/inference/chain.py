@@ -53,11 +53,13 @@ class ChainCheckpoints:
     metadata: dict[str, str]  # run IDs, steps, encoder preset and weights reference
 
 
-def chain_from_run(client: MlflowClient, run_id: str, workdir: Path, which: str | int = "latest") -> ChainCheckpoints:
+def chain_from_run(client: MlflowClient, run_id: str, workdir: Path, which: str | int = "latest",
+                   vocoder_only: bool = False) -> ChainCheckpoints:
     """The chain of a finetune_vocoder run: its latest or best committed checkpoint, or the one at step ``which``
-    (an int), and the adapter checkpoint it was fine-tuned on. A pretrain_vocoder run gives a vocoder-only chain
-    (no adapter checkpoint: copy synthesis only). ResumeError/CheckpointError say what is wrong."""
-    vocoder = RunCheckpoints(client, run_id, (CHAIN_STAGE, VOCODER_STAGE))
+    (an int), and the adapter checkpoint it was fine-tuned on. With ``vocoder_only`` a pretrain_vocoder run is
+    taken too, as a vocoder-only chain (no adapters: copy synthesis only); without it, refused as a run of the
+    wrong stage. ResumeError/CheckpointError say what is wrong."""
+    vocoder = RunCheckpoints(client, run_id, (CHAIN_STAGE, VOCODER_STAGE) if vocoder_only else (CHAIN_STAGE,))
     step = checkpoint_step(vocoder, which)
     vocoder_dir = vocoder.download(step, workdir / "vocoder")
     meta = verify(vocoder_dir)
@@ -295,13 +297,13 @@ def chain_from_model(uri: str, workdir: Path) -> ChainCheckpoints:
     return ChainCheckpoints(adapter, vocoder, dict(model.metadata or {}))
 
 
-def resolve_chain(client: MlflowClient, run_id: str | None, model_uri: str | None, which: str,
-                  workdir: Path) -> ChainCheckpoints:
+def resolve_chain(client: MlflowClient, run_id: str | None, model_uri: str | None, which: str | int,
+                  workdir: Path, vocoder_only: bool = False) -> ChainCheckpoints:
     """A chain from a finetune_vocoder run or from a model URI (exactly one of them), its checkpoints
     downloaded into ``workdir``. The caller owns ``workdir``: ``load_chain`` reads the checkpoints whole, so it
     can be removed once the chain is loaded."""
     if run_id:
-        return chain_from_run(client, run_id, workdir, which)
+        return chain_from_run(client, run_id, workdir, which, vocoder_only)
     return chain_from_model(model_uri, workdir)
 
 
