@@ -30,6 +30,6 @@ def test_copy_synthesis_improves_from_first_to_last_checkpoint(store):
     [evaluation] = stage_runs(client, "evaluate")
     curve = {m.step: m.value for m in client.get_metric_history(evaluation.info.run_id, "eval/copy_synthesis/stoi")}
     assert sorted(curve) == [25, 400]
-    assert curve[400] > curve[25] + 0.1, curve  # measured here: about 0.4 at step 25, near 0.6 by step 400
+    assert curve[400] > curve[25] + 0.1, curve  # a mel-only probe measured 0.39 at step 10, 0.60 at 500
     phases = {key: [m.step for m in client.get_metric_history(run_id, key)] for key in ("train/mel", "train/d_loss")}
     assert phases["train/mel"] == list(range(1, 401)) and phases["train/d_loss"] == list(range(351, 401))
