@@ -46,7 +46,7 @@ def test_stop_tag_is_noticed_at_the_next_poll(run_id):
         time.sleep(0.5)
         assert not stopper.requested
         client.set_tag(run_id, "stop_requested", "true")
-        wait_for(lambda: stopper.requested, timeout=5, what="stop request")
+        wait_for(lambda: stopper.requested, timeout=60, what="stop request")  # a generous wait
         assert stopper.reason == "tag"
 
 

@@ -24,7 +24,7 @@ def test_tags_are_stored_in_the_background_newest_value_wins_and_a_failed_send_i
     writer = TagWriter(FlakyClient(), run_id, retry_seconds=0.05)
     writer.set({"progress": "Step 1/10"})
     writer.set({"progress": "Step 2/10", "other": "x"})
-    assert writer.flush(timeout=10)
+    assert writer.flush(timeout=60)
     writer.set({"progress": "Step 3/10"})
     writer.close()
     tags = client.get_run(run_id).data.tags
