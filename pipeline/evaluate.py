@@ -3,6 +3,7 @@
     python -m pipeline.evaluate run_id=<finetune_vocoder run> [asr_run=<train_asr run>] [data=demo] [seed=1234]
     python -m pipeline.evaluate model_uri=models:/speech-restoration/3 noisy_dir=recordings/
     python -m pipeline.evaluate run_id=<train_asr run>
+    python -m pipeline.evaluate run_id=<finetune_vocoder or pretrain_vocoder run> steps=all
     mlflow run . -e evaluate --env-manager local -P run_id=<id>
 
 Chain mode: the last ``test_size`` utterances of a corpus (by default the demo corpus's held-out split,
@@ -12,7 +13,10 @@ vocoder on the clean features: the ceiling). Metrics (pipeline/inference/metrics
 ESTOI, SI-SDR, log-spectral distance, DNSMOS SIG/BAK/OVRL, and with ``asr_run`` the CER/WER of that
 train_asr run's model. With ``noisy_dir`` (real recordings, no references): the non-intrusive metrics
 and transcripts of ``input`` and ``restored``. For a train_asr ``run_id``: CER/WER on ``clean`` and
-``degraded`` audio.
+``degraded`` audio. A pretrain_vocoder ``run_id``: ``copy_synthesis`` (and ``degraded``) only.
+
+Learning curves: ``steps=all`` (or ``steps=500,1000``) scores each of those checkpoints of the run and logs
+the metrics at the checkpoint's step (``eval/curves.png`` plots them); checkpoint-free conditions are scored once.
 
 The ``evaluate`` run holds a per-file table (``eval/files.json``), summary metrics
 ``eval/<condition>/<metric>`` and ``eval/delta/<metric>`` (restored minus degraded), a plot per metric
