@@ -74,7 +74,9 @@ def test_a_mixed_tree_is_cleaned_into_a_complete_manifest_equal_to_restore(chain
     before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
     argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "keep.min_seconds=2.5",
             "keep.min_speaker_similarity=-1", *FAST]
+    sigterm = signal.getsignal(signal.SIGTERM)
     assert clean_corpus(argv) == EXIT_OK
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # ray.init's sys.exit handler does not outlive the job
 
     manifest = pd.read_parquet(out / "manifest.parquet").set_index("id", drop=False)
     assert sorted(manifest.index) == ["a.wav", "short.wav", "sub/broken.wav", "sub/deeper/low_8k.ogg",

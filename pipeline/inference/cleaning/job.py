@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,12 +60,17 @@ def start_ray(address: str, object_store_mb: int) -> None:
         check_reachable(address)
     options = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                    configure_logging=False)
-    if address:
-        ray.init(address=address, **options)
-    else:
-        # idle task workers kept 60 s (Ray's default: 1 s past num_cpus workers; a new one imports torch again)
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_mb * 2**20 if object_store_mb else None,
-                 _system_config={"idle_worker_killing_time_threshold_ms": 60_000}, **options)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            # idle task workers kept 60 s (Ray's default: 1 s past num_cpus workers; a new one imports torch again)
+            ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_mb * 2**20 if object_store_mb else None,
+                     _system_config={"idle_worker_killing_time_threshold_ms": 60_000}, **options)
+    finally:  # ray.init replaces the process's SIGTERM handler with sys.exit and never puts it back
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's execution-plan lines
 
