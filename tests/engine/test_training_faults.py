@@ -30,7 +30,12 @@ def _run(client):
 
 
 @pytest.mark.parametrize("point, sig", [("validation@1", "TERM"), ("samples@1", "INT"), ("validation@1", "HUP")])
-def test_a_stop_signal_during_validation_or_samples_commits_that_step_and_resumes(store, armed, point, sig, capfd):
+def test_a_stop_signal_during_validation_or_samples_commits_that_step_and_resumes(store, armed, point, sig, capfd,
+                                                                                  request):
+    if sig == "HUP" and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        # the suite runs under nohup: the engine leaves an ignored SIGHUP ignored on purpose, which is not tested here
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        request.addfinalizer(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     armed(f"{point}=signal:{sig}")
     assert run_stage(TrainAdapter, JOB) == EXIT_STOPPED
     faults.disarm()
