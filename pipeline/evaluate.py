@@ -62,7 +62,7 @@ from pipeline.inference.listening import Example, write_listening_page
 from pipeline.models.asr import error_counts
 from pipeline.engine.checkpointing import list_checkpoints
 from pipeline.engine.resume import RunCheckpoints
-from pipeline.inference.chain import CHAIN_STAGE, VOCODER_STAGE, load_chain, resolve_chain
+from pipeline.inference.chain import CHAIN_STAGE, VOCODER_STAGE, load_chain, resolve_chain, stored_steps
 
 log = logging.getLogger(__name__)
 
@@ -355,16 +355,9 @@ def evaluated_steps(client: MlflowClient, cfg: EvaluateConfig) -> list:
         return [int(cfg.checkpoint) if cfg.checkpoint.isdigit() else cfg.checkpoint]
     run = RunCheckpoints(client, cfg.run_id, (CHAIN_STAGE, VOCODER_STAGE))
     run.require_committed("evaluate")
-    stored = list_checkpoints(client, cfg.run_id)
     if cfg.steps == "all":
-        return stored
-    wanted = sorted({int(w) for w in cfg.steps.split(",")})
-    missing = [step for step in wanted if step not in stored]
-    if missing:
-        raise ResumeError(f"Run {cfg.run_id} has no stored checkpoint at step {', '.join(map(str, missing))}; stored "
-                          f"steps: {', '.join(map(str, stored))} (retention keeps checkpoint.keep_last_n and "
-                          "keep_best_k: raise them in training to keep a learning curve's checkpoints)")
-    return wanted
+        return list_checkpoints(client, cfg.run_id)
+    return stored_steps(run, sorted({int(w) for w in cfg.steps.split(",")}))
 
 
 def plan(cfg: EvaluateConfig, client: MlflowClient, workdir: Path) -> Plan:

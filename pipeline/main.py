@@ -72,16 +72,13 @@ def load_main_config(words: list[str]) -> tuple[MainConfig, list[str]]:
     try:
         user = OmegaConf.from_dotlist(own)
         base = OmegaConf.merge(OmegaConf.structured(MainConfig), OmegaConf.load(CONFIG_DIR / "main.yaml"), user)
-        preset = CONFIG_DIR / "main" / f"{base.preset}.yaml"
-        if not preset.is_file():
-            choices = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "main").glob("*.yaml")))
-            raise ConfigError(f"main.preset={base.preset!r}: no such preset; choose one of {choices}")
-        cfg = OmegaConf.merge(base, OmegaConf.load(preset), user)
-    except ConfigError:
-        raise
     except Exception as err:  # OmegaConf's validation errors name the key
         raise ConfigError(f"Invalid main override: {err}") from err
-    return cfg, [w for w in words if not w.startswith("main.")]
+    preset = CONFIG_DIR / "main" / f"{base.preset}.yaml"
+    if not preset.is_file():
+        choices = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "main").glob("*.yaml")))
+        raise ConfigError(f"main.preset={base.preset!r}: no such preset; choose one of {choices}")
+    return OmegaConf.merge(base, OmegaConf.load(preset), user), [w for w in words if not w.startswith("main.")]
 
 
 def step_overrides(cfg: MainConfig, words: list[str]) -> dict[str, list[str]]:

@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import PYTHON, REPO, all_runs, env_for, stage_runs
+from pipeline.config import ConfigError
 from pipeline.main import STEPS, load_main_config, main, step_overrides
 
 SHORT = ["trainer.max_steps=3", "validation.interval=3", "checkpoint.save_interval=3", "validation.num_samples=1",
@@ -26,6 +27,15 @@ def test_overrides_go_to_the_steps_that_have_the_key(store):
     assert out["pretrain_vocoder"][-2:] == ["optim.lr=0.01", "trainer.max_steps=7"]
     assert all(o[-1] == "trainer.max_steps=7" for s, o in out.items() if s != "pretrain_vocoder")
     assert "ssl=tiny" in out["pretrain_vocoder"] and "ssl=tiny" not in out["finetune_vocoder"]  # from the runs
+
+
+def test_presets_give_the_steps_settings_and_an_unknown_one_is_refused():
+    quality, _ = load_main_config(["main.preset=quality"])
+    assert "loss.gan_start_step=2000" in quality.pretrain_vocoder and "trainer.max_steps=200" not in quality.train_adapter
+    tiny, _ = load_main_config([])
+    assert tiny.preset == "tiny" and "trainer.max_steps=200" in tiny.train_adapter
+    with pytest.raises(ConfigError, match="main.preset='nope': no such preset; choose one of quality, tiny"):
+        load_main_config(["main.preset=nope"])
 
 
 def test_an_override_no_step_knows_is_refused_before_anything_runs(store, capfd):

@@ -271,7 +271,7 @@ class VocoderLossConfig:
     mel_weight: float = 45.0  # log-mel L1 weight
     discriminator_lr: Optional[float] = None  # peak LR of the discriminators; null = optim.lr
     gan_start_step: int = 0  # steps before this one train the generator on the mel loss alone (a warm-up; the
-    #                          discriminators neither run nor learn, so those steps cost about a third)
+    #                          discriminators neither run nor learn, so those steps cost far less: a tenth with vocoder=tiny)
     n_fft: int = 1024  # mel loss STFT size
     win_length: int = 1024
     hop_length: int = 256

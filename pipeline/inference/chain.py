@@ -88,11 +88,18 @@ def checkpoint_step(run: RunCheckpoints, which: str | int) -> int:
     if which == "best":
         best = run.best_step()
         return best if best is not None else latest
+    return stored_steps(run, [int(which)])[0]
+
+
+def stored_steps(run: RunCheckpoints, wanted: list[int]) -> list[int]:
+    """``wanted``, each of which ``run`` must still store; the refusal names the missing and the stored steps."""
     stored = list_checkpoints(run.client, run.run_id)
-    if int(which) not in stored:
-        raise ResumeError(f"Run {run.run_id} has no stored checkpoint at step {which}; stored steps: "
-                          f"{', '.join(map(str, stored))} (retention keeps checkpoint.keep_last_n and keep_best_k)")
-    return int(which)
+    missing = [step for step in wanted if step not in stored]
+    if missing:
+        raise ResumeError(f"Run {run.run_id} has no stored checkpoint at step {', '.join(map(str, missing))}; stored "
+                          f"steps: {', '.join(map(str, stored))} (retention keeps checkpoint.keep_last_n and "
+                          "keep_best_k: raise them in training to keep a learning curve's checkpoints)")
+    return wanted
 
 
 def chain_metadata(meta: dict[str, Any], run_id: str, step: int, adapter_run: str,
