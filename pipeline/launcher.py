@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 
 from pipeline.stages import TRAINING_STAGES
@@ -77,6 +78,10 @@ def main() -> None:
         sys.exit(EXIT_BAD_INPUT)
     if cmd[1:3] != ["-m", module(stage)]:
         log.info("Starting %s", shlex.join(cmd[1:]))
+        # Slurm's --signal=USR1 reaches every process of the job step: torchrun's agent, which has no handler for it
+        # and would die, and its workers, which stop to be requeued. An ignored signal stays ignored across exec and
+        # in the agent's children until a worker's engine installs its own handler.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.execv(cmd[0], cmd)
 
 

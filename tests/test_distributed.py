@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import PYTHON, TINY, all_runs, env_for, loss_history, mlflow_run, read_until, stage_runs
+from conftest import PYTHON, TINY, all_runs, env_for, loss_history, mlflow_run, read_until, stage_runs, wait_for
 from pipeline.data.datasets import ShuffledBatches
 from pipeline.engine.checkpointing import download_checkpoint
 from pipeline.engine.cli import EXIT_OK
@@ -259,6 +259,57 @@ def test_a_stop_under_an_elastic_agent_exits_zero_so_the_agent_does_not_restart_
     run = client.get_run(run.info.run_id)
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "tag"
     assert "Elastic restart" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# Two torchrun agents as two nodes (c10d rendezvous on loopback), found again by their job key
+# --------------------------------------------------------------------------------------------
+
+
+def two_nodes(workdir: Path, port: int, *args: str, faults: str = "") -> list[subprocess.Popen]:
+    """Two torchrun agents with ``--nnodes=2`` and one worker each, meeting at a c10d rendezvous on loopback, as
+    ``srun`` starts one per node of a Slurm job (scripts/slurm/train_adapter.sbatch); each through the launcher."""
+    env = {**env_for(workdir), "OMP_NUM_THREADS": "1"}  # as torchrun sets it for the reference's 2 local workers
+    if faults:
+        env["PIPELINE_FAULTS"] = faults
+    options = f"--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{port} --rdzv-id=two-nodes-{port}"
+    return [subprocess.Popen([PYTHON, "-m", "pipeline.launcher", "--nproc=1", f"--torchrun={options}", "train_adapter",
+                              *args], cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+            for log in (open(workdir / "node-0.log", "w"), open(workdir / "node-1.log", "w"))]
+
+
+@pytest.mark.slow
+def test_two_nodes_continue_their_run_by_job_key_bit_identical_after_one_agent_is_killed(store, reference):
+    """SIGKILL to one node's torchrun agent mid-run: its worker stops (it watches its agent), both ranks agree on
+    the step and commit a checkpoint; the same two commands again (resume=auto, the same job key, as a requeued
+    Slurm job runs them) continue the same run to the end, every loss equal to the uninterrupted 2-rank run's."""
+    from pipeline.ops.localserver import free_port
+
+    client = MlflowClient()
+    args = [*TINY, *STEPS, "resume=auto", "job_key=two-nodes"]
+    nodes = two_nodes(store, free_port(), *args, faults=SLOW_STEPS)
+    logs = lambda: "".join((store / f"node-{i}.log").read_text() for i in (0, 1))  # noqa: E731
+
+    def trained(step: int) -> bool:
+        runs = stage_runs(client)
+        return bool(runs) and len(loss_history(client, runs[0].info.run_id)) >= step
+
+    wait_for(lambda: trained(12), timeout=300, what="step 12 of the two-node job", proc=nodes[1])
+    nodes[1].send_signal(signal.SIGKILL)
+    nodes[0].wait(timeout=300)
+    (run,) = stage_runs(client)
+    assert run.info.status == "KILLED" and run.data.tags["job.key"] == "two-nodes", logs()[-4000:]
+    stopped_at = int(run.data.tags["checkpoint.latest_step"])
+    assert 12 <= stopped_at < 20
+
+    again = two_nodes(store, free_port(), *args)
+    assert [node.wait(timeout=300) for node in again] == [0, 0], logs()[-4000:]
+    assert f"Job key two-nodes: resuming run {run.info.run_id}" in logs()
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resume.count"] == "1"
+    assert len(all_runs(client)) == 1
+    assert loss_history(client, run.info.run_id) == reference["losses"]
+    assert not logged_twice_differently(client, run.info.run_id)
 
 
 # --------------------------------------------------------------------------------------------

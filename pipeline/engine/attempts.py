@@ -29,6 +29,7 @@ from pipeline.engine.lease import Lease
 from pipeline.engine.outage import first_line
 from pipeline.engine.plan import BRANCH, CONTINUE, JobPlan, effective_batch, resume_label
 from pipeline.engine.stage import Stage
+from pipeline.engine.stopping import REQUEUE
 from pipeline.engine.tracking import copy_history, default_run_name, describe_run, latest_steps, start_or_adopt_run
 from pipeline.engine.trainer import Engine, Position
 
@@ -150,6 +151,8 @@ def open_run(client: MlflowClient, stage: Stage, plan: JobPlan) -> RunContext:
     else:
         resumed_from = None if resume is None else resume.source
         extra = {} if resume is None else {tag.RESUME_FROM: resume.source}
+        if plan.launch.auto_resume:  # a later launch with this key continues this run
+            extra[tag.JOB_KEY] = plan.launch.job_key
         experiment = experiment_name(cfg, stage.name)
     run_id, name = start_new_run(client, stage, cfg, experiment, extra)
     lease = new_lease(client, run_id, cfg).acquire({}, contended=False)
@@ -228,13 +231,16 @@ def _record_attempt(client: MlflowClient, plan: JobPlan, original, history: list
     attempt = max(recorded, _count_tag(original.data.tags) + 1) + 1
     resumed_from = resume_label(plan.cfg, resume)
     source = resumed_from if not lease.took_over else f"{resumed_from}; took over the run from {lease.took_over}"
+    if plan.launch.auto_resume:
+        source += f"; resume=auto, job key {plan.launch.job_key}"
     entry = attempt_record(attempt, started, source, plan.overrides)
     history.append(entry)
     write_attempt(client, run_id, entry, plan.changes)
     faults.point("startup.attempt")
     client.update_run(run_id, status="RUNNING")
-    if tag.STOPPED_BY in original.data.tags:
-        client.delete_tag(run_id, tag.STOPPED_BY)  # this attempt has not been stopped (yet)
+    for stale in (tag.STOPPED_BY, tag.REQUEUE):  # this attempt has not been stopped (yet), nor is it waiting
+        if stale in original.data.tags:
+            client.delete_tag(run_id, stale)
     for key, value in {tag.RESUME_COUNT: str(attempt - 1), tag.RESUME_FROM: resumed_from,
                        tag.STOP_REQUESTED: "false"}.items():
         client.set_tag(run_id, key, value)
@@ -273,14 +279,18 @@ def finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictConf
     """End the run in the tracking store first (tags, description, status), then update the attempt's record,
     an artifact: an artifact store that cannot be written (a full disk) must not leave the run RUNNING."""
     ctx.history[-1]["status"] = status if stopped_by is None else f"{status} ({stopped_by})"
+    shown = status
     if stopped_by:
         client.set_tag(ctx.run_id, tag.STOPPED_BY, stopped_by)
+    if stopped_by == REQUEUE:  # SIGUSR1: the scheduler is asked to start the job again
+        client.set_tag(ctx.run_id, tag.REQUEUE, "waiting")
+        shown = f"{status} · waiting to be requeued"
     progress = progress_text(cfg, pos, ctx.resumed_from, engine)
     client.set_tag(ctx.run_id, tag.PROGRESS, progress)
     client.set_tag(ctx.run_id, tag.NOTE, describe_run(
-        stage=stage_name, run_id=ctx.run_id, progress=progress, status=status,
+        stage=stage_name, run_id=ctx.run_id, progress=progress, status=shown,
         latest_checkpoint=latest, history=ctx.history, experiment_id=ctx.experiment_id, nproc=ctx.nproc,
-        batch=effective_batch(cfg, ctx.nproc)))
+        batch=effective_batch(cfg, ctx.nproc), job_key=ctx.tags.get(tag.JOB_KEY, "")))
     client.set_terminated(ctx.run_id, status)
     if ctx.attempt_run_id:
         client.set_terminated(ctx.attempt_run_id, status)

@@ -17,6 +17,7 @@ EXIT_FAILED = 1  # the job failed; its run says why
 EXIT_BAD_INPUT = 2  # bad input (a run ID, a config, a file) refused before anything was written
 EXIT_STOPPED = 3  # stopped on request (a signal, the stop tag, a pruned trial); resumable
 EXIT_STORAGE = 4  # the tracking or artifact store kept failing; resumable
+EXIT_REQUEUE = 75  # stopped by SIGUSR1 (pre-emption) with a checkpoint: requeue the job (Slurm: RequeueExit=75)
 EXIT_ABORTED = 130  # a second signal: stopped at once, without the checkpoint
 
 

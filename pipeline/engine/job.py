@@ -11,6 +11,8 @@ ended, with its status, progress, description and attempt record), by the other 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,7 +28,7 @@ from pipeline.engine.attempts import (RunContext, attempt_record, experiment_nam
                                       start_new_run, write_attempt)
 from pipeline.engine.checkpoint_files import checkpoint_name
 from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy, StorageError, download_checkpoint
-from pipeline.engine.cli import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_STORAGE
+from pipeline.engine.cli import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, EXIT_STOPPED, EXIT_STORAGE
 from pipeline.engine.distributed import Dist
 from pipeline.engine.lease import FencedClient, LeaseLost
 from pipeline.engine.logged_models import CheckpointModels
@@ -34,7 +36,7 @@ from pipeline.engine.outage import first_line
 from pipeline.engine.plan import JobPlan, effective_batch
 from pipeline.engine.resume import ResumePoint, rank_state
 from pipeline.engine.stage import Stage
-from pipeline.engine.stopping import AbortTraining, StopController
+from pipeline.engine.stopping import REQUEUE, AbortTraining, StopController
 from pipeline.engine.tracking import (MetricLogger, TagWriter, dashboard_hint, describe_run, ensure_runs_view,
                                       log_dataset_inputs, resume_command)
 from pipeline.engine.trainer import DataWorkerDied, Engine, NonFiniteTraining, Position
@@ -120,11 +122,13 @@ def train_other_rank(stage: Stage, plan: JobPlan, run_id: str) -> int:
             job.restore(plan.resume, stage.dist)
             result = job.engine.fit()
             stopper.abortable = False
-            job.code = EXIT_STOPPED if result.stopped_by else EXIT_OK
+            job.code = stop_code(result.stopped_by)
         except AbortTraining:
             job.code = EXIT_ABORTED
         except (NonFiniteTraining, DataWorkerDied) as err:
             log.error("%s", err)
+    if job.code == EXIT_REQUEUE and plan.launch.requeue == "scontrol":
+        return EXIT_OK  # rank 0 asks Slurm; a non-zero exit here would make torchrun end rank 0 before it could
     return job.code
 
 
@@ -234,10 +238,12 @@ class RunJob(Job):
     def _trained(self, result) -> None:
         self.stopped_by = result.stopped_by
         step = result.position.step
-        self.status, self.code = ("KILLED", EXIT_STOPPED) if self.stopped_by else ("FINISHED", EXIT_OK)
+        self.status, self.code = "KILLED" if self.stopped_by else "FINISHED", stop_code(self.stopped_by)
         if self.stopped_by:
-            log.warning("Stopped (%s) at step %d; checkpoint committed. Resume with: %s", self.stopped_by, step,
-                        self.resume_command)
+            hint = ("the same command with resume=auto (a requeued job) or: " if self.plan.launch.auto_resume
+                    else "")
+            log.warning("Stopped (%s) at step %d; checkpoint committed. Resume with: %s%s", self.stopped_by, step,
+                        hint, self.resume_command)
             return
         log.info("Training finished at step %d", step)
         if self.cfg.tracking.log_model and _log_final_model(self.client, self.run_id, self.stage, step) \
@@ -249,7 +255,8 @@ class RunJob(Job):
         ctx = self.ctx
         return describe_run(stage=self.stage.name, run_id=ctx.run_id, progress=self.shown["progress"],
                             status="RUNNING", latest_checkpoint=self.shown["latest"], history=ctx.history,
-                            experiment_id=ctx.experiment_id, nproc=ctx.nproc, batch=effective_batch(self.cfg, ctx.nproc))
+                            experiment_id=ctx.experiment_id, nproc=ctx.nproc, batch=effective_batch(self.cfg, ctx.nproc),
+                            job_key=ctx.tags.get(tag.JOB_KEY, ""))
 
     def _on_progress(self, pos: Position) -> None:  # the description follows the progress tag, in the same batch
         self.shown["progress"] = progress_text(self.cfg, pos, self.ctx.resumed_from, self.engine)
@@ -319,11 +326,42 @@ class RunJob(Job):
                   kept, self.resume_command)
 
 
+def stop_code(stopped_by: str | None) -> int:
+    """The exit code of a training loop that ended: done, stopped, or stopped to be requeued (SIGUSR1)."""
+    if stopped_by is None:
+        return EXIT_OK
+    return EXIT_REQUEUE if stopped_by == REQUEUE else EXIT_STOPPED
+
+
 def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunContext, hooks: TrainingHooks) -> int:
-    """Train ``stage`` in the opened run and always end the run, whatever happens; returns the exit code."""
+    """Train ``stage`` in the opened run and always end the run, whatever happens; returns the exit code. A stop
+    to be requeued with ``requeue=scontrol`` then asks Slurm to requeue the job (0 once it has)."""
     with RunJob(client, stage, plan, ctx, hooks) as job:
         job.train()
+    if job.code == EXIT_REQUEUE and plan.launch.requeue == "scontrol":
+        return scontrol_requeue()
     return job.code
+
+
+def scontrol_requeue() -> int:
+    """``scontrol requeue $SLURM_JOB_ID``, once the run is ended and its lease released: EXIT_OK when Slurm took
+    the request (it then ends this job and starts it again), else EXIT_REQUEUE with the reason logged."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        log.error("requeue=scontrol, but this job is not a Slurm job (SLURM_JOB_ID is not set): exiting with code %d "
+                  "for the caller to requeue it", EXIT_REQUEUE)
+        return EXIT_REQUEUE
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.error("Could not run `scontrol requeue %s` (%s): exiting with code %d", job_id, err, EXIT_REQUEUE)
+        return EXIT_REQUEUE
+    if done.returncode != 0:
+        log.error("`scontrol requeue %s` failed (%s): exiting with code %d (is the job submitted with --requeue?)",
+                  job_id, (done.stderr or done.stdout).strip(), EXIT_REQUEUE)
+        return EXIT_REQUEUE
+    log.warning("Asked Slurm to requeue job %s: it starts again and continues this run (resume=auto)", job_id)
+    return EXIT_OK
 
 
 def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int) -> bool:

@@ -9,7 +9,11 @@ between attempts:
 - ``resume_from=<uri or path>`` (also spelt ``checkpoint.resume_from=``): start from a checkpoint
   anywhere (``runs:/<id>/checkpoints/step-N``, ``s3://...``, a local directory), in a new run;
 - the runs a stage builds on (``Stage.run_inputs``, e.g. finetune_vocoder's ``adapter_run=`` and
-  ``vocoder_run=``).
+  ``vocoder_run=``);
+- ``resume=auto`` with ``job_key=<name>`` (the Slurm job ID by default): continue the run an earlier launch
+  with the same key started, or start one tagged with the key (engine/auto_resume.py);
+- ``requeue=exit|scontrol``: after a SIGUSR1 stop, exit with EXIT_REQUEUE (``exit``, the default) or also run
+  ``scontrol requeue $SLURM_JOB_ID`` (``scontrol``).
 
 Everything else is a config override (``key=value``). An empty value (``resume_run=``: what an MLproject
 parameter the user left out becomes) means "not given".
@@ -21,7 +25,8 @@ from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, parse_command_line
 
-RESUME_KEYS = ("resume_run", "resume_step", "resume_from")
+RESUME_KEYS = ("resume_run", "resume_step", "resume_from", "resume", "job_key", "requeue")
+REQUEUE_MODES = ("exit", "scontrol")
 ALIASES = {"checkpoint.resume_from": "resume_from"}  # the spelling of earlier releases
 # The run inputs of the project's stages, known without loading them: given to a stage that does not take it,
 # one is refused by name rather than as an unknown config key. A new stage's own run inputs need no entry here.
@@ -35,6 +40,9 @@ class LaunchArgs:
     resume_step: int | None = None  # with resume_run: the checkpoint step to start from
     resume_from: str | None = None  # a checkpoint URI or path to start a new run from
     inputs: dict[str, str] = field(default_factory=dict)  # runs the stage builds on, by name
+    auto_resume: bool = False  # resume=auto: continue the run tagged with job_key, if there is one
+    job_key: str | None = None  # with auto_resume: the key (given, or the Slurm job's)
+    requeue: str = "exit"  # after a SIGUSR1 stop: "exit" (EXIT_REQUEUE) or "scontrol" (requeue the Slurm job too)
 
     @property
     def resuming(self) -> bool:
@@ -67,6 +75,35 @@ def parse_launch(argv: list[str] | tuple[str, ...], run_inputs: tuple[str, ...] 
                               "resume_step=100 (see the run's checkpoints/index.csv)") from None
         if step < 0:
             raise ConfigError(f"resume_step={step} must be zero or more")
+    auto, key = _auto_resume(launch)
+    requeue = launch.get("requeue", "exit")
+    if requeue not in REQUEUE_MODES:
+        raise ConfigError(f"requeue={requeue!r}; choose one of {', '.join(REQUEUE_MODES)} (what a job stopped by "
+                          "SIGUSR1 does: exit with code 75, or also run `scontrol requeue $SLURM_JOB_ID`)")
     return LaunchArgs(overrides=overrides, resume_run=launch.get("resume_run"), resume_step=step,
                       resume_from=launch.get("resume_from"),
-                      inputs={key: launch[key] for key in run_inputs if key in launch})
+                      inputs={key: launch[key] for key in run_inputs if key in launch},
+                      auto_resume=auto, job_key=key, requeue=requeue)
+
+
+def _auto_resume(launch: dict[str, str]) -> tuple[bool, str | None]:
+    """``resume=auto`` and its job key: the one given, else the Slurm job's (engine/auto_resume.py)."""
+    from pipeline.engine.auto_resume import check_job_key, default_job_key
+
+    mode = launch.get("resume")
+    if mode not in (None, "auto"):
+        raise ConfigError(f"resume={mode!r}: the only value is resume=auto (continue the run of this job key, if "
+                          "any); to continue a run by its ID, pass resume_run=<run id>")
+    if mode is None:
+        if "job_key" in launch:
+            raise ConfigError("job_key= is read only with resume=auto (continue the run an earlier launch with the "
+                              "same key started); add resume=auto, or leave job_key out")
+        return False, None
+    if launch.get("resume_run") or launch.get("resume_step"):
+        raise ConfigError("resume=auto finds the run by its job key; leave out resume_run/resume_step (or leave "
+                          "out resume=auto to continue a run by its ID)")
+    key = launch.get("job_key") or default_job_key()
+    if key is None:
+        raise ConfigError("resume=auto needs job_key=<name> (the same name at every launch of this job), or a "
+                          "Slurm job, whose job ID is the default key")
+    return True, check_job_key(key)

@@ -12,7 +12,9 @@ The launcher is:
 - under ``mlflow run`` (``MLFLOW_RUN_ID`` is set): the nearest ``mlflow run`` process among the job's
   ancestors (past the shell an environment manager runs the command in, and past torchrun's agent);
 - otherwise the job's parent (a shell, torchrun's agent, a test), unless the job was detached on
-  purpose: started under ``nohup`` (SIGHUP ignored) or as the leader of a session of its own (``setsid``).
+  purpose: started under ``nohup`` (SIGHUP ignored) or as the leader of a session of its own (``setsid``). A
+  torchrun worker is always the leader of a session of its own (torchrun starts it so): it watches its agent, so a
+  node whose agent is killed stops its ranks with a checkpoint instead of training on without one.
 
 A process named in ``PIPELINE_WATCH_PID`` is watched as well: ``main`` names itself there for its steps,
 whose ``mlflow run`` processes live in sessions of their own and would outlive a ``main`` that was killed.
@@ -66,7 +68,8 @@ def launcher() -> psutil.Process | None:
         me = psutil.Process()
         if os.environ.get("MLFLOW_RUN_ID") and (found := mlflow_run_ancestor()) is not None:
             return found
-        if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN or os.getsid(0) == os.getpid():
+        torchrun_worker = bool(os.environ.get("TORCHELASTIC_RUN_ID"))  # torchrun starts each worker in a session
+        if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN or (os.getsid(0) == os.getpid() and not torchrun_worker):
             return None  # nohup or setsid: detached on purpose
         parent = me.parent()
     except (psutil.Error, OSError) as err:  # a process that vanished while we looked, no /proc

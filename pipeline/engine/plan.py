@@ -24,6 +24,7 @@ from pipeline.config import (
     config_diff,
     from_container,
 )
+from pipeline.engine import auto_resume
 from pipeline.engine.launch import LaunchArgs, parse_launch
 from pipeline.engine.resume import ResumePoint, resolve, stored_inputs
 from pipeline.engine.stage import Precision, Stage
@@ -63,10 +64,13 @@ def plan_job(stage_cls: type[Stage], argv: list[str], client: MlflowClient,
              continue_run: str | None = None) -> JobPlan:
     """Parse, compose, find the checkpoint to resume from and check every setting; it only reads. Every
     mistake the user can make surfaces here (ConfigError, ResumeError, CheckpointError, ValueError).
-    ``continue_run``: the run an elastic restart continues from its latest checkpoint, whatever the words say."""
+    ``continue_run``: the run an elastic restart continues from its latest checkpoint, whatever the words say.
+    With ``resume=auto``, the job key's run is found first (auto_resume.AlreadyFinished when it is done)."""
     launch = parse_launch(argv, stage_cls.run_inputs)
     if continue_run is not None:
         launch = replace(launch, resume_run=continue_run, resume_step=None, resume_from=None)
+    else:
+        launch = auto_resume.apply(client, stage_cls.name, launch)
     resume = resolve(client, stage_cls.name, launch)
     try:
         if resume is None:

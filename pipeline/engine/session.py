@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import replace
 
@@ -19,10 +20,11 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import ConfigError
 from pipeline.engine import launcher_watch, startup
+from pipeline.engine.auto_resume import AlreadyFinished
 from pipeline.engine.attempts import RunContext, experiment_name, open_run
 from pipeline.engine.checkpoint_files import CheckpointError
-from pipeline.engine.cli import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_STORAGE, exit_now,
-                                 setup_logging)
+from pipeline.engine.cli import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, EXIT_STOPPED, EXIT_STORAGE,
+                                 exit_now, setup_logging)
 from pipeline.engine.distributed import Dist, handed_over_run, max_restarts, remember_run, restart_count
 from pipeline.engine.job import TrainingHooks, train_in_run, train_other_rank
 from pipeline.engine.lease import LeaseHeld
@@ -41,11 +43,13 @@ def main(stage_cls: type[Stage]) -> None:
     """The command-line entry of a training stage (``python -m pipeline.stages.<stage> key=value ...``)."""
     dist = Dist.from_env()
     setup_logging(dist.rank)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until training starts (the engine's stop handler takes it then)
     launcher_watch.watch()  # a job whose launcher is gone stops as if it had been sent SIGTERM
     code = run_stage(stage_cls, sys.argv[1:], continue_run=_elastic_restart_run() if dist.is_main else None)
-    if code == EXIT_STOPPED and max_restarts() > 0:
+    if code in (EXIT_STOPPED, EXIT_REQUEUE) and max_restarts() > 0:
         # torchrun's agent restarts a group whose worker exits non-zero: a run stopped on purpose (the stop tag, a
-        # pruned trial) would be resumed at once. The run's status (KILLED) and stopped_by tag say it was stopped.
+        # pruned trial, SIGUSR1) would be resumed at once. The run's status (KILLED), its stopped_by tag and the
+        # requeue tag say it was stopped.
         code = EXIT_OK
     exit_now(code, dist)
 
@@ -64,7 +68,7 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
     configure_http()  # short HTTP retries: the engine retries what it must store (engine/outage.py)
     dist.init()  # once per process: a sweep's trials share the process group
     client, plan, code = _plan(stage_cls, argv, dist, continue_run)
-    if code != EXIT_OK:
+    if code != EXIT_OK or plan is None:  # refused, or nothing to train (resume=auto: the key's run is finished)
         return code
     try:
         return _run_rank(stage_cls, client, plan, hooks, dist)
@@ -83,11 +87,13 @@ def _plan(stage_cls: type[Stage], argv: list[str], dist: Dist,
             client = MlflowClient()
             check_access(client)
             plan = plan_job(stage_cls, argv, client, continue_run)
-        except (ConfigError, ResumeError, CheckpointError, ValueError, AccessError) as err:
+        except AlreadyFinished as err:
+            log.info("%s", err)
+        except (ConfigError, ResumeError, CheckpointError, ValueError, AccessError, LeaseHeld) as err:
             log.error("%s", err)
             code = EXIT_BAD_INPUT
     shared, code = dist.broadcast((plan.for_other_ranks() if plan else None, code))
-    return client, plan if dist.is_main else shared, code
+    return client, plan if dist.is_main else shared, code  # plan None with EXIT_OK: nothing to train
 
 
 def _elastic_restart_run() -> str | None:

@@ -1,9 +1,12 @@
-"""Graceful stop requests: SIGINT/SIGTERM/SIGHUP and the run's `stop_requested` tag (docs/architecture.md, Stopping).
+"""Graceful stop requests: SIGINT/SIGTERM/SIGHUP/SIGUSR1 and the run's `stop_requested` tag (docs/architecture.md,
+Stopping).
 
 The first request lets the current step finish; the engine then saves a checkpoint and ends the
 run as KILLED. A second signal aborts at once. SIGHUP (the terminal or SSH session closed) is a
 stop request too, unless the job was started under ``nohup``. A job whose launcher is gone sends
-itself SIGTERM (engine/launcher_watch.py). ``mlflow run`` forwards a Ctrl-C to
+itself SIGTERM (engine/launcher_watch.py). SIGUSR1 (Slurm's ``--signal=USR1@<s>`` before a time limit or a
+pre-emption) is the same stop with the reason ``requeue``: the run ends waiting to be requeued and the job exits
+EXIT_REQUEUE (docs/distributed.md, Slurm). ``mlflow run`` forwards a Ctrl-C to
 its child as a SIGTERM right after the terminal's SIGINT reached it, so a second signal within
 ``SECOND_SIGNAL_GRACE_S`` of the first counts as the same request, not as an abort.
 """
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SECOND_SIGNAL_GRACE_S = 1.0
 STOP_TAG = tag.STOP_REQUESTED
+REQUEUE = "requeue"  # the stop reason of SIGUSR1: checkpoint, stop, ask to be requeued
 
 
 class AbortTraining(BaseException):
@@ -38,7 +42,7 @@ class StopController:
         self.client = client
         self.run_id = run_id
         self.poll_seconds = poll_seconds
-        self.reason: str | None = None  # "signal" | "tag"
+        self.reason: str | None = None  # "signal" | "requeue" (SIGUSR1) | "tag" | a hook's reason
         self.abortable = True  # False once training is over and the run is being ended
         self._first_signal_at: float | None = None
         self._previous = {}
@@ -50,7 +54,7 @@ class StopController:
         return self.reason is not None
 
     def __enter__(self) -> "StopController":
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                 continue  # started under nohup: the user asked to outlive the terminal
             self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -75,9 +79,10 @@ class StopController:
         now = time.monotonic()
         if self._first_signal_at is None:
             self._first_signal_at = now
-            self.reason = self.reason or "signal"
-            log.warning("%s received: finishing the current step, then saving a checkpoint "
-                        "(send it again to abort without saving)", name)
+            self.reason = self.reason or (REQUEUE if signum == signal.SIGUSR1 else "signal")
+            then = ", then asking to be requeued" if self.reason == REQUEUE else ""
+            log.warning("%s received: finishing the current step, then saving a checkpoint%s "
+                        "(send it again to abort without saving)", name, then)
         elif not self.abortable:
             log.warning("%s received: the run is being ended, this takes a moment", name)
         elif now - self._first_signal_at > SECOND_SIGNAL_GRACE_S:

@@ -23,6 +23,8 @@ STOPPED_BY = "stopped_by"  # signal | tag | a hook's reason (e.g. pruned)
 STOP_ABORTED = "stop.aborted"
 WORLD_SIZE = "world_size"  # processes (torchrun ranks) the latest attempt trains with; also a param of the first
 EFFECTIVE_BATCH = "effective_batch_size"  # batch_size per rank x world_size, of the latest attempt
+JOB_KEY = "job.key"  # resume=auto: the key a later launch of the same job finds this run by (e.g. slurm:1234)
+REQUEUE = "requeue"  # "waiting": stopped by SIGUSR1 to be requeued; removed when a later attempt resumes
 
 # the run `mlflow run` created for a resume: this attempt's record
 ATTEMPT_NUMBER = "attempt.number"

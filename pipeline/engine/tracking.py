@@ -370,10 +370,12 @@ def describe_run(
     experiment_id: str = "",
     nproc: int = 1,
     batch: str = "",
+    job_key: str = "",
 ) -> str:
     """The run's Markdown description. The UI shows its first lines until "Show more": status, progress,
     the latest checkpoint and the resume command come first; then how to stop, links, the attempts.
-    ``nproc``: the processes the latest attempt trained with (torchrun); ``batch``: its effective batch."""
+    ``nproc``: the processes the latest attempt trained with (torchrun); ``batch``: its effective batch;
+    ``job_key``: the run's job key (resume=auto), if any."""
     ranks = f" -P nproc={nproc}" if nproc > 1 else ""
     lines = [
         f"**{status}** · {progress or 'starting'} · latest checkpoint `{latest_checkpoint or 'none yet'}`",
@@ -386,6 +388,9 @@ def describe_run(
     ]
     if batch:
         lines += [f"Effective batch: {batch}", ""]
+    if job_key:
+        lines += [f"Job key `{job_key}`: a launch with `resume=auto` and this key (a requeued Slurm job) continues "
+                  "this run by itself.", ""]
     if experiment_id:
         lines += [f"[All runs of this experiment]({ui_url(experiment_id)}) · "
                   f"[checkpoints]({ui_url(experiment_id, run_id, page='artifactPath/checkpoints/index.csv')}) · "
