@@ -21,4 +21,16 @@ if ! command -v chromium > /dev/null; then
     echo "chromium is not installed (as root: apt-get install chromium): the browser tests will be skipped" >&2
   fi
 fi
+# The Slurm tests (tests/test_slurm.py) start a real single-node Slurm on loopback: Debian's slurmctld, slurmd, its
+# clients and munge, installed here when missing and this runs as root; else they are skipped.
+if ! command -v slurmctld > /dev/null && [ ! -x /usr/sbin/slurmctld ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get > /dev/null; then
+    echo "installing Debian's Slurm and munge for the Slurm tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge \
+      > /dev/null) || echo "Slurm could not be installed: the Slurm tests will be skipped" >&2
+  else
+    echo "Slurm is not installed (as root: apt-get install slurmctld slurmd slurm-client munge): the Slurm tests" \
+      "will be skipped" >&2
+  fi
+fi
 .venv/bin/python -c "import torch, torchaudio, mlflow; print(f'environment ready: torch {torch.__version__}, torchaudio {torchaudio.__version__}, mlflow {mlflow.__version__}')"
