@@ -49,7 +49,7 @@ from tqdm import tqdm
 from pipeline.inference import metrics as M
 from pipeline.config import CONFIG_DIR, ConfigError, DataConfig, DegradationConfig, parse_key_values
 from pipeline.data.audio import AudioError, audio_files, load_audio, read_channels
-from pipeline.data.corpus import CorpusError, LoadReport, read_corpus
+from pipeline.data.corpus import CorpusError, LoadReport, corpus_dataset, mlflow_dataset, read_corpus
 from pipeline.data.datasets import VAL_STREAM
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine import tags as tag
@@ -57,7 +57,9 @@ from pipeline.engine.checkpoint_files import CheckpointError
 from pipeline.engine.resume import ResumeError
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, setup_logging
 from pipeline.engine.stage import Precision
-from pipeline.engine.tracking import experiment_id, start_or_adopt_run
+from pipeline.engine.tracking import experiment_id, log_dataset_inputs, start_or_adopt_run, ui_url
+from pipeline.inference import registry
+from pipeline.inference.summary import describe_evaluation, text_table, verdict
 from pipeline.inference.listening import Example, write_listening_page
 from pipeline.models.asr import error_counts
 from pipeline.engine.checkpointing import list_checkpoints
@@ -198,6 +200,12 @@ def chain_items(chain, cfg: EvaluateConfig) -> list[Item]:
     return items
 
 
+def relative_name(path: Path, root: str) -> str:
+    """A file's name in the table: its path under ``root`` (``sub/a.wav``: files of subfolders keep them apart)."""
+    base = Path(root).expanduser()
+    return path.name if base.is_file() else path.relative_to(base).as_posix()
+
+
 def noisy_items(chain, cfg: EvaluateConfig) -> list[Item]:
     items = []
     for path in tqdm(audio_files(cfg.noisy_dir), desc="restore", unit="file", disable=not sys.stderr.isatty()):
@@ -206,7 +214,7 @@ def noisy_items(chain, cfg: EvaluateConfig) -> list[Item]:
         except AudioError:
             continue  # counted and logged by check_usable
         mono = audio.mean(dim=0)
-        items.append(Item(path.name, "", {"input": _to_16k(mono, rate),
+        items.append(Item(relative_name(path, cfg.noisy_dir), "", {"input": _to_16k(mono, rate),
                                           "restored": _to_16k(chain.restore(mono, rate), chain.rate_out)}))
     return items
 
@@ -325,12 +333,9 @@ def finished_evaluation(client: MlflowClient, key: str):
 
 
 def print_summary(metrics: dict[str, float], run_id: str, page: str) -> None:
-    order = ("clean", "input", "degraded", "restored", "copy_synthesis", "delta")
-    conditions = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2}, key=order.index)
-    names = [m for m in M.HIGHER_IS_BETTER if any(k.endswith(f"/{m}") for k in metrics)]
-    lines = ["", f"{'metric':<12}" + "".join(f"{c:>16}" for c in conditions)]
-    for name in names:
-        lines.append(f"{name:<12}" + "".join(f"{metrics.get(f'eval/{c}/{name}', math.nan):>16.3f}" for c in conditions))
+    lines = ["", *text_table(metrics)]
+    if sentence := verdict(metrics):
+        lines += ["", sentence]
     lines += ["", f"Evaluation run {run_id}; listening page: {page}", ""]
     sys.stdout.write("\n".join(lines))
 
@@ -442,6 +447,62 @@ def evaluate_in_run(client: MlflowClient, p: Plan, run_id: str) -> dict[str, flo
     return metrics
 
 
+def test_set_text(p: Plan) -> str:
+    """The test set in words, the same for every evaluation of it (the registry compares versions by it)."""
+    cfg = p.cfg
+    if p.mode == "noisy":
+        count = len(p.what["noisy_files"].split(","))
+        return f"{count} recordings of noisy_dir={cfg.noisy_dir} (no references: non-intrusive metrics only)"
+    test = f"the last {cfg.test_size} utterances of data={cfg.data}"
+    return test if p.mode == "asr" else f"{test}, degradation={cfg.degradation}, seed={cfg.seed}"
+
+
+def test_dataset(p: Plan):
+    """The test set as an MLflow dataset, logged as the evaluation run's input."""
+    cfg = p.cfg
+    if p.mode == "noisy":
+        digest = hashlib.sha256(p.what["noisy_files"].encode()).hexdigest()[:16]
+        return mlflow_dataset(cfg.noisy_dir, "noisy_dir", digest)
+    data = _preset("data", cfg.data, DataConfig)
+    return corpus_dataset(f"{cfg.data}-test", cfg.data_root or data.root, test_utterances(cfg))
+
+
+def _run_link(client: MlflowClient, run_id: str) -> str:
+    run = client.get_run(run_id)
+    return f"[{run.info.run_name}]({ui_url(run.info.experiment_id, run_id)}) (`{run_id}`)"
+
+
+def evaluated_items(client: MlflowClient, p: Plan) -> list[str]:
+    """What was evaluated, as Markdown items linking to the runs (the runs link back with evaluation.run)."""
+    items = []
+    if p.cfg.model_uri:
+        items.append(f"model `{p.cfg.model_uri}`")
+    for role, run_key, step_key in (("vocoder", "vocoder_run", "vocoder_step"), ("adapters", "adapter_run", "adapter_step"),
+                                    ("speech recognizer (CER/WER)", "asr_run", "asr_step")):
+        run_id = p.what.get(run_key)
+        if run_id:
+            step = p.what.get(step_key, "")
+            items.append(f"{role}: {_run_link(client, run_id)}" + (f", checkpoint step {step}" if step else ""))
+    return items
+
+
+def record_in_registry(client: MlflowClient, p: Plan, metrics: dict[str, float], run_id: str) -> str | None:
+    """The registered chain this evaluation scored (chain mode, the latest checkpoint: the model a finetune_vocoder
+    run exports): its description, tags and @champion (pipeline/inference/registry.py); its version or None."""
+    if p.mode != "chain" or p.cfg.steps or p.cfg.checkpoint != "latest":
+        return None
+    version = registry.registered_version(client, p.cfg.model_uri, p.cfg.run_id)
+    if version is None:
+        return None
+    chain = [item for item in evaluated_items(client, p) if not item.startswith("model ")]
+    try:
+        log.info("Model Registry: %s", registry.record_evaluation(client, version, metrics, run_id, test_set_text(p),
+                                                                   chain))
+    except Exception as err:  # the evaluation itself is done and stored; the registry record is an extra
+        log.warning("Could not record the evaluation on models:/%s/%s (%s)", registry.MODEL_NAME, version, err)
+    return version
+
+
 def run(argv: list[str], adopt_launcher: bool = True) -> int:
     """The command; ``adopt_launcher=False`` when called in-process by another entry point (main), whose
     ``mlflow run`` run must not become the evaluation run."""
@@ -460,6 +521,7 @@ def run(argv: list[str], adopt_launcher: bool = True) -> int:
         if launcher:  # the run `mlflow run` made for this command points at the evaluation it reused
             client.set_tag(launcher, tag.EVALUATION_RUN, done.info.run_id)
             client.set_tag(launcher, tag.NOTE, f"Reused the finished evaluation run {done.info.run_id}.")
+        record_in_registry(client, p, done.data.metrics, done.info.run_id)
         print_summary(done.data.metrics, done.info.run_id, f"runs:/{done.info.run_id}/listening/index.html")
         return EXIT_OK
 
@@ -472,10 +534,16 @@ def run(argv: list[str], adopt_launcher: bool = True) -> int:
                                 launcher=os.environ.get("MLFLOW_RUN_ID") if adopt_launcher else None)
     status = "FAILED"
     try:
+        log_dataset_inputs(client, run_id, [test_dataset(p)], "evaluation")
         metrics = evaluate_in_run(client, p, run_id)
         for evaluated in (p.what.get("vocoder_run"), p.asr_run):
             if evaluated:
                 client.set_tag(evaluated, tag.EVALUATION_RUN, run_id)
+        version = record_in_registry(client, p, metrics, run_id)
+        client.set_tag(run_id, tag.NOTE, describe_evaluation(
+            mode=p.mode, evaluated=evaluated_items(client, p), test_set=test_set_text(p), metrics=metrics,
+            listening=ui_url(experiment_id(client, EXPERIMENT), run_id, page="artifactPath/listening/index.html"),
+            model_version=f"models:/{registry.MODEL_NAME}/{version}" if version else ""))
         status = "FINISHED"
     except Exception:
         log.exception("Evaluation failed")

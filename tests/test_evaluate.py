@@ -101,11 +101,54 @@ def test_evaluate_an_asr_run_and_real_noisy_recordings(chain, asr_run, tmp_path)
     noisy.mkdir()
     tone = np.sin(np.arange(24000) / 9.0) * 0.3
     sf.write(noisy / "a.wav", tone + 0.05 * np.random.default_rng(1).standard_normal(len(tone)), 16000)
+    (noisy / "sub").mkdir()
+    sf.write(noisy / "sub" / "a.wav", tone + 0.05 * np.random.default_rng(2).standard_normal(len(tone)), 16000)
     (noisy / "broken.wav").write_bytes(b"RIFF nope")
     assert evaluate([f"run_id={chain['finetune']}", f"noisy_dir={noisy}"]) == EXIT_OK
     [run] = evaluations(client, "noisy")
     assert {"eval/input/dnsmos_ovrl", "eval/restored/dnsmos_ovrl", "eval/delta/dnsmos_ovrl"} <= set(run.data.metrics)
     assert not any("pesq" in k for k in run.data.metrics)  # no reference: no intrusive metric
+    table = json.loads((artifact_dir(client, run.info.run_id) / "eval" / "files.json").read_text())
+    files = {dict(zip(table["columns"], row))["file"] for row in table["data"]}
+    assert files == {"a.wav", "sub/a.wav"}  # the folders kept: two files of one name stay two rows
+    assert run.data.tags["mlflow.note.content"].startswith(f"**Evaluation** · noisy · 3 recordings of noisy_dir={noisy}")
+
+
+def test_an_evaluation_explains_itself_and_the_registry_keeps_the_best_chain_as_champion(chain, tmp_path, capsys):
+    """The evaluation run: a description (what, test set, verdict, table, listening page) and its test set as a
+    dataset input. The registered version it scored: a description and score tags; @champion set for the first
+    version scored, kept when another scores no higher, moved when one scores higher, and never compared across
+    test sets."""
+    import mlflow
+
+    client = MlflowClient()
+    finetune = chain["finetune"]
+    first = mlflow.register_model(f"runs:/{finetune}/model", "speech-restoration").version
+    second = mlflow.register_model(f"runs:/{finetune}/model", "speech-restoration").version
+    assert evaluate([f"model_uri=models:/speech-restoration/{first}", "test_size=2", "seed=11"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "Restored audio is" in out and "than the degraded input on" in out  # the sentence under the table
+    run = [r for r in evaluations(client, "chain") if r.data.params.get("seed") == "11"][0]
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("**Evaluation** · chain · the last 2 utterances of data=demo, degradation=default, seed=11")
+    assert "Restored audio is" in note and f"(`{finetune}`)" in note and f"(`{chain['adapter']}`)" in note
+    assert f"Registered model: `models:/speech-restoration/{first}`" in note and "| stoi |" in note
+    assert "artifactPath/listening/index.html" in note
+    (dataset,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert dataset.dataset.name == "demo-test" and dataset.tags[0].value == "evaluation"
+
+    version = client.get_model_version("speech-restoration", first)
+    assert version.tags["eval.run"] == run.info.run_id and float(version.tags["eval.restored.stoi"]) > 0
+    assert finetune in version.description and "Evaluated by run" in version.description
+    assert client.get_model_version_by_alias("speech-restoration", "champion").version == first
+
+    assert evaluate([f"model_uri=models:/speech-restoration/{second}", "test_size=2", "seed=11"]) == EXIT_OK
+    assert client.get_model_version_by_alias("speech-restoration", "champion").version == first  # not higher
+    client.set_model_version_tag("speech-restoration", first, "eval.restored.stoi", "0.0")  # as if it scored lower
+    assert evaluate([f"model_uri=models:/speech-restoration/{second}", "test_size=2", "seed=11"]) == EXIT_OK  # reused
+    assert client.get_model_version_by_alias("speech-restoration", "champion").version == second
+    assert evaluate([f"model_uri=models:/speech-restoration/{first}", "test_size=2", "seed=12"]) == EXIT_OK
+    assert client.get_model_version_by_alias("speech-restoration", "champion").version == second  # other test set
 
 
 @pytest.fixture(scope="module")
