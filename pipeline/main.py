@@ -381,18 +381,35 @@ def describe_chain(client: MlflowClient, results: list[StepResult], model: str |
     return "\n".join(lines)
 
 
+PRESET_NOTES = {  # what the numbers of a preset mean, printed under the chain's summary
+    "tiny": ("The tiny preset shows every step working end to end in minutes; its numbers are not a quality "
+             "result. For one: python -m pipeline.main main.preset=quality (about 25 min on 2 CPU cores; README, "
+             "\"What the chain learns\")."),
+    "quality": ("The quality preset on the demo corpus, with a random encoder: README, \"What the chain learns\", "
+                "says what it reaches and what closes the gap (a pretrained encoder, a GPU, a real corpus)."),
+}
+
+
 def report(client: MlflowClient, results: list[StepResult], main_run: str, model: str | None = None,
-           restored: Path | None = None) -> str:
+           restored: Path | None = None, preset: str = "") -> str:
     lines = [f"{r.step:<18} {r.run_id}  ({r.how})" for r in results]
     return "\n".join([
         "", "Restoration chain finished:", *lines, f"{'main':<18} {main_run}",
-        *([f"{'model':<18} {model}"] if model else []),
+        *([f"{'model':<18} {model} (registered; the best one scored: {champion_uri()})"] if model else []),
         *([f"{'restored demo':<18} {restored} (its degraded input beside it in input/)"] if restored else []), "",
         f"Dashboard: {dashboard_hint(client.get_run(main_run).info.experiment_id, main_run)}",
         *[f"  {r.step:<16} {ui_url(client.get_run(r.run_id).info.experiment_id, base=ui_base() or LOCAL_UI)}"
           for r in results],
+        *(["", PRESET_NOTES[preset]] if preset in PRESET_NOTES else []),
         "",
     ])
+
+
+def champion_uri() -> str:
+    from pipeline.inference.chain import MODEL_NAME
+    from pipeline.inference.registry import CHAMPION
+
+    return f"models:/{MODEL_NAME}@{CHAMPION}"
 
 
 def main(argv: list[str]) -> int:
@@ -440,7 +457,7 @@ def run_main(argv: list[str]) -> int:
         status, code = "FINISHED", EXIT_OK
         client.set_tag(main_run, tag.CHAIN_REUSED, ",".join(r.step for r in results if r.how == "reused") or "none")
         client.set_tag(main_run, tag.NOTE, describe_chain(client, results, model))
-        sys.stdout.write(report(client, results, main_run, model, restored))
+        sys.stdout.write(report(client, results, main_run, model, restored, cfg.preset))
     except StepFailed as err:
         log.error("%s; run main again to resume it", err)
         status, code = ("KILLED", EXIT_STOPPED) if err.code == EXIT_STOPPED else ("FAILED", err.code)

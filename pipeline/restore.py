@@ -162,8 +162,8 @@ def restore_files(chain, planned: dict, cfg: RestoreConfig) -> list[dict]:
         partial.replace(target)  # an interrupted run leaves no half-written output under the real name
         seconds = audio.shape[-1] / rate
         row.update(status="restored", seconds=f"{seconds:.3f}", channels=str(audio.shape[0]))
-        log.info("%s -> %s (%.1f s, %.2f x real time)", source, target, seconds,
-                 (time.perf_counter() - start) / max(seconds, 1e-9))
+        log.info("%s -> %s (%.1f s of audio; real-time factor %.2f: processing time / audio length, below 1 is "
+                 "faster than real time)", source, target, seconds, (time.perf_counter() - start) / max(seconds, 1e-9))
     return rows
 
 
