@@ -427,15 +427,21 @@ def main(argv: list[str]) -> int:
             os.environ[launcher_watch.ALSO_WATCH_ENV] = before
 
 
+def parse_args(argv: list[str]) -> tuple[MainConfig, dict[str, list[str]]]:
+    """main's settings and each step's overrides, checked before any step runs (its evaluation's words too)."""
+    cfg, words = load_main_config(split_overrides(argv))
+    overrides = step_overrides(cfg, words)
+    if cfg.evaluate:
+        from pipeline.evaluate import parse_args as evaluate_args
+
+        evaluate_args(["run_id=(the finetune_vocoder run)", *cfg.evaluate])  # a typo fails before any step
+    return cfg, overrides
+
+
 def run_main(argv: list[str]) -> int:
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")  # `python` = ours
     try:
-        cfg, words = load_main_config(split_overrides(argv))
-        overrides = step_overrides(cfg, words)
-        if cfg.evaluate:
-            from pipeline.evaluate import parse_args as evaluate_args
-
-            evaluate_args(["run_id=(the finetune_vocoder run)", *cfg.evaluate])  # a typo fails before any step
+        cfg, overrides = parse_args(argv)
     except ConfigError as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT

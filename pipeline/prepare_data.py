@@ -209,10 +209,23 @@ def log_metrics(client: MlflowClient, run_id: str, manifest: dict[str, Any], wri
     return metrics
 
 
+def parse_args(argv: list[str]):
+    """The words, every one a config override, composed into the config. ``output=`` (an MLproject parameter of
+    its own) is taken whole, spaces included, and handed to Hydra quoted."""
+    line = parse_command_line(argv, ("output",))
+    overrides = list(line.overrides)
+    if "output" in line.launch:
+        value = line.launch["output"]  # Hydra's quoted string: a backslash escapes only a quote or the closing one
+        trailing = len(value) - len(value.rstrip("\\"))
+        quoted = value.replace("\\'", "\\\\'").replace("'", "\\'") + "\\" * trailing
+        overrides.append(f"output='{quoted}'")
+    return compose_config("prepare_data", overrides)
+
+
 def run_prepare(argv: list[str]) -> int:
     setup_logging()
     try:
-        cfg = compose_config("prepare_data", parse_command_line(argv).overrides)  # output= is a config key
+        cfg = parse_args(argv)
         ShardStore(cfg.output)  # an unsupported location fails now
     except (ConfigError, ShardError) as err:
         log.error("%s", err)

@@ -9,7 +9,8 @@ a config override in Hydra's syntax (``trainer.max_steps=200``, ``ssl=tiny``, ``
   value holds spaces (``input=/my recordings``, what ``-P input=...`` hands over) is taken as given; an
   override is always split (``"batch_size=3 0"`` is two words, as the shell would make them).
 - An empty launch argument (``resume_run=``: an MLproject parameter left out) means "not given".
-- A word with unbalanced quotes is refused (``Malformed override``); so is, by the entry point, a key it
+- A word with unbalanced quotes is refused (``Malformed override``), unless it is one launch argument (a path with
+  an apostrophe: ``input=it's.wav``); so is, by the entry point, a key it
   does not know (restore's ``inptu=x``) or a malformed override (``trainer.max_steps=[1,``).
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from pipeline.config.compose import ConfigError
+from pipeline.config.compose import ConfigError, GrammarError
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,17 @@ class CommandLine:
 def split_overrides(args: list[str] | tuple[str, ...], launch_keys: tuple[str, ...] = ()) -> list[str]:
     """Command-line words as single ``key=value`` words: each word is split with shell rules (``mlflow run``
     passes the ``overrides`` parameter as one word), except one ``<launch key>=value`` whose value holds
-    spaces and no other ``key=value`` (a path given as its own MLproject parameter)."""
+    spaces and no other ``key=value``, or an unbalanced quote (a path given as its own MLproject parameter)."""
     out: list[str] = []
     for arg in args:
+        key = arg.partition("=")[0].strip()
         try:
             words = shlex.split(arg)
         except ValueError as err:
-            raise ConfigError(f"Malformed override {arg!r}: {err}") from err
-        key = arg.partition("=")[0].strip()
+            if key in launch_keys:  # a path with an apostrophe, as `-P input=it's.wav` hands it over
+                out.append(arg)
+                continue
+            raise GrammarError(f"Malformed override {arg!r}: {err}") from err
         one_value_with_spaces = (len(words) > 1 and key in launch_keys and "=" in words[0]
                                  and not any("=" in w for w in words[1:]))
         out.extend([arg] if one_value_with_spaces else words)
@@ -72,7 +76,7 @@ def parse_key_values(schema: type, argv: list[str]):
     line = parse_command_line(argv, tuple(f.name for f in dataclasses.fields(schema)))
     unknown = [w for w in line.overrides if not w.endswith("=")]
     if any("=" not in w for w in unknown):
-        raise ConfigError(f"Expected key=value arguments, got: {' '.join(unknown)}")
+        raise GrammarError(f"Expected key=value arguments, got: {' '.join(unknown)}")
     words = [f"{key}={value}" for key, value in line.launch.items()] + unknown
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(words))

@@ -32,6 +32,11 @@ class ConfigError(ValueError):
     """A configuration or override the user has to fix; the message says what and how."""
 
 
+class GrammarError(ConfigError):
+    """Words that are not ``key=value`` at all (unbalanced quotes, no key, a bare word): the command line itself is
+    malformed, whatever the entry point. An MLproject command that MLflow filled in must never raise it."""
+
+
 # --------------------------------------------------------------------------------------------
 # Stage schemas
 # --------------------------------------------------------------------------------------------
@@ -90,11 +95,11 @@ def _parse(overrides: list[str]):
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:  # hydra raises OverrideParseException with a useful text
         word = getattr(err, "override", None)
-        raise ConfigError(f"Malformed override {word!r}: {err}. {hint}" if word else
-                          f"Malformed override in {' '.join(map(repr, overrides))}: {err}. {hint}") from err
+        raise GrammarError(f"Malformed override {word!r}: {err}. {hint}" if word else
+                           f"Malformed override in {' '.join(map(repr, overrides))}: {err}. {hint}") from err
     for override in parsed:
         if not override.key_or_group:
-            raise ConfigError(f"Malformed override {override.input_line!r}: no key. {hint}")
+            raise GrammarError(f"Malformed override {override.input_line!r}: no key. {hint}")
     return parsed
 
 

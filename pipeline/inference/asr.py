@@ -110,7 +110,7 @@ class Transcriber(mlflow.pyfunc.PythonModel):
                                f"{MIN_SECONDS:g} s")
         return wave
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         with answering("transcribe"):
             requests = request_audio(self._as_frame(model_input), self.max_seconds, self.allow_paths, LONG_FILES)
             with self.lock:

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
@@ -350,8 +351,7 @@ class ChainModel(mlflow.pyfunc.PythonModel):
             Path(context.artifacts["adapter"]), Path(context.artifacts["vocoder"]), precision,
             ssl_weights=config.get("ssl_weights") or None, chunk_seconds=float(config.get("chunk_seconds", 10.0)))
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # annotated: no MLflow type-hint warning
 
         with answering("restore"):
             requests = request_audio(model_input, self.max_seconds, self.allow_paths)
@@ -365,7 +365,6 @@ def save_chain_model(source: ChainCheckpoints, out_dir: Path, max_seconds: float
     signature, an input example and the chain's provenance in the model metadata."""
     from importlib import metadata
 
-    import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 
