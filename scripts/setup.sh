@@ -8,8 +8,12 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-# (the filter only hides pip's notes about local index folders some machines configure)
-.venv/bin/python -m pip install --quiet -c requirements.lock -e ".[test]" 2> >(grep -v "is ignored" >&2)
+# pip names each package as it fetches it (a line at least every few seconds while it downloads); the filters hide
+# pip's notes about local index folders some machines configure, and the packages that are already installed.
+echo "installing the project and its test tools into .venv: about 4.7 GB on a fresh machine (torch's CUDA build is" \
+  "most of it), a few minutes; quick when they are installed already"
+.venv/bin/python -m pip install --progress-bar off -c requirements.lock -e ".[test]" 2> >(grep -v "is ignored" >&2) \
+  | { grep -v "^Requirement already satisfied" || true; }
 # The browser tests (tests/test_browser.py) drive Debian's chromium through Playwright; Playwright's own
 # browser download is not used. Installed here when missing and this runs as root; else they are skipped.
 if ! command -v chromium > /dev/null; then

@@ -52,6 +52,7 @@ def test_sigterm_to_mlflow_run_stops_the_job_which_resumes_bit_identically(store
     family, log = terminate_launcher_only(proc, "step 3/12")
     assert_none_left(family)
     assert "The process that launched this job" in log and "is gone: stopping as if it had sent SIGTERM" in log
+    assert "`mlflow run` reports every exit code but 0 as \"failed\"; this job exits 3" in log  # not a failure
     client = MlflowClient()
     (run,) = stage_runs(client)
     run_id = run.info.run_id

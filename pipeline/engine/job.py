@@ -24,8 +24,8 @@ from pipeline.common.provenance import utc_now
 from pipeline.config import flatten, to_container
 from pipeline.engine import startup
 from pipeline.engine import tags as tag
-from pipeline.engine.attempts import (RunContext, attempt_record, experiment_name, finish, progress_text,
-                                      start_new_run, write_attempt)
+from pipeline.engine.attempts import (RunContext, attempt_record, experiment_name, finish, launcher_run,
+                                      progress_text, start_new_run, write_attempt)
 from pipeline.engine.checkpoint_files import checkpoint_name
 from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy, StorageError, download_checkpoint
 from pipeline.engine.cli import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, EXIT_STOPPED, EXIT_STORAGE
@@ -244,6 +244,9 @@ class RunJob(Job):
                     else "")
             log.warning("Stopped (%s) at step %d; checkpoint committed. Resume with: %s%s", self.stopped_by, step,
                         hint, self.resume_command)
+            if launcher_run(self.cfg):
+                log.warning("`mlflow run` reports every exit code but 0 as \"failed\"; this job exits %d because it "
+                            "was stopped on request: its run is KILLED, not FAILED, and resumes as above", self.code)
             return
         log.info("Training finished at step %d", step)
         if self.cfg.tracking.log_model and _log_final_model(self.client, self.run_id, self.stage, step) \
