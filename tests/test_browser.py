@@ -225,3 +225,52 @@ def test_setting_stop_requested_in_the_tag_editor_stops_a_running_run(dashboard)
     ended = client.get_run(run.info.run_id)
     assert ended.info.status == "KILLED" and ended.data.tags["stopped_by"] == "tag"
     assert ended.data.tags["checkpoint.latest_step"] == ended.data.tags["progress"].split()[1].split("/")[0]
+
+
+def test_the_evaluation_run_and_the_registered_chain_explain_themselves(dashboard):
+    """The evaluation run's page shows its description (what, test set, verdict, table, listening page) and its
+    test set as an input; the registered model's page shows the @champion alias and the version's description.
+    The records are written by evaluate's own functions for a chain (the real evaluation is in test_evaluate.py:
+    scoring a chain needs three trained stages, which this module's server does not hold)."""
+    from pipeline.data.corpus import DEMO_DIR, mlflow_dataset
+    from pipeline.engine.tracking import log_dataset_inputs
+    from pipeline.inference.registry import record_evaluation
+    from pipeline.inference.summary import describe_evaluation
+
+    page, client, trained = dashboard["page"], dashboard["client"], dashboard["run"]
+    metrics = {"eval/degraded/stoi": 0.71, "eval/restored/stoi": 0.52, "eval/degraded/pesq_wb": 1.10,
+               "eval/restored/pesq_wb": 1.03, "eval/degraded/dnsmos_ovrl": 2.08, "eval/restored/dnsmos_ovrl": 1.58}
+    test_set = "the last 4 utterances of data=demo, degradation=default, seed=1234"
+    experiment = client.get_experiment_by_name("evaluate") or client.get_experiment(client.create_experiment("evaluate"))
+    evaluation = client.create_run(experiment.experiment_id, run_name="evaluate-chain").info.run_id
+    log_dataset_inputs(client, evaluation, [mlflow_dataset(DEMO_DIR, "demo-test", "0123abcd")], "evaluation")
+    client.set_tag(evaluation, "mlflow.note.content", describe_evaluation(
+        mode="chain", evaluated=[f"vocoder: run `{trained.info.run_id}`"], test_set=test_set, metrics=metrics,
+        listening=ui_url(experiment.experiment_id, evaluation, page="artifactPath/listening/index.html"),
+        model_version="models:/speech-restoration/1"))
+    client.set_terminated(evaluation, "FINISHED")
+    client.create_registered_model("speech-restoration")
+    client.create_model_version("speech-restoration", f"runs:/{trained.info.run_id}/checkpoints", trained.info.run_id)
+    said = record_evaluation(client, "1", metrics, evaluation, test_set, [f"vocoder: run `{trained.info.run_id}`"])
+    assert said.startswith("models:/speech-restoration/1 is now @champion")
+
+    page.goto(ui_url(experiment.experiment_id, evaluation, base=dashboard["server"].uri))
+    page.get_by_text("Evaluation · chain", exact=False).first.wait_for()
+    page.wait_for_timeout(500)
+    _shot(page, "evaluation-run")
+    assert page.get_by_text(f"Evaluation · chain · {test_set}", exact=False).first.is_visible()
+    assert page.get_by_text("Restored audio is worse than the degraded input on STOI, PESQ-WB, DNSMOS OVRL",
+                            exact=False).first.is_visible()
+    assert page.get_by_text("demo-test (0123abcd)").first.is_visible()  # the test set, as the run's input
+
+    page.goto(f"{dashboard['server'].uri}/#/models/speech-restoration")
+    page.get_by_text("@ champion", exact=False).or_(page.get_by_text("champion")).first.wait_for()
+    page.wait_for_timeout(500)
+    _shot(page, "registered-model")
+    assert page.get_by_text("champion").first.is_visible()
+    page.goto(f"{dashboard['server'].uri}/#/models/speech-restoration/versions/1")
+    page.get_by_text("Restoration chain:", exact=False).first.wait_for()
+    _shot(page, "registered-model-version")
+    assert page.get_by_text(f"Evaluated by run {evaluation}", exact=False).first.is_visible() or \
+        page.get_by_text(evaluation).first.is_visible()
+    assert page.get_by_text("champion").first.is_visible()

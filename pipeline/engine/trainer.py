@@ -36,6 +36,8 @@ from pipeline.engine.tracking import MetricLogger
 
 log = logging.getLogger(__name__)
 
+LOG_LINE_EVERY_S = 30.0  # a progress line at least this often, between trainer.log_interval steps too
+
 
 @dataclass
 class Position:
@@ -373,6 +375,7 @@ class Engine:
         bar = tqdm(total=max_steps, initial=self.pos.step, desc=self.stage.name, unit="step",
                    disable=not (self.dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
         self._window_start, self._window_samples = time.perf_counter(), 0
+        self._last_line = time.monotonic()
         self._first_step = True
         stopped_by = None
         while self.pos.step < max_steps and stopped_by is None:
@@ -416,6 +419,8 @@ class Engine:
             metrics["lr" if len(stage.schedulers) == 1 else f"lr/{name}"] = sch.get_last_lr()[0]
         if self.pos.step % int(self.cfg.trainer.log_interval) == 0 or self.pos.step == max_steps:
             self._report_progress(metrics, max_steps)
+        elif self.dist.is_main and time.monotonic() - self._last_line > LOG_LINE_EVERY_S:
+            self._log_line(metrics, max_steps)  # slow steps: a sign of life between log intervals (not logged to MLflow)
         if stage.nonfinite_updates != skipped_before:
             metrics["train/nonfinite_steps"] = self._count_nonfinite()
         else:
@@ -434,10 +439,14 @@ class Engine:
         metrics["throughput/samples_per_s"] = self._window_samples / max(elapsed, 1e-9)
         self._window_start, self._window_samples = time.perf_counter(), 0
         if self.dist.is_main:
-            log.info("step %d/%d epoch %d %s", self.pos.step, max_steps, self.pos.epoch,
-                     " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if k.startswith("train/")))
+            self._log_line(metrics, max_steps)
         if self.on_progress:
             self.on_progress(self.pos)
+
+    def _log_line(self, metrics: dict[str, float], max_steps: int) -> None:
+        log.info("step %d/%d epoch %d %s", self.pos.step, max_steps, self.pos.epoch,
+                 " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if k.startswith("train/")))
+        self._last_line = time.monotonic()
 
     def _finish(self) -> None:
         """After the loop: a checkpoint of the last step if it has none, every metric and checkpoint stored."""

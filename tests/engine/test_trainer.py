@@ -224,3 +224,21 @@ def test_a_finite_step_resets_the_streak():
     engine = Engine(stage, Metrics(), Store(), NoStop(), run_id="r")
     engine.fit()  # two isolated non-finite steps never make 2 in a row
     assert (engine.pos.step, engine.nonfinite_steps, engine.nonfinite_streak) == (6, 2, 0)
+
+
+def test_slow_steps_still_print_a_progress_line_between_log_intervals(monkeypatch, caplog):
+    """A step slower than LOG_LINE_EVERY_S (0 here) prints its line although the log interval is far off; the
+    metrics logged by step, throughput included, are the same as without it."""
+    import logging
+
+    from pipeline.engine import trainer
+
+    caplog.set_level(logging.INFO, logger="pipeline.engine.trainer")
+    _, quiet, _ = fit("trainer.log_interval=100")
+    assert [r.message.split()[1] for r in caplog.records if r.message.startswith("step ")] == ["6/6"]
+    caplog.clear()
+    monkeypatch.setattr(trainer, "LOG_LINE_EVERY_S", 0.0)
+    _, chatty, _ = fit("trainer.log_interval=100")
+    assert [r.message.split()[1] for r in caplog.records if r.message.startswith("step ")] == \
+        [f"{s}/6" for s in range(1, 7)]
+    assert [sorted(m) for _, m in chatty.logged] == [sorted(m) for _, m in quiet.logged]
