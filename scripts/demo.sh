@@ -14,7 +14,7 @@ cat <<MSG
   Listening pages: the vocoder runs' artifacts samples/step-*/index.html (clean, degraded, generated),
     and the evaluate run's listening/index.html (clean, degraded, restored, copy synthesis)
   Restore your own audio with the best chain registered (the one just registered is the "model" above):
-    .venv/bin/python -m pipeline.restore model_uri=models:/speech-restoration@champion \
+    .venv/bin/python -m pipeline.restore model_uri=models:/speech-restoration@champion \\
         input=<file or directory> output=<directory>
   Resume a step with more steps, logging into the same run:
     source .venv/bin/activate && mlflow run . -e pretrain_vocoder --env-manager local \\

@@ -37,6 +37,7 @@ def cpu_plan() -> list[tuple[str, callable]]:
                                                 target=None if label == "1MB" else 0.2))  # targets: 10 and 300 MB
           for label, width in STATE_SIZES.items()],
         ("resume_latency", partial(training.resume_latency, TINY, pairs=3)),
+        ("stop_latency", partial(training.stop_latency, TINY, repeats=3)),
         ("metric_throughput", partial(training.metric_throughput, steps=5000, per_step=10)),
         ("outage_recovery", partial(outage.outage_recovery, TINY, outage_s=15, repeats=2)),
         ("data/degradation_speed", partial(data.degradation_speed, repeats=2)),

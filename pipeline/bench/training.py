@@ -337,3 +337,60 @@ def distributed_step_time(stage_name: str, overrides: list[str], *, nproc: int, 
         f"process with batch {batch_size * nproc}, {steps} steps each, step time from the logged train/loss times "
         f"after {warmup} warm-up steps, median over {pairs} interleaved pairs", ratio=spread(ratios),
         torchrun_step_s=spread(ranks_s), plain_step_s=spread(plain_s))
+
+
+# --------------------------------------------------------------------------------------------
+# Stop latency
+# --------------------------------------------------------------------------------------------
+
+
+def _stop_once(client: MlflowClient, overrides: list[str], how: str, env: dict[str, str]) -> float:
+    """Start a job, wait for its step 3, ask it to stop (``how``: signal | tag); seconds until the process has ended
+    with its run KILLED and a checkpoint committed."""
+    import signal
+
+    before = _run_ids(client)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.train_adapter", *overrides,
+                             "trainer.max_steps=100000", "trainer.log_interval=1", "validation.interval=0",
+                             "checkpoint.save_interval=100000",
+                             "tracking.log_model=false"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+    try:
+        for line in proc.stderr:
+            if " step 3/" in line:
+                break
+        else:
+            raise RuntimeError("the job ended before its step 3")
+        asked = time.perf_counter()
+        if how == "signal":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            client.set_tag(_new_run(client, before), "stop_requested", "true")
+        proc.stderr.read()
+        proc.wait(timeout=600)
+        seconds = time.perf_counter() - asked
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = client.get_run(_new_run(client, before))
+    if run.info.status != "KILLED" or not run.data.tags.get("checkpoint.latest_step"):
+        raise RuntimeError(f"the stop ({how}) left the run {run.info.status} without a checkpoint")
+    return seconds
+
+
+def stop_latency(overrides: list[str], *, repeats: int) -> list[dict[str, Any]]:
+    """Seconds from a stop request (SIGTERM, or the stop_requested tag at its default 3 s poll) to the job's end:
+    the step finished, a checkpoint committed, the run ended KILLED, the process gone."""
+    out = []
+    with tracking_store() as client:
+        env = dict(os.environ)
+        for how, target in (("signal", 15.0), ("tag", 20.0)):
+            seconds = [_stop_once(client, overrides, how, env) for _ in range(repeats)]
+            value = statistics.median(seconds)
+            out.append(figure(
+                f"stop_latency/{how}", value, "s",
+                f"train_adapter {' '.join(overrides)}: median over {repeats} jobs of the time from "
+                + ("SIGTERM" if how == "signal" else "setting the stop_requested tag (polled every 3 s)")
+                + " after step 3 to the process's end, its checkpoint committed and its run KILLED",
+                target=f"<= {target:g}", met=value <= target, seconds=spread(seconds)))
+    return out

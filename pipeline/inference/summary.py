@@ -59,6 +59,9 @@ def verdict(metrics: dict[str, float]) -> str:
         return f"Restored audio is better than {what} on {names(better)}."
     if not better:
         return f"Restored audio is worse than {what} on {names(worse)}: this chain does not improve its input yet."
+    if "stoi" in worse:  # intelligibility comes first: a clean-sounding buzz can score high on DNSMOS
+        return (f"Restored audio scores higher than {what} on {names(better)} but lower on {names(worse)}: its words "
+                "are harder to understand (STOI), so this chain does not improve its input yet.")
     return f"Restored audio is better than {what} on {names(better)} and worse on {names(worse)}."
 
 
