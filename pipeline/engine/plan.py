@@ -62,7 +62,8 @@ class JobPlan:
 
 def plan_job(stage_cls: type[Stage], argv: list[str], client: MlflowClient,
              continue_run: str | None = None) -> JobPlan:
-    """Parse, compose, find the checkpoint to resume from and check every setting; it only reads. Every
+    """Parse, compose, find the checkpoint to resume from and check every setting; it only reads (but for
+    ``resume=auto`` giving up a dead keyed run that has no checkpoint, auto_resume.py). Every
     mistake the user can make surfaces here (ConfigError, ResumeError, CheckpointError, ValueError).
     ``continue_run``: the run an elastic restart continues from its latest checkpoint, whatever the words say.
     With ``resume=auto``, the job key's run is found first (auto_resume.AlreadyFinished when it is done)."""

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import ConfigError
 from pipeline.engine import launcher_watch, startup
+from pipeline.engine import tags as tag
 from pipeline.engine.auto_resume import AlreadyFinished
 from pipeline.engine.attempts import RunContext, experiment_name, open_run
 from pipeline.engine.checkpoint_files import CheckpointError
@@ -89,6 +90,8 @@ def _plan(stage_cls: type[Stage], argv: list[str], dist: Dist,
             plan = plan_job(stage_cls, argv, client, continue_run)
         except AlreadyFinished as err:
             log.info("%s", err)
+            if os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` made for this launch says why it is empty
+                client.set_tag(os.environ["MLFLOW_RUN_ID"], tag.NOTE, str(err))
         except (ConfigError, ResumeError, CheckpointError, ValueError, AccessError, LeaseHeld) as err:
             log.error("%s", err)
             code = EXIT_BAD_INPUT
