@@ -23,6 +23,8 @@ SLOW_STEPS = "data.batch=sleep:0.3"  # every batch 0.3 s slower: a requeue after
 def submit(cluster: SlurmCluster, workdir: Path, faults: str = "") -> int:
     """sbatch the project's script in ``workdir`` with its own SQLite tracking store; the job ID."""
     workdir.mkdir(parents=True, exist_ok=True)
+    MlflowClient(f"sqlite:///{workdir}/mlflow.db").search_experiments()  # the store's tables made before the job and
+    # the test's polls open it: two processes creating a new SQLite store at once can fail its schema migration
     exports = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db", "PYTHON": PYTHON,
                "PIPELINE_FAULTS": faults, "PYTHONUNBUFFERED": "1", "MLFLOW_RUN_ID": ""}
     export = "ALL," + ",".join(f"{key}={value}" for key, value in exports.items())
@@ -70,7 +72,7 @@ def interrupted(cluster: SlurmCluster, workdir: Path, interrupt, reference) -> t
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
 
     def at_step_6():
-        run = keyed_run(client, job_id) if (workdir / "mlflow.db").exists() else None
+        run = keyed_run(client, job_id)
         return run is not None and len(loss_history(client, run.info.run_id)) >= 6
 
     wait_for(at_step_6, timeout=300, what=f"step 6 of job {job_id}:\n{job_output(workdir)[-3000:]}")
