@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = REPO / "scripts" / "slurm" / "train_adapter.sbatch"
 STEPS = ["trainer.max_steps=16", "checkpoint.save_interval=4", "validation.interval=8"]
-SLOW_STEPS = "data.batch=sleep:0.3"  # every batch 0.3 s slower: a requeue after step 6 lands well before the end
+# Every batch a second slower: the interruption, sent once the test has seen step 6, lands about 10 s before the end
+# even on a loaded machine (0.3 s a batch left 3 s, and the SIGUSR1 test failed once under load; its log was lost)
+SLOW_STEPS = "data.batch=sleep:1.0"
 
 
 def submit(cluster: SlurmCluster, workdir: Path, faults: str = "") -> int:
