@@ -486,15 +486,17 @@ def evaluated_items(client: MlflowClient, p: Plan) -> list[str]:
     return items
 
 
-def record_in_registry(client: MlflowClient, p: Plan, metrics: dict[str, float], run_id: str) -> str | None:
+def record_in_registry(client: MlflowClient, p: Plan, metrics: dict[str, float], run_id: str,
+                       evaluated: list[str]) -> str | None:
     """The registered chain this evaluation scored (chain mode, the latest checkpoint: the model a finetune_vocoder
-    run exports): its description, tags and @champion (pipeline/inference/registry.py); its version or None."""
+    run exports): its description, tags and @champion (pipeline/inference/registry.py); its version or None.
+    ``evaluated``: ``evaluated_items``."""
     if p.mode != "chain" or p.cfg.steps or p.cfg.checkpoint != "latest":
         return None
     version = registry.registered_version(client, p.cfg.model_uri, p.cfg.run_id)
     if version is None:
         return None
-    chain = [item for item in evaluated_items(client, p) if not item.startswith("model ")]
+    chain = [item for item in evaluated if not item.startswith("model ")]
     try:
         log.info("Model Registry: %s", registry.record_evaluation(client, version, metrics, run_id, test_set_text(p),
                                                                    chain))
@@ -521,7 +523,7 @@ def run(argv: list[str], adopt_launcher: bool = True) -> int:
         if launcher:  # the run `mlflow run` made for this command points at the evaluation it reused
             client.set_tag(launcher, tag.EVALUATION_RUN, done.info.run_id)
             client.set_tag(launcher, tag.NOTE, f"Reused the finished evaluation run {done.info.run_id}.")
-        record_in_registry(client, p, done.data.metrics, done.info.run_id)
+        record_in_registry(client, p, done.data.metrics, done.info.run_id, evaluated_items(client, p))
         print_summary(done.data.metrics, done.info.run_id, f"runs:/{done.info.run_id}/listening/index.html")
         return EXIT_OK
 
@@ -539,10 +541,12 @@ def run(argv: list[str], adopt_launcher: bool = True) -> int:
         for evaluated in (p.what.get("vocoder_run"), p.asr_run):
             if evaluated:
                 client.set_tag(evaluated, tag.EVALUATION_RUN, run_id)
-        version = record_in_registry(client, p, metrics, run_id)
+        evaluated = evaluated_items(client, p)
+        version = record_in_registry(client, p, metrics, run_id, evaluated)
+        listening = ui_url(client.get_run(run_id).info.experiment_id, run_id,  # `mlflow run` may have chosen it
+                           page="artifactPath/listening/index.html")
         client.set_tag(run_id, tag.NOTE, describe_evaluation(
-            mode=p.mode, evaluated=evaluated_items(client, p), test_set=test_set_text(p), metrics=metrics,
-            listening=ui_url(experiment_id(client, EXPERIMENT), run_id, page="artifactPath/listening/index.html"),
+            mode=p.mode, evaluated=evaluated, test_set=test_set_text(p), metrics=metrics, listening=listening,
             model_version=f"models:/{registry.MODEL_NAME}/{version}" if version else ""))
         status = "FINISHED"
     except Exception:

@@ -17,46 +17,23 @@ Without ``resume=auto`` nothing here runs: a job starts fresh unless it is given
 from __future__ import annotations
 
 import logging
-import os
-import re
 from dataclasses import replace
 
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from pipeline.config import ConfigError
 from pipeline.engine import tags as tag
 from pipeline.engine.launch import LaunchArgs
-from pipeline.engine.lease import LeaseHeld, heartbeat_age, holder_is_gone
-from pipeline.engine.lease import TOKEN as LEASE_TOKEN
-from pipeline.engine.resume import LEASE_TIMEOUT_S, ResumeError
+from pipeline.engine.lease import LeaseHeld, held_by_live_job, run_timeout
+from pipeline.engine.resume import LEASE_TIMEOUT_S, ResumeError, RunCheckpoints
 
 log = logging.getLogger(__name__)
 
 ABANDONED_KEY = "job.key.abandoned"  # the key of a run that died before its first checkpoint
-_KEY = re.compile(r"[A-Za-z0-9_.:@/+-]{1,200}")
 
 
 class AlreadyFinished(Exception):
     """The job key's run is FINISHED: nothing to train (the job exits 0 and says so)."""
-
-
-def default_job_key(env: dict[str, str] | None = None) -> str | None:
-    """The Slurm job's key: ``slurm:<cluster>:<job id>`` (an array task: ``<array job id>_<task id>``), which
-    stays the same when Slurm requeues the job; None outside Slurm."""
-    env = os.environ if env is None else env
-    array_job, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-    job = f"{array_job}_{task}" if array_job and task else env.get("SLURM_JOB_ID")
-    if not job:
-        return None
-    cluster = env.get("SLURM_CLUSTER_NAME")
-    return f"slurm:{cluster}:{job}" if cluster else f"slurm:{job}"
-
-
-def check_job_key(key: str) -> str:
-    if not _KEY.fullmatch(key):
-        raise ConfigError(f"job_key={key!r}: use up to 200 letters, digits and _ . : @ / + - (no spaces or quotes)")
-    return key
 
 
 def keyed_runs(client: MlflowClient, stage: str, key: str) -> list:
@@ -97,25 +74,24 @@ def apply(client: MlflowClient, stage: str, launch: LaunchArgs) -> LaunchArgs:
             f"Job key {key}: run {run_id} of {stage} is already FINISHED ({tags.get(tag.PROGRESS, 'done')}); nothing "
             f"to train. To train it further: resume_run={run_id} with a larger trainer.max_steps")
     if not tags.get(tag.CHECKPOINT_LATEST_STEP):
-        _abandon(client, run, key)
+        _abandon(client, run, stage, key)
         return launch
     log.info("Job key %s: resuming run %s of %s (%s, left %s)", key, run_id, stage,
              tags.get(tag.PROGRESS, "no progress yet"), status)
     return replace(launch, resume_run=run_id, resume_from=None)
 
 
-def _abandon(client: MlflowClient, run, key: str) -> None:
+def _abandon(client: MlflowClient, run, stage: str, key: str) -> None:
     """A keyed run without a committed checkpoint: nothing to resume from. Refused while its job is alive;
-    otherwise it is ended FAILED and gives its key up, and this job starts a new run with the key."""
+    otherwise it gives its key up and is ended FAILED, as a resume of it would end it, and this job starts a new
+    run with the key."""
     run_id, tags = run.info.run_id, run.data.tags
-    timeout = float(run.data.params.get("tracking.lease_timeout_seconds", LEASE_TIMEOUT_S))
-    if tags.get(LEASE_TOKEN) and heartbeat_age(tags) < timeout and not holder_is_gone(tags):
+    if held_by_live_job(tags, run_timeout(run, LEASE_TIMEOUT_S)):
         raise LeaseHeld(f"Job key {key}: run {run_id} is being trained by another job ({tags.get('lease.holder')}) "
                         "and has no checkpoint yet. Only one job may train a run at a time: stop that job, or give "
                         "this one another job_key")
-    log.warning("Job key %s: run %s ended before its first checkpoint (left %s); it is marked FAILED and a new run "
-                "starts with the key", key, run_id, run.info.status)
+    log.warning("Job key %s: run %s ended before its first checkpoint (left %s); a new run starts with the key",
+                key, run_id, run.info.status)
     client.set_tag(run_id, ABANDONED_KEY, key)
     client.delete_tag(run_id, tag.JOB_KEY)
-    if run.info.status == "RUNNING":
-        client.set_terminated(run_id, "FAILED")
+    RunCheckpoints(client, run_id, (stage,)).end_if_abandoned()  # FAILED, saying why on the run, if left RUNNING

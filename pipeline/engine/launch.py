@@ -21,12 +21,15 @@ parameter the user left out becomes) means "not given".
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, parse_command_line
 
 RESUME_KEYS = ("resume_run", "resume_step", "resume_from", "resume", "job_key", "requeue")
 REQUEUE_MODES = ("exit", "scontrol")
+_JOB_KEY = re.compile(r"[A-Za-z0-9_.:@/+-]{1,200}")
 ALIASES = {"checkpoint.resume_from": "resume_from"}  # the spelling of earlier releases
 # The run inputs of the project's stages, known without loading them: given to a stage that does not take it,
 # one is refused by name rather than as an unknown config key. A new stage's own run inputs need no entry here.
@@ -87,9 +90,7 @@ def parse_launch(argv: list[str] | tuple[str, ...], run_inputs: tuple[str, ...] 
 
 
 def _auto_resume(launch: dict[str, str]) -> tuple[bool, str | None]:
-    """``resume=auto`` and its job key: the one given, else the Slurm job's (engine/auto_resume.py)."""
-    from pipeline.engine.auto_resume import check_job_key, default_job_key
-
+    """``resume=auto`` and its job key: the one given, else the Slurm job's (engine/auto_resume.py finds its run)."""
     mode = launch.get("resume")
     if mode not in (None, "auto"):
         raise ConfigError(f"resume={mode!r}: the only value is resume=auto (continue the run of this job key, if "
@@ -107,3 +108,21 @@ def _auto_resume(launch: dict[str, str]) -> tuple[bool, str | None]:
         raise ConfigError("resume=auto needs job_key=<name> (the same name at every launch of this job), or a "
                           "Slurm job, whose job ID is the default key")
     return True, check_job_key(key)
+
+
+def default_job_key(env: dict[str, str] | None = None) -> str | None:
+    """The Slurm job's key: ``slurm:<cluster>:<job id>`` (an array task: ``<array job id>_<task id>``), which
+    stays the same when Slurm requeues the job; None outside Slurm."""
+    env = os.environ if env is None else env
+    array_job, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{task}" if array_job and task else env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    cluster = env.get("SLURM_CLUSTER_NAME")
+    return f"slurm:{cluster}:{job}" if cluster else f"slurm:{job}"
+
+
+def check_job_key(key: str) -> str:
+    if not _JOB_KEY.fullmatch(key):
+        raise ConfigError(f"job_key={key!r}: use up to 200 letters, digits and _ . : @ / + - (no spaces or quotes)")
+    return key

@@ -79,6 +79,20 @@ def heartbeat_age(tags: dict[str, str]) -> float:
         return float("inf")  # no or an unreadable heartbeat: a lease nobody renews
 
 
+def held_by_live_job(tags: dict[str, str], timeout_s: float) -> bool:
+    """A job holds the lease these tags record and is alive: its heartbeat is younger than ``timeout_s`` and, on
+    this machine, its process still runs."""
+    return bool(tags.get(TOKEN)) and heartbeat_age(tags) < timeout_s and not holder_is_gone(tags)
+
+
+def run_timeout(run, default_s: float) -> float:
+    """The lease timeout the run's jobs use (its ``tracking.lease_timeout_seconds`` param), else ``default_s``."""
+    try:
+        return float(run.data.params.get("tracking.lease_timeout_seconds", default_s))
+    except ValueError:
+        return default_s
+
+
 class Lease:
     """This job's lease on one run; ``acquire`` takes it, ``release`` gives it back."""
 
@@ -168,7 +182,7 @@ class Lease:
                         self.run_id, err, self.timeout_s)
 
     def _refuse_if_alive(self, tags: dict[str, str]) -> None:
-        if tags.get(TOKEN) and heartbeat_age(tags) < self.timeout_s and not holder_is_gone(tags):
+        if held_by_live_job(tags, self.timeout_s):
             raise LeaseHeld(self._held_message(tags))
 
     def _held_message(self, tags: dict[str, str]) -> str:

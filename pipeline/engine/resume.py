@@ -188,11 +188,7 @@ class RunCheckpoints:
         if run.info.status != "RUNNING":
             return ""
         tags = run.data.tags
-        try:
-            timeout = float(run.data.params.get("tracking.lease_timeout_seconds", LEASE_TIMEOUT_S))
-        except ValueError:
-            timeout = LEASE_TIMEOUT_S
-        if tags.get(lease.TOKEN) and lease.heartbeat_age(tags) < timeout and not lease.holder_is_gone(tags):
+        if lease.held_by_live_job(tags, lease.run_timeout(run, LEASE_TIMEOUT_S)):
             return (f" A job is still training it ({tags.get(lease.HOLDER, 'unknown holder')}): wait for its first "
                     "checkpoint, or stop it.")
         note = (f"**Ended FAILED on {utc_now()} by a resume: the job that trained this run stopped before it "

@@ -10,9 +10,8 @@ from conftest import TINY, loss_history, snapshot, stage_runs
 from pipeline.common import faults
 from pipeline.config import ConfigError
 from pipeline.engine import tags as tag
-from pipeline.engine.auto_resume import default_job_key
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE
-from pipeline.engine.launch import parse_launch
+from pipeline.engine.launch import default_job_key, parse_launch
 from pipeline.engine.session import run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
