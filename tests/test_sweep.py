@@ -213,7 +213,7 @@ def test_crashed_worker_trial_is_found_stale_and_resumed_in_its_own_run(tmp_path
     env = env_for(tmp_path)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     cmd = _sweep_cmd(storage, 2, "trainer.max_steps=40", "validation.interval=20", "checkpoint.save_interval=10",
-                     "sweep.heartbeat_seconds=4")
+                     "sweep.heartbeat_seconds=10")
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen, child_id = [], None
@@ -236,7 +236,8 @@ def test_crashed_worker_trial_is_found_stale_and_resumed_in_its_own_run(tmp_path
     assert latest < 40 and before[-1][0] > latest
     assert [s for s, _ in before][:latest] == list(range(1, latest + 1))  # no gap before the checkpoint
 
-    # Run again at once, within the heartbeat grace period (4 x 4 s): the worker waits it out, then resumes.
+    # Run again at once, within the heartbeat grace period (4 x 10 s, long enough for the second worker's start-up
+    # on a loaded machine): the worker waits it out, then resumes.
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Trials [1] were running before this worker started; waiting up to" in again.stderr

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -214,8 +215,8 @@ def test_a_large_checkpoint_goes_through_the_server_in_parts_and_resumes_verifie
 
 def test_a_crashed_job_on_another_machine_is_taken_over_once_its_lease_expires(team, tmp_path):
     """The killed job's lease names another host (as if it had run there; this test has one machine), so
-    its death cannot be seen: a resume is refused naming it until the heartbeat is older than the
-    timeout, then takes the run over and says so in the run's description."""
+    its death cannot be seen: while that host's heartbeat goes on, a resume is refused naming it; once the
+    heartbeat is older than the timeout, a resume takes the run over and says so in the run's description."""
     client, run = killed_after_step_6(team, tmp_path / "a", "tracking.lease_timeout_seconds=15",
                                       "tracking.lease_heartbeat_seconds=2", "tracking.experiment=expiry",
                                       experiment="expiry")
@@ -223,9 +224,24 @@ def test_a_crashed_job_on_another_machine_is_taken_over_once_its_lease_expires(t
     client.set_tag(run_id, "lease.host", "gpu-node-7")
     client.set_tag(run_id, "lease.holder", "gpu-node-7 pid 4242 since 2026-11-27T09:00:00Z")
 
-    code, err = finished(job(team, "alice", tmp_path / "b", f"resume_run={run_id}"))
+    # gpu-node-7 is alive while the first resume starts (however long its imports take on a loaded machine)
+    alive = threading.Event()
+    alive.set()
+
+    def beat_as_gpu_node_7():
+        while alive.is_set():
+            client.set_tag(run_id, "lease.heartbeat", f"{time.time():.3f}")
+            time.sleep(2)
+
+    beating = threading.Thread(target=beat_as_gpu_node_7, daemon=True)
+    beating.start()
+    try:
+        code, err = finished(job(team, "alice", tmp_path / "b", f"resume_run={run_id}"))
+    finally:
+        alive.clear()
+        beating.join(timeout=30)
     assert code == EXIT_BAD_INPUT and "is being trained by another job: gpu-node-7 pid 4242" in err, err
-    beat = float(client.get_run(run_id).data.tags["lease.heartbeat"])
+    beat = float(client.get_run(run_id).data.tags["lease.heartbeat"])  # gpu-node-7 has died now
     time.sleep(max(0.0, beat + 15.5 - time.time()))
     code, err = finished(job(team, "alice", tmp_path / "c", f"resume_run={run_id}"))
     assert code == EXIT_OK and "Taking over the lease" in err, err
