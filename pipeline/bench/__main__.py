@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from pipeline.bench import cleaning, data, emit, figure, outage, restore, training
+from pipeline.bench import cleaning, data, emit, figure, outage, restore, scale, scale_ingest, training
 
 TINY = ["ssl=tiny"]
 SMALL = ["ssl=hubert_base", "ssl.layer=2"]  # random weights: the architecture is what costs
@@ -55,6 +55,11 @@ def cpu_plan() -> list[tuple[str, callable]]:
                                       bare_repeats=2, score_files=8, score_files_per_batch=2)),
         ("clean_corpus/hubert_base_l6_v1", partial(cleaning.cleaning_figures, "hubert_base_l6_v1", HUBERT_L6, "v1",
                                                    files=12, files_per_batch=2, score_files=0, per_1000h=True)),
+        # cost growth (docs/benchmarks.md, Cost growth): each curve at three sizes; about 40 minutes together
+        *[(f"scale/resume_vs_history/{kind}", partial(scale.resume_vs_history, kind)) for kind in ("sqlite", "postgresql")],
+        ("scale/resume_vs_checkpoints", partial(scale.resume_vs_checkpoints)),
+        ("scale/commit_vs_checkpoints", partial(scale.commit_vs_checkpoints)),
+        ("scale/metric_ingest", partial(scale_ingest.metric_ingest)),
     ]
 
 

@@ -81,25 +81,37 @@ def write_attempt(client: MlflowClient, run_id: str, entry: dict[str, Any], chan
     client.log_text(run_id, yaml.safe_dump(redact(data), sort_keys=False), f"config/attempt-{entry['attempt']}.yaml")
 
 
-def read_history(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
-    """The run's attempt records (config/attempt-<n>.yaml); an unreadable one is skipped with a warning."""
-    history = []
+ATTEMPTS_SHOWN = 20  # the newest attempts a resume reads back for the description; every record stays in config/
+
+
+def _attempt_number(path: str) -> int | None:
+    name = Path(path).name
+    if name.startswith("attempt-") and name.endswith(".yaml") and name[len("attempt-"):-len(".yaml")].isdigit():
+        return int(name[len("attempt-"):-len(".yaml")])
+    return None
+
+
+def read_history(client: MlflowClient, run_id: str, newest: int = ATTEMPTS_SHOWN) -> tuple[list[dict[str, Any]], int]:
+    """The run's newest ``newest`` attempt records (config/attempt-<n>.yaml), oldest first, and the highest attempt
+    number recorded. Only those are downloaded, so a resume costs the same after 3 attempts or 300. An unreadable
+    record is skipped with a warning (its number still counts)."""
     try:
         entries = client.list_artifacts(run_id, "config")
     except Exception:
-        return history
+        return [], 0
+    numbered = sorted((n, e.path) for e in entries if (n := _attempt_number(e.path)) is not None)
+    history = []
     with tempfile.TemporaryDirectory() as tmp:
-        for e in entries:
-            if Path(e.path).name.startswith("attempt-"):
-                try:
-                    entry = yaml.safe_load(Path(client.download_artifacts(run_id, e.path, tmp)).read_text())
-                    int(entry["attempt"])
-                except Exception as err:  # truncated, not YAML, not a record
-                    log.warning("Run %s: %s is unreadable (%s); the description lists the other attempts",
-                                run_id, e.path, err)
-                    continue
-                history.append(entry)
-    return sorted(history, key=lambda h: int(h["attempt"]))
+        for _, path in numbered[-newest:]:
+            try:
+                entry = yaml.safe_load(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+                int(entry["attempt"])
+            except Exception as err:  # truncated, not YAML, not a record
+                log.warning("Run %s: %s is unreadable (%s); the description lists the other attempts",
+                            run_id, path, err)
+                continue
+            history.append(entry)
+    return sorted(history, key=lambda h: int(h["attempt"])), max((n for n, _ in numbered), default=0)
 
 
 def _count_tag(tags: dict[str, str]) -> int:
@@ -181,10 +193,11 @@ def _continue_run(client: MlflowClient, plan: JobPlan, started: str) -> RunConte
     logged = latest_steps(original)
     last = logged.get("train/loss")
     index_rows = _index_rows(client, run_id, resume.step, resume.meta, original.data.tags)
-    history = read_history(client, run_id)
+    history, recorded = read_history(client, run_id)
     lease = new_lease(client, run_id, plan.cfg).acquire(original.data.tags)  # LeaseHeld while another job trains it
     try:
-        attempt, resumed_from, attempt_run = _record_attempt(client, plan, original, history, lease, started)
+        attempt, resumed_from, attempt_run = _record_attempt(client, plan, original, history, recorded, lease,
+                                                             started)
     except BaseException:
         lease.release()
         raise
@@ -220,15 +233,15 @@ def _index_rows(client: MlflowClient, run_id: str, step: int, meta: dict[str, An
     return index_rows
 
 
-def _record_attempt(client: MlflowClient, plan: JobPlan, original, history: list[dict[str, Any]], lease: Lease,
-                    started: str) -> tuple[int, str, str | None]:
-    """The attempt's record first, numbered after every record there is (a crash between the record and
-    the tags leaves the count behind, never two attempts under one number), then the run's tags and the
-    attempt run `mlflow run` made. Returns the attempt number, where it resumed from and the attempt run."""
+def _record_attempt(client: MlflowClient, plan: JobPlan, original, history: list[dict[str, Any]], recorded: int,
+                    lease: Lease, started: str) -> tuple[int, str, str | None]:
+    """The attempt's record first, numbered after every record there is (``recorded``: the highest number; a
+    crash between the record and the tags leaves the count behind, never two attempts under one number), then
+    the run's tags and the attempt run `mlflow run` made. Returns the attempt number, where it resumed from and
+    the attempt run."""
     resume = plan.resume
     run_id = resume.run_id
-    recorded = max([int(h["attempt"]) for h in history], default=1)
-    attempt = max(recorded, _count_tag(original.data.tags) + 1) + 1
+    attempt = max(recorded, 1, _count_tag(original.data.tags) + 1) + 1
     resumed_from = resume_label(plan.cfg, resume)
     source = resumed_from if not lease.took_over else f"{resumed_from}; took over the run from {lease.took_over}"
     if plan.launch.auto_resume:

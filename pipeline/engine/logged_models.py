@@ -8,7 +8,10 @@ its step linked to it by ``model_id`` (so the Models tab can show and sort them)
 are, in the run's artifacts: the logged model points at them instead of holding a second copy (MLflow
 would otherwise store each checkpoint twice, once per artifact location). Retention deletes the logged
 model of every checkpoint it deletes. A stage's final ``model/`` becomes one more logged model,
-``final-<run name>``, pointing at ``runs:/<run>/model``.
+``final-<run name>``, pointing at ``runs:/<run>/model``; only that one is also recorded as an output of the run
+(the run page's "Logged models"): MLflow has no way to remove a run's output, and ``get_run`` returns them all,
+so one output per commit would make every read of a week-long run grow with its checkpoints (10,000 commits:
+10,000 outputs in each ``get_run``, the stop-tag poll's included).
 
 The linked metrics are the very points the run logged (same key, value, step and timestamp): MLflow's
 SQL store keeps one copy of a point logged twice, so the run's charts do not get a second value per
@@ -73,7 +76,8 @@ class CheckpointModels:
     def final(self, step: int, metrics: list[Metric]) -> None:
         """The stage's final ``model/`` (logged in the run's artifacts) as a logged model."""
         self._create(model_name("final", self.run_name), FINAL_MODEL_TYPE, step, metrics, params={"step": str(step)},
-                     tags={STEP_TAG: str(step), URI_TAG: f"runs:/{self.run_id}/model"}, what="the final model")
+                     tags={STEP_TAG: str(step), URI_TAG: f"runs:/{self.run_id}/model"}, what="the final model",
+                     output=True)
 
     def deleted(self, steps: list[int]) -> None:
         """Retention deleted the checkpoints at ``steps``: delete their logged models too."""
@@ -99,11 +103,12 @@ class CheckpointModels:
                 return
 
     def _create(self, name: str, model_type: str, step: int, metrics: list[Metric], params: dict[str, str],
-                tags: dict[str, str], what: str) -> None:
+                tags: dict[str, str], what: str, output: bool = False) -> None:
         try:
             model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
                                                     params={**self.params, **params}, tags=tags, model_type=model_type)
-            self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])  # the run page lists it
+            if output:  # the run page lists it
+                self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
             if self.link and metrics:
                 self.client.log_batch(self.run_id, metrics=[
                     Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id) for m in metrics])

@@ -395,6 +395,9 @@ def describe_run(
         lines += [f"[All runs of this experiment]({ui_url(experiment_id)}) · "
                   f"[checkpoints]({ui_url(experiment_id, run_id, page='artifactPath/checkpoints/index.csv')}) · "
                   f"[checkpoints of every run, by metric]({ui_url(experiment_id, page='models')})", ""]
+    earlier = int(history[0]["attempt"]) - 1 if history else 0
+    if earlier > 0:  # a resume reads back only the newest attempts (attempts.ATTEMPTS_SHOWN)
+        lines += [f"Attempts 1-{earlier}: `config/attempt-<n>.yaml` in this run's artifacts.", ""]
     lines += ["| attempt | started (UTC) | from | overrides | status |", "|---|---|---|---|---|"]
     for h in history:
         overrides = " ".join(redact(h.get("overrides") or [])) or "—"

@@ -1,0 +1,40 @@
+"""The cost-growth curves of pipeline/bench/scale.py at tiny sizes: each measures what it says, in a real store
+(the figures' values are not judged here; docs/benchmarks.md holds them)."""
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.bench import scale
+from pipeline.bench.history import metric_names, write_history
+
+
+def test_history_is_written_into_the_store_with_the_latest_values_mlflow_keeps(store):
+    uri = f"sqlite:///{store}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("history")).info.run_id
+    assert write_history(uri, run_id, steps=300, metrics=3) == 900
+    run = client.get_run(run_id)
+    assert set(run.data.metrics) == set(metric_names(3)) == {"train/loss", "history/m01", "history/m02"}
+    history = client.get_metric_history(run_id, "history/m02")
+    assert [m.step for m in history] == list(range(1, 301)) and len({m.value for m in history}) > 100
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")][-1] == 300  # latest through log_batch
+
+
+def test_commit_curve_times_real_commits_after_each_size(store):
+    figures = scale.commit_vs_checkpoints(sizes=(2, 6), window=3)
+    by_name = {f["name"]: f for f in figures}
+    assert set(by_name) == {"scale/commit_vs_checkpoints/2", "scale/commit_vs_checkpoints/6",
+                            "scale/commit_vs_checkpoints"}
+    assert by_name["scale/commit_vs_checkpoints/6"]["spread"]["n"] == 3
+    summary = by_name["scale/commit_vs_checkpoints"]
+    assert summary["largest_over_smallest"] > 0 and set(summary["medians"]) == {"2", "6"}
+
+
+@pytest.mark.slow  # a training run and two resumed ones per curve
+def test_resume_curves_resume_a_real_run_per_size(store):
+    history = {f["name"]: f for f in scale.resume_vs_history("sqlite", sizes=(10, 1000), metrics=2, repeats=1)}
+    assert history["scale/resume_vs_history/sqlite/1000"]["value"] > 0
+    summary = history["scale/resume_vs_history/sqlite"]
+    assert summary["store_mb"]["1000"] > summary["store_mb"]["10"] and set(summary["process_s"]) == {"10", "1000"}
+    checkpoints = {f["name"]: f for f in scale.resume_vs_checkpoints(sizes=(3, 8), repeats=1)}
+    assert checkpoints["scale/resume_vs_checkpoints"]["largest_over_smallest"] > 0
