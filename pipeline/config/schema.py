@@ -166,6 +166,10 @@ class TrackingConfig:
     experiment: Optional[str] = None  # MLflow experiment; null = the stage name
     run_name: Optional[str] = None  # null = "<first 6 characters of the run ID>-<model>-<dataset>"
     flush_seconds: float = 5.0  # metrics are sent in batches at least this often
+    # steps per point of the training metrics: each point is the mean of its steps' values (lr, epoch: the last),
+    # logged at the interval's last step, so the chart is exact at its resolution; 1 = every step. A week-long
+    # run of 10^6 steps: 100 keeps its store at 10^4 points per metric (docs/benchmarks.md, Cost growth)
+    metric_interval: int = 1
     stop_poll_seconds: float = 3.0  # how often the `stop_requested` tag is checked
     lease_heartbeat_seconds: float = 10.0  # how often a job renews its lease on the run (one job per run)
     lease_timeout_seconds: float = 60.0  # a lease not renewed for this long (a dead job) is taken over

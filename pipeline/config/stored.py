@@ -100,7 +100,8 @@ def config_hash(cfg: DictConfig) -> str:
 # Numbers whose wrong value fails only later (a crop of no samples, a poll loop that never waits, a lease taken
 # over while its job lives) or acts silently. A key the stage's config lacks is skipped; so is an unset value.
 POSITIVE_KEYS = ("batch_size", "checkpoint.save_interval", "trainer.log_interval", "trainer.max_steps",
-                 "trainer.epochs", "trainer.max_nonfinite_steps", "data.segment_seconds", "degradation.packet_ms",
+                 "tracking.metric_interval", "trainer.epochs", "trainer.max_nonfinite_steps", "data.segment_seconds",
+                 "degradation.packet_ms",
                  "light_max_seconds", "max_seconds", "tracking.outage_limit_seconds",
                  "tracking.stop_poll_seconds", "tracking.lease_heartbeat_seconds", "tracking.lease_timeout_seconds")
 AT_LEAST_ZERO_KEYS = ("checkpoint.keep_last_n", "checkpoint.keep_best_k", "validation.interval",

@@ -62,6 +62,43 @@ class TrainResult:
     stopped_by: str | None = None  # None when training reached max_steps
 
 
+class MetricWindow:
+    """The training metrics of the steps since the last point, for ``tracking.metric_interval`` > 1: a point is
+    their mean (the last value for lr, epoch and the counters, which are not averaged quantities), logged at
+    every multiple of the interval and at the last step. Its sums are part of the checkpoint, so a resumed job
+    logs the same points as one that never stopped."""
+
+    LAST_VALUE = ("lr", "epoch", "train/nonfinite_steps", "throughput/")  # names (or prefixes) not averaged
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self.sums: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, step: int, metrics: dict[str, float], final: bool) -> dict[str, float] | None:
+        """Take the step's metrics; the point to log at ``step``, if one ends here."""
+        if self.interval == 1:
+            return metrics
+        for key, value in metrics.items():
+            if key.startswith(self.LAST_VALUE):
+                self.last[key] = value
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+        if step % self.interval and not final:
+            return None
+        point = {**{k: v / self.count for k, v in self.sums.items()}, **self.last}
+        self.sums, self.last, self.count = {}, {}, 0
+        return point
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "last": dict(self.last), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.last, self.count = dict(state["sums"]), dict(state["last"]), int(state["count"])
+
+
 class Engine:
     def __init__(self, stage: Stage, metrics: MetricLogger, store: CheckpointStore, stopper: StopController,
                  run_id: str, on_progress=None, hooks=None):
@@ -84,6 +121,7 @@ class Engine:
         self._code_version = code_version()
         self._config_cache: dict[str, Any] | None = None
         self._window_start, self._window_samples, self._first_step = 0.0, 0, True  # _fit's throughput window
+        self.metric_window = MetricWindow(int(self.cfg.tracking.metric_interval))
 
     # --- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -107,6 +145,7 @@ class Engine:
             "val_metrics": dict(self.val_metrics),
             "nonfinite_steps": self.nonfinite_steps,
             "nonfinite_streak": self.nonfinite_streak,
+            "metric_window": self.metric_window.state_dict(),  # training metrics not logged yet (metric_interval)
         }
 
     def load_state_dict(self, state: dict[str, Any], *, restore_data_position: bool = True) -> None:
@@ -141,6 +180,8 @@ class Engine:
         self.val_metrics = dict(state.get("val_metrics", {}))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        if "metric_window" in state:  # checkpoints written before metric_interval have none
+            self.metric_window.load_state_dict(state["metric_window"])
         old_workers = int(state.get("data_workers", self._workers()))
         if s.train_source.order_depends_on_workers and old_workers != self._workers() and self.pos.batch_in_epoch \
                 and old_world == world:
@@ -426,7 +467,9 @@ class Engine:
         else:
             self.nonfinite_streak = 0
         if self.dist.is_main:
-            self.metrics.log(metrics, self.pos.step)
+            point = self.metric_window.add(self.pos.step, metrics, final=self.pos.step == max_steps)
+            if point is not None:
+                self.metrics.log(point, self.pos.step)
         if self._first_step:
             startup.first_step(self.pos.step)
             self._first_step = False
