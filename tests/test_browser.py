@@ -6,10 +6,8 @@ chromium with apt-get when it runs as root)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import PYTHON, REPO, TINY, env_for, read_until
+from pipeline.bench.browser import CHROMIUM_ARGS, chromium_path, missing_browser
 from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
 from pipeline.engine.tracking import ui_url
 
@@ -26,19 +25,12 @@ pytestmark = pytest.mark.slow
 SCREENSHOTS = Path(os.environ.get("BROWSER_SCREENSHOTS", REPO / "test-screenshots" / "browser"))
 JOB = [*TINY, "trainer.max_steps=12", "checkpoint.save_interval=4", "validation.interval=4"]
 PAGE_TIMEOUT_MS = 30_000
-# As root chromium needs --no-sandbox; the rest keep it from calling home on a closed network.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 
 def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it when run as root: "
-                    "apt-get install chromium)")
-    if importlib.util.find_spec("playwright") is None:
-        pytest.skip("Playwright for Python is not installed (pip install -e '.[test]')")
-    return path
+    if why := missing_browser():
+        pytest.skip(why)
+    return chromium_path()
 
 
 def _job(server, workdir: Path, *args: str) -> subprocess.Popen:

@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from pipeline.bench import cleaning, data, emit, figure, outage, restore, scale, scale_ingest, training
+from pipeline.bench import cleaning, data, emit, figure, outage, restore, scale, scale_ingest, scale_ui, training
 
 TINY = ["ssl=tiny"]
 SMALL = ["ssl=hubert_base", "ssl.layer=2"]  # random weights: the architecture is what costs
@@ -60,6 +60,7 @@ def cpu_plan() -> list[tuple[str, callable]]:
         ("scale/resume_vs_checkpoints", partial(scale.resume_vs_checkpoints)),
         ("scale/commit_vs_checkpoints", partial(scale.commit_vs_checkpoints)),
         ("scale/metric_ingest", partial(scale_ingest.metric_ingest)),
+        ("scale/ui_chart", partial(scale_ui.ui_chart_figures)),
     ]
 
 

@@ -25,6 +25,9 @@ from pipeline.engine.private_apis import dataset_entity, metric_steps
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+BACKLOG_WARN_BATCHES = 20  # batches waiting for the store before the job says it logs faster than the store keeps up
+BACKLOG_MAX_BATCHES = 500  # ~500,000 points (~100 MB) waiting: the training thread waits instead of growing further
+BACKLOG_WARN_EVERY_S = 600.0
 MAX_PARAM_LENGTH = 6000
 
 
@@ -37,6 +40,10 @@ class MetricLogger:
     ``already_logged`` (metric -> last step in the store) holds back what an interrupted attempt of
     the run logged already: steps re-trained after an exact resume give the same values, and logging
     them again would give the charts two points per step.
+
+    A store slower than the job (a team server shared by many jobs that log every step) makes batches wait:
+    past BACKLOG_WARN_BATCHES the job says so (every 10 minutes at most), naming the settings that help; at
+    BACKLOG_MAX_BATCHES the training thread waits for the store rather than holding ever more points in memory.
     """
 
     def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float,
@@ -49,6 +56,7 @@ class MetricLogger:
         self._buffer: list[Metric] = []
         self._latest: dict[str, Metric] = {}  # the newest point of each metric, as logged
         self._last_flush = time.monotonic()
+        self._backlog_warned = -BACKLOG_WARN_EVERY_S
         self._queue: deque[list[Metric]] = deque()  # batches not stored yet, oldest first
         self._queued = self._stored = 0  # batches handed to the sender, and stored, so far
         self._error: StorageError | NotRetried | None = None
@@ -89,9 +97,19 @@ class MetricLogger:
                 self._queued += 1
             self._cond.notify_all()
             sent = _Stored(self, self._queued)
+            waiting = len(self._queue)
         self._last_flush = time.monotonic()
+        if waiting >= BACKLOG_WARN_BATCHES and self._last_flush - self._backlog_warned >= BACKLOG_WARN_EVERY_S:
+            self._backlog_warned = self._last_flush
+            log.warning("%d batches of metrics (up to %d values) are waiting to be stored: the tracking store takes "
+                        "them slower than this job logs them, and at %d batches training waits for it. A larger "
+                        "tracking.metric_interval (a point per N steps) or more server workers (mlflow server "
+                        "--workers) keep up; docs/benchmarks.md, Cost growth", waiting, waiting * MAX_BATCH,
+                        BACKLOG_MAX_BATCHES)
         if wait:
             sent.wait()
+        elif waiting >= BACKLOG_MAX_BATCHES:  # bounded memory: wait until the oldest batches are stored
+            self._wait_stored(self._queued - BACKLOG_MAX_BATCHES // 2)
         return [sent]
 
     def close(self) -> None:

@@ -79,3 +79,41 @@ def test_the_description_starts_with_status_progress_checkpoint_and_the_resume_c
 
 def test_default_run_names_differ_at_the_front():
     assert default_run_name("3fa9c1d2e4", "tiny", "demo") == "3fa9c1-tiny-demo"
+
+
+def test_a_store_slower_than_the_job_is_reported_and_bounds_the_metrics_held_in_memory(store, monkeypatch, caplog):
+    """A store that takes a batch only when allowed (a saturated team server): past the warning threshold the job
+    says what to change; at the limit the training thread waits for the store; every point is stored in order."""
+    import threading
+
+    from pipeline.engine import tracking
+
+    monkeypatch.setattr(tracking, "BACKLOG_WARN_BATCHES", 3)
+    monkeypatch.setattr(tracking, "BACKLOG_MAX_BATCHES", 6)
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("backlog")).info.run_id
+    allowed = threading.Semaphore(0)
+
+    class SlowClient:
+        def log_batch(self, run_id, metrics):
+            allowed.acquire()
+            client.log_batch(run_id, metrics=metrics)
+
+    metrics = tracking.MetricLogger(SlowClient(), run_id, flush_seconds=3600)
+    for step in range(1, 6):  # five batches handed over, none stored yet
+        metrics.log({"train/loss": float(step)}, step)
+        metrics.flush()
+    assert "3 batches of metrics (up to 3000 values) are waiting to be stored" in caplog.text
+    assert "tracking.metric_interval" in caplog.text
+    blocked = threading.Thread(target=lambda: (metrics.log({"train/loss": 6.0}, 6), metrics.flush()))
+    blocked.start()
+    blocked.join(timeout=1.0)
+    assert blocked.is_alive()  # the sixth batch is the limit: its step waits until the store catches up
+    for _ in range(6):
+        allowed.release()
+    blocked.join(timeout=60)
+    assert not blocked.is_alive()
+    metrics.flush(wait=True)
+    metrics.close()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == \
+        [(s, float(s)) for s in range(1, 7)]
