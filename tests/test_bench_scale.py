@@ -1,6 +1,8 @@
 """The cost-growth curves of pipeline/bench/scale.py at tiny sizes: each measures what it says, in a real store
 (the figures' values are not judged here; docs/benchmarks.md holds them)."""
 
+import glob
+
 import pytest
 from mlflow import MlflowClient
 
@@ -18,6 +20,17 @@ def test_history_is_written_into_the_store_with_the_latest_values_mlflow_keeps(s
     history = client.get_metric_history(run_id, "history/m02")
     assert [m.step for m in history] == list(range(1, 301)) and len({m.value for m in history}) > 100
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")][-1] == 300  # latest through log_batch
+
+
+@pytest.mark.skipif(not glob.glob("/usr/lib/postgresql/*/bin"),
+                    reason="PostgreSQL server binaries not installed (apt-get install postgresql)")
+def test_history_goes_into_postgresql_with_copy(store):
+    with scale.store("postgresql") as uri:
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("history")).info.run_id
+        assert write_history(uri, run_id, steps=2000, metrics=2, prefix="history/m") == 4000
+        assert sorted(client.get_run(run_id).data.metrics) == ["history/m00", "history/m01"]
+        assert [m.step for m in client.get_metric_history(run_id, "history/m01")] == list(range(1, 2001))
 
 
 def test_commit_curve_times_real_commits_after_each_size(store):

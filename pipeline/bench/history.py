@@ -69,7 +69,13 @@ def write_history(tracking_uri: str, run_id: str, steps: int, metrics: int, firs
 
 
 def _copy(cursor, buffer: io.StringIO) -> None:
-    buffer.seek(0)
-    cursor.copy_expert("COPY metrics (key, value, timestamp, run_uuid, step, is_nan) FROM STDIN", buffer)
+    """The buffered rows into ``metrics`` with COPY: psycopg 3 (what SQLAlchemy picks when installed) or psycopg2."""
+    sql = "COPY metrics (key, value, timestamp, run_uuid, step, is_nan) FROM STDIN"
+    if hasattr(cursor, "copy_expert"):  # psycopg2
+        buffer.seek(0)
+        cursor.copy_expert(sql, buffer)
+    else:
+        with cursor.copy(sql) as copy:
+            copy.write(buffer.getvalue())
     buffer.seek(0)
     buffer.truncate()
