@@ -35,7 +35,7 @@ from mlflow.entities import Metric
 
 from pipeline.bench import emit, figure, spread
 from pipeline.bench.history import write_history
-from pipeline.bench.training import _job, _new_run, _run_ids
+from pipeline.bench.training import _job, _new_run, _run_ids, working_in
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +48,20 @@ RESUME_PHASES = ("download", "verify", "load", "config", "run setup", "restore")
 @contextmanager
 def store(kind: str) -> Iterator[str]:
     """A fresh, empty tracking store of ``kind`` (sqlite | postgresql) with a working directory; its URI."""
-    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        postgres = None
-        if kind == "postgresql":
-            from pipeline.ops.teamserver import Postgres
+        if kind != "postgresql":
+            with working_in(tmp, f"sqlite:///{tmp}/mlflow.db"):
+                yield os.environ["MLFLOW_TRACKING_URI"]
+            return
+        from pipeline.ops.teamserver import Postgres
 
-            postgres = Postgres(secrets.token_urlsafe(12))
-            postgres.start()
-            uri = postgres.create_database("mlflow")
-        else:
-            uri = f"sqlite:///{tmp}/mlflow.db"
-        os.chdir(tmp)
-        os.environ["MLFLOW_TRACKING_URI"] = uri
+        postgres = Postgres(secrets.token_urlsafe(12))
+        postgres.start()
         try:
-            yield uri
+            with working_in(tmp, postgres.create_database("mlflow")):
+                yield os.environ["MLFLOW_TRACKING_URI"]
         finally:
-            os.chdir(old_cwd)
-            if old_uri is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = old_uri
-            if postgres is not None:
-                postgres.stop()
+            postgres.stop()
 
 
 def _trained_run(client: MlflowClient) -> str:

@@ -44,20 +44,26 @@ STARTUP_LINE = re.compile(r"Startup: first step (\d+) at ([\d.]+) s after proces
 
 
 @contextmanager
+def working_in(workdir: str, tracking_uri: str) -> Iterator[None]:
+    """Work in ``workdir`` (artifacts, checkpoint staging) with ``tracking_uri`` as the store; both back after."""
+    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(workdir)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+@contextmanager
 def tracking_store() -> Iterator[MlflowClient]:
     """A throwaway SQLite tracking store with its artifacts and checkpoint staging in a temporary directory."""
-    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        os.chdir(tmp)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        try:
-            yield MlflowClient()
-        finally:
-            os.chdir(old_cwd)
-            if old_uri is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = old_uri
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, working_in(tmp, f"sqlite:///{tmp}/mlflow.db"):
+        yield MlflowClient()
 
 
 def build_stage(stage_name: str, overrides: list[str], client: MlflowClient):
