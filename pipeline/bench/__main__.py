@@ -55,7 +55,7 @@ def cpu_plan() -> list[tuple[str, callable]]:
                                       bare_repeats=2, score_files=8, score_files_per_batch=2)),
         ("clean_corpus/hubert_base_l6_v1", partial(cleaning.cleaning_figures, "hubert_base_l6_v1", HUBERT_L6, "v1",
                                                    files=12, files_per_batch=2, score_files=0, per_1000h=True)),
-        # cost growth (docs/benchmarks.md, Cost growth): each curve at three sizes; about 40 minutes together
+        # cost growth (docs/benchmarks.md, Cost growth): each curve at three sizes; about 75 minutes together on 2 idle cores
         *[(f"scale/resume_vs_history/{kind}", partial(scale.resume_vs_history, kind)) for kind in ("sqlite", "postgresql")],
         ("scale/resume_vs_checkpoints", partial(scale.resume_vs_checkpoints)),
         ("scale/commit_vs_checkpoints", partial(scale.commit_vs_checkpoints)),
