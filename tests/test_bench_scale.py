@@ -2,6 +2,7 @@
 (the figures' values are not judged here; docs/benchmarks.md holds them)."""
 
 import glob
+import json
 
 import pytest
 from mlflow import MlflowClient
@@ -51,3 +52,21 @@ def test_resume_curves_resume_a_real_run_per_size(store):
     assert summary["store_mb"]["1000"] > summary["store_mb"]["10"] and set(summary["process_s"]) == {"10", "1000"}
     checkpoints = {f["name"]: f for f in scale.resume_vs_checkpoints(sizes=(3, 8), repeats=1)}
     assert checkpoints["scale/resume_vs_checkpoints"]["largest_over_smallest"] > 0
+
+
+def test_commit_vs_history_times_linked_commits_and_the_relinked_ones_and_plots_both(store, tmp_path):
+    from pipeline.bench import plot
+
+    figures = scale.commit_vs_history("sqlite", sizes=(5, 50), metrics=3, window=2, relinked=1)
+    by_name = {f["name"]: f for f in figures}
+    assert set(by_name) == {"scale/commit_vs_history/sqlite/5", "scale/commit_vs_history/sqlite/50",
+                            "scale/commit_vs_history/sqlite"}
+    summary = by_name["scale/commit_vs_history/sqlite"]
+    assert by_name["scale/commit_vs_history/sqlite/50"]["spread"]["n"] == 2 and set(summary["medians"]) == {"5", "50"}
+    assert {size: late["n"] for size, late in summary["relinked_s"].items()} == {"5": 1, "50": 1}
+    found = plot.curves([json.dumps(f) for f in figures])
+    assert found["scale/commit_vs_history/sqlite"][0] == [5.0, 50.0]
+    assert found["scale/commit_vs_history/sqlite (compared)"][1] == [
+        summary["relinked_s"]["5"]["median"], summary["relinked_s"]["50"]["median"]]
+    plot.plot(found, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -59,6 +59,7 @@ def cpu_plan() -> list[tuple[str, callable]]:
         *[(f"scale/resume_vs_history/{kind}", partial(scale.resume_vs_history, kind)) for kind in ("sqlite", "postgresql")],
         ("scale/resume_vs_checkpoints", partial(scale.resume_vs_checkpoints)),
         ("scale/commit_vs_checkpoints", partial(scale.commit_vs_checkpoints)),
+        *[(f"scale/commit_vs_history/{kind}", partial(scale.commit_vs_history, kind)) for kind in ("sqlite", "postgresql")],
         ("scale/metric_ingest", partial(scale_ingest.metric_ingest)),
         ("scale/ui_chart", partial(scale_ui.ui_chart_figures)),
     ]

@@ -11,6 +11,11 @@ user sees whether the cost stays flat; the summary figure of each curve holds ``
 - ``scale/resume_vs_checkpoints``: the same resume after the run has committed ``n`` checkpoints under retention
   (the last 3 kept). A commit leaves one logged model behind per checkpoint (deleted with the checkpoint), which
   is what a run of ``n`` commits adds to the store; they are made through the engine's own ``CheckpointModels``.
+- ``scale/commit_vs_history/<store>``: the time of one real commit whose step's 20 metrics go through the engine's
+  ``MetricLogger`` and are linked to the checkpoint's logged model, once the run holds ``steps`` x 20 metrics of
+  history. ``relinked`` beside it: the same commit when the step's points were stored before the checkpoint asked
+  for them (the engine's fallback: they are logged again with the model's ID, and MLflow looks the duplicates up
+  in the run's history), which was every commit's path before the points were linked when first sent.
 - ``scale/commit_vs_checkpoints``: the time of one real commit (``CheckpointStore.save`` + wait: state written,
   hashed, uploaded, verified, tags, retention listing and deletes, index.csv, logged model) once ``n`` commits
   went before it in the same run.
@@ -34,7 +39,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from pipeline.bench import emit, figure, spread
-from pipeline.bench.history import write_history
+from pipeline.bench.history import metric_names, value, write_history
 from pipeline.bench.training import _job, _new_run, _run_ids, working_in
 
 log = logging.getLogger(__name__)
@@ -127,7 +132,9 @@ def _leftovers(client: MlflowClient, run_id: str, count: int, start: int) -> Non
     models = CheckpointModels(client, run_id, run.info.experiment_id, run.info.run_name, {}, run.data.tags)
     for i in range(count):
         step = -(start + i + 1)
-        models.committed(step, {"epoch": 0}, [Metric("train/loss", 1.0, 0, step)])
+        link = models.link(step, {"epoch": 0})
+        link.relog = [Metric("train/loss", 1.0, 0, step)]  # a linked point, as a commit's step has
+        models.committed(step, {"epoch": 0}, link)
         models.deleted([step])
 
 
@@ -167,7 +174,7 @@ def commit_vs_checkpoints(sizes: tuple[int, ...] = (10, 1000, 10_000), window: i
         run = client.get_run(run_id)
         models = CheckpointModels(client, run_id, run.info.experiment_id, "commits", {}, run.data.tags)
         checkpoints = CheckpointStore(client, run_id, Path("staging"), RetentionPolicy(3, 1, "val/loss", "min"),
-                                      on_commit=models.committed, on_delete=models.deleted)
+                                      on_save=models.link, on_commit=models.committed, on_delete=models.deleted)
         step = 0
         for size in sizes:
             while step < size + window:
@@ -184,6 +191,53 @@ def commit_vs_checkpoints(sizes: tuple[int, ...] = (10, 1000, 10_000), window: i
            f"commit tags, retention keeping the last 3 and the best 1, index.csv, the logged model made and the "
            f"deleted ones' removed); the value is the median of the {window} commits after size commits")
     return _curve("scale/commit_vs_checkpoints", "s", how, times, {})
+
+
+def commit_vs_history(kind: str = "sqlite", sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), metrics: int = 20,
+                      window: int = 10, relinked: int = 3) -> list[dict[str, Any]]:
+    """The time of a real commit with its step's metrics linked to its logged model, after ``size`` steps x
+    ``metrics`` metrics of history (a fresh ``kind`` store per size); ``relinked`` commits of the fallback path."""
+    from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy
+    from pipeline.engine.logged_models import CheckpointModels
+    from pipeline.engine.tracking import MetricLogger, start_or_adopt_run
+
+    state = {"model": {"w": torch.randn(256, 256)}, "step": 0}
+    names = metric_names(metrics, "train/m")
+    linked: dict[int, list[float]] = {}
+    late: dict[int, list[float]] = {}
+    for size in sizes:
+        with store(kind) as uri:
+            client = MlflowClient(uri)
+            run_id = start_or_adopt_run(client, experiment="bench-scale", run_name="commits", tags={})
+            write_history(uri, run_id, size, metrics, prefix="train/m")
+            run = client.get_run(run_id)
+            models = CheckpointModels(client, run_id, run.info.experiment_id, "commits", {}, run.data.tags)
+            logger = MetricLogger(client, run_id, flush_seconds=3600.0)
+            checkpoints = CheckpointStore(client, run_id, Path("staging"), RetentionPolicy(3, 0, "val/loss", "min"),
+                                          on_save=models.link, on_commit=models.committed, on_delete=models.deleted,
+                                          on_abandon=models.abandoned)
+            for i in range(window + relinked):
+                step = size + 1 + i
+                logger.log({name: value(step, k) for k, name in enumerate(names)}, step)
+                if i >= window:  # stored before the checkpoint asks: linked by logging them again at the commit
+                    logger.flush(wait=True)
+                row = {"name": f"step-{step:08d}", "step": step, "epoch": 0}
+                started = time.perf_counter()
+                checkpoints.save(step, {**state, "step": step}, {"step": step, "epoch": 0}, row,
+                                 flush_metrics=logger.flush)
+                checkpoints.wait()
+                (linked if i < window else late).setdefault(size, []).append(time.perf_counter() - started)
+            checkpoints.close()
+            logger.close()
+            log.info("%s, %d steps: commits %s s, relinked %s s", kind, size, [round(t, 3) for t in linked[size]],
+                     [round(t, 3) for t in late[size]])
+    how = (f"{kind} store, one run holding size x {metrics} metrics of history: CheckpointStore.save + wait of a 256 KB "
+           f"state whose step's {metrics} metrics go through MetricLogger, linked to the checkpoint's logged model in "
+           f"the call that stores them; the value is the median of {window} commits")
+    extra = {"relinked_s": {str(s): spread(v, 3) for s, v in late.items()},
+             "relinked_how": f"the median of {relinked} commits whose step's points were stored first, then linked by "
+                             f"logging them again (MLflow's duplicate lookup)"}
+    return _curve(f"scale/commit_vs_history/{kind}", "s", how, linked, extra)
 
 
 if __name__ == "__main__":  # a quick look at small sizes: python -m pipeline.bench.scale

@@ -190,13 +190,17 @@ class CheckpointStore:
         fence: Callable[[], None] | None = None,
         outage_limit_s: float = OUTAGE_LIMIT_S,
         on_delete: Callable[[list[int]], None] | None = None,
+        on_save: Callable[[int, dict[str, Any]], Any] | None = None,
+        on_abandon: Callable[[Any], None] | None = None,
     ):
         self.client = client
         self.run_id = run_id
         self.staging_root = staging_root / run_id
         self.policy = policy
         self.index_rows = list(index_rows or [])
-        self.on_commit = on_commit  # callback(step, row, metrics) after a checkpoint is committed
+        self.on_save = on_save  # callback(step, row) -> link when saving: the metrics of the step are sent with it
+        self.on_commit = on_commit  # callback(step, row, link) after a checkpoint is committed
+        self.on_abandon = on_abandon  # callback(link) when a checkpoint could not be committed
         self.on_delete = on_delete  # callback(steps) after retention deleted those checkpoints
         self.fence = fence or (lambda: None)  # raises before a write when this job may no longer write (lease lost)
         self.outage_limit_s = outage_limit_s  # how long a failing upload or commit is tried again
@@ -205,6 +209,7 @@ class CheckpointStore:
         self._snapshots = Snapshotter()
         self._repo = None  # the run's artifact repository, resolved once (each lookup is a get_run)
         self._failed_deletes: Counter[int] = Counter()  # step -> deletes that failed in a row
+        self.committed_step: int | None = None  # the newest step this job committed
         remove_unfinished(self.staging_root)
 
     @property
@@ -214,15 +219,16 @@ class CheckpointStore:
         return self._repo
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any],
-             flush_metrics: Callable[[], list] | None = None, metrics: list | None = None) -> None:
+             flush_metrics: Callable[..., list] | None = None) -> None:
         """Snapshot ``state`` (the only work on the caller's thread), then write, hash, upload and commit
         the snapshot in the background. At most one checkpoint is in flight: when this one comes before
         the previous one is stored, it first waits for it (and says so), which keeps commits in step
         order and the host memory to one snapshot. ``flush_metrics`` sends the metrics of the steps up
         to this one and returns the operations in flight: the commit waits for them, so a committed
         checkpoint never points past the metrics in the store (a crash right after the commit would
-        otherwise leave a gap in the charts that a resume from this checkpoint never fills). ``metrics``
-        (the points logged at this step) are handed to ``on_commit``."""
+        otherwise leave a gap in the charts that a resume from this checkpoint never fills). The link that
+        ``on_save`` returns goes to ``flush_metrics`` (the points of this step are stored with its logged model's
+        ID) and then to ``on_commit``."""
         started = time.monotonic()
         self.wait()  # surfaces a failed previous checkpoint
         waited = time.monotonic() - started
@@ -231,21 +237,26 @@ class CheckpointStore:
                         "checkpoint.save_interval keeps training from waiting", checkpoint_name(step), waited)
         faults.point("checkpoint.snapshot")
         snapshot = self._snapshots.take(state)
-        metrics_sent = flush_metrics() if flush_metrics else []  # after the snapshot: no thread competes with it
-        self._pending = self._pool.submit(self._write_and_commit, step, snapshot, meta, row, metrics_sent,
-                                          list(metrics or []))
+        link = self.on_save(step, row) if self.on_save else None
+        metrics_sent = flush_metrics(link=link) if flush_metrics else []  # after the snapshot: no thread competes
+        self._pending = self._pool.submit(self._write_and_commit, step, snapshot, meta, row, metrics_sent, link)
 
     def _write_and_commit(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any],
-                          metrics_sent: list, metrics: list) -> None:
+                          metrics_sent: list, link: Any) -> None:
         try:
-            local = write_local(self.staging_root, step, state, meta)
-        except OSError as err:  # ENOSPC, EROFS, EACCES, EIO: the disk will not heal by itself
-            raise StorageError(f"writing checkpoint {checkpoint_name(step)} into {self.staging_root} failed: "
-                               f"{err.strerror or err} (checkpoint.staging_dir)") from err
-        row = dict(row, size=sum(f.stat().st_size for f in local.iterdir()))
-        self._upload_and_commit(step, local, row, metrics_sent)
+            try:
+                local = write_local(self.staging_root, step, state, meta)
+            except OSError as err:  # ENOSPC, EROFS, EACCES, EIO: the disk will not heal by itself
+                raise StorageError(f"writing checkpoint {checkpoint_name(step)} into {self.staging_root} failed: "
+                                   f"{err.strerror or err} (checkpoint.staging_dir)") from err
+            row = dict(row, size=sum(f.stat().st_size for f in local.iterdir()))
+            self._upload_and_commit(step, local, row, metrics_sent)
+        except BaseException:
+            if link is not None and self.on_abandon is not None and self.committed_step != step:
+                self.on_abandon(link)
+            raise
         if self.on_commit is not None:
-            self.on_commit(step, row, metrics)
+            self.on_commit(step, row, link)
 
     def log_files(self, local_dir: str | Path, artifact_path: str) -> None:
         """Store other files of the run (e.g. validation samples) under ``artifact_path``, now, through the
@@ -279,6 +290,7 @@ class CheckpointStore:
         retry_until(lambda: self.client.log_batch(self.run_id, tags=[
             RunTag(tag.CHECKPOINT_LATEST, artifact_path), RunTag(tag.CHECKPOINT_LATEST_STEP, str(step))]),
             f"Committing checkpoint {name} (the run's checkpoint.latest tags)", self.outage_limit_s)
+        self.committed_step = step
         self.index_rows = [r for r in self.index_rows if int(r["step"]) != step] + [row]
         try:
             self._apply_retention(step)

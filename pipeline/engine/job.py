@@ -181,9 +181,11 @@ class RunJob(Job):
         self.open_stopper(self.cfg.tracking.stop_poll_seconds)
         self.stack.callback(self._end_run)
         outage_limit = float(self.cfg.tracking.outage_limit_seconds)
+        models = self.models
         self.open_logging(index_rows=self.ctx.index_rows, on_commit=self._on_commit, outage_limit_s=outage_limit,
                           fence=self.ctx.lease.fence if self.ctx.lease else None, already_logged=self.ctx.logged_steps,
-                          on_delete=self.models.deleted if self.models is not None else None)
+                          on_delete=models.deleted if models else None, on_save=models.link if models else None,
+                          on_abandon=models.abandoned if models else None)
         self.stack.callback(self._drain)
         self.monitor = _system_metrics(self.run_id, self.cfg, resumed=self.plan.resume is not None)
         self.stack.callback(self._stop_monitor)
@@ -205,6 +207,10 @@ class RunJob(Job):
         if cfg.tracking.checkpoint_models:
             self.models = CheckpointModels(client, ctx.run_id, ctx.experiment_id, ctx.run_name,
                                            flatten(to_container(cfg)), ctx.tags)
+            resume = self.plan.resume
+            if resume is not None and resume.run_id == ctx.run_id:  # what an earlier attempt left half made
+                latest = ctx.tags.get(tag.CHECKPOINT_LATEST_STEP, "").strip()
+                self.models.resumed(max(resume.step, int(latest) if latest.isdigit() else -1))
         client.set_tag(ctx.run_id, tag.WORLD_SIZE, str(ctx.nproc))
         client.set_tag(ctx.run_id, tag.EFFECTIVE_BATCH, str(int(cfg.batch_size) * ctx.nproc))
         client.set_tag(ctx.run_id, tag.NOTE, self._description())
@@ -265,11 +271,11 @@ class RunJob(Job):
         self.shown["progress"] = progress_text(self.cfg, pos, self.ctx.resumed_from, self.engine)
         self.tag_writer.set({tag.PROGRESS: self.shown["progress"], tag.NOTE: self._description()})
 
-    def _on_commit(self, step: int, row: dict[str, Any], linked: list) -> None:
+    def _on_commit(self, step: int, row: dict[str, Any], link) -> None:
         self.shown["latest"] = f"checkpoints/{checkpoint_name(step)}"
         self.tag_writer.set({tag.NOTE: self._description()})
         if self.models is not None:
-            self.models.committed(step, row, linked)
+            self.models.committed(step, row, link)
 
     def _on_lease_lost(self) -> None:
         self.stopper.request("lease lost")

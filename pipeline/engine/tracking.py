@@ -44,6 +44,10 @@ class MetricLogger:
     A store slower than the job (a team server shared by many jobs that log every step) makes batches wait:
     past BACKLOG_WARN_BATCHES the job says so (every 10 minutes at most), naming the settings that help; at
     BACKLOG_MAX_BATCHES the training thread waits for the store rather than holding ever more points in memory.
+
+    The newest step's points stay buffered until a later step is logged (or ``flush`` is called), so that a
+    checkpoint saved at that step can still ask for them to be linked to its logged model: ``flush(link=...)``
+    has the sender store them with the model's ID, in the one call that stores them (engine/logged_models.py).
     """
 
     def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float,
@@ -59,6 +63,7 @@ class MetricLogger:
         self._backlog_warned = -BACKLOG_WARN_EVERY_S
         self._queue: deque[list[Metric]] = deque()  # batches not stored yet, oldest first
         self._queued = self._stored = 0  # batches handed to the sender, and stored, so far
+        self._links: dict[int, Any] = {}  # step -> CheckpointLink whose model the points of that step are stored with
         self._error: StorageError | NotRetried | None = None
         self._closed = threading.Event()
         self._cond = threading.Condition()
@@ -79,26 +84,43 @@ class MetricLogger:
             else:
                 log.warning("metric %s is %s at step %d (not logged)", key, value, step)
         if len(self._buffer) >= MAX_BATCH or time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
+            self._hand_over(before_step=step)  # this step's points wait: a checkpoint at this step may link them
 
     def at_step(self, step: int) -> list[Metric]:
         """The points logged at ``step`` (timestamps included), among each metric's newest."""
         return [m for m in self._latest.values() if m.step == step]
 
-    def flush(self, wait: bool = False) -> list:
+    def flush(self, wait: bool = False, link: Any = None) -> list:
         """Hand what is buffered to the sender; with ``wait`` block until everything so far is stored.
-        Returns what another thread may wait on for the same (see ``CheckpointStore.save``)."""
-        if self._buffer:
+        ``link`` (a CheckpointLink) has the points of its step stored with its model's ID; those already stored
+        are left in ``link.relog``. Returns what another thread may wait on for the same (see
+        ``CheckpointStore.save``)."""
+        if link is not None:
+            with self._cond:
+                if any(m.step == link.step for m in self._buffer):
+                    self._links[link.step] = link
+                else:  # none buffered: either none were logged at that step, or they were sent already
+                    link.relog = self.at_step(link.step)
+        return self._hand_over(wait=wait)
+
+    def _hand_over(self, wait: bool = False, before_step: int | None = None) -> list:
+        if before_step is not None and len(self._buffer) < 2 * MAX_BATCH:
+            cut = next((i for i, m in enumerate(self._buffer) if m.step >= before_step), len(self._buffer))
+        else:
+            cut = len(self._buffer)
+        if cut:
             faults.point("metrics.flush")
         with self._cond:
-            while self._buffer:
-                batch, self._buffer = self._buffer[:MAX_BATCH], self._buffer[MAX_BATCH:]
+            handed, self._buffer = self._buffer[:cut], self._buffer[cut:]
+            while handed:
+                batch, handed = handed[:MAX_BATCH], handed[MAX_BATCH:]
                 self._queue.append(batch)
                 self._queued += 1
             self._cond.notify_all()
             sent = _Stored(self, self._queued)
             waiting = len(self._queue)
-        self._last_flush = time.monotonic()
+        if cut or not self._buffer:  # held back only the newest step: the next step's log hands it over
+            self._last_flush = time.monotonic()
         if waiting >= BACKLOG_WARN_BATCHES and self._last_flush - self._backlog_warned >= BACKLOG_WARN_EVERY_S:
             self._backlog_warned = self._last_flush
             log.warning("%d batches of metrics (up to %d values) are waiting to be stored: the tracking store takes "
@@ -132,7 +154,11 @@ class MetricLogger:
                 if not self._queue:
                     return
                 batch, pending = self._queue[0], sum(len(b) for b in self._queue)
-            first, last = batch[0].step, batch[-1].step
+                first, last = batch[0].step, batch[-1].step
+                for step in [s for s in self._links if s < first]:  # their points are stored
+                    del self._links[step]
+                links = [link for step, link in self._links.items() if step <= last]
+            batch = self._linked(batch, links)
             steps = f"steps {first}-{last}" if first != last else f"step {first}"
             try:
                 retry_until(lambda: self.client.log_batch(self.run_id, metrics=batch),
@@ -146,6 +172,16 @@ class MetricLogger:
                 self._queue.popleft()
                 self._stored += 1
                 self._cond.notify_all()
+
+
+    @staticmethod
+    def _linked(batch: list[Metric], links: list) -> list[Metric]:
+        """``batch`` with the points of each link's step carrying its model's ID (made now, if need be)."""
+        ids = {link.step: link.metric_model_id() for link in links}
+        if not any(ids.values()):
+            return batch
+        return [Metric(m.key, m.value, m.timestamp, m.step, model_id=ids[m.step]) if ids.get(m.step) else m
+                for m in batch]
 
 
 class _Stored:

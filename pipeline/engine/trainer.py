@@ -231,8 +231,7 @@ class Engine:
         }
         state = self.state_dict()  # on every rank: it gathers their random states
         if self.dist.is_main:
-            self.store.save(self.pos.step, state, meta, row, flush_metrics=self.metrics.flush,
-                            metrics=self.metrics.at_step(self.pos.step))
+            self.store.save(self.pos.step, state, meta, row, flush_metrics=self.metrics.flush)
         self._saved_at = self.pos.step
 
     def _config_meta(self) -> dict[str, Any]:

@@ -106,7 +106,7 @@ def test_a_checkpoint_is_committed_only_after_the_metrics_of_its_steps_are_store
                             on_commit=lambda step, row, metrics: seen_at_commit.append(
                                 [m.step for m in client.get_metric_history(run_id, "train/loss")]))
     ckpts.save(5, {"x": torch.zeros(3)}, {"format_version": 1, "stage": "x", "step": 5},
-               {"name": "step-00000005", "step": 5}, flush_metrics=lambda: [SlowSend()])
+               {"name": "step-00000005", "step": 5}, flush_metrics=lambda link=None: [SlowSend()])
     ckpts.close()
     assert seen_at_commit == [[1, 2, 3, 4, 5]]
     assert client.get_run(run_id).data.tags["checkpoint.latest_step"] == "5"
