@@ -16,8 +16,8 @@ so one output per commit would make every read of a week-long run grow with its 
 A checkpoint's logged model is made (PENDING) when the metrics of its step are first sent: the metric sender
 links those points by ``model_id`` in the same call that stores them (``CheckpointLink``), so each point is stored
 once. It becomes READY when the checkpoint is committed. Linking a point already stored would log it a second time,
-and MLflow's SQL store then looks up the duplicate among the run's whole history (about 4 s per commit in SQLite,
-0.8 s in PostgreSQL at 2 million points): a commit would cost more the longer the run. A model left PENDING by a
+and MLflow's SQL store then looks up the duplicate among the run's whole history (in SQLite 1.35 s per commit at
+2 million points, 12 s at 20 million; docs/benchmarks.md, Cost growth): a commit would cost more the longer the run. A model left PENDING by a
 job that died before its commit is deleted (or made READY if the commit happened) when the run is resumed.
 File stores (``file:``) keep both copies of a point logged twice, so there the metrics are not linked. Nothing here
 may fail training: every failure is a warning.
