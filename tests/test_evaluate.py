@@ -49,6 +49,25 @@ def test_the_sentence_under_the_table_puts_intelligibility_first():
     assert verdict({"eval/copy_synthesis/stoi": 0.6}) == ""  # nothing restored: no sentence
 
 
+def test_the_same_score_again_never_takes_champion_from_a_version_however_it_rounds(store):
+    """@champion moves only to a higher score; a score recorded rounded down (0.49412 as "0.4941") once made the
+    same chain, scored again, look higher than itself. Scores whose 4-decimal text rounds down and up."""
+    from pipeline.inference.registry import MODEL_NAME, SCORE_TAG, record_evaluation
+
+    client = MlflowClient()
+    client.create_registered_model(MODEL_NAME)
+    versions = [client.create_model_version(MODEL_NAME, f"file://{store}/model-{i}").version for i in range(4)]
+    record = lambda version, score: record_evaluation(client, version, {"eval/restored/stoi": score}, "run", "demo",
+                                                      ["chain"])
+    for first, second, score in ((versions[0], versions[1], 0.49412345), (versions[2], versions[3], 0.49418765)):
+        record(first, score)
+        assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == first
+        assert float(client.get_model_version(MODEL_NAME, first).tags[SCORE_TAG.format(metric="stoi")]) == score
+        assert "not above" in record(second, score)
+        assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == first
+        client.delete_registered_model_alias(MODEL_NAME, "champion")
+
+
 @pytest.fixture(scope="module")
 def asr_run(chain):
     """A tiny train_asr run in the chain's tracking store."""
