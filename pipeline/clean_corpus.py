@@ -33,21 +33,24 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
+from pipeline.common.files import contained
 from pipeline.config import ConfigError, parse_key_values
 from pipeline.config.command_line import split_overrides
 from pipeline.data.audio import AudioError
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpoint_files import CheckpointError
-from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, setup_logging
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_STORAGE, setup_logging
 from pipeline.engine.lease import Lease, LeaseHeld
 from pipeline.engine.resume import ResumeError
 from pipeline.engine.stage import PRECISIONS, Precision
 from pipeline.engine.tracking import start_or_adopt_run
 from pipeline.inference.chain import RestorationChain, resolve_chain
 from pipeline.inference.cleaning import report, sources
-from pipeline.inference.cleaning.job import (CPU_PER_SCORER, CPU_PER_TASK, Settings, Stop, Tracker, checkpoint_files,
-                                              restorer_cpus, run_pipeline, start_ray)
-from pipeline.inference.cleaning.manifest import KeepConfig, as_table, check_keep, committed_rows, keep_column
+from pipeline.inference.cleaning.dataflow import OUTPUT_EXISTS, RETRYABLE
+from pipeline.inference.cleaning.job import (CPU_PER_SCORER, CPU_PER_TASK, FINISHED, STORAGE_FULL, Settings, Stop,
+                                              Tracker, checkpoint_files, restorer_cpus, run_pipeline, start_ray)
+from pipeline.inference.cleaning.manifest import (KeepConfig, as_table, check_keep, commit_preexisting, committed_rows,
+                                                  keep_column, read_preexisting)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ class CleanCorpusConfig:
     scores: bool = True  # compute the quality columns (off: restore only)
     keep: KeepConfig = field(default_factory=KeepConfig)  # thresholds of the keep column
     ray_address: str = ""  # "" = a local Ray started here | auto | ray://host:10001 | host:6379
-    ray_object_store_mb: int = 0  # local Ray's object store (0: Ray's default)
+    ray_object_store_mb: int = 0  # local Ray's object store; 0: 2048 MB, at most Ray's default (30 % of memory)
     commit_seconds: float = 10.0  # how often finished rows are committed to the run
     listen_random: int = 8  # items of the listening page chosen at random
     listen_lowest: int = 8  # and the lowest by restored DNSMOS OVRL
@@ -189,7 +192,7 @@ def prepare(client: MlflowClient, argv: list[str]) -> Prepared:
     return Prepared(cfg, units, files, dict(source.metadata), chain.rate_in, chain.rate_out)
 
 
-def settings(p: Prepared, resumed: bool) -> Settings:
+def settings(p: Prepared) -> Settings:
     import ray
 
     cfg, cluster = p.cfg, ray.cluster_resources()
@@ -203,8 +206,7 @@ def settings(p: Prepared, resumed: bool) -> Settings:
                # on CPU a batch of many windows is slower than a few (docs/benchmarks.md, Corpus cleaning)
                "batch_size": cfg.batch_size or (8 if device.startswith("cuda") else 2),
                "threads": 0 if gpus else threads, "ssl_weights": cfg.ssl_weights}
-    return Settings(p.rate_in, FORMATS[cfg.format][0], cfg.output, cfg.format, cfg.subtype, cfg.overwrite or resumed,
-                    restore, workers, 1.0 if gpus else 0.0, cfg.score_workers, cfg.scores, cfg.files_per_batch,
+    return Settings(p.rate_in, FORMATS[cfg.format][0], cfg.output, cfg.format, cfg.subtype, restore, workers, 1.0 if gpus else 0.0, cfg.score_workers, cfg.scores, cfg.files_per_batch,
                     cfg.commit_seconds)
 
 
@@ -255,19 +257,42 @@ def open_run(client: MlflowClient, p: Prepared) -> tuple[str, Lease, int, pd.Dat
     return run_id, lease, 0, as_table([])
 
 
-def pending_units(units: list[sources.Unit], done: pd.DataFrame) -> list[dict]:
-    """The units still to read: files without a committed row; shards with the ids already done to skip."""
-    ids = set(done["id"])
-    out = []
+def protected_outputs(client: MlflowClient, run_id: str, cfg: CleanCorpusConfig) -> set[str]:
+    """The output names this job must not replace: those that existed before it wrote anything (recorded in the
+    run before the first write, so a resume tells them from its own), none with ``overwrite=true``."""
+    before = read_preexisting(client, run_id)
+    if before is None:
+        before = sources.existing_outputs(cfg.output)
+        commit_preexisting(client, run_id, before)
+    if before and not cfg.overwrite:
+        log.info("%d output file(s) existed before this job: they are kept (overwrite=true replaces them)", len(before))
+    return set() if cfg.overwrite else before
+
+
+def pending_units(units: list[sources.Unit], done: pd.DataFrame, protected: set[str]) -> tuple[list[dict], pd.DataFrame]:
+    """(the units still to read, rows decided now). A file or sample is done when it has a committed row that is
+    not retryable; a file whose output existed before the job is skipped here, unread. A shard carries the ids
+    already done and its protected outputs."""
+    final = done[~done["status"].astype(str).str.startswith(RETRYABLE)]
+    ids = set(final["id"])
+    out, kept = [], []
     for unit in units:
         if unit.kind == "file" and unit.id not in ids:
-            out.append(asdict(unit))
+            if unit.output in protected:
+                kept.append({"id": unit.id, "source": unit.source, "output": "", "status": OUTPUT_EXISTS})
+            else:
+                out.append(asdict(unit))
         elif unit.kind == "shard":
             stem = unit.id.removesuffix(".tar") + "/"
             skip = [i for i in ids if i.startswith(stem)]
             if len(skip) < unit.samples or not unit.samples:
-                out.append({**asdict(unit), "skip": skip})
-    return out
+                out.append({**asdict(unit), "skip": skip, "protected": [n for n in protected if n.startswith(stem)]})
+    return out, as_table([pd.DataFrame(kept)] if kept else [])
+
+
+class ManifestUnwritable(Exception):
+    """The output cannot take the final manifest (full, read-only, gone): every row is committed to the run,
+    so a resume writes it once the output is fixed."""
 
 
 def finish(client: MlflowClient, run_id: str, p: Prepared, tracker: Tracker) -> dict[str, float]:
@@ -277,7 +302,11 @@ def finish(client: MlflowClient, run_id: str, p: Prepared, tracker: Tracker) -> 
     table["keep"] = keep_column(table, cfg.keep)
     data = io.BytesIO()
     table.to_parquet(data, index=False)
-    sources.write_atomic(sources.join(cfg.output, "manifest.parquet"), data.getvalue())
+    target = contained(cfg.output, "manifest.parquet")
+    try:
+        sources.write_atomic(target, data.getvalue())
+    except OSError as err:
+        raise ManifestUnwritable(f"Cannot write the manifest {target}: {err}") from err
     figures = report.summary(table)
     tracker.fence()
     with tempfile.TemporaryDirectory() as tmp:
@@ -321,7 +350,7 @@ def run(argv: list[str]) -> int:
     import ray
 
     try:
-        s = settings(p, bool(p.cfg.resume_run))
+        s = settings(p)
         check_resources(s)
         run_id, lease, attempt, done = open_run(client, p)
     except (ConfigError, LeaseHeld) as err:
@@ -340,22 +369,37 @@ def run_job(client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: 
     tracker = Tracker(client, run_id, attempt, total, done, lease.fence)
     stop = Stop(client, run_id)
     status, code, results, figures = "FAILED", EXIT_FAILED, "", {}
+    status_text = ""  # the description's first words, when not the status itself
     try:
         client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, "RUNNING", f"{len(done)}/{total} inputs", p.metadata))
-        units = pending_units(p.units, done)
-        log.info("Cleaning %d inputs (%d done before) into %s; run %s", total, len(done), cfg.output, run_id)
         lease.fence()
+        units, decided = pending_units(p.units, done, protected_outputs(client, run_id, cfg))
+        retry = int(done["status"].astype(str).str.startswith(RETRYABLE).sum())
+        log.info("Cleaning %d inputs (%d done before%s) into %s; run %s", total, len(done) - retry,
+                 f", {retry} to try again" if retry else "", cfg.output, run_id)
+        if len(decided):
+            tracker.add(decided)
+            tracker.commit()
         client.set_tag(run_id, tag.CLEAN_CLUSTER, cluster_text(s))
         client.set_tag(run_id, tag.CLEAN_PRECISION, f"{s.restore['device']} / {s.restore['precision']}")
-        finished = run_pipeline(units, s, ray.put(p.files), tracker, stop)
-        if finished:
+        outcome = run_pipeline(units, s, ray.put(p.files), tracker, stop)
+        if outcome == FINISHED:
             figures = finish(client, run_id, p, tracker)
             results = results_markdown(figures)
             status, code = "FINISHED", EXIT_OK
+        elif outcome == STORAGE_FULL:
+            status, code = "FAILED", EXIT_STORAGE
+            status_text = "STOPPED: output storage full"
+            log.error("The output storage is full (%s); the rows in hand are committed. Free space and resume with: "
+                      "python -m pipeline.%s resume_run=%s (it redoes every 'failed (retryable)' input)",
+                      cfg.output, STAGE, run_id)
         else:
             status, code = "KILLED", EXIT_STOPPED
             log.warning("Stopped (%s) with %d of %d inputs done; resume with: python -m pipeline.%s resume_run=%s",
                         stop.by, len(tracker.rows()), total, STAGE, run_id)
+    except ManifestUnwritable as err:
+        status, code, status_text = "FAILED", EXIT_STORAGE, "STOPPED: the manifest could not be written"
+        log.error("%s. Every row is committed to the run: free space (or fix the output) and resume with: python -m pipeline.%s resume_run=%s", err, STAGE, run_id)
     except KeyboardInterrupt:
         status, code = "KILLED", EXIT_STOPPED
     except Exception:
@@ -365,7 +409,7 @@ def run_job(client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: 
         ray.shutdown()
         if lease.held:
             progress = f"{len(tracker.rows())}/{total} inputs"
-            client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, "STOPPED" if status == "KILLED" else status,
+            client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, status_text or ("STOPPED" if status == "KILLED" else status),
                                                       progress, p.metadata, results))
             client.set_terminated(run_id, status)
         lease.release()

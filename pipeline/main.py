@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, accepts, compose_config, route_overrides, split_overrides
 from pipeline.engine import launcher_watch
+from pipeline.engine.checkpoint_files import LAUNCH_DIR_ENV
 from pipeline.engine import tags as tag
 from pipeline.engine.launcher_watch import note_stop_requested
 from pipeline.common.provenance import code_version as git_commit
@@ -440,6 +441,7 @@ def parse_args(argv: list[str]) -> tuple[MainConfig, dict[str, list[str]]]:
 
 def run_main(argv: list[str]) -> int:
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")  # `python` = ours
+    os.environ.setdefault(LAUNCH_DIR_ENV, os.getcwd())  # the steps run in the project folder; they stage here
     try:
         cfg, overrides = parse_args(argv)
     except ConfigError as err:

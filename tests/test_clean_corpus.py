@@ -19,9 +19,9 @@ from scipy.signal import resample_poly
 from conftest import PYTHON, _free_port, env_for, mlflow_run, snapshot, wait_for
 from pipeline.clean_corpus import run as clean_corpus
 from pipeline.data.corpus import read_corpus
-from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, EXIT_STORAGE
 from pipeline.inference.batched import BATCH_TOLERANCE
-from pipeline.inference.cleaning.manifest import KeepConfig, keep_column
+from pipeline.inference.cleaning.manifest import KeepConfig, committed_rows, keep_column
 from pipeline.restore import run as restore
 
 pytestmark = pytest.mark.slow
@@ -205,6 +205,9 @@ def test_bad_input_gives_one_message_exit_2_and_writes_nothing(chain, tmp_path, 
     client = MlflowClient()
     before = snapshot(client)
     model = f"run_id={chain['finetune']}"
+    escaping = tmp_path / "crawl.csv"  # a crawl's manifest is third-party data
+    pd.DataFrame({"path": [str(source / "a.wav"), str(source / "short.wav")],
+                  "id": ["../../escaped", "/srv/other/x"]}).to_csv(escaping, index=False)
     cases = {
         "unknown model": (["run_id=0123456789abcdef0123456789abcdef", f"input={source}", f"output={out}"], "0123456789abcdef"),
         "missing input": ([model, f"input={tmp_path / 'nowhere'}", f"output={out}"], "not found"),
@@ -216,6 +219,8 @@ def test_bad_input_gives_one_message_exit_2_and_writes_nothing(chain, tmp_path, 
         "more workers than the cores hold": ([model, f"input={source}", f"output={out}", "workers=4"],
                                              "leaving none for reading and writing files"),
         "unknown key": ([model, f"input={source}", f"output={out}", "keep.min_ovr=3"], "min_ovr"),
+        "manifest ids leading outside the output": ([model, f"input={escaping}", f"output={out}"],
+                                                    "row 1 (" + str(source / "a.wav")),
     }
     for name, (argv, message) in cases.items():
         capfd.readouterr()
@@ -224,3 +229,104 @@ def test_bad_input_gives_one_message_exit_2_and_writes_nothing(chain, tmp_path, 
         assert message in err and "Traceback" not in err, (name, err[-2000:])
         assert not out.exists() and not (source / "clean").exists(), name
     assert snapshot(client) == before
+    assert not list(tmp_path.parent.glob("escaped*"))
+
+
+def start_job(chain, argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-m", "pipeline.clean_corpus", *argv], cwd=chain["dir"], env=env_for(chain["dir"]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_family(job: subprocess.Popen) -> None:
+    """SIGKILL the driver, Ray and its workers (the machine is lost)."""
+    family = [job.pid, *(p.pid for p in psutil.Process(job.pid).children(recursive=True))]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    job.wait()
+
+
+def test_a_resume_replaces_only_files_the_job_wrote_and_nothing_is_written_through_a_symlink(chain, tmp_path):
+    """Defects 1 and 2 (docs/reliability.md): a resumed job replaced a file the user had before the job, and a
+    symlink in the output tree led a write outside it."""
+    source, out, elsewhere = tmp_path / "crawl", tmp_path / "clean", tmp_path / "elsewhere"
+    (source / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    clean, rate = demo(2)
+    names = [f"utt{i:03d}.wav" for i in range(5)] + ["sub/x.wav"]
+    for i, name in enumerate(names):
+        sf.write(source / name, clean[i * 100: i * 100 + int(1.3 * rate)], rate)
+    out.mkdir()
+    sf.write(out / "utt000.wav", np.zeros(8000, dtype=np.float32), 8000)  # the user's own file
+    theirs = (out / "utt000.wav").read_bytes()
+    (out / "sub").symlink_to(elsewhere)  # a symlink inside the output tree
+    job = start_job(chain, [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST])
+    client = MlflowClient()
+
+    def running():
+        experiment = client.get_experiment_by_name("clean_corpus")
+        runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
+        return runs and runs[0]
+
+    run = wait_for(running, timeout=600, what="the job's run", proc=job)
+    kill_family(job)  # right after it started
+    assert clean_corpus([f"resume_run={run.info.run_id}"]) == EXIT_OK
+    manifest = pd.read_parquet(out / "manifest.parquet").set_index("id")
+    assert sorted(manifest.index) == sorted(names)
+    assert (out / "utt000.wav").read_bytes() == theirs
+    assert manifest.loc["utt000.wav", "status"] == "skipped: output exists (overwrite=true replaces it)"
+    assert manifest.loc["sub/x.wav", "status"].startswith("skipped: unsafe output name") and not list(elsewhere.iterdir())
+    assert (manifest.drop(index=["utt000.wav", "sub/x.wav"]).status == "restored").all()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 KB tmpfs (needs root, as CI has): a real ENOSPC, made bigger with ``remount(size)``."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (mount -t tmpfs)")
+
+    def remount(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+    yield mount, remount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_output_disk_stops_the_job_cleanly_and_a_resume_after_space_is_freed_finishes_it(
+        chain, tmp_path, small_disk, capfd):
+    """Defect 4: 30 inputs failed for good on a full disk and the run ended FAILED with a traceback."""
+    mount, remount = small_disk
+    source, out = tmp_path / "crawl", mount / "clean"
+    source.mkdir()
+    clean, rate = demo(2)
+    names = [f"utt{i:02d}.wav" for i in range(16)]
+    for i, name in enumerate(names):
+        sf.write(source / name, clean[i * 100: i * 100 + int(1.3 * rate)], rate)
+    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "scores=false", *FAST]
+    capfd.readouterr()
+    assert clean_corpus(argv) == EXIT_STORAGE
+    err = capfd.readouterr().err
+    assert "output storage is full" in err and "Traceback" not in err, err[-3000:]
+    client = MlflowClient()
+    run = the_run(client)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["mlflow.note.content"].startswith("**STOPPED: output storage full**")
+    committed = committed_rows(client, run.info.run_id)
+    full = committed[committed.status.str.startswith("failed (retryable): output storage full: cannot write")]
+    assert len(full) >= 1 and "No space left on device" in full.status.iloc[0]
+    assert len(committed) < len(names) or (committed.status != "restored").any()
+    assert not (out / "manifest.parquet").exists() and not list(out.rglob("*.partial"))
+
+    remount("20m")  # space freed
+    capfd.readouterr()
+    assert clean_corpus([f"resume_run={run.info.run_id}"]) == EXIT_OK
+    assert "to try again" in capfd.readouterr().err
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert sorted(manifest.id) == names and (manifest.status == "restored").all()  # every input, once
+    assert all((out / name).exists() for name in names)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"

@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from pipeline.common.files import UnsafePath, contained
 from pipeline.config import ConfigError
 from pipeline.engine.cli import EXIT_OK
-from pipeline.inference.cleaning.dataflow import decode
-from pipeline.inference.cleaning.sources import check_output, list_units
+from pipeline.inference.cleaning.dataflow import RETRYABLE, STORAGE_FULL, decode, read_failure, write_failure
+from pipeline.inference.cleaning.sources import check_output, is_transient, list_units
 from pipeline.prepare_data import run_prepare
 
 RATE = 16000
@@ -101,3 +102,78 @@ def test_shards_are_read_whole_and_give_every_sample_an_id(store):
     path.write_bytes(path.read_bytes()[:-100] + b"x" * 100)
     [failed] = decode({**first.__dict__, "skip": []}, RATE, ".wav")
     assert failed["status"].startswith("failed:") and first.id in failed["status"]
+
+
+def test_manifest_ids_or_paths_that_lead_outside_the_output_are_refused_naming_the_rows(tree, tmp_path):
+    """Defect 1 of docs/reliability.md's cleaning rows: a crawl's manifest is third-party data."""
+    csv = tmp_path / "crawl.csv"
+    pd.DataFrame({"path": ["crawl/a.wav", "crawl/a.flac", "crawl/sub/b.flac"],
+                  "id": ["fine", "../../escaped", "/srv/other/x"]}).to_csv(csv, index=False)
+    with pytest.raises(ConfigError) as refused:
+        list_units(str(csv), ".wav")
+    message = str(refused.value)
+    assert "2 input(s) would be written outside the output" in message
+    assert "row 2" in message and "escaped" in message and "row 3" in message and "/srv/other/x" in message
+    # without an id column, a path that climbs gets an id relative to the real common folder, inside the output
+    (tmp_path / "up").mkdir()
+    sf.write(tmp_path / "up" / "b.wav", tone(), RATE)
+    nested = tree / "sub" / "list.csv"
+    pd.DataFrame({"path": ["../a.wav", "../../up/b.wav"]}).to_csv(nested, index=False)
+    units = list_units(str(nested), ".wav")
+    assert [(u.id, u.output) for u in units] == [("crawl/a.wav", "crawl/a.wav"), ("up/b.wav", "up/b.wav")]
+    assert units[1].source == str(tmp_path / "up" / "b.wav")
+
+
+def test_contained_refuses_names_and_symlinks_that_lead_outside(tmp_path):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (out / "link").symlink_to(tmp_path / "elsewhere")
+    assert contained(str(out), "sub/./a.wav") == str(out / "sub" / "a.wav")
+    assert contained(str(out), "new/dir/a.wav") == str(out / "new" / "dir" / "a.wav")  # not there yet: fine
+    assert contained("s3://bucket/clean/", "a/../b.wav") == "s3://bucket/clean/b.wav"
+    for bad in ("../x.wav", "a/../../x.wav", "/etc/x.wav", "", "a\x00.wav", "link/x.wav"):
+        with pytest.raises(UnsafePath):
+            contained(str(out), bad)
+    with pytest.raises(UnsafePath):
+        contained("s3://bucket/clean", "../other/x.wav")
+
+
+def test_a_glob_never_follows_a_directory_symlink_into_a_loop(tmp_path):
+    """Defect 3: `**` followed `loop0 -> .` without limit (41 units from one file; endless with two loops)."""
+    root = tmp_path / "crawl"
+    (root / "sub").mkdir(parents=True)
+    sf.write(root / "a.wav", tone(), RATE)
+    sf.write(root / "sub" / "b.wav", tone(), RATE)
+    sf.write(root / "sub" / ".hidden.wav", tone(), RATE)
+    (root / "loop0").symlink_to(root)
+    (root / "loop1").symlink_to(root)
+    (root / "sub" / "up").symlink_to(root)
+    (root / "c.wav").symlink_to(root / "a.wav")  # a symlink to a file is an input
+    for pattern in (f"{root}/**/*.wav", f"{root}/**"):
+        assert [u.id for u in list_units(pattern, ".wav")] == ["a.wav", "c.wav", "sub/b.wav"], pattern
+    assert [u.id for u in list_units(f"{root}/*/*.wav", ".wav")] == ["sub/b.wav"]
+    assert [u.id for u in list_units(f"{root}/[ab].wav", ".wav")] == ["a.wav"]
+    assert [u.id for u in list_units(str(root), ".wav")] == ["a.wav", "c.wav", "sub/.hidden.wav", "sub/b.wav"]
+
+
+def test_failures_are_classed_final_or_retryable(tmp_path):
+    """Defect 4: a passing failure is `failed (retryable): …`, which a resume redoes; a missing input is final."""
+    import errno
+
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    def s3_error(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code}}, "GetObject")
+
+    assert not is_transient(FileNotFoundError(errno.ENOENT, "gone")) and not is_transient(s3_error("NoSuchKey"))
+    assert not is_transient(PermissionError(errno.EACCES, "no")) and not is_transient(s3_error("AccessDenied"))
+    assert is_transient(OSError(errno.EIO, "disk")) and is_transient(s3_error("SlowDown"))
+    assert is_transient(s3_error("InternalError")) and is_transient(EndpointConnectionError(endpoint_url="http://x"))
+    assert read_failure(FileNotFoundError(errno.ENOENT, "gone")).startswith("skipped: missing: ")
+    assert read_failure(OSError(errno.ESTALE, "stale NFS handle")).startswith(RETRYABLE + "cannot read: ")
+    assert write_failure("x.wav", OSError(errno.ENOSPC, "No space left on device")).startswith(STORAGE_FULL)
+    assert write_failure("x.wav", OSError(errno.EACCES, "denied")).startswith(RETRYABLE + "cannot write x.wav")
+    # a local input that disappears between listing and reading is final; its row says so
+    unit = {"kind": "file", "source": str(tmp_path / "gone.wav"), "id": "gone.wav", "output": "gone.wav"}
+    assert decode(unit, RATE, ".wav")[0]["status"].startswith("skipped: missing: ")

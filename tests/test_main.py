@@ -57,7 +57,9 @@ def _project_copy(root: Path) -> Path:
 
 
 def _main(project: Path, workdir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "pipeline.main", *SHORT], cwd=project, env=env_for(workdir),
+    """``main`` started from ``workdir``, outside the project (its steps run inside it, as MLflow Projects do)."""
+    env = {**env_for(workdir), "PYTHONPATH": str(project)}
+    return subprocess.run([PYTHON, "-m", "pipeline.main", *SHORT], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -90,6 +92,8 @@ def test_main_twice_trains_the_chain_once_then_reuses_every_step(store):
     assert run.data.tags["chain.adapter_run"] == adapter and run.data.tags["chain.vocoder_run"] == vocoder
     assert client.get_run(vocoder).data.tags["chain.previous_run"] == adapter
     assert run.data.tags["chain.code_version"].startswith("src-")  # no git in the copy: a source hash
+    # the steps staged their checkpoints where main was started, never inside the project
+    assert not (project / ".checkpoints").exists() and (store / ".checkpoints" / finetuned).is_dir()
 
     second = _main(project, store)
     assert second.returncode == 0, second.stderr[-4000:]
@@ -111,7 +115,7 @@ def test_main_twice_trains_the_chain_once_then_reuses_every_step(store):
     assert "eval/restored/pesq_wb" in evaluations[0].data.metrics and "eval/delta/stoi" in evaluations[0].data.metrics
     assert "Reusing finished evaluation run" in second.stderr
     assert client.get_run(finetuned).data.tags["evaluation.run"] == evaluations[0].info.run_id
-    restored = project / "restored" / "DEMO-0036_degraded.wav"
+    restored = store / "restored" / "DEMO-0036_degraded.wav"
     assert f"restored demo      {restored}" in second.stdout and restored.exists()
 
 

@@ -152,7 +152,7 @@ class CheckpointConfig:
     keep_best_k: int = 1  # best checkpoints by `monitor` kept in addition
     monitor: str = "val/loss"  # metric that ranks checkpoints
     mode: str = "min"  # min | max
-    staging_dir: str = ".checkpoints"  # local staging area before upload
+    staging_dir: str = ".checkpoints"  # local staging area before upload; relative: to where the job (or `main`) was started
 
 
 @dataclass

@@ -45,6 +45,17 @@ def step_of(name: str) -> int | None:
 
 
 
+LAUNCH_DIR_ENV = "PIPELINE_LAUNCH_DIR"  # where the job was launched from, when its working directory is not that
+
+
+def staging_root(configured: str) -> Path:
+    """``checkpoint.staging_dir`` as a path. A relative one is relative to the directory the job was launched
+    from: MLflow Projects run an entry point inside the project folder, so ``main`` names its own working
+    directory in ``PIPELINE_LAUNCH_DIR`` for its steps (the staging area never lands inside the project)."""
+    path = Path(configured).expanduser()
+    return path if path.is_absolute() else Path(os.environ.get(LAUNCH_DIR_ENV) or os.getcwd()) / path
+
+
 def write_local(staging_root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Write state.pt + meta.json atomically into ``staging_root/step-XXXXXXXX``."""
     staging_root.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from pipeline.engine import startup
 from pipeline.engine import tags as tag
 from pipeline.engine.attempts import (RunContext, attempt_record, experiment_name, finish, launcher_run,
                                       progress_text, start_new_run, write_attempt)
-from pipeline.engine.checkpoint_files import checkpoint_name
+from pipeline.engine.checkpoint_files import checkpoint_name, staging_root
 from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy, StorageError, download_checkpoint
 from pipeline.engine.cli import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, EXIT_STOPPED, EXIT_STORAGE
 from pipeline.engine.distributed import Dist
@@ -98,7 +98,8 @@ class Job:
         self.metrics = MetricLogger(self.client, self.run_id, cfg.tracking.flush_seconds, already_logged=logged,
                                     **limit)
         self.stack.callback(self.metrics.close)
-        self.store = CheckpointStore(self.client, self.run_id, Path(cfg.checkpoint.staging_dir), policy, **options)
+        self.store = CheckpointStore(self.client, self.run_id, staging_root(cfg.checkpoint.staging_dir), policy,
+                                     **options)
 
     def drain(self) -> None:
         """Wait for the checkpoint uploads and the metrics still queued."""

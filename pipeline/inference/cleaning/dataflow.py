@@ -15,6 +15,7 @@ plain table whatever the lengths. Ray retries a task or restarts an actor lost w
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -27,14 +28,33 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.inference.cleaning.sources import join, read_bytes, write_atomic, exists
+from pipeline.common import faults
+from pipeline.common.files import UnsafePath, contained
+from pipeline.inference.cleaning.sources import is_transient, join, read_bytes, write_atomic
 
 log = logging.getLogger(__name__)
 
 SCORE_RATE = 16000  # DNSMOS and the speaker encoder
 SCORES = ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "input_dnsmos_sig", "input_dnsmos_bak", "input_dnsmos_ovrl",
           "speaker_similarity")
-OK = ""  # the status of a row still on its way; a final status is restored, skipped: ... or failed: ...
+OK = ""  # the status of a row still on its way; a final status is restored, skipped: ..., failed: ... or RETRYABLE ...
+RETRYABLE = "failed (retryable): "  # a passing failure (storage, network, memory): a resume does the input again
+OUTPUT_EXISTS = "skipped: output exists (overwrite=true replaces it)"  # it was there before the job started
+STORAGE_FULL = RETRYABLE + "output storage full: "  # the job stops taking new work at the first one
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def read_failure(err: OSError) -> str:
+    """The status of an input that could not be read: final when the input is missing or forbidden, retryable
+    when the storage or network failed (EIO, a stale NFS handle, an S3 time-out or 5xx)."""
+    return f"{RETRYABLE}cannot read: {err}" if is_transient(err) else f"skipped: missing: {err}"
+
+
+def write_failure(target: str, err: OSError) -> str:
+    """The status of a restored file that could not be written: always retryable (the input was fine), and
+    ``STORAGE_FULL`` when no more can be written (no space, quota, read-only file system)."""
+    prefix = STORAGE_FULL if err.errno in FULL_ERRNOS else RETRYABLE
+    return f"{prefix}cannot write {target}: {err}"
 
 
 def _row(unit: dict, item_id: str, source: str, output: str) -> dict:
@@ -63,7 +83,7 @@ def decode(unit: dict, rate_in: int, suffix: str) -> list[dict]:
     except AudioError as err:
         return [dict(row, status=f"skipped: {err.reason}: {err}")]
     except OSError as err:
-        return [dict(row, status=f"skipped: missing: {err}")]
+        return [dict(row, status=read_failure(err))]
     return [_with_audio(row, audio, rate, rate_in)]
 
 
@@ -71,17 +91,21 @@ def _decode_shard(unit: dict, rate_in: int, suffix: str) -> list[dict]:
     from pipeline.data.shards import ShardError, ShardStore, read_shard
 
     stem = unit["id"].removesuffix(".tar")
-    skip = set(unit.get("skip") or ())
+    skip, protected = set(unit.get("skip") or ()), set(unit.get("protected") or ())
     try:
         samples = read_shard(ShardStore(unit["source"]), {"name": unit["id"], "sha256": unit["sha256"]})
     except ShardError as err:
-        return [dict(_row(unit, stem, join(unit["source"], unit["id"]), ""), status=f"failed: {err}")]
+        status = f"{RETRYABLE}{err}" if err.__cause__ and is_transient(err.__cause__) else f"failed: {err}"
+        return [dict(_row(unit, stem, join(unit["source"], unit["id"]), ""), status=status)]
     rows = []
     for sample in samples:
         item_id = f"{stem}/{sample['key']}"
         if item_id in skip:
             continue
         row = _row(unit, item_id, f"{join(unit['source'], unit['id'])}#{sample['key']}.noisy.wav", item_id + suffix)
+        if row["output"] in protected:
+            rows.append(dict(row, status=OUTPUT_EXISTS))
+            continue
         rows.append(_with_audio(row, sample["noisy"][None], int(sample["meta"]["sample_rate"]), rate_in))
     return rows
 
@@ -135,6 +159,7 @@ class Restorer:
         batch["output_rate"], batch["worker"] = self.chain.rate_out, self.worker
         todo = [i for i in range(len(batch)) if batch.at[i, "status"] == OK]
         rows = [batch.iloc[i] for i in todo]
+        faults.point("clean.restore")  # a batch in hand (tests/test_clean_corpus_faults.py)
         try:
             results = [(todo, *self._restore(rows))] if rows else []
         except Exception:  # find the rows that fail: restore them one by one
@@ -142,8 +167,9 @@ class Restorer:
             for i, row in zip(todo, rows):
                 try:
                     results.append(([i], *self._restore([row])))
-                except Exception as err:
-                    batch.at[i, "status"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+                except Exception as err:  # out of memory may pass with fewer files at once; else it is final
+                    retry = RETRYABLE if isinstance(err, (MemoryError, torch.OutOfMemoryError)) else "failed: "
+                    batch.at[i, "status"] = f"{retry}{type(err).__name__}: {str(err)[:300]}"
         for indices, restored, seconds in results:
             total = sum(float(batch.at[i, "seconds"]) for i in indices) or 1.0
             for i, audio in zip(indices, restored):
@@ -188,18 +214,22 @@ class Scorer:
         return batch.drop(columns=["audio"])
 
 
-def write(batch: pd.DataFrame, output: str, file_format: str, subtype: str, overwrite: bool) -> pd.DataFrame:
-    """Write each restored row's audio under ``output``; the rows, without audio, as manifest rows."""
+def write(batch: pd.DataFrame, output: str, file_format: str, subtype: str) -> pd.DataFrame:
+    """Write each restored row's audio under ``output``; the rows, without audio, as manifest rows. Every
+    output reaching this stage is the job's own (an output that existed before the job is skipped when read),
+    so it is replaced whole; a name that would land outside ``output`` is skipped."""
     import soundfile as sf
 
     batch = batch.reset_index(drop=True)
     for i in range(len(batch)):
-        target = join(output, batch.at[i, "output"]) if batch.at[i, "output"] else ""
+        name = batch.at[i, "output"]
         batch.at[i, "output"] = ""  # until the file is written
         if batch.at[i, "status"] != OK:
             continue
-        if not overwrite and exists(target):
-            batch.at[i, "status"] = "skipped: output exists (overwrite=true replaces it)"
+        try:
+            target = contained(output, name)
+        except UnsafePath as err:
+            batch.at[i, "status"] = f"skipped: unsafe output name: {err}"
             continue
         audio = _audio(batch.iloc[i], "restored")
         data = io.BytesIO()
@@ -207,7 +237,7 @@ def write(batch: pd.DataFrame, output: str, file_format: str, subtype: str, over
         try:
             write_atomic(target, data.getvalue())
         except OSError as err:
-            batch.at[i, "status"] = f"failed: cannot write {target}: {err}"
+            batch.at[i, "status"] = write_failure(target, err)
             continue
         batch.at[i, "status"], batch.at[i, "output"] = "restored", target
     return batch.drop(columns=["restored", "samples"])

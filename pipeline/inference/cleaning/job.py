@@ -40,7 +40,6 @@ class Settings:
     output: str
     file_format: str
     subtype: str
-    overwrite: bool
     restore: dict  # Restorer's options (device, precision, chunking, batch_size, threads, ssl_weights)
     workers: int  # restore actors
     gpus_per_worker: float
@@ -111,7 +110,7 @@ def build_dataset(units: list[dict], s: Settings, checkpoints):
                         compute=ray.data.ActorPoolStrategy(size=s.score_workers), batch_size=s.files_per_batch,
                         batch_format="pandas", num_cpus=CPU_PER_SCORER)
     return ds.map_batches(dataflow.write, fn_kwargs={"output": s.output, "file_format": s.file_format,
-                                                     "subtype": s.subtype, "overwrite": s.overwrite},
+                                                     "subtype": s.subtype},
                           batch_format="pandas", batch_size=s.files_per_batch, num_cpus=CPU_PER_TASK)
 
 
@@ -194,11 +193,15 @@ class Stop:
             signal.signal(s, handler)
 
 
-def run_pipeline(units: list[dict], s: Settings, checkpoints, tracker: Tracker, stop: Stop) -> bool:
-    """Run the pipeline over ``units``, committing rows every ``commit_seconds``; True when it ran to the end,
-    False when it stopped on request."""
+FINISHED, STOPPED, STORAGE_FULL = "finished", "stopped", "storage full"  # how run_pipeline ended
+
+
+def run_pipeline(units: list[dict], s: Settings, checkpoints, tracker: Tracker, stop: Stop) -> str:
+    """Run the pipeline over ``units``, committing rows every ``commit_seconds``. FINISHED when it ran to the end;
+    STOPPED on request; STORAGE_FULL at the first row that could not be written for want of space (the rows in
+    hand are committed and no new work is taken: a resume after space is freed does the rest)."""
     if not units:
-        return True
+        return FINISHED
     ds = build_dataset(units, s, checkpoints)
     last = time.monotonic()
     remaining = max(tracker.total - len(tracker.done), 0)
@@ -206,13 +209,16 @@ def run_pipeline(units: list[dict], s: Settings, checkpoints, tracker: Tracker, 
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             tracker.add(batch)
             bar.update(len(batch))
+            if batch["status"].astype(str).str.startswith(dataflow.STORAGE_FULL).any():
+                tracker.commit()
+                return STORAGE_FULL
             if time.monotonic() - last >= s.commit_seconds:
                 tracker.commit()
                 last = time.monotonic()
                 if stop.requested():
-                    return False
+                    return STOPPED
             elif stop.by:
                 tracker.commit()
-                return False
+                return STOPPED
     tracker.commit()
-    return True
+    return FINISHED

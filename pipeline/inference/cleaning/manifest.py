@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from pipeline.config import ConfigError
 
 PARTS = "manifest/parts"
+PREEXISTING = "manifest/preexisting.parquet"  # the output's audio files before the job wrote any: never replaced
 COLUMNS = ("id", "source", "output", "status", "seconds", "input_rate", "input_channels", "output_rate",
            "restore_seconds", "worker", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "input_dnsmos_sig",
            "input_dnsmos_bak", "input_dnsmos_ovrl", "speaker_similarity")
@@ -86,3 +87,23 @@ def committed_rows(client: MlflowClient, run_id: str) -> pd.DataFrame:
         local = Path(download_artifacts(run_id=run_id, artifact_path=PARTS, dst_path=tmp))
         tables = [pd.read_parquet(local / Path(name).name) for name in sorted(names)]
     return as_table(tables).drop_duplicates("id", keep="last").reset_index(drop=True)
+
+
+def commit_preexisting(client: MlflowClient, run_id: str, names: set[str]) -> None:
+    """Record which output names existed before the job wrote anything (its resumes must not replace them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(PREEXISTING).name
+        pd.DataFrame({"output": sorted(names)}, dtype=str).to_parquet(path, index=False)
+        client.log_artifact(run_id, str(path), str(Path(PREEXISTING).parent))
+
+
+def read_preexisting(client: MlflowClient, run_id: str) -> Optional[set[str]]:
+    """The output names recorded by ``commit_preexisting``; None when the run has no record (it was stopped
+    before writing anything, so what exists now is not its own)."""
+    from mlflow.artifacts import download_artifacts
+
+    if not any(f.path == PREEXISTING for f in client.list_artifacts(run_id, str(Path(PREEXISTING).parent))):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_artifacts(run_id=run_id, artifact_path=PREEXISTING, dst_path=tmp)
+        return set(pd.read_parquet(local)["output"].astype(str))

@@ -16,17 +16,18 @@ under the output: the same relative path with the output format's suffix. What a
 
 from __future__ import annotations
 
+import errno
 import fnmatch
-import glob
 import io
 import json
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pipeline.common.files import AUDIO_SUFFIXES
+from pipeline.common.files import AUDIO_SUFFIXES, UnsafePath, contained, safe_relative
 from pipeline.config import ConfigError
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -60,14 +61,39 @@ def s3_client():
     return client()
 
 
+S3_FINAL = {"NoSuchKey": errno.ENOENT, "NoSuchBucket": errno.ENOENT, "404": errno.ENOENT, "NotFound": errno.ENOENT,
+            "AccessDenied": errno.EACCES, "403": errno.EACCES}  # an S3 error code that is the object's, not the network's
+
+
+def is_transient(err: BaseException | None) -> bool:
+    """Whether storage failed for a passing reason (a disk or network error, an S3 time-out or 5xx), as opposed
+    to a file that is missing or forbidden, which trying again does not change."""
+    if isinstance(err, OSError):
+        return not isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+    code = str(getattr(err, "response", None) and err.response.get("Error", {}).get("Code", ""))
+    if code and code != "None":
+        return code not in S3_FINAL
+    return type(err).__module__.startswith(("botocore", "urllib3"))  # connection errors and time-outs
+
+
+def _s3_error(uri: str, err: Exception) -> OSError:
+    """An S3 failure as the OSError a local read would raise: FileNotFoundError or PermissionError (final), or
+    EIO (transient)."""
+    code = str(getattr(err, "response", None) and err.response.get("Error", {}).get("Code", ""))
+    number = S3_FINAL.get(code, errno.EIO)
+    kind = {errno.ENOENT: FileNotFoundError, errno.EACCES: PermissionError}.get(number, OSError)
+    return kind(number, f"cannot read {uri}: {err}")
+
+
 def read_bytes(uri: str) -> bytes:
-    """The bytes of a local file or an S3 object (OSError when missing or unreadable)."""
+    """The bytes of a local file or an S3 object (FileNotFoundError or PermissionError when missing or forbidden,
+    another OSError when the storage failed)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as err:
-            raise OSError(f"cannot read {uri}: {err}") from err
+            raise _s3_error(uri, err) from err
     return Path(uri).read_bytes()
 
 
@@ -91,7 +117,10 @@ def write_atomic(uri: str, data: bytes) -> None:
     temporary name beside it and renamed; an S3 object appears whole when its upload completes."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as err:  # every failed upload may pass (credentials fixed, the service back): EIO
+            raise OSError(errno.EIO, f"upload failed: {err}") from err
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -131,12 +160,60 @@ def _glob_root(pattern: str) -> str:
     return pattern[:cut].rpartition("/")[0] or "."
 
 
+def _segment_regex(segment: str) -> str:
+    """One path segment of a glob as a regex: ``*`` and ``?`` never cross a ``/``; ``[...]`` as in fnmatch."""
+    out, i = [], 0
+    while i < len(segment):
+        c = segment[i]
+        close = segment.find("]", i + 2) if c == "[" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif close > 0:
+            body = segment[i + 1:close]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = close
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """A regex for a glob relative to its root: ``**`` is any number of directories (none included)."""
+    parts = ["(?:[^/]+/)*" if segment == "**" else _segment_regex(segment) + "/" for segment in pattern.split("/")]
+    regex = "".join(parts)
+    regex = regex + "[^/]+" if pattern.split("/")[-1] == "**" else regex.removesuffix("/")  # a last ** is any file
+    return re.compile(regex + r"\Z", re.DOTALL)
+
+
+def walk_files(root: str, max_depth: int | None = None):
+    """Every file under ``root`` (relative POSIX paths, sorted), never descending into a symlinked directory:
+    a link loop (``loop -> .``) cannot make the listing endless, and its cost is bounded by the files that
+    exist. A symlink to a file is listed; ``max_depth`` stops at that many directory levels."""
+    found = []
+    for top, dirs, files in os.walk(root, followlinks=False):
+        relative = Path(top).relative_to(root)
+        depth = len(relative.parts)
+        if max_depth is not None and depth >= max_depth:
+            dirs[:] = []
+        dirs.sort()
+        found.extend((relative / name).as_posix() for name in files if max_depth is None or depth < max_depth)
+    return sorted(found)
+
+
 def _glob(pattern: str) -> tuple[str, list[str]]:
     """(root, matches) of a local or S3 glob; the root is the part before the first wildcard."""
     root = _glob_root(pattern)
     if is_s3(pattern):
         return root, [k for k in _s3_keys(root + "/") if fnmatch.fnmatch(k, pattern.replace("**/", "*"))]
-    return root, sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    rest = pattern[len(root):].lstrip("/") if root != "." else pattern
+    regex = _pattern_regex(rest)
+    depth = None if "**" in rest else rest.count("/") + 1
+    # like glob, a wildcard does not match a hidden name (.partial files, .git)
+    return root, [join(root, name) for name in walk_files(root, depth)
+                  if regex.match(name) and not any(part.startswith(".") for part in name.split("/"))]
 
 
 def _from_manifest(uri: str) -> tuple[str, list[tuple[str, str]]]:
@@ -151,7 +228,8 @@ def _from_manifest(uri: str) -> tuple[str, list[tuple[str, str]]]:
     if "path" not in table.columns:
         raise ConfigError(f"input={uri} has no 'path' column (it has: {', '.join(map(str, table.columns))})")
     base = uri.rpartition("/")[0] if is_s3(uri) else str(Path(uri).resolve().parent)
-    paths = [p if is_s3(p) or os.path.isabs(p) else join(base, p) for p in table["path"].astype(str)]
+    # normalised, so that an id made from a path that climbs (../up/b.wav) is relative to the real common root
+    paths = [_normal(p if is_s3(p) or os.path.isabs(p) else join(base, p)) for p in table["path"].astype(str)]
     ids = list(table["id"].astype(str)) if "id" in table.columns else None
     if ids is not None and len(set(ids)) != len(ids):
         raise ConfigError(f"input={uri}: the 'id' column has duplicates; every input needs its own id")
@@ -160,6 +238,13 @@ def _from_manifest(uri: str) -> tuple[str, list[tuple[str, str]]]:
         root = os.path.commonpath([os.path.dirname(p) for p in local]) if len(local) == len(paths) else ""
         ids = [_relative(p, root) if root else p.replace("s3://", "", 1) for p in paths]
     return base, list(zip(paths, ids))
+
+
+def _normal(path: str) -> str:
+    if is_s3(path):
+        bucket, key = split_s3(path)
+        return f"s3://{bucket}/{posixpath.normpath(key)}"
+    return os.path.normpath(path)
 
 
 def _shards(root: str) -> list[Unit] | None:
@@ -177,7 +262,8 @@ def _shards(root: str) -> list[Unit] | None:
 
 def output_name(item_id: str, suffix: str, taken: set[str]) -> str:
     """``item_id`` with the output format's suffix; two inputs that would share a name (a.wav, a.flac) keep
-    their own suffix in it (a.flac.wav)."""
+    their own suffix in it (a.flac.wav). UnsafePath for an id that would lead outside the output."""
+    item_id = safe_relative(item_id)
     path = PurePosixPath(item_id)
     name = str(path.with_suffix(suffix)) if path.suffix.lower() in AUDIO_SUFFIXES else f"{item_id}{suffix}"
     if name in taken:
@@ -207,14 +293,39 @@ def list_units(source: str, suffix: str) -> list[Unit]:
         elif Path(source).is_file():
             pairs = [(source, Path(source).name)]
         elif Path(source).is_dir():
-            pairs = [(str(p), p.relative_to(source).as_posix()) for p in sorted(Path(source).rglob("*"))
-                     if p.is_file() and _is_audio(p.name)]
+            pairs = [(join(source, name), name) for name in walk_files(source) if _is_audio(name)]
         else:
             raise ConfigError(f"input={source} not found")
     if not pairs:
         raise ConfigError(f"input={source} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
+    return _file_units(source, pairs, suffix)
+
+
+def _file_units(source: str, pairs: list[tuple[str, str]], suffix: str) -> list[Unit]:
+    """The file units of (path, id) pairs; ConfigError naming the rows whose id would be written outside the
+    output (``..``, an absolute id): a crawl's manifest is third-party data."""
     taken: set[str] = set()
-    return [Unit("file", path, item_id, output_name(item_id, suffix, taken)) for path, item_id in pairs]
+    units, unsafe = [], []
+    for row, (path, item_id) in enumerate(pairs):
+        try:
+            units.append(Unit("file", path, item_id, output_name(item_id, suffix, taken)))
+        except UnsafePath as err:
+            unsafe.append(f"row {row + 1} ({path}): {err}")
+    if unsafe:
+        raise ConfigError(f"input={source}: {len(unsafe)} input(s) would be written outside the output: "
+                          + "; ".join(unsafe[:10]) + ("; ..." if len(unsafe) > 10 else "")
+                          + ". Give every input a relative id without '..'.")
+    return units
+
+
+def existing_outputs(output: str) -> set[str]:
+    """The audio files under an output directory or prefix now, as names relative to it (symlinked directories
+    not followed)."""
+    if is_s3(output):
+        prefix = output.rstrip("/") + "/"
+        return {_relative(k, prefix) for k in _s3_keys(prefix) if _is_audio(k)}
+    root = Path(output).expanduser()
+    return {name for name in walk_files(str(root)) if _is_audio(name)} if root.is_dir() else set()
 
 
 def _root(source: str) -> str | None:
