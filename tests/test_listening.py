@@ -32,3 +32,12 @@ def test_media_beyond_the_budget_are_linked_by_name_with_a_note(tmp_path):
     assert media.src("utt-0_clean.wav").startswith("data:audio/wav;base64,")
     assert media.src("utt-0_degraded.wav") == "utt-0_degraded.wav"
     assert "linked by name" in media.note()
+
+
+def test_a_long_id_gives_a_short_distinct_file_name():
+    """A crawl's ids can be 245 characters; with the suffixes that is over a file system's 255 bytes."""
+    from pipeline.inference.listening import MAX_NAME, safe_name
+
+    long_a, long_b = "a/" * 120 + "x.wav", "a/" * 120 + "y.wav"
+    assert len(safe_name(long_a)) == MAX_NAME and safe_name(long_a) != safe_name(long_b)
+    assert safe_name("sub/utt 01.wav") == "sub_utt_01_wav"

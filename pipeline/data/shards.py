@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from pipeline.data.corpus import mlflow_dataset
 from pipeline.data.datasets import TRAIN_STREAM, crop_or_pad, with_fault_point
 from pipeline.data.degrade import sample_rng
-from pipeline.common.files import sha256_file
+from pipeline.common.files import contained, safe_relative, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,14 @@ class ShardStore:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def put(self, local: Path, name: str) -> None:
+        target = contained(self.uri, name)  # never outside the store, whatever the name
         if self.is_s3:
-            self.client.upload_file(str(local), self.bucket, self._key(name))
+            self.client.upload_file(str(local), self.bucket, self._key(safe_relative(name)))
         else:
-            Path(self.uri).mkdir(parents=True, exist_ok=True)
-            tmp = Path(self.uri) / f".{name}.tmp"
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(target).with_name(f".{Path(target).name}.tmp")
             shutil.copyfile(local, tmp)
-            os.replace(tmp, Path(self.uri) / name)
+            os.replace(tmp, target)
 
     def open(self, name: str):
         """A binary file object to stream ``name`` from."""

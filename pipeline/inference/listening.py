@@ -10,6 +10,7 @@ either way.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+
+from pipeline.common.files import contained
 
 
 EMBED_BUDGET = 4 * 2**20  # media bytes a page embeds (base64 adds a third); about 20 s of 16 kHz 16-bit audio per MiB
@@ -57,9 +60,14 @@ class Example:
     rates: dict[str, int] = field(default_factory=dict)  # label -> sample rate, where not the page's
 
 
+MAX_NAME = 96  # characters of an id kept in a file name (a file system allows 255 bytes with the suffixes)
+
+
 def safe_name(text: str) -> str:
-    """A file-name-safe version of an utterance ID (IDs may contain slashes or dots)."""
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+    """A file-name-safe version of an utterance ID (IDs may contain slashes or dots); a long one is cut and given
+    a digest of the whole, so two ids stay two files."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+    return safe if len(safe) <= MAX_NAME else f"{safe[:MAX_NAME - 17]}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def _spectrogram_png(path: Path, waves: dict[str, np.ndarray], rates: dict[str, int], title: str) -> None:
@@ -95,9 +103,9 @@ def write_listening_page(out_dir: Path, title: str, examples: list[Example], sam
         players = []
         for label, wave in waves.items():
             name = f"{safe}_{label.replace(' ', '_')}.wav"
-            sf.write(out_dir / name, np.clip(wave, -1.0, 1.0), rates[label], subtype="PCM_16")
+            sf.write(contained(str(out_dir), name), np.clip(wave, -1.0, 1.0), rates[label], subtype="PCM_16")
             players.append(f"{html.escape(label)} <audio controls preload='metadata' src='{media.src(name)}'></audio>")
-        _spectrogram_png(out_dir / f"{safe}_spectrogram.png", waves, rates, ex.id)
+        _spectrogram_png(Path(contained(str(out_dir), f"{safe}_spectrogram.png")), waves, rates, ex.id)
         parts.append(f"<h3>{html.escape(ex.id)}</h3>")
         if ex.text:
             parts.append(f"<p>{html.escape(ex.text)}</p>")
