@@ -72,7 +72,7 @@ class CleanCorpusConfig:
     checkpoint: str = "latest"  # with run_id: latest | best
     format: str = "wav"  # wav | flac
     subtype: str = "PCM_16"  # PCM_16 | PCM_24 | FLOAT (wav only)
-    overwrite: bool = False  # replace output files that exist before the job (a resumed job always replaces its own)
+    overwrite: bool = False  # replace output files that existed before the job started (its own it always replaces)
     device: str = "auto"  # auto (cuda when the worker has a GPU) | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, 32 on CPU) | 32 | bf16 | 16-mixed
     chunk_seconds: float = 10.0  # audio restored per window (+ context_seconds each side), as restore
