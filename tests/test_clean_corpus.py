@@ -330,3 +330,34 @@ def test_a_full_output_disk_stops_the_job_cleanly_and_a_resume_after_space_is_fr
     assert sorted(manifest.id) == names and (manifest.status == "restored").all()  # every input, once
     assert all((out / name).exists() for name in names)
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_a_completely_full_output_disk_restores_nothing_and_loses_nothing(chain, tmp_path, small_disk, capfd):
+    """Not one byte free from the start: the first write stops the job; freeing space lets the resume do all."""
+    mount, _ = small_disk
+    source, out = tmp_path / "crawl", mount / "clean"
+    source.mkdir()
+    out.mkdir()
+    clean, rate = demo(3)
+    names = [f"utt{i}.wav" for i in range(3)]
+    for i, name in enumerate(names):
+        sf.write(source / name, clean[i * 100: i * 100 + rate], rate)
+    filler = mount / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    capfd.readouterr()
+    assert clean_corpus([f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "scores=false",
+                         *FAST]) == EXIT_STORAGE
+    err = capfd.readouterr().err
+    assert "output storage is full" in err and "Traceback" not in err, err[-3000:]
+    run = the_run(MlflowClient())
+    committed = committed_rows(MlflowClient(), run.info.run_id)
+    assert not (committed.status == "restored").any() and not [p for p in out.rglob("*") if p.is_file()]
+    filler.unlink()
+    assert clean_corpus([f"resume_run={run.info.run_id}"]) == EXIT_OK
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert sorted(manifest.id) == names and (manifest.status == "restored").all()
