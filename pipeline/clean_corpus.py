@@ -206,8 +206,8 @@ def settings(p: Prepared) -> Settings:
                # on CPU a batch of many windows is slower than a few (docs/benchmarks.md, Corpus cleaning)
                "batch_size": cfg.batch_size or (8 if device.startswith("cuda") else 2),
                "threads": 0 if gpus else threads, "ssl_weights": cfg.ssl_weights}
-    return Settings(p.rate_in, FORMATS[cfg.format][0], cfg.output, cfg.format, cfg.subtype, restore, workers, 1.0 if gpus else 0.0, cfg.score_workers, cfg.scores, cfg.files_per_batch,
-                    cfg.commit_seconds)
+    return Settings(p.rate_in, FORMATS[cfg.format][0], cfg.output, cfg.format, cfg.subtype, restore, workers,
+                    1.0 if gpus else 0.0, cfg.score_workers, cfg.scores, cfg.files_per_batch, cfg.commit_seconds)
 
 
 def check_resources(s: Settings) -> None:
@@ -399,7 +399,8 @@ def run_job(client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: 
                         stop.by, len(tracker.rows()), total, STAGE, run_id)
     except ManifestUnwritable as err:
         status, code, status_text = "FAILED", EXIT_STORAGE, "STOPPED: the manifest could not be written"
-        log.error("%s. Every row is committed to the run: free space (or fix the output) and resume with: python -m pipeline.%s resume_run=%s", err, STAGE, run_id)
+        log.error("%s. Every row is committed to the run: free space (or fix the output) and resume with: "
+                  "python -m pipeline.%s resume_run=%s", err, STAGE, run_id)
     except KeyboardInterrupt:
         status, code = "KILLED", EXIT_STOPPED
     except Exception:
@@ -409,8 +410,8 @@ def run_job(client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: 
         ray.shutdown()
         if lease.held:
             progress = f"{len(tracker.rows())}/{total} inputs"
-            client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, status_text or ("STOPPED" if status == "KILLED" else status),
-                                                      progress, p.metadata, results))
+            status_text = status_text or ("STOPPED" if status == "KILLED" else status)
+            client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, status_text, progress, p.metadata, results))
             client.set_terminated(run_id, status)
         lease.release()
     if code == EXIT_OK:
