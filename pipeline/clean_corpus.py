@@ -48,7 +48,8 @@ from pipeline.inference.chain import RestorationChain, resolve_chain
 from pipeline.inference.cleaning import report, sources
 from pipeline.inference.cleaning.dataflow import OUTPUT_EXISTS, RETRYABLE
 from pipeline.inference.cleaning.job import (CPU_PER_SCORER, CPU_PER_TASK, FINISHED, STORAGE_FULL, Settings, Stop,
-                                              Tracker, checkpoint_files, restorer_cpus, run_pipeline, start_ray)
+                                              Tracker, checkpoint_files, restorer_cpus, run_pipeline, start_ray,
+                                              stop_ray)
 from pipeline.inference.cleaning.manifest import (KeepConfig, as_table, check_keep, commit_preexisting, committed_rows,
                                                   keep_column, read_preexisting)
 
@@ -347,15 +348,13 @@ def run(argv: list[str]) -> int:
         log.error("Cannot reach the Ray cluster at ray_address=%s: %s. Start it with `ray start --head` (docs/cleaning.md) "
                   "or leave ray_address empty for a local Ray.", p.cfg.ray_address, str(err).splitlines()[0][:300])
         return EXIT_BAD_INPUT
-    import ray
-
     try:
         s = settings(p)
         check_resources(s)
         run_id, lease, attempt, done = open_run(client, p)
     except (ConfigError, LeaseHeld) as err:
         log.error("%s", err)
-        ray.shutdown()
+        stop_ray()
         return EXIT_BAD_INPUT
     return run_job(client, p, s, run_id, lease, attempt, done)
 
@@ -407,7 +406,7 @@ def run_job(client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: 
         log.exception("The cleaning job failed; resume with: python -m pipeline.%s resume_run=%s", STAGE, run_id)
     finally:
         stop.restore()
-        ray.shutdown()
+        stop_ray()
         if lease.held:
             progress = f"{len(tracker.rows())}/{total} inputs"
             status_text = status_text or ("STOPPED" if status == "KILLED" else status)

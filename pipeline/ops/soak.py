@@ -1,6 +1,9 @@
 """Kill soak: a training job SIGKILLed again and again, resumed each time, compared with one that never stopped.
 
     python -m pipeline.ops.soak --kills 200 --seed 1 [--workdir DIR]
+    python -m pipeline.ops.soak --job clean_corpus --kills 20 [--chain-run RUN --tracking-uri URI]
+
+The second is the cleaning job's soak (``pipeline/ops/soak_clean.py``); what follows is the training job's.
 
 ``train_adapter`` on the tiny preset, with a checkpoint every 2 steps, validation every 10 and metrics
 flushed every 0.2 s, is killed ``--kills`` times: once or more inside each fault window (a named
@@ -46,6 +49,7 @@ JOB = ["ssl=tiny", "batch_size=4", "data.segment_seconds=0.5", "adapter.bottlene
 KILL_AFTER_S = (2.0, 10.0)  # wall-clock kills: drawn in this range after the launch (start-up included)
 FALLBACK_S = 40.0  # a window not reached by then is killed anyway, and tried again later
 FIRED = re.compile(r"Fault injection at (\S+) \(visit \d+\): kill")
+TRAIN_MODULE = "pipeline.stages.train_adapter"
 
 
 def plan_kills(kills: int, rng: random.Random) -> list[str]:
@@ -56,15 +60,23 @@ def plan_kills(kills: int, rng: random.Random) -> list[str]:
     return ["first"] + plan
 
 
-def _launch(workdir: Path, args: list[str], faults_spec: str | None, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db"}
+def store_uri(workdir: Path) -> str:
+    """The soak's own tracking store: SQLite in the work directory."""
+    return f"sqlite:///{workdir}/mlflow.db"
+
+
+def launch(workdir: Path, args: list[str], log_path: Path, *, module: str = TRAIN_MODULE, faults_spec: str | None = None,
+           tracking_uri: str | None = None, new_session: bool = False) -> subprocess.Popen:
+    """``python -m <module> ARGS`` in ``workdir``, its output in ``log_path``; faults armed only by ``faults_spec``.
+    ``new_session``: the job and the processes it starts in a session of their own (nothing reaches the soak)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": tracking_uri or store_uri(workdir)}
     env.pop("MLFLOW_RUN_ID", None)
     env.pop("PIPELINE_FAULTS", None)
     if faults_spec:
         env["PIPELINE_FAULTS"] = faults_spec
     with open(log_path, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.stages.train_adapter", *args], cwd=workdir, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=workdir, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=new_session)
 
 
 def _attempt(workdir: Path, args: list[str], kind: str, rng: random.Random, log_path: Path) -> tuple[int, str | None]:
@@ -77,7 +89,7 @@ def _attempt(workdir: Path, args: list[str], kind: str, rng: random.Random, log_
         spec, deadline = None, None
     else:
         spec, deadline = f"{kind}@{rng.randint(1, VISITS.get(kind, 2))}=kill", FALLBACK_S
-    proc = _launch(workdir, args, spec, log_path)
+    proc = launch(workdir, args, log_path, faults_spec=spec)
     try:
         code = proc.wait(timeout=deadline)
     except subprocess.TimeoutExpired:
@@ -136,7 +148,7 @@ def _kill_and_resume(workdir: Path, job: list[str], pending: list[str], rng: ran
             if kind not in ("time", "first"):
                 pending.insert(rng.randint(0, len(pending)), kind)  # not reached this time: try again later
         if run_id is None:
-            runs = _runs(client)
+            runs = store_runs(client)
             run_id = runs[0].info.run_id if runs else None
         log.info("attempt %d: %s, killed %s", launches, kind, f"in {window}" if window else "at a random moment")
     return {"run_id": run_id, "hits": hits, "random_kills": random_kills, "launches": launches, "opened": opened}
@@ -144,11 +156,11 @@ def _kill_and_resume(workdir: Path, job: list[str], pending: list[str], rng: ran
 
 def _reference_run(workdir: Path, job: list[str], client: MlflowClient) -> str:
     """The same job, never interrupted; returns its run ID."""
-    before = {r.info.run_id for r in _runs(client)}
+    before = {r.info.run_id for r in store_runs(client)}
     log_path = workdir / "logs" / "reference.log"
-    if _launch(workdir, job, None, log_path).wait() != 0:
+    if launch(workdir, job, log_path).wait() != 0:
         raise RuntimeError(f"the reference run failed:\n{log_path.read_text()[-3000:]}")
-    return next(r.info.run_id for r in _runs(client) if r.info.run_id not in before)
+    return next(r.info.run_id for r in store_runs(client) if r.info.run_id not in before)
 
 
 def _check_history(client: MlflowClient, run_id: str, reference: str, max_steps: int,
@@ -193,8 +205,8 @@ def _check_store(client: MlflowClient, run_id: str, workdir: Path, max_steps: in
     leftovers = sorted(p.name for p in staging.iterdir()) if staging.exists() else []
     if leftovers:
         problems.append(f"staging leftovers in {staging}: {leftovers}")
-    if len(_runs(client)) != 2:
-        problems.append(f"{len(_runs(client))} runs in the store; expected the soaked run and the reference")
+    if len(store_runs(client)) != 2:
+        problems.append(f"{len(store_runs(client))} runs in the store; expected the soaked run and the reference")
     if run.info.status != "FINISHED":
         problems.append(f"the soaked run ended {run.info.status}")
     return problems
@@ -217,31 +229,46 @@ def _check_checkpoints(client: MlflowClient, run, workdir: Path, max_steps: int)
 
 
 def _client(workdir: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    return MlflowClient(tracking_uri=store_uri(workdir))
 
 
-def _runs(client: MlflowClient):
+def store_runs(client: MlflowClient, filter_string: str = ""):
+    """The store's runs, oldest first (those matching ``filter_string``)."""
     experiments = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(experiments, "", order_by=["attributes.start_time ASC"]) if experiments else []
+    return client.search_runs(experiments, filter_string, order_by=["attributes.start_time ASC"]) if experiments else []
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job", choices=("train_adapter", "clean_corpus"), default="train_adapter")
     parser.add_argument("--kills", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=0, help="default: enough for the kills (6 per kill, ≥ 120)")
     parser.add_argument("--workdir", type=Path, help="kept afterwards (default: a temporary directory)")
+    parser.add_argument("--chain-run", help="clean_corpus: a finetune_vocoder run in --tracking-uri's store "
+                                            "(default: a tiny chain trained first)")
+    parser.add_argument("--tracking-uri", help="clean_corpus: the store of --chain-run, which gets the job's runs "
+                                               "too (default: SQLite in the work directory)")
+    parser.add_argument("--files", type=int, default=20, help="clean_corpus: inputs of the corpus (1.3 s each)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    max_steps = args.max_steps or max(120, 6 * args.kills)
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        report = run_soak(args.workdir.resolve(), args.kills, args.seed, max_steps)
+        report = _soak(args, args.workdir.resolve())
     else:
         with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-            report = run_soak(Path(tmp), args.kills, args.seed, max_steps)
+            report = _soak(args, Path(tmp))
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     sys.exit(1 if report["problems"] else 0)
+
+
+def _soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    if args.job == "clean_corpus":
+        from pipeline.ops.soak_clean import run_clean_soak
+
+        return run_clean_soak(workdir, args.kills, args.seed, chain_run=args.chain_run,
+                              tracking_uri=args.tracking_uri, files=args.files)
+    return run_soak(workdir, args.kills, args.seed, args.max_steps or max(120, 6 * args.kills))
 
 
 if __name__ == "__main__":

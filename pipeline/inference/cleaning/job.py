@@ -24,11 +24,25 @@ from tqdm import tqdm
 from pipeline.engine import tags as tag
 from pipeline.inference.cleaning import dataflow
 from pipeline.inference.cleaning.manifest import as_table, commit_part
+from pipeline.inference.cleaning.reaper import Reaper, marking
 
 log = logging.getLogger(__name__)
 
 CPU_PER_TASK = 0.25  # decode and write tasks: light, they wait on storage most of the time
 CPU_PER_SCORER = 0.5
+# Decode and write tasks at once, per restore worker. Each task runs in a Ray worker process that imports torch
+# (about 0.3 GB that no other process shares, 0.5 GB with the audio modules), and without a bound Ray starts one
+# per free CPU / CPU_PER_TASK: 250 on a 64-core machine. Decoding or writing a file takes a small fraction of
+# restoring it on a CPU; on a GPU, restoring it can take as little time as decoding it, so decoding gets two.
+DECODE_TASKS_PER_WORKER = {"cpu": 1, "gpu": 2}
+WRITE_TASKS_PER_WORKER = 1
+# A local Ray's object store when ray_object_store_mb=0, instead of Ray's 30 % of the machine's memory (7 GB
+# here): the chain's checkpoints (about 1.1 GB for hubert_base with a v1 vocoder) and the blocks Ray Data keeps
+# in flight (at most half the store: 1 GB of float32 audio at 16 kHz is 4.6 h ahead of the restore workers).
+# Ray writes what does not fit to disk instead of failing. Never more than Ray's own default.
+AUTO_OBJECT_STORE_MB = 2048
+RAY_OBJECT_STORE_SHARE = 0.3  # Ray's default object store: this share of the machine's memory
+_reaper: Reaper | None = None  # of this process's latest local Ray
 
 
 @dataclass
@@ -64,14 +78,53 @@ def start_ray(address: str, object_store_mb: int) -> None:
         if address:
             ray.init(address=address, **options)
         else:
-            # idle task workers kept 60 s (Ray's default: 1 s past num_cpus workers; a new one imports torch again)
-            ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_mb * 2**20 if object_store_mb else None,
-                     _system_config={"idle_worker_killing_time_threshold_ms": 60_000}, **options)
+            start_local_ray(object_store_mb, options)
     finally:  # ray.init replaces the process's SIGTERM handler with sys.exit and never puts it back
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's execution-plan lines
+
+
+def start_local_ray(object_store_mb: int, options: dict) -> None:
+    """A local Ray whose processes end with this one however it ends (``reaper.py``), its object store sized
+    for the job (``AUTO_OBJECT_STORE_MB`` unless ``object_store_mb`` says otherwise)."""
+    import ray
+
+    global _reaper
+    if _reaper is not None:  # the previous job's Ray is shut down: its reaper ends what it left, and exits
+        _reaper.release()
+    _reaper = Reaper.start()
+    with marking(_reaper):
+        try:
+            # idle task workers kept 60 s (Ray's default: 1 s past num_cpus workers; a new one imports torch again)
+            ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_bytes(object_store_mb),
+                     _system_config={"idle_worker_killing_time_threshold_ms": 60_000}, **options)
+        except BaseException:  # what a failed start left running ends now, not when this process does
+            _reaper.release()
+            raise
+
+
+def stop_ray() -> None:
+    """Shut Ray down (the job's connection, or the local Ray); a local Ray's reaper then ends whatever it left
+    and exits at once, rather than when this process does."""
+    import ray
+
+    global _reaper
+    ray.shutdown()
+    if _reaper is not None:
+        _reaper.release()
+        _reaper = None
+
+
+def object_store_bytes(object_store_mb: int) -> int:
+    """The local object store: ``object_store_mb`` when given, else ``AUTO_OBJECT_STORE_MB`` capped at Ray's
+    default for this machine."""
+    if object_store_mb:
+        return object_store_mb * 2**20
+    import psutil
+
+    return min(AUTO_OBJECT_STORE_MB * 2**20, int(psutil.virtual_memory().total * RAY_OBJECT_STORE_SHARE))
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -100,8 +153,10 @@ def restorer_cpus(s: Settings) -> float:
 def build_dataset(units: list[dict], s: Settings, checkpoints):
     import ray
 
+    decode_tasks = DECODE_TASKS_PER_WORKER["gpu" if s.gpus_per_worker else "cpu"] * s.workers
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 256)))
-    ds = ds.flat_map(dataflow.decode, fn_kwargs={"rate_in": s.rate_in, "suffix": s.suffix}, num_cpus=CPU_PER_TASK)
+    ds = ds.flat_map(dataflow.decode, fn_kwargs={"rate_in": s.rate_in, "suffix": s.suffix}, num_cpus=CPU_PER_TASK,
+                     compute=ray.data.TaskPoolStrategy(size=decode_tasks))
     ds = ds.map_batches(dataflow.Restorer, fn_constructor_kwargs={"checkpoints": [checkpoints], "options": s.restore},
                         compute=ray.data.ActorPoolStrategy(size=s.workers), batch_size=s.files_per_batch,
                         batch_format="pandas", num_cpus=restorer_cpus(s) if not s.gpus_per_worker else None,
@@ -111,7 +166,8 @@ def build_dataset(units: list[dict], s: Settings, checkpoints):
                         batch_format="pandas", num_cpus=CPU_PER_SCORER)
     return ds.map_batches(dataflow.write, fn_kwargs={"output": s.output, "file_format": s.file_format,
                                                      "subtype": s.subtype},
-                          batch_format="pandas", batch_size=s.files_per_batch, num_cpus=CPU_PER_TASK)
+                          batch_format="pandas", batch_size=s.files_per_batch, num_cpus=CPU_PER_TASK,
+                          compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS_PER_WORKER * s.workers))
 
 
 @dataclass
