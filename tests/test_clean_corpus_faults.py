@@ -18,7 +18,7 @@ import soundfile as sf
 
 from conftest import PYTHON, env_for, wait_for
 from pipeline.data.corpus import read_corpus
-from pipeline.engine.cli import EXIT_OK
+from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
@@ -297,3 +297,25 @@ def test_a_second_raylet_killed_mid_job_leaves_every_input_restored_once(chain, 
     assert (manifest.status == "restored").all(), manifest.status.tolist()
     log.info("second raylet killed while it ran %s; %s; restore workers %s", on_second, outcome,
              sorted(set(manifest.worker)))
+
+
+def test_one_sigterm_stops_a_job_whose_pipeline_delivers_nothing(chain, tmp_path):
+    """The stop used to be looked at only when a batch arrived: a job restoring a long file (here: a restore
+    actor asleep for 10 minutes) or waiting for a lost node's actor stopped only at a second signal."""
+    source, out = short_files(tmp_path / "few", 4), tmp_path / "clean"
+    job_log = tmp_path / "job.log"
+    job = start_job(chain, [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST], job_log,
+                    faults="clean.restore=sleep:600")
+    try:
+        wait_for(lambda: "Cleaning 4 inputs" in job_log.read_text(errors="replace"), timeout=600,
+                 what="the job's pipeline", proc=job, log=job_log)
+        time.sleep(5)  # the restore actor is asleep on its first batch
+        job.send_signal(signal.SIGTERM)
+        code = job.wait(timeout=120)  # the old loop waited for the batch: 10 minutes
+    finally:
+        if job.poll() is None:
+            kill_family(job.pid)
+            job.wait()
+    text = job_log.read_text(errors="replace")
+    assert code == EXIT_STOPPED, text[-3000:]
+    assert "SIGTERM: committing the finished rows and stopping" in text and "Traceback" not in text

@@ -130,6 +130,40 @@ def test_the_reaper_ends_only_the_rays_processes_when_its_driver_lets_go(end):
         driver.wait()
 
 
+# A stand-in driver killed before its reaper could see a "Ray worker" started last: not its descendant, no marker,
+# but with a log file open in the session's directory, as every Ray process has.
+LATE_WORKER_DRIVER = """
+import subprocess, sys, time
+from pipeline.inference.cleaning.reaper import Reaper
+session = sys.argv[1]
+reaper = Reaper.start()
+reaper.announce(session)
+worker = subprocess.Popen(["sh", "-c", f"exec sleep 600 > {session}/logs/worker-1.out"], start_new_session=True)
+time.sleep(0.3)
+print(reaper.process.pid, worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_reaper_also_ends_a_process_it_never_saw_that_writes_into_the_ray_session(tmp_path):
+    session = tmp_path / "session_x"
+    (session / "logs").mkdir(parents=True)
+    driver = subprocess.Popen([PYTHON, "-c", LATE_WORKER_DRIVER, str(session)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    reaper, worker = (psutil.Process(int(pid)) for pid in driver.stdout.readline().split())
+    outsider = subprocess.Popen(["sleep", "600"])  # nothing open in the session: left alone
+    try:
+        driver.kill()
+        driver.wait()
+        wait_for(lambda: gone(worker) and gone(reaper), timeout=GONE_WITHIN_S, what="the late worker and the reaper")
+        assert outsider.poll() is None
+    finally:
+        for proc in (worker, psutil.Process(outsider.pid)):
+            if not gone(proc):
+                proc.kill()
+        outsider.wait()
+
+
 def test_a_killed_drivers_local_ray_ends_within_seconds(chain, tmp_path):
     source, out = tmp_path / "short", tmp_path / "clean"
     source.mkdir()

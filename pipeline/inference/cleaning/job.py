@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -98,11 +100,12 @@ def start_local_ray(object_store_mb: int, options: dict) -> None:
     with marking(_reaper):
         try:
             # idle task workers kept 60 s (Ray's default: 1 s past num_cpus workers; a new one imports torch again)
-            ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_bytes(object_store_mb),
-                     _system_config={"idle_worker_killing_time_threshold_ms": 60_000}, **options)
+            context = ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_bytes(object_store_mb),
+                               _system_config={"idle_worker_killing_time_threshold_ms": 60_000}, **options)
         except BaseException:  # what a failed start left running ends now, not when this process does
             _reaper.release()
             raise
+    _reaper.announce(context.address_info.get("session_dir", ""))
 
 
 def stop_ray() -> None:
@@ -226,11 +229,16 @@ class Tracker:
         log.info("%s; %.2f audio hours per hour", progress, metrics["throughput/audio_hours_per_hour"])
 
 
+class StopWaiting(BaseException):  # not Exception: no library code on the way may swallow it
+    """A stop signal came while the driver waited for the pipeline's next batch."""
+
+
 class Stop:
     """SIGTERM/SIGINT, or the run's ``stop_requested`` tag: finish the rows in hand, commit, and stop."""
 
     def __init__(self, client: MlflowClient, run_id: str):
         self.client, self.run_id, self.by = client, run_id, ""
+        self._waiting = False
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
@@ -238,6 +246,17 @@ class Stop:
             raise KeyboardInterrupt
         self.by = signal.Signals(signum).name
         log.warning("%s: committing the finished rows and stopping (a second signal stops at once)", self.by)
+        if self._waiting:  # the rows in hand are committed now, not when the next batch comes
+            raise StopWaiting(self.by)
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """The block waits for the pipeline: a stop signal ends it with ``StopWaiting``."""
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def requested(self) -> bool:
         if not self.by and self.client.get_run(self.run_id).data.tags.get(tag.STOP_REQUESTED, "").lower() == "true":
@@ -255,14 +274,24 @@ FINISHED, STOPPED, STORAGE_FULL = "finished", "stopped", "storage full"  # how r
 def run_pipeline(units: list[dict], s: Settings, checkpoints, tracker: Tracker, stop: Stop) -> str:
     """Run the pipeline over ``units``, committing rows every ``commit_seconds``. FINISHED when it ran to the end;
     STOPPED on request; STORAGE_FULL at the first row that could not be written for want of space (the rows in
-    hand are committed and no new work is taken: a resume after space is freed does the rest)."""
+    hand are committed and no new work is taken: a resume after space is freed does the rest). A signal that
+    comes while the driver waits for a batch ends the wait at once (``StopWaiting``): a long file being restored
+    or a cluster that lost a node does not hold the stop back."""
     if not units:
         return FINISHED
-    ds = build_dataset(units, s, checkpoints)
+    batches = iter(build_dataset(units, s, checkpoints).iter_batches(batch_size=None, batch_format="pandas"))
     last = time.monotonic()
     remaining = max(tracker.total - len(tracker.done), 0)
     with tqdm(total=remaining, desc="clean_corpus", unit="file", disable=not sys.stderr.isatty()) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        while True:
+            try:
+                with stop.waiting():
+                    batch = next(batches)
+            except StopIteration:
+                break
+            except StopWaiting:
+                tracker.commit()
+                return STOPPED
             tracker.add(batch)
             bar.update(len(batch))
             if batch["status"].astype(str).str.startswith(dataflow.STORAGE_FULL).any():

@@ -14,6 +14,8 @@ idle workers were seen alive, re-parented to init. So before a local Ray is star
   a title longer than its command line overwrites it (Ray's agents and busy workers do). So while the driver
   lives, the reaper looks every ``POLL_S`` at the driver's descendants and keeps those carrying the marker
   (the raylet, the GCS, Ray's Python services) and everything below them (the agents, the workers);
+- once Ray has started, the driver writes the Ray session's directory into the pipe: every one of Ray's
+  processes keeps its log files open there, whatever its title, so at the end those are found too;
 - the pipe reaches end of file when the driver closes it (``Reaper.release``, before a new local Ray) or exits
   in any way, SIGKILL included. The reaper then sends SIGTERM to every process it kept that is still alive
   (psutil checks each PID still names the process seen) and to every process carrying the marker, SIGKILL to
@@ -115,13 +117,35 @@ def end(procs: list[psutil.Process], grace_s: float = GRACE_S) -> int:
     return len(procs)
 
 
-def follow(fd: int, driver: int, marker: str) -> dict[int, psutil.Process]:
-    """Until end of file on ``fd``: the Ray processes seen below the driver (``rays_below``), every ``POLL_S``."""
+def holding(session_dir: str) -> dict[int, psutil.Process]:
+    """Every process with a file open in the Ray session's directory: Ray's daemons, agents and workers write
+    their logs there, whatever title they set (a process that started just before the driver died, whose title
+    hides the marker, is found this way)."""
+    if not session_dir:
+        return {}
+    prefix = session_dir.rstrip("/") + "/"
+    found = {}
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and any(f.path.startswith(prefix) for f in proc.open_files()):
+                found[proc.pid] = proc
+        except psutil.Error:
+            continue
+    return found
+
+
+def follow(fd: int, driver: int, marker: str) -> tuple[dict[int, psutil.Process], str]:
+    """Until end of file on ``fd``: the Ray processes seen below the driver (``rays_below``), every ``POLL_S``, and
+    the session directory the driver announced (``Reaper.announce``; empty if none)."""
     seen: dict[int, psutil.Process] = {}
+    said = b""
     while True:
         readable, _, _ = select.select([fd], [], [], POLL_S)
-        if readable and not os.read(fd, 4096):
-            return seen
+        if readable:
+            data = os.read(fd, 4096)
+            if not data:
+                return seen, said.decode(errors="replace").strip().splitlines()[-1] if said.strip() else ""
+            said += data
         for pid, proc in rays_below(driver, marker, seen).items():
             seen.setdefault(pid, proc)
 
@@ -132,11 +156,12 @@ def main(argv: list[str]) -> int:
     marker, driver_pid, fd = argv[0], int(argv[1]), int(argv[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal is for the driver, not for us
     # the driver's PID names its descendants only while it lives; once it is gone, the marker alone finds them
-    seen = follow(fd, driver_pid, marker) if psutil.pid_exists(driver_pid) else {}
+    seen, session_dir = follow(fd, driver_pid, marker) if psutil.pid_exists(driver_pid) else ({}, "")
     spare = {os.getpid(), driver_pid}  # after a release the driver lives on
     candidates = {pid: proc for pid, proc in seen.items() if pid not in spare}
     for _ in range(ROUNDS):
-        candidates.update((pid, proc) for pid, proc in marked(marker).items() if pid not in spare)
+        found = {**marked(marker), **holding(session_dir)}
+        candidates.update((pid, proc) for pid, proc in found.items() if pid not in spare)
         if not end(list(candidates.values())):
             break
         candidates = {}
@@ -168,6 +193,12 @@ class Reaper:
         finally:
             os.close(read_fd)
         return cls(marker, write_fd, process)
+
+    def announce(self, session_dir: str) -> None:
+        """Tell the reaper the Ray session's directory (``ray.init(...).address_info["session_dir"]``): at the end
+        it also ends every process with a file open there."""
+        if self.write_fd >= 0:
+            os.write(self.write_fd, session_dir.encode() + b"\n")
 
     def release(self) -> None:
         """Close the driver's end: the reaper ends what is left of the marked processes and exits."""
