@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.ops.soak_clean import CHAIN_STEPS  # the tiny chain's training steps, shared with the cleaning soak
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 VENV_BIN = str(Path(PYTHON).parent)
@@ -164,8 +166,6 @@ def s3(monkeypatch):
         server.stop()
 
 
-CHAIN_STEPS = ["batch_size=4", "data.segment_seconds=0.5", "tracking.system_metrics=false", "tracking.flush_seconds=0.2",
-               "trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]
 
 
 @contextmanager

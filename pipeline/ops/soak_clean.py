@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MODULE = "pipeline.clean_corpus"
 JOB = ["files_per_batch=2", "commit_seconds=0.2", "scores=false", "listen_random=1", "listen_lowest=1"]
-# the tests' tiny chain (tests/conftest.py, CHAIN_STEPS): each stage trained 2 steps
+# the tiny chain of the soak and of the tests' `chain` fixture (tests/conftest.py): each stage trained 2 steps
 CHAIN_STEPS = ["batch_size=4", "data.segment_seconds=0.5", "tracking.system_metrics=false",
                "tracking.flush_seconds=0.2", "trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]
 FILE_SECONDS = 1.3
