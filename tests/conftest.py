@@ -166,8 +166,6 @@ def s3(monkeypatch):
         server.stop()
 
 
-
-
 @contextmanager
 def private_store(root: Path):
     """Work in ``root`` with its own SQLite tracking store while the block runs (module-scoped fixtures;
