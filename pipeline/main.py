@@ -26,8 +26,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import mlflow.projects
@@ -240,13 +242,28 @@ def wait_for_session(sid: int) -> None:
 STOPPER = StopForwarder()
 
 
+@contextmanager
+def staging_here() -> Iterator[None]:
+    """While a step is started: MLflow Projects runs it in the project folder, so it is told where `main` runs
+    (``PIPELINE_LAUNCH_DIR``), and stages its checkpoints there. Only then: this process's environment (a
+    notebook's, a test's) is left as it was."""
+    before = os.environ.get(LAUNCH_DIR_ENV)
+    os.environ[LAUNCH_DIR_ENV] = before or os.getcwd()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LAUNCH_DIR_ENV, None)
+
+
 def launch(client: MlflowClient, step: str, params: dict[str, str], version: str, previous: str | None,
            main_run: str) -> str:
     """Run one entry point as an MLflow Project run (local environment) and wait for it."""
     STOPPER.launching = True
     try:
-        submitted = mlflow.projects.run(str(REPO), entry_point=step, parameters=params, env_manager="local",
-                                        experiment_name=step, synchronous=False)
+        with staging_here():
+            submitted = mlflow.projects.run(str(REPO), entry_point=step, parameters=params, env_manager="local",
+                                            experiment_name=step, synchronous=False)
         STOPPER.step = submitted.command_proc
     finally:
         STOPPER.launching = False
@@ -441,7 +458,6 @@ def parse_args(argv: list[str]) -> tuple[MainConfig, dict[str, list[str]]]:
 
 def run_main(argv: list[str]) -> int:
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")  # `python` = ours
-    os.environ.setdefault(LAUNCH_DIR_ENV, os.getcwd())  # the steps run in the project folder; they stage here
     try:
         cfg, overrides = parse_args(argv)
     except ConfigError as err:

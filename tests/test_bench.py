@@ -34,7 +34,7 @@ def test_cleaning_figures_measure_the_job_and_the_bare_forward_pass(store):
     from pipeline.bench import cleaning
 
     throughput, bare = cleaning.cleaning_figures("test", ["ssl=tiny"], "tiny", files=4, files_per_batch=2,
-                                                 scaling=False)
+                                                 scaling=False, memory=False)  # memory: the test below
     assert throughput["name"] == "clean_corpus/audio_s_per_s/test"
     assert bare["name"] == "clean_corpus/vs_bare_forward/test"
     job = throughput["job"]
@@ -43,3 +43,32 @@ def test_cleaning_figures_measure_the_job_and_the_bare_forward_pass(store):
     assert throughput["end_to_end"] > 0 and throughput["restore"] > 0 and throughput["restore_loop"] > 0
     assert bare["target"] == "≥ 0.85" and bare["met"] == (bare["value"] >= 0.85)
     assert abs(bare["value"] * bare["bare_audio_s_per_s"] / bare["job_steady_audio_s_per_s"] - 1) < 0.01
+
+
+def test_the_peak_memory_figure_sums_a_process_family_by_kind():
+    """The machinery of clean_corpus/peak_memory (its job is measured by the benchmark, not here)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from pipeline.bench import cleaning
+
+    family = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '30']); "
+                               "time.sleep(30)"])
+    try:
+        root = psutil.Process(family.pid)
+        while not root.children():
+            pass
+        pss, rss, kinds, processes = cleaning.memory_sample(root)
+        assert processes == 2 and set(kinds) == {"driver", "sleep"}
+        assert 0 < pss <= rss and abs(sum(kinds.values()) - pss) < 1e-6
+    finally:
+        for child in psutil.Process(family.pid).children():
+            child.kill()
+        family.kill()
+        family.wait()
+    peak = cleaning.Peak(pss_mb=2600.0, rss_mb=4100.0, processes=15, by_process=kinds, samples=10, wall_s=90.0)
+    tiny = cleaning.memory_figure("tiny", peak, target=True, cpus=2)
+    assert tiny["name"] == "clean_corpus/peak_memory/tiny" and tiny["met"] is False and tiny["target"] == "≤ 2 GiB"
+    assert "met" not in cleaning.memory_figure("hubert", peak, target=False, cpus=2)

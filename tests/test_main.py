@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,6 +43,22 @@ def test_an_override_no_step_knows_is_refused_before_anything_runs(store, capfd)
     assert main(["trainer.max_stepz=3"]) == 2
     assert "'trainer.max_stepz=3' fits no step of the chain" in capfd.readouterr().err
     assert all_runs(MlflowClient()) == []
+    # main in a long-lived process (this test's) leaves its environment as it was: the staging directory of the
+    # stages this process runs later stays theirs
+    assert "PIPELINE_LAUNCH_DIR" not in os.environ
+
+
+def test_a_step_is_started_with_the_directory_main_runs_in_and_nothing_stays(store, monkeypatch):
+    from pipeline.main import staging_here
+
+    monkeypatch.delenv("PIPELINE_LAUNCH_DIR", raising=False)
+    with staging_here():
+        assert os.environ["PIPELINE_LAUNCH_DIR"] == str(store)
+    assert "PIPELINE_LAUNCH_DIR" not in os.environ
+    monkeypatch.setenv("PIPELINE_LAUNCH_DIR", "/outer")  # a main started by another keeps the outer one
+    with staging_here():
+        assert os.environ["PIPELINE_LAUNCH_DIR"] == "/outer"
+    assert os.environ["PIPELINE_LAUNCH_DIR"] == "/outer"
 
 
 def _project_copy(root: Path) -> Path:

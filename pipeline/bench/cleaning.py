@@ -387,7 +387,7 @@ class Measured:
 
 def measure(label: str, ssl: list[str], vocoder: str, *, files: int, batch_size: int, files_per_batch: int,
             device: str, precision: str, bare_repeats: int, scaling: bool, score_files: int | None,
-            score_files_per_batch: int) -> Measured:
+            score_files_per_batch: int, memory: bool = True) -> Measured:
     """Train the chain, write the corpus, and time the jobs, restore and the bare forward pass."""
     setup = {"ssl": " ".join(ssl), "vocoder": vocoder, "files": files, "batch_size": batch_size,
              "files_per_batch": files_per_batch, "device": device, "precision": precision, "cpus": os.cpu_count()}
@@ -421,23 +421,25 @@ def measure(label: str, ssl: list[str], vocoder: str, *, files: int, batch_size:
             jobs["scored"] = clean(client, run_id, scored, work / "job-scored", workers=1,
                                    files_per_batch=score_files_per_batch, **threads, **{**keys, "scores": "true"})
             log.warning("Job with scores: %s", jobs["scored"].summary())
-        memory = job_peak_memory(run_id, memory_corpus(work / "memory-corpus"), work / "memory-job",
-                                 work / "memory.log")
-        log.warning("Peak memory of a tiny job: %.0f MB PSS, %.0f MB RSS", memory.pss_mb, memory.rss_mb)
+        peak = None
+        if memory:
+            peak = job_peak_memory(run_id, memory_corpus(work / "memory-corpus"), work / "memory-job",
+                                   work / "memory.log")
+            log.warning("Peak memory of a tiny job: %.0f MB PSS, %.0f MB RSS", peak.pss_mb, peak.rss_mb)
     return Measured(label, corpus, setup, jobs, restore_wall, restore_loop, bare, loads,
-                    scored.audio_s if scored else 0.0, len(scored.paths) if scored else 0, memory)
+                    scored.audio_s if scored else 0.0, len(scored.paths) if scored else 0, peak)
 
 
 def cleaning_figures(label: str, ssl: list[str], vocoder: str, *, files: int, batch_size: int = 8,
                      files_per_batch: int = 8, device: str = "cpu", precision: str = "32", bare_repeats: int = 1,
                      scaling: bool = True, score_files: int | None = None, score_files_per_batch: int = 2,
-                     per_1000h: bool = False) -> list[dict[str, Any]]:
+                     per_1000h: bool = False, memory: bool = True) -> list[dict[str, Any]]:
     """The figures of one chain (``ssl`` overrides, ``vocoder`` preset) on ``files`` files of speech.
     ``score_files``: the scores=true job's first files (0: all of them; None: no such job), taken
-    ``score_files_per_batch`` at a time."""
+    ``score_files_per_batch`` at a time; ``memory``: the peak-memory figure (a job of its own)."""
     m = measure(label, ssl, vocoder, files=files, batch_size=batch_size, files_per_batch=files_per_batch,
                 device=device, precision=precision, bare_repeats=bare_repeats, scaling=scaling,
-                score_files=score_files, score_files_per_batch=score_files_per_batch)
+                score_files=score_files, score_files_per_batch=score_files_per_batch, memory=memory)
     single, audio, setup = m.jobs["workers_1"], m.corpus.audio_s, m.setup
     out = [figure(f"clean_corpus/audio_s_per_s/{label}", single.steady, "audio s / wall s",
                   f"clean_corpus scores=false workers=1 over {files} files ({audio:.0f} s of speech) in this "
@@ -485,8 +487,9 @@ def cleaning_figures(label: str, ssl: list[str], vocoder: str, *, files: int, ba
                           scored_wall_s_per_audio_s=round(1 / scored.steady, 4),
                           unscored_wall_s_per_audio_s=round(1 / single.steady, 4), scores_true=scored.summary(),
                           **setup))
-    out.append(memory_figure(label, m.memory, target=label == "tiny", ssl=setup["ssl"], vocoder=vocoder,
-                             cpus=setup["cpus"]))
+    if m.memory is not None:
+        out.append(memory_figure(label, m.memory, target=label == "tiny", ssl=setup["ssl"], vocoder=vocoder,
+                                 cpus=setup["cpus"]))
     if per_1000h:
         name, best = max(((k, j.steady) for k, j in m.jobs.items() if k != "scored"), key=lambda kv: kv[1])
         out.append(figure("clean_corpus/hours_per_1000h", 1000 / best, "wall h per 1000 h of audio",

@@ -53,7 +53,8 @@ def staging_root(configured: str) -> Path:
     from: MLflow Projects run an entry point inside the project folder, so ``main`` names its own working
     directory in ``PIPELINE_LAUNCH_DIR`` for its steps (the staging area never lands inside the project)."""
     path = Path(configured).expanduser()
-    return path if path.is_absolute() else Path(os.environ.get(LAUNCH_DIR_ENV) or os.getcwd()) / path
+    launched_from = os.environ.get(LAUNCH_DIR_ENV)
+    return Path(launched_from) / path if launched_from and not path.is_absolute() else path
 
 
 def write_local(staging_root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
