@@ -26,10 +26,8 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import mlflow.projects
@@ -39,7 +37,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, accepts, compose_config, route_overrides, split_overrides
 from pipeline.engine import launcher_watch
-from pipeline.engine.checkpoint_files import LAUNCH_DIR_ENV
+from pipeline.engine.checkpoint_files import staging_here
 from pipeline.engine import tags as tag
 from pipeline.engine.launcher_watch import note_stop_requested
 from pipeline.common.provenance import code_version as git_commit
@@ -240,20 +238,6 @@ def wait_for_session(sid: int) -> None:
 
 
 STOPPER = StopForwarder()
-
-
-@contextmanager
-def staging_here() -> Iterator[None]:
-    """While a step is started: MLflow Projects runs it in the project folder, so it is told where `main` runs
-    (``PIPELINE_LAUNCH_DIR``), and stages its checkpoints there. Only then: this process's environment (a
-    notebook's, a test's) is left as it was."""
-    before = os.environ.get(LAUNCH_DIR_ENV)
-    os.environ[LAUNCH_DIR_ENV] = before or os.getcwd()
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(LAUNCH_DIR_ENV, None)
 
 
 def launch(client: MlflowClient, step: str, params: dict[str, str], version: str, previous: str | None,

@@ -49,7 +49,7 @@ def test_an_override_no_step_knows_is_refused_before_anything_runs(store, capfd)
 
 
 def test_a_step_is_started_with_the_directory_main_runs_in_and_nothing_stays(store, monkeypatch):
-    from pipeline.main import staging_here
+    from pipeline.engine.checkpoint_files import staging_here
 
     monkeypatch.delenv("PIPELINE_LAUNCH_DIR", raising=False)
     with staging_here():

@@ -14,8 +14,9 @@ import os
 import pickle
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -55,6 +56,20 @@ def staging_root(configured: str) -> Path:
     path = Path(configured).expanduser()
     launched_from = os.environ.get(LAUNCH_DIR_ENV)
     return Path(launched_from) / path if launched_from and not path.is_absolute() else path
+
+
+@contextmanager
+def staging_here() -> Iterator[None]:
+    """While a step is started: MLflow Projects runs it in the project folder, so it is told where `main` runs
+    (``PIPELINE_LAUNCH_DIR``), and stages its checkpoints there. Only then: this process's environment (a
+    notebook's, a test's) is left as it was."""
+    before = os.environ.get(LAUNCH_DIR_ENV)
+    os.environ[LAUNCH_DIR_ENV] = before or os.getcwd()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LAUNCH_DIR_ENV, None)
 
 
 def write_local(staging_root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
