@@ -18,8 +18,8 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline.engine import tags as tag
-from pipeline.engine.checkpointing import read_index
 from pipeline.engine.checkpoint_files import CheckpointError
+from pipeline.engine.checkpointing import read_index
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ def _quote(value: str) -> str:
     return "'" + value.replace("'", "\\'") + "'"
 
 
-def checkpoint_table(client: MlflowClient, model: str | None = None, dataset: str | None = None,
-                     stage: str | None = None) -> pd.DataFrame:
+def checkpoint_table(
+    client: MlflowClient, model: str | None = None, dataset: str | None = None, stage: str | None = None
+) -> pd.DataFrame:
     """One row per committed checkpoint still kept, newest first."""
     filters = ["tags.`checkpoint.latest` != ''"]
     for key, value in (("model", model), ("dataset", dataset), ("stage", stage)):
@@ -62,7 +63,9 @@ def checkpoint_table(client: MlflowClient, model: str | None = None, dataset: st
     metrics = sorted(c for c in table.columns if c not in COLUMNS)
     for col in ["epoch", "step", "size", *metrics]:
         table[col] = pd.to_numeric(table[col], errors="coerce")
-    return table[COLUMNS + metrics].sort_values(["created", "step"], ascending=False, kind="stable").reset_index(drop=True)
+    return (
+        table[COLUMNS + metrics].sort_values(["created", "step"], ascending=False, kind="stable").reset_index(drop=True)
+    )
 
 
 def _human_size(n: float) -> str:

@@ -27,7 +27,6 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -47,11 +46,29 @@ from pipeline.engine.tracking import start_or_adopt_run
 from pipeline.inference.chain import RestorationChain, resolve_chain
 from pipeline.inference.cleaning import report, sources
 from pipeline.inference.cleaning.dataflow import OUTPUT_EXISTS, RETRYABLE
-from pipeline.inference.cleaning.job import (CPU_PER_SCORER, CPU_PER_TASK, FINISHED, STORAGE_FULL, Settings, Stop,
-                                              Tracker, checkpoint_files, restorer_cpus, run_pipeline, start_ray,
-                                              stop_ray)
-from pipeline.inference.cleaning.manifest import (KeepConfig, as_table, check_keep, commit_preexisting, committed_rows,
-                                                  keep_column, read_preexisting)
+from pipeline.inference.cleaning.job import (
+    CPU_PER_SCORER,
+    CPU_PER_TASK,
+    FINISHED,
+    STORAGE_FULL,
+    Settings,
+    Stop,
+    Tracker,
+    checkpoint_files,
+    restorer_cpus,
+    run_pipeline,
+    start_ray,
+    stop_ray,
+)
+from pipeline.inference.cleaning.manifest import (
+    KeepConfig,
+    as_table,
+    check_keep,
+    commit_preexisting,
+    committed_rows,
+    keep_column,
+    read_preexisting,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +76,29 @@ STAGE = EXPERIMENT = "clean_corpus"
 FORMATS = {"wav": (".wav", ("PCM_16", "PCM_24", "FLOAT")), "flac": (".flac", ("PCM_16", "PCM_24"))}
 LEASE_TIMEOUT_S, LEASE_HEARTBEAT_S = 60.0, 10.0
 # what a resumed job must keep: the rows it already has were made with these
-SAME_ON_RESUME = ("run_id", "model_uri", "checkpoint", "input", "output", "format", "subtype", "precision",
-                  "chunk_seconds", "context_seconds", "fade_seconds", "scores")
+SAME_ON_RESUME = (
+    "run_id",
+    "model_uri",
+    "checkpoint",
+    "input",
+    "output",
+    "format",
+    "subtype",
+    "precision",
+    "chunk_seconds",
+    "context_seconds",
+    "fade_seconds",
+    "scores",
+)
 
 
 @dataclass
 class CleanCorpusConfig:
-    run_id: Optional[str] = None  # a finetune_vocoder run (its latest or best committed checkpoint)
-    model_uri: Optional[str] = None  # or: models:/speech-restoration/<v>, runs:/<id>/model, a model directory
-    input: Optional[str] = None  # directory, glob, .csv/.parquet manifest (path column) or shards; local or s3://
-    output: Optional[str] = None  # directory or s3:// prefix for the restored files and manifest.parquet
-    resume_run: Optional[str] = None  # this job's run, to finish a killed or stopped job
+    run_id: str | None = None  # a finetune_vocoder run (its latest or best committed checkpoint)
+    model_uri: str | None = None  # or: models:/speech-restoration/<v>, runs:/<id>/model, a model directory
+    input: str | None = None  # directory, glob, .csv/.parquet manifest (path column) or shards; local or s3://
+    output: str | None = None  # directory or s3:// prefix for the restored files and manifest.parquet
+    resume_run: str | None = None  # this job's run, to finish a killed or stopped job
     checkpoint: str = "latest"  # with run_id: latest | best
     format: str = "wav"  # wav | flac
     subtype: str = "PCM_16"  # PCM_16 | PCM_24 | FLOAT (wav only)
@@ -91,14 +120,16 @@ class CleanCorpusConfig:
     commit_seconds: float = 10.0  # how often finished rows are committed to the run
     listen_random: int = 8  # items of the listening page chosen at random
     listen_lowest: int = 8  # and the lowest by restored DNSMOS OVRL
-    ssl_weights: Optional[str] = None  # where the encoder weights are on the workers, if not where training found them
+    ssl_weights: str | None = None  # where the encoder weights are on the workers, if not where training found them
 
 
 def parse_args(argv: list[str]) -> CleanCorpusConfig:
     cfg = parse_key_values(CleanCorpusConfig, argv)
     if not cfg.resume_run:
         if bool(cfg.run_id) == bool(cfg.model_uri):
-            raise ConfigError("Give exactly one of run_id=<finetune_vocoder run> or model_uri=<models:/… | runs:/… | path>")
+            raise ConfigError(
+                "Give exactly one of run_id=<finetune_vocoder run> or model_uri=<models:/… | runs:/… | path>"
+            )
         if not cfg.input or not cfg.output:
             raise ConfigError("Give input=<directory, glob, manifest or shards> and output=<directory or s3:// prefix>")
     return cfg
@@ -108,7 +139,9 @@ def check(cfg: CleanCorpusConfig) -> None:
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format!r}; choose one of {', '.join(FORMATS)}")
     if cfg.subtype not in FORMATS[cfg.format][1]:
-        raise ConfigError(f"subtype={cfg.subtype!r} with format={cfg.format}; choose one of {', '.join(FORMATS[cfg.format][1])}")
+        raise ConfigError(
+            f"subtype={cfg.subtype!r} with format={cfg.format}; choose one of {', '.join(FORMATS[cfg.format][1])}"
+        )
     if cfg.checkpoint not in ("latest", "best"):
         raise ConfigError(f"checkpoint={cfg.checkpoint!r}; choose latest or best")
     if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
@@ -129,7 +162,7 @@ def check(cfg: CleanCorpusConfig) -> None:
 def flat_params(cfg: CleanCorpusConfig) -> dict[str, str]:
     out = {}
     for key, value in asdict(cfg).items():
-        for k, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+        for k, v in value.items() if isinstance(value, dict) else [(None, value)]:
             if v is not None and key != "resume_run":
                 out[f"{key}.{k}" if k else key] = str(v)
     return out
@@ -142,29 +175,45 @@ def resumed_config(client: MlflowClient, argv: list[str], cfg: CleanCorpusConfig
     except Exception:
         raise ConfigError(f"resume_run={cfg.resume_run}: no such run in {client.tracking_uri}") from None
     if run.data.tags.get(tag.STAGE) != STAGE:
-        raise ConfigError(f"resume_run={cfg.resume_run} is a run of stage {run.data.tags.get(tag.STAGE)!r}, not a "
-                          f"{STAGE} job; give the run ID its own log printed")
+        raise ConfigError(
+            f"resume_run={cfg.resume_run} is a run of stage {run.data.tags.get(tag.STAGE)!r}, not a "
+            f"{STAGE} job; give the run ID its own log printed"
+        )
     stored = {k: v for k, v in run.data.params.items() if k.split(".")[0] in {f.name for f in dataclasses.fields(cfg)}}
     given = {w.partition("=")[0]: w.partition("=")[2] for w in split_overrides(argv) if "=" in w}
     fresh = parse_key_values(CleanCorpusConfig, [f"{k}={v}" for k, v in stored.items()])
     changed = [k for k in SAME_ON_RESUME if k in given and given[k] and str(getattr(cfg, k)) != str(getattr(fresh, k))]
     if changed:
-        raise ConfigError(f"resume_run={cfg.resume_run} was started with " + ", ".join(
-            f"{k}={getattr(fresh, k)}" for k in changed) + "; a resumed job keeps them (given: "
-            + ", ".join(f"{k}={given[k]}" for k in changed) + "). Start a new job for other settings.")
-    merged = parse_key_values(CleanCorpusConfig, [f"{k}={v}" for k, v in stored.items()]
-                              + [w for w in split_overrides(argv) if "=" in w and w.partition("=")[2]])
+        raise ConfigError(
+            f"resume_run={cfg.resume_run} was started with "
+            + ", ".join(f"{k}={getattr(fresh, k)}" for k in changed)
+            + "; a resumed job keeps them (given: "
+            + ", ".join(f"{k}={given[k]}" for k in changed)
+            + "). Start a new job for other settings."
+        )
+    merged = parse_key_values(
+        CleanCorpusConfig,
+        [f"{k}={v}" for k, v in stored.items()]
+        + [w for w in split_overrides(argv) if "=" in w and w.partition("=")[2]],
+    )
     return dataclasses.replace(merged, resume_run=cfg.resume_run)
 
 
 def describe(cfg: CleanCorpusConfig, run_id: str, status: str, progress: str, source: dict, results: str = "") -> str:
-    lines = [f"**{status}** · {progress}", "",
-             f"Resume: `mlflow run . -e {STAGE} --env-manager local --experiment-name {EXPERIMENT} -P resume_run={run_id}`",
-             "", f"Or: `python -m pipeline.{STAGE} resume_run={run_id}`. Stop it gracefully: set the tag "
-             "`stop_requested` = `true` on this run, or send SIGTERM.", "",
-             f"Input `{cfg.input}` → output `{cfg.output}` ({cfg.format}); manifest: `{sources.join(cfg.output, 'manifest.parquet')}`",
-             "", f"Chain: vocoder run `{source.get('vocoder_run', '?')}` step {source.get('vocoder_step', '?')}, adapter run "
-             f"`{source.get('adapter_run', '?')}` step {source.get('adapter_step', '?')}"]
+    lines = [
+        f"**{status}** · {progress}",
+        "",
+        f"Resume: `mlflow run . -e {STAGE} --env-manager local --experiment-name {EXPERIMENT} -P resume_run={run_id}`",
+        "",
+        f"Or: `python -m pipeline.{STAGE} resume_run={run_id}`. Stop it gracefully: set the tag "
+        "`stop_requested` = `true` on this run, or send SIGTERM.",
+        "",
+        f"Input `{cfg.input}` → output `{cfg.output}` ({cfg.format}); "
+        f"manifest: `{sources.join(cfg.output, 'manifest.parquet')}`",
+        "",
+        f"Chain: vocoder run `{source.get('vocoder_run', '?')}` step {source.get('vocoder_step', '?')}, adapter run "
+        f"`{source.get('adapter_run', '?')}` step {source.get('adapter_step', '?')}",
+    ]
     return "\n".join(lines + (["", results] if results else []))
 
 
@@ -187,8 +236,9 @@ def prepare(client: MlflowClient, argv: list[str]) -> Prepared:
     units = sources.list_units(cfg.input, FORMATS[cfg.format][0])
     with tempfile.TemporaryDirectory(prefix="clean-corpus-") as workdir:
         source = resolve_chain(client, cfg.run_id, cfg.model_uri, cfg.checkpoint, Path(workdir))
-        chain = RestorationChain.from_checkpoints(source.adapter_dir, source.vocoder_dir,
-                                                  Precision.from_config("cpu", "32"), ssl_weights=cfg.ssl_weights)
+        chain = RestorationChain.from_checkpoints(
+            source.adapter_dir, source.vocoder_dir, Precision.from_config("cpu", "32"), ssl_weights=cfg.ssl_weights
+        )
         files = checkpoint_files(source.adapter_dir, source.vocoder_dir)
     return Prepared(cfg, units, files, dict(source.metadata), chain.rate_in, chain.rate_out)
 
@@ -202,13 +252,31 @@ def settings(p: Prepared) -> Settings:
     threads = cfg.threads or max(int(cluster.get("CPU", 1) // workers), 1)
     device = cfg.device if cfg.device != "auto" else "cuda" if gpus else "cpu"
     precision = cfg.precision if cfg.precision != "auto" else "bf16" if device.startswith("cuda") else "32"
-    restore = {"device": device, "precision": precision, "chunk_seconds": cfg.chunk_seconds,
-               "context_seconds": cfg.context_seconds, "fade_seconds": cfg.fade_seconds,
-               # on CPU a batch of many windows is slower than a few (docs/benchmarks.md, Corpus cleaning)
-               "batch_size": cfg.batch_size or (8 if device.startswith("cuda") else 2),
-               "threads": 0 if gpus else threads, "ssl_weights": cfg.ssl_weights}
-    return Settings(p.rate_in, FORMATS[cfg.format][0], cfg.output, cfg.format, cfg.subtype, restore, workers,
-                    1.0 if gpus else 0.0, cfg.score_workers, cfg.scores, cfg.files_per_batch, cfg.commit_seconds)
+    restore = {
+        "device": device,
+        "precision": precision,
+        "chunk_seconds": cfg.chunk_seconds,
+        "context_seconds": cfg.context_seconds,
+        "fade_seconds": cfg.fade_seconds,
+        # on CPU a batch of many windows is slower than a few (docs/benchmarks.md, Corpus cleaning)
+        "batch_size": cfg.batch_size or (8 if device.startswith("cuda") else 2),
+        "threads": 0 if gpus else threads,
+        "ssl_weights": cfg.ssl_weights,
+    }
+    return Settings(
+        p.rate_in,
+        FORMATS[cfg.format][0],
+        cfg.output,
+        cfg.format,
+        cfg.subtype,
+        restore,
+        workers,
+        1.0 if gpus else 0.0,
+        cfg.score_workers,
+        cfg.scores,
+        cfg.files_per_batch,
+        cfg.commit_seconds,
+    )
 
 
 def check_resources(s: Settings) -> None:
@@ -219,8 +287,10 @@ def check_resources(s: Settings) -> None:
     cpus = ray.cluster_resources().get("CPU", 0)
     reserved = s.workers * (0 if s.gpus_per_worker else restorer_cpus(s)) + s.score_workers * CPU_PER_SCORER
     if reserved + CPU_PER_TASK > cpus:
-        raise ConfigError(f"workers={s.workers} and score_workers={s.score_workers} reserve {reserved:g} of the cluster's "
-                          f"{cpus:g} CPUs, leaving none for reading and writing files; give fewer workers")
+        raise ConfigError(
+            f"workers={s.workers} and score_workers={s.score_workers} reserve {reserved:g} of the cluster's "
+            f"{cpus:g} CPUs, leaving none for reading and writing files; give fewer workers"
+        )
 
 
 def cluster_text(s: Settings) -> str:
@@ -229,8 +299,10 @@ def cluster_text(s: Settings) -> str:
     cluster = ray.cluster_resources()
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     threads = f" x {s.restore['threads']} threads" if s.restore["threads"] else " (1 GPU each)"
-    return (f"{nodes} node{'s' * (nodes != 1)}, {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
-            f"{s.workers} restore worker{'s' * (s.workers != 1)}{threads}, {s.score_workers} scoring")
+    return (
+        f"{nodes} node{'s' * (nodes != 1)}, {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
+        f"{s.workers} restore worker{'s' * (s.workers != 1)}{threads}, {s.score_workers} scoring"
+    )
 
 
 def open_run(client: MlflowClient, p: Prepared) -> tuple[str, Lease, int, pd.DataFrame]:
@@ -245,15 +317,29 @@ def open_run(client: MlflowClient, p: Prepared) -> tuple[str, Lease, int, pd.Dat
         launcher = os.environ.get("MLFLOW_RUN_ID")
         if launcher and launcher != cfg.resume_run:  # the run `mlflow run` made for this attempt points at the job
             client.set_tag(launcher, tag.ATTEMPT_OF, cfg.resume_run)
-            client.set_tag(launcher, tag.NOTE, f"Attempt {attempt + 1} of the {STAGE} job {cfg.resume_run}; its rows, "
-                           "metrics and manifest are in that run.")
+            client.set_tag(
+                launcher,
+                tag.NOTE,
+                f"Attempt {attempt + 1} of the {STAGE} job {cfg.resume_run}; its rows, "
+                "metrics and manifest are in that run.",
+            )
         return cfg.resume_run, lease, attempt, committed_rows(client, cfg.resume_run)
     params = {**flat_params(cfg), **{f"chain.{k}": v for k, v in p.metadata.items()}, "inputs": str(len(p.units))}
-    tags = {tag.STAGE: STAGE, tag.MODEL: "hifigan", tag.DATASET: cfg.input, tag.CHAIN_VOCODER_RUN: p.metadata.get("vocoder_run", ""),
-            tag.CHAIN_ADAPTER_RUN: p.metadata.get("adapter_run", "")}
-    run_id = start_or_adopt_run(client, experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT,
-                                run_name=lambda rid: f"{rid[:6]}-clean-corpus", tags={k: v for k, v in tags.items() if v},
-                                params=params, launcher=os.environ.get("MLFLOW_RUN_ID"))
+    tags = {
+        tag.STAGE: STAGE,
+        tag.MODEL: "hifigan",
+        tag.DATASET: cfg.input,
+        tag.CHAIN_VOCODER_RUN: p.metadata.get("vocoder_run", ""),
+        tag.CHAIN_ADAPTER_RUN: p.metadata.get("adapter_run", ""),
+    }
+    run_id = start_or_adopt_run(
+        client,
+        experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT,
+        run_name=lambda rid: f"{rid[:6]}-clean-corpus",
+        tags={k: v for k, v in tags.items() if v},
+        params=params,
+        launcher=os.environ.get("MLFLOW_RUN_ID"),
+    )
     lease = Lease(client, run_id, LEASE_TIMEOUT_S, LEASE_HEARTBEAT_S).acquire({}, contended=False)
     return run_id, lease, 0, as_table([])
 
@@ -270,7 +356,9 @@ def protected_outputs(client: MlflowClient, run_id: str, cfg: CleanCorpusConfig)
     return set() if cfg.overwrite else before
 
 
-def pending_units(units: list[sources.Unit], done: pd.DataFrame, protected: set[str]) -> tuple[list[dict], pd.DataFrame]:
+def pending_units(
+    units: list[sources.Unit], done: pd.DataFrame, protected: set[str]
+) -> tuple[list[dict], pd.DataFrame]:
     """(the units still to read, rows decided now). A file or sample is done when it has a committed row that is
     not retryable; a file whose output existed before the job is skipped here, unread. A shard carries the ids
     already done and its protected outputs."""
@@ -316,8 +404,9 @@ def finish(client: MlflowClient, run_id: str, p: Prepared, tracker: Tracker) -> 
         client.log_table(run_id, report.summary_table(table), "summary/summary.json")
         report.histogram(table, Path(tmp) / "scores.png")
         client.log_artifact(run_id, str(Path(tmp) / "scores.png"), "plots")
-        report.write_page(table, Path(tmp) / "listening", f"clean_corpus · {cfg.input}", cfg.listen_random,
-                          cfg.listen_lowest)
+        report.write_page(
+            table, Path(tmp) / "listening", f"clean_corpus · {cfg.input}", cfg.listen_random, cfg.listen_lowest
+        )
         client.log_artifacts(run_id, str(Path(tmp) / "listening"), "listening")
     now = int(pd.Timestamp.now().timestamp() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"summary/{k}", v, now, len(table)) for k, v in figures.items()])
@@ -326,8 +415,10 @@ def finish(client: MlflowClient, run_id: str, p: Prepared, tracker: Tracker) -> 
 
 def results_markdown(figures: dict[str, float]) -> str:
     rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in figures.items())
-    return (f"| result | value |\n|---|---|\n{rows}\n\nListening page: `listening/index.html` in this run's "
-            "artifacts; the manifest: `manifest/manifest.parquet`; histograms: `plots/scores.png`.")
+    return (
+        f"| result | value |\n|---|---|\n{rows}\n\nListening page: `listening/index.html` in this run's "
+        "artifacts; the manifest: `manifest/manifest.parquet`; histograms: `plots/scores.png`."
+    )
 
 
 def run(argv: list[str]) -> int:
@@ -339,14 +430,21 @@ def run(argv: list[str]) -> int:
         log.error("%s", err)
         return EXIT_BAD_INPUT
     if p.cfg.resume_run and client.get_run(p.cfg.resume_run).info.status == "FINISHED":
-        log.info("Run %s is finished: nothing to resume (manifest: %s)", p.cfg.resume_run,
-                 sources.join(p.cfg.output, "manifest.parquet"))
+        log.info(
+            "Run %s is finished: nothing to resume (manifest: %s)",
+            p.cfg.resume_run,
+            sources.join(p.cfg.output, "manifest.parquet"),
+        )
         return EXIT_OK
     try:
         start_ray(p.cfg.ray_address, p.cfg.ray_object_store_mb)
     except Exception as err:  # ConnectionError, or Ray's own errors for a bad address
-        log.error("Cannot reach the Ray cluster at ray_address=%s: %s. Start it with `ray start --head` (docs/cleaning.md) "
-                  "or leave ray_address empty for a local Ray.", p.cfg.ray_address, str(err).splitlines()[0][:300])
+        log.error(
+            "Cannot reach the Ray cluster at ray_address=%s: %s. Start it with `ray start --head` (docs/cleaning.md) "
+            "or leave ray_address empty for a local Ray.",
+            p.cfg.ray_address,
+            str(err).splitlines()[0][:300],
+        )
         return EXIT_BAD_INPUT
     try:
         s = settings(p)
@@ -359,8 +457,9 @@ def run(argv: list[str]) -> int:
     return run_job(client, p, s, run_id, lease, attempt, done)
 
 
-def run_job(client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: Lease, attempt: int,
-            done: pd.DataFrame) -> int:
+def run_job(
+    client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: Lease, attempt: int, done: pd.DataFrame
+) -> int:
     import ray
 
     cfg = p.cfg
@@ -374,8 +473,14 @@ def run_job(client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: 
         lease.fence()
         units, decided = pending_units(p.units, done, protected_outputs(client, run_id, cfg))
         retry = int(done["status"].astype(str).str.startswith(RETRYABLE).sum())
-        log.info("Cleaning %d inputs (%d done before%s) into %s; run %s", total, len(done) - retry,
-                 f", {retry} to try again" if retry else "", cfg.output, run_id)
+        log.info(
+            "Cleaning %d inputs (%d done before%s) into %s; run %s",
+            total,
+            len(done) - retry,
+            f", {retry} to try again" if retry else "",
+            cfg.output,
+            run_id,
+        )
         if len(decided):
             tracker.add(decided)
             tracker.commit()
@@ -389,17 +494,32 @@ def run_job(client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: 
         elif outcome == STORAGE_FULL:
             status, code = "FAILED", EXIT_STORAGE
             status_text = "STOPPED: output storage full"
-            log.error("The output storage is full (%s); the rows in hand are committed. Free space and resume with: "
-                      "python -m pipeline.%s resume_run=%s (it redoes every 'failed (retryable)' input)",
-                      cfg.output, STAGE, run_id)
+            log.error(
+                "The output storage is full (%s); the rows in hand are committed. Free space and resume with: "
+                "python -m pipeline.%s resume_run=%s (it redoes every 'failed (retryable)' input)",
+                cfg.output,
+                STAGE,
+                run_id,
+            )
         else:
             status, code = "KILLED", EXIT_STOPPED
-            log.warning("Stopped (%s) with %d of %d inputs done; resume with: python -m pipeline.%s resume_run=%s",
-                        stop.by, len(tracker.rows()), total, STAGE, run_id)
+            log.warning(
+                "Stopped (%s) with %d of %d inputs done; resume with: python -m pipeline.%s resume_run=%s",
+                stop.by,
+                len(tracker.rows()),
+                total,
+                STAGE,
+                run_id,
+            )
     except ManifestUnwritable as err:
         status, code, status_text = "FAILED", EXIT_STORAGE, "STOPPED: the manifest could not be written"
-        log.error("%s. Every row is committed to the run: free space (or fix the output) and resume with: "
-                  "python -m pipeline.%s resume_run=%s", err, STAGE, run_id)
+        log.error(
+            "%s. Every row is committed to the run: free space (or fix the output) and resume with: "
+            "python -m pipeline.%s resume_run=%s",
+            err,
+            STAGE,
+            run_id,
+        )
     except KeyboardInterrupt:
         status, code = "KILLED", EXIT_STOPPED
     except Exception:
@@ -414,9 +534,12 @@ def run_job(client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: 
             client.set_terminated(run_id, status)
         lease.release()
     if code == EXIT_OK:
-        log.info("Done: %d of %d inputs restored (%d skipped, %d failed), %d kept, %.3f h of audio. Manifest: %s; run %s",
-                 *(figures[k] for k in ("restored", "files", "skipped", "failed", "kept", "audio_hours")),
-                 sources.join(cfg.output, "manifest.parquet"), run_id)
+        log.info(
+            "Done: %d of %d inputs restored (%d skipped, %d failed), %d kept, %.3f h of audio. Manifest: %s; run %s",
+            *(figures[k] for k in ("restored", "files", "skipped", "failed", "kept", "audio_hours")),
+            sources.join(cfg.output, "manifest.parquet"),
+            run_id,
+        )
     return code
 
 

@@ -35,7 +35,6 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import mlflow
 import numpy as np
@@ -46,7 +45,6 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from pipeline.inference import metrics as M
 from pipeline.config import CONFIG_DIR, ConfigError, DataConfig, DegradationConfig, parse_key_values
 from pipeline.data.audio import AudioError, audio_files, load_audio, read_channels
 from pipeline.data.corpus import CorpusError, LoadReport, corpus_dataset, mlflow_dataset, read_corpus
@@ -54,17 +52,17 @@ from pipeline.data.datasets import VAL_STREAM
 from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpoint_files import CheckpointError
-from pipeline.engine.resume import ResumeError
+from pipeline.engine.checkpointing import list_checkpoints
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, setup_logging
+from pipeline.engine.resume import ResumeError, RunCheckpoints
 from pipeline.engine.stage import Precision
 from pipeline.engine.tracking import experiment_id, log_dataset_inputs, start_or_adopt_run, ui_url
+from pipeline.inference import metrics as M
 from pipeline.inference import registry
-from pipeline.inference.summary import describe_evaluation, text_table, verdict
-from pipeline.inference.listening import Example, write_listening_page
-from pipeline.models.asr import error_counts
-from pipeline.engine.checkpointing import list_checkpoints
-from pipeline.engine.resume import RunCheckpoints
 from pipeline.inference.chain import CHAIN_STAGE, VOCODER_STAGE, load_chain, resolve_chain, stored_steps
+from pipeline.inference.listening import Example, write_listening_page
+from pipeline.inference.summary import describe_evaluation, text_table, verdict
+from pipeline.models.asr import error_counts
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +72,17 @@ LISTEN = 4  # files on the listening page
 
 @dataclass
 class EvaluateConfig:
-    run_id: Optional[str] = None  # a finetune_vocoder run (chain) or a train_asr run (ASR only)
-    model_uri: Optional[str] = None  # or a speech-restoration model: models:/speech-restoration/<v>, runs:/<id>/model
+    run_id: str | None = None  # a finetune_vocoder run (chain) or a train_asr run (ASR only)
+    model_uri: str | None = None  # or a speech-restoration model: models:/speech-restoration/<v>, runs:/<id>/model
     checkpoint: str = "latest"  # with run_id: latest | best | a step number
     steps: str = ""  # with run_id: several checkpoints, scored by step (learning curves): all | 500,1000,2000
     data: str = "demo"  # data preset (configs/data/<name>.yaml) of the clean test utterances
-    data_root: Optional[str] = None  # its corpus directory (the demo corpus needs none)
+    data_root: str | None = None  # its corpus directory (the demo corpus needs none)
     test_size: int = 4  # the last N utterances of the corpus: the held-out split (data.val_size in training)
     degradation: str = "default"  # degradation preset (configs/degradation/<name>.yaml)
     seed: int = 1234  # the degradation of file i is drawn from (seed, i): the same test set every time
-    noisy_dir: Optional[str] = None  # real noisy recordings (no references): non-intrusive metrics only
-    asr_run: Optional[str] = None  # a train_asr run whose model transcribes every condition (CER/WER)
+    noisy_dir: str | None = None  # real noisy recordings (no references): non-intrusive metrics only
+    asr_run: str | None = None  # a train_asr run whose model transcribes every condition (CER/WER)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     reuse: bool = True  # reuse a finished run of the same evaluation
 
@@ -107,8 +105,10 @@ def parse_args(argv: list[str]) -> EvaluateConfig:
         raise ConfigError(f"checkpoint={cfg.checkpoint!r}; choose latest, best or a step number")
     if cfg.steps:
         if not cfg.run_id:
-            raise ConfigError("steps= scores several checkpoints of one run: give run_id=<finetune_vocoder or "
-                              "pretrain_vocoder run>, not model_uri")
+            raise ConfigError(
+                "steps= scores several checkpoints of one run: give run_id=<finetune_vocoder or "
+                "pretrain_vocoder run>, not model_uri"
+            )
         if cfg.steps != "all" and not all(w.strip().isdigit() for w in cfg.steps.split(",")):
             raise ConfigError(f"steps={cfg.steps!r}; give all or step numbers separated by commas (steps=500,1000)")
     if cfg.test_size < 1:
@@ -129,7 +129,7 @@ def test_utterances(cfg: EvaluateConfig):
     utterances = read_corpus(data.format, cfg.data_root or data.root, data.subsets)
     if len(utterances) < cfg.test_size:
         raise ConfigError(f"test_size={cfg.test_size} but the corpus has {len(utterances)} utterances")
-    return utterances[-cfg.test_size:]
+    return utterances[-cfg.test_size :]
 
 
 def check_usable(paths: list[Path], what: str, advice: str) -> None:
@@ -143,8 +143,11 @@ def check_usable(paths: list[Path], what: str, advice: str) -> None:
             report.skip(err)
     if sum(report.skipped.values()) == len(paths):
         example = next(iter(report.examples.values()))[0]
-        raise AudioError(f"Nothing to evaluate: none of the {len(paths)} audio files of {what} is usable "
-                         f"({report.summary()}; e.g. {example}). {advice}", "missing")
+        raise AudioError(
+            f"Nothing to evaluate: none of the {len(paths)} audio files of {what} is usable "
+            f"({report.summary()}; e.g. {example}). {advice}",
+            "missing",
+        )
     report.log()
 
 
@@ -159,7 +162,9 @@ class Transcriber:
     def __init__(self, client: MlflowClient, run_id: str, device: torch.device, workdir: Path):
         from pipeline.inference.asr import checkpoint_from_run, load_model
 
-        self.model, self.vocab, meta = load_model(checkpoint_from_run(client, run_id, "latest", workdir / "asr"), device)
+        self.model, self.vocab, meta = load_model(
+            checkpoint_from_run(client, run_id, "latest", workdir / "asr"), device
+        )
         self.rate, self.step, self.device = int(meta["model_args"]["asr"]["sample_rate"]), int(meta["step"]), device
 
     def __call__(self, wave: np.ndarray) -> str:
@@ -185,7 +190,9 @@ def _to_16k(wave: torch.Tensor, rate: int) -> np.ndarray:
 def chain_items(chain, cfg: EvaluateConfig) -> list[Item]:
     degradation = _preset("degradation", cfg.degradation, DegradationConfig)
     items = []
-    for index, utt in enumerate(tqdm(test_utterances(cfg), desc="restore", unit="file", disable=not sys.stderr.isatty())):
+    for index, utt in enumerate(
+        tqdm(test_utterances(cfg), desc="restore", unit="file", disable=not sys.stderr.isatty())
+    ):
         try:
             clean = load_audio(utt.path, chain.rate_in)
         except AudioError:
@@ -214,8 +221,13 @@ def noisy_items(chain, cfg: EvaluateConfig) -> list[Item]:
         except AudioError:
             continue  # counted and logged by check_usable
         mono = audio.mean(dim=0)
-        items.append(Item(relative_name(path, cfg.noisy_dir), "", {"input": _to_16k(mono, rate),
-                                          "restored": _to_16k(chain.restore(mono, rate), chain.rate_out)}))
+        items.append(
+            Item(
+                relative_name(path, cfg.noisy_dir),
+                "",
+                {"input": _to_16k(mono, rate), "restored": _to_16k(chain.restore(mono, rate), chain.rate_out)},
+            )
+        )
     return items
 
 
@@ -237,8 +249,9 @@ def asr_items(cfg: EvaluateConfig) -> list[Item]:
 # --------------------------------------------------------------------------------------------
 
 
-def score(items: list[Item], transcriber: Transcriber | None, quality: bool,
-          skip: tuple[str, ...] = ()) -> pd.DataFrame:
+def score(
+    items: list[Item], transcriber: Transcriber | None, quality: bool, skip: tuple[str, ...] = ()
+) -> pd.DataFrame:
     """One row per file and condition (but those in ``skip``): every metric that applies (NaN where undefined)."""
     rows = []
     for item in tqdm(items, desc="score", unit="file", disable=not sys.stderr.isatty()):
@@ -265,8 +278,12 @@ def summary(table: pd.DataFrame) -> dict[str, float]:
     """``eval/<condition>/<metric>`` means over files (NaN ignored) and ``eval/delta/<metric>`` restored - degraded."""
     columns = [c for c in table.columns if c in M.HIGHER_IS_BETTER]
     means = table.groupby("condition")[columns].mean(numeric_only=True)
-    out = {f"eval/{cond}/{metric}": float(value) for cond, row in means.iterrows() for metric, value in row.items()
-           if not math.isnan(value)}
+    out = {
+        f"eval/{cond}/{metric}": float(value)
+        for cond, row in means.iterrows()
+        for metric, value in row.items()
+        if not math.isnan(value)
+    }
     before = "degraded" if "degraded" in means.index else "input"
     if "restored" in means.index and before in means.index:
         for metric in columns:
@@ -322,13 +339,19 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 
 def evaluation_key(what: dict[str, str], cfg: EvaluateConfig) -> str:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("run_id", "model_uri", "checkpoint", "device", "reuse")}
+    settings = {
+        k: v for k, v in asdict(cfg).items() if k not in ("run_id", "model_uri", "checkpoint", "device", "reuse")
+    }
     return hashlib.sha256(json.dumps({**what, **settings}, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def finished_evaluation(client: MlflowClient, key: str):
-    found = client.search_runs([experiment_id(client, EXPERIMENT)], f"tags.`{tag.EVAL_KEY}` = '{key}' and "
-                               "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+    found = client.search_runs(
+        [experiment_id(client, EXPERIMENT)],
+        f"tags.`{tag.EVAL_KEY}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return found[0] if found else None
 
 
@@ -369,11 +392,20 @@ def plan(cfg: EvaluateConfig, client: MlflowClient, workdir: Path) -> Plan:
     """Load what is evaluated and check the test set; every bad input surfaces here (nothing is written)."""
     precision = Precision.from_config(cfg.device, "32")
     stage = _stage_of(client, cfg.run_id) if cfg.run_id else ""
-    mode = "asr" if stage == "train_asr" else "noisy" if cfg.noisy_dir else \
-        "vocoder" if stage == VOCODER_STAGE else "chain"
+    mode = (
+        "asr"
+        if stage == "train_asr"
+        else "noisy"
+        if cfg.noisy_dir
+        else "vocoder"
+        if stage == VOCODER_STAGE
+        else "chain"
+    )
     if stage == VOCODER_STAGE and cfg.noisy_dir:
-        raise ConfigError(f"Run {cfg.run_id} is a pretrain_vocoder run: it has no adapters to restore noisy_dir "
-                          "with; give its finetune_vocoder run")
+        raise ConfigError(
+            f"Run {cfg.run_id} is a pretrain_vocoder run: it has no adapters to restore noisy_dir "
+            "with; give its finetune_vocoder run"
+        )
     if mode == "asr" and cfg.steps:
         raise ConfigError("steps= scores restoration checkpoints; a train_asr run is evaluated at its latest")
     asr_run = cfg.run_id if mode == "asr" else cfg.asr_run
@@ -383,7 +415,9 @@ def plan(cfg: EvaluateConfig, client: MlflowClient, workdir: Path) -> Plan:
         steps = evaluated_steps(client, cfg)
         source = resolve_chain(client, cfg.run_id, cfg.model_uri, steps[0], workdir, vocoder_only=True)
         chain = load_chain(source, precision)
-        what.update({k: source.metadata.get(k, "") for k in ("vocoder_run", "vocoder_step", "adapter_run", "adapter_step")})
+        what.update(
+            {k: source.metadata.get(k, "") for k in ("vocoder_run", "vocoder_step", "adapter_run", "adapter_step")}
+        )
         if cfg.steps:
             what["vocoder_step"] = ",".join(map(str, steps))
     if transcriber is not None:
@@ -391,11 +425,17 @@ def plan(cfg: EvaluateConfig, client: MlflowClient, workdir: Path) -> Plan:
     if mode == "noisy":
         files = audio_files(cfg.noisy_dir)
         what["noisy_files"] = ",".join(f"{p}:{p.stat().st_size}" for p in files)
-        check_usable(files, f"noisy_dir={cfg.noisy_dir}", "Give a directory of recordings that soundfile reads "
-                     "(WAV, FLAC, OGG, MP3), not empty, silent or NaN.")
+        check_usable(
+            files,
+            f"noisy_dir={cfg.noisy_dir}",
+            "Give a directory of recordings that soundfile reads (WAV, FLAC, OGG, MP3), not empty, silent or NaN.",
+        )
     else:  # a missing corpus, a too small one, or one whose test files cannot be read
-        check_usable([utt.path for utt in test_utterances(cfg)], f"the last test_size={cfg.test_size} utterances of "
-                     f"data={cfg.data}", "Check the corpus (data_root=) or choose another data= or test_size=.")
+        check_usable(
+            [utt.path for utt in test_utterances(cfg)],
+            f"the last test_size={cfg.test_size} utterances of data={cfg.data}",
+            "Check the corpus (data_root=) or choose another data= or test_size=.",
+        )
     return Plan(cfg, mode, steps, what, evaluation_key(what, cfg), chain, transcriber, asr_run)
 
 
@@ -418,19 +458,32 @@ def evaluate_in_run(client: MlflowClient, p: Plan, run_id: str) -> dict[str, flo
     tables, fixed = [], None
     for index, step in enumerate(p.steps):
         chain = _chain_at(client, p, index)
-        items = asr_items(p.cfg) if p.mode == "asr" else noisy_items(chain, p.cfg) if p.mode == "noisy" else \
-            chain_items(chain, p.cfg)
+        items = (
+            asr_items(p.cfg)
+            if p.mode == "asr"
+            else noisy_items(chain, p.cfg)
+            if p.mode == "noisy"
+            else chain_items(chain, p.cfg)
+        )
         table = score(items, p.transcriber, quality=p.mode != "asr", skip=() if fixed is None else MODEL_FREE)
         if fixed is None:
             fixed = table[table["condition"].isin(MODEL_FREE)]
         else:
             table = pd.concat([fixed, table], ignore_index=True)
         metrics = summary(table)
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, int(step) if by_step else 0)
-                                          for k, v in metrics.items()])
+        client.log_batch(
+            run_id, metrics=[mlflow.entities.Metric(k, v, 0, int(step) if by_step else 0) for k, v in metrics.items()]
+        )
         if by_step:
-            log.info("Step %s: %s", step, ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items()
-                                                    if k.endswith(("/stoi", "/pesq_wb", "/dnsmos_ovrl"))))
+            log.info(
+                "Step %s: %s",
+                step,
+                ", ".join(
+                    f"{k.removeprefix('eval/')} {v:.3f}"
+                    for k, v in metrics.items()
+                    if k.endswith(("/stoi", "/pesq_wb", "/dnsmos_ovrl"))
+                ),
+            )
             table.insert(0, "step", int(step))
         tables.append(table)
     client.log_table(run_id, pd.concat(tables, ignore_index=True), "eval/files.json")
@@ -477,8 +530,11 @@ def evaluated_items(client: MlflowClient, p: Plan) -> list[str]:
     items = []
     if p.cfg.model_uri:
         items.append(f"model `{p.cfg.model_uri}`")
-    for role, run_key, step_key in (("vocoder", "vocoder_run", "vocoder_step"), ("adapters", "adapter_run", "adapter_step"),
-                                    ("speech recognizer (CER/WER)", "asr_run", "asr_step")):
+    for role, run_key, step_key in (
+        ("vocoder", "vocoder_run", "vocoder_step"),
+        ("adapters", "adapter_run", "adapter_step"),
+        ("speech recognizer (CER/WER)", "asr_run", "asr_step"),
+    ):
         run_id = p.what.get(run_key)
         if run_id:
             step = p.what.get(step_key, "")
@@ -486,8 +542,9 @@ def evaluated_items(client: MlflowClient, p: Plan) -> list[str]:
     return items
 
 
-def record_in_registry(client: MlflowClient, p: Plan, metrics: dict[str, float], run_id: str,
-                       evaluated: list[str]) -> str | None:
+def record_in_registry(
+    client: MlflowClient, p: Plan, metrics: dict[str, float], run_id: str, evaluated: list[str]
+) -> str | None:
     """The registered chain this evaluation scored (chain mode, the latest checkpoint: the model a finetune_vocoder
     run exports): its description, tags and @champion (pipeline/inference/registry.py); its version or None.
     ``evaluated``: ``evaluated_items``."""
@@ -498,8 +555,9 @@ def record_in_registry(client: MlflowClient, p: Plan, metrics: dict[str, float],
         return None
     chain = [item for item in evaluated if not item.startswith("model ")]
     try:
-        log.info("Model Registry: %s", registry.record_evaluation(client, version, metrics, run_id, test_set_text(p),
-                                                                   chain))
+        log.info(
+            "Model Registry: %s", registry.record_evaluation(client, version, metrics, run_id, test_set_text(p), chain)
+        )
     except Exception as err:  # the evaluation itself is done and stored; the registry record is an extra
         log.warning("Could not record the evaluation on models:/%s/%s (%s)", registry.MODEL_NAME, version, err)
     return version
@@ -518,7 +576,9 @@ def run(argv: list[str], adopt_launcher: bool = True) -> int:
         return EXIT_BAD_INPUT
     done = finished_evaluation(client, p.key) if p.cfg.reuse else None
     if done is not None:
-        log.info("Reusing finished evaluation run %s (same runs, checkpoint steps, test set and seed)", done.info.run_id)
+        log.info(
+            "Reusing finished evaluation run %s (same runs, checkpoint steps, test set and seed)", done.info.run_id
+        )
         launcher = os.environ.get("MLFLOW_RUN_ID") if adopt_launcher else None
         if launcher:  # the run `mlflow run` made for this command points at the evaluation it reused
             client.set_tag(launcher, tag.EVALUATION_RUN, done.info.run_id)
@@ -527,13 +587,27 @@ def run(argv: list[str], adopt_launcher: bool = True) -> int:
         print_summary(done.data.metrics, done.info.run_id, f"runs:/{done.info.run_id}/listening/index.html")
         return EXIT_OK
 
-    tags = {tag.STAGE: EXPERIMENT, tag.EVAL_KEY: p.key, tag.EVAL_MODE: p.mode,
-            tag.MODEL: "hifigan" if p.chain else "conformer-ctc", tag.DATASET: "noisy_dir" if p.mode == "noisy" else p.cfg.data}
-    links = {tag.EVAL_VOCODER_RUN: p.what.get("vocoder_run"), tag.EVAL_ADAPTER_RUN: p.what.get("adapter_run"),
-             tag.EVAL_ASR_RUN: p.asr_run, tag.EVAL_MODEL: p.cfg.model_uri}
-    run_id = start_or_adopt_run(client, experiment=EXPERIMENT, run_name=f"{p.key[:6]}-evaluate-{p.mode}",
-                                tags={**tags, **{k: v for k, v in links.items() if v}}, params={**asdict(p.cfg), **p.what},
-                                launcher=os.environ.get("MLFLOW_RUN_ID") if adopt_launcher else None)
+    tags = {
+        tag.STAGE: EXPERIMENT,
+        tag.EVAL_KEY: p.key,
+        tag.EVAL_MODE: p.mode,
+        tag.MODEL: "hifigan" if p.chain else "conformer-ctc",
+        tag.DATASET: "noisy_dir" if p.mode == "noisy" else p.cfg.data,
+    }
+    links = {
+        tag.EVAL_VOCODER_RUN: p.what.get("vocoder_run"),
+        tag.EVAL_ADAPTER_RUN: p.what.get("adapter_run"),
+        tag.EVAL_ASR_RUN: p.asr_run,
+        tag.EVAL_MODEL: p.cfg.model_uri,
+    }
+    run_id = start_or_adopt_run(
+        client,
+        experiment=EXPERIMENT,
+        run_name=f"{p.key[:6]}-evaluate-{p.mode}",
+        tags={**tags, **{k: v for k, v in links.items() if v}},
+        params={**asdict(p.cfg), **p.what},
+        launcher=os.environ.get("MLFLOW_RUN_ID") if adopt_launcher else None,
+    )
     status = "FAILED"
     try:
         log_dataset_inputs(client, run_id, [test_dataset(p)], "evaluation")
@@ -543,11 +617,23 @@ def run(argv: list[str], adopt_launcher: bool = True) -> int:
                 client.set_tag(evaluated, tag.EVALUATION_RUN, run_id)
         evaluated = evaluated_items(client, p)
         version = record_in_registry(client, p, metrics, run_id, evaluated)
-        listening = ui_url(client.get_run(run_id).info.experiment_id, run_id,  # `mlflow run` may have chosen it
-                           page="artifactPath/listening/index.html")
-        client.set_tag(run_id, tag.NOTE, describe_evaluation(
-            mode=p.mode, evaluated=evaluated, test_set=test_set_text(p), metrics=metrics, listening=listening,
-            model_version=f"models:/{registry.MODEL_NAME}/{version}" if version else ""))
+        listening = ui_url(
+            client.get_run(run_id).info.experiment_id,
+            run_id,  # `mlflow run` may have chosen it
+            page="artifactPath/listening/index.html",
+        )
+        client.set_tag(
+            run_id,
+            tag.NOTE,
+            describe_evaluation(
+                mode=p.mode,
+                evaluated=evaluated,
+                test_set=test_set_text(p),
+                metrics=metrics,
+                listening=listening,
+                model_version=f"models:/{registry.MODEL_NAME}/{version}" if version else "",
+            ),
+        )
         status = "FINISHED"
     except Exception:
         log.exception("Evaluation failed")

@@ -29,18 +29,19 @@ import pickle
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
+from pipeline.common.files import sha256_file
 from pipeline.config import ConfigError, compose_config, parse_command_line, route_overrides
 from pipeline.engine import tags as tag
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.job import record_imported_run
 from pipeline.engine.stage import Precision
-from pipeline.common.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +66,45 @@ def _safe_globals() -> list[Any]:
     import typing
 
     import numpy as np
-    from omegaconf import DictConfig as _DictConfig, ListConfig
+    from numpy._core import multiarray
+    from omegaconf import DictConfig as _DictConfig
+    from omegaconf import ListConfig
     from omegaconf.base import ContainerMetadata, Metadata
     from omegaconf.nodes import AnyNode, BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
 
-    from numpy._core import multiarray
-
     dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.bool_)]
-    numpy_globals = [np.ndarray, np.dtype, *dtypes, multiarray._reconstruct, multiarray.scalar,
-                     # the names NumPy 1.x pickles use for the same functions
-                     (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-                     (multiarray.scalar, "numpy.core.multiarray.scalar")]
-    return [_DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, BooleanNode, BytesNode, FloatNode,
-            IntegerNode, PathNode, StringNode, typing.Any, dict, list, int, float, str, bool, defaultdict,
-            *numpy_globals]
+    numpy_globals = [
+        np.ndarray,
+        np.dtype,
+        *dtypes,
+        multiarray._reconstruct,
+        multiarray.scalar,
+        # the names NumPy 1.x pickles use for the same functions
+        (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+        (multiarray.scalar, "numpy.core.multiarray.scalar"),
+    ]
+    return [
+        _DictConfig,
+        ListConfig,
+        ContainerMetadata,
+        Metadata,
+        AnyNode,
+        BooleanNode,
+        BytesNode,
+        FloatNode,
+        IntegerNode,
+        PathNode,
+        StringNode,
+        typing.Any,
+        dict,
+        list,
+        int,
+        float,
+        str,
+        bool,
+        defaultdict,
+        *numpy_globals,
+    ]
 
 
 def load_foreign(path: Path, what: str) -> Any:
@@ -108,8 +134,10 @@ def tensors_of(obj: Any, path: Path, what: str, wrappers: tuple[str, ...]) -> di
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ImportRefused(f"the {what} checkpoint {path} holds no state dict of tensors "
-                            f"(looked at the top level and under {', '.join(wrappers)})")
+        raise ImportRefused(
+            f"the {what} checkpoint {path} holds no state dict of tensors "
+            f"(looked at the top level and under {', '.join(wrappers)})"
+        )
     return obj
 
 
@@ -119,8 +147,11 @@ def tensors_of(obj: Any, path: Path, what: str, wrappers: tuple[str, ...]) -> di
 
 # Old-style torch.nn.utils weight/spectral norm names -> torch.nn.utils.parametrizations names
 WEIGHT_NORM = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
-SPECTRAL_NORM = {"weight_orig": "parametrizations.weight.original", "weight_u": "parametrizations.weight.0._u",
-                 "weight_v": "parametrizations.weight.0._v"}
+SPECTRAL_NORM = {
+    "weight_orig": "parametrizations.weight.original",
+    "weight_u": "parametrizations.weight.0._u",
+    "weight_v": "parametrizations.weight.0._v",
+}
 
 
 def modern_norm_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,8 +186,14 @@ def discriminator_key(key: str) -> str:
     return re.sub(r"\.conv_post\.", ".post.", key)
 
 
-def fit(module: torch.nn.Module, source: dict[str, torch.Tensor], rename: Callable[[str], str], what: str,
-        path: Path, theirs_for: Callable[[str], str] = lambda key: f"the pipeline's {key}") -> dict[str, str]:
+def fit(
+    module: torch.nn.Module,
+    source: dict[str, torch.Tensor],
+    rename: Callable[[str], str],
+    what: str,
+    path: Path,
+    theirs_for: Callable[[str], str] = lambda key: f"the pipeline's {key}",
+) -> dict[str, str]:
     """Load ``source`` (their names) into ``module`` through ``rename``; every key of the module must
     come from the file with the same shape, or the import is refused naming the key. Returns
     {our key: their key}."""
@@ -167,15 +204,21 @@ def fit(module: torch.nn.Module, source: dict[str, torch.Tensor], rename: Callab
     own = module.state_dict()
     missing = [k for k in own if k not in mapped]
     if missing:
-        raise ImportRefused(f"the {what} checkpoint {path} lacks {len(missing)} tensor(s) the {what} needs, e.g. "
-                            f"{theirs_for(missing[0])}; it does not match the {what} preset")
+        raise ImportRefused(
+            f"the {what} checkpoint {path} lacks {len(missing)} tensor(s) the {what} needs, e.g. "
+            f"{theirs_for(missing[0])}; it does not match the {what} preset"
+        )
     for key, value in mapped.items():
         if key not in own:
-            raise ImportRefused(f"the {what} checkpoint {path} has {origin[key]!r}, which the {what} preset has "
-                                "no place for; it is another architecture")
+            raise ImportRefused(
+                f"the {what} checkpoint {path} has {origin[key]!r}, which the {what} preset has "
+                "no place for; it is another architecture"
+            )
         if value.shape != own[key].shape:
-            raise ImportRefused(f"the {what} checkpoint {path}: {origin[key]!r} has shape {tuple(value.shape)}, the "
-                                f"preset needs {tuple(own[key].shape)} ({key})")
+            raise ImportRefused(
+                f"the {what} checkpoint {path}: {origin[key]!r} has shape {tuple(value.shape)}, the "
+                f"preset needs {tuple(own[key].shape)} ({key})"
+            )
     module.load_state_dict(mapped, strict=True)
     return origin
 
@@ -194,13 +237,15 @@ def read_adapter_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[s
     state = tensors_of(obj, path, "adapter", ("model_state_dict", "state_dict", "model"))
     adapters = {k: v for k, v in state.items() if k.startswith("adapters.")}
     if not adapters:
-        raise ImportRefused(f"the adapter checkpoint {path} has no 'adapters.<i>.ff.*' tensors; it is not a "
-                            "Miipher-2 reimplementation adapter checkpoint")
+        raise ImportRefused(
+            f"the adapter checkpoint {path} has no 'adapters.<i>.ff.*' tensors; it is not a "
+            "Miipher-2 reimplementation adapter checkpoint"
+        )
     encoder = {}
     for key, value in state.items():
         for prefix in ENCODER_PREFIXES:
             if key.startswith(prefix):
-                encoder[key[len(prefix):]] = value
+                encoder[key[len(prefix) :]] = value
     step = int(obj.get("step", 0)) if isinstance(obj, dict) and isinstance(obj.get("step", 0), int) else 0
     return adapters, encoder, step
 
@@ -226,8 +271,10 @@ def load_adapters(stage, adapters: dict[str, torch.Tensor], encoder: dict[str, t
         _, index, ff, sub, param = key.split(".", 4) if key.count(".") == 4 else ("", "", "", "", key)
         part = ADAPTER_PARTS.get(f"{ff}.{sub}")
         if part is None:
-            raise ImportRefused(f"the adapter checkpoint {path} has {key!r}, which is not part of a parallel "
-                                "adapter (LayerNorm ff.0, Linear ff.1, Linear ff.3)")
+            raise ImportRefused(
+                f"the adapter checkpoint {path} has {key!r}, which is not part of a parallel "
+                "adapter (LayerNorm ff.0, Linear ff.1, Linear ff.3)"
+            )
         return f"{index}.{part}.{param}"
 
     parts = {ours: theirs for theirs, ours in ADAPTER_PARTS.items()}
@@ -238,15 +285,19 @@ def load_adapters(stage, adapters: dict[str, torch.Tensor], encoder: dict[str, t
 
     fit(model.adapters, adapters, rename_adapter, "adapter", path, their_adapter_key)
     if model.layer_norms is None:
-        raise ImportRefused("the reimplementation trains each adapted layer's final_layer_norm: keep "
-                            "adapter.train_layer_norms=true (recipe=atotti_miipher2) to import its checkpoints")
+        raise ImportRefused(
+            "the reimplementation trains each adapted layer's final_layer_norm: keep "
+            "adapter.train_layer_norms=true (recipe=atotti_miipher2) to import its checkpoints"
+        )
     norms = {}
     for i in range(len(model.adapters)):
         for param in ("weight", "bias"):
             key = f"encoder.layers.{i}.final_layer_norm.{param}"
             if key not in encoder:
-                raise ImportRefused(f"the adapter checkpoint {path} lacks the trained norm "
-                                    f"'{ENCODER_PREFIXES[0]}{key}' of adapted layer {i}")
+                raise ImportRefused(
+                    f"the adapter checkpoint {path} lacks the trained norm "
+                    f"'{ENCODER_PREFIXES[0]}{key}' of adapted layer {i}"
+                )
             norms[f"{i}.{param}"] = encoder[key]
     fit(model.layer_norms, norms, lambda k: k, "adapter", path)
 
@@ -255,8 +306,9 @@ def check_same_encoder(stage, encoder: dict[str, torch.Tensor], path: Path) -> N
     """The checkpoint's own copy of the frozen encoder must be the model in ``ssl.weights`` (apart
     from the trained final norms of the adapted layers): adapters only fit the encoder they trained on."""
     if not encoder:
-        log.warning("The adapter checkpoint holds no copy of its encoder; trusting ssl.weights=%s",
-                    stage.cfg.ssl.weights)
+        log.warning(
+            "The adapter checkpoint holds no copy of its encoder; trusting ssl.weights=%s", stage.cfg.ssl.weights
+        )
         return
     import transformers
     from torchaudio.models.wav2vec2.utils import import_huggingface_model
@@ -269,35 +321,50 @@ def check_same_encoder(stage, encoder: dict[str, torch.Tensor], path: Path) -> N
     try:
         missing, unexpected = theirs.load_state_dict(wanted, strict=False)
     except RuntimeError as err:  # a tensor of another shape
-        raise ImportRefused(f"the encoder inside the adapter checkpoint {path} is not a {stage.cfg.ssl.name} model "
-                            f"({str(err).splitlines()[-1].strip()})") from err
+        raise ImportRefused(
+            f"the encoder inside the adapter checkpoint {path} is not a {stage.cfg.ssl.name} model "
+            f"({str(err).splitlines()[-1].strip()})"
+        ) from err
     missing = [k for k in missing if k != "masked_spec_embed"]
     if missing or unexpected:
-        raise ImportRefused(f"the encoder inside the adapter checkpoint {path} is not a {stage.cfg.ssl.name} "
-                            f"model ({'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]})")
+        raise ImportRefused(
+            f"the encoder inside the adapter checkpoint {path} is not a {stage.cfg.ssl.name} "
+            f"model ({'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]})"
+        )
     logging.getLogger("torchaudio.models.wav2vec2.utils.import_huggingface").setLevel(logging.ERROR)
     converted = import_huggingface_model(theirs).state_dict()
     adapted = len(stage.model.adapters)
     for key, ours in stage.model.encoder.state_dict().items():
         layer = re.match(r"encoder\.transformer\.layers\.(\d+)\.", key)
-        if ".adapter." in key or ".trained." in key or (layer and int(layer.group(1)) < adapted and "final_layer_norm" in key):
+        if (
+            ".adapter." in key
+            or ".trained." in key
+            or (layer and int(layer.group(1)) < adapted and "final_layer_norm" in key)
+        ):
             continue
-        reference = converted[key.replace(".feed_forward.feed_forward.", ".feed_forward.").replace(
-            ".final_layer_norm.frozen.", ".final_layer_norm.")]
+        reference = converted[
+            key.replace(".feed_forward.feed_forward.", ".feed_forward.").replace(
+                ".final_layer_norm.frozen.", ".final_layer_norm."
+            )
+        ]
         if not torch.equal(ours.cpu(), reference):
             raise ImportRefused(
                 f"the adapter checkpoint {path} was trained on another encoder than ssl.weights="
                 f"{stage.cfg.ssl.weights}: they differ at {key} (max abs difference "
                 f"{(ours.cpu() - reference).abs().max().item():.3g}). Point ssl.weights at the model its adapters "
-                "were trained on (mHuBERT-147 for the released checkpoints).")
+                "were trained on (mHuBERT-147 for the released checkpoints)."
+            )
 
 
 # --------------------------------------------------------------------------------------------
 # The vocoder checkpoint
 # --------------------------------------------------------------------------------------------
 
-LIGHTNING_PREFIXES = {"generator": "generator.", "mpd": "multi_period_discriminator.",
-                      "msd": "multi_scale_discriminator."}
+LIGHTNING_PREFIXES = {
+    "generator": "generator.",
+    "mpd": "multi_period_discriminator.",
+    "msd": "multi_scale_discriminator.",
+}
 
 
 def read_vocoder_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
@@ -305,13 +372,17 @@ def read_vocoder_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tenso
     {"generator": ...} dict or a bare generator state dict."""
     obj = load_foreign(path, "vocoder")
     if isinstance(obj, dict) and "prenet" in obj:
-        raise ImportRefused(f"the vocoder checkpoint {path} is the reimplementation's older PreNet + HiFi-GAN "
-                            "(a 'prenet' entry); only its Conformer SSL-vocoder (Lightning checkpoint) is supported")
+        raise ImportRefused(
+            f"the vocoder checkpoint {path} is the reimplementation's older PreNet + HiFi-GAN "
+            "(a 'prenet' entry); only its Conformer SSL-vocoder (Lightning checkpoint) is supported"
+        )
     step = obj.get("global_step", obj.get("step", 0)) if isinstance(obj, dict) else 0
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         flat = tensors_of(obj, path, "vocoder", ("state_dict",))
-        parts = {name: {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-                 for name, prefix in LIGHTNING_PREFIXES.items()}
+        parts = {
+            name: {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+            for name, prefix in LIGHTNING_PREFIXES.items()
+        }
     elif isinstance(obj, dict) and isinstance(obj.get("generator"), dict):
         parts = {"generator": tensors_of(obj, path, "vocoder", ("generator",))}
     else:
@@ -332,8 +403,11 @@ def load_vocoder(stage, parts: dict[str, dict[str, torch.Tensor]], path: Path) -
             fit(stage.modules[name], parts[name], discriminator_key, "vocoder", path)
             imported.append(name)
         else:
-            log.warning("The vocoder checkpoint has no %s weights: the %s starts from a fresh initialisation", name,
-                        name.upper())
+            log.warning(
+                "The vocoder checkpoint has no %s weights: the %s starts from a fresh initialisation",
+                name,
+                name.upper(),
+            )
     return imported
 
 
@@ -347,8 +421,10 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
     ``finetune_vocoder.key=v`` for one run, a plain ``key=v`` for every run whose config has the key."""
     line = parse_command_line(argv, LAUNCH_KEYS)
     if "adapter" not in line.launch:
-        raise ConfigError("import_checkpoint needs adapter=<the reimplementation's adapter checkpoint> "
-                          "(and vocoder=<its vocoder checkpoint> to import both)")
+        raise ConfigError(
+            "import_checkpoint needs adapter=<the reimplementation's adapter checkpoint> "
+            "(and vocoder=<its vocoder checkpoint> to import both)"
+        )
     return line.launch, route_overrides(line.overrides, STAGES, "imported run")
 
 
@@ -364,9 +440,11 @@ def import_adapter(path: Path, overrides: list[str]) -> str:
     adapters, encoder, step = read_adapter_checkpoint(path)
     cfg = compose_config("train_adapter", ["recipe=atotti_miipher2", *adapter_overrides(adapters, path), *overrides])
     if not cfg.ssl.weights:
-        raise ConfigError("import_checkpoint needs ssl.weights=<the encoder the adapters were trained on>, e.g. "
-                          "a local mHuBERT-147 Hugging Face directory: the checkpoint keeps only the trained final "
-                          "norms of the adapted layers, and the originals make the clean-feature target")
+        raise ConfigError(
+            "import_checkpoint needs ssl.weights=<the encoder the adapters were trained on>, e.g. "
+            "a local mHuBERT-147 Hugging Face directory: the checkpoint keeps only the trained final "
+            "norms of the adapted layers, and the originals make the clean-feature target"
+        )
     stage = _build(TrainAdapter, cfg)
     load_adapters(stage, adapters, encoder, path)
     check_same_encoder(stage, encoder, path)
@@ -395,8 +473,12 @@ def import_vocoder(path: Path, adapter_run: str, overrides: list[str]) -> str:
 
 
 def _import_tags(path: Path, step: int) -> dict[str, str]:
-    return {tag.IMPORTED_FROM: str(path.resolve()), tag.IMPORTED_STEP: str(step), tag.IMPORTED_SHA256: sha256_file(path),
-            tag.IMPORTED_FORMAT: "atotti/miipher-2"}
+    return {
+        tag.IMPORTED_FROM: str(path.resolve()),
+        tag.IMPORTED_STEP: str(step),
+        tag.IMPORTED_SHA256: sha256_file(path),
+        tag.IMPORTED_FORMAT: "atotti/miipher-2",
+    }
 
 
 def run(argv: list[str]) -> int:
@@ -408,14 +490,19 @@ def run(argv: list[str]) -> int:
         os.environ.pop("MLFLOW_RUN_ID", None)
         vocoder_run = None
         if "vocoder" in launch:
-            vocoder_run = import_vocoder(Path(launch["vocoder"]).expanduser(), adapter_run,
-                                         overrides["finetune_vocoder"])
+            vocoder_run = import_vocoder(
+                Path(launch["vocoder"]).expanduser(), adapter_run, overrides["finetune_vocoder"]
+            )
     except (ConfigError, ImportRefused, ValueError, OSError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
-    log.info("Imported runs: train_adapter %s%s. Continue training with: python -m pipeline.stages.train_adapter "
-             "resume_run=%s trainer.max_steps=<N>", adapter_run,
-             f", finetune_vocoder {vocoder_run}" if vocoder_run else "", adapter_run)
+    log.info(
+        "Imported runs: train_adapter %s%s. Continue training with: python -m pipeline.stages.train_adapter "
+        "resume_run=%s trainer.max_steps=<N>",
+        adapter_run,
+        f", finetune_vocoder {vocoder_run}" if vocoder_run else "",
+        adapter_run,
+    )
     return EXIT_OK
 
 

@@ -29,8 +29,19 @@ log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
 
 # torchrun options that say where the rendezvous is (then --standalone must not be added)
-RENDEZVOUS_OPTIONS = ("--nnodes", "--rdzv", "--rdzv-", "--rdzv_", "--master-addr", "--master_addr", "--master-port",
-                      "--master_port", "--standalone", "--node-rank", "--node_rank")
+RENDEZVOUS_OPTIONS = (
+    "--nnodes",
+    "--rdzv",
+    "--rdzv-",
+    "--rdzv_",
+    "--master-addr",
+    "--master_addr",
+    "--master-port",
+    "--master_port",
+    "--standalone",
+    "--node-rank",
+    "--node_rank",
+)
 
 
 def module(stage: str) -> str:
@@ -44,18 +55,34 @@ def command(stage: str, nproc: int, torchrun: str, args: list[str]) -> list[str]
     if nproc == 1 and not extra:
         return [sys.executable, "-m", module(stage), *args]
     rendezvous = [] if any(word.startswith(RENDEZVOUS_OPTIONS) for word in extra) else ["--standalone"]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *rendezvous, *extra,
-            "-m", module(stage), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        *rendezvous,
+        *extra,
+        "-m",
+        module(stage),
+        *args,
+    ]
 
 
 def parse(argv: list[str]) -> tuple[str, int, str, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m pipeline.launcher", description=__doc__.splitlines()[0])
-    parser.add_argument("--nproc", default="1",
-                        help="processes per machine (torchrun --nproc_per_node); 1: no torchrun")
-    parser.add_argument("--torchrun", default="",
-                        help="more torchrun options, e.g. '--nnodes=2 --rdzv-endpoint=host:29400 --max-restarts=3'")
-    parser.add_argument("stage", choices=[*sorted(TRAINING_STAGES), "sweep"], help="the training stage, or sweep "
-                        "(every trial on all the processes)")
+    parser.add_argument(
+        "--nproc", default="1", help="processes per machine (torchrun --nproc_per_node); 1: no torchrun"
+    )
+    parser.add_argument(
+        "--torchrun",
+        default="",
+        help="more torchrun options, e.g. '--nnodes=2 --rdzv-endpoint=host:29400 --max-restarts=3'",
+    )
+    parser.add_argument(
+        "stage",
+        choices=[*sorted(TRAINING_STAGES), "sweep"],
+        help="the training stage, or sweep (every trial on all the processes)",
+    )
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the stage's words: overrides, resume_run=...")
     ns = parser.parse_args(argv)
     try:
@@ -63,8 +90,10 @@ def parse(argv: list[str]) -> tuple[str, int, str, list[str]]:
     except ValueError:
         nproc = 0
     if nproc < 1:
-        raise ValueError(f"nproc={ns.nproc!r} must be a whole number of processes, 1 or more (e.g. -P nproc=2, one "
-                         "per GPU of this machine)")
+        raise ValueError(
+            f"nproc={ns.nproc!r} must be a whole number of processes, 1 or more (e.g. -P nproc=2, one "
+            "per GPU of this machine)"
+        )
     return ns.stage, nproc, ns.torchrun, ns.args
 
 

@@ -35,16 +35,32 @@ import psutil
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline.config import CONFIG_DIR, ConfigError, MainConfig, accepts, compose_config, route_overrides, split_overrides
-from pipeline.engine import launcher_watch
-from pipeline.engine.checkpoint_files import staging_here
-from pipeline.engine import tags as tag
-from pipeline.engine.launcher_watch import note_stop_requested
 from pipeline.common.provenance import code_version as git_commit
-from pipeline.engine.stopping import SECOND_SIGNAL_GRACE_S
+from pipeline.config import (
+    CONFIG_DIR,
+    ConfigError,
+    MainConfig,
+    accepts,
+    compose_config,
+    route_overrides,
+    split_overrides,
+)
+from pipeline.engine import launcher_watch
+from pipeline.engine import tags as tag
+from pipeline.engine.checkpoint_files import staging_here
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, setup_logging
-from pipeline.engine.tracking import (LOCAL_UI, dashboard_hint, default_run_name, experiment_id, log_params,
-                                      start_or_adopt_run, ui_base, ui_url)
+from pipeline.engine.launcher_watch import note_stop_requested
+from pipeline.engine.stopping import SECOND_SIGNAL_GRACE_S
+from pipeline.engine.tracking import (
+    LOCAL_UI,
+    dashboard_hint,
+    default_run_name,
+    experiment_id,
+    log_params,
+    start_or_adopt_run,
+    ui_base,
+    ui_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +85,7 @@ class StepResult:
 def load_main_config(words: list[str]) -> tuple[MainConfig, list[str]]:
     """configs/main.yaml, its preset (configs/main/<preset>.yaml) and the ``main.*`` words on top; returns it
     and the remaining words."""
-    own = [w[len("main."):] for w in words if w.startswith("main.")]
+    own = [w[len("main.") :] for w in words if w.startswith("main.")]
     try:
         user = OmegaConf.from_dotlist(own)
         base = OmegaConf.merge(OmegaConf.structured(MainConfig), OmegaConf.load(CONFIG_DIR / "main.yaml"), user)
@@ -112,8 +128,13 @@ def source_hash() -> str:
 
 def _sources_modified() -> bool:
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", *SOURCE_DIRS, "MLproject"], cwd=REPO,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", *SOURCE_DIRS, "MLproject"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return True
     return out.returncode != 0 or bool(out.stdout.strip())
@@ -138,11 +159,14 @@ def _param(run, key: str) -> str:
     return words[0] if len(words) == 1 else value if words else ""
 
 
-def find_run(client: MlflowClient, experiment_id: str, step: str, params: dict[str, str], version: str,
-             statuses: tuple[str, ...]):
+def find_run(
+    client: MlflowClient, experiment_id: str, step: str, params: dict[str, str], version: str, statuses: tuple[str, ...]
+):
     """The newest run of ``step`` with these parameters, this code version and one of ``statuses``."""
-    query = (f"tags.`mlflow.project.entryPoint` = '{step}' and tags.`chain.code_version` = '{version}' "
-             f"and tags.stage = '{step}'")
+    query = (
+        f"tags.`mlflow.project.entryPoint` = '{step}' and tags.`chain.code_version` = '{version}' "
+        f"and tags.stage = '{step}'"
+    )
     for run in client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"]):
         if run.info.status in statuses and all(_param(run, k) == v for k, v in params.items()):
             return run
@@ -181,7 +205,7 @@ class StopForwarder:
         self._first_at: float | None = None
         self._previous = {}
 
-    def __enter__(self) -> "StopForwarder":
+    def __enter__(self) -> StopForwarder:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                 continue  # nohup
@@ -211,8 +235,11 @@ class StopForwarder:
             targets = psutil.Process(self.step.pid).children() or [psutil.Process(self.step.pid)]
         except psutil.Error:
             return  # the step has ended
-        log.warning("%s: passing it to the running step (pid %s); main stops when the step has committed its "
-                    "checkpoint", signal.Signals(signum).name, ", ".join(str(p.pid) for p in targets))
+        log.warning(
+            "%s: passing it to the running step (pid %s); main stops when the step has committed its checkpoint",
+            signal.Signals(signum).name,
+            ", ".join(str(p.pid) for p in targets),
+        )
         for proc in targets:
             try:
                 proc.send_signal(signum)
@@ -222,6 +249,7 @@ class StopForwarder:
 
 def wait_for_session(sid: int) -> None:
     """Wait until no process of session ``sid`` is left (the step's job, after its `mlflow run` ended)."""
+
     def alive() -> bool:
         for proc in psutil.process_iter():
             try:
@@ -240,14 +268,21 @@ def wait_for_session(sid: int) -> None:
 STOPPER = StopForwarder()
 
 
-def launch(client: MlflowClient, step: str, params: dict[str, str], version: str, previous: str | None,
-           main_run: str) -> str:
+def launch(
+    client: MlflowClient, step: str, params: dict[str, str], version: str, previous: str | None, main_run: str
+) -> str:
     """Run one entry point as an MLflow Project run (local environment) and wait for it."""
     STOPPER.launching = True
     try:
         with staging_here():
-            submitted = mlflow.projects.run(str(REPO), entry_point=step, parameters=params, env_manager="local",
-                                            experiment_name=step, synchronous=False)
+            submitted = mlflow.projects.run(
+                str(REPO),
+                entry_point=step,
+                parameters=params,
+                env_manager="local",
+                experiment_name=step,
+                synchronous=False,
+            )
         STOPPER.step = submitted.command_proc
     finally:
         STOPPER.launching = False
@@ -277,14 +312,22 @@ def launch(client: MlflowClient, step: str, params: dict[str, str], version: str
     return job_run
 
 
-def run_step(client: MlflowClient, cfg: MainConfig, step: str, params: dict[str, str], version: str,
-             previous: str | None, main_run: str) -> StepResult:
+def run_step(
+    client: MlflowClient,
+    cfg: MainConfig,
+    step: str,
+    params: dict[str, str],
+    version: str,
+    previous: str | None,
+    main_run: str,
+) -> StepResult:
     experiment = experiment_id(client, step)
     if cfg.reuse:
         done = find_run(client, experiment, step, params, version, ("FINISHED",))
         if done is not None:
-            log.info("%s: reusing finished run %s (same entry point, parameters and code version)",
-                     step, done.info.run_id)
+            log.info(
+                "%s: reusing finished run %s (same entry point, parameters and code version)", step, done.info.run_id
+            )
             return StepResult(step, done.info.run_id, "reused")
     if cfg.resume:
         stopped = find_run(client, experiment, step, params, version, ("KILLED", "FAILED"))
@@ -296,8 +339,9 @@ def run_step(client: MlflowClient, cfg: MainConfig, step: str, params: dict[str,
     return StepResult(step, launch(client, step, params, version, previous, main_run), "trained")
 
 
-def run_chain(client: MlflowClient, cfg: MainConfig, overrides: dict[str, list[str]], version: str,
-              main_run: str) -> list[StepResult]:
+def run_chain(
+    client: MlflowClient, cfg: MainConfig, overrides: dict[str, list[str]], version: str, main_run: str
+) -> list[StepResult]:
     results: dict[str, StepResult] = {}
     previous = None
     for step in STEPS:
@@ -320,8 +364,10 @@ def register_chain(client: MlflowClient, finetune_run: str) -> str | None:
     if existing:
         return f"models:/{MODEL_NAME}/{max(int(v.version) for v in existing)}"
     if not any(a.path == "model" for a in client.list_artifacts(finetune_run)):
-        log.warning("finetune_vocoder run %s has no model/ (tracking.log_model=false?); the chain is not registered",
-                    finetune_run)
+        log.warning(
+            "finetune_vocoder run %s has no model/ (tracking.log_model=false?); the chain is not registered",
+            finetune_run,
+        )
         return None
     version = mlflow.register_model(f"runs:/{finetune_run}/model", MODEL_NAME).version
     log.info("Registered the chain as models:/%s/%s", MODEL_NAME, version)
@@ -346,8 +392,12 @@ def restore_demo(finetune_run: str, output: str) -> Path | None:
     from pipeline.data.degrade import degrade, sample_rng
 
     utterance = read_corpus("ljspeech", None)[-1]
-    noisy, _ = degrade(load_audio(utterance.path, 16000), 16000, compose_config("finetune_vocoder", []).degradation,
-                       sample_rng(1234, 0, 0, VAL_STREAM))
+    noisy, _ = degrade(
+        load_audio(utterance.path, 16000),
+        16000,
+        compose_config("finetune_vocoder", []).degradation,
+        sample_rng(1234, 0, 0, VAL_STREAM),
+    )
     out = Path(output).expanduser().resolve()
     source = out / "input" / f"{Path(utterance.id).name}_degraded.wav"
     source.parent.mkdir(parents=True, exist_ok=True)
@@ -362,9 +412,12 @@ def _main_run(client: MlflowClient, overrides: dict[str, list[str]]) -> str:
     trains: ``<id>-restoration-chain-<encoder>-<dataset>``."""
     adapter = compose_config("train_adapter", overrides["train_adapter"])
     return start_or_adopt_run(
-        client, experiment=EXPERIMENT, tags={tag.STAGE: "main", tag.MODEL: adapter.ssl.name, tag.DATASET: adapter.data.name},
+        client,
+        experiment=EXPERIMENT,
+        tags={tag.STAGE: "main", tag.MODEL: adapter.ssl.name, tag.DATASET: adapter.data.name},
         run_name=lambda run_id: default_run_name(run_id, "restoration-chain", adapter.ssl.name, adapter.data.name),
-        launcher=os.environ.get("MLFLOW_RUN_ID"))
+        launcher=os.environ.get("MLFLOW_RUN_ID"),
+    )
 
 
 def _step_link(client: MlflowClient, run_id: str) -> str:
@@ -375,8 +428,12 @@ def _step_link(client: MlflowClient, run_id: str) -> str:
 
 def describe_chain(client: MlflowClient, results: list[StepResult], model: str | None) -> str:
     """main's run description: the steps as links to their runs, the registered model."""
-    lines = ["**Restoration chain** · " + " → ".join(f"{r.step} ({r.how})" for r in results), "",
-             "| step | run | how |", "|---|---|---|"]
+    lines = [
+        "**Restoration chain** · " + " → ".join(f"{r.step} ({r.how})" for r in results),
+        "",
+        "| step | run | how |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r.step} | {_step_link(client, r.run_id)} | {r.how} |" for r in results]
     if model:
         lines += ["", f"Registered model: `{model}`"]
@@ -384,27 +441,45 @@ def describe_chain(client: MlflowClient, results: list[StepResult], model: str |
 
 
 PRESET_NOTES = {  # what the numbers of a preset mean, printed under the chain's summary
-    "tiny": ("The tiny preset shows every step working end to end in minutes; its numbers are not a quality "
-             "result. For one: python -m pipeline.main main.preset=quality (about 25 min on 2 CPU cores; README, "
-             "\"What the chain learns\")."),
-    "quality": ("The quality preset on the demo corpus, with a random encoder: README, \"What the chain learns\", "
-                "says what it reaches and what closes the gap (a pretrained encoder, a GPU, a real corpus)."),
+    "tiny": (
+        "The tiny preset shows every step working end to end in minutes; its numbers are not a quality "
+        "result. For one: python -m pipeline.main main.preset=quality (about 25 min on 2 CPU cores; README, "
+        '"What the chain learns").'
+    ),
+    "quality": (
+        'The quality preset on the demo corpus, with a random encoder: README, "What the chain learns", '
+        "says what it reaches and what closes the gap (a pretrained encoder, a GPU, a real corpus)."
+    ),
 }
 
 
-def report(client: MlflowClient, results: list[StepResult], main_run: str, model: str | None = None,
-           restored: Path | None = None, preset: str = "") -> str:
+def report(
+    client: MlflowClient,
+    results: list[StepResult],
+    main_run: str,
+    model: str | None = None,
+    restored: Path | None = None,
+    preset: str = "",
+) -> str:
     lines = [f"{r.step:<18} {r.run_id}  ({r.how})" for r in results]
-    return "\n".join([
-        "", "Restoration chain finished:", *lines, f"{'main':<18} {main_run}",
-        *([f"{'model':<18} {model} (registered; the best one scored: {champion_uri()})"] if model else []),
-        *([f"{'restored demo':<18} {restored} (its degraded input beside it in input/)"] if restored else []), "",
-        f"Dashboard: {dashboard_hint(client.get_run(main_run).info.experiment_id, main_run)}",
-        *[f"  {r.step:<16} {ui_url(client.get_run(r.run_id).info.experiment_id, base=ui_base() or LOCAL_UI)}"
-          for r in results],
-        *(["", PRESET_NOTES[preset]] if preset in PRESET_NOTES else []),
-        "",
-    ])
+    return "\n".join(
+        [
+            "",
+            "Restoration chain finished:",
+            *lines,
+            f"{'main':<18} {main_run}",
+            *([f"{'model':<18} {model} (registered; the best one scored: {champion_uri()})"] if model else []),
+            *([f"{'restored demo':<18} {restored} (its degraded input beside it in input/)"] if restored else []),
+            "",
+            f"Dashboard: {dashboard_hint(client.get_run(main_run).info.experiment_id, main_run)}",
+            *[
+                f"  {r.step:<16} {ui_url(client.get_run(r.run_id).info.experiment_id, base=ui_base() or LOCAL_UI)}"
+                for r in results
+            ],
+            *(["", PRESET_NOTES[preset]] if preset in PRESET_NOTES else []),
+            "",
+        ]
+    )
 
 
 def champion_uri() -> str:
@@ -450,7 +525,9 @@ def run_main(argv: list[str]) -> int:
     client = MlflowClient()
     version = chain_code_version()
     main_run = _main_run(client, overrides)
-    log_params(client, main_run, {f"{s}.overrides": " ".join(o) for s, o in overrides.items()} | {"code_version": version})
+    log_params(
+        client, main_run, {f"{s}.overrides": " ".join(o) for s, o in overrides.items()} | {"code_version": version}
+    )
     status, code = "FAILED", EXIT_FAILED
     try:
         results = run_chain(client, cfg, overrides, version, main_run)

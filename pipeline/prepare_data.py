@@ -28,9 +28,10 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pipeline.common.provenance import code_version, utc_now
 from pipeline.config import ConfigError, compose_config, config_hash, flatten, parse_command_line, to_container
-from pipeline.data.corpus import read_corpus
 from pipeline.data.audio import AudioError, load_audio
+from pipeline.data.corpus import read_corpus
 from pipeline.data.degrade import OtherUtterances, degrade, sample_rng
 from pipeline.data.shards import (
     FORMAT,
@@ -42,7 +43,6 @@ from pipeline.data.shards import (
     wav_bytes,
 )
 from pipeline.engine import tags as tag
-from pipeline.common.provenance import code_version, utc_now
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 from pipeline.engine.tracking import default_run_name, log_dataset_inputs, start_or_adopt_run
 from pipeline.inference.listening import Example, safe_name, write_listening_page
@@ -61,10 +61,13 @@ def _key(utt_id: str, variant: int) -> str:
 def _open_run(client: MlflowClient, cfg: DictConfig) -> str:
     written = to_container(cfg)  # as written: what an interpolation resolves to may be a secret
     return start_or_adopt_run(
-        client, experiment=cfg.tracking.experiment or "prepare_data",
+        client,
+        experiment=cfg.tracking.experiment or "prepare_data",
         run_name=written["tracking"]["run_name"] or (lambda run_id: default_run_name(run_id, cfg.data.name, "shards")),
         tags={tag.STAGE: "prepare_data", tag.DATASET: cfg.data.name, "output": written["output"]},
-        params=flatten(written), launcher=os.environ.get("MLFLOW_RUN_ID"))
+        params=flatten(written),
+        launcher=os.environ.get("MLFLOW_RUN_ID"),
+    )
 
 
 @dataclass
@@ -93,9 +96,15 @@ def prepare(cfg: DictConfig, client: MlflowClient, run_id: str) -> dict[str, Any
     store_manifest(cfg, client, run_id, store, manifest, written.examples)
     metrics = log_metrics(client, run_id, manifest, written, len(utterances), elapsed)
     log_dataset_inputs(client, run_id, [shard_dataset(cfg.output, manifest)], "output")
-    log.info("%d samples (%.3f h) in %d shards at %s; skipped %s; %.1fx real time",
-             manifest["samples"], manifest["hours"], metrics["shards"], cfg.output, dict(written.skipped) or "none",
-             metrics["realtime_factor"])
+    log.info(
+        "%d samples (%.3f h) in %d shards at %s; skipped %s; %.1fx real time",
+        manifest["samples"],
+        manifest["hours"],
+        metrics["shards"],
+        cfg.output,
+        dict(written.skipped) or "none",
+        metrics["realtime_factor"],
+    )
     return manifest
 
 
@@ -107,6 +116,7 @@ def write_shards(cfg: DictConfig, store: ShardStore, utterances: list) -> Writte
     # Babble comes from the utterances read just before (bounded memory, same order every run).
     babble_pool: deque = deque(maxlen=BABBLE_POOL)
     with tempfile.TemporaryDirectory(prefix="shards-") as tmp:
+
         def upload(path: Path, info) -> None:
             store.put(path, info.name)
             path.unlink()
@@ -138,8 +148,9 @@ def _usable_audio(cfg: DictConfig, utt, skipped: Counter[str]):
     return clean
 
 
-def _write_variants(cfg: DictConfig, writer: ShardWriter, split: str, index: int, utt, clean, babble_pool: deque,
-                    written: Written) -> None:
+def _write_variants(
+    cfg: DictConfig, writer: ShardWriter, split: str, index: int, utt, clean, babble_pool: deque, written: Written
+) -> None:
     """The degraded versions of utterance ``index`` into ``writer``; variant k's degradation is seeded by
     (seed, k, index), its babble drawn from ``babble_pool``."""
     seconds = clean.numel() / cfg.sample_rate
@@ -148,19 +159,33 @@ def _write_variants(cfg: DictConfig, writer: ShardWriter, split: str, index: int
     for variant in range(cfg.variants if split == "train" else 1):
         rng = sample_rng(int(cfg.seed), variant, index, PREPARE_STREAM)
         noisy, params = degrade(clean, cfg.sample_rate, cfg.degradation, rng, others=others)
-        meta = {"utterance": utt.id, "text": utt.text, "variant": variant, "split": split,
-                "sample_rate": cfg.sample_rate, "seconds": round(seconds, 4), "degradation": params}
+        meta = {
+            "utterance": utt.id,
+            "text": utt.text,
+            "variant": variant,
+            "split": split,
+            "sample_rate": cfg.sample_rate,
+            "seconds": round(seconds, 4),
+            "degradation": params,
+        }
         writer.add(_key(utt.id, variant), clean_bytes, wav_bytes(noisy, cfg.sample_rate), meta, seconds)
         written.audio_seconds += seconds
         if len(written.examples) < cfg.examples and split == "train":
-            written.examples.append(Example(f"{utt.id} v{variant}", utt.text, {"clean": clean, "degraded": noisy},
-                                            json.dumps(params)))
+            written.examples.append(
+                Example(f"{utt.id} v{variant}", utt.text, {"clean": clean, "degraded": noisy}, json.dumps(params))
+            )
 
 
 def build_manifest(cfg: DictConfig, utterances: int, written: Written) -> dict[str, Any]:
     """The shard set's manifest: what made it (seed, corpus, degradation, code) and what it holds per split."""
-    splits = {split: {"shards": [vars(s) for s in infos], "samples": sum(s.samples for s in infos),
-                      "seconds": round(sum(s.seconds for s in infos), 3)} for split, infos in written.shards.items()}
+    splits = {
+        split: {
+            "shards": [vars(s) for s in infos],
+            "samples": sum(s.samples for s in infos),
+            "seconds": round(sum(s.seconds for s in infos), 3),
+        }
+        for split, infos in written.shards.items()
+    }
     return {
         "format": FORMAT,
         "created": utc_now(),
@@ -168,8 +193,7 @@ def build_manifest(cfg: DictConfig, utterances: int, written: Written) -> dict[s
         "seed": int(cfg.seed),
         "sample_rate": int(cfg.sample_rate),
         "variants": int(cfg.variants),
-        "corpus": {"name": cfg.data.name, "format": cfg.data.format, "root": cfg.data.root,
-                   "utterances": utterances},
+        "corpus": {"name": cfg.data.name, "format": cfg.data.format, "root": cfg.data.root, "utterances": utterances},
         "degradation": to_container(cfg.degradation),
         "config_hash": config_hash(cfg),
         "splits": splits,
@@ -179,8 +203,14 @@ def build_manifest(cfg: DictConfig, utterances: int, written: Written) -> dict[s
     }
 
 
-def store_manifest(cfg: DictConfig, client: MlflowClient, run_id: str, store: ShardStore, manifest: dict[str, Any],
-                   examples: list[Example]) -> None:
+def store_manifest(
+    cfg: DictConfig,
+    client: MlflowClient,
+    run_id: str,
+    store: ShardStore,
+    manifest: dict[str, Any],
+    examples: list[Example],
+) -> None:
     """The manifest next to the shards (last: a shard set without one is never read) and in the run, with the
     listening page of the examples."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,14 +223,18 @@ def store_manifest(cfg: DictConfig, client: MlflowClient, run_id: str, store: Sh
         client.log_artifacts(run_id, str(page), "samples")
 
 
-def log_metrics(client: MlflowClient, run_id: str, manifest: dict[str, Any], written: Written, utterances: int,
-                elapsed: float) -> dict[str, float]:
+def log_metrics(
+    client: MlflowClient, run_id: str, manifest: dict[str, Any], written: Written, utterances: int, elapsed: float
+) -> dict[str, float]:
     """Counts, hours, size and speed of the shard set as the run's metrics (step 0); returns them."""
     splits = manifest["splits"]
     metrics = {
-        "utterances": utterances, "skipped": sum(written.skipped.values()),
-        "samples/train": splits["train"]["samples"], "samples/val": splits["val"]["samples"],
-        "hours": manifest["hours"], "shards": sum(len(s["shards"]) for s in splits.values()),
+        "utterances": utterances,
+        "skipped": sum(written.skipped.values()),
+        "samples/train": splits["train"]["samples"],
+        "samples/val": splits["val"]["samples"],
+        "hours": manifest["hours"],
+        "shards": sum(len(s["shards"]) for s in splits.values()),
         "megabytes": sum(i["bytes"] for s in splits.values() for i in s["shards"]) / 1e6,
         "realtime_factor": written.audio_seconds / max(elapsed, 1e-9),
     }

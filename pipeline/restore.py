@@ -24,7 +24,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import soundfile as sf
 from mlflow import MlflowClient
@@ -33,8 +32,8 @@ from tqdm import tqdm
 from pipeline.config import ConfigError, parse_key_values
 from pipeline.data.audio import AudioError, audio_files, read_channels
 from pipeline.engine.checkpoint_files import CheckpointError
-from pipeline.engine.resume import ResumeError
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, setup_logging
+from pipeline.engine.resume import ResumeError
 from pipeline.engine.stage import PRECISIONS, Precision
 from pipeline.inference.chain import as_numpy, load_chain, resolve_chain
 
@@ -46,10 +45,10 @@ SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 
 @dataclass
 class RestoreConfig:
-    run_id: Optional[str] = None  # a finetune_vocoder run (its latest or best committed checkpoint)
-    model_uri: Optional[str] = None  # or: models:/speech-restoration/<v>, runs:/<id>/model, a model directory
-    input: Optional[str] = None  # an audio file or a directory (searched recursively)
-    output: Optional[str] = None  # directory for the restored WAV files (created)
+    run_id: str | None = None  # a finetune_vocoder run (its latest or best committed checkpoint)
+    model_uri: str | None = None  # or: models:/speech-restoration/<v>, runs:/<id>/model, a model directory
+    input: str | None = None  # an audio file or a directory (searched recursively)
+    output: str | None = None  # directory for the restored WAV files (created)
     checkpoint: str = "latest"  # with run_id: latest | best (by the run's checkpoint.monitor)
     overwrite: bool = False  # replace outputs that exist
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
@@ -58,7 +57,7 @@ class RestoreConfig:
     context_seconds: float = 1.0  # audio the chain sees on each side of a chunk
     fade_seconds: float = 0.5  # cross-fade between neighbouring chunks
     subtype: str = "PCM_16"  # WAV sample format: PCM_16 | PCM_24 | FLOAT
-    ssl_weights: Optional[str] = None  # where the encoder weights are on this machine, if not where training found them
+    ssl_weights: str | None = None  # where the encoder weights are on this machine, if not where training found them
 
 
 def parse_args(argv: list[str]) -> RestoreConfig:
@@ -100,8 +99,10 @@ def check_paths(input_path: Path, output: Path) -> None:
         raise ConfigError(f"output={output} is a file; give a directory")
     inside = input_path if input_path.is_dir() else input_path.parent
     if input_path.is_dir() and (output == inside or inside in output.parents):
-        raise ConfigError(f"output={output} is inside input={input_path}; restored files would be mixed with the "
-                          "inputs (and read as inputs next time). Choose a directory outside it.")
+        raise ConfigError(
+            f"output={output} is inside input={input_path}; restored files would be mixed with the "
+            "inputs (and read as inputs next time). Choose a directory outside it."
+        )
 
 
 def run(argv: list[str]) -> int:
@@ -115,16 +116,34 @@ def run(argv: list[str]) -> int:
         precision = Precision.from_config(cfg.device, cfg.precision)
         with tempfile.TemporaryDirectory(prefix="restore-") as workdir:  # load_chain reads the checkpoints whole
             source = resolve_chain(MlflowClient(), cfg.run_id, cfg.model_uri, cfg.checkpoint, Path(workdir))
-            chain = load_chain(source, precision, chunk_seconds=cfg.chunk_seconds,
-                               context_seconds=cfg.context_seconds, fade_seconds=cfg.fade_seconds,
-                               ssl_weights=cfg.ssl_weights)
+            chain = load_chain(
+                source,
+                precision,
+                chunk_seconds=cfg.chunk_seconds,
+                context_seconds=cfg.context_seconds,
+                fade_seconds=cfg.fade_seconds,
+                ssl_weights=cfg.ssl_weights,
+            )
     except (ConfigError, ResumeError, CheckpointError, AudioError, ValueError, OSError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
-    log.info("Chain: adapter run %s step %s, vocoder run %s step %s (%s layer %s -> %s at %d Hz); device %s",
-             *(source.metadata.get(k, "?") for k in ("adapter_run", "adapter_step", "vocoder_run", "vocoder_step",
-                                                      "encoder", "encoder_layer", "vocoder")),
-             chain.rate_out, chain.device)
+    log.info(
+        "Chain: adapter run %s step %s, vocoder run %s step %s (%s layer %s -> %s at %d Hz); device %s",
+        *(
+            source.metadata.get(k, "?")
+            for k in (
+                "adapter_run",
+                "adapter_step",
+                "vocoder_run",
+                "vocoder_step",
+                "encoder",
+                "encoder_layer",
+                "vocoder",
+            )
+        ),
+        chain.rate_out,
+        chain.device,
+    )
     if len(files) == 1 and input_path.is_file():
         try:  # a single file that is not usable audio is bad input: say so and write nothing
             read_channels(files[0])
@@ -143,8 +162,14 @@ def run(argv: list[str]) -> int:
 def restore_files(chain, planned: dict, cfg: RestoreConfig) -> list[dict]:
     rows = []
     for source, target in tqdm(planned.items(), desc="restore", unit="file", disable=not sys.stderr.isatty()):
-        row = {"input": str(source), "output": str(target), "status": "skipped", "reason": "", "seconds": "",
-               "channels": ""}
+        row = {
+            "input": str(source),
+            "output": str(target),
+            "status": "skipped",
+            "reason": "",
+            "seconds": "",
+            "channels": "",
+        }
         rows.append(row)
         if target.exists() and not cfg.overwrite:
             row["reason"] = "output exists (overwrite=true replaces it)"
@@ -162,8 +187,14 @@ def restore_files(chain, planned: dict, cfg: RestoreConfig) -> list[dict]:
         partial.replace(target)  # an interrupted run leaves no half-written output under the real name
         seconds = audio.shape[-1] / rate
         row.update(status="restored", seconds=f"{seconds:.3f}", channels=str(audio.shape[0]))
-        log.info("%s -> %s (%.1f s of audio; real-time factor %.2f: processing time / audio length, below 1 is "
-                 "faster than real time)", source, target, seconds, (time.perf_counter() - start) / max(seconds, 1e-9))
+        log.info(
+            "%s -> %s (%.1f s of audio; real-time factor %.2f: processing time / audio length, below 1 is "
+            "faster than real time)",
+            source,
+            target,
+            seconds,
+            (time.perf_counter() - start) / max(seconds, 1e-9),
+        )
     return rows
 
 
@@ -174,10 +205,14 @@ def report(rows: list[dict], output: Path) -> int:
     unusable = [r for r in skipped if not r["reason"].startswith("output exists")]
     if rows and len(unusable) == len(rows):
         reasons = Counter(r["reason"].split(":")[0] for r in unusable)
-        log.error("Nothing restored: none of the %d audio files is usable (%s; e.g. %s). The reason for each file is "
-                  "in %s. Give audio files that soundfile reads (WAV, FLAC, OGG, MP3), not empty, silent or NaN.",
-                  len(rows), ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items())),
-                  unusable[0]["reason"].split(": ", 1)[-1], output / SUMMARY)
+        log.error(
+            "Nothing restored: none of the %d audio files is usable (%s; e.g. %s). The reason for each file is "
+            "in %s. Give audio files that soundfile reads (WAV, FLAC, OGG, MP3), not empty, silent or NaN.",
+            len(rows),
+            ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items())),
+            unusable[0]["reason"].split(": ", 1)[-1],
+            output / SUMMARY,
+        )
         return EXIT_BAD_INPUT
     log.info("Restored %d of %d files into %s (list: %s)", len(restored), len(rows), output, output / SUMMARY)
     for r in skipped:

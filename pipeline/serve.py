@@ -66,13 +66,21 @@ class BodyLimit:
             return 413, "RESOURCE_LIMIT_EXCEEDED", self.too_large()
         mime = headers.get("content-type", "").split(";")[0].strip().lower()
         if method == "POST" and mime != "application/json":
-            return 415, "BAD_REQUEST", ("this server takes only Content-Type: application/json, e.g. "
-                                        '{"dataframe_records": [{"audio_base64": "<a WAV or FLAC file, base64>"}]}')
+            return (
+                415,
+                "BAD_REQUEST",
+                (
+                    "this server takes only Content-Type: application/json, e.g. "
+                    '{"dataframe_records": [{"audio_base64": "<a WAV or FLAC file, base64>"}]}'
+                ),
+            )
         return None
 
     def too_large(self) -> str:
-        return (f"the request body is larger than this server's limit of {self.max_bytes / MB:g} MB; send shorter "
-                "audio or fewer rows per request (a WAV or FLAC file as audio_base64 is smaller than float samples)")
+        return (
+            f"the request body is larger than this server's limit of {self.max_bytes / MB:g} MB; send shorter "
+            "audio or fewer rows per request (a WAV or FLAC file as audio_base64 is smaller than float samples)"
+        )
 
     async def read_body(self, receive) -> bytes | None:
         """The whole body, or None as soon as it passes the limit (the rest is never read)."""
@@ -106,9 +114,17 @@ def replay(body: bytes, receive):
 async def answer(send, status: int, error_code: str, message: str) -> None:
     log.warning("Refused a request with %d: %s", status, message)
     content = json.dumps({"error_code": error_code, "message": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(content)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": content})
 
 
@@ -127,8 +143,9 @@ def create_app(model_path: str | None = None, max_bytes: int | None = None):
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.serve", description=__doc__.split("\n")[0])
-    parser.add_argument("-m", "--model-uri", required=True,
-                        help="models:/<name>/<version>, runs:/<id>/model or a directory")
+    parser.add_argument(
+        "-m", "--model-uri", required=True, help="models:/<name>/<version>, runs:/<id>/model or a directory"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5001)
     parser.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (MB) (default 64)")
@@ -142,8 +159,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from pipeline.engine.resume import ResumeError, fetch_model
     from pipeline.engine.cli import EXIT_BAD_INPUT, setup_logging
+    from pipeline.engine.resume import ResumeError, fetch_model
 
     setup_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -154,10 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", err)
             return EXIT_BAD_INPUT
         os.environ[MODEL_ENV], os.environ[LIMIT_ENV] = path, str(int(args.max_body_mb * MB))
-        log.info("Serving %s on http://%s:%d (request bodies up to %g MB, JSON only)", args.model_uri, args.host,
-                 args.port, args.max_body_mb)
-        uvicorn.run("pipeline.serve:create_app", factory=True, host=args.host, port=args.port,
-                    workers=args.workers)
+        log.info(
+            "Serving %s on http://%s:%d (request bodies up to %g MB, JSON only)",
+            args.model_uri,
+            args.host,
+            args.port,
+            args.max_body_mb,
+        )
+        uvicorn.run("pipeline.serve:create_app", factory=True, host=args.host, port=args.port, workers=args.workers)
     return 0
 
 

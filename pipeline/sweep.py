@@ -35,17 +35,25 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
 from pipeline.config import ConfigError, compose_config, mask_secrets, parse_command_line
-from pipeline.engine.distributed import Dist
-from pipeline.engine.launch import parse_launch
 from pipeline.engine import launcher_watch
 from pipeline.engine import tags as tag
-from pipeline.engine.launcher_watch import note_stop_requested
 from pipeline.engine.cli import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, exit_now, setup_logging
+from pipeline.engine.distributed import Dist
+from pipeline.engine.launch import parse_launch
+from pipeline.engine.launcher_watch import note_stop_requested
 from pipeline.engine.session import TrainingHooks, run_stage
 from pipeline.engine.stage import Stage
 from pipeline.engine.tracking import start_or_adopt_run
-from pipeline.sweep_space import (SweepSpec, check_space_unchanged, load_spec, open_study, override_value, stage_class,
-                                  suggest, validate)
+from pipeline.sweep_space import (
+    SweepSpec,
+    check_space_unchanged,
+    load_spec,
+    open_study,
+    override_value,
+    stage_class,
+    suggest,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +86,11 @@ class TrialHooks(TrainingHooks):
     def on_run_started(self, run_id: str) -> None:
         self.run_id = run_id
         self.trial.set_user_attr("mlflow_run_id", run_id)
-        tags = {tag.TRIAL_NUMBER: str(self.trial.number), tag.TRIAL_STATE: "RUNNING",
-                tag.SWEEP_STUDY: self.trial.study.study_name}
+        tags = {
+            tag.TRIAL_NUMBER: str(self.trial.number),
+            tag.TRIAL_STATE: "RUNNING",
+            tag.SWEEP_STUDY: self.trial.study.study_name,
+        }
         if self.resumed_from is not None:
             tags[tag.TRIAL_RESUMED_FROM] = str(self.resumed_from)
         for key, value in tags.items():
@@ -109,10 +120,15 @@ class Sweep:
         frozen = self.study.get_trials(deepcopy=False)[trial.number]
         resumed_from = trial.user_attrs.get("resume_of", frozen.system_attrs.get("failed_trial"))
         child = trial.user_attrs.get("mlflow_run_id")
-        args = list(self.stage_overrides) + [f"{k}={override_value(v)}" for k, v in params.items()] + [
-            f"tracking.parent_run={self.parent_run}", f"tracking.experiment={self.experiment}",
-            f"tracking.run_name=trial-{trial.number:04d}-{self.study.study_name}",
-        ]
+        args = (
+            list(self.stage_overrides)
+            + [f"{k}={override_value(v)}" for k, v in params.items()]
+            + [
+                f"tracking.parent_run={self.parent_run}",
+                f"tracking.experiment={self.experiment}",
+                f"tracking.run_name=trial-{trial.number:04d}-{self.study.study_name}",
+            ]
+        )
         if child and self._has_checkpoint(child):
             args.append(f"resume_run={child}")
             log.info("Trial %d resumes trial %d in its child run %s", trial.number, resumed_from, child)
@@ -132,9 +148,14 @@ class Sweep:
             raise optuna.TrialPruned()
         if code in (EXIT_STOPPED, EXIT_ABORTED):
             self._finish_child(hooks, "FAIL", interrupted=True)
-            self.study.enqueue_trial(trial.params, user_attrs={"resume_of": trial.number, "mlflow_run_id": hooks.run_id})
-            raise TrialInterrupted(f"trial {trial.number} {'aborted' if code == EXIT_ABORTED else 'stopped'}; it "
-                                   "resumes from its last committed checkpoint when the study continues", code)
+            self.study.enqueue_trial(
+                trial.params, user_attrs={"resume_of": trial.number, "mlflow_run_id": hooks.run_id}
+            )
+            raise TrialInterrupted(
+                f"trial {trial.number} {'aborted' if code == EXIT_ABORTED else 'stopped'}; it "
+                "resumes from its last committed checkpoint when the study continues",
+                code,
+            )
         self._finish_child(hooks, "FAIL")
         raise RuntimeError(f"trial {trial.number} failed (exit code {code})")
 
@@ -160,8 +181,9 @@ class Sweep:
 # --------------------------------------------------------------------------------------------
 
 
-def parent_run_for(client: MlflowClient, study: optuna.Study, created: bool, stage: str, experiment: str,
-                   params: dict[str, Any]) -> str:
+def parent_run_for(
+    client: MlflowClient, study: optuna.Study, created: bool, stage: str, experiment: str, params: dict[str, Any]
+) -> str:
     if not created:
         for _ in range(300):  # the creating worker sets it within moments
             parent = study.user_attrs.get("mlflow_parent_run")
@@ -171,9 +193,13 @@ def parent_run_for(client: MlflowClient, study: optuna.Study, created: bool, sta
             time.sleep(0.1)
         raise ConfigError(f"Study {study.study_name!r} has no MLflow parent run; was it created by this pipeline?")
     parent = start_or_adopt_run(
-        client, experiment=experiment, run_name=f"sweep-{study.study_name}",
-        tags={tag.STAGE: "sweep", tag.SWEEP_STAGE: stage, tag.SWEEP_STUDY: study.study_name}, params=params,
-        launcher=os.environ.get("MLFLOW_RUN_ID"))
+        client,
+        experiment=experiment,
+        run_name=f"sweep-{study.study_name}",
+        tags={tag.STAGE: "sweep", tag.SWEEP_STAGE: stage, tag.SWEEP_STUDY: study.study_name},
+        params=params,
+        launcher=os.environ.get("MLFLOW_RUN_ID"),
+    )
     study.set_user_attr("mlflow_parent_run", parent)
     return parent
 
@@ -195,29 +221,55 @@ def set_shared_tag(client: MlflowClient, run_id: str, key: str, value: str, trie
 def summarise(client: MlflowClient, study: optuna.Study, parent: str, metric: str) -> None:
     """Best trial, a table of all trials and Optuna's plots, on the parent run."""
     trials = study.get_trials(deepcopy=False)
-    rows = [{
-        "number": t.number, "state": t.state.name, "value": t.value,
-        "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "resume_of": t.user_attrs.get("resume_of"),
-        **{f"params.{k}": v for k, v in t.params.items()},
-    } for t in trials]
+    rows = [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            "resume_of": t.user_attrs.get("resume_of"),
+            **{f"params.{k}": v for k, v in t.params.items()},
+        }
+        for t in trials
+    ]
     import pandas as pd
 
     client.log_table(parent, pd.DataFrame(rows), "trials.json")
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    counts = {state.name.lower(): sum(t.state == state for t in trials)
-              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    lines = [f"**Optuna study `{study.study_name}`** · objective `{metric}` ({study.direction.name.lower()})",
-             "", f"Trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed", ""]
+    counts = {
+        state.name.lower(): sum(t.state == state for t in trials)
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
+    lines = [
+        f"**Optuna study `{study.study_name}`** · objective `{metric}` ({study.direction.name.lower()})",
+        "",
+        f"Trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed",
+        "",
+    ]
     if completed:
         best = study.best_trial
         set_shared_tag(client, parent, tag.BEST_TRIAL, str(best.number))
         set_shared_tag(client, parent, tag.BEST_RUN_ID, best.user_attrs.get("mlflow_run_id", ""))
         client.log_metric(parent, f"best/{metric}", best.value, step=len(trials))
-        client.log_text(parent, json.dumps({"number": best.number, "value": best.value, "params": best.params,
-                                            "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}, indent=2),
-                        "best_trial.json")
-        lines += [f"Best: trial {best.number}, {metric} = {best.value:.6g}, run "
-                  f"`{best.user_attrs.get('mlflow_run_id')}`", "", "| parameter | value |", "|---|---|"]
+        client.log_text(
+            parent,
+            json.dumps(
+                {
+                    "number": best.number,
+                    "value": best.value,
+                    "params": best.params,
+                    "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
+                },
+                indent=2,
+            ),
+            "best_trial.json",
+        )
+        lines += [
+            f"Best: trial {best.number}, {metric} = {best.value:.6g}, run `{best.user_attrs.get('mlflow_run_id')}`",
+            "",
+            "| parameter | value |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {v} |" for k, v in best.params.items()]
     _log_plots(client, study, parent, len(completed))
     set_shared_tag(client, parent, tag.NOTE, "\n".join(lines))
@@ -271,10 +323,14 @@ def parse_args(argv: list[str]) -> SweepArgs:
         n_trials = int(float(line.launch.get("n_trials") or 20))
     except ValueError as err:
         raise ConfigError(f"n_trials must be a number, not {line.launch.get('n_trials')!r}") from err
-    return SweepArgs(stage=stage, n_trials=n_trials, storage=line.launch.get("storage") or "sqlite:///optuna.db",
-                     study=line.launch.get("study") or f"{stage}-sweep",
-                     spec_overrides=[w[len("sweep."):] for w in line.overrides if w.startswith("sweep.")],
-                     stage_overrides=[w for w in line.overrides if not w.startswith("sweep.")])
+    return SweepArgs(
+        stage=stage,
+        n_trials=n_trials,
+        storage=line.launch.get("storage") or "sqlite:///optuna.db",
+        study=line.launch.get("study") or f"{stage}-sweep",
+        spec_overrides=[w[len("sweep.") :] for w in line.overrides if w.startswith("sweep.")],
+        stage_overrides=[w for w in line.overrides if not w.startswith("sweep.")],
+    )
 
 
 def run_sweep(argv: list[str]) -> int:
@@ -323,8 +379,13 @@ def _run_study(argv: list[str]) -> int:
     parent = _parent_run(client, stage_cls, args, spec, study, created)
     experiment = client.get_experiment(client.get_run(parent).info.experiment_id).name
     sweep = Sweep(stage_cls, spec, space, args.stage_overrides, study, parent, experiment, client)
-    log.info("Study %r in %s: %d trials wanted; MLflow parent run %s", args.study,
-             mask_secrets({"s": args.storage})["s"], args.n_trials, parent)
+    log.info(
+        "Study %r in %s: %d trials wanted; MLflow parent run %s",
+        args.study,
+        mask_secrets({"s": args.storage})["s"],
+        args.n_trials,
+        parent,
+    )
     code = EXIT_OK
     try:
         code = _optimize(sweep, args.n_trials)
@@ -335,17 +396,25 @@ def _run_study(argv: list[str]) -> int:
     return code
 
 
-def _parent_run(client: MlflowClient, stage_cls: type[Stage], args: SweepArgs, spec: SweepSpec,
-                study: optuna.Study, created: bool) -> str:
+def _parent_run(
+    client: MlflowClient, stage_cls: type[Stage], args: SweepArgs, spec: SweepSpec, study: optuna.Study, created: bool
+) -> str:
     """The study's MLflow parent run, in the stage's experiment (the launcher's, under ``mlflow run``)."""
     launch = parse_launch(args.stage_overrides, stage_cls.run_inputs)  # e.g. finetune_vocoder's adapter_run=
     experiment = compose_config(args.stage, launch.overrides).tracking.experiment or args.stage
     if os.environ.get("MLFLOW_RUN_ID") and created:
         experiment = client.get_experiment(client.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id).name
-    params = {"sweep.stage": args.stage, "sweep.n_trials": args.n_trials, "sweep.storage": args.storage,
-              "sweep.study": args.study, "sweep.metric": spec.metric, "sweep.direction": spec.direction,
-              "sweep.pruner": spec.pruner, "sweep.overrides": " ".join(args.stage_overrides),
-              **{f"space.{k}": v for k, v in spec.space.items()}}
+    params = {
+        "sweep.stage": args.stage,
+        "sweep.n_trials": args.n_trials,
+        "sweep.storage": args.storage,
+        "sweep.study": args.study,
+        "sweep.metric": spec.metric,
+        "sweep.direction": spec.direction,
+        "sweep.pruner": spec.pruner,
+        "sweep.overrides": " ".join(args.stage_overrides),
+        **{f"space.{k}": v for k, v in spec.space.items()},
+    }
     return parent_run_for(client, study, created, args.stage, experiment, params)
 
 
@@ -371,14 +440,21 @@ def _optimize(sweep: Sweep, n_trials: int) -> int:
         while not stop["requested"]:
             optuna.storages.fail_stale_trials(study)  # crashed workers' trials: FAIL + re-queued for resume
             if len(study.get_trials(deepcopy=False, states=COUNTED_STATES)) >= n_trials:
-                unsure = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                          if t.number in found_running]
+                unsure = [
+                    t.number
+                    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                    if t.number in found_running
+                ]
                 left = grace - (time.monotonic() - started)
                 if not unsure or left <= 0:
                     break
                 if not waiting_logged:
-                    log.info("Trials %s were running before this worker started; waiting up to %.0f s to learn "
-                             "whether their worker crashed (then they resume here)", unsure, left)
+                    log.info(
+                        "Trials %s were running before this worker started; waiting up to %.0f s to learn "
+                        "whether their worker crashed (then they resume here)",
+                        unsure,
+                        left,
+                    )
                     waiting_logged = True
                 time.sleep(min(left, 1.0))
                 continue

@@ -10,7 +10,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import optuna
 from omegaconf import OmegaConf
@@ -39,10 +39,9 @@ class SweepSpec:
     pruner_warmup_steps: int = 0  # median: steps before a trial can be pruned
     min_resource: int = 1  # successive_halving: steps before the first rung
     reduction_factor: int = 3  # successive_halving
-    sampler_seed: Optional[int] = None  # TPE seed (leave null with several workers)
+    sampler_seed: int | None = None  # TPE seed (leave null with several workers)
     heartbeat_seconds: int = 30  # a trial whose worker is silent for 4x this is a crash, and is retried
     max_retries: int = 3  # how often one interrupted trial is resumed
-
 
 
 DISTRIBUTIONS = {
@@ -93,7 +92,6 @@ def override_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
 
 
-
 def stage_class(name: str) -> type[Stage]:
     """The registered training stage ``name`` (pipeline.stages.TRAINING_STAGES)."""
     if name not in TRAINING_STAGES:
@@ -115,7 +113,7 @@ def load_spec(stage: str, overrides: list[str]) -> SweepSpec:
         raise ConfigError(f"Invalid sweep override: {err}") from err
     spec = OmegaConf.to_object(spec)
     for change in space_changes:
-        key, _, value = change[len("space."):].partition("=")
+        key, _, value = change[len("space.") :].partition("=")
         if value.strip().lower() in ("none", "null", ""):
             spec.space.pop(key, None)
         else:
@@ -133,15 +131,21 @@ def validate(stage_cls: type[Stage], spec: SweepSpec, stage_overrides: list[str]
         if OmegaConf.select(base, key, default="__missing__") == "__missing__":
             raise ConfigError(f"Sweep parameter {key!r} is not a key of the {stage_cls.name} config")
         space[key] = dist = parse_distribution(key, text)
-        probes = dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution) else (dist.low, dist.high)
+        probes = (
+            dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution) else (dist.low, dist.high)
+        )
         for probe in probes:  # the schema type-checks every value the sampler may propose
             apply_overrides(stage_cls.name, base, [f"{key}={override_value(probe)}"])
     if spec.metric not in stage_cls.val_metric_names:
-        raise ConfigError(f"Objective metric {spec.metric!r} is never logged by {stage_cls.name}; "
-                          f"it logs {', '.join(stage_cls.val_metric_names)}")
+        raise ConfigError(
+            f"Objective metric {spec.metric!r} is never logged by {stage_cls.name}; "
+            f"it logs {', '.join(stage_cls.val_metric_names)}"
+        )
     if base.validation.interval <= 0:
-        raise ConfigError(f"validation.interval={base.validation.interval}: the objective {spec.metric} would never "
-                          "be logged; set validation.interval > 0")
+        raise ConfigError(
+            f"validation.interval={base.validation.interval}: the objective {spec.metric} would never "
+            "be logged; set validation.interval > 0"
+        )
     if spec.direction not in ("minimize", "maximize"):
         raise ConfigError(f"sweep.direction must be minimize or maximize, not {spec.direction!r}")
     if spec.pruner not in ("median", "successive_halving", "none"):
@@ -151,13 +155,14 @@ def validate(stage_cls: type[Stage], spec: SweepSpec, stage_overrides: list[str]
 
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner_startup_trials,
-                                           n_warmup_steps=spec.pruner_warmup_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=spec.pruner_startup_trials, n_warmup_steps=spec.pruner_warmup_steps
+        )
     if spec.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.min_resource,
-                                                      reduction_factor=spec.reduction_factor)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=spec.min_resource, reduction_factor=spec.reduction_factor
+        )
     return optuna.pruners.NopPruner()
-
 
 
 def open_study(storage_url: str, name: str, spec: SweepSpec) -> tuple[optuna.Study, bool]:
@@ -166,27 +171,35 @@ def open_study(storage_url: str, name: str, spec: SweepSpec) -> tuple[optuna.Stu
     for attempt in range(5):  # workers started together race to create Optuna's tables; the loser retries
         try:
             storage = RDBStorage(
-                storage_url, heartbeat_interval=spec.heartbeat_seconds, grace_period=4 * spec.heartbeat_seconds,
+                storage_url,
+                heartbeat_interval=spec.heartbeat_seconds,
+                grace_period=4 * spec.heartbeat_seconds,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries),
             )
             break
         except (SQLAlchemyError, ImportError) as err:
             if attempt == 4 or not _creation_race(err):
-                raise ConfigError(f"Cannot open the Optuna storage {mask_secrets({'s': storage_url})['s']}: "
-                                  f"{mask_secrets({'s': str(err).splitlines()[0]})['s']}") from err
+                raise ConfigError(
+                    f"Cannot open the Optuna storage {mask_secrets({'s': storage_url})['s']}: "
+                    f"{mask_secrets({'s': str(err).splitlines()[0]})['s']}"
+                ) from err
             log.info("Optuna storage not ready (%s); retrying", type(err).__name__)
             time.sleep(0.5 + attempt)
     sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, direction=spec.direction,
-                                    sampler=sampler, pruner=make_pruner(spec))
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction=spec.direction, sampler=sampler, pruner=make_pruner(spec)
+        )
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=make_pruner(spec))
-        if study.direction.name.lower() != spec.direction:
-            raise ConfigError(f"Study {name!r} exists with direction {study.direction.name.lower()}, "
-                              f"not {spec.direction}; use another study name")
-        return study, False
+        pass
+    study = optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=make_pruner(spec))
+    if study.direction.name.lower() != spec.direction:
+        raise ConfigError(
+            f"Study {name!r} exists with direction {study.direction.name.lower()}, "
+            f"not {spec.direction}; use another study name"
+        )
+    return study, False
 
 
 def _creation_race(err: Exception) -> bool:
@@ -210,8 +223,13 @@ def check_space_unchanged(study: optuna.Study, space: dict[str, Any]) -> None:
         if new is None:
             continue
         changed_kind = type(new) is not type(dist)
-        lost_choices = isinstance(dist, optuna.distributions.CategoricalDistribution) and not changed_kind and (
-            set(dist.choices) - set(new.choices))
+        lost_choices = (
+            isinstance(dist, optuna.distributions.CategoricalDistribution)
+            and not changed_kind
+            and (set(dist.choices) - set(new.choices))
+        )
         if changed_kind or lost_choices:
-            raise ConfigError(f"Study {study.study_name!r} was searched with {key}: {dist}; the search space now "
-                              f"says {new}. Keep the original space or use a new study name.")
+            raise ConfigError(
+                f"Study {study.study_name!r} was searched with {key}: {dist}; the search space now "
+                f"says {new}. Keep the original space or use a new study name."
+            )

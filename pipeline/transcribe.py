@@ -16,9 +16,8 @@ import logging
 import sys
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -26,19 +25,20 @@ from mlflow import MlflowClient
 from pipeline.config import ConfigError, parse_key_values
 from pipeline.data.audio import AudioError, audio_files, load_audio
 from pipeline.engine.checkpoint_files import CheckpointError
-from pipeline.engine.resume import ResumeError
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, setup_logging
+from pipeline.engine.resume import ResumeError
 from pipeline.engine.stage import Precision
 from pipeline.inference.asr import checkpoint_from_run, checkpoint_from_uri, load_model, transcribe
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class TranscribeConfig:
-    run_id: Optional[str] = None  # a train_asr run; its latest or best checkpoint is used
-    model_uri: Optional[str] = None  # or: models:/<name>/<version>, runs:/<id>/checkpoints/step-N, a local directory
-    input: Optional[str] = None  # an audio file or a directory of audio files (searched recursively)
-    output: Optional[str] = None  # optional CSV file for the transcripts
+    run_id: str | None = None  # a train_asr run; its latest or best checkpoint is used
+    model_uri: str | None = None  # or: models:/<name>/<version>, runs:/<id>/checkpoints/step-N, a local directory
+    input: str | None = None  # an audio file or a directory of audio files (searched recursively)
+    output: str | None = None  # optional CSV file for the transcripts
     checkpoint: str = "latest"  # with run_id: latest | best (by the run's checkpoint.monitor)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -62,7 +62,7 @@ def _log_to_run(client: MlflowClient, run_id: str | None, table: pd.DataFrame) -
         client.get_run(run_id)
     except Exception:
         return  # the checkpoint came from another tracking store
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     client.log_table(run_id, data=table, artifact_file=f"transcriptions/{stamp}.json")
     log.info("Logged %d transcripts to run %s as transcriptions/%s.json", len(table), run_id, stamp)
 

@@ -25,12 +25,18 @@ from pipeline.engine.stage import Precision
 CASES = {
     # name: (stage, overrides)
     "train_adapter/mhubert_147": ("train_adapter", ["ssl=mhubert_147", "batch_size=16", "data.segment_seconds=2.0"]),
-    "train_adapter/mhubert_147/atotti_recipe": ("train_adapter", ["recipe=atotti_miipher2", "batch_size=16",
-                                                                 "data.segment_seconds=2.0"]),
-    "pretrain_vocoder/mhubert_147+v1": ("pretrain_vocoder", ["ssl=mhubert_147", "vocoder=v1", "batch_size=16",
-                                                              "data.segment_seconds=0.5"]),
-    "pretrain_vocoder/mhubert_147+conformer_v1_22k": ("pretrain_vocoder", ["ssl=mhubert_147", "vocoder=conformer_v1_22k",
-                                                                            "batch_size=16", "data.segment_seconds=0.5"]),
+    "train_adapter/mhubert_147/atotti_recipe": (
+        "train_adapter",
+        ["recipe=atotti_miipher2", "batch_size=16", "data.segment_seconds=2.0"],
+    ),
+    "pretrain_vocoder/mhubert_147+v1": (
+        "pretrain_vocoder",
+        ["ssl=mhubert_147", "vocoder=v1", "batch_size=16", "data.segment_seconds=0.5"],
+    ),
+    "pretrain_vocoder/mhubert_147+conformer_v1_22k": (
+        "pretrain_vocoder",
+        ["ssl=mhubert_147", "vocoder=conformer_v1_22k", "batch_size=16", "data.segment_seconds=0.5"],
+    ),
 }
 
 
@@ -69,11 +75,19 @@ def bench(name: str, device: str, precision: str, steps: int, warmup: int) -> di
         if i >= warmup:
             times.append(time.perf_counter() - start)
     per_step = statistics.median(times)
-    return {"case": name, "device": torch.cuda.get_device_name() if cuda else "cpu", "precision": precision,
-            "batch_size": int(cfg.batch_size), "seconds_per_step": per_step, "min": min(times), "max": max(times),
-            "samples_per_s": int(cfg.batch_size) / per_step, "steps_timed": len(times),
-            "deterministic": torch.are_deterministic_algorithms_enabled(),
-            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    return {
+        "case": name,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": precision,
+        "batch_size": int(cfg.batch_size),
+        "seconds_per_step": per_step,
+        "min": min(times),
+        "max": max(times),
+        "samples_per_s": int(cfg.batch_size) / per_step,
+        "steps_timed": len(times),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    }
 
 
 def main() -> None:
@@ -83,8 +97,11 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--deterministic", action="store_true",
-                        help="the kernels a job uses with trainer.deterministic=true (the default for training)")
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="the kernels a job uses with trainer.deterministic=true (the default for training)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.deterministic:

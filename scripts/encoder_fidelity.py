@@ -50,15 +50,27 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_pretrained(Path(tmp) / "hf")
             torch.save(import_huggingface_model(hf).state_dict(), Path(tmp) / "encoder.pt")
-            for fmt, weights in (("huggingface_dir", Path(tmp) / "hf"), ("torchaudio_state_dict", Path(tmp) / "encoder.pt")):
+            for fmt, weights in (
+                ("huggingface_dir", Path(tmp) / "hf"),
+                ("torchaudio_state_dict", Path(tmp) / "encoder.pt"),
+            ):
                 for layer in sorted({max(ssl.layer - 2, 1), ssl.layer}):
                     ssl.weights, ssl.layer = str(weights), layer
                     with torch.no_grad():
                         got = encoder_features(create_encoder(ssl).eval(), x, layer)
                     diff = (got - reference[layer]).abs()
-                    print(json.dumps({"preset": preset, "format": fmt, "layer": layer,
-                                      "max_abs_diff": float(diff.max()), "feature_abs_mean": float(reference[layer].abs().mean())}),
-                          flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "preset": preset,
+                                "format": fmt,
+                                "layer": layer,
+                                "max_abs_diff": float(diff.max()),
+                                "feature_abs_mean": float(reference[layer].abs().mean()),
+                            }
+                        ),
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

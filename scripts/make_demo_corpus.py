@@ -69,9 +69,30 @@ def synthesise(text: str, voice: str, speed: int, out: Path, tmp: Path) -> None:
     raw = tmp / "raw.wav"
     subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True)
     subprocess.run(
-        ["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(out),
-         "silence", "1", "0.05", "0.5%", "reverse", "silence", "1", "0.05", "0.5%", "reverse",
-         "pad", "0.05", "0.05"],
+        [
+            "sox",
+            str(raw),
+            "-r",
+            "16000",
+            "-c",
+            "1",
+            "-b",
+            "16",
+            str(out),
+            "silence",
+            "1",
+            "0.05",
+            "0.5%",
+            "reverse",
+            "silence",
+            "1",
+            "0.05",
+            "0.5%",
+            "reverse",
+            "pad",
+            "0.05",
+            "0.05",
+        ],
         check=True,
     )
 

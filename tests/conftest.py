@@ -54,15 +54,29 @@ def run_module(workdir: Path, *args: str, timeout: float = 300) -> subprocess.Co
     """``python -m pipeline.stages.train_adapter ARGS`` in ``workdir``."""
     return subprocess.run(
         [PYTHON, "-m", "pipeline.stages.train_adapter", *args],
-        cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=timeout,
+        cwd=workdir,
+        env=env_for(workdir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
-def mlflow_run(workdir: Path, *params: str, timeout: float = 300, entry: str = "train_adapter"
-               ) -> subprocess.CompletedProcess:
+def mlflow_run(
+    workdir: Path, *params: str, timeout: float = 300, entry: str = "train_adapter"
+) -> subprocess.CompletedProcess:
     """``mlflow run <repo> -e <entry> --env-manager local -P ...`` in ``workdir`` (experiment = entry point)."""
-    cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local",
-           "--experiment-name", entry]
+    cmd = [
+        os.path.join(VENV_BIN, "mlflow"),
+        "run",
+        str(REPO),
+        "-e",
+        entry,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        entry,
+    ]
     for p in params:
         cmd += ["-P", p]
     return subprocess.run(cmd, cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=timeout)
@@ -82,10 +96,17 @@ def loss_history(client: MlflowClient, run_id: str, key: str = "train/loss") -> 
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition",
-             proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_for(
+    predicate,
+    timeout: float,
+    interval: float = 0.2,
+    what: str = "condition",
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+):
     """Poll ``predicate`` until it returns something truthy. With ``proc``, fail as soon as that process
     has ended; with ``log`` (the file its stderr goes to), a failure shows the log's tail."""
+
     def fail(why: str):
         tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
         raise AssertionError(f"{why} waiting for {what}" + (f"; its log ends:\n{tail}" if tail else ""))
@@ -133,14 +154,26 @@ def postgres():
         subprocess.run(as_user + list(cmd), check=True, capture_output=True, text=True, cwd=root)
 
     pg(f"{bindir}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
-    pg(f"{bindir}/pg_ctl", "-D", data, "-l", os.path.join(root, "log"), "-w", "-o",
-       f"-h 127.0.0.1 -p {port} -k {root} -c max_connections=200", "start")
+    pg(
+        f"{bindir}/pg_ctl",
+        "-D",
+        data,
+        "-l",
+        os.path.join(root, "log"),
+        "-w",
+        "-o",
+        f"-h 127.0.0.1 -p {port} -k {root} -c max_connections=200",
+        "start",
+    )
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}", (lambda db: pg(
-            f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db))
+        yield (
+            f"postgresql+psycopg2://postgres@127.0.0.1:{port}",
+            (lambda db: pg(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db)),
+        )
     finally:
-        subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"],
-                       capture_output=True, cwd=root)
+        subprocess.run(
+            as_user + [f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True, cwd=root
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -154,9 +187,13 @@ def s3(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-                       "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+    }.items():
         monkeypatch.setenv(key, value)
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="test-bucket")
@@ -196,14 +233,24 @@ def chain(tmp_path_factory):
         client = MlflowClient()
         adapter, vocoder = (stage_runs(client, s)[0].info.run_id for s in ("train_adapter", "pretrain_vocoder"))
         assert run_stage(FinetuneVocoder, [f"adapter_run={adapter}", f"vocoder_run={vocoder}", *CHAIN_STEPS]) == EXIT_OK
-        yield {"dir": root, "adapter": adapter, "vocoder": vocoder,
-               "finetune": stage_runs(client, "finetune_vocoder")[0].info.run_id}
+        yield {
+            "dir": root,
+            "adapter": adapter,
+            "vocoder": vocoder,
+            "finetune": stage_runs(client, "finetune_vocoder")[0].info.run_id,
+        }
 
 
 def start_stage(workdir: Path, stage: str, *args: str) -> subprocess.Popen:
     """``python -m pipeline.stages.<stage> ARGS`` in the background, stderr readable line by line."""
-    return subprocess.Popen([PYTHON, "-m", f"pipeline.stages.{stage}", *args], cwd=workdir, env=env_for(workdir),
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(
+        [PYTHON, "-m", f"pipeline.stages.{stage}", *args],
+        cwd=workdir,
+        env=env_for(workdir),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 def read_until(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:

@@ -191,10 +191,17 @@ class SlurmCluster:
         key = self.root / "munge.key"
         key.write_bytes(os.urandom(128))
         key.chmod(0o400)
-        self._spawn("munged", [
-            self.bin["munged"], "--foreground", f"--socket={self.munge_socket}", f"--key-file={key}",
-            f"--pid-file={self.root / 'munged.pid'}", f"--seed-file={self.root / 'munged.seed'}",
-        ])
+        self._spawn(
+            "munged",
+            [
+                self.bin["munged"],
+                "--foreground",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={self.root / 'munged.pid'}",
+                f"--seed-file={self.root / 'munged.seed'}",
+            ],
+        )
         deadline = time.monotonic() + 10
         while not self.munge_socket.exists():
             if self.procs["munged"].poll() is not None or time.monotonic() > deadline:
@@ -206,8 +213,9 @@ class SlurmCluster:
         (self.root / "log").mkdir(parents=True, exist_ok=True)
         with open(self.root / "log" / f"{name}.out", "wb") as out:
             # A session of its own: a Ctrl-C meant for pytest does not reach the daemons before stop() does.
-            self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                                cwd=self.root, start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True
+            )
         log.info("started %s (pid %d)", name, self.procs[name].pid)
 
     def _wait_idle(self, deadline: float) -> None:

@@ -51,8 +51,9 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pipeline"):
             for alias in node.names:
                 candidate = f"{node.module}.{alias.name}"
-                is_module = (ROOT / Path(*candidate.split("."))).with_suffix(".py").exists() or \
-                    (ROOT / Path(*candidate.split("."))).is_dir()
+                is_module = (ROOT / Path(*candidate.split("."))).with_suffix(".py").exists() or (
+                    ROOT / Path(*candidate.split("."))
+                ).is_dir()
                 out.add(candidate if is_module else node.module)
     return out
 
@@ -90,14 +91,17 @@ def test_no_lower_layer_imports_a_higher_one():
     assert violations(graph) == []
 
 
-@pytest.mark.parametrize("module, target", [
-    ("pipeline.data.datasets", "pipeline.engine.trainer"),  # data does not import the engine
-    ("pipeline.engine.trainer", "pipeline.stages.train_adapter"),
-    ("pipeline.models.hifigan", "pipeline.data.corpus"),  # siblings
-    ("pipeline.common.files", "pipeline.config"),
-    ("pipeline.inference.chain", "pipeline.stages.vocoder_base"),
-    ("pipeline.engine.session", "pipeline.main"),  # a library never imports an entry point
-])
+@pytest.mark.parametrize(
+    "module, target",
+    [
+        ("pipeline.data.datasets", "pipeline.engine.trainer"),  # data does not import the engine
+        ("pipeline.engine.trainer", "pipeline.stages.train_adapter"),
+        ("pipeline.models.hifigan", "pipeline.data.corpus"),  # siblings
+        ("pipeline.common.files", "pipeline.config"),
+        ("pipeline.inference.chain", "pipeline.stages.vocoder_base"),
+        ("pipeline.engine.session", "pipeline.main"),  # a library never imports an entry point
+    ],
+)
 def test_the_layer_check_fails_on_an_import_that_goes_up(module, target):
     graph = import_graph()
     graph[module] = graph[module] | {target}

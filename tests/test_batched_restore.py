@@ -13,8 +13,13 @@ from pipeline.inference.chain import RestorationChain, assemble
 from pipeline.models.hifigan import Generator
 
 CHUNKS = dict(chunk_seconds=0.2, context_seconds=0.1, fade_seconds=0.04)  # 10 frames, 5 of context, fade 2
-CONFORMER = ["vocoder.conformer_layers=1", "vocoder.conformer_dim=32", "vocoder.conformer_heads=2",
-             "vocoder.conformer_ffn_dim=64", "vocoder.conformer_kernel=5"]
+CONFORMER = [
+    "vocoder.conformer_layers=1",
+    "vocoder.conformer_dim=32",
+    "vocoder.conformer_heads=2",
+    "vocoder.conformer_ffn_dim=64",
+    "vocoder.conformer_kernel=5",
+]
 CASES = {
     "group_norm": ((), (), CHUNKS),
     "layer_norm": (("ssl.extractor_mode=layer_norm",), (), CHUNKS),
@@ -77,8 +82,10 @@ def test_restore_many_equals_restore_mono_per_wave(case, waves):
     assert min(float(r.std()) for r in one_by_one[2:]) > 0.05 and max(float(r.abs().max()) for r in one_by_one) < 0.99
     if chunking["chunk_seconds"]:
         assert [len(chain.plan_chunks(w.numel())) for w in waves] == [1, 1, 1, 2, 3, 5]
-    assert max_difference(restore_many(chain, waves, max_batch=1), restore_many(chain, waves, max_batch=64)) \
+    assert (
+        max_difference(restore_many(chain, waves, max_batch=1), restore_many(chain, waves, max_batch=64))
         < BATCH_TOLERANCE
+    )
 
 
 def test_the_plan_overlap_adds_to_one_everywhere():
@@ -94,4 +101,3 @@ def test_a_conformer_prenet_refuses_a_padded_batch():
     generator = Generator(64, configs((), tuple(CONFORMER))[2]).eval()
     with pytest.raises(ValueError, match="equal length"):
         generator(torch.randn(2, 7, 64), torch.tensor([7, 5]))
-

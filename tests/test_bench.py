@@ -6,8 +6,15 @@ from pipeline.bench import training
 
 
 def test_engine_figures_measure_both_sides(store):
-    overhead = training.tracking_overhead("train_adapter", ["ssl=tiny", "batch_size=4", "data.segment_seconds=0.5"],
-                                          steps=12, save_every=6, pairs=1, warmup=2, label="test")
+    overhead = training.tracking_overhead(
+        "train_adapter",
+        ["ssl=tiny", "batch_size=4", "data.segment_seconds=0.5"],
+        steps=12,
+        save_every=6,
+        pairs=1,
+        warmup=2,
+        label="test",
+    )
     assert overhead["name"] == "tracking_overhead/test" and overhead["target"] == "<= 1.03"
     engine, bare = overhead["engine_step_s"]["median"], overhead["bare_step_s"]["median"]
     assert engine > 0 and bare > 0 and abs(overhead["value"] / (engine / bare) - 1) < 0.01  # medians are rounded
@@ -33,8 +40,9 @@ def test_stop_latency_measures_a_signal_and_the_stop_tag_each_ending_the_run_kil
 def test_cleaning_figures_measure_the_job_and_the_bare_forward_pass(store):
     from pipeline.bench import cleaning
 
-    throughput, bare = cleaning.cleaning_figures("test", ["ssl=tiny"], "tiny", files=4, files_per_batch=2,
-                                                 scaling=False, memory=False)  # memory: the test below
+    throughput, bare = cleaning.cleaning_figures(
+        "test", ["ssl=tiny"], "tiny", files=4, files_per_batch=2, scaling=False, memory=False
+    )  # memory: the test below
     assert throughput["name"] == "clean_corpus/audio_s_per_s/test"
     assert bare["name"] == "clean_corpus/vs_bare_forward/test"
     job = throughput["job"]
@@ -54,8 +62,9 @@ def test_the_peak_memory_figure_sums_a_process_family_by_kind():
 
     from pipeline.bench import cleaning
 
-    family = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '30']); "
-                               "time.sleep(30)"])
+    family = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '30']); time.sleep(30)"]
+    )
     try:
         root = psutil.Process(family.pid)
         while not root.children():

@@ -8,15 +8,21 @@ import pytest
 pytestmark = pytest.mark.slow  # a team server (PostgreSQL + mlflow server) and one process per job
 
 
-@pytest.mark.skipif(not glob.glob("/usr/lib/postgresql/*/bin"),
-                    reason="PostgreSQL server binaries not installed (apt-get install postgresql)")
+@pytest.mark.skipif(
+    not glob.glob("/usr/lib/postgresql/*/bin"),
+    reason="PostgreSQL server binaries not installed (apt-get install postgresql)",
+)
 def test_metric_ingest_stores_every_point_of_concurrent_jobs():
     from pipeline.bench.scale_ingest import metric_ingest
 
     figures = {f["name"]: f for f in metric_ingest(jobs_sizes=(1, 2), steps=50, metrics=3)}
-    assert set(figures) == {"scale/metric_ingest/points_per_s/1_jobs", "scale/metric_ingest/points_per_s/2_jobs",
-                            "scale/metric_ingest/slowest_step_ratio/1_jobs",
-                            "scale/metric_ingest/slowest_step_ratio/2_jobs", "scale/metric_ingest"}
+    assert set(figures) == {
+        "scale/metric_ingest/points_per_s/1_jobs",
+        "scale/metric_ingest/points_per_s/2_jobs",
+        "scale/metric_ingest/slowest_step_ratio/1_jobs",
+        "scale/metric_ingest/slowest_step_ratio/2_jobs",
+        "scale/metric_ingest",
+    }
     for n in (1, 2):
         ingest = figures[f"scale/metric_ingest/points_per_s/{n}_jobs"]
         assert ingest["stored_points"] == ingest["logged_points"] == n * 50 * 3 and ingest["all_stored"] is True
@@ -28,4 +34,5 @@ def test_metric_ingest_stores_every_point_of_concurrent_jobs():
     summary = figures["scale/metric_ingest"]
     assert set(summary["points_per_s"]) == set(summary["slowest_step_ratio"]) == {"1", "2"}
     assert summary["largest_over_smallest"] > 0 and summary["value"] == pytest.approx(
-        summary["largest_over_smallest"], abs=1e-3)
+        summary["largest_over_smallest"], abs=1e-3
+    )

@@ -17,9 +17,16 @@ def test_the_ui_chart_figures_come_from_a_drawn_chart_and_real_history_calls():
 
     figures = {f["name"]: f for f in ui_chart_figures(steps_sizes=(200, 2000), metrics=2, repeats=1)}
 
-    assert set(figures) == {"scale/ui_chart_s/200", "scale/ui_chart_s/2000", "scale/full_history_s/200",
-                            "scale/full_history_s/2000", "scale/sampled_history_s/200", "scale/sampled_history_s/2000",
-                            "scale/store_mb_per_million_points/sqlite", "scale/ui_chart_s"}
+    assert set(figures) == {
+        "scale/ui_chart_s/200",
+        "scale/ui_chart_s/2000",
+        "scale/full_history_s/200",
+        "scale/full_history_s/2000",
+        "scale/sampled_history_s/200",
+        "scale/sampled_history_s/2000",
+        "scale/store_mb_per_million_points/sqlite",
+        "scale/ui_chart_s",
+    }
     assert all(f["value"] > 0 for f in figures.values()), figures
     for steps in (200, 2000):
         chart = figures[f"scale/ui_chart_s/{steps}"]

@@ -13,9 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import PYTHON, REPO, TINY, env_for, read_until
 from mlflow import MlflowClient
 
-from conftest import PYTHON, REPO, TINY, env_for, read_until
 from pipeline.bench.browser import CHROMIUM_ARGS, chromium_path, missing_browser
 from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
 from pipeline.engine.tracking import ui_url
@@ -36,8 +36,14 @@ def _chromium() -> str:
 def _job(server, workdir: Path, *args: str) -> subprocess.Popen:
     env = env_for(workdir)
     env["MLFLOW_TRACKING_URI"] = server.uri
-    return subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_adapter", *args], cwd=workdir, env=env,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(
+        [PYTHON, "-m", "pipeline.stages.train_adapter", *args],
+        cwd=workdir,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +72,13 @@ def dashboard(tmp_path_factory):
             browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(PAGE_TIMEOUT_MS)
-            yield {"server": server, "root": root, "client": client, "run": client.get_run(run.info.run_id),
-                   "page": page}
+            yield {
+                "server": server,
+                "root": root,
+                "client": client,
+                "run": client.get_run(run.info.run_id),
+                "page": page,
+            }
             browser.close()
     finally:
         server.stop()
@@ -147,8 +158,10 @@ def test_a_listening_page_plays_and_shows_its_spectrograms_in_the_artifact_viewe
             break
         page.wait_for_timeout(100)
     assert frame is not None, "the artifact viewer showed no HTML frame"
-    frame.wait_for_function("() => [...document.querySelectorAll('audio')].every(a => a.readyState >= 2)"
-                            " && document.querySelectorAll('audio').length > 0")
+    frame.wait_for_function(
+        "() => [...document.querySelectorAll('audio')].every(a => a.readyState >= 2)"
+        " && document.querySelectorAll('audio').length > 0"
+    )
     audio = frame.evaluate("() => [...document.querySelectorAll('audio')].map(a => [a.readyState, a.duration])")
     images = frame.evaluate("() => [...document.querySelectorAll('img')].map(i => i.complete && i.naturalWidth)")
     _shot(page, "listening-page")
@@ -197,8 +210,15 @@ def test_the_experiment_link_opens_the_runs_table_with_progress_and_losses(dashb
 
 def test_setting_stop_requested_in_the_tag_editor_stops_a_running_run(dashboard):
     server, root, page, client = dashboard["server"], dashboard["root"], dashboard["page"], dashboard["client"]
-    job = _job(server, root, *TINY, "trainer.max_steps=100000", "checkpoint.save_interval=100000",
-               "validation.interval=0", "tracking.experiment=stop-from-browser")
+    job = _job(
+        server,
+        root,
+        *TINY,
+        "trainer.max_steps=100000",
+        "checkpoint.save_interval=100000",
+        "validation.interval=0",
+        "tracking.experiment=stop-from-browser",
+    )
     try:
         read_until(job, "step 3/100000")
         (run,) = client.search_runs([client.get_experiment_by_name("stop-from-browser").experiment_id])
@@ -231,16 +251,32 @@ def test_the_evaluation_run_and_the_registered_chain_explain_themselves(dashboar
     from pipeline.inference.summary import describe_evaluation
 
     page, client, trained = dashboard["page"], dashboard["client"], dashboard["run"]
-    metrics = {"eval/degraded/stoi": 0.71, "eval/restored/stoi": 0.52, "eval/degraded/pesq_wb": 1.10,
-               "eval/restored/pesq_wb": 1.03, "eval/degraded/dnsmos_ovrl": 2.08, "eval/restored/dnsmos_ovrl": 1.58}
+    metrics = {
+        "eval/degraded/stoi": 0.71,
+        "eval/restored/stoi": 0.52,
+        "eval/degraded/pesq_wb": 1.10,
+        "eval/restored/pesq_wb": 1.03,
+        "eval/degraded/dnsmos_ovrl": 2.08,
+        "eval/restored/dnsmos_ovrl": 1.58,
+    }
     test_set = "the last 4 utterances of data=demo, degradation=default, seed=1234"
-    experiment = client.get_experiment_by_name("evaluate") or client.get_experiment(client.create_experiment("evaluate"))
+    experiment = client.get_experiment_by_name("evaluate") or client.get_experiment(
+        client.create_experiment("evaluate")
+    )
     evaluation = client.create_run(experiment.experiment_id, run_name="evaluate-chain").info.run_id
     log_dataset_inputs(client, evaluation, [mlflow_dataset(DEMO_DIR, "demo-test", "0123abcd")], "evaluation")
-    client.set_tag(evaluation, "mlflow.note.content", describe_evaluation(
-        mode="chain", evaluated=[f"vocoder: run `{trained.info.run_id}`"], test_set=test_set, metrics=metrics,
-        listening=ui_url(experiment.experiment_id, evaluation, page="artifactPath/listening/index.html"),
-        model_version="models:/speech-restoration/1"))
+    client.set_tag(
+        evaluation,
+        "mlflow.note.content",
+        describe_evaluation(
+            mode="chain",
+            evaluated=[f"vocoder: run `{trained.info.run_id}`"],
+            test_set=test_set,
+            metrics=metrics,
+            listening=ui_url(experiment.experiment_id, evaluation, page="artifactPath/listening/index.html"),
+            model_version="models:/speech-restoration/1",
+        ),
+    )
     client.set_terminated(evaluation, "FINISHED")
     client.create_registered_model("speech-restoration")
     client.create_model_version("speech-restoration", f"runs:/{trained.info.run_id}/checkpoints", trained.info.run_id)
@@ -252,8 +288,9 @@ def test_the_evaluation_run_and_the_registered_chain_explain_themselves(dashboar
     page.wait_for_timeout(500)
     _shot(page, "evaluation-run")
     assert page.get_by_text(f"Evaluation · chain · {test_set}", exact=False).first.is_visible()
-    assert page.get_by_text("Restored audio is worse than the degraded input on STOI, PESQ-WB, DNSMOS OVRL",
-                            exact=False).first.is_visible()
+    assert page.get_by_text(
+        "Restored audio is worse than the degraded input on STOI, PESQ-WB, DNSMOS OVRL", exact=False
+    ).first.is_visible()
     assert page.get_by_text("demo-test (0123abcd)").first.is_visible()  # the test set, as the run's input
 
     page.goto(f"{dashboard['server'].uri}/#/models/speech-restoration")
@@ -264,6 +301,8 @@ def test_the_evaluation_run_and_the_registered_chain_explain_themselves(dashboar
     page.goto(f"{dashboard['server'].uri}/#/models/speech-restoration/versions/1")
     page.get_by_text("Restoration chain:", exact=False).first.wait_for()
     _shot(page, "registered-model-version")
-    assert page.get_by_text(f"Evaluated by run {evaluation}", exact=False).first.is_visible() or \
-        page.get_by_text(evaluation).first.is_visible()
+    assert (
+        page.get_by_text(f"Evaluated by run {evaluation}", exact=False).first.is_visible()
+        or page.get_by_text(evaluation).first.is_visible()
+    )
     assert page.get_by_text("champion").first.is_visible()

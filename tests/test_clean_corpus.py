@@ -13,10 +13,10 @@ import pandas as pd
 import psutil
 import pytest
 import soundfile as sf
+from conftest import PYTHON, _free_port, env_for, mlflow_run, snapshot, wait_for
 from mlflow import MlflowClient
 from scipy.signal import resample_poly
 
-from conftest import PYTHON, _free_port, env_for, mlflow_run, snapshot, wait_for
 from pipeline.clean_corpus import run as clean_corpus
 from pipeline.data.corpus import read_corpus
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, EXIT_STORAGE
@@ -64,23 +64,36 @@ def outputs_equal_restore(chain, source: Path, manifest: pd.DataFrame, tmp: Path
 
 
 def the_run(client: MlflowClient):
-    runs = client.search_runs([client.get_experiment_by_name("clean_corpus").experiment_id],
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("clean_corpus").experiment_id], order_by=["attributes.start_time DESC"]
+    )
     return runs[0]
 
 
 def test_a_mixed_tree_is_cleaned_into_a_complete_manifest_equal_to_restore(chain, tmp_path, capfd):
     source, out = mixed_corpus(tmp_path / "crawl"), tmp_path / "clean"
     before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
-    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "keep.min_seconds=2.5",
-            "keep.min_speaker_similarity=-1", *FAST]
+    argv = [
+        f"run_id={chain['finetune']}",
+        f"input={source}",
+        f"output={out}",
+        "keep.min_seconds=2.5",
+        "keep.min_speaker_similarity=-1",
+        *FAST,
+    ]
     sigterm = signal.getsignal(signal.SIGTERM)
     assert clean_corpus(argv) == EXIT_OK
     assert signal.getsignal(signal.SIGTERM) is sigterm  # ray.init's sys.exit handler does not outlive the job
 
     manifest = pd.read_parquet(out / "manifest.parquet").set_index("id", drop=False)
-    assert sorted(manifest.index) == ["a.wav", "short.wav", "sub/broken.wav", "sub/deeper/low_8k.ogg",
-                                      "sub/silent.wav", "sub/stereo_44k.flac"]
+    assert sorted(manifest.index) == [
+        "a.wav",
+        "short.wav",
+        "sub/broken.wav",
+        "sub/deeper/low_8k.ogg",
+        "sub/silent.wav",
+        "sub/stereo_44k.flac",
+    ]
     assert manifest.loc["sub/broken.wav", "status"].startswith("skipped: unreadable")
     assert "BytesIO" not in manifest.loc["sub/broken.wav", "status"]
     assert manifest.loc["sub/silent.wav", "status"].startswith("skipped: silent")
@@ -88,11 +101,19 @@ def test_a_mixed_tree_is_cleaned_into_a_complete_manifest_equal_to_restore(chain
     assert manifest.loc["sub/deeper/low_8k.ogg", "input_rate"] == 8000
     assert sf.info(out / "sub" / "stereo_44k.wav").channels == 2
     restored = manifest[manifest.status == "restored"]
-    assert len(restored) == 4 and restored[["dnsmos_ovrl", "input_dnsmos_ovrl", "speaker_similarity"]].notna().all().all()
+    assert (
+        len(restored) == 4 and restored[["dnsmos_ovrl", "input_dnsmos_ovrl", "speaker_similarity"]].notna().all().all()
+    )
     assert restored.dnsmos_ovrl.between(1, 5).all() and restored.speaker_similarity.between(-1, 1).all()
     # keep: restored, at least 2.5 s (a.wav is 3.1 s, short.wav 2.0 s)
-    assert manifest["keep"].to_dict() == {"a.wav": True, "short.wav": False, "sub/stereo_44k.flac": True,
-                                          "sub/deeper/low_8k.ogg": True, "sub/broken.wav": False, "sub/silent.wav": False}
+    assert manifest["keep"].to_dict() == {
+        "a.wav": True,
+        "short.wav": False,
+        "sub/stereo_44k.flac": True,
+        "sub/deeper/low_8k.ogg": True,
+        "sub/broken.wav": False,
+        "sub/silent.wav": False,
+    }
     assert {p: p.read_bytes() for p in source.rglob("*") if p.is_file()} == before  # inputs untouched
     outputs_equal_restore(chain, source, manifest, tmp_path)
 
@@ -105,9 +126,15 @@ def test_a_mixed_tree_is_cleaned_into_a_complete_manifest_equal_to_restore(chain
     done = client.get_metric_history(run.info.run_id, "progress/files_done")
     assert [m.step for m in done] == sorted({m.step for m in done}) and done[-1].step == 6
     assert client.get_metric_history(run.info.run_id, "summary/kept")[-1].value == 3
-    artifacts = {f.path for d in ("manifest", "plots", "listening", "summary")
-                 for f in client.list_artifacts(run.info.run_id, d)}
-    assert {"manifest/manifest.parquet", "plots/scores.png", "listening/index.html", "summary/summary.json"} <= artifacts
+    artifacts = {
+        f.path for d in ("manifest", "plots", "listening", "summary") for f in client.list_artifacts(run.info.run_id, d)
+    }
+    assert {
+        "manifest/manifest.parquet",
+        "plots/scores.png",
+        "listening/index.html",
+        "summary/summary.json",
+    } <= artifacts
 
     capfd.readouterr()  # a finished job resumed: nothing to do
     assert clean_corpus([f"resume_run={run.info.run_id}"]) == EXIT_OK
@@ -115,9 +142,16 @@ def test_a_mixed_tree_is_cleaned_into_a_complete_manifest_equal_to_restore(chain
 
 
 def test_keep_is_exactly_the_rows_meeting_every_threshold():
-    table = pd.DataFrame({"status": ["restored", "restored", "restored", "skipped: silent", "restored"],
-                          "dnsmos_ovrl": [3.5, 2.9, np.nan, np.nan, 3.0], "speaker_similarity": [0.8, 0.9, 0.9, np.nan, 0.74],
-                          "seconds": [3.0, 3.0, 3.0, 0.0, 3.0], "dnsmos_sig": 3.0, "dnsmos_bak": 3.0})
+    table = pd.DataFrame(
+        {
+            "status": ["restored", "restored", "restored", "skipped: silent", "restored"],
+            "dnsmos_ovrl": [3.5, 2.9, np.nan, np.nan, 3.0],
+            "speaker_similarity": [0.8, 0.9, 0.9, np.nan, 0.74],
+            "seconds": [3.0, 3.0, 3.0, 0.0, 3.0],
+            "dnsmos_sig": 3.0,
+            "dnsmos_bak": 3.0,
+        }
+    )
     keep = keep_column(table, KeepConfig(min_ovrl=3.0, min_speaker_similarity=0.75))
     assert keep.tolist() == [True, False, False, False, False]
     assert keep_column(table, KeepConfig()).tolist() == [True, True, True, False, True]
@@ -128,10 +162,16 @@ def test_a_job_killed_with_its_workers_is_finished_by_resume_run_each_input_once
     source.mkdir()
     clean, rate = demo(2)
     for i in range(24):  # short files in many batches, so the kill lands between two commits
-        sf.write(source / f"utt{i:02d}.wav", clean[i * 100: i * 100 + int(1.3 * rate)], rate)
+        sf.write(source / f"utt{i:02d}.wav", clean[i * 100 : i * 100 + int(1.3 * rate)], rate)
     argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST]
-    job = subprocess.Popen([PYTHON, "-m", "pipeline.clean_corpus", *argv], cwd=chain["dir"], env=env_for(chain["dir"]),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen(
+        [PYTHON, "-m", "pipeline.clean_corpus", *argv],
+        cwd=chain["dir"],
+        env=env_for(chain["dir"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     client = MlflowClient()
 
     def committed():
@@ -154,8 +194,11 @@ def test_a_job_killed_with_its_workers_is_finished_by_resume_run_each_input_once
     parts = len(client.list_artifacts(run.info.run_id, "manifest/parts"))
 
     def stop_after_a_commit():
-        wait_for(lambda: len(client.list_artifacts(run.info.run_id, "manifest/parts")) > parts, timeout=600,
-                 what="a commit of the resumed job")
+        wait_for(
+            lambda: len(client.list_artifacts(run.info.run_id, "manifest/parts")) > parts,
+            timeout=600,
+            what="a commit of the resumed job",
+        )
         client.set_tag(run.info.run_id, "stop_requested", "true")
 
     stopper = threading.Thread(target=stop_after_a_commit)
@@ -185,16 +228,24 @@ def test_s3_input_and_output_through_a_moto_server_with_mlflow_run(chain, s3, tm
         buffer = tmp_path / "x.wav"
         sf.write(buffer, clean, rate)
         s3.upload_file(str(buffer), "test-bucket", name)
-    done = mlflow_run(chain["dir"], f"run_id={chain['finetune']}", "input=s3://test-bucket/in/",
-                      "output=s3://test-bucket/out", f"options=format=flac scores=false {' '.join(FAST)}",
-                      entry="clean_corpus", timeout=600)
+    done = mlflow_run(
+        chain["dir"],
+        f"run_id={chain['finetune']}",
+        "input=s3://test-bucket/in/",
+        "output=s3://test-bucket/out",
+        f"options=format=flac scores=false {' '.join(FAST)}",
+        entry="clean_corpus",
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="test-bucket", Prefix="out/")["Contents"]}
     assert keys == {"out/a.flac", "out/sub/b.flac", "out/manifest.parquet"}
     s3.download_file("test-bucket", "out/manifest.parquet", str(tmp_path / "m.parquet"))
     manifest = pd.read_parquet(tmp_path / "m.parquet")
-    assert (manifest.status == "restored").all() and set(manifest.source) == {"s3://test-bucket/in/a.wav",
-                                                                               "s3://test-bucket/in/sub/b.wav"}
+    assert (manifest.status == "restored").all() and set(manifest.source) == {
+        "s3://test-bucket/in/a.wav",
+        "s3://test-bucket/in/sub/b.wav",
+    }
     s3.download_file("test-bucket", "out/a.flac", str(tmp_path / "a.flac"))
     assert sf.info(tmp_path / "a.flac").format == "FLAC" and manifest.speaker_similarity.isna().all()
 
@@ -206,21 +257,31 @@ def test_bad_input_gives_one_message_exit_2_and_writes_nothing(chain, tmp_path, 
     before = snapshot(client)
     model = f"run_id={chain['finetune']}"
     escaping = tmp_path / "crawl.csv"  # a crawl's manifest is third-party data
-    pd.DataFrame({"path": [str(source / "a.wav"), str(source / "short.wav")],
-                  "id": ["../../escaped", "/srv/other/x"]}).to_csv(escaping, index=False)
+    pd.DataFrame(
+        {"path": [str(source / "a.wav"), str(source / "short.wav")], "id": ["../../escaped", "/srv/other/x"]}
+    ).to_csv(escaping, index=False)
     cases = {
-        "unknown model": (["run_id=0123456789abcdef0123456789abcdef", f"input={source}", f"output={out}"], "0123456789abcdef"),
+        "unknown model": (
+            ["run_id=0123456789abcdef0123456789abcdef", f"input={source}", f"output={out}"],
+            "0123456789abcdef",
+        ),
         "missing input": ([model, f"input={tmp_path / 'nowhere'}", f"output={out}"], "not found"),
         "output inside input": ([model, f"input={source}", f"output={source / 'clean'}"], "is inside input"),
         "threshold out of range": ([model, f"input={source}", f"output={out}", "keep.min_ovrl=7"], "out of range"),
-        "unreachable Ray": ([model, f"input={source}", f"output={out}", f"ray_address=127.0.0.1:{_free_port()}"],
-                            "Cannot reach the Ray cluster"),
+        "unreachable Ray": (
+            [model, f"input={source}", f"output={out}", f"ray_address=127.0.0.1:{_free_port()}"],
+            "Cannot reach the Ray cluster",
+        ),
         "a training run resumed": ([f"resume_run={chain['adapter']}"], "not a clean_corpus job"),
-        "more workers than the cores hold": ([model, f"input={source}", f"output={out}", "workers=4"],
-                                             "leaving none for reading and writing files"),
+        "more workers than the cores hold": (
+            [model, f"input={source}", f"output={out}", "workers=4"],
+            "leaving none for reading and writing files",
+        ),
         "unknown key": ([model, f"input={source}", f"output={out}", "keep.min_ovr=3"], "min_ovr"),
-        "manifest ids leading outside the output": ([model, f"input={escaping}", f"output={out}"],
-                                                    "row 1 (" + str(source / "a.wav")),
+        "manifest ids leading outside the output": (
+            [model, f"input={escaping}", f"output={out}"],
+            "row 1 (" + str(source / "a.wav"),
+        ),
     }
     for name, (argv, message) in cases.items():
         capfd.readouterr()
@@ -233,8 +294,14 @@ def test_bad_input_gives_one_message_exit_2_and_writes_nothing(chain, tmp_path, 
 
 
 def start_job(chain, argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-m", "pipeline.clean_corpus", *argv], cwd=chain["dir"], env=env_for(chain["dir"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [PYTHON, "-m", "pipeline.clean_corpus", *argv],
+        cwd=chain["dir"],
+        env=env_for(chain["dir"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def kill_family(job: subprocess.Popen) -> None:
@@ -257,7 +324,7 @@ def test_a_resume_replaces_only_files_the_job_wrote_and_nothing_is_written_throu
     clean, rate = demo(2)
     names = [f"utt{i:03d}.wav" for i in range(5)] + ["sub/x.wav"]
     for i, name in enumerate(names):
-        sf.write(source / name, clean[i * 100: i * 100 + int(1.3 * rate)], rate)
+        sf.write(source / name, clean[i * 100 : i * 100 + int(1.3 * rate)], rate)
     out.mkdir()
     sf.write(out / "utt000.wav", np.zeros(8000, dtype=np.float32), 8000)  # the user's own file
     theirs = (out / "utt000.wav").read_bytes()
@@ -277,7 +344,9 @@ def test_a_resume_replaces_only_files_the_job_wrote_and_nothing_is_written_throu
     assert sorted(manifest.index) == sorted(names)
     assert (out / "utt000.wav").read_bytes() == theirs
     assert manifest.loc["utt000.wav", "status"] == "skipped: output exists (overwrite=true replaces it)"
-    assert manifest.loc["sub/x.wav", "status"].startswith("skipped: unsafe output name") and not list(elsewhere.iterdir())
+    assert manifest.loc["sub/x.wav", "status"].startswith("skipped: unsafe output name") and not list(
+        elsewhere.iterdir()
+    )
     assert (manifest.drop(index=["utt000.wav", "sub/x.wav"]).status == "restored").all()
 
 
@@ -286,8 +355,13 @@ def small_disk(tmp_path):
     """A 300 KB tmpfs (needs root, as CI has): a real ENOSPC, made bigger with ``remount(size)``."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a tmpfs needs root (mount -t tmpfs)")
 
     def remount(size: str) -> None:
@@ -298,7 +372,8 @@ def small_disk(tmp_path):
 
 
 def test_a_full_output_disk_stops_the_job_cleanly_and_a_resume_after_space_is_freed_finishes_it(
-        chain, tmp_path, small_disk, capfd):
+    chain, tmp_path, small_disk, capfd
+):
     """Defect 4: 30 inputs failed for good on a full disk and the run ended FAILED with a traceback."""
     mount, remount = small_disk
     source, out = tmp_path / "crawl", mount / "clean"
@@ -306,7 +381,7 @@ def test_a_full_output_disk_stops_the_job_cleanly_and_a_resume_after_space_is_fr
     clean, rate = demo(2)
     names = [f"utt{i:02d}.wav" for i in range(16)]
     for i, name in enumerate(names):
-        sf.write(source / name, clean[i * 100: i * 100 + int(1.3 * rate)], rate)
+        sf.write(source / name, clean[i * 100 : i * 100 + int(1.3 * rate)], rate)
     argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "scores=false", *FAST]
     capfd.readouterr()
     assert clean_corpus(argv) == EXIT_STORAGE
@@ -341,7 +416,7 @@ def test_a_completely_full_output_disk_restores_nothing_and_loses_nothing(chain,
     clean, rate = demo(3)
     names = [f"utt{i}.wav" for i in range(3)]
     for i, name in enumerate(names):
-        sf.write(source / name, clean[i * 100: i * 100 + rate], rate)
+        sf.write(source / name, clean[i * 100 : i * 100 + rate], rate)
     filler = mount / "filler"
     with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
         try:
@@ -350,8 +425,10 @@ def test_a_completely_full_output_disk_restores_nothing_and_loses_nothing(chain,
         except OSError:
             pass
     capfd.readouterr()
-    assert clean_corpus([f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "scores=false",
-                         *FAST]) == EXIT_STORAGE
+    assert (
+        clean_corpus([f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "scores=false", *FAST])
+        == EXIT_STORAGE
+    )
     err = capfd.readouterr().err
     assert "output storage is full" in err and "Traceback" not in err, err[-3000:]
     run = the_run(MlflowClient())

@@ -15,8 +15,8 @@ import pandas as pd
 import psutil
 import pytest
 import soundfile as sf
-
 from conftest import PYTHON, env_for, wait_for
+
 from pipeline.data.corpus import read_corpus
 from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
 
@@ -35,7 +35,7 @@ def short_files(root: Path, count: int) -> Path:
     root.mkdir(parents=True)
     clean, rate = demo(2)
     for i in range(count):
-        sf.write(root / f"utt{i:02d}.wav", clean[i * 100: i * 100 + int(1.3 * rate)], rate)
+        sf.write(root / f"utt{i:02d}.wav", clean[i * 100 : i * 100 + int(1.3 * rate)], rate)
     return root
 
 
@@ -47,8 +47,14 @@ def start_job(chain, argv: list[str], log_path: Path, faults: str = "") -> subpr
     if faults:
         env["PIPELINE_FAULTS"] = faults
     with open(log_path, "w") as out:
-        return subprocess.Popen([PYTHON, "-m", "pipeline.clean_corpus", *argv], cwd=chain["dir"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [PYTHON, "-m", "pipeline.clean_corpus", *argv],
+            cwd=chain["dir"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def family(pid: int) -> list[psutil.Process]:
@@ -108,8 +114,9 @@ def test_a_restore_actor_killed_mid_batch_leaves_every_input_restored_once(chain
     job_log = tmp_path / "job.log"
     # the restore actor stops itself in its second batch (one batch restored before): SIGKILL it there
     job = start_job(chain, argv, job_log, faults="clean.restore@2=stop")
-    actor = wait_for(lambda: stopped_restorers(job.pid), timeout=600, what="a restore actor stopped mid-batch",
-                     proc=job, log=job_log)[0]
+    actor = wait_for(
+        lambda: stopped_restorers(job.pid), timeout=600, what="a restore actor stopped mid-batch", proc=job, log=job_log
+    )[0]
     killed = f"{actor.pid}: {title(actor)}"
     actor.send_signal(signal.SIGKILL)
     code = end_of_job(job)
@@ -165,8 +172,14 @@ def test_a_30_minute_input_is_restored_whole_within_a_loose_memory_bound(chain, 
     source, out = tmp_path / "long", tmp_path / "clean"
     source.mkdir()
     long_input(source / "long.wav", LONG_SECONDS)
-    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "scores=false", "listen_random=0",
-            "listen_lowest=0"]
+    argv = [
+        f"run_id={chain['finetune']}",
+        f"input={source}",
+        f"output={out}",
+        "scores=false",
+        "listen_random=0",
+        "listen_lowest=0",
+    ]
     started = time.monotonic()
     job = start_job(chain, argv, tmp_path / "job.log")
     peak = peak_memory(job)
@@ -177,8 +190,13 @@ def test_a_30_minute_input_is_restored_whole_within_a_loose_memory_bound(chain, 
     assert row.status == "restored" and row.seconds == LONG_SECONDS
     frames = sf.info(row.output).frames
     assert frames == LONG_SECONDS * row.output_rate, (frames, row.output_rate)
-    log.info("30-minute input: peak %.0f MiB PSS (%.0f MiB RSS summed); the job took %.0f s, %.1f s of it restoring",
-             peak["pss_mib"], peak["rss_mib"], seconds, row.restore_seconds)
+    log.info(
+        "30-minute input: peak %.0f MiB PSS (%.0f MiB RSS summed); the job took %.0f s, %.1f s of it restoring",
+        peak["pss_mib"],
+        peak["rss_mib"],
+        seconds,
+        row.restore_seconds,
+    )
     assert peak["pss_mib"] < PEAK_PSS_BOUND_MIB
 
 
@@ -244,15 +262,30 @@ def two_raylets(tmp_path):
     port = _free_port()
 
     def ray_start(*args: str) -> None:
-        done = subprocess.run([f"{VENV_BIN}/ray", "start", "--disable-usage-stats", *args], env=env,
-                              capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            [f"{VENV_BIN}/ray", "start", "--disable-usage-stats", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     try:
-        ray_start("--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={roots[0]}", "--include-dashboard=false",
-                  f"--dashboard-agent-listen-port={_free_port()}")
-        ray_start(f"--address=127.0.0.1:{port}", "--num-cpus=2", f"--temp-dir={roots[1]}",
-                  f"--dashboard-agent-listen-port={_free_port()}")
+        ray_start(
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            f"--temp-dir={roots[0]}",
+            "--include-dashboard=false",
+            f"--dashboard-agent-listen-port={_free_port()}",
+        )
+        ray_start(
+            f"--address=127.0.0.1:{port}",
+            "--num-cpus=2",
+            f"--temp-dir={roots[1]}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+        )
         yield {"address": f"127.0.0.1:{port}", "env": env, "second": roots[1]}
     finally:
         stop_cluster(roots)
@@ -262,20 +295,37 @@ def two_raylets(tmp_path):
 
 def test_a_second_raylet_killed_mid_job_leaves_every_input_restored_once(chain, tmp_path, two_raylets):
     source, out = short_files(tmp_path / "many", 16), tmp_path / "clean"
-    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", f"ray_address={two_raylets['address']}",
-            "workers=2", *FAST]  # two restore actors of 1 CPU each and a scorer: the head alone cannot hold them
+    argv = [
+        f"run_id={chain['finetune']}",
+        f"input={source}",
+        f"output={out}",
+        f"ray_address={two_raylets['address']}",
+        "workers=2",
+        *FAST,
+    ]  # two restore actors of 1 CPU each and a scorer: the head alone cannot hold them
     job_log = tmp_path / "job.log"
     env = {**two_raylets["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{chain['dir']}/mlflow.db"}
     with open(job_log, "w") as output:
-        job = subprocess.Popen([PYTHON, "-m", "pipeline.clean_corpus", *argv], cwd=chain["dir"], env=env, stdout=output,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+        job = subprocess.Popen(
+            [PYTHON, "-m", "pipeline.clean_corpus", *argv],
+            cwd=chain["dir"],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def working_on_second():
         restorers = [p for p in ray_processes(two_raylets["second"]) if RESTORER in title(p)]
         return restorers and COMMITTED.search(job_log.read_text(errors="replace"))
 
-    wait_for(working_on_second, timeout=600, what="a first commit with a restore actor on the second node", proc=job,
-             log=job_log)
+    wait_for(
+        working_on_second,
+        timeout=600,
+        what="a first commit with a restore actor on the second node",
+        proc=job,
+        log=job_log,
+    )
     second = ray_processes(two_raylets["second"])
     on_second = sorted({title(p)[:40] for p in second if "raylet" not in title(p)})
     raylet = next(p for p in second if "raylet/raylet" in title(p))
@@ -286,17 +336,26 @@ def test_a_second_raylet_killed_mid_job_leaves_every_input_restored_once(chain, 
         outcome = "the job finished by itself"
     else:
         run_id = re.search(r"; run ([0-9a-f]{32})", text).group(1)
-        done = subprocess.run([PYTHON, "-m", "pipeline.clean_corpus", f"resume_run={run_id}", "workers=1"],
-                              cwd=chain["dir"], env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [PYTHON, "-m", "pipeline.clean_corpus", f"resume_run={run_id}", "workers=1"],
+            cwd=chain["dir"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == EXIT_OK, done.stderr[-3000:]
-        outcome = (f"the job {'stalled, was stopped' if stalled else 'ended'} with exit code {code}, and a resume "
-                   "on the head node alone (workers=1) finished it")
+        outcome = (
+            f"the job {'stalled, was stopped' if stalled else 'ended'} with exit code {code}, and a resume "
+            "on the head node alone (workers=1) finished it"
+        )
 
     manifest = pd.read_parquet(out / "manifest.parquet")
     assert sorted(manifest.id) == [f"utt{i:02d}.wav" for i in range(16)]  # every input exactly once
     assert (manifest.status == "restored").all(), manifest.status.tolist()
-    log.info("second raylet killed while it ran %s; %s; restore workers %s", on_second, outcome,
-             sorted(set(manifest.worker)))
+    log.info(
+        "second raylet killed while it ran %s; %s; restore workers %s", on_second, outcome, sorted(set(manifest.worker))
+    )
 
 
 def test_one_sigterm_stops_a_job_whose_pipeline_delivers_nothing(chain, tmp_path):
@@ -304,11 +363,20 @@ def test_one_sigterm_stops_a_job_whose_pipeline_delivers_nothing(chain, tmp_path
     actor asleep for 10 minutes) or waiting for a lost node's actor stopped only at a second signal."""
     source, out = short_files(tmp_path / "few", 4), tmp_path / "clean"
     job_log = tmp_path / "job.log"
-    job = start_job(chain, [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST], job_log,
-                    faults="clean.restore=sleep:600")
+    job = start_job(
+        chain,
+        [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST],
+        job_log,
+        faults="clean.restore=sleep:600",
+    )
     try:
-        wait_for(lambda: "Cleaning 4 inputs" in job_log.read_text(errors="replace"), timeout=600,
-                 what="the job's pipeline", proc=job, log=job_log)
+        wait_for(
+            lambda: "Cleaning 4 inputs" in job_log.read_text(errors="replace"),
+            timeout=600,
+            what="the job's pipeline",
+            proc=job,
+            log=job_log,
+        )
         time.sleep(5)  # the restore actor is asleep on its first batch
         job.send_signal(signal.SIGTERM)
         code = job.wait(timeout=120)  # the old loop waited for the batch: 10 minutes

@@ -10,11 +10,11 @@ import time
 import psutil
 import pytest
 import soundfile as sf
-from mlflow import MlflowClient
-
 from conftest import PYTHON, env_for, wait_for
-from pipeline.inference.cleaning.reaper import MARKER_ENV
+from mlflow import MlflowClient
 from test_clean_corpus import FAST, demo
+
+from pipeline.inference.cleaning.reaper import MARKER_ENV
 
 pytestmark = pytest.mark.slow
 RAY_NAMES = ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "ray::", "/ray/")
@@ -109,8 +109,9 @@ time.sleep(600)
 
 @pytest.mark.parametrize("end", ["sigkill", "release"])
 def test_the_reaper_ends_only_the_rays_processes_when_its_driver_lets_go(end):
-    driver = subprocess.Popen([PYTHON, "-c", FAKE_DRIVER, end], stdout=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        [PYTHON, "-c", FAKE_DRIVER, end], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     itself = psutil.Process(driver.pid)
     reaper, service, below, plain = (psutil.Process(int(pid)) for pid in driver.stdout.readline().split())
     try:
@@ -119,8 +120,11 @@ def test_the_reaper_ends_only_the_rays_processes_when_its_driver_lets_go(end):
         if end == "sigkill":
             driver.kill()
             driver.wait()
-        wait_for(lambda: gone(service) and gone(below) and gone(reaper), timeout=GONE_WITHIN_S,
-                 what="the marked process, the one below it, and the reaper")
+        wait_for(
+            lambda: gone(service) and gone(below) and gone(reaper),
+            timeout=GONE_WITHIN_S,
+            what="the marked process, the one below it, and the reaper",
+        )
         assert not gone(plain)
         assert end == "sigkill" or not gone(itself)
     finally:
@@ -148,8 +152,9 @@ time.sleep(600)
 def test_the_reaper_also_ends_a_process_it_never_saw_that_writes_into_the_ray_session(tmp_path):
     session = tmp_path / "session_x"
     (session / "logs").mkdir(parents=True)
-    driver = subprocess.Popen([PYTHON, "-c", LATE_WORKER_DRIVER, str(session)], stdout=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        [PYTHON, "-c", LATE_WORKER_DRIVER, str(session)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     reaper, worker = (psutil.Process(int(pid)) for pid in driver.stdout.readline().split())
     outsider = subprocess.Popen(["sleep", "600"])  # nothing open in the session: left alone
     try:
@@ -169,12 +174,18 @@ def test_a_killed_drivers_local_ray_ends_within_seconds(chain, tmp_path):
     source.mkdir()
     clean, rate = demo(2)
     for i in range(12):  # more batches than the first commit needs: the job is busy when its driver is killed
-        sf.write(source / f"utt{i:02d}.wav", clean[i * 100: i * 100 + int(1.3 * rate)], rate)
+        sf.write(source / f"utt{i:02d}.wav", clean[i * 100 : i * 100 + int(1.3 * rate)], rate)
     argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST]
     log = tmp_path / "job.log"
     with open(log, "wb") as job_log:
-        job = subprocess.Popen([PYTHON, "-m", "pipeline.clean_corpus", *argv], cwd=chain["dir"],
-                               env=env_for(chain["dir"]), stdout=job_log, stderr=job_log, start_new_session=True)
+        job = subprocess.Popen(
+            [PYTHON, "-m", "pipeline.clean_corpus", *argv],
+            cwd=chain["dir"],
+            env=env_for(chain["dir"]),
+            stdout=job_log,
+            stderr=job_log,
+            start_new_session=True,
+        )
     family = Family(job.pid)
     client = MlflowClient()
 

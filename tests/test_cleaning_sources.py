@@ -36,7 +36,10 @@ def tree(tmp_path):
 def test_a_directory_tree_gives_relative_ids_and_distinct_output_names(tree):
     units = list_units(str(tree), ".wav")
     assert [(u.kind, u.id, u.output) for u in units] == [
-        ("file", "a.flac", "a.wav"), ("file", "a.wav", "a.wav.wav"), ("file", "sub/b.flac", "sub/b.wav")]
+        ("file", "a.flac", "a.wav"),
+        ("file", "a.wav", "a.wav.wav"),
+        ("file", "sub/b.flac", "sub/b.wav"),
+    ]
     assert [u.output for u in list_units(str(tree), ".flac")] == ["a.flac", "a.wav.flac", "sub/b.flac"]
 
 
@@ -45,10 +48,15 @@ def test_a_glob_and_manifests_with_and_without_ids(tree, tmp_path):
     csv = tmp_path / "list.csv"
     pd.DataFrame({"path": ["crawl/a.wav", str(tree / "sub" / "b.flac")], "id": ["one", "two"]}).to_csv(csv, index=False)
     assert [(u.id, u.source) for u in list_units(str(csv), ".wav")] == [
-        ("one", str(tree / "a.wav")), ("two", str(tree / "sub" / "b.flac"))]
+        ("one", str(tree / "a.wav")),
+        ("two", str(tree / "sub" / "b.flac")),
+    ]
     parquet = tmp_path / "list.parquet"
     pd.DataFrame({"path": [str(tree / "a.wav"), str(tree / "sub" / "b.flac")]}).to_parquet(parquet)
-    assert [u.id for u in list_units(str(parquet), ".wav")] == ["a.wav", "sub/b.flac"]  # relative to their common folder
+    assert [u.id for u in list_units(str(parquet), ".wav")] == [
+        "a.wav",
+        "sub/b.flac",
+    ]  # relative to their common folder
 
     pd.DataFrame({"path": ["x.wav", "y.wav"], "id": ["same", "same"]}).to_csv(csv, index=False)
     with pytest.raises(ConfigError, match="duplicates"):
@@ -86,7 +94,10 @@ def test_decode_resamples_every_channel_and_names_an_unreadable_file(tree):
 
 
 def test_shards_are_read_whole_and_give_every_sample_an_id(store):
-    assert run_prepare([f"output={store}/shards", "variants=1", "shard_size=6", "data.val_size=4", "examples=0"]) == EXIT_OK
+    assert (
+        run_prepare([f"output={store}/shards", "variants=1", "shard_size=6", "data.val_size=4", "examples=0"])
+        == EXIT_OK
+    )
     units = list_units(str(store / "shards"), ".wav")
     assert {u.kind for u in units} == {"shard"} and sum(u.samples for u in units) >= 6
     first = units[0]
@@ -107,8 +118,9 @@ def test_shards_are_read_whole_and_give_every_sample_an_id(store):
 def test_manifest_ids_or_paths_that_lead_outside_the_output_are_refused_naming_the_rows(tree, tmp_path):
     """Defect 1 of docs/reliability.md's cleaning rows: a crawl's manifest is third-party data."""
     csv = tmp_path / "crawl.csv"
-    pd.DataFrame({"path": ["crawl/a.wav", "crawl/a.flac", "crawl/sub/b.flac"],
-                  "id": ["fine", "../../escaped", "/srv/other/x"]}).to_csv(csv, index=False)
+    pd.DataFrame(
+        {"path": ["crawl/a.wav", "crawl/a.flac", "crawl/sub/b.flac"], "id": ["fine", "../../escaped", "/srv/other/x"]}
+    ).to_csv(csv, index=False)
     with pytest.raises(ConfigError) as refused:
         list_units(str(csv), ".wav")
     message = str(refused.value)

@@ -2,6 +2,7 @@
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from pipeline.config import (
     CONFIG_DIR,
@@ -14,8 +15,8 @@ from pipeline.config import (
     split_overrides,
     to_container,
 )
-from pipeline.stages.train_adapter import TrainAdapterConfig
 from pipeline.engine.launch import LaunchArgs, parse_launch
+from pipeline.stages.train_adapter import TrainAdapterConfig
 
 SSL_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "ssl").glob("*.yaml"))
 DATA_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
@@ -98,6 +99,6 @@ def test_secrets_are_masked():
 def test_typed_schema_rejects_unknown_keys_in_stored_config():
     stored = to_container(compose_config("train_adapter", []))
     stored["unknown"] = 1
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigKeyError, match="unknown"):
         from_container(TrainAdapterConfig, stored)
     assert OmegaConf.is_config(from_container(TrainAdapterConfig, to_container(compose_config("train_adapter", []))))

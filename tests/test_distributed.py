@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import PYTHON, TINY, all_runs, env_for, loss_history, mlflow_run, read_until, stage_runs, wait_for
 from mlflow import MlflowClient
 
-from conftest import PYTHON, TINY, all_runs, env_for, loss_history, mlflow_run, read_until, stage_runs, wait_for
 from pipeline.data.datasets import ShuffledBatches
 from pipeline.engine.checkpointing import download_checkpoint
 from pipeline.engine.cli import EXIT_OK
@@ -24,10 +24,20 @@ from pipeline.launcher import command
 from pipeline.stages.train_adapter import TrainAdapter
 
 STEPS = ["trainer.max_steps=20", "validation.interval=5", "checkpoint.save_interval=5"]
-VOCODER = ["ssl=tiny", "vocoder=tiny", "batch_size=2", "data.segment_seconds=0.5", "optim.lr=1e-3",
-           "trainer.log_interval=1", "tracking.system_metrics=false", "tracking.flush_seconds=0.2",
-           "tracking.stop_poll_seconds=0.5", "trainer.max_steps=8", "validation.interval=4",
-           "checkpoint.save_interval=2"]
+VOCODER = [
+    "ssl=tiny",
+    "vocoder=tiny",
+    "batch_size=2",
+    "data.segment_seconds=0.5",
+    "optim.lr=1e-3",
+    "trainer.log_interval=1",
+    "tracking.system_metrics=false",
+    "tracking.flush_seconds=0.2",
+    "tracking.stop_poll_seconds=0.5",
+    "trainer.max_steps=8",
+    "validation.interval=4",
+    "checkpoint.save_interval=2",
+]
 
 
 # Every batch 0.2 s slower (no change to what it computes): a signal sent after step k lands well before the end.
@@ -40,8 +50,14 @@ def torchrun(workdir: Path, stage: str, *args: str, options: str = "", faults: s
     env = env_for(workdir)
     if faults:
         env["PIPELINE_FAULTS"] = faults
-    return subprocess.Popen(command(stage, 2, options, list(args)), cwd=workdir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command(stage, 2, options, list(args)),
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def worker(launcher: subprocess.Popen, rank: int) -> psutil.Process:
@@ -106,12 +122,21 @@ def test_each_rank_reads_its_slice_of_the_global_batch_one_process_would_read():
 def test_the_launcher_keeps_one_process_plain_and_adds_standalone_only_without_a_rendezvous():
     assert command("train_adapter", 1, "", ["a=1"])[1:] == ["-m", "pipeline.stages.train_adapter", "a=1"]
     two = command("train_asr", 2, "--max-restarts=1", ["a=1"])
-    assert two[1:] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--max-restarts=1", "-m",
-                       "pipeline.stages.train_asr", "a=1"]
+    assert two[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "--max-restarts=1",
+        "-m",
+        "pipeline.stages.train_asr",
+        "a=1",
+    ]
     nodes = command("train_asr", 4, "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=h:29400", [])
     assert "--standalone" not in nodes and "--rdzv-endpoint=h:29400" in nodes
-    bad = subprocess.run([PYTHON, "-m", "pipeline.launcher", "--nproc=0", "train_adapter"], capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        [PYTHON, "-m", "pipeline.launcher", "--nproc=0", "train_adapter"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "nproc='0' must be a whole number of processes, 1 or more" in bad.stderr
 
 
@@ -141,8 +166,9 @@ def test_mlflow_run_with_two_processes_logs_one_run_with_the_effective_batch_and
     note = run.data.tags["mlflow.note.content"]
     assert "Effective batch: 8 (4 per rank × 2 ranks)" in note and f"-P nproc=2 -P resume_run={run.info.run_id}" in note
     assert len(all_runs(client)) == 1  # rank 1 made no run of its own
-    state = torch.load(download_checkpoint(client, run.info.run_id, 20, reference["root"] / "ckpt") / "state.pt",
-                       weights_only=True)
+    state = torch.load(
+        download_checkpoint(client, run.info.run_id, 20, reference["root"] / "ckpt") / "state.pt", weights_only=True
+    )
     assert state["world_size"] == 2 and len(state["rank_rng"]) == 2
     assert not torch.equal(state["rank_rng"][0]["torch"], state["rank_rng"][1]["torch"])  # seeded per rank
 
@@ -154,7 +180,8 @@ def test_two_ranks_stopped_by_sigterm_at_torchrun_resume_bit_identical_in_the_sa
     assert run.info.status == "FINISHED" and run.data.tags["resume.count"] == "1"
     assert loss_history(client, run.info.run_id) == reference["losses"]  # every value, bit for bit
     assert loss_history(client, run.info.run_id, "val/loss") == loss_history(
-        reference["client"], reference["run"].info.run_id, "val/loss")
+        reference["client"], reference["run"].info.run_id, "val/loss"
+    )
     assert not logged_twice_differently(client, run.info.run_id)
     assert len(all_runs(client)) == 1 and stopped_at >= 7
 
@@ -197,8 +224,10 @@ def test_resuming_two_ranks_on_one_says_what_changes_and_goes_on_from_the_same_s
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{reference['root']}/mlflow.db")
     run_id = reference["run"].info.run_id
     assert run_stage(TrainAdapter, [f"resume_run={run_id}", "trainer.max_steps=24"]) == EXIT_OK
-    assert ("The checkpoint was trained on 2 rank(s), this job has 1: the effective batch is now 4 (4 per rank x 1) "
-            "instead of 8") in capfd.readouterr().err
+    assert (
+        "The checkpoint was trained on 2 rank(s), this job has 1: the effective batch is now 4 (4 per rank x 1) "
+        "instead of 8"
+    ) in capfd.readouterr().err
     client = reference["client"]
     assert [s for s, _ in loss_history(client, run_id)] == list(range(1, 25))
     run = client.get_run(run_id)
@@ -230,8 +259,14 @@ def test_pretrain_vocoder_on_two_ranks_resumes_bit_identical_after_sigterm(tmp_p
 
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_committed_checkpoint(store):
-    proc = torchrun(store, "train_adapter", *TINY, "trainer.max_steps=5000", "validation.interval=0",
-                    "checkpoint.save_interval=1000")
+    proc = torchrun(
+        store,
+        "train_adapter",
+        *TINY,
+        "trainer.max_steps=5000",
+        "validation.interval=0",
+        "checkpoint.save_interval=1000",
+    )
     read_until(proc, "step 3/5000")
     worker(proc, 1).send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -241,15 +276,24 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_committed_check
     last = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "signal"
     assert run.data.tags["checkpoint.latest_step"] == str(last)  # rank 0 stopped at rank 1's step and saved it
-    assert f"Resume with: torchrun --nproc_per_node=2 -m pipeline.stages.train_adapter resume_run={run.info.run_id}" in err
+    assert (
+        f"Resume with: torchrun --nproc_per_node=2 -m pipeline.stages.train_adapter resume_run={run.info.run_id}" in err
+    )
 
 
 @pytest.mark.slow
 def test_a_stop_under_an_elastic_agent_exits_zero_so_the_agent_does_not_restart_it(store):
     """The stop tag on a run trained with --max-restarts=1: the workers end it KILLED and exit 0 (an exit code 3
     would make torchrun restart the group, which would resume the run the user just stopped)."""
-    proc = torchrun(store, "train_adapter", *TINY, "trainer.max_steps=5000", "validation.interval=0",
-                    "checkpoint.save_interval=1000", options="--max-restarts=1")
+    proc = torchrun(
+        store,
+        "train_adapter",
+        *TINY,
+        "trainer.max_steps=5000",
+        "validation.interval=0",
+        "checkpoint.save_interval=1000",
+        options="--max-restarts=1",
+    )
     read_until(proc, "step 3/5000")
     client = MlflowClient()
     (run,) = stage_runs(client)
@@ -273,9 +317,17 @@ def two_nodes(workdir: Path, port: int, *args: str, faults: str = "") -> list[su
     if faults:
         env["PIPELINE_FAULTS"] = faults
     options = f"--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{port} --rdzv-id=two-nodes-{port}"
-    return [subprocess.Popen([PYTHON, "-m", "pipeline.launcher", "--nproc=1", f"--torchrun={options}", "train_adapter",
-                              *args], cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
-            for log in (open(workdir / "node-0.log", "w"), open(workdir / "node-1.log", "w"))]
+    return [
+        subprocess.Popen(
+            [PYTHON, "-m", "pipeline.launcher", "--nproc=1", f"--torchrun={options}", "train_adapter", *args],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+        )
+        for log in (open(workdir / "node-0.log", "w"), open(workdir / "node-1.log", "w"))
+    ]
 
 
 @pytest.mark.slow
@@ -321,11 +373,24 @@ def test_two_nodes_continue_their_run_by_job_key_bit_identical_after_one_agent_i
 def test_mlflow_run_sweep_with_nproc_trains_every_trial_on_two_ranks_and_prunes_on_all(store):
     import optuna
 
-    space = ["sweep.space.optim.lr='choice(0.0, 0.03)'", "sweep.space.adapter.bottleneck=none",
-             "sweep.space.optim.weight_decay=none", "sweep.pruner_startup_trials=1", "sweep.sampler_seed=0"]
+    space = [
+        "sweep.space.optim.lr='choice(0.0, 0.03)'",
+        "sweep.space.adapter.bottleneck=none",
+        "sweep.space.optim.weight_decay=none",
+        "sweep.pruner_startup_trials=1",
+        "sweep.sampler_seed=0",
+    ]
     stage = TINY + ["trainer.max_steps=9", "validation.interval=3", "checkpoint.save_interval=9"]
-    done = mlflow_run(store, "nproc=2", "n_trials=3", f"storage=sqlite:///{store}/optuna.db", "study=two-ranks",
-                      "overrides=" + " ".join(stage + space), entry="sweep", timeout=600)
+    done = mlflow_run(
+        store,
+        "nproc=2",
+        "n_trials=3",
+        f"storage=sqlite:///{store}/optuna.db",
+        "study=two-ranks",
+        "overrides=" + " ".join(stage + space),
+        entry="sweep",
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="two-ranks", storage=f"sqlite:///{store}/optuna.db")
     assert {t.state.name for t in study.trials} == {"COMPLETE", "PRUNED"}, [t.state for t in study.trials]
@@ -350,8 +415,17 @@ def test_mlflow_run_sweep_with_nproc_trains_every_trial_on_two_ranks_and_prunes_
 
 @pytest.mark.slow
 def test_train_asr_by_epochs_on_two_ranks_logs_its_final_model_once(store):
-    proc = torchrun(store, "train_asr", "asr=tiny", "batch_size=2", "max_samples=8", "optim.warmup_steps=2",
-                    "trainer.log_interval=1", "tracking.system_metrics=false", "trainer.epochs=2")
+    proc = torchrun(
+        store,
+        "train_asr",
+        "asr=tiny",
+        "batch_size=2",
+        "max_samples=8",
+        "optim.warmup_steps=2",
+        "trainer.log_interval=1",
+        "tracking.system_metrics=false",
+        "trainer.epochs=2",
+    )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     client = MlflowClient()
@@ -367,8 +441,15 @@ def test_train_asr_by_epochs_on_two_ranks_logs_its_final_model_once(store):
 def test_finetune_vocoder_on_two_ranks_trains_and_exports_the_chain_from_rank_0(store):
     from pipeline.stages.pretrain_vocoder import PretrainVocoder
 
-    common = ["batch_size=2", "data.segment_seconds=0.5", "trainer.log_interval=1", "tracking.system_metrics=false",
-              "trainer.max_steps=4", "validation.interval=2", "checkpoint.save_interval=2"]
+    common = [
+        "batch_size=2",
+        "data.segment_seconds=0.5",
+        "trainer.log_interval=1",
+        "tracking.system_metrics=false",
+        "trainer.max_steps=4",
+        "validation.interval=2",
+        "checkpoint.save_interval=2",
+    ]
     assert run_stage(TrainAdapter, ["ssl=tiny", "adapter.bottleneck=16", *common]) == EXIT_OK
     assert run_stage(PretrainVocoder, ["ssl=tiny", "vocoder=tiny", *common]) == EXIT_OK
     client = MlflowClient()
@@ -379,7 +460,6 @@ def test_finetune_vocoder_on_two_ranks_trains_and_exports_the_chain_from_rank_0(
     (run,) = stage_runs(client, "finetune_vocoder")
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert [s for s, _ in loss_history(client, run.info.run_id)] == [1, 2, 3, 4]
-    state = torch.load(download_checkpoint(client, run.info.run_id, 4, store / "ckpt") / "state.pt",
-                       weights_only=True)
+    state = torch.load(download_checkpoint(client, run.info.run_id, 4, store / "ckpt") / "state.pt", weights_only=True)
     assert len(state["rank_rng"]) == 2
     assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}  # the chain, exported by rank 0

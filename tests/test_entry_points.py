@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, VENV_BIN, env_for
 from mlflow.exceptions import ExecutionException
 from mlflow.projects._project_spec import load_project
 
-from conftest import REPO, VENV_BIN, env_for
 from pipeline.config import ConfigError, GrammarError, compose_config
 from pipeline.engine.launch import parse_launch
 from pipeline.stages import stage_class
@@ -28,15 +28,37 @@ PROJECT = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
 RUN_ID = "0123456789abcdef0123456789abcdef"
 # What a user would type for a parameter of this name; "overrides" and "options" take one word of the entry's own.
 EXAMPLES = {
-    "run_id": RUN_ID, "resume_run": RUN_ID, "adapter_run": RUN_ID, "vocoder_run": RUN_ID, "asr_run": RUN_ID,
-    "model_uri": "models:/speech-restoration@champion", "resume_step": "100", "checkpoint": "latest",
-    "input": "my recordings/Ann's take 1.wav", "output": "Ann's restored audio", "noisy_dir": "field recordings",
-    "overwrite": "true", "device": "cpu", "chunk_seconds": "10", "nproc": "2", "torchrun": "--max-restarts=1",
-    "adapter": "ckpt/adapter.pt", "vocoder": "ckpt/vocoder.pt", "stage": "train_asr", "n_trials": "3",
-    "storage": "sqlite:///optuna.db", "study": "lr search", "ray_address": "auto", "options": "workers=1 scores=false",
+    "run_id": RUN_ID,
+    "resume_run": RUN_ID,
+    "adapter_run": RUN_ID,
+    "vocoder_run": RUN_ID,
+    "asr_run": RUN_ID,
+    "model_uri": "models:/speech-restoration@champion",
+    "resume_step": "100",
+    "checkpoint": "latest",
+    "input": "my recordings/Ann's take 1.wav",
+    "output": "Ann's restored audio",
+    "noisy_dir": "field recordings",
+    "overwrite": "true",
+    "device": "cpu",
+    "chunk_seconds": "10",
+    "nproc": "2",
+    "torchrun": "--max-restarts=1",
+    "adapter": "ckpt/adapter.pt",
+    "vocoder": "ckpt/vocoder.pt",
+    "stage": "train_asr",
+    "n_trials": "3",
+    "storage": "sqlite:///optuna.db",
+    "study": "lr search",
+    "ray_address": "auto",
+    "options": "workers=1 scores=false",
 }
-OVERRIDES = {"main": "main.reuse=false", "evaluate": "test_size=2 seed=7", "prepare_data": "data.val_size=2",
-             "import_checkpoint": "seed=3"}
+OVERRIDES = {
+    "main": "main.reuse=false",
+    "evaluate": "test_size=2 seed=7",
+    "prepare_data": "data.val_size=2",
+    "import_checkpoint": "seed=3",
+}
 
 
 def cases():
@@ -51,8 +73,9 @@ def words(entry: str, params: dict[str, str], tmp_path: Path) -> list[str]:
     """The command ``mlflow run -e <entry> -P ...`` runs, split by bash: ``-m <module> <word> ...``."""
     command = load_project(str(REPO)).get_entry_point(entry).compute_command(params, str(tmp_path))
     assert command.startswith("python "), command
-    printed = subprocess.run(["bash", "-c", "printf '%s\\0' " + command.removeprefix("python ")],
-                             capture_output=True, text=True, check=True).stdout
+    printed = subprocess.run(
+        ["bash", "-c", "printf '%s\\0' " + command.removeprefix("python ")], capture_output=True, text=True, check=True
+    ).stdout
     return printed.split("\0")[:-1]
 
 
@@ -75,8 +98,10 @@ def parse(module: str, argv: list[str]) -> None:
 def test_each_parameter_alone_is_read_as_given_never_as_a_grammar_error(entry, params, tmp_path):
     required = [name for name, spec in PROJECT[entry].get("parameters", {}).items() if "default" not in spec]
     if missing := [name for name in required if name not in params]:  # MLflow itself refuses, naming them
-        with pytest.raises(ExecutionException, match="No value given for missing parameters: " + ", ".join(
-                f"'{name}'" for name in missing)):
+        with pytest.raises(
+            ExecutionException,
+            match="No value given for missing parameters: " + ", ".join(f"'{name}'" for name in missing),
+        ):
             words(entry, params, tmp_path)
         return
     argv = words(entry, params, tmp_path)
@@ -92,9 +117,26 @@ def test_each_parameter_alone_is_read_as_given_never_as_a_grammar_error(entry, p
 @pytest.mark.slow
 def test_mlflow_run_of_evaluate_with_run_id_alone_looks_for_the_run(tmp_path):
     """The shortest documented form, through a real `mlflow run`: it gets as far as looking the run up."""
-    done = subprocess.run([os.path.join(VENV_BIN, "mlflow"), "run", str(REPO), "-e", "evaluate", "--env-manager",
-                           "local", "--experiment-name", "evaluate", "-P", f"run_id={RUN_ID}"], cwd=tmp_path,
-                          env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            os.path.join(VENV_BIN, "mlflow"),
+            "run",
+            str(REPO),
+            "-e",
+            "evaluate",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "evaluate",
+            "-P",
+            f"run_id={RUN_ID}",
+        ],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     assert f"Run {RUN_ID} not found in the tracking store" in done.stderr, done.stderr[-3000:]
     assert "Expected key=value" not in done.stderr and "Add type hints" not in done.stderr

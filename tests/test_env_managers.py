@@ -11,9 +11,8 @@ import shutil
 import subprocess
 
 import pytest
-from mlflow import MlflowClient
-
 from conftest import REPO, TINY, VENV_BIN, env_for, loss_history
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +22,26 @@ def test_mlflow_run_with_uv_builds_the_environment_from_the_project_files_and_tr
     if shutil.which("uv", path=env["PATH"]) is None:
         pytest.skip("uv is not installed (it comes with the test dependencies: pip install -e '.[test]')")
     overrides = " ".join([*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2", "validation.interval=2"])
-    proc = subprocess.run([os.path.join(VENV_BIN, "mlflow"), "run", str(REPO), "-e", "train_adapter",
-                           "--env-manager", "uv", "--experiment-name", "train_adapter", "-P", f"overrides={overrides}"],
-                          cwd=store, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [
+            os.path.join(VENV_BIN, "mlflow"),
+            "run",
+            str(REPO),
+            "-e",
+            "train_adapter",
+            "--env-manager",
+            "uv",
+            "--experiment-name",
+            "train_adapter",
+            "-P",
+            f"overrides={overrides}",
+        ],
+        cwd=store,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     command = next(line for line in proc.stderr.splitlines() if "=== Running command" in line)
     assert "/.mlflow/envs/" in command, command

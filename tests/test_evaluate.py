@@ -9,17 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import CHAIN_STEPS, REPO, VENV_BIN, artifact_dir, env_for, snapshot, stage_runs
 from mlflow import MlflowClient
 
-from conftest import CHAIN_STEPS, REPO, VENV_BIN, artifact_dir, env_for, snapshot, stage_runs
-from pipeline.inference import metrics as M
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.engine.session import run_stage
 from pipeline.evaluate import run as evaluate
+from pipeline.inference import metrics as M
 
-TINY_ASR = ["asr=tiny", "batch_size=4", "max_samples=8", "tracking.system_metrics=false", "tracking.flush_seconds=0.2",
-            "trainer.epochs=1",
-            "trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]
+TINY_ASR = [
+    "asr=tiny",
+    "batch_size=4",
+    "max_samples=8",
+    "tracking.system_metrics=false",
+    "tracking.flush_seconds=0.2",
+    "trainer.epochs=1",
+    "trainer.max_steps=2",
+    "checkpoint.save_interval=2",
+    "validation.interval=0",
+]
 QUALITY = ["pesq_wb", "stoi", "estoi", "si_sdr", "lsd", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl"]
 
 
@@ -37,15 +45,26 @@ def test_metrics_against_known_cases():
 def test_the_sentence_under_the_table_puts_intelligibility_first():
     from pipeline.inference.summary import verdict
 
-    scores = lambda stoi, pesq, ovrl: {"eval/degraded/stoi": 0.7, "eval/restored/stoi": stoi,  # noqa: E731
-                                       "eval/degraded/pesq_wb": 1.1, "eval/restored/pesq_wb": pesq,
-                                       "eval/degraded/dnsmos_ovrl": 2.1, "eval/restored/dnsmos_ovrl": ovrl}
-    assert verdict(scores(0.8, 1.5, 2.5)) == "Restored audio is better than the degraded input on STOI, PESQ-WB, DNSMOS OVRL."
+    def scores(stoi, pesq, ovrl):
+        return {
+            "eval/degraded/stoi": 0.7,
+            "eval/restored/stoi": stoi,
+            "eval/degraded/pesq_wb": 1.1,
+            "eval/restored/pesq_wb": pesq,
+            "eval/degraded/dnsmos_ovrl": 2.1,
+            "eval/restored/dnsmos_ovrl": ovrl,
+        }
+
+    assert (
+        verdict(scores(0.8, 1.5, 2.5))
+        == "Restored audio is better than the degraded input on STOI, PESQ-WB, DNSMOS OVRL."
+    )
     assert verdict(scores(0.5, 1.0, 2.0)).startswith("Restored audio is worse than the degraded input on STOI, PESQ-WB")
     # the tiny demo's case: a buzz that DNSMOS likes, with fewer words understood
     assert verdict(scores(0.55, 1.14, 2.27)).endswith("so this chain does not improve its input yet.")
-    assert verdict(scores(0.8, 1.0, 2.5)) == ("Restored audio is better than the degraded input on STOI, DNSMOS OVRL "
-                                              "and worse on PESQ-WB.")
+    assert verdict(scores(0.8, 1.0, 2.5)) == (
+        "Restored audio is better than the degraded input on STOI, DNSMOS OVRL and worse on PESQ-WB."
+    )
     assert verdict({"eval/copy_synthesis/stoi": 0.6}) == ""  # nothing restored: no sentence
 
 
@@ -57,8 +76,10 @@ def test_the_same_score_again_never_takes_champion_from_a_version_however_it_rou
     client = MlflowClient()
     client.create_registered_model(MODEL_NAME)
     versions = [client.create_model_version(MODEL_NAME, f"file://{store}/model-{i}").version for i in range(4)]
-    record = lambda version, score: record_evaluation(client, version, {"eval/restored/stoi": score}, "run", "demo",
-                                                      ["chain"])
+
+    def record(version, score):
+        return record_evaluation(client, version, {"eval/restored/stoi": score}, "run", "demo", ["chain"])
+
     for first, second, score in ((versions[0], versions[1], 0.49412345), (versions[2], versions[3], 0.49418765)):
         record(first, score)
         assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == first
@@ -88,8 +109,11 @@ def test_evaluate_a_chain_with_asr_then_reuse_the_run(chain, asr_run, tmp_path, 
     [run] = evaluations(client, "chain")
     assert run.info.status == "FINISHED"
     tags = run.data.tags
-    assert (tags["eval.vocoder_run"], tags["eval.adapter_run"], tags["eval.asr_run"]) == \
-        (chain["finetune"], chain["adapter"], asr_run)
+    assert (tags["eval.vocoder_run"], tags["eval.adapter_run"], tags["eval.asr_run"]) == (
+        chain["finetune"],
+        chain["adapter"],
+        asr_run,
+    )
     assert client.get_run(chain["finetune"]).data.tags["evaluation.run"] == run.info.run_id
     assert client.get_run(asr_run).data.tags["evaluation.run"] == run.info.run_id
 
@@ -113,10 +137,28 @@ def test_evaluate_a_chain_with_asr_then_reuse_the_run(chain, asr_run, tmp_path, 
     assert "restored" in out and "pesq_wb" in out
 
     # the same evaluation again, through `mlflow run` (overrides as one word): reused
-    done = subprocess.run([str(Path(VENV_BIN) / "mlflow"), "run", str(REPO), "-e", "evaluate", "--env-manager", "local",
-                           "-P", f"run_id={chain['finetune']}", "-P", f"asr_run={asr_run}", "-P",
-                           "overrides=test_size=2 seed=1234"], cwd=tmp_path, env=env_for(chain["dir"]),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(Path(VENV_BIN) / "mlflow"),
+            "run",
+            str(REPO),
+            "-e",
+            "evaluate",
+            "--env-manager",
+            "local",
+            "-P",
+            f"run_id={chain['finetune']}",
+            "-P",
+            f"asr_run={asr_run}",
+            "-P",
+            "overrides=test_size=2 seed=1234",
+        ],
+        cwd=tmp_path,
+        env=env_for(chain["dir"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"Reusing finished evaluation run {run.info.run_id}" in done.stderr
     assert len(evaluations(client, "chain")) == 1
@@ -145,7 +187,9 @@ def test_evaluate_an_asr_run_and_real_noisy_recordings(chain, asr_run, tmp_path)
     table = json.loads((artifact_dir(client, run.info.run_id) / "eval" / "files.json").read_text())
     files = {dict(zip(table["columns"], row))["file"] for row in table["data"]}
     assert files == {"a.wav", "sub/a.wav"}  # the folders kept: two files of one name stay two rows
-    assert run.data.tags["mlflow.note.content"].startswith(f"**Evaluation** · noisy · 3 recordings of noisy_dir={noisy}")
+    assert run.data.tags["mlflow.note.content"].startswith(
+        f"**Evaluation** · noisy · 3 recordings of noisy_dir={noisy}"
+    )
 
 
 def test_an_evaluation_explains_itself_and_the_registry_keeps_the_best_chain_as_champion(chain, tmp_path, capsys):
@@ -191,15 +235,29 @@ def warm_vocoder(chain):
     from pipeline.stages.pretrain_vocoder import PretrainVocoder
 
     steps = [w for w in CHAIN_STEPS if not w.startswith("trainer.max_steps")]
-    assert run_stage(PretrainVocoder, ["ssl=tiny", "vocoder=tiny", *steps, "trainer.max_steps=4",
-                                       "loss.gan_start_step=2", "trainer.log_interval=1"]) == EXIT_OK
+    assert (
+        run_stage(
+            PretrainVocoder,
+            [
+                "ssl=tiny",
+                "vocoder=tiny",
+                *steps,
+                "trainer.max_steps=4",
+                "loss.gan_start_step=2",
+                "trainer.log_interval=1",
+            ],
+        )
+        == EXIT_OK
+    )
     return stage_runs(MlflowClient(), "pretrain_vocoder")[-1].info.run_id
 
 
 def test_mel_warm_up_runs_the_generator_alone_then_the_gan(warm_vocoder):
     client = MlflowClient()
-    history = {key: [m.step for m in client.get_metric_history(warm_vocoder, key)]
-               for key in ("train/mel", "train/adv", "train/d_loss", "grad_norm/discriminator")}
+    history = {
+        key: [m.step for m in client.get_metric_history(warm_vocoder, key)]
+        for key in ("train/mel", "train/adv", "train/d_loss", "grad_norm/discriminator")
+    }
     assert history["train/mel"] == [1, 2, 3, 4]
     assert history["train/adv"] == history["train/d_loss"] == history["grad_norm/discriminator"] == [3, 4]
 
@@ -217,7 +275,8 @@ def test_learning_curves_by_checkpoint_step(chain, warm_vocoder, tmp_path, capfd
     table = json.loads((artifact_dir(client, run.info.run_id) / "eval" / "files.json").read_text())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert sorted((r["step"], r["condition"]) for r in rows) == sorted(
-        (step, cond) for step in (2, 4) for cond in ("degraded", "copy_synthesis") for _ in range(2))
+        (step, cond) for step in (2, 4) for cond in ("degraded", "copy_synthesis") for _ in range(2)
+    )
     assert (artifact_dir(client, run.info.run_id) / "eval" / "curves.png").stat().st_size > 1000
 
     # one chosen step of a finetune_vocoder run: the whole chain, logged at that step
@@ -227,8 +286,10 @@ def test_learning_curves_by_checkpoint_step(chain, warm_vocoder, tmp_path, capfd
 
     before = snapshot(client)
     for args, message in [
-        ([f"run_id={warm_vocoder}", "steps=2,3"], f"Run {warm_vocoder} has no stored checkpoint at step 3; "
-                                                  "stored steps: 2, 4"),
+        (
+            [f"run_id={warm_vocoder}", "steps=2,3"],
+            f"Run {warm_vocoder} has no stored checkpoint at step 3; stored steps: 2, 4",
+        ),
         ([f"run_id={warm_vocoder}", "checkpoint=3"], "no stored checkpoint at step 3"),
         ([f"run_id={warm_vocoder}", "steps=last"], "steps='last'; give all or step numbers"),
         ([f"run_id={warm_vocoder}", f"noisy_dir={tmp_path}"], "has no adapters to restore noisy_dir"),
@@ -253,12 +314,16 @@ def test_bad_input_gives_one_message_exit_2_and_no_run(chain, tmp_path, capfd):
     (corpus / "metadata.csv").write_text("a|one\nb|two\nc|three\n")
     (corpus / "wavs" / "b.wav").write_bytes(b"RIFF nope")
     cases = [
-        ([f"run_id={chain['finetune']}", f"noisy_dir={unusable}"],
-         f"Nothing to evaluate: none of the 3 audio files of noisy_dir={unusable} is usable "
-         "(silent: 1, unreadable: 2; e.g. "),
-        ([f"run_id={chain['finetune']}", "data=ljspeech", f"data_root={corpus}", "test_size=2"],
-         "none of the 2 audio files of the last test_size=2 utterances of data=ljspeech is usable "
-         "(missing: 1, unreadable: 1"),
+        (
+            [f"run_id={chain['finetune']}", f"noisy_dir={unusable}"],
+            f"Nothing to evaluate: none of the 3 audio files of noisy_dir={unusable} is usable "
+            "(silent: 1, unreadable: 2; e.g. ",
+        ),
+        (
+            [f"run_id={chain['finetune']}", "data=ljspeech", f"data_root={corpus}", "test_size=2"],
+            "none of the 2 audio files of the last test_size=2 utterances of data=ljspeech is usable "
+            "(missing: 1, unreadable: 1",
+        ),
         ([f"run_id={'0' * 32}"], "not found in the tracking store"),
         ([f"run_id={chain['adapter']}"], "is a train_adapter run, not a finetune_vocoder run"),
         ([f"run_id={chain['finetune']}", "data=nope"], "data='nope': no such preset"),

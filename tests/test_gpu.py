@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import TINY, loss_history, stage_runs
 from mlflow import MlflowClient
 
-from conftest import TINY, loss_history, stage_runs
 from pipeline.engine.cli import EXIT_OK
 from pipeline.engine.session import run_stage
 
@@ -20,8 +20,9 @@ def train_adapter(*args):
 
 
 def latest_state(client, run_id):
-    import mlflow
     from pathlib import Path
+
+    import mlflow
 
     from pipeline.engine.checkpoint_files import load_state
 
@@ -61,9 +62,18 @@ def test_resume_on_cuda_is_bit_identical(store, precision):
 def test_vocoder_stages_run_on_cuda_in_mixed_precision(store):
     from pipeline.stages.pretrain_vocoder import PretrainVocoder
 
-    args = ["ssl=tiny", "vocoder=tiny", "batch_size=4", "data.segment_seconds=0.5", "trainer.device=cuda",
-            "trainer.precision=16-mixed", "trainer.max_steps=3", "validation.interval=3",
-            "tracking.system_metrics=false", "tracking.flush_seconds=0.2"]
+    args = [
+        "ssl=tiny",
+        "vocoder=tiny",
+        "batch_size=4",
+        "data.segment_seconds=0.5",
+        "trainer.device=cuda",
+        "trainer.precision=16-mixed",
+        "trainer.max_steps=3",
+        "validation.interval=3",
+        "tracking.system_metrics=false",
+        "tracking.flush_seconds=0.2",
+    ]
     assert run_stage(PretrainVocoder, args) == EXIT_OK
     client = MlflowClient()
     (run,) = stage_runs(client, "pretrain_vocoder")
@@ -96,9 +106,17 @@ def test_resume_of_a_base_size_encoder_on_cuda_is_bit_identical(store):
 def test_vocoder_resume_on_cuda_is_bit_identical(store):
     from pipeline.stages.pretrain_vocoder import PretrainVocoder
 
-    args = ["ssl=tiny", "vocoder=tiny", "batch_size=4", "data.segment_seconds=0.5", "trainer.device=cuda",
-            "optim.schedule=constant", "validation.interval=3", "tracking.system_metrics=false",
-            "tracking.flush_seconds=0.2"]
+    args = [
+        "ssl=tiny",
+        "vocoder=tiny",
+        "batch_size=4",
+        "data.segment_seconds=0.5",
+        "trainer.device=cuda",
+        "optim.schedule=constant",
+        "validation.interval=3",
+        "tracking.system_metrics=false",
+        "tracking.flush_seconds=0.2",
+    ]
     client = MlflowClient()
     assert run_stage(PretrainVocoder, [*args, "trainer.max_steps=6", "tracking.run_name=whole"]) == EXIT_OK
     assert run_stage(PretrainVocoder, [*args, "trainer.max_steps=3", "tracking.run_name=parts"]) == EXIT_OK
@@ -114,11 +132,18 @@ def test_torchrun_with_one_rank_trains_through_nccl_and_resumes_bit_identical(st
     import subprocess
 
     from conftest import env_for
+
     from pipeline.launcher import command
 
     def torchrun(*args):
-        done = subprocess.run(command("train_adapter", 1, "--max-restarts=0", [*CUDA, *args]), cwd=store,
-                              env=env_for(store), capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            command("train_adapter", 1, "--max-restarts=0", [*CUDA, *args]),
+            cwd=store,
+            env=env_for(store),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stderr
 

@@ -30,15 +30,36 @@ from pipeline.models.hifigan import build_vocoder
 
 transformers = pytest.importorskip("transformers")
 
-SSL = ["ssl=mhubert_147", "ssl.embed_dim=32", "ssl.num_heads=4", "ssl.ff_interm_features=48", "ssl.pos_conv_kernel=8",
-       "ssl.pos_conv_groups=4", "ssl.num_layers=4",
-       "ssl.conv_layers=[[16,10,5],[16,3,2],[16,3,2],[16,3,2],[16,3,2],[16,2,2],[16,2,2]]"]
-VOCODER = ["vocoder.upsample_initial_channel=16", "vocoder.conformer_dim=16", "vocoder.conformer_heads=2",
-           "vocoder.conformer_ffn_dim=24", "vocoder.conformer_kernel=3", "vocoder.mpd_channels=[4,8,8,8,8]",
-           "vocoder.mpd_periods=[2,3]", "vocoder.msd_channels=[4,8,8,16,16,16,16]", "vocoder.msd_scales=2"]
+SSL = [
+    "ssl=mhubert_147",
+    "ssl.embed_dim=32",
+    "ssl.num_heads=4",
+    "ssl.ff_interm_features=48",
+    "ssl.pos_conv_kernel=8",
+    "ssl.pos_conv_groups=4",
+    "ssl.num_layers=4",
+    "ssl.conv_layers=[[16,10,5],[16,3,2],[16,3,2],[16,3,2],[16,3,2],[16,2,2],[16,2,2]]",
+]
+VOCODER = [
+    "vocoder.upsample_initial_channel=16",
+    "vocoder.conformer_dim=16",
+    "vocoder.conformer_heads=2",
+    "vocoder.conformer_ffn_dim=24",
+    "vocoder.conformer_kernel=3",
+    "vocoder.mpd_channels=[4,8,8,8,8]",
+    "vocoder.mpd_periods=[2,3]",
+    "vocoder.msd_channels=[4,8,8,16,16,16,16]",
+    "vocoder.msd_scales=2",
+]
 # Quick runs on the demo corpus (each key fits both imported runs)
-QUICK = ["batch_size=2", "data.segment_seconds=0.25", "validation.interval=0", "tracking.system_metrics=false",
-         "tracking.flush_seconds=0.2", "trainer.log_interval=1"]
+QUICK = [
+    "batch_size=2",
+    "data.segment_seconds=0.25",
+    "validation.interval=0",
+    "tracking.system_metrics=false",
+    "tracking.flush_seconds=0.2",
+    "trainer.log_interval=1",
+]
 N_ADAPTERS, HIDDEN = 2, 12
 
 
@@ -57,8 +78,12 @@ def randomise(module: nn.Module, seed: int) -> None:
 
 def old_norm_names(state: dict) -> dict:
     """Parametrization names -> the old torch.nn.utils.weight_norm names the reimplementation's files carry."""
-    return {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1",
-                                                                              "weight_v"): v for k, v in state.items()}
+    return {
+        k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): v
+        for k, v in state.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,10 +120,15 @@ def adapter_checkpoint(mhubert_model, path, drop=None, unsafe=None):
                 state[f"adapters.{i}.ff.{ff}.{param}"] = 0.3 * torch.randn(s, generator=g)
     if drop:
         del state[drop]
-    config = OmegaConf.create({"model": {"hubert_layer": N_ADAPTERS, "adapter_hidden_dim": HIDDEN},
-                               "optim": {"lr": 2e-4, "betas": [0.9, 0.95]}})
+    config = OmegaConf.create(
+        {
+            "model": {"hubert_layer": N_ADAPTERS, "adapter_hidden_dim": HIDDEN},
+            "optim": {"lr": 2e-4, "betas": [0.9, 0.95]},
+        }
+    )
     checkpoint = {
-        "step": 199000, "model_state_dict": state,
+        "step": 199000,
+        "model_state_dict": state,
         "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 2e-4, "params": [0, 1]}]},
         "scheduler_state_dict": {"last_epoch": 199000, "base_lrs": [2e-4]},
         "config": dict(config),
@@ -114,10 +144,12 @@ class ResBlock1(nn.Module):
     def __init__(self, channels, kernel, dilations):
         super().__init__()
         wn = nn.utils.weight_norm
-        self.convs1 = nn.ModuleList(wn(nn.Conv1d(channels, channels, kernel, 1, dilation=d, padding=(kernel * d - d) // 2))
-                                    for d in dilations)
-        self.convs2 = nn.ModuleList(wn(nn.Conv1d(channels, channels, kernel, 1, padding=(kernel - 1) // 2))
-                                    for _ in dilations)
+        self.convs1 = nn.ModuleList(
+            wn(nn.Conv1d(channels, channels, kernel, 1, dilation=d, padding=(kernel * d - d) // 2)) for d in dilations
+        )
+        self.convs2 = nn.ModuleList(
+            wn(nn.Conv1d(channels, channels, kernel, 1, padding=(kernel - 1) // 2)) for _ in dilations
+        )
 
     def forward(self, x):
         for c1, c2 in zip(self.convs1, self.convs2):
@@ -133,16 +165,27 @@ class ReferenceGenerator(nn.Module):
         super().__init__()
         wn = nn.utils.weight_norm
         self.input_projection = nn.Linear(32, h.conformer_dim)
-        conformer = dict(input_dim=h.conformer_dim, num_heads=h.conformer_heads, ffn_dim=h.conformer_ffn_dim,
-                         num_layers=1, depthwise_conv_kernel_size=h.conformer_kernel, dropout=0.1)
+        conformer = dict(
+            input_dim=h.conformer_dim,
+            num_heads=h.conformer_heads,
+            ffn_dim=h.conformer_ffn_dim,
+            num_layers=1,
+            depthwise_conv_kernel_size=h.conformer_kernel,
+            dropout=0.1,
+        )
         self.conformer1, self.conformer2 = Conformer(**conformer), Conformer(**conformer)
         self.output_projection = nn.Linear(h.conformer_dim, h.upsample_initial_channel)
         c = h.upsample_initial_channel
         self.conv_pre = wn(nn.Conv1d(c, c, 7, 1, padding=3))
-        self.ups = nn.ModuleList(wn(nn.ConvTranspose1d(c >> i, c >> (i + 1), k, u, padding=(k - u) // 2))
-                                 for i, (u, k) in enumerate(zip(h.upsample_rates, h.upsample_kernel_sizes)))
-        self.resblocks = nn.ModuleList(ResBlock1(c >> (i + 1), k, d) for i in range(len(self.ups))
-                                       for k, d in zip(h.resblock_kernel_sizes, h.resblock_dilation_sizes))
+        self.ups = nn.ModuleList(
+            wn(nn.ConvTranspose1d(c >> i, c >> (i + 1), k, u, padding=(k - u) // 2))
+            for i, (u, k) in enumerate(zip(h.upsample_rates, h.upsample_kernel_sizes))
+        )
+        self.resblocks = nn.ModuleList(
+            ResBlock1(c >> (i + 1), k, d)
+            for i in range(len(self.ups))
+            for k, d in zip(h.resblock_kernel_sizes, h.resblock_dilation_sizes)
+        )
         self.conv_post = wn(nn.Conv1d(c >> len(self.ups), 1, 7, 1, padding=3))
         self.kernels = len(h.resblock_kernel_sizes)
 
@@ -176,13 +219,23 @@ def vocoder_checkpoint(path, generator_changes=None):
         for k, v in module.state_dict().items():
             k = k.replace(".post.", ".conv_post.").replace("parametrizations.weight.original0", "weight_g")
             k = k.replace("parametrizations.weight.original1", "weight_v")
-            k = k.replace("parametrizations.weight.original", "weight_orig").replace("parametrizations.weight.0._u", "weight_u")
+            k = k.replace("parametrizations.weight.original", "weight_orig").replace(
+                "parametrizations.weight.0._u", "weight_u"
+            )
             state[prefix + k.replace("parametrizations.weight.0._v", "weight_v")] = v
     state.update(generator_changes or {})
-    torch.save({"epoch": 77, "global_step": 137108, "pytorch-lightning_version": "2.5.0", "state_dict": state,
-                "hyper_parameters": {"cfg": OmegaConf.create({"model": {"upsample_rates": [7, 7, 3, 3]}})},
-                "optimizer_states": [{"state": {}, "param_groups": []}], "lr_schedulers": [{"gamma": 0.999998}]},
-               path)
+    torch.save(
+        {
+            "epoch": 77,
+            "global_step": 137108,
+            "pytorch-lightning_version": "2.5.0",
+            "state_dict": state,
+            "hyper_parameters": {"cfg": OmegaConf.create({"model": {"upsample_rates": [7, 7, 3, 3]}})},
+            "optimizer_states": [{"state": {}, "param_groups": []}],
+            "lr_schedulers": [{"gamma": 0.999998}],
+        },
+        path,
+    )
     return generator, mpd, msd, state
 
 
@@ -253,8 +306,16 @@ def test_imported_pair_holds_every_tensor_bit_for_bit_and_computes_what_the_reim
     with torch.no_grad():
         assert (generator.eval()(features) - reference_generator(features)).abs().max() <= 1e-5
 
-    adapter_cfg = compose_config("train_adapter", ["recipe=atotti_miipher2", *SSL, f"ssl.weights={mhubert_dir}",
-                                                   f"ssl.layer={N_ADAPTERS}", f"adapter.bottleneck={HIDDEN}"])
+    adapter_cfg = compose_config(
+        "train_adapter",
+        [
+            "recipe=atotti_miipher2",
+            *SSL,
+            f"ssl.weights={mhubert_dir}",
+            f"ssl.layer={N_ADAPTERS}",
+            f"adapter.bottleneck={HIDDEN}",
+        ],
+    )
     adapted = build_adapted_encoder(adapter_cfg.ssl, adapter_cfg.adapter).eval()
     for key, module in adapted.trainable_modules().items():
         module.load_state_dict(state[key])
@@ -263,8 +324,9 @@ def test_imported_pair_holds_every_tensor_bit_for_bit_and_computes_what_the_reim
         expected = reference_adapted_features(source, wave)
         assert (adapted(wave) - expected).abs().max() <= 1e-5
         # the clean target still comes from the untouched encoder
-        assert (adapted.target_features(wave) - model(wave, output_hidden_states=True).hidden_states[N_ADAPTERS]
-                ).abs().max() <= 1e-5
+        assert (
+            adapted.target_features(wave) - model(wave, output_hidden_states=True).hidden_states[N_ADAPTERS]
+        ).abs().max() <= 1e-5
 
 
 class ReferenceAdapterFeedForward(nn.Module):
@@ -284,14 +346,19 @@ def reference_adapted_features(source, wave):
     from pipeline.models.encoder import huggingface_config
 
     hf = transformers.HubertModel(huggingface_config(ssl_cfg())).eval()
-    encoder = {k[len("extractor.model."):]: v for k, v in source.items() if k.startswith("extractor.model.")}
-    encoder = {k.replace("weight_g", "parametrizations.weight.original0").replace(
-        "weight_v", "parametrizations.weight.original1"): v for k, v in encoder.items()}
+    encoder = {k[len("extractor.model.") :]: v for k, v in source.items() if k.startswith("extractor.model.")}
+    encoder = {
+        k.replace("weight_g", "parametrizations.weight.original0").replace(
+            "weight_v", "parametrizations.weight.original1"
+        ): v
+        for k, v in encoder.items()
+    }
     hf.load_state_dict(encoder, strict=False)
     for i in range(N_ADAPTERS):
         adapter = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, 32))
-        adapter.load_state_dict({k[len(f"adapters.{i}.ff."):]: v for k, v in source.items()
-                                 if k.startswith(f"adapters.{i}.ff.")})
+        adapter.load_state_dict(
+            {k[len(f"adapters.{i}.ff.") :]: v for k, v in source.items() if k.startswith(f"adapters.{i}.ff.")}
+        )
         layer = hf.encoder.layers[i]
         layer.feed_forward = ReferenceAdapterFeedForward(layer.feed_forward, adapter)
     return hf(wave, output_hidden_states=True).hidden_states[N_ADAPTERS]
@@ -315,10 +382,17 @@ def test_imported_runs_train_on_with_resume_run(store, mhubert):
         assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
     # and a new finetune_vocoder run builds on both imported runs like on runs trained here
     adapter_id, vocoder_id = runs["train_adapter"].info.run_id, runs["finetune_vocoder"].info.run_id
-    assert run_stage(FinetuneVocoder, [f"adapter_run={adapter_id}", f"vocoder_run={vocoder_id}", "trainer.max_steps=1",
-                                       *QUICK]) == EXIT_OK
-    (fresh,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-                if r.data.tags.get("chain.vocoder_run") == vocoder_id]
+    assert (
+        run_stage(
+            FinetuneVocoder, [f"adapter_run={adapter_id}", f"vocoder_run={vocoder_id}", "trainer.max_steps=1", *QUICK]
+        )
+        == EXIT_OK
+    )
+    (fresh,) = [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if r.data.tags.get("chain.vocoder_run") == vocoder_id
+    ]
     assert fresh.info.status == "FINISHED" and fresh.data.tags["chain.adapter_run"] == adapter_id
 
 
@@ -329,8 +403,7 @@ def test_missing_or_misshapen_tensors_are_refused_naming_the_key(store, mhubert,
     assert "lacks 1 tensor(s) the adapter needs, e.g. 'adapters.1.ff.3.weight'" in capfd.readouterr().err
 
     adapter_checkpoint(model, store / "checkpoint_199k.pt")
-    vocoder_checkpoint(store / "epoch=77-step=137108.ckpt",
-                       {"generator.conv_pre.weight_v": torch.zeros(16, 16, 5)})
+    vocoder_checkpoint(store / "epoch=77-step=137108.ckpt", {"generator.conv_pre.weight_v": torch.zeros(16, 16, 5)})
     capfd.readouterr()
     assert run_import(store, mhubert_dir) == EXIT_BAD_INPUT
     assert "'conv_pre.weight_v' has shape (16, 16, 5), the preset needs (16, 16, 7)" in capfd.readouterr().err
@@ -371,8 +444,13 @@ def test_mlflow_run_entry_point_imports_into_its_own_run(store, mhubert):
     adapter_checkpoint(model, store / "checkpoint_199k.pt")
     vocoder_checkpoint(store / "epoch=77-step=137108.ckpt")
     overrides = " ".join([*SSL, f"ssl.weights={mhubert_dir}", *QUICK, *(f"finetune_vocoder.{o}" for o in VOCODER)])
-    done = mlflow_run(store, f"adapter={store / 'checkpoint_199k.pt'}", f"vocoder={store / 'epoch=77-step=137108.ckpt'}",
-                      f"overrides={overrides}", entry="import_checkpoint")
+    done = mlflow_run(
+        store,
+        f"adapter={store / 'checkpoint_199k.pt'}",
+        f"vocoder={store / 'epoch=77-step=137108.ckpt'}",
+        f"overrides={overrides}",
+        entry="import_checkpoint",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

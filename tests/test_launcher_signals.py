@@ -8,10 +8,10 @@ import subprocess
 
 import psutil
 import pytest
+from conftest import REPO, TINY, VENV_BIN, env_for, loss_history, read_until, stage_runs, wait_for
 from mlflow import MlflowClient
 
-from conftest import REPO, TINY, VENV_BIN, env_for, loss_history, read_until, stage_runs, wait_for
-from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
+from pipeline.engine.cli import EXIT_OK
 from pipeline.engine.session import run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
@@ -19,8 +19,17 @@ SLOW_STEPS = "data.batch=sleep:0.3"  # fault point: each batch a little slower, 
 
 
 def start_mlflow_run(workdir, entry: str, **params: str) -> subprocess.Popen:
-    cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local",
-           "--experiment-name", entry]
+    cmd = [
+        os.path.join(VENV_BIN, "mlflow"),
+        "run",
+        str(REPO),
+        "-e",
+        entry,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        entry,
+    ]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     env = dict(env_for(workdir), PIPELINE_FAULTS=SLOW_STEPS)
@@ -42,6 +51,7 @@ def terminate_launcher_only(proc: subprocess.Popen, needle: str) -> tuple[list[p
 def assert_none_left(family: list[psutil.Process]) -> None:
     def gone() -> bool:
         return not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
     wait_for(gone, timeout=60, what="every process of the job to end")
 
 
@@ -52,7 +62,7 @@ def test_sigterm_to_mlflow_run_stops_the_job_which_resumes_bit_identically(store
     family, log = terminate_launcher_only(proc, "step 3/12")
     assert_none_left(family)
     assert "The process that launched this job" in log and "is gone: stopping as if it had sent SIGTERM" in log
-    assert "`mlflow run` reports every exit code but 0 as \"failed\"; this job exits 3" in log  # not a failure
+    assert '`mlflow run` reports every exit code but 0 as "failed"; this job exits 3' in log  # not a failure
     client = MlflowClient()
     (run,) = stage_runs(client)
     run_id = run.info.run_id
@@ -70,8 +80,12 @@ def test_sigterm_to_mlflow_run_stops_the_job_which_resumes_bit_identically(store
 
 @pytest.mark.slow
 def test_sigterm_to_mlflow_run_main_stops_the_running_step_and_main(store):
-    words = ["train_adapter.trainer.max_steps=12", "train_adapter.trainer.log_interval=1",
-             "train_adapter.checkpoint.save_interval=100", "train_adapter.validation.interval=0"]
+    words = [
+        "train_adapter.trainer.max_steps=12",
+        "train_adapter.trainer.log_interval=1",
+        "train_adapter.checkpoint.save_interval=100",
+        "train_adapter.validation.interval=0",
+    ]
     proc = start_mlflow_run(store, "main", overrides=" ".join(words))
     family, log = terminate_launcher_only(proc, "step 3/12")
     assert_none_left(family)

@@ -5,18 +5,28 @@ Scored the way a user draws the learning curve (``evaluate steps=...`` on the pr
 from __future__ import annotations
 
 import pytest
+from conftest import stage_runs
 from mlflow import MlflowClient
 
-from conftest import stage_runs
 from pipeline.engine.cli import EXIT_OK
 from pipeline.engine.session import run_stage
 from pipeline.evaluate import run as evaluate
 from pipeline.stages.pretrain_vocoder import PretrainVocoder
 
 # the quality preset's vocoder settings (configs/main/quality.yaml), fewer steps
-REDUCED = ["ssl=tiny", "vocoder=tiny", "batch_size=8", "data.segment_seconds=0.5", "optim.lr=2e-3",
-           "loss.gan_start_step=350", "validation.interval=0", "checkpoint.save_interval=25",
-           "checkpoint.keep_last_n=20", "tracking.system_metrics=false", "tracking.flush_seconds=0.2"]
+REDUCED = [
+    "ssl=tiny",
+    "vocoder=tiny",
+    "batch_size=8",
+    "data.segment_seconds=0.5",
+    "optim.lr=2e-3",
+    "loss.gan_start_step=350",
+    "validation.interval=0",
+    "checkpoint.save_interval=25",
+    "checkpoint.keep_last_n=20",
+    "tracking.system_metrics=false",
+    "tracking.flush_seconds=0.2",
+]
 
 
 @pytest.mark.slow

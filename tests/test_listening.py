@@ -10,9 +10,17 @@ from pipeline.inference.listening import Example, MediaEmbedder, write_listening
 
 def _page(tmp_path, seconds: float = 1.0):
     rng = np.random.default_rng(0)
-    examples = [Example(f"utt-{i}", "some text · ü", {"clean": rng.standard_normal(int(16000 * seconds)) * 0.1,
-                                                      "degraded": rng.standard_normal(int(16000 * seconds)) * 0.1})
-                for i in range(2)]
+    examples = [
+        Example(
+            f"utt-{i}",
+            "some text · ü",
+            {
+                "clean": rng.standard_normal(int(16000 * seconds)) * 0.1,
+                "degraded": rng.standard_normal(int(16000 * seconds)) * 0.1,
+            },
+        )
+        for i in range(2)
+    ]
     return write_listening_page(tmp_path, "a page · ü", examples, 16000)
 
 

@@ -8,21 +8,30 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import PYTHON, REPO, all_runs, env_for, stage_runs
 from mlflow import MlflowClient
 
-from conftest import PYTHON, REPO, all_runs, env_for, stage_runs
 from pipeline.config import ConfigError
 from pipeline.main import STEPS, load_main_config, main, step_overrides
 
-SHORT = ["trainer.max_steps=3", "validation.interval=3", "checkpoint.save_interval=3", "validation.num_samples=1",
-         "tracking.flush_seconds=0.2"]
+SHORT = [
+    "trainer.max_steps=3",
+    "validation.interval=3",
+    "checkpoint.save_interval=3",
+    "validation.num_samples=1",
+    "tracking.flush_seconds=0.2",
+]
 
 
 def test_overrides_go_to_the_steps_that_have_the_key(store):
-    cfg, words = load_main_config(["main.reuse=false", "adapter.bottleneck=8", "pretrain_vocoder.optim.lr=0.01",
-                                   "trainer.max_steps=7"])
-    assert cfg.reuse is False and words == ["adapter.bottleneck=8", "pretrain_vocoder.optim.lr=0.01",
-                                            "trainer.max_steps=7"]
+    cfg, words = load_main_config(
+        ["main.reuse=false", "adapter.bottleneck=8", "pretrain_vocoder.optim.lr=0.01", "trainer.max_steps=7"]
+    )
+    assert cfg.reuse is False and words == [
+        "adapter.bottleneck=8",
+        "pretrain_vocoder.optim.lr=0.01",
+        "trainer.max_steps=7",
+    ]
     out = step_overrides(cfg, words)
     assert "adapter.bottleneck=8" in out["train_adapter"] and "adapter.bottleneck=8" not in out["pretrain_vocoder"]
     assert out["pretrain_vocoder"][-2:] == ["optim.lr=0.01", "trainer.max_steps=7"]
@@ -32,7 +41,9 @@ def test_overrides_go_to_the_steps_that_have_the_key(store):
 
 def test_presets_give_the_steps_settings_and_an_unknown_one_is_refused():
     quality, _ = load_main_config(["main.preset=quality"])
-    assert "loss.gan_start_step=2000" in quality.pretrain_vocoder and "trainer.max_steps=200" not in quality.train_adapter
+    assert (
+        "loss.gan_start_step=2000" in quality.pretrain_vocoder and "trainer.max_steps=200" not in quality.train_adapter
+    )
     tiny, _ = load_main_config([])
     assert tiny.preset == "tiny" and "trainer.max_steps=200" in tiny.train_adapter
     with pytest.raises(ConfigError, match="main.preset='nope': no such preset; choose one of quality, tiny"):
@@ -76,8 +87,9 @@ def _project_copy(root: Path) -> Path:
 def _main(project: Path, workdir: Path) -> subprocess.CompletedProcess:
     """``main`` started from ``workdir``, outside the project (its steps run inside it, as MLflow Projects do)."""
     env = {**env_for(workdir), "PYTHONPATH": str(project)}
-    return subprocess.run([PYTHON, "-m", "pipeline.main", *SHORT], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [PYTHON, "-m", "pipeline.main", *SHORT], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow

@@ -25,8 +25,9 @@ def test_torch_and_torchaudio_are_pinned_together_everywhere():
 
 
 def test_every_dependency_is_locked():
-    lock = {line.split("==")[0].lower() for line in (REPO / "requirements.lock").read_text().splitlines()
-            if "==" in line}
+    lock = {
+        line.split("==")[0].lower() for line in (REPO / "requirements.lock").read_text().splitlines() if "==" in line
+    }
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = project["dependencies"] + project["optional-dependencies"]["test"]
     for dep in names:
@@ -39,7 +40,9 @@ def test_mlproject_entry_points_have_the_documented_parameters():
     train = spec["entry_points"]["train_adapter"]
     assert set(train["parameters"]) == {"overrides", "resume_run", "resume_step", "nproc", "torchrun"}
     assert train["parameters"]["nproc"]["default"] == "1"  # one process unless asked: today's plain job
-    assert train["command"].startswith("python -m pipeline.launcher --nproc={nproc} --torchrun={torchrun} train_adapter ")
+    assert train["command"].startswith(
+        "python -m pipeline.launcher --nproc={nproc} --torchrun={torchrun} train_adapter "
+    )
 
 
 def test_ci_runs_the_readme_test_command():

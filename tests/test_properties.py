@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, example, given, settings, strategies as st
+from conftest import REPO, artifact_dir
+from hypothesis import HealthCheck, assume, event, example, given, settings
+from hypothesis import strategies as st
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import REPO, artifact_dir
+from pipeline.common.files import sha256_file
 from pipeline.config import (
     CONFIG_DIR,
     ConfigError,
@@ -39,10 +41,16 @@ from pipeline.config import (
     from_container,
     to_container,
 )
-from pipeline.stages.train_adapter import TrainAdapterConfig
 from pipeline.data.datasets import epoch_batches
 from pipeline.engine import checkpointing
 from pipeline.engine import tags as tag
+from pipeline.engine.checkpoint_files import (
+    META_FILE,
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_name,
+    write_local,
+)
 from pipeline.engine.checkpointing import (
     CHECKPOINT_DIR,
     CheckpointStore,
@@ -51,19 +59,12 @@ from pipeline.engine.checkpointing import (
     read_index,
     steps_to_keep,
 )
-from pipeline.engine.checkpoint_files import (
-    META_FILE,
-    STATE_FILE,
-    CheckpointError,
-    checkpoint_name,
-    write_local,
-)
 from pipeline.engine.launch import parse_launch
 from pipeline.engine.resume import ResumeError, RunCheckpoints
 from pipeline.engine.stage import Precision
 from pipeline.engine.trainer import Engine
 from pipeline.launcher import parse
-from pipeline.common.files import sha256_file
+from pipeline.stages.train_adapter import TrainAdapterConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,12 @@ STAGE = "train_adapter"
 # Each example composes a config with Hydra (~0.2 s) or builds a tracking store: few examples, no deadline.
 FAST = settings(max_examples=15, deadline=None, database=None)
 # Tests that use the function-scoped `store` fixture: every example makes its own run in that store.
-IN_STORE = settings(max_examples=12, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+IN_STORE = settings(
+    max_examples=12,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 # ============================================================================================
@@ -131,6 +136,7 @@ def as_mlflow_passes(words: list[str]) -> list[str]:
 def hydra_quote(text: str) -> str:
     """``text`` as a quoted Hydra value: a quote and ``${`` are escaped, and a run of backslashes before either
     (or before the closing quote) is doubled, per Hydra's override grammar."""
+
     def escape(m: re.Match) -> str:
         backslashes, what = m.group(1), m.group(2)
         return backslashes * 2 + {"'": "\\'", "${": "\\${", "": ""}[what]
@@ -139,16 +145,20 @@ def hydra_quote(text: str) -> str:
 
 
 SPECIAL = " ='\"\\${}[](),:#!*?~+-%@|&;<>/\t\n"
-strings = st.text(st.one_of(st.sampled_from(SPECIAL),
-                            st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")), max_size=12)
+strings = st.text(
+    st.one_of(st.sampled_from(SPECIAL), st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
+    max_size=12,
+)
 plain_words = st.from_regex(r"[A-Za-z_][A-Za-z0-9_/-]{0,10}", fullmatch=True).filter(
-    lambda w: w.lower() not in {"true", "false", "null", "nan", "inf"})  # what Hydra would type
+    lambda w: w.lower() not in {"true", "false", "null", "nan", "inf"}
+)  # what Hydra would type
 
 
 def _bool_text(value: bool) -> st.SearchStrategy[str]:
     word = "true" if value else "false"
     return st.lists(st.booleans(), min_size=len(word), max_size=len(word)).map(
-        lambda upper: "".join(c.upper() if u else c for c, u in zip(word, upper)))
+        lambda upper: "".join(c.upper() if u else c for c, u in zip(word, upper))
+    )
 
 
 @st.composite
@@ -169,7 +179,13 @@ def valid_value(draw, key: str) -> tuple[str, object]:
             return str(value), value  # inf, -inf, nan
         return draw(st.sampled_from([repr(value), str(int(value))] if value.is_integer() else [repr(value)])), value
     value = draw(st.one_of(plain_words, strings))
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_/-]*", value) and value.lower() not in {"true", "false", "null", "nan", "inf"}:
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_/-]*", value) and value.lower() not in {
+        "true",
+        "false",
+        "null",
+        "nan",
+        "inf",
+    }:
         return draw(st.sampled_from([value, hydra_quote(value)])), value
     return hydra_quote(value), value
 
@@ -284,8 +300,9 @@ def test_an_unknown_key_is_a_config_error_naming_it(key, value):
     assert all(key in str(err) for err in refusals(words))
 
 
-malformed_words = st.text(st.characters(min_codepoint=32, max_codepoint=126, blacklist_characters="="),
-                          min_size=1, max_size=15).filter(lambda w: w.strip() and w.strip()[0] not in "~+")
+malformed_words = st.text(
+    st.characters(min_codepoint=32, max_codepoint=126, blacklist_characters="="), min_size=1, max_size=15
+).filter(lambda w: w.strip() and w.strip()[0] not in "~+")
 
 
 OTHERS = st.lists(st.sampled_from(["batch_size=3", "ssl=tiny", "tracking.run_name='a b'"]), max_size=2)
@@ -319,8 +336,11 @@ def reads_back(cfg):
 @FAST
 @example(prefix="+", key="foo", value="1")
 @example(prefix="~", key="batch_size", value="")
-@given(st.sampled_from(["+", "++", "~"]), st.one_of(st.sampled_from(sorted(KEY_TYPES)), unknown_key()),
-       st.sampled_from(["", "1", "true", "'x'"]))
+@given(
+    st.sampled_from(["+", "++", "~"]),
+    st.one_of(st.sampled_from(sorted(KEY_TYPES)), unknown_key()),
+    st.sampled_from(["", "1", "true", "'x'"]),
+)
 def test_an_accepted_add_or_delete_override_keeps_the_config_in_its_schema(prefix, key, value):
     """An add (``+key=v``, ``++key=v``) or delete (``~key``) override is either a ConfigError naming the key or
     leaves a config that a resume reads back unchanged from its checkpoint (the schema's keys, nothing else)."""
@@ -357,8 +377,13 @@ monitored = st.one_of(
     st.floats().map(repr),  # as read back from index.csv
     st.sampled_from(["", "nan", "inf", "-inf", "ten", "0.5", " 1e3 "]),
 )
-policies = st.builds(RetentionPolicy, keep_last_n=st.integers(0, 6), keep_best_k=st.integers(0, 6),
-                     monitor=st.just(MONITOR), mode=st.sampled_from(["min", "max"]))
+policies = st.builds(
+    RetentionPolicy,
+    keep_last_n=st.integers(0, 6),
+    keep_best_k=st.integers(0, 6),
+    monitor=st.just(MONITOR),
+    mode=st.sampled_from(["min", "max"]),
+)
 MISSING = object()
 
 
@@ -388,7 +413,7 @@ def check_kept(rows, policy: RetentionPolicy, latest: int, keep: set[int]) -> No
     steps = sorted(int(r["step"]) for r in rows)
     assert latest in keep
     assert keep <= set(steps) | {latest}
-    last_n = set(steps[-policy.keep_last_n:]) if policy.keep_last_n > 0 else set()
+    last_n = set(steps[-policy.keep_last_n :]) if policy.keep_last_n > 0 else set()
     assert last_n <= keep
     scored = {int(r["step"]): score(r) for r in rows if score(r) is not None}
     better = (lambda a, b: a < b) if policy.mode == "min" else (lambda a, b: a > b)
@@ -421,8 +446,12 @@ def upload_checkpoints(client: MlflowClient, run_id: str, staging: Path, steps: 
     """Small real checkpoints (write_local) in the run's artifacts, as uploads leave them."""
     shutil.rmtree(staging, ignore_errors=True)
     for step in steps:
-        write_local(staging, step, {"w": torch.full((2,), float(step))},
-                    {"format_version": 1, "stage": "toy", "step": step, "config": {}})
+        write_local(
+            staging,
+            step,
+            {"w": torch.full((2,), float(step))},
+            {"format_version": 1, "stage": "toy", "step": step, "config": {}},
+        )
     client.log_artifacts(run_id, str(staging), CHECKPOINT_DIR)
 
 
@@ -448,8 +477,9 @@ def unreachable(*args, **kwargs):
 @given(stored_history(), policies, st.sampled_from([None, None, None, None, "listing", "index"]))
 def test_retention_in_a_real_store_deletes_only_indexed_unkept_checkpoints(store, history, policy, failure):
     """CheckpointStore._apply_retention deletes exactly the indexed checkpoints up to the latest that the policy,
-    ranking only the stored ones, does not keep: never one without an index row, never the latest; when the store cannot be read (listing the
-    checkpoints, reading index.csv) nothing is deleted and the failure is raised, not read as an empty index."""
+    ranking only the stored ones, does not keep: never one without an index row, never the latest; when the store
+    cannot be read (listing the checkpoints, reading index.csv) nothing is deleted and the failure is raised, not
+    read as an empty index."""
     stored, rows, latest = history
     client = MlflowClient()
     run_id = client.create_run("0").info.run_id
@@ -487,7 +517,9 @@ def test_retention_in_a_real_store_deletes_only_indexed_unkept_checkpoints(store
     indexed = {int(r["step"]) for r in ranked}
     remaining = set(list_checkpoints(client, run_id))
     deleted = set(stored) - remaining
-    event(f"deleted {min(len(deleted), 2)}{'+' if len(deleted) >= 2 else ''}, kept unindexed {len(set(stored) - indexed)}")
+    event(
+        f"deleted {min(len(deleted), 2)}{'+' if len(deleted) >= 2 else ''}, kept unindexed {len(set(stored) - indexed)}"
+    )
     assert latest in remaining
     assert set(stored) - indexed <= remaining, "deleted a checkpoint the index does not know"
     assert deleted == {s for s in set(stored) & indexed if s not in keep and s <= latest}
@@ -503,8 +535,15 @@ DAMAGE = ("ok", "ok", "bitflip", "truncated", "no_state", "no_meta", "bad_meta",
 
 def tiny_state(step: int) -> dict:
     """A state.pt with the parts Engine.state_dict gives, tiny."""
-    return {"step": step, "epoch": 0, "batch_in_epoch": step, "modules": {"net": {"w": torch.full((3,), float(step))}},
-            "optimizers": {}, "schedulers": {}, "rng": {}}
+    return {
+        "step": step,
+        "epoch": 0,
+        "batch_in_epoch": step,
+        "modules": {"net": {"w": torch.full((3,), float(step))}},
+        "optimizers": {},
+        "schedulers": {},
+        "rng": {},
+    }
 
 
 def damage(ckpt: Path, how: str, where: float) -> None:
@@ -557,9 +596,12 @@ def test_resume_loads_the_newest_verified_committed_checkpoint_or_refuses(store,
     checkpoints = CheckpointStore(client, run_id, store / "staging", RetentionPolicy(100, 0, MONITOR, "min"))
     try:
         for step in steps:  # as the engine saves: write, upload, verify the upload, commit, index
-            checkpoints.save(step, tiny_state(step),
-                             {"format_version": 1, "stage": "toy", "step": step, "config": {"seed": step}},
-                             {"name": checkpoint_name(step), "step": step})
+            checkpoints.save(
+                step,
+                tiny_state(step),
+                {"format_version": 1, "stage": "toy", "step": step, "config": {"seed": step}},
+                {"name": checkpoint_name(step), "step": step},
+            )
     finally:
         checkpoints.close()
     root = artifact_dir(client, run_id) / CHECKPOINT_DIR
@@ -576,10 +618,18 @@ def test_resume_loads_the_newest_verified_committed_checkpoint_or_refuses(store,
     else:
         expected = explicit if fates.get(explicit) == "ok" else None
     newest = max([s for s in steps if s <= latest and fates[s] != "deleted"], default=None)
-    event("explicit step" if explicit is not None else "refused" if expected is None
-          else "latest" if expected == newest else "fell back to an older one")
-    log.debug("resume case: steps %s, fates %s, latest %s, explicit %s, expected %s",
-              steps, fates, latest, explicit, expected)
+    event(
+        "explicit step"
+        if explicit is not None
+        else "refused"
+        if expected is None
+        else "latest"
+        if expected == newest
+        else "fell back to an older one"
+    )
+    log.debug(
+        "resume case: steps %s, fates %s, latest %s, explicit %s, expected %s", steps, fates, latest, explicit, expected
+    )
     workdir = Path(tempfile.mkdtemp(dir=store))
     try:
         point = RunCheckpoints(client, run_id, ("toy",)).load(explicit, workdir)
@@ -637,8 +687,7 @@ class StopAt:
 
 @lru_cache(maxsize=1)
 def toy_config():
-    return compose_config(STAGE, ["optim.warmup_steps=0", "checkpoint.save_interval=1000",
-                                  "trainer.log_interval=1000"])
+    return compose_config(STAGE, ["optim.warmup_steps=0", "checkpoint.save_interval=1000", "trainer.log_interval=1000"])
 
 
 def train(cfg, stop_at: int | None = None, state=None):
@@ -664,8 +713,9 @@ def uninterrupted(batch_size: int, seed: int, max_steps: int, val_interval: int)
 
 @settings(max_examples=20, deadline=None, database=None)
 @given(st.sampled_from([3, 4, 5, 8]), st.integers(0, 3), st.integers(2, 20), st.sampled_from([0, 3]), st.data())
-def test_a_resumed_engine_reads_the_same_batches_as_an_uninterrupted_one(batch_size, seed, max_steps, val_interval,
-                                                                        data):
+def test_a_resumed_engine_reads_the_same_batches_as_an_uninterrupted_one(
+    batch_size, seed, max_steps, val_interval, data
+):
     """An engine stopped at any step s, its state_dict saved (weights_only) and loaded into a fresh engine, trains
     on the same next batches, in the same order and with the same losses, as the engine that never stopped."""
     cfg, batches, losses = uninterrupted(batch_size, seed, max_steps, val_interval)

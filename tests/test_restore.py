@@ -19,10 +19,10 @@ import psutil
 import pytest
 import soundfile as sf
 import torch
+from conftest import REPO, VENV_BIN, _free_port, env_for, snapshot, wait_for
 from mlflow import MlflowClient
 from scipy.signal import resample_poly
 
-from conftest import REPO, VENV_BIN, _free_port, env_for, snapshot, wait_for
 from pipeline.data.corpus import read_corpus
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.inference.chain import RestorationChain, chain_from_run
@@ -48,8 +48,11 @@ def test_restore_a_file_tree_of_mixed_rates_and_channels_skipping_bad_files(chai
     out = tmp_path / "restored"
 
     assert restore([f"run_id={chain['finetune']}", f"input={source}", f"output={out}"]) == EXIT_OK
-    for name, channels, seconds in [("a.wav", 1, len(clean) / rate), ("sub/stereo_44k.wav", 2, len(clean) / rate),
-                                    ("sub/deeper/low_8k.wav", 1, len(clean) / rate)]:
+    for name, channels, seconds in [
+        ("a.wav", 1, len(clean) / rate),
+        ("sub/stereo_44k.wav", 2, len(clean) / rate),
+        ("sub/deeper/low_8k.wav", 1, len(clean) / rate),
+    ]:
         info = sf.info(str(out / name))
         assert (info.samplerate, info.channels) == (16000, channels), name  # the tiny vocoder's rate
         assert info.duration == pytest.approx(seconds, abs=0.01), name
@@ -66,7 +69,10 @@ def test_restore_a_file_tree_of_mixed_rates_and_channels_skipping_bad_files(chai
     assert restore([f"run_id={chain['finetune']}", f"input={source / 'a.wav'}", f"output={out}"]) == EXIT_OK
     assert (out / "a.wav").read_bytes() == b"keep me"
     assert "output exists (overwrite=true replaces it)" in capfd.readouterr().err
-    assert restore([f"run_id={chain['finetune']}", f"input={source / 'a.wav'}", f"output={out}", "overwrite=true"]) == EXIT_OK
+    assert (
+        restore([f"run_id={chain['finetune']}", f"input={source / 'a.wav'}", f"output={out}", "overwrite=true"])
+        == EXIT_OK
+    )
     assert sf.info(str(out / "a.wav")).samplerate == 16000
 
 
@@ -98,9 +104,12 @@ def test_chunked_restoration_equals_whole_file_restoration_away_from_chunk_borde
     source = chain_from_run(MlflowClient(), chain["finetune"], tmp_path / "w")
     waves = [torch.from_numpy(demo_wave(i)[0]) for i in range(6)]
     wave = torch.cat(waves)
-    whole = RestorationChain.from_checkpoints(source.adapter_dir, source.vocoder_dir, chunk_seconds=0).restore(wave, 16000)
-    chunked_chain = RestorationChain.from_checkpoints(source.adapter_dir, source.vocoder_dir, chunk_seconds=2.0, context_seconds=1.0,
-                                     fade_seconds=0.5)
+    whole = RestorationChain.from_checkpoints(source.adapter_dir, source.vocoder_dir, chunk_seconds=0).restore(
+        wave, 16000
+    )
+    chunked_chain = RestorationChain.from_checkpoints(
+        source.adapter_dir, source.vocoder_dir, chunk_seconds=2.0, context_seconds=1.0, fade_seconds=0.5
+    )
     chunked = chunked_chain.restore(wave, 16000)
     assert chunked.shape == whole.shape == wave.shape  # 16 kHz in, 16 kHz out
     assert len(range(0, -(-wave.numel() // chunked_chain.hop_in), chunked_chain.chunk_frames)) >= 8  # really chunked
@@ -120,11 +129,20 @@ def test_bad_input_is_refused_with_one_message_and_nothing_written(chain, tmp_pa
     cases = [
         ([f"run_id={'0' * 32}", *ok], "not found in the tracking store"),
         ([f"run_id={chain['adapter']}", *ok], "is a train_adapter run, not a finetune_vocoder run"),
-        ([f"run_id={chain['vocoder']}", *ok], "is a pretrain_vocoder run, not a finetune_vocoder run"),  # only evaluate takes one
+        (
+            [f"run_id={chain['vocoder']}", *ok],
+            "is a pretrain_vocoder run, not a finetune_vocoder run",
+        ),  # only evaluate takes one
         ([f"run_id={empty}", *ok], "has no checkpoints to restore with"),
-        ([f"run_id={chain['finetune']}", f"input={tmp_path / 'missing'}", f"output={tmp_path / 'out'}"], "input not found"),
+        (
+            [f"run_id={chain['finetune']}", f"input={tmp_path / 'missing'}", f"output={tmp_path / 'out'}"],
+            "input not found",
+        ),
         ([f"run_id={chain['finetune']}", f"input={source}", f"output={source / 'restored'}"], "is inside input"),
-        ([f"run_id={chain['finetune']}", f"input={tmp_path / 'notes.wav'}", f"output={tmp_path / 'out'}"], "cannot read audio file"),
+        (
+            [f"run_id={chain['finetune']}", f"input={tmp_path / 'notes.wav'}", f"output={tmp_path / 'out'}"],
+            "cannot read audio file",
+        ),
         ([f"run_id={chain['finetune']}", f"input={source / 'a.wav'}", f"output={source}"], "would overwrite it"),
         ([*ok], "Give exactly one of run_id"),
         ([f"run_id={chain['finetune']}", *ok, "chunk_secs=3"], "chunk_secs"),
@@ -149,21 +167,44 @@ def test_served_chain_restores_requests_and_answers_bad_ones_with_400(chain, tmp
 
     version = mlflow.register_model(f"runs:/{chain['finetune']}/model", "speech-restoration").version
     port = _free_port()
-    server = subprocess.Popen([str(Path(VENV_BIN) / "mlflow"), "models", "serve", "-m",
-                               f"models:/speech-restoration/{version}", "--env-manager", "local", "-p", str(port)],
-                              cwd=REPO, env=env_for(chain['dir']), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [
+            str(Path(VENV_BIN) / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/speech-restoration/{version}",
+            "--env-manager",
+            "local",
+            "-p",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env_for(chain["dir"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for(lambda: _get(f"http://127.0.0.1:{port}/ping") == 200, timeout=120, what="the model server")
         url = f"http://127.0.0.1:{port}/invocations"
         clean, _ = demo_wave()
         stereo_44k = np.stack([resample_poly(clean[:8000], 441, 160)] * 2, axis=1)
-        status, body = _post(url, {"dataframe_records": [{"audio": clean[:8000].tolist(), "sample_rate": 16000},
-                                                         {"audio": clean[:4000:2].tolist(), "sample_rate": 8000},
-                                                         {"audio_base64": _encoded(stereo_44k, 44100, "WAV")},
-                                                         {"audio_base64": _encoded(clean[:8000], 16000, "FLAC")}]})
+        status, body = _post(
+            url,
+            {
+                "dataframe_records": [
+                    {"audio": clean[:8000].tolist(), "sample_rate": 16000},
+                    {"audio": clean[:4000:2].tolist(), "sample_rate": 8000},
+                    {"audio_base64": _encoded(stereo_44k, 44100, "WAV")},
+                    {"audio_base64": _encoded(clean[:8000], 16000, "FLAC")},
+                ]
+            },
+        )
         assert status == 200, body
         rows = body["predictions"]
-        assert [len(r["audio"]) for r in rows] == [8000, 4000, 8000, 8000] and {r["sample_rate"] for r in rows} == {16000}
+        assert [len(r["audio"]) for r in rows] == [8000, 4000, 8000, 8000] and {r["sample_rate"] for r in rows} == {
+            16000
+        }
         assert all(np.isfinite(r["audio"]).all() for r in rows)
         assert np.corrcoef(rows[0]["audio"], rows[3]["audio"])[0, 1] > 0.99  # the FLAC is the same audio
 
@@ -190,8 +231,10 @@ def test_served_chain_restores_requests_and_answers_bad_ones_with_400(chain, tmp
             ({"dataframe_records": [{"audio": [0.1] * 300, "sample_rate": 1}]}, "from 8000 to 192000"),
             ({"dataframe_records": [{"audio": [0.1] * 100, "sample_rate": 1e308}]}, "from 8000 to 192000"),
             ({"dataframe_records": [{"audio": [0.1] * 100, "sample_rate": 192001}]}, "from 8000 to 192000"),
-            ({"dataframe_records": [{"audio": [0.1] * int(16000 * (MAX_SECONDS + 1)), "sample_rate": 16000}]},
-             "longer than"),
+            (
+                {"dataframe_records": [{"audio": [0.1] * int(16000 * (MAX_SECONDS + 1)), "sample_rate": 16000}]},
+                "longer than",
+            ),
             ({"dataframe_records": [{"audio_base64": _encoded(clean[:4000], 4000, "WAV")}]}, "from 8000 to 192000"),
             ({"dataframe_records": [{"audio_base64": _encoded(np.zeros((800, 3)), 16000, "WAV")}]}, "3 channels"),
             ({"dataframe_records": [{"audio_base64": _encoded(clean[:8000], 16000, "OGG")}]}, "not a WAV or FLAC"),
@@ -216,10 +259,28 @@ def test_served_chain_restores_requests_and_answers_bad_ones_with_400(chain, tmp
 
     clean, rate = demo_wave()
     sf.write(tmp_path / "clip.wav", clean, rate)
-    done = subprocess.run([str(Path(VENV_BIN) / "mlflow"), "run", str(REPO), "-e", "restore", "--env-manager", "local",
-                           "-P", f"model_uri=models:/speech-restoration/{version}", "-P", f"input={tmp_path / 'clip.wav'}",
-                           "-P", f"output={tmp_path / 'restored'}"], cwd=tmp_path, env=env_for(chain['dir']),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(Path(VENV_BIN) / "mlflow"),
+            "run",
+            str(REPO),
+            "-e",
+            "restore",
+            "--env-manager",
+            "local",
+            "-P",
+            f"model_uri=models:/speech-restoration/{version}",
+            "-P",
+            f"input={tmp_path / 'clip.wav'}",
+            "-P",
+            f"output={tmp_path / 'restored'}",
+        ],
+        cwd=tmp_path,
+        env=env_for(chain["dir"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sf.info(str(tmp_path / "restored" / "clip.wav")).duration == pytest.approx(len(clean) / rate, abs=0.01)
 
@@ -252,7 +313,9 @@ def test_the_model_reads_paths_only_when_its_config_allows_it_and_answers_one_ch
         local.predict(pd.DataFrame({"audio": [clean[:1600].tolist()], "sample_rate": [rate]}))
     assert failed.value.get_http_status_code() == 500
     assert json.loads(failed.value.serialize_as_json()) == {
-        "error_code": "INTERNAL_ERROR", "message": "the model failed to restore this request; the server's log says why"}
+        "error_code": "INTERNAL_ERROR",
+        "message": "the model failed to restore this request; the server's log says why",
+    }
 
 
 def _encoded(wave: np.ndarray, rate: int, file_format: str) -> str:
@@ -300,9 +363,11 @@ def test_the_chain_is_a_logged_model_of_its_run_in_the_models_tab(chain):
     pointing at the run's model/ with the metrics of its last step."""
     client = MlflowClient()
     run = client.get_run(chain["finetune"])
-    (final,) = [m for m in client.search_logged_models([run.info.experiment_id],
-                                                       f"source_run_id = '{chain['finetune']}'")
-                if m.model_type == "final-model"]
+    (final,) = [
+        m
+        for m in client.search_logged_models([run.info.experiment_id], f"source_run_id = '{chain['finetune']}'")
+        if m.model_type == "final-model"
+    ]
     assert final.name == f"final-{run.info.run_name}" and final.status.name == "READY"
     assert final.tags["checkpoint.uri"] == f"runs:/{chain['finetune']}/model"
     assert {m.key: m.value for m in final.metrics}["train/mel"] == run.data.metrics["train/mel"]

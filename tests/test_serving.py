@@ -10,7 +10,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import PYTHON, REPO, _free_port, env_for, wait_for
 from test_restore import _get, _peak_rss, _post, demo_wave
 
@@ -27,12 +26,31 @@ def test_the_server_refuses_large_and_non_json_bodies_before_reading_them(chain,
     port = _free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as err:
-        server = subprocess.Popen([PYTHON, "-m", "pipeline.serve", "-m", f"runs:/{chain['finetune']}/model",
-                                   "--port", str(port), "--max-body-mb", str(LIMIT_MB)],
-                                  cwd=REPO, env=env_for(chain["dir"]), stdout=subprocess.DEVNULL, stderr=err)
+        server = subprocess.Popen(
+            [
+                PYTHON,
+                "-m",
+                "pipeline.serve",
+                "-m",
+                f"runs:/{chain['finetune']}/model",
+                "--port",
+                str(port),
+                "--max-body-mb",
+                str(LIMIT_MB),
+            ],
+            cwd=REPO,
+            env=env_for(chain["dir"]),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     try:
-        wait_for(lambda: _get(f"http://127.0.0.1:{port}/ping") == 200, timeout=120, what="the model server",
-                 proc=server, log=log)
+        wait_for(
+            lambda: _get(f"http://127.0.0.1:{port}/ping") == 200,
+            timeout=120,
+            what="the model server",
+            proc=server,
+            log=log,
+        )
         url = f"http://127.0.0.1:{port}/invocations"
         clean, _ = demo_wave()
         status, body = _post(url, {"dataframe_records": [{"audio": clean[:8000].tolist(), "sample_rate": 16000}]})
@@ -49,8 +67,9 @@ def test_the_server_refuses_large_and_non_json_bodies_before_reading_them(chain,
         assert _peak_rss(server.pid) < peak + 32 * MB  # nothing near the body sizes (512 MB, 256 MB)
 
         for content_type in ("text/csv", "application/vnd.apache.parquet", "text/plain"):
-            request = urllib.request.Request(url, data=b"audio,sample_rate\n1,16000\n",
-                                             headers={"Content-Type": content_type})
+            request = urllib.request.Request(
+                url, data=b"audio,sample_rate\n1,16000\n", headers={"Content-Type": content_type}
+            )
             status, answer = _status(request)
             assert status == 415 and "application/json" in answer["message"], (content_type, answer)
             assert "Traceback" not in json.dumps(answer) and "stack_trace" not in answer
@@ -74,8 +93,10 @@ def _send(port: int, header: str, chunks) -> tuple[int, dict, int]:
     """POST a JSON request's head with ``header``, then ``chunks`` until the server answers: (status, the
     answer's JSON, body bytes sent)."""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.sendall(f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     f"{header}\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"{header}\r\n\r\n".encode()
+        )
         sent = 0
         for chunk in chunks:
             if select.select([sock], [], [], 0)[0]:  # an answer is there

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import PYTHON, REPO, TINY, all_runs, loss_history, wait_for
+from mlflow import MlflowClient
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
@@ -27,8 +26,13 @@ def submit(cluster: SlurmCluster, workdir: Path, faults: str = "") -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     MlflowClient(f"sqlite:///{workdir}/mlflow.db").search_experiments()  # the store's tables made before the job and
     # the test's polls open it: two processes creating a new SQLite store at once can fail its schema migration
-    exports = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db", "PYTHON": PYTHON,
-               "PIPELINE_FAULTS": faults, "PYTHONUNBUFFERED": "1", "MLFLOW_RUN_ID": ""}
+    exports = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db",
+        "PYTHON": PYTHON,
+        "PIPELINE_FAULTS": faults,
+        "PYTHONUNBUFFERED": "1",
+        "MLFLOW_RUN_ID": "",
+    }
     export = "ALL," + ",".join(f"{key}={value}" for key, value in exports.items())
     return cluster.sbatch(SCRIPT, *TINY, *STEPS, options=[f"--chdir={workdir}", f"--export={export}"])
 
@@ -64,6 +68,7 @@ def reference(slurm_cluster, tmp_path_factory):  # noqa: F811
         run = keyed_run(client, job_id)
         assert run.info.status == "FINISHED" and run.data.tags["resume.count"] == "0"
         return loss_history(client, run.info.run_id)
+
     return losses
 
 
@@ -89,8 +94,10 @@ def interrupted(cluster: SlurmCluster, workdir: Path, interrupt, reference) -> t
     assert [step for step, _ in losses] == list(range(1, 17))  # one value per step
     assert losses == reference()  # bit for bit
     assert len(all_runs(client)) == 1
-    history = [yaml.safe_load((Path(run.info.artifact_uri.removeprefix("file://")) / "config" / name).read_text())
-               for name in ("attempt-1.yaml", "attempt-2.yaml")]
+    history = [
+        yaml.safe_load((Path(run.info.artifact_uri.removeprefix("file://")) / "config" / name).read_text())
+        for name in ("attempt-1.yaml", "attempt-2.yaml")
+    ]
     assert history[1]["status"] == "FINISHED" and f"job key slurm:pytest:{job_id}" in history[1]["from"]
     return run, history, out
 
@@ -98,18 +105,25 @@ def interrupted(cluster: SlurmCluster, workdir: Path, interrupt, reference) -> t
 def test_a_job_requeued_mid_run_continues_its_run_exactly(slurm_cluster, reference, tmp_path):  # noqa: F811
     """`scontrol requeue`: Slurm sends SIGTERM; the job commits a checkpoint and ends the run KILLED; the requeued
     job (same SLURM_JOB_ID) finds the run by its key and trains it to the end."""
-    run, history, out = interrupted(slurm_cluster, tmp_path, lambda job: slurm_cluster.run("scontrol", "requeue",
-                                                                                          str(job)), reference)
+    run, history, out = interrupted(
+        slurm_cluster, tmp_path, lambda job: slurm_cluster.run("scontrol", "requeue", str(job)), reference
+    )
     assert history[0]["status"] == "KILLED (signal)"
     assert "SIGTERM received" in out and "Job key slurm:" in out and "resuming run" in out
 
 
-def test_sigusr1_to_the_batch_shell_checkpoints_requeues_and_continues_exactly(slurm_cluster, reference,  # noqa: F811
-                                                                               tmp_path):
+def test_sigusr1_to_the_batch_shell_checkpoints_requeues_and_continues_exactly(
+    slurm_cluster,
+    reference,  # noqa: F811
+    tmp_path,
+):
     """`scancel --signal=USR1 --batch` (what --signal=B:USR1@<s> sends before the time limit): the script passes it
     to the training processes, which stop with a checkpoint and run `scontrol requeue` (requeue=scontrol)."""
-    run, history, out = interrupted(slurm_cluster, tmp_path, lambda job: slurm_cluster.run(
-        "scancel", "--signal=USR1", "--batch", str(job)), reference)
+    run, history, out = interrupted(
+        slurm_cluster,
+        tmp_path,
+        lambda job: slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job)),
+        reference,
+    )
     assert history[0]["status"] == "KILLED (requeue)"
     assert "SIGUSR1: asking the training processes" in out and "Asked Slurm to requeue job" in out
-

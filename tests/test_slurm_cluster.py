@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_for
 from slurm_cluster import REQUEUE_EXIT, SlurmCluster, slurm_cluster  # noqa: F401 (slurm_cluster: the fixture)
 
@@ -26,7 +25,7 @@ WAIT = 60  # seconds; the longest wait in this module (KillWait and requeue dela
 # A process that records, one line each in <name>.log, its start (pid, parent, SLURM_RESTART_COUNT) and every
 # SIGTERM, SIGCONT, SIGUSR1 and SIGUSR2 it gets. term=exit: it exits on SIGTERM, term=keep: it carries on (only
 # SIGKILL ends it). usr1=ignore: SIGUSR1 is ignored (SIG_IGN) and not recorded.
-CHILD = r'''
+CHILD = r"""
 import os, signal, sys, time
 name = sys.argv[1]
 opts = dict(arg.split("=") for arg in sys.argv[2:])
@@ -44,7 +43,7 @@ if opts.get("usr1") == "ignore":
 log.write(f"start pid={os.getpid()} ppid={os.getppid()} restart={os.environ.get('SLURM_RESTART_COUNT', 'unset')}\n")
 while True:
     time.sleep(0.1)
-'''
+"""
 
 
 def write_script(path: Path, body: str) -> Path:
@@ -96,9 +95,12 @@ def child(name: str, *opts: str) -> str:
 
 
 def test_a_batch_job_runs_and_completes(slurm_cluster: SlurmCluster, workdir):
-    script = write_script(workdir / "hello.sh", """
+    script = write_script(
+        workdir / "hello.sh",
+        """
 echo "hello job=$SLURM_JOB_ID cluster=$SLURM_CLUSTER_NAME restart=${SLURM_RESTART_COUNT:-unset}"
-""")
+""",
+    )
     job = slurm_cluster.sbatch(script, options=["--output=hello.out"])
     info = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"), WAIT)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
@@ -111,7 +113,9 @@ def test_requeue_sends_sigterm_then_sigkill_and_restarts_the_same_job(slurm_clus
     SIGCONT and SIGTERM at once; whoever is still there KillWait later gets SIGKILL. The job then waits
     (PENDING, Reason=BeginTime) for the requeue delay and starts again with the same SLURM_JOB_ID and
     SLURM_RESTART_COUNT=1."""
-    script = write_script(workdir / "requeue.sh", f"""
+    script = write_script(
+        workdir / "requeue.sh",
+        f"""
 #SBATCH --requeue
 echo "start job=$SLURM_JOB_ID restart=${{SLURM_RESTART_COUNT:-unset}} pid=$$" >> shell.log
 [ -n "$SLURM_RESTART_COUNT" ] && exit 0
@@ -120,10 +124,14 @@ trap 'echo "got CONT" >> shell.log' CONT
 {child("batch_child", "term=keep")} &
 srun {child("step_child", "term=keep")} &
 while true; do wait; done  # a trap runs when it interrupts `wait`; the shell carries on until SIGKILL
-""")
+""",
+    )
     job = slurm_cluster.sbatch(script, options=["--output=requeue.out"])
-    wait_for(lambda: started(workdir / "batch_child.log") and started(workdir / "step_child.log"), WAIT,
-             what="the batch child and the step child to start")
+    wait_for(
+        lambda: started(workdir / "batch_child.log") and started(workdir / "step_child.log"),
+        WAIT,
+        what="the batch child and the step child to start",
+    )
     shell_pid = int(lines(workdir / "shell.log")[0].split("pid=")[1])
     child_pids = [int(started(workdir / f"{name}.log")["pid"]) for name in ("batch_child", "step_child")]
 
@@ -131,8 +139,11 @@ while true; do wait; done  # a trap runs when it interrupts `wait`; the shell ca
     # All of them get SIGTERM (and SIGCONT, so that a stopped process can handle it) ...
     wait_for(lambda: "got TERM" in lines(workdir / "shell.log"), WAIT, what="SIGTERM in the batch shell")
     for name in ("batch_child", "step_child"):
-        wait_for(lambda: {"got SIGTERM", "got SIGCONT"} <= set(lines(workdir / f"{name}.log")), WAIT,
-                 what=f"SIGCONT and SIGTERM in {name}")
+        wait_for(
+            lambda name=name: {"got SIGTERM", "got SIGCONT"} <= set(lines(workdir / f"{name}.log")),
+            WAIT,
+            what=f"SIGCONT and SIGTERM in {name}",
+        )
     # ... and as none of them exits, SIGKILL after KillWait; then the job waits out the requeue delay.
     info = slurm_cluster.wait_state(job, "PENDING", WAIT)
     assert info["Reason"] == "BeginTime" and info["Restarts"] == "1", info
@@ -143,23 +154,27 @@ while true; do wait; done  # a trap runs when it interrupts `wait`; the shell ca
     starts = [line.rsplit(" pid=", 1)[0] for line in lines(workdir / "shell.log") if line.startswith("start ")]
     assert starts == [f"start job={job} restart=unset", f"start job={job} restart=1"]
     # No SIGKILL can be recorded; every signal a process of the first run could see:
-    assert {line for line in lines(workdir / "step_child.log") if line.startswith("got")} == \
-        {"got SIGCONT", "got SIGTERM"}
+    assert {line for line in lines(workdir / "step_child.log") if line.startswith("got")} == {
+        "got SIGCONT",
+        "got SIGTERM",
+    }
 
 
-def test_requeue_of_a_shell_that_dies_on_sigterm_lets_its_foreground_child_escape(
-        slurm_cluster: SlurmCluster, workdir):
+def test_requeue_of_a_shell_that_dies_on_sigterm_lets_its_foreground_child_escape(slurm_cluster: SlurmCluster, workdir):
     """A batch shell without a TERM trap runs a program in the foreground that handles SIGTERM and carries on (to
     write a checkpoint, say). On requeue both get SIGTERM; the shell dies at once, its child is re-parented to
     init, and proctrack/linuxproc no longer counts it to the job: no SIGKILL comes, the job counts as ended and
     its next run starts while the first one is still running. (``exec`` the program, or trap TERM in the shell
     and ``wait``, to keep it inside the job.)"""
-    script = write_script(workdir / "foreground.sh", f"""
+    script = write_script(
+        workdir / "foreground.sh",
+        f"""
 #SBATCH --requeue
 echo "start job=$SLURM_JOB_ID restart=${{SLURM_RESTART_COUNT:-unset}}" >> shell.log
 [ -n "$SLURM_RESTART_COUNT" ] && exit 0
 {child("trainer", "term=keep")}
-""")
+""",
+    )
     job = slurm_cluster.sbatch(script, options=["--output=foreground.out"])
     wait_for(lambda: started(workdir / "trainer.log"), WAIT, what="the program to start")
     trainer = int(started(workdir / "trainer.log")["pid"])
@@ -177,11 +192,14 @@ echo "start job=$SLURM_JOB_ID restart=${{SLURM_RESTART_COUNT:-unset}}" >> shell.
 def test_requeue_exit_code_requeues_the_job_by_itself(slurm_cluster: SlurmCluster, workdir):
     """With RequeueExit=75 a batch job that exits 75 runs again (same job ID, SLURM_RESTART_COUNT=1): the
     pipeline's EXIT_REQUEUE after a SIGUSR1 stop."""
-    script = write_script(workdir / "exit75.sh", f"""
+    script = write_script(
+        workdir / "exit75.sh",
+        f"""
 echo "start job=$SLURM_JOB_ID restart=${{SLURM_RESTART_COUNT:-unset}}" >> runs.log
 [ -z "$SLURM_RESTART_COUNT" ] && exit {REQUEUE_EXIT}
 exit 0
-""")
+""",
+    )
     job = slurm_cluster.sbatch(script, options=["--output=exit75.out"])
     info = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"), WAIT)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
@@ -192,16 +210,22 @@ def test_scancel_signal_batch_reaches_the_batch_shell_only(slurm_cluster: SlurmC
     """``scancel --signal=USR1 --batch`` runs the batch shell's USR1 trap (bash runs a trap when it interrupts
     ``wait``, not while a foreground command runs) and reaches neither the shell's children nor the step
     processes; ``--full`` reaches the shell, its children and the step processes (srun forwards it)."""
-    script = write_script(workdir / "batch.sh", f"""
+    script = write_script(
+        workdir / "batch.sh",
+        f"""
 trap 'echo "got USR1" >> shell.log; kill -USR2 $batch_child' USR1
 {child("batch_child")} &
 batch_child=$!
 srun {child("step_child")} &
 while true; do wait; done
-""")
+""",
+    )
     job = slurm_cluster.sbatch(script, options=["--output=batch.out"])
-    wait_for(lambda: started(workdir / "batch_child.log") and started(workdir / "step_child.log"), WAIT,
-             what="the batch child and the step child to start")
+    wait_for(
+        lambda: started(workdir / "batch_child.log") and started(workdir / "step_child.log"),
+        WAIT,
+        what="the batch child and the step child to start",
+    )
 
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
     wait_for(lambda: "got USR1" in lines(workdir / "shell.log"), WAIT, what="the USR1 trap of the batch shell")
@@ -214,30 +238,36 @@ while true; do wait; done
     slurm_cluster.run("scancel", "--signal=USR1", "--full", str(job))
     wait_for(lambda: lines(workdir / "shell.log").count("got USR1") == 2, WAIT, what="a second USR1 trap")
     for name in ("batch_child", "step_child"):
-        wait_for(lambda: "got SIGUSR1" in lines(workdir / f"{name}.log"), WAIT, what=f"USR1 in {name}")
+        wait_for(lambda name=name: "got SIGUSR1" in lines(workdir / f"{name}.log"), WAIT, what=f"USR1 in {name}")
 
     slurm_cluster.run("scancel", str(job))
     slurm_cluster.wait_state(job, "CANCELLED", WAIT)
 
 
 def test_scancel_signal_reaches_every_step_process_and_a_wrapper_that_dies_lets_them_escape(
-        slurm_cluster: SlurmCluster, workdir):
+    slurm_cluster: SlurmCluster, workdir
+):
     """``scancel --signal=USR1 <job>`` (no --batch) sends USR1 to every process of the job's steps, grandchildren
     of srun included, and not to the batch step (the batch shell and its children). A process that ignores
     USR1 carries on. But USR1 kills a ``bash -c`` wrapper that does not trap it (the default action of USR1 is
     to terminate); its children are re-parented to init, so proctrack/linuxproc no longer counts them to the
     job: the step ends at once, and even cancelling the job leaves them running (no SIGTERM, no SIGKILL)."""
     # The grandchildren write to a file, not to the step's output, which srun would wait for (60 s).
-    wrapper = ("echo $$ > wrapper.pid; "
-               f"{child('g1')} >/dev/null 2>&1 & {child('g2')} >/dev/null 2>&1 & "
-               f"{child('ignorer', 'usr1=ignore')} >/dev/null 2>&1 & wait")
-    script = write_script(workdir / "step.sh", f"""
+    wrapper = (
+        "echo $$ > wrapper.pid; "
+        f"{child('g1')} >/dev/null 2>&1 & {child('g2')} >/dev/null 2>&1 & "
+        f"{child('ignorer', 'usr1=ignore')} >/dev/null 2>&1 & wait"
+    )
+    script = write_script(
+        workdir / "step.sh",
+        f"""
 trap 'echo "got USR1" >> shell.log' USR1
 trap 'echo "got USR2" >> shell.log' USR2
 {child("batch_child")} &
 (srun bash -c '{wrapper}'; echo "srun exit $?" >> shell.log) &
 while true; do wait; done
-""")
+""",
+    )
     job = slurm_cluster.sbatch(script, options=["--output=step.out"])
     names = ("g1", "g2", "ignorer", "batch_child")
     wait_for(lambda: all(started(workdir / f"{name}.log") for name in names), WAIT, what="every child to start")
@@ -248,15 +278,18 @@ while true; do wait; done
     try:
         slurm_cluster.run("scancel", "--signal=USR1", str(job))
         for name in ("g1", "g2"):
-            wait_for(lambda: "got SIGUSR1" in lines(workdir / f"{name}.log"), WAIT, what=f"USR1 in {name}")
+            wait_for(lambda name=name: "got SIGUSR1" in lines(workdir / f"{name}.log"), WAIT, what=f"USR1 in {name}")
         # The wrapper died of USR1, which ends the step (srun reports the task's signal) ...
-        wait_for(lambda: any(line.startswith("srun exit") for line in lines(workdir / "shell.log")), WAIT,
-                 what="srun to end")
+        wait_for(
+            lambda: any(line.startswith("srun exit") for line in lines(workdir / "shell.log")), WAIT, what="srun to end"
+        )
         assert not alive(wrapper_pid)
         # ... while the grandchildren, the one that ignores USR1 too, carry on outside the job's process tree.
         assert all(alive(pids[name]) for name in ("g1", "g2", "ignorer"))
-        assert all(Path(f"/proc/{pids[name]}/stat").read_text().rsplit(")", 1)[1].split()[1] != str(wrapper_pid)
-                   for name in ("g1", "g2", "ignorer"))
+        assert all(
+            Path(f"/proc/{pids[name]}/stat").read_text().rsplit(")", 1)[1].split()[1] != str(wrapper_pid)
+            for name in ("g1", "g2", "ignorer")
+        )
 
         # Without --batch nothing reached the batch step: USR2 to the shell shows its traps run, USR1 never did.
         slurm_cluster.run("scancel", "--signal=USR2", "--batch", str(job))
@@ -279,13 +312,18 @@ def test_a_wrapper_that_traps_usr1_keeps_the_step_together(slurm_cluster: SlurmC
     """The same step with a wrapper that traps USR1 (``trap : USR1``; its children get the default action back,
     unlike with ``trap '' USR1``, which they would inherit as SIG_IGN): every process gets USR1, the wrapper lives
     on, and cancelling the job ends them all."""
-    wrapper = ("trap : USR1; "
-               f"{child('g1')} & {child('g2')} & {child('ignorer', 'usr1=ignore')} & "
-               "until wait; do :; done")  # `wait` returns >128 when a trap interrupts it
-    script = write_script(workdir / "trap.sh", f"""
+    wrapper = (
+        "trap : USR1; "
+        f"{child('g1')} & {child('g2')} & {child('ignorer', 'usr1=ignore')} & "
+        "until wait; do :; done"
+    )  # `wait` returns >128 when a trap interrupts it
+    script = write_script(
+        workdir / "trap.sh",
+        f"""
 srun bash -c '{wrapper}' &
 while true; do wait; done
-""")
+""",
+    )
     job = slurm_cluster.sbatch(script, options=["--output=trap.out"])
     names = ("g1", "g2", "ignorer")
     wait_for(lambda: all(started(workdir / f"{name}.log") for name in names), WAIT, what="every child to start")
@@ -294,13 +332,16 @@ while true; do wait; done
     try:
         slurm_cluster.run("scancel", "--signal=USR1", str(job))
         for name in ("g1", "g2"):
-            wait_for(lambda: "got SIGUSR1" in lines(workdir / f"{name}.log"), WAIT, what=f"USR1 in {name}")
+            wait_for(lambda name=name: "got SIGUSR1" in lines(workdir / f"{name}.log"), WAIT, what=f"USR1 in {name}")
         assert alive(wrapper_pid) and alive(pids["ignorer"])
 
         slurm_cluster.run("scancel", str(job))
         slurm_cluster.wait_state(job, "CANCELLED", WAIT)
-        wait_for(lambda: not any(alive(pid) for pid in (wrapper_pid, *pids.values())), WAIT,
-                 what="every process of the step to end")
+        wait_for(
+            lambda: not any(alive(pid) for pid in (wrapper_pid, *pids.values())),
+            WAIT,
+            what="every process of the step to end",
+        )
         assert all("got SIGTERM" in lines(workdir / f"{name}.log") for name in ("g1", "g2"))
     finally:
         kill(pids.values())

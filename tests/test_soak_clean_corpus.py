@@ -15,8 +15,14 @@ log = logging.getLogger(__name__)
 @pytest.mark.soak
 @pytest.mark.slow
 def test_four_kills_of_clean_corpus_leave_every_input_once_and_equal_audio(chain, tmp_path):
-    report = run_clean_soak(tmp_path, kills=4, seed=1, chain_run=chain["finetune"],
-                            tracking_uri=f"sqlite:///{chain['dir']}/mlflow.db", files=20)
+    report = run_clean_soak(
+        tmp_path,
+        kills=4,
+        seed=1,
+        chain_run=chain["finetune"],
+        tracking_uri=f"sqlite:///{chain['dir']}/mlflow.db",
+        files=20,
+    )
     log.info("clean_corpus soak report: %s", json.dumps(report))
     assert report["kills"] == 4 and report["launches"] == 5 and report["resumes"] == 4
     assert report["inputs_compared"] == 20

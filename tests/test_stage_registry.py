@@ -68,8 +68,9 @@ def entry_point_problems(stages: list[str], entry_points: dict) -> list[str]:
         entry = entry_points.get(name)
         if entry is None:
             problems.append(f"{name}: no entry point")
-        elif not entry["command"].startswith(f"python -m pipeline.launcher --nproc={{nproc}} --torchrun={{torchrun}} "
-                                             f"{name} "):
+        elif not entry["command"].startswith(
+            f"python -m pipeline.launcher --nproc={{nproc}} --torchrun={{torchrun}} {name} "
+        ):
             problems.append(f"{name}: the command does not run pipeline.launcher {name}")
         elif not LAUNCH_PARAMETERS <= set(entry["parameters"]):
             problems.append(f"{name}: missing parameters {sorted(LAUNCH_PARAMETERS - set(entry['parameters']))}")

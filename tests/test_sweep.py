@@ -10,22 +10,28 @@ from urllib.parse import urlparse
 
 import optuna
 import pytest
+from conftest import REPO, TINY, all_runs, env_for, loss_history
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import REPO, TINY, all_runs, env_for, loss_history
-from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from pipeline.config import ConfigError
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.sweep import run_sweep
 from pipeline.sweep_space import parse_distribution
-from pipeline.config import ConfigError
 
 STAGE = TINY + ["trainer.max_steps=9", "validation.interval=3", "checkpoint.save_interval=9"]
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
 def sweep_args(store: Path, *extra: str, n_trials: int = 4, study: str = "s") -> list[str]:
-    return ["stage=train_adapter", f"n_trials={n_trials}", f"storage=sqlite:///{store}/optuna.db",
-            f"study={study}", *STAGE, *extra]
+    return [
+        "stage=train_adapter",
+        f"n_trials={n_trials}",
+        f"storage=sqlite:///{store}/optuna.db",
+        f"study={study}",
+        *STAGE,
+        *extra,
+    ]
 
 
 def load(storage: str, study: str = "s") -> optuna.Study:
@@ -36,17 +42,32 @@ def test_distributions_parse_and_reject_mistakes():
     assert parse_distribution("k", "loguniform(1e-5, 1e-3)").log
     assert parse_distribution("k", "int(1, 8)").high == 8
     assert parse_distribution("k", "choice('a', 'b')").choices == ("a", "b")
-    for bad in ("loguniform(1e-3)", "uniform(2, 1)", "normal(0, 1)", "loguniform(0, 1)", "int(1.5, 3)",
-                "choice()", "lr in [1, 2]", "uniform(1, foo)"):
+    for bad in (
+        "loguniform(1e-3)",
+        "uniform(2, 1)",
+        "normal(0, 1)",
+        "loguniform(0, 1)",
+        "int(1.5, 3)",
+        "choice()",
+        "lr in [1, 2]",
+        "uniform(1, foo)",
+    ):
         with pytest.raises(ConfigError):
             parse_distribution("k", bad)
 
 
 def test_four_trial_sweep_with_pruning_mirrors_states_in_nested_runs(store):
     # lr choices far apart make pruning decisive: lr=0 never improves on the starting loss.
-    code = run_sweep(sweep_args(store, "sweep.space.optim.lr='choice(0.0, 0.03)'", "sweep.space.adapter.bottleneck=none",
-                                "sweep.space.optim.weight_decay=none", "sweep.pruner_startup_trials=1",
-                                "sweep.sampler_seed=0"))
+    code = run_sweep(
+        sweep_args(
+            store,
+            "sweep.space.optim.lr='choice(0.0, 0.03)'",
+            "sweep.space.adapter.bottleneck=none",
+            "sweep.space.optim.weight_decay=none",
+            "sweep.pruner_startup_trials=1",
+            "sweep.sampler_seed=0",
+        )
+    )
     assert code == EXIT_OK
     study = load(f"sqlite:///{store}/optuna.db")
     trials = study.trials
@@ -85,12 +106,23 @@ def test_four_trial_sweep_with_pruning_mirrors_states_in_nested_runs(store):
     assert len(load(f"sqlite:///{store}/optuna.db").trials) == 4
     assert run_sweep(sweep_args(store, n_trials=6)) == EXIT_BAD_INPUT  # the space changed: refused
     assert len(load(f"sqlite:///{store}/optuna.db").trials) == 4
-    assert run_sweep(sweep_args(store, "sweep.space.optim.lr=choice(0.0,0.03)", "sweep.space.adapter.bottleneck=none",
-                                "sweep.space.optim.weight_decay=none", n_trials=6)) == EXIT_OK
+    assert (
+        run_sweep(
+            sweep_args(
+                store,
+                "sweep.space.optim.lr=choice(0.0,0.03)",
+                "sweep.space.adapter.bottleneck=none",
+                "sweep.space.optim.weight_decay=none",
+                n_trials=6,
+            )
+        )
+        == EXIT_OK
+    )
     study = load(f"sqlite:///{store}/optuna.db")
     assert len(study.trials) == 6 and study.user_attrs["mlflow_parent_run"] == parent_id
     assert (art / "plots" / "param_importances.png").is_file() or len(
-        [t for t in study.trials if t.state == TrialState.COMPLETE]) < 2
+        [t for t in study.trials if t.state == TrialState.COMPLETE]
+    ) < 2
 
 
 @pytest.mark.parametrize(
@@ -105,7 +137,10 @@ def test_four_trial_sweep_with_pruning_mirrors_states_in_nested_runs(store):
         (["n_trials=many"], "n_trials must be a number"),
         # a storage no retry can open fails at once, without the password
         (["storage=sqlite:////no-such-dir/optuna.db"], "Cannot open the Optuna storage sqlite:////no-such-dir"),
-        (["storage=postgresql://u:secret@127.0.0.1:1/db"], "Cannot open the Optuna storage postgresql://***@127.0.0.1:1/db"),
+        (
+            ["storage=postgresql://u:secret@127.0.0.1:1/db"],
+            "Cannot open the Optuna storage postgresql://***@127.0.0.1:1/db",
+        ),
         (["storage=postgres://u@localhost/db"], "Can't load plugin: sqlalchemy.dialects:postgres"),
     ],
 )
@@ -118,8 +153,18 @@ def test_mistakes_are_caught_before_any_trial_runs(store, capfd, extra, message)
 
 
 def _sweep_cmd(storage: str, n_trials: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.sweep", "stage=train_adapter", f"n_trials={n_trials}",
-            f"storage={storage}", "study=shared", *STAGE, "sweep.pruner=none", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.sweep",
+        "stage=train_adapter",
+        f"n_trials={n_trials}",
+        f"storage={storage}",
+        "study=shared",
+        *STAGE,
+        "sweep.pruner=none",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -131,11 +176,19 @@ def test_two_workers_share_one_study_in_postgresql(tmp_path, postgres):
     # MLflow gets the plain URL form users type (SQLAlchemy 2.1 reads it as psycopg 3), Optuna psycopg2's.
     tracking_uri = url.replace("postgresql+psycopg2://", "postgresql://") + "/mlflow"
     env["MLFLOW_TRACKING_URI"] = tracking_uri
-    subprocess.run([sys.executable, "-c", "from mlflow import MlflowClient; MlflowClient().search_experiments()"],
-                   env=env, check=True, capture_output=True)  # create MLflow's tables once, as an admin would
+    subprocess.run(
+        [sys.executable, "-c", "from mlflow import MlflowClient; MlflowClient().search_experiments()"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )  # create MLflow's tables once, as an admin would
     storage = f"{url}/optuna"
-    workers = [subprocess.Popen(_sweep_cmd(storage, 6), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            _sweep_cmd(storage, 6), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=400)[1] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     study = load(storage, "shared")
@@ -143,8 +196,11 @@ def test_two_workers_share_one_study_in_postgresql(tmp_path, postgres):
     assert len(finished) == 6 and len(study.trials) == 6
     assert sorted(t.number for t in study.trials) == list(range(6))
     client = MlflowClient(tracking_uri=tracking_uri)
-    children = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()], "")
-                if "trial.number" in r.data.tags]
+    children = [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()], "")
+        if "trial.number" in r.data.tags
+    ]
     assert sorted(int(r.data.tags["trial.number"]) for r in children) == list(range(6))  # none twice
     assert all(r.info.status == "FINISHED" for r in children)
     # both workers really ran trials
@@ -162,11 +218,30 @@ def test_killed_sweep_continues_and_the_killed_trial_resumes_in_its_own_run(tmp_
     storage = f"sqlite:///{tmp_path}/optuna.db"
     long_stage = ["trainer.max_steps=60", "validation.interval=20", "checkpoint.save_interval=60"]
     cmd = _sweep_cmd(storage, 3, *long_stage)
-    launcher = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "sweep", "--env-manager", "local",
-                "--experiment-name", "sweep", "-P", "stage=train_adapter", "-P", "n_trials=3", "-P", f"storage={storage}",
-                "-P", "study=shared", "-P", "overrides=" + " ".join([*STAGE, "sweep.pruner=none", *long_stage])]
-    proc = subprocess.Popen(launcher, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    launcher = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "run",
+        str(REPO),
+        "-e",
+        "sweep",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "sweep",
+        "-P",
+        "stage=train_adapter",
+        "-P",
+        "n_trials=3",
+        "-P",
+        f"storage={storage}",
+        "-P",
+        "study=shared",
+        "-P",
+        "overrides=" + " ".join([*STAGE, "sweep.pruner=none", *long_stage]),
+    ]
+    proc = subprocess.Popen(
+        launcher, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     seen = []
     for line in proc.stderr:
         seen.append(line)
@@ -212,8 +287,14 @@ def test_crashed_worker_trial_is_found_stale_and_resumed_in_its_own_run(tmp_path
     checkpoint are logged again with identical values, so the charts stay one line."""
     env = env_for(tmp_path)
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    cmd = _sweep_cmd(storage, 2, "trainer.max_steps=40", "validation.interval=20", "checkpoint.save_interval=10",
-                     "sweep.heartbeat_seconds=10")
+    cmd = _sweep_cmd(
+        storage,
+        2,
+        "trainer.max_steps=40",
+        "validation.interval=20",
+        "checkpoint.save_interval=10",
+        "sweep.heartbeat_seconds=10",
+    )
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen, child_id = [], None
@@ -282,8 +363,9 @@ def test_a_tag_two_workers_write_at_once_is_written_again_after_the_primary_key_
 
     real = MlflowClient()
     run_id = real.create_run(real.create_experiment("e")).info.run_id
-    collision = MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint '
-                                '"tag_pk"')
+    collision = MlflowException(
+        '(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "tag_pk"'
+    )
 
     class RacingClient:
         def __init__(self, failures):

@@ -16,16 +16,23 @@ from pathlib import Path
 
 import boto3
 import pytest
+from conftest import PYTHON, TINY, loss_history, read_until
 from mlflow import MlflowClient
 
-from conftest import PYTHON, TINY, loss_history, read_until
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 
 pytestmark = pytest.mark.slow
 
 USERS = {"alice": "alice-password-1", "bob": "bob-password-22"}
-JOB = [*TINY, "tracking.flush_seconds=1", "trainer.max_steps=12", "checkpoint.save_interval=2", "validation.interval=6",
-       "checkpoint.keep_last_n=1", "checkpoint.keep_best_k=1"]
+JOB = [
+    *TINY,
+    "tracking.flush_seconds=1",
+    "trainer.max_steps=12",
+    "checkpoint.save_interval=2",
+    "validation.interval=6",
+    "checkpoint.keep_last_n=1",
+    "checkpoint.keep_best_k=1",
+]
 LARGE = "adapter.bottleneck=4096"  # a 12.7 MB state.pt: several parts of 5 MB (proxied) or 8 MB (boto3)
 PART = str(5 * 1024**2)  # S3's smallest part
 
@@ -53,17 +60,23 @@ def direct_team(tmp_path_factory):
     yield from serve(tmp_path_factory, direct=True)
 
 
-def job(team, user: str, workdir: Path, *args: str, password: str | None = None,
-        env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+def job(
+    team, user: str, workdir: Path, *args: str, password: str | None = None, env_extra: dict[str, str] | None = None
+) -> subprocess.Popen:
     """``python -m pipeline.stages.train_adapter`` as ``user``, with only the tracking variables a trainer exports."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MLFLOW_", "AWS_"))}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
     env.update(team.trainer_env(user), PYTHONUNBUFFERED="1", **(env_extra or {}))
     if password is not None:
         env["MLFLOW_TRACKING_PASSWORD"] = password
     workdir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_adapter", *args], cwd=workdir, env=env,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(
+        [PYTHON, "-m", "pipeline.stages.train_adapter", *args],
+        cwd=workdir,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 def finished(process: subprocess.Popen) -> tuple[int, str]:
@@ -87,17 +100,24 @@ def killed_after_step_6(team, workdir: Path, *args: str, experiment: str = "trai
 
 
 def bucket(team):
-    return boto3.client("s3", endpoint_url=team.s3_endpoint, region_name="us-east-1",
-                        aws_access_key_id=team.aws["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=team.aws["AWS_SECRET_ACCESS_KEY"])
+    return boto3.client(
+        "s3",
+        endpoint_url=team.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=team.aws["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=team.aws["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def stored_checkpoints(team, run_id: str) -> dict[str, dict]:
     """The run's checkpoint objects in the bucket: ``{"step-00000012/state.pt": head_object(...)}``."""
     s3 = bucket(team)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=team.bucket).get("Contents", [])]
-    return {key.split("/checkpoints/")[1]: s3.head_object(Bucket=team.bucket, Key=key) for key in keys
-            if f"/{run_id}/artifacts/checkpoints/step-" in key}
+    return {
+        key.split("/checkpoints/")[1]: s3.head_object(Bucket=team.bucket, Key=key)
+        for key in keys
+        if f"/{run_id}/artifacts/checkpoints/step-" in key
+    }
 
 
 def assert_no_secret_in_runs(team, client: MlflowClient) -> None:
@@ -155,8 +175,9 @@ def test_a_job_killed_on_the_team_server_resumes_from_another_machine_bit_identi
 
 
 def test_wrong_credentials_get_one_message_before_anything_is_written(team, tmp_path):
-    runs_before = len(client_as(team, "alice").search_runs(
-        [e.experiment_id for e in client_as(team, "alice").search_experiments()]))
+    runs_before = len(
+        client_as(team, "alice").search_runs([e.experiment_id for e in client_as(team, "alice").search_experiments()])
+    )
     code, err = finished(job(team, "alice", tmp_path, *JOB, password="not-the-password"))
     assert code == EXIT_BAD_INPUT and "Traceback" not in err
     assert f"The tracking server {team.uri} refused the credentials of 'alice'" in err
@@ -197,8 +218,11 @@ def test_the_bucket_then_the_server_then_the_database_down_during_training_lose_
 def test_a_large_checkpoint_goes_through_the_server_in_parts_and_resumes_verified(team, tmp_path):
     """MLflow's proxied multipart upload, as a trainer switches it on: the server hands out presigned URLs
     and the parts go straight to the bucket (an object uploaded in N parts has an ETag ending in -N)."""
-    multipart = {"MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true", "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": PART,
-                 "MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE": PART}
+    multipart = {
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true",
+        "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": PART,
+        "MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE": PART,
+    }
     args = [*JOB, LARGE, "trainer.max_steps=4", "validation.interval=4", "tracking.experiment=multipart"]
     code, err = finished(job(team, "alice", tmp_path / "a", *args, env_extra=multipart))
     assert code == EXIT_OK, err
@@ -217,9 +241,14 @@ def test_a_crashed_job_on_another_machine_is_taken_over_once_its_lease_expires(t
     """The killed job's lease names another host (as if it had run there; this test has one machine), so
     its death cannot be seen: while that host's heartbeat goes on, a resume is refused naming it; once the
     heartbeat is older than the timeout, a resume takes the run over and says so in the run's description."""
-    client, run = killed_after_step_6(team, tmp_path / "a", "tracking.lease_timeout_seconds=15",
-                                      "tracking.lease_heartbeat_seconds=2", "tracking.experiment=expiry",
-                                      experiment="expiry")
+    client, run = killed_after_step_6(
+        team,
+        tmp_path / "a",
+        "tracking.lease_timeout_seconds=15",
+        "tracking.lease_heartbeat_seconds=2",
+        "tracking.experiment=expiry",
+        experiment="expiry",
+    )
     run_id = run.info.run_id
     client.set_tag(run_id, "lease.host", "gpu-node-7")
     client.set_tag(run_id, "lease.holder", "gpu-node-7 pid 4242 since 2026-11-27T09:00:00Z")

@@ -15,12 +15,18 @@ from typing import Any
 
 def spread(values: list[float], digits: int = 4) -> dict[str, Any]:
     """Median, min and max of measured values, and the values themselves."""
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits), "n": len(values), "values": [round(v, digits) for v in values]}
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "n": len(values),
+        "values": [round(v, digits) for v in values],
+    }
 
 
-def figure(name: str, value: float, unit: str, how: str, *, target: str | None = None, met: bool | None = None,
-           **extra: Any) -> dict[str, Any]:
+def figure(
+    name: str, value: float, unit: str, how: str, *, target: str | None = None, met: bool | None = None, **extra: Any
+) -> dict[str, Any]:
     """One benchmark figure; ``target``/``met`` say what it must reach and whether it did."""
     out: dict[str, Any] = {"name": name, "value": round(value, 4), "unit": unit, "how": how}
     if target is not None:  # a figure without a target has neither key

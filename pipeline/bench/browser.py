@@ -7,8 +7,15 @@ import importlib.util
 import shutil
 
 # As root chromium needs --no-sandbox; the rest keep it from calling home on a closed network.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_path() -> str | None:
@@ -19,8 +26,10 @@ def chromium_path() -> str | None:
 def missing_browser() -> str | None:
     """Why no browser can be driven here (chromium or Playwright missing), or None when both are there."""
     if chromium_path() is None:
-        return ("Debian's chromium is not installed (scripts/setup.sh installs it when run as root: "
-                "apt-get install chromium)")
+        return (
+            "Debian's chromium is not installed (scripts/setup.sh installs it when run as root: "
+            "apt-get install chromium)"
+        )
     if importlib.util.find_spec("playwright") is None:
         return "Playwright for Python is not installed (pip install -e '.[test]')"
     return None

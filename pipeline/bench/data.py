@@ -34,9 +34,16 @@ def degradation_speed(*, repeats: int) -> list[dict[str, Any]]:
             for index, wave in enumerate(waves):
                 degrade(wave, RATE, cfg, sample_rng(0, repeat, index), others=OtherUtterances(waves, index))
             speeds.append(audio_s / (time.thread_time() - started))
-        figures.append(figure(f"data/degradation_speed/{preset}", statistics.median(speeds), "× real time per core",
-                              f"{len(waves)} demo utterances ({audio_s:.0f} s of audio) through degradation={preset}, "
-                              f"seeded, one thread, thread CPU time; median of {repeats} passes", runs=spread(speeds, 1)))
+        figures.append(
+            figure(
+                f"data/degradation_speed/{preset}",
+                statistics.median(speeds),
+                "× real time per core",
+                f"{len(waves)} demo utterances ({audio_s:.0f} s of audio) through degradation={preset}, "
+                f"seeded, one thread, thread CPU time; median of {repeats} passes",
+                runs=spread(speeds, 1),
+            )
+        )
     return figures
 
 
@@ -51,9 +58,14 @@ def loader_throughput(*, workers: int, epochs: int) -> dict[str, Any]:
             for batch in stage.train_source.loader(epoch, 0, size, workers, stage.collate):
                 samples += len(next(iter(batch.values())))
             rates.append(samples / (time.perf_counter() - started))
-    return figure(f"data/loader_samples_per_s/workers_{workers}", statistics.median(rates), "samples/s",
-                  f"train_adapter's training loader (demo corpus, default degradation, batch {size}, {workers} worker "
-                  f"processes, start-up included), one epoch per run; median of {epochs} epochs", runs=spread(rates, 1))
+    return figure(
+        f"data/loader_samples_per_s/workers_{workers}",
+        statistics.median(rates),
+        "samples/s",
+        f"train_adapter's training loader (demo corpus, default degradation, batch {size}, {workers} worker "
+        f"processes, start-up included), one epoch per run; median of {epochs} epochs",
+        runs=spread(rates, 1),
+    )
 
 
 def shard_reading(*, repeats: int) -> dict[str, Any]:
@@ -72,6 +84,11 @@ def shard_reading(*, repeats: int) -> dict[str, Any]:
             for info in infos:
                 read_shard(store, info)
             rates.append(total_mb / (time.perf_counter() - started))
-    return figure("data/shard_read_mb_per_s", statistics.median(rates), "MB/s",
-                  f"read_shard over {len(infos)} local shards ({total_mb:.1f} MB, demo corpus via prepare_data): tar "
-                  f"streaming, sha256 check, WAV decoding; median of {repeats} passes", runs=spread(rates, 1))
+    return figure(
+        "data/shard_read_mb_per_s",
+        statistics.median(rates),
+        "MB/s",
+        f"read_shard over {len(infos)} local shards ({total_mb:.1f} MB, demo corpus via prepare_data): tar "
+        f"streaming, sha256 check, WAV decoding; median of {repeats} passes",
+        runs=spread(rates, 1),
+    )

@@ -33,8 +33,9 @@ def value(step: int, k: int) -> float:
     return (1.0 + k) / math.sqrt(step) + 0.01 * ((step * 7919 + k * 104729) % 1000) / 1000
 
 
-def write_history(tracking_uri: str, run_id: str, steps: int, metrics: int, first_step: int = 1,
-                  prefix: str | None = None) -> int:
+def write_history(
+    tracking_uri: str, run_id: str, steps: int, metrics: int, first_step: int = 1, prefix: str | None = None
+) -> int:
     """``steps`` steps (from ``first_step``) of ``metrics`` metrics (named by ``metric_names``) into the run; the number
     of points written."""
     from sqlalchemy import create_engine
@@ -44,8 +45,9 @@ def write_history(tracking_uri: str, run_id: str, steps: int, metrics: int, firs
     now = int(time.time() * 1000)
     last = first_step + steps - 1
     # every step but the last in bulk; the last goes through log_batch below
-    rows = ((name, value(step, k), now, run_id, step) for step in range(first_step, last)
-            for k, name in enumerate(names))
+    rows = (
+        (name, value(step, k), now, run_id, step) for step in range(first_step, last) for k, name in enumerate(names)
+    )
     with engine.begin() as conn:
         raw = conn.connection.dbapi_connection
         cursor = raw.cursor()
@@ -58,13 +60,16 @@ def write_history(tracking_uri: str, run_id: str, steps: int, metrics: int, firs
             _copy(cursor, buffer)
         else:
             while batch := list(itertools.islice(rows, ROWS_PER_STATEMENT)):
-                cursor.executemany("INSERT INTO metrics (key, value, timestamp, run_uuid, step, is_nan) "
-                                   "VALUES (?, ?, ?, ?, ?, 0)", batch)
+                cursor.executemany(
+                    "INSERT INTO metrics (key, value, timestamp, run_uuid, step, is_nan) VALUES (?, ?, ?, ?, ?, 0)",
+                    batch,
+                )
         cursor.close()
     engine.dispose()
     # MLflow's own write of the last point of each metric: it keeps latest_metrics as a week of log_batch would
-    MlflowClient(tracking_uri).log_batch(run_id, metrics=[Metric(name, value(last, k), now, last)
-                                                          for k, name in enumerate(names)])
+    MlflowClient(tracking_uri).log_batch(
+        run_id, metrics=[Metric(name, value(last, k), now, last) for k, name in enumerate(names)]
+    )
     return steps * metrics
 
 

@@ -18,8 +18,11 @@ from pipeline.bench import figure
 from pipeline.engine.outage import HTTP_DEFAULTS
 from pipeline.ops.localserver import TrackingServer
 
-MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-                   "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0"}  # MLflow 3.17's own defaults
+MLFLOW_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0",
+}  # MLflow 3.17's own defaults
 
 
 def _recovery_lag(overrides: list[str], outage_s: float, http: dict[str, str]) -> float:
@@ -30,10 +33,24 @@ def _recovery_lag(overrides: list[str], outage_s: float, http: dict[str, str]) -
         server.start()
         env = {**os.environ, **http, "MLFLOW_TRACKING_URI": server.uri, "PYTHONUNBUFFERED": "1"}
         job = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.stages.train_adapter", *overrides, "trainer.max_steps=150",
-             "checkpoint.save_interval=10", "validation.interval=0", "trainer.log_interval=1",
-             "tracking.flush_seconds=0.2", "tracking.system_metrics=false"],
-            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pipeline.stages.train_adapter",
+                *overrides,
+                "trainer.max_steps=150",
+                "checkpoint.save_interval=10",
+                "validation.interval=0",
+                "trainer.log_interval=1",
+                "tracking.flush_seconds=0.2",
+                "tracking.system_metrics=false",
+            ],
+            cwd=tmp,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True)
         reader.start()
@@ -52,8 +69,11 @@ def _recovery_lag(overrides: list[str], outage_s: float, http: dict[str, str]) -
             if job.poll() is None:
                 job.kill()
         reader.join(timeout=10)
-    steps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp() for line in lines
-             if re.search(r" step \d+/150 ", line)]
+    steps = [
+        datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for line in lines
+        if re.search(r" step \d+/150 ", line)
+    ]
     before, after = [at for at in steps if at <= back], [at for at in steps if at > back]
     if not after or min(after) - max(before) < outage_s / 2:
         raise RuntimeError("training did not wait for the store during the outage:\n" + "".join(lines))
@@ -67,12 +87,19 @@ def outage_recovery(overrides: list[str], *, outage_s: float, repeats: int) -> d
         ours.append(_recovery_lag(overrides, outage_s, HTTP_DEFAULTS))
         theirs.append(_recovery_lag(overrides, outage_s, MLFLOW_DEFAULTS))
     return figure(
-        "outage_recovery", statistics.median(ours), "s",
+        "outage_recovery",
+        statistics.median(ours),
+        "s",
         f"train_adapter (tiny) against a local mlflow server that is SIGKILLed at step 30 and started again "
         f"{outage_s:g} s later; seconds from the server answering /health to the job's next training step (it "
         "waits meanwhile for the checkpoint in flight). mlflow_defaults_s: the same with MLflow's own HTTP "
         "retry settings (7 retries, back-off factor 2)",
-        target="<= 5", met=statistics.median(ours) <= 5.0,
+        target="<= 5",
+        met=statistics.median(ours) <= 5.0,
         lag_s={"median": round(statistics.median(ours), 2), "min": round(min(ours), 2), "max": round(max(ours), 2)},
-        mlflow_defaults_s={"median": round(statistics.median(theirs), 2), "min": round(min(theirs), 2),
-                           "max": round(max(theirs), 2)})
+        mlflow_defaults_s={
+            "median": round(statistics.median(theirs), 2),
+            "min": round(min(theirs), 2),
+            "max": round(max(theirs), 2),
+        },
+    )

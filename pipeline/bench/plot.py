@@ -14,21 +14,33 @@ from pathlib import Path
 
 # summary figure -> (its key holding {size: value}, x label, y label)
 CURVES = {
-    "scale/resume_vs_history/sqlite": ("medians", "steps of history (x 20 metrics), SQLite", "resume: store phases (s)"),
-    "scale/resume_vs_history/postgresql": ("medians", "steps of history (x 20 metrics), PostgreSQL",
-                                           "resume: store phases (s)"),
+    "scale/resume_vs_history/sqlite": (
+        "medians",
+        "steps of history (x 20 metrics), SQLite",
+        "resume: store phases (s)",
+    ),
+    "scale/resume_vs_history/postgresql": (
+        "medians",
+        "steps of history (x 20 metrics), PostgreSQL",
+        "resume: store phases (s)",
+    ),
     "scale/resume_vs_checkpoints": ("medians", "checkpoints committed (3 kept)", "resume: store phases (s)"),
     "scale/commit_vs_checkpoints": ("medians", "checkpoints committed before (3 kept)", "one commit (s)"),
     "scale/commit_vs_history/sqlite": ("medians", "steps of history (x 20 metrics), SQLite", "one commit (s)"),
     "scale/commit_vs_history/postgresql": ("medians", "steps of history (x 20 metrics), PostgreSQL", "one commit (s)"),
-    "scale/metric_ingest": ("slowest_step_ratio", "jobs logging every step on one team server",
-                            "slowest job's step / alone"),
+    "scale/metric_ingest": (
+        "slowest_step_ratio",
+        "jobs logging every step on one team server",
+        "slowest job's step / alone",
+    ),
     "scale/ui_chart_s": ("per_size_s", "steps (x 20 metrics) in the run", "UI: train/loss chart drawn (s)"),
 }
 
 # a second line drawn in the same panel: summary figure -> (its key holding {size: {"median": value}}, legend)
-COMPARED = {name: ("relinked_s", "linked again at the commit (before the fix)")
-            for name in ("scale/commit_vs_history/sqlite", "scale/commit_vs_history/postgresql")}
+COMPARED = {
+    name: ("relinked_s", "linked again at the commit (before the fix)")
+    for name in ("scale/commit_vs_history/sqlite", "scale/commit_vs_history/postgresql")
+}
 
 
 def _points(table: dict) -> tuple[list[float], list[float]]:
@@ -79,7 +91,7 @@ def plot(found: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -18,8 +18,8 @@ import torch
 
 from pipeline.bench import figure, spread
 from pipeline.config import compose_config
-from pipeline.data.corpus import read_corpus
 from pipeline.data.audio import load_audio
+from pipeline.data.corpus import read_corpus
 from pipeline.engine.stage import Precision
 from pipeline.inference.chain import RestorationChain
 
@@ -39,17 +39,34 @@ def build_chain(ssl: str, layer: int, vocoder: str, device: str, precision: str,
     cfg = compose_config("finetune_vocoder", [])
     ssl_cfg = compose_config("train_adapter", [f"ssl={ssl}", f"ssl.layer={layer}"]).ssl
     vocoder_cfg = compose_config("pretrain_vocoder", [f"vocoder={vocoder}"]).vocoder
-    return RestorationChain(ssl_cfg, cfg.adapter, vocoder_cfg, Precision.from_config(device, precision),
-                            chunk_seconds=chunk_seconds)
+    return RestorationChain(
+        ssl_cfg, cfg.adapter, vocoder_cfg, Precision.from_config(device, precision), chunk_seconds=chunk_seconds
+    )
 
 
-def restore_figures(*, ssl: str, layer: int, vocoder: str, device: str = "cpu", precision: str = "32",
-                    seconds: float = 30.0, repeats: int = 3, long_seconds: float = 600.0,
-                    chunk_seconds: float = 10.0) -> list[dict[str, Any]]:
+def restore_figures(
+    *,
+    ssl: str,
+    layer: int,
+    vocoder: str,
+    device: str = "cpu",
+    precision: str = "32",
+    seconds: float = 30.0,
+    repeats: int = 3,
+    long_seconds: float = 600.0,
+    chunk_seconds: float = 10.0,
+) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     chain = build_chain(ssl, layer, vocoder, device, precision, chunk_seconds)
-    setup = {"ssl": ssl, "layer": layer, "vocoder": vocoder, "device": str(chain.device), "precision": precision,
-             "chunk_seconds": chunk_seconds, "threads": torch.get_num_threads()}
+    setup = {
+        "ssl": ssl,
+        "layer": layer,
+        "vocoder": vocoder,
+        "device": str(chain.device),
+        "precision": precision,
+        "chunk_seconds": chunk_seconds,
+        "threads": torch.get_num_threads(),
+    }
     wave = speech(seconds, chain.rate_in)
     chain.restore(wave[: chain.rate_in * 2], chain.rate_in)  # warm-up
     times = []
@@ -59,16 +76,32 @@ def restore_figures(*, ssl: str, layer: int, vocoder: str, device: str = "cpu", 
         if chain.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    figures = [figure("restore_rtf", statistics.median(times) / seconds, "s compute / s audio",
-                      f"median of {repeats} restorations of {seconds:g} s of speech", runs_s=spread(times, 3), **setup)]
+    figures = [
+        figure(
+            "restore_rtf",
+            statistics.median(times) / seconds,
+            "s compute / s audio",
+            f"median of {repeats} restorations of {seconds:g} s of speech",
+            runs_s=spread(times, 3),
+            **setup,
+        )
+    ]
     if long_seconds > 0:
         long = speech(long_seconds, chain.rate_in)
         before = peak_rss_mb()
         started = time.perf_counter()
         out = chain.restore(long, chain.rate_in)
         elapsed = time.perf_counter() - started
-        figures.append(figure("restore_peak_rss", peak_rss_mb(), "MiB",
-                              f"peak RSS of the process after restoring {long_seconds:g} s",
-                              peak_rss_before_mb=round(before, 1), rtf=round(elapsed / long_seconds, 4),
-                              waveforms_mb=round((long.numel() + out.numel()) * 4 / 2**20, 1), **setup))
+        figures.append(
+            figure(
+                "restore_peak_rss",
+                peak_rss_mb(),
+                "MiB",
+                f"peak RSS of the process after restoring {long_seconds:g} s",
+                peak_rss_before_mb=round(before, 1),
+                rtf=round(elapsed / long_seconds, 4),
+                waveforms_mb=round((long.numel() + out.numel()) * 4 / 2**20, 1),
+                **setup,
+            )
+        )
     return figures

@@ -30,9 +30,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from mlflow import MlflowClient
@@ -44,8 +45,15 @@ from pipeline.bench.training import _job, _new_run, _run_ids, working_in
 
 log = logging.getLogger(__name__)
 
-TINY = ["ssl=tiny", "validation.interval=0", "tracking.log_model=false", "tracking.checkpoint_models=true",
-        "checkpoint.save_interval=1", "checkpoint.keep_last_n=3", "checkpoint.keep_best_k=0"]
+TINY = [
+    "ssl=tiny",
+    "validation.interval=0",
+    "tracking.log_model=false",
+    "tracking.checkpoint_models=true",
+    "checkpoint.save_interval=1",
+    "checkpoint.keep_last_n=3",
+    "checkpoint.keep_best_k=0",
+]
 # the start-up phases a resume's tracking work falls in (imports, build and the first step do not read the store)
 RESUME_PHASES = ("download", "verify", "load", "config", "run setup", "restore")
 
@@ -89,16 +97,28 @@ def _curve(name: str, unit: str, how: str, points: dict[int, list[float]], extra
     """One figure per size and a summary whose value is the largest size's median ÷ the smallest's."""
     medians = {size: statistics.median(values) for size, values in points.items()}
     ratio = medians[max(medians)] / medians[min(medians)]
-    figures = [figure(f"{name}/{size}", medians[size], unit, how, spread=spread(values))
-               for size, values in points.items()]
-    figures.append(figure(name, ratio, "largest / smallest", how, target="<= 1.2", met=ratio <= 1.2,
-                          largest_over_smallest=round(ratio, 3),
-                          medians={str(size): round(m, 4) for size, m in medians.items()}, **extra))
+    figures = [
+        figure(f"{name}/{size}", medians[size], unit, how, spread=spread(values)) for size, values in points.items()
+    ]
+    figures.append(
+        figure(
+            name,
+            ratio,
+            "largest / smallest",
+            how,
+            target="<= 1.2",
+            met=ratio <= 1.2,
+            largest_over_smallest=round(ratio, 3),
+            medians={str(size): round(m, 4) for size, m in medians.items()},
+            **extra,
+        )
+    )
     return figures
 
 
-def resume_vs_history(kind: str = "sqlite", sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), metrics: int = 20,
-                      repeats: int = 3) -> list[dict[str, Any]]:
+def resume_vs_history(
+    kind: str = "sqlite", sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), metrics: int = 20, repeats: int = 3
+) -> list[dict[str, Any]]:
     """Resume latency of a run holding ``size`` steps x ``metrics`` metrics, per size, in a ``kind`` store."""
     tracking: dict[int, list[float]] = {}
     total: dict[int, list[float]] = {}
@@ -114,9 +134,11 @@ def resume_vs_history(kind: str = "sqlite", sizes: tuple[int, ...] = (10_000, 10
                 store_mb[str(size)] = round(Path(uri.removeprefix("sqlite:///")).stat().st_size / 1e6, 1)
             tracking[size], total[size] = _resumes(run_id, 3, repeats)
             log.info("%s, %d steps: resume tracking phases %s s", kind, size, tracking[size])
-    how = (f"{kind} store: a tiny train_adapter run (2 steps) with size x {metrics} metrics of history, resumed "
-           f"{repeats} times (subprocesses, one step further each); the value is the median of the start-up phases "
-           f"that read the store ({', '.join(RESUME_PHASES)}); process_s is process start -> first step")
+    how = (
+        f"{kind} store: a tiny train_adapter run (2 steps) with size x {metrics} metrics of history, resumed "
+        f"{repeats} times (subprocesses, one step further each); the value is the median of the start-up phases "
+        f"that read the store ({', '.join(RESUME_PHASES)}); process_s is process start -> first step"
+    )
     extra = {"process_s": {str(s): spread(v, 2) for s, v in total.items()}, "history_write_s": written_s}
     if store_mb:
         extra["store_mb"] = store_mb
@@ -153,11 +175,18 @@ def resume_vs_checkpoints(sizes: tuple[int, ...] = (10, 1000, 10_000), repeats: 
             made += repeats  # each resume commits its step
             step += repeats
             log.info("%d commits: resume tracking phases %s s", size, tracking[size])
-    how = (f"SQLite store: a tiny train_adapter run after size commits under retention (keep_last_n=3), the earlier "
-           f"ones' logged models made and deleted by CheckpointModels; resumed {repeats} times; the value is the median "
-           f"of the start-up phases that read the store ({', '.join(RESUME_PHASES)})")
-    return _curve("scale/resume_vs_checkpoints", "s", how, tracking,
-                  {"process_s": {str(s): spread(v, 2) for s, v in total.items()}})
+    how = (
+        f"SQLite store: a tiny train_adapter run after size commits under retention (keep_last_n=3), the earlier "
+        f"ones' logged models made and deleted by CheckpointModels; resumed {repeats} times; the value is the median "
+        f"of the start-up phases that read the store ({', '.join(RESUME_PHASES)})"
+    )
+    return _curve(
+        "scale/resume_vs_checkpoints",
+        "s",
+        how,
+        tracking,
+        {"process_s": {str(s): spread(v, 2) for s, v in total.items()}},
+    )
 
 
 def commit_vs_checkpoints(sizes: tuple[int, ...] = (10, 1000, 10_000), window: int = 10) -> list[dict[str, Any]]:
@@ -173,8 +202,15 @@ def commit_vs_checkpoints(sizes: tuple[int, ...] = (10, 1000, 10_000), window: i
         run_id = start_or_adopt_run(client, experiment="bench-scale", run_name="commits", tags={})
         run = client.get_run(run_id)
         models = CheckpointModels(client, run_id, run.info.experiment_id, "commits", {}, run.data.tags)
-        checkpoints = CheckpointStore(client, run_id, Path("staging"), RetentionPolicy(3, 1, "val/loss", "min"),
-                                      on_save=models.link, on_commit=models.committed, on_delete=models.deleted)
+        checkpoints = CheckpointStore(
+            client,
+            run_id,
+            Path("staging"),
+            RetentionPolicy(3, 1, "val/loss", "min"),
+            on_save=models.link,
+            on_commit=models.committed,
+            on_delete=models.deleted,
+        )
         step = 0
         for size in sizes:
             while step < size + window:
@@ -187,14 +223,21 @@ def commit_vs_checkpoints(sizes: tuple[int, ...] = (10, 1000, 10_000), window: i
                     times.setdefault(size, []).append(time.perf_counter() - started)
             log.info("commits after %d: %s s", size, [round(t, 3) for t in times[size]])
         checkpoints.close()
-    how = (f"SQLite store, one run: CheckpointStore.save + wait of a 256 KB state (write, sha256, upload, verify, "
-           f"commit tags, retention keeping the last 3 and the best 1, index.csv, the logged model made and the "
-           f"deleted ones' removed); the value is the median of the {window} commits after size commits")
+    how = (
+        f"SQLite store, one run: CheckpointStore.save + wait of a 256 KB state (write, sha256, upload, verify, "
+        f"commit tags, retention keeping the last 3 and the best 1, index.csv, the logged model made and the "
+        f"deleted ones' removed); the value is the median of the {window} commits after size commits"
+    )
     return _curve("scale/commit_vs_checkpoints", "s", how, times, {})
 
 
-def commit_vs_history(kind: str = "sqlite", sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), metrics: int = 20,
-                      window: int = 10, relinked: int = 3) -> list[dict[str, Any]]:
+def commit_vs_history(
+    kind: str = "sqlite",
+    sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
+    metrics: int = 20,
+    window: int = 10,
+    relinked: int = 3,
+) -> list[dict[str, Any]]:
     """The time of a real commit with its step's metrics linked to its logged model, after ``size`` steps x
     ``metrics`` metrics of history (a fresh ``kind`` store per size); ``relinked`` commits of the fallback path."""
     from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy
@@ -213,9 +256,16 @@ def commit_vs_history(kind: str = "sqlite", sizes: tuple[int, ...] = (10_000, 10
             run = client.get_run(run_id)
             models = CheckpointModels(client, run_id, run.info.experiment_id, "commits", {}, run.data.tags)
             logger = MetricLogger(client, run_id, flush_seconds=3600.0)
-            checkpoints = CheckpointStore(client, run_id, Path("staging"), RetentionPolicy(3, 0, "val/loss", "min"),
-                                          on_save=models.link, on_commit=models.committed, on_delete=models.deleted,
-                                          on_abandon=models.abandoned)
+            checkpoints = CheckpointStore(
+                client,
+                run_id,
+                Path("staging"),
+                RetentionPolicy(3, 0, "val/loss", "min"),
+                on_save=models.link,
+                on_commit=models.committed,
+                on_delete=models.deleted,
+                on_abandon=models.abandoned,
+            )
             for i in range(window + relinked):
                 step = size + 1 + i
                 logger.log({name: value(step, k) for k, name in enumerate(names)}, step)
@@ -223,20 +273,30 @@ def commit_vs_history(kind: str = "sqlite", sizes: tuple[int, ...] = (10_000, 10
                     logger.flush(wait=True)
                 row = {"name": f"step-{step:08d}", "step": step, "epoch": 0}
                 started = time.perf_counter()
-                checkpoints.save(step, {**state, "step": step}, {"step": step, "epoch": 0}, row,
-                                 flush_metrics=logger.flush)
+                checkpoints.save(
+                    step, {**state, "step": step}, {"step": step, "epoch": 0}, row, flush_metrics=logger.flush
+                )
                 checkpoints.wait()
                 (linked if i < window else late).setdefault(size, []).append(time.perf_counter() - started)
             checkpoints.close()
             logger.close()
-            log.info("%s, %d steps: commits %s s, relinked %s s", kind, size, [round(t, 3) for t in linked[size]],
-                     [round(t, 3) for t in late[size]])
-    how = (f"{kind} store, one run holding size x {metrics} metrics of history: CheckpointStore.save + wait of a 256 KB "
-           f"state whose step's {metrics} metrics go through MetricLogger, linked to the checkpoint's logged model in "
-           f"the call that stores them; the value is the median of {window} commits")
-    extra = {"relinked_s": {str(s): spread(v, 3) for s, v in late.items()},
-             "relinked_how": f"the median of {relinked} commits whose step's points were stored first, then linked by "
-                             f"logging them again (MLflow's duplicate lookup)"}
+            log.info(
+                "%s, %d steps: commits %s s, relinked %s s",
+                kind,
+                size,
+                [round(t, 3) for t in linked[size]],
+                [round(t, 3) for t in late[size]],
+            )
+    how = (
+        f"{kind} store, one run holding size x {metrics} metrics of history: CheckpointStore.save + wait of a 256 KB "
+        f"state whose step's {metrics} metrics go through MetricLogger, linked to the checkpoint's logged model in "
+        f"the call that stores them; the value is the median of {window} commits"
+    )
+    extra = {
+        "relinked_s": {str(s): spread(v, 3) for s, v in late.items()},
+        "relinked_how": f"the median of {relinked} commits whose step's points were stored first, then linked by "
+        f"logging them again (MLflow's duplicate lookup)",
+    }
     return _curve(f"scale/commit_vs_history/{kind}", "s", how, linked, extra)
 
 

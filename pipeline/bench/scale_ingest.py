@@ -53,8 +53,13 @@ EXPERIMENT = "bench-metric-ingest"
 JOB_TIMEOUT_S = 1800.0  # a job's loop and final flush, backlog included
 
 
-def metric_ingest(jobs_sizes: tuple[int, ...] = (1, 4, 16), steps: int = 1000, metrics: int = 20,
-                  step_s: float = 0.02, flush_seconds: float = 1.0) -> list[dict[str, Any]]:
+def metric_ingest(
+    jobs_sizes: tuple[int, ...] = (1, 4, 16),
+    steps: int = 1000,
+    metrics: int = 20,
+    step_s: float = 0.02,
+    flush_seconds: float = 1.0,
+) -> list[dict[str, Any]]:
     """Points/s stored and the slowest job's step-time ratio for each number of concurrent jobs, on one team
     server started for the whole figure."""
     from mlflow import MlflowClient
@@ -74,50 +79,81 @@ def metric_ingest(jobs_sizes: tuple[int, ...] = (1, 4, 16), steps: int = 1000, m
                 auth.grant_user_permission(USER, "experiment", experiment, "EDIT")
             for n in sizes:
                 log.info("metric ingest: %d job(s) x %d steps x %d metrics", n, steps, metrics)
-                by_size[n] = _one_size(server, workdir, n, steps=steps, metrics=metrics, step_s=step_s,
-                                       flush_seconds=flush_seconds)
+                by_size[n] = _one_size(
+                    server, workdir, n, steps=steps, metrics=metrics, step_s=step_s, flush_seconds=flush_seconds
+                )
         finally:
             server.stop_all()
 
-    setup = (f"{steps} steps x {metrics} metrics per job, each step sleeping {step_s:g} s (a GPU job's host "
-             f"waits; no CPU burn on a 2-core machine), logged every step through MetricLogger "
-             f"(flush_seconds={flush_seconds:g}), jobs as separate processes started together after their imports "
-             "and run creation, against one team server (PostgreSQL + `mlflow server --workers 1` with basic auth)")
+    setup = (
+        f"{steps} steps x {metrics} metrics per job, each step sleeping {step_s:g} s (a GPU job's host "
+        f"waits; no CPU burn on a 2-core machine), logged every step through MetricLogger "
+        f"(flush_seconds={flush_seconds:g}), jobs as separate processes started together after their imports "
+        "and run creation, against one team server (PostgreSQL + `mlflow server --workers 1` with basic auth)"
+    )
     baseline = by_size[sizes[0]]["step_s"]
     base_step = sum(baseline) / len(baseline)  # one job at size 1: its own mean step time
     figures, points_per_s, ratios = [], {}, {}
     for n, size in by_size.items():
         points_per_s[str(n)] = round(size["stored"] / size["wall_s"], 1)
         ratios[str(n)] = round(max(size["step_s"]) / base_step, 4)
-        figures.append(figure(
-            f"scale/metric_ingest/points_per_s/{n}_jobs", size["stored"] / size["wall_s"], "points/s",
-            f"{n} job(s): points stored (counted in PostgreSQL afterwards) ÷ seconds from 'go' until the last job's "
-            f"flush(wait=True) returned; {setup}",
-            jobs=n, stored_points=size["stored"], logged_points=size["logged"],
-            all_stored=size["stored"] == size["logged"] == n * steps * metrics,
-            wall_s=round(size["wall_s"], 3), offered_points_per_s=round(size["offered"], 1),
-            drain_s=round(size["drain_s"], 3), start_skew_s=round(size["start_skew_s"], 3),
-            server_cpu_s=round(size["server_cpu_s"], 2), postgres_cpu_s=round(size["postgres_cpu_s"], 2),
-            jobs_cpu_s=round(size["jobs_cpu_s"], 2), job_warnings=size["job_warnings"]))
-        figures.append(figure(
-            f"scale/metric_ingest/slowest_step_ratio/{n}_jobs", max(size["step_s"]) / base_step,
-            f"slowest job's step / {sizes[0]}-job step",
-            f"{n} job(s): the slowest job's mean step time (loop wall ÷ steps, any wait in MetricLogger.log "
-            f"included) ÷ the mean step time at {sizes[0]} job(s); {setup}",
-            jobs=n, step_s=_spread(size["step_s"]), baseline_step_s=round(base_step, 6),
-            total_s=_spread(size["total_s"])))
+        figures.append(
+            figure(
+                f"scale/metric_ingest/points_per_s/{n}_jobs",
+                size["stored"] / size["wall_s"],
+                "points/s",
+                f"{n} job(s): points stored (counted in PostgreSQL afterwards) ÷ seconds from 'go' until the last "
+                f"job's flush(wait=True) returned; {setup}",
+                jobs=n,
+                stored_points=size["stored"],
+                logged_points=size["logged"],
+                all_stored=size["stored"] == size["logged"] == n * steps * metrics,
+                wall_s=round(size["wall_s"], 3),
+                offered_points_per_s=round(size["offered"], 1),
+                drain_s=round(size["drain_s"], 3),
+                start_skew_s=round(size["start_skew_s"], 3),
+                server_cpu_s=round(size["server_cpu_s"], 2),
+                postgres_cpu_s=round(size["postgres_cpu_s"], 2),
+                jobs_cpu_s=round(size["jobs_cpu_s"], 2),
+                job_warnings=size["job_warnings"],
+            )
+        )
+        figures.append(
+            figure(
+                f"scale/metric_ingest/slowest_step_ratio/{n}_jobs",
+                max(size["step_s"]) / base_step,
+                f"slowest job's step / {sizes[0]}-job step",
+                f"{n} job(s): the slowest job's mean step time (loop wall ÷ steps, any wait in MetricLogger.log "
+                f"included) ÷ the mean step time at {sizes[0]} job(s); {setup}",
+                jobs=n,
+                step_s=_spread(size["step_s"]),
+                baseline_step_s=round(base_step, 6),
+                total_s=_spread(size["total_s"]),
+            )
+        )
     largest_over_smallest = ratios[str(sizes[-1])] / ratios[str(sizes[0])]
-    figures.append(figure(
-        "scale/metric_ingest", largest_over_smallest, f"slowest step ratio, {sizes[-1]} ÷ {sizes[0]} job(s)",
-        f"The per-size figures together; value: the slowest_step_ratio at {sizes[-1]} job(s) ÷ the one at "
-        f"{sizes[0]}; {setup}",
-        points_per_s=points_per_s, slowest_step_ratio=ratios, largest_over_smallest=round(largest_over_smallest, 4),
-        steps=steps, metrics=metrics, step_s=step_s, flush_seconds=flush_seconds))
+    figures.append(
+        figure(
+            "scale/metric_ingest",
+            largest_over_smallest,
+            f"slowest step ratio, {sizes[-1]} ÷ {sizes[0]} job(s)",
+            f"The per-size figures together; value: the slowest_step_ratio at {sizes[-1]} job(s) ÷ the one at "
+            f"{sizes[0]}; {setup}",
+            points_per_s=points_per_s,
+            slowest_step_ratio=ratios,
+            largest_over_smallest=round(largest_over_smallest, 4),
+            steps=steps,
+            metrics=metrics,
+            step_s=step_s,
+            flush_seconds=flush_seconds,
+        )
+    )
     return figures
 
 
-def _one_size(server, workdir: Path, n: int, *, steps: int, metrics: int, step_s: float,
-              flush_seconds: float) -> dict[str, Any]:
+def _one_size(
+    server, workdir: Path, n: int, *, steps: int, metrics: int, step_s: float, flush_seconds: float
+) -> dict[str, Any]:
     """Start ``n`` jobs, release them together, collect their reports, count what was stored."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
     env.update(server.trainer_env(USER), PYTHONUNBUFFERED="1")
@@ -126,11 +162,32 @@ def _one_size(server, workdir: Path, n: int, *, steps: int, metrics: int, step_s
     try:
         for i, path in enumerate(logs):
             with open(path, "w") as err:
-                jobs.append(subprocess.Popen(
-                    [sys.executable, "-m", "pipeline.bench.scale_ingest", "--job", "--run-name", f"{n}-jobs-{i}",
-                     "--steps", str(steps), "--metrics", str(metrics), "--step-s", str(step_s),
-                     "--flush-seconds", str(flush_seconds)],
-                    cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True))
+                jobs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "pipeline.bench.scale_ingest",
+                            "--job",
+                            "--run-name",
+                            f"{n}-jobs-{i}",
+                            "--steps",
+                            str(steps),
+                            "--metrics",
+                            str(metrics),
+                            "--step-s",
+                            str(step_s),
+                            "--flush-seconds",
+                            str(flush_seconds),
+                        ],
+                        cwd=workdir,
+                        env=env,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=err,
+                        text=True,
+                    )
+                )
         for job, path in zip(jobs, logs):  # every job imported and created its run
             if job.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"a job of {n} failed before the start:\n{_tail(path)}")
@@ -158,7 +215,9 @@ def _one_size(server, workdir: Path, n: int, *, steps: int, metrics: int, step_s
     stored = _stored_points(server.backend_uri, [r["run_id"] for r in reports])
     step_times = [r["step_s"] for r in reports]
     return {
-        "stored": stored, "logged": sum(r["points"] for r in reports), "step_s": step_times,
+        "stored": stored,
+        "logged": sum(r["points"] for r in reports),
+        "step_s": step_times,
         "total_s": [r["total_s"] for r in reports],
         "wall_s": max(r["finished_at"] for r in reports) - go_at,
         "drain_s": max(r["finished_at"] for r in reports) - max(r["loop_end_at"] for r in reports),
@@ -166,7 +225,8 @@ def _one_size(server, workdir: Path, n: int, *, steps: int, metrics: int, step_s
         "offered": sum(metrics / s for s in step_times),
         "server_cpu_s": cpu_after["server"] - cpu_before["server"],
         "postgres_cpu_s": cpu_after["postgres"] - cpu_before["postgres"],
-        "jobs_cpu_s": sum(r["cpu_s"] for r in reports), "job_warnings": warnings,
+        "jobs_cpu_s": sum(r["cpu_s"] for r in reports),
+        "job_warnings": warnings,
     }
 
 
@@ -178,7 +238,8 @@ def _stored_points(backend_uri: str, run_ids: list[str]) -> int:
     try:
         with engine.connect() as conn:
             query = text("SELECT count(*) FROM metrics WHERE run_uuid IN :ids").bindparams(
-                bindparam("ids", expanding=True))
+                bindparam("ids", expanding=True)
+            )
             return int(conn.execute(query, {"ids": run_ids}).scalar())
     finally:
         engine.dispose()
@@ -252,8 +313,16 @@ def run_job(run_name: str, steps: int, metrics: int, step_s: float, flush_second
     total_s, finished_at, cpu_s = time.perf_counter() - start, time.time(), _own_cpu_s() - cpu_start
     logger.close()
     client.set_terminated(run_id)
-    return {"run_id": run_id, "step_s": loop_s / steps, "total_s": total_s, "points": steps * metrics,
-            "started_at": started_at, "loop_end_at": loop_end_at, "finished_at": finished_at, "cpu_s": cpu_s}
+    return {
+        "run_id": run_id,
+        "step_s": loop_s / steps,
+        "total_s": total_s,
+        "points": steps * metrics,
+        "started_at": started_at,
+        "loop_end_at": loop_end_at,
+        "finished_at": finished_at,
+        "cpu_s": cpu_s,
+    }
 
 
 def main() -> None:
@@ -266,8 +335,9 @@ def main() -> None:
     parser.add_argument("--step-s", type=float, default=0.02)
     parser.add_argument("--flush-seconds", type=float, default=1.0)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING if args.job else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.job else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.job:
         report = run_job(args.run_name, args.steps, args.metrics, args.step_s, args.flush_seconds)
         sys.stdout.write(json.dumps(report) + "\n")  # the job's result, read by metric_ingest

@@ -61,8 +61,9 @@ CHART_DRAWN = """key => {
 }"""
 
 
-def ui_chart_figures(steps_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), metrics: int = 20,
-                     repeats: int = 3) -> list[dict[str, Any]]:
+def ui_chart_figures(
+    steps_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), metrics: int = 20, repeats: int = 3
+) -> list[dict[str, Any]]:
     """The UI chart, full and sampled history times at each size (median of ``repeats``), the store's size per
     10^6 points and the summary figure; see the module docstring."""
     if why := missing_browser():
@@ -72,42 +73,74 @@ def ui_chart_figures(steps_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     for size in sizes:
         steps, points = size["steps"], size["points"]
         figures += [
-            figure(f"scale/ui_chart_s/{steps}", statistics.median(size["ui_s"]), "s",
-                   f"one run of {steps} steps x {metrics} metrics in a SQLite store behind a local mlflow server; "
-                   f"headless chromium opens the run's Model metrics tab, searches the charts for {KEY} and waits "
-                   f"until its line is drawn; seconds from navigation, fresh browser context each time, median of "
-                   f"{repeats}", points=points, runs=spread(size["ui_s"], 3), drawn_points=size["drawn_points"],
-                   history_calls=size["history_calls"], train_loss_calls=size["train_loss_calls"],
-                   load_1min=round(size["load_1min"], 2)),
-            figure(f"scale/full_history_s/{steps}", statistics.median(size["full_s"]), "s",
-                   f"GET /api/2.0/mlflow/metrics/get-history for {KEY} (all {steps} points), paged by "
-                   f"{GET_METRIC_HISTORY_MAX_RESULTS} as MlflowClient pages it; median of {repeats}",
-                   points=size["full_points"], pages=size["full_pages"], runs=spread(size["full_s"], 3)),
-            figure(f"scale/sampled_history_s/{steps}", statistics.median(size["sampled_s"]), "s",
-                   f"GET /ajax-api/2.0/mlflow/metrics/get-history-bulk-interval for {KEY} with max_results="
-                   f"{size['max_results']} (what the UI chart asks for); median of {repeats}",
-                   points=size["sampled_points"], runs=spread(size["sampled_s"], 3)),
+            figure(
+                f"scale/ui_chart_s/{steps}",
+                statistics.median(size["ui_s"]),
+                "s",
+                f"one run of {steps} steps x {metrics} metrics in a SQLite store behind a local mlflow server; "
+                f"headless chromium opens the run's Model metrics tab, searches the charts for {KEY} and waits "
+                f"until its line is drawn; seconds from navigation, fresh browser context each time, median of "
+                f"{repeats}",
+                points=points,
+                runs=spread(size["ui_s"], 3),
+                drawn_points=size["drawn_points"],
+                history_calls=size["history_calls"],
+                train_loss_calls=size["train_loss_calls"],
+                load_1min=round(size["load_1min"], 2),
+            ),
+            figure(
+                f"scale/full_history_s/{steps}",
+                statistics.median(size["full_s"]),
+                "s",
+                f"GET /api/2.0/mlflow/metrics/get-history for {KEY} (all {steps} points), paged by "
+                f"{GET_METRIC_HISTORY_MAX_RESULTS} as MlflowClient pages it; median of {repeats}",
+                points=size["full_points"],
+                pages=size["full_pages"],
+                runs=spread(size["full_s"], 3),
+            ),
+            figure(
+                f"scale/sampled_history_s/{steps}",
+                statistics.median(size["sampled_s"]),
+                "s",
+                f"GET /ajax-api/2.0/mlflow/metrics/get-history-bulk-interval for {KEY} with max_results="
+                f"{size['max_results']} (what the UI chart asks for); median of {repeats}",
+                points=size["sampled_points"],
+                runs=spread(size["sampled_s"], 3),
+            ),
         ]
     largest = sizes[-1]
-    figures.append(figure(
-        "scale/store_mb_per_million_points/sqlite", largest["store_mb"] / (largest["points"] / 1e6), "MB",
-        f"size on disk of the SQLite store (file and journal) after writing the history, per 10^6 points "
-        f"(metric rows with their index); at {largest['steps']} steps x {metrics} metrics",
-        per_size={str(s["steps"]): round(s["store_mb"] / (s["points"] / 1e6), 1) for s in sizes},
-        store_mb={str(s["steps"]): round(s["store_mb"], 1) for s in sizes},
-        write_s={str(s["steps"]): round(s["write_s"], 1) for s in sizes}))
+    figures.append(
+        figure(
+            "scale/store_mb_per_million_points/sqlite",
+            largest["store_mb"] / (largest["points"] / 1e6),
+            "MB",
+            f"size on disk of the SQLite store (file and journal) after writing the history, per 10^6 points "
+            f"(metric rows with their index); at {largest['steps']} steps x {metrics} metrics",
+            per_size={str(s["steps"]): round(s["store_mb"] / (s["points"] / 1e6), 1) for s in sizes},
+            store_mb={str(s["steps"]): round(s["store_mb"], 1) for s in sizes},
+            write_s={str(s["steps"]): round(s["write_s"], 1) for s in sizes},
+        )
+    )
     ui = {str(s["steps"]): round(statistics.median(s["ui_s"]), 3) for s in sizes}
     full = {str(s["steps"]): round(statistics.median(s["full_s"]), 3) for s in sizes}
     smallest = sizes[0]
-    figures.append(figure(
-        "scale/ui_chart_s", statistics.median(largest["ui_s"]), "s",
-        f"scale/ui_chart_s at the largest size ({largest['steps']} steps x {metrics} metrics); largest_over_smallest: "
-        f"its ratio to the smallest size ({smallest['steps']} steps); full_history_largest_over_smallest: the same "
-        "ratio for the whole history through get-history, for comparison",
-        largest_over_smallest=round(statistics.median(largest["ui_s"]) / statistics.median(smallest["ui_s"]), 2),
-        per_size_s=ui, full_history_per_size_s=full,
-        full_history_largest_over_smallest=round(statistics.median(largest["full_s"])
-                                                 / statistics.median(smallest["full_s"]), 2)))
+    figures.append(
+        figure(
+            "scale/ui_chart_s",
+            statistics.median(largest["ui_s"]),
+            "s",
+            f"scale/ui_chart_s at the largest size ({largest['steps']} steps x {metrics} metrics); "
+            f"largest_over_smallest: its ratio to the smallest size ({smallest['steps']} steps); "
+            "full_history_largest_over_smallest: the same ratio for the whole history through get-history, for "
+            "comparison",
+            largest_over_smallest=round(statistics.median(largest["ui_s"]) / statistics.median(smallest["ui_s"]), 2),
+            per_size_s=ui,
+            full_history_per_size_s=full,
+            full_history_largest_over_smallest=round(
+                statistics.median(largest["full_s"]) / statistics.median(smallest["full_s"]), 2
+            ),
+        )
+    )
     return figures
 
 
@@ -142,12 +175,29 @@ def _measure_size(steps: int, metrics: int, repeats: int) -> dict[str, Any]:
                     sampled_s.append(seconds)
         finally:
             server.stop()
-        log.info("%d steps: chart %.2f s, full history %.2f s (%d points), sampled %.3f s (%d points)", steps,
-                 statistics.median(browser["ui_s"]), statistics.median(full_s), full_points,
-                 statistics.median(sampled_s), sampled_points)
-    return {"steps": steps, "points": points, "write_s": write_s, "store_mb": store_mb, "load_1min": load, **browser,
-            "max_results": max_results, "full_s": full_s, "full_points": full_points, "full_pages": full_pages,
-            "sampled_s": sampled_s, "sampled_points": sampled_points}
+        log.info(
+            "%d steps: chart %.2f s, full history %.2f s (%d points), sampled %.3f s (%d points)",
+            steps,
+            statistics.median(browser["ui_s"]),
+            statistics.median(full_s),
+            full_points,
+            statistics.median(sampled_s),
+            sampled_points,
+        )
+    return {
+        "steps": steps,
+        "points": points,
+        "write_s": write_s,
+        "store_mb": store_mb,
+        "load_1min": load,
+        **browser,
+        "max_results": max_results,
+        "full_s": full_s,
+        "full_points": full_points,
+        "full_pages": full_pages,
+        "sampled_s": sampled_s,
+        "sampled_points": sampled_points,
+    }
 
 
 def _browse(url: str, repeats: int) -> dict[str, Any]:
@@ -170,8 +220,12 @@ def _browse(url: str, repeats: int) -> dict[str, Any]:
         if call["max_results"] not in entry["max_results"]:
             entry["max_results"].append(call["max_results"])
         entry["most_points"] = max(entry["most_points"], call["points"])
-    return {"ui_s": times, "drawn_points": drawn, "history_calls": summary,
-            "train_loss_calls": [c for c in calls if c["metric_key"] == KEY]}
+    return {
+        "ui_s": times,
+        "drawn_points": drawn,
+        "history_calls": summary,
+        "train_loss_calls": [c for c in calls if c["metric_key"] == KEY],
+    }
 
 
 def _open_chart(browser, url: str) -> tuple[float, int, list[dict[str, Any]]]:
@@ -188,22 +242,38 @@ def _open_chart(browser, url: str) -> tuple[float, int, list[dict[str, Any]]]:
             if "/metrics/get-history" not in parsed.path:
                 return None
             query = parse_qs(parsed.query)
-            return {"endpoint": parsed.path.rsplit("/", 1)[-1], "metric_key": query.get("metric_key", [""])[0],
-                    "max_results": int(query["max_results"][0]) if "max_results" in query else None}
+            return {
+                "endpoint": parsed.path.rsplit("/", 1)[-1],
+                "metric_key": query.get("metric_key", [""])[0],
+                "max_results": int(query["max_results"][0]) if "max_results" in query else None,
+            }
 
         def on_finished(request) -> None:
             if (call := history_call(request)) is None:
                 return
             response = request.response()
             body = response.json() if response.ok else {}
-            calls.append({**call, "points": len(body.get("metrics", [])), "status": response.status,
-                          "request_s": round(request.timing["responseEnd"] / 1000, 3),  # sent to fully received
-                          "done_at_s": round(time.perf_counter() - started, 3)})  # since navigation
+            calls.append(
+                {
+                    **call,
+                    "points": len(body.get("metrics", [])),
+                    "status": response.status,
+                    "request_s": round(request.timing["responseEnd"] / 1000, 3),  # sent to fully received
+                    "done_at_s": round(time.perf_counter() - started, 3),
+                }
+            )  # since navigation
 
         def on_failed(request) -> None:  # e.g. the charts of the first screen, dropped when the search hides them
             if (call := history_call(request)) is not None:
-                calls.append({**call, "points": 0, "status": None, "failure": request.failure,
-                              "done_at_s": round(time.perf_counter() - started, 3)})
+                calls.append(
+                    {
+                        **call,
+                        "points": 0,
+                        "status": None,
+                        "failure": request.failure,
+                        "done_at_s": round(time.perf_counter() - started, 3),
+                    }
+                )
 
         page.on("requestfinished", on_finished)
         page.on("requestfailed", on_failed)
@@ -223,8 +293,9 @@ def _open_chart(browser, url: str) -> tuple[float, int, list[dict[str, Any]]]:
 
 
 def _max_results(train_loss_calls: list[dict[str, Any]]) -> int:
-    asked = [c["max_results"] for c in train_loss_calls if c["endpoint"] == "get-history-bulk-interval"
-             and c["max_results"]]
+    asked = [
+        c["max_results"] for c in train_loss_calls if c["endpoint"] == "get-history-bulk-interval" and c["max_results"]
+    ]
     return asked[-1] if asked else UI_MAX_RESULTS
 
 
@@ -246,7 +317,10 @@ def _full_history(http: requests.Session, base: str, run_id: str) -> tuple[float
 def _sampled_history(http: requests.Session, base: str, run_id: str, max_results: int) -> tuple[float, int]:
     """train/loss sampled by get-history-bulk-interval as the UI asks for it: seconds and points."""
     started = time.perf_counter()
-    answer = http.get(f"{base}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
-                      params={"run_ids": run_id, "metric_key": KEY, "max_results": max_results}, timeout=600)
+    answer = http.get(
+        f"{base}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
+        params={"run_ids": run_id, "metric_key": KEY, "max_results": max_results},
+        timeout=600,
+    )
     answer.raise_for_status()
     return time.perf_counter() - started, len(answer.json().get("metrics", []))

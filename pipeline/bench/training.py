@@ -23,16 +23,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from mlflow import MlflowClient
 
 from pipeline.bench import figure, spread
-from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy
 from pipeline.engine.checkpoint_files import checkpoint_name, write_local
+from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy
 from pipeline.engine.session import plan_job, run_stage, seed_everything, torch_deterministic
 from pipeline.engine.tracking import MetricLogger, start_or_adopt_run
 from pipeline.engine.trainer import Engine
@@ -115,11 +116,18 @@ def step_time(stamps: list[float], warmup: int) -> float:
     return (stamps[-1] - stamps[warmup]) / (len(stamps) - 1 - warmup)
 
 
-def tracking_overhead(stage_name: str, overrides: list[str], *, steps: int, save_every: int, pairs: int,
-                      warmup: int, label: str) -> dict[str, Any]:
+def tracking_overhead(
+    stage_name: str, overrides: list[str], *, steps: int, save_every: int, pairs: int, warmup: int, label: str
+) -> dict[str, Any]:
     """Engine step time ÷ bare-loop step time over ``steps`` steps, ``pairs`` interleaved segments."""
-    job = [*overrides, f"trainer.max_steps={steps}", f"checkpoint.save_interval={save_every}",
-           "validation.interval=0", "tracking.system_metrics=true", "tracking.log_model=false"]
+    job = [
+        *overrides,
+        f"trainer.max_steps={steps}",
+        f"checkpoint.save_interval={save_every}",
+        "validation.interval=0",
+        "tracking.system_metrics=true",
+        "tracking.log_model=false",
+    ]
     engine_times, bare_times, ratios = [], [], []
     with tracking_store() as client:
         stage = None
@@ -144,13 +152,22 @@ def tracking_overhead(stage_name: str, overrides: list[str], *, steps: int, save
             ratios.append(times["engine"] / times["bare"])
     value = statistics.median(ratios)
     return figure(
-        f"tracking_overhead/{label}", value, "engine step / bare step",
+        f"tracking_overhead/{label}",
+        value,
+        "engine step / bare step",
         f"{stage_name} {' '.join(overrides)}: median over {pairs} interleaved pairs of the mean step time over steps "
         f"{warmup + 1}..{steps} (metrics every step, system metrics on, a checkpoint every {save_every} steps, "
         "SQLite tracking store) against a bare loop over the same stage parts",
-        target="<= 1.03", met=value <= 1.03, ratio=spread(ratios), engine_step_s=spread(engine_times),
-        bare_step_s=spread(bare_times), samples_per_s={"engine": round(samples / statistics.median(engine_times), 2),
-                                                        "bare": round(samples / statistics.median(bare_times), 2)})
+        target="<= 1.03",
+        met=value <= 1.03,
+        ratio=spread(ratios),
+        engine_step_s=spread(engine_times),
+        bare_step_s=spread(bare_times),
+        samples_per_s={
+            "engine": round(samples / statistics.median(engine_times), 2),
+            "bare": round(samples / statistics.median(bare_times), 2),
+        },
+    )
 
 
 def _run_ids(client: MlflowClient) -> set[str]:
@@ -196,8 +213,12 @@ def checkpoint_stall(overrides: list[str], *, pairs: int, label: str, target: fl
                     blocked.append(time.perf_counter() - started)
                     store.wait()  # not timed: checkpoints are far apart in a real job
                 else:
-                    local = write_local(Path("sync-staging"), engine.pos.step, engine.state_dict(),
-                                        {"format_version": 1, "step": engine.pos.step})
+                    local = write_local(
+                        Path("sync-staging"),
+                        engine.pos.step,
+                        engine.state_dict(),
+                        {"format_version": 1, "step": engine.pos.step},
+                    )
                     store.repo.log_artifacts(str(local), f"sync/{checkpoint_name(engine.pos.step)}")
                     synchronous.append(time.perf_counter() - started)
                     sizes.append((local / "state.pt").stat().st_size)
@@ -208,13 +229,19 @@ def checkpoint_stall(overrides: list[str], *, pairs: int, label: str, target: fl
     value = statistics.median(ratios)
     size_mb = statistics.median(sizes) / 1e6
     return figure(
-        f"checkpoint_stall/{label}", value, "blocked / synchronous save",
+        f"checkpoint_stall/{label}",
+        value,
+        "blocked / synchronous save",
         f"train_adapter {' '.join(overrides)} ({size_mb:.1f} MB state.pt): median over {pairs} alternating pairs of "
         "the training thread's time in Engine.save_checkpoint against write (torch.save + fsync + sha256) + upload "
         "of the same state, synchronously, SQLite tracking store with local artifacts",
-        target=None if target is None else f"<= {target}", met=None if target is None else value <= target,
-        state_mb=round(size_mb, 2), ratio=spread(ratios),
-        blocked_s=spread(blocked), synchronous_s=spread(synchronous))
+        target=None if target is None else f"<= {target}",
+        met=None if target is None else value <= target,
+        state_mb=round(size_mb, 2),
+        ratio=spread(ratios),
+        blocked_s=spread(blocked),
+        synchronous_s=spread(synchronous),
+    )
 
 
 def _endless_batches(stage) -> Iterator[dict]:
@@ -232,8 +259,13 @@ def _endless_batches(stage) -> Iterator[dict]:
 
 def _job(args: list[str], env: dict[str, str]) -> tuple[float, dict[str, float]]:
     """Run one stage process; the first step's time after process start and the phases it logged."""
-    out = subprocess.run([sys.executable, "-m", "pipeline.stages.train_adapter", *args], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.stages.train_adapter", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"train_adapter {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     found = STARTUP_LINE.search(out.stderr)
@@ -268,12 +300,20 @@ def resume_latency(overrides: list[str], *, pairs: int) -> dict[str, Any]:
     ratios = [r / f for r, f in zip(resumed_s, fresh_s)]
     value = statistics.median(ratios)
     return figure(
-        "resume_latency", value, "resumed / fresh",
+        "resume_latency",
+        value,
+        "resumed / fresh",
         f"train_adapter {' '.join(overrides)}: median over {pairs} interleaved pairs of process start → first step, "
         "a resume of the same run from its latest checkpoint (resume_run, the run lease's read-back included) against "
         "a fresh start, each its own process; the breakdown is the median of each phase the job logs (Startup: ...)",
-        target="<= 1.5", met=value <= 1.5, ratio=spread(ratios), fresh_s=spread(fresh_s), resumed_s=spread(resumed_s),
-        fresh_breakdown_s=_median_phases(fresh_phases), resumed_breakdown_s=_median_phases(resumed_phases))
+        target="<= 1.5",
+        met=value <= 1.5,
+        ratio=spread(ratios),
+        fresh_s=spread(fresh_s),
+        resumed_s=spread(resumed_s),
+        fresh_breakdown_s=_median_phases(fresh_phases),
+        resumed_breakdown_s=_median_phases(resumed_phases),
+    )
 
 
 def _median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -302,12 +342,16 @@ def metric_throughput(*, steps: int, per_step: int) -> dict[str, Any]:
         count = len(client.get_metric_history(run_id, names[0]))
     points = steps * per_step
     return figure(
-        "metric_throughput", points / accepted, "points/s",
+        "metric_throughput",
+        points / accepted,
+        "points/s",
         f"{steps} steps × {per_step} metrics through MetricLogger.log on the caller's thread (batched, sent "
-        "in order by a background thread every flush_seconds or 1000 points); stored_points_per_s includes waiting until the SQLite "
-        "store holds them all",
-        per_point_us=round(accepted / points * 1e6, 2), stored_points_per_s=round(points / stored, 1),
-        stored_check=count == steps)
+        "in order by a background thread every flush_seconds or 1000 points); stored_points_per_s includes waiting "
+        "until the SQLite store holds them all",
+        per_point_us=round(accepted / points * 1e6, 2),
+        stored_points_per_s=round(points / stored, 1),
+        stored_check=count == steps,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,13 +359,28 @@ def metric_throughput(*, steps: int, per_step: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def distributed_step_time(stage_name: str, overrides: list[str], *, nproc: int, batch_size: int, steps: int,
-                          pairs: int, warmup: int, label: str) -> dict[str, Any]:
+def distributed_step_time(
+    stage_name: str,
+    overrides: list[str],
+    *,
+    nproc: int,
+    batch_size: int,
+    steps: int,
+    pairs: int,
+    warmup: int,
+    label: str,
+) -> dict[str, Any]:
     """Step time under torchrun (``nproc`` ranks, ``batch_size`` each) ÷ step time of one plain process with
     the same effective batch, interleaved subprocesses started through ``pipeline.launcher``. ``nproc=1``
     compares torchrun's one-rank job (process group, DDP) with a plain process at the same batch."""
-    job = [*overrides, f"trainer.max_steps={steps}", "validation.interval=0", f"checkpoint.save_interval={steps}",
-           "tracking.log_model=false", "tracking.system_metrics=false"]
+    job = [
+        *overrides,
+        f"trainer.max_steps={steps}",
+        "validation.interval=0",
+        f"checkpoint.save_interval={steps}",
+        "tracking.log_model=false",
+        "tracking.system_metrics=false",
+    ]
     plain_s, ranks_s = [], []
     with tracking_store() as client:
         for pair in range(pairs):
@@ -329,8 +388,12 @@ def distributed_step_time(stage_name: str, overrides: list[str], *, nproc: int, 
                 before = _run_ids(client)
                 size = batch_size * nproc if side == "plain" else batch_size
                 launch = ["--nproc=1"] if side == "plain" else [f"--nproc={nproc}", "--torchrun=--max-restarts=0"]
-                out = subprocess.run([sys.executable, "-m", "pipeline.launcher", *launch, stage_name, *job,
-                                      f"batch_size={size}"], capture_output=True, text=True, timeout=1800)
+                out = subprocess.run(
+                    [sys.executable, "-m", "pipeline.launcher", *launch, stage_name, *job, f"batch_size={size}"],
+                    capture_output=True,
+                    text=True,
+                    timeout=1800,
+                )
                 if out.returncode != 0:
                     raise RuntimeError(f"{stage_name} ({side}) failed:\n{out.stderr[-3000:]}")
                 seconds = step_time(engine_stamps(client, _new_run(client, before)), warmup)
@@ -338,11 +401,16 @@ def distributed_step_time(stage_name: str, overrides: list[str], *, nproc: int, 
     ratios = [r / p for r, p in zip(ranks_s, plain_s)]
     value = statistics.median(ratios)
     return figure(
-        f"distributed_step_time/{label}", value, "torchrun step / one-process step",
+        f"distributed_step_time/{label}",
+        value,
+        "torchrun step / one-process step",
         f"{stage_name} {' '.join(overrides)}: {nproc} rank(s) x batch {batch_size} under torchrun against one plain "
         f"process with batch {batch_size * nproc}, {steps} steps each, step time from the logged train/loss times "
-        f"after {warmup} warm-up steps, median over {pairs} interleaved pairs", ratio=spread(ratios),
-        torchrun_step_s=spread(ranks_s), plain_step_s=spread(plain_s))
+        f"after {warmup} warm-up steps, median over {pairs} interleaved pairs",
+        ratio=spread(ratios),
+        torchrun_step_s=spread(ranks_s),
+        plain_step_s=spread(plain_s),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,11 +424,23 @@ def _stop_once(client: MlflowClient, overrides: list[str], how: str, env: dict[s
     import signal
 
     before = _run_ids(client)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.train_adapter", *overrides,
-                             "trainer.max_steps=100000", "trainer.log_interval=1", "validation.interval=0",
-                             "checkpoint.save_interval=100000",
-                             "tracking.log_model=false"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.stages.train_adapter",
+            *overrides,
+            "trainer.max_steps=100000",
+            "trainer.log_interval=1",
+            "validation.interval=0",
+            "checkpoint.save_interval=100000",
+            "tracking.log_model=false",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         for line in proc.stderr:
             if " step 3/" in line:
@@ -393,10 +473,17 @@ def stop_latency(overrides: list[str], *, repeats: int) -> list[dict[str, Any]]:
         for how, target in (("signal", 15.0), ("tag", 20.0)):
             seconds = [_stop_once(client, overrides, how, env) for _ in range(repeats)]
             value = statistics.median(seconds)
-            out.append(figure(
-                f"stop_latency/{how}", value, "s",
-                f"train_adapter {' '.join(overrides)}: median over {repeats} jobs of the time from "
-                + ("SIGTERM" if how == "signal" else "setting the stop_requested tag (polled every 3 s)")
-                + " after step 3 to the process's end, its checkpoint committed and its run KILLED",
-                target=f"<= {target:g}", met=value <= target, seconds=spread(seconds)))
+            out.append(
+                figure(
+                    f"stop_latency/{how}",
+                    value,
+                    "s",
+                    f"train_adapter {' '.join(overrides)}: median over {repeats} jobs of the time from "
+                    + ("SIGTERM" if how == "signal" else "setting the stop_requested tag (polled every 3 s)")
+                    + " after step 3 to the process's end, its checkpoint committed and its run KILLED",
+                    target=f"<= {target:g}",
+                    met=value <= target,
+                    seconds=spread(seconds),
+                )
+            )
     return out

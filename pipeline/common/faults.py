@@ -61,8 +61,9 @@ def parse(spec: str) -> dict[str, Fault]:
         if ok and action == "signal" and not isinstance(getattr(signal, f"SIG{arg}", None), int):
             ok = False
         if not ok:
-            raise ValueError(f"{ENV}: cannot read {item!r}; "
-                             "write <point>[@<n>]=kill|sleep:<s>|raise:<ERRNO>|signal:<NAME>|stop")
+            raise ValueError(
+                f"{ENV}: cannot read {item!r}; write <point>[@<n>]=kill|sleep:<s>|raise:<ERRNO>|signal:<NAME>|stop"
+            )
         faults[name] = Fault(action, arg or None, int(nth) if nth else None)
     return faults
 
@@ -86,8 +87,13 @@ def point(name: str) -> None:
     fault = _armed[name]
     if fault.nth is not None and _visits[name] != fault.nth:
         return
-    log.warning("Fault injection at %s (visit %d): %s%s", name, _visits[name], fault.action,
-                f":{fault.arg}" if fault.arg else "")
+    log.warning(
+        "Fault injection at %s (visit %d): %s%s",
+        name,
+        _visits[name],
+        fault.action,
+        f":{fault.arg}" if fault.arg else "",
+    )
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault.action == "stop":  # sent to this thread, so that it stops here and not a few lines on

@@ -4,13 +4,13 @@ checkpoints, prepared data sets and run tags."""
 from __future__ import annotations
 
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 
 def utc_now() -> str:
     """The current time in UTC, ISO 8601 to the second (e.g. "2026-11-27T12:08:19+00:00")."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def code_version() -> str | None:

@@ -47,14 +47,16 @@ def split_overrides(args: list[str] | tuple[str, ...], launch_keys: tuple[str, .
                 out.append(arg)
                 continue
             raise GrammarError(f"Malformed override {arg!r}: {err}") from err
-        one_value_with_spaces = (len(words) > 1 and key in launch_keys and "=" in words[0]
-                                 and not any("=" in w for w in words[1:]))
+        one_value_with_spaces = (
+            len(words) > 1 and key in launch_keys and "=" in words[0] and not any("=" in w for w in words[1:])
+        )
         out.extend([arg] if one_value_with_spaces else words)
     return out
 
 
-def parse_command_line(argv: list[str] | tuple[str, ...], launch_keys: tuple[str, ...] = (),
-                       aliases: dict[str, str] | None = None) -> CommandLine:
+def parse_command_line(
+    argv: list[str] | tuple[str, ...], launch_keys: tuple[str, ...] = (), aliases: dict[str, str] | None = None
+) -> CommandLine:
     """Sort the words: those whose key is in ``launch_keys`` (or an alias of one, spelt as ``aliases`` maps it)
     are launch arguments, the others overrides. Raises ConfigError for unbalanced quotes."""
     launch: dict[str, str] = {}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -95,8 +95,11 @@ def _parse(overrides: list[str]):
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:  # hydra raises OverrideParseException with a useful text
         word = getattr(err, "override", None)
-        raise GrammarError(f"Malformed override {word!r}: {err}. {hint}" if word else
-                           f"Malformed override in {' '.join(map(repr, overrides))}: {err}. {hint}") from err
+        raise GrammarError(
+            f"Malformed override {word!r}: {err}. {hint}"
+            if word
+            else f"Malformed override in {' '.join(map(repr, overrides))}: {err}. {hint}"
+        ) from err
     for override in parsed:
         if not override.key_or_group:
             raise GrammarError(f"Malformed override {override.input_line!r}: no key. {hint}")
@@ -110,8 +113,9 @@ def compose_config(stage: str, overrides: list[str]) -> DictConfig:
     parsed = _parse(overrides)  # clear message for syntax errors before Hydra's own
     for override in parsed:
         if override.is_delete():
-            raise ConfigError(f"Override {override.input_line!r}: deleting keys is not supported; set the key's "
-                              "value instead")
+            raise ConfigError(
+                f"Override {override.input_line!r}: deleting keys is not supported; set the key's value instead"
+            )
     stage_schema(stage)  # the stage's module registers its schema
     GlobalHydra.instance().clear()
     try:
@@ -127,9 +131,11 @@ def compose_config(stage: str, overrides: list[str]) -> DictConfig:
             parent_key = override.key_or_group.rpartition(".")[0]
             parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
             if isinstance(parent, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(parent)):
-                raise ConfigError(f"Override {override.input_line!r}: {parent_key or 'the config'} has a fixed set of "
-                                  "keys; set an existing key (without '+'), or add under a dict field such as "
-                                  "+tracking.tags.<name>=<value>")
+                raise ConfigError(
+                    f"Override {override.input_line!r}: {parent_key or 'the config'} has a fixed set of "
+                    "keys; set an existing key (without '+'), or add under a dict field such as "
+                    "+tracking.tags.<name>=<value>"
+                )
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -158,8 +164,10 @@ def route_overrides(words: list[str], stages: tuple[str, ...], what: str) -> dic
             for stage in stages:  # a key some stage has, with a value it refuses: say what is wrong with it
                 if _has_key(stage, word):
                     compose_config(stage, [word])  # raises the schema's message, naming the key and value
-            raise ConfigError(f"Override {word!r} fits no {what} ({', '.join(stages)}); "
-                              "check the key, or give it to one of them as <stage>.key=value")
+            raise ConfigError(
+                f"Override {word!r} fits no {what} ({', '.join(stages)}); "
+                "check the key, or give it to one of them as <stage>.key=value"
+            )
         for target in targets:
             out[target].append(word)
     return out
@@ -188,12 +196,16 @@ def apply_overrides(stage: str, base: DictConfig, overrides: list[str]) -> DictC
     for override in _parse(overrides):
         key = override.key_or_group
         if override.is_delete() or override.is_add() or override.is_force_add():
-            raise ConfigError(f"Override {override.input_line!r}: adding or deleting keys is not "
-                              "supported on resume; set the key's value instead")
+            raise ConfigError(
+                f"Override {override.input_line!r}: adding or deleting keys is not "
+                "supported on resume; set the key's value instead"
+            )
         if key in GLOBAL_GROUPS:
-            raise ConfigError(f"Override {override.input_line!r}: a {key} sets many keys at once and is chosen on a "
-                              "fresh start; on resume the checkpoint's values are the base, so set the keys you "
-                              "want to change one by one (e.g. optim.lr=2e-4)")
+            raise ConfigError(
+                f"Override {override.input_line!r}: a {key} sets many keys at once and is chosen on a "
+                "fresh start; on resume the checkpoint's values are the base, so set the keys you "
+                "want to change one by one (e.g. optim.lr=2e-4)"
+            )
         if key in groups:
             fresh = compose_config(stage, [override.input_line])
             cfg[key] = fresh[key]

@@ -8,7 +8,6 @@ its stage in ``pipeline/stages/<stage>.py``; the groups here (``ssl``, ``adapter
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -19,9 +18,7 @@ class EncoderConfig:
     family: str = "hubert"  # hubert | wavlm | wav2vec2: which torchaudio builder is used
     extractor_mode: str = "group_norm"  # group_norm (base models) | layer_norm (large models)
     # convolutional feature extractor: [channels, kernel, stride] per layer (total stride 320 = 50 fps)
-    conv_layers: list[list[int]] = field(
-        default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
-    )
+    conv_layers: list[list[int]] = field(default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2)
     conv_bias: bool = False
     embed_dim: int = 768  # transformer width
     pos_conv_kernel: int = 128
@@ -33,7 +30,7 @@ class EncoderConfig:
     num_buckets: int = 320  # WavLM relative position buckets
     max_distance: int = 800  # WavLM relative position max distance
     layer: int = 6  # 1-based index of the transformer layer whose output is the feature
-    weights: Optional[str] = None  # local path: torchaudio state dict file or HF checkpoint dir
+    weights: str | None = None  # local path: torchaudio state dict file or HF checkpoint dir
     sample_rate: int = 16000  # the encoder's input rate
 
 
@@ -45,20 +42,25 @@ class AdapterConfig:
     reimplementation's (README, "Adapter recipes").
     """
 
-    num_layers: Optional[int] = None  # L; null = every layer up to `ssl.layer`
+    num_layers: int | None = None  # L; null = every layer up to `ssl.layer`
     bottleneck: int = 256  # hidden width of LayerNorm -> Linear -> GELU -> Linear
-    init: str = "normal"  # normal: output projection ~ N(0, init_std), zero bias | xavier: both projections Xavier-uniform (gain init_gain), zero biases
+    # normal: output projection ~ N(0, init_std), zero bias | xavier: both projections Xavier-uniform (gain
+    # init_gain), zero biases
+    init: str = "normal"
     init_std: float = 1.0e-3  # with init=normal: std of the output projection at start (near zero)
     init_gain: float = 0.01  # with init=xavier: gain of both projections
-    residual: bool = False  # the adapter also returns its input, so an adapted layer sees 2h + FF(h) + A(h) (the reimplementation's form)
-    train_layer_norms: bool = False  # also train each adapted layer's final_layer_norm (the frozen original still makes the clean target)
+    # the adapter also returns its input, so an adapted layer sees 2h + FF(h) + A(h) (the reimplementation's form)
+    residual: bool = False
+    # also train each adapted layer's final_layer_norm (the frozen original still makes the clean target)
+    train_layer_norms: bool = False
 
 
 @dataclass
 class FeatureLossConfig:
     """The feature-cleaning loss L1 + L2 + spectral convergence (train_adapter)."""
 
-    sc: str = "per_example"  # per_example: ||t - p||_F / ||t||_F per example, averaged | pooled_power: sum (p - t)^2 / sum t^2 over the batch
+    # per_example: ||t - p||_F / ||t||_F per example, averaged | pooled_power: sum (p - t)^2 / sum t^2 over the batch
+    sc: str = "per_example"
 
 
 @dataclass
@@ -79,12 +81,12 @@ class DegradationConfig:
     babble_speakers: list[int] = field(default_factory=lambda: [3, 6])  # [min, max] other utterances in babble
     hum_hz: list[float] = field(default_factory=lambda: [50.0, 60.0])  # mains frequencies to choose from
     hum_harmonics: list[int] = field(default_factory=lambda: [3, 8])  # [min, max] harmonics (1 = pure tone)
-    noise_dir: Optional[str] = None  # directory of noise recordings (recursive); null = synthetic only
+    noise_dir: str | None = None  # directory of noise recordings (recursive); null = synthetic only
     noise_dir_prob: float = 1.0  # with noise_dir: chance the noise is a recording rather than noise_types
     # reverberation
     reverb_prob: float = 0.5  # probability of a room impulse response
     rt60_s: list[float] = field(default_factory=lambda: [0.2, 0.8])  # [min, max] RT60 of synthetic RIRs
-    rir_dir: Optional[str] = None  # directory of recorded RIRs (cut to start at their peak); null = synthetic
+    rir_dir: str | None = None  # directory of recorded RIRs (cut to start at their peak); null = synthetic
     rir_dir_prob: float = 1.0  # with rir_dir: chance the RIR is a recording rather than synthetic
     # band limiting / low sample rate
     bandlimit_prob: float = 0.3  # probability of FFT low-pass band limiting
@@ -113,11 +115,11 @@ class DataConfig:
 
     name: str = "demo"  # dataset name; also the run's `dataset` tag
     format: str = "ljspeech"  # corpus layout: ljspeech | libritts | libritts_r | jvs | fleurs_r | directory
-    root: Optional[str] = None  # corpus directory; null = the embedded demo corpus
+    root: str | None = None  # corpus directory; null = the embedded demo corpus
     subsets: list[str] = field(default_factory=list)  # LibriTTS subsets, JVS subsets or FLEURS splits; [] = all
     # train_adapter skips files with more than this fraction of samples at full scale (clipped
     # targets); null keeps them. 0.001 = 48 samples in 3 s at 16 kHz.
-    max_clipped_fraction: Optional[float] = 0.001
+    max_clipped_fraction: float | None = 0.001
     segment_seconds: float = 1.0  # training crop length
     val_size: int = 4  # utterances held out for validation (the last ones of the corpus)
     num_workers: int = 0  # DataLoader worker processes
@@ -137,8 +139,9 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000  # total optimizer steps of the job (across all attempts)
-    max_nonfinite_steps: int = 20  # steps in a row with a non-finite loss or gradient (updates skipped) before the job stops
-    epochs: Optional[int] = None  # epoch-based stages: train this many epochs (then max_steps is unused)
+    # steps in a row with a non-finite loss or gradient (updates skipped) before the job stops
+    max_nonfinite_steps: int = 20
+    epochs: int | None = None  # epoch-based stages: train this many epochs (then max_steps is unused)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "32"  # 32 | bf16 | 16-mixed
     deterministic: bool = True  # deterministic kernels, needed for bit-identical resume
@@ -152,7 +155,8 @@ class CheckpointConfig:
     keep_best_k: int = 1  # best checkpoints by `monitor` kept in addition
     monitor: str = "val/loss"  # metric that ranks checkpoints
     mode: str = "min"  # min | max
-    staging_dir: str = ".checkpoints"  # local staging area before upload; relative: to where the job (or `main`) was started
+    # local staging area before upload; relative: to where the job (or `main`) was started
+    staging_dir: str = ".checkpoints"
 
 
 @dataclass
@@ -163,8 +167,8 @@ class ValidationConfig:
 
 @dataclass
 class TrackingConfig:
-    experiment: Optional[str] = None  # MLflow experiment; null = the stage name
-    run_name: Optional[str] = None  # null = "<first 6 characters of the run ID>-<model>-<dataset>"
+    experiment: str | None = None  # MLflow experiment; null = the stage name
+    run_name: str | None = None  # null = "<first 6 characters of the run ID>-<model>-<dataset>"
     flush_seconds: float = 5.0  # metrics are sent in batches at least this often
     # steps per point of the training metrics: each point is the mean of its steps' values (lr, epoch: the last),
     # logged at the interval's last step, so the chart is exact at its resolution; 1 = every step. A week-long
@@ -179,7 +183,7 @@ class TrackingConfig:
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU)
     log_model: bool = True  # when training finishes, log `model/` (an MLflow model) for stages that have one
     checkpoint_models: bool = True  # each committed checkpoint (and `model/`) is a logged model in the Models tab
-    parent_run: Optional[str] = None  # nest the run under this run (sweeps); never takes over MLFLOW_RUN_ID
+    parent_run: str | None = None  # nest the run under this run (sweeps); never takes over MLFLOW_RUN_ID
     tags: dict[str, str] = field(default_factory=dict)  # extra tags on a new run
 
 
@@ -237,7 +241,8 @@ class ConformerConfig:
 
 @dataclass
 class VocoderConfig:
-    """HiFi-GAN generator and discriminators (docs/architecture.md, Models). Every field is architecture: fixed on resume.
+    """HiFi-GAN generator and discriminators (docs/architecture.md, Models). Every field is architecture: fixed on
+    resume.
 
     The generator turns encoder features (50 frames/s) into a waveform at ``sample_rate``, so the
     product of ``upsample_rates`` must be sample_rate / 50 (320 for 16 kHz, 441 for 22.05 kHz).
@@ -273,15 +278,16 @@ class VocoderLossConfig:
     adv_weight: float = 1.0  # generator adversarial loss weight
     fm_weight: float = 2.0  # feature matching weight
     mel_weight: float = 45.0  # log-mel L1 weight
-    discriminator_lr: Optional[float] = None  # peak LR of the discriminators; null = optim.lr
-    gan_start_step: int = 0  # steps before this one train the generator on the mel loss alone (a warm-up; the
-    #                          discriminators neither run nor learn, so those steps cost far less: a tenth with vocoder=tiny)
+    discriminator_lr: float | None = None  # peak LR of the discriminators; null = optim.lr
+    # steps before this one train the generator on the mel loss alone (a warm-up; the discriminators neither run
+    # nor learn, so those steps cost far less: a tenth with vocoder=tiny)
+    gan_start_step: int = 0
     n_fft: int = 1024  # mel loss STFT size
     win_length: int = 1024
     hop_length: int = 256
     n_mels: int = 80
     f_min: float = 0.0
-    f_max: Optional[float] = None  # null = half the output rate
+    f_max: float | None = None  # null = half the output rate
 
 
 @dataclass
@@ -291,7 +297,9 @@ class MainConfig:
     preset: str = "tiny"  # configs/main/<preset>.yaml: the steps' settings (tiny: minutes on a CPU; quality: ~30 min)
     reuse: bool = True  # reuse a FINISHED run of a step with the same entry point, parameters and code version
     resume: bool = True  # resume a stopped or crashed run of a step (same parameters and code) instead of restarting
-    evaluate: list[str] = field(default_factory=lambda: ["test_size=4"])  # arguments of the closing evaluate (pipeline/evaluate.py)
+    evaluate: list[str] = field(
+        default_factory=lambda: ["test_size=4"]
+    )  # arguments of the closing evaluate (pipeline/evaluate.py)
     restore_output: str = "restored"  # where the closing restore writes the demo file it restores ("" skips it)
     common: list[str] = field(default_factory=list)  # overrides for every step whose config has the key
     train_adapter: list[str] = field(default_factory=list)  # overrides for that step only

@@ -24,8 +24,9 @@ _SECRET_ASSIGNMENT = re.compile(r"([^\s=]*(?:" + "|".join(SECRET_WORDS) + r")[^\
 def secret_env_name(name: str) -> bool:
     """Whether the environment variable ``name`` holds a secret (``ENV_SECRET_WORDS``)."""
     lower = name.lower()
-    return ((any(word in lower for word in ENV_SECRET_WORDS) or lower.endswith("key"))
-            and not lower.endswith(ENV_PATH_SUFFIXES))
+    return (any(word in lower for word in ENV_SECRET_WORDS) or lower.endswith("key")) and not lower.endswith(
+        ENV_PATH_SUFFIXES
+    )
 
 
 def environment_secrets() -> list[str]:
@@ -50,8 +51,12 @@ def redact(value: Any) -> Any:
 
 def _redact(value: Any, secrets: list[str]) -> Any:
     if isinstance(value, dict):
-        return {key: "***" if isinstance(key, str) and any(w in key.lower() for w in SECRET_WORDS)
-                and value[key] not in (None, "") else _redact(value[key], secrets) for key in value}
+        return {
+            key: "***"
+            if isinstance(key, str) and any(w in key.lower() for w in SECRET_WORDS) and value[key] not in (None, "")
+            else _redact(value[key], secrets)
+            for key in value
+        }
     if isinstance(value, (list, tuple)):
         return type(value)(_redact(item, secrets) for item in value)
     if isinstance(value, str):

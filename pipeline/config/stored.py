@@ -83,11 +83,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_diff(old: DictConfig, new: DictConfig) -> dict[str, tuple[Any, Any]]:
     """Changed keys -> (old value, new value)."""
     a, b = flatten(to_container(old)), flatten(to_container(new))
-    return {
-        key: (a.get(key), b.get(key))
-        for key in sorted(set(a) | set(b))
-        if a.get(key) != b.get(key)
-    }
+    return {key: (a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)}
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -99,15 +95,39 @@ def config_hash(cfg: DictConfig) -> str:
 
 # Numbers whose wrong value fails only later (a crop of no samples, a poll loop that never waits, a lease taken
 # over while its job lives) or acts silently. A key the stage's config lacks is skipped; so is an unset value.
-POSITIVE_KEYS = ("batch_size", "checkpoint.save_interval", "trainer.log_interval", "trainer.max_steps",
-                 "tracking.metric_interval", "trainer.epochs", "trainer.max_nonfinite_steps", "data.segment_seconds",
-                 "degradation.packet_ms",
-                 "light_max_seconds", "max_seconds", "tracking.outage_limit_seconds",
-                 "tracking.stop_poll_seconds", "tracking.lease_heartbeat_seconds", "tracking.lease_timeout_seconds")
-AT_LEAST_ZERO_KEYS = ("checkpoint.keep_last_n", "checkpoint.keep_best_k", "validation.interval",
-                      "validation.num_samples", "optim.warmup_steps", "optim.grad_clip", "optim.lr",
-                      "optim.weight_decay", "optim.min_lr_ratio", "loss.discriminator_lr", "data.val_size",
-                      "data.num_workers", "data.max_clipped_fraction", "tracking.flush_seconds")
+POSITIVE_KEYS = (
+    "batch_size",
+    "checkpoint.save_interval",
+    "trainer.log_interval",
+    "trainer.max_steps",
+    "tracking.metric_interval",
+    "trainer.epochs",
+    "trainer.max_nonfinite_steps",
+    "data.segment_seconds",
+    "degradation.packet_ms",
+    "light_max_seconds",
+    "max_seconds",
+    "tracking.outage_limit_seconds",
+    "tracking.stop_poll_seconds",
+    "tracking.lease_heartbeat_seconds",
+    "tracking.lease_timeout_seconds",
+)
+AT_LEAST_ZERO_KEYS = (
+    "checkpoint.keep_last_n",
+    "checkpoint.keep_best_k",
+    "validation.interval",
+    "validation.num_samples",
+    "optim.warmup_steps",
+    "optim.grad_clip",
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.min_lr_ratio",
+    "loss.discriminator_lr",
+    "data.val_size",
+    "data.num_workers",
+    "data.max_clipped_fraction",
+    "tracking.flush_seconds",
+)
 
 
 def check_values(schema: type, cfg: DictConfig) -> None:
@@ -120,16 +140,20 @@ def check_values(schema: type, cfg: DictConfig) -> None:
         positive = key in POSITIVE_KEYS
         if value is not None and (value <= 0 if positive else value < 0):
             default = OmegaConf.select(defaults, key)
-            raise ConfigError(f"{key}={value} must be {'positive' if positive else 'zero or more'}; pass "
-                              f"{key}=<a value {'above 0' if positive else 'of 0 or more'}>"
-                              + (f" (the default is {default})" if default is not None else " or leave it unset"))
+            raise ConfigError(
+                f"{key}={value} must be {'positive' if positive else 'zero or more'}; pass "
+                f"{key}=<a value {'above 0' if positive else 'of 0 or more'}>"
+                + (f" (the default is {default})" if default is not None else " or leave it unset")
+            )
     heartbeat = OmegaConf.select(cfg, "tracking.lease_heartbeat_seconds")
     timeout = OmegaConf.select(cfg, "tracking.lease_timeout_seconds")
     if heartbeat is not None and timeout is not None and timeout <= heartbeat:
-        raise ConfigError(f"tracking.lease_timeout_seconds={timeout} must be longer than "
-                          f"tracking.lease_heartbeat_seconds={heartbeat}: a lease not renewed within the timeout is "
-                          "taken over, so another job could take the run from this live one between two heartbeats; "
-                          "raise the timeout or lower the heartbeat")
+        raise ConfigError(
+            f"tracking.lease_timeout_seconds={timeout} must be longer than "
+            f"tracking.lease_heartbeat_seconds={heartbeat}: a lease not renewed within the timeout is "
+            "taken over, so another job could take the run from this live one between two heartbeats; "
+            "raise the timeout or lower the heartbeat"
+        )
 
 
 def _check_resolves(cfg: DictConfig) -> None:
@@ -141,7 +165,12 @@ def _check_resolves(cfg: DictConfig) -> None:
         key = err.full_key or "a setting"
         written = flatten(to_container(cfg)).get(key)
         setting = key if written is None else f"{key}={written}"
-        reason = ("what it resolves to does not fit the setting's type (not shown: it may be a secret)"
-                  if isinstance(err, InterpolationValidationError) else redact(str(err).splitlines()[0]))
-        raise ConfigError(f"{setting} cannot be resolved: {reason}. Set what it refers to (e.g. the environment "
-                          "variable), or give the value itself") from err
+        reason = (
+            "what it resolves to does not fit the setting's type (not shown: it may be a secret)"
+            if isinstance(err, InterpolationValidationError)
+            else redact(str(err).splitlines()[0])
+        )
+        raise ConfigError(
+            f"{setting} cannot be resolved: {reason}. Set what it refers to (e.g. the environment "
+            "variable), or give the value itself"
+        ) from err

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import soundfile as sf
@@ -36,7 +35,6 @@ class AudioError(ValueError):
         self.reason = reason
 
 
-
 @dataclass(frozen=True)
 class AudioInfo:
     """What loading did to a file: its original rate and channel count."""
@@ -46,7 +44,7 @@ class AudioInfo:
 
 
 def read_audio(
-    path: str | Path, sample_rate: int, *, max_clipped_fraction: Optional[float] = None
+    path: str | Path, sample_rate: int, *, max_clipped_fraction: float | None = None
 ) -> tuple[torch.Tensor, AudioInfo]:
     """Like ``load_audio`` and also returns what the file was (rate, channels)."""
     wave, rate, channels = _read_mono(Path(path), max_clipped_fraction)
@@ -55,7 +53,7 @@ def read_audio(
     return wave.contiguous(), AudioInfo(rate, channels)
 
 
-def check_audio(path: str | Path, *, max_clipped_fraction: Optional[float] = None) -> tuple[int, int]:
+def check_audio(path: str | Path, *, max_clipped_fraction: float | None = None) -> tuple[int, int]:
     """Read and check a file without resampling it; returns (frames, sample rate) or AudioError.
     For corpus scans that keep only paths (a file that passes loads without error later)."""
     wave, rate, _ = _read_mono(Path(path), max_clipped_fraction)
@@ -80,7 +78,7 @@ def _channels(data: np.ndarray, rate: int, name) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(np.ascontiguousarray(data.T)), rate
 
 
-def _read_mono(path: Path, max_clipped_fraction: Optional[float]) -> tuple[torch.Tensor, int, int]:
+def _read_mono(path: Path, max_clipped_fraction: float | None) -> tuple[torch.Tensor, int, int]:
     data, rate = _read_checked(path, max_clipped_fraction)
     wave = torch.from_numpy(data.mean(axis=1))
     if float(wave.abs().max()) < 1e-5:
@@ -88,14 +86,14 @@ def _read_mono(path: Path, max_clipped_fraction: Optional[float]) -> tuple[torch
     return wave, rate, int(data.shape[1])
 
 
-def _read_checked(path: Path, max_clipped_fraction: Optional[float]) -> tuple[np.ndarray, int]:
+def _read_checked(path: Path, max_clipped_fraction: float | None) -> tuple[np.ndarray, int]:
     """(samples, channels) float32 data and the rate of a readable, non-empty, finite file."""
     if not path.exists():
         raise AudioError(f"audio file {path} does not exist", "missing")
     return _checked(str(path), path, max_clipped_fraction)
 
 
-def _checked(source, path, max_clipped_fraction: Optional[float]) -> tuple[np.ndarray, int]:
+def _checked(source, path, max_clipped_fraction: float | None) -> tuple[np.ndarray, int]:
     """``_read_checked`` of what soundfile reads (a path or a file object); ``path`` names it in messages."""
     try:
         data, rate = sf.read(source, dtype="float32", always_2d=True)
@@ -109,8 +107,11 @@ def _checked(source, path, max_clipped_fraction: Optional[float]) -> tuple[np.nd
     if max_clipped_fraction is not None:
         fraction = float(np.mean(np.abs(data) >= FULL_SCALE))
         if fraction > max_clipped_fraction:
-            raise AudioError(f"audio file {path} is clipped ({fraction:.2%} of samples at full scale, "
-                             f"more than {max_clipped_fraction:.2%})", "clipped")
+            raise AudioError(
+                f"audio file {path} is clipped ({fraction:.2%} of samples at full scale, "
+                f"more than {max_clipped_fraction:.2%})",
+                "clipped",
+            )
     return data, int(rate)
 
 
@@ -128,9 +129,7 @@ def audio_files(path: str | Path) -> list[Path]:
     raise AudioError(f"input not found: {root}", "missing")
 
 
-def load_audio(
-    path: str | Path, sample_rate: int, *, max_clipped_fraction: Optional[float] = None
-) -> torch.Tensor:
+def load_audio(path: str | Path, sample_rate: int, *, max_clipped_fraction: float | None = None) -> torch.Tensor:
     """Read ``path`` as a mono float32 tensor at ``sample_rate``; AudioError if unusable.
 
     Stereo is mixed down and other rates are resampled. ``max_clipped_fraction`` (off by default)

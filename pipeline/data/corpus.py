@@ -10,9 +10,9 @@ reading audio; ``READERS`` maps the ``data.format`` names to them:
 - ``fleurs_r``: ``<lang>/<split>.tsv`` (FLEURS columns) and ``<lang>/audio/<split>/<file_name>``
 - ``directory``: any audio files, each with an optional ``<name>.txt`` / ``<name>.lab`` transcript
 
-Audio is mixed down to mono and resampled to the model rate (audio.py). Files that cannot be used (missing, unreadable, empty, silent,
-NaN/Inf, clipped) are skipped and counted by reason when a corpus is loaded, with one summary in the
-log, so training never crashes mid-epoch.
+Audio is mixed down to mono and resampled to the model rate (audio.py). Files that cannot be used (missing,
+unreadable, empty, silent, NaN/Inf, clipped) are skipped and counted by reason when a corpus is loaded, with one
+summary in the log, so training never crashes mid-epoch.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import hashlib
 import logging
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -56,7 +56,7 @@ def load_corpus_audio(
     utterances: list[Utterance],
     sample_rate: int,
     *,
-    max_clipped_fraction: Optional[float] = DEFAULT_MAX_CLIPPED_FRACTION,
+    max_clipped_fraction: float | None = DEFAULT_MAX_CLIPPED_FRACTION,
 ) -> tuple[list[Utterance], list[torch.Tensor]]:
     """Load every usable utterance into memory (small corpora); skip the rest, counted by reason
     and logged once as a summary (with a few example files per reason)."""
@@ -108,8 +108,13 @@ class LoadReport:
             log.info("loaded audio: %s", ", ".join(f"{what}: {n}" for what, n in sorted(self.fixed.items())))
         if self.skipped:
             examples = "; ".join(e for reason in sorted(self.examples) for e in self.examples[reason])
-            log.warning("skipped %d of %d audio files (%s). Examples: %s", sum(self.skipped.values()),
-                        self.total, self.summary(), examples)
+            log.warning(
+                "skipped %d of %d audio files (%s). Examples: %s",
+                sum(self.skipped.values()),
+                self.total,
+                self.summary(),
+                examples,
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,12 +129,12 @@ def _corpus_dir(root: str | Path, layout: str) -> Path:
     return root
 
 
-def _no_subsets(fmt: str, subsets: Optional[Iterable[str]]) -> None:
+def _no_subsets(fmt: str, subsets: Iterable[str] | None) -> None:
     if subsets:
         raise CorpusError(f"data.subsets={list(subsets)} is not used by the {fmt} format; leave it empty")
 
 
-def read_ljspeech(root: str | Path, subsets: Optional[Iterable[str]] = None) -> list[Utterance]:
+def read_ljspeech(root: str | Path, subsets: Iterable[str] | None = None) -> list[Utterance]:
     """LJSpeech layout: ``metadata.csv`` with ``id|text|normalized text`` and ``wavs/<id>.wav``."""
     _no_subsets("ljspeech", subsets)
     root = _corpus_dir(root, "LJSpeech layout (metadata.csv and wavs/)")
@@ -150,12 +155,14 @@ def read_ljspeech(root: str | Path, subsets: Optional[Iterable[str]] = None) -> 
     return utterances
 
 
-LIBRITTS_LAYOUT = ("LibriTTS layout: <subset>/<speaker>/<chapter>/<speaker>_<chapter>_<utt>_<seg>.wav "
-                   "with <stem>.normalized.txt beside each wav")
+LIBRITTS_LAYOUT = (
+    "LibriTTS layout: <subset>/<speaker>/<chapter>/<speaker>_<chapter>_<utt>_<seg>.wav "
+    "with <stem>.normalized.txt beside each wav"
+)
 LIBRITTS_STEM = re.compile(r"^([^_]+)_([^_]+)_([^_]+)_([^_]+)$")
 
 
-def read_libritts(root: str | Path, subsets: Optional[Iterable[str]] = None) -> list[Utterance]:
+def read_libritts(root: str | Path, subsets: Iterable[str] | None = None) -> list[Utterance]:
     """LibriTTS and LibriTTS-R: ``root`` is the corpus root (holding subsets such as
     ``train-clean-100``) or one subset directory. ``subsets`` keeps only those subsets.
     Text is ``<stem>.normalized.txt``, else ``<stem>.original.txt``, else empty (counted)."""
@@ -179,17 +186,24 @@ def read_libritts(root: str | Path, subsets: Optional[Iterable[str]] = None) -> 
         untranscribed += text is None
         utterances.append(Utterance(path.stem, path, text or "", speaker=match.group(1)))
     if misnamed:
-        log.warning("%s: ignored %d wav files not named <speaker>_<chapter>_<utt>_<seg>.wav inside "
-                    "<speaker>/<chapter>/", root, misnamed)
+        log.warning(
+            "%s: ignored %d wav files not named <speaker>_<chapter>_<utt>_<seg>.wav inside <speaker>/<chapter>/",
+            root,
+            misnamed,
+        )
     if not utterances:
         raise FileNotFoundError(f"no LibriTTS utterances under {root}; expected {LIBRITTS_LAYOUT}")
     if untranscribed:
-        log.warning("%s: %d of %d wav files have no .normalized.txt or .original.txt (empty text)", root,
-                    untranscribed, len(utterances))
+        log.warning(
+            "%s: %d of %d wav files have no .normalized.txt or .original.txt (empty text)",
+            root,
+            untranscribed,
+            len(utterances),
+        )
     return utterances
 
 
-def _first_text(path: Path, suffixes: Iterable[str]) -> Optional[str]:
+def _first_text(path: Path, suffixes: Iterable[str]) -> str | None:
     for suffix in suffixes:
         candidate = path.with_name(path.stem + suffix)
         if candidate.is_file():
@@ -197,7 +211,7 @@ def _first_text(path: Path, suffixes: Iterable[str]) -> Optional[str]:
     return None
 
 
-def _choose_subsets(root: Path, found: dict[str, list], subsets: Optional[Iterable[str]]) -> list[str]:
+def _choose_subsets(root: Path, found: dict[str, list], subsets: Iterable[str] | None) -> list[str]:
     """The found subset names to read, in sorted order; all of them when ``subsets`` is empty."""
     if not subsets:
         return sorted(found)
@@ -212,13 +226,16 @@ JVS_LAYOUT = "JVS layout: jvsNNN/<subset>/wav24kHz16bit/*.wav with <subset>/tran
 JVS_SPEAKER = re.compile(r"^jvs\d{3}$")
 
 
-def read_jvs(root: str | Path, subsets: Optional[Iterable[str]] = None) -> list[Utterance]:
+def read_jvs(root: str | Path, subsets: Iterable[str] | None = None) -> list[Utterance]:
     """JVS (jvs_ver1): ``root`` holds ``jvs001`` ... ``jvs100`` (or is one of them). Subsets are
     ``parallel100``, ``nonpara30``, ``whisper10``, ``falset10``; ``subsets`` keeps only those.
     A wav without a transcript line gets empty text (counted in the log)."""
     root = _corpus_dir(root, JVS_LAYOUT)
-    speakers = [root] if JVS_SPEAKER.match(root.name) else sorted(
-        d for d in root.iterdir() if d.is_dir() and JVS_SPEAKER.match(d.name))
+    speakers = (
+        [root]
+        if JVS_SPEAKER.match(root.name)
+        else sorted(d for d in root.iterdir() if d.is_dir() and JVS_SPEAKER.match(d.name))
+    )
     if not speakers:
         raise FileNotFoundError(f"no speaker folders (jvs001, ...) in {root}; expected {JVS_LAYOUT}")
     wanted = set(subsets or ())
@@ -231,14 +248,14 @@ def read_jvs(root: str | Path, subsets: Optional[Iterable[str]] = None) -> list[
             for path in sorted((subset / "wav24kHz16bit").glob("*.wav")):
                 text = transcripts.get(path.stem)
                 untranscribed += text is None
-                utterances.append(Utterance(f"{speaker.name}_{subset.name}_{path.stem}", path, text or "",
-                                            speaker=speaker.name))
+                utterances.append(
+                    Utterance(f"{speaker.name}_{subset.name}_{path.stem}", path, text or "", speaker=speaker.name)
+                )
     if not utterances:
         which = f" of subsets {sorted(wanted)}" if wanted else ""
         raise FileNotFoundError(f"no JVS wav files{which} under {root}; expected {JVS_LAYOUT}")
     if untranscribed:
-        log.warning("%s: %d of %d wav files have no transcript line (empty text)", root, untranscribed,
-                    len(utterances))
+        log.warning("%s: %d of %d wav files have no transcript line (empty text)", root, untranscribed, len(utterances))
     return utterances
 
 
@@ -262,7 +279,7 @@ FLEURS_COLUMNS = "id, file_name, raw_transcription, transcription, characters, n
 FLEURS_LAYOUT = "FLEURS layout: <lang>/<split>.tsv and <lang>/audio/<split>/<file_name> (splits train, dev, test)"
 
 
-def read_fleurs(root: str | Path, subsets: Optional[Iterable[str]] = None) -> list[Utterance]:
+def read_fleurs(root: str | Path, subsets: Iterable[str] | None = None) -> list[Utterance]:
     """FLEURS / FLEURS-R: ``root`` is a language folder (``<split>.tsv`` + ``audio/<split>/``) or
     the parent of language folders. ``subsets`` names splits (train, dev, test); default all.
     Text is the normalised ``transcription`` column (the raw one when that is empty)."""
@@ -307,7 +324,7 @@ def _fleurs_split(lang: Path, split: str) -> list[Utterance]:
 TRANSCRIPT_SUFFIXES = (".txt", ".lab")
 
 
-def read_directory(root: str | Path, subsets: Optional[Iterable[str]] = None) -> list[Utterance]:
+def read_directory(root: str | Path, subsets: Iterable[str] | None = None) -> list[Utterance]:
     """A plain directory of audio files (recursive), each with an optional transcript beside it
     (``<name>.txt`` or ``<name>.lab``); without one the text is empty."""
     _no_subsets("directory", subsets)
@@ -361,11 +378,13 @@ def corpus_dataset(name: str, root: str | Path | None, utterances: list[Utteranc
     return mlflow_dataset(DEMO_DIR if root is None else root, name, digest)
 
 
-def read_corpus(fmt: str, root: str | Path | None, subsets: Optional[Iterable[str]] = None) -> list[Utterance]:
+def read_corpus(fmt: str, root: str | Path | None, subsets: Iterable[str] | None = None) -> list[Utterance]:
     """Read a corpus in layout ``fmt``; ``root=None`` is the embedded demo corpus (LJSpeech layout)."""
     if fmt not in READERS:
         raise ValueError(f"unknown corpus format {fmt!r}; known: {sorted(READERS)}")
     if root is None and fmt != "ljspeech":
-        raise ValueError(f"data.root must be set for corpus format {fmt!r} (null is the embedded demo corpus, "
-                         "which is in ljspeech layout)")
+        raise ValueError(
+            f"data.root must be set for corpus format {fmt!r} (null is the embedded demo corpus, "
+            "which is in ljspeech layout)"
+        )
     return READERS[fmt](DEMO_DIR if root is None else root, list(subsets or ()))

@@ -8,16 +8,17 @@ checkpoint needs to store for an exact resume, with any number of DataLoader wor
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.common import faults
 from pipeline.config import DegradationConfig
 from pipeline.data.degrade import OtherUtterances, check_degradation, degrade, sample_rng
-from pipeline.common import faults
 
 TRAIN_STREAM, VAL_STREAM, ORDER_STREAM = 0, 1, 2
 
@@ -33,8 +34,7 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, start_
     order = epoch_order(num_items, seed, epoch)
     num_batches = num_items // batch_size
     return [
-        [(epoch, int(i)) for i in order[b * batch_size : (b + 1) * batch_size]]
-        for b in range(start_batch, num_batches)
+        [(epoch, int(i)) for i in order[b * batch_size : (b + 1) * batch_size]] for b in range(start_batch, num_batches)
     ]
 
 
@@ -50,8 +50,16 @@ class TrainSource(Protocol):
 
     def num_batches(self, batch_size: int, workers: int, world: int = 1) -> int: ...
 
-    def loader(self, epoch: int, start_batch: int, batch_size: int, workers: int,
-               collate: Callable[[list[Any]], Any], rank: int = 0, world: int = 1) -> Iterable[Any]: ...
+    def loader(
+        self,
+        epoch: int,
+        start_batch: int,
+        batch_size: int,
+        workers: int,
+        collate: Callable[[list[Any]], Any],
+        rank: int = 0,
+        world: int = 1,
+    ) -> Iterable[Any]: ...
 
 
 class ShuffledBatches:
@@ -67,12 +75,15 @@ class ShuffledBatches:
         n = len(self.dataset) // (batch_size * world)
         if n == 0:
             per_rank = f" x {world} ranks" if world > 1 else ""
-            raise ValueError(f"batch_size={batch_size}{per_rank} is larger than the training set ({len(self.dataset)} "
-                             "examples); lower batch_size")
+            raise ValueError(
+                f"batch_size={batch_size}{per_rank} is larger than the training set ({len(self.dataset)} "
+                "examples); lower batch_size"
+            )
         return n
 
-    def loader(self, epoch: int, start_batch: int, batch_size: int, workers: int, collate, rank: int = 0,
-               world: int = 1) -> DataLoader:
+    def loader(
+        self, epoch: int, start_batch: int, batch_size: int, workers: int, collate, rank: int = 0, world: int = 1
+    ) -> DataLoader:
         """The global batches of the epoch from ``start_batch`` on (``batch_size`` x ``world`` examples, in the
         order one process with that batch size reads), this rank's slice of each."""
         batches = epoch_batches(len(self.dataset), batch_size * world, self.seed, epoch, start_batch)
@@ -84,8 +95,14 @@ def seeded_loader(dataset: Dataset, batches: list, workers: int, collate, seed: 
     """A DataLoader over fixed batches whose workers draw their base seed from a private generator, not
     from the global torch RNG (which a resume, opening an extra iterator mid-epoch, would shift)."""
     generator = torch.Generator().manual_seed(int(seed))
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=with_fault_point(collate),
-                      pin_memory=pin_memory, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=with_fault_point(collate),
+        pin_memory=pin_memory,
+        generator=generator,
+    )
 
 
 def with_fault_point(collate: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
@@ -174,6 +191,7 @@ class TranscribedSpeech(Dataset):
 
 def collate_padded(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Variable-length utterances: zero-padded audio and targets plus their true lengths."""
+
     def pad(key: str) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = [item[key] for item in items]
         lengths = torch.tensor([len(x) for x in seqs])
@@ -181,5 +199,10 @@ def collate_padded(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
 
     audio, audio_lengths = pad("audio")
     targets, target_lengths = pad("targets")
-    return {"audio": audio, "audio_lengths": audio_lengths, "targets": targets, "target_lengths": target_lengths,
-            "index": torch.stack([item["index"] for item in items])}
+    return {
+        "audio": audio,
+        "audio_lengths": audio_lengths,
+        "targets": targets,
+        "target_lengths": target_lengths,
+        "index": torch.stack([item["index"] for item in items]),
+    }

@@ -17,25 +17,26 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 import torch
 
-from pipeline.config import DegradationConfig
 from pipeline.common.files import AUDIO_SUFFIXES
+from pipeline.config import DegradationConfig
 
 log = logging.getLogger(__name__)
 
 NOISE_EXPONENTS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f^exponent
 NOISE_TYPES = (*NOISE_EXPONENTS, "babble", "hum")
 
-Wave = Union[np.ndarray, torch.Tensor]
+Wave = np.ndarray | torch.Tensor
 # Other utterances for babble: a sequence of waveforms, or a callable that picks one with the rng.
-Others = Union[Sequence[Wave], Callable[[np.random.Generator], Wave]]
+Others = Sequence[Wave] | Callable[[np.random.Generator], Wave]
 
 
 def sample_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Generator:
@@ -104,7 +105,7 @@ def babble(length: int, speakers: int, others: Others, rng: np.random.Generator)
 class OtherUtterances:
     """Babble source for utterance ``exclude`` of ``waves``: any of the others, drawn with the rng."""
 
-    def __init__(self, waves: Sequence[Wave], exclude: Optional[int] = None):
+    def __init__(self, waves: Sequence[Wave], exclude: int | None = None):
         self.waves = waves
         self.exclude = exclude
 
@@ -253,8 +254,9 @@ def bit_depth(wave: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.round(wave * half), -half, half - 1) / half
 
 
-def packet_loss(wave: np.ndarray, sample_rate: int, rate: float, packet_ms: float,
-                rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def packet_loss(
+    wave: np.ndarray, sample_rate: int, rate: float, packet_ms: float, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
     """Zero ``round(rate * packets)`` randomly chosen packets of ``packet_ms``; returns the number lost."""
     size = max(int(round(packet_ms * sample_rate / 1000)), 1)
     packets = int(math.ceil(wave.size / size))
@@ -280,7 +282,7 @@ def _int_between(rng: np.random.Generator, bounds: Sequence[int]) -> int:
     return int(rng.integers(int(bounds[0]), int(bounds[1]) + 1))
 
 
-def _has_others(others: Optional[Others]) -> bool:
+def _has_others(others: Others | None) -> bool:
     if others is None:
         return False
     return len(others) > 0 if hasattr(others, "__len__") else True
@@ -324,7 +326,7 @@ def degrade(
     cfg: DegradationConfig,
     rng: np.random.Generator,
     *,
-    others: Optional[Others] = None,
+    others: Others | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Degrade one clean waveform; returns the degraded wave and the parameters drawn.
 
@@ -367,12 +369,33 @@ def degrade(
 
 def check_degradation(cfg: DegradationConfig) -> None:
     """Fail before training with one clear message for a config ``degrade`` cannot use."""
-    for name in ("noise_prob", "noise_dir_prob", "reverb_prob", "rir_dir_prob", "bandlimit_prob", "lowrate_prob",
-                 "gain_prob", "clip_prob", "mulaw_prob", "bitdepth_prob", "packet_loss_prob"):
+    for name in (
+        "noise_prob",
+        "noise_dir_prob",
+        "reverb_prob",
+        "rir_dir_prob",
+        "bandlimit_prob",
+        "lowrate_prob",
+        "gain_prob",
+        "clip_prob",
+        "mulaw_prob",
+        "bitdepth_prob",
+        "packet_loss_prob",
+    ):
         if not 0.0 <= float(getattr(cfg, name)) <= 1.0:
             raise ValueError(f"degradation.{name}={getattr(cfg, name)}: expected a probability in [0, 1]")
-    for name in ("snr_db", "babble_speakers", "hum_harmonics", "rt60_s", "cutoff_hz", "gain_db", "clip_ratio",
-                 "mulaw_bits", "bit_depth", "packet_loss_rate"):
+    for name in (
+        "snr_db",
+        "babble_speakers",
+        "hum_harmonics",
+        "rt60_s",
+        "cutoff_hz",
+        "gain_db",
+        "clip_ratio",
+        "mulaw_bits",
+        "bit_depth",
+        "packet_loss_rate",
+    ):
         bounds = list(getattr(cfg, name))
         if len(bounds) != 2 or bounds[0] > bounds[1]:
             raise ValueError(f"degradation.{name}={bounds}: expected [min, max]")

@@ -27,19 +27,20 @@ import logging
 import os
 import shutil
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from pipeline.common.files import contained, safe_relative, sha256_file
 from pipeline.data.corpus import mlflow_dataset
 from pipeline.data.datasets import TRAIN_STREAM, crop_or_pad, with_fault_point
 from pipeline.data.degrade import sample_rng
-from pipeline.common.files import contained, safe_relative, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class ShardStore:
         self.uri = uri.rstrip("/")
         self.is_s3 = uri.startswith("s3://")
         if self.is_s3:
-            bucket, _, prefix = self.uri[len("s3://"):].partition("/")
+            bucket, _, prefix = self.uri[len("s3://") :].partition("/")
             self.bucket, self.prefix = bucket, prefix
             self._client = None
         elif "://" in uri:
@@ -194,8 +195,10 @@ def read_manifest(uri: str) -> dict[str, Any]:
             for shard in split["shards"]:
                 str(shard["name"]), str(shard["sha256"])
     except (AttributeError, KeyError, TypeError) as err:
-        raise ShardError(f"{uri}/{MANIFEST} is malformed (splits with their shards' name and sha256 expected: "
-                         f"{err!r}); run prepare_data again") from err
+        raise ShardError(
+            f"{uri}/{MANIFEST} is malformed (splits with their shards' name and sha256 expected: "
+            f"{err!r}); run prepare_data again"
+        ) from err
     return manifest
 
 
@@ -313,20 +316,25 @@ class StreamingPairs:
     def _plan(self, epoch: int, workers: int) -> list[list[int]]:
         """Shard indices of each logical worker for this epoch."""
         order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, SHARD_STREAM])).permutation(
-            len(self.shards))
+            len(self.shards)
+        )
         return [order[w::workers].tolist() for w in range(workers)]
 
     def _per_worker(self, batch_size: int, workers: int) -> int:
         """Batches each logical worker yields per epoch: the same in every epoch, whatever the shard
         order, because it is what the worst possible share (the smallest shards) holds."""
         if len(self.shards) < workers:
-            raise ValueError(f"data.num_workers={workers} but the shard set has only {len(self.shards)} train "
-                             "shards; use fewer workers or write smaller shards")
+            raise ValueError(
+                f"data.num_workers={workers} but the shard set has only {len(self.shards)} train "
+                "shards; use fewer workers or write smaller shards"
+            )
         sizes = sorted(s["samples"] for s in self.shards)
         per_worker = sum(sizes[: len(sizes) // workers]) // batch_size
         if per_worker == 0:
-            raise ValueError(f"batch_size={batch_size} is larger than what one data worker's shards hold; "
-                             "lower batch_size or data.num_workers")
+            raise ValueError(
+                f"batch_size={batch_size} is larger than what one data worker's shards hold; "
+                "lower batch_size or data.num_workers"
+            )
         return per_worker
 
     def num_batches(self, batch_size: int, workers: int, world: int = 1) -> int:
@@ -335,14 +343,17 @@ class StreamingPairs:
         workers = max(workers, 1)
         return self._per_worker(batch_size, workers * world) * workers
 
-    def loader(self, epoch: int, start_batch: int, batch_size: int, workers: int, collate, rank: int = 0,
-               world: int = 1) -> DataLoader:
-        stream = _EpochStream(self, epoch, start_batch, batch_size, max(workers, 1), with_fault_point(collate),
-                              rank, world)
+    def loader(
+        self, epoch: int, start_batch: int, batch_size: int, workers: int, collate, rank: int = 0, world: int = 1
+    ) -> DataLoader:
+        stream = _EpochStream(
+            self, epoch, start_batch, batch_size, max(workers, 1), with_fault_point(collate), rank, world
+        )
         return DataLoader(stream, batch_size=None, num_workers=workers)
 
-    def worker_batches(self, epoch: int, logical: int, skip: int, count: int, batch_size: int,
-                       workers: int, collate) -> Iterator[Any]:
+    def worker_batches(
+        self, epoch: int, logical: int, skip: int, count: int, batch_size: int, workers: int, collate
+    ) -> Iterator[Any]:
         """Batches ``skip``..``count-1`` of one logical worker's stream."""
         if skip >= count:
             return
@@ -354,7 +365,8 @@ class StreamingPairs:
                 continue
             samples = read_shard(self.store, self.shards[shard])
             order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, SHARD_STREAM, shard])).permutation(
-                len(samples))
+                len(samples)
+            )
             for i in order[to_skip:]:
                 sample_id = self.offsets[shard] + int(i)
                 rng = sample_rng(self.seed, epoch, sample_id, TRAIN_STREAM)
@@ -373,8 +385,17 @@ class _EpochStream(IterableDataset):
     One process with W x world workers reads batch k from logical worker k mod (W x world); rank r reads
     batches k x world + r, so the ranks of a step together read what that process reads in ``world`` steps."""
 
-    def __init__(self, data: StreamingPairs, epoch: int, start: int, batch_size: int, workers: int, collate,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        data: StreamingPairs,
+        epoch: int,
+        start: int,
+        batch_size: int,
+        workers: int,
+        collate,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.data, self.epoch, self.start, self.batch_size, self.workers = data, epoch, start, batch_size, workers
         self.collate, self.rank, self.world = collate, rank, world
 
@@ -388,8 +409,9 @@ class _EpochStream(IterableDataset):
             raise RuntimeError("StreamingPairs with several logical workers needs DataLoader workers")
         slot = (physical + self.start) % w
         skip = max(0, -(-(self.start - slot) // w))  # batches of this slot before `start`
-        yield from self.data.worker_batches(self.epoch, self.rank + slot * self.world, skip, count, self.batch_size,
-                                            logical_workers, self.collate)
+        yield from self.data.worker_batches(
+            self.epoch, self.rank + slot * self.world, skip, count, self.batch_size, logical_workers, self.collate
+        )
 
 
 class ShardPairs(Dataset):
@@ -406,4 +428,3 @@ class ShardPairs(Dataset):
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         index = key[1] if isinstance(key, tuple) else key
         return {**_crop_pair(self.samples[index], self.segment_samples, None), "index": torch.tensor(index)}
-

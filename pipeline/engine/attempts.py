@@ -69,13 +69,17 @@ def new_lease(client: MlflowClient, run_id: str, cfg: DictConfig) -> Lease:
 
 # --- the attempt records (config/attempt-<n>.yaml) -----------------------------------------------
 
-def attempt_record(attempt: int, started: str, source: str | None, overrides: list[str],
-                   status: str = "RUNNING") -> dict[str, Any]:
+
+def attempt_record(
+    attempt: int, started: str, source: str | None, overrides: list[str], status: str = "RUNNING"
+) -> dict[str, Any]:
     """One attempt's record: when it started, from where, with which overrides, and how it ended."""
     return {"attempt": attempt, "started": started, "from": source, "overrides": overrides, "status": status}
 
 
-def write_attempt(client: MlflowClient, run_id: str, entry: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> None:
+def write_attempt(
+    client: MlflowClient, run_id: str, entry: dict[str, Any], changes: dict[str, tuple[Any, Any]]
+) -> None:
     """Store ``entry`` (with the config changes of its attempt) as ``config/attempt-<n>.yaml``."""
     data = dict(entry, changes={k: {"old": old, "new": new} for k, (old, new) in changes.items()})
     client.log_text(run_id, yaml.safe_dump(redact(data), sort_keys=False), f"config/attempt-{entry['attempt']}.yaml")
@@ -86,8 +90,8 @@ ATTEMPTS_SHOWN = 20  # the newest attempts a resume reads back for the descripti
 
 def _attempt_number(path: str) -> int | None:
     name = Path(path).name
-    if name.startswith("attempt-") and name.endswith(".yaml") and name[len("attempt-"):-len(".yaml")].isdigit():
-        return int(name[len("attempt-"):-len(".yaml")])
+    if name.startswith("attempt-") and name.endswith(".yaml") and name[len("attempt-") : -len(".yaml")].isdigit():
+        return int(name[len("attempt-") : -len(".yaml")])
     return None
 
 
@@ -107,8 +111,9 @@ def read_history(client: MlflowClient, run_id: str, newest: int = ATTEMPTS_SHOWN
                 entry = yaml.safe_load(Path(client.download_artifacts(run_id, path, tmp)).read_text())
                 int(entry["attempt"])
             except Exception as err:  # truncated, not YAML, not a record
-                log.warning("Run %s: %s is unreadable (%s); the description lists the other attempts",
-                            run_id, path, err)
+                log.warning(
+                    "Run %s: %s is unreadable (%s); the description lists the other attempts", run_id, path, err
+                )
                 continue
             history.append(entry)
     return sorted(history, key=lambda h: int(h["attempt"])), max((n for n, _ in numbered), default=0)
@@ -119,28 +124,44 @@ def _count_tag(tags: dict[str, str]) -> int:
     try:
         return max(int(tags.get(tag.RESUME_COUNT, "0")), 0)
     except ValueError:
-        log.warning("Tag %s=%r is not a number; attempts are counted from their records", tag.RESUME_COUNT,
-                    tags.get(tag.RESUME_COUNT))
+        log.warning(
+            "Tag %s=%r is not a number; attempts are counted from their records",
+            tag.RESUME_COUNT,
+            tags.get(tag.RESUME_COUNT),
+        )
         return 0
 
 
 # --- opening the run -------------------------------------------------------------------------------
 
-def start_new_run(client: MlflowClient, stage: Stage, cfg: DictConfig, experiment: str,
-                  extra_tags: dict[str, str]) -> tuple[str, str]:
+
+def start_new_run(
+    client: MlflowClient, stage: Stage, cfg: DictConfig, experiment: str, extra_tags: dict[str, str]
+) -> tuple[str, str]:
     """The job's own run: the one `mlflow run` created, or a new one. Returns (id, name)."""
     tags = stage.tags()
     written = to_container(cfg)["tracking"]  # the name and tags as written: what they resolve to may be a secret
     name = written["run_name"] or (lambda run_id: default_run_name(run_id, tags[tag.MODEL], tags[tag.DATASET]))
     if cfg.tracking.parent_run:
         extra_tags = {tag.PARENT_RUN: cfg.tracking.parent_run, **extra_tags}
-    all_tags = {tag.STAGE: stage.name, **tags, tag.RESUME_COUNT: "0", tag.STOP_REQUESTED: "false",
-                **written["tags"], **extra_tags}
+    all_tags = {
+        tag.STAGE: stage.name,
+        **tags,
+        tag.RESUME_COUNT: "0",
+        tag.STOP_REQUESTED: "false",
+        **written["tags"],
+        **extra_tags,
+    }
     world = stage.dist.world_size  # the first attempt's; the tags follow later attempts
-    params = {**flatten(to_container(cfg)), **stage.inputs, tag.WORLD_SIZE: world,
-              tag.EFFECTIVE_BATCH: int(cfg.batch_size) * world}
-    run_id = start_or_adopt_run(client, experiment=experiment, run_name=name, tags=all_tags, params=params,
-                                launcher=launcher_run(cfg))
+    params = {
+        **flatten(to_container(cfg)),
+        **stage.inputs,
+        tag.WORLD_SIZE: world,
+        tag.EFFECTIVE_BATCH: int(cfg.batch_size) * world,
+    }
+    run_id = start_or_adopt_run(
+        client, experiment=experiment, run_name=name, tags=all_tags, params=params, launcher=launcher_run(cfg)
+    )
     try:
         client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(redact(to_container(cfg)))), "config/config.yaml")
     except BaseException:  # e.g. a full artifact disk: the run must not stay RUNNING with nothing to resume
@@ -157,8 +178,11 @@ def open_run(client: MlflowClient, stage: Stage, plan: JobPlan) -> RunContext:
         return _continue_run(client, plan, started)
     if plan.mode == BRANCH:  # the original history stays untouched
         resumed_from = resume_label(cfg, resume)
-        extra = {tag.PARENT_RUN: resume.run_id, tag.RESUME_BRANCH_OF: resume.run_id,
-                 tag.RESUME_FROM: f"{resumed_from} of run {resume.run_id}"}
+        extra = {
+            tag.PARENT_RUN: resume.run_id,
+            tag.RESUME_BRANCH_OF: resume.run_id,
+            tag.RESUME_FROM: f"{resumed_from} of run {resume.run_id}",
+        }
         experiment = client.get_experiment(resume.run.info.experiment_id).name
     else:
         resumed_from = None if resume is None else resume.source
@@ -171,16 +195,30 @@ def open_run(client: MlflowClient, stage: Stage, plan: JobPlan) -> RunContext:
     try:
         if plan.mode == BRANCH:
             copied = copy_history(client, resume.run_id, run_id, resume.step)
-            log.info("Branching into new run %s nested under %s (copied %d metric values up to step %d)",
-                     run_id, resume.run_id, copied, resume.step)
+            log.info(
+                "Branching into new run %s nested under %s (copied %d metric values up to step %d)",
+                run_id,
+                resume.run_id,
+                copied,
+                resume.step,
+            )
         entry = attempt_record(1, started, resume.source if resume else None, plan.overrides)
         write_attempt(client, run_id, entry, plan.changes)
         run = client.get_run(run_id)
     except BaseException:
         lease.release()
         raise
-    return RunContext(run_id, name, 1, None, resumed_from, [entry], lease=lease,
-                      experiment_id=run.info.experiment_id, tags=dict(run.data.tags))
+    return RunContext(
+        run_id,
+        name,
+        1,
+        None,
+        resumed_from,
+        [entry],
+        lease=lease,
+        experiment_id=run.info.experiment_id,
+        tags=dict(run.data.tags),
+    )
 
 
 def _continue_run(client: MlflowClient, plan: JobPlan, started: str) -> RunContext:
@@ -196,26 +234,44 @@ def _continue_run(client: MlflowClient, plan: JobPlan, started: str) -> RunConte
     history, recorded = read_history(client, run_id)
     lease = new_lease(client, run_id, plan.cfg).acquire(original.data.tags)  # LeaseHeld while another job trains it
     try:
-        attempt, resumed_from, attempt_run = _record_attempt(client, plan, original, history, recorded, lease,
-                                                             started)
+        attempt, resumed_from, attempt_run = _record_attempt(client, plan, original, history, recorded, lease, started)
     except BaseException:
         lease.release()
         raise
     if last is not None and last > resume.step:
         if plan.changes:
-            log.warning("Steps %d-%d were logged by the interrupted attempt; they are trained again with changed "
-                        "settings and logged again, so the charts show two values at those steps",
-                        resume.step + 1, last)
+            log.warning(
+                "Steps %d-%d were logged by the interrupted attempt; they are trained again with changed "
+                "settings and logged again, so the charts show two values at those steps",
+                resume.step + 1,
+                last,
+            )
             logged = {}
         else:
-            log.info("Steps %d-%d were logged by the interrupted attempt; training them again gives the same values, "
-                     "which are not logged twice", resume.step + 1, last)
-    return RunContext(run_id, original.info.run_name, attempt, attempt_run, resumed_from, history, index_rows,
-                      logged, lease, experiment_id=original.info.experiment_id, tags=dict(original.data.tags))
+            log.info(
+                "Steps %d-%d were logged by the interrupted attempt; training them again gives the same values, "
+                "which are not logged twice",
+                resume.step + 1,
+                last,
+            )
+    return RunContext(
+        run_id,
+        original.info.run_name,
+        attempt,
+        attempt_run,
+        resumed_from,
+        history,
+        index_rows,
+        logged,
+        lease,
+        experiment_id=original.info.experiment_id,
+        tags=dict(original.data.tags),
+    )
 
 
-def _index_rows(client: MlflowClient, run_id: str, step: int, meta: dict[str, Any],
-                tags: dict[str, str]) -> list[dict[str, Any]]:
+def _index_rows(
+    client: MlflowClient, run_id: str, step: int, meta: dict[str, Any], tags: dict[str, str]
+) -> list[dict[str, Any]]:
     """The rows of the checkpoints up to the one resumed from: a newer one is corrupted (the resume fell back)
     or was never committed, and this job writes its step again; the one resumed from is committed, but a crash
     between the commit and the index write may have kept it out of index.csv."""
@@ -227,14 +283,24 @@ def _index_rows(client: MlflowClient, run_id: str, step: int, meta: dict[str, An
     indexed = {int(row["step"]) for row in index_rows}
     orphans = [s for s in list_checkpoints(client, run_id) if s < step and s not in indexed]
     if orphans:
-        log.info("Checkpoints at steps %s are stored but missing from checkpoints/index.csv; their rows are "
-                 "rebuilt from their meta.json", ", ".join(map(str, orphans)))
+        log.info(
+            "Checkpoints at steps %s are stored but missing from checkpoints/index.csv; their rows are "
+            "rebuilt from their meta.json",
+            ", ".join(map(str, orphans)),
+        )
         index_rows += rows_from_meta(client, run_id, orphans)
     return index_rows
 
 
-def _record_attempt(client: MlflowClient, plan: JobPlan, original, history: list[dict[str, Any]], recorded: int,
-                    lease: Lease, started: str) -> tuple[int, str, str | None]:
+def _record_attempt(
+    client: MlflowClient,
+    plan: JobPlan,
+    original,
+    history: list[dict[str, Any]],
+    recorded: int,
+    lease: Lease,
+    started: str,
+) -> tuple[int, str, str | None]:
     """The attempt's record first, numbered after every record there is (``recorded``: the highest number; a
     crash between the record and the tags leaves the count behind, never two attempts under one number), then
     the run's tags and the attempt run `mlflow run` made. Returns the attempt number, where it resumed from and
@@ -254,8 +320,11 @@ def _record_attempt(client: MlflowClient, plan: JobPlan, original, history: list
     for stale in (tag.STOPPED_BY, tag.REQUEUE):  # this attempt has not been stopped (yet), nor is it waiting
         if stale in original.data.tags:
             client.delete_tag(run_id, stale)
-    for key, value in {tag.RESUME_COUNT: str(attempt - 1), tag.RESUME_FROM: resumed_from,
-                       tag.STOP_REQUESTED: "false"}.items():
+    for key, value in {
+        tag.RESUME_COUNT: str(attempt - 1),
+        tag.RESUME_FROM: resumed_from,
+        tag.STOP_REQUESTED: "false",
+    }.items():
         client.set_tag(run_id, key, value)
     launcher = launcher_run(plan.cfg)
     if not launcher or launcher == run_id:
@@ -275,6 +344,7 @@ def _record_attempt(client: MlflowClient, plan: JobPlan, original, history: list
 
 # --- ending the run --------------------------------------------------------------------------------
 
+
 def progress_text(cfg: DictConfig, pos: Position, resumed_from: str | None, engine: Engine | None = None) -> str:
     """The `progress` tag. Epoch-based: "Epoch 5/10 · Step 150/200 · resumed from epoch 3" (Step is the
     batch in the epoch); step-based: "step 150/200 · epoch 3 · resumed from step 100"."""
@@ -287,8 +357,18 @@ def progress_text(cfg: DictConfig, pos: Position, resumed_from: str | None, engi
     return text + (f" · resumed from {resumed_from}" if resumed_from else "")
 
 
-def finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictConfig, status: str, pos: Position,
-           latest: str | None, stopped_by: str | None, changes, engine: Engine | None = None) -> None:
+def finish(
+    client: MlflowClient,
+    ctx: RunContext,
+    stage_name: str,
+    cfg: DictConfig,
+    status: str,
+    pos: Position,
+    latest: str | None,
+    stopped_by: str | None,
+    changes,
+    engine: Engine | None = None,
+) -> None:
     """End the run in the tracking store first (tags, description, status), then update the attempt's record,
     an artifact: an artifact store that cannot be written (a full disk) must not leave the run RUNNING."""
     ctx.history[-1]["status"] = status if stopped_by is None else f"{status} ({stopped_by})"
@@ -300,10 +380,22 @@ def finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictConf
         shown = f"{status} · waiting to be requeued"
     progress = progress_text(cfg, pos, ctx.resumed_from, engine)
     client.set_tag(ctx.run_id, tag.PROGRESS, progress)
-    client.set_tag(ctx.run_id, tag.NOTE, describe_run(
-        stage=stage_name, run_id=ctx.run_id, progress=progress, status=shown,
-        latest_checkpoint=latest, history=ctx.history, experiment_id=ctx.experiment_id, nproc=ctx.nproc,
-        batch=effective_batch(cfg, ctx.nproc), job_key=ctx.tags.get(tag.JOB_KEY, "")))
+    client.set_tag(
+        ctx.run_id,
+        tag.NOTE,
+        describe_run(
+            stage=stage_name,
+            run_id=ctx.run_id,
+            progress=progress,
+            status=shown,
+            latest_checkpoint=latest,
+            history=ctx.history,
+            experiment_id=ctx.experiment_id,
+            nproc=ctx.nproc,
+            batch=effective_batch(cfg, ctx.nproc),
+            job_key=ctx.tags.get(tag.JOB_KEY, ""),
+        ),
+    )
     client.set_terminated(ctx.run_id, status)
     if ctx.attempt_run_id:
         client.set_terminated(ctx.attempt_run_id, status)
@@ -314,5 +406,11 @@ def finish(client: MlflowClient, ctx: RunContext, stage_name: str, cfg: DictConf
         faults.point("finish.record")
         write_attempt(client, ctx.run_id, ctx.history[-1], changes)
     except Exception as err:  # the artifact store's own exception types vary
-        log.error("Run %s is ended %s, but its attempt record config/attempt-%d.yaml could not be updated (%s); it "
-                  "still says RUNNING", ctx.run_id, status, ctx.attempt, first_line(err))
+        log.error(
+            "Run %s is ended %s, but its attempt record config/attempt-%d.yaml could not be updated (%s); it "
+            "still says RUNNING",
+            ctx.run_id,
+            status,
+            ctx.attempt,
+            first_line(err),
+        )

@@ -48,8 +48,15 @@ def keyed_runs(client: MlflowClient, stage: str, key: str) -> list:
     if not experiments:
         return []
     found = f"tags.`{tag.JOB_KEY}` = '{key}' AND tags.`{tag.STAGE}` = '{stage}'"
-    return list(client.search_runs(experiments, found, run_view_type=ViewType.ACTIVE_ONLY, max_results=10,
-                                   order_by=["attributes.start_time ASC"]))
+    return list(
+        client.search_runs(
+            experiments,
+            found,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=10,
+            order_by=["attributes.start_time ASC"],
+        )
+    )
 
 
 def apply(client: MlflowClient, stage: str, launch: LaunchArgs) -> LaunchArgs:
@@ -60,10 +67,12 @@ def apply(client: MlflowClient, stage: str, launch: LaunchArgs) -> LaunchArgs:
     key = launch.job_key
     runs = keyed_runs(client, stage, key)
     if len(runs) > 1:
-        raise ResumeError(f"Job key {key!r} names {len(runs)} runs of {stage}: "
-                          + ", ".join(f"{r.info.run_id} ({r.info.status})" for r in runs)
-                          + f". A key must name one run: delete the runs that are not this job's, or remove their "
-                          f"{tag.JOB_KEY} tag, or give this job another job_key")
+        raise ResumeError(
+            f"Job key {key!r} names {len(runs)} runs of {stage}: "
+            + ", ".join(f"{r.info.run_id} ({r.info.status})" for r in runs)
+            + f". A key must name one run: delete the runs that are not this job's, or remove their "
+            f"{tag.JOB_KEY} tag, or give this job another job_key"
+        )
     if not runs:
         log.info("Job key %s: no run of %s has it yet; starting a new run tagged %s=%s", key, stage, tag.JOB_KEY, key)
         return launch
@@ -72,12 +81,19 @@ def apply(client: MlflowClient, stage: str, launch: LaunchArgs) -> LaunchArgs:
     if status == "FINISHED":
         raise AlreadyFinished(
             f"Job key {key}: run {run_id} of {stage} is already FINISHED ({tags.get(tag.PROGRESS, 'done')}); nothing "
-            f"to train. To train it further: resume_run={run_id} with a larger trainer.max_steps")
+            f"to train. To train it further: resume_run={run_id} with a larger trainer.max_steps"
+        )
     if not tags.get(tag.CHECKPOINT_LATEST_STEP):
         _abandon(client, run, stage, key)
         return launch
-    log.info("Job key %s: resuming run %s of %s (%s, left %s)", key, run_id, stage,
-             tags.get(tag.PROGRESS, "no progress yet"), status)
+    log.info(
+        "Job key %s: resuming run %s of %s (%s, left %s)",
+        key,
+        run_id,
+        stage,
+        tags.get(tag.PROGRESS, "no progress yet"),
+        status,
+    )
     return replace(launch, resume_run=run_id, resume_from=None)
 
 
@@ -87,11 +103,17 @@ def _abandon(client: MlflowClient, run, stage: str, key: str) -> None:
     run with the key."""
     run_id, tags = run.info.run_id, run.data.tags
     if held_by_live_job(tags, run_timeout(run, LEASE_TIMEOUT_S)):
-        raise LeaseHeld(f"Job key {key}: run {run_id} is being trained by another job ({tags.get('lease.holder')}) "
-                        "and has no checkpoint yet. Only one job may train a run at a time: stop that job, or give "
-                        "this one another job_key")
-    log.warning("Job key %s: run %s ended before its first checkpoint (left %s); a new run starts with the key",
-                key, run_id, run.info.status)
+        raise LeaseHeld(
+            f"Job key {key}: run {run_id} is being trained by another job ({tags.get('lease.holder')}) "
+            "and has no checkpoint yet. Only one job may train a run at a time: stop that job, or give "
+            "this one another job_key"
+        )
+    log.warning(
+        "Job key %s: run %s ended before its first checkpoint (left %s); a new run starts with the key",
+        key,
+        run_id,
+        run.info.status,
+    )
     client.set_tag(run_id, ABANDONED_KEY, key)
     client.delete_tag(run_id, tag.JOB_KEY)
     RunCheckpoints(client, run_id, (stage,)).end_if_abandoned()  # FAILED, saying why on the run, if left RUNNING

@@ -14,9 +14,10 @@ import os
 import pickle
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -34,7 +35,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names it and says why."""
 
 
-
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -43,7 +43,6 @@ def step_of(name: str) -> int | None:
     if name.startswith("step-") and name[5:].isdigit():
         return int(name[5:])
     return None
-
 
 
 LAUNCH_DIR_ENV = "PIPELINE_LAUNCH_DIR"  # where the job was launched from, when its working directory is not that
@@ -110,8 +109,9 @@ def remove_unfinished(staging_root: Path) -> None:
         return
     for leftover in staging_root.iterdir():
         shutil.rmtree(leftover, ignore_errors=True)
-        log.info("Removed %s from staging, left by an earlier job of this run that stopped before storing it",
-                 leftover.name)
+        log.info(
+            "Removed %s from staging, left by an earlier job of this run that stopped before storing it", leftover.name
+        )
 
 
 class Snapshotter:
@@ -168,14 +168,23 @@ def check_resumable(meta: dict[str, Any], ckpt_dir: Path) -> None:
     """What a resume reads from a verified checkpoint's meta.json is there and well-formed."""
     missing = [key for key in RESUME_META if key not in meta]
     if missing:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} lacks {', '.join(missing)}; it was not written "
-                              "by this pipeline or was edited")
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: {META_FILE} lacks {', '.join(missing)}; it was not written "
+            "by this pipeline or was edited"
+        )
     if not isinstance(meta["config"], dict) or not isinstance(meta["step"], int) or meta["step"] < 0:
         raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} has a malformed config or step")
 
 
-STATE_PARTS = {"step": int, "epoch": int, "batch_in_epoch": int, "modules": dict, "optimizers": dict,
-               "schedulers": dict, "rng": dict}  # what the engine restores from state.pt
+STATE_PARTS = {
+    "step": int,
+    "epoch": int,
+    "batch_in_epoch": int,
+    "modules": dict,
+    "optimizers": dict,
+    "schedulers": dict,
+    "rng": dict,
+}  # what the engine restores from state.pt
 
 
 def check_state(state: Any, meta: dict[str, Any], ckpt_dir: Path) -> None:
@@ -184,11 +193,14 @@ def check_state(state: Any, meta: dict[str, Any], ckpt_dir: Path) -> None:
     parts = state if isinstance(state, dict) else {}
     wrong = [key for key, kind in STATE_PARTS.items() if not isinstance(parts.get(key), kind)]
     if wrong:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {STATE_FILE} lacks or has malformed {', '.join(wrong)}; it was "
-                              "not written by this pipeline")
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: {STATE_FILE} lacks or has malformed {', '.join(wrong)}; it was "
+            "not written by this pipeline"
+        )
     if state["step"] != meta["step"]:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {STATE_FILE} is at step {state['step']} but {META_FILE} says "
-                              f"{meta['step']}")
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: {STATE_FILE} is at step {state['step']} but {META_FILE} says {meta['step']}"
+        )
 
 
 def verify(ckpt_dir: Path) -> dict[str, Any]:
@@ -223,4 +235,3 @@ def load_state(ckpt_dir: Path) -> dict[str, Any]:
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from err
-

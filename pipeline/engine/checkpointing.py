@@ -25,10 +25,11 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
@@ -101,8 +102,10 @@ def read_index(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
             break
         except Exception as err:  # the store's own exception types vary (MLflow, boto, OS)
             if attempt == INDEX_READ_TRIES - 1:
-                raise CheckpointError(f"cannot read {INDEX_FILE} of run {run_id} ({err}); nothing was changed, "
-                                      "try again when the tracking store answers") from err
+                raise CheckpointError(
+                    f"cannot read {INDEX_FILE} of run {run_id} ({err}); nothing was changed, "
+                    "try again when the tracking store answers"
+                ) from err
             time.sleep(2**attempt)
     try:
         rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
@@ -114,8 +117,9 @@ def read_index(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
             int(row["step"])
         return rows
     except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as err:
-        log.warning("%s of run %s is unreadable (%s); rebuilding it from the checkpoints' meta.json",
-                    INDEX_FILE, run_id, err)
+        log.warning(
+            "%s of run %s is unreadable (%s); rebuilding it from the checkpoints' meta.json", INDEX_FILE, run_id, err
+        )
         return rows_from_meta(client, run_id)
 
 
@@ -129,13 +133,19 @@ def rows_from_meta(client: MlflowClient, run_id: str, steps: list[int] | None = 
         folder = f"{CHECKPOINT_DIR}/{checkpoint_name(step)}"
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                meta = json.loads(Path(client.download_artifacts(run_id, f"{folder}/{META_FILE}", tmp))
-                                  .read_text(encoding="utf-8"))
+                meta = json.loads(
+                    Path(client.download_artifacts(run_id, f"{folder}/{META_FILE}", tmp)).read_text(encoding="utf-8")
+                )
                 row = index_row(meta, tags)
                 sizes = {Path(e.path).name: e.file_size for e in client.list_artifacts(run_id, folder)}
             except Exception as err:
-                log.warning("Checkpoint %s of run %s has no readable %s (%s); it stays out of the index",
-                            checkpoint_name(step), run_id, META_FILE, err)
+                log.warning(
+                    "Checkpoint %s of run %s has no readable %s (%s); it stays out of the index",
+                    checkpoint_name(step),
+                    run_id,
+                    META_FILE,
+                    err,
+                )
                 continue
         if sizes.get(STATE_FILE) != meta.get("size"):
             row = {key: value for key, value in row.items() if key in INDEX_COLUMNS}
@@ -145,9 +155,16 @@ def rows_from_meta(client: MlflowClient, run_id: str, steps: list[int] | None = 
 
 def index_row(meta: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
     """The index.csv row of a checkpoint, from its meta.json and the run's tags."""
-    return {"name": checkpoint_name(int(meta["step"])), "model": tags.get(tag.MODEL), "dataset": tags.get(tag.DATASET),
-            "epoch": meta.get("epoch"), "step": int(meta["step"]), "created": meta.get("created"),
-            "size": meta.get("size"), **dict(meta.get("metrics") or {})}
+    return {
+        "name": checkpoint_name(int(meta["step"])),
+        "model": tags.get(tag.MODEL),
+        "dataset": tags.get(tag.DATASET),
+        "epoch": meta.get("epoch"),
+        "step": int(meta["step"]),
+        "created": meta.get("created"),
+        "size": meta.get("size"),
+        **dict(meta.get("metrics") or {}),
+    }
 
 
 @dataclass
@@ -218,8 +235,14 @@ class CheckpointStore:
             self._repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
         return self._repo
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any],
-             flush_metrics: Callable[..., list] | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        meta: dict[str, Any],
+        row: dict[str, Any],
+        flush_metrics: Callable[..., list] | None = None,
+    ) -> None:
         """Snapshot ``state`` (the only work on the caller's thread), then write, hash, upload and commit
         the snapshot in the background. At most one checkpoint is in flight: when this one comes before
         the previous one is stored, it first waits for it (and says so), which keeps commits in step
@@ -233,22 +256,29 @@ class CheckpointStore:
         self.wait()  # surfaces a failed previous checkpoint
         waited = time.monotonic() - started
         if waited > SLOW_PREVIOUS_S:
-            log.warning("Checkpoint %s waited %.1f s for the previous one to be stored; a larger "
-                        "checkpoint.save_interval keeps training from waiting", checkpoint_name(step), waited)
+            log.warning(
+                "Checkpoint %s waited %.1f s for the previous one to be stored; a larger "
+                "checkpoint.save_interval keeps training from waiting",
+                checkpoint_name(step),
+                waited,
+            )
         faults.point("checkpoint.snapshot")
         snapshot = self._snapshots.take(state)
         link = self.on_save(step, row) if self.on_save else None
         metrics_sent = flush_metrics(link=link) if flush_metrics else []  # after the snapshot: no thread competes
         self._pending = self._pool.submit(self._write_and_commit, step, snapshot, meta, row, metrics_sent, link)
 
-    def _write_and_commit(self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any],
-                          metrics_sent: list, link: Any) -> None:
+    def _write_and_commit(
+        self, step: int, state: dict[str, Any], meta: dict[str, Any], row: dict[str, Any], metrics_sent: list, link: Any
+    ) -> None:
         try:
             try:
                 local = write_local(self.staging_root, step, state, meta)
             except OSError as err:  # ENOSPC, EROFS, EACCES, EIO: the disk will not heal by itself
-                raise StorageError(f"writing checkpoint {checkpoint_name(step)} into {self.staging_root} failed: "
-                                   f"{err.strerror or err} (checkpoint.staging_dir)") from err
+                raise StorageError(
+                    f"writing checkpoint {checkpoint_name(step)} into {self.staging_root} failed: "
+                    f"{err.strerror or err} (checkpoint.staging_dir)"
+                ) from err
             row = dict(row, size=sum(f.stat().st_size for f in local.iterdir()))
             self._upload_and_commit(step, local, row, metrics_sent)
         except BaseException:
@@ -280,16 +310,24 @@ class CheckpointStore:
         artifact_path = f"{CHECKPOINT_DIR}/{name}"
         started = time.monotonic()
         self.fence()  # a job paused past its lease must not upload into the new holder's checkpoint
-        retry_until(lambda: self._upload(local, artifact_path),
-                    f"Uploading checkpoint {name} to the artifact store of run {self.run_id}", self.outage_limit_s)
+        retry_until(
+            lambda: self._upload(local, artifact_path),
+            f"Uploading checkpoint {name} to the artifact store of run {self.run_id}",
+            self.outage_limit_s,
+        )
         for op in metrics_sent:
             op.wait()
         # Committed: only now does `checkpoint.latest` move (both tags in one call).
         faults.point("checkpoint.commit")
         self.fence()
-        retry_until(lambda: self.client.log_batch(self.run_id, tags=[
-            RunTag(tag.CHECKPOINT_LATEST, artifact_path), RunTag(tag.CHECKPOINT_LATEST_STEP, str(step))]),
-            f"Committing checkpoint {name} (the run's checkpoint.latest tags)", self.outage_limit_s)
+        retry_until(
+            lambda: self.client.log_batch(
+                self.run_id,
+                tags=[RunTag(tag.CHECKPOINT_LATEST, artifact_path), RunTag(tag.CHECKPOINT_LATEST_STEP, str(step))],
+            ),
+            f"Committing checkpoint {name} (the run's checkpoint.latest tags)",
+            self.outage_limit_s,
+        )
         self.committed_step = step
         self.index_rows = [r for r in self.index_rows if int(r["step"]) != step] + [row]
         try:
@@ -297,16 +335,23 @@ class CheckpointStore:
         except NotRetried:
             raise
         except Exception as err:  # the checkpoint is committed; the next commit catches up
-            log.warning("Checkpoint %s is committed, but retention could not run now (%s); the next commit tries "
-                        "again", name, first_line(err))
+            log.warning(
+                "Checkpoint %s is committed, but retention could not run now (%s); the next commit tries again",
+                name,
+                first_line(err),
+            )
         try:  # written whatever retention did: it lists what is stored and ranks the best
             self.fence()
             self._write_index()
         except NotRetried:
             raise
         except Exception as err:
-            log.warning("Checkpoint %s is committed, but %s could not be written now (%s); the next commit writes "
-                        "it", name, INDEX_FILE, first_line(err))
+            log.warning(
+                "Checkpoint %s is committed, but %s could not be written now (%s); the next commit writes it",
+                name,
+                INDEX_FILE,
+                first_line(err),
+            )
         shutil.rmtree(local, ignore_errors=True)
         log.info("Committed checkpoint %s (%.1f MB, upload %.1fs)", name, row["size"] / 1e6, time.monotonic() - started)
 
@@ -317,8 +362,10 @@ class CheckpointStore:
         uploaded = {Path(e.path).name: e.file_size for e in self.repo.list_artifacts(artifact_path)}
         for f in local.iterdir():
             if uploaded.get(f.name) != f.stat().st_size:
-                raise CheckpointError(f"upload of {artifact_path}/{f.name} could not be verified "
-                                      f"(local {f.stat().st_size} bytes, store {uploaded.get(f.name)})")
+                raise CheckpointError(
+                    f"upload of {artifact_path}/{f.name} could not be verified "
+                    f"(local {f.stat().st_size} bytes, store {uploaded.get(f.name)})"
+                )
 
     def _apply_retention(self, latest: int) -> None:
         """Delete what the policy does not keep, among the checkpoints the index knows and the store holds.
@@ -330,8 +377,11 @@ class CheckpointStore:
         stored = set(checkpoint_steps(self.repo.list_artifacts(CHECKPOINT_DIR)))
         stale = sorted(int(r["step"]) for r in self.index_rows if int(r["step"]) not in stored)
         if stale:
-            log.warning("%s lists checkpoints at steps %s that are not stored; their rows are dropped", INDEX_FILE,
-                        ", ".join(map(str, stale)))
+            log.warning(
+                "%s lists checkpoints at steps %s that are not stored; their rows are dropped",
+                INDEX_FILE,
+                ", ".join(map(str, stale)),
+            )
         self.index_rows = [r for r in self.index_rows if int(r["step"]) in stored]
         keep = steps_to_keep(self.index_rows, self.policy, latest)
         deleted, failed = [], set()
@@ -346,19 +396,25 @@ class CheckpointStore:
                 failed.add(step)
                 self._failed_deletes[step] += 1
                 persistent = self._failed_deletes[step] >= REPORT_FAILED_DELETES
-                log.log(logging.ERROR if persistent else logging.WARNING,
-                        "Retention could not delete checkpoint %s (%s; %d time(s) in a row); it stays in %s and is "
-                        "tried again at the next commit%s", checkpoint_name(step), first_line(err),
-                        self._failed_deletes[step], INDEX_FILE,
-                        "; check the artifact store's permissions, or delete it by hand" if persistent else "")
+                log.log(
+                    logging.ERROR if persistent else logging.WARNING,
+                    "Retention could not delete checkpoint %s (%s; %d time(s) in a row); it stays in %s and is "
+                    "tried again at the next commit%s",
+                    checkpoint_name(step),
+                    first_line(err),
+                    self._failed_deletes[step],
+                    INDEX_FILE,
+                    "; check the artifact store's permissions, or delete it by hand" if persistent else "",
+                )
                 continue
             self._failed_deletes.pop(step, None)
             log.info("Retention: deleted checkpoint %s", checkpoint_name(step))
             deleted.append(step)
         if deleted and self.on_delete is not None:
             self.on_delete(deleted)
-        self.index_rows = sorted((r for r in self.index_rows if int(r["step"]) in keep | failed),
-                                 key=lambda r: int(r["step"]))
+        self.index_rows = sorted(
+            (r for r in self.index_rows if int(r["step"]) in keep | failed), key=lambda r: int(r["step"])
+        )
 
     def _write_index(self) -> None:
         """index.csv in a fixed column order (INDEX_COLUMNS, then the metrics sorted), with times written
@@ -368,8 +424,9 @@ class CheckpointStore:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({**row, "created": display_time(row.get("created"))} if "created" in row else row
-                         for row in self.index_rows)
+        writer.writerows(
+            {**row, "created": display_time(row.get("created"))} if "created" in row else row for row in self.index_rows
+        )
         faults.point("checkpoint.index")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(INDEX_FILE).name

@@ -27,7 +27,9 @@ def setup_logging(rank: int = 0) -> None:
     marker = f"[rank {rank}] " if rank else ""
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s %(levelname)s {marker}%(name)s: %(message)s", stream=sys.stderr, force=True
+        format=f"%(asctime)s %(levelname)s {marker}%(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())  # no secret reaches the log, whichever logger writes it

@@ -46,7 +46,7 @@ class Dist:
     launched: bool = False  # started by torchrun (also with one process: then DDP and the group run on one rank)
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls) -> Dist:
         """The place torchrun gave this process; ``Dist()`` when it was not started by torchrun."""
         if not all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
             return cls()
@@ -54,8 +54,9 @@ class Dist:
             world = int(os.environ["WORLD_SIZE"])
             rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         except ValueError as err:
-            raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK are not numbers ({err}); start the job with torchrun "
-                             "or unset them") from None
+            raise ValueError(
+                f"RANK / WORLD_SIZE / LOCAL_RANK are not numbers ({err}); start the job with torchrun or unset them"
+            ) from None
         return cls(rank, world, local, launched=True)
 
     @property
@@ -89,8 +90,9 @@ class Dist:
             # torchrun's agent keeps one store for the whole job: without a prefix per restart, a restarted
             # group would read the addresses the failed group's ranks left there and fail to connect.
             attempt = tdist.PrefixStore(f"speech-pipeline/{_job()}/group-{restart_count()}", store)
-            tdist.init_process_group(backend, store=attempt, rank=self.rank, world_size=self.world_size,
-                                     timeout=timeout)
+            tdist.init_process_group(
+                backend, store=attempt, rank=self.rank, world_size=self.world_size, timeout=timeout
+            )
         log.info("Rank %d of %d joined the process group (%s)", self.rank, self.world_size, backend)
 
     def shutdown(self) -> None:
@@ -171,8 +173,12 @@ def _rendezvous_store():
     restarted group), or None where the workers do not share the agent's store."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         return None
-    return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=datetime.timedelta(seconds=60))
+    return tdist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=datetime.timedelta(seconds=60),
+    )
 
 
 def _job() -> str:
@@ -189,8 +195,11 @@ def remember_run(run_id: str) -> None:
         return
     store = _rendezvous_store()
     if store is None:
-        log.warning("torchrun's workers do not share its agent's store (TORCHELASTIC_USE_AGENT_STORE is not set): an "
-                    "elastic restart will start a new run instead of resuming %s", run_id)
+        log.warning(
+            "torchrun's workers do not share its agent's store (TORCHELASTIC_USE_AGENT_STORE is not set): an "
+            "elastic restart will start a new run instead of resuming %s",
+            run_id,
+        )
         return
     store.set(_run_key(), run_id)
 

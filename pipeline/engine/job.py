@@ -24,8 +24,16 @@ from pipeline.common.provenance import utc_now
 from pipeline.config import flatten, to_container
 from pipeline.engine import startup
 from pipeline.engine import tags as tag
-from pipeline.engine.attempts import (RunContext, attempt_record, experiment_name, finish, launcher_run,
-                                      progress_text, start_new_run, write_attempt)
+from pipeline.engine.attempts import (
+    RunContext,
+    attempt_record,
+    experiment_name,
+    finish,
+    launcher_run,
+    progress_text,
+    start_new_run,
+    write_attempt,
+)
 from pipeline.engine.checkpoint_files import checkpoint_name, staging_root
 from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy, StorageError, download_checkpoint
 from pipeline.engine.cli import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, EXIT_STOPPED, EXIT_STORAGE
@@ -37,8 +45,15 @@ from pipeline.engine.plan import JobPlan, effective_batch
 from pipeline.engine.resume import ResumePoint, rank_state
 from pipeline.engine.stage import Stage
 from pipeline.engine.stopping import REQUEUE, AbortTraining, StopController
-from pipeline.engine.tracking import (MetricLogger, TagWriter, dashboard_hint, describe_run, ensure_runs_view,
-                                      log_dataset_inputs, resume_command)
+from pipeline.engine.tracking import (
+    MetricLogger,
+    TagWriter,
+    dashboard_hint,
+    describe_run,
+    ensure_runs_view,
+    log_dataset_inputs,
+    resume_command,
+)
 from pipeline.engine.trainer import DataWorkerDied, Engine, NonFiniteTraining, Position
 
 log = logging.getLogger(__name__)
@@ -71,7 +86,7 @@ class Job:
         self.engine: Engine | None = None
         self.code = EXIT_FAILED
 
-    def __enter__(self) -> "Job":
+    def __enter__(self) -> Job:
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -91,15 +106,18 @@ class Job:
         """The metric logger and the checkpoint store (``options``: CheckpointStore's); the metric logger is
         closed after the store is drained."""
         cfg = self.cfg
-        policy = RetentionPolicy(cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor,
-                                 cfg.checkpoint.mode)
+        policy = RetentionPolicy(
+            cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor, cfg.checkpoint.mode
+        )
         logged = options.pop("already_logged", None)
         limit = {"outage_limit_s": options["outage_limit_s"]} if "outage_limit_s" in options else {}
-        self.metrics = MetricLogger(self.client, self.run_id, cfg.tracking.flush_seconds, already_logged=logged,
-                                    **limit)
+        self.metrics = MetricLogger(
+            self.client, self.run_id, cfg.tracking.flush_seconds, already_logged=logged, **limit
+        )
         self.stack.callback(self.metrics.close)
-        self.store = CheckpointStore(self.client, self.run_id, staging_root(cfg.checkpoint.staging_dir), policy,
-                                     **options)
+        self.store = CheckpointStore(
+            self.client, self.run_id, staging_root(cfg.checkpoint.staging_dir), policy, **options
+        )
 
     def drain(self) -> None:
         """Wait for the checkpoint uploads and the metrics still queued."""
@@ -151,10 +169,19 @@ def record_imported_run(stage: Stage, cfg, tags: dict[str, str], source: str) ->
     write_attempt(client, run_id, entry, {})
     progress = "step 0 · imported"
     client.set_tag(run_id, tag.PROGRESS, progress)
-    client.set_tag(run_id, tag.NOTE, describe_run(
-        stage=stage.name, run_id=run_id, progress=progress, status="FINISHED",
-        latest_checkpoint=f"checkpoints/{checkpoint_name(0)}", history=[entry],
-        experiment_id=client.get_run(run_id).info.experiment_id))
+    client.set_tag(
+        run_id,
+        tag.NOTE,
+        describe_run(
+            stage=stage.name,
+            run_id=run_id,
+            progress=progress,
+            status="FINISHED",
+            latest_checkpoint=f"checkpoints/{checkpoint_name(0)}",
+            history=[entry],
+            experiment_id=client.get_run(run_id).info.experiment_id,
+        ),
+    )
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -183,10 +210,16 @@ class RunJob(Job):
         self.stack.callback(self._end_run)
         outage_limit = float(self.cfg.tracking.outage_limit_seconds)
         models = self.models
-        self.open_logging(index_rows=self.ctx.index_rows, on_commit=self._on_commit, outage_limit_s=outage_limit,
-                          fence=self.ctx.lease.fence if self.ctx.lease else None, already_logged=self.ctx.logged_steps,
-                          on_delete=models.deleted if models else None, on_save=models.link if models else None,
-                          on_abandon=models.abandoned if models else None)
+        self.open_logging(
+            index_rows=self.ctx.index_rows,
+            on_commit=self._on_commit,
+            outage_limit_s=outage_limit,
+            fence=self.ctx.lease.fence if self.ctx.lease else None,
+            already_logged=self.ctx.logged_steps,
+            on_delete=models.deleted if models else None,
+            on_save=models.link if models else None,
+            on_abandon=models.abandoned if models else None,
+        )
         self.stack.callback(self._drain)
         self.monitor = _system_metrics(self.run_id, self.cfg, resumed=self.plan.resume is not None)
         self.stack.callback(self._stop_monitor)
@@ -206,8 +239,9 @@ class RunJob(Job):
             log_dataset_inputs(client, ctx.run_id, datasets, "training")
         ensure_runs_view(client, ctx.experiment_id)  # the columns the experiment's links open
         if cfg.tracking.checkpoint_models:
-            self.models = CheckpointModels(client, ctx.run_id, ctx.experiment_id, ctx.run_name,
-                                           flatten(to_container(cfg)), ctx.tags)
+            self.models = CheckpointModels(
+                client, ctx.run_id, ctx.experiment_id, ctx.run_name, flatten(to_container(cfg)), ctx.tags
+            )
             resume = self.plan.resume
             if resume is not None and resume.run_id == ctx.run_id:  # what an earlier attempt left half made
                 latest = ctx.tags.get(tag.CHECKPOINT_LATEST_STEP, "").strip()
@@ -247,26 +281,44 @@ class RunJob(Job):
         step = result.position.step
         self.status, self.code = "KILLED" if self.stopped_by else "FINISHED", stop_code(self.stopped_by)
         if self.stopped_by:
-            hint = ("the same command with resume=auto (a requeued job) or: " if self.plan.launch.auto_resume
-                    else "")
-            log.warning("Stopped (%s) at step %d; checkpoint committed. Resume with: %s%s", self.stopped_by, step,
-                        hint, self.resume_command)
+            hint = "the same command with resume=auto (a requeued job) or: " if self.plan.launch.auto_resume else ""
+            log.warning(
+                "Stopped (%s) at step %d; checkpoint committed. Resume with: %s%s",
+                self.stopped_by,
+                step,
+                hint,
+                self.resume_command,
+            )
             if launcher_run(self.cfg):
-                log.warning("`mlflow run` reports every exit code but 0 as \"failed\"; this job exits %d because it "
-                            "was stopped on request: its run is KILLED, not FAILED, and resumes as above", self.code)
+                log.warning(
+                    '`mlflow run` reports every exit code but 0 as "failed"; this job exits %d because it '
+                    "was stopped on request: its run is KILLED, not FAILED, and resumes as above",
+                    self.code,
+                )
             return
         log.info("Training finished at step %d", step)
-        if self.cfg.tracking.log_model and _log_final_model(self.client, self.run_id, self.stage, step) \
-                and self.models is not None:
+        if (
+            self.cfg.tracking.log_model
+            and _log_final_model(self.client, self.run_id, self.stage, step)
+            and self.models is not None
+        ):
             self.models.final(step, self.metrics.at_step(step))
 
     # --- callbacks while training ------------------------------------------------------------------
     def _description(self) -> str:
         ctx = self.ctx
-        return describe_run(stage=self.stage.name, run_id=ctx.run_id, progress=self.shown["progress"],
-                            status="RUNNING", latest_checkpoint=self.shown["latest"], history=ctx.history,
-                            experiment_id=ctx.experiment_id, nproc=ctx.nproc, batch=effective_batch(self.cfg, ctx.nproc),
-                            job_key=ctx.tags.get(tag.JOB_KEY, ""))
+        return describe_run(
+            stage=self.stage.name,
+            run_id=ctx.run_id,
+            progress=self.shown["progress"],
+            status="RUNNING",
+            latest_checkpoint=self.shown["latest"],
+            history=ctx.history,
+            experiment_id=ctx.experiment_id,
+            nproc=ctx.nproc,
+            batch=effective_batch(self.cfg, ctx.nproc),
+            job_key=ctx.tags.get(tag.JOB_KEY, ""),
+        )
 
     def _on_progress(self, pos: Position) -> None:  # the description follows the progress tag, in the same batch
         self.shown["progress"] = progress_text(self.cfg, pos, self.ctx.resumed_from, self.engine)
@@ -310,30 +362,57 @@ class RunJob(Job):
         self.stopper.abortable = False
         ctx, status = self.ctx, self.status
         if ctx.lease is not None and not ctx.lease.held:
-            log.error("Run %s is trained by another job now; this job leaves its status and description to it",
-                      ctx.run_id)
+            log.error(
+                "Run %s is trained by another job now; this job leaves its status and description to it", ctx.run_id
+            )
             self.code = EXIT_FAILED
             return
         try:
             latest = self.client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST)
-            finish(self.client, ctx, self.stage.name, self.cfg, status, self.pos, latest, self.stopped_by,
-                   self.plan.changes, self.engine)
-            log.info("Run %s ended %s. Dashboard: %s", ctx.run_id, status, dashboard_hint(ctx.experiment_id, ctx.run_id))
+            finish(
+                self.client,
+                ctx,
+                self.stage.name,
+                self.cfg,
+                status,
+                self.pos,
+                latest,
+                self.stopped_by,
+                self.plan.changes,
+                self.engine,
+            )
+            log.info(
+                "Run %s ended %s. Dashboard: %s", ctx.run_id, status, dashboard_hint(ctx.experiment_id, ctx.run_id)
+            )
         except Exception as err:  # the tracking store is down: the run stays RUNNING, a resume ends it
-            log.error("Could not end run %s as %s in the tracking store (%s); it shows RUNNING until a resume "
-                      "ends it: %s", ctx.run_id, status, first_line(err), self.resume_command)
+            log.error(
+                "Could not end run %s as %s in the tracking store (%s); it shows RUNNING until a resume ends it: %s",
+                ctx.run_id,
+                status,
+                first_line(err),
+                self.resume_command,
+            )
             self.code = EXIT_STORAGE if self.code == EXIT_OK else self.code
 
     def _log_storage_failure(self, err: Exception) -> None:
         try:
             kept = self.client.get_run(self.run_id).data.tags.get(tag.CHECKPOINT_LATEST_STEP)
-            kept = (f"the committed checkpoint at step {kept} (still the latest)" if kept
-                    else "no checkpoint was committed yet")
+            kept = (
+                f"the committed checkpoint at step {kept} (still the latest)"
+                if kept
+                else "no checkpoint was committed yet"
+            )
         except Exception:  # the tracking store does not answer either
-            kept = ("the checkpoints committed before (the tracking store does not answer: the latest cannot be "
-                    "named now)")
-        log.error("%s. Stopped at step %d. Kept: %s. When the storage is fixed, resume with: %s", err, self.pos.step,
-                  kept, self.resume_command)
+            kept = (
+                "the checkpoints committed before (the tracking store does not answer: the latest cannot be named now)"
+            )
+        log.error(
+            "%s. Stopped at step %d. Kept: %s. When the storage is fixed, resume with: %s",
+            err,
+            self.pos.step,
+            kept,
+            self.resume_command,
+        )
 
 
 def stop_code(stopped_by: str | None) -> int:
@@ -358,8 +437,11 @@ def scontrol_requeue() -> int:
     the request (it then ends this job and starts it again), else EXIT_REQUEUE with the reason logged."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
-        log.error("requeue=scontrol, but this job is not a Slurm job (SLURM_JOB_ID is not set): exiting with code %d "
-                  "for the caller to requeue it", EXIT_REQUEUE)
+        log.error(
+            "requeue=scontrol, but this job is not a Slurm job (SLURM_JOB_ID is not set): exiting with code %d "
+            "for the caller to requeue it",
+            EXIT_REQUEUE,
+        )
         return EXIT_REQUEUE
     try:
         done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
@@ -367,8 +449,12 @@ def scontrol_requeue() -> int:
         log.error("Could not run `scontrol requeue %s` (%s): exiting with code %d", job_id, err, EXIT_REQUEUE)
         return EXIT_REQUEUE
     if done.returncode != 0:
-        log.error("`scontrol requeue %s` failed (%s): exiting with code %d (is the job submitted with --requeue?)",
-                  job_id, (done.stderr or done.stdout).strip(), EXIT_REQUEUE)
+        log.error(
+            "`scontrol requeue %s` failed (%s): exiting with code %d (is the job submitted with --requeue?)",
+            job_id,
+            (done.stderr or done.stdout).strip(),
+            EXIT_REQUEUE,
+        )
         return EXIT_REQUEUE
     log.warning("Asked Slurm to requeue job %s: it starts again and continues this run (resume=auto)", job_id)
     return EXIT_OK

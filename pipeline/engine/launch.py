@@ -74,39 +74,57 @@ def parse_launch(argv: list[str] | tuple[str, ...], run_inputs: tuple[str, ...] 
         try:
             step = int(step)
         except ValueError:
-            raise ConfigError(f"resume_step={step!r} is not a step number; give a checkpoint step such as "
-                              "resume_step=100 (see the run's checkpoints/index.csv)") from None
+            raise ConfigError(
+                f"resume_step={step!r} is not a step number; give a checkpoint step such as "
+                "resume_step=100 (see the run's checkpoints/index.csv)"
+            ) from None
         if step < 0:
             raise ConfigError(f"resume_step={step} must be zero or more")
     auto, key = _auto_resume(launch)
     requeue = launch.get("requeue", "exit")
     if requeue not in REQUEUE_MODES:
-        raise ConfigError(f"requeue={requeue!r}; choose one of {', '.join(REQUEUE_MODES)} (what a job stopped by "
-                          "SIGUSR1 does: exit with code 75, or also run `scontrol requeue $SLURM_JOB_ID`)")
-    return LaunchArgs(overrides=overrides, resume_run=launch.get("resume_run"), resume_step=step,
-                      resume_from=launch.get("resume_from"),
-                      inputs={key: launch[key] for key in run_inputs if key in launch},
-                      auto_resume=auto, job_key=key, requeue=requeue)
+        raise ConfigError(
+            f"requeue={requeue!r}; choose one of {', '.join(REQUEUE_MODES)} (what a job stopped by "
+            "SIGUSR1 does: exit with code 75, or also run `scontrol requeue $SLURM_JOB_ID`)"
+        )
+    return LaunchArgs(
+        overrides=overrides,
+        resume_run=launch.get("resume_run"),
+        resume_step=step,
+        resume_from=launch.get("resume_from"),
+        inputs={key: launch[key] for key in run_inputs if key in launch},
+        auto_resume=auto,
+        job_key=key,
+        requeue=requeue,
+    )
 
 
 def _auto_resume(launch: dict[str, str]) -> tuple[bool, str | None]:
     """``resume=auto`` and its job key: the one given, else the Slurm job's (engine/auto_resume.py finds its run)."""
     mode = launch.get("resume")
     if mode not in (None, "auto"):
-        raise ConfigError(f"resume={mode!r}: the only value is resume=auto (continue the run of this job key, if "
-                          "any); to continue a run by its ID, pass resume_run=<run id>")
+        raise ConfigError(
+            f"resume={mode!r}: the only value is resume=auto (continue the run of this job key, if "
+            "any); to continue a run by its ID, pass resume_run=<run id>"
+        )
     if mode is None:
         if "job_key" in launch:
-            raise ConfigError("job_key= is read only with resume=auto (continue the run an earlier launch with the "
-                              "same key started); add resume=auto, or leave job_key out")
+            raise ConfigError(
+                "job_key= is read only with resume=auto (continue the run an earlier launch with the "
+                "same key started); add resume=auto, or leave job_key out"
+            )
         return False, None
     if launch.get("resume_run") or launch.get("resume_step"):
-        raise ConfigError("resume=auto finds the run by its job key; leave out resume_run/resume_step (or leave "
-                          "out resume=auto to continue a run by its ID)")
+        raise ConfigError(
+            "resume=auto finds the run by its job key; leave out resume_run/resume_step (or leave "
+            "out resume=auto to continue a run by its ID)"
+        )
     key = launch.get("job_key") or default_job_key()
     if key is None:
-        raise ConfigError("resume=auto needs job_key=<name> (the same name at every launch of this job), or a "
-                          "Slurm job, whose job ID is the default key")
+        raise ConfigError(
+            "resume=auto needs job_key=<name> (the same name at every launch of this job), or a "
+            "Slurm job, whose job ID is the default key"
+        )
     return True, check_job_key(key)
 
 

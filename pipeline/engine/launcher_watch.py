@@ -114,8 +114,9 @@ def watch() -> list[psutil.Process]:
             time.sleep(POLL_S)
         if _stop_requested.is_set():
             return
-        log.warning("The process that launched this job (%s) is gone: stopping as if it had sent SIGTERM",
-                    names[gone[0].pid])
+        log.warning(
+            "The process that launched this job (%s) is gone: stopping as if it had sent SIGTERM", names[gone[0].pid]
+        )
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=run, name="launcher-watch", daemon=True).start()

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import psutil
 from mlflow import MlflowClient
@@ -41,7 +41,13 @@ from pipeline.engine.outage import NotRetried
 log = logging.getLogger(__name__)
 
 TOKEN, HOLDER, HOST, PID, PROCESS_START, HEARTBEAT = (
-    "lease.token", "lease.holder", "lease.host", "lease.pid", "lease.process_start", "lease.heartbeat")
+    "lease.token",
+    "lease.holder",
+    "lease.host",
+    "lease.pid",
+    "lease.process_start",
+    "lease.heartbeat",
+)
 KEYS = (TOKEN, HOLDER, HOST, PID, PROCESS_START, HEARTBEAT)
 SETTLE_S = 1.0  # between writing a lease and reading it back
 
@@ -138,25 +144,35 @@ class Lease:
             return
         if not self._lost:
             self._lost = True
-            log.error("Another job took over the lease of run %s: this job stops and writes nothing more to the run",
-                      self.run_id)
+            log.error(
+                "Another job took over the lease of run %s: this job stops and writes nothing more to the run",
+                self.run_id,
+            )
             if self.on_lost:
                 self.on_lost()
 
-    def acquire(self, tags: dict[str, str], contended: bool = True) -> "Lease":
+    def acquire(self, tags: dict[str, str], contended: bool = True) -> Lease:
         """Take the lease, given the run's tags as read now; LeaseHeld when a live job holds it.
         ``contended=False`` for a run this job has just created (no other job can know its ID yet)."""
         self._refuse_if_alive(tags)
         if tags.get(TOKEN):
-            self.took_over = (f"{tags.get(HOLDER, 'an unknown job')}, whose "
-                              + ("process is gone" if holder_is_gone(tags) else
-                                 f"heartbeat stopped {heartbeat_age(tags):.0f} s ago"))
+            self.took_over = f"{tags.get(HOLDER, 'an unknown job')}, whose " + (
+                "process is gone" if holder_is_gone(tags) else f"heartbeat stopped {heartbeat_age(tags):.0f} s ago"
+            )
             log.warning("Taking over the lease of run %s from %s", self.run_id, self.took_over)
         pid, host = os.getpid(), socket.gethostname()
         written = time.monotonic()  # no other job can take the lease before its heartbeat, written now, expires
-        self.client.log_batch(self.run_id, tags=[
-            RunTag(TOKEN, self.token), RunTag(HOLDER, f"{host} pid {pid} since {utc_now()}"), RunTag(HOST, host),
-            RunTag(PID, str(pid)), RunTag(PROCESS_START, repr(_process_start())), RunTag(HEARTBEAT, repr(time.time()))])
+        self.client.log_batch(
+            self.run_id,
+            tags=[
+                RunTag(TOKEN, self.token),
+                RunTag(HOLDER, f"{host} pid {pid} since {utc_now()}"),
+                RunTag(HOST, host),
+                RunTag(PID, str(pid)),
+                RunTag(PROCESS_START, repr(_process_start())),
+                RunTag(HEARTBEAT, repr(time.time())),
+            ],
+        )
         if contended:
             time.sleep(SETTLE_S)
             now = self.client.get_run(self.run_id).data.tags
@@ -178,19 +194,22 @@ class Lease:
                 for key in KEYS:
                     self.client.delete_tag(self.run_id, key)
         except Exception as err:  # the lease then expires by itself
-            log.warning("Could not release the lease of run %s (%s); it expires after %.0f s",
-                        self.run_id, err, self.timeout_s)
+            log.warning(
+                "Could not release the lease of run %s (%s); it expires after %.0f s", self.run_id, err, self.timeout_s
+            )
 
     def _refuse_if_alive(self, tags: dict[str, str]) -> None:
         if held_by_live_job(tags, self.timeout_s):
             raise LeaseHeld(self._held_message(tags))
 
     def _held_message(self, tags: dict[str, str]) -> str:
-        return (f"Run {self.run_id} is being trained by another job: {tags.get(HOLDER, 'unknown holder')} "
-                f"(last heartbeat {heartbeat_age(tags):.0f} s ago). Only one job may train a run at a time. Stop "
-                "that job first (set the tag stop_requested=true on the run, or send it SIGTERM) and resume when it "
-                f"has ended; a job that died is taken over once its heartbeat is {self.timeout_s:.0f} s old "
-                "(at once when it ran on this machine).")
+        return (
+            f"Run {self.run_id} is being trained by another job: {tags.get(HOLDER, 'unknown holder')} "
+            f"(last heartbeat {heartbeat_age(tags):.0f} s ago). Only one job may train a run at a time. Stop "
+            "that job first (set the tag stop_requested=true on the run, or send it SIGTERM) and resume when it "
+            f"has ended; a job that died is taken over once its heartbeat is {self.timeout_s:.0f} s old "
+            "(at once when it ran on this machine)."
+        )
 
     def _beat(self) -> None:
         while not self._done.wait(self.heartbeat_s):
@@ -208,8 +227,22 @@ class FencedClient:
     """The tracking client a job writes its run with: each of the write calls below first checks the
     job's lease (``Lease.fence``); reads go straight through. Everything else is the MlflowClient's."""
 
-    WRITES = frozenset({"log_batch", "log_metric", "log_param", "set_tag", "delete_tag", "log_text", "log_dict",
-                        "log_artifact", "log_artifacts", "log_inputs", "set_terminated", "update_run"})
+    WRITES = frozenset(
+        {
+            "log_batch",
+            "log_metric",
+            "log_param",
+            "set_tag",
+            "delete_tag",
+            "log_text",
+            "log_dict",
+            "log_artifact",
+            "log_artifacts",
+            "log_inputs",
+            "set_terminated",
+            "update_run",
+        }
+    )
 
     def __init__(self, client: MlflowClient, lease: Lease):
         self.client, self.lease = client, lease

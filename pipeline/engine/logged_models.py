@@ -17,10 +17,10 @@ A checkpoint's logged model is made (PENDING) when the metrics of its step are f
 links those points by ``model_id`` in the same call that stores them (``CheckpointLink``), so each point is stored
 once. It becomes READY when the checkpoint is committed. Linking a point already stored would log it a second time,
 and MLflow's SQL store then looks up the duplicate among the run's whole history (in SQLite 1.35 s per commit at
-2 million points, 12 s at 20 million; docs/benchmarks.md, Cost growth): a commit would cost more the longer the run. A model left PENDING by a
-job that died before its commit is deleted (or made READY if the commit happened) when the run is resumed.
-File stores (``file:``) keep both copies of a point logged twice, so there the metrics are not linked. Nothing here
-may fail training: every failure is a warning.
+2 million points, 12 s at 20 million; docs/benchmarks.md, Cost growth): a commit would cost more the longer the run.
+A model left PENDING by a job that died before its commit is deleted (or made READY if the commit happened) when
+the run is resumed. File stores (``file:``) keep both copies of a point logged twice, so there the metrics are not
+linked. Nothing here may fail training: every failure is a warning.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 
 from pipeline.engine import tags as tag
-from pipeline.engine.checkpointing import CHECKPOINT_DIR
 from pipeline.engine.checkpoint_files import checkpoint_name
+from pipeline.engine.checkpointing import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,21 @@ def links_metrics(tracking_uri: str) -> bool:
 class CheckpointModels:
     """The logged models of one run's checkpoints."""
 
-    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str, run_name: str,
-                 config: dict[str, Any], run_tags: dict[str, str]):
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        experiment_id: str,
+        run_name: str,
+        config: dict[str, Any],
+        run_tags: dict[str, str],
+    ):
         self.client, self.run_id, self.experiment_id, self.run_name = client, run_id, experiment_id, run_name
-        self.params = {"stage": run_tags.get(tag.STAGE, ""), "model": run_tags.get(tag.MODEL, ""),
-                       "dataset": run_tags.get(tag.DATASET, "")}
+        self.params = {
+            "stage": run_tags.get(tag.STAGE, ""),
+            "model": run_tags.get(tag.MODEL, ""),
+            "dataset": run_tags.get(tag.DATASET, ""),
+        }
         self.params.update({key: str(config[key]) for key in KEY_PARAMS if config.get(key) is not None})
         self.link_metrics = links_metrics(mlflow.get_tracking_uri())
 
@@ -89,16 +99,23 @@ class CheckpointModels:
                 self.client.log_batch(self.run_id, metrics=_with_model(link.relog, model_id))
             self.client.finalize_logged_model(model_id, "READY")
         except Exception as err:
-            log.warning("Checkpoint %s is committed, but its entry in the Models tab could not be made ready (%s)",
-                        checkpoint_name(step), err)
+            log.warning(
+                "Checkpoint %s is committed, but its entry in the Models tab could not be made ready (%s)",
+                checkpoint_name(step),
+                err,
+            )
 
     def final(self, step: int, metrics: list[Metric]) -> None:
         """The stage's final ``model/`` (logged in the run's artifacts) as a logged model. Its step's points were
         stored already (linked to the last checkpoint's model), so linking them costs one duplicate lookup; once per
         run."""
-        model_id = self._create(model_name("final", self.run_name), FINAL_MODEL_TYPE, params={"step": str(step)},
-                                tags={STEP_TAG: str(step), URI_TAG: f"runs:/{self.run_id}/model"},
-                                what="the final model")
+        model_id = self._create(
+            model_name("final", self.run_name),
+            FINAL_MODEL_TYPE,
+            params={"step": str(step)},
+            tags={STEP_TAG: str(step), URI_TAG: f"runs:/{self.run_id}/model"},
+            what="the final model",
+        )
         if model_id is None:
             return
         try:
@@ -115,8 +132,11 @@ class CheckpointModels:
         committed (the job died before marking them READY); past it, it never was: deleted."""
         try:
             newest = self.client.search_logged_models(
-                [self.experiment_id], f"source_run_id = '{self.run_id}'", max_results=NEWEST_TIDIED,
-                order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+                [self.experiment_id],
+                f"source_run_id = '{self.run_id}'",
+                max_results=NEWEST_TIDIED,
+                order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+            )
             for model in newest:
                 if model.model_type != MODEL_TYPE or model.status != LoggedModelStatus.PENDING:
                     continue
@@ -125,8 +145,9 @@ class CheckpointModels:
                 else:
                     self.client.delete_logged_model(model.model_id)
         except Exception as err:
-            log.warning("Could not tidy the Models tab entries of checkpoints an earlier attempt did not commit (%s)",
-                        err)
+            log.warning(
+                "Could not tidy the Models tab entries of checkpoints an earlier attempt did not commit (%s)", err
+            )
 
     def abandoned(self, link: CheckpointLink) -> None:
         """The checkpoint of ``link`` could not be committed: its model (if made) goes (best effort; else the
@@ -148,29 +169,43 @@ class CheckpointModels:
                 if model.model_type == MODEL_TYPE and model.tags.get(STEP_TAG) in wanted:
                     self.client.delete_logged_model(model.model_id)
         except Exception as err:
-            log.warning("Retention deleted checkpoints %s, but their entries in the Models tab could not be "
-                        "deleted (%s)", ", ".join(checkpoint_name(s) for s in steps), err)
+            log.warning(
+                "Retention deleted checkpoints %s, but their entries in the Models tab could not be deleted (%s)",
+                ", ".join(checkpoint_name(s) for s in steps),
+                err,
+            )
 
     def _models(self):
         token = None
         while True:
-            page = self.client.search_logged_models([self.experiment_id], f"source_run_id = '{self.run_id}'",
-                                                    page_token=token)
+            page = self.client.search_logged_models(
+                [self.experiment_id], f"source_run_id = '{self.run_id}'", page_token=token
+            )
             yield from page
             token = page.token
             if not token:
                 return
 
-    def _create(self, name: str, model_type: str, params: dict[str, str], tags: dict[str, str],
-                what: str) -> str | None:
+    def _create(
+        self, name: str, model_type: str, params: dict[str, str], tags: dict[str, str], what: str
+    ) -> str | None:
         """A PENDING logged model of this run; its ID, or None (warned) when the store refused."""
         try:
-            return self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
-                                                   params={**self.params, **params}, tags=tags,
-                                                   model_type=model_type).model_id
+            return self.client.create_logged_model(
+                self.experiment_id,
+                name=name,
+                source_run_id=self.run_id,
+                params={**self.params, **params},
+                tags=tags,
+                model_type=model_type,
+            ).model_id
         except Exception as err:
-            log.warning("Could not list %s of run %s in the Models tab (%s); the checkpoint itself is stored",
-                        what, self.run_id, err)
+            log.warning(
+                "Could not list %s of run %s in the Models tab (%s); the checkpoint itself is stored",
+                what,
+                self.run_id,
+                err,
+            )
             return None
 
 
@@ -191,10 +226,12 @@ class CheckpointLink:
             if self.made_id is None and not self._abandoned:
                 name = checkpoint_name(self.step)
                 self.made_id = self.models._create(
-                    model_name(name, self.models.run_name), MODEL_TYPE,
+                    model_name(name, self.models.run_name),
+                    MODEL_TYPE,
                     params={"step": str(self.step), "epoch": f"{float(self.row.get('epoch', 0)):.4g}"},
                     tags={STEP_TAG: str(self.step), URI_TAG: f"runs:/{self.models.run_id}/{CHECKPOINT_DIR}/{name}"},
-                    what=f"checkpoint {name}")
+                    what=f"checkpoint {name}",
+                )
             return self.made_id
 
     def abandon(self) -> str | None:

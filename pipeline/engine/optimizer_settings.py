@@ -58,8 +58,12 @@ def apply_optimizer_settings(name: str, optimizer: torch.optim.Optimizer, schedu
             group["lr"] = lr
         set_last_lr(scheduler, lrs)
     if changes:
-        log.warning("Optimizer %s: the resumed config changes %s; the LR is now %.4g",
-                    name, ", ".join(dict.fromkeys(changes)), optimizer.param_groups[0]["lr"])
+        log.warning(
+            "Optimizer %s: the resumed config changes %s; the LR is now %.4g",
+            name,
+            ", ".join(dict.fromkeys(changes)),
+            optimizer.param_groups[0]["lr"],
+        )
 
 
 def _plain(value):

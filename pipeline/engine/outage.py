@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,18 @@ def retry_until(call: Callable[[], T], what: str, limit_s: float) -> T:
             now = time.monotonic()
             if first_failure is None:
                 first_failure = now
-                log.warning("%s failed (%s); trying again every %.0f s for up to %.0f s, training goes on",
-                            what, first_line(err), RETRY_S, limit_s)
+                log.warning(
+                    "%s failed (%s); trying again every %.0f s for up to %.0f s, training goes on",
+                    what,
+                    first_line(err),
+                    RETRY_S,
+                    limit_s,
+                )
             if now - first_failure >= limit_s:
-                raise StorageError(f"{what} failed for {now - first_failure:.0f} s "
-                                   f"(tracking.outage_limit_seconds={limit_s:g}): {first_line(err)}") from err
+                raise StorageError(
+                    f"{what} failed for {now - first_failure:.0f} s "
+                    f"(tracking.outage_limit_seconds={limit_s:g}): {first_line(err)}"
+                ) from err
             time.sleep(RETRY_S)
             continue
         if first_failure is not None:

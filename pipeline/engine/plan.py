@@ -55,13 +55,12 @@ class JobPlan:
     def overrides(self) -> list[str]:
         return self.launch.overrides
 
-    def for_other_ranks(self) -> "JobPlan":
+    def for_other_ranks(self) -> JobPlan:
         """What rank 0 hands the other ranks under torchrun: the plan without the checkpoint's state and run."""
         return self if self.resume is None else replace(self, resume=self.resume.for_other_ranks())
 
 
-def plan_job(stage_cls: type[Stage], argv: list[str], client: MlflowClient,
-             continue_run: str | None = None) -> JobPlan:
+def plan_job(stage_cls: type[Stage], argv: list[str], client: MlflowClient, continue_run: str | None = None) -> JobPlan:
     """Parse, compose, find the checkpoint to resume from and check every setting; it only reads (but for
     ``resume=auto`` giving up a dead keyed run that has no checkpoint, auto_resume.py). Every
     mistake the user can make surfaces here (ConfigError, ResumeError, CheckpointError, ValueError).
@@ -104,15 +103,17 @@ def _mode(resume: ResumePoint | None) -> str:
     return CONTINUE
 
 
-def build_config(stage_cls: type[Stage], overrides: list[str],
-                 resume: ResumePoint) -> tuple[DictConfig, dict[str, tuple[Any, Any]]]:
+def build_config(
+    stage_cls: type[Stage], overrides: list[str], resume: ResumePoint
+) -> tuple[DictConfig, dict[str, tuple[Any, Any]]]:
     """The checkpoint's config with the overrides on top, and what they change; an architecture change
     is refused."""
     base = from_container(stage_cls.schema, resume.meta["config"], as_written=resume.meta.get(STORED_AS_WRITTEN, False))
     cfg = stage_cls.resolve_config(apply_overrides(stage_cls.name, base, overrides))
     changes = config_diff(base, cfg)
     incompatible = [
-        key for key in changes
+        key
+        for key in changes
         if key.startswith(stage_cls.architecture_keys) and key not in stage_cls.architecture_exempt
     ]
     if incompatible:
@@ -123,8 +124,10 @@ def build_config(stage_cls: type[Stage], overrides: list[str],
             + ". Start a fresh run for a different architecture."
         )
     if changes:
-        log.warning("Configuration changes detected:\n%s",
-                    "\n".join(f"  - {k}: {old} -> {new}" for k, (old, new) in changes.items()))
+        log.warning(
+            "Configuration changes detected:\n%s",
+            "\n".join(f"  - {k}: {old} -> {new}" for k, (old, new) in changes.items()),
+        )
     return cfg, changes
 
 
@@ -136,7 +139,8 @@ def _resumed_inputs(stage_cls: type[Stage], launch: LaunchArgs, resume: ResumePo
         raise ConfigError(
             "Refusing to resume: the checkpoint was trained on other runs than "
             + ", ".join(f"{key}={value} (the checkpoint's: {inputs.get(key)})" for key, value in changed.items())
-            + ". Leave them out to resume, or start a fresh run to build on other runs.")
+            + ". Leave them out to resume, or start a fresh run to build on other runs."
+        )
     return inputs
 
 
@@ -151,8 +155,10 @@ def check_settings(stage_cls: type[Stage], cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r}; choose one of {', '.join(allowed)}")
     monitor = cfg.checkpoint.monitor
     if monitor not in stage_cls.val_metric_names:
-        raise ConfigError(f"checkpoint.monitor={monitor!r} is never logged by {stage_cls.name}, so no checkpoint could "
-                          f"be ranked by it; choose one of {', '.join(stage_cls.val_metric_names)}")
+        raise ConfigError(
+            f"checkpoint.monitor={monitor!r} is never logged by {stage_cls.name}, so no checkpoint could "
+            f"be ranked by it; choose one of {', '.join(stage_cls.val_metric_names)}"
+        )
 
 
 def _check_something_to_train(cfg: DictConfig, resume: ResumePoint) -> None:
@@ -170,14 +176,18 @@ def _check_something_to_train(cfg: DictConfig, resume: ResumePoint) -> None:
         advice = "a larger trainer.max_steps"
     status = resume.run.info.status if resume.latest else None
     if status is not None and status != "FINISHED":
-        log.warning("The run's latest checkpoint is at %s, but the run was left %s (its job ended before it "
-                    "could end the run): this job only ends it", where, status)
+        log.warning(
+            "The run's latest checkpoint is at %s, but the run was left %s (its job ended before it "
+            "could end the run): this job only ends it",
+            where,
+            status,
+        )
         return
     raise ConfigError(f"Nothing to train: the checkpoint is at {where}. Pass {advice} to train further.")
 
 
 def effective_batch(cfg: DictConfig, nproc: int) -> str:
-    """"8 (4 per rank x 2 ranks)" under torchrun; "" on one process (the batch_size param says it)."""
+    """ "8 (4 per rank x 2 ranks)" under torchrun; "" on one process (the batch_size param says it)."""
     size = int(cfg.batch_size)
     return f"{size * nproc} ({size} per rank × {nproc} ranks)" if nproc > 1 else ""
 

@@ -20,19 +20,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.config import TrackingConfig, legacy_launch_values
 from pipeline.common import faults
+from pipeline.common.provenance import utc_now
+from pipeline.config import TrackingConfig, legacy_launch_values
 from pipeline.engine import lease, startup
 from pipeline.engine import tags as tag
-from pipeline.engine.checkpointing import (
-    CHECKPOINT_DIR,
-    RetentionPolicy,
-    download_checkpoint,
-    list_checkpoints,
-    read_index,
-    steps_to_keep,
-)
-from pipeline.common.provenance import utc_now
 from pipeline.engine.checkpoint_files import (
     META_FILE,
     CheckpointError,
@@ -43,8 +35,16 @@ from pipeline.engine.checkpoint_files import (
     step_of,
     verify,
 )
-from pipeline.engine.launch import ALL_RUN_INPUTS, LaunchArgs
+from pipeline.engine.checkpointing import (
+    CHECKPOINT_DIR,
+    RetentionPolicy,
+    download_checkpoint,
+    list_checkpoints,
+    read_index,
+    steps_to_keep,
+)
 from pipeline.engine.distributed import Dist
+from pipeline.engine.launch import ALL_RUN_INPUTS, LaunchArgs
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class ResumePoint:
         state, self.state = self.state, None
         return state
 
-    def for_other_ranks(self) -> "ResumePoint":
+    def for_other_ranks(self) -> ResumePoint:
         """What rank 0 hands the other ranks: no state (they read the verified files themselves) and no run."""
         return replace(self, state=None, run=None)
 
@@ -125,18 +125,23 @@ class RunCheckpoints:
             run = self.client.get_run(run_id)
         except MlflowException as err:
             raise ResumeError(
-                f"{role}={run_id}: run not found in the tracking store {mlflow.get_tracking_uri()}" if role else
-                f"Run {run_id} not found in the tracking store {mlflow.get_tracking_uri()}. "
+                f"{role}={run_id}: run not found in the tracking store {mlflow.get_tracking_uri()}"
+                if role
+                else f"Run {run_id} not found in the tracking store {mlflow.get_tracking_uri()}. "
                 "Check the run ID (MLflow UI: run page header) and MLFLOW_TRACKING_URI."
             ) from err
         if run.info.lifecycle_stage == "deleted":
-            raise ResumeError(f"{role}={run_id}: the run is deleted" if role else
-                              f"Run {run_id} is deleted. Restore it in the MLflow UI (or `mlflow gc` removed it).")
+            raise ResumeError(
+                f"{role}={run_id}: the run is deleted"
+                if role
+                else f"Run {run_id} is deleted. Restore it in the MLflow UI (or `mlflow gc` removed it)."
+            )
         stage = run.data.tags.get(tag.STAGE)
         if stage not in stages:
             raise ResumeError(
-                f"{role}={run_id} is a {stage or 'non-pipeline'} run, not a {' or '.join(stages)} run" if role else
-                f"Run {run_id} is a {stage or 'non-pipeline'} run, not a {stages[0]} run; "
+                f"{role}={run_id} is a {stage or 'non-pipeline'} run, not a {' or '.join(stages)} run"
+                if role
+                else f"Run {run_id} is a {stage or 'non-pipeline'} run, not a {stages[0]} run; "
                 f"resume it with its own entry point or pick a {stages[0]} run."
             )
         return run
@@ -166,18 +171,28 @@ class RunCheckpoints:
         if value is None and step is None:
             return None
         what = f"is {value!r}, not a step" if value is not None else "is missing"
-        log.warning("The %s tag of run %s %s; %s", tag.CHECKPOINT_LATEST_STEP, self.run_id, what,
-                    f"the latest committed checkpoint per {source} is step {step}" if step is not None
-                    else f"neither its {tag.CHECKPOINT_LATEST} tag nor checkpoints/index.csv names a committed one")
+        log.warning(
+            "The %s tag of run %s %s; %s",
+            tag.CHECKPOINT_LATEST_STEP,
+            self.run_id,
+            what,
+            f"the latest committed checkpoint per {source} is step {step}"
+            if step is not None
+            else f"neither its {tag.CHECKPOINT_LATEST} tag nor checkpoints/index.csv names a committed one",
+        )
         return step
 
     def require_committed(self, purpose: str) -> int:
         """The latest committed step, or a refusal: nothing to ``purpose`` (e.g. "transcribe with")."""
         if self.latest_step is None or not list_checkpoints(self.client, self.run_id):
             if self.role:
-                raise ResumeError(f"{self.role}={self.run_id} ({self.stage}) has no committed checkpoint; train it first")
-            raise ResumeError(f"Run {self.run_id} has no checkpoints to {purpose}; train it first "
-                              f"(python -m pipeline.stages.{self.stage} resume_run={self.run_id} or a fresh run).")
+                raise ResumeError(
+                    f"{self.role}={self.run_id} ({self.stage}) has no committed checkpoint; train it first"
+                )
+            raise ResumeError(
+                f"Run {self.run_id} has no checkpoints to {purpose}; train it first "
+                f"(python -m pipeline.stages.{self.stage} resume_run={self.run_id} or a fresh run)."
+            )
         return self.latest_step
 
     def end_if_abandoned(self) -> str:
@@ -189,20 +204,28 @@ class RunCheckpoints:
             return ""
         tags = run.data.tags
         if lease.held_by_live_job(tags, lease.run_timeout(run, LEASE_TIMEOUT_S)):
-            return (f" A job is still training it ({tags.get(lease.HOLDER, 'unknown holder')}): wait for its first "
-                    "checkpoint, or stop it.")
-        note = (f"**Ended FAILED on {utc_now()} by a resume: the job that trained this run stopped before it "
-                "committed a checkpoint, so there is nothing to resume. Start a fresh run.**")
+            return (
+                f" A job is still training it ({tags.get(lease.HOLDER, 'unknown holder')}): wait for its first "
+                "checkpoint, or stop it."
+            )
+        note = (
+            f"**Ended FAILED on {utc_now()} by a resume: the job that trained this run stopped before it "
+            "committed a checkpoint, so there is nothing to resume. Start a fresh run.**"
+        )
         self.client.set_tag(run_id, tag.NOTE, f"{note}\n\n{tags.get(tag.NOTE, '')}".strip())
         self.client.set_terminated(run_id, "FAILED")
-        log.warning("Run %s was left RUNNING by a job that stopped before committing a checkpoint; it is now ended "
-                    "FAILED", run_id)
+        log.warning(
+            "Run %s was left RUNNING by a job that stopped before committing a checkpoint; it is now ended FAILED",
+            run_id,
+        )
         return " The run was left RUNNING by a job that stopped before committing one; it is now ended FAILED."
 
     def best_step(self) -> int | None:
         """The kept checkpoint with the best value of the run's ``checkpoint.monitor`` (None if none is scored)."""
         params = self.run.data.params
-        policy = RetentionPolicy(0, 1, params.get("checkpoint.monitor", "val/loss"), params.get("checkpoint.mode", "min"))
+        policy = RetentionPolicy(
+            0, 1, params.get("checkpoint.monitor", "val/loss"), params.get("checkpoint.mode", "min")
+        )
         stored = set(list_checkpoints(self.client, self.run_id))  # a row of a step no longer stored never ranks
         rows = [row for row in read_index(self.client, self.run_id) if int(row["step"]) in stored]
         best = steps_to_keep(rows, policy, latest=-1) - {-1}
@@ -213,7 +236,9 @@ class RunCheckpoints:
         path = f"{CHECKPOINT_DIR}/{checkpoint_name(step)}/{META_FILE}"
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                return json.loads(Path(self.client.download_artifacts(self.run_id, path, tmp)).read_text(encoding="utf-8"))
+                return json.loads(
+                    Path(self.client.download_artifacts(self.run_id, path, tmp)).read_text(encoding="utf-8")
+                )
             except Exception as err:  # missing artifact, unreadable JSON
                 who = f"{self.role}={self.run_id}" if self.role else f"Run {self.run_id}"
                 raise ResumeError(f"{who}: cannot read {path} ({err})") from err
@@ -227,8 +252,9 @@ class RunCheckpoints:
         run_id = self.run_id
         stored = list_checkpoints(self.client, run_id)
         if not stored:
-            raise ResumeError(f"Run {run_id} has no checkpoints to resume from; start a fresh run instead."
-                              + self.end_if_abandoned())
+            raise ResumeError(
+                f"Run {run_id} has no checkpoints to resume from; start a fresh run instead." + self.end_if_abandoned()
+            )
         if step is not None:
             if step not in stored:
                 raise ResumeError(
@@ -244,11 +270,14 @@ class RunCheckpoints:
                     f"{tag.CHECKPOINT_LATEST_STEP} tag is {self.run.data.tags[tag.CHECKPOINT_LATEST_STEP]!r}, not a "
                     "step, and nothing else says which is committed. Set the tag to the step of the last checkpoint "
                     "that finished (MLflow UI: run page, Tags), or pick one: resume_step=<step> (it is verified "
-                    "before use).")
+                    "before use)."
+                )
             if not committed:
-                raise ResumeError(f"Run {run_id} has no committed checkpoint (no upload finished); start a fresh run, "
-                                  f"or pick a stored one: resume_step=<step> (stored: {', '.join(map(str, stored))}; "
-                                  "it is verified before use)." + self.end_if_abandoned())
+                raise ResumeError(
+                    f"Run {run_id} has no committed checkpoint (no upload finished); start a fresh run, "
+                    f"or pick a stored one: resume_step=<step> (stored: {', '.join(map(str, stored))}; "
+                    "it is verified before use)." + self.end_if_abandoned()
+                )
             candidates = sorted(committed, reverse=True)
         errors = []
         for candidate in candidates:
@@ -264,10 +293,21 @@ class RunCheckpoints:
                     log.warning("Falling back to the previous checkpoint of run %s", run_id)
                 continue
             if errors:
-                log.warning("Resuming from older checkpoint %s because newer ones failed verification",
-                            checkpoint_name(candidate))
-            return ResumePoint(candidate, meta, state, f"run {run_id} checkpoint {checkpoint_name(candidate)}", run_id,
-                               run=self.run, latest=step is None, path=local, workdir=workdir)
+                log.warning(
+                    "Resuming from older checkpoint %s because newer ones failed verification",
+                    checkpoint_name(candidate),
+                )
+            return ResumePoint(
+                candidate,
+                meta,
+                state,
+                f"run {run_id} checkpoint {checkpoint_name(candidate)}",
+                run_id,
+                run=self.run,
+                latest=step is None,
+                path=local,
+                workdir=workdir,
+            )
         raise ResumeError(f"No usable checkpoint in run {run_id}: " + " | ".join(errors))
 
 
@@ -280,8 +320,9 @@ def _load_verified(ckpt_dir: Path, stage: str | None = None) -> tuple[dict[str, 
     meta = verify(ckpt_dir)
     check_resumable(meta, ckpt_dir)
     if stage is not None and meta["stage"] != stage:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {META_FILE} says stage {meta['stage']!r}, but the run is a "
-                              f"{stage} run")
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: {META_FILE} says stage {meta['stage']!r}, but the run is a {stage} run"
+        )
     startup.mark("verify")
     state = load_state(ckpt_dir)
     check_state(state, meta, ckpt_dir)
@@ -364,5 +405,13 @@ def stored_inputs(meta: dict[str, Any], run_inputs: tuple[str, ...] = ALL_RUN_IN
     return {key: str(legacy[key]) for key in run_inputs if key in legacy}
 
 
-__all__ = ["ResumeError", "ResumePoint", "RunCheckpoints", "fetch_model", "rank_state", "resolve", "step_of",
-           "stored_inputs"]
+__all__ = [
+    "ResumeError",
+    "ResumePoint",
+    "RunCheckpoints",
+    "fetch_model",
+    "rank_state",
+    "resolve",
+    "step_of",
+    "stored_inputs",
+]

@@ -21,11 +21,19 @@ from mlflow.exceptions import MlflowException
 from pipeline.config import ConfigError
 from pipeline.engine import launcher_watch, startup
 from pipeline.engine import tags as tag
-from pipeline.engine.auto_resume import AlreadyFinished
 from pipeline.engine.attempts import RunContext, experiment_name, open_run
+from pipeline.engine.auto_resume import AlreadyFinished
 from pipeline.engine.checkpoint_files import CheckpointError
-from pipeline.engine.cli import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, EXIT_STOPPED, EXIT_STORAGE,
-                                 exit_now, setup_logging)
+from pipeline.engine.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REQUEUE,
+    EXIT_STOPPED,
+    EXIT_STORAGE,
+    exit_now,
+    setup_logging,
+)
 from pipeline.engine.distributed import Dist, handed_over_run, max_restarts, remember_run, restart_count
 from pipeline.engine.job import TrainingHooks, train_in_run, train_other_rank
 from pipeline.engine.lease import LeaseHeld
@@ -55,8 +63,9 @@ def main(stage_cls: type[Stage]) -> None:
     exit_now(code, dist)
 
 
-def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | None = None,
-              continue_run: str | None = None) -> int:
+def run_stage(
+    stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | None = None, continue_run: str | None = None
+) -> int:
     """Entry point body of every training stage: plan, build, open the run, train in it; returns the exit
     code (EXIT_ABORTED after a second signal: the command-line entry then exits at once, see exit_now).
     ``continue_run``: the run an elastic restart continues from its latest checkpoint, whatever ``argv`` says.
@@ -78,8 +87,9 @@ def run_stage(stage_cls: type[Stage], argv: list[str], hooks: TrainingHooks | No
             plan.resume.remove_download()  # every rank has read it by now (resume.rank_state)
 
 
-def _plan(stage_cls: type[Stage], argv: list[str], dist: Dist,
-          continue_run: str | None) -> tuple[MlflowClient | None, JobPlan | None, int]:
+def _plan(
+    stage_cls: type[Stage], argv: list[str], dist: Dist, continue_run: str | None
+) -> tuple[MlflowClient | None, JobPlan | None, int]:
     """Rank 0 plans the job; the other ranks get the plan without the checkpoint's state (they read the
     verified checkpoint files themselves)."""
     client, plan, code = None, None, EXIT_OK
@@ -105,13 +115,18 @@ def _elastic_restart_run() -> str | None:
     automatic resume; a job's first group starts as asked."""
     run_id = handed_over_run()
     if run_id is not None:
-        log.warning("Elastic restart %d of at most %d: continuing run %s from its latest committed checkpoint",
-                    restart_count(), max_restarts(), run_id)
+        log.warning(
+            "Elastic restart %d of at most %d: continuing run %s from its latest committed checkpoint",
+            restart_count(),
+            max_restarts(),
+            run_id,
+        )
     return run_id
 
 
-def _run_rank(stage_cls: type[Stage], client: MlflowClient | None, plan: JobPlan, hooks: TrainingHooks | None,
-              dist: Dist) -> int:
+def _run_rank(
+    stage_cls: type[Stage], client: MlflowClient | None, plan: JobPlan, hooks: TrainingHooks | None, dist: Dist
+) -> int:
     startup.mark("config")
     cfg = plan.cfg
     if cfg.trainer.deterministic:
@@ -149,8 +164,9 @@ def _build_on_every_rank(stage_cls: type[Stage], plan: JobPlan, dist: Dist) -> t
     return stage, max(dist.all_gather(code))  # a rank that cannot build stops them all
 
 
-def _build(stage_cls: type[Stage], plan: JobPlan, precision: Precision, dist: Dist,
-           inputs: dict[str, str]) -> tuple[Stage | None, int]:
+def _build(
+    stage_cls: type[Stage], plan: JobPlan, precision: Precision, dist: Dist, inputs: dict[str, str]
+) -> tuple[Stage | None, int]:
     """The stage with its parts built, or the exit code of why it cannot be."""
     stage = stage_cls(plan.cfg, precision, inputs=inputs, resuming=plan.resume is not None, dist=dist)
     try:
@@ -176,8 +192,12 @@ def _open(client: MlflowClient, stage: Stage, plan: JobPlan) -> tuple[RunContext
         log.error("%s", err)
         return None, EXIT_BAD_INPUT
     except MlflowException as err:
-        refused = access_error(err, f"write runs in experiment {experiment_name(cfg, stage.name)!r}" if resume is None
-                               else f"write to run {resume.run_id}")
+        refused = access_error(
+            err,
+            f"write runs in experiment {experiment_name(cfg, stage.name)!r}"
+            if resume is None
+            else f"write to run {resume.run_id}",
+        )
         if refused is None:
             raise
         log.error("%s", refused)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +33,7 @@ class Precision:
     scaler: torch.amp.GradScaler | None
 
     @classmethod
-    def from_config(cls, device: str, precision: str) -> "Precision":
+    def from_config(cls, device: str, precision: str) -> Precision:
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={precision!r}; choose one of {sorted(PRECISIONS)}")
         if device == "auto":
@@ -53,8 +54,15 @@ class Precision:
         return torch.autocast(self.device.type, enabled=False) if self.dtype is not None else nullcontext()
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float,
-              anchor_step: int = 0, anchor_factor: float = 1.0) -> float:
+def lr_factor(
+    step: int,
+    warmup_steps: int,
+    max_steps: int,
+    schedule: str,
+    min_ratio: float,
+    anchor_step: int = 0,
+    anchor_factor: float = 1.0,
+) -> float:
     """Learning-rate multiplier at ``step``: linear warm-up, then cosine decay or constant.
 
     The cosine decays from 1 at the end of warm-up to ``min_ratio`` at ``max_steps``. An anchor past
@@ -89,8 +97,15 @@ class LRSchedule:
         self.anchor_factor = 1.0
 
     def __call__(self, step: int) -> float:
-        return lr_factor(step, self.warmup_steps, self.total_steps, self.schedule, self.min_ratio,
-                         self.anchor_step, self.anchor_factor)
+        return lr_factor(
+            step,
+            self.warmup_steps,
+            self.total_steps,
+            self.schedule,
+            self.min_ratio,
+            self.anchor_step,
+            self.anchor_factor,
+        )
 
     def retarget(self, step: int, total_steps: int) -> bool:
         """Plan for ``total_steps`` from ``step`` on; returns True when a started curve was re-anchored.
@@ -132,8 +147,14 @@ class Stage:
     # (``distribute``), and ``training_step`` runs its forward passes through ``self.ddp(module)``.
     parallel_modules: tuple[str, ...] = ()
 
-    def __init__(self, cfg: DictConfig, precision: Precision, inputs: dict[str, str] | None = None,
-                 resuming: bool = False, dist: Dist = SINGLE):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        precision: Precision,
+        inputs: dict[str, str] | None = None,
+        resuming: bool = False,
+        dist: Dist = SINGLE,
+    ):
         self.cfg = cfg
         self.precision = precision
         self.device = precision.device
@@ -247,8 +268,9 @@ class Stage:
         """The default optimizer: AdamW with ``optim.betas`` and ``optim.weight_decay``, at ``optim.lr``
         unless another peak ``lr`` is given (e.g. the discriminators')."""
         o = self.cfg.optim
-        return torch.optim.AdamW(params, lr=o.lr if lr is None else lr, betas=tuple(o.betas),
-                                 weight_decay=o.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=o.lr if lr is None else lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        )
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """LambdaLR over ``LRSchedule``; the engine sets its horizon when training starts or resumes."""
@@ -257,8 +279,13 @@ class Stage:
             optimizer, LRSchedule(o.warmup_steps, self.cfg.trainer.max_steps, o.schedule, o.min_lr_ratio)
         )
 
-    def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
-                 update_scaler: bool = True) -> torch.Tensor:
+    def optimize(
+        self,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        params: Iterable[nn.Parameter],
+        update_scaler: bool = True,
+    ) -> torch.Tensor:
         """Backward, clip, step (through the grad scaler when one is used); returns the grad norm.
 
         A non-finite loss or gradient norm skips the update (the grad scaler skips it by itself) and is

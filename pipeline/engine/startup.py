@@ -51,5 +51,9 @@ def first_step(step: int) -> None:
         return
     mark("first step")
     _reported = True
-    log.info("Startup: first step %d at %.2f s after process start (%s)", step, _last - _started,
-             ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in _phases))
+    log.info(
+        "Startup: first step %d at %.2f s after process start (%s)",
+        step,
+        _last - _started,
+        ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in _phases),
+    )

@@ -39,7 +39,10 @@ def spawn(run_id: str, status: str) -> None:
         return
     subprocess.Popen(
         [sys.executable, "-m", "pipeline.engine.status_guard", run_id, status, str(pid)],
-        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         env=dict(os.environ),
     )
 

@@ -53,7 +53,7 @@ class StopController:
     def requested(self) -> bool:
         return self.reason is not None
 
-    def __enter__(self) -> "StopController":
+    def __enter__(self) -> StopController:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                 continue  # started under nohup: the user asked to outlive the terminal
@@ -81,8 +81,12 @@ class StopController:
             self._first_signal_at = now
             self.reason = self.reason or (REQUEUE if signum == signal.SIGUSR1 else "signal")
             then = ", then asking to be requeued" if self.reason == REQUEUE else ""
-            log.warning("%s received: finishing the current step, then saving a checkpoint%s "
-                        "(send it again to abort without saving)", name, then)
+            log.warning(
+                "%s received: finishing the current step, then saving a checkpoint%s "
+                "(send it again to abort without saving)",
+                name,
+                then,
+            )
         elif not self.abortable:
             log.warning("%s received: the run is being ended, this takes a moment", name)
         elif now - self._first_signal_at > SECOND_SIGNAL_GRACE_S:

@@ -9,15 +9,16 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
-from pipeline.config import mask_secrets, redact
 from pipeline.common import faults
+from pipeline.config import mask_secrets, redact
 from pipeline.engine import tags as tag
 from pipeline.engine.outage import OUTAGE_LIMIT_S, NotRetried, StorageError, first_line, retry_until
 from pipeline.engine.private_apis import dataset_entity, metric_steps
@@ -50,8 +51,14 @@ class MetricLogger:
     has the sender store them with the model's ID, in the one call that stores them (engine/logged_models.py).
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float,
-                 already_logged: dict[str, int] | None = None, outage_limit_s: float = OUTAGE_LIMIT_S):
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        flush_seconds: float,
+        already_logged: dict[str, int] | None = None,
+        outage_limit_s: float = OUTAGE_LIMIT_S,
+    ):
         self.client = client
         self.run_id = run_id
         self.flush_seconds = flush_seconds
@@ -123,11 +130,15 @@ class MetricLogger:
             self._last_flush = time.monotonic()
         if waiting >= BACKLOG_WARN_BATCHES and self._last_flush - self._backlog_warned >= BACKLOG_WARN_EVERY_S:
             self._backlog_warned = self._last_flush
-            log.warning("%d batches of metrics (up to %d values) are waiting to be stored: the tracking store takes "
-                        "them slower than this job logs them, and at %d batches training waits for it. A larger "
-                        "tracking.metric_interval (a point per N steps) or more server workers (mlflow server "
-                        "--workers) keep up; docs/benchmarks.md, Cost growth", waiting, waiting * MAX_BATCH,
-                        BACKLOG_MAX_BATCHES)
+            log.warning(
+                "%d batches of metrics (up to %d values) are waiting to be stored: the tracking store takes "
+                "them slower than this job logs them, and at %d batches training waits for it. A larger "
+                "tracking.metric_interval (a point per N steps) or more server workers (mlflow server "
+                "--workers) keep up; docs/benchmarks.md, Cost growth",
+                waiting,
+                waiting * MAX_BATCH,
+                BACKLOG_MAX_BATCHES,
+            )
         if wait:
             sent.wait()
         elif waiting >= BACKLOG_MAX_BATCHES:  # bounded memory: wait until the oldest batches are stored
@@ -161,8 +172,11 @@ class MetricLogger:
             batch = self._linked(batch, links)
             steps = f"steps {first}-{last}" if first != last else f"step {first}"
             try:
-                retry_until(lambda: self.client.log_batch(self.run_id, metrics=batch),
-                            f"Storing the metrics of {steps} ({pending} values waiting)", self.outage_limit_s)
+                retry_until(
+                    lambda batch=batch: self.client.log_batch(self.run_id, metrics=batch),
+                    f"Storing the metrics of {steps} ({pending} values waiting)",
+                    self.outage_limit_s,
+                )
             except (StorageError, NotRetried) as err:  # NotRetried: this job may not write to the run any more
                 with self._cond:
                     self._error = err
@@ -173,15 +187,15 @@ class MetricLogger:
                 self._stored += 1
                 self._cond.notify_all()
 
-
     @staticmethod
     def _linked(batch: list[Metric], links: list) -> list[Metric]:
         """``batch`` with the points of each link's step carrying its model's ID (made now, if need be)."""
         ids = {link.step: link.metric_model_id() for link in links}
         if not any(ids.values()):
             return batch
-        return [Metric(m.key, m.value, m.timestamp, m.step, model_id=ids[m.step]) if ids.get(m.step) else m
-                for m in batch]
+        return [
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=ids[m.step]) if ids.get(m.step) else m for m in batch
+        ]
 
 
 class _Stored:
@@ -267,13 +281,17 @@ def access_error(err: Exception, what: str) -> AccessError | None:
     who = repr(user) if user else "nobody (MLFLOW_TRACKING_USERNAME is not set)"
     uri = mlflow.get_tracking_uri()
     if code == "UNAUTHENTICATED":
-        return AccessError(f"The tracking server {uri} refused the credentials of {who}: check "
-                           "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; the server's admin creates users "
-                           "(docs/team-server.md)")
+        return AccessError(
+            f"The tracking server {uri} refused the credentials of {who}: check "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; the server's admin creates users "
+            "(docs/team-server.md)"
+        )
     if code == "PERMISSION_DENIED":
-        return AccessError(f"User {who} may not {what} on the tracking server {uri}. Ask the experiment's owner or the "
-                           "server's admin for EDIT permission on it (docs/team-server.md), or use another "
-                           "experiment: tracking.experiment=<name>")
+        return AccessError(
+            f"User {who} may not {what} on the tracking server {uri}. Ask the experiment's owner or the "
+            "server's admin for EDIT permission on it (docs/team-server.md), or use another "
+            "experiment: tracking.experiment=<name>"
+        )
     return None
 
 
@@ -285,7 +303,8 @@ def check_access(client: MlflowClient) -> None:
     except Exception as err:  # MLflow's own exceptions, or requests' when the server is unreachable
         raise access_error(err, "read experiments") or AccessError(
             f"Cannot use the tracking store {mlflow.get_tracking_uri()}: {first_line(err)}. "
-            "Check MLFLOW_TRACKING_URI and that the server is up") from err
+            "Check MLFLOW_TRACKING_URI and that the server is up"
+        ) from err
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -306,8 +325,15 @@ def default_run_name(run_id: str, *parts: str) -> str:
     return "-".join([run_id[:6], *parts])
 
 
-def start_or_adopt_run(client: MlflowClient, *, experiment: str, run_name: str | Callable[[str], str],
-                       tags: dict[str, str], params: dict[str, Any] | None = None, launcher: str | None = None) -> str:
+def start_or_adopt_run(
+    client: MlflowClient,
+    *,
+    experiment: str,
+    run_name: str | Callable[[str], str],
+    tags: dict[str, str],
+    params: dict[str, Any] | None = None,
+    launcher: str | None = None,
+) -> str:
     """A job's own run: ``launcher`` (the run `mlflow run` created, MLFLOW_RUN_ID), renamed, or a new run in
     ``experiment``; then named (``run_name``, or ``run_name(run_id)``), tagged, and given the params it
     does not have yet (secrets masked in all three, ``redact``; `mlflow run` logs its entry-point parameters
@@ -326,17 +352,22 @@ def log_dataset_inputs(client: MlflowClient, run_id: str, datasets: list, contex
     """Log ``mlflow.data`` datasets as the run's inputs, tagged with their role (training, output); their names
     and sources with secrets masked (``redact``: e.g. the credentials of an ``s3://`` or ``https://`` address)."""
     entities = [dataset_entity(d) for d in datasets]
-    client.log_inputs(run_id, [DatasetInput(Dataset(redact(e.name), e.digest, e.source_type, redact(e.source), e.schema,
-                                                    e.profile), [InputTag("mlflow.data.context", context)])
-                               for e in entities])
+    client.log_inputs(
+        run_id,
+        [
+            DatasetInput(
+                Dataset(redact(e.name), e.digest, e.source_type, redact(e.source), e.schema, e.profile),
+                [InputTag("mlflow.data.context", context)],
+            )
+            for e in entities
+        ],
+    )
 
 
 def copy_history(client: MlflowClient, src_run: str, dst_run: str, max_step: int) -> int:
     """Copy every metric of ``src_run`` up to ``max_step`` into ``dst_run``; returns the count."""
     keys = client.get_run(src_run).data.metrics.keys()
-    metrics = [
-        m for key in keys for m in client.get_metric_history(src_run, key) if m.step <= max_step
-    ]
+    metrics = [m for key in keys for m in client.get_metric_history(src_run, key) if m.step <= max_step]
     for i in range(0, len(metrics), MAX_BATCH):
         client.log_batch(dst_run, metrics=metrics[i : i + MAX_BATCH])
     return len(metrics)
@@ -363,12 +394,27 @@ def ui_base() -> str:
 # (``mlflow.sharedViewState.<key>``, what the UI's Share button writes), named by ``viewStateShareKey``.
 RUNS_VIEW_KEY = "speech-pipeline-runs"
 RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
-RUNS_VIEW_COLUMNS = [f"tags.`{tag.PROGRESS}`", "metrics.`val/loss`", "metrics.`val/mel`", "metrics.`val/cer`",
-                     "metrics.`val/wer`", "metrics.`train/loss`", f"tags.`{tag.MODEL}`", f"tags.`{tag.DATASET}`",
-                     f"tags.`{tag.CHECKPOINT_LATEST}`"]  # a metric no run of the experiment logs shows no column
-RUNS_VIEW = json.dumps({"selectedColumns": RUNS_VIEW_COLUMNS, "columnOrder": RUNS_VIEW_COLUMNS,
-                        "columnWidths": {f"tags.`{tag.PROGRESS}`": 300},
-                        "orderByKey": "attributes.start_time", "orderByAsc": False}, sort_keys=True)
+RUNS_VIEW_COLUMNS = [
+    f"tags.`{tag.PROGRESS}`",
+    "metrics.`val/loss`",
+    "metrics.`val/mel`",
+    "metrics.`val/cer`",
+    "metrics.`val/wer`",
+    "metrics.`train/loss`",
+    f"tags.`{tag.MODEL}`",
+    f"tags.`{tag.DATASET}`",
+    f"tags.`{tag.CHECKPOINT_LATEST}`",
+]  # a metric no run of the experiment logs shows no column
+RUNS_VIEW = json.dumps(
+    {
+        "selectedColumns": RUNS_VIEW_COLUMNS,
+        "columnOrder": RUNS_VIEW_COLUMNS,
+        "columnWidths": {f"tags.`{tag.PROGRESS}`": 300},
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+    },
+    sort_keys=True,
+)
 # ``workflowType``: a fresh browser would otherwise open the UI's GenAI pages (traces, no runs, "Agent versions").
 ML_VIEW = "workflowType=machine_learning"
 
@@ -381,8 +427,11 @@ def ensure_runs_view(client: MlflowClient, experiment_id: str) -> None:
         if client.get_experiment(experiment_id).tags.get(RUNS_VIEW_TAG) != RUNS_VIEW:
             client.set_experiment_tag(experiment_id, RUNS_VIEW_TAG, RUNS_VIEW)
     except Exception as err:
-        log.warning("Could not store the runs table view in experiment %s (%s); its links show MLflow's "
-                    "default columns", experiment_id, first_line(err))
+        log.warning(
+            "Could not store the runs table view in experiment %s (%s); its links show MLflow's default columns",
+            experiment_id,
+            first_line(err),
+        )
 
 
 def ui_url(experiment_id: str, run_id: str | None = None, base: str | None = None, page: str = "") -> str:
@@ -403,8 +452,10 @@ def dashboard_hint(experiment_id: str, run_id: str | None = None) -> str:
     """Where to look at a run (or an experiment) in the MLflow UI, for the closing log line."""
     if ui_base():
         return ui_url(experiment_id, run_id)
-    return (f"mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}, then open "
-            f"{ui_url(experiment_id, run_id, base=LOCAL_UI)}")
+    return (
+        f"mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}, then open "
+        f"{ui_url(experiment_id, run_id, base=LOCAL_UI)}"
+    )
 
 
 def resume_command(stage: str, run_id: str, nproc: int = 1) -> str:
@@ -443,12 +494,18 @@ def describe_run(
     if batch:
         lines += [f"Effective batch: {batch}", ""]
     if job_key:
-        lines += [f"Job key `{job_key}`: a launch with `resume=auto` and this key (a requeued Slurm job) continues "
-                  "this run by itself.", ""]
+        lines += [
+            f"Job key `{job_key}`: a launch with `resume=auto` and this key (a requeued Slurm job) continues "
+            "this run by itself.",
+            "",
+        ]
     if experiment_id:
-        lines += [f"[All runs of this experiment]({ui_url(experiment_id)}) · "
-                  f"[checkpoints]({ui_url(experiment_id, run_id, page='artifactPath/checkpoints/index.csv')}) · "
-                  f"[checkpoints of every run, by metric]({ui_url(experiment_id, page='models')})", ""]
+        lines += [
+            f"[All runs of this experiment]({ui_url(experiment_id)}) · "
+            f"[checkpoints]({ui_url(experiment_id, run_id, page='artifactPath/checkpoints/index.csv')}) · "
+            f"[checkpoints of every run, by metric]({ui_url(experiment_id, page='models')})",
+            "",
+        ]
     earlier = int(history[0]["attempt"]) - 1 if history else 0
     if earlier > 0:  # a resume reads back only the newest attempts (attempts.ATTEMPTS_SHOWN)
         lines += [f"Attempts 1-{earlier}: `config/attempt-<n>.yaml` in this run's artifacts.", ""]

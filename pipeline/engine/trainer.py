@@ -19,19 +19,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pipeline.common import faults
+from pipeline.common.provenance import code_version, utc_now
 from pipeline.config import STORED_AS_WRITTEN, config_hash, redact, to_container
 from pipeline.data.datasets import seeded_loader
-from pipeline.common import faults
 from pipeline.engine import startup
 from pipeline.engine import tags as tag
-from pipeline.engine.checkpointing import CheckpointStore
-from pipeline.common.provenance import code_version, utc_now
 from pipeline.engine.checkpoint_files import FORMAT_VERSION, checkpoint_name
+from pipeline.engine.checkpointing import CheckpointStore
+from pipeline.engine.optimizer_settings import apply_optimizer_settings, optimizer_settings
+from pipeline.engine.outage import first_line
 from pipeline.engine.rng import capture_rng, restore_rng
 from pipeline.engine.stage import LRSchedule, Stage, data_workers
 from pipeline.engine.stopping import StopController
-from pipeline.engine.outage import first_line
-from pipeline.engine.optimizer_settings import apply_optimizer_settings, optimizer_settings
 from pipeline.engine.tracking import MetricLogger
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,16 @@ class MetricWindow:
 
 
 class Engine:
-    def __init__(self, stage: Stage, metrics: MetricLogger, store: CheckpointStore, stopper: StopController,
-                 run_id: str, on_progress=None, hooks=None):
+    def __init__(
+        self,
+        stage: Stage,
+        metrics: MetricLogger,
+        store: CheckpointStore,
+        stopper: StopController,
+        run_id: str,
+        on_progress=None,
+        hooks=None,
+    ):
         self.stage = stage
         self.cfg = stage.cfg
         self.metrics = metrics
@@ -169,27 +177,47 @@ class Engine:
         if old_size != new_size:  # keep the sample position in the epoch, in whole new batches
             self.pos.batch_in_epoch = -(-self.pos.batch_in_epoch * old_size // new_size)
         if old_world != world:
-            log.warning("The checkpoint was trained on %d rank(s), this job has %d: the effective batch is now %d (%d "
-                        "per rank x %d) instead of %d, and the LR schedule goes on by steps. The epoch goes on from the "
-                        "same sample position (batch %d of epoch %d at the new size), but the examples are grouped "
-                        "into batches differently%s; ranks beyond the checkpoint's use their own fresh random "
-                        "streams. Resume with %d rank(s) for an exact continuation.",
-                        old_world, world, new_size, int(self.cfg.batch_size), world, old_size, self.pos.batch_in_epoch,
-                        self.pos.epoch, " and shards are dealt to the ranks' workers anew, from this epoch on"
-                        if s.train_source.order_depends_on_workers else "", old_world)
+            log.warning(
+                "The checkpoint was trained on %d rank(s), this job has %d: the effective batch is now %d (%d "
+                "per rank x %d) instead of %d, and the LR schedule goes on by steps. The epoch goes on from the "
+                "same sample position (batch %d of epoch %d at the new size), but the examples are grouped "
+                "into batches differently%s; ranks beyond the checkpoint's use their own fresh random "
+                "streams. Resume with %d rank(s) for an exact continuation.",
+                old_world,
+                world,
+                new_size,
+                int(self.cfg.batch_size),
+                world,
+                old_size,
+                self.pos.batch_in_epoch,
+                self.pos.epoch,
+                " and shards are dealt to the ranks' workers anew, from this epoch on"
+                if s.train_source.order_depends_on_workers
+                else "",
+                old_world,
+            )
         self.val_metrics = dict(state.get("val_metrics", {}))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         if "metric_window" in state:  # checkpoints written before metric_interval have none
             self.metric_window.load_state_dict(state["metric_window"])
         old_workers = int(state.get("data_workers", self._workers()))
-        if s.train_source.order_depends_on_workers and old_workers != self._workers() and self.pos.batch_in_epoch \
-                and old_world == world:
-            log.warning("data.num_workers changed from %d to %d in the middle of epoch %d: the data are dealt to "
-                        "workers anew, so the rest of this epoch is not what an uninterrupted run would read "
-                        "(some samples repeat, others sit out); the next epochs read every sample once. Resume "
-                        "with data.num_workers=%d to keep the resume exact.",
-                        old_workers, self._workers(), self.pos.epoch, old_workers)
+        if (
+            s.train_source.order_depends_on_workers
+            and old_workers != self._workers()
+            and self.pos.batch_in_epoch
+            and old_world == world
+        ):
+            log.warning(
+                "data.num_workers changed from %d to %d in the middle of epoch %d: the data are dealt to "
+                "workers anew, so the rest of this epoch is not what an uninterrupted run would read "
+                "(some samples repeat, others sit out); the next epochs read every sample once. Resume "
+                "with data.num_workers=%d to keep the resume exact.",
+                old_workers,
+                self._workers(),
+                self.pos.epoch,
+                old_workers,
+            )
         log.info("Restored model, optimizer, and scheduler states")
 
     def _restore_rank_rng(self, state: dict[str, Any]) -> None:
@@ -239,8 +267,11 @@ class Engine:
         change in a job."""
         if self._config_cache is None:
             # as written: interpolations unresolved, secrets masked (a resume needs masked ones passed again)
-            self._config_cache = {"config": to_container(self.cfg), "config_hash": config_hash(self.cfg),
-                                  "tags": redact(self.stage.tags())}
+            self._config_cache = {
+                "config": to_container(self.cfg),
+                "config_hash": config_hash(self.cfg),
+                "tags": redact(self.stage.tags()),
+            }
         return self._config_cache
 
     # --- data ---------------------------------------------------------------------------------
@@ -260,22 +291,34 @@ class Engine:
         for name, sch in self.stage.schedulers.items():
             for fn in getattr(sch, "lr_lambdas", []):
                 if isinstance(fn, LRSchedule) and fn.retarget(self.pos.step, self.total_steps):
-                    log.info("LR schedule %s: horizon is now %d steps; continuing from lr=%.4g at step %d",
-                             name, self.total_steps, sch.get_last_lr()[0], self.pos.step)
+                    log.info(
+                        "LR schedule %s: horizon is now %d steps; continuing from lr=%.4g at step %d",
+                        name,
+                        self.total_steps,
+                        sch.get_last_lr()[0],
+                        self.pos.step,
+                    )
 
     def _workers(self) -> int:
         return data_workers(self.cfg)
 
     def _epoch_loader(self):
         """The rest of the current epoch, from the data position (this rank's share of each global batch)."""
-        return self.stage.train_source.loader(self.pos.epoch, self.pos.batch_in_epoch, int(self.cfg.batch_size),
-                                              self._workers(), self.stage.collate, rank=self.dist.rank,
-                                              world=self.dist.world_size)
+        return self.stage.train_source.loader(
+            self.pos.epoch,
+            self.pos.batch_in_epoch,
+            int(self.cfg.batch_size),
+            self._workers(),
+            self.stage.collate,
+            rank=self.dist.rank,
+            world=self.dist.world_size,
+        )
 
     def batches_per_epoch(self) -> int:
         """Steps per epoch (global batches: every rank's share of the epoch)."""
-        return self.stage.train_source.num_batches(int(self.cfg.batch_size), self._workers(),
-                                                   world=self.dist.world_size)
+        return self.stage.train_source.num_batches(
+            int(self.cfg.batch_size), self._workers(), world=self.dist.world_size
+        )
 
     # --- validation ---------------------------------------------------------------------------
     @contextmanager
@@ -305,8 +348,11 @@ class Engine:
             self.val_metrics.update({f"val/{k}": num / den for k, (num, den) in sums.items() if den > 0})
             if self.dist.is_main:
                 self.metrics.log(self.val_metrics, self.pos.step)
-                log.info("validation at step %d: %s", self.pos.step,
-                         ", ".join(f"{k}={v:.4f}" for k, v in self.val_metrics.items()))
+                log.info(
+                    "validation at step %d: %s",
+                    self.pos.step,
+                    ", ".join(f"{k}={v:.4f}" for k, v in self.val_metrics.items()),
+                )
                 self._write_samples()
         reason = self.hooks.on_validation(self.pos.step, dict(self.val_metrics)) if self.hooks else None
         if reason:
@@ -334,8 +380,9 @@ class Engine:
         size = int(self.cfg.batch_size)
         keys = list(range(len(stage.val_set)))
         batches = [keys[i : i + size] for i in range(0, len(keys), size)][self.dist.rank :: self.dist.world_size]
-        loader = seeded_loader(stage.val_set, batches, self._workers(), stage.collate, int(self.cfg.seed),
-                               stage.device.type == "cuda")
+        loader = seeded_loader(
+            stage.val_set, batches, self._workers(), stage.collate, int(self.cfg.seed), stage.device.type == "cuda"
+        )
         totals: dict[str, float] = {}
         sums: dict[str, list[float]] = {}  # name -> [numerator, denominator] over the whole set
         count = 0
@@ -360,25 +407,33 @@ class Engine:
                 try:
                     self.store.log_files(tmp, f"samples/{checkpoint_name(self.pos.step)}")
                 except Exception as err:  # an artifact store outage: the samples of this step only are lost
-                    log.warning("The samples of step %d could not be stored (%s); training goes on",
-                                self.pos.step, first_line(err))
+                    log.warning(
+                        "The samples of step %d could not be stored (%s); training goes on",
+                        self.pos.step,
+                        first_line(err),
+                    )
 
     # --- non-finite steps ----------------------------------------------------------------------
     def _count_nonfinite(self) -> int:
         self.nonfinite_steps += 1
         self.nonfinite_streak += 1
-        log.warning("Step %d: the loss or a gradient is not finite; its update was skipped (%d in a row, %d in all)",
-                    self.pos.step, self.nonfinite_streak, self.nonfinite_steps)
+        log.warning(
+            "Step %d: the loss or a gradient is not finite; its update was skipped (%d in a row, %d in all)",
+            self.pos.step,
+            self.nonfinite_streak,
+            self.nonfinite_steps,
+        )
         return self.nonfinite_steps
 
     def _stop_if_diverged(self) -> None:
         limit = int(self.cfg.trainer.max_nonfinite_steps)
         if self.nonfinite_streak >= limit:
             raise NonFiniteTraining(
-                f"{self.nonfinite_streak} steps in a row (up to step {self.pos.step}) had a non-finite loss or gradient, "
-                f"trainer.max_nonfinite_steps={limit}: stopping. No update of those steps was applied and the committed "
-                "checkpoints are intact; resume from one with a lower optim.lr (or a larger optim.warmup_steps), "
-                "e.g. resume_run=<this run> resume_step=<an earlier step> optim.lr=<lower>")
+                f"{self.nonfinite_streak} steps in a row (up to step {self.pos.step}) had a non-finite loss or "
+                f"gradient, trainer.max_nonfinite_steps={limit}: stopping. No update of those steps was applied and "
+                "the committed checkpoints are intact; resume from one with a lower optim.lr (or a larger "
+                "optim.warmup_steps), e.g. resume_run=<this run> resume_step=<an earlier step> optim.lr=<lower>"
+            )
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -398,10 +453,12 @@ class Engine:
 
     @staticmethod
     def _worker_died(err: Exception) -> str:
-        return (f"A data loader worker died ({str(err).strip() or type(err).__name__}). Most often the machine ran "
-                "out of memory (`dmesg` shows the kernel's OOM killer) or the worker was killed. The committed "
-                "checkpoints are intact; resume the run, with fewer data.num_workers or a smaller batch_size if "
-                "memory is short")
+        return (
+            f"A data loader worker died ({str(err).strip() or type(err).__name__}). Most often the machine ran "
+            "out of memory (`dmesg` shows the kernel's OOM killer) or the worker was killed. The committed "
+            "checkpoints are intact; resume the run, with fewer data.num_workers or a smaller batch_size if "
+            "memory is short"
+        )
 
     def _fit(self) -> TrainResult:
         max_steps = self.total_steps = self.planned_total_steps()
@@ -412,8 +469,14 @@ class Engine:
         for m in self.stage.modules.values():
             m.train()
         self.stage.distribute()  # under torchrun: DDP wrappers, after the restore (they start from rank 0's weights)
-        bar = tqdm(total=max_steps, initial=self.pos.step, desc=self.stage.name, unit="step",
-                   disable=not (self.dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+        bar = tqdm(
+            total=max_steps,
+            initial=self.pos.step,
+            desc=self.stage.name,
+            unit="step",
+            disable=not (self.dist.is_main and sys.stderr.isatty()),
+            dynamic_ncols=True,
+        )
         self._window_start, self._window_samples = time.perf_counter(), 0
         self._last_line = time.monotonic()
         self._first_step = True
@@ -460,7 +523,9 @@ class Engine:
         if self.pos.step % int(self.cfg.trainer.log_interval) == 0 or self.pos.step == max_steps:
             self._report_progress(metrics, max_steps)
         elif self.dist.is_main and time.monotonic() - self._last_line > LOG_LINE_EVERY_S:
-            self._log_line(metrics, max_steps)  # slow steps: a sign of life between log intervals (not logged to MLflow)
+            self._log_line(
+                metrics, max_steps
+            )  # slow steps: a sign of life between log intervals (not logged to MLflow)
         if stage.nonfinite_updates != skipped_before:
             metrics["train/nonfinite_steps"] = self._count_nonfinite()
         else:
@@ -486,8 +551,13 @@ class Engine:
             self.on_progress(self.pos)
 
     def _log_line(self, metrics: dict[str, float], max_steps: int) -> None:
-        log.info("step %d/%d epoch %d %s", self.pos.step, max_steps, self.pos.epoch,
-                 " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if k.startswith("train/")))
+        log.info(
+            "step %d/%d epoch %d %s",
+            self.pos.step,
+            max_steps,
+            self.pos.epoch,
+            " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if k.startswith("train/")),
+        )
         self._last_line = time.monotonic()
 
     def _finish(self) -> None:

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from pipeline.config import ConformerConfig
 from pipeline.engine.checkpoint_files import CheckpointError, load_state, verify
 from pipeline.engine.resume import RunCheckpoints, fetch_model
-from pipeline.models.asr import CharVocabulary, ConformerCTC, greedy_decode
 from pipeline.inference.requests import MAX_SECONDS, RequestError, answering, request_audio, resample
+from pipeline.models.asr import CharVocabulary, ConformerCTC, greedy_decode
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ def load_model(ckpt_dir: Path, device: torch.device) -> tuple[ConformerCTC, Char
 
 
 @torch.no_grad()
-def transcribe(model: ConformerCTC, vocab: CharVocabulary, waves: list[torch.Tensor], device: torch.device) -> list[str]:
+def transcribe(
+    model: ConformerCTC, vocab: CharVocabulary, waves: list[torch.Tensor], device: torch.device
+) -> list[str]:
     texts = []
     for wave in waves:
         log_probs, frames = model(wave[None].to(device), torch.tensor([wave.numel()], device=device))
@@ -106,8 +108,10 @@ class Transcriber(mlflow.pyfunc.PythonModel):
     def _resampled(self, row: int, wave: torch.Tensor, rate: int) -> torch.Tensor:
         wave = resample(wave, rate, self.rate)
         if wave.numel() < MIN_SECONDS * self.rate:
-            raise RequestError(f"row {row}: audio shorter than {MIN_SECONDS:g} s cannot be transcribed; send at least "
-                               f"{MIN_SECONDS:g} s")
+            raise RequestError(
+                f"row {row}: audio shorter than {MIN_SECONDS:g} s cannot be transcribed; send at least "
+                f"{MIN_SECONDS:g} s"
+            )
         return wave
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -123,7 +127,10 @@ def save_transcriber(checkpoint_dir: Path, out_dir: Path, max_seconds: float = M
     """Write ``Transcriber`` over a verified train_asr checkpoint as an MLflow model directory."""
     verify(checkpoint_dir)
     packages = ("torch", "torchaudio", "mlflow", "pandas", "numpy", "omegaconf", "soundfile", "scipy")
-    mlflow.pyfunc.save_model(str(out_dir), python_model=str(Path(__file__).with_name("asr_pyfunc.py")),
-                             artifacts={"checkpoint": str(checkpoint_dir)},
-                             model_config={"max_seconds": max_seconds, "allow_paths": False},
-                             pip_requirements=[f"{p}=={metadata.version(p)}" for p in packages])
+    mlflow.pyfunc.save_model(
+        str(out_dir),
+        python_model=str(Path(__file__).with_name("asr_pyfunc.py")),
+        artifacts={"checkpoint": str(checkpoint_dir)},
+        model_config={"max_seconds": max_seconds, "allow_paths": False},
+        pip_requirements=[f"{p}=={metadata.version(p)}" for p in packages],
+    )

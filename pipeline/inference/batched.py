@@ -36,20 +36,23 @@ def restore_many(chain: RestorationChain, waves: list[torch.Tensor], max_batch: 
     if max_batch < 1:
         raise ValueError(f"max_batch={max_batch} must be at least 1")
     plans = [chain.plan_chunks(wave.numel()) for wave in waves]
-    jobs = sorted(((i, j) for i, plan in enumerate(plans) for j in range(len(plan))),
-                  key=lambda job: plans[job[0]][job[1]].length)
+    jobs = sorted(
+        ((i, j) for i, plan in enumerate(plans) for j in range(len(plan))), key=lambda job: plans[job[0]][job[1]].length
+    )
     pieces: list[list[torch.Tensor | None]] = [[None] * len(plan) for plan in plans]
     batches = range(0, len(jobs), max_batch)
     log.debug("Restoring %d waves: %d chunks in %d batches", len(waves), len(jobs), len(batches))
     with torch.inference_mode():
         for first in batches:
-            batch = jobs[first:first + max_batch]
+            batch = jobs[first : first + max_batch]
             chunks = [plans[i][j] for i, j in batch]
             windows = [window(waves[i].float(), chunk.start, chunk.length) for (i, _), chunk in zip(batch, chunks)]
             for (i, j), piece in zip(batch, run_windows(chain, windows, chunks)):
                 pieces[i][j] = piece
-    return [assemble(wave_pieces, plan, chain.output_length(wave.numel()))
-            for wave_pieces, plan, wave in zip(pieces, plans, waves)]
+    return [
+        assemble(wave_pieces, plan, chain.output_length(wave.numel()))
+        for wave_pieces, plan, wave in zip(pieces, plans, waves)
+    ]
 
 
 def run_windows(chain: RestorationChain, windows: list[torch.Tensor], chunks: list[Chunk]) -> list[torch.Tensor]:

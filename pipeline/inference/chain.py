@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -35,8 +36,8 @@ from pipeline.engine.resume import ResumeError, RunCheckpoints, fetch_model, sto
 from pipeline.engine.stage import Precision
 from pipeline.inference.requests import MAX_SECONDS, answering, request_audio, resample
 from pipeline.models.adapters import build_adapted_encoder
-from pipeline.models.hifigan import Generator
 from pipeline.models.encoder import encoder_geometry, window
+from pipeline.models.hifigan import Generator
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ class ChainCheckpoints:
     metadata: dict[str, str]  # run IDs, steps, encoder preset and weights reference
 
 
-def chain_from_run(client: MlflowClient, run_id: str, workdir: Path, which: str | int = "latest",
-                   vocoder_only: bool = False) -> ChainCheckpoints:
+def chain_from_run(
+    client: MlflowClient, run_id: str, workdir: Path, which: str | int = "latest", vocoder_only: bool = False
+) -> ChainCheckpoints:
     """The chain of a finetune_vocoder run: its latest or best committed checkpoint, or the one at step ``which``
     (an int), and the adapter checkpoint it was fine-tuned on. With ``vocoder_only`` a pretrain_vocoder run is
     taken too, as a vocoder-only chain (no adapters: copy synthesis only); without it, refused as a run of the
@@ -71,10 +73,16 @@ def chain_from_run(client: MlflowClient, run_id: str, workdir: Path, which: str 
     if not adapter_run:
         raise ResumeError(f"Run {run_id} checkpoint step {step} does not name the adapter run it was fine-tuned on")
     adapter = RunCheckpoints(client, adapter_run, (ADAPTER_STAGE,), "adapter_run")
-    adapter_step = int(inputs["adapter_step"]) if "adapter_step" in inputs else adapter.require_committed("restore with")
+    adapter_step = (
+        int(inputs["adapter_step"]) if "adapter_step" in inputs else adapter.require_committed("restore with")
+    )
     if "adapter_step" not in inputs:  # written before adapter checkpoints were pinned
-        log.warning("Run %s does not pin its adapter checkpoint; using adapter run %s's latest (step %d)",
-                    run_id, adapter_run, adapter_step)
+        log.warning(
+            "Run %s does not pin its adapter checkpoint; using adapter run %s's latest (step %d)",
+            run_id,
+            adapter_run,
+            adapter_step,
+        )
     adapter_dir = adapter.download(adapter_step, workdir / "adapter")
     verify(adapter_dir)
     return ChainCheckpoints(adapter_dir, vocoder_dir, chain_metadata(meta, run_id, step, adapter_run, adapter_step))
@@ -97,19 +105,28 @@ def stored_steps(run: RunCheckpoints, wanted: list[int]) -> list[int]:
     stored = list_checkpoints(run.client, run.run_id)
     missing = [step for step in wanted if step not in stored]
     if missing:
-        raise ResumeError(f"Run {run.run_id} has no stored checkpoint at step {', '.join(map(str, missing))}; stored "
-                          f"steps: {', '.join(map(str, stored))} (retention keeps checkpoint.keep_last_n and "
-                          "keep_best_k: raise them in training to keep a learning curve's checkpoints)")
+        raise ResumeError(
+            f"Run {run.run_id} has no stored checkpoint at step {', '.join(map(str, missing))}; stored "
+            f"steps: {', '.join(map(str, stored))} (retention keeps checkpoint.keep_last_n and "
+            "keep_best_k: raise them in training to keep a learning curve's checkpoints)"
+        )
     return wanted
 
 
-def chain_metadata(meta: dict[str, Any], run_id: str, step: int, adapter_run: str,
-                   adapter_step: int | None) -> dict[str, str]:
+def chain_metadata(
+    meta: dict[str, Any], run_id: str, step: int, adapter_run: str, adapter_step: int | None
+) -> dict[str, str]:
     ssl = meta["model_args"]["ssl"]
-    return {"vocoder_run": run_id, "vocoder_step": str(step), "adapter_run": adapter_run,
-            "adapter_step": "" if adapter_step is None else str(adapter_step), "encoder": ssl["name"], "encoder_layer": str(ssl["layer"]),
-            "encoder_weights": str(ssl.get("weights") or "(seeded random initialisation)"),
-            "vocoder": meta["model_args"]["vocoder"]["name"]}
+    return {
+        "vocoder_run": run_id,
+        "vocoder_step": str(step),
+        "adapter_run": adapter_run,
+        "adapter_step": "" if adapter_step is None else str(adapter_step),
+        "encoder": ssl["name"],
+        "encoder_layer": str(ssl["layer"]),
+        "encoder_weights": str(ssl.get("weights") or "(seeded random initialisation)"),
+        "vocoder": meta["model_args"]["vocoder"]["name"],
+    }
 
 
 def _checked(directory: Path, stage: str) -> dict[str, Any]:
@@ -138,7 +155,7 @@ class Chunk:
         if self.fade_in:
             weight[: self.fade_in] = _ramp(self.fade_in)
         if self.fade_out:
-            weight[-self.fade_out:] = 1.0 - _ramp(self.fade_out)
+            weight[-self.fade_out :] = 1.0 - _ramp(self.fade_out)
         return weight
 
 
@@ -150,16 +167,24 @@ def assemble(pieces: Iterable[torch.Tensor], plan: list[Chunk], length: int) -> 
     """Overlap-add the chain's outputs of ``plan``'s chunks (in plan order) into a wave of ``length`` samples."""
     out = torch.zeros(max(c.offset + c.keep[1] - c.keep[0] for c in plan))
     for chunk, piece in zip(plan, pieces, strict=True):
-        kept = piece[chunk.keep[0]:chunk.keep[1]]
-        out[chunk.offset:chunk.offset + kept.numel()] += kept * chunk.weights()
+        kept = piece[chunk.keep[0] : chunk.keep[1]]
+        out[chunk.offset : chunk.offset + kept.numel()] += kept * chunk.weights()
     return out[:length]
 
 
 class RestorationChain:
     """The chain, rebuilt from its checkpoints on one device, ready to restore waveforms."""
 
-    def __init__(self, ssl, adapter, vocoder, precision: Precision | None = None, chunk_seconds: float = 10.0,
-                 context_seconds: float = 1.0, fade_seconds: float = 0.5):
+    def __init__(
+        self,
+        ssl,
+        adapter,
+        vocoder,
+        precision: Precision | None = None,
+        chunk_seconds: float = 10.0,
+        context_seconds: float = 1.0,
+        fade_seconds: float = 0.5,
+    ):
         """A chain of ``ssl`` (EncoderConfig), ``adapter`` (AdapterConfig) and ``vocoder`` (VocoderConfig) with
         freshly initialised adapters and generator: ``from_checkpoints`` loads trained ones."""
         self.precision = precision or Precision.from_config("cpu", "32")
@@ -183,8 +208,14 @@ class RestorationChain:
             raise ValueError(f"chunk_seconds={chunk_seconds} must be at least fade_seconds={fade_seconds}")
 
     @classmethod
-    def from_checkpoints(cls, adapter_dir: Path | None, vocoder_dir: Path, precision: Precision | None = None,
-                         ssl_weights: str | None = None, **options) -> "RestorationChain":
+    def from_checkpoints(
+        cls,
+        adapter_dir: Path | None,
+        vocoder_dir: Path,
+        precision: Precision | None = None,
+        ssl_weights: str | None = None,
+        **options,
+    ) -> RestorationChain:
         """The chain of a verified finetune_vocoder checkpoint and the train_adapter checkpoint it was
         fine-tuned on (weights loaded with ``weights_only=True``); ``options`` are the chunking settings.
         ``adapter_dir=None`` with a pretrain_vocoder checkpoint: a vocoder-only chain, for copy synthesis."""
@@ -195,15 +226,24 @@ class RestorationChain:
         if ssl_weights:
             ssl.weights = ssl_weights
         if ssl.weights and not Path(ssl.weights).expanduser().exists():
-            raise CheckpointError(f"The chain's encoder weights {ssl.weights} are not on this machine; give "
-                                  "ssl_weights=<the same encoder's Hugging Face directory or state dict>")
+            raise CheckpointError(
+                f"The chain's encoder weights {ssl.weights} are not on this machine; give "
+                "ssl_weights=<the same encoder's Hugging Face directory or state dict>"
+            )
         if adapter_meta is not None:
             trained = adapter_meta["model_args"]["ssl"]
             if (trained["name"], trained["layer"]) != (ssl.name, ssl.layer):
-                raise CheckpointError(f"The adapter checkpoint {adapter_dir} was trained on encoder {trained['name']} "
-                                      f"layer {trained['layer']}, the vocoder on {ssl.name} layer {ssl.layer}")
-        chain = cls(ssl, OmegaConf.merge(OmegaConf.structured(AdapterConfig), args.get("adapter", {})),
-                    OmegaConf.merge(OmegaConf.structured(VocoderConfig), args["vocoder"]), precision, **options)
+                raise CheckpointError(
+                    f"The adapter checkpoint {adapter_dir} was trained on encoder {trained['name']} "
+                    f"layer {trained['layer']}, the vocoder on {ssl.name} layer {ssl.layer}"
+                )
+        chain = cls(
+            ssl,
+            OmegaConf.merge(OmegaConf.structured(AdapterConfig), args.get("adapter", {})),
+            OmegaConf.merge(OmegaConf.structured(VocoderConfig), args["vocoder"]),
+            precision,
+            **options,
+        )
         if adapter_dir is not None:
             adapter_state = load_state(adapter_dir)["modules"]
             for key, module in chain.adapted.trainable_modules().items():
@@ -227,11 +267,17 @@ class RestorationChain:
             lo, hi = max(a - context, 0), min(b + context, frames)  # what the chain sees
             keep_lo = a - fade // 2 if a > 0 else 0  # what this chunk contributes, ramps included
             keep_hi = b + fade - fade // 2 if b < frames else frames
-            plan.append(Chunk(start=lo * self.hop_in - self.context[0],
-                              length=(hi - lo) * self.hop_in + sum(self.context), frames=hi - lo,
-                              keep=((keep_lo - lo) * self.hop_out, (keep_hi - lo) * self.hop_out),
-                              offset=keep_lo * self.hop_out, fade_in=fade * self.hop_out if a > 0 else 0,
-                              fade_out=fade * self.hop_out if b < frames else 0))
+            plan.append(
+                Chunk(
+                    start=lo * self.hop_in - self.context[0],
+                    length=(hi - lo) * self.hop_in + sum(self.context),
+                    frames=hi - lo,
+                    keep=((keep_lo - lo) * self.hop_out, (keep_hi - lo) * self.hop_out),
+                    offset=keep_lo * self.hop_out,
+                    fade_in=fade * self.hop_out if a > 0 else 0,
+                    fade_out=fade * self.hop_out if b < frames else 0,
+                )
+            )
         return plan
 
     def output_length(self, num_samples: int) -> int:
@@ -243,8 +289,10 @@ class RestorationChain:
         frozen encoder's with the adapters off; ``lengths``: valid samples per item of a zero-padded batch."""
         if self.adapters_on:
             if not self.has_adapters:
-                raise ValueError("This chain has no adapters (a pretrain_vocoder checkpoint): it can only copy-synthesise "
-                                 "clean speech; restore with a finetune_vocoder run or its model")
+                raise ValueError(
+                    "This chain has no adapters (a pretrain_vocoder checkpoint): it can only copy-synthesise "
+                    "clean speech; restore with a finetune_vocoder run or its model"
+                )
             return self.adapted(waves, lengths)
         return self.adapted.target_features(waves, lengths)
 
@@ -300,13 +348,21 @@ def chain_from_model(uri: str, workdir: Path) -> ChainCheckpoints:
         artifacts = model.flavors["python_function"]["artifacts"]
         adapter, vocoder = path / artifacts["adapter"]["path"], path / artifacts["vocoder"]["path"]
     except Exception:  # no MLmodel, another kind of model
-        raise ResumeError(f"{uri} is not a speech-restoration model (an MLmodel with adapter and vocoder "
-                          "checkpoints, as finetune_vocoder logs it)") from None
+        raise ResumeError(
+            f"{uri} is not a speech-restoration model (an MLmodel with adapter and vocoder "
+            "checkpoints, as finetune_vocoder logs it)"
+        ) from None
     return ChainCheckpoints(adapter, vocoder, dict(model.metadata or {}))
 
 
-def resolve_chain(client: MlflowClient, run_id: str | None, model_uri: str | None, which: str | int,
-                  workdir: Path, vocoder_only: bool = False) -> ChainCheckpoints:
+def resolve_chain(
+    client: MlflowClient,
+    run_id: str | None,
+    model_uri: str | None,
+    which: str | int,
+    workdir: Path,
+    vocoder_only: bool = False,
+) -> ChainCheckpoints:
     """A chain from a finetune_vocoder run or from a model URI (exactly one of them), its checkpoints
     downloaded into ``workdir``. The caller owns ``workdir``: ``load_chain`` reads the checkpoints whole, so it
     can be removed once the chain is loaded."""
@@ -348,15 +404,21 @@ class ChainModel(mlflow.pyfunc.PythonModel):
         self.lock = threading.Lock()  # one request's audio in the chain at a time: memory of one request
         precision = Precision.from_config(str(config.get("device", "cpu")), str(config.get("precision", "32")))
         self.chain = RestorationChain.from_checkpoints(
-            Path(context.artifacts["adapter"]), Path(context.artifacts["vocoder"]), precision,
-            ssl_weights=config.get("ssl_weights") or None, chunk_seconds=float(config.get("chunk_seconds", 10.0)))
+            Path(context.artifacts["adapter"]),
+            Path(context.artifacts["vocoder"]),
+            precision,
+            ssl_weights=config.get("ssl_weights") or None,
+            chunk_seconds=float(config.get("chunk_seconds", 10.0)),
+        )
 
     def predict(self, context, model_input: pd.DataFrame, params=None):  # annotated: no MLflow type-hint warning
 
         with answering("restore"):
             requests = request_audio(model_input, self.max_seconds, self.allow_paths)
             with self.lock:
-                restored = [self.chain.restore(wave, rate).numpy().astype(np.float64).tolist() for wave, rate in requests]
+                restored = [
+                    self.chain.restore(wave, rate).numpy().astype(np.float64).tolist() for wave, rate in requests
+                ]
         return pd.DataFrame({"audio": restored, "sample_rate": [self.chain.rate_out] * len(restored)})
 
 
@@ -373,16 +435,27 @@ def save_chain_model(source: ChainCheckpoints, out_dir: Path, max_seconds: float
     signature = ModelSignature(
         # any type: predict checks every field itself and answers with one short message, where MLflow's own
         # conversion would answer with the request in its message (and would truncate 16000.5 in a long column)
-        inputs=Schema([ColSpec(AnyType(), name, required=False)
-                       for name in ("audio_base64", "audio", "sample_rate", "path")]),
-        outputs=Schema([ColSpec(Array(DataType.double), "audio"), ColSpec(DataType.long, "sample_rate")]))
+        inputs=Schema(
+            [ColSpec(AnyType(), name, required=False) for name in ("audio_base64", "audio", "sample_rate", "path")]
+        ),
+        outputs=Schema([ColSpec(Array(DataType.double), "audio"), ColSpec(DataType.long, "sample_rate")]),
+    )
     rate = int(verify(source.vocoder_dir)["model_args"]["ssl"]["sample_rate"])
     example = pd.DataFrame({"audio": [[0.0] * (rate // 10)], "sample_rate": [rate]})
     packages = ("torch", "torchaudio", "mlflow", "pandas", "numpy", "omegaconf", "soundfile", "scipy")
     mlflow.pyfunc.save_model(
-        str(out_dir), python_model=str(Path(__file__).with_name("chain_pyfunc.py")),
+        str(out_dir),
+        python_model=str(Path(__file__).with_name("chain_pyfunc.py")),
         artifacts={"adapter": str(source.adapter_dir), "vocoder": str(source.vocoder_dir)},
-        signature=signature, input_example=example, metadata=dict(source.metadata),
-        model_config={"max_seconds": max_seconds, "device": "cpu", "precision": "32", "chunk_seconds": 10.0,
-                      "allow_paths": False},
-        pip_requirements=[f"{p}=={metadata.version(p)}" for p in packages])
+        signature=signature,
+        input_example=example,
+        metadata=dict(source.metadata),
+        model_config={
+            "max_seconds": max_seconds,
+            "device": "cpu",
+            "precision": "32",
+            "chunk_seconds": 10.0,
+            "allow_paths": False,
+        },
+        pip_requirements=[f"{p}=={metadata.version(p)}" for p in packages],
+    )

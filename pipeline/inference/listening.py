@@ -21,7 +21,6 @@ import torch
 
 from pipeline.common.files import contained
 
-
 EMBED_BUDGET = 4 * 2**20  # media bytes a page embeds (base64 adds a third); about 20 s of 16 kHz 16-bit audio per MiB
 MEDIA_TYPES = {".wav": "audio/wav", ".png": "image/png"}
 
@@ -46,8 +45,10 @@ class MediaEmbedder:
         """A line for the page when something is linked rather than embedded."""
         if not self.linked:
             return ""
-        return (f"<p><small>{len(self.linked)} media files are beyond this page's embedding budget and are linked by "
-                "name: download the folder to play them.</small></p>")
+        return (
+            f"<p><small>{len(self.linked)} media files are beyond this page's embedding budget and are linked by "
+            "name: download the folder to play them.</small></p>"
+        )
 
 
 @dataclass
@@ -67,7 +68,9 @@ def safe_name(text: str) -> str:
     """A file-name-safe version of an utterance ID (IDs may contain slashes or dots); a long one is cut and given
     a digest of the whole, so two ids stay two files."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
-    return safe if len(safe) <= MAX_NAME else f"{safe[:MAX_NAME - 17]}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    return (
+        safe if len(safe) <= MAX_NAME else f"{safe[: MAX_NAME - 17]}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    )
 
 
 def _spectrogram_png(path: Path, waves: dict[str, np.ndarray], rates: dict[str, int], title: str) -> None:
@@ -93,12 +96,16 @@ def write_listening_page(out_dir: Path, title: str, examples: list[Example], sam
     """``<id>_<label>.wav`` and ``<id>_spectrogram.png`` per example, and ``index.html``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     media = MediaEmbedder(out_dir)
-    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
-             f"<h2>{html.escape(title)}</h2>"]
+    parts = [
+        f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
+        f"<h2>{html.escape(title)}</h2>",
+    ]
     for ex in examples:
         safe = safe_name(ex.id)
-        waves = {label: (w.detach().cpu().float().numpy() if torch.is_tensor(w) else np.asarray(w, dtype=np.float32))
-                 for label, w in ex.audio.items()}
+        waves = {
+            label: (w.detach().cpu().float().numpy() if torch.is_tensor(w) else np.asarray(w, dtype=np.float32))
+            for label, w in ex.audio.items()
+        }
         rates = {label: ex.rates.get(label, sample_rate) for label in waves}
         players = []
         for label, wave in waves.items():

@@ -18,8 +18,18 @@ log = logging.getLogger(__name__)
 RATE = 16000  # every metric here works at 16 kHz (PESQ wide band, DNSMOS)
 INTRUSIVE = ("pesq_wb", "stoi", "estoi", "si_sdr", "lsd")  # need the clean reference
 NON_INTRUSIVE = ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl")
-HIGHER_IS_BETTER = {"pesq_wb": True, "stoi": True, "estoi": True, "si_sdr": True, "lsd": False, "dnsmos_sig": True,
-                    "dnsmos_bak": True, "dnsmos_ovrl": True, "cer": False, "wer": False}
+HIGHER_IS_BETTER = {
+    "pesq_wb": True,
+    "stoi": True,
+    "estoi": True,
+    "si_sdr": True,
+    "lsd": False,
+    "dnsmos_sig": True,
+    "dnsmos_bak": True,
+    "dnsmos_ovrl": True,
+    "cer": False,
+    "wer": False,
+}
 
 
 def aligned(reference: np.ndarray, estimate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,12 +98,19 @@ def dnsmos(estimate: np.ndarray) -> dict[str, float]:
     except Exception as err:
         log.debug("DNSMOS undefined: %s", err)
         return {name: math.nan for name in NON_INTRUSIVE}
-    return {"dnsmos_sig": float(scores["sig_mos"]), "dnsmos_bak": float(scores["bak_mos"]),
-            "dnsmos_ovrl": float(scores["ovrl_mos"])}
+    return {
+        "dnsmos_sig": float(scores["sig_mos"]),
+        "dnsmos_bak": float(scores["bak_mos"]),
+        "dnsmos_ovrl": float(scores["ovrl_mos"]),
+    }
 
 
 def intrusive(reference: np.ndarray, estimate: np.ndarray) -> dict[str, float]:
     """Every metric that compares ``estimate`` with the clean ``reference``."""
-    return {"pesq_wb": pesq_wb(reference, estimate), "stoi": stoi(reference, estimate),
-            "estoi": stoi(reference, estimate, extended=True), "si_sdr": si_sdr(reference, estimate),
-            "lsd": log_spectral_distance(reference, estimate)}
+    return {
+        "pesq_wb": pesq_wb(reference, estimate),
+        "stoi": stoi(reference, estimate),
+        "estoi": stoi(reference, estimate, extended=True),
+        "si_sdr": si_sdr(reference, estimate),
+        "lsd": log_spectral_distance(reference, estimate),
+    }

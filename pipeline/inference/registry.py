@@ -53,14 +53,20 @@ def registered_version(client: MlflowClient, model_uri: str | None, run_id: str 
 
 def describe_version(chain: list[str], evaluation: str, test_set: str, metrics: dict[str, float]) -> str:
     """The version's Markdown description: its runs and steps (``chain``), then its evaluation."""
-    lines = ["Restoration chain:", *[f"- {item}" for item in chain], "", f"Evaluated by run `{evaluation}` on {test_set}."]
+    lines = [
+        "Restoration chain:",
+        *[f"- {item}" for item in chain],
+        "",
+        f"Evaluated by run `{evaluation}` on {test_set}.",
+    ]
     if sentence := verdict(metrics):
         lines += ["", sentence]
     return "\n".join([*lines, "", *markdown_table(metrics)])
 
 
-def record_evaluation(client: MlflowClient, version: str, metrics: dict[str, float], evaluation_run: str,
-                      test_set: str, chain: list[str]) -> str:
+def record_evaluation(
+    client: MlflowClient, version: str, metrics: dict[str, float], evaluation_run: str, test_set: str, chain: list[str]
+) -> str:
     """Describe and tag ``version`` with its evaluation, then move ``@champion`` if it is better; what happened
     to the alias, as a sentence for the log."""
     tags = {EVAL_RUN_TAG: evaluation_run, TEST_SET_TAG: test_set}
@@ -72,8 +78,9 @@ def record_evaluation(client: MlflowClient, version: str, metrics: dict[str, flo
             tags[SCORE_TAG.format(metric=metric)] = repr(float(value))
     for key, value in tags.items():
         client.set_model_version_tag(MODEL_NAME, version, key, value)
-    client.update_model_version(MODEL_NAME, version, description=describe_version(chain, evaluation_run, test_set,
-                                                                                   metrics))
+    client.update_model_version(
+        MODEL_NAME, version, description=describe_version(chain, evaluation_run, test_set, metrics)
+    )
     return move_champion(client, version, metrics.get(f"eval/restored/{PRIMARY}"), test_set)
 
 
@@ -91,15 +98,19 @@ def move_champion(client: MlflowClient, version: str, score: float | None, test_
         return f"{here} stays @{CHAMPION} (restored {PRIMARY} {score:.3f})"
     if current is not None:
         if current.tags.get(TEST_SET_TAG) != test_set:
-            return (f"{here} is not compared with @{CHAMPION} (version {current.version}): that one was scored on "
-                    f"another test set ({current.tags.get(TEST_SET_TAG, 'none recorded')})")
+            return (
+                f"{here} is not compared with @{CHAMPION} (version {current.version}): that one was scored on "
+                f"another test set ({current.tags.get(TEST_SET_TAG, 'none recorded')})"
+            )
         try:
             best = float(current.tags.get(SCORE_TAG.format(metric=PRIMARY), "nan"))
         except ValueError:
             best = math.nan
         if math.isfinite(best) and score <= best:
-            return (f"{here} scores restored {PRIMARY} {score:.3f}, not above @{CHAMPION} (version {current.version}, "
-                    f"{best:.3f}); @{CHAMPION} is unchanged")
+            return (
+                f"{here} scores restored {PRIMARY} {score:.3f}, not above @{CHAMPION} (version {current.version}, "
+                f"{best:.3f}); @{CHAMPION} is unchanged"
+            )
     client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
     before = f" (was version {current.version})" if current is not None else ""
     return f"{here} is now @{CHAMPION}{before}: restored {PRIMARY} {score:.3f}"

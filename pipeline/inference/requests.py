@@ -31,8 +31,9 @@ MIN_RATE, MAX_RATE = 8000, 192000  # the sample rates (Hz) a request may have
 MAX_CHANNELS = 2  # channels of a file sent as audio_base64 (mixed down to one)
 FILE_MAGIC = (b"RIFF", b"RF64", b"fLaC")  # how the WAV, RF64 and FLAC files audio_base64 takes begin
 LONG_FILES = "restore long files with pipeline.restore"  # what a too-long request is told to do instead
-SEND_AUDIO = "send the audio itself: audio_base64 (a WAV or FLAC file, base64-encoded) or audio (float samples) " \
-             "with sample_rate"
+SEND_AUDIO = (
+    "send the audio itself: audio_base64 (a WAV or FLAC file, base64-encoded) or audio (float samples) with sample_rate"
+)
 
 
 class RequestError(MlflowException):
@@ -78,8 +79,10 @@ def _rate(value, row: int) -> int:
 
 def _check_length(row: int, samples: int, rate: int, max_seconds: float, long_files: str = LONG_FILES) -> None:
     if samples > max_seconds * rate:
-        raise RequestError(f"row {row}: {samples / rate:.1f} s of audio is longer than this model's limit of "
-                           f"{max_seconds:g} s; send shorter pieces, or {long_files}")
+        raise RequestError(
+            f"row {row}: {samples / rate:.1f} s of audio is longer than this model's limit of "
+            f"{max_seconds:g} s; send shorter pieces, or {long_files}"
+        )
 
 
 def _samples(row: int, audio, rate, max_seconds: float, long_files: str = LONG_FILES) -> tuple[np.ndarray, int]:
@@ -154,12 +157,14 @@ def answering(work: str):
         raise
     except Exception:
         log.exception("Failed to %s a request", work)
-        raise RequestError(f"the model failed to {work} this request; the server's log says why",
-                           internal=True) from None
+        raise RequestError(
+            f"the model failed to {work} this request; the server's log says why", internal=True
+        ) from None
 
 
-def request_audio(model_input, max_seconds: float, allow_paths: bool = False,
-                  long_files: str = LONG_FILES) -> list[tuple[torch.Tensor, int]]:
+def request_audio(
+    model_input, max_seconds: float, allow_paths: bool = False, long_files: str = LONG_FILES
+) -> list[tuple[torch.Tensor, int]]:
     """One channel of audio and its rate per row of a request: ``audio`` (float samples) with
     ``sample_rate``, ``audio_base64`` (a WAV or FLAC file), or ``path`` (only with ``allow_paths``).
     Every row is checked before any is used: RequestError says what is wrong with which row (``long_files``:
@@ -167,15 +172,19 @@ def request_audio(model_input, max_seconds: float, allow_paths: bool = False,
     import pandas as pd
 
     if isinstance(model_input, dict):
-        model_input = pd.DataFrame(model_input if all(isinstance(v, list) for v in model_input.values()) else [model_input])
+        model_input = pd.DataFrame(
+            model_input if all(isinstance(v, list) for v in model_input.values()) else [model_input]
+        )
     if not isinstance(model_input, pd.DataFrame) or model_input.empty:
         raise RequestError(f"expected a DataFrame with one row per recording; {SEND_AUDIO}")
     out = []
     for i, row in enumerate(model_input.to_dict("records")):
         given = [key for key in ("audio", "audio_base64", "path") if _given(row.get(key))]
         if len(given) != 1:
-            raise RequestError(f"row {i}: give exactly one of audio_base64 (a WAV or FLAC file, base64-encoded) or "
-                               "audio (float samples) with sample_rate")
+            raise RequestError(
+                f"row {i}: give exactly one of audio_base64 (a WAV or FLAC file, base64-encoded) or "
+                "audio (float samples) with sample_rate"
+            )
         if given == ["audio"]:
             samples, rate = _samples(i, row["audio"], row.get("sample_rate"), max_seconds, long_files)
         elif given == ["audio_base64"]:

@@ -17,8 +17,7 @@ HEADLINE = {"stoi": "STOI", "pesq_wb": "PESQ-WB", "dnsmos_ovrl": "DNSMOS OVRL"} 
 
 def conditions(metrics: dict[str, float]) -> list[str]:
     """The conditions scored (``eval/<condition>/<metric>``), in reading order."""
-    return sorted({k.split("/")[1] for k in metrics if k.count("/") == 2 and k.split("/")[1] in ORDER},
-                  key=ORDER.index)
+    return sorted({k.split("/")[1] for k in metrics if k.count("/") == 2 and k.split("/")[1] in ORDER}, key=ORDER.index)
 
 
 def metric_names(metrics: dict[str, float]) -> list[str]:
@@ -60,13 +59,22 @@ def verdict(metrics: dict[str, float]) -> str:
     if not better:
         return f"Restored audio is worse than {what} on {names(worse)}: this chain does not improve its input yet."
     if "stoi" in worse:  # intelligibility comes first: a clean-sounding buzz can score high on DNSMOS
-        return (f"Restored audio scores higher than {what} on {names(better)} but lower on {names(worse)}: its words "
-                "are harder to understand (STOI), so this chain does not improve its input yet.")
+        return (
+            f"Restored audio scores higher than {what} on {names(better)} but lower on {names(worse)}: its words "
+            "are harder to understand (STOI), so this chain does not improve its input yet."
+        )
     return f"Restored audio is better than {what} on {names(better)} and worse on {names(worse)}."
 
 
-def describe_evaluation(*, mode: str, evaluated: list[str], test_set: str, metrics: dict[str, float],
-                        listening: str, model_version: str = "") -> str:
+def describe_evaluation(
+    *,
+    mode: str,
+    evaluated: list[str],
+    test_set: str,
+    metrics: dict[str, float],
+    listening: str,
+    model_version: str = "",
+) -> str:
     """The evaluation run's Markdown description: what was evaluated (``evaluated``: Markdown items, links to
     the runs), the test set, the verdict, the table and the listening page."""
     lines = [f"**Evaluation** · {mode} · {test_set}", ""]
@@ -75,6 +83,9 @@ def describe_evaluation(*, mode: str, evaluated: list[str], test_set: str, metri
     lines += ["Evaluated:", *[f"- {item}" for item in evaluated], ""]
     if model_version:
         lines += [f"Registered model: `{model_version}`", ""]
-    lines += [*markdown_table(metrics), "", f"[Listening page]({listening}) (clean, degraded, restored and copy "
-              "synthesis side by side)"]
+    lines += [
+        *markdown_table(metrics),
+        "",
+        f"[Listening page]({listening}) (clean, degraded, restored and copy synthesis side by side)",
+    ]
     return "\n".join(lines)

@@ -28,8 +28,16 @@ ADAPTER_INITS = ("normal", "xavier")
 class ParallelAdapter(nn.Module):
     """LayerNorm -> Linear -> GELU -> Linear (plus the input itself with ``residual``)."""
 
-    def __init__(self, dim: int, bottleneck: int, init_std: float = 1e-3, *, init: str = "normal",
-                 init_gain: float = 0.01, residual: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        bottleneck: int,
+        init_std: float = 1e-3,
+        *,
+        init: str = "normal",
+        init_gain: float = 0.01,
+        residual: bool = False,
+    ):
         super().__init__()
         if init not in ADAPTER_INITS:
             raise ValueError(f"adapter.init={init!r}; choose one of {', '.join(ADAPTER_INITS)}")
@@ -82,9 +90,19 @@ class TrainedLayerNorm(nn.Module):
 class AdaptedEncoder(nn.Module):
     """A frozen encoder whose first ``num_adapter_layers`` layers carry trainable adapters."""
 
-    def __init__(self, encoder: Wav2Vec2Model, layer: int, num_adapter_layers: int, bottleneck: int,
-                 init_std: float = 1e-3, *, init: str = "normal", init_gain: float = 0.01, residual: bool = False,
-                 train_layer_norms: bool = False):
+    def __init__(
+        self,
+        encoder: Wav2Vec2Model,
+        layer: int,
+        num_adapter_layers: int,
+        bottleneck: int,
+        init_std: float = 1e-3,
+        *,
+        init: str = "normal",
+        init_gain: float = 0.01,
+        residual: bool = False,
+        train_layer_norms: bool = False,
+    ):
         super().__init__()
         layers = encoder.encoder.transformer.layers
         if not 1 <= num_adapter_layers <= len(layers):
@@ -147,6 +165,14 @@ def build_adapted_encoder(ssl, adapter) -> AdaptedEncoder:
     from pipeline.models.encoder import create_encoder
 
     num_layers = adapter.num_layers or ssl.layer
-    return AdaptedEncoder(create_encoder(ssl), ssl.layer, num_layers, adapter.bottleneck, adapter.init_std,
-                          init=adapter.init, init_gain=adapter.init_gain, residual=adapter.residual,
-                          train_layer_norms=adapter.train_layer_norms)
+    return AdaptedEncoder(
+        create_encoder(ssl),
+        ssl.layer,
+        num_layers,
+        adapter.bottleneck,
+        adapter.init_std,
+        init=adapter.init,
+        init_gain=adapter.init_gain,
+        residual=adapter.residual,
+        train_layer_norms=adapter.train_layer_norms,
+    )

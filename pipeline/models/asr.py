@@ -57,8 +57,10 @@ def error_counts(hypotheses: list[str], references: list[str]) -> dict[str, tupl
     """Character and word edit counts with the reference lengths: {"cer": (edits, chars), "wer": ...}."""
     char_edits = sum(edit_distance(r, h) for h, r in zip(hypotheses, references))
     word_edits = sum(edit_distance(r.split(), h.split()) for h, r in zip(hypotheses, references))
-    return {"cer": (char_edits, sum(len(r) for r in references)),
-            "wer": (word_edits, sum(len(r.split()) for r in references))}
+    return {
+        "cer": (char_edits, sum(len(r) for r in references)),
+        "wer": (word_edits, sum(len(r.split()) for r in references)),
+    }
 
 
 class LogMel(nn.Module):
@@ -111,9 +113,14 @@ class ConformerCTC(nn.Module):
             raise ValueError(f"asr.conv_kernel={cfg.conv_kernel} must be odd")
         self.frontend = LogMel(cfg)
         self.subsampling = ConvSubsampling(cfg.n_mels, cfg.subsampling_channels, cfg.dim, cfg.subsampling_layers)
-        self.conformer = Conformer(input_dim=cfg.dim, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim,
-                                   num_layers=cfg.num_layers, depthwise_conv_kernel_size=cfg.conv_kernel,
-                                   dropout=cfg.dropout)
+        self.conformer = Conformer(
+            input_dim=cfg.dim,
+            num_heads=cfg.num_heads,
+            ffn_dim=cfg.ffn_dim,
+            num_layers=cfg.num_layers,
+            depthwise_conv_kernel_size=cfg.conv_kernel,
+            dropout=cfg.dropout,
+        )
         self.head = nn.Linear(cfg.dim, len(cfg.vocabulary) + 1)
         self.subsampling_layers = cfg.subsampling_layers
         self.hop_length = cfg.hop_length
@@ -133,8 +140,10 @@ class ConformerCTC(nn.Module):
         return frames
 
 
-def ctc_loss(log_probs: torch.Tensor, frames: torch.Tensor, targets: torch.Tensor,
-             target_lengths: torch.Tensor) -> torch.Tensor:
+def ctc_loss(
+    log_probs: torch.Tensor, frames: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor
+) -> torch.Tensor:
     """Mean CTC loss per target character (the same function for training and validation)."""
-    return nn.functional.ctc_loss(log_probs.transpose(0, 1), targets, frames, target_lengths, blank=BLANK,
-                                  reduction="mean", zero_infinity=True)
+    return nn.functional.ctc_loss(
+        log_probs.transpose(0, 1), targets, frames, target_lengths, blank=BLANK, reduction="mean", zero_infinity=True
+    )

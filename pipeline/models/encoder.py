@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,7 +91,8 @@ def _read_state_dict(path: Path, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
     return state
 
 
-# Key prefixes of fairseq's wav2vec 2.0 / HuBERT state dicts (torchaudio's start with "encoder." or "feature_extractor.")
+# Key prefixes of fairseq's wav2vec 2.0 / HuBERT state dicts (torchaudio's start with "encoder." or
+# "feature_extractor.")
 FAIRSEQ_PREFIXES = ("w2v_model.", "encoder.layers.", "post_extract_proj.", "label_embs_concat", "final_proj.")
 
 # Hugging Face config.json field -> (EncoderConfig field, how the HF value reads in our terms).
@@ -124,16 +126,23 @@ def check_huggingface_config(hf_config: Any, cfg: EncoderConfig, path: Path) -> 
             problems.append(f"{hf_key}={getattr(hf_config, hf_key)!r} vs ssl.{key}={ours!r}")
     conv = [list(c) for c in zip(hf_config.conv_dim, hf_config.conv_kernel, hf_config.conv_stride)]
     if conv != [list(c) for c in cfg.conv_layers]:
-        problems.append(f"conv_dim/conv_kernel/conv_stride={conv} vs ssl.conv_layers={list(map(list, cfg.conv_layers))}")
+        problems.append(
+            f"conv_dim/conv_kernel/conv_stride={conv} vs ssl.conv_layers={list(map(list, cfg.conv_layers))}"
+        )
     # What torchaudio's Wav2Vec2Model always does; a model that differs cannot be represented at all.
-    for hf_key, wanted in (("hidden_act", "gelu"), ("feat_extract_activation", "gelu"),
-                           ("conv_pos_batch_norm", False), ("feat_proj_layer_norm", True)):
+    for hf_key, wanted in (
+        ("hidden_act", "gelu"),
+        ("feat_extract_activation", "gelu"),
+        ("conv_pos_batch_norm", False),
+        ("feat_proj_layer_norm", True),
+    ):
         value = getattr(hf_config, hf_key, wanted)
         if value != wanted:
             problems.append(f"{hf_key}={value!r} (the encoder supports only {wanted!r})")
     if problems:
         raise WeightsError(
-            f"the Hugging Face model in {path} does not match the ssl preset {cfg.name!r}: " + "; ".join(problems)
+            f"the Hugging Face model in {path} does not match the ssl preset {cfg.name!r}: "
+            + "; ".join(problems)
             + ". Choose the preset of this model (or override the ssl.* fields named) before loading it."
         )
 
@@ -143,11 +152,17 @@ def huggingface_config(cfg: EncoderConfig) -> Any:
     import transformers
 
     common = dict(
-        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.ff_interm_features, conv_dim=[c[0] for c in cfg.conv_layers],
-        conv_kernel=[c[1] for c in cfg.conv_layers], conv_stride=[c[2] for c in cfg.conv_layers],
-        conv_bias=cfg.conv_bias, num_conv_pos_embeddings=cfg.pos_conv_kernel,
-        num_conv_pos_embedding_groups=cfg.pos_conv_groups, feat_extract_norm=cfg.extractor_mode.split("_")[0],
+        hidden_size=cfg.embed_dim,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.ff_interm_features,
+        conv_dim=[c[0] for c in cfg.conv_layers],
+        conv_kernel=[c[1] for c in cfg.conv_layers],
+        conv_stride=[c[2] for c in cfg.conv_layers],
+        conv_bias=cfg.conv_bias,
+        num_conv_pos_embeddings=cfg.pos_conv_kernel,
+        num_conv_pos_embedding_groups=cfg.pos_conv_groups,
+        feat_extract_norm=cfg.extractor_mode.split("_")[0],
         do_stable_layer_norm=cfg.layer_norm_first,
     )
     if cfg.family == "wavlm":
@@ -232,8 +247,9 @@ def create_encoder(cfg: EncoderConfig) -> Wav2Vec2Model:
     return model
 
 
-def encoder_features(model: Wav2Vec2Model, wave: torch.Tensor, layer: int,
-                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+def encoder_features(
+    model: Wav2Vec2Model, wave: torch.Tensor, layer: int, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """Output of transformer layer ``layer`` (1-based) for a (batch, samples) waveform.
 
     ``lengths`` (valid samples per item of a zero-padded batch, on ``wave``'s device): each item's valid frames
@@ -255,8 +271,9 @@ def encoder_features(model: Wav2Vec2Model, wave: torch.Tensor, layer: int,
     return model.encoder.extract_features(x, frames, layer)[-1]
 
 
-def by_length(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
-              lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def by_length(
+    fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn`` on the items of a zero-padded ``batch`` (time on dimension 1) that have the same ``lengths``,
     together and unpadded; its outputs (time on dimension 1) zero-padded back into one batch in ``batch``'s
     order, with their lengths. For modules whose outputs would depend on the padding."""

@@ -47,14 +47,14 @@ def validate_preset(cfg: VocoderConfig, feature_rate: float = FEATURE_RATE) -> N
             f"vocoder preset {cfg.name!r}: resblock_kernel_sizes and resblock_dilation_sizes differ in length"
         )
     if cfg.resblock not in ("1", "2"):
-        raise VocoderConfigError(f"vocoder.resblock={cfg.resblock!r}; choose \"1\" or \"2\"")
+        raise VocoderConfigError(f'vocoder.resblock={cfg.resblock!r}; choose "1" or "2"')
     if cfg.upsample_initial_channel >> len(rates) < 1:
         raise VocoderConfigError(
-            f"vocoder.upsample_initial_channel={cfg.upsample_initial_channel} is too small to halve "
-            f"{len(rates)} times"
+            f"vocoder.upsample_initial_channel={cfg.upsample_initial_channel} is too small to halve {len(rates)} times"
         )
-    if cfg.conformer_layers < 0 or (cfg.conformer_layers and (
-            cfg.conformer_dim % cfg.conformer_heads or cfg.conformer_kernel % 2 == 0)):
+    if cfg.conformer_layers < 0 or (
+        cfg.conformer_layers and (cfg.conformer_dim % cfg.conformer_heads or cfg.conformer_kernel % 2 == 0)
+    ):
         raise VocoderConfigError(
             f"vocoder preset {cfg.name!r}: vocoder.conformer_layers must be >= 0, and with Conformer blocks "
             f"vocoder.conformer_dim ({cfg.conformer_dim}) must divide by vocoder.conformer_heads "
@@ -132,9 +132,13 @@ class ResBlock(nn.Module):
             weight_norm(nn.Conv1d(channels, channels, kernel, dilation=d, padding=same_padding(kernel, d)))
             for d in dilations
         )
-        self.plain = nn.ModuleList(
-            weight_norm(nn.Conv1d(channels, channels, kernel, padding=same_padding(kernel))) for _ in dilations
-        ) if kind == "1" else None
+        self.plain = (
+            nn.ModuleList(
+                weight_norm(nn.Conv1d(channels, channels, kernel, padding=same_padding(kernel))) for _ in dilations
+            )
+            if kind == "1"
+            else None
+        )
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,9 +161,14 @@ class ConformerPrenet(nn.Module):
         from torchaudio.models import Conformer
 
         self.input_projection = nn.Linear(in_dim, cfg.conformer_dim)
-        self.conformer = Conformer(input_dim=cfg.conformer_dim, num_heads=cfg.conformer_heads,
-                                   ffn_dim=cfg.conformer_ffn_dim, num_layers=cfg.conformer_layers,
-                                   depthwise_conv_kernel_size=cfg.conformer_kernel, dropout=cfg.conformer_dropout)
+        self.conformer = Conformer(
+            input_dim=cfg.conformer_dim,
+            num_heads=cfg.conformer_heads,
+            ffn_dim=cfg.conformer_ffn_dim,
+            num_layers=cfg.conformer_layers,
+            depthwise_conv_kernel_size=cfg.conformer_kernel,
+            dropout=cfg.conformer_dropout,
+        )
         self.output_projection = nn.Linear(cfg.conformer_dim, out_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -182,15 +191,18 @@ class Generator(nn.Module):
         self.blocks = nn.ModuleList()
         for rate, kernel in zip(cfg.upsample_rates, cfg.upsample_kernel_sizes):
             padding, output_padding = upsample_padding(kernel, rate)
-            up = nn.ConvTranspose1d(channels, channels // 2, kernel, rate, padding=padding,
-                                    output_padding=output_padding)
+            up = nn.ConvTranspose1d(
+                channels, channels // 2, kernel, rate, padding=padding, output_padding=output_padding
+            )
             _init_weights(up)
             self.ups.append(weight_norm(up))
             channels //= 2
-            self.blocks.append(nn.ModuleList(
-                ResBlock(channels, k, list(d), cfg.resblock)
-                for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
-            ))
+            self.blocks.append(
+                nn.ModuleList(
+                    ResBlock(channels, k, list(d), cfg.resblock)
+                    for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
+                )
+            )
         self.post = weight_norm(nn.Conv1d(channels, 1, 7, padding=3))
         self.rates = list(cfg.upsample_rates)
         self.hop = math.prod(cfg.upsample_rates)
@@ -203,8 +215,10 @@ class Generator(nn.Module):
         every item must fill the batch. None (training): every frame is valid."""
         if self.prenet is not None:
             if lengths is not None and bool((lengths < features.shape[1]).any()):
-                raise ValueError("a generator with a Conformer prenet runs padded batches inexactly; give it "
-                                 "items of equal length (pipeline.models.encoder.by_length)")
+                raise ValueError(
+                    "a generator with a Conformer prenet runs padded batches inexactly; give it "
+                    "items of equal length (pipeline.models.encoder.by_length)"
+                )
             features = self.prenet(features)
         x = zero_past(self.pre(zero_past(features.transpose(1, 2), lengths)), lengths)
         for up, blocks, rate in zip(self.ups, self.blocks, self.rates):
@@ -308,7 +322,12 @@ class MultiScaleDiscriminator(nn.Module):
         return scores, maps
 
 
-def build_vocoder(in_dim: int, cfg: VocoderConfig) -> tuple[Generator, MultiPeriodDiscriminator, MultiScaleDiscriminator]:
+def build_vocoder(
+    in_dim: int, cfg: VocoderConfig
+) -> tuple[Generator, MultiPeriodDiscriminator, MultiScaleDiscriminator]:
     """The generator and both discriminators of a preset (validated first)."""
-    return (Generator(in_dim, cfg), MultiPeriodDiscriminator(list(cfg.mpd_periods), list(cfg.mpd_channels)),
-            MultiScaleDiscriminator(int(cfg.msd_scales), list(cfg.msd_channels)))
+    return (
+        Generator(in_dim, cfg),
+        MultiPeriodDiscriminator(list(cfg.mpd_periods), list(cfg.mpd_channels)),
+        MultiScaleDiscriminator(int(cfg.msd_scales), list(cfg.msd_channels)),
+    )

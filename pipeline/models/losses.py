@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-
 SC_MODES = ("per_example", "pooled_power")
 
 
-def feature_loss(pred: torch.Tensor, target: torch.Tensor, sc: str = "per_example"
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def feature_loss(
+    pred: torch.Tensor, target: torch.Tensor, sc: str = "per_example"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Miipher feature-cleaning loss: L1 + L2 + spectral convergence, on (batch, frames, dim).
 
     Spectral convergence ``per_example`` is ||target - pred||_F / ||target||_F per example, averaged
@@ -45,8 +45,9 @@ def mel_l1(pred: torch.Tensor, target: torch.Tensor, mel: torch.nn.Module) -> to
     return torch.nn.functional.l1_loss(log_mel(pred, mel), log_mel(target, mel))
 
 
-def discriminator_loss(real_scores: list[torch.Tensor], fake_scores: list[torch.Tensor]
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def discriminator_loss(
+    real_scores: list[torch.Tensor], fake_scores: list[torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Least-squares GAN: push scores of real audio to 1 and of generated audio to 0, summed over
     sub-discriminators. Parts: ``real`` and ``fake``."""
     real = sum(torch.mean((1 - r.float()) ** 2) for r in real_scores)
@@ -68,9 +69,16 @@ def feature_matching_loss(real_maps: list[list[torch.Tensor]], fake_maps: list[l
     )
 
 
-def generator_loss(fake_scores: list[torch.Tensor], real_maps: list[list[torch.Tensor]],
-                   fake_maps: list[list[torch.Tensor]], mel_loss: torch.Tensor, *, adv_weight: float,
-                   fm_weight: float, mel_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def generator_loss(
+    fake_scores: list[torch.Tensor],
+    real_maps: list[list[torch.Tensor]],
+    fake_maps: list[list[torch.Tensor]],
+    mel_loss: torch.Tensor,
+    *,
+    adv_weight: float,
+    fm_weight: float,
+    mel_weight: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """HiFi-GAN generator objective: weighted adversarial + feature matching + mel L1.
 
     Parts are unweighted: ``adv``, ``fm`` and ``mel`` (the log-mel L1 itself, comparable with the

@@ -95,9 +95,7 @@ def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     return hz
 
 
-def mel_filterbank(
-    sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS
-) -> np.ndarray:
+def mel_filterbank(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS) -> np.ndarray:
     """Triangular Slaney-scale filters, area-normalised, 0 Hz to Nyquist: (n_mels, n_fft // 2 + 1)."""
     fft_freqs = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
     top = _hz_to_mel(np.array([sample_rate / 2]))[0]
@@ -153,8 +151,10 @@ def partial_slices(
     n_frames = int(np.ceil((n_samples + 1) / HOP_LENGTH))
     frame_step = int(np.round((SAMPLE_RATE / rate) / HOP_LENGTH))
     if not 0 < frame_step <= PARTIAL_FRAMES:
-        raise ValueError(f"rate={rate} partials per second gives a step of {frame_step} frames; "
-                         f"it must be between 1 and {PARTIAL_FRAMES}")
+        raise ValueError(
+            f"rate={rate} partials per second gives a step of {frame_step} frames; "
+            f"it must be between 1 and {PARTIAL_FRAMES}"
+        )
     steps = max(1, n_frames - PARTIAL_FRAMES + frame_step + 1)
     slices = [slice(start, start + PARTIAL_FRAMES) for start in range(0, steps, frame_step)]
     last = slices[-1]
@@ -188,8 +188,16 @@ class SpeakerEncoder(nn.Module):
 
     def mel(self, wave: torch.Tensor) -> torch.Tensor:
         """Mel power spectrogram (frames, 40) of a 1-D 16 kHz wave; frames = 1 + samples // 160."""
-        spec = torch.stft(wave, N_FFT, hop_length=HOP_LENGTH, win_length=N_FFT, window=self.window,
-                          center=True, pad_mode="constant", return_complex=True)
+        spec = torch.stft(
+            wave,
+            N_FFT,
+            hop_length=HOP_LENGTH,
+            win_length=N_FFT,
+            window=self.window,
+            center=True,
+            pad_mode="constant",
+            return_complex=True,
+        )
         power = spec.real**2 + spec.imag**2
         return (self.mel_basis @ power).T
 
@@ -238,8 +246,9 @@ def load_speaker_encoder(device: str | torch.device = "cpu") -> SpeakerEncoder:
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise SpeakerEncoderError(f"{path} does not fit the encoder ({err}); "
-                                  f"expected {RESEMBLYZER_REQUIREMENT}'s file") from err
+        raise SpeakerEncoderError(
+            f"{path} does not fit the encoder ({err}); expected {RESEMBLYZER_REQUIREMENT}'s file"
+        ) from err
     encoder.requires_grad_(False)
     log.debug("speaker encoder loaded from %s on %s", path, device)
     return encoder.eval().to(device)
@@ -277,20 +286,24 @@ def embed_many(
     if not windows:
         return torch.empty(0, EMBEDDING_SIZE, device=device)
     stacked = torch.stack(windows)
-    partials = torch.cat([encoder(stacked[i:i + max_partials])
-                          for i in range(0, len(stacked), max_partials)])
+    partials = torch.cat([encoder(stacked[i : i + max_partials]) for i in range(0, len(stacked), max_partials)])
     means = torch.stack([chunk.mean(dim=0) for chunk in partials.split(counts)])
     return means / torch.norm(means, dim=1, keepdim=True)
 
 
-def embed(encoder: SpeakerEncoder, wave: WaveLike, *, volume_norm: bool = False,
-          rate: float = PARTIALS_PER_SECOND, min_coverage: float = MIN_COVERAGE) -> torch.Tensor:
+def embed(
+    encoder: SpeakerEncoder,
+    wave: WaveLike,
+    *,
+    volume_norm: bool = False,
+    rate: float = PARTIALS_PER_SECOND,
+    min_coverage: float = MIN_COVERAGE,
+) -> torch.Tensor:
     """Utterance embedding (256,) of a mono 16 kHz wave, unit length, on the encoder's device.
 
     With the defaults this is Resemblyzer's ``embed_utterance(wave)``.
     """
-    return embed_many(encoder, [wave], volume_norm=volume_norm, rate=rate,
-                      min_coverage=min_coverage)[0]
+    return embed_many(encoder, [wave], volume_norm=volume_norm, rate=rate, min_coverage=min_coverage)[0]
 
 
 def _unusable(wave: WaveLike) -> str | None:
@@ -308,8 +321,7 @@ def _unusable(wave: WaveLike) -> str | None:
     return None
 
 
-def speaker_similarity(encoder: SpeakerEncoder, a: WaveLike, b: WaveLike, *,
-                       volume_norm: bool = False) -> float:
+def speaker_similarity(encoder: SpeakerEncoder, a: WaveLike, b: WaveLike, *, volume_norm: bool = False) -> float:
     """Cosine similarity of the speaker embeddings of two mono 16 kHz waves, in [-1, 1].
 
     NaN, never an exception, when either wave cannot be scored: not mono, non-finite, shorter

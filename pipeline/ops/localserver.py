@@ -29,8 +29,14 @@ class TrackingServer:
     def start(self, timeout: float = 90.0) -> float:
         """Start it and wait until /health answers; returns when it did (``time.time()``)."""
         with open(self.workdir / "server.log", "ab") as server_log:
-            self.process = subprocess.Popen(self.server_command(), cwd=self.workdir, env=self.server_env(),
-                                            stdout=subprocess.DEVNULL, stderr=server_log, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.server_command(),
+                cwd=self.workdir,
+                env=self.server_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=server_log,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -45,9 +51,22 @@ class TrackingServer:
         raise RuntimeError(f"mlflow server did not start (within {timeout:.0f} s); see {self.workdir / 'server.log'}")
 
     def server_command(self) -> list[str]:
-        return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.workdir}/server.db",
-                "--artifacts-destination", str(self.workdir / "server-artifacts"), "--host", "127.0.0.1",
-                "--port", str(self.port), "--workers", "1"]
+        return [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.workdir}/server.db",
+            "--artifacts-destination",
+            str(self.workdir / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
 
     def server_env(self) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_TRACKING_")}

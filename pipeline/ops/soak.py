@@ -38,14 +38,42 @@ from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
-WINDOWS = ("checkpoint.snapshot", "checkpoint.serialize", "checkpoint.fsync", "checkpoint.sha256",
-           "checkpoint.upload", "checkpoint.index", "checkpoint.commit", "checkpoint.retention", "metrics.flush",
-           "startup.attempt", "resume.download", "resume.verify")
-VISITS = {"metrics.flush": 6, "startup.attempt": 1, "resume.download": 1, "resume.verify": 1}  # else 2: n drawn in 1..max
-JOB = ["ssl=tiny", "batch_size=4", "data.segment_seconds=0.5", "adapter.bottleneck=16", "trainer.log_interval=1",
-       "tracking.system_metrics=false", "tracking.flush_seconds=0.2", "tracking.stop_poll_seconds=0.5",
-       "tracking.log_model=false", "checkpoint.save_interval=2", "checkpoint.keep_last_n=2", "checkpoint.keep_best_k=1",
-       "validation.interval=10", "validation.num_samples=0"]
+WINDOWS = (
+    "checkpoint.snapshot",
+    "checkpoint.serialize",
+    "checkpoint.fsync",
+    "checkpoint.sha256",
+    "checkpoint.upload",
+    "checkpoint.index",
+    "checkpoint.commit",
+    "checkpoint.retention",
+    "metrics.flush",
+    "startup.attempt",
+    "resume.download",
+    "resume.verify",
+)
+VISITS = {
+    "metrics.flush": 6,
+    "startup.attempt": 1,
+    "resume.download": 1,
+    "resume.verify": 1,
+}  # else 2: n drawn in 1..max
+JOB = [
+    "ssl=tiny",
+    "batch_size=4",
+    "data.segment_seconds=0.5",
+    "adapter.bottleneck=16",
+    "trainer.log_interval=1",
+    "tracking.system_metrics=false",
+    "tracking.flush_seconds=0.2",
+    "tracking.stop_poll_seconds=0.5",
+    "tracking.log_model=false",
+    "checkpoint.save_interval=2",
+    "checkpoint.keep_last_n=2",
+    "checkpoint.keep_best_k=1",
+    "validation.interval=10",
+    "validation.num_samples=0",
+]
 KILL_AFTER_S = (2.0, 10.0)  # wall-clock kills: drawn in this range after the launch (start-up included)
 FALLBACK_S = 40.0  # a window not reached by then is killed anyway, and tried again later
 FIRED = re.compile(r"Fault injection at (\S+) \(visit \d+\): kill")
@@ -65,8 +93,16 @@ def store_uri(workdir: Path) -> str:
     return f"sqlite:///{workdir}/mlflow.db"
 
 
-def launch(workdir: Path, args: list[str], log_path: Path, *, module: str = TRAIN_MODULE, faults_spec: str | None = None,
-           tracking_uri: str | None = None, new_session: bool = False) -> subprocess.Popen:
+def launch(
+    workdir: Path,
+    args: list[str],
+    log_path: Path,
+    *,
+    module: str = TRAIN_MODULE,
+    faults_spec: str | None = None,
+    tracking_uri: str | None = None,
+    new_session: bool = False,
+) -> subprocess.Popen:
     """``python -m <module> ARGS`` in ``workdir``, its output in ``log_path``; faults armed only by ``faults_spec``.
     ``new_session``: the job and the processes it starts in a session of their own (nothing reaches the soak)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": tracking_uri or store_uri(workdir)}
@@ -75,8 +111,14 @@ def launch(workdir: Path, args: list[str], log_path: Path, *, module: str = TRAI
     if faults_spec:
         env["PIPELINE_FAULTS"] = faults_spec
     with open(log_path, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=workdir, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=new_session)
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+        )
 
 
 def _attempt(workdir: Path, args: list[str], kind: str, rng: random.Random, log_path: Path) -> tuple[int, str | None]:
@@ -110,14 +152,23 @@ def run_soak(workdir: Path, kills: int, seed: int, max_steps: int) -> dict[str, 
     reference = _reference_run(workdir, job, client)
     problems, attempts, compared = _check_history(client, soaked["run_id"], reference, max_steps, soaked["opened"])
     problems += _check_store(client, soaked["run_id"], workdir, max_steps)
-    return {"kills": sum(soaked["hits"].values()) + soaked["random_kills"], "windows_hit": soaked["hits"],
-            "random_kills": soaked["random_kills"], "launches": soaked["launches"], "attempts_recorded": attempts,
-            "steps_compared": compared, "soak_seconds": round(soak_s, 1), "seed": seed, "run_id": soaked["run_id"],
-            "problems": problems}
+    return {
+        "kills": sum(soaked["hits"].values()) + soaked["random_kills"],
+        "windows_hit": soaked["hits"],
+        "random_kills": soaked["random_kills"],
+        "launches": soaked["launches"],
+        "attempts_recorded": attempts,
+        "steps_compared": compared,
+        "soak_seconds": round(soak_s, 1),
+        "seed": seed,
+        "run_id": soaked["run_id"],
+        "problems": problems,
+    }
 
 
-def _kill_and_resume(workdir: Path, job: list[str], pending: list[str], rng: random.Random, client: MlflowClient,
-                     max_steps: int) -> dict[str, Any]:
+def _kill_and_resume(
+    workdir: Path, job: list[str], pending: list[str], rng: random.Random, client: MlflowClient, max_steps: int
+) -> dict[str, Any]:
     """Launch, kill as planned, resume with resume_run, until the plan is done and a last attempt finishes."""
     hits: dict[str, int] = {w: 0 for w in WINDOWS}
     random_kills, launches, opened, run_id = 0, 0, 0, None
@@ -137,8 +188,10 @@ def _kill_and_resume(workdir: Path, job: list[str], pending: list[str], rng: ran
         if code == 0:
             if kind == "final":
                 break
-            raise RuntimeError(f"attempt {launches} ({kind}) finished the job before the soak was done; raise "
-                               f"max_steps (now {max_steps}). Log: {log_path}")
+            raise RuntimeError(
+                f"attempt {launches} ({kind}) finished the job before the soak was done; raise "
+                f"max_steps (now {max_steps}). Log: {log_path}"
+            )
         if code != -signal.SIGKILL:
             raise RuntimeError(f"attempt {launches} ({kind}) failed with exit code {code}:\n{text[-3000:]}")
         if window:
@@ -163,8 +216,9 @@ def _reference_run(workdir: Path, job: list[str], client: MlflowClient) -> str:
     return next(r.info.run_id for r in store_runs(client) if r.info.run_id not in before)
 
 
-def _check_history(client: MlflowClient, run_id: str, reference: str, max_steps: int,
-                   opened: int) -> tuple[list[str], int, int]:
+def _check_history(
+    client: MlflowClient, run_id: str, reference: str, max_steps: int, opened: int
+) -> tuple[list[str], int, int]:
     """One train/loss value per step, equal to the reference's; every attempt recorded. Returns the
     problems, the attempts recorded and the steps compared."""
     problems = []
@@ -173,17 +227,24 @@ def _check_history(client: MlflowClient, run_id: str, reference: str, max_steps:
     if steps != list(range(1, max_steps + 1)):
         dupes = len(steps) - len(set(steps))
         gaps = sorted(set(range(1, max_steps + 1)) - set(steps))
-        problems.append(f"train/loss history: {len(steps)} values for {max_steps} steps ({dupes} duplicates, "
-                        f"missing steps {gaps[:10]})")
+        problems.append(
+            f"train/loss history: {len(steps)} values for {max_steps} steps ({dupes} duplicates, "
+            f"missing steps {gaps[:10]})"
+        )
     ours = {m.step: m.value for m in history}
     theirs = {m.step: m.value for m in client.get_metric_history(reference, "train/loss")}
     differing = [s for s in theirs if ours.get(s) != theirs[s]]
     if differing or len(theirs) != max_steps:
-        problems.append(f"train/loss differs from the uninterrupted run at steps {differing[:10]} "
-                        f"({len(differing)} of {len(theirs)})")
+        problems.append(
+            f"train/loss differs from the uninterrupted run at steps {differing[:10]} "
+            f"({len(differing)} of {len(theirs)})"
+        )
     count = client.get_run(run_id).data.tags.get("resume.count")
-    attempts = sorted(int(re.search(r"attempt-(\d+)", a.path).group(1))
-                      for a in client.list_artifacts(run_id, "config") if "attempt-" in a.path)
+    attempts = sorted(
+        int(re.search(r"attempt-(\d+)", a.path).group(1))
+        for a in client.list_artifacts(run_id, "config")
+        if "attempt-" in a.path
+    )
     if attempts != list(range(1, len(attempts) + 1)) or str(len(attempts) - 1) != count:
         problems.append(f"attempts recorded {attempts}, resume.count {count}")
     if len(attempts) < opened:
@@ -213,12 +274,13 @@ def _check_store(client: MlflowClient, run_id: str, workdir: Path, max_steps: in
 
 
 def _check_checkpoints(client: MlflowClient, run, workdir: Path, max_steps: int) -> list[str]:
-    from pipeline.engine.checkpointing import download_checkpoint
     from pipeline.engine.checkpoint_files import CheckpointError, checkpoint_name, verify
+    from pipeline.engine.checkpointing import download_checkpoint
 
     tags = run.data.tags
-    if tags.get("checkpoint.latest") != f"checkpoints/{checkpoint_name(max_steps)}" or \
-            tags.get("checkpoint.latest_step") != str(max_steps):
+    if tags.get("checkpoint.latest") != f"checkpoints/{checkpoint_name(max_steps)}" or tags.get(
+        "checkpoint.latest_step"
+    ) != str(max_steps):
         return [f"checkpoint.latest is {tags.get('checkpoint.latest')} (step {tags.get('checkpoint.latest_step')})"]
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         try:
@@ -245,10 +307,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=0, help="default: enough for the kills (6 per kill, ≥ 120)")
     parser.add_argument("--workdir", type=Path, help="kept afterwards (default: a temporary directory)")
-    parser.add_argument("--chain-run", help="clean_corpus: a finetune_vocoder run in --tracking-uri's store "
-                                            "(default: a tiny chain trained first)")
-    parser.add_argument("--tracking-uri", help="clean_corpus: the store of --chain-run, which gets the job's runs "
-                                               "too (default: SQLite in the work directory)")
+    parser.add_argument(
+        "--chain-run",
+        help="clean_corpus: a finetune_vocoder run in --tracking-uri's store (default: a tiny chain trained first)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="clean_corpus: the store of --chain-run, which gets the job's runs "
+        "too (default: SQLite in the work directory)",
+    )
     parser.add_argument("--files", type=int, default=20, help="clean_corpus: inputs of the corpus (1.3 s each)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -266,8 +333,9 @@ def _soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if args.job == "clean_corpus":
         from pipeline.ops.soak_clean import run_clean_soak
 
-        return run_clean_soak(workdir, args.kills, args.seed, chain_run=args.chain_run,
-                              tracking_uri=args.tracking_uri, files=args.files)
+        return run_clean_soak(
+            workdir, args.kills, args.seed, chain_run=args.chain_run, tracking_uri=args.tracking_uri, files=args.files
+        )
     return run_soak(workdir, args.kills, args.seed, args.max_steps or max(120, 6 * args.kills))
 
 

@@ -30,7 +30,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,8 +45,15 @@ log = logging.getLogger(__name__)
 MODULE = "pipeline.clean_corpus"
 JOB = ["files_per_batch=2", "commit_seconds=0.2", "scores=false", "listen_random=1", "listen_lowest=1"]
 # the tiny chain of the soak and of the tests' `chain` fixture (tests/conftest.py): each stage trained 2 steps
-CHAIN_STEPS = ["batch_size=4", "data.segment_seconds=0.5", "tracking.system_metrics=false",
-               "tracking.flush_seconds=0.2", "trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]
+CHAIN_STEPS = [
+    "batch_size=4",
+    "data.segment_seconds=0.5",
+    "tracking.system_metrics=false",
+    "tracking.flush_seconds=0.2",
+    "trainer.max_steps=2",
+    "checkpoint.save_interval=2",
+    "validation.interval=0",
+]
 FILE_SECONDS = 1.3
 WHOLE_FAMILY_SHARE = 0.5  # of the kills that take the driver with Ray and its workers; the others the driver alone
 FIRST_KILL_S = (0.0, 2.0)  # the first kill: this long after the first commit
@@ -61,15 +68,15 @@ OPENED = re.compile(r"Cleaning \d+ inputs \(\d+ done before\)")  # the driver ho
 @dataclass(frozen=True)
 class Kill:
     whole_family: bool
-    moment: Optional[float]  # a fraction of the attempt's expected time (start-up and the work left); None: first
+    moment: float | None  # a fraction of the attempt's expected time (start-up and the work left); None: first
 
 
 @dataclass
 class Attempt:
     code: int
-    opened_s: Optional[float]  # when the driver logged that it holds the run (seconds after the launch)
+    opened_s: float | None  # when the driver logged that it holds the run (seconds after the launch)
     ended_s: float
-    phase: Optional[str]  # where the kill fell (``_phase``)
+    phase: str | None  # where the kill fell (``_phase``)
     left_behind: list[str]  # processes of the job still running LEFT_BEHIND_S after the driver ended
 
 
@@ -85,11 +92,20 @@ class Soaked:
     known: set[str]  # runs in the store that are not the soaked job's
     startup_s: float = 0.0
     work_s: float = 0.0
-    run_id: Optional[str] = None
-    stats: dict[str, Any] = field(default_factory=lambda: {
-        "driver_kills": 0, "family_kills": 0, "launches": 0, "resumes": 0, "resumes_opened": 0,
-        "resume_count_increments": [], "finished_before_kill": 0, "kills_by_phase": {},
-        "left_behind": []})
+    run_id: str | None = None
+    stats: dict[str, Any] = field(
+        default_factory=lambda: {
+            "driver_kills": 0,
+            "family_kills": 0,
+            "launches": 0,
+            "resumes": 0,
+            "resumes_opened": 0,
+            "resume_count_increments": [],
+            "finished_before_kill": 0,
+            "kills_by_phase": {},
+            "left_behind": [],
+        }
+    )
 
 
 class Family:
@@ -146,8 +162,9 @@ def _title(proc: psutil.Process) -> str:
         return f"pid {proc.pid}"
 
 
-def run_clean_soak(workdir: Path, kills: int, seed: int, chain_run: str | None = None, tracking_uri: str | None = None,
-                   files: int = 20) -> dict[str, Any]:
+def run_clean_soak(
+    workdir: Path, kills: int, seed: int, chain_run: str | None = None, tracking_uri: str | None = None, files: int = 20
+) -> dict[str, Any]:
     """Kill, resume, finish, compare; returns the report (``problems`` empty when every check passed)."""
     rng = random.Random(seed)
     uri = tracking_uri or store_uri(workdir)
@@ -155,19 +172,37 @@ def run_clean_soak(workdir: Path, kills: int, seed: int, chain_run: str | None =
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     chain_run = chain_run or train_tiny_chain(workdir, uri)
     corpus = make_corpus(workdir / "corpus", files)
-    soaked = Soaked(workdir, uri, client, [f"run_id={chain_run}", f"input={corpus}", f"output={workdir / 'clean'}", *JOB],
-                    files, {r.info.run_id for r in store_runs(client)})
-    reference = reference_job(soaked, [f"run_id={chain_run}", f"input={corpus}", f"output={workdir / 'reference'}", *JOB])
+    soaked = Soaked(
+        workdir,
+        uri,
+        client,
+        [f"run_id={chain_run}", f"input={corpus}", f"output={workdir / 'clean'}", *JOB],
+        files,
+        {r.info.run_id for r in store_runs(client)},
+    )
+    reference = reference_job(
+        soaked, [f"run_id={chain_run}", f"input={corpus}", f"output={workdir / 'reference'}", *JOB]
+    )
     started = time.monotonic()
     kill_and_resume(soaked, plan_kills(kills, rng), rng)
     soak_s = time.monotonic() - started
     problems, compared = check_outputs(workdir / "clean", workdir / "reference", files)
     problems += check_run(soaked)
     stats = soaked.stats
-    return {"job": "clean_corpus", "kills": stats["driver_kills"] + stats["family_kills"], **stats,
-            "inputs": files, **compared, "reference_startup_seconds": round(soaked.startup_s, 1),
-            "reference_work_seconds": round(soaked.work_s, 1), "soak_seconds": round(soak_s, 1), "seed": seed,
-            "run_id": soaked.run_id, "reference_run_id": reference, "problems": problems}
+    return {
+        "job": "clean_corpus",
+        "kills": stats["driver_kills"] + stats["family_kills"],
+        **stats,
+        "inputs": files,
+        **compared,
+        "reference_startup_seconds": round(soaked.startup_s, 1),
+        "reference_work_seconds": round(soaked.work_s, 1),
+        "soak_seconds": round(soak_s, 1),
+        "seed": seed,
+        "run_id": soaked.run_id,
+        "reference_run_id": reference,
+        "problems": problems,
+    }
 
 
 def train_tiny_chain(workdir: Path, uri: str) -> str:
@@ -193,7 +228,7 @@ def make_corpus(root: Path, files: int) -> Path:
     clean, rate = sf.read(str(read_corpus("ljspeech", None)[2].path), dtype="float32")
     length, hop = int(FILE_SECONDS * rate), max((len(clean) - int(FILE_SECONDS * rate)) // max(files, 1), 1)
     for i in range(files):
-        sf.write(root / f"utt{i:03d}.wav", clean[i * hop: i * hop + length], rate)
+        sf.write(root / f"utt{i:03d}.wav", clean[i * hop : i * hop + length], rate)
     return root
 
 
@@ -207,7 +242,9 @@ def reference_job(soaked: Soaked, args: list[str]) -> str:
     before = {r.info.run_id for r in store_runs(soaked.client)}
     attempt = run_attempt(soaked, args, soaked.workdir / "logs" / "reference.log", None)
     if attempt.code != 0:
-        raise RuntimeError(f"the reference job failed:\n{(soaked.workdir / 'logs' / 'reference.log').read_text()[-3000:]}")
+        raise RuntimeError(
+            f"the reference job failed:\n{(soaked.workdir / 'logs' / 'reference.log').read_text()[-3000:]}"
+        )
     soaked.startup_s = attempt.opened_s or attempt.ended_s
     soaked.work_s = attempt.ended_s - soaked.startup_s
     run_id = next(r.info.run_id for r in store_runs(soaked.client) if r.info.run_id not in before)
@@ -238,20 +275,35 @@ def kill_and_resume(soaked: Soaked, plan: list[Kill], rng: random.Random) -> Non
             log.info("attempt %d ran to the end%s", stats["launches"], " before its kill" if kill else "")
             break
         if attempt.code != -signal.SIGKILL:
-            raise RuntimeError(f"attempt {stats['launches']} failed with exit code {attempt.code}:\n"
-                               f"{log_path.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(
+                f"attempt {stats['launches']} failed with exit code {attempt.code}:\n"
+                f"{log_path.read_text(errors='replace')[-3000:]}"
+            )
         stats["family_kills" if kill.whole_family else "driver_kills"] += 1
         stats["kills_by_phase"][attempt.phase] = stats["kills_by_phase"].get(attempt.phase, 0) + 1
-        log.info("attempt %d: killed %s at %.1f s, in %s", stats["launches"],
-                 "with its whole family" if kill.whole_family else "(the driver alone)", attempt.ended_s, attempt.phase)
+        log.info(
+            "attempt %d: killed %s at %.1f s, in %s",
+            stats["launches"],
+            "with its whole family" if kill.whole_family else "(the driver alone)",
+            attempt.ended_s,
+            attempt.phase,
+        )
 
 
-def run_attempt(soaked: Soaked, args: list[str], log_path: Path, kill: Kill | None,
-                rng: random.Random | None = None) -> Attempt:
+def run_attempt(
+    soaked: Soaked, args: list[str], log_path: Path, kill: Kill | None, rng: random.Random | None = None
+) -> Attempt:
     """One launch, killed as ``kill`` says (None: left to run to its end); waits for its processes to end. A job
     that has committed every input before its kill moment is killed then, while it finishes."""
-    proc = launch(soaked.workdir, args, log_path, module=MODULE, faults_spec=SLOW_RESTORE, tracking_uri=soaked.uri,
-                  new_session=True)
+    proc = launch(
+        soaked.workdir,
+        args,
+        log_path,
+        module=MODULE,
+        faults_spec=SLOW_RESTORE,
+        tracking_uri=soaked.uri,
+        new_session=True,
+    )
     family = Family(proc.pid)
     started = time.monotonic()
     deadline = _kill_moment(soaked, kill) if kill and kill.moment is not None else None
@@ -327,16 +379,19 @@ def check_outputs(out: Path, reference: Path, files: int) -> tuple[list[str], di
     ids = manifest["id"].tolist()
     if sorted(ids) != expected:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
-        problems.append(f"manifest ids: {len(ids)} rows for {files} inputs, duplicates {duplicates[:10]}, "
-                        f"missing {sorted(set(expected) - set(ids))[:10]}")
+        problems.append(
+            f"manifest ids: {len(ids)} rows for {files} inputs, duplicates {duplicates[:10]}, "
+            f"missing {sorted(set(expected) - set(ids))[:10]}"
+        )
     not_restored = manifest[manifest["status"] != "restored"]
     if len(not_restored):
         problems.append(f"not restored: {dict(zip(not_restored['id'], not_restored['status']))}")
     steps = {}
     for row in manifest[manifest["status"] == "restored"].itertuples():
         ours, theirs = sf.read(row.output, dtype="int16")[0], sf.read(str(reference / row.id), dtype="int16")[0]
-        steps[row.id] = (int(np.abs(ours.astype(np.int32) - theirs).max(initial=0)) if ours.shape == theirs.shape
-                         else None)
+        steps[row.id] = (
+            int(np.abs(ours.astype(np.int32) - theirs).max(initial=0)) if ours.shape == theirs.shape else None
+        )
     differing = {k: v for k, v in steps.items() if v is None or v > 1}
     if differing:
         problems.append(f"audio differs from the uninterrupted job's by more than one 16-bit step: {differing}")
@@ -344,8 +399,11 @@ def check_outputs(out: Path, reference: Path, files: int) -> tuple[list[str], di
     if partial:
         problems.append(f"half-written files left: {partial}")
     known = [v for v in steps.values() if v is not None]
-    return problems, {"inputs_compared": len(steps), "identical_files": sum(v == 0 for v in known),
-                      "max_difference_steps": max(known, default=0)}
+    return problems, {
+        "inputs_compared": len(steps),
+        "identical_files": sum(v == 0 for v in known),
+        "max_difference_steps": max(known, default=0),
+    }
 
 
 def check_run(soaked: Soaked) -> list[str]:
@@ -360,16 +418,23 @@ def check_run(soaked: Soaked) -> list[str]:
     if run.info.status != "FINISHED":
         problems.append(f"the soaked run ended {run.info.status}")
     count, increments = int(run.data.tags.get("resume.count", "0")), stats["resume_count_increments"]
-    if any(i not in (0, 1) for i in increments) or count != sum(increments) or \
-            not stats["resumes_opened"] <= count <= stats["resumes"]:
-        problems.append(f"resume.count {count} for {stats['resumes']} resumes ({stats['resumes_opened']} opened the "
-                        f"run; increments {increments})")
+    if (
+        any(i not in (0, 1) for i in increments)
+        or count != sum(increments)
+        or not stats["resumes_opened"] <= count <= stats["resumes"]
+    ):
+        problems.append(
+            f"resume.count {count} for {stats['resumes']} resumes ({stats['resumes_opened']} opened the "
+            f"run; increments {increments})"
+        )
     parts = _parts(soaked.client, soaked.run_id, PARTS)
     twice = parts["id"][parts["id"].duplicated()].tolist()
     if twice:
         problems.append(f"inputs committed more than once: {twice[:10]}")
     if stats["left_behind"]:
-        problems.append(f"processes still running {LEFT_BEHIND_S:.0f} s after their driver ended: {stats['left_behind']}")
+        problems.append(
+            f"processes still running {LEFT_BEHIND_S:.0f} s after their driver ended: {stats['left_behind']}"
+        )
     return problems
 
 
@@ -379,7 +444,8 @@ def _parts(client: MlflowClient, run_id: str, folder: str) -> pd.DataFrame:
     from mlflow.artifacts import download_artifacts
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(download_artifacts(run_id=run_id, artifact_path=folder, dst_path=tmp,
-                                        tracking_uri=client.tracking_uri))
+        local = Path(
+            download_artifacts(run_id=run_id, artifact_path=folder, dst_path=tmp, tracking_uri=client.tracking_uri)
+        )
         tables = [pd.read_parquet(p) for p in sorted(local.glob("*.parquet"))]
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame({"id": []})

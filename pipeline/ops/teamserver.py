@@ -48,8 +48,13 @@ class Postgres:
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # it refuses root
 
     def _pg(self, *cmd: str) -> None:
-        done = subprocess.run(self.as_user + list(cmd), capture_output=True, text=True, cwd=self.root,
-                              env={**os.environ, "PGPASSWORD": self.password})
+        done = subprocess.run(
+            self.as_user + list(cmd),
+            capture_output=True,
+            text=True,
+            cwd=self.root,
+            env={**os.environ, "PGPASSWORD": self.password},
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{Path(cmd[0]).name} failed: {done.stderr.strip() or done.stdout.strip()}")
 
@@ -62,8 +67,17 @@ class Postgres:
         pwfile.write_text(self.password + "\n")
         if self.as_user:
             shutil.chown(pwfile, "postgres", "postgres")
-        self._pg(f"{self.bindir}/initdb", "-D", str(self.data), "-U", "postgres", f"--pwfile={pwfile}",
-                 "--auth=scram-sha-256", "-E", "UTF8")
+        self._pg(
+            f"{self.bindir}/initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            f"--pwfile={pwfile}",
+            "--auth=scram-sha-256",
+            "-E",
+            "UTF8",
+        )
         pwfile.unlink()
         self.resume()
 
@@ -77,12 +91,24 @@ class Postgres:
 
     def pause(self) -> None:
         """Stop the server at once (an outage); ``resume`` starts it again with the same data."""
-        subprocess.run(self.as_user + [f"{self.bindir}/pg_ctl", "-D", str(self.data), "-m", "immediate", "stop"],
-                       capture_output=True, cwd=self.root)
+        subprocess.run(
+            self.as_user + [f"{self.bindir}/pg_ctl", "-D", str(self.data), "-m", "immediate", "stop"],
+            capture_output=True,
+            cwd=self.root,
+        )
 
     def resume(self) -> None:
-        self._pg(f"{self.bindir}/pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-o",
-                 f"-h 127.0.0.1 -p {self.port} -k {self.root}", "start")
+        self._pg(
+            f"{self.bindir}/pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-o",
+            f"-h 127.0.0.1 -p {self.port} -k {self.root}",
+            "start",
+        )
 
 
 class MotoS3:
@@ -109,8 +135,14 @@ class TeamServer(TrackingServer):
     """PostgreSQL + S3 + ``mlflow server --app-name basic-auth`` with artifacts in s3://<bucket>, proxied by
     the server, or with ``direct=True`` read and written by the trainers themselves."""
 
-    def __init__(self, workdir: Path, users: dict[str, str], bucket: str = "mlflow", s3_endpoint: str | None = None,
-                 direct: bool = False):
+    def __init__(
+        self,
+        workdir: Path,
+        users: dict[str, str],
+        bucket: str = "mlflow",
+        s3_endpoint: str | None = None,
+        direct: bool = False,
+    ):
         super().__init__(workdir)
         self.users, self.bucket, self.direct = dict(users), bucket, direct
         self.admin_password = secrets.token_urlsafe(12)
@@ -118,9 +150,11 @@ class TeamServer(TrackingServer):
         self.postgres = Postgres(secrets.token_urlsafe(12))
         self.s3 = None if s3_endpoint else MotoS3()
         self.s3_endpoint = s3_endpoint or self.s3.endpoint
-        self.aws = {"AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", f"AKIA{secrets.token_hex(8).upper()}"),
-                    "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", secrets.token_urlsafe(24)),
-                    "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        self.aws = {
+            "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", f"AKIA{secrets.token_hex(8).upper()}"),
+            "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", secrets.token_urlsafe(24)),
+            "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        }
         self.backend_uri = self.auth_uri = ""
 
     def start_all(self) -> None:
@@ -139,22 +173,46 @@ class TeamServer(TrackingServer):
             f"database_uri = {self.auth_uri}\nadmin_username = {ADMIN}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
             # a password is checked (PBKDF2, costly on purpose) once a minute per user, not at every request
-            "auth_cache_ttl_seconds = 60\n")
+            "auth_cache_ttl_seconds = 60\n"
+        )
         self.start()
         with self.as_admin() as auth:
             for user, password in self.users.items():
                 auth.create_user(user, password)
 
     def server_command(self) -> list[str]:
-        artifacts = (["--default-artifact-root", f"s3://{self.bucket}", "--no-serve-artifacts"] if self.direct
-                     else ["--artifacts-destination", f"s3://{self.bucket}"])
-        return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri, *artifacts,
-                "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        artifacts = (
+            ["--default-artifact-root", f"s3://{self.bucket}", "--no-serve-artifacts"]
+            if self.direct
+            else ["--artifacts-destination", f"s3://{self.bucket}"]
+        )
+        return [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            self.backend_uri,
+            *artifacts,
+            "--app-name",
+            "basic-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
 
     def server_env(self) -> dict[str, str]:
-        return {**super().server_env(), **self.aws, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
-                "MLFLOW_AUTH_CONFIG_PATH": str(Path(self.workdir) / "auth.ini"),
-                "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": self.flask_secret}
+        return {
+            **super().server_env(),
+            **self.aws,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
+            "MLFLOW_AUTH_CONFIG_PATH": str(Path(self.workdir) / "auth.ini"),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": self.flask_secret,
+        }
 
     @contextmanager
     def as_admin(self):
@@ -177,16 +235,25 @@ class TeamServer(TrackingServer):
     def trainer_env(self, user: str) -> dict[str, str]:
         """What a trainer exports to work as ``user`` (with direct access, the bucket's keys and endpoint too;
         in real use each person has their own keys)."""
-        env = {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": user,
-               "MLFLOW_TRACKING_PASSWORD": self.users[user]}
+        env = {
+            "MLFLOW_TRACKING_URI": self.uri,
+            "MLFLOW_TRACKING_USERNAME": user,
+            "MLFLOW_TRACKING_PASSWORD": self.users[user],
+        }
         if self.direct:
             env.update(self.aws, MLFLOW_S3_ENDPOINT_URL=self.s3_endpoint)
         return env
 
     def secrets(self) -> list[str]:
         """Every secret of the deployment (for scans: none may end up in a run)."""
-        return [self.admin_password, self.flask_secret, self.postgres.password, self.aws["AWS_SECRET_ACCESS_KEY"],
-                self.aws["AWS_ACCESS_KEY_ID"], *self.users.values()]
+        return [
+            self.admin_password,
+            self.flask_secret,
+            self.postgres.password,
+            self.aws["AWS_SECRET_ACCESS_KEY"],
+            self.aws["AWS_ACCESS_KEY_ID"],
+            *self.users.values(),
+        ]
 
     def stop_all(self) -> None:
         self.stop()
@@ -196,8 +263,11 @@ class TeamServer(TrackingServer):
 
 
 def _boto_kwargs(aws: dict[str, str]) -> dict[str, str]:
-    return {"aws_access_key_id": aws["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": aws["AWS_SECRET_ACCESS_KEY"],
-            "region_name": aws["AWS_DEFAULT_REGION"]}
+    return {
+        "aws_access_key_id": aws["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": aws["AWS_SECRET_ACCESS_KEY"],
+        "region_name": aws["AWS_DEFAULT_REGION"],
+    }
 
 
 def main() -> None:
@@ -206,8 +276,11 @@ def main() -> None:
     parser.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD", help="one per person")
     parser.add_argument("--bucket", default="mlflow")
     parser.add_argument("--s3-endpoint", help="MinIO or another S3 endpoint (default: a moto server)")
-    parser.add_argument("--direct", action="store_true",
-                        help="trainers read and write the bucket themselves (the server does not proxy artifacts)")
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="trainers read and write the bucket themselves (the server does not proxy artifacts)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     users = dict(item.split(":", 1) for item in args.user)
@@ -215,8 +288,10 @@ def main() -> None:
     server.start_all()
     try:
         access = "read and written by each trainer" if args.direct else "proxied by the server"
-        lines = [f"Team server at {server.uri} (backend: PostgreSQL, artifacts: s3://{args.bucket} via "
-                 f"{server.s3_endpoint}, {access}). A trainer exports:"]
+        lines = [
+            f"Team server at {server.uri} (backend: PostgreSQL, artifacts: s3://{args.bucket} via "
+            f"{server.s3_endpoint}, {access}). A trainer exports:"
+        ]
         for user in users:
             lines += [f"  # {user}"] + [f"  export {key}={value}" for key, value in server.trainer_env(user).items()]
         lines.append(f"Admin: {ADMIN} / {server.admin_password} (MLflow UI: {server.uri}). Ctrl-C stops everything.")

@@ -32,8 +32,9 @@ def stage_class(name: str) -> type:
     from pipeline.engine.stage import Stage
 
     module = importlib.import_module(training_stages()[name])
-    found = [obj for obj in vars(module).values()
-             if isinstance(obj, type) and issubclass(obj, Stage) and obj.name == name]
+    found = [
+        obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, Stage) and obj.name == name
+    ]
     if len(found) != 1:
         raise KeyError(f"{module.__name__} defines {len(found)} Stage subclasses named {name!r}; it must define one")
     return found[0]

@@ -24,8 +24,8 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import AdapterConfig, ConfigError, DegradationConfig, EncoderConfig, VocoderConfig, stage_config
-from pipeline.data.degrade import degrade, sample_rng
 from pipeline.data.datasets import VAL_STREAM
+from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpoint_files import CheckpointError, verify
 from pipeline.engine.resume import ResumeError, ResumePoint, RunCheckpoints
@@ -45,6 +45,7 @@ class FinetuneVocoderConfig(VocoderTrainConfig):
     stage: str = "finetune_vocoder"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # filled from the adapter run
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
+
 
 ADAPTER_STAGES = ("train_adapter",)
 VOCODER_STAGES = ("pretrain_vocoder", "finetune_vocoder")
@@ -75,8 +76,9 @@ def latest_meta(client: MlflowClient, role: str, run_id: str, stages: tuple[str,
         raise ConfigError(str(err)) from err
 
 
-def load_checkpoint(client: MlflowClient, role: str, run_id: str, stages: tuple[str, ...],
-                    step: int | None = None) -> ResumePoint:
+def load_checkpoint(
+    client: MlflowClient, role: str, run_id: str, stages: tuple[str, ...], step: int | None = None
+) -> ResumePoint:
     """The run's checkpoint at ``step`` (None: its latest committed one): downloaded, sha256-verified,
     weights_only-loaded."""
     checkpoints = linked_run(client, role, run_id, stages)
@@ -102,8 +104,9 @@ def _encoder_name(ssl: dict[str, Any]) -> str:
     return f"encoder preset {ssl['name']!r} layer {ssl['layer']}"
 
 
-def check_same_encoder(adapter_run: str, adapter_ssl: dict[str, Any], vocoder_run: str,
-                       vocoder_ssl: dict[str, Any]) -> None:
+def check_same_encoder(
+    adapter_run: str, adapter_ssl: dict[str, Any], vocoder_run: str, vocoder_ssl: dict[str, Any]
+) -> None:
     if (adapter_ssl["name"], adapter_ssl["layer"]) != (vocoder_ssl["name"], vocoder_ssl["layer"]):
         raise ConfigError(
             f"Refusing to fine-tune: adapter run {adapter_run} uses {_encoder_name(adapter_ssl)}, but vocoder run "
@@ -130,8 +133,9 @@ class FinetuneVocoder(VocoderStage):
         (reading only their checkpoints' meta.json), after checking that both use the same encoder."""
         adapter_run, vocoder_run = inputs.get("adapter_run"), inputs.get("vocoder_run")
         if not adapter_run or not vocoder_run:
-            raise ConfigError("finetune_vocoder needs adapter_run=<train_adapter run id> and "
-                              "vocoder_run=<pretrain_vocoder run id>")
+            raise ConfigError(
+                "finetune_vocoder needs adapter_run=<train_adapter run id> and vocoder_run=<pretrain_vocoder run id>"
+            )
         client = MlflowClient()
         adopt_adapter_run(cfg, adapter_run, client)
         vocoder = latest_meta(client, "vocoder_run", vocoder_run, VOCODER_STAGES)["model_args"]
@@ -144,12 +148,18 @@ class FinetuneVocoder(VocoderStage):
         return self.inputs["adapter_run"]
 
     def tags(self) -> dict[str, str]:
-        links = {tag.CHAIN_ADAPTER_RUN: self.inputs.get("adapter_run"), tag.CHAIN_VOCODER_RUN: self.inputs.get("vocoder_run")}
+        links = {
+            tag.CHAIN_ADAPTER_RUN: self.inputs.get("adapter_run"),
+            tag.CHAIN_VOCODER_RUN: self.inputs.get("vocoder_run"),
+        }
         return {**super().tags(), **{key: str(run) for key, run in links.items() if run}}  # (imported: no vocoder run)
 
     def model_args(self) -> dict[str, Any]:
-        return {**super().model_args(), "adapter": OmegaConf.to_container(self.cfg.adapter),
-                "adapter_run": self.adapter_run}
+        return {
+            **super().model_args(),
+            "adapter": OmegaConf.to_container(self.cfg.adapter),
+            "adapter_run": self.adapter_run,
+        }
 
     def export_model(self, checkpoint_dir: Path, out_dir: Path) -> bool:
         """The restoration chain (pipeline/inference/chain.py): this checkpoint's generator with the pinned
@@ -160,8 +170,14 @@ class FinetuneVocoder(VocoderStage):
         step = int(self.inputs["adapter_step"])
         adapter = RunCheckpoints(MlflowClient(), self.adapter_run, (ADAPTER_STAGE,), "adapter_run")
         adapter_dir = adapter.download(step, out_dir.parent / "adapter")
-        save_chain_model(ChainCheckpoints(adapter_dir, checkpoint_dir, chain_metadata(
-            meta, meta["run_id"], int(meta["step"]), self.adapter_run, step)), out_dir)
+        save_chain_model(
+            ChainCheckpoints(
+                adapter_dir,
+                checkpoint_dir,
+                chain_metadata(meta, meta["run_id"], int(meta["step"]), self.adapter_run, step),
+            ),
+            out_dir,
+        )
         return True
 
     def build_feature_extractor(self) -> None:
@@ -169,8 +185,9 @@ class FinetuneVocoder(VocoderStage):
         its step is kept in ``inputs`` (so in every checkpoint), and a resume or the chain model loads
         that one even after the adapter run has trained on."""
         pinned = self.inputs.get("adapter_step")
-        point = load_checkpoint(MlflowClient(), "adapter_run", self.adapter_run, ADAPTER_STAGES,
-                                int(pinned) if pinned else None)
+        point = load_checkpoint(
+            MlflowClient(), "adapter_run", self.adapter_run, ADAPTER_STAGES, int(pinned) if pinned else None
+        )
         self.inputs["adapter_step"] = str(point.step)
         saved_ssl = point.meta["model_args"]["ssl"]
         check_same_encoder(self.adapter_run, saved_ssl, "(this run)", OmegaConf.to_container(self.cfg.ssl))
@@ -195,8 +212,12 @@ class FinetuneVocoder(VocoderStage):
         return self.adapted(batch["noisy_input"])
 
     def sample_inputs(self, index, clean_in):
-        noisy, _ = degrade(clean_in, self.cfg.ssl.sample_rate, self.cfg.degradation,
-                           sample_rng(int(self.cfg.seed), 0, index, VAL_STREAM))
+        noisy, _ = degrade(
+            clean_in,
+            self.cfg.ssl.sample_rate,
+            self.cfg.degradation,
+            sample_rng(int(self.cfg.seed), 0, index, VAL_STREAM),
+        )
         return {"noisy_input": noisy[None]}, {"degraded": noisy}
 
 

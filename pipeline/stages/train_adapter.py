@@ -12,8 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import (AdapterConfig, DataConfig, DegradationConfig, EncoderConfig, FeatureLossConfig, TrainConfig,
-                             stage_config)
+from pipeline.config import (
+    AdapterConfig,
+    DataConfig,
+    DegradationConfig,
+    EncoderConfig,
+    FeatureLossConfig,
+    TrainConfig,
+    stage_config,
+)
 from pipeline.data.corpus import corpus_dataset, load_corpus_audio, read_corpus
 from pipeline.data.datasets import VAL_STREAM, DegradedPairs, ShuffledBatches
 from pipeline.data.degrade import OtherUtterances, degrade, sample_rng
@@ -22,8 +29,8 @@ from pipeline.engine import tags as tag
 from pipeline.engine.session import main
 from pipeline.engine.stage import Stage
 from pipeline.inference.listening import Example, safe_name, write_listening_page
-from pipeline.models.losses import SC_MODES, feature_loss
 from pipeline.models.adapters import build_adapted_encoder
+from pipeline.models.losses import SC_MODES, feature_loss
 
 
 @stage_config("train_adapter")
@@ -76,14 +83,18 @@ class TrainAdapter(Stage):
     def _build_corpus_data(self, segment: int) -> None:
         """On-the-fly degradation of a corpus held in memory."""
         cfg = self.cfg
-        utterances, waves = load_corpus_audio(read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets),
-                                              cfg.ssl.sample_rate, max_clipped_fraction=cfg.data.max_clipped_fraction)
+        utterances, waves = load_corpus_audio(
+            read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets),
+            cfg.ssl.sample_rate,
+            max_clipped_fraction=cfg.data.max_clipped_fraction,
+        )
         self.training_data = corpus_dataset(cfg.data.name, cfg.data.root, utterances)
         if len(waves) <= cfg.data.val_size:
             raise ValueError(f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(waves)} usable)")
         split = len(waves) - cfg.data.val_size
-        common = dict(sample_rate=cfg.ssl.sample_rate, segment_samples=segment, degradation=cfg.degradation,
-                      seed=int(cfg.seed))
+        common = dict(
+            sample_rate=cfg.ssl.sample_rate, segment_samples=segment, degradation=cfg.degradation, seed=int(cfg.seed)
+        )
         self.train_set = DegradedPairs(waves[:split], train=True, **common)
         self.train_source = ShuffledBatches(self.train_set, int(cfg.seed), pin_memory=self.device.type == "cuda")
         self.val_set = DegradedPairs(waves[split:], train=False, **common)
@@ -91,8 +102,9 @@ class TrainAdapter(Stage):
         self.val_examples = []
         for index, utt in enumerate(utterances[split:][: cfg.validation.num_samples]):
             rng = sample_rng(int(cfg.seed), 0, index, VAL_STREAM)
-            noisy, params = degrade(val_waves[index], cfg.ssl.sample_rate, cfg.degradation, rng,
-                                    others=OtherUtterances(val_waves, index))
+            noisy, params = degrade(
+                val_waves[index], cfg.ssl.sample_rate, cfg.degradation, rng, others=OtherUtterances(val_waves, index)
+            )
             self.val_examples.append((utt.id, utt.text, val_waves[index], noisy, params))
 
     def _build_shard_data(self, segment: int) -> None:
@@ -102,15 +114,19 @@ class TrainAdapter(Stage):
             raise ValueError("data=shards needs data.root: the prepare_data output (directory or s3://bucket/prefix)")
         manifest = read_manifest(cfg.data.root)
         if manifest["sample_rate"] != cfg.ssl.sample_rate:
-            raise ValueError(f"the shards at {cfg.data.root} are at {manifest['sample_rate']} Hz but the "
-                             f"{cfg.ssl.name} encoder takes {cfg.ssl.sample_rate} Hz; run prepare_data with "
-                             f"sample_rate={cfg.ssl.sample_rate}")
+            raise ValueError(
+                f"the shards at {cfg.data.root} are at {manifest['sample_rate']} Hz but the "
+                f"{cfg.ssl.name} encoder takes {cfg.ssl.sample_rate} Hz; run prepare_data with "
+                f"sample_rate={cfg.ssl.sample_rate}"
+            )
         self.dataset_name = manifest["corpus"]["name"]
         self.training_data = shard_dataset(cfg.data.root, manifest)
         self.train_set = self.train_source = StreamingPairs(cfg.data.root, manifest, segment, int(cfg.seed))
         self.val_set = ShardPairs(cfg.data.root, manifest, "val", segment)
-        self.val_examples = [(s["key"], s["meta"].get("text", ""), s["clean"], s["noisy"], s["meta"]["degradation"])
-                             for s in self.val_set.samples[: cfg.validation.num_samples]]
+        self.val_examples = [
+            (s["key"], s["meta"].get("text", ""), s["clean"], s["noisy"], s["meta"]["degradation"])
+            for s in self.val_set.samples[: cfg.validation.num_samples]
+        ]
 
     def compute_loss(self, batch, model=None):
         """The feature loss; ``model`` runs the adapted forward pass (training passes its DDP wrapper)."""
@@ -121,8 +137,11 @@ class TrainAdapter(Stage):
     def training_step(self, batch):
         loss, parts = self.compute_loss(batch, self.ddp(self.model))
         grad_norm = self.optimize(loss, self.optimizers["adapters"], self.model.trainable_parameters())
-        return {"train/loss": loss.detach(), **{f"train/{k}": v.detach() for k, v in parts.items()},
-                "grad_norm": grad_norm}
+        return {
+            "train/loss": loss.detach(),
+            **{f"train/{k}": v.detach() for k, v in parts.items()},
+            "grad_norm": grad_norm,
+        }
 
     def write_samples(self, out_dir: Path, step: int) -> None:
         """Clean and degraded audio of a few validation utterances, spectrograms and feature plots."""
@@ -149,8 +168,10 @@ class TrainAdapter(Stage):
             fig.savefig(out_dir / image, dpi=80)
             plt.close(fig)
             examples.append(Example(utt_id, text, {"clean": clean, "degraded": noisy}, json.dumps(params), [image]))
-        write_listening_page(out_dir, f"{self.name} · validation samples at step {step}", examples,
-                             self.cfg.ssl.sample_rate)
+        write_listening_page(
+            out_dir, f"{self.name} · validation samples at step {step}", examples, self.cfg.ssl.sample_rate
+        )
+
 
 if __name__ == "__main__":
     main(TrainAdapter)

@@ -1,8 +1,8 @@
 """train_asr: a Conformer CTC recogniser over characters, trained by epochs (docs/architecture.md, Models).
 
-    python -m pipeline.stages.train_asr asr=tiny trainer.epochs=20 batch_size=4
-    python -m pipeline.stages.train_asr resume_run=<run id> trainer.epochs=40 batch_size=8   # more epochs, bigger batch
-    mlflow run . -e train_asr --env-manager local -P overrides="light=true trainer.epochs=5"
+python -m pipeline.stages.train_asr asr=tiny trainer.epochs=20 batch_size=4
+python -m pipeline.stages.train_asr resume_run=<run id> trainer.epochs=40 batch_size=8   # more epochs, bigger batch
+mlflow run . -e train_asr --env-manager local -P overrides="light=true trainer.epochs=5"
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import soundfile as sf
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONFIG_DIR, ConformerConfig, DataConfig, TrainConfig, stage_config
-from pipeline.data.corpus import Utterance, corpus_dataset, read_corpus
 from pipeline.data.audio import AudioError, check_audio, load_audio
+from pipeline.data.corpus import Utterance, corpus_dataset, read_corpus
 from pipeline.data.datasets import ShuffledBatches, TranscribedSpeech, collate_padded
 from pipeline.engine import tags as tag
 from pipeline.engine.session import main
@@ -43,8 +43,8 @@ class TrainAsrConfig(TrainConfig):
     data: DataConfig = field(default_factory=DataConfig)  # data.segment_seconds is not used: whole utterances
     light: bool = False  # quick mode: the tiny preset and utterances up to light_max_seconds
     light_max_seconds: float = 2.5  # longest utterance kept in light mode
-    max_samples: Optional[int] = None  # train on at most this many utterances; null = all
-    max_seconds: Optional[float] = None  # skip utterances longer than this; null = keep all
+    max_samples: int | None = None  # train on at most this many utterances; null = all
+    max_seconds: float | None = None  # skip utterances longer than this; null = keep all
 
 
 def preset(name: str) -> DictConfig:
@@ -52,8 +52,9 @@ def preset(name: str) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(ConformerConfig), OmegaConf.load(CONFIG_DIR / "asr" / f"{name}.yaml"))
 
 
-def select_utterances(utterances: list[Utterance], vocab: CharVocabulary, model: ConformerCTC, sample_rate: int,
-                      max_seconds: float | None) -> list[Utterance]:
+def select_utterances(
+    utterances: list[Utterance], vocab: CharVocabulary, model: ConformerCTC, sample_rate: int, max_seconds: float | None
+) -> list[Utterance]:
     """Utterances that can train a CTC model: readable, non-empty, not silent, finite, transcribed, not longer than
     ``max_seconds``, and with enough output frames for their characters. The rest are counted."""
     kept, skipped = [], Counter()
@@ -132,12 +133,17 @@ class TrainAsr(Stage):
         self.train_set = self._dataset(train)
         self.train_source = ShuffledBatches(self.train_set, int(cfg.seed), pin_memory=self.device.type == "cuda")
         self.val_set = self._dataset(self.val_utterances)
-        log.info("train_asr: %d training and %d validation utterances, %d parameters", len(train),
-                 len(self.val_utterances), sum(p.numel() for p in self.model.parameters()))
+        log.info(
+            "train_asr: %d training and %d validation utterances, %d parameters",
+            len(train),
+            len(self.val_utterances),
+            sum(p.numel() for p in self.model.parameters()),
+        )
 
     def _dataset(self, utterances: list[Utterance]) -> TranscribedSpeech:
-        return TranscribedSpeech([u.path for u in utterances], [self.vocab.encode(u.text) for u in utterances],
-                                 self.cfg.asr.sample_rate)
+        return TranscribedSpeech(
+            [u.path for u in utterances], [self.vocab.encode(u.text) for u in utterances], self.cfg.asr.sample_rate
+        )
 
     def collate(self, items):
         return collate_padded(items)
@@ -181,13 +187,17 @@ class TrainAsr(Stage):
             rows.append((name, self.vocab.normalize(utt.text), hypothesis))
         media = MediaEmbedder(out_dir)
         title = f"{self.name} · validation transcripts at step {step}"
-        page = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
-                f"<h2>{html.escape(title)}</h2><table border=1>",
-                "<tr><th>audio</th><th>reference</th><th>greedy CTC transcript</th></tr>"]
+        page = [
+            f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
+            f"<h2>{html.escape(title)}</h2><table border=1>",
+            "<tr><th>audio</th><th>reference</th><th>greedy CTC transcript</th></tr>",
+        ]
         for name, reference, hypothesis in rows:
             shown = html.escape(hypothesis) if hypothesis else "<i>(empty transcript)</i>"
-            page.append(f"<tr><td><audio controls preload='metadata' src='{media.src(name + '.wav')}'></audio></td>"
-                        f"<td>{html.escape(reference)}</td><td>{shown}</td></tr>")
+            page.append(
+                f"<tr><td><audio controls preload='metadata' src='{media.src(name + '.wav')}'></audio></td>"
+                f"<td>{html.escape(reference)}</td><td>{shown}</td></tr>"
+            )
         page.append("</table>" + media.note() + "</body></html>")
         (out_dir / "index.html").write_text("\n".join(page), encoding="utf-8")
 

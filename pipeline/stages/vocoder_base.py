@@ -27,9 +27,9 @@ from pipeline.data.degrade import degrade, sample_rng
 from pipeline.engine import tags as tag
 from pipeline.engine.stage import Stage
 from pipeline.inference.listening import Example, safe_name, write_listening_page
-from pipeline.models.losses import discriminator_loss, generator_loss, log_mel, mel_l1
 from pipeline.models.encoder import encoder_geometry, window
 from pipeline.models.hifigan import CenteredMelSpectrogram, build_vocoder, validate_preset
+from pipeline.models.losses import discriminator_loss, generator_loss, log_mel, mel_l1
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,19 @@ class VocoderExamples(Dataset):
     Training crops start at a seeded random frame; validation crops are the middle of the utterance.
     """
 
-    def __init__(self, waves_in: list[torch.Tensor], waves_out: list[torch.Tensor], frames: int, hop_in: int,
-                 hop_out: int, context: tuple[int, int], sample_rate_in: int, seed: int, train: bool,
-                 degradation: DegradationConfig | None = None):
+    def __init__(
+        self,
+        waves_in: list[torch.Tensor],
+        waves_out: list[torch.Tensor],
+        frames: int,
+        hop_in: int,
+        hop_out: int,
+        context: tuple[int, int],
+        sample_rate_in: int,
+        seed: int,
+        train: bool,
+        degradation: DegradationConfig | None = None,
+    ):
         self.waves_in, self.waves_out = waves_in, waves_out
         self.frames, self.hop_in, self.hop_out, self.context = frames, hop_in, hop_out, context
         self.sample_rate_in, self.seed, self.train, self.degradation = sample_rate_in, seed, train, degradation
@@ -109,8 +119,13 @@ class VocoderStage(Stage):
     # --- description ----------------------------------------------------------------------------
     def tags(self) -> dict[str, str]:
         c = self.cfg
-        return {tag.MODEL: MODEL_TAG, tag.DATASET: c.data.name, tag.MODEL_PRESET: c.vocoder.name,
-                tag.ENCODER: c.ssl.name, tag.ENCODER_LAYER: str(c.ssl.layer)}
+        return {
+            tag.MODEL: MODEL_TAG,
+            tag.DATASET: c.data.name,
+            tag.MODEL_PRESET: c.vocoder.name,
+            tag.ENCODER: c.ssl.name,
+            tag.ENCODER_LAYER: str(c.ssl.layer),
+        }
 
     def model_args(self) -> dict[str, Any]:
         return {"ssl": OmegaConf.to_container(self.cfg.ssl), "vocoder": OmegaConf.to_container(self.cfg.vocoder)}
@@ -129,17 +144,26 @@ class VocoderStage(Stage):
         self.modules = {"generator": self.generator, "mpd": self.mpd, "msd": self.msd}
         self.optimizers = {
             "generator": self.make_optimizer(self.generator.parameters()),
-            "discriminator": self.make_optimizer(self.discriminator_parameters(), cfg.loss.discriminator_lr or cfg.optim.lr),
+            "discriminator": self.make_optimizer(
+                self.discriminator_parameters(), cfg.loss.discriminator_lr or cfg.optim.lr
+            ),
         }
         self.schedulers = {name: self.make_scheduler(opt) for name, opt in self.optimizers.items()}
         if cfg.loss.gan_start_step > 0:  # the discriminators' schedule follows the global step while they wait
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message=r"Detected call of `lr_scheduler.step\(\)` before", category=UserWarning
+            )
         self.mel = self._mel_transform().to(self.device)
         self.load_initial_weights()
         self._build_data()
-        log.info("%s: generator %.2f M, discriminators %.2f M parameters; %d training and %d validation utterances",
-                 self.name, _millions(self.generator), _millions(self.mpd) + _millions(self.msd),
-                 len(self.train_set), len(self.val_set))
+        log.info(
+            "%s: generator %.2f M, discriminators %.2f M parameters; %d training and %d validation utterances",
+            self.name,
+            _millions(self.generator),
+            _millions(self.mpd) + _millions(self.msd),
+            len(self.train_set),
+            len(self.val_set),
+        )
 
     def discriminator_parameters(self):
         return chain(self.mpd.parameters(), self.msd.parameters())
@@ -147,30 +171,49 @@ class VocoderStage(Stage):
     def _mel_transform(self) -> CenteredMelSpectrogram:
         loss = self.cfg.loss
         return CenteredMelSpectrogram(
-            sample_rate=self.cfg.vocoder.sample_rate, n_fft=loss.n_fft, win_length=loss.win_length,
-            hop_length=loss.hop_length, f_min=loss.f_min, f_max=loss.f_max, n_mels=loss.n_mels, power=1.0,
-            norm="slaney", mel_scale="slaney",
+            sample_rate=self.cfg.vocoder.sample_rate,
+            n_fft=loss.n_fft,
+            win_length=loss.win_length,
+            hop_length=loss.hop_length,
+            f_min=loss.f_min,
+            f_max=loss.f_max,
+            n_mels=loss.n_mels,
+            power=1.0,
+            norm="slaney",
+            mel_scale="slaney",
         )
 
     def _build_data(self) -> None:
         cfg = self.cfg
         rate_in, rate_out = cfg.ssl.sample_rate, cfg.vocoder.sample_rate
-        utterances, waves_in = load_corpus_audio(read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets), rate_in,
-                                                 max_clipped_fraction=cfg.data.max_clipped_fraction)
+        utterances, waves_in = load_corpus_audio(
+            read_corpus(cfg.data.format, cfg.data.root, cfg.data.subsets),
+            rate_in,
+            max_clipped_fraction=cfg.data.max_clipped_fraction,
+        )
         self.training_data = corpus_dataset(cfg.data.name, cfg.data.root, utterances)
         waves_out = waves_in if rate_out == rate_in else load_corpus_audio(utterances, rate_out)[1]
         if len(waves_in) <= cfg.data.val_size:
-            raise ValueError(f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(waves_in)} usable)")
+            raise ValueError(
+                f"data.val_size={cfg.data.val_size} leaves no training utterances ({len(waves_in)} usable)"
+            )
         frames = max(int(round(cfg.data.segment_seconds * rate_in / self.hop_in)), 1)
         split = len(waves_in) - cfg.data.val_size
-        common = dict(frames=frames, hop_in=self.hop_in, hop_out=self.hop_out, context=self.context,
-                      sample_rate_in=rate_in, seed=int(cfg.seed),
-                      degradation=cfg.degradation if self.uses_degradation else None)
+        common = dict(
+            frames=frames,
+            hop_in=self.hop_in,
+            hop_out=self.hop_out,
+            context=self.context,
+            sample_rate_in=rate_in,
+            seed=int(cfg.seed),
+            degradation=cfg.degradation if self.uses_degradation else None,
+        )
         self.train_set = VocoderExamples(waves_in[:split], waves_out[:split], train=True, **common)
         self.train_source = ShuffledBatches(self.train_set, int(cfg.seed), pin_memory=self.device.type == "cuda")
         self.val_set = VocoderExamples(waves_in[split:], waves_out[split:], train=False, **common)
         self.val_utterances: list[tuple[Utterance, torch.Tensor, torch.Tensor]] = list(
-            zip(utterances[split:], waves_in[split:], waves_out[split:]))
+            zip(utterances[split:], waves_in[split:], waves_out[split:])
+        )
 
     # --- the step -------------------------------------------------------------------------------
     def _discriminate(self, wave: torch.Tensor, training: bool = False):
@@ -195,8 +238,9 @@ class VocoderStage(Stage):
         real_scores, _ = self._discriminate(target, training=True)
         fake_scores, _ = self._discriminate(fake.detach(), training=True)
         d_loss, d_parts = discriminator_loss(real_scores, fake_scores)
-        d_norm = self.optimize(d_loss, self.optimizers["discriminator"], self.discriminator_parameters(),
-                               update_scaler=False)
+        d_norm = self.optimize(
+            d_loss, self.optimizers["discriminator"], self.discriminator_parameters(), update_scaler=False
+        )
 
         # the generator's step: gradients flow through, not into, them (so not through their DDP wrappers)
         self.mpd.requires_grad_(False)
@@ -207,8 +251,15 @@ class VocoderStage(Stage):
             fake_scores, fake_maps = self._discriminate(fake)
             mel = mel_l1(fake, target, self.mel)
             loss = self.cfg.loss
-            g_loss, g_parts = generator_loss(fake_scores, real_maps, fake_maps, mel, adv_weight=loss.adv_weight,
-                                             fm_weight=loss.fm_weight, mel_weight=loss.mel_weight)
+            g_loss, g_parts = generator_loss(
+                fake_scores,
+                real_maps,
+                fake_maps,
+                mel,
+                adv_weight=loss.adv_weight,
+                fm_weight=loss.fm_weight,
+                mel_weight=loss.mel_weight,
+            )
             g_norm = self.optimize(g_loss, self.optimizers["generator"], self.generator.parameters())
         finally:
             self.mpd.requires_grad_(True)
@@ -231,7 +282,9 @@ class VocoderStage(Stage):
         return {"train/loss": loss.detach(), "train/mel": mel.detach(), "grad_norm/generator": g_norm}
 
     # --- samples --------------------------------------------------------------------------------
-    def sample_inputs(self, index: int, clean_in: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def sample_inputs(
+        self, index: int, clean_in: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """For the listening page: (batch for ``features``, extra audio at the encoder rate to show)."""
         return {"clean_input": clean_in[None]}, {}
 
@@ -253,8 +306,10 @@ class VocoderStage(Stage):
             fake = self.generator(self.features({k: v.to(self.device) for k, v in inputs.items()}))[0].float().cpu()
             clean = wave_out[: frames * self.hop_out]
             name = safe_name(Path(utt.id).name)
-            panels = {label: log_mel(audio[None].to(self.device), self.mel)[0].cpu()
-                      for label, audio in (("clean", clean), ("generated", fake))}
+            panels = {
+                label: log_mel(audio[None].to(self.device), self.mel)[0].cpu()
+                for label, audio in (("clean", clean), ("generated", fake))
+            }
             distance = float((panels["clean"] - panels["generated"]).abs().mean())
             fig, axes = plt.subplots(len(panels), 1, figsize=(8, 4), sharex=True)
             for ax, (title, spec) in zip(axes, panels.items()):
@@ -264,11 +319,17 @@ class VocoderStage(Stage):
             fig.tight_layout()
             fig.savefig(out_dir / f"{name}_mel.png", dpi=80)
             plt.close(fig)
-            audio = {label: wave[left: wave.numel() - right] for label, wave in extra.items()}
-            examples.append(Example(
-                name, utt.text, {**audio, "clean": clean, "generated": fake},
-                f"log-mel L1 of the generated waveform: {distance:.4f}", [f"{name}_mel.png"],
-                rates={**{label: rate_in for label in audio}, "clean": rate_out, "generated": rate_out}))
+            audio = {label: wave[left : wave.numel() - right] for label, wave in extra.items()}
+            examples.append(
+                Example(
+                    name,
+                    utt.text,
+                    {**audio, "clean": clean, "generated": fake},
+                    f"log-mel L1 of the generated waveform: {distance:.4f}",
+                    [f"{name}_mel.png"],
+                    rates={**{label: rate_in for label in audio}, "clean": rate_out, "generated": rate_out},
+                )
+            )
         write_listening_page(out_dir, f"{self.name} · validation samples at step {step}", examples, rate_out)
 
 

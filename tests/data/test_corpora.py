@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from pipeline.data.audio import AudioError, load_audio
 from pipeline.data.corpus import (
     READERS,
     CorpusError,
@@ -14,7 +15,6 @@ from pipeline.data.corpus import (
     load_corpus_audio,
     read_corpus,
 )
-from pipeline.data.audio import AudioError, load_audio
 
 RATE = 16000
 
@@ -109,9 +109,12 @@ def test_libritts_errors_name_the_path_and_layout(tmp_path):
 
 def build_jvs(root):
     for speaker in ("jvs001", "jvs002"):
-        for subset, stems in (("parallel100", ["VOICEACTRESS100_001", "VOICEACTRESS100_002"]),
-                              ("nonpara30", ["BASIC5000_0025"]), ("whisper10", ["VOICEACTRESS100_003"]),
-                              ("falset10", ["VOICEACTRESS100_004"])):
+        for subset, stems in (
+            ("parallel100", ["VOICEACTRESS100_001", "VOICEACTRESS100_002"]),
+            ("nonpara30", ["BASIC5000_0025"]),
+            ("whisper10", ["VOICEACTRESS100_003"]),
+            ("falset10", ["VOICEACTRESS100_004"]),
+        ):
             for stem in stems:
                 write_wav(root / speaker / subset / "wav24kHz16bit" / f"{stem}.wav", rate=24000)
             lines = [f"{stem}:テキスト{stem[-1]}" for stem in stems]
@@ -158,8 +161,11 @@ def build_fleurs(root, languages=("en_us", "ja_jp")):
             for i in range(count):
                 name = f"{lang}{split}{i}.wav"
                 write_wav(root / lang / "audio" / split / name, rate=24000)
-                rows.append("\t".join([str(1000 + i), name, f"Raw Text {i}.", f"normalized text {i}",
-                                       "n o r m", "4800", "FEMALE"]))
+                rows.append(
+                    "\t".join(
+                        [str(1000 + i), name, f"Raw Text {i}.", f"normalized text {i}", "n o r m", "4800", "FEMALE"]
+                    )
+                )
             (root / lang / f"{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
@@ -264,8 +270,9 @@ def test_corpus_loading_skips_and_counts_every_reason_once(tmp_path, caplog):
     assert abs(waves[1].numel() - int(0.2 * RATE)) <= 1  # 22050 Hz resampled
     summaries = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(summaries) == 1
-    assert ("skipped 6 of 9 audio files (clipped: 1, empty: 1, missing: 1, non-finite: 1, silent: 1, "
-            "unreadable: 1)") in summaries[0]
+    assert (
+        "skipped 6 of 9 audio files (clipped: 1, empty: 1, missing: 1, non-finite: 1, silent: 1, unreadable: 1)"
+    ) in summaries[0]
     assert "mixed down to mono: 1" in caplog.text and "resampled from 22050 Hz: 1" in caplog.text
     kept_all, _ = load_corpus_audio(utts, RATE, max_clipped_fraction=None)
     assert "clipped" in [u.id for u in kept_all]

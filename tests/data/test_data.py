@@ -1,16 +1,15 @@
 """Embedded corpus, degradation determinism and the resumable batch order."""
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
 from pipeline.config import DegradationConfig
-from pipeline.data.corpus import DEMO_DIR, load_corpus_audio, read_corpus
 from pipeline.data.audio import AudioError, load_audio
+from pipeline.data.corpus import DEMO_DIR, load_corpus_audio, read_corpus
 from pipeline.data.datasets import DegradedPairs, epoch_batches
 from pipeline.data.degrade import add_noise, band_limit, clip, coloured_noise, degrade, sample_rng
-
-import pytest
 
 
 def test_demo_corpus_is_small_and_complete():
@@ -133,8 +132,9 @@ def speech_like(seconds: float = 1.0, seed: int = 0) -> torch.Tensor:
 
 
 def others_pool(count: int = 4) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.random.default_rng(i).standard_normal(8000).astype(np.float32) * 0.1)
-            for i in range(count)]
+    return [
+        torch.from_numpy(np.random.default_rng(i).standard_normal(8000).astype(np.float32) * 0.1) for i in range(count)
+    ]
 
 
 def only(**kwargs) -> DegradationConfig:
@@ -147,9 +147,18 @@ def measured_snr(clean: torch.Tensor, noisy: torch.Tensor) -> float:
 
 
 def every_effect(tmp_path=None) -> DegradationConfig:
-    cfg = only(noise_prob=1.0, noise_types=["white", "pink", "brown", "babble", "hum"], reverb_prob=1.0,
-               bandlimit_prob=1.0, lowrate_prob=1.0, gain_prob=1.0, clip_prob=1.0, mulaw_prob=1.0,
-               bitdepth_prob=1.0, packet_loss_prob=1.0)
+    cfg = only(
+        noise_prob=1.0,
+        noise_types=["white", "pink", "brown", "babble", "hum"],
+        reverb_prob=1.0,
+        bandlimit_prob=1.0,
+        lowrate_prob=1.0,
+        gain_prob=1.0,
+        clip_prob=1.0,
+        mulaw_prob=1.0,
+        bitdepth_prob=1.0,
+        packet_loss_prob=1.0,
+    )
     if tmp_path is not None:
         cfg.noise_dir, cfg.rir_dir = str(tmp_path / "noise"), str(tmp_path / "rirs")
         cfg.noise_dir_prob = cfg.rir_dir_prob = 0.5
@@ -169,8 +178,9 @@ def write_noise_and_rirs(root):
 @pytest.mark.parametrize("kind", ["babble", "hum", "white"])
 def test_noise_types_are_added_at_the_drawn_snr(kind):
     clean = speech_like()
-    noisy, params = degrade(clean, RATE, only(noise_prob=1.0, noise_types=[kind]), sample_rng(1, 0, 0),
-                            others=others_pool())
+    noisy, params = degrade(
+        clean, RATE, only(noise_prob=1.0, noise_types=[kind]), sample_rng(1, 0, 0), others=others_pool()
+    )
     assert params["noise"] == kind
     assert abs(measured_snr(clean, noisy) - params["snr_db"]) < 0.01
 
@@ -182,7 +192,7 @@ def test_hum_is_at_the_mains_frequency_and_its_harmonics():
         noisy, params = degrade(clean, RATE, only(noise_prob=1.0, noise_types=["hum"]), sample_rng(1, 0, index))
         assert params["hum_hz"] in (50.0, 60.0) and 3 <= params["hum_harmonics"] <= 8
         spectrum = np.abs(np.fft.rfft((noisy - clean).double().numpy()))  # 1 Hz bins for 1 s
-        peaks = np.argsort(spectrum)[-params["hum_harmonics"]:]
+        peaks = np.argsort(spectrum)[-params["hum_harmonics"] :]
         assert set(int(p) for p in peaks) == {int(params["hum_hz"]) * k for k in range(1, params["hum_harmonics"] + 1)}
 
 
@@ -205,7 +215,9 @@ def test_packet_loss_zeroes_the_drawn_fraction_of_packets():
     zeroed = int(np.sum(np.all(packets == 0, axis=1)))
     assert zeroed == lost == 10 and np.all((packets == 0).all(axis=1) | (packets == 1).all(axis=1))
     _, params = degrade(torch.ones(RATE), RATE, only(packet_loss_prob=1.0), sample_rng(1, 0, 0))
-    assert 0.02 <= params["packet_loss_rate"] <= 0.15 and params["packets_lost"] == round(params["packet_loss_rate"] * 50)
+    assert 0.02 <= params["packet_loss_rate"] <= 0.15 and params["packets_lost"] == round(
+        params["packet_loss_rate"] * 50
+    )
 
 
 @pytest.mark.parametrize("bits", [3, 6, 8])
@@ -263,8 +275,18 @@ def test_whole_set_is_a_pure_function_of_seed_epoch_index(tmp_path):
     c, pc = degrade(clean, RATE, cfg, sample_rng(1, 2, 4), others=pool)
     assert torch.equal(a, b) and pa == pb
     assert not torch.equal(a, c) and pa != pc
-    assert {"noise", "snr_db", "cutoff_hz", "low_rate_hz", "gain_db", "clip_ratio", "mulaw_bits", "bit_depth",
-            "packet_loss_rate", "packets_lost"} <= set(pa)
+    assert {
+        "noise",
+        "snr_db",
+        "cutoff_hz",
+        "low_rate_hz",
+        "gain_db",
+        "clip_ratio",
+        "mulaw_bits",
+        "bit_depth",
+        "packet_loss_rate",
+        "packets_lost",
+    } <= set(pa)
     import json
 
     assert json.loads(json.dumps(pa)) == pa  # plain values: shard metadata can hold them
@@ -301,12 +323,15 @@ def test_degradation_presets_and_default():
     assert "babble" in cfg.degradation.noise_types and cfg.degradation.packet_loss_prob > 0
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"snr_db": [30.0, 5.0]}, r"degradation.snr_db=\[30.0, 5.0\]: expected \[min, max\]"),
-    ({"noise_types": ["pink", "rain"]}, r"unknown \['rain'\]"),
-    ({"gain_prob": 1.5}, r"degradation.gain_prob=1.5: expected a probability"),
-    ({"noise_dir": "/no/such/noise"}, r"degradation directory /no/such/noise does not exist"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"snr_db": [30.0, 5.0]}, r"degradation.snr_db=\[30.0, 5.0\]: expected \[min, max\]"),
+        ({"noise_types": ["pink", "rain"]}, r"unknown \['rain'\]"),
+        ({"gain_prob": 1.5}, r"degradation.gain_prob=1.5: expected a probability"),
+        ({"noise_dir": "/no/such/noise"}, r"degradation directory /no/such/noise does not exist"),
+    ],
+)
 def test_bad_degradation_config_fails_before_training(override, message):
     with pytest.raises(ValueError, match=message):
         DegradedPairs(others_pool(), RATE, 4000, DegradationConfig(**override), seed=1, train=True)
@@ -317,5 +342,7 @@ def test_dataset_babble_comes_from_the_other_utterances():
     ds = DegradedPairs(others_pool(3), RATE, 4000, cfg, seed=5, train=True)
     a, b = ds[(1, 2)], ds[(1, 2)]
     assert torch.equal(a["noisy"], b["noisy"]) and not torch.equal(a["noisy"], a["clean"])
-    assert torch.equal(DegradedPairs(others_pool(1), RATE, 4000, cfg, seed=5, train=True)[(1, 0)]["noisy"],
-                       DegradedPairs(others_pool(1), RATE, 4000, cfg, seed=5, train=True)[(1, 0)]["clean"])
+    assert torch.equal(
+        DegradedPairs(others_pool(1), RATE, 4000, cfg, seed=5, train=True)[(1, 0)]["noisy"],
+        DegradedPairs(others_pool(1), RATE, 4000, cfg, seed=5, train=True)[(1, 0)]["clean"],
+    )

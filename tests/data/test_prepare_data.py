@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow import MlflowClient
-
 from conftest import all_runs
+from mlflow import MlflowClient
+from torch.utils.data import default_collate
+
 from pipeline.data.shards import MANIFEST, ShardError, ShardPairs, StreamingPairs, read_manifest
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.prepare_data import run_prepare
-from torch.utils.data import default_collate
 
 SMALL = ["variants=2", "shard_size=10", "data.val_size=4", "examples=2"]
 
@@ -50,7 +50,8 @@ def test_prepare_writes_shards_a_manifest_and_an_mlflow_run(shards):
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "demo-shards"
     arts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
-        a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+        a.path for a in client.list_artifacts(run.info.run_id, "samples")
+    }
     assert {"manifest.json", "samples/index.html"} <= arts
 
 
@@ -108,10 +109,13 @@ def test_two_ranks_read_together_what_one_process_with_all_their_workers_reads(s
     single = [t.tolist() for t in _batches(data, epoch=1, start=0, workers=2)]
     assert data.num_batches(4, workers, world=2) == len(single) // 2
     for start in (0, 1, 3):
-        ranks = [[b["index"].tolist() for b in data.loader(1, start, 4, workers, default_collate, rank=r, world=2)]
-                 for r in (0, 1)]
-        assert [a + b for a, b in zip(*ranks)] == [single[2 * k] + single[2 * k + 1]
-                                                   for k in range(start, len(single) // 2)]
+        ranks = [
+            [b["index"].tolist() for b in data.loader(1, start, 4, workers, default_collate, rank=r, world=2)]
+            for r in (0, 1)
+        ]
+        assert [a + b for a, b in zip(*ranks)] == [
+            single[2 * k] + single[2 * k + 1] for k in range(start, len(single) // 2)
+        ]
 
 
 def test_corrupted_or_missing_shards_are_named(shards):
@@ -142,6 +146,7 @@ def test_bad_input_is_refused_before_a_run_exists(store, capfd):
 
 def _train(*args: str) -> int:
     from conftest import TINY
+
     from pipeline.engine.session import run_stage
     from pipeline.stages.train_adapter import TrainAdapter
 
@@ -151,8 +156,10 @@ def _train(*args: str) -> int:
 def test_train_adapter_trains_from_local_and_s3_shards_and_logs_the_dataset(store, s3, shards):
     assert run_prepare(["output=s3://test-bucket/demo", *SMALL]) == EXIT_OK
     for root in (str(shards), "s3://test-bucket/demo"):
-        assert _train(f"data.root={root}", "trainer.max_steps=4", "validation.interval=2",
-                      "checkpoint.save_interval=4") == EXIT_OK
+        assert (
+            _train(f"data.root={root}", "trainer.max_steps=4", "validation.interval=2", "checkpoint.save_interval=4")
+            == EXIT_OK
+        )
     client = MlflowClient()
     prepared = [r for r in all_runs(client) if r.data.tags.get("stage") == "prepare_data"]
     trained = [r for r in all_runs(client) if r.data.tags.get("stage") == "train_adapter"]
@@ -175,14 +182,28 @@ def test_exact_resume_while_reading_shards_with_two_workers(store, shards):
 
     from conftest import TINY, env_for, loss_history, run_module, stage_runs
 
-    args = [*TINY, "data=shards", f"data.root={shards}", "data.num_workers=2", "data.segment_seconds=0.5",
-            "trainer.max_steps=40", "validation.interval=10", "checkpoint.save_interval=15"]
+    args = [
+        *TINY,
+        "data=shards",
+        f"data.root={shards}",
+        "data.num_workers=2",
+        "data.segment_seconds=0.5",
+        "trainer.max_steps=40",
+        "validation.interval=10",
+        "checkpoint.save_interval=15",
+    ]
     reference = run_module(store, *args)
     assert reference.returncode == 0, reference.stderr[-3000:]
     client = MlflowClient()
     (ref,) = stage_runs(client)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.stages.train_adapter", *args], cwd=store, env=env_for(store),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.stages.train_adapter", *args],
+        cwd=store,
+        env=env_for(store),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:
         if "step 19/40" in line:  # mid-epoch (12 batches per epoch with 2 workers), past a checkpoint
             proc.send_signal(signal.SIGTERM)

@@ -4,9 +4,9 @@ with a real SQLite tracking store and real signals (the real Slurm is in tests/t
 import signal
 
 import pytest
+from conftest import TINY, loss_history, snapshot, stage_runs
 from mlflow import MlflowClient
 
-from conftest import TINY, loss_history, snapshot, stage_runs
 from pipeline.common import faults
 from pipeline.config import ConfigError
 from pipeline.engine import tags as tag
@@ -65,8 +65,10 @@ def test_sigusr1_stops_to_be_requeued_and_the_same_key_continues_the_run_exactly
 def test_a_key_that_names_two_runs_is_refused_naming_both(store, capfd):
     client = MlflowClient()
     experiment = client.create_experiment("train_adapter")
-    runs = [client.create_run(experiment, tags={tag.STAGE: "train_adapter", tag.JOB_KEY: "twice"}).info.run_id
-            for _ in range(2)]
+    runs = [
+        client.create_run(experiment, tags={tag.STAGE: "train_adapter", tag.JOB_KEY: "twice"}).info.run_id
+        for _ in range(2)
+    ]
     client.create_run(experiment, tags={tag.STAGE: "train_asr", tag.JOB_KEY: "twice"})  # another stage's: not counted
     before = snapshot(client)
     assert run_stage(TrainAdapter, [*ARGS, "resume=auto", "job_key=twice"]) == EXIT_BAD_INPUT
@@ -81,8 +83,16 @@ def test_a_keyed_run_without_a_checkpoint_is_replaced_when_its_job_is_gone_and_r
     client = MlflowClient()
     experiment = client.create_experiment("train_adapter")
     keyed = {tag.STAGE: "train_adapter", tag.JOB_KEY: "early"}
-    alive = client.create_run(experiment, tags={**keyed, "lease.token": "x", "lease.host": "another-host",
-                                                "lease.holder": "another-host pid 7", "lease.heartbeat": repr(time.time())})
+    alive = client.create_run(
+        experiment,
+        tags={
+            **keyed,
+            "lease.token": "x",
+            "lease.host": "another-host",
+            "lease.holder": "another-host pid 7",
+            "lease.heartbeat": repr(time.time()),
+        },
+    )
     before = snapshot(client)
     assert run_stage(TrainAdapter, [*ARGS, "resume=auto", "job_key=early"]) == EXIT_BAD_INPUT
     assert "is being trained by another job (another-host pid 7) and has no checkpoint yet" in capfd.readouterr().err
@@ -107,14 +117,17 @@ def test_requeue_scontrol_outside_slurm_exits_with_the_requeue_code_and_says_why
     assert "requeue=scontrol, but this job is not a Slurm job (SLURM_JOB_ID is not set)" in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("words, message", [
-    (["resume=yes"], "the only value is resume=auto"),
-    (["job_key=a"], "job_key= is read only with resume=auto"),
-    (["resume=auto"], "resume=auto needs job_key=<name>"),
-    (["resume=auto", "job_key=a", "resume_run=0123"], "leave out resume_run"),
-    (["resume=auto", "job_key=a b"], "job_key='a b'"),
-    (["requeue=later"], "requeue='later'; choose one of exit, scontrol"),
-])
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        (["resume=yes"], "the only value is resume=auto"),
+        (["job_key=a"], "job_key= is read only with resume=auto"),
+        (["resume=auto"], "resume=auto needs job_key=<name>"),
+        (["resume=auto", "job_key=a", "resume_run=0123"], "leave out resume_run"),
+        (["resume=auto", "job_key=a b"], "job_key='a b'"),
+        (["requeue=later"], "requeue='later'; choose one of exit, scontrol"),
+    ],
+)
 def test_malformed_auto_resume_words_are_refused_with_what_to_do(words, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         parse_launch(words)

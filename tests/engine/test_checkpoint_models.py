@@ -50,15 +50,27 @@ def open_run(client: MlflowClient, name: str, flush_seconds: float = 0.0):
     run = client.get_run(run_id)
     models = CheckpointModels(client, run_id, run.info.experiment_id, name, {}, run.data.tags)
     logger = MetricLogger(client, run_id, flush_seconds=flush_seconds)
-    store = CheckpointStore(client, run_id, Path("staging") / name, RetentionPolicy(10, 0, "val/loss", "min"),
-                            on_save=models.link, on_commit=models.committed, on_delete=models.deleted,
-                            on_abandon=models.abandoned)
+    store = CheckpointStore(
+        client,
+        run_id,
+        Path("staging") / name,
+        RetentionPolicy(10, 0, "val/loss", "min"),
+        on_save=models.link,
+        on_commit=models.committed,
+        on_delete=models.deleted,
+        on_abandon=models.abandoned,
+    )
     return run_id, models, logger, store
 
 
 def save(store: CheckpointStore, logger: MetricLogger, step: int) -> None:
-    store.save(step, {"w": torch.full((4,), float(step))}, {"step": step, "epoch": 0},
-               {"name": f"step-{step:08d}", "step": step, "epoch": 0}, flush_metrics=logger.flush)
+    store.save(
+        step,
+        {"w": torch.full((4,), float(step))},
+        {"step": step, "epoch": 0},
+        {"name": f"step-{step:08d}", "step": step, "epoch": 0},
+        flush_metrics=logger.flush,
+    )
 
 
 def checkpoint_models(client: MlflowClient, run_id: str, status: str | None = None) -> dict[int, object]:
@@ -85,13 +97,17 @@ def test_the_points_of_a_checkpoint_step_are_stored_once_already_linked_to_its_m
     counts = Counter((key, step, ts) for key, step, ts, _ in sent)
     assert max(counts.values()) == 1, [p for p, n in counts.items() if n > 1]
     assert {(key, step) for key, step, _, model_id in sent if model_id} == {
-        (key, step) for key in NAMES for step in (3, 6)}
+        (key, step) for key in NAMES for step in (3, 6)
+    }
     found = checkpoint_models(client, run_id)
     assert sorted(found) == [3, 6]
     for step, model in found.items():
         assert model.status.name == "READY"
-        assert {m.key: m.value for m in model.metrics} == {"train/loss": 1.0 / step, "lr": 0.1 * step,
-                                                           "val/loss": 2.0 / step}
+        assert {m.key: m.value for m in model.metrics} == {
+            "train/loss": 1.0 / step,
+            "lr": 0.1 * step,
+            "val/loss": 2.0 / step,
+        }
     for key in ("train/loss", "lr"):  # the run's charts: one point per step
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4, 5, 6]
 
@@ -109,7 +125,11 @@ def test_a_checkpoint_asking_after_its_points_were_stored_still_links_them_at_it
     (model,) = checkpoint_models(client, run_id).values()
     assert model.status.name == "READY" and {m.key: m.value for m in model.metrics} == {"train/loss": 0.5, "lr": 0.2}
     assert [(key, model_id is not None) for key, *_, model_id in sent] == [
-        ("train/loss", False), ("lr", False), ("train/loss", True), ("lr", True)]
+        ("train/loss", False),
+        ("lr", False),
+        ("train/loss", True),
+        ("lr", True),
+    ]
     assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == [0.5]
 
 
@@ -138,9 +158,16 @@ def test_a_checkpoint_that_is_never_committed_leaves_no_model(tracking):
     def refused():
         raise RuntimeError("this job may no longer write to the run")
 
-    store = CheckpointStore(client, run_id, Path("staging") / "abandoned", RetentionPolicy(10, 0, "val/loss", "min"),
-                            on_save=models.link, on_commit=models.committed, on_abandon=models.abandoned,
-                            fence=refused)
+    store = CheckpointStore(
+        client,
+        run_id,
+        Path("staging") / "abandoned",
+        RetentionPolicy(10, 0, "val/loss", "min"),
+        on_save=models.link,
+        on_commit=models.committed,
+        on_abandon=models.abandoned,
+        fence=refused,
+    )
     logger.log({"train/loss": 0.25}, 1)
     save(store, logger, 1)
     with pytest.raises(RuntimeError, match="no longer write"):
@@ -176,11 +203,23 @@ def test_a_job_killed_between_upload_and_commit_leaves_a_pending_model_that_its_
 
     from conftest import PYTHON, TINY, env_for, stage_runs
 
-    args = [*TINY, "trainer.max_steps=6", "checkpoint.save_interval=2", "validation.interval=0",
-            "checkpoint.keep_last_n=5", "checkpoint.keep_best_k=0"]
+    args = [
+        *TINY,
+        "trainer.max_steps=6",
+        "checkpoint.save_interval=2",
+        "validation.interval=0",
+        "checkpoint.keep_last_n=5",
+        "checkpoint.keep_best_k=0",
+    ]
     env = {**env_for(tmp_path), "PIPELINE_FAULTS": "checkpoint.commit@2=kill"}
-    crashed = subprocess.run([PYTHON, "-m", "pipeline.stages.train_adapter", *args], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)
+    crashed = subprocess.run(
+        [PYTHON, "-m", "pipeline.stages.train_adapter", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     run_id = stage_runs(client)[0].info.run_id
@@ -191,11 +230,20 @@ def test_a_job_killed_between_upload_and_commit_leaves_a_pending_model_that_its_
         assert {step: m.status.name for step, m in left.items()} == {2: "READY", 4: "PENDING"}
         assert {m.key for m in left[4].metrics} >= {"train/loss", "lr"}  # linked when they were stored
 
-        resumed = subprocess.run([PYTHON, "-m", "pipeline.stages.train_adapter", f"resume_run={run_id}"],
-                                 cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+        resumed = subprocess.run(
+            [PYTHON, "-m", "pipeline.stages.train_adapter", f"resume_run={run_id}"],
+            cwd=tmp_path,
+            env=env_for(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         run = client.get_run(run_id)
         found = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
         assert sorted((int(m.tags.get("checkpoint.step")), m.model_type, m.status.name) for m in found) == [
-            (2, "checkpoint", "READY"), (4, "checkpoint", "READY"), (6, "checkpoint", "READY")]
+            (2, "checkpoint", "READY"),
+            (4, "checkpoint", "READY"),
+            (6, "checkpoint", "READY"),
+        ]
         assert left[4].model_id not in {m.model_id for m in found}

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from pipeline.common import faults
-from pipeline.engine.checkpointing import RetentionPolicy, steps_to_keep
 from pipeline.engine.checkpoint_files import (
     CheckpointError,
     load_state,
     verify,
     write_local,
 )
+from pipeline.engine.checkpointing import RetentionPolicy, steps_to_keep
 from pipeline.engine.rng import capture_rng, restore_rng
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,18 +102,30 @@ def test_a_checkpoint_is_committed_only_after_the_metrics_of_its_steps_are_store
             client.log_batch(run_id, metrics=[Metric("train/loss", 1.0 / s, 0, s) for s in range(1, 6)])
 
     seen_at_commit = []
-    ckpts = CheckpointStore(client, run_id, store / "staging", RetentionPolicy(2, 0, "val/loss", "min"),
-                            on_commit=lambda step, row, metrics: seen_at_commit.append(
-                                [m.step for m in client.get_metric_history(run_id, "train/loss")]))
-    ckpts.save(5, {"x": torch.zeros(3)}, {"format_version": 1, "stage": "x", "step": 5},
-               {"name": "step-00000005", "step": 5}, flush_metrics=lambda link=None: [SlowSend()])
+    ckpts = CheckpointStore(
+        client,
+        run_id,
+        store / "staging",
+        RetentionPolicy(2, 0, "val/loss", "min"),
+        on_commit=lambda step, row, metrics: seen_at_commit.append(
+            [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        ),
+    )
+    ckpts.save(
+        5,
+        {"x": torch.zeros(3)},
+        {"format_version": 1, "stage": "x", "step": 5},
+        {"name": "step-00000005", "step": 5},
+        flush_metrics=lambda link=None: [SlowSend()],
+    )
     ckpts.close()
     assert seen_at_commit == [[1, 2, 3, 4, 5]]
     assert client.get_run(run_id).data.tags["checkpoint.latest_step"] == "5"
 
 
 def test_the_training_thread_does_not_wait_for_serialization_and_the_checkpoint_holds_the_saved_state(
-        store, monkeypatch):
+    store, monkeypatch
+):
     """save() returns while the writer is still held inside serialization; training then changes its
     tensors, and the committed checkpoint still holds them as they were when save() was called."""
     import threading
@@ -137,8 +149,12 @@ def test_the_training_thread_does_not_wait_for_serialization_and_the_checkpoint_
     weights = torch.arange(6.0)
     optimizer_state = {"exp_avg": torch.ones(6), "step": torch.tensor(3.0), "lr": 1e-3}
     ckpts = CheckpointStore(client, run_id, store / "staging", RetentionPolicy(2, 0, "val/loss", "min"))
-    ckpts.save(7, {"w": weights, "opt": optimizer_state}, {"format_version": 1, "stage": "x", "step": 7},
-               {"name": "step-00000007", "step": 7})
+    ckpts.save(
+        7,
+        {"w": weights, "opt": optimizer_state},
+        {"format_version": 1, "stage": "x", "step": 7},
+        {"name": "step-00000007", "step": 7},
+    )
     assert entered.wait(30)  # the write runs in the background ...
     assert not ckpts._pending.done()  # ... and save() returned before it finished
     weights.add_(100.0)  # training goes on changing the live tensors in place
@@ -155,8 +171,12 @@ def test_the_training_thread_does_not_wait_for_serialization_and_the_checkpoint_
 def test_a_snapshot_copies_every_tensor_and_rebuilds_every_container():
     from pipeline.engine.checkpoint_files import Snapshotter
 
-    state = {"m": {"w": torch.randn(3, 4)}, "groups": [{"params": [0, 1], "betas": (0.9, 0.98)}],
-             "rng": {"python": (3, tuple(range(625)), None), "torch": torch.get_rng_state()}, "step": 5}
+    state = {
+        "m": {"w": torch.randn(3, 4)},
+        "groups": [{"params": [0, 1], "betas": (0.9, 0.98)}],
+        "rng": {"python": (3, tuple(range(625)), None), "torch": torch.get_rng_state()},
+        "step": 5,
+    }
     snap = Snapshotter().take(state)
     assert snap == {**snap} and snap["step"] == 5 and snap["rng"]["python"] == state["rng"]["python"]
     assert torch.equal(snap["m"]["w"], state["m"]["w"]) and snap["m"]["w"].data_ptr() != state["m"]["w"].data_ptr()
@@ -180,10 +200,20 @@ def committed_run(steps_and_losses, policy):
     run_id = client.create_run(client.create_experiment("retention")).info.run_id
     store = CheckpointStore(client, run_id, Path(".checkpoints"), policy)
     for step, loss in steps_and_losses:
-        meta = {"format_version": 1, "stage": "x", "step": step, "epoch": 0, "created": "2026-01-01T00:00:00",
-                "metrics": {"val/loss": loss}}
-        store.save(step, {"w": torch.full((4,), float(step))}, meta, {"name": f"step-{step:08d}", "step": step,
-                                                                        "val/loss": loss})
+        meta = {
+            "format_version": 1,
+            "stage": "x",
+            "step": step,
+            "epoch": 0,
+            "created": "2026-01-01T00:00:00",
+            "metrics": {"val/loss": loss},
+        }
+        store.save(
+            step,
+            {"w": torch.full((4,), float(step))},
+            meta,
+            {"name": f"step-{step:08d}", "step": step, "val/loss": loss},
+        )
     store.close()
     return client, run_id
 
@@ -193,8 +223,12 @@ def resume_and_commit(client, run_id, policy, step):
     from pipeline.engine.checkpointing import CheckpointStore, list_checkpoints, read_index
 
     store = CheckpointStore(client, run_id, Path(".checkpoints"), policy, read_index(client, run_id))
-    store.save(step, {"w": torch.zeros(4)}, {"format_version": 1, "step": step, "metrics": {"val/loss": 0.9}},
-               {"name": f"step-{step:08d}", "step": step, "val/loss": 0.9})
+    store.save(
+        step,
+        {"w": torch.zeros(4)},
+        {"format_version": 1, "step": step, "metrics": {"val/loss": 0.9}},
+        {"name": f"step-{step:08d}", "step": step, "val/loss": 0.9},
+    )
     store.close()
     return list_checkpoints(client, run_id)
 
@@ -316,7 +350,10 @@ def test_malformed_meta_json_is_a_checkpoint_error_naming_the_file(tmp_path):
         (tmp_path / "meta.json").write_text(text)
         with pytest.raises(CheckpointError, match=message):
             read_meta(tmp_path)
-    for meta, message in [({"step": 3}, "lacks stage, config"), ({"stage": "s", "step": "ten", "config": {}}, "malformed")]:
+    for meta, message in [
+        ({"step": 3}, "lacks stage, config"),
+        ({"stage": "s", "step": "ten", "config": {}}, "malformed"),
+    ]:
         with pytest.raises(CheckpointError, match=message):
             check_resumable(meta, tmp_path)
 
@@ -324,25 +361,48 @@ def test_malformed_meta_json_is_a_checkpoint_error_naming_the_file(tmp_path):
 def test_a_nan_or_unreadable_monitored_value_never_ranks_best():
     from pipeline.engine.checkpointing import RetentionPolicy, steps_to_keep
 
-    rows = [{"step": "10", "val/loss": "nan"}, {"step": "20", "val/loss": "0.5"}, {"step": "30", "val/loss": "ten"},
-            {"step": "40", "val/loss": "0.7"}, {"step": "50", "val/loss": ""}]
+    rows = [
+        {"step": "10", "val/loss": "nan"},
+        {"step": "20", "val/loss": "0.5"},
+        {"step": "30", "val/loss": "ten"},
+        {"step": "40", "val/loss": "0.7"},
+        {"step": "50", "val/loss": ""},
+    ]
     assert steps_to_keep(rows, RetentionPolicy(1, 2, "val/loss", "min"), latest=50) == {20, 40, 50}
     assert steps_to_keep(rows, RetentionPolicy(0, 1, "val/loss", "max"), latest=50) == {40, 50}
 
 
 def test_index_csv_has_a_fixed_column_order_and_times_the_table_view_shows(store):
+    from conftest import artifact_dir
     from mlflow import MlflowClient
 
-    from conftest import artifact_dir
     from pipeline.engine.checkpointing import CheckpointStore
 
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment("index")).info.run_id
     checkpoints = CheckpointStore(client, run_id, Path(".checkpoints"), RetentionPolicy(3, 1, "val/loss", "min"))
-    rows = [{"val/mel": 0.4, "name": "step-00000001", "created": "2026-11-27T12:08:19+00:00", "step": 1,
-             "dataset": "demo", "model": "m", "epoch": 0.5, "val/loss": 0.3},
-            {"step": 2, "name": "step-00000002", "val/loss": 0.2, "model": "m", "epoch": 1.0, "dataset": "demo",
-             "created": "2026-11-27T12:09:00+00:00", "val/mel": 0.3}]
+    rows = [
+        {
+            "val/mel": 0.4,
+            "name": "step-00000001",
+            "created": "2026-11-27T12:08:19+00:00",
+            "step": 1,
+            "dataset": "demo",
+            "model": "m",
+            "epoch": 0.5,
+            "val/loss": 0.3,
+        },
+        {
+            "step": 2,
+            "name": "step-00000002",
+            "val/loss": 0.2,
+            "model": "m",
+            "epoch": 1.0,
+            "dataset": "demo",
+            "created": "2026-11-27T12:09:00+00:00",
+            "val/mel": 0.3,
+        },
+    ]
     for row in rows:
         checkpoints.save(row["step"], {"w": torch.zeros(2)}, {"format_version": 1, "step": row["step"]}, row)
     checkpoints.close()

@@ -10,10 +10,10 @@ from collections import Counter
 from contextlib import contextmanager
 
 import pytest
+from conftest import TINY, stage_runs
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from conftest import TINY, stage_runs
 from pipeline.engine.attempts import ATTEMPTS_SHOWN, attempt_record, write_attempt
 from pipeline.engine.cli import EXIT_OK
 from pipeline.engine.session import run_stage
@@ -23,8 +23,14 @@ from pipeline.stages.train_adapter import TrainAdapter
 # run on timers (metric batches every flush_seconds, the lease heartbeat, the stop-tag poll, the tag writer's
 # coalesced updates), so their counts follow the wall clock, not the history.
 COUNTED_THREADS = ("MainThread", "checkpoint-writer")
-QUIET = ["tracking.stop_poll_seconds=3600", "tracking.checkpoint_models=true", "checkpoint.keep_last_n=3",
-         "checkpoint.keep_best_k=0", "checkpoint.save_interval=2", "validation.interval=0"]
+QUIET = [
+    "tracking.stop_poll_seconds=3600",
+    "tracking.checkpoint_models=true",
+    "checkpoint.keep_last_n=3",
+    "checkpoint.keep_best_k=0",
+    "checkpoint.save_interval=2",
+    "validation.interval=0",
+]
 
 
 @contextmanager
@@ -38,6 +44,7 @@ def recording_client():
             if threading.current_thread().name.startswith(COUNTED_THREADS):
                 counts[name] += 1
             return fn(self, *args, **kwargs)
+
         return call
 
     for name, fn in originals.items():
@@ -50,18 +57,24 @@ def recording_client():
 
 
 def trained_run(max_steps: int, extra_history: int, attempts: int) -> tuple[str, int]:
-    """A finished tiny run of ``max_steps`` (a checkpoint every 2 steps, the last 3 kept) whose metric history also holds
-    ``extra_history`` points of 20 more metrics before step 1, written through the store, and whose config/ holds
+    """A finished tiny run of ``max_steps`` (a checkpoint every 2 steps, the last 3 kept) whose metric history also
+    holds ``extra_history`` points of 20 more metrics before step 1, written through the store, and whose config/ holds
     ``attempts`` attempt records in all (as after that many resumes); its ID and last step."""
     assert run_stage(TrainAdapter, [*TINY, *QUIET, f"trainer.max_steps={max_steps}"]) == EXIT_OK
     run_id = stage_runs(MlflowClient())[-1].info.run_id
     client, now = MlflowClient(), int(time.time() * 1000)
-    points = [Metric(f"history/m{k}", float(i), now, -extra_history + i) for i in range(extra_history) for k in range(20)]
+    points = [
+        Metric(f"history/m{k}", float(i), now, -extra_history + i) for i in range(extra_history) for k in range(20)
+    ]
     for start in range(0, len(points), 1000):
-        client.log_batch(run_id, metrics=points[start:start + 1000])
+        client.log_batch(run_id, metrics=points[start : start + 1000])
     for attempt in range(2, attempts + 1):
-        write_attempt(client, run_id, attempt_record(attempt, "2026-12-01T00:00:00+00:00", "step-00000002", [],
-                                                     status="KILLED (signal)"), {})
+        write_attempt(
+            client,
+            run_id,
+            attempt_record(attempt, "2026-12-01T00:00:00+00:00", "step-00000002", [], status="KILLED (signal)"),
+            {},
+        )
     client.set_tag(run_id, "resume.count", str(attempts - 1))
     return run_id, max_steps
 
@@ -80,8 +93,9 @@ def test_a_resume_makes_the_same_tracking_calls_whatever_the_history_checkpoint_
     long_id, long_last = trained_run(max_steps=60, extra_history=2000, attempts=90)  # 30 commits, 40,000 more points
     long = resume_calls(long_id, long_last)
     assert sum(short.values()) > 20 and short["download_artifacts"] >= ATTEMPTS_SHOWN  # the recording saw the resume
-    assert long == short, {name: (short[name], long[name]) for name in set(short) | set(long)
-                           if short[name] != long[name]}
+    assert long == short, {
+        name: (short[name], long[name]) for name in set(short) | set(long) if short[name] != long[name]
+    }
     run = MlflowClient().get_run(long_id)
     assert run.data.tags["resume.count"] == "90"  # attempt 91: numbered after every record, read back or not
     note = run.data.tags["mlflow.note.content"]

@@ -29,8 +29,9 @@ def test_raise_fires_on_the_nth_visit_only():
             faults.point("checkpoint.fsync")
 
 
-@pytest.mark.parametrize("spec", ["checkpoint.upload", "x=explode", "x=raise:ENOTANERRNO", "x=sleep:soon",
-                                  "x@two=kill", "=kill"])
+@pytest.mark.parametrize(
+    "spec", ["checkpoint.upload", "x=explode", "x=raise:ENOTANERRNO", "x=sleep:soon", "x@two=kill", "=kill"]
+)
 def test_a_malformed_spec_names_the_item(spec):
     with pytest.raises(ValueError, match="PIPELINE_FAULTS: cannot read"):
         faults.arm(spec)

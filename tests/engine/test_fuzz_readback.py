@@ -7,20 +7,21 @@ import io
 import json
 import logging
 import tarfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-from mlflow import MlflowClient
-
 from conftest import TINY, artifact_dir, private_store, stage_runs
+from mlflow import MlflowClient
+from test_checkpointing import HISTORY, POLICY, committed_run, resume_and_commit
+
 from pipeline.engine.checkpointing import read_index
-from pipeline.engine.resume import ResumeError
 from pipeline.engine.cli import EXIT_OK
+from pipeline.engine.resume import ResumeError
 from pipeline.engine.session import plan_job, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
-from test_checkpointing import HISTORY, POLICY, committed_run, resume_and_commit
 
 
 def damaged(data: bytes, how: str) -> bytes:
@@ -52,8 +53,12 @@ def damaged_wav(data: bytes, how: str) -> bytes:
 def trained(tmp_path_factory):
     """One train_adapter run with checkpoints at steps 2 and 4; tests damage a file and put it back."""
     with private_store(tmp_path_factory.mktemp("trained")):
-        assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2",
-                                        "validation.interval=2"]) == EXIT_OK
+        assert (
+            run_stage(
+                TrainAdapter, [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2", "validation.interval=2"]
+            )
+            == EXIT_OK
+        )
         client = MlflowClient()
         run_id = stage_runs(client)[0].info.run_id
         yield client, run_id, artifact_dir(client, run_id) / "checkpoints"
@@ -82,6 +87,7 @@ def rewrite(path: Path, data: bytes):
 
 
 # --- the checkpoint a resume loads --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["state.pt", "meta.json"])
 @pytest.mark.parametrize("how", DAMAGE)
@@ -124,8 +130,15 @@ def test_a_state_pt_that_matches_its_sha256_but_not_the_engine_is_refused_before
     buffer = io.BytesIO()
     torch.save({"step": 4, "weights": torch.zeros(3)}, buffer)  # a tensor file, but not the engine's state
     meta = json.loads(meta_path.read_text())
-    originals = rewrite(state_path, buffer.getvalue()), rewrite(meta_path, json.dumps(
-        {**meta, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "size": len(buffer.getvalue())}).encode())
+    originals = (
+        rewrite(state_path, buffer.getvalue()),
+        rewrite(
+            meta_path,
+            json.dumps(
+                {**meta, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "size": len(buffer.getvalue())}
+            ).encode(),
+        ),
+    )
     try:
         plan = plan_resume(client, run_id)
     finally:
@@ -152,7 +165,7 @@ def test_every_checkpoint_damaged_is_refused_with_each_file_named(trained):
 # --- index.csv: what retention reads ------------------------------------------------------------
 
 WRONG_INDEX = {
-    **{how: (lambda how: lambda data: damaged(data, how))(how) for how in DAMAGE},
+    **{how: partial(damaged, how=how) for how in DAMAGE},
     "header only": lambda data: data.splitlines(keepends=True)[0],
     "a row without its last fields": lambda data: data.rstrip(b"\r\n").rsplit(b",", 2)[0] + b"\r\n",
     "step as text": lambda data: data.replace(b",25,", b",ten,", 1),
@@ -176,10 +189,18 @@ def test_a_damaged_index_never_makes_retention_delete_what_it_keeps(store, caplo
 
 # --- the run's records and tags a resume reads ----------------------------------------------------
 
-ATTEMPT_DAMAGE = {**{how: (lambda how: lambda data: damaged(data, how))(how) for how in DAMAGE},
-                  "a YAML list": lambda data: b"- 1\n- 2\n", "attempt as text": lambda data: b"attempt: first\n"}
-TAG_DAMAGE = {"resume.count": "two", "lease.heartbeat": "yesterday", "lease.pid": "-", "lease.process_start": "?",
-              "checkpoint.latest": "checkpoints/step-banana"}
+ATTEMPT_DAMAGE = {
+    **{how: partial(damaged, how=how) for how in DAMAGE},
+    "a YAML list": lambda data: b"- 1\n- 2\n",
+    "attempt as text": lambda data: b"attempt: first\n",
+}
+TAG_DAMAGE = {
+    "resume.count": "two",
+    "lease.heartbeat": "yesterday",
+    "lease.pid": "-",
+    "lease.process_start": "?",
+    "checkpoint.latest": "checkpoints/step-banana",
+}
 
 
 def test_damaged_attempt_records_and_tags_are_skipped_with_a_warning_and_the_resume_goes_on(store, capfd):
@@ -195,30 +216,35 @@ def test_damaged_attempt_records_and_tags_are_skipped_with_a_warning_and_the_res
         assert "Traceback" not in err, how
         # (the first half of a record may still be a readable record)
         assert how == "truncated" or "config/attempt-1.yaml is unreadable" in err, how
-    for step, (key, value) in enumerate(TAG_DAMAGE.items(), start=step + 1):
+    for tag_step, (key, value) in enumerate(TAG_DAMAGE.items(), start=step + 1):
         client.set_tag(run_id, key, value)
-        assert run_stage(TrainAdapter, [f"resume_run={run_id}", f"trainer.max_steps={step}"]) == EXIT_OK, key
+        assert run_stage(TrainAdapter, [f"resume_run={run_id}", f"trainer.max_steps={tag_step}"]) == EXIT_OK, key
         assert "Traceback" not in capfd.readouterr().err, key
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["checkpoint.latest_step"] == str(step)
-    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, step + 1))
+    assert run.info.status == "FINISHED" and run.data.tags["checkpoint.latest_step"] == str(tag_step)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, tag_step + 1))
 
 
 # --- prepared data and audio ----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory):
     from pipeline.prepare_data import run_prepare
 
     with private_store(tmp_path_factory.mktemp("shards")) as root:
-        assert run_prepare([f"output={root}/shards", "variants=1", "shard_size=10", "data.val_size=4",
-                            "examples=0"]) == EXIT_OK
+        assert (
+            run_prepare([f"output={root}/shards", "variants=1", "shard_size=10", "data.val_size=4", "examples=0"])
+            == EXIT_OK
+        )
     return root / "shards"
 
 
-WRONG_MANIFEST = {**{how: (lambda how: lambda data: damaged(data, how))(how) for how in DAMAGE},
-                  "a JSON list": lambda data: b"[]", "no splits": lambda data: json.dumps(
-                      {k: v for k, v in json.loads(data).items() if k != "splits"}).encode()}
+WRONG_MANIFEST = {
+    **{how: partial(damaged, how=how) for how in DAMAGE},
+    "a JSON list": lambda data: b"[]",
+    "no splits": lambda data: json.dumps({k: v for k, v in json.loads(data).items() if k != "splits"}).encode(),
+}
 
 
 @pytest.mark.parametrize("how", WRONG_MANIFEST)

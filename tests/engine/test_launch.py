@@ -3,14 +3,16 @@
 import pytest
 
 from pipeline.config import ConfigError, compose_config, from_container, to_container
-from pipeline.stages.finetune_vocoder import FinetuneVocoderConfig
 from pipeline.engine.launch import parse_launch
 from pipeline.engine.resume import stored_inputs
+from pipeline.stages.finetune_vocoder import FinetuneVocoderConfig
 
 
 def test_launch_arguments_are_parsed_apart_from_the_config():
-    launch = parse_launch(["checkpoint.resume_from=runs:/x/checkpoints/step-00000010", "optim.lr=2e-4",
-                           "adapter_run=a1", "vocoder_run="], run_inputs=("adapter_run", "vocoder_run"))
+    launch = parse_launch(
+        ["checkpoint.resume_from=runs:/x/checkpoints/step-00000010", "optim.lr=2e-4", "adapter_run=a1", "vocoder_run="],
+        run_inputs=("adapter_run", "vocoder_run"),
+    )
     assert launch.resume_from == "runs:/x/checkpoints/step-00000010" and launch.resuming and launch.explicit_step
     assert launch.inputs == {"adapter_run": "a1"} and launch.overrides == ["optim.lr=2e-4"]
     assert not parse_launch(["resume_run=r"]).explicit_step  # "the latest checkpoint"

@@ -8,7 +8,6 @@ import sys
 import time
 
 import psutil
-
 from conftest import wait_for
 
 # A stand-in job: it watches its launcher as a stage does and, on SIGTERM, writes a marker and exits.
@@ -37,8 +36,12 @@ sys.exit(job.wait())
 def start(tmp_path, mode: str = "plain", env: dict | None = None) -> tuple[subprocess.Popen, psutil.Process, object]:
     marker = tmp_path / f"stopped-{mode}"
     base = {key: value for key, value in os.environ.items() if key != "PIPELINE_WATCH_PID"}
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, mode, JOB, str(marker)], stdout=subprocess.PIPE,
-                                text=True, env={**base, **(env or {})})
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, mode, JOB, str(marker)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**base, **(env or {})},
+    )
     job = psutil.Process(int(launcher.stdout.readline()))
     wait_for(lambda: (tmp_path / f"stopped-{mode}.ready").exists(), timeout=120, what="the job to start watching")
     return launcher, job, marker

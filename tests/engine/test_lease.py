@@ -7,9 +7,9 @@ import subprocess
 import time
 
 import pytest
+from conftest import PYTHON, TINY, env_for, stage_runs
 from mlflow import MlflowClient
 
-from conftest import PYTHON, TINY, env_for, stage_runs
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from pipeline.engine.session import TrainingHooks, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
@@ -26,9 +26,14 @@ def first_run(client: MlflowClient) -> str:
 
 def hold(client: MlflowClient, run_id: str, *, host: str, pid: int, heartbeat_age: float, start: float = 0.0) -> None:
     """The lease tags another job writes."""
-    for key, value in {"lease.token": "other-job", "lease.holder": f"{host} pid {pid} since 2026-11-27T10:00:00+00:00",
-                       "lease.host": host, "lease.pid": str(pid), "lease.process_start": repr(start),
-                       "lease.heartbeat": repr(time.time() - heartbeat_age)}.items():
+    for key, value in {
+        "lease.token": "other-job",
+        "lease.holder": f"{host} pid {pid} since 2026-11-27T10:00:00+00:00",
+        "lease.host": host,
+        "lease.pid": str(pid),
+        "lease.process_start": repr(start),
+        "lease.heartbeat": repr(time.time() - heartbeat_age),
+    }.items():
         client.set_tag(run_id, key, value)
 
 
@@ -50,10 +55,13 @@ def test_a_live_holder_refuses_a_second_job_naming_it_and_nothing_is_written(sto
     assert attempt_files(client, run_id) == ["config/attempt-1.yaml"]
 
 
-@pytest.mark.parametrize("host, pid, age, why", [
-    ("gpu-node-7", 4242, 600, "heartbeat stopped"),  # another machine, silent for 10 minutes
-    (None, None, 1, "process is gone"),  # this machine, a process that has exited
-])
+@pytest.mark.parametrize(
+    "host, pid, age, why",
+    [
+        ("gpu-node-7", 4242, 600, "heartbeat stopped"),  # another machine, silent for 10 minutes
+        (None, None, 1, "process is gone"),  # this machine, a process that has exited
+    ],
+)
 def test_a_dead_holder_is_taken_over_and_the_takeover_is_recorded(store, capfd, host, pid, age, why):
     import socket
 
@@ -82,8 +90,17 @@ def test_a_job_whose_lease_is_taken_over_stops_and_leaves_the_run_to_the_new_hol
             client.set_tag(run_id, "lease.token", "the-new-holder")  # as a job that took the lease over would
 
     hooks = TakenOver()
-    code = run_stage(TrainAdapter, [*TINY, "trainer.max_steps=2000", "checkpoint.save_interval=1000",
-                                    "validation.interval=0", "tracking.lease_heartbeat_seconds=0.2"], hooks)
+    code = run_stage(
+        TrainAdapter,
+        [
+            *TINY,
+            "trainer.max_steps=2000",
+            "checkpoint.save_interval=1000",
+            "validation.interval=0",
+            "tracking.lease_heartbeat_seconds=0.2",
+        ],
+        hooks,
+    )
     assert code == EXIT_FAILED
     assert "Another job took over the lease of run" in capfd.readouterr().err
     run = client.get_run(hooks.run_id)
@@ -97,8 +114,16 @@ def test_a_job_whose_lease_is_taken_over_stops_and_leaves_the_run_to_the_new_hol
 def test_two_resumes_started_together_one_trains_the_other_is_refused(store):
     client = MlflowClient()
     run_id = first_run(client)
-    procs = [subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_adapter", f"resume_run={run_id}", "trainer.max_steps=6"],
-                              cwd=store, env=env_for(store), stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [PYTHON, "-m", "pipeline.stages.train_adapter", f"resume_run={run_id}", "trainer.max_steps=6"],
+            cwd=store,
+            env=env_for(store),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [EXIT_OK, EXIT_BAD_INPUT], [err[-2000:] for _, err in results]
@@ -129,9 +154,12 @@ def _store_state(client: MlflowClient, run_id: str, workdir) -> dict:
             path = client.download_artifacts(run_id, f"checkpoints/step-{step:08d}/{name}", str(workdir))
             files[f"{step}/{name}"] = open(path, "rb").read()
     run = client.get_run(run_id)
-    return {"files": files, "status": run.info.status,
-            "latest": (run.data.tags.get("checkpoint.latest"), run.data.tags.get("checkpoint.latest_step")),
-            "loss": sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, "train/loss"))}
+    return {
+        "files": files,
+        "status": run.info.status,
+        "latest": (run.data.tags.get("checkpoint.latest"), run.data.tags.get("checkpoint.latest_step")),
+        "loss": sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, "train/loss")),
+    }
 
 
 @pytest.mark.slow
@@ -145,21 +173,39 @@ def test_a_paused_holder_taken_over_writes_nothing_when_it_continues(tracking_se
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.uri)
     store = tmp_path
     client = MlflowClient()
-    settings = [*TINY, "trainer.max_steps=15", "checkpoint.save_interval=5", "checkpoint.keep_last_n=10",
-                "validation.interval=0", "tracking.flush_seconds=600", "tracking.lease_timeout_seconds=4",
-                "tracking.lease_heartbeat_seconds=0.5"]
+    settings = [
+        *TINY,
+        "trainer.max_steps=15",
+        "checkpoint.save_interval=5",
+        "checkpoint.keep_last_n=10",
+        "validation.interval=0",
+        "tracking.flush_seconds=600",
+        "tracking.lease_timeout_seconds=4",
+        "tracking.lease_heartbeat_seconds=0.5",
+    ]
     server = dict(env_for(store), MLFLOW_TRACKING_URI=tracking_server.uri)
     env = dict(server, PIPELINE_FAULTS="checkpoint.commit@2=stop")  # step 10 uploaded, not committed
-    paused = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_adapter", *settings], cwd=store, env=env,
-                              stderr=subprocess.PIPE, text=True)
+    paused = subprocess.Popen(
+        [PYTHON, "-m", "pipeline.stages.train_adapter", *settings],
+        cwd=store,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(lambda: psutil.Process(paused.pid).status() == psutil.STATUS_STOPPED, "the job to pause itself")
         run_id = stage_runs(client)[0].info.run_id
         assert client.get_run(run_id).data.tags["checkpoint.latest_step"] == "5"
         # the lease runs out (4 s without a heartbeat), then another job takes the run over with another LR
         _wait_for(lambda: time.time() - float(client.get_run(run_id).data.tags["lease.heartbeat"]) > 5, "the lease")
-        taker = subprocess.run([PYTHON, "-m", "pipeline.stages.train_adapter", f"resume_run={run_id}", "optim.lr=0.003"],
-                               cwd=store, env=server, stderr=subprocess.PIPE, text=True, timeout=300)
+        taker = subprocess.run(
+            [PYTHON, "-m", "pipeline.stages.train_adapter", f"resume_run={run_id}", "optim.lr=0.003"],
+            cwd=store,
+            env=server,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
         assert taker.returncode == EXIT_OK, taker.stderr[-3000:]
         assert "Taking over the lease of run" in taker.stderr
         before = _store_state(client, run_id, tmp_path / "before")
@@ -171,4 +217,6 @@ def test_a_paused_holder_taken_over_writes_nothing_when_it_continues(tracking_se
             paused.kill()
     assert paused.returncode == EXIT_FAILED, err[-3000:]
     assert "Another job took over the lease of run" in err
-    assert _store_state(client, run_id, tmp_path / "after") == before, err[-5000:]  # not one byte, metric or tag changed
+    assert _store_state(client, run_id, tmp_path / "after") == before, err[
+        -5000:
+    ]  # not one byte, metric or tag changed

@@ -1,9 +1,9 @@
 """``tracking.metric_interval``: a week-long run logs one point per interval, the mean of its steps, and a job
 stopped in the middle of an interval resumes to the very points of a run that never stopped."""
 
+from conftest import TINY, loss_history, stage_runs
 from mlflow import MlflowClient
 
-from conftest import TINY, loss_history, stage_runs
 from pipeline.common import faults
 from pipeline.engine import tags as tag
 from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
@@ -40,7 +40,7 @@ def test_a_point_is_the_mean_of_its_steps_and_a_stop_inside_an_interval_resumes_
 
 def test_the_last_step_ends_a_short_interval_and_an_interval_of_one_passes_every_step():
     window = MetricWindow(4)
-    assert [window.add(step, {"train/loss": float(step), "lr": 0.1 * step}, final=step == 6)
-            for step in range(1, 7)] == [None, None, None, {"train/loss": 2.5, "lr": 0.4}, None,
-                                         {"train/loss": 5.5, "lr": 0.6000000000000001}]
+    assert [
+        window.add(step, {"train/loss": float(step), "lr": 0.1 * step}, final=step == 6) for step in range(1, 7)
+    ] == [None, None, None, {"train/loss": 2.5, "lr": 0.4}, None, {"train/loss": 5.5, "lr": 0.6000000000000001}]
     assert MetricWindow(1).add(3, {"train/loss": 1.0}, final=False) == {"train/loss": 1.0}

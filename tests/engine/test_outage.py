@@ -10,9 +10,9 @@ import time
 from datetime import datetime
 
 import pytest
+from conftest import PYTHON, TINY, env_for, loss_history, stage_runs
 from mlflow import MlflowClient
 
-from conftest import PYTHON, TINY, env_for, loss_history, stage_runs
 from pipeline.engine.cli import EXIT_OK, EXIT_STORAGE
 
 JOB = [*TINY, "checkpoint.save_interval=10", "validation.interval=50"]
@@ -24,8 +24,14 @@ class Job:
     def __init__(self, workdir, uri, *args):
         env = env_for(workdir)
         env["MLFLOW_TRACKING_URI"] = uri
-        self.process = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_adapter", *args], cwd=workdir, env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "pipeline.stages.train_adapter", *args],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
         self._reader.start()
@@ -69,8 +75,9 @@ def test_a_short_outage_of_the_tracking_server_loses_nothing(tracking_server, tm
 
 
 @pytest.mark.slow
-def test_an_outage_longer_than_the_limit_stops_the_job_cleanly_and_a_resume_completes_the_run(tracking_server,
-                                                                                            tmp_path):
+def test_an_outage_longer_than_the_limit_stops_the_job_cleanly_and_a_resume_completes_the_run(
+    tracking_server, tmp_path
+):
     job = Job(tmp_path, tracking_server.uri, *JOB, "trainer.max_steps=120", "tracking.outage_limit_seconds=4")
     job.wait_for(r"step 30/120")
     tracking_server.stop()

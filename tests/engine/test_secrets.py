@@ -5,10 +5,10 @@ import logging
 import sys
 
 import pytest
+from conftest import TINY, loss_history, stage_runs
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import TINY, loss_history, stage_runs
 from pipeline.config import (
     ConfigError,
     RedactingFilter,
@@ -20,10 +20,9 @@ from pipeline.config import (
     redact,
     to_container,
 )
-from pipeline.stages.train_adapter import TrainAdapterConfig
 from pipeline.engine.cli import EXIT_OK
 from pipeline.engine.session import plan_job, run_stage
-from pipeline.stages.train_adapter import TrainAdapter
+from pipeline.stages.train_adapter import TrainAdapter, TrainAdapterConfig
 
 SECRET = "s3cr3t-Value-0f-the-env"  # in a variable named like a secret
 PLAIN = "plain-value-of-an-env-var"  # in a variable named like anything else
@@ -39,16 +38,25 @@ def vault():
 
 
 def test_interpolated_secrets_appear_nowhere_in_the_store_or_the_log_and_a_resume_is_unchanged(
-        store, capfd, monkeypatch, vault):
+    store, capfd, monkeypatch, vault
+):
     monkeypatch.setenv("PIPELINE_TEST_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("PIPELINE_TEST_LABEL", PLAIN)
     monkeypatch.setenv("PIPELINE_TEST_SEGMENT", "0.5")
-    job = [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2", "validation.interval=0",
-           "tracking.run_name=${oc.env:PIPELINE_TEST_SECRET_ACCESS_KEY}",
-           "data.segment_seconds=${oc.env:PIPELINE_TEST_SEGMENT}"]  # used resolved, stored as written
-    added = ["+tracking.tags.note=${oc.env:PIPELINE_TEST_SECRET_ACCESS_KEY}",
-             "+tracking.tags.label=run-of-${oc.env:PIPELINE_TEST_LABEL}", "+tracking.tags.vault=${vault:db}",
-             f"+tracking.tags.pasted=key-{SECRET}"]  # equal to a secret of the environment
+    job = [
+        *TINY,
+        "trainer.max_steps=4",
+        "checkpoint.save_interval=2",
+        "validation.interval=0",
+        "tracking.run_name=${oc.env:PIPELINE_TEST_SECRET_ACCESS_KEY}",
+        "data.segment_seconds=${oc.env:PIPELINE_TEST_SEGMENT}",
+    ]  # used resolved, stored as written
+    added = [
+        "+tracking.tags.note=${oc.env:PIPELINE_TEST_SECRET_ACCESS_KEY}",
+        "+tracking.tags.label=run-of-${oc.env:PIPELINE_TEST_LABEL}",
+        "+tracking.tags.vault=${vault:db}",
+        f"+tracking.tags.pasted=key-{SECRET}",
+    ]  # equal to a secret of the environment
     assert run_stage(TrainAdapter, [*job, *added]) == EXIT_OK
     client = MlflowClient()
     (run,) = stage_runs(client)
@@ -84,9 +92,14 @@ def test_interpolated_secrets_appear_nowhere_in_the_store_or_the_log_and_a_resum
 
 def test_a_config_is_stored_as_written_and_read_back_resolving_its_interpolations_again(monkeypatch):
     monkeypatch.setenv("PIPELINE_TEST_ROOT", "/data/a")
-    cfg = compose_config("train_adapter", ["data.root=${oc.env:PIPELINE_TEST_ROOT}/corpus",
-                                           "validation.interval=${trainer.max_steps}",
-                                           r"tracking.run_name='cost \${x}'"])  # an escaped, literal ${
+    cfg = compose_config(
+        "train_adapter",
+        [
+            "data.root=${oc.env:PIPELINE_TEST_ROOT}/corpus",
+            "validation.interval=${trainer.max_steps}",
+            r"tracking.run_name='cost \${x}'",
+        ],
+    )  # an escaped, literal ${
     stored = to_container(cfg)
     assert stored["data"]["root"] == "${oc.env:PIPELINE_TEST_ROOT}/corpus"
     assert stored["validation"]["interval"] == "${trainer.max_steps}"
@@ -109,10 +122,21 @@ def test_values_equal_to_a_secret_of_the_environment_are_masked_but_short_ones_a
     secrets = environment_secrets()
     assert {"tok-1234567890", "k3y-abcdefgh", "db-password-99"} <= set(secrets)
     assert "1" not in secrets and "/run/secrets/token-file" not in secrets
-    assert redact({"tracking.run_name": "run tok-1234567890 k3y-abcdefgh", "batch_size": 1, "seed": "1",
-                   "note": "pw=db-password-99", "path": "/run/secrets/token-file"}) == {
-        "tracking.run_name": "run *** ***", "batch_size": 1, "seed": "1", "note": "pw=***",
-        "path": "/run/secrets/token-file"}
+    assert redact(
+        {
+            "tracking.run_name": "run tok-1234567890 k3y-abcdefgh",
+            "batch_size": 1,
+            "seed": "1",
+            "note": "pw=db-password-99",
+            "path": "/run/secrets/token-file",
+        }
+    ) == {
+        "tracking.run_name": "run *** ***",
+        "batch_size": 1,
+        "seed": "1",
+        "note": "pw=***",
+        "path": "/run/secrets/token-file",
+    }
 
 
 def test_log_records_are_masked_tracebacks_included(monkeypatch):
@@ -120,21 +144,33 @@ def test_log_records_are_masked_tracebacks_included(monkeypatch):
     try:
         raise ValueError("cannot open /data/hunter2-hunter2")
     except ValueError:
-        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "run %s: %s", ("a", "hunter2-hunter2"),
-                                   sys.exc_info())
+        record = logging.LogRecord(
+            "x", logging.ERROR, __file__, 1, "run %s: %s", ("a", "hunter2-hunter2"), sys.exc_info()
+        )
     assert RedactingFilter().filter(record)
     text = logging.Formatter().format(record)
     assert "run a: ***" in text and "cannot open /data/***" in text and "hunter2" not in text
 
 
-@pytest.mark.parametrize("override, message", [
-    ("tracking.run_name=${oc.env:PIPELINE_TEST_UNSET}",
-     "tracking.run_name=${oc.env:PIPELINE_TEST_UNSET} cannot be resolved: KeyError raised while resolving "
-     "interpolation: \"Environment variable 'PIPELINE_TEST_UNSET' not found\""),
-    ("tracking.run_name=${nowhere:x}", "tracking.run_name=${nowhere:x} cannot be resolved: Unsupported interpolation"),
-    ("trainer.max_steps=${oc.env:PIPELINE_TEST_API_TOKEN}", "trainer.max_steps=${oc.env:PIPELINE_TEST_API_TOKEN} cannot "
-     "be resolved: what it resolves to does not fit the setting's type (not shown: it may be a secret)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "tracking.run_name=${oc.env:PIPELINE_TEST_UNSET}",
+            "tracking.run_name=${oc.env:PIPELINE_TEST_UNSET} cannot be resolved: KeyError raised while resolving "
+            "interpolation: \"Environment variable 'PIPELINE_TEST_UNSET' not found\"",
+        ),
+        (
+            "tracking.run_name=${nowhere:x}",
+            "tracking.run_name=${nowhere:x} cannot be resolved: Unsupported interpolation",
+        ),
+        (
+            "trainer.max_steps=${oc.env:PIPELINE_TEST_API_TOKEN}",
+            "trainer.max_steps=${oc.env:PIPELINE_TEST_API_TOKEN} cannot "
+            "be resolved: what it resolves to does not fit the setting's type (not shown: it may be a secret)",
+        ),
+    ],
+)
 def test_an_interpolation_that_does_not_resolve_is_refused_without_showing_its_value(monkeypatch, override, message):
     monkeypatch.setenv("PIPELINE_TEST_API_TOKEN", "not-a-number-secret")
     monkeypatch.delenv("PIPELINE_TEST_UNSET", raising=False)

@@ -1,9 +1,9 @@
 """Planning a job (engine/session.py plan_job): everything is decided and checked before anything is written."""
 
 import pytest
+from conftest import TINY, artifact_dir, snapshot, stage_runs
 from mlflow import MlflowClient
 
-from conftest import TINY, artifact_dir, snapshot, stage_runs
 from pipeline.config import ConfigError
 from pipeline.engine.cli import EXIT_OK
 from pipeline.engine.session import plan_job, run_stage
@@ -54,8 +54,8 @@ def test_a_latest_checkpoint_with_malformed_meta_falls_back_to_the_previous_one(
 
 def test_a_diverging_job_stops_failed_with_its_checkpoints_finite(store, capfd, monkeypatch):
     import torch
-
     from conftest import artifact_dir
+
     from pipeline.engine.cli import EXIT_FAILED
 
     original = TrainAdapter.compute_loss
@@ -65,8 +65,16 @@ def test_a_diverging_job_stops_failed_with_its_checkpoints_finite(store, capfd, 
         return loss * float("nan"), parts
 
     monkeypatch.setattr(TrainAdapter, "compute_loss", nan_loss)
-    code = run_stage(TrainAdapter, [*TINY, "trainer.max_steps=10", "checkpoint.save_interval=2",
-                                    "validation.interval=0", "trainer.max_nonfinite_steps=3"])
+    code = run_stage(
+        TrainAdapter,
+        [
+            *TINY,
+            "trainer.max_steps=10",
+            "checkpoint.save_interval=2",
+            "validation.interval=0",
+            "trainer.max_nonfinite_steps=3",
+        ],
+    )
     assert code == EXIT_FAILED
     assert "3 steps in a row (up to step 3) had a non-finite loss or gradient" in capfd.readouterr().err
     client = MlflowClient()
@@ -89,8 +97,14 @@ def test_a_crash_while_a_snapshot_is_written_leaves_the_previous_checkpoint_late
 
     args = [*TINY, "trainer.max_steps=6", "checkpoint.save_interval=2", "validation.interval=0"]
     env = {**env_for(store), "PIPELINE_FAULTS": "checkpoint.serialize@2=kill"}
-    crashed = subprocess.run([PYTHON, "-m", "pipeline.stages.train_adapter", *args], cwd=store, env=env,
-                             capture_output=True, text=True, timeout=300)
+    crashed = subprocess.run(
+        [PYTHON, "-m", "pipeline.stages.train_adapter", *args],
+        cwd=store,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     assert "Fault injection at checkpoint.serialize (visit 2): kill" in crashed.stderr
     client = MlflowClient()
@@ -101,8 +115,14 @@ def test_a_crash_while_a_snapshot_is_written_leaves_the_previous_checkpoint_late
     staging = store / ".checkpoints" / run_id
     assert list(staging.glob(".tmp-step-00000004-*"))  # the write the crash cut short
 
-    resumed = subprocess.run([PYTHON, "-m", "pipeline.stages.train_adapter", f"resume_run={run_id}"], cwd=store,
-                             env=env_for(store), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [PYTHON, "-m", "pipeline.stages.train_adapter", f"resume_run={run_id}"],
+        cwd=store,
+        env=env_for(store),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Startup: first step 3 at" in resumed.stderr
     assert not list(staging.glob(".tmp-*"))
@@ -123,7 +143,9 @@ def test_attempts_are_numbered_from_their_records_when_the_count_tag_is_garbage(
     assert "Tag resume.count='two' is not a number; attempts are counted from their records" in capfd.readouterr().err
     assert client.get_run(run_id).data.tags["resume.count"] == "1"
     assert sorted(a.path for a in client.list_artifacts(run_id, "config") if "attempt-" in a.path) == [
-        "config/attempt-1.yaml", "config/attempt-2.yaml"]
+        "config/attempt-1.yaml",
+        "config/attempt-2.yaml",
+    ]
 
 
 def test_a_stored_checkpoint_missing_from_the_index_is_indexed_again_on_resume_and_retention_deletes_it(store, capfd):
@@ -134,10 +156,22 @@ def test_a_stored_checkpoint_missing_from_the_index_is_indexed_again_on_resume_a
     import io
 
     from conftest import artifact_dir
+
     from pipeline.engine.checkpointing import list_checkpoints
 
-    assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=6", "checkpoint.save_interval=2", "validation.interval=0",
-                                    "checkpoint.keep_last_n=5"]) == EXIT_OK
+    assert (
+        run_stage(
+            TrainAdapter,
+            [
+                *TINY,
+                "trainer.max_steps=6",
+                "checkpoint.save_interval=2",
+                "validation.interval=0",
+                "checkpoint.keep_last_n=5",
+            ],
+        )
+        == EXIT_OK
+    )
     client = MlflowClient()
     run_id = stage_runs(client)[0].info.run_id
     index = artifact_dir(client, run_id) / "checkpoints" / "index.csv"
@@ -148,7 +182,9 @@ def test_a_stored_checkpoint_missing_from_the_index_is_indexed_again_on_resume_a
     writer.writerows(row for row in rows if row["step"] != "4")
     index.write_text(out.getvalue())
 
-    assert run_stage(TrainAdapter, [f"resume_run={run_id}", "trainer.max_steps=8", "checkpoint.keep_last_n=1"]) == EXIT_OK
+    assert (
+        run_stage(TrainAdapter, [f"resume_run={run_id}", "trainer.max_steps=8", "checkpoint.keep_last_n=1"]) == EXIT_OK
+    )
     assert "Checkpoints at steps 4 are stored but missing from checkpoints/index.csv" in capfd.readouterr().err
     assert list_checkpoints(client, run_id) == [8]
 
@@ -156,9 +192,19 @@ def test_a_stored_checkpoint_missing_from_the_index_is_indexed_again_on_resume_a
 def test_credentials_given_as_overrides_appear_in_no_param_tag_description_or_artifact(store):
     """A password in a URL, in a tag or under a key named like a secret is logged as ***, everywhere."""
     secret = "hunter2-secret-pw"
-    assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=2", "validation.interval=0",
-                                    f"+tracking.tags.source=postgresql://bob:{secret}@db/x",
-                                    f"+tracking.tags.api_token={secret}"]) == EXIT_OK
+    assert (
+        run_stage(
+            TrainAdapter,
+            [
+                *TINY,
+                "trainer.max_steps=2",
+                "validation.interval=0",
+                f"+tracking.tags.source=postgresql://bob:{secret}@db/x",
+                f"+tracking.tags.api_token={secret}",
+            ],
+        )
+        == EXIT_OK
+    )
     client = MlflowClient()
     run = stage_runs(client)[0]
     assert run.data.tags["source"] == "postgresql://***@db/x" and run.data.tags["api_token"] == "***"

@@ -5,9 +5,9 @@ import signal
 import time
 
 import pytest
+from conftest import wait_for
 from mlflow import MlflowClient
 
-from conftest import wait_for
 from pipeline.engine import stopping
 from pipeline.engine.stopping import AbortTraining, StopController
 
@@ -54,6 +54,7 @@ def test_an_abort_in_process_returns_its_exit_code_and_ends_the_run_killed(store
     """A second signal aborts the job; run_stage reports it instead of ending the process, so a caller that
     runs trials in its own process (a sweep) stays alive; only the command-line entry exits at once."""
     from conftest import TINY, stage_runs
+
     from pipeline.engine.cli import EXIT_ABORTED
     from pipeline.engine.session import run_stage
     from pipeline.engine.trainer import Engine

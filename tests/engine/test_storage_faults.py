@@ -4,12 +4,12 @@ else stops the job cleanly with exit code 4, a message saying what failed, what 
 resume, and nothing half-written left behind."""
 
 import pytest
+from conftest import TINY, artifact_dir, stage_runs
 from mlflow import MlflowClient
 
-from conftest import TINY, artifact_dir, stage_runs
 from pipeline.common import faults
-from pipeline.engine.checkpointing import list_checkpoints
 from pipeline.engine.checkpoint_files import verify
+from pipeline.engine.checkpointing import list_checkpoints
 from pipeline.engine.cli import EXIT_OK, EXIT_STORAGE
 from pipeline.engine.session import run_stage
 from pipeline.stages.train_adapter import TrainAdapter
@@ -23,12 +23,15 @@ def unarmed():
     faults.disarm()
 
 
-@pytest.mark.parametrize("point, error, says", [
-    ("checkpoint.serialize", "ENOSPC", "No space left on device"),
-    ("checkpoint.fsync", "EIO", "Input/output error"),
-    ("checkpoint.sha256", "EROFS", "Read-only file system"),
-    ("checkpoint.serialize", "EACCES", "Permission denied"),
-])
+@pytest.mark.parametrize(
+    "point, error, says",
+    [
+        ("checkpoint.serialize", "ENOSPC", "No space left on device"),
+        ("checkpoint.fsync", "EIO", "Input/output error"),
+        ("checkpoint.sha256", "EROFS", "Read-only file system"),
+        ("checkpoint.serialize", "EACCES", "Permission denied"),
+    ],
+)
 def test_a_write_that_fails_stops_the_job_cleanly_and_keeps_the_previous_checkpoint(store, capfd, point, error, says):
     faults.arm(f"{point}@2=raise:{error}")  # the second checkpoint (step 4) cannot be written
     assert run_stage(TrainAdapter, JOB) == EXIT_STORAGE

@@ -5,8 +5,15 @@ import re
 
 from mlflow import MlflowClient
 
-from pipeline.engine.tracking import (RUNS_VIEW_TAG, TagWriter, dashboard_hint, default_run_name, describe_run,
-                                      ensure_runs_view, ui_url)
+from pipeline.engine.tracking import (
+    RUNS_VIEW_TAG,
+    TagWriter,
+    dashboard_hint,
+    default_run_name,
+    describe_run,
+    ensure_runs_view,
+    ui_url,
+)
 
 
 def test_tags_are_stored_in_the_background_newest_value_wins_and_a_failed_send_is_retried(store):
@@ -38,8 +45,10 @@ def test_links_open_the_model_training_pages_in_the_pipelines_view_and_never_car
     base = "https://mlflow.example.org:8443/#/experiments/7"
     assert ui_url("7") == f"{base}/runs?workflowType=machine_learning&viewStateShareKey=speech-pipeline-runs"
     assert ui_url("7", "abc") == f"{base}/runs/abc?workflowType=machine_learning"
-    assert ui_url("7", "abc", page="artifactPath/x.csv") == \
-        f"{base}/runs/abc/artifactPath/x.csv?workflowType=machine_learning"
+    assert (
+        ui_url("7", "abc", page="artifactPath/x.csv")
+        == f"{base}/runs/abc/artifactPath/x.csv?workflowType=machine_learning"
+    )
     assert ui_url("7", page="models") == f"{base}/models?workflowType=machine_learning"
     assert dashboard_hint("7", "abc") == f"{base}/runs/abc?workflowType=machine_learning"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x/mlflow.db")
@@ -47,7 +56,8 @@ def test_links_open_the_model_training_pages_in_the_pipelines_view_and_never_car
     assert ui_url("7", "abc") == "/#/experiments/7/runs/abc?workflowType=machine_learning"
     assert dashboard_hint("7") == (
         "mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db, then open http://127.0.0.1:5000"
-        "/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=speech-pipeline-runs")
+        "/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=speech-pipeline-runs"
+    )
 
 
 def test_the_runs_view_is_stored_once_in_the_experiment_and_names_columns_the_ui_knows(store):
@@ -65,14 +75,19 @@ def test_the_runs_view_is_stored_once_in_the_experiment_and_names_columns_the_ui
 
 
 def test_the_description_starts_with_status_progress_checkpoint_and_the_resume_command():
-    text = describe_run(stage="train_adapter", run_id="r1", progress="step 40/100 · epoch 2", status="RUNNING",
-                        latest_checkpoint="checkpoints/step-00000040", experiment_id="3",
-                        history=[{"attempt": 1, "started": "2026-11-27T10:00:00Z", "overrides": ["token=abc"]}])
+    text = describe_run(
+        stage="train_adapter",
+        run_id="r1",
+        progress="step 40/100 · epoch 2",
+        status="RUNNING",
+        latest_checkpoint="checkpoints/step-00000040",
+        experiment_id="3",
+        history=[{"attempt": 1, "started": "2026-11-27T10:00:00Z", "overrides": ["token=abc"]}],
+    )
     paragraphs = text.split("\n\n")
     assert paragraphs[0] == "**RUNNING** · step 40/100 · epoch 2 · latest checkpoint `checkpoints/step-00000040`"
     assert paragraphs[1] == "Resume: `mlflow run . -e train_adapter --env-manager local -P resume_run=r1`"
-    assert "(/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=speech-pipeline-runs)" \
-        in text
+    assert "(/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=speech-pipeline-runs)" in text
     assert "(/#/experiments/3/models?workflowType=machine_learning)" in text
     assert "| 1 | 2026-11-27T10:00:00Z | fresh | `token=***` |" in text
 
@@ -115,5 +130,6 @@ def test_a_store_slower_than_the_job_is_reported_and_bounds_the_metrics_held_in_
     assert not blocked.is_alive()
     metrics.flush(wait=True)
     metrics.close()
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == \
-        [(s, float(s)) for s in range(1, 7)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [
+        (s, float(s)) for s in range(1, 7)
+    ]

@@ -67,7 +67,10 @@ class Toy(Stage):
     def training_step(self, batch):
         self._record("train")
         loss, _ = self.compute_loss(batch)
-        return {"train/loss": loss.detach(), "grad_norm": self.optimize(loss, self.optimizers["net"], self.net.parameters())}
+        return {
+            "train/loss": loss.detach(),
+            "grad_norm": self.optimize(loss, self.optimizers["net"], self.net.parameters()),
+        }
 
     def validation_step(self, batch):
         self._record("validate")
@@ -113,8 +116,17 @@ class NoStop:
 
 
 def fit(*overrides: str, precision: str = "32") -> tuple[Toy, Metrics, Store]:
-    cfg = compose_config("train_adapter", ["batch_size=4", "trainer.max_steps=6", "validation.interval=3",
-                                           "checkpoint.save_interval=100", "optim.warmup_steps=0", *overrides])
+    cfg = compose_config(
+        "train_adapter",
+        [
+            "batch_size=4",
+            "trainer.max_steps=6",
+            "validation.interval=3",
+            "checkpoint.save_interval=100",
+            "optim.warmup_steps=0",
+            *overrides,
+        ],
+    )
     stage = Toy(cfg, Precision.from_config("cpu", precision))
     stage.build()
     metrics, store = Metrics(), Store()
@@ -175,14 +187,25 @@ class Diverging(Toy):
         loss, _ = self.compute_loss(batch)
         if self.steps >= self.from_step:
             loss = loss * float("nan")
-        return {"train/loss": loss.detach(), "grad_norm": self.optimize(loss, self.optimizers["net"], self.net.parameters())}
+        return {
+            "train/loss": loss.detach(),
+            "grad_norm": self.optimize(loss, self.optimizers["net"], self.net.parameters()),
+        }
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_job_when_they_persist():
     from pipeline.engine.trainer import NonFiniteTraining
 
-    cfg = compose_config("train_adapter", ["batch_size=4", "trainer.max_steps=10", "validation.interval=0",
-                                           "checkpoint.save_interval=100", "trainer.max_nonfinite_steps=3"])
+    cfg = compose_config(
+        "train_adapter",
+        [
+            "batch_size=4",
+            "trainer.max_steps=10",
+            "validation.interval=0",
+            "checkpoint.save_interval=100",
+            "trainer.max_nonfinite_steps=3",
+        ],
+    )
     stage = Diverging(cfg, Precision.from_config("cpu", "32"))
     stage.build()
     metrics, store = Metrics(), Store()
@@ -208,16 +231,26 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_job_when_they_persist
 
 
 def test_a_finite_step_resets_the_streak():
-    cfg = compose_config("train_adapter", ["batch_size=4", "trainer.max_steps=6", "validation.interval=0",
-                                           "checkpoint.save_interval=100", "trainer.max_nonfinite_steps=2"])
+    cfg = compose_config(
+        "train_adapter",
+        [
+            "batch_size=4",
+            "trainer.max_steps=6",
+            "validation.interval=0",
+            "checkpoint.save_interval=100",
+            "trainer.max_nonfinite_steps=2",
+        ],
+    )
 
     class Once(Toy):
         def training_step(self, batch):
             self.steps = getattr(self, "steps", 0) + 1
             loss, _ = self.compute_loss(batch)
             loss = loss * float("nan") if self.steps in (2, 4) else loss
-            return {"train/loss": loss.detach(), "grad_norm": self.optimize(loss, self.optimizers["net"],
-                                                                            self.net.parameters())}
+            return {
+                "train/loss": loss.detach(),
+                "grad_norm": self.optimize(loss, self.optimizers["net"], self.net.parameters()),
+            }
 
     stage = Once(cfg, Precision.from_config("cpu", "32"))
     stage.build()
@@ -239,6 +272,7 @@ def test_slow_steps_still_print_a_progress_line_between_log_intervals(monkeypatc
     caplog.clear()
     monkeypatch.setattr(trainer, "LOG_LINE_EVERY_S", 0.0)
     _, chatty, _ = fit("trainer.log_interval=100")
-    assert [r.message.split()[1] for r in caplog.records if r.message.startswith("step ")] == \
-        [f"{s}/6" for s in range(1, 7)]
+    assert [r.message.split()[1] for r in caplog.records if r.message.startswith("step ")] == [
+        f"{s}/6" for s in range(1, 7)
+    ]
     assert [sorted(m) for _, m in chatty.logged] == [sorted(m) for _, m in quiet.logged]

@@ -5,9 +5,9 @@ run whose job died after its last checkpoint. Each ends committed and resumable,
 import signal
 
 import pytest
+from conftest import TINY, loss_history, stage_runs
 from mlflow import MlflowClient
 
-from conftest import TINY, loss_history, stage_runs
 from pipeline.common import faults
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED
 from pipeline.engine.session import run_stage
@@ -30,8 +30,9 @@ def _run(client):
 
 
 @pytest.mark.parametrize("point, sig", [("validation@1", "TERM"), ("samples@1", "INT"), ("validation@1", "HUP")])
-def test_a_stop_signal_during_validation_or_samples_commits_that_step_and_resumes(store, armed, point, sig, capfd,
-                                                                                  request):
+def test_a_stop_signal_during_validation_or_samples_commits_that_step_and_resumes(
+    store, armed, point, sig, capfd, request
+):
     if sig == "HUP" and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
         # the suite runs under nohup: the engine leaves an ignored SIGHUP ignored on purpose, which is not tested here
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
@@ -56,8 +57,10 @@ def test_a_stop_signal_during_validation_or_samples_commits_that_step_and_resume
 
 def test_a_stop_during_the_final_checkpoint_leaves_the_run_finished(store, armed):
     armed("checkpoint.snapshot@2=signal:TERM")  # the 2nd checkpoint is the last step's
-    assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2",
-                                    "validation.interval=0"]) == EXIT_OK
+    assert (
+        run_stage(TrainAdapter, [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2", "validation.interval=0"])
+        == EXIT_OK
+    )
     run = _run(MlflowClient())
     assert run.info.status == "FINISHED" and "stopped_by" not in run.data.tags
     assert run.data.tags["checkpoint.latest_step"] == "4"
@@ -75,8 +78,9 @@ def test_sighup_is_ignored_when_the_job_runs_under_nohup(store, armed):
 
 
 @pytest.mark.slow
-def test_a_killed_data_loader_worker_fails_the_job_clearly_and_the_resume_is_exact(store, armed, capfd, tmp_path,
-                                                                                  monkeypatch):
+def test_a_killed_data_loader_worker_fails_the_job_clearly_and_the_resume_is_exact(
+    store, armed, capfd, tmp_path, monkeypatch
+):
     job = [*TINY, "trainer.max_steps=8", "checkpoint.save_interval=2", "validation.interval=0", "data.num_workers=1"]
     assert run_stage(TrainAdapter, job) == EXIT_OK
     client = MlflowClient()
@@ -120,10 +124,18 @@ def _abandoned_run(client, holder_pid: int, holder_start: float) -> str:
 
     from pipeline.engine.tracking import experiment_id
 
-    return client.create_run(experiment_id(client, "train_adapter"), tags={
-        "stage": "train_adapter", "lease.token": "the-killed-job", "lease.host": socket.gethostname(),
-        "lease.pid": str(holder_pid), "lease.process_start": repr(holder_start), "lease.heartbeat": repr(time.time()),
-        "lease.holder": f"pid {holder_pid}"}).info.run_id
+    return client.create_run(
+        experiment_id(client, "train_adapter"),
+        tags={
+            "stage": "train_adapter",
+            "lease.token": "the-killed-job",
+            "lease.host": socket.gethostname(),
+            "lease.pid": str(holder_pid),
+            "lease.process_start": repr(holder_start),
+            "lease.heartbeat": repr(time.time()),
+            "lease.holder": f"pid {holder_pid}",
+        },
+    ).info.run_id
 
 
 def test_a_resume_of_a_run_whose_job_died_before_its_first_checkpoint_ends_it(store, capfd):
@@ -156,8 +168,10 @@ def test_an_artifact_store_that_fails_at_the_end_still_ends_the_run(store, armed
 def test_a_missing_or_unreadable_latest_step_tag_falls_back_to_what_else_names_the_commit(store, capfd):
     from conftest import artifact_dir
 
-    assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2",
-                                    "validation.interval=0"]) == EXIT_OK
+    assert (
+        run_stage(TrainAdapter, [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2", "validation.interval=0"])
+        == EXIT_OK
+    )
     client = MlflowClient()
     run_id = _run(client).info.run_id
     client.set_tag(run_id, "checkpoint.latest_step", "four")

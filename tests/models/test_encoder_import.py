@@ -11,8 +11,7 @@ import torch
 from torchaudio.models.wav2vec2.utils import import_huggingface_model
 
 from pipeline.config import compose_config
-from pipeline.models.encoder import (WeightsError, build_encoder, create_encoder, encoder_features,
-                                    huggingface_config)
+from pipeline.models.encoder import WeightsError, build_encoder, create_encoder, encoder_features, huggingface_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,9 +23,16 @@ TOLERANCE = 1e-5
 
 
 def small_preset(preset: str, **extra):
-    overrides = ["ssl.embed_dim=32", "ssl.num_heads=4", "ssl.ff_interm_features=48", "ssl.pos_conv_kernel=8",
-                 "ssl.pos_conv_groups=4", "ssl.num_layers=4", "ssl.layer=4",
-                 "ssl.conv_layers=[[16,10,5],[16,3,2],[16,3,2],[16,3,2],[16,3,2],[16,2,2],[16,2,2]]"]
+    overrides = [
+        "ssl.embed_dim=32",
+        "ssl.num_heads=4",
+        "ssl.ff_interm_features=48",
+        "ssl.pos_conv_kernel=8",
+        "ssl.pos_conv_groups=4",
+        "ssl.num_layers=4",
+        "ssl.layer=4",
+        "ssl.conv_layers=[[16,10,5],[16,3,2],[16,3,2],[16,3,2],[16,3,2],[16,2,2],[16,2,2]]",
+    ]
     overrides += [f"ssl.{k}={v}" for k, v in extra.items()]
     return compose_config("train_adapter", [f"ssl={preset}", *overrides]).ssl
 

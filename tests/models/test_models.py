@@ -48,10 +48,18 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 def test_hugging_face_checkpoint_directory_is_converted(tmp_path):
     transformers = pytest.importorskip("transformers")
     hf_cfg = transformers.HubertConfig(
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
-        conv_dim=(32,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
-        conv_bias=False, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-        feat_extract_norm="group", do_stable_layer_norm=False,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=128,
+        conv_dim=(32,) * 7,
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_bias=False,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        feat_extract_norm="group",
+        do_stable_layer_norm=False,
     )
     hf_model = transformers.HubertModel(hf_cfg).eval()
     hf_model.save_pretrained(tmp_path / "hf")
@@ -70,8 +78,11 @@ def test_adapters_wrap_feed_forward_blocks_and_only_they_train():
     assert len(wrapped) == 2
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("adapters.") or ".adapter." in n for n in trainable)
-    assert set(model.adapters.state_dict()) == {f"{i}.{k}" for i in range(2) for k in (
-        "norm.weight", "norm.bias", "down.weight", "down.bias", "up.weight", "up.bias")}
+    assert set(model.adapters.state_dict()) == {
+        f"{i}.{k}"
+        for i in range(2)
+        for k in ("norm.weight", "norm.bias", "down.weight", "down.bias", "up.weight", "up.bias")
+    }
     x = torch.randn(2, 8000)
     adapted, target = model(x), model.target_features(x)
     assert adapted.shape == target.shape

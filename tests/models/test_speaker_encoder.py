@@ -166,8 +166,10 @@ def test_noisy_copy_is_closer_than_another_voice(encoder):
     other_sim = speaker_similarity(encoder, clean, demo_wave(3))
     assert noisy_sim > other_sim + 0.1  # measured 0.91 and 0.60
     # another sentence in the same espeak voice is closer than the other voice
-    assert speaker_similarity(encoder, demo_wave(3), demo_wave(9)) > speaker_similarity(
-        encoder, demo_wave(9), demo_wave(7)) + 0.1  # measured 0.87 and 0.61
+    assert (
+        speaker_similarity(encoder, demo_wave(3), demo_wave(9))
+        > speaker_similarity(encoder, demo_wave(9), demo_wave(7)) + 0.1
+    )  # measured 0.87 and 0.61
 
 
 def test_unscorable_waves_give_nan_without_raising(encoder):

@@ -3,27 +3,32 @@ poll loop that never waits) are refused at start-up, on a fresh start and on res
 the key and what to do, and nothing written (session.check_settings with config.check_values, Stage.check_data)."""
 
 import pytest
+from conftest import TINY, all_runs, snapshot, stage_runs
 from mlflow import MlflowClient
 
-from conftest import TINY, all_runs, snapshot, stage_runs
 from pipeline.config import ConfigError, check_values, compose_config
-from pipeline.stages.train_adapter import TrainAdapterConfig
-from pipeline.stages.train_asr import TrainAsrConfig
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.engine.session import run_stage
-from pipeline.stages.train_adapter import TrainAdapter
+from pipeline.stages.train_adapter import TrainAdapter, TrainAdapterConfig
+from pipeline.stages.train_asr import TrainAsrConfig
 
 BAD = [
     ("batch_size=100000", "batch_size=100000 is larger than the training set (32 examples); lower batch_size"),
-    ("data.segment_seconds=0", "data.segment_seconds=0.0 must be positive; pass data.segment_seconds=<a value above 0> "
-                               "(the default is 1.0)"),
+    (
+        "data.segment_seconds=0",
+        "data.segment_seconds=0.0 must be positive; pass data.segment_seconds=<a value above 0> (the default is 1.0)",
+    ),
     ("data.segment_seconds=-1", "data.segment_seconds=-1.0 must be positive"),
     ("degradation.packet_ms=0", "degradation.packet_ms=0.0 must be positive"),
     ("tracking.stop_poll_seconds=0", "tracking.stop_poll_seconds=0.0 must be positive"),
-    ("data.num_workers=-1", "data.num_workers=-1 must be zero or more; pass data.num_workers=<a value of 0 or more> "
-                            "(the default is 0)"),
-    ("tracking.lease_timeout_seconds=5", "tracking.lease_timeout_seconds=5.0 must be longer than "
-                                         "tracking.lease_heartbeat_seconds=10.0"),
+    (
+        "data.num_workers=-1",
+        "data.num_workers=-1 must be zero or more; pass data.num_workers=<a value of 0 or more> (the default is 0)",
+    ),
+    (
+        "tracking.lease_timeout_seconds=5",
+        "tracking.lease_timeout_seconds=5.0 must be longer than tracking.lease_heartbeat_seconds=10.0",
+    ),
 ]
 
 
@@ -42,8 +47,10 @@ def test_a_resume_with_such_a_setting_leaves_a_finished_run_as_it_was(store, cap
     before = snapshot(client)
     for override, message in BAD:
         capfd.readouterr()
-        assert run_stage(TrainAdapter, [f"resume_run={run.info.run_id}", "trainer.max_steps=4", override]) \
-            == EXIT_BAD_INPUT, override
+        assert (
+            run_stage(TrainAdapter, [f"resume_run={run.info.run_id}", "trainer.max_steps=4", override])
+            == EXIT_BAD_INPUT
+        ), override
         err = capfd.readouterr().err
         assert message in err and "Traceback" not in err, override
     assert snapshot(client) == before

@@ -16,10 +16,23 @@ import subprocess
 
 import pytest
 import torch
+from conftest import (
+    REPO,
+    TINY,
+    all_runs,
+    artifact_dir,
+    env_for,
+    loss_history,
+    mlflow_run,
+    read_until,
+    run_module,
+    snapshot,
+    stage_runs,
+    start_stage,
+    wait_for,
+)
 from mlflow import MlflowClient
 
-from conftest import (REPO, TINY, all_runs, artifact_dir, env_for, loss_history, mlflow_run, read_until, run_module,
-                      snapshot, stage_runs, start_stage, wait_for)
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED
 from pipeline.engine.session import TrainingHooks, run_stage
 from pipeline.stages.train_adapter import TrainAdapter
@@ -29,12 +42,8 @@ def train(*args: str, hooks: TrainingHooks | None = None) -> int:
     return run_stage(TrainAdapter, [*TINY, *args], hooks=hooks)
 
 
-
-
 def checkpoint_dirs(client: MlflowClient, run_id: str) -> list[str]:
     return sorted(p.name for p in (artifact_dir(client, run_id) / "checkpoints").glob("step-*"))
-
-
 
 
 @pytest.fixture
@@ -62,8 +71,13 @@ def test_while_it_trains_the_description_shows_the_progress_tag_in_its_first_lin
 
         def on_validation(self, step, metrics):  # the loop waits here: progress stays at step 6
             if step == 6:
-                seen["tags"] = wait_for(lambda: (lambda t: t.get("progress", "").startswith("step 6/12") and t)(
-                    client.get_run(seen["run"]).data.tags), 15, what="the progress tag at step 6")
+                seen["tags"] = wait_for(
+                    lambda: (lambda t: t.get("progress", "").startswith("step 6/12") and t)(
+                        client.get_run(seen["run"]).data.tags
+                    ),
+                    15,
+                    what="the progress tag at step 6",
+                )
             return None
 
     assert train("trainer.max_steps=12", "checkpoint.save_interval=4", "validation.interval=6", hooks=Look()) == EXIT_OK
@@ -72,22 +86,36 @@ def test_while_it_trains_the_description_shows_the_progress_tag_in_its_first_lin
     run = client.get_run(seen["run"])
     assert run.info.run_name == f"{seen['run'][:6]}-tiny-demo"
     assert run.data.tags["mlflow.note.content"].startswith("**FINISHED** · step 12/12")
-    assert f"/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=" in \
-        run.data.tags["mlflow.note.content"]
+    assert (
+        f"/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey="
+        in run.data.tags["mlflow.note.content"]
+    )
 
 
 def test_each_kept_checkpoint_is_a_logged_model_with_the_metrics_of_its_step(store):
     """The experiment's Models tab lists the run's checkpoints (MLflow 3 logged models pointing at the
     run's checkpoint folders, no second copy), with their step's metrics linked by model_id; retention
     deletes the models of the checkpoints it deletes; the run's charts keep one value per step."""
-    assert train("trainer.max_steps=12", "checkpoint.save_interval=4", "validation.interval=4",
-                 "checkpoint.keep_last_n=2", "checkpoint.keep_best_k=0") == EXIT_OK
+    assert (
+        train(
+            "trainer.max_steps=12",
+            "checkpoint.save_interval=4",
+            "validation.interval=4",
+            "checkpoint.keep_last_n=2",
+            "checkpoint.keep_best_k=0",
+        )
+        == EXIT_OK
+    )
     client = MlflowClient()
     (run,) = stage_runs(client)
     run_id = run.info.run_id
-    models = client.search_logged_models([run.info.experiment_id], order_by=[
-        {"field_name": "metrics.val/loss", "ascending": True}])
-    assert sorted(m.name for m in models) == [f"step-00000008-{run.info.run_name}", f"step-00000012-{run.info.run_name}"]
+    models = client.search_logged_models(
+        [run.info.experiment_id], order_by=[{"field_name": "metrics.val/loss", "ascending": True}]
+    )
+    assert sorted(m.name for m in models) == [
+        f"step-00000008-{run.info.run_name}",
+        f"step-00000012-{run.info.run_name}",
+    ]
     val = dict(loss_history(client, run_id, "val/loss"))
     assert [float(m.params["step"]) for m in models] == sorted((8.0, 12.0), key=lambda s: val[int(s)])  # sorted
     for model in models:
@@ -95,7 +123,10 @@ def test_each_kept_checkpoint_is_a_logged_model_with_the_metrics_of_its_step(sto
         assert model.source_run_id == run_id and model.status.name == "READY" and model.model_type == "checkpoint"
         assert model.tags["checkpoint.uri"] == f"runs:/{run_id}/checkpoints/step-{step:08d}"
         assert {k: model.params[k] for k in ("model", "dataset", "stage")} == {
-            "model": "tiny", "dataset": "demo", "stage": "train_adapter"}
+            "model": "tiny",
+            "dataset": "demo",
+            "stage": "train_adapter",
+        }
         linked = {m.key: m.value for m in model.metrics}
         assert linked["train/loss"] == dict(loss_history(client, run_id))[step] and linked["val/loss"] == val[step]
         assert client.list_logged_model_artifacts(model.model_id) == []  # the bytes stay in the run's checkpoints/
@@ -105,8 +136,16 @@ def test_each_kept_checkpoint_is_a_logged_model_with_the_metrics_of_its_step(sto
 
 @pytest.mark.slow
 def test_mlflow_run_produces_one_tracked_run_with_committed_checkpoints(store):
-    overrides = " ".join(TINY + ["trainer.max_steps=12", "checkpoint.save_interval=4", "validation.interval=6",
-                                 "checkpoint.keep_last_n=2", "checkpoint.keep_best_k=0"])
+    overrides = " ".join(
+        TINY
+        + [
+            "trainer.max_steps=12",
+            "checkpoint.save_interval=4",
+            "validation.interval=6",
+            "checkpoint.keep_last_n=2",
+            "checkpoint.keep_best_k=0",
+        ]
+    )
     proc = mlflow_run(store, f"overrides={overrides}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient()
@@ -152,7 +191,9 @@ def test_checkpoint_table_filters_by_model_and_dataset(finished_run, capsys):
     assert table_main(["--model", "tiny", "--dataset", "demo", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["run_id"], r["model"], r["dataset"]) for r in rows] == [
-        ("step-00000020", finished_run, "tiny", "demo"), ("step-00000010", finished_run, "tiny", "demo")]
+        ("step-00000020", finished_run, "tiny", "demo"),
+        ("step-00000010", finished_run, "tiny", "demo"),
+    ]
     assert rows[0]["val/loss"] > 0 and rows[0]["size"] > 0
     assert table_main(["--model", "hubert_base"]) == 0
     assert "no checkpoints found" in capsys.readouterr().out
@@ -198,23 +239,30 @@ def test_optimizer_overrides_on_resume_take_effect(store, capfd):
     """A restored optimizer carries the settings it was saved with; the resumed config must still win."""
     from pipeline.engine.checkpoint_files import load_state
 
-    assert train("optim.schedule=constant", "trainer.max_steps=6", "checkpoint.save_interval=6",
-                 "validation.interval=6") == EXIT_OK
+    assert (
+        train("optim.schedule=constant", "trainer.max_steps=6", "checkpoint.save_interval=6", "validation.interval=6")
+        == EXIT_OK
+    )
     client = MlflowClient()
     (run,) = stage_runs(client)
     run_id = run.info.run_id
     assert train(f"resume_run={run_id}", "optim.lr=5e-4", "optim.weight_decay=0.01", "trainer.max_steps=10") == EXIT_OK
-    assert "Optimizer adapters: the resumed config changes initial_lr 0.001 -> 0.0005, weight_decay 0.0 -> 0.01" \
+    assert (
+        "Optimizer adapters: the resumed config changes initial_lr 0.001 -> 0.0005, weight_decay 0.0 -> 0.01"
         in capfd.readouterr().err
+    )
     lrs = [m.value for m in sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)]
     assert lrs == [1e-3] * 6 + [5e-4] * 4
     (group,) = load_state(artifact_dir(client, run_id) / "checkpoints" / "step-00000010")["optimizers"]["adapters"][
-        "param_groups"]
+        "param_groups"
+    ]
     assert (group["initial_lr"], group["weight_decay"]) == (5e-4, 0.01)
 
     # A new schedule shape continues from the current LR: cosine from step 10 down to half of it at step 20.
-    assert train(f"resume_run={run_id}", "optim.schedule=cosine", "optim.min_lr_ratio=0.5",
-                 "trainer.max_steps=20") == EXIT_OK
+    assert (
+        train(f"resume_run={run_id}", "optim.schedule=cosine", "optim.min_lr_ratio=0.5", "trainer.max_steps=20")
+        == EXIT_OK
+    )
     lrs = [m.value for m in sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)]
     assert lrs[:10] == [1e-3] * 6 + [5e-4] * 4
     assert all(a > b for a, b in zip(lrs[9:], lrs[10:])) and lrs[10] > 0.98 * 5e-4
@@ -239,8 +287,10 @@ def test_resume_from_an_older_step_branches_into_a_nested_run(finished_run, capf
 
 def test_losses_do_not_depend_on_the_number_of_data_workers(store):
     assert train("trainer.max_steps=6", "checkpoint.save_interval=6", "validation.interval=0") == EXIT_OK
-    assert train("trainer.max_steps=6", "checkpoint.save_interval=6", "validation.interval=0",
-                 "data.num_workers=2") == EXIT_OK
+    assert (
+        train("trainer.max_steps=6", "checkpoint.save_interval=6", "validation.interval=0", "data.num_workers=2")
+        == EXIT_OK
+    )
     client = MlflowClient()
     first, second = stage_runs(client)
     assert loss_history(client, first.info.run_id) == loss_history(client, second.info.run_id)
@@ -281,7 +331,10 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(finished_run
     "args, message",
     [
         (["resume_run=0123456789abcdef0123456789abcdef"], "Run 0123456789abcdef0123456789abcdef not found"),
-        (["checkpoint.resume_from=/no/such/checkpoint"], "Checkpoint specified in resume_from not found: /no/such/checkpoint"),
+        (
+            ["checkpoint.resume_from=/no/such/checkpoint"],
+            "Checkpoint specified in resume_from not found: /no/such/checkpoint",
+        ),
         (["trainer.max_steps=[1,"], "Malformed override"),
         (["trainer.max_stepz=5"], "max_stepz"),
         (["RESUME:adapter.bottleneck=4"], "Refusing to resume: these overrides change the model architecture"),
@@ -292,7 +345,9 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(finished_run
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(finished_run, capfd, args, message):
-    args = [a.replace("RESUME:", "") for a in args] + ([f"resume_run={finished_run}"] if args[0].startswith("RESUME:") else [])
+    args = [a.replace("RESUME:", "") for a in args] + (
+        [f"resume_run={finished_run}"] if args[0].startswith("RESUME:") else []
+    )
     client = MlflowClient()
     before = snapshot(client)
     capfd.readouterr()
@@ -349,9 +404,7 @@ def test_runs_that_cannot_be_resumed(store, capfd):
 def test_checkpoint_with_pickled_code_is_refused(store, capfd):
     ckpt = store / "evil" / "step-00000001"
     ckpt.mkdir(parents=True)
-    payload = (
-        b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93\x8c\x0btouch pwned\x85R."
-    )
+    payload = b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93\x8c\x0btouch pwned\x85R."
     import zipfile
 
     with zipfile.ZipFile(ckpt / "state.pt", "w") as z:  # torch's zip layout around a hostile pickle
@@ -359,8 +412,9 @@ def test_checkpoint_with_pickled_code_is_refused(store, capfd):
         z.writestr("archive/version", "3\n")
         z.writestr("archive/byteorder", "little")
     digest = hashlib.sha256((ckpt / "state.pt").read_bytes()).hexdigest()
-    (ckpt / "meta.json").write_text(json.dumps({"format_version": 1, "stage": "train_adapter", "step": 1,
-                                                 "sha256": digest, "config": {}}))
+    (ckpt / "meta.json").write_text(
+        json.dumps({"format_version": 1, "stage": "train_adapter", "step": 1, "sha256": digest, "config": {}})
+    )
     assert train(f"checkpoint.resume_from={ckpt}") == EXIT_BAD_INPUT
     assert "refusing to load" in capfd.readouterr().err
     assert not (store / "pwned").exists()
@@ -370,10 +424,6 @@ def test_checkpoint_with_pickled_code_is_refused(store, capfd):
 # --------------------------------------------------------------------------------------------
 # Stop and exact resume, with real signals and real `mlflow run` subprocesses
 # --------------------------------------------------------------------------------------------
-
-
-
-
 
 
 @pytest.mark.slow
@@ -418,10 +468,20 @@ def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(store):
 
 @pytest.mark.slow
 def test_stop_tag_stops_mlflow_run_at_a_step_boundary_and_the_run_resumes(store):
-    cmd = [os.path.join(os.path.dirname(os.sys.executable), "mlflow"), "run", str(REPO),
-           "-e", "train_adapter", "--env-manager", "local", "--experiment-name", "train_adapter",
-           "-P", "overrides=" + " ".join(TINY + ["trainer.max_steps=5000", "checkpoint.save_interval=1000",
-                                                 "validation.interval=1000"])]
+    cmd = [
+        os.path.join(os.path.dirname(os.sys.executable), "mlflow"),
+        "run",
+        str(REPO),
+        "-e",
+        "train_adapter",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "train_adapter",
+        "-P",
+        "overrides="
+        + " ".join(TINY + ["trainer.max_steps=5000", "checkpoint.save_interval=1000", "validation.interval=1000"]),
+    ]
     # stderr goes to a file, not a pipe nobody reads: one log line per step would fill a pipe and block the job
     log = store / "job.log"
     client = MlflowClient()
@@ -429,15 +489,21 @@ def test_stop_tag_stops_mlflow_run_at_a_step_boundary_and_the_run_resumes(store)
     with open(log, "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=store, env=env_for(store), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        run = wait_for(lambda: next(iter(r for r in stage_runs(client) if r.data.metrics.get("train/loss")), None),
-                       timeout=300, what="first metrics", proc=proc, log=log)
+        run = wait_for(
+            lambda: next(iter(r for r in stage_runs(client) if r.data.metrics.get("train/loss")), None),
+            timeout=300,
+            what="first metrics",
+            proc=proc,
+            log=log,
+        )
         client.set_tag(run.info.run_id, "stop_requested", "true")
         proc.wait(timeout=300)  # a generous wait: how fast a stop is belongs to a benchmark, not a test
     finally:
         proc.kill()
     # `mlflow run` marks its run FAILED on a non-zero exit; the job's status guard restores KILLED
-    run = wait_for(lambda: (r := client.get_run(run.info.run_id)).info.status == "KILLED" and r,
-                   timeout=60, what="KILLED status")
+    run = wait_for(
+        lambda: (r := client.get_run(run.info.run_id)).info.status == "KILLED" and r, timeout=60, what="KILLED status"
+    )
     assert run.data.tags["stopped_by"] == "tag"
     stopped_at = int(run.data.tags["checkpoint.latest_step"])
     assert stopped_at < 5000
@@ -452,7 +518,14 @@ def test_stop_tag_stops_mlflow_run_at_a_step_boundary_and_the_run_resumes(store)
 
 @pytest.mark.slow
 def test_sigint_stops_gracefully_with_a_committed_checkpoint(store):
-    proc = start_stage(store, "train_adapter", *TINY, "trainer.max_steps=5000", "checkpoint.save_interval=1000", "validation.interval=0")
+    proc = start_stage(
+        store,
+        "train_adapter",
+        *TINY,
+        "trainer.max_steps=5000",
+        "checkpoint.save_interval=1000",
+        "validation.interval=0",
+    )
     read_until(proc, "step 3/5000")
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
@@ -465,17 +538,20 @@ def test_sigint_stops_gracefully_with_a_committed_checkpoint(store):
     assert f"resume_run={run.info.run_id}" in rest
 
 
-@pytest.mark.parametrize("override, message", [
-    ("checkpoint.mode=maximize", "checkpoint.mode='maximize'; choose one of min, max"),
-    ("checkpoint.monitor=val/accuracy", "checkpoint.monitor='val/accuracy' is never logged by train_adapter"),
-    ("optim.schedule=linear", "optim.schedule='linear'; choose one of cosine, constant"),
-    ("batch_size=0", "batch_size=0 must be positive"),
-    ("batch_size=-2", "batch_size=-2 must be positive"),
-    ("trainer.max_steps=0", "trainer.max_steps=0 must be positive"),
-    ("checkpoint.save_interval=-1", "checkpoint.save_interval=-1 must be positive"),
-    ("trainer.log_interval=0", "trainer.log_interval=0 must be positive"),
-    ("checkpoint.keep_last_n=-1", "checkpoint.keep_last_n=-1 must be zero or more"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("checkpoint.mode=maximize", "checkpoint.mode='maximize'; choose one of min, max"),
+        ("checkpoint.monitor=val/accuracy", "checkpoint.monitor='val/accuracy' is never logged by train_adapter"),
+        ("optim.schedule=linear", "optim.schedule='linear'; choose one of cosine, constant"),
+        ("batch_size=0", "batch_size=0 must be positive"),
+        ("batch_size=-2", "batch_size=-2 must be positive"),
+        ("trainer.max_steps=0", "trainer.max_steps=0 must be positive"),
+        ("checkpoint.save_interval=-1", "checkpoint.save_interval=-1 must be positive"),
+        ("trainer.log_interval=0", "trainer.log_interval=0 must be positive"),
+        ("checkpoint.keep_last_n=-1", "checkpoint.keep_last_n=-1 must be zero or more"),
+    ],
+)
 def test_settings_that_would_act_silently_are_refused_at_start_up(store, capfd, override, message):
     client = MlflowClient()
     assert train(override) == EXIT_BAD_INPUT
@@ -484,7 +560,9 @@ def test_settings_that_would_act_silently_are_refused_at_start_up(store, capfd, 
 
 
 def test_bf16_autocast_trains_on_the_cpu(store):
-    assert train("trainer.precision=bf16", "trainer.device=cpu", "trainer.max_steps=3", "validation.interval=3") == EXIT_OK
+    assert (
+        train("trainer.precision=bf16", "trainer.device=cpu", "trainer.max_steps=3", "validation.interval=3") == EXIT_OK
+    )
     client = MlflowClient()
     (run,) = stage_runs(client)
     losses = [v for _, v in loss_history(client, run.info.run_id)]

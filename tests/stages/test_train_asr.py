@@ -18,13 +18,23 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import (
+    PYTHON,
+    REPO,
+    VENV_BIN,
+    artifact_dir,
+    env_for,
+    loss_history,
+    read_until,
+    snapshot,
+    stage_runs,
+    start_stage,
+)
 from mlflow import MlflowClient
 
-from conftest import (PYTHON, REPO, VENV_BIN, artifact_dir, env_for, loss_history, read_until, snapshot,
-                      stage_runs, start_stage)
 from pipeline.config import compose_config
-from pipeline.data.corpus import DEMO_DIR, read_corpus, read_directory
 from pipeline.data.audio import load_audio
+from pipeline.data.corpus import DEMO_DIR, read_corpus, read_directory
 from pipeline.data.datasets import collate_padded
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
 from pipeline.engine.session import TrainingHooks, run_stage
@@ -57,10 +67,6 @@ def asr_runs(client: MlflowClient):
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return loss_history(client, run_id, key)
-
-
-
-
 
 
 class StopAt(TrainingHooks):
@@ -101,9 +107,13 @@ def test_anchored_lr_factor_continues_from_the_anchor_and_decays_to_the_floor():
     assert anchored[0] == pytest.approx(f30)
     assert anchored[-1] == pytest.approx(0.1)
     assert all(b <= a + 1e-12 for a, b in zip(anchored, anchored[1:]))  # monotone: no jump up
-    assert abs(anchored[1] - anchored[0]) < abs(lr_factor(30, 4, 60, "cosine", 0.1) - lr_factor(29, 4, 60, "cosine", 0.1))
+    assert abs(anchored[1] - anchored[0]) < abs(
+        lr_factor(30, 4, 60, "cosine", 0.1) - lr_factor(29, 4, 60, "cosine", 0.1)
+    )
     # an anchor inside the warm-up changes nothing
-    assert lr_factor(50, 10, 100, "cosine", 0.1, anchor_step=3, anchor_factor=0.4) == lr_factor(50, 10, 100, "cosine", 0.1)
+    assert lr_factor(50, 10, 100, "cosine", 0.1, anchor_step=3, anchor_factor=0.4) == lr_factor(
+        50, 10, 100, "cosine", 0.1
+    )
 
 
 def test_lr_schedule_retargets_and_survives_a_weights_only_checkpoint(tmp_path):
@@ -146,8 +156,10 @@ def test_error_counts_sum_edits_and_reference_lengths():
 
 
 def test_collate_pads_audio_and_targets_and_keeps_lengths():
-    items = [{"audio": torch.ones(5), "targets": torch.tensor([1, 2]), "index": torch.tensor(0)},
-             {"audio": torch.ones(3), "targets": torch.tensor([3, 4, 5]), "index": torch.tensor(1)}]
+    items = [
+        {"audio": torch.ones(5), "targets": torch.tensor([1, 2]), "index": torch.tensor(0)},
+        {"audio": torch.ones(3), "targets": torch.tensor([3, 4, 5]), "index": torch.tensor(1)},
+    ]
     batch = collate_padded(items)
     assert batch["audio"].shape == (2, 5) and batch["audio"][1, 3:].abs().sum() == 0
     assert batch["audio_lengths"].tolist() == [5, 3] and batch["target_lengths"].tolist() == [2, 3]
@@ -198,8 +210,18 @@ def test_light_mode_means_the_tiny_preset_and_short_utterances():
 def test_tiny_conformer_overfits_a_handful_of_utterances(store):
     """Measured on 2 CPU cores: training CER 0.98 over the first 5 steps -> 0.01 over the last 5
     (80 steps, lr 3e-3, about 10-20 s). The assertion leaves a wide margin."""
-    assert train("max_samples=4", "trainer.epochs=80", "optim.lr=3e-3", "optim.warmup_steps=10",
-                 "validation.interval=0", "checkpoint.save_interval=1000", "trainer.log_interval=20") == EXIT_OK
+    assert (
+        train(
+            "max_samples=4",
+            "trainer.epochs=80",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=10",
+            "validation.interval=0",
+            "checkpoint.save_interval=1000",
+            "trainer.log_interval=20",
+        )
+        == EXIT_OK
+    )
     client = MlflowClient()
     (run,) = asr_runs(client)
     cer = [v for _, v in history(client, run.info.run_id, "train/cer")]
@@ -226,7 +248,12 @@ def test_run_is_tagged_charted_and_listed_by_model_and_dataset(finished_run, cap
     client = MlflowClient()
     run = client.get_run(finished_run)
     tags = run.data.tags
-    assert (tags["stage"], tags["model"], tags["dataset"], tags["model.preset"]) == ("train_asr", "conformer", "demo", "tiny")
+    assert (tags["stage"], tags["model"], tags["dataset"], tags["model.preset"]) == (
+        "train_asr",
+        "conformer",
+        "demo",
+        "tiny",
+    )
     assert tags["progress"] == "Epoch 3/3 · Step 2/2"
     assert tags["checkpoint.latest_step"] == "6"
     for key in ("train/loss", "train/cer", "lr", "grad_norm", "epoch"):
@@ -244,13 +271,18 @@ def test_run_is_tagged_charted_and_listed_by_model_and_dataset(finished_run, cap
     assert table_main(["--model", "conformer", "--dataset", "demo", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["model"], r["dataset"], r["epoch"]) for r in rows][:2] == [
-        ("step-00000006", "conformer", "demo", 3.0), ("step-00000004", "conformer", "demo", 2.0)]
+        ("step-00000006", "conformer", "demo", 3.0),
+        ("step-00000004", "conformer", "demo", 2.0),
+    ]
     assert all(r["size"] > 0 and r["created"] and "val/cer" in r for r in rows)
     assert table_main(["--model", "conformer", "--dataset", "ljspeech"]) == 0
     assert "no checkpoints found" in capsys.readouterr().out
     # the Models tab: the kept checkpoints and the final model/ as logged models of the run, by val/cer
-    models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{finished_run}'",
-                                         order_by=[{"field_name": "metrics.val/cer", "ascending": True}])
+    models = client.search_logged_models(
+        [run.info.experiment_id],
+        f"source_run_id = '{finished_run}'",
+        order_by=[{"field_name": "metrics.val/cer", "ascending": True}],
+    )
     steps = {m.model_type: [] for m in models}
     for m in models:
         steps[m.model_type].append(m.tags["checkpoint.step"])
@@ -268,19 +300,23 @@ def test_run_is_tagged_charted_and_listed_by_model_and_dataset(finished_run, cap
 
 def test_validation_rates_are_computed_over_the_whole_set(store):
     """val/cer from the engine equals total edits / total reference characters of all batches."""
-    assert train("trainer.epochs=1", "validation.interval=2", "checkpoint.save_interval=2", "batch_size=3",
-                 "max_samples=6") == EXIT_OK
+    assert (
+        train(
+            "trainer.epochs=1", "validation.interval=2", "checkpoint.save_interval=2", "batch_size=3", "max_samples=6"
+        )
+        == EXIT_OK
+    )
     client = MlflowClient()
     (run,) = asr_runs(client)
-    from pipeline.engine.checkpointing import download_checkpoint
     from pipeline.engine.checkpoint_files import load_state
+    from pipeline.engine.checkpointing import download_checkpoint
     from pipeline.inference.asr import load_model
 
     ckpt = download_checkpoint(client, run.info.run_id, 2, store / "ckpt")
     model, vocab, _ = load_model(ckpt, torch.device("cpu"))
     assert load_state(ckpt)["step"] == 2
-    from pipeline.data.corpus import read_corpus
     from pipeline.data.audio import load_audio
+    from pipeline.data.corpus import read_corpus
 
     val = read_corpus("ljspeech", None)[-4:]
     hyps = []
@@ -321,7 +357,9 @@ def test_resume_with_more_epochs_and_another_batch_size_keeps_the_lr_curve(store
     assert client.get_run(run_id).data.tags["progress"] == "Epoch 2/4 · Step 2/2"
     capfd.readouterr()
 
-    assert train(*common, f"resume_run={run_id}", "trainer.epochs=6", "batch_size=2", "validation.interval=0") == EXIT_OK
+    assert (
+        train(*common, f"resume_run={run_id}", "trainer.epochs=6", "batch_size=2", "validation.interval=0") == EXIT_OK
+    )
     err = capfd.readouterr().err
     assert "Configuration changes detected:\n  - batch_size: 4 -> 2\n  - trainer.epochs: 4 -> 6" in err
     assert "continuing from lr=" in err
@@ -336,8 +374,11 @@ def test_resume_with_more_epochs_and_another_batch_size_keeps_the_lr_curve(store
     # one curve: steps 1-4 on the 8-step plan, then a decay from the restored value over 16 new steps
     f4 = lr_factor(4, 2, 8, "cosine", min_ratio)
     for step in range(1, 21):
-        factor = lr_factor(step, 2, 8, "cosine", min_ratio) if step <= 4 else \
-            lr_factor(step, 2, 20, "cosine", min_ratio, anchor_step=4, anchor_factor=f4)
+        factor = (
+            lr_factor(step, 2, 8, "cosine", min_ratio)
+            if step <= 4
+            else lr_factor(step, 2, 20, "cosine", min_ratio, anchor_step=4, anchor_factor=f4)
+        )
         assert lrs[step] == pytest.approx(base_lr * factor, rel=1e-6), step
     values = [lrs[s] for s in range(1, 21)]
     assert all(b <= a for a, b in zip(values, values[1:]))  # no jump up anywhere
@@ -420,7 +461,10 @@ def test_transcribe_bad_input_gives_one_clear_error_and_writes_nothing(finished_
     not_audio.write_text("this is text, not audio")
     before = snapshot(client)
     for args, message in [
-        (["run_id=0123456789abcdef0123456789abcdef", f"input={DEMO_WAV}"], "Run 0123456789abcdef0123456789abcdef not found"),
+        (
+            ["run_id=0123456789abcdef0123456789abcdef", f"input={DEMO_WAV}"],
+            "Run 0123456789abcdef0123456789abcdef not found",
+        ),
         ([f"run_id={untrained}", f"input={DEMO_WAV}"], f"Run {untrained} has no checkpoints to transcribe with"),
         ([f"run_id={adapter}", f"input={DEMO_WAV}"], "is a train_adapter run, not a train_asr run"),
         ([f"run_id={finished_run}", f"input={not_audio}"], f"cannot read audio file {not_audio}"),
@@ -470,10 +514,16 @@ def test_the_asr_model_reads_only_the_request_unless_its_config_allows_paths(fin
         return base64.b64encode(buffer.getvalue()).decode()
 
     seen = []  # what reaches the recogniser: one channel at the model's rate
-    monkeypatch.setattr("pipeline.inference.asr.transcribe", lambda model, vocab, waves, device: [
-        seen.append(w.numpy()) or "" for w in waves])
-    for request in ({"audio": [wave.tolist()], "sample_rate": [rate]}, {"audio": [wave]},  # no sample_rate: 16 kHz
-                    {"audio_base64": [encoded("WAV", "FLOAT")]}, {"audio_base64": [encoded("FLAC", "PCM_24")]}):
+    monkeypatch.setattr(
+        "pipeline.inference.asr.transcribe",
+        lambda model, vocab, waves, device: [seen.append(w.numpy()) or "" for w in waves],
+    )
+    for request in (
+        {"audio": [wave.tolist()], "sample_rate": [rate]},
+        {"audio": [wave]},  # no sample_rate: 16 kHz
+        {"audio_base64": [encoded("WAV", "FLOAT")]},
+        {"audio_base64": [encoded("FLAC", "PCM_24")]},
+    ):
         assert served.predict(pd.DataFrame(request))["transcript"].tolist() == [""], request.keys()
         np.testing.assert_allclose(seen.pop(), wave, atol=1e-6)
     served.predict(pd.DataFrame({"audio": [[0.1] * 44100, [0.1] * 8000], "sample_rate": [44100, 8000]}))
@@ -500,7 +550,9 @@ def test_the_asr_model_reads_only_the_request_unless_its_config_allows_paths(fin
         local.predict(pd.DataFrame({"audio": [wave.tolist()], "sample_rate": [rate]}))
     assert failed.value.get_http_status_code() == 500
     assert json.loads(failed.value.serialize_as_json()) == {
-        "error_code": "INTERNAL_ERROR", "message": "the model failed to transcribe this request; the server's log says why"}
+        "error_code": "INTERNAL_ERROR",
+        "message": "the model failed to transcribe this request; the server's log says why",
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,13 +560,18 @@ def test_the_asr_model_reads_only_the_request_unless_its_config_allows_paths(fin
 # --------------------------------------------------------------------------------------------
 
 
-
-
-
-
 def _mlflow_run(workdir: Path, entry: str, *params: str) -> subprocess.CompletedProcess:
-    cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local",
-           "--experiment-name", "train_asr"]
+    cmd = [
+        os.path.join(VENV_BIN, "mlflow"),
+        "run",
+        str(REPO),
+        "-e",
+        entry,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "train_asr",
+    ]
     for p in params:
         cmd += ["-P", p]
     return subprocess.run(cmd, cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=300)
@@ -523,8 +580,14 @@ def _mlflow_run(workdir: Path, entry: str, *params: str) -> subprocess.Completed
 @pytest.mark.slow
 def test_sigterm_then_mlflow_run_resume_is_bit_identical_and_transcribe_runs(store):
     steps = ["trainer.epochs=10", "validation.interval=5", "checkpoint.save_interval=3"]
-    reference = subprocess.run([PYTHON, "-m", "pipeline.stages.train_asr", *TINY_ASR, *steps], cwd=store, env=env_for(store),
-                               capture_output=True, text=True, timeout=300)
+    reference = subprocess.run(
+        [PYTHON, "-m", "pipeline.stages.train_asr", *TINY_ASR, *steps],
+        cwd=store,
+        env=env_for(store),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     client = MlflowClient()
     (ref_run,) = asr_runs(client)

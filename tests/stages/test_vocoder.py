@@ -10,29 +10,48 @@ import subprocess
 import pytest
 import torch
 import yaml
+from conftest import (
+    REPO,
+    VENV_BIN,
+    all_runs,
+    artifact_dir,
+    env_for,
+    loss_history,
+    read_until,
+    snapshot,
+    stage_runs,
+    start_stage,
+)
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import (REPO, VENV_BIN, all_runs, artifact_dir, env_for, loss_history, read_until, snapshot,
-                      stage_runs, start_stage)
 from pipeline.config import VocoderConfig, compose_config
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
 from pipeline.engine.session import run_stage, seed_everything
 from pipeline.engine.stage import Precision
-from pipeline.models.losses import discriminator_loss, generator_loss
 from pipeline.models.hifigan import VocoderConfigError, build_vocoder, validate_preset
+from pipeline.models.losses import discriminator_loss, generator_loss
 from pipeline.stages.finetune_vocoder import FinetuneVocoder
 from pipeline.stages.pretrain_vocoder import PretrainVocoder
 from pipeline.stages.train_adapter import TrainAdapter
 
-COMMON = ["ssl=tiny", "batch_size=4", "data.segment_seconds=0.5", "trainer.log_interval=1",
-          "tracking.system_metrics=false", "tracking.flush_seconds=0.2", "tracking.stop_poll_seconds=0.5"]
+COMMON = [
+    "ssl=tiny",
+    "batch_size=4",
+    "data.segment_seconds=0.5",
+    "trainer.log_interval=1",
+    "tracking.system_metrics=false",
+    "tracking.flush_seconds=0.2",
+    "tracking.stop_poll_seconds=0.5",
+]
 TINY_VOCODER = [*COMMON, "vocoder=tiny", "optim.lr=1e-3"]
 TRAIN_KEYS = ("train/loss", "train/adv", "train/fm", "train/mel", "train/d_loss", "train/d_real", "train/d_fake")
 
 
 def preset(name: str, **changes) -> VocoderConfig:
-    cfg = OmegaConf.merge(OmegaConf.structured(VocoderConfig), OmegaConf.load(REPO / "configs" / "vocoder" / f"{name}.yaml"))
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(VocoderConfig), OmegaConf.load(REPO / "configs" / "vocoder" / f"{name}.yaml")
+    )
     return OmegaConf.merge(cfg, changes)
 
 
@@ -54,20 +73,25 @@ def only_run(client: MlflowClient, stage: str) -> str:
     return run.info.run_id
 
 
-
-
-
-
 # --------------------------------------------------------------------------------------------
 # Models and losses
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, rate, hop", [("tiny", 16000, 320), ("v2", 16000, 320), ("v1_22k", 22050, 441),
-                                             ("conformer_v1_22k", 22050, 441)])
+@pytest.mark.parametrize(
+    "name, rate, hop",
+    [("tiny", 16000, 320), ("v2", 16000, 320), ("v1_22k", 22050, 441), ("conformer_v1_22k", 22050, 441)],
+)
 def test_generator_turns_50_frames_per_second_into_the_output_rate(name, rate, hop):
-    cfg = preset(name, upsample_initial_channel=16, resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1]],
-                 conformer_dim=16, conformer_heads=2, conformer_ffn_dim=16)
+    cfg = preset(
+        name,
+        upsample_initial_channel=16,
+        resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1]],
+        conformer_dim=16,
+        conformer_heads=2,
+        conformer_ffn_dim=16,
+    )
     generator, mpd, msd = build_vocoder(8, cfg)
     wave = generator(torch.randn(2, 7, 8))
     assert cfg.sample_rate == rate and wave.shape == (2, 7 * hop) and wave.abs().max() <= 1
@@ -96,8 +120,9 @@ def test_gan_losses_are_pure_functions_returning_their_parts():
     assert float(parts["real"]) == 1 and float(parts["fake"]) == 1 and float(total) == 2
     maps = [[torch.ones(2, 3), torch.zeros(2, 4)]]
     mel = torch.tensor(0.5)
-    total, parts = generator_loss(zeros, maps, [[torch.zeros(2, 3), torch.zeros(2, 4)]], mel,
-                                  adv_weight=1.0, fm_weight=2.0, mel_weight=45.0)
+    total, parts = generator_loss(
+        zeros, maps, [[torch.zeros(2, 3), torch.zeros(2, 4)]], mel, adv_weight=1.0, fm_weight=2.0, mel_weight=45.0
+    )
     assert set(parts) == {"adv", "fm", "mel"}
     assert (float(parts["adv"]), float(parts["fm"]), float(parts["mel"])) == (1.0, 1.0, 0.5)
     assert float(total) == pytest.approx(1.0 + 2.0 + 22.5)
@@ -105,10 +130,22 @@ def test_gan_losses_are_pure_functions_returning_their_parts():
 
 def test_vocoder_entry_points_in_mlproject():
     spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
-    assert set(spec["pretrain_vocoder"]["parameters"]) == {"overrides", "resume_run", "resume_step", "nproc",
-                                                           "torchrun"}
-    assert set(spec["finetune_vocoder"]["parameters"]) == {"overrides", "resume_run", "resume_step",
-                                                           "adapter_run", "vocoder_run", "nproc", "torchrun"}
+    assert set(spec["pretrain_vocoder"]["parameters"]) == {
+        "overrides",
+        "resume_run",
+        "resume_step",
+        "nproc",
+        "torchrun",
+    }
+    assert set(spec["finetune_vocoder"]["parameters"]) == {
+        "overrides",
+        "resume_run",
+        "resume_step",
+        "adapter_run",
+        "vocoder_run",
+        "nproc",
+        "torchrun",
+    }
     assert set(spec["main"]["parameters"]) == {"overrides"}
 
 
@@ -130,8 +167,13 @@ def untrained_val_mel(args: list[str]) -> float:
 
 
 def test_mel_loss_falls_over_a_short_pretraining(store):
-    args = [*TINY_VOCODER, "trainer.max_steps=30", "validation.interval=30", "validation.num_samples=1",
-            "checkpoint.save_interval=30"]
+    args = [
+        *TINY_VOCODER,
+        "trainer.max_steps=30",
+        "validation.interval=30",
+        "validation.num_samples=1",
+        "checkpoint.save_interval=30",
+    ]
     before = untrained_val_mel(args)
     assert run_stage(PretrainVocoder, args) == EXIT_OK
     client = MlflowClient()
@@ -149,7 +191,12 @@ def test_pretrain_run_tracks_both_optimizers_and_keeps_only_trainable_weights(st
     run = client.get_run(only_run(client, "pretrain_vocoder"))
     tags, run_id = run.data.tags, run.info.run_id
     assert (tags["model"], tags["model.preset"], tags["dataset"], tags["encoder"], tags["encoder.layer"]) == (
-        "hifigan", "tiny", "demo", "tiny", "2")
+        "hifigan",
+        "tiny",
+        "demo",
+        "tiny",
+        "2",
+    )
     (trained_on,) = run.inputs.dataset_inputs  # the runs table's Dataset column
     assert trained_on.dataset.name == "demo" and trained_on.tags[0].value == "training"
     for key in (*TRAIN_KEYS, "grad_norm/generator", "grad_norm/discriminator", "lr/generator", "lr/discriminator"):
@@ -160,18 +207,18 @@ def test_pretrain_run_tracks_both_optimizers_and_keeps_only_trainable_weights(st
     assert set(state["optimizers"]) == set(state["schedulers"]) == {"generator", "discriminator"}
     samples = artifact_dir(client, run_id) / "samples" / "step-00000004"
     assert (samples / "index.html").is_file()
-    assert {p.name.split("_", 1)[1] for p in samples.glob("DEMO-*")} == {"clean.wav", "generated.wav", "mel.png",
-                                                                             "spectrogram.png"}
+    assert {p.name.split("_", 1)[1] for p in samples.glob("DEMO-*")} == {
+        "clean.wav",
+        "generated.wav",
+        "mel.png",
+        "spectrogram.png",
+    }
 
 
 def test_bad_vocoder_preset_is_refused_before_anything_is_written(store, capfd):
     assert pretrain("vocoder.upsample_rates=[8,8,2,2]") == EXIT_BAD_INPUT
     assert "need 320 to reach vocoder.sample_rate=16000" in capfd.readouterr().err
     assert all_runs(MlflowClient()) == []
-
-
-
-
 
 
 @pytest.mark.slow
@@ -192,8 +239,19 @@ def test_sigterm_then_resume_gives_bit_identical_gan_losses(store):
     stopped_at = int(run.data.tags["checkpoint.latest_step"])
     assert run.info.status == "KILLED" and 3 <= stopped_at < 16
 
-    cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(REPO), "-e", "pretrain_vocoder", "--env-manager", "local",
-           "--experiment-name", "pretrain_vocoder", "-P", f"resume_run={run.info.run_id}"]
+    cmd = [
+        os.path.join(VENV_BIN, "mlflow"),
+        "run",
+        str(REPO),
+        "-e",
+        "pretrain_vocoder",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "pretrain_vocoder",
+        "-P",
+        f"resume_run={run.info.run_id}",
+    ]
     resumed = subprocess.run(cmd, cwd=store, env=env_for(store), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for key in (*TRAIN_KEYS, "val/mel"):
@@ -223,8 +281,16 @@ def chain_runs(store):
 
 def test_finetune_builds_on_the_adapter_and_vocoder_runs_and_resumes(chain_runs, capfd):
     ids = chain_runs
-    assert finetune(f"adapter_run={ids['adapter']}", f"vocoder_run={ids['vocoder']}", "trainer.max_steps=3",
-                    "checkpoint.save_interval=3", "validation.interval=3") == EXIT_OK
+    assert (
+        finetune(
+            f"adapter_run={ids['adapter']}",
+            f"vocoder_run={ids['vocoder']}",
+            "trainer.max_steps=3",
+            "checkpoint.save_interval=3",
+            "validation.interval=3",
+        )
+        == EXIT_OK
+    )
     err = capfd.readouterr().err
     assert f"Adapters rebuilt from run {ids['adapter']} checkpoint step-00000002" in err
     assert f"initialised from run {ids['vocoder']} checkpoint step-00000002" in err
@@ -243,8 +309,10 @@ def test_finetune_builds_on_the_adapter_and_vocoder_runs_and_resumes(chain_runs,
     assert "adapter_run" not in meta["config"]  # a launch argument, not a config key
     # naming another adapter run on resume is refused: the vocoder was fine-tuned on this one's features
     capfd.readouterr()
-    assert finetune(f"resume_run={run.info.run_id}", f"adapter_run={ids['adapter_layer1']}",
-                    "trainer.max_steps=5") == EXIT_BAD_INPUT
+    assert (
+        finetune(f"resume_run={run.info.run_id}", f"adapter_run={ids['adapter_layer1']}", "trainer.max_steps=5")
+        == EXIT_BAD_INPUT
+    )
     assert f"trained on other runs than adapter_run={ids['adapter_layer1']}" in capfd.readouterr().err
     # resume needs only the run ID: adapter and vocoder runs come from the checkpoint
     assert finetune(f"resume_run={run.info.run_id}", "trainer.max_steps=5") == EXIT_OK
@@ -257,14 +325,23 @@ def test_finetune_refuses_incompatible_or_unusable_runs_before_training(chain_ru
     empty = client.create_run(client.create_experiment("other"), tags={"stage": "train_adapter"}).info.run_id
     before = snapshot(client)
     cases = [
-        ([f"adapter_run={ids['adapter_layer1']}", f"vocoder_run={ids['vocoder']}"],
-         f"adapter run {ids['adapter_layer1']} uses encoder preset 'tiny' layer 1, but vocoder run "
-         f"{ids['vocoder']} was trained on encoder preset 'tiny' layer 2"),
-        ([f"adapter_run={ids['vocoder']}", f"vocoder_run={ids['vocoder']}"],
-         f"adapter_run={ids['vocoder']} is a pretrain_vocoder run, not a train_adapter run"),
-        ([f"adapter_run={ids['adapter']}", f"vocoder_run={ids['adapter']}"],
-         "is a train_adapter run, not a pretrain_vocoder or finetune_vocoder run"),
-        ([f"adapter_run={empty}", f"vocoder_run={ids['vocoder']}"], f"adapter_run={empty} (train_adapter) has no committed checkpoint"),
+        (
+            [f"adapter_run={ids['adapter_layer1']}", f"vocoder_run={ids['vocoder']}"],
+            f"adapter run {ids['adapter_layer1']} uses encoder preset 'tiny' layer 1, but vocoder run "
+            f"{ids['vocoder']} was trained on encoder preset 'tiny' layer 2",
+        ),
+        (
+            [f"adapter_run={ids['vocoder']}", f"vocoder_run={ids['vocoder']}"],
+            f"adapter_run={ids['vocoder']} is a pretrain_vocoder run, not a train_adapter run",
+        ),
+        (
+            [f"adapter_run={ids['adapter']}", f"vocoder_run={ids['adapter']}"],
+            "is a train_adapter run, not a pretrain_vocoder or finetune_vocoder run",
+        ),
+        (
+            [f"adapter_run={empty}", f"vocoder_run={ids['vocoder']}"],
+            f"adapter_run={empty} (train_adapter) has no committed checkpoint",
+        ),
         ([f"adapter_run={'0' * 32}", f"vocoder_run={ids['vocoder']}"], f"adapter_run={'0' * 32}: run not found"),
         ([f"vocoder_run={ids['vocoder']}"], "finetune_vocoder needs adapter_run="),
     ]
@@ -293,8 +370,11 @@ def test_the_mel_of_the_losses_is_torchaudios_centred_mel_bit_for_bit():
 
     from pipeline.models.hifigan import CenteredMelSpectrogram
 
-    kwargs = dict(sample_rate=22050, win_length=1024, hop_length=256, n_mels=80, power=1.0, norm="slaney",
-                  mel_scale="slaney")
+    kwargs = dict(
+        sample_rate=22050, win_length=1024, hop_length=256, n_mels=80, power=1.0, norm="slaney", mel_scale="slaney"
+    )
     wave = torch.randn(2, 11025)
-    assert torch.equal(CenteredMelSpectrogram(n_fft=1024, **kwargs)(wave),
-                       torchaudio.transforms.MelSpectrogram(n_fft=1024, **kwargs)(wave))
+    assert torch.equal(
+        CenteredMelSpectrogram(n_fft=1024, **kwargs)(wave),
+        torchaudio.transforms.MelSpectrogram(n_fft=1024, **kwargs)(wave),
+    )

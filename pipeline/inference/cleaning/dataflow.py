@@ -35,8 +35,15 @@ from pipeline.inference.cleaning.sources import is_transient, join, read_bytes, 
 log = logging.getLogger(__name__)
 
 SCORE_RATE = 16000  # DNSMOS and the speaker encoder
-SCORES = ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "input_dnsmos_sig", "input_dnsmos_bak", "input_dnsmos_ovrl",
-          "speaker_similarity")
+SCORES = (
+    "dnsmos_sig",
+    "dnsmos_bak",
+    "dnsmos_ovrl",
+    "input_dnsmos_sig",
+    "input_dnsmos_bak",
+    "input_dnsmos_ovrl",
+    "speaker_similarity",
+)
 OK = ""  # the status of a row still on its way; a final status is restored, skipped: ..., failed: ... or RETRYABLE ...
 RETRYABLE = "failed (retryable): "  # a passing failure (storage, network, memory): a resume does the input again
 OUTPUT_EXISTS = "skipped: output exists (overwrite=true replaces it)"  # it was there before the job started
@@ -58,16 +65,30 @@ def write_failure(target: str, err: OSError) -> str:
 
 
 def _row(unit: dict, item_id: str, source: str, output: str) -> dict:
-    return {"id": item_id, "source": source, "output": output, "status": OK, "seconds": 0.0, "input_rate": 0,
-            "input_channels": 0, "samples": 0, "audio": b""}
+    return {
+        "id": item_id,
+        "source": source,
+        "output": output,
+        "status": OK,
+        "seconds": 0.0,
+        "input_rate": 0,
+        "input_channels": 0,
+        "samples": 0,
+        "audio": b"",
+    }
 
 
 def _with_audio(row: dict, audio: torch.Tensor, rate: int, rate_in: int) -> dict:
     from pipeline.inference.requests import resample
 
     channels = torch.stack([resample(c.float(), rate, rate_in) for c in audio])
-    row.update(seconds=audio.shape[-1] / rate, input_rate=rate, input_channels=int(audio.shape[0]),
-               samples=int(channels.shape[-1]), audio=channels.contiguous().numpy().tobytes())
+    row.update(
+        seconds=audio.shape[-1] / rate,
+        input_rate=rate,
+        input_channels=int(audio.shape[0]),
+        samples=int(channels.shape[-1]),
+        audio=channels.contiguous().numpy().tobytes(),
+    )
     return row
 
 
@@ -133,9 +154,14 @@ class Restorer:
                 (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / name).write_bytes(data)
             self.chain = RestorationChain.from_checkpoints(
-                Path(tmp) / "adapter", Path(tmp) / "vocoder", Precision.from_config(options["device"], options["precision"]),
-                ssl_weights=options.get("ssl_weights") or None, chunk_seconds=options["chunk_seconds"],
-                context_seconds=options["context_seconds"], fade_seconds=options["fade_seconds"])
+                Path(tmp) / "adapter",
+                Path(tmp) / "vocoder",
+                Precision.from_config(options["device"], options["precision"]),
+                ssl_weights=options.get("ssl_weights") or None,
+                chunk_seconds=options["chunk_seconds"],
+                context_seconds=options["context_seconds"],
+                fade_seconds=options["fade_seconds"],
+            )
         self.max_batch = int(options["batch_size"])
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -149,7 +175,7 @@ class Restorer:
         out, i = [], 0
         for row in rows:
             n = int(row["input_channels"])
-            out.append(torch.stack(restored[i:i + n]).numpy().astype(np.float32))
+            out.append(torch.stack(restored[i : i + n]).numpy().astype(np.float32))
             i += n
         return out, seconds
 
@@ -207,8 +233,11 @@ class Scorer:
             row = batch.iloc[i]
             source = _mono_16k(_audio(row), self.rate_in)
             restored = _mono_16k(_audio(row, "restored"), int(row["output_rate"]))
-            scores = {**dnsmos(restored), **{f"input_{k}": v for k, v in dnsmos(source).items()},
-                      "speaker_similarity": speaker_similarity(self.speaker, source, restored, volume_norm=True)}
+            scores = {
+                **dnsmos(restored),
+                **{f"input_{k}": v for k, v in dnsmos(source).items()},
+                "speaker_similarity": speaker_similarity(self.speaker, source, restored, volume_norm=True),
+            }
             for name, value in scores.items():
                 batch.at[i, name] = value
         return batch.drop(columns=["audio"])

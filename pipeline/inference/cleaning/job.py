@@ -13,10 +13,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -73,8 +73,7 @@ def start_ray(address: str, object_store_mb: int) -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)
     if address and address != "auto":
         check_reachable(address)
-    options = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                   configure_logging=False)
+    options = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if address:
@@ -100,8 +99,12 @@ def start_local_ray(object_store_mb: int, options: dict) -> None:
     with marking(_reaper):
         try:
             # idle task workers kept 60 s (Ray's default: 1 s past num_cpus workers; a new one imports torch again)
-            context = ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_bytes(object_store_mb),
-                               _system_config={"idle_worker_killing_time_threshold_ms": 60_000}, **options)
+            context = ray.init(
+                num_cpus=os.cpu_count(),
+                object_store_memory=object_store_bytes(object_store_mb),
+                _system_config={"idle_worker_killing_time_threshold_ms": 60_000},
+                **options,
+            )
         except BaseException:  # what a failed start left running ends now, not when this process does
             _reaper.release()
             raise
@@ -144,8 +147,12 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def checkpoint_files(adapter_dir: Path, vocoder_dir: Path) -> dict[str, bytes]:
     """The chain's two verified checkpoint directories as bytes, for restore actors on any machine."""
-    return {f"{name}/{p.relative_to(root).as_posix()}": p.read_bytes()
-            for name, root in (("adapter", adapter_dir), ("vocoder", vocoder_dir)) for p in root.rglob("*") if p.is_file()}
+    return {
+        f"{name}/{p.relative_to(root).as_posix()}": p.read_bytes()
+        for name, root in (("adapter", adapter_dir), ("vocoder", vocoder_dir))
+        for p in root.rglob("*")
+        if p.is_file()
+    }
 
 
 def restorer_cpus(s: Settings) -> float:
@@ -158,19 +165,37 @@ def build_dataset(units: list[dict], s: Settings, checkpoints):
 
     decode_tasks = DECODE_TASKS_PER_WORKER["gpu" if s.gpus_per_worker else "cpu"] * s.workers
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 256)))
-    ds = ds.flat_map(dataflow.decode, fn_kwargs={"rate_in": s.rate_in, "suffix": s.suffix}, num_cpus=CPU_PER_TASK,
-                     compute=ray.data.TaskPoolStrategy(size=decode_tasks))
-    ds = ds.map_batches(dataflow.Restorer, fn_constructor_kwargs={"checkpoints": [checkpoints], "options": s.restore},
-                        compute=ray.data.ActorPoolStrategy(size=s.workers), batch_size=s.files_per_batch,
-                        batch_format="pandas", num_cpus=restorer_cpus(s) if not s.gpus_per_worker else None,
-                        num_gpus=s.gpus_per_worker or None)
-    ds = ds.map_batches(dataflow.Scorer, fn_constructor_kwargs={"enabled": s.scores, "rate_in": s.rate_in},
-                        compute=ray.data.ActorPoolStrategy(size=s.score_workers), batch_size=s.files_per_batch,
-                        batch_format="pandas", num_cpus=CPU_PER_SCORER)
-    return ds.map_batches(dataflow.write, fn_kwargs={"output": s.output, "file_format": s.file_format,
-                                                     "subtype": s.subtype},
-                          batch_format="pandas", batch_size=s.files_per_batch, num_cpus=CPU_PER_TASK,
-                          compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS_PER_WORKER * s.workers))
+    ds = ds.flat_map(
+        dataflow.decode,
+        fn_kwargs={"rate_in": s.rate_in, "suffix": s.suffix},
+        num_cpus=CPU_PER_TASK,
+        compute=ray.data.TaskPoolStrategy(size=decode_tasks),
+    )
+    ds = ds.map_batches(
+        dataflow.Restorer,
+        fn_constructor_kwargs={"checkpoints": [checkpoints], "options": s.restore},
+        compute=ray.data.ActorPoolStrategy(size=s.workers),
+        batch_size=s.files_per_batch,
+        batch_format="pandas",
+        num_cpus=restorer_cpus(s) if not s.gpus_per_worker else None,
+        num_gpus=s.gpus_per_worker or None,
+    )
+    ds = ds.map_batches(
+        dataflow.Scorer,
+        fn_constructor_kwargs={"enabled": s.scores, "rate_in": s.rate_in},
+        compute=ray.data.ActorPoolStrategy(size=s.score_workers),
+        batch_size=s.files_per_batch,
+        batch_format="pandas",
+        num_cpus=CPU_PER_SCORER,
+    )
+    return ds.map_batches(
+        dataflow.write,
+        fn_kwargs={"output": s.output, "file_format": s.file_format, "subtype": s.subtype},
+        batch_format="pandas",
+        batch_size=s.files_per_batch,
+        num_cpus=CPU_PER_TASK,
+        compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS_PER_WORKER * s.workers),
+    )
 
 
 @dataclass
@@ -213,18 +238,23 @@ class Tracker:
         hours = pd.to_numeric(restored["seconds"]).sum() / 3600
         wall_hours = (time.monotonic() - self.started) / 3600
         all_restored = table[table["status"] == "restored"]
-        metrics = {"progress/files_done": step, "progress/fraction": step / max(self.total, 1),
-                   "progress/audio_hours_done": pd.to_numeric(all_restored["seconds"]).sum() / 3600,
-                   "progress/failed": int(table["status"].astype(str).str.startswith("failed").sum()),
-                   "progress/skipped": int(table["status"].astype(str).str.startswith("skipped").sum()),
-                   "throughput/audio_hours_per_hour": hours / wall_hours if wall_hours > 0 else 0.0}
+        metrics = {
+            "progress/files_done": step,
+            "progress/fraction": step / max(self.total, 1),
+            "progress/audio_hours_done": pd.to_numeric(all_restored["seconds"]).sum() / 3600,
+            "progress/failed": int(table["status"].astype(str).str.startswith("failed").sum()),
+            "progress/skipped": int(table["status"].astype(str).str.startswith("skipped").sum()),
+            "throughput/audio_hours_per_hour": hours / wall_hours if wall_hours > 0 else 0.0,
+        }
         for i, (_, rows) in enumerate(sorted(restored.groupby("worker"), key=lambda kv: str(kv[0]))):
-            metrics[f"rtf/worker_{i}"] = (pd.to_numeric(rows["restore_seconds"]).sum()
-                                          / max(pd.to_numeric(rows["seconds"]).sum(), 1e-9))
+            metrics[f"rtf/worker_{i}"] = pd.to_numeric(rows["restore_seconds"]).sum() / max(
+                pd.to_numeric(rows["seconds"]).sum(), 1e-9
+            )
         now = int(time.time() * 1000)
         self.fence()
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-        progress = f"{step}/{self.total} inputs ({100 * step / max(self.total, 1):.1f} %), {metrics['progress/audio_hours_done']:.2f} h restored"
+        hours = metrics["progress/audio_hours_done"]
+        progress = f"{step}/{self.total} inputs ({100 * step / max(self.total, 1):.1f} %), {hours:.2f} h restored"
         self.client.set_tag(self.run_id, tag.PROGRESS, progress)
         log.info("%s; %.2f audio hours per hour", progress, metrics["throughput/audio_hours_per_hour"])
 

@@ -13,7 +13,6 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -22,27 +21,55 @@ from pipeline.config import ConfigError
 
 PARTS = "manifest/parts"
 PREEXISTING = "manifest/preexisting.parquet"  # the output's audio files before the job wrote any: never replaced
-COLUMNS = ("id", "source", "output", "status", "seconds", "input_rate", "input_channels", "output_rate",
-           "restore_seconds", "worker", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "input_dnsmos_sig",
-           "input_dnsmos_bak", "input_dnsmos_ovrl", "speaker_similarity")
+COLUMNS = (
+    "id",
+    "source",
+    "output",
+    "status",
+    "seconds",
+    "input_rate",
+    "input_channels",
+    "output_rate",
+    "restore_seconds",
+    "worker",
+    "dnsmos_sig",
+    "dnsmos_bak",
+    "dnsmos_ovrl",
+    "input_dnsmos_sig",
+    "input_dnsmos_bak",
+    "input_dnsmos_ovrl",
+    "speaker_similarity",
+)
 
 
 @dataclass
 class KeepConfig:
     """Thresholds of the ``keep`` column: a row is kept when it was restored and meets every one given."""
 
-    min_sig: Optional[float] = None  # DNSMOS SIG of the restored audio, 1-5
-    min_bak: Optional[float] = None  # DNSMOS BAK of the restored audio, 1-5
-    min_ovrl: Optional[float] = None  # DNSMOS OVRL of the restored audio, 1-5
-    min_speaker_similarity: Optional[float] = None  # cosine of input and restored speaker embeddings, -1-1
-    min_seconds: Optional[float] = None  # duration of the input
-    max_seconds: Optional[float] = None
+    min_sig: float | None = None  # DNSMOS SIG of the restored audio, 1-5
+    min_bak: float | None = None  # DNSMOS BAK of the restored audio, 1-5
+    min_ovrl: float | None = None  # DNSMOS OVRL of the restored audio, 1-5
+    min_speaker_similarity: float | None = None  # cosine of input and restored speaker embeddings, -1-1
+    min_seconds: float | None = None  # duration of the input
+    max_seconds: float | None = None
 
 
-RANGES = {"min_sig": (1.0, 5.0), "min_bak": (1.0, 5.0), "min_ovrl": (1.0, 5.0), "min_speaker_similarity": (-1.0, 1.0),
-          "min_seconds": (0.0, math.inf), "max_seconds": (0.0, math.inf)}
-COLUMN_OF = {"min_sig": "dnsmos_sig", "min_bak": "dnsmos_bak", "min_ovrl": "dnsmos_ovrl",
-             "min_speaker_similarity": "speaker_similarity", "min_seconds": "seconds", "max_seconds": "seconds"}
+RANGES = {
+    "min_sig": (1.0, 5.0),
+    "min_bak": (1.0, 5.0),
+    "min_ovrl": (1.0, 5.0),
+    "min_speaker_similarity": (-1.0, 1.0),
+    "min_seconds": (0.0, math.inf),
+    "max_seconds": (0.0, math.inf),
+}
+COLUMN_OF = {
+    "min_sig": "dnsmos_sig",
+    "min_bak": "dnsmos_bak",
+    "min_ovrl": "dnsmos_ovrl",
+    "min_speaker_similarity": "speaker_similarity",
+    "min_seconds": "seconds",
+    "max_seconds": "seconds",
+}
 
 
 def check_keep(keep: KeepConfig) -> None:
@@ -97,7 +124,7 @@ def commit_preexisting(client: MlflowClient, run_id: str, names: set[str]) -> No
         client.log_artifact(run_id, str(path), str(Path(PREEXISTING).parent))
 
 
-def read_preexisting(client: MlflowClient, run_id: str) -> Optional[set[str]]:
+def read_preexisting(client: MlflowClient, run_id: str) -> set[str] | None:
     """The output names recorded by ``commit_preexisting``; None when the run has no record (it was stopped
     before writing anything, so what exists now is not its own)."""
     from mlflow.artifacts import download_artifacts

@@ -36,9 +36,9 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import psutil
 
@@ -112,8 +112,12 @@ def end(procs: list[psutil.Process], grace_s: float = GRACE_S) -> int:
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
     _signal_all(alive, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=grace_s)
-    log.warning("Ended %d process(es) the job's local Ray left behind (%d of them by SIGKILL): %s", len(procs),
-                len(alive), ", ".join(names))
+    log.warning(
+        "Ended %d process(es) the job's local Ray left behind (%d of them by SIGKILL): %s",
+        len(procs),
+        len(alive),
+        ", ".join(names),
+    )
     return len(procs)
 
 
@@ -151,8 +155,7 @@ def follow(fd: int, driver: int, marker: str) -> tuple[dict[int, psutil.Process]
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     marker, driver_pid, fd = argv[0], int(argv[1]), int(argv[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal is for the driver, not for us
     # the driver's PID names its descendants only while it lives; once it is gone, the marker alone finds them
@@ -184,9 +187,14 @@ class Reaper:
         read_fd, write_fd = os.pipe()  # both close-on-exec; the reaper alone gets the read end
         env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
         try:
-            process = subprocess.Popen([sys.executable, "-m", __name__, marker, str(os.getpid()), str(read_fd)],
-                                       env=env, pass_fds=(read_fd,), stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", __name__, marker, str(os.getpid()), str(read_fd)],
+                env=env,
+                pass_fds=(read_fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         except BaseException:
             os.close(write_fd)
             raise

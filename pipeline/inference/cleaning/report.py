@@ -19,10 +19,14 @@ def summary(table: pd.DataFrame) -> dict[str, float]:
     """The job's headline figures (logged as metrics): counts, audio hours and mean scores of restored rows."""
     status = table["status"].astype(str)
     restored = table[status == "restored"]
-    out = {"files": float(len(table)), "restored": float(len(restored)),
-           "skipped": float(status.str.startswith("skipped").sum()), "failed": float(status.str.startswith("failed").sum()),
-           "kept": float(table["keep"].sum()) if "keep" in table else float(len(restored)),
-           "audio_hours": float(pd.to_numeric(restored["seconds"]).sum() / 3600.0)}
+    out = {
+        "files": float(len(table)),
+        "restored": float(len(restored)),
+        "skipped": float(status.str.startswith("skipped").sum()),
+        "failed": float(status.str.startswith("failed").sum()),
+        "kept": float(table["keep"].sum()) if "keep" in table else float(len(restored)),
+        "audio_hours": float(pd.to_numeric(restored["seconds"]).sum() / 3600.0),
+    }
     for name in SCORES:
         values = pd.to_numeric(restored[name], errors="coerce").dropna()
         if len(values):
@@ -36,8 +40,14 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name in SCORES:
         values = pd.to_numeric(restored[name], errors="coerce").dropna()
-        rows.append({"what": name, "count": len(values), "mean": values.mean() if len(values) else np.nan,
-                     **{f"p{q}": values.quantile(q / 100) if len(values) else np.nan for q in (10, 50, 90)}})
+        rows.append(
+            {
+                "what": name,
+                "count": len(values),
+                "mean": values.mean() if len(values) else np.nan,
+                **{f"p{q}": values.quantile(q / 100) if len(values) else np.nan for q in (10, 50, 90)},
+            }
+        )
     reasons = table["status"].astype(str).str.split(":").str[:2].str.join(":")
     for reason, count in reasons.value_counts().sort_index().items():
         rows.append({"what": f"status {reason}", "count": int(count)})
@@ -110,6 +120,12 @@ def write_page(table: pd.DataFrame, out_dir: Path, title: str, sample: int, lowe
             log.warning("Listening page: cannot read %s (%s)", row["id"], err)
             continue
         info = f"{why}; " + ", ".join(f"{k} {float(row[k]):.2f}" for k in SCORES if pd.notna(row[k]))
-        examples.append(Example(row["id"], audio={"input": source, "restored": restored.numpy().mean(axis=0)},
-                                info=info, rates={"input": rate, "restored": rate_out}))
+        examples.append(
+            Example(
+                row["id"],
+                audio={"input": source, "restored": restored.numpy().mean(axis=0)},
+                info=info,
+                rates={"input": rate, "restored": rate_out},
+            )
+        )
     write_listening_page(out_dir, title, examples, int(table["output_rate"].dropna().iloc[0]) if len(table) else 16000)

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pipeline.common.files import AUDIO_SUFFIXES, UnsafePath, contained, safe_relative
+from pipeline.common.files import AUDIO_SUFFIXES, UnsafePath, safe_relative
 from pipeline.config import ConfigError
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -51,7 +51,7 @@ def is_s3(uri: str) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     return bucket, key
 
 
@@ -61,8 +61,14 @@ def s3_client():
     return client()
 
 
-S3_FINAL = {"NoSuchKey": errno.ENOENT, "NoSuchBucket": errno.ENOENT, "404": errno.ENOENT, "NotFound": errno.ENOENT,
-            "AccessDenied": errno.EACCES, "403": errno.EACCES}  # an S3 error code that is the object's, not the network's
+S3_FINAL = {
+    "NoSuchKey": errno.ENOENT,
+    "NoSuchBucket": errno.ENOENT,
+    "404": errno.ENOENT,
+    "NotFound": errno.ENOENT,
+    "AccessDenied": errno.EACCES,
+    "403": errno.EACCES,
+}  # an S3 error code that is the object's, not the network's
 
 
 def is_transient(err: BaseException | None) -> bool:
@@ -171,7 +177,7 @@ def _segment_regex(segment: str) -> str:
         elif c == "?":
             out.append("[^/]")
         elif close > 0:
-            body = segment[i + 1:close]
+            body = segment[i + 1 : close]
             out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
             i = close
         else:
@@ -208,12 +214,15 @@ def _glob(pattern: str) -> tuple[str, list[str]]:
     root = _glob_root(pattern)
     if is_s3(pattern):
         return root, [k for k in _s3_keys(root + "/") if fnmatch.fnmatch(k, pattern.replace("**/", "*"))]
-    rest = pattern[len(root):].lstrip("/") if root != "." else pattern
+    rest = pattern[len(root) :].lstrip("/") if root != "." else pattern
     regex = _pattern_regex(rest)
     depth = None if "**" in rest else rest.count("/") + 1
     # like glob, a wildcard does not match a hidden name (.partial files, .git)
-    return root, [join(root, name) for name in walk_files(root, depth)
-                  if regex.match(name) and not any(part.startswith(".") for part in name.split("/"))]
+    return root, [
+        join(root, name)
+        for name in walk_files(root, depth)
+        if regex.match(name) and not any(part.startswith(".") for part in name.split("/"))
+    ]
 
 
 def _from_manifest(uri: str) -> tuple[str, list[tuple[str, str]]]:
@@ -254,8 +263,11 @@ def _shards(root: str) -> list[Unit] | None:
         return None
     try:
         splits = json.loads(read_bytes(manifest))["splits"]
-        return [Unit("shard", root, info["name"], sha256=info["sha256"], samples=int(info.get("samples", 0))) for split in sorted(splits)
-                for info in splits[split]["shards"]]
+        return [
+            Unit("shard", root, info["name"], sha256=info["sha256"], samples=int(info.get("samples", 0)))
+            for split in sorted(splits)
+            for info in splits[split]["shards"]
+        ]
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"{manifest} is not a shard manifest of prepare_data: {err}") from err
 
@@ -274,8 +286,13 @@ def output_name(item_id: str, suffix: str, taken: set[str]) -> str:
 
 def list_units(source: str, suffix: str) -> list[Unit]:
     """Every unit of an input (ConfigError: nothing found, an unreadable manifest, a missing path)."""
-    source = source if is_s3(source) else str(Path(source).expanduser().resolve()) if not any(
-        c in source for c in GLOB_CHARACTERS) else str(Path(source).expanduser())
+    source = (
+        source
+        if is_s3(source)
+        else str(Path(source).expanduser().resolve())
+        if not any(c in source for c in GLOB_CHARACTERS)
+        else str(Path(source).expanduser())
+    )
     if source.lower().endswith(MANIFEST_SUFFIXES):
         if not exists(source):
             raise ConfigError(f"input={source} not found")
@@ -312,9 +329,12 @@ def _file_units(source: str, pairs: list[tuple[str, str]], suffix: str) -> list[
         except UnsafePath as err:
             unsafe.append(f"row {row + 1} ({path}): {err}")
     if unsafe:
-        raise ConfigError(f"input={source}: {len(unsafe)} input(s) would be written outside the output: "
-                          + "; ".join(unsafe[:10]) + ("; ..." if len(unsafe) > 10 else "")
-                          + ". Give every input a relative id without '..'.")
+        raise ConfigError(
+            f"input={source}: {len(unsafe)} input(s) would be written outside the output: "
+            + "; ".join(unsafe[:10])
+            + ("; ..." if len(unsafe) > 10 else "")
+            + ". Give every input a relative id without '..'."
+        )
     return units
 
 
@@ -353,5 +373,7 @@ def check_output(source: str, output: str) -> None:
         out, src = Path(output).expanduser().resolve(), Path(root).expanduser().resolve()
         inside = out == src or src in out.parents
     if inside:
-        raise ConfigError(f"output={output} is inside input={source}; restored files would be mixed with the inputs "
-                          "(and read as inputs next time). Choose a directory or prefix outside it.")
+        raise ConfigError(
+            f"output={output} is inside input={source}; restored files would be mixed with the inputs "
+            "(and read as inputs next time). Choose a directory or prefix outside it."
+        )
