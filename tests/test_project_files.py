@@ -48,5 +48,27 @@ def test_mlproject_entry_points_have_the_documented_parameters():
 def test_ci_runs_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    command = "bash scripts/setup.sh && .venv/bin/python -m pytest -n 2 --dist loadscope"
-    assert command in readme and command in ci
+    # the line under "# 2." in the README's first code block
+    command = readme.split("# 2.")[1].splitlines()[1].strip()
+    assert command.startswith("bash scripts/setup.sh && bash scripts/lint.sh && .venv/bin/python -m pytest")
+    assert command in ci
+
+
+def test_the_lint_gate_fails_on_a_bad_line(tmp_path):
+    """scripts/lint.sh's two commands, with the project's rules, on a file with an unused import and a line
+    formatted by hand: both fail and name the finding (the gate's rules are pyproject.toml's [tool.ruff])."""
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).parent / "ruff"
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nx = {'a':1}\n")
+    config = ["--config", str(REPO / "pyproject.toml")]
+    lint = subprocess.run([ruff, "check", *config, str(bad)], capture_output=True, text=True)
+    assert lint.returncode == 1 and "F401" in lint.stdout, lint.stdout + lint.stderr
+    style = subprocess.run([ruff, "format", "--check", *config, str(bad)], capture_output=True, text=True)
+    assert style.returncode == 1 and "would be reformatted" in style.stdout + style.stderr, style.stdout + style.stderr
+    bad.write_text('x = {"a": 1}\n')
+    assert subprocess.run([ruff, "check", *config, str(bad)], capture_output=True).returncode == 0
+    assert subprocess.run([ruff, "format", "--check", *config, str(bad)], capture_output=True).returncode == 0
+    assert "scripts/lint.sh" in (REPO / ".ci" / "run").read_text()
