@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO, TINY, env_for, read_until
+from helpers import PYTHON, REPO, TINY, env_for, read_until
 from mlflow import MlflowClient
 
 from pipeline.bench.browser import CHROMIUM_ARGS, chromium_path, missing_browser

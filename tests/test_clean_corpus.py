@@ -13,7 +13,7 @@ import pandas as pd
 import psutil
 import pytest
 import soundfile as sf
-from conftest import PYTHON, _free_port, env_for, mlflow_run, snapshot, wait_for
+from helpers import PYTHON, env_for, free_port, mlflow_run, snapshot, wait_for
 from mlflow import MlflowClient
 from scipy.signal import resample_poly
 
@@ -269,7 +269,7 @@ def test_bad_input_gives_one_message_exit_2_and_writes_nothing(chain, tmp_path, 
         "output inside input": ([model, f"input={source}", f"output={source / 'clean'}"], "is inside input"),
         "threshold out of range": ([model, f"input={source}", f"output={out}", "keep.min_ovrl=7"], "out of range"),
         "unreachable Ray": (
-            [model, f"input={source}", f"output={out}", f"ray_address=127.0.0.1:{_free_port()}"],
+            [model, f"input={source}", f"output={out}", f"ray_address=127.0.0.1:{free_port()}"],
             "Cannot reach the Ray cluster",
         ),
         "a training run resumed": ([f"resume_run={chain['adapter']}"], "not a clean_corpus job"),

@@ -15,7 +15,7 @@ import pandas as pd
 import psutil
 import pytest
 import soundfile as sf
-from conftest import PYTHON, env_for, wait_for
+from helpers import PYTHON, env_for, wait_for
 
 from pipeline.data.corpus import read_corpus
 from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
@@ -255,11 +255,11 @@ def two_raylets(tmp_path):
     import shutil
     import tempfile
 
-    from conftest import VENV_BIN, _free_port
+    from helpers import VENV_BIN, free_port
 
     env = {**env_for(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     roots = [tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rn", dir="/tmp")]  # short: sockets
-    port = _free_port()
+    port = free_port()
 
     def ray_start(*args: str) -> None:
         done = subprocess.run(
@@ -278,13 +278,13 @@ def two_raylets(tmp_path):
             "--num-cpus=2",
             f"--temp-dir={roots[0]}",
             "--include-dashboard=false",
-            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
         )
         ray_start(
             f"--address=127.0.0.1:{port}",
             "--num-cpus=2",
             f"--temp-dir={roots[1]}",
-            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
         )
         yield {"address": f"127.0.0.1:{port}", "env": env, "second": roots[1]}
     finally:

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 import soundfile as sf
-from conftest import PYTHON, env_for, wait_for
+from helpers import PYTHON, env_for, wait_for
 from mlflow import MlflowClient
 from test_clean_corpus import FAST, demo
 

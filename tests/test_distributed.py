@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import PYTHON, TINY, all_runs, env_for, loss_history, mlflow_run, read_until, stage_runs, wait_for
+from helpers import PYTHON, TINY, all_runs, env_for, loss_history, mlflow_run, read_until, stage_runs, wait_for
 from mlflow import MlflowClient
 
 from pipeline.data.datasets import ShuffledBatches

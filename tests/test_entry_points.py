@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN, env_for
+from helpers import REPO, VENV_BIN, env_for
 from mlflow.exceptions import ExecutionException
 from mlflow.projects._project_spec import load_project
 

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO, TINY, VENV_BIN, env_for, loss_history
+from helpers import REPO, TINY, VENV_BIN, env_for, loss_history
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow

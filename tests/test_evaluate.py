@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import CHAIN_STEPS, REPO, VENV_BIN, artifact_dir, env_for, snapshot, stage_runs
+from helpers import REPO, VENV_BIN, artifact_dir, env_for, snapshot, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.engine.session import run_stage
 from pipeline.evaluate import run as evaluate
 from pipeline.inference import metrics as M
+from pipeline.ops.soak_clean import CHAIN_STEPS
 
 TINY_ASR = [
     "asr=tiny",

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY, loss_history, stage_runs
+from helpers import TINY, loss_history, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.engine.cli import EXIT_OK
@@ -131,7 +131,7 @@ def test_torchrun_with_one_rank_trains_through_nccl_and_resumes_bit_identical(st
     CUDA tensors), DDP and the rank-aware checkpoint; 4 + 4 steps equal 8 uninterrupted ones."""
     import subprocess
 
-    from conftest import env_for
+    from helpers import env_for
 
     from pipeline.launcher import command
 

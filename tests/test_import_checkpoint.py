@@ -438,7 +438,7 @@ def test_adapters_of_another_encoder_or_without_one_are_refused(store, mhubert, 
 
 @pytest.mark.slow
 def test_mlflow_run_entry_point_imports_into_its_own_run(store, mhubert):
-    from conftest import mlflow_run
+    from helpers import mlflow_run
 
     model, mhubert_dir = mhubert
     adapter_checkpoint(model, store / "checkpoint_199k.pt")

@@ -8,7 +8,7 @@ import subprocess
 
 import psutil
 import pytest
-from conftest import REPO, TINY, VENV_BIN, env_for, loss_history, read_until, stage_runs, wait_for
+from helpers import REPO, TINY, VENV_BIN, env_for, loss_history, read_until, stage_runs, wait_for
 from mlflow import MlflowClient
 
 from pipeline.engine.cli import EXIT_OK

@@ -5,7 +5,7 @@ Scored the way a user draws the learning curve (``evaluate steps=...`` on the pr
 from __future__ import annotations
 
 import pytest
-from conftest import stage_runs
+from helpers import stage_runs
 from mlflow import MlflowClient
 
 from pipeline.engine.cli import EXIT_OK

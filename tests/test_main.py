@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO, all_runs, env_for, stage_runs
+from helpers import PYTHON, REPO, all_runs, env_for, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, artifact_dir
+from helpers import REPO, artifact_dir
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient

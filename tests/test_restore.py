@@ -19,7 +19,7 @@ import psutil
 import pytest
 import soundfile as sf
 import torch
-from conftest import REPO, VENV_BIN, _free_port, env_for, snapshot, wait_for
+from helpers import REPO, VENV_BIN, env_for, free_port, snapshot, wait_for
 from mlflow import MlflowClient
 from scipy.signal import resample_poly
 
@@ -166,7 +166,7 @@ def test_served_chain_restores_requests_and_answers_bad_ones_with_400(chain, tmp
     import mlflow
 
     version = mlflow.register_model(f"runs:/{chain['finetune']}/model", "speech-restoration").version
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             str(Path(VENV_BIN) / "mlflow"),

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import PYTHON, REPO, _free_port, env_for, wait_for
+from helpers import PYTHON, REPO, env_for, free_port, wait_for
 from test_restore import _get, _peak_rss, _post, demo_wave
 
 LIMIT_MB = 1  # the server's --max-body-mb in this test
@@ -23,7 +23,7 @@ def test_the_server_refuses_large_and_non_json_bodies_before_reading_them(chain,
     comes chunked (reading stops at the limit): the server's peak memory grows by a few MB, not by the hundreds
     of MB offered. A text/csv body gets 415 (MLflow's CSV parser would answer with a stack trace). JSON requests
     are restored as by `mlflow models serve`."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as err:
         server = subprocess.Popen(

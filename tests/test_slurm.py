@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PYTHON, REPO, TINY, all_runs, loss_history, wait_for
+from helpers import PYTHON, REPO, TINY, all_runs, loss_history, wait_for
 from mlflow import MlflowClient
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 

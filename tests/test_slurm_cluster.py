@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 from slurm_cluster import REQUEUE_EXIT, SlurmCluster, slurm_cluster  # noqa: F401 (slurm_cluster: the fixture)
 
 pytestmark = pytest.mark.slow

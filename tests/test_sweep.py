@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import optuna
 import pytest
-from conftest import REPO, TINY, all_runs, env_for, loss_history
+from helpers import REPO, TINY, all_runs, env_for, loss_history
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import PYTHON, TINY, loss_history, read_until
+from helpers import PYTHON, TINY, loss_history, read_until
 from mlflow import MlflowClient
 
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import all_runs
+from helpers import all_runs
 from mlflow import MlflowClient
 from torch.utils.data import default_collate
 
@@ -145,7 +145,7 @@ def test_bad_input_is_refused_before_a_run_exists(store, capfd):
 
 
 def _train(*args: str) -> int:
-    from conftest import TINY
+    from helpers import TINY
 
     from pipeline.engine.session import run_stage
     from pipeline.stages.train_adapter import TrainAdapter
@@ -180,7 +180,7 @@ def test_exact_resume_while_reading_shards_with_two_workers(store, shards):
     import subprocess
     import sys
 
-    from conftest import TINY, env_for, loss_history, run_module, stage_runs
+    from helpers import TINY, env_for, loss_history, run_module, stage_runs
 
     args = [
         *TINY,
@@ -221,7 +221,7 @@ def test_exact_resume_while_reading_shards_with_two_workers(store, shards):
 
 
 def test_changing_the_number_of_workers_mid_epoch_on_resume_is_warned_about(store, shards, capfd):
-    from conftest import stage_runs
+    from helpers import stage_runs
 
     args = ["data.root=" + str(shards), "data.num_workers=2", "validation.interval=100", "checkpoint.save_interval=3"]
     assert _train(*args, "trainer.max_steps=3") == EXIT_OK  # stops mid-epoch (12 batches per epoch)

@@ -4,7 +4,7 @@ with a real SQLite tracking store and real signals (the real Slurm is in tests/t
 import signal
 
 import pytest
-from conftest import TINY, loss_history, snapshot, stage_runs
+from helpers import TINY, loss_history, snapshot, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.common import faults

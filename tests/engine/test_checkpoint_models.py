@@ -201,7 +201,7 @@ def test_a_job_killed_between_upload_and_commit_leaves_a_pending_model_that_its_
     import signal
     import subprocess
 
-    from conftest import PYTHON, TINY, env_for, stage_runs
+    from helpers import PYTHON, TINY, env_for, stage_runs
 
     args = [
         *TINY,

@@ -373,7 +373,7 @@ def test_a_nan_or_unreadable_monitored_value_never_ranks_best():
 
 
 def test_index_csv_has_a_fixed_column_order_and_times_the_table_view_shows(store):
-    from conftest import artifact_dir
+    from helpers import artifact_dir
     from mlflow import MlflowClient
 
     from pipeline.engine.checkpointing import CheckpointStore

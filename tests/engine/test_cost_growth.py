@@ -10,7 +10,7 @@ from collections import Counter
 from contextlib import contextmanager
 
 import pytest
-from conftest import TINY, stage_runs
+from helpers import TINY, stage_runs
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 

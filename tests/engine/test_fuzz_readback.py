@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import TINY, artifact_dir, private_store, stage_runs
+from helpers import TINY, artifact_dir, private_store, stage_runs
 from mlflow import MlflowClient
 from test_checkpointing import HISTORY, POLICY, committed_run, resume_and_commit
 

@@ -8,7 +8,7 @@ import sys
 import time
 
 import psutil
-from conftest import wait_for
+from helpers import wait_for
 
 # A stand-in job: it watches its launcher as a stage does and, on SIGTERM, writes a marker and exits.
 JOB = """

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import PYTHON, TINY, env_for, stage_runs
+from helpers import PYTHON, TINY, env_for, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK

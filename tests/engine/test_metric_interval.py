@@ -1,7 +1,7 @@
 """``tracking.metric_interval``: a week-long run logs one point per interval, the mean of its steps, and a job
 stopped in the middle of an interval resumes to the very points of a run that never stopped."""
 
-from conftest import TINY, loss_history, stage_runs
+from helpers import TINY, loss_history, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.common import faults

@@ -10,7 +10,7 @@ import time
 from datetime import datetime
 
 import pytest
-from conftest import PYTHON, TINY, env_for, loss_history, stage_runs
+from helpers import PYTHON, TINY, env_for, loss_history, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.engine.cli import EXIT_OK, EXIT_STORAGE

@@ -5,7 +5,7 @@ import logging
 import sys
 
 import pytest
-from conftest import TINY, loss_history, stage_runs
+from helpers import TINY, loss_history, stage_runs
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 

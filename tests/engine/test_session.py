@@ -1,7 +1,7 @@
 """Planning a job (engine/session.py plan_job): everything is decided and checked before anything is written."""
 
 import pytest
-from conftest import TINY, artifact_dir, snapshot, stage_runs
+from helpers import TINY, artifact_dir, snapshot, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError
@@ -37,7 +37,7 @@ def test_a_plan_resolves_launch_arguments_and_config_and_writes_nothing(store):
 def test_a_latest_checkpoint_with_malformed_meta_falls_back_to_the_previous_one(store, capfd):
     import json
 
-    from conftest import artifact_dir
+    from helpers import artifact_dir
 
     assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2"]) == EXIT_OK
     client = MlflowClient()
@@ -54,7 +54,7 @@ def test_a_latest_checkpoint_with_malformed_meta_falls_back_to_the_previous_one(
 
 def test_a_diverging_job_stops_failed_with_its_checkpoints_finite(store, capfd, monkeypatch):
     import torch
-    from conftest import artifact_dir
+    from helpers import artifact_dir
 
     from pipeline.engine.cli import EXIT_FAILED
 
@@ -93,7 +93,7 @@ def test_a_crash_while_a_snapshot_is_written_leaves_the_previous_checkpoint_late
     import signal
     import subprocess
 
-    from conftest import PYTHON, env_for, loss_history
+    from helpers import PYTHON, env_for, loss_history
 
     args = [*TINY, "trainer.max_steps=6", "checkpoint.save_interval=2", "validation.interval=0"]
     env = {**env_for(store), "PIPELINE_FAULTS": "checkpoint.serialize@2=kill"}
@@ -155,7 +155,7 @@ def test_a_stored_checkpoint_missing_from_the_index_is_indexed_again_on_resume_a
     import csv
     import io
 
-    from conftest import artifact_dir
+    from helpers import artifact_dir
 
     from pipeline.engine.checkpointing import list_checkpoints
 

@@ -5,7 +5,7 @@ import signal
 import time
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 from mlflow import MlflowClient
 
 from pipeline.engine import stopping
@@ -53,7 +53,7 @@ def test_stop_tag_is_noticed_at_the_next_poll(run_id):
 def test_an_abort_in_process_returns_its_exit_code_and_ends_the_run_killed(store, monkeypatch):
     """A second signal aborts the job; run_stage reports it instead of ending the process, so a caller that
     runs trials in its own process (a sweep) stays alive; only the command-line entry exits at once."""
-    from conftest import TINY, stage_runs
+    from helpers import TINY, stage_runs
 
     from pipeline.engine.cli import EXIT_ABORTED
     from pipeline.engine.session import run_stage

@@ -4,7 +4,7 @@ else stops the job cleanly with exit code 4, a message saying what failed, what 
 resume, and nothing half-written left behind."""
 
 import pytest
-from conftest import TINY, artifact_dir, stage_runs
+from helpers import TINY, artifact_dir, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.common import faults

@@ -5,7 +5,7 @@ run whose job died after its last checkpoint. Each ends committed and resumable,
 import signal
 
 import pytest
-from conftest import TINY, loss_history, stage_runs
+from helpers import TINY, loss_history, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.common import faults
@@ -166,7 +166,7 @@ def test_an_artifact_store_that_fails_at_the_end_still_ends_the_run(store, armed
 
 
 def test_a_missing_or_unreadable_latest_step_tag_falls_back_to_what_else_names_the_commit(store, capfd):
-    from conftest import artifact_dir
+    from helpers import artifact_dir
 
     assert (
         run_stage(TrainAdapter, [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2", "validation.interval=0"])

@@ -5,7 +5,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, apply_overrides, compose_config

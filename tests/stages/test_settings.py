@@ -3,7 +3,7 @@ poll loop that never waits) are refused at start-up, on a fresh start and on res
 the key and what to do, and nothing written (session.check_settings with config.check_values, Stage.check_data)."""
 
 import pytest
-from conftest import TINY, all_runs, snapshot, stage_runs
+from helpers import TINY, all_runs, snapshot, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, check_values, compose_config

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     REPO,
     TINY,
     all_runs,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import (
+from helpers import (
     PYTHON,
     REPO,
     VENV_BIN,

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 import yaml
-from conftest import (
+from helpers import (
     REPO,
     VENV_BIN,
     all_runs,

@@ -1,0 +1,220 @@
+"""Helpers the tests share: tiny configs, subprocess runners, readers of a tracking store, and trained stores built
+once per test session (``cached_store``). Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+VENV_BIN = str(Path(PYTHON).parent)
+
+# A job that runs in seconds on a CPU: tiny random encoder, half-second crops, batch of 4.
+TINY = [
+    "ssl=tiny",
+    "batch_size=4",
+    "data.segment_seconds=0.5",
+    "adapter.bottleneck=16",
+    "trainer.log_interval=1",
+    "tracking.system_metrics=false",
+    "tracking.flush_seconds=0.2",
+    "tracking.stop_poll_seconds=0.5",
+]
+
+
+def env_for(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env.pop("MLFLOW_RUN_ID", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_module(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m pipeline.stages.train_adapter ARGS`` in ``workdir``."""
+    return subprocess.run(
+        [PYTHON, "-m", "pipeline.stages.train_adapter", *args],
+        cwd=workdir,
+        env=env_for(workdir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def mlflow_run(
+    workdir: Path, *params: str, timeout: float = 300, entry: str = "train_adapter"
+) -> subprocess.CompletedProcess:
+    """``mlflow run <repo> -e <entry> --env-manager local -P ...`` in ``workdir`` (experiment = entry point)."""
+    cmd = [
+        os.path.join(VENV_BIN, "mlflow"),
+        "run",
+        str(REPO),
+        "-e",
+        entry,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        entry,
+    ]
+    for p in params:
+        cmd += ["-P", p]
+    return subprocess.run(cmd, cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=timeout)
+
+
+def stage_runs(client: MlflowClient, stage: str = "train_adapter"):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.stage = '{stage}'", order_by=["attributes.start_time ASC"])
+
+
+def all_runs(client: MlflowClient):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, "", run_view_type=3)
+
+
+def loss_history(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def wait_for(
+    predicate,
+    timeout: float,
+    interval: float = 0.2,
+    what: str = "condition",
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+):
+    """Poll ``predicate`` until it returns something truthy. With ``proc``, fail as soon as that process
+    has ended; with ``log`` (the file its stderr goes to), a failure shows the log's tail."""
+
+    def fail(why: str):
+        tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+        raise AssertionError(f"{why} waiting for {what}" + (f"; its log ends:\n{tail}" if tail else ""))
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            fail(f"the process exited with code {proc.returncode}")
+        time.sleep(interval)
+    fail(f"timed out after {timeout}s")
+
+
+def free_port() -> int:
+    from pipeline.ops.localserver import free_port
+
+    return free_port()
+
+
+@contextmanager
+def private_store(root: Path):
+    """Work in ``root`` with its own SQLite tracking store while the block runs (module-scoped fixtures;
+    ``store`` is the same for one test)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        yield root
+
+
+def start_stage(workdir: Path, stage: str, *args: str) -> subprocess.Popen:
+    """``python -m pipeline.stages.<stage> ARGS`` in the background, stderr readable line by line."""
+    return subprocess.Popen(
+        [PYTHON, "-m", f"pipeline.stages.{stage}", *args],
+        cwd=workdir,
+        env=env_for(workdir),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def read_until(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    """Read the process's stderr until a line contains ``needle``; the lines read so far."""
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} never appeared:\n{''.join(lines[-30:])}")
+
+
+def artifact_dir(client: MlflowClient, run_id: str) -> Path:
+    from urllib.parse import urlparse
+
+    return Path(urlparse(client.get_run(run_id).info.artifact_uri).path)
+
+
+def snapshot(client: MlflowClient):
+    """Runs with their status, tags, metrics and every artifact file: what bad input must not change."""
+    out = {}
+    for run in all_runs(client):
+        art = artifact_dir(client, run.info.run_id)
+        files = tuple(sorted(str(p.relative_to(art)) for p in art.rglob("*"))) if art.exists() else ()
+        out[run.info.run_id] = (run.info.status, dict(run.data.tags), dict(run.data.metrics), files)
+    return out
+
+
+def _shared_dir(tmp_path_factory) -> Path:
+    """A directory every worker of this test session sees: pytest-xdist's workers share their base's parent."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def cached_store(tmp_path_factory, name: str, key: object, build: Callable[[], dict]) -> tuple[Path, dict]:
+    """A tracking store built once per test session and copied for each caller: ``build()`` runs in an empty
+    directory with its own SQLite store (see ``private_store``) and returns what the callers need to know of it
+    (run IDs: JSON). The first caller of a ``(name, key)`` builds it under a file lock while the other workers
+    wait; every caller then gets its own copy (a directory and ``build``'s answer), so what one test module
+    writes into its store is not seen by another. ``key`` holds everything the build depends on (its overrides)."""
+    digest = hashlib.sha256(json.dumps([name, key], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    built = _shared_dir(tmp_path_factory) / f"store-{name}-{digest}"
+    answer = built / "answer.json"
+    with open(f"{built}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not answer.exists():
+            shutil.rmtree(built, ignore_errors=True)
+            built.mkdir()
+            with private_store(built):
+                info = build()
+            answer.write_text(json.dumps(info))
+    copy = tmp_path_factory.mktemp(name)
+    shutil.copytree(built, copy, symlinks=True, dirs_exist_ok=True)
+    _move_store(copy / "mlflow.db", str(built), str(copy))
+    return copy, json.loads(answer.read_text())
+
+
+def _move_store(db: Path, old: str, new: str) -> None:
+    """Point a copied SQLite tracking store at its new place: every text that names the old directory (artifact
+    locations of experiments, runs and logged models) names the new one."""
+    with sqlite3.connect(db) as con:
+        tables = [row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for column in con.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if column[2].upper() in ("", "TEXT") or "CHAR" in column[2].upper():
+                    name = column[1]
+                    con.execute(
+                        f'UPDATE "{table}" SET "{name}" = REPLACE("{name}", ?, ?) WHERE "{name}" LIKE ?',
+                        (old, new, f"%{old}%"),
+                    )
