@@ -33,7 +33,6 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from pipeline.common import faults
 from pipeline.engine import tags as tag
@@ -48,6 +47,7 @@ from pipeline.engine.checkpoint_files import (
     write_local,
 )
 from pipeline.engine.outage import OUTAGE_LIMIT_S, NotRetried, StorageError, first_line, retry_until
+from pipeline.engine.private_apis import artifact_repository
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class CheckpointStore:
     @property
     def repo(self):
         if self._repo is None:
-            self._repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
+            self._repo = artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
         return self._repo
 
     def save(

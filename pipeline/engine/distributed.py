@@ -30,6 +30,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from pipeline.engine.private_apis import ddp_ignore
+
 log = logging.getLogger(__name__)
 
 # The rendezvous store key under which rank 0 leaves the run ID for a restarted group (per torchrun job).
@@ -110,7 +112,7 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
 
         if ignore:
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
+            ddp_ignore(module, ignore)
         device = next(module.parameters()).device
         return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 

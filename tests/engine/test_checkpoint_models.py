@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 
 from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy
 from pipeline.engine.logged_models import CheckpointModels
-from pipeline.engine.tracking import MetricLogger, start_or_adopt_run
+from pipeline.engine.senders import MetricLogger
+from pipeline.engine.tracking import start_or_adopt_run
 
 NAMES = ("train/loss", "lr", "val/loss")
 

@@ -1,13 +1,14 @@
-"""The run's tags from a background thread (engine/tracking.py TagWriter), against a real tracking store."""
+"""The run's tags and metrics from background threads (engine/senders.py), its description and links into the UI
+(engine/tracking.py), against a real tracking store."""
 
 import json
 import re
 
 from mlflow import MlflowClient
 
+from pipeline.engine.senders import TagWriter
 from pipeline.engine.tracking import (
     RUNS_VIEW_TAG,
-    TagWriter,
     dashboard_hint,
     default_run_name,
     describe_run,
@@ -101,10 +102,10 @@ def test_a_store_slower_than_the_job_is_reported_and_bounds_the_metrics_held_in_
     says what to change; at the limit the training thread waits for the store; every point is stored in order."""
     import threading
 
-    from pipeline.engine import tracking
+    from pipeline.engine import senders
 
-    monkeypatch.setattr(tracking, "BACKLOG_WARN_BATCHES", 3)
-    monkeypatch.setattr(tracking, "BACKLOG_MAX_BATCHES", 6)
+    monkeypatch.setattr(senders, "BACKLOG_WARN_BATCHES", 3)
+    monkeypatch.setattr(senders, "BACKLOG_MAX_BATCHES", 6)
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment("backlog")).info.run_id
     allowed = threading.Semaphore(0)
@@ -114,7 +115,7 @@ def test_a_store_slower_than_the_job_is_reported_and_bounds_the_metrics_held_in_
             allowed.acquire()
             client.log_batch(run_id, metrics=metrics)
 
-    metrics = tracking.MetricLogger(SlowClient(), run_id, flush_seconds=3600)
+    metrics = senders.MetricLogger(SlowClient(), run_id, flush_seconds=3600)
     for step in range(1, 6):  # five batches handed over, none stored yet
         metrics.log({"train/loss": float(step)}, step)
         metrics.flush()

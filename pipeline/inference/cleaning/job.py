@@ -24,6 +24,7 @@ from mlflow.entities import Metric
 from tqdm import tqdm
 
 from pipeline.engine import tags as tag
+from pipeline.engine.private_apis import init_local_ray
 from pipeline.inference.cleaning import dataflow
 from pipeline.inference.cleaning.manifest import as_table, commit_part
 from pipeline.inference.cleaning.reaper import Reaper, marking
@@ -90,8 +91,6 @@ def start_ray(address: str, object_store_mb: int) -> None:
 def start_local_ray(object_store_mb: int, options: dict) -> None:
     """A local Ray whose processes end with this one however it ends (``reaper.py``), its object store sized
     for the job (``AUTO_OBJECT_STORE_MB`` unless ``object_store_mb`` says otherwise)."""
-    import ray
-
     global _reaper
     if _reaper is not None:  # the previous job's Ray is shut down: its reaper ends what it left, and exits
         _reaper.release()
@@ -99,10 +98,10 @@ def start_local_ray(object_store_mb: int, options: dict) -> None:
     with marking(_reaper):
         try:
             # idle task workers kept 60 s (Ray's default: 1 s past num_cpus workers; a new one imports torch again)
-            context = ray.init(
+            context = init_local_ray(
+                idle_worker_seconds=60,
                 num_cpus=os.cpu_count(),
                 object_store_memory=object_store_bytes(object_store_mb),
-                _system_config={"idle_worker_killing_time_threshold_ms": 60_000},
                 **options,
             )
         except BaseException:  # what a failed start left running ends now, not when this process does
