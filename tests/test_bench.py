@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.bench import training
+from pipeline.bench import jobs, training
 
 
 def test_engine_figures_measure_both_sides(store):
@@ -30,7 +30,7 @@ def test_engine_figures_measure_both_sides(store):
 @pytest.mark.slow  # two training processes
 def test_stop_latency_measures_a_signal_and_the_stop_tag_each_ending_the_run_killed(store):
     """The stop times the tests no longer assert (a loaded machine fails a wall-clock limit) are measured here."""
-    figures = training.stop_latency(["ssl=tiny", "batch_size=4", "data.segment_seconds=0.5"], repeats=1)
+    figures = jobs.stop_latency(["ssl=tiny", "batch_size=4", "data.segment_seconds=0.5"], repeats=1)
     assert [f["name"] for f in figures] == ["stop_latency/signal", "stop_latency/tag"]
     for fig in figures:  # _stop_once raised unless the run ended KILLED with a checkpoint
         assert fig["seconds"]["n"] == 1 and fig["value"] > 0 and fig["unit"] == "s"

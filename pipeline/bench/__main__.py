@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from pipeline.bench import cleaning, data, emit, figure, outage, restore, scale, scale_ingest, scale_ui, training
+from pipeline.bench import cleaning, data, emit, figure, jobs, outage, restore, scale, scale_ingest, scale_ui, training
 
 TINY = ["ssl=tiny"]
 SMALL = ["ssl=hubert_base", "ssl.layer=2"]  # random weights: the architecture is what costs
@@ -67,8 +67,8 @@ def cpu_plan() -> list[tuple[str, callable]]:
             )  # targets: 10 and 300 MB
             for label, width in STATE_SIZES.items()
         ],
-        ("resume_latency", partial(training.resume_latency, TINY, pairs=3)),
-        ("stop_latency", partial(training.stop_latency, TINY, repeats=3)),
+        ("resume_latency", partial(jobs.resume_latency, TINY, pairs=3)),
+        ("stop_latency", partial(jobs.stop_latency, TINY, repeats=3)),
         ("metric_throughput", partial(training.metric_throughput, steps=5000, per_step=10)),
         ("outage_recovery", partial(outage.outage_recovery, TINY, outage_s=15, repeats=2)),
         ("data/degradation_speed", partial(data.degradation_speed, repeats=2)),
@@ -90,7 +90,7 @@ def cpu_plan() -> list[tuple[str, callable]]:
         (
             "distributed_step_time/tiny_2_ranks",
             partial(
-                training.distributed_step_time,
+                jobs.distributed_step_time,
                 "train_adapter",
                 TINY,
                 nproc=2,
@@ -189,12 +189,12 @@ def gpu_plan() -> list[tuple[str, callable]]:
                 label="300MB",
             ),
         ),
-        ("resume_latency", partial(training.resume_latency, [*TINY, "trainer.device=cuda"], pairs=3)),
+        ("resume_latency", partial(jobs.resume_latency, [*TINY, "trainer.device=cuda"], pairs=3)),
         # one GPU: nccl with one rank (1 GPU x 2 processes is not possible with nccl) against a plain process
         (
             "distributed_step_time/hubert_base_l6_1_rank",
             partial(
-                training.distributed_step_time,
+                jobs.distributed_step_time,
                 "train_adapter",
                 ["ssl=hubert_base", "ssl.layer=6", "trainer.device=cuda"],
                 nproc=1,

@@ -48,8 +48,8 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.bench import figure, spread
+from pipeline.bench.harness import tracking_store
 from pipeline.bench.restore import speech
-from pipeline.bench.training import tracking_store
 
 log = logging.getLogger(__name__)
 

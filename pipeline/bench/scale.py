@@ -40,8 +40,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from pipeline.bench import emit, figure, spread
+from pipeline.bench.harness import new_run, run_ids, stage_startup, working_in
 from pipeline.bench.history import metric_names, value, write_history
-from pipeline.bench.training import _job, _new_run, _run_ids, working_in
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +78,18 @@ def store(kind: str) -> Iterator[str]:
 
 
 def _trained_run(client: MlflowClient) -> str:
-    before = _run_ids(client)
-    _job([*TINY, "trainer.max_steps=2"], dict(os.environ))
-    return _new_run(client, before)
+    before = run_ids(client)
+    stage_startup([*TINY, "trainer.max_steps=2"], dict(os.environ))
+    return new_run(client, before)
 
 
 def _resumes(run_id: str, first_step: int, repeats: int) -> tuple[list[float], list[float]]:
     """``repeats`` resumes of the run, one step further each; (tracking phases, process start → first step) in s."""
     tracking, total = [], []
     for i in range(repeats):
-        seconds, phases = _job([f"resume_run={run_id}", f"trainer.max_steps={first_step + i}"], dict(os.environ))
+        seconds, phases = stage_startup(
+            [f"resume_run={run_id}", f"trainer.max_steps={first_step + i}"], dict(os.environ)
+        )
         tracking.append(sum(phases.get(name, 0.0) for name in RESUME_PHASES))
         total.append(seconds)
     return tracking, total
