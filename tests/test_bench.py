@@ -60,7 +60,7 @@ def test_the_peak_memory_figure_sums_a_process_family_by_kind():
 
     import psutil
 
-    from pipeline.bench import cleaning
+    from pipeline.bench import cleaning_memory
 
     family = subprocess.Popen(
         [sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '30']); time.sleep(30)"]
@@ -69,7 +69,7 @@ def test_the_peak_memory_figure_sums_a_process_family_by_kind():
         root = psutil.Process(family.pid)
         while not root.children():
             pass
-        pss, rss, kinds, processes = cleaning.memory_sample(root)
+        pss, rss, kinds, processes = cleaning_memory.memory_sample(root)
         assert processes == 2 and set(kinds) == {"driver", "sleep"}
         assert 0 < pss <= rss and abs(sum(kinds.values()) - pss) < 1e-6
     finally:
@@ -77,7 +77,7 @@ def test_the_peak_memory_figure_sums_a_process_family_by_kind():
             child.kill()
         family.kill()
         family.wait()
-    peak = cleaning.Peak(pss_mb=2600.0, rss_mb=4100.0, processes=15, by_process=kinds, samples=10, wall_s=90.0)
-    tiny = cleaning.memory_figure("tiny", peak, target=True, cpus=2)
+    peak = cleaning_memory.Peak(pss_mb=2600.0, rss_mb=4100.0, processes=15, by_process=kinds, samples=10, wall_s=90.0)
+    tiny = cleaning_memory.memory_figure("tiny", peak, target=True, cpus=2)
     assert tiny["name"] == "clean_corpus/peak_memory/tiny" and tiny["met"] is False and tiny["target"] == "≤ 2 GiB"
-    assert "met" not in cleaning.memory_figure("hubert", peak, target=False, cpus=2)
+    assert "met" not in cleaning_memory.memory_figure("hubert", peak, target=False, cpus=2)
