@@ -81,3 +81,22 @@ def test_the_peak_memory_figure_sums_a_process_family_by_kind():
     tiny = cleaning_memory.memory_figure("tiny", peak, target=True, cpus=2)
     assert tiny["name"] == "clean_corpus/peak_memory/tiny" and tiny["met"] is False and tiny["target"] == "≤ 2 GiB"
     assert "met" not in cleaning_memory.memory_figure("hubert", peak, target=False, cpus=2)
+
+
+def test_every_planned_figure_binds_its_arguments_to_its_function():
+    """The presets' plans are tables (pipeline/bench/__main__.py): each row's arguments are ones its function
+    takes, and no name is planned twice (``--figure NAME`` picks a row by it)."""
+    import inspect
+
+    from pipeline.bench.__main__ import PLANS, plan
+
+    assert set(PLANS) == {"cpu", "gpu"}
+    for preset, rows in PLANS.items():
+        names = [name for name, *_ in rows]
+        assert len(names) == len(set(names)), preset
+        for name, measure, args, kwargs in rows:
+            try:
+                inspect.signature(measure).bind(*args, **kwargs)
+            except TypeError as error:
+                pytest.fail(f"{preset} plan, {name}: {error}")
+        assert [name for name, _ in plan(preset)] == names
