@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.bench import training
+from pipeline.bench import jobs, training
 
 
 def test_engine_figures_measure_both_sides(store):
@@ -30,7 +30,7 @@ def test_engine_figures_measure_both_sides(store):
 @pytest.mark.slow  # two training processes
 def test_stop_latency_measures_a_signal_and_the_stop_tag_each_ending_the_run_killed(store):
     """The stop times the tests no longer assert (a loaded machine fails a wall-clock limit) are measured here."""
-    figures = training.stop_latency(["ssl=tiny", "batch_size=4", "data.segment_seconds=0.5"], repeats=1)
+    figures = jobs.stop_latency(["ssl=tiny", "batch_size=4", "data.segment_seconds=0.5"], repeats=1)
     assert [f["name"] for f in figures] == ["stop_latency/signal", "stop_latency/tag"]
     for fig in figures:  # _stop_once raised unless the run ended KILLED with a checkpoint
         assert fig["seconds"]["n"] == 1 and fig["value"] > 0 and fig["unit"] == "s"
@@ -60,7 +60,7 @@ def test_the_peak_memory_figure_sums_a_process_family_by_kind():
 
     import psutil
 
-    from pipeline.bench import cleaning
+    from pipeline.bench import cleaning_memory
 
     family = subprocess.Popen(
         [sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '30']); time.sleep(30)"]
@@ -69,7 +69,7 @@ def test_the_peak_memory_figure_sums_a_process_family_by_kind():
         root = psutil.Process(family.pid)
         while not root.children():
             pass
-        pss, rss, kinds, processes = cleaning.memory_sample(root)
+        pss, rss, kinds, processes = cleaning_memory.memory_sample(root)
         assert processes == 2 and set(kinds) == {"driver", "sleep"}
         assert 0 < pss <= rss and abs(sum(kinds.values()) - pss) < 1e-6
     finally:
@@ -77,7 +77,26 @@ def test_the_peak_memory_figure_sums_a_process_family_by_kind():
             child.kill()
         family.kill()
         family.wait()
-    peak = cleaning.Peak(pss_mb=2600.0, rss_mb=4100.0, processes=15, by_process=kinds, samples=10, wall_s=90.0)
-    tiny = cleaning.memory_figure("tiny", peak, target=True, cpus=2)
+    peak = cleaning_memory.Peak(pss_mb=2600.0, rss_mb=4100.0, processes=15, by_process=kinds, samples=10, wall_s=90.0)
+    tiny = cleaning_memory.memory_figure("tiny", peak, target=True, cpus=2)
     assert tiny["name"] == "clean_corpus/peak_memory/tiny" and tiny["met"] is False and tiny["target"] == "≤ 2 GiB"
-    assert "met" not in cleaning.memory_figure("hubert", peak, target=False, cpus=2)
+    assert "met" not in cleaning_memory.memory_figure("hubert", peak, target=False, cpus=2)
+
+
+def test_every_planned_figure_binds_its_arguments_to_its_function():
+    """The presets' plans are tables (pipeline/bench/__main__.py): each row's arguments are ones its function
+    takes, and no name is planned twice (``--figure NAME`` picks a row by it)."""
+    import inspect
+
+    from pipeline.bench.__main__ import PLANS, plan
+
+    assert set(PLANS) == {"cpu", "gpu"}
+    for preset, rows in PLANS.items():
+        names = [name for name, *_ in rows]
+        assert len(names) == len(set(names)), preset
+        for name, measure, args, kwargs in rows:
+            try:
+                inspect.signature(measure).bind(*args, **kwargs)
+            except TypeError as error:
+                pytest.fail(f"{preset} plan, {name}: {error}")
+        assert [name for name, _ in plan(preset)] == names

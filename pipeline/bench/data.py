@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from pipeline.bench import figure, spread
-from pipeline.bench.training import build_stage, tracking_store
+from pipeline.bench.harness import build_stage, tracking_store
 from pipeline.config import CONFIG_DIR, compose_config
 from pipeline.data.corpus import load_corpus_audio, read_corpus
 from pipeline.data.degrade import OtherUtterances, degrade, sample_rng

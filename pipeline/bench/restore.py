@@ -56,6 +56,8 @@ def restore_figures(
     long_seconds: float = 600.0,
     chunk_seconds: float = 10.0,
 ) -> list[dict[str, Any]]:
+    """``restore_rtf`` over ``seconds`` of speech (median of ``repeats``, after a warm-up), and ``restore_peak_rss``
+    for a file of ``long_seconds`` (none at 0)."""
     torch.manual_seed(0)
     chain = build_chain(ssl, layer, vocoder, device, precision, chunk_seconds)
     setup = {
@@ -87,21 +89,24 @@ def restore_figures(
         )
     ]
     if long_seconds > 0:
-        long = speech(long_seconds, chain.rate_in)
-        before = peak_rss_mb()
-        started = time.perf_counter()
-        out = chain.restore(long, chain.rate_in)
-        elapsed = time.perf_counter() - started
-        figures.append(
-            figure(
-                "restore_peak_rss",
-                peak_rss_mb(),
-                "MiB",
-                f"peak RSS of the process after restoring {long_seconds:g} s",
-                peak_rss_before_mb=round(before, 1),
-                rtf=round(elapsed / long_seconds, 4),
-                waveforms_mb=round((long.numel() + out.numel()) * 4 / 2**20, 1),
-                **setup,
-            )
-        )
+        figures.append(peak_rss_figure(chain, long_seconds, setup))
     return figures
+
+
+def peak_rss_figure(chain: RestorationChain, long_seconds: float, setup: dict[str, Any]) -> dict[str, Any]:
+    """``restore_peak_rss``: the process's peak memory after restoring ``long_seconds`` of speech in one call."""
+    long = speech(long_seconds, chain.rate_in)
+    before = peak_rss_mb()
+    started = time.perf_counter()
+    out = chain.restore(long, chain.rate_in)
+    elapsed = time.perf_counter() - started
+    return figure(
+        "restore_peak_rss",
+        peak_rss_mb(),
+        "MiB",
+        f"peak RSS of the process after restoring {long_seconds:g} s",
+        peak_rss_before_mb=round(before, 1),
+        rtf=round(elapsed / long_seconds, 4),
+        waveforms_mb=round((long.numel() + out.numel()) * 4 / 2**20, 1),
+        **setup,
+    )

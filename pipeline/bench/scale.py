@@ -40,8 +40,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from pipeline.bench import emit, figure, spread
+from pipeline.bench.harness import new_run, run_ids, stage_startup, working_in
 from pipeline.bench.history import metric_names, value, write_history
-from pipeline.bench.training import _job, _new_run, _run_ids, working_in
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +78,18 @@ def store(kind: str) -> Iterator[str]:
 
 
 def _trained_run(client: MlflowClient) -> str:
-    before = _run_ids(client)
-    _job([*TINY, "trainer.max_steps=2"], dict(os.environ))
-    return _new_run(client, before)
+    before = run_ids(client)
+    stage_startup([*TINY, "trainer.max_steps=2"], dict(os.environ))
+    return new_run(client, before)
 
 
 def _resumes(run_id: str, first_step: int, repeats: int) -> tuple[list[float], list[float]]:
     """``repeats`` resumes of the run, one step further each; (tracking phases, process start → first step) in s."""
     tracking, total = [], []
     for i in range(repeats):
-        seconds, phases = _job([f"resume_run={run_id}", f"trainer.max_steps={first_step + i}"], dict(os.environ))
+        seconds, phases = stage_startup(
+            [f"resume_run={run_id}", f"trainer.max_steps={first_step + i}"], dict(os.environ)
+        )
         tracking.append(sum(phases.get(name, 0.0) for name in RESUME_PHASES))
         total.append(seconds)
     return tracking, total
@@ -240,53 +242,17 @@ def commit_vs_history(
 ) -> list[dict[str, Any]]:
     """The time of a real commit with its step's metrics linked to its logged model, after ``size`` steps x
     ``metrics`` metrics of history (a fresh ``kind`` store per size); ``relinked`` commits of the fallback path."""
-    from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy
-    from pipeline.engine.logged_models import CheckpointModels
-    from pipeline.engine.tracking import MetricLogger, start_or_adopt_run
-
-    state = {"model": {"w": torch.randn(256, 256)}, "step": 0}
-    names = metric_names(metrics, "train/m")
     linked: dict[int, list[float]] = {}
     late: dict[int, list[float]] = {}
     for size in sizes:
-        with store(kind) as uri:
-            client = MlflowClient(uri)
-            run_id = start_or_adopt_run(client, experiment="bench-scale", run_name="commits", tags={})
-            write_history(uri, run_id, size, metrics, prefix="train/m")
-            run = client.get_run(run_id)
-            models = CheckpointModels(client, run_id, run.info.experiment_id, "commits", {}, run.data.tags)
-            logger = MetricLogger(client, run_id, flush_seconds=3600.0)
-            checkpoints = CheckpointStore(
-                client,
-                run_id,
-                Path("staging"),
-                RetentionPolicy(3, 0, "val/loss", "min"),
-                on_save=models.link,
-                on_commit=models.committed,
-                on_delete=models.deleted,
-                on_abandon=models.abandoned,
-            )
-            for i in range(window + relinked):
-                step = size + 1 + i
-                logger.log({name: value(step, k) for k, name in enumerate(names)}, step)
-                if i >= window:  # stored before the checkpoint asks: linked by logging them again at the commit
-                    logger.flush(wait=True)
-                row = {"name": f"step-{step:08d}", "step": step, "epoch": 0}
-                started = time.perf_counter()
-                checkpoints.save(
-                    step, {**state, "step": step}, {"step": step, "epoch": 0}, row, flush_metrics=logger.flush
-                )
-                checkpoints.wait()
-                (linked if i < window else late).setdefault(size, []).append(time.perf_counter() - started)
-            checkpoints.close()
-            logger.close()
-            log.info(
-                "%s, %d steps: commits %s s, relinked %s s",
-                kind,
-                size,
-                [round(t, 3) for t in linked[size]],
-                [round(t, 3) for t in late[size]],
-            )
+        linked[size], late[size] = _commits_after_history(kind, size, metrics, window, relinked)
+        log.info(
+            "%s, %d steps: commits %s s, relinked %s s",
+            kind,
+            size,
+            [round(t, 3) for t in linked[size]],
+            [round(t, 3) for t in late[size]],
+        )
     how = (
         f"{kind} store, one run holding size x {metrics} metrics of history: CheckpointStore.save + wait of a 256 KB "
         f"state whose step's {metrics} metrics go through MetricLogger, linked to the checkpoint's logged model in "
@@ -298,6 +264,51 @@ def commit_vs_history(
         f"logging them again (MLflow's duplicate lookup)",
     }
     return _curve(f"scale/commit_vs_history/{kind}", "s", how, linked, extra)
+
+
+def _commits_after_history(
+    kind: str, size: int, metrics: int, window: int, relinked: int
+) -> tuple[list[float], list[float]]:
+    """In a fresh ``kind`` store, a run holding ``size`` steps x ``metrics`` metrics of history: the seconds of
+    ``window`` commits whose step's points are linked when first sent, then of ``relinked`` whose points were
+    stored before the checkpoint asked."""
+    from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy
+    from pipeline.engine.logged_models import CheckpointModels
+    from pipeline.engine.tracking import MetricLogger, start_or_adopt_run
+
+    state = {"model": {"w": torch.randn(256, 256)}, "step": 0}
+    names = metric_names(metrics, "train/m")
+    linked, late = [], []
+    with store(kind) as uri:
+        client = MlflowClient(uri)
+        run_id = start_or_adopt_run(client, experiment="bench-scale", run_name="commits", tags={})
+        write_history(uri, run_id, size, metrics, prefix="train/m")
+        run = client.get_run(run_id)
+        models = CheckpointModels(client, run_id, run.info.experiment_id, "commits", {}, run.data.tags)
+        logger = MetricLogger(client, run_id, flush_seconds=3600.0)
+        checkpoints = CheckpointStore(
+            client,
+            run_id,
+            Path("staging"),
+            RetentionPolicy(3, 0, "val/loss", "min"),
+            on_save=models.link,
+            on_commit=models.committed,
+            on_delete=models.deleted,
+            on_abandon=models.abandoned,
+        )
+        for i in range(window + relinked):
+            step = size + 1 + i
+            logger.log({name: value(step, k) for k, name in enumerate(names)}, step)
+            if i >= window:  # stored before the checkpoint asks: linked by logging them again at the commit
+                logger.flush(wait=True)
+            row = {"name": f"step-{step:08d}", "step": step, "epoch": 0}
+            started = time.perf_counter()
+            checkpoints.save(step, {**state, "step": step}, {"step": step, "epoch": 0}, row, flush_metrics=logger.flush)
+            checkpoints.wait()
+            (linked if i < window else late).append(time.perf_counter() - started)
+        checkpoints.close()
+        logger.close()
+    return linked, late
 
 
 if __name__ == "__main__":  # a quick look at small sizes: python -m pipeline.bench.scale

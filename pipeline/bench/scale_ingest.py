@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,38 @@ log = logging.getLogger(__name__)
 USER = "bench"
 EXPERIMENT = "bench-metric-ingest"
 JOB_TIMEOUT_S = 1800.0  # a job's loop and final flush, backlog included
+
+
+@dataclass(frozen=True)
+class JobLoad:
+    """What each job does: ``steps`` steps, each sleeping ``step_s`` and logging ``metrics`` points through
+    MetricLogger, which sends them every ``flush_seconds``."""
+
+    steps: int
+    metrics: int
+    step_s: float
+    flush_seconds: float
+
+    def argv(self) -> list[str]:
+        """The job process's options (main's)."""
+        return [
+            "--steps",
+            str(self.steps),
+            "--metrics",
+            str(self.metrics),
+            "--step-s",
+            str(self.step_s),
+            "--flush-seconds",
+            str(self.flush_seconds),
+        ]
+
+    def description(self) -> str:
+        return (
+            f"{self.steps} steps x {self.metrics} metrics per job, each step sleeping {self.step_s:g} s (a GPU job's "
+            f"host waits; no CPU burn on a 2-core machine), logged every step through MetricLogger "
+            f"(flush_seconds={self.flush_seconds:g}), jobs as separate processes started together after their imports "
+            "and run creation, against one team server (PostgreSQL + `mlflow server --workers 1` with basic auth)"
+        )
 
 
 def metric_ingest(
@@ -62,12 +95,24 @@ def metric_ingest(
 ) -> list[dict[str, Any]]:
     """Points/s stored and the slowest job's step-time ratio for each number of concurrent jobs, on one team
     server started for the whole figure."""
+    load = JobLoad(steps, metrics, step_s, flush_seconds)
+    sizes = sorted(set(jobs_sizes))
+    by_size = _measure(sizes, load)
+    baseline = by_size[sizes[0]]["step_s"]
+    base_step = sum(baseline) / len(baseline)  # one job at size 1: its own mean step time
+    figures = []
+    for n, size in by_size.items():
+        figures += _size_figures(n, size, load, base_step, sizes[0])
+    figures.append(_summary_figure(by_size, load, base_step))
+    return figures
+
+
+def _measure(sizes: list[int], load: JobLoad) -> dict[int, dict[str, Any]]:
+    """Each size's jobs, one size after another, on one team server started for all of them."""
     from mlflow import MlflowClient
 
-    from pipeline.bench import figure
     from pipeline.ops.teamserver import TeamServer
 
-    sizes = sorted(set(jobs_sizes))
     by_size: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         workdir = Path(tmp)
@@ -78,82 +123,76 @@ def metric_ingest(
                 experiment = MlflowClient(server.uri).create_experiment(EXPERIMENT)
                 auth.grant_user_permission(USER, "experiment", experiment, "EDIT")
             for n in sizes:
-                log.info("metric ingest: %d job(s) x %d steps x %d metrics", n, steps, metrics)
-                by_size[n] = _one_size(
-                    server, workdir, n, steps=steps, metrics=metrics, step_s=step_s, flush_seconds=flush_seconds
-                )
+                log.info("metric ingest: %d job(s) x %d steps x %d metrics", n, load.steps, load.metrics)
+                by_size[n] = _one_size(server, workdir, n, load)
         finally:
             server.stop_all()
+    return by_size
 
-    setup = (
-        f"{steps} steps x {metrics} metrics per job, each step sleeping {step_s:g} s (a GPU job's host "
-        f"waits; no CPU burn on a 2-core machine), logged every step through MetricLogger "
-        f"(flush_seconds={flush_seconds:g}), jobs as separate processes started together after their imports "
-        "and run creation, against one team server (PostgreSQL + `mlflow server --workers 1` with basic auth)"
-    )
-    baseline = by_size[sizes[0]]["step_s"]
-    base_step = sum(baseline) / len(baseline)  # one job at size 1: its own mean step time
-    figures, points_per_s, ratios = [], {}, {}
-    for n, size in by_size.items():
-        points_per_s[str(n)] = round(size["stored"] / size["wall_s"], 1)
-        ratios[str(n)] = round(max(size["step_s"]) / base_step, 4)
-        figures.append(
-            figure(
-                f"scale/metric_ingest/points_per_s/{n}_jobs",
-                size["stored"] / size["wall_s"],
-                "points/s",
-                f"{n} job(s): points stored (counted in PostgreSQL afterwards) ÷ seconds from 'go' until the last "
-                f"job's flush(wait=True) returned; {setup}",
-                jobs=n,
-                stored_points=size["stored"],
-                logged_points=size["logged"],
-                all_stored=size["stored"] == size["logged"] == n * steps * metrics,
-                wall_s=round(size["wall_s"], 3),
-                offered_points_per_s=round(size["offered"], 1),
-                drain_s=round(size["drain_s"], 3),
-                start_skew_s=round(size["start_skew_s"], 3),
-                server_cpu_s=round(size["server_cpu_s"], 2),
-                postgres_cpu_s=round(size["postgres_cpu_s"], 2),
-                jobs_cpu_s=round(size["jobs_cpu_s"], 2),
-                job_warnings=size["job_warnings"],
-            )
-        )
-        figures.append(
-            figure(
-                f"scale/metric_ingest/slowest_step_ratio/{n}_jobs",
-                max(size["step_s"]) / base_step,
-                f"slowest job's step / {sizes[0]}-job step",
-                f"{n} job(s): the slowest job's mean step time (loop wall ÷ steps, any wait in MetricLogger.log "
-                f"included) ÷ the mean step time at {sizes[0]} job(s); {setup}",
-                jobs=n,
-                step_s=_spread(size["step_s"]),
-                baseline_step_s=round(base_step, 6),
-                total_s=_spread(size["total_s"]),
-            )
-        )
-    largest_over_smallest = ratios[str(sizes[-1])] / ratios[str(sizes[0])]
-    figures.append(
+
+def _size_figures(n: int, size: dict[str, Any], load: JobLoad, base_step: float, smallest: int) -> list[dict]:
+    """The points stored per second and the slowest job's step-time ratio of ``n`` jobs."""
+    from pipeline.bench import figure
+
+    return [
         figure(
-            "scale/metric_ingest",
-            largest_over_smallest,
-            f"slowest step ratio, {sizes[-1]} ÷ {sizes[0]} job(s)",
-            f"The per-size figures together; value: the slowest_step_ratio at {sizes[-1]} job(s) ÷ the one at "
-            f"{sizes[0]}; {setup}",
-            points_per_s=points_per_s,
-            slowest_step_ratio=ratios,
-            largest_over_smallest=round(largest_over_smallest, 4),
-            steps=steps,
-            metrics=metrics,
-            step_s=step_s,
-            flush_seconds=flush_seconds,
-        )
+            f"scale/metric_ingest/points_per_s/{n}_jobs",
+            size["stored"] / size["wall_s"],
+            "points/s",
+            f"{n} job(s): points stored (counted in PostgreSQL afterwards) ÷ seconds from 'go' until the last "
+            f"job's flush(wait=True) returned; {load.description()}",
+            jobs=n,
+            stored_points=size["stored"],
+            logged_points=size["logged"],
+            all_stored=size["stored"] == size["logged"] == n * load.steps * load.metrics,
+            wall_s=round(size["wall_s"], 3),
+            offered_points_per_s=round(size["offered"], 1),
+            drain_s=round(size["drain_s"], 3),
+            start_skew_s=round(size["start_skew_s"], 3),
+            server_cpu_s=round(size["server_cpu_s"], 2),
+            postgres_cpu_s=round(size["postgres_cpu_s"], 2),
+            jobs_cpu_s=round(size["jobs_cpu_s"], 2),
+            job_warnings=size["job_warnings"],
+        ),
+        figure(
+            f"scale/metric_ingest/slowest_step_ratio/{n}_jobs",
+            max(size["step_s"]) / base_step,
+            f"slowest job's step / {smallest}-job step",
+            f"{n} job(s): the slowest job's mean step time (loop wall ÷ steps, any wait in MetricLogger.log "
+            f"included) ÷ the mean step time at {smallest} job(s); {load.description()}",
+            jobs=n,
+            step_s=_spread(size["step_s"]),
+            baseline_step_s=round(base_step, 6),
+            total_s=_spread(size["total_s"]),
+        ),
+    ]
+
+
+def _summary_figure(by_size: dict[int, dict[str, Any]], load: JobLoad, base_step: float) -> dict[str, Any]:
+    """``scale/metric_ingest``: the sizes together, valued by the largest size's step ratio over the smallest's."""
+    from pipeline.bench import figure
+
+    sizes = list(by_size)
+    points_per_s = {str(n): round(size["stored"] / size["wall_s"], 1) for n, size in by_size.items()}
+    ratios = {str(n): round(max(size["step_s"]) / base_step, 4) for n, size in by_size.items()}
+    largest_over_smallest = ratios[str(sizes[-1])] / ratios[str(sizes[0])]
+    return figure(
+        "scale/metric_ingest",
+        largest_over_smallest,
+        f"slowest step ratio, {sizes[-1]} ÷ {sizes[0]} job(s)",
+        f"The per-size figures together; value: the slowest_step_ratio at {sizes[-1]} job(s) ÷ the one at "
+        f"{sizes[0]}; {load.description()}",
+        points_per_s=points_per_s,
+        slowest_step_ratio=ratios,
+        largest_over_smallest=round(largest_over_smallest, 4),
+        steps=load.steps,
+        metrics=load.metrics,
+        step_s=load.step_s,
+        flush_seconds=load.flush_seconds,
     )
-    return figures
 
 
-def _one_size(
-    server, workdir: Path, n: int, *, steps: int, metrics: int, step_s: float, flush_seconds: float
-) -> dict[str, Any]:
+def _one_size(server, workdir: Path, n: int, load: JobLoad) -> dict[str, Any]:
     """Start ``n`` jobs, release them together, collect their reports, count what was stored."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AWS_"))}
     env.update(server.trainer_env(USER), PYTHONUNBUFFERED="1")
@@ -161,33 +200,7 @@ def _one_size(
     jobs: list[subprocess.Popen] = []
     try:
         for i, path in enumerate(logs):
-            with open(path, "w") as err:
-                jobs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "pipeline.bench.scale_ingest",
-                            "--job",
-                            "--run-name",
-                            f"{n}-jobs-{i}",
-                            "--steps",
-                            str(steps),
-                            "--metrics",
-                            str(metrics),
-                            "--step-s",
-                            str(step_s),
-                            "--flush-seconds",
-                            str(flush_seconds),
-                        ],
-                        cwd=workdir,
-                        env=env,
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE,
-                        stderr=err,
-                        text=True,
-                    )
-                )
+            jobs.append(_start_job(f"{n}-jobs-{i}", load, workdir, env, path))
         for job, path in zip(jobs, logs):  # every job imported and created its run
             if job.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"a job of {n} failed before the start:\n{_tail(path)}")
@@ -222,12 +235,26 @@ def _one_size(
         "wall_s": max(r["finished_at"] for r in reports) - go_at,
         "drain_s": max(r["finished_at"] for r in reports) - max(r["loop_end_at"] for r in reports),
         "start_skew_s": max(r["started_at"] for r in reports) - go_at,
-        "offered": sum(metrics / s for s in step_times),
+        "offered": sum(load.metrics / s for s in step_times),
         "server_cpu_s": cpu_after["server"] - cpu_before["server"],
         "postgres_cpu_s": cpu_after["postgres"] - cpu_before["postgres"],
         "jobs_cpu_s": sum(r["cpu_s"] for r in reports),
         "job_warnings": warnings,
     }
+
+
+def _start_job(run_name: str, load: JobLoad, workdir: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """One job process (``--job``), its stderr into ``log_path``; it answers on stdout ("ready", then its report)."""
+    with open(log_path, "w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.bench.scale_ingest", "--job", "--run-name", run_name, *load.argv()],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
 
 
 def _stored_points(backend_uri: str, run_ids: list[str]) -> int:

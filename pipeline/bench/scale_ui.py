@@ -69,79 +69,88 @@ def ui_chart_figures(
     if why := missing_browser():
         raise RuntimeError(f"the UI benchmark needs a browser: {why}")
     sizes = [_measure_size(steps, metrics, repeats) for steps in steps_sizes]
-    figures = []
-    for size in sizes:
-        steps, points = size["steps"], size["points"]
-        figures += [
-            figure(
-                f"scale/ui_chart_s/{steps}",
-                statistics.median(size["ui_s"]),
-                "s",
-                f"one run of {steps} steps x {metrics} metrics in a SQLite store behind a local mlflow server; "
-                f"headless chromium opens the run's Model metrics tab, searches the charts for {KEY} and waits "
-                f"until its line is drawn; seconds from navigation, fresh browser context each time, median of "
-                f"{repeats}",
-                points=points,
-                runs=spread(size["ui_s"], 3),
-                drawn_points=size["drawn_points"],
-                history_calls=size["history_calls"],
-                train_loss_calls=size["train_loss_calls"],
-                load_1min=round(size["load_1min"], 2),
-            ),
-            figure(
-                f"scale/full_history_s/{steps}",
-                statistics.median(size["full_s"]),
-                "s",
-                f"GET /api/2.0/mlflow/metrics/get-history for {KEY} (all {steps} points), paged by "
-                f"{GET_METRIC_HISTORY_MAX_RESULTS} as MlflowClient pages it; median of {repeats}",
-                points=size["full_points"],
-                pages=size["full_pages"],
-                runs=spread(size["full_s"], 3),
-            ),
-            figure(
-                f"scale/sampled_history_s/{steps}",
-                statistics.median(size["sampled_s"]),
-                "s",
-                f"GET /ajax-api/2.0/mlflow/metrics/get-history-bulk-interval for {KEY} with max_results="
-                f"{size['max_results']} (what the UI chart asks for); median of {repeats}",
-                points=size["sampled_points"],
-                runs=spread(size["sampled_s"], 3),
-            ),
-        ]
-    largest = sizes[-1]
-    figures.append(
+    figures = [fig for size in sizes for fig in _size_figures(size, metrics, repeats)]
+    figures.append(_store_figure(sizes, metrics))
+    figures.append(_summary_figure(sizes, metrics))
+    return figures
+
+
+def _size_figures(size: dict[str, Any], metrics: int, repeats: int) -> list[dict[str, Any]]:
+    """The chart drawn, the whole history and the sampled history of one size."""
+    steps, points = size["steps"], size["points"]
+    return [
         figure(
-            "scale/store_mb_per_million_points/sqlite",
-            largest["store_mb"] / (largest["points"] / 1e6),
-            "MB",
-            f"size on disk of the SQLite store (file and journal) after writing the history, per 10^6 points "
-            f"(metric rows with their index); at {largest['steps']} steps x {metrics} metrics",
-            per_size={str(s["steps"]): round(s["store_mb"] / (s["points"] / 1e6), 1) for s in sizes},
-            store_mb={str(s["steps"]): round(s["store_mb"], 1) for s in sizes},
-            write_s={str(s["steps"]): round(s["write_s"], 1) for s in sizes},
-        )
+            f"scale/ui_chart_s/{steps}",
+            statistics.median(size["ui_s"]),
+            "s",
+            f"one run of {steps} steps x {metrics} metrics in a SQLite store behind a local mlflow server; "
+            f"headless chromium opens the run's Model metrics tab, searches the charts for {KEY} and waits "
+            f"until its line is drawn; seconds from navigation, fresh browser context each time, median of "
+            f"{repeats}",
+            points=points,
+            runs=spread(size["ui_s"], 3),
+            drawn_points=size["drawn_points"],
+            history_calls=size["history_calls"],
+            train_loss_calls=size["train_loss_calls"],
+            load_1min=round(size["load_1min"], 2),
+        ),
+        figure(
+            f"scale/full_history_s/{steps}",
+            statistics.median(size["full_s"]),
+            "s",
+            f"GET /api/2.0/mlflow/metrics/get-history for {KEY} (all {steps} points), paged by "
+            f"{GET_METRIC_HISTORY_MAX_RESULTS} as MlflowClient pages it; median of {repeats}",
+            points=size["full_points"],
+            pages=size["full_pages"],
+            runs=spread(size["full_s"], 3),
+        ),
+        figure(
+            f"scale/sampled_history_s/{steps}",
+            statistics.median(size["sampled_s"]),
+            "s",
+            f"GET /ajax-api/2.0/mlflow/metrics/get-history-bulk-interval for {KEY} with max_results="
+            f"{size['max_results']} (what the UI chart asks for); median of {repeats}",
+            points=size["sampled_points"],
+            runs=spread(size["sampled_s"], 3),
+        ),
+    ]
+
+
+def _store_figure(sizes: list[dict[str, Any]], metrics: int) -> dict[str, Any]:
+    """``scale/store_mb_per_million_points/sqlite``: the SQLite store's size on disk per 10^6 points."""
+    largest = sizes[-1]
+    return figure(
+        "scale/store_mb_per_million_points/sqlite",
+        largest["store_mb"] / (largest["points"] / 1e6),
+        "MB",
+        f"size on disk of the SQLite store (file and journal) after writing the history, per 10^6 points "
+        f"(metric rows with their index); at {largest['steps']} steps x {metrics} metrics",
+        per_size={str(s["steps"]): round(s["store_mb"] / (s["points"] / 1e6), 1) for s in sizes},
+        store_mb={str(s["steps"]): round(s["store_mb"], 1) for s in sizes},
+        write_s={str(s["steps"]): round(s["write_s"], 1) for s in sizes},
     )
+
+
+def _summary_figure(sizes: list[dict[str, Any]], metrics: int) -> dict[str, Any]:
+    """``scale/ui_chart_s``: the chart at the largest size and its ratio to the smallest."""
+    largest, smallest = sizes[-1], sizes[0]
     ui = {str(s["steps"]): round(statistics.median(s["ui_s"]), 3) for s in sizes}
     full = {str(s["steps"]): round(statistics.median(s["full_s"]), 3) for s in sizes}
-    smallest = sizes[0]
-    figures.append(
-        figure(
-            "scale/ui_chart_s",
-            statistics.median(largest["ui_s"]),
-            "s",
-            f"scale/ui_chart_s at the largest size ({largest['steps']} steps x {metrics} metrics); "
-            f"largest_over_smallest: its ratio to the smallest size ({smallest['steps']} steps); "
-            "full_history_largest_over_smallest: the same ratio for the whole history through get-history, for "
-            "comparison",
-            largest_over_smallest=round(statistics.median(largest["ui_s"]) / statistics.median(smallest["ui_s"]), 2),
-            per_size_s=ui,
-            full_history_per_size_s=full,
-            full_history_largest_over_smallest=round(
-                statistics.median(largest["full_s"]) / statistics.median(smallest["full_s"]), 2
-            ),
-        )
+    return figure(
+        "scale/ui_chart_s",
+        statistics.median(largest["ui_s"]),
+        "s",
+        f"scale/ui_chart_s at the largest size ({largest['steps']} steps x {metrics} metrics); "
+        f"largest_over_smallest: its ratio to the smallest size ({smallest['steps']} steps); "
+        "full_history_largest_over_smallest: the same ratio for the whole history through get-history, for "
+        "comparison",
+        largest_over_smallest=round(statistics.median(largest["ui_s"]) / statistics.median(smallest["ui_s"]), 2),
+        per_size_s=ui,
+        full_history_per_size_s=full,
+        full_history_largest_over_smallest=round(
+            statistics.median(largest["full_s"]) / statistics.median(smallest["full_s"]), 2
+        ),
     )
-    return figures
 
 
 def _measure_size(steps: int, metrics: int, repeats: int) -> dict[str, Any]:
@@ -234,62 +243,71 @@ def _open_chart(browser, url: str) -> tuple[float, int, list[dict[str, Any]]]:
     try:
         page = context.new_page()
         page.set_default_timeout(PAGE_TIMEOUT_MS)
-        calls: list[dict[str, Any]] = []
-        started = time.perf_counter()
-
-        def history_call(request) -> dict[str, Any] | None:
-            parsed = urlparse(request.url)
-            if "/metrics/get-history" not in parsed.path:
-                return None
-            query = parse_qs(parsed.query)
-            return {
-                "endpoint": parsed.path.rsplit("/", 1)[-1],
-                "metric_key": query.get("metric_key", [""])[0],
-                "max_results": int(query["max_results"][0]) if "max_results" in query else None,
-            }
-
-        def on_finished(request) -> None:
-            if (call := history_call(request)) is None:
-                return
-            response = request.response()
-            body = response.json() if response.ok else {}
-            calls.append(
-                {
-                    **call,
-                    "points": len(body.get("metrics", [])),
-                    "status": response.status,
-                    "request_s": round(request.timing["responseEnd"] / 1000, 3),  # sent to fully received
-                    "done_at_s": round(time.perf_counter() - started, 3),
-                }
-            )  # since navigation
-
-        def on_failed(request) -> None:  # e.g. the charts of the first screen, dropped when the search hides them
-            if (call := history_call(request)) is not None:
-                calls.append(
-                    {
-                        **call,
-                        "points": 0,
-                        "status": None,
-                        "failure": request.failure,
-                        "done_at_s": round(time.perf_counter() - started, 3),
-                    }
-                )
-
+        calls = _HistoryCalls()  # times from here
+        on_finished, on_failed = calls.finished, calls.failed
         page.on("requestfinished", on_finished)
         page.on("requestfailed", on_failed)
         page.goto(url)
         page.get_by_placeholder("Search metric charts").fill(KEY)  # waits until the chart search can be typed into
         drawn = page.wait_for_function(CHART_DRAWN, arg=KEY, polling=50).json_value()
         for _ in range(500):  # the request's finished event may come after the drawing
-            if any(c["metric_key"] == KEY and c["status"] for c in calls):
+            if any(c["metric_key"] == KEY and c["status"] for c in calls.calls):
                 break
             page.wait_for_timeout(20)
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - calls.started
         page.remove_listener("requestfinished", on_finished)
         page.remove_listener("requestfailed", on_failed)
-        return seconds, drawn, calls
+        return seconds, drawn, calls.calls
     finally:
         context.close()
+
+
+class _HistoryCalls:
+    """The metric-history calls a page makes, recorded as they finish or fail, timed from the recorder's making."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    def finished(self, request) -> None:
+        if (call := _history_call(request)) is None:
+            return
+        response = request.response()
+        body = response.json() if response.ok else {}
+        self.calls.append(
+            {
+                **call,
+                "points": len(body.get("metrics", [])),
+                "status": response.status,
+                "request_s": round(request.timing["responseEnd"] / 1000, 3),  # sent to fully received
+                "done_at_s": round(time.perf_counter() - self.started, 3),
+            }
+        )  # since navigation
+
+    def failed(self, request) -> None:  # e.g. the charts of the first screen, dropped when the search hides them
+        if (call := _history_call(request)) is not None:
+            self.calls.append(
+                {
+                    **call,
+                    "points": 0,
+                    "status": None,
+                    "failure": request.failure,
+                    "done_at_s": round(time.perf_counter() - self.started, 3),
+                }
+            )
+
+
+def _history_call(request) -> dict[str, Any] | None:
+    """A metric-history request's endpoint, metric and max_results; None for any other request."""
+    parsed = urlparse(request.url)
+    if "/metrics/get-history" not in parsed.path:
+        return None
+    query = parse_qs(parsed.query)
+    return {
+        "endpoint": parsed.path.rsplit("/", 1)[-1],
+        "metric_key": query.get("metric_key", [""])[0],
+        "max_results": int(query["max_results"][0]) if "max_results" in query else None,
+    }
 
 
 def _max_results(train_loss_calls: list[dict[str, Any]]) -> int:

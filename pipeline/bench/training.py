@@ -1,4 +1,4 @@
-"""What the engine costs: step overhead, checkpoint stall, resume latency and the metric path.
+"""What the engine costs in one process: step overhead, checkpoint stall and the metric path.
 
 Each figure puts the engine next to a reference measured on the same machine at the same time:
 
@@ -7,76 +7,33 @@ Each figure puts the engine next to a reference measured on the same machine at 
   loader, ``training_step`` under the same autocast, its LR schedulers), in interleaved segments;
 - ``checkpoint_stall``: the time the training thread is blocked by ``Engine.save_checkpoint`` against a
   synchronous save + sha256 + upload of the same state, alternating, in one process;
-- ``resume_latency``: process start to the first resumed step against process start to the first
-  fresh step, in interleaved subprocesses, with the breakdown the job logs;
 - ``metric_throughput``: points per second the metric path accepts on the training thread.
+
+What whole job processes cost (resume and stop latency, torchrun) is in jobs.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from mlflow import MlflowClient
 
 from pipeline.bench import figure, spread
+from pipeline.bench.harness import build_stage, engine_stamps, new_run, run_ids, step_time, tracking_store
 from pipeline.engine.checkpoint_files import checkpoint_name, write_local
 from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy
-from pipeline.engine.session import plan_job, run_stage, seed_everything, torch_deterministic
+from pipeline.engine.session import run_stage
 from pipeline.engine.tracking import MetricLogger, start_or_adopt_run
 from pipeline.engine.trainer import Engine
 from pipeline.stages import stage_class
 
 log = logging.getLogger(__name__)
-
-STARTUP_LINE = re.compile(r"Startup: first step (\d+) at ([\d.]+) s after process start \((.*)\)")
-
-
-@contextmanager
-def working_in(workdir: str, tracking_uri: str) -> Iterator[None]:
-    """Work in ``workdir`` (artifacts, checkpoint staging) with ``tracking_uri`` as the store; both back after."""
-    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    os.chdir(workdir)
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    try:
-        yield
-    finally:
-        os.chdir(old_cwd)
-        if old_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_uri
-
-
-@contextmanager
-def tracking_store() -> Iterator[MlflowClient]:
-    """A throwaway SQLite tracking store with its artifacts and checkpoint staging in a temporary directory."""
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, working_in(tmp, f"sqlite:///{tmp}/mlflow.db"):
-        yield MlflowClient()
-
-
-def build_stage(stage_name: str, overrides: list[str], client: MlflowClient):
-    """The stage a job with these overrides trains, built as ``run_stage`` builds it."""
-    stage_cls = stage_class(stage_name)
-    plan = plan_job(stage_cls, overrides, client)
-    if plan.cfg.trainer.deterministic:
-        torch_deterministic()
-    seed_everything(int(plan.cfg.seed))
-    stage = stage_cls(plan.cfg, plan.precision, inputs=plan.inputs, resuming=False)
-    stage.build()
-    return stage
 
 
 def _sync(stage) -> None:
@@ -106,16 +63,6 @@ def bare_loop(stage, steps: int) -> list[float]:
     return stamps
 
 
-def engine_stamps(client: MlflowClient, run_id: str) -> list[float]:
-    """The time of each step of an engine run, from its ``train/loss`` metric timestamps (ms)."""
-    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
-    return [m.timestamp / 1000 for m in history]
-
-
-def step_time(stamps: list[float], warmup: int) -> float:
-    return (stamps[-1] - stamps[warmup]) / (len(stamps) - 1 - warmup)
-
-
 def tracking_overhead(
     stage_name: str, overrides: list[str], *, steps: int, save_every: int, pairs: int, warmup: int, label: str
 ) -> dict[str, Any]:
@@ -141,11 +88,11 @@ def tracking_overhead(
                     samples = int(stage.cfg.batch_size)
                     del stage
                 else:
-                    before = _run_ids(client)
+                    before = run_ids(client)
                     code = run_stage(stage_class(stage_name), job)
                     if code != 0:
                         raise RuntimeError(f"engine run failed with exit code {code}")
-                    run_id = _new_run(client, before)
+                    run_id = new_run(client, before)
                     times[side] = step_time(engine_stamps(client, run_id), warmup)
             engine_times.append(times["engine"])
             bare_times.append(times["bare"])
@@ -168,17 +115,6 @@ def tracking_overhead(
             "bare": round(samples / statistics.median(bare_times), 2),
         },
     )
-
-
-def _run_ids(client: MlflowClient) -> set[str]:
-    return {r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
-
-
-def _new_run(client: MlflowClient, before: set[str]) -> str:
-    new = _run_ids(client) - before
-    if len(new) != 1:
-        raise RuntimeError(f"expected one new run, found {len(new)}")
-    return new.pop()
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,74 +189,6 @@ def _endless_batches(stage) -> Iterator[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# Resume latency
-# --------------------------------------------------------------------------------------------
-
-
-def _job(args: list[str], env: dict[str, str]) -> tuple[float, dict[str, float]]:
-    """Run one stage process; the first step's time after process start and the phases it logged."""
-    out = subprocess.run(
-        [sys.executable, "-m", "pipeline.stages.train_adapter", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"train_adapter {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    found = STARTUP_LINE.search(out.stderr)
-    if not found:
-        raise RuntimeError("the job logged no start-up line")
-    phases = {}
-    for part in found.group(3).split(", "):
-        name, _, seconds = part.rpartition(" ")[0].rpartition(" ")
-        phases[name] = float(seconds)
-    return float(found.group(2)), phases
-
-
-def resume_latency(overrides: list[str], *, pairs: int) -> dict[str, Any]:
-    """Process start → first resumed step ÷ process start → first fresh step, interleaved subprocesses."""
-    fresh_s, resumed_s, fresh_phases, resumed_phases = [], [], [], []
-    with tracking_store() as client:
-        env = dict(os.environ)
-        job = [*overrides, "validation.interval=0", "tracking.log_model=false"]
-        before = _run_ids(client)
-        _job([*job, "trainer.max_steps=2"], env)
-        base = _new_run(client, before)
-        for pair in range(pairs):
-            for side in ("fresh", "resumed") if pair % 2 == 0 else ("resumed", "fresh"):
-                if side == "fresh":
-                    seconds, phases = _job([*job, "trainer.max_steps=1"], env)
-                    fresh_s.append(seconds)
-                    fresh_phases.append(phases)
-                else:  # the common resume: the same run, from its latest checkpoint, one step further each time
-                    seconds, phases = _job([f"resume_run={base}", f"trainer.max_steps={3 + pair}"], env)
-                    resumed_s.append(seconds)
-                    resumed_phases.append(phases)
-    ratios = [r / f for r, f in zip(resumed_s, fresh_s)]
-    value = statistics.median(ratios)
-    return figure(
-        "resume_latency",
-        value,
-        "resumed / fresh",
-        f"train_adapter {' '.join(overrides)}: median over {pairs} interleaved pairs of process start → first step, "
-        "a resume of the same run from its latest checkpoint (resume_run, the run lease's read-back included) against "
-        "a fresh start, each its own process; the breakdown is the median of each phase the job logs (Startup: ...)",
-        target="<= 1.5",
-        met=value <= 1.5,
-        ratio=spread(ratios),
-        fresh_s=spread(fresh_s),
-        resumed_s=spread(resumed_s),
-        fresh_breakdown_s=_median_phases(fresh_phases),
-        resumed_breakdown_s=_median_phases(resumed_phases),
-    )
-
-
-def _median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {name: round(statistics.median(r.get(name, 0.0) for r in runs), 3) for name in runs[0]}
-
-
-# --------------------------------------------------------------------------------------------
 # Metric path
 # --------------------------------------------------------------------------------------------
 
@@ -352,138 +220,3 @@ def metric_throughput(*, steps: int, per_step: int) -> dict[str, Any]:
         stored_points_per_s=round(points / stored, 1),
         stored_check=count == steps,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Several processes (torchrun)
-# --------------------------------------------------------------------------------------------
-
-
-def distributed_step_time(
-    stage_name: str,
-    overrides: list[str],
-    *,
-    nproc: int,
-    batch_size: int,
-    steps: int,
-    pairs: int,
-    warmup: int,
-    label: str,
-) -> dict[str, Any]:
-    """Step time under torchrun (``nproc`` ranks, ``batch_size`` each) ÷ step time of one plain process with
-    the same effective batch, interleaved subprocesses started through ``pipeline.launcher``. ``nproc=1``
-    compares torchrun's one-rank job (process group, DDP) with a plain process at the same batch."""
-    job = [
-        *overrides,
-        f"trainer.max_steps={steps}",
-        "validation.interval=0",
-        f"checkpoint.save_interval={steps}",
-        "tracking.log_model=false",
-        "tracking.system_metrics=false",
-    ]
-    plain_s, ranks_s = [], []
-    with tracking_store() as client:
-        for pair in range(pairs):
-            for side in ("plain", "ranks") if pair % 2 == 0 else ("ranks", "plain"):
-                before = _run_ids(client)
-                size = batch_size * nproc if side == "plain" else batch_size
-                launch = ["--nproc=1"] if side == "plain" else [f"--nproc={nproc}", "--torchrun=--max-restarts=0"]
-                out = subprocess.run(
-                    [sys.executable, "-m", "pipeline.launcher", *launch, stage_name, *job, f"batch_size={size}"],
-                    capture_output=True,
-                    text=True,
-                    timeout=1800,
-                )
-                if out.returncode != 0:
-                    raise RuntimeError(f"{stage_name} ({side}) failed:\n{out.stderr[-3000:]}")
-                seconds = step_time(engine_stamps(client, _new_run(client, before)), warmup)
-                (plain_s if side == "plain" else ranks_s).append(seconds)
-    ratios = [r / p for r, p in zip(ranks_s, plain_s)]
-    value = statistics.median(ratios)
-    return figure(
-        f"distributed_step_time/{label}",
-        value,
-        "torchrun step / one-process step",
-        f"{stage_name} {' '.join(overrides)}: {nproc} rank(s) x batch {batch_size} under torchrun against one plain "
-        f"process with batch {batch_size * nproc}, {steps} steps each, step time from the logged train/loss times "
-        f"after {warmup} warm-up steps, median over {pairs} interleaved pairs",
-        ratio=spread(ratios),
-        torchrun_step_s=spread(ranks_s),
-        plain_step_s=spread(plain_s),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Stop latency
-# --------------------------------------------------------------------------------------------
-
-
-def _stop_once(client: MlflowClient, overrides: list[str], how: str, env: dict[str, str]) -> float:
-    """Start a job, wait for its step 3, ask it to stop (``how``: signal | tag); seconds until the process has ended
-    with its run KILLED and a checkpoint committed."""
-    import signal
-
-    before = _run_ids(client)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.stages.train_adapter",
-            *overrides,
-            "trainer.max_steps=100000",
-            "trainer.log_interval=1",
-            "validation.interval=0",
-            "checkpoint.save_interval=100000",
-            "tracking.log_model=false",
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        for line in proc.stderr:
-            if " step 3/" in line:
-                break
-        else:
-            raise RuntimeError("the job ended before its step 3")
-        asked = time.perf_counter()
-        if how == "signal":
-            proc.send_signal(signal.SIGTERM)
-        else:
-            client.set_tag(_new_run(client, before), "stop_requested", "true")
-        proc.stderr.read()
-        proc.wait(timeout=600)
-        seconds = time.perf_counter() - asked
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    run = client.get_run(_new_run(client, before))
-    if run.info.status != "KILLED" or not run.data.tags.get("checkpoint.latest_step"):
-        raise RuntimeError(f"the stop ({how}) left the run {run.info.status} without a checkpoint")
-    return seconds
-
-
-def stop_latency(overrides: list[str], *, repeats: int) -> list[dict[str, Any]]:
-    """Seconds from a stop request (SIGTERM, or the stop_requested tag at its default 3 s poll) to the job's end:
-    the step finished, a checkpoint committed, the run ended KILLED, the process gone."""
-    out = []
-    with tracking_store() as client:
-        env = dict(os.environ)
-        for how, target in (("signal", 15.0), ("tag", 20.0)):
-            seconds = [_stop_once(client, overrides, how, env) for _ in range(repeats)]
-            value = statistics.median(seconds)
-            out.append(
-                figure(
-                    f"stop_latency/{how}",
-                    value,
-                    "s",
-                    f"train_adapter {' '.join(overrides)}: median over {repeats} jobs of the time from "
-                    + ("SIGTERM" if how == "signal" else "setting the stop_requested tag (polled every 3 s)")
-                    + " after step 3 to the process's end, its checkpoint committed and its run KILLED",
-                    target=f"<= {target:g}",
-                    met=value <= target,
-                    seconds=spread(seconds),
-                )
-            )
-    return out
