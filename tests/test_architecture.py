@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 PACKAGE = ROOT / "pipeline"
 
 # Lowest first. A module may import its own layer's package and any lower layer, never a higher one; the

@@ -5,8 +5,7 @@ import tomllib
 from pathlib import Path
 
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def test_conda_yaml_pins_match_pyproject():

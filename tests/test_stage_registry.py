@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 import pipeline.stages
 from pipeline.config import CONFIG_DIR, compose_config, stage_schema
@@ -23,7 +24,6 @@ from pipeline.config import compose as composition
 from pipeline.engine.launch import parse_launch
 from pipeline.stages import stage_class, training_stages
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH_PARAMETERS = {"overrides", "resume_run", "resume_step", "nproc", "torchrun"}
 
 TOY_MODULE = '''"""toy_stage: a throwaway stage (tests/test_stage_registry.py)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 
 from pipeline.common import faults
 from pipeline.engine.checkpoint_files import (
@@ -19,8 +20,6 @@ from pipeline.engine.checkpoint_files import (
 )
 from pipeline.engine.checkpointing import RetentionPolicy, steps_to_keep
 from pipeline.engine.rng import capture_rng, restore_rng
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_write_verify_load_roundtrip(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import REPO
 
 from pipeline.models import speaker_encoder as se
 from pipeline.models.speaker_encoder import (
@@ -22,7 +23,7 @@ from pipeline.models.speaker_encoder import (
     speaker_similarity,
 )
 
-DEMO = Path(__file__).resolve().parents[2] / "pipeline" / "data" / "demo" / "wavs"
+DEMO = REPO / "pipeline" / "data" / "demo" / "wavs"
 SR = 16000
 
 

@@ -6,8 +6,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 TEST_REF = re.compile(r"(tests/[\w/]+\.py)::(\w+)")
 PATH_REF = re.compile(r"`((?:pipeline|scripts|configs|docs|tests)/[\w./-]*)`")
