@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import cached_store, free_port, private_store, stage_runs
+from helpers import PREPARE_SMALL, cached_store, free_port, private_store, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.ops.soak_clean import CHAIN_STEPS  # the tiny chain's training steps, shared with the cleaning soak
@@ -22,6 +22,16 @@ def store(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def shards(store) -> Path:
+    """A small prepare_data job's shards in the test's store (helpers.PREPARE_SMALL)."""
+    from pipeline.engine.cli import EXIT_OK
+    from pipeline.prepare_data import run_prepare
+
+    assert run_prepare([f"output={store}/shards", *PREPARE_SMALL]) == EXIT_OK
+    return store / "shards"
 
 
 @pytest.fixture

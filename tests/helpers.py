@@ -36,6 +36,43 @@ TINY = [
 ]
 
 
+# The vocoder stages' tiny job: the tiny encoder and HiFi-GAN, half-second crops (finetune_vocoder takes the
+# encoder from its adapter run: VOCODER_COMMON alone).
+VOCODER_COMMON = [
+    "batch_size=4",
+    "data.segment_seconds=0.5",
+    "trainer.log_interval=1",
+    "tracking.system_metrics=false",
+    "tracking.flush_seconds=0.2",
+    "tracking.stop_poll_seconds=0.5",
+]
+TINY_VOCODER = ["ssl=tiny", *VOCODER_COMMON, "vocoder=tiny", "optim.lr=1e-3"]
+VOCODER_TRAIN_KEYS = (
+    "train/loss",
+    "train/adv",
+    "train/fm",
+    "train/mel",
+    "train/d_loss",
+    "train/d_real",
+    "train/d_fake",
+)
+# train_asr in seconds on a CPU: tiny Conformer, 8 training utterances, 2 batches of 4 per epoch.
+TINY_ASR = [
+    "asr=tiny",
+    "batch_size=4",
+    "max_samples=8",
+    "optim.warmup_steps=2",
+    "trainer.log_interval=1",
+    "tracking.system_metrics=false",
+    "tracking.flush_seconds=0.2",
+    "tracking.stop_poll_seconds=0.5",
+]
+# prepare_data's small job: two variants of two examples, shards of 10
+PREPARE_SMALL = ["variants=2", "shard_size=10", "data.val_size=4", "examples=2"]
+DEMO_WAV = REPO / "pipeline" / "data" / "demo" / "wavs" / "DEMO-0001.wav"  # one file of the embedded corpus
+FAKE_RUN_ID = "0123456789abcdef0123456789abcdef"  # well-formed, in no store
+
+
 def env_for(workdir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
@@ -80,6 +117,12 @@ def mlflow_run(
 def stage_runs(client: MlflowClient, stage: str = "train_adapter"):
     experiments = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(experiments, f"tags.stage = '{stage}'", order_by=["attributes.start_time ASC"])
+
+
+def only_run(client: MlflowClient, stage: str) -> str:
+    """The ID of the one run of ``stage`` in the store."""
+    (run,) = stage_runs(client, stage)
+    return run.info.run_id
 
 
 def all_runs(client: MlflowClient):

@@ -10,13 +10,12 @@ arguments", "Malformed override"). One case also goes through a real ``mlflow ru
 from __future__ import annotations
 
 import importlib
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, VENV_BIN, env_for
+from helpers import FAKE_RUN_ID, REPO
 from mlflow.exceptions import ExecutionException
 from mlflow.projects._project_spec import load_project
 
@@ -25,14 +24,13 @@ from pipeline.engine.launch import parse_launch
 from pipeline.stages import stage_class
 
 PROJECT = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
-RUN_ID = "0123456789abcdef0123456789abcdef"
 # What a user would type for a parameter of this name; "overrides" and "options" take one word of the entry's own.
 EXAMPLES = {
-    "run_id": RUN_ID,
-    "resume_run": RUN_ID,
-    "adapter_run": RUN_ID,
-    "vocoder_run": RUN_ID,
-    "asr_run": RUN_ID,
+    "run_id": FAKE_RUN_ID,
+    "resume_run": FAKE_RUN_ID,
+    "adapter_run": FAKE_RUN_ID,
+    "vocoder_run": FAKE_RUN_ID,
+    "asr_run": FAKE_RUN_ID,
     "model_uri": "models:/speech-restoration@champion",
     "resume_step": "100",
     "checkpoint": "latest",
@@ -112,31 +110,3 @@ def test_each_parameter_alone_is_read_as_given_never_as_a_grammar_error(entry, p
         pytest.fail(f"mlflow run -e {entry} {' '.join(f'-P {k}={v}' for k, v in params.items())}: {err}")
     except ConfigError as err:  # the input is refused, by name: e.g. "Give exactly one of run_id=... or model_uri"
         assert not params or any(name in str(err) for name in (*PROJECT[entry].get("parameters", {}), "key")), err
-
-
-@pytest.mark.slow
-def test_mlflow_run_of_evaluate_with_run_id_alone_looks_for_the_run(tmp_path):
-    """The shortest documented form, through a real `mlflow run`: it gets as far as looking the run up."""
-    done = subprocess.run(
-        [
-            os.path.join(VENV_BIN, "mlflow"),
-            "run",
-            str(REPO),
-            "-e",
-            "evaluate",
-            "--env-manager",
-            "local",
-            "--experiment-name",
-            "evaluate",
-            "-P",
-            f"run_id={RUN_ID}",
-        ],
-        cwd=tmp_path,
-        env=env_for(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode != 0
-    assert f"Run {RUN_ID} not found in the tracking store" in done.stderr, done.stderr[-3000:]
-    assert "Expected key=value" not in done.stderr and "Add type hints" not in done.stderr

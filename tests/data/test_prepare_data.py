@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import all_runs
+from helpers import PREPARE_SMALL, all_runs
 from mlflow import MlflowClient
 from torch.utils.data import default_collate
 
@@ -16,18 +16,10 @@ from pipeline.data.shards import MANIFEST, ShardError, ShardPairs, StreamingPair
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.prepare_data import run_prepare
 
-SMALL = ["variants=2", "shard_size=10", "data.val_size=4", "examples=2"]
-
 
 def members(path: Path) -> dict[str, bytes]:
     with tarfile.open(path) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-
-
-@pytest.fixture
-def shards(store) -> Path:
-    assert run_prepare([f"output={store}/shards", *SMALL]) == EXIT_OK
-    return store / "shards"
 
 
 def test_prepare_writes_shards_a_manifest_and_an_mlflow_run(shards):
@@ -56,8 +48,8 @@ def test_prepare_writes_shards_a_manifest_and_an_mlflow_run(shards):
 
 
 def test_same_seed_same_bytes_other_seed_other_degradations(store, shards):
-    assert run_prepare([f"output={store}/again", *SMALL]) == EXIT_OK
-    assert run_prepare([f"output={store}/other", *SMALL, "seed=99"]) == EXIT_OK
+    assert run_prepare([f"output={store}/again", *PREPARE_SMALL]) == EXIT_OK
+    assert run_prepare([f"output={store}/other", *PREPARE_SMALL, "seed=99"]) == EXIT_OK
     for shard in ("train-000000.tar", "train-000006.tar", "val-000000.tar"):
         assert (shards / shard).read_bytes() == (store / "again" / shard).read_bytes()
     same, other = members(shards / "train-000000.tar"), members(store / "other" / "train-000000.tar")
@@ -66,7 +58,7 @@ def test_same_seed_same_bytes_other_seed_other_degradations(store, shards):
 
 
 def test_s3_and_local_manifests_agree(store, s3, shards):
-    assert run_prepare(["output=s3://test-bucket/demo/shards", *SMALL]) == EXIT_OK
+    assert run_prepare(["output=s3://test-bucket/demo/shards", *PREPARE_SMALL]) == EXIT_OK
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="test-bucket", Prefix="demo/shards/")["Contents"])
     assert "demo/shards/manifest.json" in keys and "demo/shards/train-000000.tar" in keys
     remote, local = read_manifest("s3://test-bucket/demo/shards"), read_manifest(str(shards))
@@ -154,7 +146,7 @@ def _train(*args: str) -> int:
 
 
 def test_train_adapter_trains_from_local_and_s3_shards_and_logs_the_dataset(store, s3, shards):
-    assert run_prepare(["output=s3://test-bucket/demo", *SMALL]) == EXIT_OK
+    assert run_prepare(["output=s3://test-bucket/demo", *PREPARE_SMALL]) == EXIT_OK
     for root in (str(shards), "s3://test-bucket/demo"):
         assert (
             _train(f"data.root={root}", "trainer.max_steps=4", "validation.interval=2", "checkpoint.save_interval=4")
@@ -172,52 +164,6 @@ def test_train_adapter_trains_from_local_and_s3_shards_and_logs_the_dataset(stor
         assert dataset_input.dataset.digest in digests
         assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [2, 4]
-
-
-@pytest.mark.slow
-def test_exact_resume_while_reading_shards_with_two_workers(store, shards):
-    import signal
-    import subprocess
-    import sys
-
-    from helpers import TINY, env_for, loss_history, run_module, stage_runs
-
-    args = [
-        *TINY,
-        "data=shards",
-        f"data.root={shards}",
-        "data.num_workers=2",
-        "data.segment_seconds=0.5",
-        "trainer.max_steps=40",
-        "validation.interval=10",
-        "checkpoint.save_interval=15",
-    ]
-    reference = run_module(store, *args)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    client = MlflowClient()
-    (ref,) = stage_runs(client)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.stages.train_adapter", *args],
-        cwd=store,
-        env=env_for(store),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stderr:
-        if "step 19/40" in line:  # mid-epoch (12 batches per epoch with 2 workers), past a checkpoint
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == 3, rest[-3000:]
-    run = next(r for r in stage_runs(client) if r.info.run_id != ref.info.run_id)
-    stopped = int(run.data.tags["checkpoint.latest_step"])
-    assert 19 <= stopped < 40 and stopped % 12 != 0
-    resumed = run_module(store, *args, f"resume_run={run.info.run_id}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got, expected = loss_history(client, run.info.run_id), loss_history(client, ref.info.run_id)
-    assert [s for s, _ in got] == list(range(1, 41))
-    assert got == expected
 
 
 def test_changing_the_number_of_workers_mid_epoch_on_resume_is_warned_about(store, shards, capfd):

@@ -3,30 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 
 import pytest
 import torch
 import yaml
 from helpers import (
     REPO,
-    VENV_BIN,
+    TINY_VOCODER,
+    VOCODER_COMMON,
+    VOCODER_TRAIN_KEYS,
     all_runs,
     artifact_dir,
-    env_for,
     loss_history,
-    read_until,
+    only_run,
     snapshot,
     stage_runs,
-    start_stage,
 )
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from pipeline.config import VocoderConfig, compose_config
-from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.engine.session import run_stage, seed_everything
 from pipeline.engine.stage import Precision
 from pipeline.models.hifigan import VocoderConfigError, build_vocoder, validate_preset
@@ -34,18 +31,6 @@ from pipeline.models.losses import discriminator_loss, generator_loss
 from pipeline.stages.finetune_vocoder import FinetuneVocoder
 from pipeline.stages.pretrain_vocoder import PretrainVocoder
 from pipeline.stages.train_adapter import TrainAdapter
-
-COMMON = [
-    "ssl=tiny",
-    "batch_size=4",
-    "data.segment_seconds=0.5",
-    "trainer.log_interval=1",
-    "tracking.system_metrics=false",
-    "tracking.flush_seconds=0.2",
-    "tracking.stop_poll_seconds=0.5",
-]
-TINY_VOCODER = [*COMMON, "vocoder=tiny", "optim.lr=1e-3"]
-TRAIN_KEYS = ("train/loss", "train/adv", "train/fm", "train/mel", "train/d_loss", "train/d_real", "train/d_fake")
 
 
 def preset(name: str, **changes) -> VocoderConfig:
@@ -61,16 +46,11 @@ def pretrain(*args: str) -> int:
 
 def finetune(*args: str) -> int:
     # no ssl=/vocoder= here: they come from the adapter and vocoder runs
-    return run_stage(FinetuneVocoder, [*COMMON[1:], *args])
+    return run_stage(FinetuneVocoder, [*VOCODER_COMMON, *args])
 
 
 def adapter(*args: str) -> int:
-    return run_stage(TrainAdapter, [*COMMON, "adapter.bottleneck=16", *args])
-
-
-def only_run(client: MlflowClient, stage: str) -> str:
-    (run,) = stage_runs(client, stage)
-    return run.info.run_id
+    return run_stage(TrainAdapter, [*TINY_VOCODER, "adapter.bottleneck=16", *args])
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +179,13 @@ def test_pretrain_run_tracks_both_optimizers_and_keeps_only_trainable_weights(st
     )
     (trained_on,) = run.inputs.dataset_inputs  # the runs table's Dataset column
     assert trained_on.dataset.name == "demo" and trained_on.tags[0].value == "training"
-    for key in (*TRAIN_KEYS, "grad_norm/generator", "grad_norm/discriminator", "lr/generator", "lr/discriminator"):
+    for key in (
+        *VOCODER_TRAIN_KEYS,
+        "grad_norm/generator",
+        "grad_norm/discriminator",
+        "lr/generator",
+        "lr/discriminator",
+    ):
         assert [s for s, _ in loss_history(client, run_id, key)] == [1, 2, 3, 4], key
     assert [s for s, _ in loss_history(client, run_id, "val/mel")] == [4]
     state = torch.load(artifact_dir(client, run_id) / "checkpoints/step-00000004/state.pt", weights_only=True)
@@ -219,47 +205,6 @@ def test_bad_vocoder_preset_is_refused_before_anything_is_written(store, capfd):
     assert pretrain("vocoder.upsample_rates=[8,8,2,2]") == EXIT_BAD_INPUT
     assert "need 320 to reach vocoder.sample_rate=16000" in capfd.readouterr().err
     assert all_runs(MlflowClient()) == []
-
-
-@pytest.mark.slow
-def test_sigterm_then_resume_gives_bit_identical_gan_losses(store):
-    steps = ["trainer.max_steps=16", "checkpoint.save_interval=5", "validation.interval=6", "validation.num_samples=1"]
-    reference = start_stage(store, "pretrain_vocoder", *TINY_VOCODER, *steps)
-    err = reference.stderr.read()
-    assert reference.wait(timeout=300) == EXIT_OK, err[-3000:]
-    client = MlflowClient()
-    ref_id = only_run(client, "pretrain_vocoder")
-
-    proc = start_stage(store, "pretrain_vocoder", *TINY_VOCODER, *steps)
-    read_until(proc, "step 3/16")
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == EXIT_STOPPED, rest[-3000:]
-    run = [r for r in stage_runs(client, "pretrain_vocoder") if r.info.run_id != ref_id][0]
-    stopped_at = int(run.data.tags["checkpoint.latest_step"])
-    assert run.info.status == "KILLED" and 3 <= stopped_at < 16
-
-    cmd = [
-        os.path.join(VENV_BIN, "mlflow"),
-        "run",
-        str(REPO),
-        "-e",
-        "pretrain_vocoder",
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        "pretrain_vocoder",
-        "-P",
-        f"resume_run={run.info.run_id}",
-    ]
-    resumed = subprocess.run(cmd, cwd=store, env=env_for(store), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for key in (*TRAIN_KEYS, "val/mel"):
-        expected = loss_history(client, ref_id, key)
-        assert loss_history(client, run.info.run_id, key) == expected, key  # both optimizers restored exactly
-    assert [s for s, _ in loss_history(client, run.info.run_id, "train/d_loss")] == list(range(1, 17))
-    final = client.get_run(run.info.run_id)
-    assert final.info.status == "FINISHED" and final.data.tags["resume.count"] == "1"
 
 
 # --------------------------------------------------------------------------------------------
