@@ -8,15 +8,39 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import PREPARE_SMALL, cached_store, free_port, private_store, stage_runs
+from helpers import (
+    PREPARE_SMALL,
+    STORE_TEMPLATE_ENV,
+    built_once,
+    cached_store,
+    free_port,
+    private_store,
+    seed_store,
+    stage_runs,
+)
 from mlflow import MlflowClient
 
 from pipeline.ops.soak_clean import CHAIN_STEPS  # the tiny chain's training steps, shared with the cleaning soak
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_store_template(tmp_path_factory):
+    """An empty SQLite tracking store made once per test session, which ``seed_store`` copies into every test's
+    store directory (``store``, ``private_store``, ``env_for``)."""
+    import mlflow
+
+    built, _ = built_once(
+        tmp_path_factory, "empty", mlflow.__version__, lambda: MlflowClient().search_experiments() and {}
+    )
+    os.environ[STORE_TEMPLATE_ENV] = str(built)
+    yield built
+    os.environ.pop(STORE_TEMPLATE_ENV, None)
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> Path:
     """Run in a fresh directory with its own SQLite tracking store; returns the directory."""
+    seed_store(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)

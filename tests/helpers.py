@@ -20,6 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
+STORE_TEMPLATE_ENV = "PIPELINE_TEST_STORE_TEMPLATE"  # the directory of an empty tracking store to copy
 PYTHON = sys.executable
 VENV_BIN = str(Path(PYTHON).parent)
 
@@ -74,6 +75,8 @@ FAKE_RUN_ID = "0123456789abcdef0123456789abcdef"  # well-formed, in no store
 
 
 def env_for(workdir: Path) -> dict[str, str]:
+    """The environment of a process that tracks into ``workdir``'s SQLite store (seeded: ``seed_store``)."""
+    seed_store(workdir)
     env = dict(os.environ)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
@@ -170,6 +173,7 @@ def free_port() -> int:
 def private_store(root: Path):
     """Work in ``root`` with its own SQLite tracking store while the block runs (module-scoped fixtures;
     ``store`` is the same for one test)."""
+    seed_store(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
@@ -225,12 +229,12 @@ def _shared_dir(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-def cached_store(tmp_path_factory, name: str, key: object, build: Callable[[], dict]) -> tuple[Path, dict]:
-    """A tracking store built once per test session and copied for each caller: ``build()`` runs in an empty
-    directory with its own SQLite store (see ``private_store``) and returns what the callers need to know of it
-    (run IDs: JSON). The first caller of a ``(name, key)`` builds it under a file lock while the other workers
-    wait; every caller then gets its own copy (a directory and ``build``'s answer), so what one test module
-    writes into its store is not seen by another. ``key`` holds everything the build depends on (its overrides)."""
+def built_once(tmp_path_factory, name: str, key: object, build: Callable[[], dict]) -> tuple[Path, dict]:
+    """The directory where ``build()`` made a tracking store once per test session, and ``build``'s answer (what
+    the callers need to know of the store, e.g. run IDs: JSON). ``build()`` runs in an empty directory with its
+    own SQLite store (see ``private_store``). The first caller of a ``(name, key)`` builds it under a file lock
+    while pytest-xdist's other workers wait; ``key`` holds everything the build depends on (its overrides).
+    Callers must not write into the directory: ``cached_store`` gives each its own copy."""
     digest = hashlib.sha256(json.dumps([name, key], sort_keys=True, default=str).encode()).hexdigest()[:12]
     built = _shared_dir(tmp_path_factory) / f"store-{name}-{digest}"
     answer = built / "answer.json"
@@ -242,10 +246,27 @@ def cached_store(tmp_path_factory, name: str, key: object, build: Callable[[], d
             with private_store(built):
                 info = build()
             answer.write_text(json.dumps(info))
+    return built, json.loads(answer.read_text())
+
+
+def cached_store(tmp_path_factory, name: str, key: object, build: Callable[[], dict]) -> tuple[Path, dict]:
+    """A tracking store built once per test session (``built_once``) and copied for each caller: a directory of
+    its own and ``build``'s answer, so what one test module writes into its store is not seen by another."""
+    built, answer = built_once(tmp_path_factory, name, key, build)
     copy = tmp_path_factory.mktemp(name)
     shutil.copytree(built, copy, symlinks=True, dirs_exist_ok=True)
     _move_store(copy / "mlflow.db", str(built), str(copy))
-    return copy, json.loads(answer.read_text())
+    return copy, answer
+
+
+def seed_store(directory: Path) -> None:
+    """Give ``directory`` an empty tracking store (``mlflow.db``) copied from the test session's template (conftest's
+    ``empty_store_template``) unless it has one: MLflow creates a new SQLite store's tables with 40-odd schema
+    migrations, seconds per store, where a copy opens in a fraction of a second."""
+    template, db = os.environ.get(STORE_TEMPLATE_ENV), Path(directory) / "mlflow.db"
+    if template and not db.exists():
+        shutil.copy(Path(template) / "mlflow.db", db)
+        _move_store(db, template, str(directory))
 
 
 def _move_store(db: Path, old: str, new: str) -> None:
