@@ -1,18 +1,16 @@
-"""One training job's collaborators, created in a defined order and closed in the reverse one.
+"""The three kinds of training job, each a ``Job`` (engine/collaborators.py: its collaborators closed in the
+reverse order of their creation), and how each ends (engine/outcomes.py).
 
-A ``Job`` owns what a job opens around the engine: the lease and the downloaded checkpoint, the stop
-controller, the metric logger and checkpoint store, the system-metrics monitor, the tag writer and the
-engine. Each closer is pushed on one ``ExitStack`` as its collaborator is created, so the close order is
-the creation order reversed, whatever happens. It is used by rank 0 (``train_in_run``: the run is always
-ended, with its status, progress, description and attempt record), by the other ranks under torchrun
-(``train_other_rank``) and by ``import_checkpoint`` (``record_imported_run``).
+Rank 0 trains in the opened run (``train_in_run``, a ``RunJob``): it adds the lease, the system-metrics monitor
+and the tag writer, and always ends the run, with its status, progress, description and attempt record. The
+other ranks under torchrun train their share with no MLflow (``train_other_rank``); ``import_checkpoint`` has the
+engine write an imported checkpoint into a run of its own (``record_imported_run``).
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +30,9 @@ from pipeline.engine.attempts import (
     start_new_run,
     write_attempt,
 )
-from pipeline.engine.checkpoint_files import checkpoint_name, staging_root
-from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy, download_checkpoint
-from pipeline.engine.distributed import Dist
+from pipeline.engine.checkpoint_files import checkpoint_name
+from pipeline.engine.checkpointing import download_checkpoint
+from pipeline.engine.collaborators import Job
 from pipeline.engine.lease import FencedClient
 from pipeline.engine.logged_models import CheckpointModels
 from pipeline.engine.outage import first_line
@@ -52,11 +50,8 @@ from pipeline.engine.outcomes import (
     outcome_of_stop,
 )
 from pipeline.engine.plan import JobPlan, effective_batch
-from pipeline.engine.resume import ResumePoint, rank_state
 from pipeline.engine.stage import Stage
-from pipeline.engine.stopping import StopController
 from pipeline.engine.tracking import (
-    MetricLogger,
     TagWriter,
     dashboard_hint,
     describe_run,
@@ -78,72 +73,6 @@ class TrainingHooks:
     def on_validation(self, step: int, metrics: dict[str, float]) -> str | None:
         """After each validation; return a reason (e.g. "pruned") to stop like a stop request."""
         return None
-
-
-class Job:
-    """One job's collaborators around the engine, closed in the reverse order of their creation.
-
-    ``with Job(...) as job``: each ``open_*`` method creates a collaborator and pushes its closer on the
-    job's ExitStack; leaving the block closes them, last opened first. ``outcome`` is how the job ended
-    (engine/outcomes.py: the run's status, the exit code).
-    """
-
-    def __init__(self, stage: Stage, run_id: str, client: MlflowClient | None = None):
-        self.stage, self.cfg, self.run_id, self.client = stage, stage.cfg, run_id, client
-        self.stack = ExitStack()
-        self.stopper: StopController | None = None
-        self.metrics: MetricLogger | None = None
-        self.store: CheckpointStore | None = None
-        self.engine: Engine | None = None
-        self.outcome = FAILED
-
-    def __enter__(self) -> Job:
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return self.stack.__exit__(*exc)
-
-    @property
-    def code(self) -> int:
-        return self.outcome.code
-
-    @property
-    def pos(self) -> Position:
-        return self.engine.pos if self.engine is not None else Position()
-
-    def open_stopper(self, poll_seconds: float) -> StopController:
-        """Signals (and, with a client, the stop tag): the handlers stay installed until everything opened
-        after them is closed, so no signal leaves the run RUNNING."""
-        self.stopper = self.stack.enter_context(StopController(self.client, self.run_id, poll_seconds))
-        return self.stopper
-
-    def open_logging(self, **options) -> None:
-        """The metric logger and the checkpoint store (``options``: CheckpointStore's); the metric logger is
-        closed after the store is drained."""
-        cfg = self.cfg
-        policy = RetentionPolicy(
-            cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor, cfg.checkpoint.mode
-        )
-        logged = options.pop("already_logged", None)
-        limit = {"outage_limit_s": options["outage_limit_s"]} if "outage_limit_s" in options else {}
-        self.metrics = MetricLogger(
-            self.client, self.run_id, cfg.tracking.flush_seconds, already_logged=logged, **limit
-        )
-        self.stack.callback(self.metrics.close)
-        self.store = CheckpointStore(
-            self.client, self.run_id, staging_root(cfg.checkpoint.staging_dir), policy, **options
-        )
-
-    def drain(self) -> None:
-        """Wait for the checkpoint uploads and the metrics still queued."""
-        self.store.close()
-        self.metrics.flush(wait=True)
-
-    def restore(self, resume: ResumePoint | None, dist: Dist) -> None:
-        """Load the checkpoint's state into the engine, then let it go: nothing holds it for the whole run."""
-        if resume is not None:
-            self.engine.load_state_dict(rank_state(resume, dist))
-            startup.mark("restore")
 
 
 def train_other_rank(stage: Stage, plan: JobPlan, run_id: str) -> int:
