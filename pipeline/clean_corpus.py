@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -36,8 +36,9 @@ from pipeline.config import ConfigError
 from pipeline.data.audio import AudioError
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpoint_files import CheckpointError
-from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_STORAGE, setup_logging
+from pipeline.engine.cli import setup_logging
 from pipeline.engine.lease import Lease, LeaseHeld
+from pipeline.engine.outcomes import BAD_INPUT, FAILED, FINISHED, STOPPED, STORAGE_FAILED, Outcome
 from pipeline.engine.resume import ResumeError
 from pipeline.engine.stage import Precision
 from pipeline.engine.tracking import start_or_adopt_run
@@ -55,8 +56,6 @@ from pipeline.inference.cleaning.config import (
 )
 from pipeline.inference.cleaning.dataflow import OUTPUT_EXISTS, RETRYABLE
 from pipeline.inference.cleaning.job import (
-    FINISHED,
-    STORAGE_FULL,
     Settings,
     Stop,
     Tracker,
@@ -248,14 +247,14 @@ def run(argv: list[str]) -> int:
         p = prepare(client, argv)
     except (ConfigError, ResumeError, CheckpointError, AudioError, ValueError, OSError) as err:
         log.error("%s", err)
-        return EXIT_BAD_INPUT
+        return BAD_INPUT.code
     if p.cfg.resume_run and client.get_run(p.cfg.resume_run).info.status == "FINISHED":
         log.info(
             "Run %s is finished: nothing to resume (manifest: %s)",
             p.cfg.resume_run,
             sources.join(p.cfg.output, "manifest.parquet"),
         )
-        return EXIT_OK
+        return FINISHED.code
     try:
         start_ray(p.cfg.ray_address, p.cfg.ray_object_store_mb)
     except Exception as err:  # ConnectionError, or Ray's own errors for a bad address
@@ -265,7 +264,7 @@ def run(argv: list[str]) -> int:
             p.cfg.ray_address,
             str(err).splitlines()[0][:300],
         )
-        return EXIT_BAD_INPUT
+        return BAD_INPUT.code
     try:
         s = settings(p.cfg, p.rate_in)
         check_resources(s)
@@ -273,66 +272,32 @@ def run(argv: list[str]) -> int:
     except (ConfigError, LeaseHeld) as err:
         log.error("%s", err)
         stop_ray()
-        return EXIT_BAD_INPUT
+        return BAD_INPUT.code
     return run_job(client, p, s, run_id, lease, attempt, done)
+
+
+@dataclass
+class Ending:
+    """How a cleaning job ended (engine/outcomes.py), the description's first words when not the run's status,
+    and a finished job's summary figures."""
+
+    outcome: Outcome = FAILED
+    headline: str = ""
+    figures: dict[str, float] = field(default_factory=dict)
 
 
 def run_job(
     client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: Lease, attempt: int, done: pd.DataFrame
 ) -> int:
-    import ray
-
-    cfg = p.cfg
+    """Clean in the opened run and end the run as the job ended, unless another job took it over; the exit code."""
     total = sum(u.samples if u.kind == "shard" else 1 for u in p.units)
     tracker = Tracker(client, run_id, attempt, total, done, lease.fence)
     stop = Stop(client, run_id)
-    status, code, results, figures = "FAILED", EXIT_FAILED, "", {}
-    status_text = ""  # the description's first words, when not the status itself
+    ending = Ending()
     try:
-        client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, "RUNNING", f"{len(done)}/{total} inputs", p.metadata))
-        lease.fence()
-        units, decided = pending_units(p.units, done, protected_outputs(client, run_id, cfg))
-        retry = int(done["status"].astype(str).str.startswith(RETRYABLE).sum())
-        log.info(
-            "Cleaning %d inputs (%d done before%s) into %s; run %s",
-            total,
-            len(done) - retry,
-            f", {retry} to try again" if retry else "",
-            cfg.output,
-            run_id,
-        )
-        if len(decided):
-            tracker.add(decided)
-            tracker.commit()
-        client.set_tag(run_id, tag.CLEAN_CLUSTER, cluster_text(s))
-        client.set_tag(run_id, tag.CLEAN_PRECISION, f"{s.restore['device']} / {s.restore['precision']}")
-        outcome = run_pipeline(units, s, ray.put(p.files), tracker, stop)
-        if outcome == FINISHED:
-            figures = finish(client, run_id, p, tracker)
-            results = results_markdown(figures)
-            status, code = "FINISHED", EXIT_OK
-        elif outcome == STORAGE_FULL:
-            status, code = "FAILED", EXIT_STORAGE
-            status_text = "STOPPED: output storage full"
-            log.error(
-                "The output storage is full (%s); the rows in hand are committed. Free space and resume with: "
-                "python -m pipeline.%s resume_run=%s (it redoes every 'failed (retryable)' input)",
-                cfg.output,
-                STAGE,
-                run_id,
-            )
-        else:
-            status, code = "KILLED", EXIT_STOPPED
-            log.warning(
-                "Stopped (%s) with %d of %d inputs done; resume with: python -m pipeline.%s resume_run=%s",
-                stop.by,
-                len(tracker.rows()),
-                total,
-                STAGE,
-                run_id,
-            )
+        ending = clean(client, p, s, run_id, tracker, stop)
     except ManifestUnwritable as err:
-        status, code, status_text = "FAILED", EXIT_STORAGE, "STOPPED: the manifest could not be written"
+        ending = Ending(STORAGE_FAILED, "STOPPED: the manifest could not be written")
         log.error(
             "%s. Every row is committed to the run: free space (or fix the output) and resume with: "
             "python -m pipeline.%s resume_run=%s",
@@ -340,27 +305,79 @@ def run_job(
             STAGE,
             run_id,
         )
-    except KeyboardInterrupt:
-        status, code = "KILLED", EXIT_STOPPED
+    except KeyboardInterrupt:  # a second signal: stopped at once
+        ending = Ending(STOPPED)
     except Exception:
         log.exception("The cleaning job failed; resume with: python -m pipeline.%s resume_run=%s", STAGE, run_id)
     finally:
         stop.restore()
         stop_ray()
         if lease.held:
-            progress = f"{len(tracker.rows())}/{total} inputs"
-            status_text = status_text or ("STOPPED" if status == "KILLED" else status)
-            client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, status_text, progress, p.metadata, results))
-            client.set_terminated(run_id, status)
+            end_run(client, run_id, p, tracker, ending)
         lease.release()
-    if code == EXIT_OK:
+    if ending.outcome is FINISHED:
         log.info(
             "Done: %d of %d inputs restored (%d skipped, %d failed), %d kept, %.3f h of audio. Manifest: %s; run %s",
-            *(figures[k] for k in ("restored", "files", "skipped", "failed", "kept", "audio_hours")),
-            sources.join(cfg.output, "manifest.parquet"),
+            *(ending.figures[k] for k in ("restored", "files", "skipped", "failed", "kept", "audio_hours")),
+            sources.join(p.cfg.output, "manifest.parquet"),
             run_id,
         )
-    return code
+    return ending.outcome.code
+
+
+def clean(client: MlflowClient, p: Prepared, s: Settings, run_id: str, tracker: Tracker, stop: Stop) -> Ending:
+    """The inputs still to do cleaned in the run (the inputs decided without reading them committed first)."""
+    import ray
+
+    cfg, done, total = p.cfg, tracker.done, tracker.total
+    client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, "RUNNING", f"{len(done)}/{total} inputs", p.metadata))
+    tracker.fence()
+    units, decided = pending_units(p.units, done, protected_outputs(client, run_id, cfg))
+    retry = int(done["status"].astype(str).str.startswith(RETRYABLE).sum())
+    log.info(
+        "Cleaning %d inputs (%d done before%s) into %s; run %s",
+        total,
+        len(done) - retry,
+        f", {retry} to try again" if retry else "",
+        cfg.output,
+        run_id,
+    )
+    if len(decided):
+        tracker.add(decided)
+        tracker.commit()
+    client.set_tag(run_id, tag.CLEAN_CLUSTER, cluster_text(s))
+    client.set_tag(run_id, tag.CLEAN_PRECISION, f"{s.restore['device']} / {s.restore['precision']}")
+    outcome = run_pipeline(units, s, ray.put(p.files), tracker, stop)
+    if outcome is FINISHED:
+        return Ending(FINISHED, figures=finish(client, run_id, p, tracker))
+    if outcome is STORAGE_FAILED:
+        log.error(
+            "The output storage is full (%s); the rows in hand are committed. Free space and resume with: "
+            "python -m pipeline.%s resume_run=%s (it redoes every 'failed (retryable)' input)",
+            cfg.output,
+            STAGE,
+            run_id,
+        )
+        return Ending(STORAGE_FAILED, "STOPPED: output storage full")
+    log.warning(
+        "Stopped (%s) with %d of %d inputs done; resume with: python -m pipeline.%s resume_run=%s",
+        stop.by,
+        len(tracker.rows()),
+        total,
+        STAGE,
+        run_id,
+    )
+    return Ending(outcome)
+
+
+def end_run(client: MlflowClient, run_id: str, p: Prepared, tracker: Tracker, ending: Ending) -> None:
+    """The run's description (its first words, the progress, a finished job's results) and its status."""
+    status = ending.outcome.status
+    headline = ending.headline or ("STOPPED" if status == "KILLED" else status)
+    results = results_markdown(ending.figures) if ending.outcome is FINISHED else ""
+    progress = f"{len(tracker.rows())}/{tracker.total} inputs"
+    client.set_tag(run_id, tag.NOTE, describe(p.cfg, run_id, headline, progress, p.metadata, results))
+    client.set_terminated(run_id, status)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """A cleaning job in its MLflow run: its settings from the config and the Ray cluster it joined, the Ray Data
 pipeline run to the end (or to a stop), its rows committed to the run every few seconds, its progress logged by
-step (docs/cleaning.md).
+step, and how it ended (engine/outcomes.py; docs/cleaning.md).
 
 The step of every metric is the number of inputs in the manifest so far, so the charts of a resumed job go
 on where the killed one stopped. Throughput and real-time factors are those of the current attempt.
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError
 from pipeline.engine import tags as tag
+from pipeline.engine.outcomes import FINISHED, STOPPED, STORAGE_FAILED, Outcome
 from pipeline.inference.cleaning import dataflow
 from pipeline.inference.cleaning.config import FORMATS, CleanCorpusConfig
 from pipeline.inference.cleaning.manifest import as_table, commit_part
@@ -365,15 +366,12 @@ class Stop:
             signal.signal(s, handler)
 
 
-FINISHED, STOPPED, STORAGE_FULL = "finished", "stopped", "storage full"  # how run_pipeline ended
-
-
-def run_pipeline(units: list[dict], s: Settings, checkpoints, tracker: Tracker, stop: Stop) -> str:
-    """Run the pipeline over ``units``, committing rows every ``commit_seconds``. FINISHED when it ran to the end;
-    STOPPED on request; STORAGE_FULL at the first row that could not be written for want of space (the rows in
-    hand are committed and no new work is taken: a resume after space is freed does the rest). A signal that
-    comes while the driver waits for a batch ends the wait at once (``StopWaiting``): a long file being restored
-    or a cluster that lost a node does not hold the stop back."""
+def run_pipeline(units: list[dict], s: Settings, checkpoints, tracker: Tracker, stop: Stop) -> Outcome:
+    """Run the pipeline over ``units``, committing rows every ``commit_seconds``; how it ended (engine/outcomes.py):
+    FINISHED when it ran to the end; STOPPED on request; STORAGE_FAILED at the first row that could not be written
+    for want of space (the rows in hand are committed and no new work is taken: a resume after space is freed does
+    the rest). A signal that comes while the driver waits for a batch ends the wait at once (``StopWaiting``): a
+    long file being restored or a cluster that lost a node does not hold the stop back."""
     if not units:
         return FINISHED
     batches = iter(build_dataset(units, s, checkpoints).iter_batches(batch_size=None, batch_format="pandas"))
@@ -393,7 +391,7 @@ def run_pipeline(units: list[dict], s: Settings, checkpoints, tracker: Tracker, 
             bar.update(len(batch))
             if batch["status"].astype(str).str.startswith(dataflow.STORAGE_FULL).any():
                 tracker.commit()
-                return STORAGE_FULL
+                return STORAGE_FAILED
             if time.monotonic() - last >= s.commit_seconds:
                 tracker.commit()
                 last = time.monotonic()
