@@ -19,7 +19,6 @@ thresholds out of range) gives one message and exit code 2 before anything is wr
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import os
@@ -33,37 +32,43 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from pipeline.common.files import contained
-from pipeline.config import ConfigError, parse_key_values
-from pipeline.config.command_line import split_overrides
+from pipeline.config import ConfigError
 from pipeline.data.audio import AudioError
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpoint_files import CheckpointError
-from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_STORAGE, setup_logging
+from pipeline.engine.cli import setup_logging
 from pipeline.engine.lease import Lease, LeaseHeld
+from pipeline.engine.outcomes import BAD_INPUT, FAILED, FINISHED, STOPPED, STORAGE_FAILED, Outcome
 from pipeline.engine.resume import ResumeError
-from pipeline.engine.stage import PRECISIONS, Precision
+from pipeline.engine.stage import Precision
 from pipeline.engine.tracking import start_or_adopt_run
 from pipeline.inference.chain import RestorationChain, resolve_chain
 from pipeline.inference.cleaning import report, sources
+from pipeline.inference.cleaning.config import (
+    EXPERIMENT,
+    FORMATS,
+    STAGE,
+    CleanCorpusConfig,
+    check,
+    flat_params,
+    parse_args,
+    resumed_config,
+)
 from pipeline.inference.cleaning.dataflow import OUTPUT_EXISTS, RETRYABLE
 from pipeline.inference.cleaning.job import (
-    CPU_PER_SCORER,
-    CPU_PER_TASK,
-    FINISHED,
-    STORAGE_FULL,
     Settings,
     Stop,
     Tracker,
+    check_resources,
     checkpoint_files,
-    restorer_cpus,
+    cluster_text,
     run_pipeline,
+    settings,
     start_ray,
     stop_ray,
 )
 from pipeline.inference.cleaning.manifest import (
-    KeepConfig,
     as_table,
-    check_keep,
     commit_preexisting,
     committed_rows,
     keep_column,
@@ -72,131 +77,7 @@ from pipeline.inference.cleaning.manifest import (
 
 log = logging.getLogger(__name__)
 
-STAGE = EXPERIMENT = "clean_corpus"
-FORMATS = {"wav": (".wav", ("PCM_16", "PCM_24", "FLOAT")), "flac": (".flac", ("PCM_16", "PCM_24"))}
 LEASE_TIMEOUT_S, LEASE_HEARTBEAT_S = 60.0, 10.0
-# what a resumed job must keep: the rows it already has were made with these
-SAME_ON_RESUME = (
-    "run_id",
-    "model_uri",
-    "checkpoint",
-    "input",
-    "output",
-    "format",
-    "subtype",
-    "precision",
-    "chunk_seconds",
-    "context_seconds",
-    "fade_seconds",
-    "scores",
-)
-
-
-@dataclass
-class CleanCorpusConfig:
-    run_id: str | None = None  # a finetune_vocoder run (its latest or best committed checkpoint)
-    model_uri: str | None = None  # or: models:/speech-restoration/<v>, runs:/<id>/model, a model directory
-    input: str | None = None  # directory, glob, .csv/.parquet manifest (path column) or shards; local or s3://
-    output: str | None = None  # directory or s3:// prefix for the restored files and manifest.parquet
-    resume_run: str | None = None  # this job's run, to finish a killed or stopped job
-    checkpoint: str = "latest"  # with run_id: latest | best
-    format: str = "wav"  # wav | flac
-    subtype: str = "PCM_16"  # PCM_16 | PCM_24 | FLOAT (wav only)
-    overwrite: bool = False  # replace output files that existed before the job started (its own it always replaces)
-    device: str = "auto"  # auto (cuda when the worker has a GPU) | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPU, 32 on CPU) | 32 | bf16 | 16-mixed
-    chunk_seconds: float = 10.0  # audio restored per window (+ context_seconds each side), as restore
-    context_seconds: float = 1.0
-    fade_seconds: float = 0.5
-    batch_size: int = 0  # windows per forward pass (chunks of many files, length-bucketed); 0 = 8 on GPU, 2 on CPU
-    files_per_batch: int = 16  # files a worker takes at a time
-    workers: int = 0  # restore actors; 0 = one per GPU of the cluster, else 1
-    threads: int = 0  # torch threads per CPU actor; 0 = the cluster's CPUs / workers
-    score_workers: int = 1  # scoring actors (DNSMOS, speaker similarity; CPU)
-    scores: bool = True  # compute the quality columns (off: restore only)
-    keep: KeepConfig = field(default_factory=KeepConfig)  # thresholds of the keep column
-    ray_address: str = ""  # "" = a local Ray started here | auto | ray://host:10001 | host:6379
-    ray_object_store_mb: int = 0  # local Ray's object store; 0: 2048 MB, at most Ray's default (30 % of memory)
-    commit_seconds: float = 10.0  # how often finished rows are committed to the run
-    listen_random: int = 8  # items of the listening page chosen at random
-    listen_lowest: int = 8  # and the lowest by restored DNSMOS OVRL
-    ssl_weights: str | None = None  # where the encoder weights are on the workers, if not where training found them
-
-
-def parse_args(argv: list[str]) -> CleanCorpusConfig:
-    cfg = parse_key_values(CleanCorpusConfig, argv)
-    if not cfg.resume_run:
-        if bool(cfg.run_id) == bool(cfg.model_uri):
-            raise ConfigError(
-                "Give exactly one of run_id=<finetune_vocoder run> or model_uri=<models:/… | runs:/… | path>"
-            )
-        if not cfg.input or not cfg.output:
-            raise ConfigError("Give input=<directory, glob, manifest or shards> and output=<directory or s3:// prefix>")
-    return cfg
-
-
-def check(cfg: CleanCorpusConfig) -> None:
-    if cfg.format not in FORMATS:
-        raise ConfigError(f"format={cfg.format!r}; choose one of {', '.join(FORMATS)}")
-    if cfg.subtype not in FORMATS[cfg.format][1]:
-        raise ConfigError(
-            f"subtype={cfg.subtype!r} with format={cfg.format}; choose one of {', '.join(FORMATS[cfg.format][1])}"
-        )
-    if cfg.checkpoint not in ("latest", "best"):
-        raise ConfigError(f"checkpoint={cfg.checkpoint!r}; choose latest or best")
-    if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision={cfg.precision!r}; choose auto or one of {', '.join(PRECISIONS)}")
-    if cfg.batch_size < 0:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be 0 (automatic) or more")
-    for name in ("files_per_batch", "score_workers"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name}={getattr(cfg, name)} must be at least 1")
-    if cfg.workers < 0 or cfg.threads < 0 or cfg.commit_seconds <= 0:
-        raise ConfigError("workers and threads must be 0 (automatic) or more, commit_seconds more than 0")
-    if cfg.chunk_seconds < 0 or cfg.context_seconds < 0 or cfg.fade_seconds <= 0:
-        raise ConfigError("chunk_seconds and context_seconds must be zero or more, fade_seconds more than zero")
-    check_keep(cfg.keep)
-    sources.check_output(cfg.input, cfg.output)
-
-
-def flat_params(cfg: CleanCorpusConfig) -> dict[str, str]:
-    out = {}
-    for key, value in asdict(cfg).items():
-        for k, v in value.items() if isinstance(value, dict) else [(None, value)]:
-            if v is not None and key != "resume_run":
-                out[f"{key}.{k}" if k else key] = str(v)
-    return out
-
-
-def resumed_config(client: MlflowClient, argv: list[str], cfg: CleanCorpusConfig) -> CleanCorpusConfig:
-    """The stored config of ``resume_run`` with the keys given now; ConfigError for a key that must not change."""
-    try:
-        run = client.get_run(cfg.resume_run)
-    except Exception:
-        raise ConfigError(f"resume_run={cfg.resume_run}: no such run in {client.tracking_uri}") from None
-    if run.data.tags.get(tag.STAGE) != STAGE:
-        raise ConfigError(
-            f"resume_run={cfg.resume_run} is a run of stage {run.data.tags.get(tag.STAGE)!r}, not a "
-            f"{STAGE} job; give the run ID its own log printed"
-        )
-    stored = {k: v for k, v in run.data.params.items() if k.split(".")[0] in {f.name for f in dataclasses.fields(cfg)}}
-    given = {w.partition("=")[0]: w.partition("=")[2] for w in split_overrides(argv) if "=" in w}
-    fresh = parse_key_values(CleanCorpusConfig, [f"{k}={v}" for k, v in stored.items()])
-    changed = [k for k in SAME_ON_RESUME if k in given and given[k] and str(getattr(cfg, k)) != str(getattr(fresh, k))]
-    if changed:
-        raise ConfigError(
-            f"resume_run={cfg.resume_run} was started with "
-            + ", ".join(f"{k}={getattr(fresh, k)}" for k in changed)
-            + "; a resumed job keeps them (given: "
-            + ", ".join(f"{k}={given[k]}" for k in changed)
-            + "). Start a new job for other settings."
-        )
-    merged = parse_key_values(
-        CleanCorpusConfig,
-        [f"{k}={v}" for k, v in stored.items()]
-        + [w for w in split_overrides(argv) if "=" in w and w.partition("=")[2]],
-    )
-    return dataclasses.replace(merged, resume_run=cfg.resume_run)
 
 
 def describe(cfg: CleanCorpusConfig, run_id: str, status: str, progress: str, source: dict, results: str = "") -> str:
@@ -241,68 +122,6 @@ def prepare(client: MlflowClient, argv: list[str]) -> Prepared:
         )
         files = checkpoint_files(source.adapter_dir, source.vocoder_dir)
     return Prepared(cfg, units, files, dict(source.metadata), chain.rate_in, chain.rate_out)
-
-
-def settings(p: Prepared) -> Settings:
-    import ray
-
-    cfg, cluster = p.cfg, ray.cluster_resources()
-    gpus = int(cluster.get("GPU", 0)) if cfg.device != "cpu" else 0
-    workers = cfg.workers or max(gpus, 1)
-    threads = cfg.threads or max(int(cluster.get("CPU", 1) // workers), 1)
-    device = cfg.device if cfg.device != "auto" else "cuda" if gpus else "cpu"
-    precision = cfg.precision if cfg.precision != "auto" else "bf16" if device.startswith("cuda") else "32"
-    restore = {
-        "device": device,
-        "precision": precision,
-        "chunk_seconds": cfg.chunk_seconds,
-        "context_seconds": cfg.context_seconds,
-        "fade_seconds": cfg.fade_seconds,
-        # on CPU a batch of many windows is slower than a few (docs/benchmarks.md, Corpus cleaning)
-        "batch_size": cfg.batch_size or (8 if device.startswith("cuda") else 2),
-        "threads": 0 if gpus else threads,
-        "ssl_weights": cfg.ssl_weights,
-    }
-    return Settings(
-        p.rate_in,
-        FORMATS[cfg.format][0],
-        cfg.output,
-        cfg.format,
-        cfg.subtype,
-        restore,
-        workers,
-        1.0 if gpus else 0.0,
-        cfg.score_workers,
-        cfg.scores,
-        cfg.files_per_batch,
-        cfg.commit_seconds,
-    )
-
-
-def check_resources(s: Settings) -> None:
-    """ConfigError when the actors would reserve every CPU of the cluster: Ray would never schedule the
-    decode and write tasks and the job would wait for ever."""
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 0)
-    reserved = s.workers * (0 if s.gpus_per_worker else restorer_cpus(s)) + s.score_workers * CPU_PER_SCORER
-    if reserved + CPU_PER_TASK > cpus:
-        raise ConfigError(
-            f"workers={s.workers} and score_workers={s.score_workers} reserve {reserved:g} of the cluster's "
-            f"{cpus:g} CPUs, leaving none for reading and writing files; give fewer workers"
-        )
-
-
-def cluster_text(s: Settings) -> str:
-    import ray
-
-    cluster = ray.cluster_resources()
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    threads = f" x {s.restore['threads']} threads" if s.restore["threads"] else " (1 GPU each)"
-    return (
-        f"{nodes} node{'s' * (nodes != 1)}, {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
-        f"{s.workers} restore worker{'s' * (s.workers != 1)}{threads}, {s.score_workers} scoring"
-    )
 
 
 def open_run(client: MlflowClient, p: Prepared) -> tuple[str, Lease, int, pd.DataFrame]:
@@ -428,14 +247,14 @@ def run(argv: list[str]) -> int:
         p = prepare(client, argv)
     except (ConfigError, ResumeError, CheckpointError, AudioError, ValueError, OSError) as err:
         log.error("%s", err)
-        return EXIT_BAD_INPUT
+        return BAD_INPUT.code
     if p.cfg.resume_run and client.get_run(p.cfg.resume_run).info.status == "FINISHED":
         log.info(
             "Run %s is finished: nothing to resume (manifest: %s)",
             p.cfg.resume_run,
             sources.join(p.cfg.output, "manifest.parquet"),
         )
-        return EXIT_OK
+        return FINISHED.code
     try:
         start_ray(p.cfg.ray_address, p.cfg.ray_object_store_mb)
     except Exception as err:  # ConnectionError, or Ray's own errors for a bad address
@@ -445,74 +264,40 @@ def run(argv: list[str]) -> int:
             p.cfg.ray_address,
             str(err).splitlines()[0][:300],
         )
-        return EXIT_BAD_INPUT
+        return BAD_INPUT.code
     try:
-        s = settings(p)
+        s = settings(p.cfg, p.rate_in)
         check_resources(s)
         run_id, lease, attempt, done = open_run(client, p)
     except (ConfigError, LeaseHeld) as err:
         log.error("%s", err)
         stop_ray()
-        return EXIT_BAD_INPUT
+        return BAD_INPUT.code
     return run_job(client, p, s, run_id, lease, attempt, done)
+
+
+@dataclass
+class Ending:
+    """How a cleaning job ended (engine/outcomes.py), the description's first words when not the run's status,
+    and a finished job's summary figures."""
+
+    outcome: Outcome = FAILED
+    headline: str = ""
+    figures: dict[str, float] = field(default_factory=dict)
 
 
 def run_job(
     client: MlflowClient, p: Prepared, s: Settings, run_id: str, lease: Lease, attempt: int, done: pd.DataFrame
 ) -> int:
-    import ray
-
-    cfg = p.cfg
+    """Clean in the opened run and end the run as the job ended, unless another job took it over; the exit code."""
     total = sum(u.samples if u.kind == "shard" else 1 for u in p.units)
     tracker = Tracker(client, run_id, attempt, total, done, lease.fence)
     stop = Stop(client, run_id)
-    status, code, results, figures = "FAILED", EXIT_FAILED, "", {}
-    status_text = ""  # the description's first words, when not the status itself
+    ending = Ending()
     try:
-        client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, "RUNNING", f"{len(done)}/{total} inputs", p.metadata))
-        lease.fence()
-        units, decided = pending_units(p.units, done, protected_outputs(client, run_id, cfg))
-        retry = int(done["status"].astype(str).str.startswith(RETRYABLE).sum())
-        log.info(
-            "Cleaning %d inputs (%d done before%s) into %s; run %s",
-            total,
-            len(done) - retry,
-            f", {retry} to try again" if retry else "",
-            cfg.output,
-            run_id,
-        )
-        if len(decided):
-            tracker.add(decided)
-            tracker.commit()
-        client.set_tag(run_id, tag.CLEAN_CLUSTER, cluster_text(s))
-        client.set_tag(run_id, tag.CLEAN_PRECISION, f"{s.restore['device']} / {s.restore['precision']}")
-        outcome = run_pipeline(units, s, ray.put(p.files), tracker, stop)
-        if outcome == FINISHED:
-            figures = finish(client, run_id, p, tracker)
-            results = results_markdown(figures)
-            status, code = "FINISHED", EXIT_OK
-        elif outcome == STORAGE_FULL:
-            status, code = "FAILED", EXIT_STORAGE
-            status_text = "STOPPED: output storage full"
-            log.error(
-                "The output storage is full (%s); the rows in hand are committed. Free space and resume with: "
-                "python -m pipeline.%s resume_run=%s (it redoes every 'failed (retryable)' input)",
-                cfg.output,
-                STAGE,
-                run_id,
-            )
-        else:
-            status, code = "KILLED", EXIT_STOPPED
-            log.warning(
-                "Stopped (%s) with %d of %d inputs done; resume with: python -m pipeline.%s resume_run=%s",
-                stop.by,
-                len(tracker.rows()),
-                total,
-                STAGE,
-                run_id,
-            )
+        ending = clean(client, p, s, run_id, tracker, stop)
     except ManifestUnwritable as err:
-        status, code, status_text = "FAILED", EXIT_STORAGE, "STOPPED: the manifest could not be written"
+        ending = Ending(STORAGE_FAILED, "STOPPED: the manifest could not be written")
         log.error(
             "%s. Every row is committed to the run: free space (or fix the output) and resume with: "
             "python -m pipeline.%s resume_run=%s",
@@ -520,27 +305,79 @@ def run_job(
             STAGE,
             run_id,
         )
-    except KeyboardInterrupt:
-        status, code = "KILLED", EXIT_STOPPED
+    except KeyboardInterrupt:  # a second signal: stopped at once
+        ending = Ending(STOPPED)
     except Exception:
         log.exception("The cleaning job failed; resume with: python -m pipeline.%s resume_run=%s", STAGE, run_id)
     finally:
         stop.restore()
         stop_ray()
         if lease.held:
-            progress = f"{len(tracker.rows())}/{total} inputs"
-            status_text = status_text or ("STOPPED" if status == "KILLED" else status)
-            client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, status_text, progress, p.metadata, results))
-            client.set_terminated(run_id, status)
+            end_run(client, run_id, p, tracker, ending)
         lease.release()
-    if code == EXIT_OK:
+    if ending.outcome is FINISHED:
         log.info(
             "Done: %d of %d inputs restored (%d skipped, %d failed), %d kept, %.3f h of audio. Manifest: %s; run %s",
-            *(figures[k] for k in ("restored", "files", "skipped", "failed", "kept", "audio_hours")),
-            sources.join(cfg.output, "manifest.parquet"),
+            *(ending.figures[k] for k in ("restored", "files", "skipped", "failed", "kept", "audio_hours")),
+            sources.join(p.cfg.output, "manifest.parquet"),
             run_id,
         )
-    return code
+    return ending.outcome.code
+
+
+def clean(client: MlflowClient, p: Prepared, s: Settings, run_id: str, tracker: Tracker, stop: Stop) -> Ending:
+    """The inputs still to do cleaned in the run (the inputs decided without reading them committed first)."""
+    import ray
+
+    cfg, done, total = p.cfg, tracker.done, tracker.total
+    client.set_tag(run_id, tag.NOTE, describe(cfg, run_id, "RUNNING", f"{len(done)}/{total} inputs", p.metadata))
+    tracker.fence()
+    units, decided = pending_units(p.units, done, protected_outputs(client, run_id, cfg))
+    retry = int(done["status"].astype(str).str.startswith(RETRYABLE).sum())
+    log.info(
+        "Cleaning %d inputs (%d done before%s) into %s; run %s",
+        total,
+        len(done) - retry,
+        f", {retry} to try again" if retry else "",
+        cfg.output,
+        run_id,
+    )
+    if len(decided):
+        tracker.add(decided)
+        tracker.commit()
+    client.set_tag(run_id, tag.CLEAN_CLUSTER, cluster_text(s))
+    client.set_tag(run_id, tag.CLEAN_PRECISION, f"{s.restore['device']} / {s.restore['precision']}")
+    outcome = run_pipeline(units, s, ray.put(p.files), tracker, stop)
+    if outcome is FINISHED:
+        return Ending(FINISHED, figures=finish(client, run_id, p, tracker))
+    if outcome is STORAGE_FAILED:
+        log.error(
+            "The output storage is full (%s); the rows in hand are committed. Free space and resume with: "
+            "python -m pipeline.%s resume_run=%s (it redoes every 'failed (retryable)' input)",
+            cfg.output,
+            STAGE,
+            run_id,
+        )
+        return Ending(STORAGE_FAILED, "STOPPED: output storage full")
+    log.warning(
+        "Stopped (%s) with %d of %d inputs done; resume with: python -m pipeline.%s resume_run=%s",
+        stop.by,
+        len(tracker.rows()),
+        total,
+        STAGE,
+        run_id,
+    )
+    return Ending(outcome)
+
+
+def end_run(client: MlflowClient, run_id: str, p: Prepared, tracker: Tracker, ending: Ending) -> None:
+    """The run's description (its first words, the progress, a finished job's results) and its status."""
+    status = ending.outcome.status
+    headline = ending.headline or ("STOPPED" if status == "KILLED" else status)
+    results = results_markdown(ending.figures) if ending.outcome is FINISHED else ""
+    progress = f"{len(tracker.rows())}/{tracker.total} inputs"
+    client.set_tag(run_id, tag.NOTE, describe(p.cfg, run_id, headline, progress, p.metadata, results))
+    client.set_terminated(run_id, status)
 
 
 def main() -> None:

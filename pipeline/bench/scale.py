@@ -274,7 +274,8 @@ def _commits_after_history(
     stored before the checkpoint asked."""
     from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy
     from pipeline.engine.logged_models import CheckpointModels
-    from pipeline.engine.tracking import MetricLogger, start_or_adopt_run
+    from pipeline.engine.senders import MetricLogger
+    from pipeline.engine.tracking import start_or_adopt_run
 
     state = {"model": {"w": torch.randn(256, 256)}, "step": 0}
     names = metric_names(metrics, "train/m")

@@ -319,7 +319,8 @@ def run_job(run_name: str, steps: int, metrics: int, step_s: float, flush_second
     from mlflow import MlflowClient
 
     from pipeline.engine.outage import configure_http
-    from pipeline.engine.tracking import MetricLogger, check_access, start_or_adopt_run
+    from pipeline.engine.senders import MetricLogger
+    from pipeline.engine.tracking import check_access, start_or_adopt_run
 
     configure_http()  # the engine's HTTP retry settings, as a training job has them
     client = MlflowClient()

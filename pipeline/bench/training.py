@@ -28,8 +28,9 @@ from pipeline.bench import figure, spread
 from pipeline.bench.harness import build_stage, engine_stamps, new_run, run_ids, step_time, tracking_store
 from pipeline.engine.checkpoint_files import checkpoint_name, write_local
 from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy
+from pipeline.engine.senders import MetricLogger
 from pipeline.engine.session import run_stage
-from pipeline.engine.tracking import MetricLogger, start_or_adopt_run
+from pipeline.engine.tracking import start_or_adopt_run
 from pipeline.engine.trainer import Engine
 from pipeline.stages import stage_class
 

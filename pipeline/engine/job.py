@@ -1,20 +1,16 @@
-"""One training job's collaborators, created in a defined order and closed in the reverse one.
+"""The three kinds of training job, each a ``Job`` (engine/collaborators.py: its collaborators closed in the
+reverse order of their creation), and how each ends (engine/outcomes.py).
 
-A ``Job`` owns what a job opens around the engine: the lease and the downloaded checkpoint, the stop
-controller, the metric logger and checkpoint store, the system-metrics monitor, the tag writer and the
-engine. Each closer is pushed on one ``ExitStack`` as its collaborator is created, so the close order is
-the creation order reversed, whatever happens. It is used by rank 0 (``train_in_run``: the run is always
-ended, with its status, progress, description and attempt record), by the other ranks under torchrun
-(``train_other_rank``) and by ``import_checkpoint`` (``record_imported_run``).
+Rank 0 trains in the opened run (``train_in_run``, a ``RunJob``): it adds the lease, the system-metrics monitor
+and the tag writer, and always ends the run, with its status, progress, description and attempt record. The
+other ranks under torchrun train their share with no MLflow (``train_other_rank``); ``import_checkpoint`` has the
+engine write an imported checkpoint into a run of its own (``record_imported_run``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +30,37 @@ from pipeline.engine.attempts import (
     start_new_run,
     write_attempt,
 )
-from pipeline.engine.checkpoint_files import checkpoint_name, staging_root
-from pipeline.engine.checkpointing import CheckpointStore, RetentionPolicy, StorageError, download_checkpoint
-from pipeline.engine.cli import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, EXIT_STOPPED, EXIT_STORAGE
-from pipeline.engine.distributed import Dist
-from pipeline.engine.lease import FencedClient, LeaseLost
+from pipeline.engine.checkpoint_files import checkpoint_name
+from pipeline.engine.checkpointing import download_checkpoint
+from pipeline.engine.collaborators import Job
+from pipeline.engine.lease import FencedClient
 from pipeline.engine.logged_models import CheckpointModels
 from pipeline.engine.outage import first_line
+from pipeline.engine.outcomes import (
+    ABORTED,
+    DATA_FAILED,
+    DIVERGED,
+    FAILED,
+    FINISHED,
+    LEASE_LOST,
+    STORAGE_FAILED,
+    Outcome,
+    exit_code,
+    outcome_of,
+    outcome_of_stop,
+)
 from pipeline.engine.plan import JobPlan, effective_batch
-from pipeline.engine.resume import ResumePoint, rank_state
+from pipeline.engine.private_apis import start_system_metrics
+from pipeline.engine.senders import TagWriter
 from pipeline.engine.stage import Stage
-from pipeline.engine.stopping import REQUEUE, AbortTraining, StopController
 from pipeline.engine.tracking import (
-    MetricLogger,
-    TagWriter,
     dashboard_hint,
     describe_run,
     ensure_runs_view,
     log_dataset_inputs,
     resume_command,
 )
-from pipeline.engine.trainer import DataWorkerDied, Engine, NonFiniteTraining, Position
+from pipeline.engine.trainer import Engine, Position
 
 log = logging.getLogger(__name__)
 
@@ -70,67 +76,6 @@ class TrainingHooks:
         return None
 
 
-class Job:
-    """One job's collaborators around the engine, closed in the reverse order of their creation.
-
-    ``with Job(...) as job``: each ``open_*`` method creates a collaborator and pushes its closer on the
-    job's ExitStack; leaving the block closes them, last opened first. ``code`` is the job's exit code.
-    """
-
-    def __init__(self, stage: Stage, run_id: str, client: MlflowClient | None = None):
-        self.stage, self.cfg, self.run_id, self.client = stage, stage.cfg, run_id, client
-        self.stack = ExitStack()
-        self.stopper: StopController | None = None
-        self.metrics: MetricLogger | None = None
-        self.store: CheckpointStore | None = None
-        self.engine: Engine | None = None
-        self.code = EXIT_FAILED
-
-    def __enter__(self) -> Job:
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return self.stack.__exit__(*exc)
-
-    @property
-    def pos(self) -> Position:
-        return self.engine.pos if self.engine is not None else Position()
-
-    def open_stopper(self, poll_seconds: float) -> StopController:
-        """Signals (and, with a client, the stop tag): the handlers stay installed until everything opened
-        after them is closed, so no signal leaves the run RUNNING."""
-        self.stopper = self.stack.enter_context(StopController(self.client, self.run_id, poll_seconds))
-        return self.stopper
-
-    def open_logging(self, **options) -> None:
-        """The metric logger and the checkpoint store (``options``: CheckpointStore's); the metric logger is
-        closed after the store is drained."""
-        cfg = self.cfg
-        policy = RetentionPolicy(
-            cfg.checkpoint.keep_last_n, cfg.checkpoint.keep_best_k, cfg.checkpoint.monitor, cfg.checkpoint.mode
-        )
-        logged = options.pop("already_logged", None)
-        limit = {"outage_limit_s": options["outage_limit_s"]} if "outage_limit_s" in options else {}
-        self.metrics = MetricLogger(
-            self.client, self.run_id, cfg.tracking.flush_seconds, already_logged=logged, **limit
-        )
-        self.stack.callback(self.metrics.close)
-        self.store = CheckpointStore(
-            self.client, self.run_id, staging_root(cfg.checkpoint.staging_dir), policy, **options
-        )
-
-    def drain(self) -> None:
-        """Wait for the checkpoint uploads and the metrics still queued."""
-        self.store.close()
-        self.metrics.flush(wait=True)
-
-    def restore(self, resume: ResumePoint | None, dist: Dist) -> None:
-        """Load the checkpoint's state into the engine, then let it go: nothing holds it for the whole run."""
-        if resume is not None:
-            self.engine.load_state_dict(rank_state(resume, dist))
-            startup.mark("restore")
-
-
 def train_other_rank(stage: Stage, plan: JobPlan, run_id: str) -> int:
     """A rank other than 0 under torchrun: the same loop on its share of the data, with no MLflow (rank 0
     logs, checkpoints and polls the stop tag; a signal here stops every rank at the same step)."""
@@ -141,14 +86,15 @@ def train_other_rank(stage: Stage, plan: JobPlan, run_id: str) -> int:
             job.restore(plan.resume, stage.dist)
             result = job.engine.fit()
             stopper.abortable = False
-            job.code = stop_code(result.stopped_by)
-        except AbortTraining:
-            job.code = EXIT_ABORTED
-        except (NonFiniteTraining, DataWorkerDied) as err:
-            log.error("%s", err)
-    if job.code == EXIT_REQUEUE and plan.launch.requeue == "scontrol":
-        return EXIT_OK  # rank 0 asks Slurm; a non-zero exit here would make torchrun end rank 0 before it could
-    return job.code
+            job.outcome = outcome_of_stop(result.stopped_by)
+        except BaseException as err:
+            outcome = outcome_of(err)
+            if outcome not in (ABORTED, DIVERGED, DATA_FAILED):
+                raise  # nothing else is expected of a rank that writes nothing (no store, no lease)
+            if outcome is not ABORTED:
+                log.error("%s", err)
+            job.outcome = outcome
+    return exit_code(job.outcome, plan.launch.requeue, rank0=False)
 
 
 def record_imported_run(stage: Stage, cfg, tags: dict[str, str], source: str) -> str:
@@ -193,7 +139,7 @@ class RunJob(Job):
     def __init__(self, client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunContext, hooks: TrainingHooks):
         super().__init__(stage, ctx.run_id, client)
         self.plan, self.ctx, self.hooks = plan, ctx, hooks
-        self.status, self.stopped_by = "FAILED", None
+        self.stopped_by: str | None = None
         self.resume_command = resume_command(stage.name, ctx.run_id, ctx.nproc)
         self.shown = {"progress": ctx.tags.get(tag.PROGRESS, ""), "latest": ctx.tags.get(tag.CHECKPOINT_LATEST)}
         self.models: CheckpointModels | None = None
@@ -251,7 +197,7 @@ class RunJob(Job):
         client.set_tag(ctx.run_id, tag.NOTE, self._description())
 
     def _fit(self) -> None:
-        """The training loop, and what each way it can end means for the run's status and the exit code."""
+        """The training loop; how it ended (engine/outcomes.py) decides the run's status and the exit code."""
         try:
             self.engine = Engine(self.stage, self.metrics, self.store, self.stopper, self.run_id, hooks=self.hooks)
             self.engine.on_progress = self._on_progress
@@ -260,26 +206,35 @@ class RunJob(Job):
             result = self.engine.fit()
             self.stopper.abortable = False
             self._trained(result)
-        except AbortTraining:
-            self.status, self.stopped_by, self.code = "KILLED", "signal", EXIT_ABORTED
-            self.client.set_tag(self.run_id, tag.STOP_ABORTED, "true")
-        except NonFiniteTraining as err:
-            log.error("%s", err)  # status FAILED, code EXIT_FAILED: the run ends with what it committed
-        except DataWorkerDied as err:
-            log.error("%s. Stopped at step %d; resume with: %s", err, self.pos.step, self.resume_command)
-        except StorageError as err:
-            self.code = EXIT_STORAGE
+        except BaseException as err:
+            outcome = outcome_of(err)
+            self._report(outcome, err)
+            if outcome is FAILED:
+                raise  # an error of no known kind: the outcome stays FAILED, or what the loop's end decided
+            self._ended(outcome)
+
+    def _ended(self, outcome: Outcome) -> None:
+        """The job ended so: the run's status and the exit code, and the outcome's tags set on the run now."""
+        self.outcome = outcome
+        self.stopped_by = outcome.stopped_by or self.stopped_by
+        for key, value in outcome.tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def _report(self, outcome: Outcome, err: BaseException) -> None:
+        """Say why the job ended by ``err`` and, where a resume helps, how to resume it."""
+        if outcome is STORAGE_FAILED:
             self._log_storage_failure(err)
-        except LeaseLost as err:
-            log.error("%s", err)  # code EXIT_FAILED; the run is the other job's now
-        except BaseException:
+        elif outcome is DATA_FAILED:
+            log.error("%s. Stopped at step %d; resume with: %s", err, self.pos.step, self.resume_command)
+        elif outcome is FAILED:
             log.exception("Training failed")
-            raise
+        elif outcome is not ABORTED:  # non-finite training; a lost lease (the run is the other job's now)
+            log.error("%s", err)
 
     def _trained(self, result) -> None:
         self.stopped_by = result.stopped_by
         step = result.position.step
-        self.status, self.code = "KILLED" if self.stopped_by else "FINISHED", stop_code(self.stopped_by)
+        self._ended(outcome_of_stop(self.stopped_by))
         if self.stopped_by:
             hint = "the same command with resume=auto (a requeued job) or: " if self.plan.launch.auto_resume else ""
             log.warning(
@@ -344,28 +299,28 @@ class RunJob(Job):
 
     def _drain(self) -> None:
         """The uploads and metrics still queued, unless the user aborted: then do not wait for them."""
-        if self.code == EXIT_ABORTED:
+        if self.outcome is ABORTED:
             return
         try:
             self.drain()
-        except StorageError as err:
-            self._log_storage_failure(err)
-            self.status, self.code = "FAILED", EXIT_STORAGE
-        except LeaseLost:
-            self.code = EXIT_FAILED
-        except Exception:
-            log.exception("Could not finish the checkpoint upload or metric logging")
-            self.status, self.code = "FAILED", EXIT_FAILED
+        except Exception as err:
+            outcome = outcome_of(err)
+            if outcome is STORAGE_FAILED:
+                self._log_storage_failure(err)
+            elif outcome is not LEASE_LOST:
+                log.exception("Could not finish the checkpoint upload or metric logging")
+                outcome = FAILED
+            self.outcome = outcome
 
     def _end_run(self) -> None:
         """End the run as the job ended, unless another job took it over."""
         self.stopper.abortable = False
-        ctx, status = self.ctx, self.status
+        ctx, status = self.ctx, self.outcome.status
         if ctx.lease is not None and not ctx.lease.held:
             log.error(
                 "Run %s is trained by another job now; this job leaves its status and description to it", ctx.run_id
             )
-            self.code = EXIT_FAILED
+            self.outcome = LEASE_LOST
             return
         try:
             latest = self.client.get_run(ctx.run_id).data.tags.get(tag.CHECKPOINT_LATEST)
@@ -392,7 +347,8 @@ class RunJob(Job):
                 first_line(err),
                 self.resume_command,
             )
-            self.code = EXIT_STORAGE if self.code == EXIT_OK else self.code
+            if self.outcome is FINISHED:  # trained to the end, but the run shows RUNNING: exit as a storage failure
+                self.outcome = STORAGE_FAILED
 
     def _log_storage_failure(self, err: Exception) -> None:
         try:
@@ -415,49 +371,12 @@ class RunJob(Job):
         )
 
 
-def stop_code(stopped_by: str | None) -> int:
-    """The exit code of a training loop that ended: done, stopped, or stopped to be requeued (SIGUSR1)."""
-    if stopped_by is None:
-        return EXIT_OK
-    return EXIT_REQUEUE if stopped_by == REQUEUE else EXIT_STOPPED
-
-
 def train_in_run(client: MlflowClient, stage: Stage, plan: JobPlan, ctx: RunContext, hooks: TrainingHooks) -> int:
     """Train ``stage`` in the opened run and always end the run, whatever happens; returns the exit code. A stop
     to be requeued with ``requeue=scontrol`` then asks Slurm to requeue the job (0 once it has)."""
     with RunJob(client, stage, plan, ctx, hooks) as job:
         job.train()
-    if job.code == EXIT_REQUEUE and plan.launch.requeue == "scontrol":
-        return scontrol_requeue()
-    return job.code
-
-
-def scontrol_requeue() -> int:
-    """``scontrol requeue $SLURM_JOB_ID``, once the run is ended and its lease released: EXIT_OK when Slurm took
-    the request (it then ends this job and starts it again), else EXIT_REQUEUE with the reason logged."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        log.error(
-            "requeue=scontrol, but this job is not a Slurm job (SLURM_JOB_ID is not set): exiting with code %d "
-            "for the caller to requeue it",
-            EXIT_REQUEUE,
-        )
-        return EXIT_REQUEUE
-    try:
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        log.error("Could not run `scontrol requeue %s` (%s): exiting with code %d", job_id, err, EXIT_REQUEUE)
-        return EXIT_REQUEUE
-    if done.returncode != 0:
-        log.error(
-            "`scontrol requeue %s` failed (%s): exiting with code %d (is the job submitted with --requeue?)",
-            job_id,
-            (done.stderr or done.stdout).strip(),
-            EXIT_REQUEUE,
-        )
-        return EXIT_REQUEUE
-    log.warning("Asked Slurm to requeue job %s: it starts again and continues this run (resume=auto)", job_id)
-    return EXIT_OK
+    return exit_code(job.outcome, plan.launch.requeue)
 
 
 def _log_final_model(client: MlflowClient, run_id: str, stage: Stage, step: int) -> bool:
@@ -482,11 +401,7 @@ def _system_metrics(run_id: str, cfg, resumed: bool):
     if not cfg.tracking.system_metrics:
         return None
     try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resumed)
-        monitor.start()
-        return monitor
+        return start_system_metrics(run_id, sampling_interval=10, resumed=resumed)
     except Exception as err:  # optional: never block training on it
         log.warning("System metrics disabled: %s", err)
         return None

@@ -18,30 +18,24 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.config import ConfigError
 from pipeline.engine import launcher_watch, startup
 from pipeline.engine import tags as tag
 from pipeline.engine.attempts import RunContext, experiment_name, open_run
 from pipeline.engine.auto_resume import AlreadyFinished
-from pipeline.engine.checkpoint_files import CheckpointError
-from pipeline.engine.cli import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_REQUEUE,
-    EXIT_STOPPED,
-    EXIT_STORAGE,
-    exit_now,
-    setup_logging,
-)
+from pipeline.engine.cli import EXIT_OK, EXIT_REQUEUE, EXIT_STOPPED, exit_now, setup_logging
 from pipeline.engine.distributed import Dist, handed_over_run, max_restarts, remember_run, restart_count
 from pipeline.engine.job import TrainingHooks, train_in_run, train_other_rank
-from pipeline.engine.lease import LeaseHeld
 from pipeline.engine.outage import configure_http
+from pipeline.engine.outcomes import (
+    REFUSED_WHILE_BUILDING,
+    REFUSED_WHILE_OPENING,
+    REFUSED_WHILE_PLANNING,
+    STORAGE_FAILED,
+    refusal_of,
+)
 from pipeline.engine.plan import JobPlan, plan_job
-from pipeline.engine.resume import ResumeError
 from pipeline.engine.stage import Precision, Stage
-from pipeline.engine.tracking import AccessError, access_error, check_access
+from pipeline.engine.tracking import access_error, check_access
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +96,12 @@ def _plan(
             log.info("%s", err)
             if os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` made for this launch says why it is empty
                 client.set_tag(os.environ["MLFLOW_RUN_ID"], tag.NOTE, str(err))
-        except (ConfigError, ResumeError, CheckpointError, ValueError, AccessError, LeaseHeld) as err:
+        except Exception as err:
+            refused = refusal_of(err, REFUSED_WHILE_PLANNING)
+            if refused is None:
+                raise
             log.error("%s", err)
-            code = EXIT_BAD_INPUT
+            code = refused.code
     shared, code = dist.broadcast((plan.for_other_ranks() if plan else None, code))
     return client, plan if dist.is_main else shared, code  # plan None with EXIT_OK: nothing to train
 
@@ -172,42 +169,50 @@ def _build(
     try:
         stage.build()
         stage.check_data()  # e.g. a batch larger than the training set: refused before the run is opened
-    except (ValueError, OSError) as err:
+    except Exception as err:
+        refused = refusal_of(err, REFUSED_WHILE_BUILDING)
+        if refused is None:
+            raise
         log.error("%s", err)
-        return None, EXIT_BAD_INPUT
+        return None, refused.code
     return stage, EXIT_OK
 
 
 def _open(client: MlflowClient, stage: Stage, plan: JobPlan) -> tuple[RunContext | None, int]:
     """The job's run (fresh, resumed or a branch), or the exit code of why it cannot be opened."""
-    cfg, resume = plan.cfg, plan.resume
+    resume = plan.resume
     if resume is None:
         log.info("Starting fresh training (no checkpoint specified)")
     else:
         log.info("Resuming from %s", resume.source)
         log.info("Resuming from step %d", resume.step)
     try:
-        return open_run(client, stage, plan), EXIT_OK
-    except LeaseHeld as err:
-        log.error("%s", err)
-        return None, EXIT_BAD_INPUT
-    except MlflowException as err:
-        refused = access_error(
-            err,
-            f"write runs in experiment {experiment_name(cfg, stage.name)!r}"
-            if resume is None
-            else f"write to run {resume.run_id}",
-        )
+        return _open_run(client, stage, plan), EXIT_OK
+    except Exception as err:
+        refused = refusal_of(err, REFUSED_WHILE_OPENING)
         if refused is None:
             raise
-        log.error("%s", refused)
-        return None, EXIT_BAD_INPUT
-    except CheckpointError as err:
-        log.error("%s", err)
-        return None, EXIT_FAILED
-    except OSError as err:  # the artifact store cannot be written (a full or read-only disk)
-        log.error("Cannot write the run's files to the artifact store: %s; nothing was trained", err)
-        return None, EXIT_STORAGE
+        if refused is STORAGE_FAILED:
+            log.error("Cannot write the run's files to the artifact store: %s; nothing was trained", err)
+        else:
+            log.error("%s", err)
+        return None, refused.code
+
+
+def _open_run(client: MlflowClient, stage: Stage, plan: JobPlan) -> RunContext:
+    """open_run, with a refusal by the server's auth (401/403) raised as an AccessError naming what was refused."""
+    try:
+        return open_run(client, stage, plan)
+    except MlflowException as err:
+        what = (
+            f"write runs in experiment {experiment_name(plan.cfg, stage.name)!r}"
+            if plan.resume is None
+            else f"write to run {plan.resume.run_id}"
+        )
+        refused = access_error(err, what)
+        if refused is None:
+            raise
+        raise refused from None
 
 
 def torch_deterministic() -> None:

@@ -1,5 +1,6 @@
-"""A cleaning job in its MLflow run: the Ray Data pipeline run to the end (or to a stop), its rows committed
-to the run every few seconds, its progress logged by step (docs/cleaning.md).
+"""A cleaning job in its MLflow run: its settings from the config and the Ray cluster it joined, the Ray Data
+pipeline run to the end (or to a stop), its rows committed to the run every few seconds, its progress logged by
+step, and how it ended (engine/outcomes.py; docs/cleaning.md).
 
 The step of every metric is the number of inputs in the manifest so far, so the charts of a resumed job go
 on where the killed one stopped. Throughput and real-time factors are those of the current attempt.
@@ -23,9 +24,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from tqdm import tqdm
 
+from pipeline.config import ConfigError
 from pipeline.engine import tags as tag
+from pipeline.engine.outcomes import FINISHED, STOPPED, STORAGE_FAILED, Outcome
 from pipeline.engine.private_apis import init_local_ray
 from pipeline.inference.cleaning import dataflow
+from pipeline.inference.cleaning.config import FORMATS, CleanCorpusConfig
 from pipeline.inference.cleaning.manifest import as_table, commit_part
 from pipeline.inference.cleaning.reaper import Reaper, marking
 
@@ -157,6 +161,70 @@ def checkpoint_files(adapter_dir: Path, vocoder_dir: Path) -> dict[str, bytes]:
 def restorer_cpus(s: Settings) -> float:
     """CPUs a CPU restore actor reserves: half its threads, at most one (the rest is left to the tasks)."""
     return min(1.0, s.restore["threads"] / 2)
+
+
+def settings(cfg: CleanCorpusConfig, rate_in: int) -> Settings:
+    """What the pipeline needs, from the config and the cluster the job joined."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    gpus = int(cluster.get("GPU", 0)) if cfg.device != "cpu" else 0
+    workers = cfg.workers or max(gpus, 1)
+    threads = cfg.threads or max(int(cluster.get("CPU", 1) // workers), 1)
+    device = cfg.device if cfg.device != "auto" else "cuda" if gpus else "cpu"
+    precision = cfg.precision if cfg.precision != "auto" else "bf16" if device.startswith("cuda") else "32"
+    restore = {
+        "device": device,
+        "precision": precision,
+        "chunk_seconds": cfg.chunk_seconds,
+        "context_seconds": cfg.context_seconds,
+        "fade_seconds": cfg.fade_seconds,
+        # on CPU a batch of many windows is slower than a few (docs/benchmarks.md, Corpus cleaning)
+        "batch_size": cfg.batch_size or (8 if device.startswith("cuda") else 2),
+        "threads": 0 if gpus else threads,
+        "ssl_weights": cfg.ssl_weights,
+    }
+    return Settings(
+        rate_in,
+        FORMATS[cfg.format][0],
+        cfg.output,
+        cfg.format,
+        cfg.subtype,
+        restore,
+        workers,
+        1.0 if gpus else 0.0,
+        cfg.score_workers,
+        cfg.scores,
+        cfg.files_per_batch,
+        cfg.commit_seconds,
+    )
+
+
+def check_resources(s: Settings) -> None:
+    """ConfigError when the actors would reserve every CPU of the cluster: Ray would never schedule the
+    decode and write tasks and the job would wait for ever."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    reserved = s.workers * (0 if s.gpus_per_worker else restorer_cpus(s)) + s.score_workers * CPU_PER_SCORER
+    if reserved + CPU_PER_TASK > cpus:
+        raise ConfigError(
+            f"workers={s.workers} and score_workers={s.score_workers} reserve {reserved:g} of the cluster's "
+            f"{cpus:g} CPUs, leaving none for reading and writing files; give fewer workers"
+        )
+
+
+def cluster_text(s: Settings) -> str:
+    """The cluster and the actors the job has, for the run's tag."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    threads = f" x {s.restore['threads']} threads" if s.restore["threads"] else " (1 GPU each)"
+    return (
+        f"{nodes} node{'s' * (nodes != 1)}, {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
+        f"{s.workers} restore worker{'s' * (s.workers != 1)}{threads}, {s.score_workers} scoring"
+    )
 
 
 def build_dataset(units: list[dict], s: Settings, checkpoints):
@@ -297,15 +365,12 @@ class Stop:
             signal.signal(s, handler)
 
 
-FINISHED, STOPPED, STORAGE_FULL = "finished", "stopped", "storage full"  # how run_pipeline ended
-
-
-def run_pipeline(units: list[dict], s: Settings, checkpoints, tracker: Tracker, stop: Stop) -> str:
-    """Run the pipeline over ``units``, committing rows every ``commit_seconds``. FINISHED when it ran to the end;
-    STOPPED on request; STORAGE_FULL at the first row that could not be written for want of space (the rows in
-    hand are committed and no new work is taken: a resume after space is freed does the rest). A signal that
-    comes while the driver waits for a batch ends the wait at once (``StopWaiting``): a long file being restored
-    or a cluster that lost a node does not hold the stop back."""
+def run_pipeline(units: list[dict], s: Settings, checkpoints, tracker: Tracker, stop: Stop) -> Outcome:
+    """Run the pipeline over ``units``, committing rows every ``commit_seconds``; how it ended (engine/outcomes.py):
+    FINISHED when it ran to the end; STOPPED on request; STORAGE_FAILED at the first row that could not be written
+    for want of space (the rows in hand are committed and no new work is taken: a resume after space is freed does
+    the rest). A signal that comes while the driver waits for a batch ends the wait at once (``StopWaiting``): a
+    long file being restored or a cluster that lost a node does not hold the stop back."""
     if not units:
         return FINISHED
     batches = iter(build_dataset(units, s, checkpoints).iter_batches(batch_size=None, batch_format="pandas"))
@@ -325,7 +390,7 @@ def run_pipeline(units: list[dict], s: Settings, checkpoints, tracker: Tracker, 
             bar.update(len(batch))
             if batch["status"].astype(str).str.startswith(dataflow.STORAGE_FULL).any():
                 tracker.commit()
-                return STORAGE_FULL
+                return STORAGE_FAILED
             if time.monotonic() - last >= s.commit_seconds:
                 tracker.commit()
                 last = time.monotonic()
