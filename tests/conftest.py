@@ -49,6 +49,15 @@ def store(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def armed():
+    """Arm fault points (pipeline/common/faults.py) for one in-process job; always disarmed afterwards."""
+    from pipeline.common import faults
+
+    yield faults.arm
+    faults.disarm()
+
+
+@pytest.fixture
 def shards(store) -> Path:
     """A small prepare_data job's shards in the test's store (helpers.PREPARE_SMALL)."""
     from pipeline.engine.cli import EXIT_OK

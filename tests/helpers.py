@@ -122,10 +122,34 @@ def stage_runs(client: MlflowClient, stage: str = "train_adapter"):
     return client.search_runs(experiments, f"tags.stage = '{stage}'", order_by=["attributes.start_time ASC"])
 
 
+def one_run(client: MlflowClient, stage: str = "train_adapter"):
+    """The one run of ``stage`` in the store (one job, one run: more is a failure)."""
+    runs = stage_runs(client, stage)
+    assert len(runs) == 1, f"one job, one run: {len(runs)} runs of {stage}"
+    return client.get_run(runs[0].info.run_id)
+
+
 def only_run(client: MlflowClient, stage: str) -> str:
     """The ID of the one run of ``stage`` in the store."""
-    (run,) = stage_runs(client, stage)
-    return run.info.run_id
+    return one_run(client, stage).info.run_id
+
+
+def finished_run(client: MlflowClient) -> str:
+    """A finished two-step tiny train_adapter run in the current store, its lease released at the end: its ID."""
+    from pipeline.engine.cli import EXIT_OK
+    from pipeline.engine.session import run_stage
+    from pipeline.stages.train_adapter import TrainAdapter
+
+    job = [*TINY, "trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]
+    assert run_stage(TrainAdapter, job) == EXIT_OK
+    run_id = stage_runs(client)[0].info.run_id
+    assert not any(key.startswith("lease.") for key in client.get_run(run_id).data.tags)  # released at the end
+    return run_id
+
+
+def attempt_files(client: MlflowClient, run_id: str) -> list[str]:
+    """The attempt records of a run (config/attempt-<n>.yaml), sorted."""
+    return sorted(a.path for a in client.list_artifacts(run_id, "config") if "attempt-" in a.path)
 
 
 def all_runs(client: MlflowClient):

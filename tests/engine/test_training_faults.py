@@ -5,28 +5,15 @@ run whose job died after its last checkpoint. Each ends committed and resumable,
 import signal
 
 import pytest
-from helpers import TINY, loss_history, stage_runs
+from helpers import TINY, loss_history, one_run
 from mlflow import MlflowClient
 
 from pipeline.common import faults
-from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED
+from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
 from pipeline.engine.session import run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 JOB = [*TINY, "trainer.max_steps=8", "checkpoint.save_interval=100", "validation.interval=4"]
-
-
-@pytest.fixture
-def armed():
-    """Arm fault points for one in-process job; always disarmed afterwards."""
-    yield faults.arm
-    faults.disarm()
-
-
-def _run(client):
-    runs = stage_runs(client)
-    assert len(runs) == 1, "one job, one run"
-    return client.get_run(runs[0].info.run_id)
 
 
 @pytest.mark.parametrize("point, sig", [("validation@1", "TERM"), ("samples@1", "INT"), ("validation@1", "HUP")])
@@ -41,7 +28,7 @@ def test_a_stop_signal_during_validation_or_samples_commits_that_step_and_resume
     assert run_stage(TrainAdapter, JOB) == EXIT_STOPPED
     faults.disarm()
     client = MlflowClient()
-    run = _run(client)
+    run = one_run(client)
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "signal"
     assert run.data.tags["checkpoint.latest_step"] == "4"  # the step validated when the signal came
     assert f"SIG{sig} received" in capfd.readouterr().err
@@ -50,7 +37,7 @@ def test_a_stop_signal_during_validation_or_samples_commits_that_step_and_resume
         return  # resuming is the same after each signal
 
     assert run_stage(TrainAdapter, [f"resume_run={run.info.run_id}"]) == EXIT_OK
-    run = _run(client)
+    run = one_run(client)
     assert run.info.status == "FINISHED" and run.data.tags["checkpoint.latest_step"] == "8"
     assert [s for s, _ in loss_history(client, run.info.run_id)] == list(range(1, 9))
 
@@ -61,7 +48,7 @@ def test_a_stop_during_the_final_checkpoint_leaves_the_run_finished(store, armed
         run_stage(TrainAdapter, [*TINY, "trainer.max_steps=4", "checkpoint.save_interval=2", "validation.interval=0"])
         == EXIT_OK
     )
-    run = _run(MlflowClient())
+    run = one_run(MlflowClient())
     assert run.info.status == "FINISHED" and "stopped_by" not in run.data.tags
     assert run.data.tags["checkpoint.latest_step"] == "4"
 
@@ -73,38 +60,14 @@ def test_sighup_is_ignored_when_the_job_runs_under_nohup(store, armed):
         assert run_stage(TrainAdapter, JOB) == EXIT_OK
     finally:
         signal.signal(signal.SIGHUP, previous)
-    run = _run(MlflowClient())
+    run = one_run(MlflowClient())
     assert run.info.status == "FINISHED" and run.data.tags["checkpoint.latest_step"] == "8"
-
-
-@pytest.mark.slow
-def test_a_killed_data_loader_worker_fails_the_job_clearly_and_the_resume_is_exact(
-    store, armed, capfd, tmp_path, monkeypatch
-):
-    job = [*TINY, "trainer.max_steps=8", "checkpoint.save_interval=2", "validation.interval=0", "data.num_workers=1"]
-    assert run_stage(TrainAdapter, job) == EXIT_OK
-    client = MlflowClient()
-    reference = loss_history(client, _run(client).info.run_id)
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/killed.db")
-    armed("data.batch@6=kill")  # the worker SIGKILLs itself while it makes its 6th batch
-    assert run_stage(TrainAdapter, job) == EXIT_FAILED
-    faults.disarm()
-    err = capfd.readouterr().err
-    assert "A data loader worker died" in err and "resume_run=" in err and "Traceback" not in err
-    client = MlflowClient()  # the second store
-    run = _run(client)
-    committed = int(run.data.tags["checkpoint.latest_step"])
-    assert run.info.status == "FAILED" and 2 <= committed < 8
-
-    assert run_stage(TrainAdapter, [f"resume_run={run.info.run_id}"]) == EXIT_OK
-    assert loss_history(client, run.info.run_id) == reference
 
 
 def test_a_run_left_running_after_its_last_checkpoint_is_ended_by_a_resume(store, capfd):
     assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=2", "validation.interval=0"]) == EXIT_OK
     client = MlflowClient()
-    run_id = _run(client).info.run_id
+    run_id = one_run(client).info.run_id
     losses = loss_history(client, run_id)
     assert run_stage(TrainAdapter, [f"resume_run={run_id}"]) == EXIT_BAD_INPUT
     assert "Nothing to train" in capfd.readouterr().err
@@ -161,7 +124,7 @@ def test_an_artifact_store_that_fails_at_the_end_still_ends_the_run(store, armed
     armed("finish.record=raise:ENOSPC")  # the attempt's record (an artifact) cannot be written: a full disk
     assert run_stage(TrainAdapter, [*TINY, "trainer.max_steps=2", "validation.interval=0"]) == EXIT_OK
     assert "could not be updated ([Errno 28] No space left on device" in capfd.readouterr().err
-    run = _run(MlflowClient())
+    run = one_run(MlflowClient())
     assert run.info.status == "FINISHED" and run.data.tags["checkpoint.latest_step"] == "2"
 
 
@@ -173,7 +136,7 @@ def test_a_missing_or_unreadable_latest_step_tag_falls_back_to_what_else_names_t
         == EXIT_OK
     )
     client = MlflowClient()
-    run_id = _run(client).info.run_id
+    run_id = one_run(client).info.run_id
     client.set_tag(run_id, "checkpoint.latest_step", "four")
     assert run_stage(TrainAdapter, [f"resume_run={run_id}", "trainer.max_steps=5"]) == EXIT_OK
     err = capfd.readouterr().err
