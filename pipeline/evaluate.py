@@ -59,7 +59,8 @@ from pipeline.engine.stage import Precision
 from pipeline.engine.tracking import experiment_id, log_dataset_inputs, start_or_adopt_run, ui_url
 from pipeline.inference import metrics as M
 from pipeline.inference import registry
-from pipeline.inference.chain import CHAIN_STAGE, VOCODER_STAGE, load_chain, resolve_chain, stored_steps
+from pipeline.inference.chain import load_chain, resolve_chain
+from pipeline.inference.chain_checkpoints import CHAIN_STAGE, VOCODER_STAGE, stored_steps
 from pipeline.inference.listening import Example, write_listening_page
 from pipeline.inference.summary import describe_evaluation, text_table, verdict
 from pipeline.models.asr import error_counts
