@@ -12,7 +12,8 @@ from helpers import PYTHON, REPO, all_runs, env_for, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError
-from pipeline.main import STEPS, load_main_config, main, step_overrides
+from pipeline.main import load_main_config, main, step_overrides
+from pipeline.ops.chain_steps import STEPS
 
 SHORT = [
     "trainer.max_steps=3",

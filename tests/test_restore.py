@@ -25,7 +25,8 @@ from scipy.signal import resample_poly
 
 from pipeline.data.corpus import read_corpus
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
-from pipeline.inference.chain import RestorationChain, chain_from_run
+from pipeline.inference.chain import RestorationChain
+from pipeline.inference.chain_checkpoints import chain_from_run
 from pipeline.inference.requests import MAX_SECONDS
 from pipeline.restore import run as restore
 

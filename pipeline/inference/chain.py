@@ -2,7 +2,8 @@
 
 A chain is two verified checkpoints: a finetune_vocoder checkpoint (the generator, and in its
 ``model_args`` the encoder preset, adapter and vocoder settings) and the train_adapter checkpoint it
-was fine-tuned on (pinned in its ``inputs`` as ``adapter_run`` and ``adapter_step``). ``restore``,
+was fine-tuned on (pinned in its ``inputs`` as ``adapter_run`` and ``adapter_step``), found in a run or a
+model (pipeline/inference/chain_checkpoints.py; ``resolve_chain``) and loaded (``load_chain``). ``restore``,
 ``evaluate`` and the ``speech-restoration`` MLflow model all load a chain this way.
 
 Long audio is restored in chunks so memory stays bounded: each chunk of ``chunk_seconds`` is run with
@@ -13,13 +14,11 @@ features exist at a time; the input and the output waveforms are held whole.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -31,109 +30,20 @@ from tqdm import tqdm
 
 from pipeline.config import AdapterConfig, EncoderConfig, VocoderConfig
 from pipeline.engine.checkpoint_files import CheckpointError, load_state, verify
-from pipeline.engine.checkpointing import list_checkpoints
-from pipeline.engine.resume import ResumeError, RunCheckpoints, fetch_model, stored_inputs
 from pipeline.engine.stage import Precision
+from pipeline.inference.chain_checkpoints import (
+    ADAPTER_STAGE,
+    CHAIN_STAGE,
+    VOCODER_STAGE,
+    ChainCheckpoints,
+    chain_from_model,
+    chain_from_run,
+    verify_stage,
+)
 from pipeline.inference.requests import MAX_SECONDS, answering, request_audio, resample
 from pipeline.models.adapters import build_adapted_encoder
 from pipeline.models.encoder import encoder_geometry, window
 from pipeline.models.hifigan import Generator
-
-log = logging.getLogger(__name__)
-
-CHAIN_STAGE = "finetune_vocoder"
-VOCODER_STAGE = "pretrain_vocoder"  # its checkpoints make a vocoder-only chain (copy synthesis)
-ADAPTER_STAGE = "train_adapter"
-
-
-@dataclass
-class ChainCheckpoints:
-    """Where a chain's weights are: two verified checkpoint directories and what they came from."""
-
-    adapter_dir: Path | None  # None: a pretrain_vocoder checkpoint, a vocoder-only chain
-    vocoder_dir: Path
-    metadata: dict[str, str]  # run IDs, steps, encoder preset and weights reference
-
-
-def chain_from_run(
-    client: MlflowClient, run_id: str, workdir: Path, which: str | int = "latest", vocoder_only: bool = False
-) -> ChainCheckpoints:
-    """The chain of a finetune_vocoder run: its latest or best committed checkpoint, or the one at step ``which``
-    (an int), and the adapter checkpoint it was fine-tuned on. With ``vocoder_only`` a pretrain_vocoder run is
-    taken too, as a vocoder-only chain (no adapters: copy synthesis only); without it, refused as a run of the
-    wrong stage. ResumeError/CheckpointError say what is wrong."""
-    vocoder = RunCheckpoints(client, run_id, (CHAIN_STAGE, VOCODER_STAGE) if vocoder_only else (CHAIN_STAGE,))
-    step = checkpoint_step(vocoder, which)
-    vocoder_dir = vocoder.download(step, workdir / "vocoder")
-    meta = verify(vocoder_dir)
-    if meta.get("stage") == VOCODER_STAGE:
-        return ChainCheckpoints(None, vocoder_dir, chain_metadata(meta, run_id, step, "", None))
-    inputs = stored_inputs(meta)
-    adapter_run = inputs.get("adapter_run") or meta["model_args"].get("adapter_run")
-    if not adapter_run:
-        raise ResumeError(f"Run {run_id} checkpoint step {step} does not name the adapter run it was fine-tuned on")
-    adapter = RunCheckpoints(client, adapter_run, (ADAPTER_STAGE,), "adapter_run")
-    adapter_step = (
-        int(inputs["adapter_step"]) if "adapter_step" in inputs else adapter.require_committed("restore with")
-    )
-    if "adapter_step" not in inputs:  # written before adapter checkpoints were pinned
-        log.warning(
-            "Run %s does not pin its adapter checkpoint; using adapter run %s's latest (step %d)",
-            run_id,
-            adapter_run,
-            adapter_step,
-        )
-    adapter_dir = adapter.download(adapter_step, workdir / "adapter")
-    verify(adapter_dir)
-    return ChainCheckpoints(adapter_dir, vocoder_dir, chain_metadata(meta, run_id, step, adapter_run, adapter_step))
-
-
-def checkpoint_step(run: RunCheckpoints, which: str | int) -> int:
-    """The step ``which`` names in ``run``: ``latest``, ``best`` (the latest when nothing is scored) or a
-    step number that must still be stored (the refusal lists the stored ones)."""
-    latest = run.require_committed("restore with")
-    if which == "latest":
-        return latest
-    if which == "best":
-        best = run.best_step()
-        return best if best is not None else latest
-    return stored_steps(run, [int(which)])[0]
-
-
-def stored_steps(run: RunCheckpoints, wanted: list[int]) -> list[int]:
-    """``wanted``, each of which ``run`` must still store; the refusal names the missing and the stored steps."""
-    stored = list_checkpoints(run.client, run.run_id)
-    missing = [step for step in wanted if step not in stored]
-    if missing:
-        raise ResumeError(
-            f"Run {run.run_id} has no stored checkpoint at step {', '.join(map(str, missing))}; stored "
-            f"steps: {', '.join(map(str, stored))} (retention keeps checkpoint.keep_last_n and "
-            "keep_best_k: raise them in training to keep a learning curve's checkpoints)"
-        )
-    return wanted
-
-
-def chain_metadata(
-    meta: dict[str, Any], run_id: str, step: int, adapter_run: str, adapter_step: int | None
-) -> dict[str, str]:
-    ssl = meta["model_args"]["ssl"]
-    return {
-        "vocoder_run": run_id,
-        "vocoder_step": str(step),
-        "adapter_run": adapter_run,
-        "adapter_step": "" if adapter_step is None else str(adapter_step),
-        "encoder": ssl["name"],
-        "encoder_layer": str(ssl["layer"]),
-        "encoder_weights": str(ssl.get("weights") or "(seeded random initialisation)"),
-        "vocoder": meta["model_args"]["vocoder"]["name"],
-    }
-
-
-def _checked(directory: Path, stage: str) -> dict[str, Any]:
-    meta = verify(directory)
-    if meta.get("stage") != stage:
-        raise CheckpointError(f"Checkpoint {directory} was written by stage {meta.get('stage')!r}, not {stage!r}")
-    return meta
 
 
 @dataclass(frozen=True)
@@ -219,8 +129,8 @@ class RestorationChain:
         """The chain of a verified finetune_vocoder checkpoint and the train_adapter checkpoint it was
         fine-tuned on (weights loaded with ``weights_only=True``); ``options`` are the chunking settings.
         ``adapter_dir=None`` with a pretrain_vocoder checkpoint: a vocoder-only chain, for copy synthesis."""
-        vocoder_meta = _checked(vocoder_dir, CHAIN_STAGE if adapter_dir is not None else VOCODER_STAGE)
-        adapter_meta = _checked(adapter_dir, ADAPTER_STAGE) if adapter_dir is not None else None
+        vocoder_meta = verify_stage(vocoder_dir, CHAIN_STAGE if adapter_dir is not None else VOCODER_STAGE)
+        adapter_meta = verify_stage(adapter_dir, ADAPTER_STAGE) if adapter_dir is not None else None
         args = vocoder_meta["model_args"]
         ssl = OmegaConf.merge(OmegaConf.structured(EncoderConfig), args["ssl"])
         if ssl_weights:
@@ -334,25 +244,6 @@ class RestorationChain:
 
 def load_chain(source: ChainCheckpoints, precision: Precision | None = None, **options) -> RestorationChain:
     return RestorationChain.from_checkpoints(source.adapter_dir, source.vocoder_dir, precision, **options)
-
-
-def chain_from_model(uri: str, workdir: Path) -> ChainCheckpoints:
-    """The checkpoints inside a ``speech-restoration`` model (``models:/<name>/<v>``, ``runs:/<id>/model``
-    or a local model directory)."""
-    from mlflow.models import Model
-
-    path = fetch_model(uri, workdir)
-
-    try:
-        model = Model.load(str(path / "MLmodel"))
-        artifacts = model.flavors["python_function"]["artifacts"]
-        adapter, vocoder = path / artifacts["adapter"]["path"], path / artifacts["vocoder"]["path"]
-    except Exception:  # no MLmodel, another kind of model
-        raise ResumeError(
-            f"{uri} is not a speech-restoration model (an MLmodel with adapter and vocoder "
-            "checkpoints, as finetune_vocoder logs it)"
-        ) from None
-    return ChainCheckpoints(adapter, vocoder, dict(model.metadata or {}))
 
 
 def resolve_chain(

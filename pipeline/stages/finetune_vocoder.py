@@ -164,7 +164,8 @@ class FinetuneVocoder(VocoderStage):
     def export_model(self, checkpoint_dir: Path, out_dir: Path) -> bool:
         """The restoration chain (pipeline/inference/chain.py): this checkpoint's generator with the pinned
         adapter checkpoint, as one MLflow model."""
-        from pipeline.inference.chain import ADAPTER_STAGE, ChainCheckpoints, chain_metadata, save_chain_model
+        from pipeline.inference.chain import save_chain_model
+        from pipeline.inference.chain_checkpoints import ADAPTER_STAGE, ChainCheckpoints, chain_metadata
 
         meta = verify(checkpoint_dir)
         step = int(self.inputs["adapter_step"])
