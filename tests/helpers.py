@@ -68,6 +68,10 @@ TINY_ASR = [
     "tracking.flush_seconds=0.2",
     "tracking.stop_poll_seconds=0.5",
 ]
+# the stage a tiny sweep tunes: 9 steps, validated every 3
+SWEEP_STAGE = [*TINY, "trainer.max_steps=9", "validation.interval=3", "checkpoint.save_interval=9"]
+# clean_corpus in small, quick batches with a small listening page
+CLEAN_FAST = ["files_per_batch=2", "commit_seconds=0.2", "listen_random=1", "listen_lowest=1"]
 # prepare_data's small job: two variants of two examples, shards of 10
 PREPARE_SMALL = ["variants=2", "shard_size=10", "data.val_size=4", "examples=2"]
 DEMO_WAV = REPO / "pipeline" / "data" / "demo" / "wavs" / "DEMO-0001.wav"  # one file of the embedded corpus
@@ -306,3 +310,47 @@ def _move_store(db: Path, old: str, new: str) -> None:
                         f'UPDATE "{table}" SET "{name}" = REPLACE("{name}", ?, ?) WHERE "{name}" LIKE ?',
                         (old, new, f"%{old}%"),
                     )
+
+
+def demo_wave(index: int = 0):
+    """One file of the embedded demo corpus: (float32 samples, sample rate)."""
+    import soundfile as sf
+
+    from pipeline.data.corpus import read_corpus
+
+    return sf.read(str(read_corpus("ljspeech", None)[index].path), dtype="float32")
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory so far (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+
+
+def http_status(url: str) -> int:
+    """The status of a GET of ``url``; 0 when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(url, timeout=5).status
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def post_json(url: str, request, timeout: float = 120) -> tuple[int, object]:
+    """POST ``request`` (JSON, or a string sent as it is) to ``url``: the status and the decoded answer."""
+    import urllib.error
+    import urllib.request
+
+    data = request if isinstance(request, str) else json.dumps(request)
+    req = urllib.request.Request(url, data=data.encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        text = err.read().decode()
+        try:
+            return err.code, json.loads(text)
+        except ValueError:
+            return err.code, text

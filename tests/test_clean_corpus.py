@@ -13,12 +13,11 @@ import pandas as pd
 import psutil
 import pytest
 import soundfile as sf
-from helpers import PYTHON, env_for, free_port, mlflow_run, snapshot, wait_for
+from helpers import CLEAN_FAST, PYTHON, demo_wave, env_for, free_port, mlflow_run, snapshot, wait_for
 from mlflow import MlflowClient
 from scipy.signal import resample_poly
 
 from pipeline.clean_corpus import run as clean_corpus
-from pipeline.data.corpus import read_corpus
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED, EXIT_STORAGE
 from pipeline.inference.batched import BATCH_TOLERANCE
 from pipeline.inference.cleaning.manifest import KeepConfig, committed_rows, keep_column
@@ -28,18 +27,13 @@ pytestmark = pytest.mark.slow
 PCM16_STEP = 1 / 32768
 # a padded batch equals one-by-one restoration within BATCH_TOLERANCE; both are then rounded to 16 bits
 SAME_SAMPLES = BATCH_TOLERANCE + 2 * PCM16_STEP
-FAST = ["files_per_batch=2", "commit_seconds=0.2", "listen_random=1", "listen_lowest=1"]
-
-
-def demo(index: int) -> tuple[np.ndarray, int]:
-    return sf.read(str(read_corpus("ljspeech", None)[index].path), dtype="float32")
 
 
 def mixed_corpus(root: Path) -> Path:
     """A nested tree: 16 kHz mono, 44.1 kHz stereo FLAC, 8 kHz OGG, a silent and a broken file."""
     (root / "sub" / "deeper").mkdir(parents=True)
-    clean, rate = demo(0)
-    other, _ = demo(1)
+    clean, rate = demo_wave(0)
+    other, _ = demo_wave(1)
     sf.write(root / "a.wav", clean, rate)
     sf.write(root / "short.wav", other[: rate * 2], rate)
     stereo = np.stack([resample_poly(other, 441, 160), 0.5 * resample_poly(other, 441, 160)], axis=1)
@@ -79,7 +73,7 @@ def test_a_mixed_tree_is_cleaned_into_a_complete_manifest_equal_to_restore(chain
         f"output={out}",
         "keep.min_seconds=2.5",
         "keep.min_speaker_similarity=-1",
-        *FAST,
+        *CLEAN_FAST,
     ]
     sigterm = signal.getsignal(signal.SIGTERM)
     assert clean_corpus(argv) == EXIT_OK
@@ -160,10 +154,10 @@ def test_keep_is_exactly_the_rows_meeting_every_threshold():
 def test_a_job_killed_with_its_workers_is_finished_by_resume_run_each_input_once(chain, tmp_path):
     source, out = tmp_path / "many", tmp_path / "clean"
     source.mkdir()
-    clean, rate = demo(2)
+    clean, rate = demo_wave(2)
     for i in range(24):  # short files in many batches, so the kill lands between two commits
         sf.write(source / f"utt{i:02d}.wav", clean[i * 100 : i * 100 + int(1.3 * rate)], rate)
-    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST]
+    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *CLEAN_FAST]
     job = subprocess.Popen(
         [PYTHON, "-m", "pipeline.clean_corpus", *argv],
         cwd=chain["dir"],
@@ -223,7 +217,7 @@ def test_a_job_killed_with_its_workers_is_finished_by_resume_run_each_input_once
 
 
 def test_s3_input_and_output_through_a_moto_server_with_mlflow_run(chain, s3, tmp_path):
-    clean, rate = demo(3)
+    clean, rate = demo_wave(3)
     for name in ("in/a.wav", "in/sub/b.wav"):
         buffer = tmp_path / "x.wav"
         sf.write(buffer, clean, rate)
@@ -233,7 +227,7 @@ def test_s3_input_and_output_through_a_moto_server_with_mlflow_run(chain, s3, tm
         f"run_id={chain['finetune']}",
         "input=s3://test-bucket/in/",
         "output=s3://test-bucket/out",
-        f"options=format=flac scores=false {' '.join(FAST)}",
+        f"options=format=flac scores=false {' '.join(CLEAN_FAST)}",
         entry="clean_corpus",
         timeout=600,
     )
@@ -321,7 +315,7 @@ def test_a_resume_replaces_only_files_the_job_wrote_and_nothing_is_written_throu
     source, out, elsewhere = tmp_path / "crawl", tmp_path / "clean", tmp_path / "elsewhere"
     (source / "sub").mkdir(parents=True)
     elsewhere.mkdir()
-    clean, rate = demo(2)
+    clean, rate = demo_wave(2)
     names = [f"utt{i:03d}.wav" for i in range(5)] + ["sub/x.wav"]
     for i, name in enumerate(names):
         sf.write(source / name, clean[i * 100 : i * 100 + int(1.3 * rate)], rate)
@@ -329,7 +323,7 @@ def test_a_resume_replaces_only_files_the_job_wrote_and_nothing_is_written_throu
     sf.write(out / "utt000.wav", np.zeros(8000, dtype=np.float32), 8000)  # the user's own file
     theirs = (out / "utt000.wav").read_bytes()
     (out / "sub").symlink_to(elsewhere)  # a symlink inside the output tree
-    job = start_job(chain, [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST])
+    job = start_job(chain, [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *CLEAN_FAST])
     client = MlflowClient()
 
     def running():
@@ -378,11 +372,11 @@ def test_a_full_output_disk_stops_the_job_cleanly_and_a_resume_after_space_is_fr
     mount, remount = small_disk
     source, out = tmp_path / "crawl", mount / "clean"
     source.mkdir()
-    clean, rate = demo(2)
+    clean, rate = demo_wave(2)
     names = [f"utt{i:02d}.wav" for i in range(16)]
     for i, name in enumerate(names):
         sf.write(source / name, clean[i * 100 : i * 100 + int(1.3 * rate)], rate)
-    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "scores=false", *FAST]
+    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "scores=false", *CLEAN_FAST]
     capfd.readouterr()
     assert clean_corpus(argv) == EXIT_STORAGE
     err = capfd.readouterr().err
@@ -413,7 +407,7 @@ def test_a_completely_full_output_disk_restores_nothing_and_loses_nothing(chain,
     source, out = tmp_path / "crawl", mount / "clean"
     source.mkdir()
     out.mkdir()
-    clean, rate = demo(3)
+    clean, rate = demo_wave(3)
     names = [f"utt{i}.wav" for i in range(3)]
     for i, name in enumerate(names):
         sf.write(source / name, clean[i * 100 : i * 100 + rate], rate)
@@ -426,7 +420,7 @@ def test_a_completely_full_output_disk_restores_nothing_and_loses_nothing(chain,
             pass
     capfd.readouterr()
     assert (
-        clean_corpus([f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "scores=false", *FAST])
+        clean_corpus([f"run_id={chain['finetune']}", f"input={source}", f"output={out}", "scores=false", *CLEAN_FAST])
         == EXIT_STORAGE
     )
     err = capfd.readouterr().err

@@ -15,7 +15,7 @@ import pandas as pd
 import psutil
 import pytest
 import soundfile as sf
-from helpers import PYTHON, env_for, wait_for
+from helpers import CLEAN_FAST, PYTHON, demo_wave, env_for, wait_for
 
 from pipeline.data.corpus import read_corpus
 from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
@@ -23,17 +23,17 @@ from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
 
-FAST = ["files_per_batch=2", "commit_seconds=0.2", "scores=false", "listen_random=1", "listen_lowest=1"]
+CLEAN_FAST = ["files_per_batch=2", "commit_seconds=0.2", "scores=false", "listen_random=1", "listen_lowest=1"]
 RESTORER = "MapBatches(Restorer)"  # in the actor's process title: ray::MapWorker(MapBatches(Restorer))
 
 
-def demo(index: int) -> tuple[np.ndarray, int]:
+def demo_wave(index: int) -> tuple[np.ndarray, int]:
     return sf.read(str(read_corpus("ljspeech", None)[index].path), dtype="float32")
 
 
 def short_files(root: Path, count: int) -> Path:
     root.mkdir(parents=True)
-    clean, rate = demo(2)
+    clean, rate = demo_wave(2)
     for i in range(count):
         sf.write(root / f"utt{i:02d}.wav", clean[i * 100 : i * 100 + int(1.3 * rate)], rate)
     return root
@@ -110,7 +110,7 @@ def end_of_job(job: subprocess.Popen, timeout: float = 600) -> int:
 
 def test_a_restore_actor_killed_mid_batch_leaves_every_input_restored_once(chain, tmp_path):
     source, out = short_files(tmp_path / "many", 12), tmp_path / "clean"
-    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST]
+    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *CLEAN_FAST]
     job_log = tmp_path / "job.log"
     # the restore actor stops itself in its second batch (one batch restored before): SIGKILL it there
     job = start_job(chain, argv, job_log, faults="clean.restore@2=stop")
@@ -161,7 +161,7 @@ PEAK_PSS_BOUND_MIB = 12 * 1024  # measured: 3.4 GiB PSS summed over the job's pr
 
 def long_input(path: Path, seconds: int, rate: int = 16000) -> None:
     """Demo utterances one after another, with a little noise, as one 16 kHz 16-bit WAV."""
-    utterances = [demo(i)[0] for i in range(4)]
+    utterances = [demo_wave(i)[0] for i in range(4)]
     audio = np.concatenate(utterances)
     audio = np.tile(audio, seconds * rate // len(audio) + 1)[: seconds * rate]
     audio = audio + np.random.default_rng(0).normal(0, 1e-3, len(audio)).astype(np.float32)
@@ -301,7 +301,7 @@ def test_a_second_raylet_killed_mid_job_leaves_every_input_restored_once(chain, 
         f"output={out}",
         f"ray_address={two_raylets['address']}",
         "workers=2",
-        *FAST,
+        *CLEAN_FAST,
     ]  # two restore actors of 1 CPU each and a scorer: the head alone cannot hold them
     job_log = tmp_path / "job.log"
     env = {**two_raylets["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{chain['dir']}/mlflow.db"}
@@ -365,7 +365,7 @@ def test_one_sigterm_stops_a_job_whose_pipeline_delivers_nothing(chain, tmp_path
     job_log = tmp_path / "job.log"
     job = start_job(
         chain,
-        [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST],
+        [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *CLEAN_FAST],
         job_log,
         faults="clean.restore=sleep:600",
     )

@@ -10,9 +10,8 @@ import time
 import psutil
 import pytest
 import soundfile as sf
-from helpers import PYTHON, env_for, wait_for
+from helpers import CLEAN_FAST, PYTHON, demo_wave, env_for, wait_for
 from mlflow import MlflowClient
-from test_clean_corpus import FAST, demo
 
 from pipeline.inference.cleaning.reaper import MARKER_ENV
 
@@ -172,10 +171,10 @@ def test_the_reaper_also_ends_a_process_it_never_saw_that_writes_into_the_ray_se
 def test_a_killed_drivers_local_ray_ends_within_seconds(chain, tmp_path):
     source, out = tmp_path / "short", tmp_path / "clean"
     source.mkdir()
-    clean, rate = demo(2)
+    clean, rate = demo_wave(2)
     for i in range(12):  # more batches than the first commit needs: the job is busy when its driver is killed
         sf.write(source / f"utt{i:02d}.wav", clean[i * 100 : i * 100 + int(1.3 * rate)], rate)
-    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *FAST]
+    argv = [f"run_id={chain['finetune']}", f"input={source}", f"output={out}", *CLEAN_FAST]
     log = tmp_path / "job.log"
     with open(log, "wb") as job_log:
         job = subprocess.Popen(

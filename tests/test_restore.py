@@ -2,37 +2,23 @@
 
 from __future__ import annotations
 
-import base64
-import errno
-import io
 import json
 import os
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
 import soundfile as sf
 import torch
-from helpers import REPO, VENV_BIN, env_for, free_port, snapshot, wait_for
+from helpers import demo_wave, snapshot
 from mlflow import MlflowClient
 from scipy.signal import resample_poly
 
-from pipeline.data.corpus import read_corpus
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
 from pipeline.inference.chain import RestorationChain
 from pipeline.inference.chain_checkpoints import chain_from_run
-from pipeline.inference.requests import MAX_SECONDS
 from pipeline.restore import run as restore
-
-
-def demo_wave(index: int = 0) -> tuple[np.ndarray, int]:
-    return sf.read(str(read_corpus("ljspeech", None)[index].path), dtype="float32")
 
 
 def test_restore_a_file_tree_of_mixed_rates_and_channels_skipping_bad_files(chain, tmp_path, capfd):
@@ -158,134 +144,6 @@ def test_bad_input_is_refused_with_one_message_and_nothing_written(chain, tmp_pa
     assert snapshot(client) == before
 
 
-@pytest.mark.slow
-def test_served_chain_restores_requests_and_answers_bad_ones_with_400(chain, tmp_path):
-    """The run's model/ registered as speech-restoration, served by a real `mlflow models serve`: float
-    samples and WAV/FLAC bytes are restored, a path on the server is refused without being opened, a bad
-    request gets a 4xx with one short message that names no server path and holds no traceback, an odd
-    sample rate is resampled in bounded memory; and the restore entry point through `mlflow run`."""
-    import mlflow
-
-    version = mlflow.register_model(f"runs:/{chain['finetune']}/model", "speech-restoration").version
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            str(Path(VENV_BIN) / "mlflow"),
-            "models",
-            "serve",
-            "-m",
-            f"models:/speech-restoration/{version}",
-            "--env-manager",
-            "local",
-            "-p",
-            str(port),
-        ],
-        cwd=REPO,
-        env=env_for(chain["dir"]),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_for(lambda: _get(f"http://127.0.0.1:{port}/ping") == 200, timeout=120, what="the model server")
-        url = f"http://127.0.0.1:{port}/invocations"
-        clean, _ = demo_wave()
-        stereo_44k = np.stack([resample_poly(clean[:8000], 441, 160)] * 2, axis=1)
-        status, body = _post(
-            url,
-            {
-                "dataframe_records": [
-                    {"audio": clean[:8000].tolist(), "sample_rate": 16000},
-                    {"audio": clean[:4000:2].tolist(), "sample_rate": 8000},
-                    {"audio_base64": _encoded(stereo_44k, 44100, "WAV")},
-                    {"audio_base64": _encoded(clean[:8000], 16000, "FLAC")},
-                ]
-            },
-        )
-        assert status == 200, body
-        rows = body["predictions"]
-        assert [len(r["audio"]) for r in rows] == [8000, 4000, 8000, 8000] and {r["sample_rate"] for r in rows} == {
-            16000
-        }
-        assert all(np.isfinite(r["audio"]).all() for r in rows)
-        assert np.corrcoef(rows[0]["audio"], rows[3]["audio"])[0, 1] > 0.99  # the FLAC is the same audio
-
-        worker = _model_process(server)
-        peak = _peak_rss(worker)
-        status, body = _post(url, {"dataframe_records": [{"audio": clean[:16001].tolist(), "sample_rate": 16001}]})
-        assert status == 200 and len(body["predictions"][0]["audio"]) == 16000, str(body)[:300]
-        assert _peak_rss(worker) < peak + 2**29  # a bounded filter; torchaudio's 16001 -> 16000 Hz kernel is 4.8 GiB
-
-        recording = tmp_path / "private.wav"  # a recording beside the server
-        sf.write(recording, clean, 16000)
-        fifo = tmp_path / "pipe.wav"  # opening it for reading would block until someone writes
-        os.mkfifo(fifo)
-        hidden = [str(tmp_path), str(REPO), sys.prefix, "site-packages", "Traceback", "Failed to predict data"]
-        bad = [
-            ({"dataframe_records": [{"path": str(recording)}]}, "does not read files"),
-            ({"dataframe_records": [{"path": str(fifo)}]}, "does not read files"),
-            ({"dataframe_records": [{"path": str(tmp_path / "missing.wav")}]}, "does not read files"),
-            ({"dataframe_records": [{"audio": [], "sample_rate": 16000}]}, "audio is empty"),
-            ('{"dataframe_records": [{"audio": [NaN, 0.1], "sample_rate": 16000}]}', "NaN"),
-            ({"dataframe_records": [{"audio": "hello", "sample_rate": 16000}]}, "audio must be a list"),
-            ({"dataframe_records": [{"audio": [0.1] * 100, "sample_rate": 16000.5}]}, "whole number"),
-            ({"dataframe_records": [{"audio": [0.1] * 100, "sample_rate": "fast"}]}, "sample_rate"),
-            ({"dataframe_records": [{"audio": [0.1] * 300, "sample_rate": 1}]}, "from 8000 to 192000"),
-            ({"dataframe_records": [{"audio": [0.1] * 100, "sample_rate": 1e308}]}, "from 8000 to 192000"),
-            ({"dataframe_records": [{"audio": [0.1] * 100, "sample_rate": 192001}]}, "from 8000 to 192000"),
-            (
-                {"dataframe_records": [{"audio": [0.1] * int(16000 * (MAX_SECONDS + 1)), "sample_rate": 16000}]},
-                "longer than",
-            ),
-            ({"dataframe_records": [{"audio_base64": _encoded(clean[:4000], 4000, "WAV")}]}, "from 8000 to 192000"),
-            ({"dataframe_records": [{"audio_base64": _encoded(np.zeros((800, 3)), 16000, "WAV")}]}, "3 channels"),
-            ({"dataframe_records": [{"audio_base64": _encoded(clean[:8000], 16000, "OGG")}]}, "not a WAV or FLAC"),
-            ({"dataframe_records": [{"audio_base64": base64.b64encode(b"RIFF not audio").decode()}]}, "not a readable"),
-            ({"dataframe_records": [{"audio_base64": "%%%"}]}, "not valid base64"),
-            ({"dataframe_records": [{"something": 1}]}, "audio_base64"),
-            ("not json", "JSON"),
-        ]
-        for request, message in bad:
-            status, body = _post(url, request, timeout=60)
-            text = json.dumps(body)
-            assert 400 <= status < 500 and message in text, (status, text[:300])
-            assert not any(word in text for word in hidden), text[:300]
-        with pytest.raises(OSError) as no_reader:  # nobody has the FIFO open: the server never opened it
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        assert no_reader.value.errno == errno.ENXIO
-        status, body = _post(url, {"dataframe_records": [{"audio": clean[:1600].tolist(), "sample_rate": 16000}]})
-        assert status == 200 and len(body["predictions"][0]["audio"]) == 1600  # still serving
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-    clean, rate = demo_wave()
-    sf.write(tmp_path / "clip.wav", clean, rate)
-    done = subprocess.run(
-        [
-            str(Path(VENV_BIN) / "mlflow"),
-            "run",
-            str(REPO),
-            "-e",
-            "restore",
-            "--env-manager",
-            "local",
-            "-P",
-            f"model_uri=models:/speech-restoration/{version}",
-            "-P",
-            f"input={tmp_path / 'clip.wav'}",
-            "-P",
-            f"output={tmp_path / 'restored'}",
-        ],
-        cwd=tmp_path,
-        env=env_for(chain["dir"]),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert sf.info(str(tmp_path / "restored" / "clip.wav")).duration == pytest.approx(len(clean) / rate, abs=0.01)
-
-
 def test_the_model_reads_paths_only_when_its_config_allows_it_and_answers_one_channel(chain, tmp_path):
     """`path` is for local use, `mlflow.pyfunc.load_model(uri, model_config={"allow_paths": True})`; the model as
     logged (as `mlflow models serve` loads it) refuses it. A stereo file comes back as one channel (its mix),
@@ -317,46 +175,6 @@ def test_the_model_reads_paths_only_when_its_config_allows_it_and_answers_one_ch
         "error_code": "INTERNAL_ERROR",
         "message": "the model failed to restore this request; the server's log says why",
     }
-
-
-def _encoded(wave: np.ndarray, rate: int, file_format: str) -> str:
-    """An audio file's bytes, base64-encoded: what a request's audio_base64 carries."""
-    buffer = io.BytesIO()
-    sf.write(buffer, wave, rate, format=file_format)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _model_process(server: subprocess.Popen) -> int:
-    """The process of `mlflow models serve` that holds the model (its uvicorn child)."""
-    [worker] = [p for p in psutil.Process(server.pid).children(recursive=True) if "uvicorn" in " ".join(p.cmdline())]
-    return worker.pid
-
-
-def _peak_rss(pid: int) -> int:
-    """A process's peak resident memory so far (VmHWM), in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
-
-
-def _get(url: str) -> int:
-    try:
-        return urllib.request.urlopen(url, timeout=5).status
-    except (urllib.error.URLError, OSError):
-        return 0
-
-
-def _post(url: str, request, timeout: float = 120) -> tuple[int, object]:
-    data = request if isinstance(request, str) else json.dumps(request)
-    req = urllib.request.Request(url, data=data.encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        text = err.read().decode()
-        try:
-            return err.code, json.loads(text)
-        except ValueError:
-            return err.code, text
 
 
 def test_the_chain_is_a_logged_model_of_its_run_in_the_models_tab(chain):

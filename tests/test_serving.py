@@ -10,8 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from helpers import PYTHON, REPO, env_for, free_port, wait_for
-from test_restore import _get, _peak_rss, _post, demo_wave
+from helpers import PYTHON, REPO, demo_wave, env_for, free_port, http_status, peak_rss, post_json, wait_for
 
 LIMIT_MB = 1  # the server's --max-body-mb in this test
 MB = 1024 * 1024
@@ -45,7 +44,7 @@ def test_the_server_refuses_large_and_non_json_bodies_before_reading_them(chain,
         )
     try:
         wait_for(
-            lambda: _get(f"http://127.0.0.1:{port}/ping") == 200,
+            lambda: http_status(f"http://127.0.0.1:{port}/ping") == 200,
             timeout=120,
             what="the model server",
             proc=server,
@@ -53,9 +52,9 @@ def test_the_server_refuses_large_and_non_json_bodies_before_reading_them(chain,
         )
         url = f"http://127.0.0.1:{port}/invocations"
         clean, _ = demo_wave()
-        status, body = _post(url, {"dataframe_records": [{"audio": clean[:8000].tolist(), "sample_rate": 16000}]})
+        status, body = post_json(url, {"dataframe_records": [{"audio": clean[:8000].tolist(), "sample_rate": 16000}]})
         assert status == 200 and len(body["predictions"][0]["audio"]) == 8000, str(body)[:300]
-        peak = _peak_rss(server.pid)
+        peak = peak_rss(server.pid)
 
         declared = 512 * MB
         status, answer, sent = _send(port, f"Content-Length: {declared}", [])
@@ -64,7 +63,7 @@ def test_the_server_refuses_large_and_non_json_bodies_before_reading_them(chain,
         status, answer, sent = _send(port, "Transfer-Encoding: chunked", _chunks(offered))
         assert status == 413 and f"limit of {LIMIT_MB} MB" in answer["message"], answer
         assert sent < offered // 4  # the server stopped reading
-        assert _peak_rss(server.pid) < peak + 32 * MB  # nothing near the body sizes (512 MB, 256 MB)
+        assert peak_rss(server.pid) < peak + 32 * MB  # nothing near the body sizes (512 MB, 256 MB)
 
         for content_type in ("text/csv", "application/vnd.apache.parquet", "text/plain"):
             request = urllib.request.Request(
@@ -74,7 +73,7 @@ def test_the_server_refuses_large_and_non_json_bodies_before_reading_them(chain,
             assert status == 415 and "application/json" in answer["message"], (content_type, answer)
             assert "Traceback" not in json.dumps(answer) and "stack_trace" not in answer
 
-        status, body = _post(url, {"dataframe_records": [{"audio": clean[:1600].tolist(), "sample_rate": 16000}]})
+        status, body = post_json(url, {"dataframe_records": [{"audio": clean[:1600].tolist(), "sample_rate": 16000}]})
         assert status == 200 and len(body["predictions"][0]["audio"]) == 1600  # still serving
         assert "Refused a request with 413" in log.read_text()
     finally:
