@@ -11,7 +11,6 @@ from helpers import FAKE_RUN_ID, REPO, VENV_BIN, env_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
 def test_mlflow_run_of_evaluate_with_run_id_alone_looks_for_the_run(tmp_path):
     """The shortest documented form, through a real `mlflow run`: it gets as far as looking the run up."""
     done = subprocess.run(

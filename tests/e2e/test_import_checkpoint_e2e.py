@@ -25,7 +25,6 @@ from mlflow import MlflowClient
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
 def test_mlflow_run_entry_point_imports_into_its_own_run(store, mhubert):
     from helpers import mlflow_run
 

@@ -15,7 +15,6 @@ from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
 def test_two_resumes_started_together_one_trains_the_other_is_refused(store):
     client = MlflowClient()
     run_id = finished_run(client)
@@ -67,7 +66,6 @@ def _store_state(client: MlflowClient, run_id: str, workdir) -> dict:
     }
 
 
-@pytest.mark.slow
 def test_a_paused_holder_taken_over_writes_nothing_when_it_continues(tracking_server, tmp_path, monkeypatch):
     """SIGSTOP a job past its lease timeout, let a resume with another LR take the run over and finish it, then
     SIGCONT the first job: it must not commit its pending checkpoint, log a metric or touch the run. (Through a

@@ -44,7 +44,6 @@ def _main(project: Path, workdir: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
 def test_main_twice_trains_the_chain_once_then_reuses_every_step(store):
     project = _project_copy(store)
     first = _main(project, store)

@@ -8,7 +8,6 @@ from mlflow import MlflowClient
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
 def test_exact_resume_while_reading_shards_with_two_workers(store, shards):
     import signal
     import subprocess

@@ -23,7 +23,6 @@ from pipeline.inference.requests import MAX_SECONDS
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
 def test_served_chain_restores_requests_and_answers_bad_ones_with_400(chain, tmp_path):
     """The run's model/ registered as speech-restoration, served by a real `mlflow models serve`: float
     samples and WAV/FLAC bytes are restored, a path on the server is refused without being opened, a bad

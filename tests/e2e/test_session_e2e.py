@@ -11,7 +11,6 @@ from pipeline.stages.train_adapter import TrainAdapter
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
 def test_a_crash_while_a_snapshot_is_written_leaves_the_previous_checkpoint_latest_and_resumes_exactly(store):
     """SIGKILL inside the second checkpoint's serialization (a fault point armed from the environment):
     the first checkpoint stays the latest, nothing half-written is listed or left in staging, and the

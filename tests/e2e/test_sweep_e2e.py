@@ -31,7 +31,6 @@ def _sweep_cmd(storage: str, n_trials: int, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.slow
 def test_two_workers_share_one_study_in_postgresql(tmp_path, postgres):
     url, createdb = postgres
     createdb("optuna")
@@ -72,7 +71,6 @@ def test_two_workers_share_one_study_in_postgresql(tmp_path, postgres):
     assert all(n >= 1 for n in ran) and sum(ran) == 6, ran
 
 
-@pytest.mark.slow
 def test_killed_sweep_continues_and_the_killed_trial_resumes_in_its_own_run(tmp_path):
     """SIGTERM to `mlflow run -e sweep` only (the launcher, as `timeout` sends it) stops the trial with a
     checkpoint and leaves no process behind; the same command again continues the study."""
@@ -144,7 +142,6 @@ def test_killed_sweep_continues_and_the_killed_trial_resumes_in_its_own_run(tmp_
     assert parent.info.status == "FINISHED"
 
 
-@pytest.mark.slow
 def test_crashed_worker_trial_is_found_stale_and_resumed_in_its_own_run(tmp_path):
     """SIGKILL (no chance to clean up): Optuna's heartbeat marks the trial stale, the next worker
     re-queues it, and it resumes from its last committed checkpoint. The steps logged after that

@@ -45,7 +45,6 @@ def _mlflow_run(workdir: Path, entry: str, *params: str) -> subprocess.Completed
     return subprocess.run(cmd, cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
 def test_sigterm_then_mlflow_run_resume_is_bit_identical_and_transcribe_runs(store):
     steps = ["trainer.epochs=10", "validation.interval=5", "checkpoint.save_interval=3"]
     reference = subprocess.run(

@@ -12,7 +12,6 @@ from pipeline.stages.train_adapter import TrainAdapter
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
 def test_a_killed_data_loader_worker_fails_the_job_clearly_and_the_resume_is_exact(
     store, armed, capfd, tmp_path, monkeypatch
 ):

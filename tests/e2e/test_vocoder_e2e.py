@@ -26,7 +26,6 @@ from pipeline.engine.cli import EXIT_OK, EXIT_STOPPED
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
 def test_sigterm_then_resume_gives_bit_identical_gan_losses(store):
     steps = ["trainer.max_steps=16", "checkpoint.save_interval=5", "validation.interval=6", "validation.num_samples=1"]
     reference = start_stage(store, "pretrain_vocoder", *TINY_VOCODER, *steps)
