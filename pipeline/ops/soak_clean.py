@@ -4,21 +4,21 @@ a job that never stopped.
     python -m pipeline.ops.soak --job clean_corpus --kills 20 --seed 1 [--files 20] [--workdir DIR]
         [--chain-run <finetune_vocoder run> --tracking-uri <its store>]
 
-A corpus of ``--files`` short files (1.3 s of the demo corpus each) is cleaned by a tiny chain (``--chain-run``,
-or one trained first in the work directory as the tests' ``chain`` fixture trains it): restore only
-(``scores=false``), two files per batch, each batch made 0.5 s slower at the ``clean.restore`` fault point (as a
-real chain is slower than the tiny one) so that kills fall among batches in flight, rows committed every 0.2 s.
-First an uninterrupted job of the same corpus runs (the reference: its start-up and its work time scale the kill
-moments); then the soaked job is killed ``--kills`` times: the first kill after its first commit, the others
-at moments drawn from the seed between the launch and the attempt's expected end (start-up plus the work still
-to do); an attempt that has committed every input before its moment is killed while it finishes. A kill takes
-the driver alone or, drawn from the seed, its whole process family (the driver, Ray and its workers: the node
-lost). After each kill the job is resumed with ``resume_run``; after the last one it runs to the end.
+A corpus of ``--files`` short files (1.3 s of the demo corpus each) is cleaned by a tiny chain (``--chain-run``, or
+one trained first in the work directory as the tests' ``chain`` fixture trains it): restore only (``scores=false``),
+two files per batch, each batch made 0.5 s slower at the ``clean.restore`` fault point (as a real chain is slower
+than the tiny one) so that kills fall among batches in flight, rows committed every 0.2 s. First an uninterrupted job
+of the same corpus runs (the reference: its start-up and its work time scale the kill moments); then the soaked job
+is killed ``--kills`` times: the first kill after its first commit, the others at moments drawn from the seed between
+the launch and the attempt's expected end (start-up plus the work still to do); an attempt that has committed every
+input before its moment is killed while it finishes. A kill takes the driver alone or, drawn from the seed, its whole
+process family (the driver, Ray and its workers: the node lost). After each kill the job is resumed with
+``resume_run``; after the last one it runs to the end.
 
-Checks: every input exactly once in ``<output>/manifest.parquet`` and restored; each file's audio equal to
-the reference's within one 16-bit step; no input committed twice; the run FINISHED with ``resume.count``
-equal to the resumes that opened it; no ``*.partial`` file left; no process of a job still running 20 s after
-its driver ended. The report is JSON, as the training soak's (``pipeline/ops/soak.py``).
+Checks: every input exactly once in ``<output>/manifest.parquet`` and restored; each file's audio equal to the
+reference's within one 16-bit step; no input committed twice; the run FINISHED with ``resume.count`` equal to the
+resumes that opened it; no ``*.partial`` file left; no process of a job still running 20 s after its driver ended.
+The report is JSON, as the training soak's (``pipeline/ops/soak.py``).
 """
 
 from __future__ import annotations
