@@ -9,30 +9,26 @@ from __future__ import annotations
 
 import logging
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from pipeline.common import faults
 from pipeline.common.provenance import code_version, utc_now
 from pipeline.config import STORED_AS_WRITTEN, config_hash, redact, to_container
-from pipeline.data.datasets import seeded_loader
 from pipeline.engine import startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpoint_files import FORMAT_VERSION, checkpoint_name
 from pipeline.engine.checkpointing import CheckpointStore
+from pipeline.engine.metric_window import MetricWindow
 from pipeline.engine.optimizer_settings import apply_optimizer_settings, optimizer_settings
-from pipeline.engine.outage import first_line
 from pipeline.engine.rng import capture_rng, restore_rng
 from pipeline.engine.stage import LRSchedule, Stage, data_workers
 from pipeline.engine.stopping import StopController
 from pipeline.engine.tracking import MetricLogger
+from pipeline.engine.validation import evaluating, merge_ranks, validation_totals, write_samples
 
 log = logging.getLogger(__name__)
 
@@ -60,43 +56,6 @@ class DataWorkerDied(RuntimeError):
 class TrainResult:
     position: Position
     stopped_by: str | None = None  # None when training reached max_steps
-
-
-class MetricWindow:
-    """The training metrics of the steps since the last point, for ``tracking.metric_interval`` > 1: a point is
-    their mean (the last value for lr, epoch and the counters, which are not averaged quantities), logged at
-    every multiple of the interval and at the last step. Its sums are part of the checkpoint, so a resumed job
-    logs the same points as one that never stopped."""
-
-    LAST_VALUE = ("lr", "epoch", "train/nonfinite_steps", "throughput/")  # names (or prefixes) not averaged
-
-    def __init__(self, interval: int):
-        self.interval = interval
-        self.sums: dict[str, float] = {}
-        self.last: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, step: int, metrics: dict[str, float], final: bool) -> dict[str, float] | None:
-        """Take the step's metrics; the point to log at ``step``, if one ends here."""
-        if self.interval == 1:
-            return metrics
-        for key, value in metrics.items():
-            if key.startswith(self.LAST_VALUE):
-                self.last[key] = value
-            else:
-                self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-        if step % self.interval and not final:
-            return None
-        point = {**{k: v / self.count for k, v in self.sums.items()}, **self.last}
-        self.sums, self.last, self.count = {}, {}, 0
-        return point
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "last": dict(self.last), "count": self.count}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums, self.last, self.count = dict(state["sums"]), dict(state["last"]), int(state["count"])
 
 
 class Engine:
@@ -321,29 +280,16 @@ class Engine:
         )
 
     # --- validation ---------------------------------------------------------------------------
-    @contextmanager
-    def _evaluating(self):
-        """Trained modules in eval mode, no gradients, and the training random streams left untouched;
-        each module gets its own mode back afterwards."""
-        rng = capture_rng()
-        modes = {key: m.training for key, m in self.stage.modules.items()}
-        for m in self.stage.modules.values():
-            m.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for key, m in self.stage.modules.items():
-                m.train(modes[key])
-            restore_rng(rng)
-
     def validate(self) -> dict[str, float]:
         """The stage's validation step over the whole validation set (under the job's autocast), then
         its samples (in full precision), both in eval mode; logs ``val/*`` and returns them. Under torchrun
         each rank validates every world-th batch and the totals are summed; rank 0 logs and writes samples."""
         faults.point("validation")
-        with self._evaluating():
-            totals, sums, count = self._merge_ranks(*self._validation_sums())
+        with evaluating(self.stage):
+            mine = validation_totals(
+                self.stage, int(self.cfg.batch_size), self._workers(), int(self.cfg.seed), self.dist
+            )
+            totals, sums, count = merge_ranks(self.dist, *mine)
             self.val_metrics = {f"val/{k}": v / count for k, v in totals.items()}
             self.val_metrics.update({f"val/{k}": num / den for k, (num, den) in sums.items() if den > 0})
             if self.dist.is_main:
@@ -353,65 +299,11 @@ class Engine:
                     self.pos.step,
                     ", ".join(f"{k}={v:.4f}" for k, v in self.val_metrics.items()),
                 )
-                self._write_samples()
+                write_samples(self.stage, self.store, self.pos.step)
         reason = self.hooks.on_validation(self.pos.step, dict(self.val_metrics)) if self.hooks else None
         if reason:
             self.stopper.request(reason)
         return self.val_metrics
-
-    def _merge_ranks(self, totals: dict[str, float], sums: dict[str, list[float]], count: int):
-        """Every rank's validation totals added up (the ranks' shares of the validation set)."""
-        if not self.dist.enabled:
-            return totals, sums, count
-        merged_totals: dict[str, float] = {}
-        merged_sums: dict[str, list[float]] = {}
-        merged_count = 0
-        for rank_totals, rank_sums, rank_count in self.dist.all_gather((totals, sums, count)):
-            for key, value in rank_totals.items():
-                merged_totals[key] = merged_totals.get(key, 0.0) + value
-            for key, (num, den) in rank_sums.items():
-                acc = merged_sums.setdefault(key, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + num, acc[1] + den
-            merged_count += rank_count
-        return merged_totals, merged_sums, merged_count
-
-    def _validation_sums(self) -> tuple[dict[str, float], dict[str, list[float]], int]:
-        stage = self.stage
-        size = int(self.cfg.batch_size)
-        keys = list(range(len(stage.val_set)))
-        batches = [keys[i : i + size] for i in range(0, len(keys), size)][self.dist.rank :: self.dist.world_size]
-        loader = seeded_loader(
-            stage.val_set, batches, self._workers(), stage.collate, int(self.cfg.seed), stage.device.type == "cuda"
-        )
-        totals: dict[str, float] = {}
-        sums: dict[str, list[float]] = {}  # name -> [numerator, denominator] over the whole set
-        count = 0
-        for batch in loader:
-            batch = stage.to_device(batch)
-            with stage.precision.autocast():
-                loss, parts, ratios = stage.validation_step(batch)
-            n = len(next(iter(batch.values())))
-            for key, value in {"loss": loss, **parts}.items():
-                totals[key] = totals.get(key, 0.0) + float(value) * n
-            for key, (num, den) in ratios.items():
-                acc = sums.setdefault(key, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + float(num), acc[1] + float(den)
-            count += n
-        return totals, sums, count
-
-    def _write_samples(self) -> None:
-        faults.point("samples")
-        with tempfile.TemporaryDirectory() as tmp:
-            self.stage.write_samples(Path(tmp), self.pos.step)
-            if any(Path(tmp).iterdir()):
-                try:
-                    self.store.log_files(tmp, f"samples/{checkpoint_name(self.pos.step)}")
-                except Exception as err:  # an artifact store outage: the samples of this step only are lost
-                    log.warning(
-                        "The samples of step %d could not be stored (%s); training goes on",
-                        self.pos.step,
-                        first_line(err),
-                    )
 
     # --- non-finite steps ----------------------------------------------------------------------
     def _count_nonfinite(self) -> int:
