@@ -29,12 +29,11 @@ from pipeline.engine.checkpoint_files import (
     META_FILE,
     CheckpointError,
     check_resumable,
-    check_state,
     checkpoint_name,
-    load_state,
     step_of,
     verify,
 )
+from pipeline.engine.checkpoint_migrate import read_state
 from pipeline.engine.checkpointing import (
     CHECKPOINT_DIR,
     RetentionPolicy,
@@ -94,16 +93,10 @@ def rank_state(resume: ResumePoint, dist: Dist) -> dict[str, Any]:
     if dist.is_main:
         state = resume.take_state()
     else:
-        state = _read_verified_copy(resume) if resume.path is not None and resume.path.is_dir() else None
+        state = read_state(resume.path, resume.meta) if resume.path is not None and resume.path.is_dir() else None
     if any(dist.all_gather(state is None)):
         sent = dist.broadcast(state if dist.is_main else None)
         state = state if state is not None else sent
-    return state
-
-
-def _read_verified_copy(resume: ResumePoint) -> dict[str, Any]:
-    state = load_state(resume.path)
-    check_state(state, resume.meta, resume.path)
     return state
 
 
@@ -324,8 +317,7 @@ def _load_verified(ckpt_dir: Path, stage: str | None = None) -> tuple[dict[str, 
             f"checkpoint {ckpt_dir}: {META_FILE} says stage {meta['stage']!r}, but the run is a {stage} run"
         )
     startup.mark("verify")
-    state = load_state(ckpt_dir)
-    check_state(state, meta, ckpt_dir)
+    state = read_state(ckpt_dir, meta)  # migrated to this format version
     startup.mark("load")
     return meta, state
 

@@ -23,25 +23,16 @@ from pipeline.engine import tags as tag
 from pipeline.engine.checkpoint_files import FORMAT_VERSION, checkpoint_name
 from pipeline.engine.checkpointing import CheckpointStore
 from pipeline.engine.metric_window import MetricWindow
-from pipeline.engine.optimizer_settings import apply_optimizer_settings, optimizer_settings
-from pipeline.engine.rng import capture_rng, restore_rng
+from pipeline.engine.rng import capture_rng
 from pipeline.engine.stage import LRSchedule, Stage, data_workers
 from pipeline.engine.stopping import StopController
 from pipeline.engine.tracking import MetricLogger
+from pipeline.engine.training_state import Position, restore_rank_rng, restore_stage, resumed_position
 from pipeline.engine.validation import evaluating, merge_ranks, validation_totals, write_samples
 
 log = logging.getLogger(__name__)
 
 LOG_LINE_EVERY_S = 30.0  # a progress line at least this often, between trainer.log_interval steps too
-
-
-@dataclass
-class Position:
-    """Where training is: finished steps and the data position."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already consumed
 
 
 class NonFiniteTraining(RuntimeError):
@@ -92,7 +83,8 @@ class Engine:
 
     # --- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The training state; under torchrun, with every rank's random state (a collective: every rank calls it)."""
+        """The training state; under torchrun, with every rank's random state (a collective: every rank calls it).
+        Each of its keys is in every checkpoint from format version 2 on (checkpoint_migrate.STATE_KEYS)."""
         s = self.stage
         rngs = self.dist.all_gather(capture_rng())
         return {
@@ -116,75 +108,15 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict[str, Any], *, restore_data_position: bool = True) -> None:
-        s = self.stage
-        configured = {key: optimizer_settings(opt, s.schedulers.get(key)) for key, opt in s.optimizers.items()}
-        for key, module in s.modules.items():
-            module.load_state_dict(state["modules"][key])
-        for key, opt in s.optimizers.items():
-            opt.load_state_dict(state["optimizers"][key])
-        for key, sch in s.schedulers.items():
-            sch.load_state_dict(state["schedulers"][key])
-        for key, opt in s.optimizers.items():
-            apply_optimizer_settings(key, opt, s.schedulers.get(key), configured[key])
-        if s.precision.scaler is not None and state.get("scaler"):
-            s.precision.scaler.load_state_dict(state["scaler"])
-        self._restore_rank_rng(state)
-        self.pos = Position(int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
-        old_world, world = int(state.get("world_size", 1)), self.dist.world_size
-        old_size = int(state.get("batch_size", self.cfg.batch_size)) * old_world
-        new_size = int(self.cfg.batch_size) * world  # the global batch: per-rank batch x ranks
-        if old_size != new_size:  # keep the sample position in the epoch, in whole new batches
-            self.pos.batch_in_epoch = -(-self.pos.batch_in_epoch * old_size // new_size)
-        if old_world != world:
-            log.warning(
-                "The checkpoint was trained on %d rank(s), this job has %d: the effective batch is now %d (%d "
-                "per rank x %d) instead of %d, and the LR schedule goes on by steps. The epoch goes on from the "
-                "same sample position (batch %d of epoch %d at the new size), but the examples are grouped "
-                "into batches differently%s; ranks beyond the checkpoint's use their own fresh random "
-                "streams. Resume with %d rank(s) for an exact continuation.",
-                old_world,
-                world,
-                new_size,
-                int(self.cfg.batch_size),
-                world,
-                old_size,
-                self.pos.batch_in_epoch,
-                self.pos.epoch,
-                " and shards are dealt to the ranks' workers anew, from this epoch on"
-                if s.train_source.order_depends_on_workers
-                else "",
-                old_world,
-            )
-        self.val_metrics = dict(state.get("val_metrics", {}))
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
-        if "metric_window" in state:  # checkpoints written before metric_interval have none
-            self.metric_window.load_state_dict(state["metric_window"])
-        old_workers = int(state.get("data_workers", self._workers()))
-        if (
-            s.train_source.order_depends_on_workers
-            and old_workers != self._workers()
-            and self.pos.batch_in_epoch
-            and old_world == world
-        ):
-            log.warning(
-                "data.num_workers changed from %d to %d in the middle of epoch %d: the data are dealt to "
-                "workers anew, so the rest of this epoch is not what an uninterrupted run would read "
-                "(some samples repeat, others sit out); the next epochs read every sample once. Resume "
-                "with data.num_workers=%d to keep the resume exact.",
-                old_workers,
-                self._workers(),
-                self.pos.epoch,
-                old_workers,
-            )
+        """Restore a checkpoint's state as ``checkpoint_migrate.read_state`` gives it: every key present."""
+        restore_stage(self.stage, state)
+        restore_rank_rng(state, self.dist.rank)
+        self.pos = resumed_position(state, int(self.cfg.batch_size), self.dist.world_size, self._workers(), self.stage)
+        self.val_metrics = dict(state["val_metrics"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+        self.metric_window.load_state_dict(state["metric_window"])
         log.info("Restored model, optimizer, and scheduler states")
-
-    def _restore_rank_rng(self, state: dict[str, Any]) -> None:
-        """This rank's random state: its own from the checkpoint, or rank 0's on one rank; a rank the checkpoint
-        did not have keeps the stream it was seeded with (seed + rank)."""
-        states = state.get("rank_rng") or [state["rng"]]
-        if self.dist.rank < len(states):
-            restore_rng(states[self.dist.rank])
 
     # --- checkpoints --------------------------------------------------------------------------
     def epochs_done(self) -> float:
