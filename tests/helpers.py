@@ -17,7 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
+
+from pipeline.engine.checkpointing import RetentionPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 STORE_TEMPLATE_ENV = "PIPELINE_TEST_STORE_TEMPLATE"  # the directory of an empty tracking store to copy
@@ -354,3 +357,60 @@ def post_json(url: str, request, timeout: float = 120) -> tuple[int, object]:
             return err.code, json.loads(text)
         except ValueError:
             return err.code, text
+
+
+def checkpoint_models(client: MlflowClient, run_id: str, status: str | None = None) -> dict[int, object]:
+    """The run's models by step (MLflow's ``status = ...`` filter compares its integer column with the name)."""
+    run = client.get_run(run_id)
+    found = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
+    return {int(m.tags["checkpoint.step"]): m for m in found if status in (None, m.status.name)}
+
+
+# A run whose checkpoints retention reads back (tests of the index and of damaged ones)
+def committed_run(steps_and_losses, policy):
+    """A run whose CheckpointStore committed a checkpoint at each step with that val/loss."""
+    from mlflow import MlflowClient
+
+    from pipeline.engine.checkpointing import CheckpointStore
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("retention")).info.run_id
+    store = CheckpointStore(client, run_id, Path(".checkpoints"), policy)
+    for step, loss in steps_and_losses:
+        meta = {
+            "format_version": 1,
+            "stage": "x",
+            "step": step,
+            "epoch": 0,
+            "created": "2026-01-01T00:00:00",
+            "metrics": {"val/loss": loss},
+        }
+        store.save(
+            step,
+            {"w": torch.full((4,), float(step))},
+            meta,
+            {"name": f"step-{step:08d}", "step": step, "val/loss": loss},
+        )
+    store.close()
+    return client, run_id
+
+
+def resume_and_commit(client, run_id, policy, step):
+    """What a resumed job does: read the index back, then commit one more checkpoint."""
+    from pipeline.engine.checkpointing import CheckpointStore, list_checkpoints, read_index
+
+    store = CheckpointStore(client, run_id, Path(".checkpoints"), policy, read_index(client, run_id))
+    store.save(
+        step,
+        {"w": torch.zeros(4)},
+        {"format_version": 1, "step": step, "metrics": {"val/loss": 0.9}},
+        {"name": f"step-{step:08d}", "step": step, "val/loss": 0.9},
+    )
+    store.close()
+    return list_checkpoints(client, run_id)
+
+
+POLICY = RetentionPolicy(keep_last_n=1, keep_best_k=2, monitor="val/loss", mode="min")
+
+
+HISTORY = [(10, 0.5), (20, 0.1), (25, 0.2)]  # best: 20, then 25

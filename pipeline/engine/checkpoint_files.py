@@ -3,7 +3,8 @@ Checkpoints).
 
 A checkpoint is ``step-XXXXXXXX/state.pt`` (tensors and plain containers only, loaded with
 ``weights_only=True``) and ``step-XXXXXXXX/meta.json`` (format, step, sha256, config, metrics, code
-version). How a run's checkpoints are stored, committed and kept is in checkpointing.py.
+version). How a run's checkpoints are stored, committed and kept is in checkpointing.py; how a state.pt of an
+older format version is read, in checkpoint_migrate.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pipeline.common.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of state.pt: version 2 holds every key the engine writes; older ones are migrated on read
 RESUME_META = ("stage", "step", "config")  # what a resume reads from meta.json besides the verified sha256
 STATE_FILE, META_FILE = "state.pt", "meta.json"
 
@@ -215,12 +216,26 @@ def verify(ckpt_dir: Path) -> dict[str, Any]:
             f"checkpoint {ckpt_dir}: {STATE_FILE} is corrupted or truncated "
             f"(sha256 {actual[:12]}… does not match {str(meta.get('sha256'))[:12]}… in {META_FILE})"
         )
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} has format version {meta.get('format_version')}, "
-            f"this code reads version {FORMAT_VERSION}"
-        )
+    check_version(meta, ckpt_dir)
     return meta
+
+
+def check_version(meta: dict[str, Any], ckpt_dir: Path | str) -> int:
+    """The checkpoint's format version, if this code reads it (1 to FORMAT_VERSION, checkpoint_migrate.py
+    brings an older one up to date); a newer or unknown one is refused, saying what to do."""
+    version = meta.get("format_version")
+    if type(version) is int and FORMAT_VERSION < version:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} has format version {version}, this code reads versions 1 to {FORMAT_VERSION}: "
+            "it was written by a newer release of the pipeline; update this checkout (git pull) to load it"
+        )
+    if type(version) is not int or version < 1:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} has format version {version!r}, this code reads versions 1 to "
+            f"{FORMAT_VERSION}: no release wrote that one; {META_FILE} was edited or the checkpoint is not "
+            "this pipeline's"
+        )
+    return version
 
 
 def load_state(ckpt_dir: Path) -> dict[str, Any]:

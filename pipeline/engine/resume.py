@@ -29,12 +29,11 @@ from pipeline.engine.checkpoint_files import (
     META_FILE,
     CheckpointError,
     check_resumable,
-    check_state,
     checkpoint_name,
-    load_state,
     step_of,
     verify,
 )
+from pipeline.engine.checkpoint_migrate import read_state
 from pipeline.engine.checkpointing import (
     CHECKPOINT_DIR,
     RetentionPolicy,
@@ -94,16 +93,10 @@ def rank_state(resume: ResumePoint, dist: Dist) -> dict[str, Any]:
     if dist.is_main:
         state = resume.take_state()
     else:
-        state = _read_verified_copy(resume) if resume.path is not None and resume.path.is_dir() else None
+        state = read_state(resume.path, resume.meta) if resume.path is not None and resume.path.is_dir() else None
     if any(dist.all_gather(state is None)):
         sent = dist.broadcast(state if dist.is_main else None)
         state = state if state is not None else sent
-    return state
-
-
-def _read_verified_copy(resume: ResumePoint) -> dict[str, Any]:
-    state = load_state(resume.path)
-    check_state(state, resume.meta, resume.path)
     return state
 
 
@@ -250,35 +243,7 @@ class RunCheckpoints:
         """The verified checkpoint at ``step``, or the latest committed one, falling back to the newest
         older one that verifies when it is corrupted (and saying so)."""
         run_id = self.run_id
-        stored = list_checkpoints(self.client, run_id)
-        if not stored:
-            raise ResumeError(
-                f"Run {run_id} has no checkpoints to resume from; start a fresh run instead." + self.end_if_abandoned()
-            )
-        if step is not None:
-            if step not in stored:
-                raise ResumeError(
-                    f"Run {run_id} has no checkpoint at step {step}; available steps: {', '.join(map(str, stored))}"
-                )
-            candidates = [step]
-        else:
-            latest = self.latest_step
-            committed = [s for s in stored if latest is not None and s <= latest]
-            if not committed and latest is None and tag.CHECKPOINT_LATEST_STEP in self.run.data.tags:
-                raise ResumeError(
-                    f"Run {run_id} stores checkpoints at steps {', '.join(map(str, stored))}, but its "
-                    f"{tag.CHECKPOINT_LATEST_STEP} tag is {self.run.data.tags[tag.CHECKPOINT_LATEST_STEP]!r}, not a "
-                    "step, and nothing else says which is committed. Set the tag to the step of the last checkpoint "
-                    "that finished (MLflow UI: run page, Tags), or pick one: resume_step=<step> (it is verified "
-                    "before use)."
-                )
-            if not committed:
-                raise ResumeError(
-                    f"Run {run_id} has no committed checkpoint (no upload finished); start a fresh run, "
-                    f"or pick a stored one: resume_step=<step> (stored: {', '.join(map(str, stored))}; "
-                    "it is verified before use)." + self.end_if_abandoned()
-                )
-            candidates = sorted(committed, reverse=True)
+        candidates = self._candidates(step)
         errors = []
         for candidate in candidates:
             faults.point("resume.download")
@@ -297,18 +262,43 @@ class RunCheckpoints:
                     "Resuming from older checkpoint %s because newer ones failed verification",
                     checkpoint_name(candidate),
                 )
+            source = f"run {run_id} checkpoint {checkpoint_name(candidate)}"
             return ResumePoint(
-                candidate,
-                meta,
-                state,
-                f"run {run_id} checkpoint {checkpoint_name(candidate)}",
-                run_id,
-                run=self.run,
-                latest=step is None,
-                path=local,
-                workdir=workdir,
+                candidate, meta, state, source, run_id, run=self.run, latest=step is None, path=local, workdir=workdir
             )
         raise ResumeError(f"No usable checkpoint in run {run_id}: " + " | ".join(errors))
+
+    def _candidates(self, step: int | None) -> list[int]:
+        """The steps ``load`` tries, in order: ``step`` alone, or the committed ones from the latest down."""
+        run_id = self.run_id
+        stored = list_checkpoints(self.client, run_id)
+        if not stored:
+            raise ResumeError(
+                f"Run {run_id} has no checkpoints to resume from; start a fresh run instead." + self.end_if_abandoned()
+            )
+        if step is not None:
+            if step not in stored:
+                raise ResumeError(
+                    f"Run {run_id} has no checkpoint at step {step}; available steps: {', '.join(map(str, stored))}"
+                )
+            return [step]
+        latest = self.latest_step
+        committed = [s for s in stored if latest is not None and s <= latest]
+        if not committed and latest is None and tag.CHECKPOINT_LATEST_STEP in self.run.data.tags:
+            raise ResumeError(
+                f"Run {run_id} stores checkpoints at steps {', '.join(map(str, stored))}, but its "
+                f"{tag.CHECKPOINT_LATEST_STEP} tag is {self.run.data.tags[tag.CHECKPOINT_LATEST_STEP]!r}, not a "
+                "step, and nothing else says which is committed. Set the tag to the step of the last checkpoint "
+                "that finished (MLflow UI: run page, Tags), or pick one: resume_step=<step> (it is verified "
+                "before use)."
+            )
+        if not committed:
+            raise ResumeError(
+                f"Run {run_id} has no committed checkpoint (no upload finished); start a fresh run, "
+                f"or pick a stored one: resume_step=<step> (stored: {', '.join(map(str, stored))}; "
+                "it is verified before use)." + self.end_if_abandoned()
+            )
+        return sorted(committed, reverse=True)
 
 
 def get_stage_run(client: MlflowClient, run_id: str, stage: str):
@@ -324,8 +314,7 @@ def _load_verified(ckpt_dir: Path, stage: str | None = None) -> tuple[dict[str, 
             f"checkpoint {ckpt_dir}: {META_FILE} says stage {meta['stage']!r}, but the run is a {stage} run"
         )
     startup.mark("verify")
-    state = load_state(ckpt_dir)
-    check_state(state, meta, ckpt_dir)
+    state = read_state(ckpt_dir, meta)  # migrated to this format version
     startup.mark("load")
     return meta, state
 

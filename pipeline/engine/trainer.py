@@ -9,43 +9,30 @@ from __future__ import annotations
 
 import logging
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from pipeline.common import faults
 from pipeline.common.provenance import code_version, utc_now
 from pipeline.config import STORED_AS_WRITTEN, config_hash, redact, to_container
-from pipeline.data.datasets import seeded_loader
 from pipeline.engine import startup
 from pipeline.engine import tags as tag
 from pipeline.engine.checkpoint_files import FORMAT_VERSION, checkpoint_name
 from pipeline.engine.checkpointing import CheckpointStore
-from pipeline.engine.optimizer_settings import apply_optimizer_settings, optimizer_settings
-from pipeline.engine.outage import first_line
-from pipeline.engine.rng import capture_rng, restore_rng
+from pipeline.engine.metric_window import MetricWindow
+from pipeline.engine.rng import capture_rng
 from pipeline.engine.stage import LRSchedule, Stage, data_workers
 from pipeline.engine.stopping import StopController
 from pipeline.engine.tracking import MetricLogger
+from pipeline.engine.training_state import Position, restore_rank_rng, restore_stage, resumed_position
+from pipeline.engine.validation import evaluating, merge_ranks, validation_totals, write_samples
 
 log = logging.getLogger(__name__)
 
 LOG_LINE_EVERY_S = 30.0  # a progress line at least this often, between trainer.log_interval steps too
-
-
-@dataclass
-class Position:
-    """Where training is: finished steps and the data position."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already consumed
 
 
 class NonFiniteTraining(RuntimeError):
@@ -60,43 +47,6 @@ class DataWorkerDied(RuntimeError):
 class TrainResult:
     position: Position
     stopped_by: str | None = None  # None when training reached max_steps
-
-
-class MetricWindow:
-    """The training metrics of the steps since the last point, for ``tracking.metric_interval`` > 1: a point is
-    their mean (the last value for lr, epoch and the counters, which are not averaged quantities), logged at
-    every multiple of the interval and at the last step. Its sums are part of the checkpoint, so a resumed job
-    logs the same points as one that never stopped."""
-
-    LAST_VALUE = ("lr", "epoch", "train/nonfinite_steps", "throughput/")  # names (or prefixes) not averaged
-
-    def __init__(self, interval: int):
-        self.interval = interval
-        self.sums: dict[str, float] = {}
-        self.last: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, step: int, metrics: dict[str, float], final: bool) -> dict[str, float] | None:
-        """Take the step's metrics; the point to log at ``step``, if one ends here."""
-        if self.interval == 1:
-            return metrics
-        for key, value in metrics.items():
-            if key.startswith(self.LAST_VALUE):
-                self.last[key] = value
-            else:
-                self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-        if step % self.interval and not final:
-            return None
-        point = {**{k: v / self.count for k, v in self.sums.items()}, **self.last}
-        self.sums, self.last, self.count = {}, {}, 0
-        return point
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "last": dict(self.last), "count": self.count}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums, self.last, self.count = dict(state["sums"]), dict(state["last"]), int(state["count"])
 
 
 class Engine:
@@ -133,7 +83,8 @@ class Engine:
 
     # --- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The training state; under torchrun, with every rank's random state (a collective: every rank calls it)."""
+        """The training state; under torchrun, with every rank's random state (a collective: every rank calls it).
+        Each of its keys is in every checkpoint from format version 2 on (checkpoint_migrate.STATE_KEYS)."""
         s = self.stage
         rngs = self.dist.all_gather(capture_rng())
         return {
@@ -157,75 +108,15 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict[str, Any], *, restore_data_position: bool = True) -> None:
-        s = self.stage
-        configured = {key: optimizer_settings(opt, s.schedulers.get(key)) for key, opt in s.optimizers.items()}
-        for key, module in s.modules.items():
-            module.load_state_dict(state["modules"][key])
-        for key, opt in s.optimizers.items():
-            opt.load_state_dict(state["optimizers"][key])
-        for key, sch in s.schedulers.items():
-            sch.load_state_dict(state["schedulers"][key])
-        for key, opt in s.optimizers.items():
-            apply_optimizer_settings(key, opt, s.schedulers.get(key), configured[key])
-        if s.precision.scaler is not None and state.get("scaler"):
-            s.precision.scaler.load_state_dict(state["scaler"])
-        self._restore_rank_rng(state)
-        self.pos = Position(int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
-        old_world, world = int(state.get("world_size", 1)), self.dist.world_size
-        old_size = int(state.get("batch_size", self.cfg.batch_size)) * old_world
-        new_size = int(self.cfg.batch_size) * world  # the global batch: per-rank batch x ranks
-        if old_size != new_size:  # keep the sample position in the epoch, in whole new batches
-            self.pos.batch_in_epoch = -(-self.pos.batch_in_epoch * old_size // new_size)
-        if old_world != world:
-            log.warning(
-                "The checkpoint was trained on %d rank(s), this job has %d: the effective batch is now %d (%d "
-                "per rank x %d) instead of %d, and the LR schedule goes on by steps. The epoch goes on from the "
-                "same sample position (batch %d of epoch %d at the new size), but the examples are grouped "
-                "into batches differently%s; ranks beyond the checkpoint's use their own fresh random "
-                "streams. Resume with %d rank(s) for an exact continuation.",
-                old_world,
-                world,
-                new_size,
-                int(self.cfg.batch_size),
-                world,
-                old_size,
-                self.pos.batch_in_epoch,
-                self.pos.epoch,
-                " and shards are dealt to the ranks' workers anew, from this epoch on"
-                if s.train_source.order_depends_on_workers
-                else "",
-                old_world,
-            )
-        self.val_metrics = dict(state.get("val_metrics", {}))
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
-        if "metric_window" in state:  # checkpoints written before metric_interval have none
-            self.metric_window.load_state_dict(state["metric_window"])
-        old_workers = int(state.get("data_workers", self._workers()))
-        if (
-            s.train_source.order_depends_on_workers
-            and old_workers != self._workers()
-            and self.pos.batch_in_epoch
-            and old_world == world
-        ):
-            log.warning(
-                "data.num_workers changed from %d to %d in the middle of epoch %d: the data are dealt to "
-                "workers anew, so the rest of this epoch is not what an uninterrupted run would read "
-                "(some samples repeat, others sit out); the next epochs read every sample once. Resume "
-                "with data.num_workers=%d to keep the resume exact.",
-                old_workers,
-                self._workers(),
-                self.pos.epoch,
-                old_workers,
-            )
+        """Restore a checkpoint's state as ``checkpoint_migrate.read_state`` gives it: every key present."""
+        restore_stage(self.stage, state)
+        restore_rank_rng(state, self.dist.rank)
+        self.pos = resumed_position(state, int(self.cfg.batch_size), self.dist.world_size, self._workers(), self.stage)
+        self.val_metrics = dict(state["val_metrics"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+        self.metric_window.load_state_dict(state["metric_window"])
         log.info("Restored model, optimizer, and scheduler states")
-
-    def _restore_rank_rng(self, state: dict[str, Any]) -> None:
-        """This rank's random state: its own from the checkpoint, or rank 0's on one rank; a rank the checkpoint
-        did not have keeps the stream it was seeded with (seed + rank)."""
-        states = state.get("rank_rng") or [state["rng"]]
-        if self.dist.rank < len(states):
-            restore_rng(states[self.dist.rank])
 
     # --- checkpoints --------------------------------------------------------------------------
     def epochs_done(self) -> float:
@@ -321,29 +212,16 @@ class Engine:
         )
 
     # --- validation ---------------------------------------------------------------------------
-    @contextmanager
-    def _evaluating(self):
-        """Trained modules in eval mode, no gradients, and the training random streams left untouched;
-        each module gets its own mode back afterwards."""
-        rng = capture_rng()
-        modes = {key: m.training for key, m in self.stage.modules.items()}
-        for m in self.stage.modules.values():
-            m.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for key, m in self.stage.modules.items():
-                m.train(modes[key])
-            restore_rng(rng)
-
     def validate(self) -> dict[str, float]:
         """The stage's validation step over the whole validation set (under the job's autocast), then
         its samples (in full precision), both in eval mode; logs ``val/*`` and returns them. Under torchrun
         each rank validates every world-th batch and the totals are summed; rank 0 logs and writes samples."""
         faults.point("validation")
-        with self._evaluating():
-            totals, sums, count = self._merge_ranks(*self._validation_sums())
+        with evaluating(self.stage):
+            mine = validation_totals(
+                self.stage, int(self.cfg.batch_size), self._workers(), int(self.cfg.seed), self.dist
+            )
+            totals, sums, count = merge_ranks(self.dist, *mine)
             self.val_metrics = {f"val/{k}": v / count for k, v in totals.items()}
             self.val_metrics.update({f"val/{k}": num / den for k, (num, den) in sums.items() if den > 0})
             if self.dist.is_main:
@@ -353,65 +231,11 @@ class Engine:
                     self.pos.step,
                     ", ".join(f"{k}={v:.4f}" for k, v in self.val_metrics.items()),
                 )
-                self._write_samples()
+                write_samples(self.stage, self.store, self.pos.step)
         reason = self.hooks.on_validation(self.pos.step, dict(self.val_metrics)) if self.hooks else None
         if reason:
             self.stopper.request(reason)
         return self.val_metrics
-
-    def _merge_ranks(self, totals: dict[str, float], sums: dict[str, list[float]], count: int):
-        """Every rank's validation totals added up (the ranks' shares of the validation set)."""
-        if not self.dist.enabled:
-            return totals, sums, count
-        merged_totals: dict[str, float] = {}
-        merged_sums: dict[str, list[float]] = {}
-        merged_count = 0
-        for rank_totals, rank_sums, rank_count in self.dist.all_gather((totals, sums, count)):
-            for key, value in rank_totals.items():
-                merged_totals[key] = merged_totals.get(key, 0.0) + value
-            for key, (num, den) in rank_sums.items():
-                acc = merged_sums.setdefault(key, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + num, acc[1] + den
-            merged_count += rank_count
-        return merged_totals, merged_sums, merged_count
-
-    def _validation_sums(self) -> tuple[dict[str, float], dict[str, list[float]], int]:
-        stage = self.stage
-        size = int(self.cfg.batch_size)
-        keys = list(range(len(stage.val_set)))
-        batches = [keys[i : i + size] for i in range(0, len(keys), size)][self.dist.rank :: self.dist.world_size]
-        loader = seeded_loader(
-            stage.val_set, batches, self._workers(), stage.collate, int(self.cfg.seed), stage.device.type == "cuda"
-        )
-        totals: dict[str, float] = {}
-        sums: dict[str, list[float]] = {}  # name -> [numerator, denominator] over the whole set
-        count = 0
-        for batch in loader:
-            batch = stage.to_device(batch)
-            with stage.precision.autocast():
-                loss, parts, ratios = stage.validation_step(batch)
-            n = len(next(iter(batch.values())))
-            for key, value in {"loss": loss, **parts}.items():
-                totals[key] = totals.get(key, 0.0) + float(value) * n
-            for key, (num, den) in ratios.items():
-                acc = sums.setdefault(key, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + float(num), acc[1] + float(den)
-            count += n
-        return totals, sums, count
-
-    def _write_samples(self) -> None:
-        faults.point("samples")
-        with tempfile.TemporaryDirectory() as tmp:
-            self.stage.write_samples(Path(tmp), self.pos.step)
-            if any(Path(tmp).iterdir()):
-                try:
-                    self.store.log_files(tmp, f"samples/{checkpoint_name(self.pos.step)}")
-                except Exception as err:  # an artifact store outage: the samples of this step only are lost
-                    log.warning(
-                        "The samples of step %d could not be stored (%s); training goes on",
-                        self.pos.step,
-                        first_line(err),
-                    )
 
     # --- non-finite steps ----------------------------------------------------------------------
     def _count_nonfinite(self) -> int:

@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from pipeline.config import ConformerConfig
-from pipeline.engine.checkpoint_files import CheckpointError, load_state, verify
+from pipeline.engine.checkpoint_files import CheckpointError, verify
+from pipeline.engine.checkpoint_migrate import read_state
 from pipeline.engine.resume import RunCheckpoints, fetch_model
 from pipeline.inference.requests import MAX_SECONDS, RequestError, answering, request_audio, resample
 from pipeline.models.asr import CharVocabulary, ConformerCTC, greedy_decode
@@ -55,7 +56,7 @@ def load_model(ckpt_dir: Path, device: torch.device) -> tuple[ConformerCTC, Char
         raise CheckpointError(f"Checkpoint {ckpt_dir} was written by stage {meta.get('stage')!r}, not {STAGE!r}")
     asr = OmegaConf.merge(OmegaConf.structured(ConformerConfig), meta["model_args"]["asr"])
     model = ConformerCTC(asr)
-    model.load_state_dict(load_state(ckpt_dir)["modules"]["model"])
+    model.load_state_dict(read_state(ckpt_dir, meta)["modules"]["model"])
     return model.to(device).eval(), CharVocabulary(asr.vocabulary), meta
 
 

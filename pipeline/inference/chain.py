@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from pipeline.config import AdapterConfig, EncoderConfig, VocoderConfig
-from pipeline.engine.checkpoint_files import CheckpointError, load_state, verify
+from pipeline.engine.checkpoint_files import CheckpointError, verify
+from pipeline.engine.checkpoint_migrate import read_state
 from pipeline.engine.stage import Precision
 from pipeline.inference.chain_checkpoints import (
     ADAPTER_STAGE,
@@ -155,12 +156,12 @@ class RestorationChain:
             **options,
         )
         if adapter_dir is not None:
-            adapter_state = load_state(adapter_dir)["modules"]
+            adapter_state = read_state(adapter_dir, adapter_meta)["modules"]
             for key, module in chain.adapted.trainable_modules().items():
                 module.load_state_dict(adapter_state[key])
         else:
             chain.has_adapters = False
-        chain.generator.load_state_dict(load_state(vocoder_dir)["modules"]["generator"])
+        chain.generator.load_state_dict(read_state(vocoder_dir, vocoder_meta)["modules"]["generator"])
         return chain
 
     def plan_chunks(self, num_samples: int) -> list[Chunk]:

@@ -599,7 +599,7 @@ def test_resume_loads_the_newest_verified_committed_checkpoint_or_refuses(store,
             checkpoints.save(
                 step,
                 tiny_state(step),
-                {"format_version": 1, "stage": "toy", "step": step, "config": {"seed": step}},
+                {"format_version": 1, "stage": "toy", "step": step, "config": {"seed": step, "batch_size": 4}},
                 {"name": checkpoint_name(step), "step": step},
             )
     finally:

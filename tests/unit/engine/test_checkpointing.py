@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO
+from helpers import HISTORY, POLICY, REPO, committed_run, resume_and_commit
 
 from pipeline.common import faults
 from pipeline.engine.checkpoint_files import (
@@ -187,53 +187,6 @@ def test_a_snapshot_copies_every_tensor_and_rebuilds_every_container():
 # --------------------------------------------------------------------------------------------
 # The index a run's retention reads back (a real tracking store)
 # --------------------------------------------------------------------------------------------
-
-
-def committed_run(steps_and_losses, policy):
-    """A run whose CheckpointStore committed a checkpoint at each step with that val/loss."""
-    from mlflow import MlflowClient
-
-    from pipeline.engine.checkpointing import CheckpointStore
-
-    client = MlflowClient()
-    run_id = client.create_run(client.create_experiment("retention")).info.run_id
-    store = CheckpointStore(client, run_id, Path(".checkpoints"), policy)
-    for step, loss in steps_and_losses:
-        meta = {
-            "format_version": 1,
-            "stage": "x",
-            "step": step,
-            "epoch": 0,
-            "created": "2026-01-01T00:00:00",
-            "metrics": {"val/loss": loss},
-        }
-        store.save(
-            step,
-            {"w": torch.full((4,), float(step))},
-            meta,
-            {"name": f"step-{step:08d}", "step": step, "val/loss": loss},
-        )
-    store.close()
-    return client, run_id
-
-
-def resume_and_commit(client, run_id, policy, step):
-    """What a resumed job does: read the index back, then commit one more checkpoint."""
-    from pipeline.engine.checkpointing import CheckpointStore, list_checkpoints, read_index
-
-    store = CheckpointStore(client, run_id, Path(".checkpoints"), policy, read_index(client, run_id))
-    store.save(
-        step,
-        {"w": torch.zeros(4)},
-        {"format_version": 1, "step": step, "metrics": {"val/loss": 0.9}},
-        {"name": f"step-{step:08d}", "step": step, "val/loss": 0.9},
-    )
-    store.close()
-    return list_checkpoints(client, run_id)
-
-
-POLICY = RetentionPolicy(keep_last_n=1, keep_best_k=2, monitor="val/loss", mode="min")
-HISTORY = [(10, 0.5), (20, 0.1), (25, 0.2)]  # best: 20, then 25
 
 
 def test_a_transient_failure_reading_the_index_on_resume_keeps_the_best_checkpoints(store, monkeypatch):

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import TINY, artifact_dir, private_store, stage_runs
+from helpers import HISTORY, POLICY, TINY, artifact_dir, committed_run, private_store, resume_and_commit, stage_runs
 from mlflow import MlflowClient
-from test_checkpointing import HISTORY, POLICY, committed_run, resume_and_commit
 
 from pipeline.engine.checkpointing import read_index
 from pipeline.engine.cli import EXIT_OK
