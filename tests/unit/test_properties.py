@@ -650,9 +650,9 @@ def test_resume_loads_the_newest_verified_committed_checkpoint_or_refuses(store,
 
 @lru_cache(maxsize=1)
 def toy():
-    """tests/engine/test_trainer.py, which holds the toy stage and the in-memory tracking stand-ins (tests/engine
-    is not a package: loaded by path under a private name)."""
-    spec = importlib.util.spec_from_file_location("_properties_trainer_toy", REPO / "tests/engine/test_trainer.py")
+    """tests/unit/engine/test_trainer.py, which holds the toy stage and the in-memory tracking stand-ins (not a
+    package: loaded by path under a private name)."""
+    spec = importlib.util.spec_from_file_location("_properties_trainer_toy", REPO / "tests/unit/engine/test_trainer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

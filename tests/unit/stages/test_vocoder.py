@@ -50,7 +50,7 @@ def finetune(*args: str) -> int:
 
 
 def adapter(*args: str) -> int:
-    return run_stage(TrainAdapter, [*TINY_VOCODER, "adapter.bottleneck=16", *args])
+    return run_stage(TrainAdapter, ["ssl=tiny", *VOCODER_COMMON, "adapter.bottleneck=16", *args])
 
 
 # --------------------------------------------------------------------------------------------
