@@ -14,7 +14,7 @@ echo "installing the project and its test tools into .venv: about 4.7 GB on a fr
   "most of it), a few minutes; quick when they are installed already"
 .venv/bin/python -m pip install --progress-bar off -c requirements.lock -e ".[test]" 2> >(grep -v "is ignored" >&2) \
   | { grep -v "^Requirement already satisfied" || true; }
-# The browser tests (tests/test_browser.py) drive Debian's chromium through Playwright; Playwright's own
+# The browser tests (tests/e2e/test_browser.py) drive Debian's chromium through Playwright; Playwright's own
 # browser download is not used. Installed here when missing and this runs as root; else they are skipped.
 if ! command -v chromium > /dev/null; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get > /dev/null; then
@@ -25,7 +25,7 @@ if ! command -v chromium > /dev/null; then
     echo "chromium is not installed (as root: apt-get install chromium): the browser tests will be skipped" >&2
   fi
 fi
-# The Slurm tests (tests/test_slurm.py) start a real single-node Slurm on loopback: Debian's slurmctld, slurmd, its
+# The Slurm tests (tests/e2e/test_slurm.py) start a real single-node Slurm on loopback: Debian's slurmctld, slurmd, its
 # clients and munge, installed here when missing and this runs as root; else they are skipped.
 if ! command -v slurmctld > /dev/null && [ ! -x /usr/sbin/slurmctld ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get > /dev/null; then

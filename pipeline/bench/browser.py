@@ -1,5 +1,5 @@
 """Debian's chromium driven by Playwright for Python: where the browser is and how it is started. Shared by the
-browser tests (tests/test_browser.py) and the MLflow UI benchmark (pipeline/bench/scale_ui.py)."""
+browser tests (tests/e2e/test_browser.py) and the MLflow UI benchmark (pipeline/bench/scale_ui.py)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from pipeline.engine.stage import data_workers
 
 log = logging.getLogger(__name__)
 
-# Every key of state.pt from version 2 on: what Engine.state_dict writes (tests/engine/test_checkpoint_migrate.py
+# Every key of state.pt from version 2 on: what Engine.state_dict writes (tests/unit/engine/test_checkpoint_migrate.py
 # holds the two together).
 STATE_KEYS = (
     "step",

@@ -1,7 +1,7 @@
 """The MLflow, torch and Ray internals the pipeline relies on, each behind one function.
 
 None of these libraries offers a public way to do these; a new release may rename or drop what they reach.
-tests/engine/test_private_apis.py exercises every one of them against the installed versions and
+tests/unit/engine/test_private_apis.py exercises every one of them against the installed versions and
 fails with the name of the internal that changed, so an upgrade breaks there and not in the middle
 of a training job. Each function says why the public API does not suffice and what to do when it breaks.
 """

@@ -25,7 +25,7 @@ from pipeline.models.encoder import by_length, window
 log = logging.getLogger(__name__)
 
 # The largest difference of a sample (in [-1, 1]) between restore_many and restore_mono in float32 on the
-# CPU; tests/test_batched_restore.py measures about 1e-6 on randomised tiny chains.
+# CPU; tests/unit/inference/test_batched_restore.py measures about 1e-6 on randomised tiny chains.
 BATCH_TOLERANCE = 1e-4
 
 

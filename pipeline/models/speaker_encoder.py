@@ -27,7 +27,7 @@ Reference: with ``volume_norm=False`` (the default), :func:`embed` equals
 ``resemblyzer.VoiceEncoder.embed_utterance(wav)`` on the same float32 16 kHz array (not passed
 through ``preprocess_wav``) within 1e-5 per component, and :func:`mel_spectrogram` equals
 ``resemblyzer.audio.wav_to_mel_spectrogram`` within 1e-5 of the spectrogram's peak (measured 2e-7)
-(tests/models/test_speaker_encoder.py checks both with every parameter randomised).
+(tests/unit/models/test_speaker_encoder.py checks both with every parameter randomised).
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ class Restorer:
         batch["output_rate"], batch["worker"] = self.chain.rate_out, self.worker
         todo = [i for i in range(len(batch)) if batch.at[i, "status"] == OK]
         rows = [batch.iloc[i] for i in todo]
-        faults.point("clean.restore")  # a batch in hand (tests/test_clean_corpus_faults.py)
+        faults.point("clean.restore")  # a batch in hand (tests/e2e/test_clean_corpus_faults.py)
         try:
             results = [(todo, *self._restore(rows))] if rows else []
         except Exception:  # find the rows that fail: restore them one by one

@@ -1,4 +1,4 @@
-"""The processes of a job's local Ray end with the job, however the job ends (tests/test_clean_corpus_ray.py).
+"""The processes of a job's local Ray end with the job, however the job ends (tests/e2e/test_clean_corpus_ray.py).
 
 Ray ties its GCS server and raylet to the driver that started them (the kernel kills them when the driver
 dies), but not what those start in turn: after a SIGKILL of the driver, Ray's DashboardAgent, RuntimeEnvAgent and
