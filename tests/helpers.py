@@ -104,23 +104,21 @@ def run_module(workdir: Path, *args: str, timeout: float = 300) -> subprocess.Co
     )
 
 
-def mlflow_run(
-    workdir: Path, *params: str, timeout: float = 300, entry: str = "train_adapter"
-) -> subprocess.CompletedProcess:
-    """``mlflow run <repo> -e <entry> --env-manager local -P ...`` in ``workdir`` (experiment = entry point)."""
-    cmd = [
-        os.path.join(VENV_BIN, "mlflow"),
-        "run",
-        str(REPO),
-        "-e",
-        entry,
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        entry,
-    ]
+def mlflow_command(entry: str, *params: str, experiment: str | None = None) -> list[str]:
+    """``mlflow run <repo> -e <entry> --env-manager local -P ...``, tracked into the experiment named after the
+    entry point unless ``experiment`` names another."""
+    cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local"]
+    cmd += ["--experiment-name", experiment or entry]
     for p in params:
         cmd += ["-P", p]
+    return cmd
+
+
+def mlflow_run(
+    workdir: Path, *params: str, timeout: float = 300, entry: str = "train_adapter", experiment: str | None = None
+) -> subprocess.CompletedProcess:
+    """``mlflow_command`` run to its end in ``workdir`` with that directory's store."""
+    cmd = mlflow_command(entry, *params, experiment=experiment)
     return subprocess.run(cmd, cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=timeout)
 
 

@@ -2,13 +2,12 @@
 the job (engine/launcher_watch.py, main's StopForwarder): the job commits a checkpoint, its run ends KILLED,
 no process of it is left, and resume_run continues it bit-identically."""
 
-import os
 import signal
 import subprocess
 
 import psutil
 import pytest
-from helpers import REPO, TINY, VENV_BIN, env_for, loss_history, read_until, stage_runs, wait_for
+from helpers import TINY, env_for, loss_history, mlflow_command, read_until, stage_runs, wait_for
 from mlflow import MlflowClient
 
 from pipeline.engine.cli import EXIT_OK
@@ -19,19 +18,7 @@ SLOW_STEPS = "data.batch=sleep:0.3"  # fault point: each batch a little slower, 
 
 
 def start_mlflow_run(workdir, entry: str, **params: str) -> subprocess.Popen:
-    cmd = [
-        os.path.join(VENV_BIN, "mlflow"),
-        "run",
-        str(REPO),
-        "-e",
-        entry,
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        entry,
-    ]
-    for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
+    cmd = mlflow_command(entry, *(f"{key}={value}" for key, value in params.items()))
     env = dict(env_for(workdir), PIPELINE_FAULTS=SLOW_STEPS)
     return subprocess.Popen(cmd, cwd=workdir, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 from helpers import (
     DEMO_WAV,
+    FAKE_RUN_ID,
     PYTHON,
-    REPO,
     TINY_ASR,
-    VENV_BIN,
     artifact_dir,
     env_for,
     loss_history,
+    mlflow_run,
     read_until,
     stage_runs,
     start_stage,
@@ -26,23 +24,6 @@ from mlflow import MlflowClient
 from pipeline.engine.cli import EXIT_STOPPED
 
 pytestmark = pytest.mark.slow
-
-
-def _mlflow_run(workdir: Path, entry: str, *params: str) -> subprocess.CompletedProcess:
-    cmd = [
-        os.path.join(VENV_BIN, "mlflow"),
-        "run",
-        str(REPO),
-        "-e",
-        entry,
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        "train_asr",
-    ]
-    for p in params:
-        cmd += ["-P", p]
-    return subprocess.run(cmd, cwd=workdir, env=env_for(workdir), capture_output=True, text=True, timeout=300)
 
 
 def test_sigterm_then_mlflow_run_resume_is_bit_identical_and_transcribe_runs(store):
@@ -71,7 +52,7 @@ def test_sigterm_then_mlflow_run_resume_is_bit_identical_and_transcribe_runs(sto
     assert run.info.status == "KILLED" and 3 <= stopped_at < 18  # at least one epoch boundary is left
     assert not (artifact_dir(client, run.info.run_id) / "model").exists()  # only a finished run has its model
 
-    resumed = _mlflow_run(store, "train_asr", f"resume_run={run.info.run_id}")
+    resumed = mlflow_run(store, f"resume_run={run.info.run_id}", entry="train_asr")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert loss_history(client, run.info.run_id, "train/loss") == expected
     final = client.get_run(run.info.run_id)
@@ -80,8 +61,12 @@ def test_sigterm_then_mlflow_run_resume_is_bit_identical_and_transcribe_runs(sto
     model = artifact_dir(client, run.info.run_id) / "model"
     assert (model / "MLmodel").exists() and (model / "artifacts" / "step-00000020" / "state.pt").exists()
 
-    done = _mlflow_run(store, "transcribe", f"run_id={run.info.run_id}", f"input={DEMO_WAV}")
+    done = mlflow_run(
+        store, f"run_id={run.info.run_id}", f"input={DEMO_WAV}", entry="transcribe", experiment="train_asr"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{DEMO_WAV}\t" in done.stdout
-    unknown = _mlflow_run(store, "transcribe", "run_id=0123456789abcdef0123456789abcdef", f"input={DEMO_WAV}")
+    unknown = mlflow_run(
+        store, f"run_id={FAKE_RUN_ID}", f"input={DEMO_WAV}", entry="transcribe", experiment="train_asr"
+    )
     assert unknown.returncode != 0 and "Run 0123456789abcdef0123456789abcdef not found" in unknown.stderr
