@@ -329,7 +329,7 @@ def test_a_resume_replaces_only_files_the_job_wrote_and_nothing_is_written_throu
     def running():
         experiment = client.get_experiment_by_name("clean_corpus")
         runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
-        return runs and runs[0]
+        return runs and runs[0].data.params and runs[0]  # its settings stored: a run that can be resumed
 
     run = wait_for(running, timeout=600, what="the job's run", proc=job)
     kill_family(job)  # right after it started

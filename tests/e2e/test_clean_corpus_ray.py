@@ -101,6 +101,7 @@ while not (below := psutil.Process(service.pid).children()):
 time.sleep(3 * POLL_S)  # the reaper has seen them
 print(reaper.process.pid, service.pid, below[0].pid, plain.pid, flush=True)
 if sys.argv[1] == "release":
+    sys.stdin.readline()  # once the test has looked at the processes
     reaper.release()
 time.sleep(600)
 """
@@ -109,7 +110,11 @@ time.sleep(600)
 @pytest.mark.parametrize("end", ["sigkill", "release"])
 def test_the_reaper_ends_only_the_rays_processes_when_its_driver_lets_go(end):
     driver = subprocess.Popen(
-        [PYTHON, "-c", FAKE_DRIVER, end], stdout=subprocess.PIPE, text=True, start_new_session=True
+        [PYTHON, "-c", FAKE_DRIVER, end],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     itself = psutil.Process(driver.pid)
     reaper, service, below, plain = (psutil.Process(int(pid)) for pid in driver.stdout.readline().split())
@@ -119,6 +124,9 @@ def test_the_reaper_ends_only_the_rays_processes_when_its_driver_lets_go(end):
         if end == "sigkill":
             driver.kill()
             driver.wait()
+        else:
+            driver.stdin.write("release\n")
+            driver.stdin.flush()
         wait_for(
             lambda: gone(service) and gone(below) and gone(reaper),
             timeout=GONE_WITHIN_S,

@@ -122,6 +122,11 @@ def resumed_config(client: MlflowClient, argv: list[str], cfg: CleanCorpusConfig
             f"resume_run={cfg.resume_run} is a run of stage {run.data.tags.get(tag.STAGE)!r}, not a "
             f"{STAGE} job; give the run ID its own log printed"
         )
+    if not run.data.params:
+        raise ConfigError(
+            f"resume_run={cfg.resume_run} was stopped before its settings were stored, so nothing of it can be "
+            "resumed; start a new job with the same input and output"
+        )
     stored = {k: v for k, v in run.data.params.items() if k.split(".")[0] in {f.name for f in dataclasses.fields(cfg)}}
     given = {w.partition("=")[0]: w.partition("=")[2] for w in split_overrides(argv) if "=" in w}
     fresh = parse_key_values(CleanCorpusConfig, [f"{k}={v}" for k, v in stored.items()])
