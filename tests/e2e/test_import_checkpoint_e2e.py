@@ -1,24 +1,13 @@
 """import_checkpoint as an MLproject entry point: `mlflow run . -e import_checkpoint`."""
 
 import pytest
-from miipher2_reference import (  # noqa: F401 (mhubert: a fixture)
-    HIDDEN,
-    N_ADAPTERS,
+from miipher2_reference import (
     QUICK,
     SSL,
     VOCODER,
-    ReferenceGenerator,
-    ResBlock1,
     adapter_checkpoint,
-    committed_state,
-    mhubert,
-    old_norm_names,
-    randomise,
-    run_import,
-    runs_by_stage,
-    ssl_cfg,
+    mhubert,  # noqa: F401 (a fixture the tests request by name)
     vocoder_checkpoint,
-    vocoder_preset,
 )
 from mlflow import MlflowClient
 

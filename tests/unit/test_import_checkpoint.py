@@ -10,18 +10,14 @@ these tests.
 
 import pytest
 import torch
-from miipher2_reference import (  # noqa: F401 (mhubert: a fixture)
+from miipher2_reference import (
     HIDDEN,
     N_ADAPTERS,
     QUICK,
     SSL,
-    VOCODER,
-    ReferenceGenerator,
-    ResBlock1,
     adapter_checkpoint,
     committed_state,
-    mhubert,
-    old_norm_names,
+    mhubert,  # noqa: F401 (a fixture the tests request by name)
     randomise,
     run_import,
     runs_by_stage,
