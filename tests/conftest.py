@@ -37,6 +37,18 @@ def empty_store_template(tmp_path_factory):
     os.environ.pop(STORE_TEMPLATE_ENV, None)
 
 
+@pytest.fixture(autouse=True)
+def environment_kept():
+    """A test that leaves an MLflow, AWS or pipeline variable changed in this process fails, naming it: the next test
+    in the same worker would otherwise talk to a store or server that is gone (use ``monkeypatch.setenv``)."""
+    watched = ("MLFLOW_", "AWS_", "PIPELINE_")
+    before = {key: value for key, value in os.environ.items() if key.startswith(watched)}
+    yield
+    after = {key: value for key, value in os.environ.items() if key.startswith(watched)}
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    assert not changed, f"the test left these environment variables changed: {changed}"
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> Path:
     """Run in a fresh directory with its own SQLite tracking store; returns the directory."""

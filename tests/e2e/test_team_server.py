@@ -134,14 +134,13 @@ def assert_no_secret_in_runs(team, client: MlflowClient) -> None:
 
 
 @pytest.fixture(autouse=True)
-def no_credentials_leak():
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+def no_environment_leak():
+    """``client_as`` exports a trainer's tracking variables in this process (as a trainer's shell would); put the
+    environment back afterwards, or a later test in this worker would talk to a server that is gone."""
+    saved = dict(os.environ)
     yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_a_job_killed_on_the_team_server_resumes_from_another_machine_bit_identical(team, tmp_path):

@@ -75,7 +75,7 @@ def test_the_runs_view_is_stored_once_in_the_experiment_and_names_columns_the_ui
     ensure_runs_view(client, "999")  # an experiment that is not there: a warning, never an error
 
 
-def test_the_description_starts_with_status_progress_checkpoint_and_the_resume_command():
+def test_the_description_starts_with_status_progress_checkpoint_and_the_resume_command(store):
     text = describe_run(
         stage="train_adapter",
         run_id="r1",
