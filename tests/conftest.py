@@ -39,9 +39,10 @@ def empty_store_template(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def environment_kept():
-    """A test that leaves an MLflow, AWS or pipeline variable changed in this process fails, naming it: the next test
-    in the same worker would otherwise talk to a store or server that is gone (use ``monkeypatch.setenv``)."""
-    watched = ("MLFLOW_", "AWS_", "PIPELINE_")
+    """A test that leaves a variable naming a store, a server, a run or credentials changed in this process fails,
+    naming it: the next test in the same worker would otherwise talk to a store or server that is gone (use
+    ``monkeypatch.setenv``). The defaults a job sets for its own process (``MLFLOW_HTTP_REQUEST_*``, …) may stay."""
+    watched = ("MLFLOW_TRACKING_", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_", "MLFLOW_S3_", "MLFLOW_REGISTRY_", "AWS_")
     before = {key: value for key, value in os.environ.items() if key.startswith(watched)}
     yield
     after = {key: value for key, value in os.environ.items() if key.startswith(watched)}

@@ -22,11 +22,11 @@ Path(str(marker) + ".ready").write_text(" ".join(str(p.pid) for p in watched))
 time.sleep(120)
 """
 
-# A launcher that starts the job and waits (as `mlflow run` or a test does); ``nohup`` ignores SIGHUP first.
+# A launcher that starts the job and waits (as `mlflow run` or a test does); ``nohup`` ignores SIGHUP first, a plain
+# one takes SIGHUP's default whatever the test run inherited (pytest itself may have been started under nohup).
 LAUNCHER = """
 import signal, subprocess, sys
-if sys.argv[1] == "nohup":
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN if sys.argv[1] == "nohup" else signal.SIG_DFL)
 job = subprocess.Popen([sys.executable, "-c", sys.argv[2], sys.argv[3]])
 print(job.pid, flush=True)
 sys.exit(job.wait())
