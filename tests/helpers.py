@@ -281,11 +281,29 @@ def built_once(tmp_path_factory, name: str, key: object, build: Callable[[], dic
 def cached_store(tmp_path_factory, name: str, key: object, build: Callable[[], dict]) -> tuple[Path, dict]:
     """A tracking store built once per test session (``built_once``) and copied for each caller: a directory of
     its own and ``build``'s answer, so what one test module writes into its store is not seen by another."""
-    built, answer = built_once(tmp_path_factory, name, key, build)
     copy = tmp_path_factory.mktemp(name)
-    shutil.copytree(built, copy, symlinks=True, dirs_exist_ok=True)
-    _move_store(copy / "mlflow.db", str(built), str(copy))
-    return copy, answer
+    return copy, copied_store(tmp_path_factory, copy, name, key, build)
+
+
+def copied_store(tmp_path_factory, directory: Path, name: str, key: object, build: Callable[[], dict]) -> dict:
+    """``built_once``'s store copied into ``directory`` (a test's ``store``: its empty store is replaced, its runs,
+    artifacts and staged checkpoints are the copy's); returns ``build``'s answer. For a function-scoped fixture
+    that would otherwise train the same runs again for every test that asks for it."""
+    built, answer = built_once(tmp_path_factory, name, key, build)
+    shutil.copytree(built, directory, symlinks=True, dirs_exist_ok=True)
+    _move_store(Path(directory) / "mlflow.db", str(built), str(directory))
+    forget_artifact_repositories()
+    return answer
+
+
+def forget_artifact_repositories() -> None:
+    """Drop MLflow's cache of artifact repositories. MLflow keeps one per run in the process, keyed by the run's ID
+    alone, whatever the store: a copied store's runs have the original's IDs, so without this a test writing an
+    artifact to its copy writes it into the store it was copied from (the build's, shared by every test). A private
+    name: this fails with an AttributeError when MLflow renames it."""
+    from mlflow.tracking._tracking_service import utils
+
+    utils._artifact_repos_cache.clear()
 
 
 def seed_store(directory: Path) -> None:

@@ -15,6 +15,7 @@ from helpers import (
     TINY,
     all_runs,
     artifact_dir,
+    copied_store,
     loss_history,
     snapshot,
     stage_runs,
@@ -31,12 +32,20 @@ def train(*args: str, hooks: TrainingHooks | None = None) -> int:
     return run_stage(TrainAdapter, [*TINY, *args], hooks=hooks)
 
 
-@pytest.fixture
-def finished_run(store):
-    """A finished 20-step run with checkpoints at steps 10 and 20."""
-    assert train("trainer.max_steps=20", "checkpoint.save_interval=10", "validation.interval=10") == EXIT_OK
+FINISHED = ["trainer.max_steps=20", "checkpoint.save_interval=10", "validation.interval=10"]
+
+
+def train_finished_run() -> dict:
+    assert train(*FINISHED) == EXIT_OK
     (run,) = stage_runs(MlflowClient())
-    return run.info.run_id
+    return {"run_id": run.info.run_id}
+
+
+@pytest.fixture
+def finished_run(store, tmp_path_factory):
+    """A finished 20-step run with checkpoints at steps 10 and 20: trained once per test session, copied into each
+    test's store."""
+    return copied_store(tmp_path_factory, store, "adapter-finished", [*TINY, *FINISHED], train_finished_run)["run_id"]
 
 
 # --------------------------------------------------------------------------------------------

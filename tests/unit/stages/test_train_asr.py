@@ -19,6 +19,7 @@ from helpers import (
     REPO,
     TINY_ASR,
     artifact_dir,
+    copied_store,
     loss_history,
     snapshot,
     stage_runs,
@@ -59,12 +60,20 @@ class StopAt(TrainingHooks):
         return "test" if step == self.step else None
 
 
-@pytest.fixture
-def finished_run(store):
-    """A finished tiny run: 3 epochs of 2 steps, validated and checkpointed every 2 steps."""
-    assert train("trainer.epochs=3", "checkpoint.save_interval=2", "validation.interval=2") == EXIT_OK
+FINISHED = ["trainer.epochs=3", "checkpoint.save_interval=2", "validation.interval=2"]
+
+
+def train_finished_run() -> dict:
+    assert train(*FINISHED) == EXIT_OK
     (run,) = asr_runs(MlflowClient())
-    return run.info.run_id
+    return {"run_id": run.info.run_id}
+
+
+@pytest.fixture
+def finished_run(store, tmp_path_factory):
+    """A finished tiny run: 3 epochs of 2 steps, validated and checkpointed every 2 steps; trained once per test
+    session, copied into each test's store."""
+    return copied_store(tmp_path_factory, store, "asr-finished", [*TINY_ASR, *FINISHED], train_finished_run)["run_id"]
 
 
 # --------------------------------------------------------------------------------------------

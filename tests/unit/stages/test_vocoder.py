@@ -14,6 +14,7 @@ from helpers import (
     VOCODER_TRAIN_KEYS,
     all_runs,
     artifact_dir,
+    copied_store,
     loss_history,
     only_run,
     snapshot,
@@ -212,16 +213,23 @@ def test_bad_vocoder_preset_is_refused_before_anything_is_written(store, capfd):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def chain_runs(store):
-    """A finished tiny adapter run (encoder layer 2), one at layer 1, and a tiny vocoder run (layer 2)."""
-    short = ["trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]
-    assert adapter(*short) == EXIT_OK
-    assert adapter(*short, "ssl.layer=1") == EXIT_OK
-    assert pretrain(*short) == EXIT_OK
+SHORT = ["trainer.max_steps=2", "checkpoint.save_interval=2", "validation.interval=0"]
+
+
+def train_chain_runs() -> dict:
+    assert adapter(*SHORT) == EXIT_OK
+    assert adapter(*SHORT, "ssl.layer=1") == EXIT_OK
+    assert pretrain(*SHORT) == EXIT_OK
     client = MlflowClient()
     layer2, layer1 = [r.info.run_id for r in stage_runs(client, "train_adapter")]
     return {"adapter": layer2, "adapter_layer1": layer1, "vocoder": only_run(client, "pretrain_vocoder")}
+
+
+@pytest.fixture
+def chain_runs(store, tmp_path_factory):
+    """A finished tiny adapter run (encoder layer 2), one at layer 1, and a tiny vocoder run (layer 2): trained once
+    per test session, copied into each test's store."""
+    return copied_store(tmp_path_factory, store, "vocoder-chain-runs", [*TINY_VOCODER, *SHORT], train_chain_runs)
 
 
 def test_finetune_builds_on_the_adapter_and_vocoder_runs_and_resumes(chain_runs, capfd):
