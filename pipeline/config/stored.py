@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Any
 
@@ -83,7 +84,13 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_diff(old: DictConfig, new: DictConfig) -> dict[str, tuple[Any, Any]]:
     """Changed keys -> (old value, new value)."""
     a, b = flatten(to_container(old)), flatten(to_container(new))
-    return {key: (a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)}
+    return {key: (a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if not _same(a.get(key), b.get(key))}
+
+
+def _same(x: Any, y: Any) -> bool:
+    """Equal, with NaN equal to NaN (a key set to ``nan`` is unchanged when both configs hold NaN)."""
+    both_nan = isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y)
+    return both_nan or x == y
 
 
 def config_hash(cfg: DictConfig) -> str:
