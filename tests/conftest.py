@@ -60,9 +60,9 @@ def environment_kept():
 @pytest.fixture(autouse=True)
 def torch_threads_kept():
     """Code run in the test's process may set torch's thread count for that process (the cleaning benchmark does,
-    ``bench/cleaning_measure.py``, and a restore worker where it runs in-process); put it back, or a later test in the same worker computes its in-process
-    reference run with another count than the subprocess it compares with bit for bit (the sums differ in the last
-    bit: 0.07803687 against 0.07803686 at step 1)."""
+    ``bench/cleaning_measure.py``, and a restore worker where it runs in-process); put it back, or a later test in
+    the same worker computes its in-process reference run with another count than the subprocess it compares with
+    bit for bit (the sums differ in the last bit: 0.07803687 against 0.07803686 at step 1)."""
     import torch
 
     threads = torch.get_num_threads()
