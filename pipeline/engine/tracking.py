@@ -98,10 +98,12 @@ def start_or_adopt_run(
     ``experiment``; then named (``run_name``, or ``run_name(run_id)``), tagged, and given the params it
     does not have yet (secrets masked in all three, ``redact``; `mlflow run` logs its entry-point parameters
     first, and MLflow params cannot change)."""
-    # a new run is created with its tags (one write: a job killed at once still leaves a run that says its stage)
-    run_id = launcher or client.create_run(experiment_id(client, experiment), tags=redact(tags)).info.run_id
+    if launcher:
+        run_id, untagged = launcher, tags
+    else:  # created with its tags (one write: a job killed at once still leaves a run that says its stage)
+        run_id, untagged = client.create_run(experiment_id(client, experiment), tags=redact(tags)).info.run_id, {}
     name = run_name(run_id) if callable(run_name) else run_name
-    for key, value in redact({tag.RUN_NAME: name, **tags}).items():
+    for key, value in redact({tag.RUN_NAME: name, **untagged}).items():
         client.set_tag(run_id, key, value)
     if params:
         existing = client.get_run(run_id).data.params
