@@ -12,15 +12,17 @@ from dataclasses import dataclass, field
 
 @dataclass
 class EncoderConfig:
-    """A torchaudio Wav2Vec2Model-family encoder (HuBERT, WavLM, wav2vec 2.0)."""
+    """The frozen front end: a torchaudio Wav2Vec2Model-family encoder (HuBERT, WavLM, wav2vec 2.0), or a
+    parameter-free log-mel analysis (``family: logmel``, docs/architecture.md, Models)."""
 
     name: str = "tiny"  # preset name; also the run's `model` tag
-    family: str = "hubert"  # hubert | wavlm | wav2vec2: which torchaudio builder is used
+    # hubert | wavlm | wav2vec2: which torchaudio builder is used | logmel: a log-mel spectrogram, nothing to load
+    family: str = "hubert"
     extractor_mode: str = "group_norm"  # group_norm (base models) | layer_norm (large models)
     # convolutional feature extractor: [channels, kernel, stride] per layer (total stride 320 = 50 fps)
     conv_layers: list[list[int]] = field(default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2)
     conv_bias: bool = False
-    embed_dim: int = 768  # transformer width
+    embed_dim: int = 768  # transformer width; with family=logmel the number of mel bands
     pos_conv_kernel: int = 128
     pos_conv_groups: int = 16
     num_layers: int = 12  # layers of the full pretrained model (only the first `layer` are built)
@@ -32,6 +34,8 @@ class EncoderConfig:
     layer: int = 6  # 1-based index of the transformer layer whose output is the feature
     weights: str | None = None  # local path: torchaudio state dict file or HF checkpoint dir
     sample_rate: int = 16000  # the encoder's input rate
+    n_fft: int = 1024  # family=logmel: analysis window in samples (Hann; frames are not centred)
+    hop_length: int = 320  # family=logmel: samples per frame (320 at 16 kHz = 50 frames/s, as the SSL encoders)
 
 
 @dataclass
@@ -53,6 +57,11 @@ class AdapterConfig:
     residual: bool = False
     # also train each adapted layer's final_layer_norm (the frozen original still makes the clean target)
     train_layer_norms: bool = False
+    # With ssl.family=logmel there is no encoder to adapt: a feature cleaner maps degraded log-mel frames to clean
+    # ones (the input plus a correction that starts at zero): an input convolution, then ConvNeXt blocks.
+    cleaner_blocks: int = 4  # ConvNeXt blocks
+    cleaner_dim: int = 256  # their width
+    cleaner_kernel: int = 7  # their depthwise convolution's kernel, in frames (odd): the temporal context per block
 
 
 @dataclass
@@ -114,7 +123,7 @@ class DataConfig:
     """Where utterances come from and how they are cut into training examples."""
 
     name: str = "demo"  # dataset name; also the run's `dataset` tag
-    format: str = "ljspeech"  # corpus layout: ljspeech | libritts | libritts_r | jvs | fleurs_r | directory
+    format: str = "ljspeech"  # corpus layout: ljspeech | libritts | libritts_r | jvs | fleurs_r | directory | voices
     root: str | None = None  # corpus directory; null = the embedded demo corpus
     subsets: list[str] = field(default_factory=list)  # LibriTTS subsets, JVS subsets or FLEURS splits; [] = all
     # train_adapter skips files with more than this fraction of samples at full scale (clipped
@@ -269,6 +278,15 @@ class VocoderConfig:
     conformer_ffn_dim: int = 1024
     conformer_kernel: int = 31  # depthwise convolution kernel (odd)
     conformer_dropout: float = 0.1
+    # generator: hifigan (upsampling convolutions, the fields above) | vocos (Siuzdenko et al. 2023: ConvNeXt blocks
+    # at the frame rate predict an STFT's magnitude and phase, inverted by an ISTFT; the fields below). Both use the
+    # discriminators above.
+    generator: str = "hifigan"
+    vocos_hop: int = 320  # vocos: output samples per feature frame (= sample_rate / frame rate)
+    vocos_n_fft: int = 1280  # vocos: the ISTFT's window (4 x hop in the paper)
+    vocos_dim: int = 256  # vocos: width of the ConvNeXt blocks
+    vocos_intermediate: int = 768  # vocos: their inner (pointwise) width
+    vocos_layers: int = 6  # vocos: how many blocks
 
 
 @dataclass

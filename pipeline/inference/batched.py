@@ -65,7 +65,7 @@ def run_windows(chain: RestorationChain, windows: list[torch.Tensor], chunks: li
         features = chain.features(pad_sequence(windows, batch_first=True).to(device), lengths)
         if bool((frames == features.shape[1]).all()):  # nothing padded: no masks (they cost 8-15 % on CPU)
             out = chain.generator(features)
-        elif chain.generator.prenet is None:
+        elif chain.generator.masks_padding:
             out = chain.generator(features, frames)
         else:
             # torchaudio's Conformer convolution module is not masked: padded frames would reach the valid

@@ -44,7 +44,7 @@ from pipeline.inference.chain_checkpoints import (
 from pipeline.inference.requests import MAX_SECONDS, answering, request_audio, resample
 from pipeline.models.adapters import build_adapted_encoder
 from pipeline.models.encoder import encoder_geometry, window
-from pipeline.models.hifigan import Generator
+from pipeline.models.hifigan import build_generator
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,14 @@ class RestorationChain:
         self.precision = precision or Precision.from_config("cpu", "32")
         self.device = self.precision.device
         self.adapted = build_adapted_encoder(ssl, adapter)
-        self.generator = Generator(ssl.embed_dim, vocoder)
+        self.generator = build_generator(ssl.embed_dim, vocoder)
         self.adapted.to(self.device).eval().requires_grad_(False)
         self.generator.to(self.device).eval().requires_grad_(False)
         self.has_adapters = True  # False: a vocoder-only chain (copy synthesis only)
         self.adapters_on = True
         self.rate_in, self.rate_out = int(ssl.sample_rate), int(vocoder.sample_rate)
         self.hop_in, receptive = encoder_geometry(ssl)
-        self.hop_out = math.prod(vocoder.upsample_rates)
+        self.hop_out = self.generator.hop
         extra = receptive - self.hop_in
         self.context = (extra // 2, extra - extra // 2)
         frame_rate = self.rate_in / self.hop_in

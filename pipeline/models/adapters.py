@@ -21,6 +21,7 @@ from torch import nn
 from torchaudio.models import Wav2Vec2Model
 
 from pipeline.models.encoder import encoder_features
+from pipeline.models.frontend import CleanedLogMel, build_cleaned_log_mel
 
 ADAPTER_INITS = ("normal", "xavier")
 
@@ -160,10 +161,13 @@ class AdaptedEncoder(nn.Module):
             return encoder_features(self.encoder, wave, self.layer, lengths)
 
 
-def build_adapted_encoder(ssl, adapter) -> AdaptedEncoder:
-    """The encoder preset ``ssl`` (EncoderConfig) with adapters configured by ``adapter`` (AdapterConfig)."""
-    from pipeline.models.encoder import create_encoder
+def build_adapted_encoder(ssl, adapter) -> AdaptedEncoder | CleanedLogMel:
+    """The encoder preset ``ssl`` (EncoderConfig) with adapters configured by ``adapter`` (AdapterConfig); a
+    log-mel front end (``ssl.family: logmel``) gets the feature cleaner ``adapter`` configures instead."""
+    from pipeline.models.encoder import LOGMEL, create_encoder
 
+    if ssl.family == LOGMEL:
+        return build_cleaned_log_mel(ssl, adapter)
     num_layers = adapter.num_layers or ssl.layer
     return AdaptedEncoder(
         create_encoder(ssl),

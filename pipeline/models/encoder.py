@@ -23,8 +23,12 @@ from torchaudio.models import Wav2Vec2Model, wav2vec2_model, wavlm_model
 from torchaudio.models.wav2vec2.wavlm_attention import WavLMSelfAttention
 
 from pipeline.config import EncoderConfig
+from pipeline.models.frontend import LogMelFrontEnd, build_log_mel
 
 log = logging.getLogger(__name__)
+
+
+LOGMEL = "logmel"  # ssl.family of the parameter-free log-mel front end (pipeline/models/frontend.py)
 
 
 class WeightsError(ValueError):
@@ -57,7 +61,7 @@ def build_encoder(cfg: EncoderConfig) -> Wav2Vec2Model:
         return wavlm_model(encoder_num_buckets=cfg.num_buckets, encoder_max_distance=cfg.max_distance, **common)
     if cfg.family in ("hubert", "wav2vec2"):
         return wav2vec2_model(**common)
-    raise ValueError(f"unknown encoder family {cfg.family!r}; known: hubert, wavlm, wav2vec2")
+    raise ValueError(f"unknown encoder family {cfg.family!r}; known: hubert, wavlm, wav2vec2, logmel")
 
 
 def _read_state_dict(path: Path, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
@@ -230,13 +234,16 @@ def load_pretrained(model: Wav2Vec2Model, cfg: EncoderConfig) -> None:
 RANDOM_INIT_SEED = 0  # every stage that rebuilds a preset without weights gets the same random encoder
 
 
-def create_encoder(cfg: EncoderConfig) -> Wav2Vec2Model:
-    """Build the preset and load its pretrained weights when ``ssl.weights`` is set.
+def create_encoder(cfg: EncoderConfig) -> Wav2Vec2Model | LogMelFrontEnd:
+    """Build the preset and load its pretrained weights when ``ssl.weights`` is set (a log-mel front end has
+    none).
 
     The random initialisation comes from a fixed seed, not from the run's: an encoder without
     pretrained weights (``ssl=tiny``) is then the same in the adapter run and in the vocoder runs
     rebuilt from its preset and layer, whatever seed each run uses.
     """
+    if cfg.family == LOGMEL:
+        return build_log_mel(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         model = build_encoder(cfg)
@@ -248,9 +255,10 @@ def create_encoder(cfg: EncoderConfig) -> Wav2Vec2Model:
 
 
 def encoder_features(
-    model: Wav2Vec2Model, wave: torch.Tensor, layer: int, lengths: torch.Tensor | None = None
+    model: Wav2Vec2Model | LogMelFrontEnd, wave: torch.Tensor, layer: int, lengths: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Output of transformer layer ``layer`` (1-based) for a (batch, samples) waveform.
+    """Output of transformer layer ``layer`` (1-based) for a (batch, samples) waveform (a log-mel front end: its
+    frames, ``layer`` unused).
 
     ``lengths`` (valid samples per item of a zero-padded batch, on ``wave``'s device): each item's valid frames
     are those of its own unpadded run (the frames past them are padding). torchaudio masks the padding in the
@@ -259,6 +267,8 @@ def encoder_features(
     ``group_norm`` front end (its GroupNorm normalises over time) and WavLM's layers (torchaudio's WavLM
     attention takes no attention mask).
     """
+    if isinstance(model, LogMelFrontEnd):  # frames never mix: the padding reaches only frames past each item's
+        return model(wave)
     if lengths is None:
         features, _ = model.extract_features(wave, num_layers=layer)
         return features[-1]
@@ -286,7 +296,9 @@ def by_length(
 
 
 def encoder_geometry(ssl: EncoderConfig) -> tuple[int, int]:
-    """(hop, receptive field) in input samples of the encoder's convolutional front end."""
+    """(hop, receptive field) in input samples of the encoder's convolutional front end (or log-mel analysis)."""
+    if ssl.family == LOGMEL:
+        return int(ssl.hop_length), int(ssl.n_fft)
     hop, receptive = 1, 1
     for _, kernel, stride in ssl.conv_layers:
         receptive += (kernel - 1) * hop

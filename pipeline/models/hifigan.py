@@ -17,8 +17,11 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 from pipeline.config import VocoderConfig
+from pipeline.models.padding import zero_past
+from pipeline.models.vocos import VocosGenerator
 
 LRELU_SLOPE = 0.1
+GENERATORS = ("hifigan", "vocos")  # vocoder.generator
 FEATURE_RATE = 50  # encoder frames per second (HuBERT-family conv front ends: stride 320 at 16 kHz)
 
 
@@ -30,8 +33,12 @@ def validate_preset(cfg: VocoderConfig, feature_rate: float = FEATURE_RATE) -> N
     """Refuse a preset whose upsampling does not turn ``feature_rate`` frames/s into ``sample_rate``."""
     rates, kernels = list(cfg.upsample_rates), list(cfg.upsample_kernel_sizes)
     wanted = cfg.sample_rate / feature_rate
+    if cfg.generator not in GENERATORS:
+        raise VocoderConfigError(f"vocoder.generator={cfg.generator!r}; choose one of {', '.join(GENERATORS)}")
+    if cfg.generator == "vocos":
+        _validate_vocos(cfg, wanted)
     total = math.prod(rates)
-    if total != wanted:
+    if cfg.generator == "hifigan" and total != wanted:
         raise VocoderConfigError(
             f"vocoder preset {cfg.name!r}: the product of vocoder.upsample_rates {rates} is {total}, but features at "
             f"{feature_rate:g} frames/s need {wanted:g} to reach vocoder.sample_rate={cfg.sample_rate} "
@@ -65,6 +72,24 @@ def validate_preset(cfg: VocoderConfig, feature_rate: float = FEATURE_RATE) -> N
             "vocoder.mpd_channels needs 5 widths, vocoder.msd_channels 7, vocoder.msd_scales >= 1 and "
             "vocoder.mpd_periods at least one period"
         )
+
+
+def _validate_vocos(cfg: VocoderConfig, wanted: float) -> None:
+    if cfg.vocos_hop != wanted:
+        raise VocoderConfigError(
+            f"vocoder preset {cfg.name!r}: vocoder.vocos_hop={cfg.vocos_hop}, but the features' frame rate needs "
+            f"{wanted:g} output samples a frame to reach vocoder.sample_rate={cfg.sample_rate}"
+        )
+    if cfg.vocos_n_fft < cfg.vocos_hop or (cfg.vocos_n_fft - cfg.vocos_hop) % 2 or cfg.vocos_layers < 1:
+        raise VocoderConfigError(
+            f"vocoder preset {cfg.name!r}: vocoder.vocos_n_fft ({cfg.vocos_n_fft}) must be at least vocos_hop "
+            f"({cfg.vocos_hop}) and differ from it by an even number (4 x hop is usual); vocos_layers >= 1"
+        )
+
+
+def generator_hop(cfg: VocoderConfig) -> int:
+    """Output samples per feature frame of the preset's generator."""
+    return int(cfg.vocos_hop) if cfg.generator == "vocos" else math.prod(cfg.upsample_rates)
 
 
 def reflect_pad(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
@@ -101,15 +126,6 @@ def upsample_padding(kernel: int, rate: int) -> tuple[int, int]:
     """(padding, output_padding) that make a transposed convolution output exactly ``rate`` x its input."""
     excess = kernel - rate
     return (excess + 1) // 2, excess % 2
-
-
-def zero_past(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """``x`` (batch, channels, time) with every time step at or past its item's ``lengths`` set to zero: what a
-    convolution of an unpadded item sees there (its own zero padding). ``lengths`` None: ``x`` itself."""
-    if lengths is None:
-        return x
-    padded = torch.arange(x.shape[-1], device=x.device) >= lengths.to(x.device)[:, None]
-    return x.masked_fill(padded[:, None, :], 0.0)
 
 
 def _init_weights(module: nn.Module, std: float = 0.01) -> None:
@@ -183,7 +199,7 @@ class Generator(nn.Module):
 
     def __init__(self, in_dim: int, cfg: VocoderConfig):
         super().__init__()
-        validate_preset(cfg)
+        validate_preset(cfg, cfg.sample_rate / generator_hop(cfg))  # the frame rate is checked by its stage
         channels = cfg.upsample_initial_channel
         self.prenet = ConformerPrenet(in_dim, channels, cfg) if cfg.conformer_layers else None
         self.pre = weight_norm(nn.Conv1d(channels if self.prenet is not None else in_dim, channels, 7, padding=3))
@@ -204,6 +220,7 @@ class Generator(nn.Module):
                 )
             )
         self.post = weight_norm(nn.Conv1d(channels, 1, 7, padding=3))
+        self.masks_padding = self.prenet is None  # a padded batch gives each item its own output (see forward)
         self.rates = list(cfg.upsample_rates)
         self.hop = math.prod(cfg.upsample_rates)
 
@@ -322,12 +339,18 @@ class MultiScaleDiscriminator(nn.Module):
         return scores, maps
 
 
+def build_generator(in_dim: int, cfg: VocoderConfig) -> Generator | VocosGenerator:
+    """The preset's generator (``vocoder.generator``: HiFi-GAN or Vocos) for features of width ``in_dim``."""
+    validate_preset(cfg, cfg.sample_rate / generator_hop(cfg))
+    return VocosGenerator(in_dim, cfg) if cfg.generator == "vocos" else Generator(in_dim, cfg)
+
+
 def build_vocoder(
     in_dim: int, cfg: VocoderConfig
-) -> tuple[Generator, MultiPeriodDiscriminator, MultiScaleDiscriminator]:
+) -> tuple[Generator | VocosGenerator, MultiPeriodDiscriminator, MultiScaleDiscriminator]:
     """The generator and both discriminators of a preset (validated first)."""
     return (
-        Generator(in_dim, cfg),
+        build_generator(in_dim, cfg),
         MultiPeriodDiscriminator(list(cfg.mpd_periods), list(cfg.mpd_channels)),
         MultiScaleDiscriminator(int(cfg.msd_scales), list(cfg.msd_channels)),
     )

@@ -9,7 +9,6 @@ step, the validation mel loss, the data and the listening page.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from itertools import chain
@@ -28,7 +27,7 @@ from pipeline.engine import tags as tag
 from pipeline.engine.stage import Stage
 from pipeline.inference.listening import Example, safe_name, write_listening_page
 from pipeline.models.encoder import encoder_geometry, window
-from pipeline.models.hifigan import CenteredMelSpectrogram, build_vocoder, validate_preset
+from pipeline.models.hifigan import CenteredMelSpectrogram, build_vocoder, generator_hop, validate_preset
 from pipeline.models.losses import discriminator_loss, generator_loss, log_mel, mel_l1
 
 log = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ class VocoderStage(Stage):
         cfg = self.cfg
         self.hop_in, receptive = encoder_geometry(cfg.ssl)
         validate_preset(cfg.vocoder, cfg.ssl.sample_rate / self.hop_in)
-        self.hop_out = math.prod(cfg.vocoder.upsample_rates)
+        self.hop_out = generator_hop(cfg.vocoder)
         extra = receptive - self.hop_in
         self.context = (extra // 2, extra - extra // 2)
         self.build_feature_extractor()
