@@ -20,7 +20,20 @@ from typing import Any
 
 import torch
 
-from pipeline.bench import cleaning, data, emit, figure, jobs, outage, restore, scale, scale_ingest, scale_ui, training
+from pipeline.bench import (
+    ceiling,
+    cleaning,
+    data,
+    emit,
+    figure,
+    jobs,
+    outage,
+    restore,
+    scale,
+    scale_ingest,
+    scale_ui,
+    training,
+)
 
 TINY = ["ssl=tiny"]
 SMALL = ["ssl=hubert_base", "ssl.layer=2"]  # random weights: the architecture is what costs
@@ -97,6 +110,9 @@ CPU_CLEANING: list[Row] = [
         {"files": 12, "files_per_batch": 2, "score_files": 0, "per_1000h": True},
     ),
 ]
+# the chain's ceiling per front end (docs/benchmarks.md, "Where the ceiling is"): copy synthesis after the same
+# mel-only steps of each generator on each front end's features; about 25 minutes together on 2 idle cores
+CPU_QUALITY: list[Row] = [("encoder_ceiling", ceiling.ceiling_figures, (), {"steps": 1500})]
 # cost growth (docs/benchmarks.md, Cost growth): each curve at three sizes; about 75 minutes together on 2 idle cores
 CPU_SCALE: list[Row] = [
     *[(f"scale/resume_vs_history/{kind}", scale.resume_vs_history, (kind,), {}) for kind in ("sqlite", "postgresql")],
@@ -178,7 +194,7 @@ GPU_CLEANING: list[Row] = [
 ]
 
 PLANS: dict[str, list[Row]] = {
-    "cpu": [*CPU_ENGINE, *CPU_DATA, *CPU_RESTORE, *CPU_DISTRIBUTED, *CPU_CLEANING, *CPU_SCALE],
+    "cpu": [*CPU_ENGINE, *CPU_DATA, *CPU_RESTORE, *CPU_DISTRIBUTED, *CPU_CLEANING, *CPU_QUALITY, *CPU_SCALE],
     "gpu": [*GPU_ENGINE, *GPU_DISTRIBUTED, *GPU_RESTORE, *GPU_CLEANING],
 }
 

@@ -74,3 +74,11 @@ def test_every_planned_figure_binds_its_arguments_to_its_function():
             except TypeError as error:
                 pytest.fail(f"{preset} plan, {name}: {error}")
         assert [name for name, _ in plan(preset)] == names
+
+
+def test_the_ceiling_figure_scores_copy_synthesis_of_a_trained_vocoder():
+    """Three mel-only steps on log-mel features, scored by evaluate on one held-out file (values not judged)."""
+    from pipeline.bench import ceiling
+
+    scores = ceiling.copy_synthesis(["ssl=logmel"], ["vocoder=vocos_tiny"], steps=3, test_size=1)
+    assert 0.0 <= scores["stoi"] <= 1.0 and 1.0 <= scores["pesq_wb"] <= 4.7 and scores["train_s"] > 0
