@@ -37,4 +37,23 @@ if ! command -v slurmctld > /dev/null && [ ! -x /usr/sbin/slurmctld ]; then
       "will be skipped" >&2
   fi
 fi
+# The synthetic multi-voice corpus (data=voices, pipeline/data/voices.py) is spoken by Debian's flite, festival (with
+# two diphone voices) and espeak-ng, installed here when missing and this runs as root; else data=voices fails,
+# naming the packages, and its tests are skipped.
+voice_packages=()
+command -v flite > /dev/null || voice_packages+=(flite)
+command -v espeak-ng > /dev/null || voice_packages+=(espeak-ng)
+command -v text2wave > /dev/null || voice_packages+=(festival)
+[ -d /usr/share/festival/voices/english/kal_diphone ] || voice_packages+=(festvox-kallpc16k)
+[ -d /usr/share/festival/voices/english/ked_diphone ] || voice_packages+=(festvox-kdlpc16k)
+if [ ${#voice_packages[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get > /dev/null; then
+    echo "installing Debian's speech synthesisers for the voices corpus: ${voice_packages[*]}"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${voice_packages[@]}" > /dev/null) \
+      || echo "the speech synthesisers could not be installed: data=voices will not build, its tests are skipped" >&2
+  else
+    echo "speech synthesisers missing (as root: apt-get install ${voice_packages[*]}): data=voices will not build," \
+      "its tests are skipped" >&2
+  fi
+fi
 .venv/bin/python -c "import torch, torchaudio, mlflow; print(f'environment ready: torch {torch.__version__}, torchaudio {torchaudio.__version__}, mlflow {mlflow.__version__}')"

@@ -9,6 +9,7 @@ reading audio; ``READERS`` maps the ``data.format`` names to them:
 - ``jvs``: ``jvsNNN/<subset>/wav24kHz16bit/*.wav`` with ``<subset>/transcripts_utf8.txt`` (``ID:text``)
 - ``fleurs_r``: ``<lang>/<split>.tsv`` (FLEURS columns) and ``<lang>/audio/<split>/<file_name>``
 - ``directory``: any audio files, each with an optional ``<name>.txt`` / ``<name>.lab`` transcript
+- ``voices``: the synthetic multi-voice corpus (voices.py) in LJSpeech layout, built at ``root`` at first use
 
 Audio is mixed down to mono and resampled to the model rate (audio.py). Files that cannot be used (missing,
 unreadable, empty, silent, NaN/Inf, clipped) are skipped and counted by reason when a corpus is loaded, with one
@@ -344,6 +345,14 @@ def read_directory(root: str | Path, subsets: Iterable[str] | None = None) -> li
     return utterances
 
 
+def read_voices(root: str | Path, subsets: Iterable[str] | None = None) -> list[Utterance]:
+    """The synthetic multi-voice corpus (voices.py) at ``root``, built there first if it is not: LJSpeech layout,
+    each utterance with its voice as speaker; the held-out voices' utterances come last."""
+    from pipeline.data.voices import read_voices_corpus
+
+    return read_voices_corpus(root, subsets)
+
+
 READERS: dict[str, Callable[..., list[Utterance]]] = {
     "ljspeech": read_ljspeech,
     "libritts": read_libritts,
@@ -351,6 +360,7 @@ READERS: dict[str, Callable[..., list[Utterance]]] = {
     "jvs": read_jvs,
     "fleurs_r": read_fleurs,  # FLEURS-R keeps FLEURS's layout
     "directory": read_directory,
+    "voices": read_voices,
 }
 
 

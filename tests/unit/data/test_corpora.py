@@ -31,7 +31,7 @@ def write_wav(path, wave=None, rate: int = RATE):
 
 
 def test_every_format_is_registered():
-    assert set(READERS) == {"ljspeech", "libritts", "libritts_r", "jvs", "fleurs_r", "directory"}
+    assert set(READERS) == {"ljspeech", "libritts", "libritts_r", "jvs", "fleurs_r", "directory", "voices"}
 
 
 def test_utterance_keeps_positional_order_and_speaker_is_optional(tmp_path):
