@@ -34,10 +34,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -189,16 +188,17 @@ def build_corpus(out: Path, spec: VoicesSpec = VoicesSpec(), workers: int = MAX_
 
 
 def _synthesise_all(rows: list[Row], wavs: Path, workers: int) -> Iterator[int]:
-    """Each row's sample count, in row order, its wav written; ``workers`` processes (1: this one)."""
+    """Each row's sample count, in row order, its wav written; ``workers`` threads, each waiting on a synthesiser
+    process (1: this thread)."""
     jobs = [(row.voice, row.text, row.speed, row.pitch, str(wavs / f"{row.id}.wav")) for row in rows]
     bar = tqdm(total=len(rows), desc="voices", unit="utt", disable=not sys.stderr.isatty())
     step = max(len(rows) // 10, 1)
     if workers == 1:
         results: Iterable[int] = map(speak_to_file, jobs)
         pool = None
-    else:  # spawn: a fork of a process holding torch's or MLflow's threads can deadlock
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
-        results = pool.map(speak_to_file, jobs, chunksize=8)
+    else:  # threads: the synthesisers are subprocesses; no process pool re-importing a caller's __main__
+        pool = ThreadPoolExecutor(max_workers=workers)
+        results = pool.map(speak_to_file, jobs)
     try:
         for done, count in enumerate(results, 1):
             bar.update()
