@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    CHAINS,
     PREPARE_SMALL,
     STORE_TEMPLATE_ENV,
     built_once,
@@ -26,8 +27,6 @@ from helpers import (
     stage_runs,
 )
 from mlflow import MlflowClient
-
-from pipeline.ops.soak_clean import CHAIN_STEPS  # the tiny chain's training steps, shared with the cleaning soak
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -175,39 +174,42 @@ def s3(monkeypatch):
         server.stop()
 
 
-TINY_CHAIN = {
-    "train_adapter": ["ssl=tiny", "adapter.bottleneck=16", *CHAIN_STEPS],
-    "pretrain_vocoder": ["ssl=tiny", "vocoder=tiny", *CHAIN_STEPS],
-    "finetune_vocoder": CHAIN_STEPS,
-}
-
-
-def train_tiny_chain() -> dict[str, str]:
-    """train_adapter -> pretrain_vocoder -> finetune_vocoder in the current store; their run IDs."""
+def train_chain(steps: dict[str, list[str]]) -> dict[str, str]:
+    """train_adapter -> pretrain_vocoder -> finetune_vocoder with ``steps``' arguments in the current store; their
+    run IDs."""
     from pipeline.engine.cli import EXIT_OK
     from pipeline.engine.session import run_stage
     from pipeline.stages.finetune_vocoder import FinetuneVocoder
     from pipeline.stages.pretrain_vocoder import PretrainVocoder
     from pipeline.stages.train_adapter import TrainAdapter
 
-    assert run_stage(TrainAdapter, TINY_CHAIN["train_adapter"]) == EXIT_OK
-    assert run_stage(PretrainVocoder, TINY_CHAIN["pretrain_vocoder"]) == EXIT_OK
+    assert run_stage(TrainAdapter, steps["train_adapter"]) == EXIT_OK
+    assert run_stage(PretrainVocoder, steps["pretrain_vocoder"]) == EXIT_OK
     client = MlflowClient()
     adapter, vocoder = (stage_runs(client, s)[0].info.run_id for s in ("train_adapter", "pretrain_vocoder"))
-    finetune = [f"adapter_run={adapter}", f"vocoder_run={vocoder}", *TINY_CHAIN["finetune_vocoder"]]
+    finetune = [f"adapter_run={adapter}", f"vocoder_run={vocoder}", *steps["finetune_vocoder"]]
     assert run_stage(FinetuneVocoder, finetune) == EXIT_OK
     return {"adapter": adapter, "vocoder": vocoder, "finetune": stage_runs(client, "finetune_vocoder")[0].info.run_id}
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """A finished tiny chain (train_adapter -> pretrain_vocoder -> finetune_vocoder) in a tracking store of the
-    tests of one module: {"dir": its directory, "adapter", "vocoder", "finetune": run IDs}. The chain is trained
-    once per test session and each module gets its own copy of the store (helpers.cached_store). Tests that use it
-    work in that store (do not combine it with ``store``) and put their own files under ``tmp_path``."""
-    root, runs = cached_store(tmp_path_factory, "chain", TINY_CHAIN, train_tiny_chain)
+def chain_store(tmp_path_factory, kind: str):
+    """A copy of the finished chain ``kind`` (``CHAINS``), trained once per test session, to work in."""
+    name = "chain" if kind == "tiny" else f"chain-{kind}"
+    root, runs = cached_store(tmp_path_factory, name, CHAINS[kind], lambda: train_chain(CHAINS[kind]))
     with private_store(root):
-        yield {"dir": root, **runs}
+        yield {"dir": root, "kind": kind, **runs}
+
+
+@pytest.fixture(scope="module")
+def chain(request, tmp_path_factory):
+    """A finished chain (train_adapter -> pretrain_vocoder -> finetune_vocoder) in a tracking store of the tests of
+    one module: {"dir": its directory, "kind", "adapter", "vocoder", "finetune": run IDs}. The tiny one (tiny SSL
+    encoder with adapters, HiFi-GAN), or with ``@pytest.mark.parametrize("chain", list(CHAINS), indirect=True)``
+    each kind of ``CHAINS`` in turn (the log-mel front end with its cleaner and the Vocos-style generator too). A
+    chain is trained once per test session and each module gets its own copy of the store (helpers.cached_store).
+    Tests that use it work in that store (do not combine it with ``store``) and put their own files under
+    ``tmp_path``."""
+    yield from chain_store(tmp_path_factory, getattr(request, "param", "tiny"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,11 +21,27 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.engine.checkpointing import RetentionPolicy
+from pipeline.ops.soak_clean import CHAIN_STEPS  # the tiny chain's training steps, shared with the cleaning soak
 
 REPO = Path(__file__).resolve().parents[1]
 STORE_TEMPLATE_ENV = "PIPELINE_TEST_STORE_TEMPLATE"  # the directory of an empty tracking store to copy
 PYTHON = sys.executable
 VENV_BIN = str(Path(PYTHON).parent)
+
+# The chains the ``chain`` fixture trains (tests/conftest.py), by kind: each step's arguments.
+TINY_CHAIN = {
+    "train_adapter": ["ssl=tiny", "adapter.bottleneck=16", *CHAIN_STEPS],
+    "pretrain_vocoder": ["ssl=tiny", "vocoder=tiny", *CHAIN_STEPS],
+    "finetune_vocoder": CHAIN_STEPS,
+}
+# the chain of the log-mel front end with its feature cleaner and the Vocos-style generator (main.preset=quality's)
+LOGMEL_CHAIN = {
+    "train_adapter": ["ssl=logmel", "adapter.cleaner_blocks=2", "adapter.cleaner_dim=32", *CHAIN_STEPS],
+    "pretrain_vocoder": ["ssl=logmel", "vocoder=vocos_tiny", "vocoder.vocos_dim=32", *CHAIN_STEPS],
+    "finetune_vocoder": CHAIN_STEPS,
+}
+CHAINS = {"tiny": TINY_CHAIN, "logmel_vocos": LOGMEL_CHAIN}
+
 
 # A job that runs in seconds on a CPU: tiny random encoder, half-second crops, batch of 4.
 TINY = [

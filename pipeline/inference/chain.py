@@ -43,7 +43,7 @@ from pipeline.inference.chain_checkpoints import (
 )
 from pipeline.inference.requests import MAX_SECONDS, answering, request_audio, resample
 from pipeline.models.adapters import build_adapted_encoder
-from pipeline.models.encoder import encoder_geometry, window
+from pipeline.models.encoder import LOGMEL, encoder_geometry, window
 from pipeline.models.hifigan import build_generator
 
 
@@ -105,6 +105,12 @@ class RestorationChain:
         self.adapted.to(self.device).eval().requires_grad_(False)
         self.generator.to(self.device).eval().requires_grad_(False)
         self.has_adapters = True  # False: a vocoder-only chain (copy synthesis only)
+        cleaner = "feature cleaner" if ssl.family == LOGMEL else "parallel adapters"
+        # what the chain is made of, in words (evaluation and registry descriptions)
+        self.architecture = (
+            f"front end `{ssl.name}` ({ssl.family}, layer {ssl.layer}) with {cleaner}, vocoder `{vocoder.name}` "
+            f"({vocoder.generator})"
+        )
         self.adapters_on = True
         self.rate_in, self.rate_out = int(ssl.sample_rate), int(vocoder.sample_rate)
         self.hop_in, receptive = encoder_geometry(ssl)

@@ -121,6 +121,8 @@ def evaluated_items(client: MlflowClient, p: Plan) -> list[str]:
     items = []
     if p.cfg.model_uri:
         items.append(f"model `{p.cfg.model_uri}`")
+    if p.chain is not None:
+        items.append(f"chain: {p.chain.architecture}")
     for role, run_key, step_key in (
         ("vocoder", "vocoder_run", "vocoder_step"),
         ("adapters", "adapter_run", "adapter_step"),

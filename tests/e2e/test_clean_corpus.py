@@ -13,7 +13,7 @@ import pandas as pd
 import psutil
 import pytest
 import soundfile as sf
-from helpers import CLEAN_FAST, PYTHON, demo_wave, env_for, free_port, mlflow_run, snapshot, wait_for
+from helpers import CHAINS, CLEAN_FAST, PYTHON, demo_wave, env_for, free_port, mlflow_run, snapshot, wait_for
 from mlflow import MlflowClient
 from scipy.signal import resample_poly
 
@@ -64,6 +64,7 @@ def the_run(client: MlflowClient):
     return runs[0]
 
 
+@pytest.mark.parametrize("chain", list(CHAINS), indirect=True)  # every kind of chain restores alike
 def test_a_mixed_tree_is_cleaned_into_a_complete_manifest_equal_to_restore(chain, tmp_path, capfd):
     source, out = mixed_corpus(tmp_path / "crawl"), tmp_path / "clean"
     before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}

@@ -10,13 +10,14 @@ import urllib.error
 import urllib.request
 
 import pytest
-from helpers import PYTHON, REPO, demo_wave, env_for, free_port, http_status, peak_rss, post_json, wait_for
+from helpers import CHAINS, PYTHON, REPO, demo_wave, env_for, free_port, http_status, peak_rss, post_json, wait_for
 
 LIMIT_MB = 1  # the server's --max-body-mb in this test
 MB = 1024 * 1024
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("chain", list(CHAINS), indirect=True)  # every kind of chain restores alike
 def test_the_server_refuses_large_and_non_json_bodies_before_reading_them(chain, tmp_path):
     """A body over the limit is refused with 413 whether its Content-Length says so (nothing of it read) or it
     comes chunked (reading stops at the limit): the server's peak memory grows by a few MB, not by the hundreds

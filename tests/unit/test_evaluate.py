@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import REPO, VENV_BIN, artifact_dir, env_for, snapshot, stage_runs
+from helpers import CHAINS, REPO, VENV_BIN, artifact_dir, env_for, snapshot, stage_runs
 from mlflow import MlflowClient
 
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
@@ -193,6 +193,7 @@ def test_evaluate_an_asr_run_and_real_noisy_recordings(chain, asr_run, tmp_path)
     )
 
 
+@pytest.mark.parametrize("chain", list(CHAINS), indirect=True)  # every kind of chain restores alike
 def test_an_evaluation_explains_itself_and_the_registry_keeps_the_best_chain_as_champion(chain, tmp_path, capsys):
     """The evaluation run: a description (what, test set, verdict, table, listening page) and its test set as a
     dataset input. The registered version it scored: a description and score tags; @champion set for the first
@@ -213,12 +214,18 @@ def test_an_evaluation_explains_itself_and_the_registry_keeps_the_best_chain_as_
     assert "than the degraded input on" in note and f"(`{finetune}`)" in note and f"(`{chain['adapter']}`)" in note
     assert f"Registered model: `models:/speech-restoration/{first}`" in note and "| stoi |" in note
     assert "artifactPath/listening/index.html" in note
+    architecture = {  # which front end and vocoder the chain uses, in the run's and the version's description
+        "tiny": "front end `tiny` (hubert, layer 2) with parallel adapters, vocoder `tiny` (hifigan)",
+        "logmel_vocos": "front end `logmel` (logmel, layer 1) with feature cleaner, vocoder `vocos_tiny` (vocos)",
+    }[chain["kind"]]
+    assert f"chain: {architecture}" in note
     (dataset,) = client.get_run(run.info.run_id).inputs.dataset_inputs
     assert dataset.dataset.name == "demo-test" and dataset.tags[0].value == "evaluation"
 
     version = client.get_model_version("speech-restoration", first)
     assert version.tags["eval.run"] == run.info.run_id and float(version.tags["eval.restored.stoi"]) > 0
     assert finetune in version.description and "Evaluated by run" in version.description
+    assert architecture in version.description
     assert client.get_model_version_by_alias("speech-restoration", "champion").version == first
 
     assert evaluate([f"model_uri=models:/speech-restoration/{second}", "test_size=2", "seed=11"]) == EXIT_OK

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from helpers import demo_wave, snapshot
+from helpers import CHAINS, demo_wave, snapshot
 from mlflow import MlflowClient
 from scipy.signal import resample_poly
 
@@ -21,6 +21,7 @@ from pipeline.inference.chain_checkpoints import chain_from_run
 from pipeline.restore import run as restore
 
 
+@pytest.mark.parametrize("chain", list(CHAINS), indirect=True)  # every kind of chain restores alike
 def test_restore_a_file_tree_of_mixed_rates_and_channels_skipping_bad_files(chain, tmp_path, capfd):
     clean, rate = demo_wave()
     source = tmp_path / "noisy"
@@ -144,6 +145,7 @@ def test_bad_input_is_refused_with_one_message_and_nothing_written(chain, tmp_pa
     assert snapshot(client) == before
 
 
+@pytest.mark.parametrize("chain", list(CHAINS), indirect=True)  # every kind of chain restores alike
 def test_the_model_reads_paths_only_when_its_config_allows_it_and_answers_one_channel(chain, tmp_path):
     """`path` is for local use, `mlflow.pyfunc.load_model(uri, model_config={"allow_paths": True})`; the model as
     logged (as `mlflow models serve` loads it) refuses it. A stereo file comes back as one channel (its mix),
