@@ -250,11 +250,12 @@ class ConformerConfig:
 
 @dataclass
 class VocoderConfig:
-    """HiFi-GAN generator and discriminators (docs/architecture.md, Models). Every field is architecture: fixed on
-    resume.
+    """The vocoder: a HiFi-GAN or Vocos-style generator and HiFi-GAN's discriminators (docs/architecture.md, Models).
+    Every field is architecture: fixed on resume.
 
-    The generator turns encoder features (50 frames/s) into a waveform at ``sample_rate``, so the
-    product of ``upsample_rates`` must be sample_rate / 50 (320 for 16 kHz, 441 for 22.05 kHz).
+    The generator turns front-end features (50 frames/s for every preset here) into a waveform at ``sample_rate``, so
+    its samples per frame (HiFi-GAN: the product of ``upsample_rates``; Vocos: ``vocos_hop``) must be sample_rate /
+    the frame rate (320 for 16 kHz, 441 for 22.05 kHz at 50 frames/s).
     """
 
     name: str = "v1"  # preset name; also the run's `model.preset` tag

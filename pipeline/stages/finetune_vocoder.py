@@ -113,6 +113,18 @@ def check_same_encoder(
             f"{vocoder_run} was trained on {_encoder_name(vocoder_ssl)}. Pretrain a vocoder with "
             f"ssl={adapter_ssl['name']} ssl.layer={adapter_ssl['layer']} (or pick a matching adapter run)."
         )
+    # the same preset with another framing or width (e.g. ssl.hop_length of a log-mel front end) is another front end
+    # (keys one side's older checkpoint lacks are not compared)
+    differ = sorted(
+        key for key in set(adapter_ssl) & set(vocoder_ssl) if key != "weights" and adapter_ssl[key] != vocoder_ssl[key]
+    )
+    if differ:
+        raise ConfigError(
+            f"Refusing to fine-tune: adapter run {adapter_run} and vocoder run {vocoder_run} use "
+            f"{_encoder_name(adapter_ssl)} with other settings: "
+            + ", ".join(f"ssl.{k}={adapter_ssl[k]!r} vs {vocoder_ssl[k]!r}" for k in differ)
+            + ". Pretrain a vocoder with the adapter run's ssl settings."
+        )
 
 
 # --------------------------------------------------------------------------------------------

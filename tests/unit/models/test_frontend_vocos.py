@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import compose_config
+from pipeline.config import ConfigError, compose_config
 from pipeline.models.adapters import build_adapted_encoder
 from pipeline.models.encoder import create_encoder, encoder_features, encoder_geometry
 from pipeline.models.frontend import CleanedLogMel
@@ -129,3 +129,14 @@ def test_a_hifigan_preset_at_another_frame_rate_is_refused_by_name():
     cfg = compose_config("pretrain_vocoder", ["ssl=logmel", "vocoder=tiny"]).vocoder
     with pytest.raises(VocoderConfigError, match=r"upsample_rates \[8, 5, 4, 2\] is 320, but features at 100"):
         validate_preset(cfg, 100)
+
+
+def test_a_vocoder_trained_on_another_framing_of_the_same_front_end_is_refused():
+    from omegaconf import OmegaConf
+
+    from pipeline.stages.finetune_vocoder import check_same_encoder
+
+    ssl = OmegaConf.to_container(logmel_stage().ssl)
+    check_same_encoder("a" * 32, ssl, "v" * 32, dict(ssl, weights="elsewhere"))  # where weights live is not framing
+    with pytest.raises(ConfigError, match="with other settings: ssl.hop_length=320 vs 160, ssl.n_fft=1024 vs 640"):
+        check_same_encoder("a" * 32, ssl, "v" * 32, dict(ssl, hop_length=160, n_fft=640))
