@@ -192,12 +192,13 @@ def describe_chain(client: MlflowClient, results: list[StepResult], model: str |
 PRESET_NOTES = {  # what the numbers of a preset mean, printed under the chain's summary
     "tiny": (
         "The tiny preset shows every step working end to end in minutes; its numbers are not a quality "
-        "result. For one: python -m pipeline.main main.preset=quality (about 25 min on 2 CPU cores; README, "
+        "result. For one: python -m pipeline.main main.preset=quality (about 30 min on 2 CPU cores; README, "
         '"What the chain learns").'
     ),
     "quality": (
-        'The quality preset on the demo corpus, with a random encoder: README, "What the chain learns", '
-        "says what it reaches and what closes the gap (a pretrained encoder, a GPU, a real corpus)."
+        "The quality preset: the log-mel front end with its feature cleaner and the Vocos-style generator, trained "
+        'on the multi-voice corpus and scored on its held-out voices; README, "What the chain learns", says what '
+        "it reaches and what would close the gap."
     ),
 }
 

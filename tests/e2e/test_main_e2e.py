@@ -58,7 +58,7 @@ def test_main_twice_trains_the_chain_once_then_reuses_every_step(store):
     # main's run: named after what it trains, its steps nested under it and linked from its description
     (main_run,) = stage_runs(client, "main")
     main_id = main_run.info.run_id
-    assert main_run.info.run_name == f"{main_id[:6]}-restoration-chain-tiny-demo"
+    assert main_run.info.run_name == f"{main_id[:6]}-restoration-chain-logmel-demo"
     for step in STEPS:
         step_run = client.get_run(ids[step][0])
         assert step_run.data.tags["mlflow.parentRunId"] == main_id

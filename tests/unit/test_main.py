@@ -25,16 +25,18 @@ def test_overrides_go_to_the_steps_that_have_the_key(store):
     assert "adapter.bottleneck=8" in out["train_adapter"] and "adapter.bottleneck=8" not in out["pretrain_vocoder"]
     assert out["pretrain_vocoder"][-2:] == ["optim.lr=0.01", "trainer.max_steps=7"]
     assert all(o[-1] == "trainer.max_steps=7" for s, o in out.items() if s != "pretrain_vocoder")
-    assert "ssl=tiny" in out["pretrain_vocoder"] and "ssl=tiny" not in out["finetune_vocoder"]  # from the runs
+    assert "ssl=logmel" in out["pretrain_vocoder"] and "ssl=logmel" not in out["finetune_vocoder"]  # from the runs
 
 
 def test_presets_give_the_steps_settings_and_an_unknown_one_is_refused():
     quality, _ = load_main_config(["main.preset=quality"])
     assert (
-        "loss.gan_start_step=2000" in quality.pretrain_vocoder and "trainer.max_steps=200" not in quality.train_adapter
+        "vocoder=vocos_tiny" in quality.pretrain_vocoder
+        and {"ssl=logmel", "data=voices"} <= set(quality.common)
+        and "trainer.max_steps=800" not in quality.train_adapter
     )
     tiny, _ = load_main_config([])
-    assert tiny.preset == "tiny" and "trainer.max_steps=200" in tiny.train_adapter
+    assert tiny.preset == "tiny" and "trainer.max_steps=800" in tiny.train_adapter
     with pytest.raises(ConfigError, match="main.preset='nope': no such preset; choose one of quality, tiny"):
         load_main_config(["main.preset=nope"])
 
