@@ -178,6 +178,25 @@ def all_runs(client: MlflowClient):
     return client.search_runs(experiments, "", run_view_type=3)
 
 
+def untrained_val_loss(stage_cls, args: list[str]) -> tuple[float, dict[str, float]]:
+    """The validation loss (total, parts) of ``stage_cls`` with ``args`` as a run initialises it (same seed, same
+    build, before any step), over its whole validation set."""
+    from pipeline.config import compose_config
+    from pipeline.engine.session import seed_everything
+    from pipeline.engine.stage import Precision
+
+    cfg = stage_cls.resolve_config(compose_config(stage_cls.name, args))
+    seed_everything(int(cfg.seed))
+    stage = stage_cls(cfg, Precision.from_config("cpu", "32"))
+    stage.build()
+    for module in stage.modules.values():
+        module.eval()
+    batch = stage.collate([stage.val_set[i] for i in range(len(stage.val_set))])
+    with torch.no_grad():
+        total, parts = stage.compute_loss(batch)
+    return float(total), {key: float(value) for key, value in parts.items()}
+
+
 def loss_history(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
-from helpers import loss_history, only_run
+from helpers import loss_history, only_run, untrained_val_loss
 from mlflow import MlflowClient
 
-from pipeline.config import compose_config
 from pipeline.data.synth import COMMANDS
 from pipeline.data.voices import VoicesSpec, ensure_voices_corpus, heldout_row_count
 from pipeline.engine.cli import EXIT_OK
-from pipeline.engine.session import run_stage, seed_everything
-from pipeline.engine.stage import Precision
+from pipeline.engine.session import run_stage
 from pipeline.stages.train_adapter import TrainAdapter
 
 # 8 training voices of both sexes and the three synthesisers speaking 54 sentences; 2 other voices speak 6 other
@@ -45,18 +42,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def held_out_loss(args: list[str]) -> float:
-    """The feature loss (L1 + L2 + spectral convergence) on the held-out rows before any training: the cleaner
-    starts as the identity, so this is the degraded features' distance to the clean ones."""
-    cfg = TrainAdapter.resolve_config(compose_config("train_adapter", args))
-    seed_everything(int(cfg.seed))
-    stage = TrainAdapter(cfg, Precision.from_config("cpu", "32"))
-    stage.build()
-    batch = stage.collate([stage.val_set[i] for i in range(len(stage.val_set))])
-    with torch.no_grad():
-        return float(stage.compute_loss(batch)[0])
-
-
 def test_the_cleaner_brings_held_out_voices_features_towards_the_clean_ones(store, tmp_path_factory):
     root = ensure_voices_corpus(tmp_path_factory.mktemp("voices") / "cleaner", SPEC, workers=2)
     args = [
@@ -76,7 +61,8 @@ def test_the_cleaner_brings_held_out_voices_features_towards_the_clean_ones(stor
         "checkpoint.save_interval=300",
         "tracking.system_metrics=false",
     ]
-    degraded = held_out_loss(args)
+    # the cleaner starts as the identity: this is the degraded features' distance to the clean ones
+    degraded, _ = untrained_val_loss(TrainAdapter, args)
     assert run_stage(TrainAdapter, args) == EXIT_OK
     client = MlflowClient()
     ((step, cleaned),) = loss_history(client, only_run(client, "train_adapter"), "val/loss")

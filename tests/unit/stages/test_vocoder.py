@@ -19,14 +19,14 @@ from helpers import (
     only_run,
     snapshot,
     stage_runs,
+    untrained_val_loss,
 )
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from pipeline.config import VocoderConfig, compose_config
+from pipeline.config import VocoderConfig
 from pipeline.engine.cli import EXIT_BAD_INPUT, EXIT_OK
-from pipeline.engine.session import run_stage, seed_everything
-from pipeline.engine.stage import Precision
+from pipeline.engine.session import run_stage
 from pipeline.models.hifigan import VocoderConfigError, build_vocoder, validate_preset
 from pipeline.models.losses import discriminator_loss, generator_loss
 from pipeline.stages.finetune_vocoder import FinetuneVocoder
@@ -135,18 +135,6 @@ def test_vocoder_entry_points_in_mlproject():
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def untrained_val_mel(args: list[str]) -> float:
-    """Validation mel loss of the generator as the run initialises it (same seed, same build)."""
-    cfg = PretrainVocoder.resolve_config(compose_config("pretrain_vocoder", args))
-    seed_everything(int(cfg.seed))
-    stage = PretrainVocoder(cfg, Precision.from_config("cpu", "32"))
-    stage.build()
-    stage.generator.eval()
-    batch = stage.collate([stage.val_set[i] for i in range(len(stage.val_set))])
-    return float(stage.compute_loss(batch)[0])
-
-
 def test_mel_loss_falls_over_a_short_pretraining(store):
     args = [
         *TINY_VOCODER,
@@ -155,7 +143,7 @@ def test_mel_loss_falls_over_a_short_pretraining(store):
         "validation.num_samples=1",
         "checkpoint.save_interval=30",
     ]
-    before = untrained_val_mel(args)
+    before, _ = untrained_val_loss(PretrainVocoder, args)
     assert run_stage(PretrainVocoder, args) == EXIT_OK
     client = MlflowClient()
     run_id = only_run(client, "pretrain_vocoder")
