@@ -32,8 +32,6 @@ from pipeline.models.losses import discriminator_loss, generator_loss, log_mel, 
 
 log = logging.getLogger(__name__)
 
-MODEL_TAG = "hifigan"
-
 
 @dataclass
 class VocoderTrainConfig(TrainConfig):
@@ -119,7 +117,7 @@ class VocoderStage(Stage):
     def tags(self) -> dict[str, str]:
         c = self.cfg
         return {
-            tag.MODEL: MODEL_TAG,
+            tag.MODEL: c.vocoder.generator,  # hifigan | vocos
             tag.DATASET: c.data.name,
             tag.MODEL_PRESET: c.vocoder.name,
             tag.ENCODER: c.ssl.name,
