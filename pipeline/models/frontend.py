@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from pipeline.models.convnext import ConvNeXtStack
+from pipeline.models.losses import log_mel
 from pipeline.models.padding import zero_past
-
-LOG_FLOOR = 1e-5  # magnitudes below it read as silence: log(1e-5) = -11.5
 
 
 class LogMelFrontEnd(nn.Module):
@@ -50,8 +49,7 @@ class LogMelFrontEnd(nn.Module):
         return torch.div(samples - self.n_fft, self.hop_length, rounding_mode="floor").add(1).clamp_min(0)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(wave.device.type, enabled=False):  # the STFT needs float32
-            return torch.log(self.mel(wave.float()).clamp_min(LOG_FLOOR)).transpose(1, 2)
+        return log_mel(wave, self.mel).transpose(1, 2)  # the losses' log-mel: float32, floor 1e-5
 
 
 class FeatureCleaner(nn.Module):
